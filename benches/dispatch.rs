@@ -1,0 +1,348 @@
+//! Benchmark 3: dispatch. N due push steps (one per customer, inserted
+//! through the Store API into a fresh SQLite store) sent by the scheduler's
+//! daemon loop (`Scheduler::run`, HTTP channel adapter, default batch size
+//! and concurrency 32) to an HTTP endpoint on 127.0.0.1 answering 200;
+//! beside a plain reqwest client posting the same JSON to the same endpoint
+//! with the same concurrency (run before and after nudge; the mean is the limit).
+//!
+//!   cargo bench --bench dispatch [-- --steps 1000000 --plain 250000]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use futures::StreamExt;
+use nudge::clock::{Clock, SystemClock};
+use nudge::config::{PolicyConfig, SchedulerConfig};
+use nudge::context::CustomerContext;
+use nudge::dispatch::{ChannelKind, Channels, HttpChannel, Message};
+use nudge::policy::Policy;
+use nudge::rules::{self, Category, Limits, RulesHandle};
+use nudge::scheduler::Scheduler;
+use nudge::store::{Mode, NewInstance, NewStep, SqliteStore, Store};
+use serde_json::json;
+
+static CONCURRENCY: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| arg("concurrency", 32));
+
+/// `--null-channel 1`: a channel that accepts at once (the scheduler and store alone).
+struct NullChannel(Arc<std::sync::atomic::AtomicU64>);
+
+impl nudge::dispatch::Channel for NullChannel {
+    fn send<'a>(
+        &'a self,
+        _: &'a Message,
+    ) -> futures::future::BoxFuture<'a, Result<(), nudge::dispatch::DispatchError>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn vars(i: u64) -> serde_json::Map<String, serde_json::Value> {
+    json!({
+        "merchant": "StreamFlix", "previous_amount": "15.99", "new_amount": "18.99", "currency": "AUD",
+        "message": format!("Your StreamFlix payment went up from $15.99 to $18.99. (p-{i})"),
+    })
+    .as_object()
+    .unwrap()
+    .clone()
+}
+
+fn insert_due_steps(store: &SqliteStore, n: u64, rule_hash: &str) -> f64 {
+    let start = Instant::now();
+    let now = Utc::now();
+    let due = now - chrono::Duration::seconds(1);
+    let mut i = 0;
+    while i < n {
+        let mut tx = store.begin().unwrap();
+        for _ in 0..10_000.min(n - i) {
+            let customer = format!("c-{i:07}");
+            let mut c = CustomerContext::new(&customer);
+            c.app_installed = true;
+            tx.save_customer(&c, now).unwrap();
+            tx.start_instance(
+                &NewInstance {
+                    id: format!("fee_increase-{i:012x}"),
+                    customer: customer.clone(),
+                    journey: "fee_increase".into(),
+                    key: format!("p-{i}"),
+                    mode: Mode::Live,
+                    category: Category::Service,
+                    started_at: due,
+                    rule_hash: rule_hash.into(),
+                    trigger_event: format!("e-{i}"),
+                    vars: vars(i),
+                    seen: json!({"event": {"id": format!("e-{i}")}}),
+                },
+                &[NewStep {
+                    step: "alert".into(),
+                    seq: 0,
+                    channel: ChannelKind::Push,
+                    template: "fee_increase_alert".into(),
+                    condition: None,
+                    due_at: due,
+                }],
+            )
+            .unwrap();
+            i += 1;
+        }
+        tx.commit().unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A plain reqwest client: the same body, header and concurrency.
+fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let message = Message {
+        idempotency_key: Message::idempotency_key("fee_increase-000000000001", "alert"),
+        customer: "c-0000001".into(),
+        journey: "fee_increase".into(),
+        instance: "fee_increase-000000000001".into(),
+        step: "alert".into(),
+        channel: ChannelKind::Push,
+        template: "fee_increase_alert".into(),
+        variables: vars(1),
+        address: None,
+        history: vec![],
+        attempt: 1,
+    };
+    rt.block_on(async {
+        let start = Instant::now();
+        let ok = futures::stream::iter(0..n)
+            .map(|_| {
+                let req = client
+                    .post(url)
+                    .header("Idempotency-Key", &message.idempotency_key)
+                    .json(&message);
+                async move { req.send().await.map(|r| r.status().is_success()) }
+            })
+            .buffer_unordered(*CONCURRENCY)
+            .filter(|r| futures::future::ready(matches!(r, Ok(true))))
+            .count()
+            .await;
+        assert_eq!(ok as u64, n);
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// The store's share of dispatch alone: claim, read the batch's customers and
+/// histories, record every step as sent (no HTTP, no policy).
+fn store_only(store: &SqliteStore, n: u64) {
+    use nudge::audit::Outcome;
+    use nudge::store::{step_record, StepResult};
+    let (mut claim, mut read, mut finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut done = 0;
+    let window = Utc::now() - chrono::Duration::days(1);
+    loop {
+        let now = Utc::now();
+        let t = Instant::now();
+        let claimed = store
+            .claim_due(
+                ChannelKind::Push,
+                now,
+                256,
+                now + chrono::Duration::minutes(5),
+            )
+            .unwrap();
+        claim += t.elapsed();
+        if claimed.is_empty() {
+            break;
+        }
+        let t = Instant::now();
+        let ids: Vec<String> = claimed.iter().map(|s| s.customer.clone()).collect();
+        let inst: Vec<String> = claimed.iter().map(|s| s.instance_id.clone()).collect();
+        std::hint::black_box(store.customers(&ids, Some(window), false).unwrap());
+        std::hint::black_box(store.histories(&inst).unwrap());
+        read += t.elapsed();
+        let t = Instant::now();
+        let results: Vec<StepResult> = claimed
+            .iter()
+            .map(|s| StepResult {
+                record: step_record(
+                    now,
+                    &s.customer,
+                    &s.journey,
+                    &s.instance_id,
+                    &s.step,
+                    "push",
+                    &s.template,
+                    Outcome::Sent,
+                    "step",
+                    &s.rule_hash,
+                ),
+                again_at: None,
+                replan: false,
+            })
+            .collect();
+        for chunk in results.chunks(128) {
+            store.finish_steps(chunk).unwrap();
+        }
+        finish += t.elapsed();
+        done += claimed.len() as u64;
+    }
+    assert_eq!(done, n);
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "store only: {} steps/s; per step: claim {:.1} µs, customers+histories {:.1} µs, finish {:.1} µs",
+        fmt_rate(n as f64 / (claim + read + finish).as_secs_f64()),
+        per(claim),
+        per(read),
+        per(finish)
+    );
+}
+
+fn main() {
+    let n: u64 = arg("steps", 1_000_000);
+    let plain_n: u64 = arg("plain", n / 4);
+    println!("machine: {}", machine());
+    let server_rt = runtime();
+    let endpoint = Endpoint::start(&server_rt, None);
+    let client_rt = runtime();
+    let url = format!("{}/push", endpoint.base);
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nudge.db");
+    let store = Arc::new(SqliteStore::open(&db).unwrap());
+    let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
+    let hash = rule_set.journey("fee_increase").unwrap().hash.clone();
+    let insert_rate = insert_due_steps(&store, n, &hash);
+    println!("{n} due steps inserted at {}", fmt_rate(insert_rate));
+
+    if arg("store-only", 0u8) == 1 {
+        store_only(&store, n);
+        return;
+    }
+    let plain_before = plain_client(&client_rt, &url, plain_n);
+    println!("plain client: {}", fmt_rate(plain_before));
+    let base_count = endpoint.received();
+
+    // The default policy (frequency cap 4 a day), without quiet hours, which
+    // would make the figure depend on the time of day in Sydney.
+    let policy = PolicyConfig {
+        quiet_hours: nudge::config::QuietHours {
+            start: String::new(),
+            end: String::new(),
+            channels: vec![],
+        },
+        ..PolicyConfig::default()
+    };
+    let mut channels = Channels::default();
+    for (kind, path) in [
+        (ChannelKind::Push, "push"),
+        (ChannelKind::Email, "email"),
+        (ChannelKind::CallTask, "call"),
+    ] {
+        let ch: Arc<dyn nudge::dispatch::Channel> = if arg("null-channel", 0u8) == 1 {
+            Arc::new(NullChannel(endpoint.count.clone()))
+        } else {
+            Arc::new(
+                HttpChannel::new(
+                    &format!("{}/{path}", endpoint.base),
+                    Duration::from_secs(5),
+                    None,
+                )
+                .unwrap(),
+            )
+        };
+        channels = channels.with(kind, ch, *CONCURRENCY);
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let scheduler = Arc::new(Scheduler::new(
+        store_dyn,
+        RulesHandle::new(rule_set),
+        channels,
+        clock,
+        Policy::new(policy),
+        SchedulerConfig::default(),
+        HashMap::new(),
+    ));
+    let reader = rusqlite::Connection::open(&db).unwrap();
+    reader.busy_timeout(Duration::from_secs(10)).unwrap();
+    let open_steps = || -> i64 {
+        reader
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM steps WHERE status = 'pending' AND channel = 'push')
+                      + (SELECT COUNT(*) FROM steps WHERE status = 'claimed' AND channel = 'push')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(open_steps(), n as i64);
+
+    let nudge_rt = runtime();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let start = Instant::now();
+    let task = nudge_rt.spawn(scheduler.clone().run(stop_rx));
+    let deadline = start + Duration::from_secs(900);
+    let mut last_report = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if endpoint.received() - base_count >= n && open_steps() == 0 {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!("  … {} sent", endpoint.received() - base_count);
+            last_report = Instant::now();
+        }
+        assert!(Instant::now() < deadline, "dispatch stalled");
+    }
+    let elapsed = start.elapsed();
+    let _ = stop_tx.send(true);
+    nudge_rt.block_on(task).unwrap();
+    let sent = endpoint.received() - base_count;
+    assert_eq!(sent, n, "each step sent exactly once");
+    let logged: i64 = reader
+        .query_row(
+            "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(logged as u64, n, "one `sent` record per step");
+    let nudge_rate = n as f64 / elapsed.as_secs_f64();
+    println!(
+        "nudge: {n} steps in {:.1} s = {}",
+        elapsed.as_secs_f64(),
+        fmt_rate(nudge_rate)
+    );
+
+    let plain_after = plain_client(&client_rt, &url, plain_n);
+    println!("plain client again: {}", fmt_rate(plain_after));
+    let plain = (plain_before + plain_after) / 2.0;
+
+    let mut report = Report::default();
+    report.ratio(
+        "3 dispatch",
+        &format!(
+            "{n} due push steps → HTTP 200, concurrency {}",
+            *CONCURRENCY
+        ),
+        fmt_rate(nudge_rate),
+        format!(
+            "plain reqwest {} ({} / {})",
+            fmt_rate(plain),
+            fmt_rate(plain_before),
+            fmt_rate(plain_after)
+        ),
+        nudge_rate / plain,
+        "≥ 0.5 and ≥ 20 k/s",
+        Some(nudge_rate / plain >= 0.5 && nudge_rate >= 20_000.0),
+    );
+    report.info(
+        "3 dispatch",
+        "inserting the due steps (Store API, 10k per transaction)",
+        fmt_rate(insert_rate),
+    );
+    report.finish("Benchmark 3: dispatch");
+}

@@ -1,0 +1,309 @@
+//! Benchmark 2: end to end from Kafka, `nudge run` (release, SQLite store).
+//!
+//! Two fresh topics (6 partitions): one with N events no journey triggers on,
+//! one with N events of which 10 % start a journey. For each: raw rdkafka
+//! consumption of the topic (plain BaseConsumer, fetch.queue.backoff.ms=10),
+//! then `nudge run` on a fresh store, timed from the first to the last
+//! committed offset (polled from the store's kafka_offsets table). Beside
+//! them, the store's raw batched insert rate: rusqlite, 1000 rows per
+//! transaction, into the real `steps` table of a fresh store.
+//!
+//!   cargo bench --bench e2e [-- --events 500000]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::ClientConfig;
+
+/// Plain consumption of the whole topic: records/s from first to last record.
+fn raw_consume(brokers: &str, topic: &str, n: u64) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut got = 0u64;
+    let mut bytes = 0usize;
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while got < n {
+        assert!(
+            Instant::now() < deadline,
+            "raw consumer stalled at {got}/{n}"
+        );
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.expect("consume");
+            bytes += m.payload().map_or(0, |p| p.len());
+            got += 1;
+            first.get_or_insert_with(Instant::now);
+        }
+    }
+    std::hint::black_box(bytes);
+    let el = first.unwrap().elapsed().as_secs_f64();
+    (n - 1) as f64 / el
+}
+
+/// rusqlite into the real `steps` table of a fresh store, 1000 rows per transaction.
+fn raw_insert(dir: &std::path::Path, rows: u64) -> f64 {
+    let path = dir.join("raw-insert.db");
+    drop(nudge::store::SqliteStore::open(&path).unwrap());
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while i < rows {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO steps (instance_id, step, seq, channel, template, condition, planned_at, due_at, status)
+                     VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?6, 'pending')",
+                )
+                .unwrap();
+            for _ in 0..1000 {
+                let inst = format!(
+                    "fee_increase-{:012x}",
+                    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
+                );
+                stmt.execute(rusqlite::params![
+                    inst,
+                    "alert",
+                    0,
+                    "push",
+                    "fee_increase_alert",
+                    now + (i % 1000) as i64
+                ])
+                .unwrap();
+                i += 1;
+            }
+        }
+        tx.commit().unwrap();
+    }
+    rows as f64 / start.elapsed().as_secs_f64()
+}
+
+struct DaemonRun {
+    rate: f64,
+    first_to_last: Duration,
+    start_to_last: Duration,
+    started: i64,
+    rss_kb: u64,
+}
+
+/// `nudge run` on a fresh store over the whole topic.
+fn daemon_consume(brokers: &str, topic: &str, n: u64, endpoint: &str, extra: &str) -> DaemonRun {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("nudge.db");
+    let group = unique("nudge");
+    let daemon = start_daemon(&DaemonSpec {
+        dir: dir.path(),
+        store: &store,
+        brokers,
+        topic,
+        group: &group,
+        endpoint,
+        consumer: "",
+        extra,
+    });
+    // NUDGE_BENCH_PERF=FILE: profile the daemon with perf while it runs.
+    let perf = std::env::var("NUDGE_BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args(["record", "-a", "-F", "1999", "-o"])
+            .arg(format!("{out}.{}", topic.split('-').nth(1).unwrap_or("x")))
+            .arg("-p")
+            .arg(daemon.child.id().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
+    // The daemon creates the file; open a reader once it exists.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let conn = loop {
+        if store.exists() {
+            if let Ok(c) = rusqlite::Connection::open_with_flags(
+                &store,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            ) {
+                if c.query_row("SELECT COUNT(*) FROM kafka_offsets", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .is_ok()
+                {
+                    break c;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no store: {}", daemon.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut first: Option<(Instant, i64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut peak_rss = 0;
+    let last = loop {
+        let c = committed(&conn, topic);
+        let now = Instant::now();
+        if c > 0 && first.is_none() {
+            first = Some((now, c));
+        }
+        peak_rss = peak_rss.max(daemon.rss_kb().0);
+        if c as u64 >= n {
+            break now;
+        }
+        assert!(
+            now < deadline,
+            "daemon stalled at {c}/{n}:\n{}",
+            daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (t0, c0) = first.unwrap();
+    let started: i64 = conn
+        .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
+        .unwrap();
+    let run = DaemonRun {
+        rate: (n as i64 - c0) as f64 / (last - t0).as_secs_f64().max(1e-6),
+        first_to_last: last - t0,
+        start_to_last: last - daemon.started,
+        started,
+        rss_kb: peak_rss,
+    };
+    if let Some(mut p) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
+    daemon.stop();
+    run
+}
+
+fn main() {
+    let n: u64 = arg("events", 500_000);
+    let nu: u64 = arg("untriggered", 1_000_000);
+    let insert_rows: u64 = arg("insert-rows", 200_000);
+    println!("machine: {}", machine());
+    let brokers = brokers();
+    let rt = runtime();
+    let endpoint = Endpoint::start(&rt, None);
+    let mut report = Report::default();
+
+    // The topics.
+    let untriggered_topic = unique("bench-untriggered");
+    let mix_topic = unique("bench-mix");
+    create_topic(&rt, &brokers, &untriggered_topic, 6);
+    create_topic(&rt, &brokers, &mix_topic, 6);
+    let records: Vec<_> = (0..nu).map(untriggered).collect();
+    let p1 = produce_all(&brokers, &untriggered_topic, &records);
+    drop(records);
+    let records: Vec<_> = (0..n)
+        .map(|i| {
+            if i % 10 == 0 {
+                starting(i)
+            } else {
+                untriggered(i)
+            }
+        })
+        .collect();
+    let bytes: usize = records.iter().map(|r| r.1.len()).sum();
+    let p2 = produce_all(&brokers, &mix_topic, &records);
+    drop(records);
+    println!(
+        "produced {nu} + {n} events (mean {} B) at {} and {}",
+        bytes as u64 / n,
+        fmt_rate(p1),
+        fmt_rate(p2)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let raw_u = raw_consume(&brokers, &untriggered_topic, nu);
+    let raw_m = raw_consume(&brokers, &mix_topic, n);
+    let insert = raw_insert(dir.path(), insert_rows);
+    println!(
+        "raw consume {} / {}, raw insert {}",
+        fmt_rate(raw_u),
+        fmt_rate(raw_m),
+        fmt_rate(insert)
+    );
+
+    let extra = std::env::var("NUDGE_BENCH_DAEMON_EXTRA").unwrap_or_default();
+    let du = daemon_consume(&brokers, &untriggered_topic, nu, &endpoint.base, &extra);
+    println!(
+        "nudge untriggered: {} ({:.2} s first→last commit, {:.2} s from process start, peak RSS {} MB)",
+        fmt_rate(du.rate),
+        du.first_to_last.as_secs_f64(),
+        du.start_to_last.as_secs_f64(),
+        du.rss_kb / 1024
+    );
+    let dm = daemon_consume(&brokers, &mix_topic, n, &endpoint.base, &extra);
+    println!(
+        "nudge 10% mix: {} ({:.2} s first→last commit, {:.2} s from process start, {} journeys started, peak RSS {} MB)",
+        fmt_rate(dm.rate),
+        dm.first_to_last.as_secs_f64(),
+        dm.start_to_last.as_secs_f64(),
+        dm.started,
+        dm.rss_kb / 1024
+    );
+    assert_eq!(
+        dm.started as u64,
+        n / 10,
+        "every 10th event starts a journey"
+    );
+
+    let r = du.rate / raw_u;
+    report.ratio(
+        "2 e2e",
+        &format!("untriggered, {nu} events: nudge vs raw consumption"),
+        fmt_rate(du.rate),
+        format!("raw rdkafka {}", fmt_rate(raw_u)),
+        r,
+        "≥ 0.5",
+        Some(r >= 0.5),
+    );
+    let r = dm.rate / insert;
+    report.ratio(
+        "2 e2e",
+        &format!("10 % start a journey, {n} events: nudge vs raw batched insert"),
+        fmt_rate(dm.rate),
+        format!("rusqlite {} rows", fmt_rate(insert)),
+        r,
+        "≥ 0.8",
+        Some(r >= 0.8),
+    );
+    report.ratio(
+        "2 e2e",
+        "10 % mix: absolute",
+        fmt_rate(dm.rate),
+        "60 k/s".into(),
+        dm.rate / 60_000.0,
+        "≥ 60 k/s",
+        Some(dm.rate >= 60_000.0),
+    );
+    report.info(
+        "2 e2e",
+        "10 % mix vs raw consumption of the same topic",
+        format!("{:.2} (raw {})", dm.rate / raw_m, fmt_rate(raw_m)),
+    );
+    report.info(
+        "2 e2e",
+        "daemon peak RSS (untriggered / mix)",
+        format!("{} MB / {} MB", du.rss_kb / 1024, dm.rss_kb / 1024),
+    );
+    report.info(
+        "2 e2e",
+        "producer (acks=all, linger 5 ms)",
+        format!("{} / {}", fmt_rate(p1), fmt_rate(p2)),
+    );
+    report.finish("Benchmark 2: end to end from Kafka");
+}

@@ -1,0 +1,549 @@
+//! Typed configuration: a TOML file merged with `NUDGE_SECTION__KEY`
+//! environment overrides, refused at start-up if a key is unknown or a value
+//! is out of range. Secrets never live here: a channel names the environment
+//! variable or file that holds its token.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::dispatch::ChannelKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config: invalid values:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    #[error("config: cannot read secret for `{key}` from {source_name}: {reason}")]
+    Secret {
+        key: String,
+        source_name: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub rules: RulesConfig,
+    pub scheduler: SchedulerConfig,
+    pub policy: PolicyConfig,
+    /// One entry per channel kind (`push`, `email`, `call_task`).
+    pub channels: BTreeMap<ChannelKind, ChannelConfig>,
+    pub kafka: KafkaConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite database file (WAL mode). Created if missing.
+    pub path: PathBuf,
+    /// Ended journeys, their steps, dispatch-log records, processed event ids
+    /// and published dead letters older than this are deleted (hourly).
+    /// Event-id dedup reaches back this far. "0s" keeps everything.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("nudge.db"),
+            retention: Duration::from_secs(180 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Directory of `*.rhai` journey scripts.
+    pub dir: PathBuf,
+    /// Reload when a file in `dir` changes (SIGHUP always reloads).
+    pub watch: bool,
+    /// Sandbox: rhai operations one evaluation may run before it is stopped.
+    pub max_operations: u64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("rules"),
+            watch: false,
+            max_operations: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Due steps claimed per round, per channel.
+    pub batch_size: usize,
+    /// How long a claimed step is reserved before another worker may take it.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// Sends tried per step before it is `failed` (5xx and timeouts only).
+    pub max_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub retry_base: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            lease: Duration::from_secs(300),
+            max_attempts: 5,
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Used when a customer's time zone is unknown (IANA name).
+    pub default_timezone: String,
+    pub quiet_hours: QuietHours,
+    /// Messages sent to one customer across all journeys per rolling window.
+    pub max_per_customer: u32,
+    #[serde(deserialize_with = "duration")]
+    pub cap_window: Duration,
+    /// Kill switches: journeys and channels whose steps are suppressed.
+    pub disabled_journeys: Vec<String>,
+    pub disabled_channels: Vec<ChannelKind>,
+    /// Journeys that decide and log but never send (outcome `shadow`).
+    pub shadow_journeys: Vec<String>,
+    /// An exit event this long after a journey's last step still counts as
+    /// its conversion (so marketing sees whether the outreach worked).
+    #[serde(deserialize_with = "duration")]
+    pub attribution_window: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default_timezone: "Australia/Sydney".into(),
+            quiet_hours: QuietHours::default(),
+            max_per_customer: 4,
+            cap_window: Duration::from_secs(24 * 3600),
+            disabled_journeys: vec![],
+            disabled_channels: vec![],
+            shadow_journeys: vec![],
+            attribution_window: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuietHours {
+    /// Local time ("HH:MM") when quiet hours start; empty disables them.
+    pub start: String,
+    pub end: String,
+    /// Channels that wait for quiet hours to end.
+    pub channels: Vec<ChannelKind>,
+}
+
+impl Default for QuietHours {
+    fn default() -> Self {
+        Self {
+            start: "21:00".into(),
+            end: "08:00".into(),
+            channels: vec![ChannelKind::Push],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Endpoint that receives one JSON POST per step.
+    pub url: String,
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// A step due longer ago than this is `expired`, never sent stale.
+    #[serde(default = "default_lateness", deserialize_with = "duration")]
+    pub lateness: Duration,
+    /// Sends in flight at once on this channel.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Environment variable holding the bearer token (never the token itself).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding the bearer token (e.g. a mounted Kubernetes secret).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for this endpoint (a
+    /// private CA); the system's trust store is always used.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_lateness() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_concurrency() -> usize {
+    32
+}
+
+impl ChannelConfig {
+    /// Reads the bearer token from the environment or file the config names.
+    pub fn token(&self, kind: ChannelKind) -> Result<Option<String>, ConfigError> {
+        let key = format!("channels.{kind}");
+        if let Some(var) = &self.token_env {
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|e| ConfigError::Secret {
+                    key: format!("{key}.token_env"),
+                    source_name: format!("environment variable {var}"),
+                    reason: e.to_string(),
+                });
+        }
+        if let Some(path) = &self.token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| ConfigError::Secret {
+                    key: format!("{key}.token_file"),
+                    source_name: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// Where records that cannot be processed go, with the reason in headers.
+    pub dead_letter_topic: String,
+    /// librdkafka properties for every client, consumer and dead-letter
+    /// producer (e.g. `security.protocol`, `sasl.mechanism`, `sasl.username`,
+    /// `ssl.ca.location`). Secrets: `sasl_password_env` / `sasl_password_file`.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (e.g. `session.timeout.ms`).
+    pub consumer_properties: BTreeMap<String, String>,
+    pub sasl_password_env: Option<String>,
+    pub sasl_password_file: Option<PathBuf>,
+    /// Other secret librdkafka properties, by where their value is: property
+    /// name → environment variable (e.g. `"ssl.key.password" = "KAFKA_KEY_PASSWORD"`).
+    pub secret_properties_env: BTreeMap<String, String>,
+    /// Property name → file holding the value.
+    pub secret_properties_file: BTreeMap<String, PathBuf>,
+    /// Records processed per store transaction.
+    pub batch_size: usize,
+    /// Time allowed to drain in-flight work on shutdown or revoke.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topics: vec!["customer-events".into()],
+            group_id: "nudge".into(),
+            dead_letter_topic: "customer-events.dlq".into(),
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            sasl_password_env: None,
+            sasl_password_file: None,
+            secret_properties_env: BTreeMap::new(),
+            secret_properties_file: BTreeMap::new(),
+            batch_size: 1000,
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of /healthz, /readyz and /metrics.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
+    pub format: String,
+    /// tracing filter, e.g. `info,nudge=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "auto".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file (if given) and `NUDGE_SECTION__KEY` overrides, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        // Only `NUDGE_SECTION__KEY` are overrides, so secret variables such as
+        // NUDGE_PUSH_TOKEN are never mistaken for (unknown) config keys.
+        let overrides: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("NUDGE_") && k.contains("__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("NUDGE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("kafka.topics")
+                .with_list_parse_key("policy.disabled_journeys")
+                .with_list_parse_key("policy.disabled_channels")
+                .with_list_parse_key("policy.shadow_journeys")
+                .source(Some(overrides)),
+        );
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self
+            .policy
+            .default_timezone
+            .parse::<chrono_tz::Tz>()
+            .is_err()
+        {
+            problems.push(format!(
+                "policy.default_timezone: `{}` is not an IANA time zone",
+                self.policy.default_timezone
+            ));
+        }
+        let qh = &self.policy.quiet_hours;
+        if !(qh.start.is_empty() && qh.end.is_empty()) {
+            for (key, value) in [("start", &qh.start), ("end", &qh.end)] {
+                if parse_hhmm(value).is_none() {
+                    problems.push(format!("policy.quiet_hours.{key}: `{value}` is not HH:MM"));
+                }
+            }
+        }
+        if self.scheduler.batch_size == 0 {
+            problems.push("scheduler.batch_size: must be at least 1".into());
+        }
+        if self.scheduler.max_attempts == 0 {
+            problems.push("scheduler.max_attempts: must be at least 1".into());
+        }
+        if self.scheduler.retry_base > self.scheduler.retry_max {
+            problems.push("scheduler.retry_base: must not exceed scheduler.retry_max".into());
+        }
+        if self.kafka.batch_size == 0 {
+            problems.push("kafka.batch_size: must be at least 1".into());
+        }
+        for (kind, ch) in &self.channels {
+            match reqwest::Url::parse(&ch.url) {
+                Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {}
+                _ => problems.push(format!(
+                    "channels.{kind}.url: `{}` is not an http(s) URL",
+                    ch.url
+                )),
+            }
+            if ch.concurrency == 0 {
+                problems.push(format!("channels.{kind}.concurrency: must be at least 1"));
+            }
+            if ch.token_env.is_some() && ch.token_file.is_some() {
+                problems.push(format!(
+                    "channels.{kind}.token_env: set token_env or token_file, not both"
+                ));
+            }
+        }
+        for key in self
+            .kafka
+            .properties
+            .keys()
+            .chain(self.kafka.consumer_properties.keys())
+        {
+            if key.contains("password") || key.contains("secret") {
+                problems.push(format!(
+                    "kafka properties `{key}`: secrets must not be in the config file; use kafka.sasl_password_env/_file or kafka.secret_properties_env/_file"
+                ));
+            }
+        }
+        for key in self
+            .kafka
+            .properties
+            .keys()
+            .chain(self.kafka.consumer_properties.keys())
+        {
+            if [
+                "enable.auto.commit",
+                "enable.auto.offset.store",
+                "group.id",
+                "bootstrap.servers",
+            ]
+            .contains(&key.as_str())
+            {
+                problems.push(format!(
+                    "kafka properties `{key}`: set by nudge (offsets are committed only after the store commits); use kafka.brokers / kafka.group_id"
+                ));
+            }
+        }
+        if self.kafka.sasl_password_env.is_some() && self.kafka.sasl_password_file.is_some() {
+            problems.push(
+                "kafka.sasl_password_env: set sasl_password_env or sasl_password_file, not both"
+                    .into(),
+            );
+        }
+        for key in self.kafka.secret_properties_env.keys() {
+            if self.kafka.secret_properties_file.contains_key(key) {
+                problems.push(format!("kafka.secret_properties_env.{key}: also in kafka.secret_properties_file; set one"));
+            }
+        }
+        if self.kafka.topics.is_empty() {
+            problems.push("kafka.topics: name at least one topic".into());
+        }
+        if !["auto", "json", "text"].contains(&self.log.format.as_str()) {
+            problems.push(format!(
+                "log.format: `{}` is not one of auto, json, text",
+                self.log.format
+            ));
+        }
+        if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "admin.listen: `{}` is not an address like 127.0.0.1:9464",
+                self.admin.listen
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Parses "HH:MM" into minutes after midnight.
+pub fn parse_hhmm(text: &str) -> Option<u32> {
+    let (h, m) = text.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+/// Durations as text: "30s", "5m", "1d", "1h 30m".
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration like 30s, 5m or 1d: {e}"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nudge.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load_with_env(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.scheduler.max_attempts, 5);
+        assert_eq!(c.policy.quiet_hours.start, "21:00");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = load("[store]\npth = \"x.db\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pth"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_reported_together_with_their_keys() {
+        let err = load(
+            "[policy]\ndefault_timezone = \"Mars/Olympus\"\n[channels.push]\nurl = \"ftp://x\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("policy.default_timezone"), "{err}");
+        assert!(err.contains("channels.push.url"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = load("[scheduler]\nlease = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lease"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_ignores_secret_variables() {
+        let c = load(
+            "[store]\npath = \"a.db\"\n",
+            &[
+                ("NUDGE_STORE__PATH", "b.db"),
+                ("NUDGE_KAFKA__TOPICS", "a,b"),
+                ("NUDGE_PUSH_TOKEN", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.path, PathBuf::from("b.db"));
+        assert_eq!(c.kafka.topics, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn secrets_in_kafka_properties_are_refused() {
+        let err = load("[kafka.properties]\n\"sasl.password\" = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sasl.password"), "{err}");
+    }
+}

@@ -1,0 +1,242 @@
+//! The customer's context: how to reach them, what they consented to, their
+//! profile and the journeys they were in. Every decision reads it; the
+//! `customer.*` events keep it current.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::dispatch::ChannelKind;
+use crate::event::Event;
+use crate::rules::Category;
+
+pub const CONTACT_UPDATED: &str = "customer.contact_updated";
+pub const CONSENT_UPDATED: &str = "customer.consent_updated";
+pub const PROFILE_UPDATED: &str = "customer.profile_updated";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CustomerContext {
+    pub id: String,
+    /// IANA zone; the policy's default applies when unknown.
+    pub timezone: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub app_installed: bool,
+    pub preferred_channel: Option<ChannelKind>,
+    /// channel → category → granted. Unset means the default: service
+    /// messages allowed, marketing not (opt-in).
+    pub consents: BTreeMap<ChannelKind, BTreeMap<Category, bool>>,
+    pub profile: Map<String, Value>,
+    /// Not persisted with the profile: filled from the store on load.
+    #[serde(skip)]
+    pub journeys: Vec<JourneySummary>,
+    /// Messages sent to this customer recently, newest first.
+    #[serde(skip)]
+    pub recent_sends: Vec<DateTime<Utc>>,
+}
+
+/// One journey instance the customer is or was in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JourneySummary {
+    pub journey: String,
+    pub key: String,
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl CustomerContext {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            ..Self::default()
+        }
+    }
+
+    pub fn consented(&self, channel: ChannelKind, category: Category) -> bool {
+        self.consents
+            .get(&channel)
+            .and_then(|c| c.get(&category))
+            .copied()
+            .unwrap_or(category == Category::Service)
+    }
+
+    pub fn reachable(&self, channel: ChannelKind) -> bool {
+        match channel {
+            ChannelKind::Push => self.app_installed,
+            ChannelKind::Email => self.email.as_deref().is_some_and(|e| !e.is_empty()),
+            ChannelKind::CallTask => self.phone.as_deref().is_some_and(|p| !p.is_empty()),
+        }
+    }
+
+    pub fn in_journey(&self, journey: &str) -> bool {
+        self.journeys
+            .iter()
+            .any(|j| j.journey == journey && j.status == "open")
+    }
+
+    pub fn has_status(&self, journey: &str, status: &str) -> bool {
+        self.journeys
+            .iter()
+            .any(|j| j.journey == journey && j.status == status)
+    }
+
+    /// Applies a `customer.*` event. Returns whether it was one.
+    pub fn apply_update(&mut self, event: &Event) -> Result<bool, ContextError> {
+        let data = &event.data;
+        match event.event_type.as_str() {
+            CONTACT_UPDATED => {
+                if let Some(tz) = data.get("timezone") {
+                    let tz = opt_string(tz, "timezone")?;
+                    if let Some(name) = &tz {
+                        name.parse::<chrono_tz::Tz>().map_err(|_| {
+                            ContextError(format!("timezone `{name}` is not an IANA zone"))
+                        })?;
+                    }
+                    self.timezone = tz;
+                }
+                if let Some(v) = data.get("email") {
+                    self.email = opt_string(v, "email")?;
+                }
+                if let Some(v) = data.get("phone") {
+                    self.phone = opt_string(v, "phone")?;
+                }
+                if let Some(v) = data.get("app_installed") {
+                    self.app_installed = v
+                        .as_bool()
+                        .ok_or_else(|| ContextError("app_installed must be a boolean".into()))?;
+                }
+                if let Some(v) = data.get("preferred_channel") {
+                    self.preferred_channel = match opt_string(v, "preferred_channel")? {
+                        None => None,
+                        Some(c) => Some(c.parse().map_err(ContextError)?),
+                    };
+                }
+                Ok(true)
+            }
+            CONSENT_UPDATED => {
+                let consents =
+                    data.get("consents")
+                        .and_then(Value::as_object)
+                        .ok_or_else(|| {
+                            ContextError(
+                                "consent_updated needs data.consents: {channel: {category: bool}}"
+                                    .into(),
+                            )
+                        })?;
+                for (channel, categories) in consents {
+                    let channel: ChannelKind = channel.parse().map_err(ContextError)?;
+                    let categories = categories.as_object().ok_or_else(|| {
+                        ContextError(format!(
+                            "consents.{channel} must be an object of category: bool"
+                        ))
+                    })?;
+                    for (category, granted) in categories {
+                        let category: Category = category.parse().map_err(ContextError)?;
+                        let granted = granted.as_bool().ok_or_else(|| {
+                            ContextError(format!("consents.{channel}.{category} must be a boolean"))
+                        })?;
+                        self.consents
+                            .entry(channel)
+                            .or_default()
+                            .insert(category, granted);
+                    }
+                }
+                Ok(true)
+            }
+            PROFILE_UPDATED => {
+                let profile = data
+                    .get("profile")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| {
+                        ContextError("profile_updated needs data.profile as an object".into())
+                    })?;
+                for (k, v) in profile {
+                    self.profile.insert(k.clone(), v.clone());
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+pub fn is_context_event(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        CONTACT_UPDATED | CONSENT_UPDATED | PROFILE_UPDATED
+    )
+}
+
+fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        _ => Err(ContextError(format!("{field} must be a string or null"))),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid customer update: {0}")]
+pub struct ContextError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(t: &str, data: Value) -> Event {
+        Event::parse(
+            serde_json::json!({"id":"e","type":t,"source":"s","subject":"c1","time":"2026-01-01T00:00:00Z","data":data})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn consent_defaults_to_service_only() {
+        let mut c = CustomerContext::new("c1");
+        assert!(c.consented(ChannelKind::Email, Category::Service));
+        assert!(!c.consented(ChannelKind::Email, Category::Marketing));
+        c.apply_update(&event(
+            CONSENT_UPDATED,
+            serde_json::json!({"consents":{"email":{"marketing":true,"service":false}}}),
+        ))
+        .unwrap();
+        assert!(c.consented(ChannelKind::Email, Category::Marketing));
+        assert!(!c.consented(ChannelKind::Email, Category::Service));
+        assert!(!c.consented(ChannelKind::Push, Category::Marketing));
+    }
+
+    #[test]
+    fn contact_update_merges_and_validates() {
+        let mut c = CustomerContext::new("c1");
+        c.apply_update(&event(
+            CONTACT_UPDATED,
+            serde_json::json!({"app_installed":true,"timezone":"Australia/Perth"}),
+        ))
+        .unwrap();
+        c.apply_update(&event(
+            CONTACT_UPDATED,
+            serde_json::json!({"email":"a@b.c"}),
+        ))
+        .unwrap();
+        assert!(c.reachable(ChannelKind::Push) && c.reachable(ChannelKind::Email));
+        assert!(!c.reachable(ChannelKind::CallTask));
+        assert_eq!(c.timezone.as_deref(), Some("Australia/Perth"));
+        assert!(c
+            .apply_update(&event(
+                CONTACT_UPDATED,
+                serde_json::json!({"timezone":"Nowhere/Land"})
+            ))
+            .is_err());
+        assert!(c
+            .apply_update(&event(
+                CONSENT_UPDATED,
+                serde_json::json!({"consents":{"fax":{"service":true}}})
+            ))
+            .is_err());
+    }
+}

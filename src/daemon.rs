@@ -1,0 +1,333 @@
+//! `nudge run`: wires ingest, pipeline, scheduler, dispatch, the dead-letter
+//! publisher and the admin server, and owns the process lifecycle:
+//! SIGTERM/SIGINT stop intake, drain and exit 0 within `kafka.drain_timeout`;
+//! SIGHUP (and file changes when `rules.watch` is on) reload the rules.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::watch;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::dispatch::{Channels, HttpChannel};
+use crate::ingest::dlq::DeadLetterPublisher;
+use crate::ingest::KafkaIngest;
+use crate::journey::{record_rules_version, Pipeline};
+use crate::policy::Policy;
+use crate::rules::{self, Limits, RulesHandle};
+use crate::scheduler::Scheduler;
+use crate::store::{SqliteStore, Store};
+
+pub fn init_logging(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let json = format == "json" || (format == "auto" && !std::io::stderr().is_terminal());
+    // Colour codes only for a terminal, never into files or journald.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let limits = Limits {
+        max_operations: config.rules.max_operations,
+    };
+    let rule_set = rules::load_dir(&config.rules.dir, &limits).map_err(|e| {
+        anyhow::anyhow!(
+            "rules in {} do not compile; not starting:\n{e}",
+            config.rules.dir.display()
+        )
+    })?;
+    let mut missing = Vec::new();
+    for j in rule_set.journeys() {
+        for s in &j.steps {
+            if !config.channels.contains_key(&s.channel) && !missing.contains(&s.channel) {
+                missing.push(s.channel);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let keys: Vec<String> = missing
+            .iter()
+            .map(|c| format!("channels.{c}.url"))
+            .collect();
+        bail!(
+            "config: journeys send on channels with no endpoint: set {}",
+            keys.join(", ")
+        );
+    }
+
+    let metrics = crate::admin::install_metrics()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.store.path)
+            .with_context(|| format!("store.path: opening {}", config.store.path.display()))?,
+    );
+    let rules = RulesHandle::new(rule_set);
+    record_rules_version(store.as_ref(), &rules.current(), clock.now())?;
+    tracing::info!(version = %rules.current().version, journeys = rules.current().journeys().len(), "rules loaded");
+
+    let mut channels = Channels::default();
+    let mut lateness = HashMap::new();
+    for (kind, ch) in &config.channels {
+        let token = ch.token(*kind)?;
+        let ca = match &ch.ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("channels.{kind}.ca_file: {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let adapter = HttpChannel::with_ca(&ch.url, ch.timeout, token, ca.as_deref())
+            .map_err(|e| anyhow::anyhow!("channels.{kind}: {e}"))?;
+        channels = channels.with(*kind, Arc::new(adapter), ch.concurrency);
+        lateness.insert(*kind, ch.lateness);
+    }
+
+    let pipeline = Arc::new(Pipeline::new(
+        store.clone(),
+        rules.clone(),
+        clock.clone(),
+        config.policy.clone(),
+    ));
+    let scheduler = Arc::new(Scheduler::new(
+        store.clone(),
+        rules.clone(),
+        channels,
+        clock.clone(),
+        Policy::new(config.policy.clone()),
+        config.scheduler.clone(),
+        lateness,
+    ));
+    let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
+    let dlq_wake = dlq.waker();
+    let wake_scheduler = scheduler.clone();
+    let ingest = KafkaIngest::new(
+        &config.kafka,
+        pipeline,
+        store.clone(),
+        Box::new(move |outcome, dead_letters| {
+            record_batch_metrics(outcome);
+            if outcome.earliest_due.is_some() {
+                wake_scheduler.wake();
+            }
+            if dead_letters {
+                dlq_wake.notify_one();
+            }
+        }),
+    )?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = crate::admin::router(crate::admin::AdminState {
+        metrics,
+        readiness: ingest.readiness(),
+        store: store.clone(),
+        rules: rules.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: binding {}", config.admin.listen))?;
+    tracing::info!(address = %config.admin.listen, "admin server listening");
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let served = axum::serve(listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    let scheduler_task = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
+    let dlq_task = tokio::spawn(dlq.run(stop_rx.clone()));
+    let ingest_task = tokio::spawn(ingest.run(stop_rx.clone()));
+    spawn_reloader(
+        config.rules.dir.clone(),
+        limits,
+        rules.clone(),
+        store.clone(),
+        clock.clone(),
+        config.rules.watch,
+    )?;
+    spawn_retention(
+        store.clone(),
+        clock.clone(),
+        config.store.retention,
+        stop_rx.clone(),
+    );
+
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping: no new records; draining in-flight work");
+    let _ = stop_tx.send(true);
+    let drain = async {
+        let _ = ingest_task.await;
+        let _ = scheduler_task.await;
+        let _ = dlq_task.await;
+        let _ = admin_task.await;
+    };
+    if tokio::time::timeout(config.kafka.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(deadline = ?config.kafka.drain_timeout, "drain deadline passed; unfinished sends are leased and will be retried");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn record_batch_metrics(outcome: &crate::journey::BatchOutcome) {
+    metrics::counter!("nudge_events_ignored_total").increment(outcome.ignored as u64);
+    metrics::counter!("nudge_events_duplicate_total").increment(outcome.duplicates as u64);
+    for (journey, ok) in &outcome.evaluations {
+        metrics::counter!("nudge_rule_evaluations_total", "journey" => journey.clone())
+            .increment(1);
+        if !ok {
+            metrics::counter!("nudge_rule_errors_total", "journey" => journey.clone()).increment(1);
+        }
+    }
+    for id in &outcome.started {
+        let journey = id.rsplit_once('-').map(|(j, _)| j).unwrap_or(id);
+        metrics::counter!("nudge_journeys_started_total", "journey" => journey.to_string())
+            .increment(1);
+    }
+    for (journey, how) in &outcome.ended {
+        metrics::counter!("nudge_journeys_ended_total", "journey" => journey.clone(), "outcome" => how.as_str()).increment(1);
+    }
+}
+
+/// Deletes what is older than `store.retention`, once at start and hourly.
+fn spawn_retention(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    if retention.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            let before = clock.now()
+                - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.purge(before)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(rows = n, before = %before, "retention: old rows deleted")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "retention purge failed"),
+                Err(e) => tracing::error!(error = %e, "retention purge panicked"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}
+
+/// Reloads on SIGHUP and, when watching, on changes in the rules directory.
+fn spawn_reloader(
+    dir: std::path::PathBuf,
+    limits: Limits,
+    rules: RulesHandle,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    watch_files: bool,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let mut hup = signal(SignalKind::hangup())?;
+    let hup_tx = tx.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = hup_tx.send("SIGHUP");
+        }
+    });
+    if watch_files {
+        use notify::Watcher;
+        let file_tx = tx.clone();
+        // Any change in the directory, not only to *.rhai paths: Kubernetes
+        // updates a mounted ConfigMap by swapping a `..data` symlink. A reload
+        // that finds the same version changes nothing.
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                let _ = file_tx.send("file change");
+            }
+        })
+        .context("rules.watch: starting the file watcher")?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::Recursive)
+            .with_context(|| format!("rules.watch: watching {}", dir.display()))?;
+        // The watcher lives as long as the process.
+        std::mem::forget(watcher);
+    }
+    tokio::spawn(async move {
+        while let Some(why) = rx.recv().await {
+            // Editors write files in several steps: let them settle.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            reload(&dir, &limits, &rules, store.as_ref(), clock.now(), why);
+        }
+    });
+    Ok(())
+}
+
+/// Compiles the whole directory; swaps it in only if all of it compiled.
+pub fn reload(
+    dir: &Path,
+    limits: &Limits,
+    rules: &RulesHandle,
+    store: &dyn Store,
+    now: chrono::DateTime<chrono::Utc>,
+    why: &str,
+) -> bool {
+    match rules::load_dir(dir, limits) {
+        Ok(set) => {
+            if set.version == rules.current().version {
+                tracing::info!(trigger = why, version = %set.version, "rules unchanged");
+                return true;
+            }
+            if let Err(e) = record_rules_version(store, &set, now) {
+                tracing::error!(error = %e, "cannot record the rule set version; keeping the old rules");
+                return false;
+            }
+            let new_version = set.version.clone();
+            let old = rules.swap(set);
+            metrics::counter!("nudge_rule_reloads_total", "result" => "ok").increment(1);
+            tracing::info!(trigger = why, old = %old.version, new = %new_version, "rules reloaded");
+            true
+        }
+        Err(e) => {
+            metrics::counter!("nudge_rule_reloads_total", "result" => "refused").increment(1);
+            for p in &e.problems {
+                tracing::error!(trigger = why, file = %p.file, line = p.line, column = p.column, error = %p.message, "rules reload refused; the previous rules keep running");
+            }
+            false
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! POSTs each message as JSON to the channel's endpoint.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::{Channel, DispatchError, Message};
+
+pub struct HttpChannel {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    token: Option<String>,
+}
+
+impl HttpChannel {
+    pub fn new(url: &str, timeout: Duration, token: Option<String>) -> Result<Self, DispatchError> {
+        Self::with_ca(url, timeout, token, None)
+    }
+
+    /// `extra_ca_pem`: certificates to trust besides the system's (a private CA).
+    pub fn with_ca(
+        url: &str,
+        timeout: Duration,
+        token: Option<String>,
+        extra_ca_pem: Option<&[u8]>,
+    ) -> Result<Self, DispatchError> {
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| DispatchError::Transport(format!("bad url {url}: {e}")))?;
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(64);
+        if let Some(pem) = extra_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| DispatchError::Transport(format!("ca_file: {e}")))?;
+            if certs.is_empty() {
+                return Err(DispatchError::Transport(
+                    "ca_file: no PEM certificate found".into(),
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| DispatchError::Transport(e.to_string()))?;
+        Ok(Self { client, url, token })
+    }
+}
+
+impl Channel for HttpChannel {
+    fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
+        Box::pin(async move {
+            let mut request = self
+                .client
+                .post(self.url.clone())
+                .header("Idempotency-Key", &message.idempotency_key)
+                .json(message);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    DispatchError::Timeout
+                } else {
+                    DispatchError::Transport(e.to_string())
+                }
+            })?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let code = status.as_u16();
+            // 408 and 429 ask us to come back; other 4xx are final.
+            if status.is_server_error() || code == 408 || code == 429 {
+                return Err(DispatchError::Unavailable { status: code });
+            }
+            let mut body = response.text().await.unwrap_or_default();
+            body.truncate(200);
+            Err(DispatchError::Rejected { status: code, body })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::{HeaderMap, StatusCode};
+
+    use super::*;
+    use crate::dispatch::conformance::{delivers, sample_message};
+
+    /// A real endpoint on 127.0.0.1 answering `status`, recording what it got.
+    async fn endpoint(status: StatusCode) -> (String, Arc<Mutex<Vec<(HeaderMap, Message)>>>) {
+        let got: Arc<Mutex<Vec<(HeaderMap, Message)>>> = Arc::default();
+        let seen = got.clone();
+        let app = axum::Router::new().fallback(
+            move |headers: HeaderMap, axum::Json(m): axum::Json<Message>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push((headers, m));
+                    status
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/push", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, got)
+    }
+
+    #[tokio::test]
+    async fn http_channel_conforms_and_sends_key_and_token() {
+        let (url, got) = endpoint(StatusCode::OK).await;
+        let ch = HttpChannel::new(&url, Duration::from_secs(5), Some("t0ken".into())).unwrap();
+        delivers(&ch).await;
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, sample_message());
+        assert_eq!(got[0].0["idempotency-key"], "unsigned_loan-abc:email");
+        assert_eq!(got[0].0["authorization"], "Bearer t0ken");
+    }
+
+    #[tokio::test]
+    async fn errors_say_whether_to_retry() {
+        for (status, retry) in [
+            (StatusCode::SERVICE_UNAVAILABLE, true),
+            (StatusCode::TOO_MANY_REQUESTS, true),
+            (StatusCode::BAD_REQUEST, false),
+            (StatusCode::NOT_FOUND, false),
+        ] {
+            let (url, _) = endpoint(status).await;
+            let ch = HttpChannel::new(&url, Duration::from_secs(5), None).unwrap();
+            let err = ch.send(&sample_message()).await.unwrap_err();
+            assert_eq!(err.retryable(), retry, "{status}: {err}");
+            if !retry {
+                assert!(err.to_string().contains(&status.as_u16().to_string()));
+            }
+        }
+        // Nothing listening: a transport error, retried.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ch = HttpChannel::new(
+            &format!("http://127.0.0.1:{port}/"),
+            Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        assert!(ch.send(&sample_message()).await.unwrap_err().retryable());
+    }
+}

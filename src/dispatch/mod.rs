@@ -1,0 +1,201 @@
+//! Channel adapters: how a due step leaves nudge. Every message carries an
+//! idempotency key that is stable across retries and restarts (instance +
+//! step), so the receiver can drop repeats; errors say whether to retry.
+
+mod http;
+mod recording;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use http::HttpChannel;
+pub use recording::RecordingChannel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    /// In-app push notification.
+    Push,
+    Email,
+    /// A task for a contact-centre agent to call the customer.
+    CallTask,
+}
+
+impl ChannelKind {
+    pub const ALL: [ChannelKind; 3] =
+        [ChannelKind::Push, ChannelKind::Email, ChannelKind::CallTask];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Push => "push",
+            ChannelKind::Email => "email",
+            ChannelKind::CallTask => "call_task",
+        }
+    }
+}
+
+impl fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ChannelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ChannelKind::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown channel `{s}` (expected push, email or call_task)"))
+    }
+}
+
+/// What a channel receives for one step (the JSON body of the HTTP adapter).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub idempotency_key: String,
+    pub customer: String,
+    pub journey: String,
+    pub instance: String,
+    pub step: String,
+    pub channel: ChannelKind,
+    pub template: String,
+    pub variables: Map<String, Value>,
+    /// Address for this channel (email or phone) when the channel needs one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub address: Option<String>,
+    /// What this journey already told the customer, oldest first, so the next
+    /// message (or the agent taking the call) continues the conversation.
+    pub history: Vec<HistoryEntry>,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HistoryEntry {
+    pub step: String,
+    pub channel: String,
+    pub template: String,
+    pub sent_at: String,
+}
+
+impl Message {
+    pub fn idempotency_key(instance: &str, step: &str) -> String {
+        format!("{instance}:{step}")
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum DispatchError {
+    /// The receiver refused the message; sending it again will not help.
+    #[error("rejected with HTTP {status}: {body}")]
+    Rejected { status: u16, body: String },
+    /// The receiver is overloaded or failing; try again later.
+    #[error("unavailable: HTTP {status}")]
+    Unavailable { status: u16 },
+    #[error("timed out")]
+    Timeout,
+    #[error("transport error: {0}")]
+    Transport(String),
+    #[error("no adapter configured for channel {0}")]
+    NotConfigured(ChannelKind),
+}
+
+impl DispatchError {
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            DispatchError::Unavailable { .. }
+                | DispatchError::Timeout
+                | DispatchError::Transport(_)
+        )
+    }
+}
+
+pub trait Channel: Send + Sync {
+    fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>>;
+}
+
+/// The adapters by channel kind, each with its own concurrency limit so a
+/// slow channel cannot hold up the others.
+#[derive(Clone, Default)]
+pub struct Channels {
+    adapters: HashMap<ChannelKind, (Arc<dyn Channel>, usize)>,
+}
+
+impl Channels {
+    pub fn with(
+        mut self,
+        kind: ChannelKind,
+        channel: Arc<dyn Channel>,
+        concurrency: usize,
+    ) -> Self {
+        self.adapters.insert(kind, (channel, concurrency.max(1)));
+        self
+    }
+
+    /// The same adapter for every channel (simulate, tests).
+    pub fn all(channel: Arc<dyn Channel>) -> Self {
+        ChannelKind::ALL
+            .into_iter()
+            .fold(Self::default(), |c, k| c.with(k, channel.clone(), 64))
+    }
+
+    pub fn get(&self, kind: ChannelKind) -> Option<&Arc<dyn Channel>> {
+        self.adapters.get(&kind).map(|(c, _)| c)
+    }
+
+    pub fn concurrency(&self, kind: ChannelKind) -> usize {
+        self.adapters.get(&kind).map(|(_, n)| *n).unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! Every adapter must deliver a message to a healthy receiver exactly as given.
+    use super::*;
+
+    pub fn sample_message() -> Message {
+        Message {
+            idempotency_key: Message::idempotency_key("unsigned_loan-abc", "email"),
+            customer: "c1".into(),
+            journey: "unsigned_loan".into(),
+            instance: "unsigned_loan-abc".into(),
+            step: "email".into(),
+            channel: ChannelKind::Email,
+            template: "loan_unsigned_email".into(),
+            variables: serde_json::json!({"product":"home loan"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            address: Some("c1@example.com".into()),
+            history: vec![HistoryEntry {
+                step: "push".into(),
+                channel: "push".into(),
+                template: "loan_unsigned_push".into(),
+                sent_at: "2026-01-01T00:00:00Z".into(),
+            }],
+            attempt: 1,
+        }
+    }
+
+    pub async fn delivers(channel: &dyn Channel) {
+        channel
+            .send(&sample_message())
+            .await
+            .expect("healthy receiver accepts");
+    }
+
+    #[test]
+    fn channel_kind_round_trips() {
+        for k in ChannelKind::ALL {
+            assert_eq!(k.as_str().parse::<ChannelKind>().unwrap(), k);
+        }
+        assert!("fax".parse::<ChannelKind>().is_err());
+    }
+}

@@ -1,0 +1,519 @@
+//! The consumer loop: batch, decode, process, commit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::KafkaConfig;
+use crate::context;
+use crate::event::{Event, EventError};
+use crate::journey::{BatchOutcome, Origin, Pipeline, SourceOffset};
+use crate::rules::RuleSet;
+use crate::store::{DeadLetter, Store};
+
+type Partition = (String, i32);
+
+/// Called after each committed batch with whether it produced dead letters.
+pub type AfterBatch = Box<dyn Fn(&BatchOutcome, bool) + Send + Sync>;
+
+/// What `/readyz` and the loop share about the consumer's assignment.
+#[derive(Default)]
+pub struct Readiness {
+    /// Assigned partitions and the next offset the store holds for each.
+    resume: Mutex<HashMap<Partition, i64>>,
+    assigned: AtomicUsize,
+}
+
+impl Readiness {
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    fn snapshot(&self) -> HashMap<Partition, i64> {
+        self.resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn advance(&self, offsets: &[SourceOffset]) {
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        for o in offsets {
+            if let Some(next) = resume.get_mut(&(o.topic.clone(), o.partition)) {
+                *next = (*next).max(o.next_offset);
+            }
+        }
+    }
+}
+
+/// Keeps `Readiness` in step with rebalances. Callbacks run inside `recv`, when
+/// the loop holds no unfinished batch, so revocation never strands work.
+struct IngestContext {
+    readiness: Arc<Readiness>,
+    store: Arc<dyn Store>,
+}
+
+impl ClientContext for IngestContext {
+    /// librdkafka's own view of lag (high watermark minus position), every
+    /// `statistics.interval.ms`. On tansu the watermark is wrong, so is this.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("nudge_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string()).set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut resume = self
+                .readiness
+                .resume
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for e in tpl.elements() {
+                resume.remove(&(e.topic().to_string(), e.partition()));
+            }
+            self.readiness
+                .assigned
+                .store(resume.len(), Ordering::Relaxed);
+            tracing::info!(partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut stored: HashMap<String, HashMap<i32, i64>> = HashMap::new();
+                let mut resume = self
+                    .readiness
+                    .resume
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for e in tpl.elements() {
+                    let topic = e.topic().to_string();
+                    if !stored.contains_key(&topic) {
+                        let offsets = self.store.offsets(&topic).unwrap_or_else(|err| {
+                            tracing::error!(%topic, error = %err, "cannot read stored offsets; relying on event-id dedup");
+                            Vec::new()
+                        });
+                        stored.insert(topic.clone(), offsets.into_iter().collect());
+                    }
+                    let next = stored[&topic].get(&e.partition()).copied().unwrap_or(0);
+                    resume.insert((topic, e.partition()), next);
+                }
+                self.readiness
+                    .assigned
+                    .store(resume.len(), Ordering::Relaxed);
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Records gathered for one batch, decoded as far as the rules need: an
+/// event no journey (and no customer context) reads is only validated
+/// ([`Event::peek`]), never built, and costs no allocation.
+struct Gathered {
+    /// Distinct partitions in the batch (a handful: found by linear search).
+    partitions: Vec<Partition>,
+    records: Vec<Record>,
+    key_mismatches: u64,
+}
+
+struct Record {
+    part: usize,
+    offset: i64,
+    kind: Kind,
+}
+
+enum Kind {
+    Ignored,
+    Event(Arc<Event>, Box<Origin>),
+    Invalid(EventError, Box<Origin>),
+}
+
+impl Gathered {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            partitions: Vec::new(),
+            records: Vec::with_capacity(n),
+            key_mismatches: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn add(&mut self, m: &BorrowedMessage<'_>, rules: &RuleSet) {
+        let part = match self
+            .partitions
+            .iter()
+            .position(|(t, p)| *p == m.partition() && t == m.topic())
+        {
+            Some(i) => i,
+            None => {
+                self.partitions.push((m.topic().to_string(), m.partition()));
+                self.partitions.len() - 1
+            }
+        };
+        let payload = m.payload().unwrap_or_default();
+        let key_differs = |customer: &str| m.key().is_some_and(|k| k != customer.as_bytes());
+        if let Some(head) = Event::peek(payload) {
+            let t = head.event_type.as_ref();
+            if !(context::is_context_event(t) || rules.interested_in(t)) {
+                self.key_mismatches += key_differs(&head.customer) as u64;
+                self.records.push(Record {
+                    part,
+                    offset: m.offset(),
+                    kind: Kind::Ignored,
+                });
+                return;
+            }
+        }
+        let origin = Box::new(Origin {
+            topic: self.partitions[part].0.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: Arc::from(payload),
+        });
+        let kind = match Event::parse(payload) {
+            Ok(event) => {
+                self.key_mismatches += key_differs(&event.customer) as u64;
+                Kind::Event(Arc::new(event), origin)
+            }
+            Err(e) => Kind::Invalid(e, origin),
+        };
+        self.records.push(Record {
+            part,
+            offset: m.offset(),
+            kind,
+        });
+    }
+}
+
+pub struct KafkaIngest {
+    consumer: StreamConsumer<IngestContext>,
+    pipeline: Arc<Pipeline>,
+    readiness: Arc<Readiness>,
+    config: KafkaConfig,
+    /// Called after each committed batch (wakes the scheduler and the DLQ publisher).
+    after_batch: AfterBatch,
+}
+
+/// librdkafka settings shared by the consumer and the dead-letter producer.
+pub fn client_config(config: &KafkaConfig) -> anyhow::Result<ClientConfig> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.properties {
+        cc.set(k, v);
+    }
+    let password = match (&config.sasl_password_env, &config.sasl_password_file) {
+        (Some(var), _) => Some(
+            std::env::var(var)
+                .with_context(|| format!("kafka.sasl_password_env: environment variable {var}"))?,
+        ),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("kafka.sasl_password_file: {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(p) = password {
+        cc.set("sasl.password", p);
+    }
+    for (property, var) in &config.secret_properties_env {
+        let value = std::env::var(var).with_context(|| {
+            format!("kafka.secret_properties_env.{property}: environment variable {var}")
+        })?;
+        cc.set(property, value);
+    }
+    for (property, path) in &config.secret_properties_file {
+        let value = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "kafka.secret_properties_file.{property}: {}",
+                path.display()
+            )
+        })?;
+        cc.set(property, value.trim());
+    }
+    Ok(cc)
+}
+
+impl KafkaIngest {
+    pub fn new(
+        config: &KafkaConfig,
+        pipeline: Arc<Pipeline>,
+        store: Arc<dyn Store>,
+        after_batch: AfterBatch,
+    ) -> anyhow::Result<Self> {
+        let readiness = Arc::new(Readiness::default());
+        let mut cc = client_config(config)?;
+        for (k, v) in &config.consumer_properties {
+            cc.set(k, v);
+        }
+        cc.set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // librdkafka's default 1 s backoff stalls a fast consumer (see KAFKA.md).
+            .set("fetch.queue.backoff.ms", "10")
+            .set("statistics.interval.ms", "5000");
+        let consumer: StreamConsumer<IngestContext> = cc
+            .create_with_context(IngestContext {
+                readiness: readiness.clone(),
+                store,
+            })
+            .context("creating the Kafka consumer")?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .context("subscribing to kafka.topics")?;
+        Ok(Self {
+            consumer,
+            pipeline,
+            readiness,
+            config: config.clone(),
+            after_batch,
+        })
+    }
+
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
+    /// Consumes until `shutdown` turns true; the batch in hand is finished and
+    /// committed before returning.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let linger = Duration::from_millis(5);
+        loop {
+            let first = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = shutdown.changed() => break,
+            };
+            // One rule set for the whole batch decides which records are read.
+            let rules = self.pipeline.rules().current();
+            let mut batch = Gathered::with_capacity(self.config.batch_size);
+            match first {
+                Ok(m) => batch.add(&m, &rules),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka receive error");
+                    metrics::counter!("nudge_kafka_errors_total").increment(1);
+                    continue;
+                }
+            }
+            // Take what librdkafka already holds without a timer per record;
+            // wait (until the linger deadline) only when nothing is ready.
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.len() < self.config.batch_size {
+                let next = match self.consumer.recv().now_or_never() {
+                    Some(m) => m,
+                    None => match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Ok(m) => batch.add(&m, &rules),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka receive error");
+                        break;
+                    }
+                }
+            }
+            self.process(batch, &shutdown).await;
+        }
+        // Everything processed is in the store; tell Kafka too before leaving.
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in self.readiness.snapshot() {
+            if next > 0 {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final offset commit failed; the store's offsets will be used on restart");
+            }
+        }
+        tracing::info!("consumer stopped; offsets are committed");
+        Ok(())
+    }
+
+    async fn process(&self, batch: Gathered, shutdown: &watch::Receiver<bool>) {
+        // Assignment may have changed while the batch was gathered (callbacks
+        // run inside `recv`): keep only records of partitions still assigned
+        // and not yet durable in the store.
+        let resume = self.readiness.snapshot();
+        let from: Vec<Option<i64>> = batch
+            .partitions
+            .iter()
+            .map(|p| resume.get(p).copied())
+            .collect();
+        let mut next: Vec<Option<i64>> = vec![None; batch.partitions.len()];
+        let mut consumed = vec![0u64; batch.partitions.len()];
+        let mut events = Vec::new();
+        let mut origins = Vec::new();
+        let mut rejects = Vec::new();
+        let mut ignored = 0;
+        for r in batch.records {
+            match from[r.part] {
+                Some(f) if r.offset >= f => {}
+                // revoked while the batch was gathered, or already durable
+                _ => continue,
+            }
+            consumed[r.part] += 1;
+            next[r.part] = Some(next[r.part].map_or(r.offset + 1, |n| n.max(r.offset + 1)));
+            match r.kind {
+                Kind::Ignored => ignored += 1,
+                Kind::Event(event, origin) => {
+                    events.push(event);
+                    origins.push(*origin);
+                }
+                Kind::Invalid(error, origin) => {
+                    metrics::counter!("nudge_dead_letters_total", "kind" => "invalid").increment(1);
+                    tracing::warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason = %error, "record dead-lettered");
+                    rejects.push(origin.dead_letter(error.to_string(), None, None));
+                }
+            }
+        }
+        if batch.key_mismatches > 0 {
+            metrics::counter!("nudge_key_mismatch_total").increment(batch.key_mismatches);
+        }
+        let mut offsets = Vec::new();
+        for (i, (topic, partition)) in batch.partitions.into_iter().enumerate() {
+            if consumed[i] > 0 {
+                metrics::counter!("nudge_events_consumed_total", "topic" => topic.clone(), "partition" => partition.to_string()).increment(consumed[i]);
+            }
+            if let Some(next_offset) = next[i] {
+                offsets.push(SourceOffset {
+                    topic,
+                    partition,
+                    next_offset,
+                });
+            }
+        }
+        if offsets.is_empty() {
+            return;
+        }
+        let outcome = self
+            .store_with_retry(events, origins, rejects.clone(), offsets.clone(), shutdown)
+            .await;
+        let Some(mut outcome) = outcome else { return };
+        // Records the batch did not even decode count as ignored too.
+        outcome.ignored += ignored;
+        for f in &outcome.failures {
+            metrics::counter!("nudge_dead_letters_total", "kind" => if f.journey.is_some() { "rule" } else { "context" }).increment(1);
+            tracing::warn!(event_id = %f.event_id, journey = f.journey.as_deref().unwrap_or("-"), reason = %f.reason, "event dead-lettered");
+        }
+        self.readiness.advance(&offsets);
+        self.commit(&offsets);
+        (self.after_batch)(
+            &outcome,
+            !rejects.is_empty() || !outcome.failures.is_empty(),
+        );
+    }
+
+    /// The store is the source of truth: a batch that cannot be stored is
+    /// retried, never skipped. Gives up only on shutdown (nothing committed).
+    async fn store_with_retry(
+        &self,
+        events: Vec<Arc<Event>>,
+        origins: Vec<Origin>,
+        rejects: Vec<DeadLetter>,
+        offsets: Vec<SourceOffset>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Option<BatchOutcome> {
+        let args = Arc::new((events, origins, rejects, offsets));
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let pipeline = self.pipeline.clone();
+            let a = args.clone();
+            let result =
+                tokio::task::spawn_blocking(move || pipeline.process_with(&a.0, &a.1, &a.2, &a.3))
+                    .await;
+            match result {
+                Ok(Ok(outcome)) => return Some(outcome),
+                Ok(Err(e)) => tracing::error!(error = %e, "store write failed; retrying the batch"),
+                Err(e) => {
+                    tracing::error!(error = %e, "batch processing panicked; retrying the batch")
+                }
+            }
+            metrics::counter!("nudge_store_errors_total").increment(1);
+            if *shutdown.borrow() {
+                return None;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn commit(&self, offsets: &[SourceOffset]) {
+        let mut tpl = TopicPartitionList::new();
+        for o in offsets {
+            if let Err(e) =
+                tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset))
+            {
+                tracing::warn!(error = %e, "bad offset");
+            }
+        }
+        // The store holds the truth; a failed commit (e.g. during a rebalance)
+        // only means some records are read again and skipped.
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit deferred");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// librdkafka refuses unsupported security settings when the client is
+    /// created, so creating one proves the build carries TLS and SASL/SCRAM
+    /// and that the password reaches librdkafka from the environment.
+    #[test]
+    fn sasl_ssl_settings_with_a_password_from_the_environment_are_accepted() {
+        let var = "NUDGE_TEST_SASL_PASSWORD";
+        std::env::set_var(var, "s3cret");
+        let mut config = KafkaConfig::default();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "nudge"),
+        ] {
+            config.properties.insert(k.into(), v.into());
+        }
+        config.sasl_password_env = Some(var.into());
+        let cc = client_config(&config).unwrap();
+        assert_eq!(cc.get("sasl.password"), Some("s3cret"));
+        let consumer: Result<rdkafka::consumer::BaseConsumer, _> =
+            cc.clone().set("group.id", "g").create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
+
+        config.sasl_password_env = Some("NUDGE_TEST_UNSET_PASSWORD".into());
+        let err = client_config(&config).unwrap_err().to_string();
+        assert!(err.contains("kafka.sasl_password_env"), "{err}");
+    }
+}

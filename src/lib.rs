@@ -1,0 +1,24 @@
+//! nudge: next-best-action proactive messaging.
+//!
+//! An event flows through the modules in this order:
+//! `event` (decode) → `ingest` (Kafka) → `context` → `rules` → `journey`
+//! (decide, one store transaction) → `store` → `scheduler` → `policy` →
+//! `dispatch` → `audit` (the dispatch log). `admin` serves health and metrics;
+//! `sim` runs the same engine on a virtual clock.
+
+pub mod admin;
+pub mod audit;
+pub mod clock;
+pub mod config;
+pub mod context;
+pub mod daemon;
+pub mod dispatch;
+pub mod event;
+pub mod ingest;
+pub mod journey;
+pub mod policy;
+pub mod rules;
+pub mod scheduler;
+pub mod sim;
+pub mod store;
+pub mod toolkit;

@@ -1,0 +1,275 @@
+//! The `nudge` command line: wires the modules, nothing more.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use nudge::audit::{Format, LogWriter};
+use nudge::config::Config;
+use nudge::rules::{self, Limits};
+
+#[derive(Parser)]
+#[command(
+    name = "nudge",
+    version,
+    about = "Next-best-action proactive messaging daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile every journey script; print file:line:column for each error.
+    Check {
+        /// Directory of *.rhai journeys.
+        #[arg(default_value = "rules")]
+        dir: PathBuf,
+    },
+    /// Run CloudEvents JSON lines through the journeys on a virtual clock and
+    /// print the dispatch log.
+    Simulate {
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// CloudEvents, one JSON object per line.
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Take the contact policy from this config file (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the daemon: consume Kafka, decide, schedule and send.
+    Run {
+        /// TOML config file; `NUDGE_SECTION__KEY` variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the journey tests (`*.test.toml` next to the journeys) on a virtual clock.
+    Test {
+        #[arg(default_value = "rules")]
+        dir: PathBuf,
+    },
+    /// Run the same events through two rule sets and report what would change.
+    Replay {
+        /// The candidate rule set.
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// The rule set to compare against (e.g. what runs in production).
+        #[arg(long)]
+        baseline: PathBuf,
+        #[arg(long)]
+        events: PathBuf,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+        /// Exit 1 when any customer would get a different message.
+        #[arg(long)]
+        fail_on_change: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// GET an admin endpoint; exit 0 on 2xx (for container probes without curl).
+    Probe {
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        address: String,
+        #[arg(default_value = "/readyz")]
+        path: String,
+    },
+    /// Print the reference of what journey scripts can use (for rules/README.md).
+    RulesDoc,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nudge: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { dir } => match rules::load_dir(&dir, &Limits::default()) {
+            Ok(set) => {
+                println!(
+                    "ok: {} journeys in {} (rule set {})",
+                    set.journeys().len(),
+                    dir.display(),
+                    set.version
+                );
+                for j in set.journeys() {
+                    println!(
+                        "  {} ({}, {} steps, triggers: {}) {}",
+                        j.name,
+                        j.category,
+                        j.steps.len(),
+                        j.triggers.join(", "),
+                        j.hash
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{} problem(s); nothing loaded", e.problems.len());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Simulate {
+            rules: dir,
+            events,
+            format,
+            config,
+        } => {
+            init_logging("warn");
+            let config = Config::load(config.as_deref())?;
+            let limits = Limits {
+                max_operations: config.rules.max_operations,
+            };
+            let set = rules::load_dir(&dir, &limits)
+                .map_err(|e| anyhow::anyhow!("rules in {} do not compile:\n{e}", dir.display()))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let stdout = std::io::stdout();
+            let mut writer = LogWriter::new(stdout.lock(), format);
+            let summary = runtime.block_on(nudge::sim::simulate(
+                set,
+                config.policy,
+                &events,
+                |r| writer.write(r),
+                |w| eprintln!("{w}"),
+            ))?;
+            writer.flush().context("writing stdout")?;
+            eprintln!(
+                "simulated {} events: {} log records, {} skipped lines, {} rule failures",
+                summary.events, summary.records, summary.skipped_lines, summary.rule_failures
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            let config = Config::load(config.as_deref())?;
+            nudge::daemon::init_logging(&config.log.format, &config.log.level);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(nudge::daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { dir } => {
+            init_logging("error");
+            let limits = Limits::default();
+            // Fail early, with positions, if the journeys themselves do not compile.
+            if let Err(e) = rules::load_dir(&dir, &limits) {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let policy = nudge::config::PolicyConfig::default();
+            let report = runtime.block_on(nudge::toolkit::ruletest::run_dir(
+                &dir,
+                || rules::load_dir(&dir, &limits).map_err(|e| anyhow::anyhow!("{e}")),
+                &policy,
+            ))?;
+            for f in &report.failures {
+                println!("FAIL {f}");
+            }
+            println!(
+                "nudge test: {} cases passed, {} failed",
+                report.passed, report.failed
+            );
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Replay {
+            rules: dir,
+            baseline,
+            events,
+            format,
+            fail_on_change,
+            config,
+        } => {
+            init_logging("error");
+            let config = Config::load(config.as_deref())?;
+            let limits = Limits {
+                max_operations: config.rules.max_operations,
+            };
+            let load = |d: &PathBuf| {
+                rules::load_dir(d, &limits)
+                    .map_err(|e| anyhow::anyhow!("rules in {} do not compile:\n{e}", d.display()))
+            };
+            let (candidate, base) = (load(&dir)?, load(&baseline)?);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = runtime.block_on(nudge::toolkit::replay::replay(
+                &events,
+                base,
+                candidate,
+                &config.policy,
+            ))?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+                "text" => print!("{}", report.to_text()),
+                other => anyhow::bail!("--format: `{other}` is not text or json"),
+            }
+            Ok(if fail_on_change && report.changed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Probe { address, path } => {
+            let status = probe(&address, &path)
+                .with_context(|| format!("probing http://{address}{path}"))?;
+            println!("{status}");
+            Ok(if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::RulesDoc => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(rules::host_api_reference().as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: the status code.
+fn probe(address: &str, path: &str) -> anyhow::Result<u16> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))
+}
+
+/// Readable logs for the tools (the daemon chooses JSON or text from config).
+fn init_logging(default: &str) {
+    nudge::daemon::init_logging("text", default);
+}

@@ -1,0 +1,395 @@
+//! What scripts see: the sandboxed engine, the `event` and `customer` views,
+//! and the host functions. Events reach rhai as typed views over the decoded
+//! JSON; only a JSON object a script asks for (`event.data`,
+//! `customer.profile`) becomes a rhai map, because property access on a map
+//! is a lookup while on a custom type it goes through a failed getter
+//! resolution (which formats an error message) before the indexer.
+
+use std::sync::Arc;
+
+use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
+use serde_json::{Map, Value};
+
+use super::{Decision, Journey, RuleError};
+use crate::context::CustomerContext;
+use crate::event::Event;
+
+/// Sandbox limits for every script evaluation.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_operations: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_operations: 100_000,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EventView(pub Arc<Event>);
+
+#[derive(Clone)]
+pub struct CustomerView(pub Arc<CustomerContext>);
+
+/// Builds the one engine every rule set uses: strict variables, bounded
+/// operations, call depth, expression depth and data sizes.
+pub fn build_engine(limits: &Limits) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_strict_variables(true)
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(32)
+        .set_max_expr_depths(64, 32)
+        .set_max_string_size(64 * 1024)
+        .set_max_array_size(10_000)
+        .set_max_map_size(10_000)
+        .disable_symbol("eval");
+    engine.on_print(|text| tracing::debug!(target: "nudge::script", "{text}"));
+    engine.on_debug(|text, source, pos| {
+        tracing::debug!(target: "nudge::script", source = source.unwrap_or(""), line = pos.line().unwrap_or(0), "{text}")
+    });
+
+    engine
+        .register_type_with_name::<EventView>("Event")
+        .register_get("id", |e: &mut EventView| e.0.id.clone())
+        .register_get("type", |e: &mut EventView| e.0.event_type.clone())
+        .register_get("source", |e: &mut EventView| e.0.source.clone())
+        .register_get("customer", |e: &mut EventView| e.0.customer.clone())
+        .register_get("time", |e: &mut EventView| e.0.time.to_rfc3339())
+        .register_get("data", |e: &mut EventView| object_to_dynamic(&e.0.data));
+
+    // JSON objects reach scripts as maps: `x.field`, `x["field"]` (`()` when
+    // absent or null), `x.has("field")`, `x.keys()`.
+    engine.register_fn("has", |m: &mut rhai::Map, key: &str| {
+        m.get(key).is_some_and(|v| !v.is_unit())
+    });
+
+    engine
+        .register_type_with_name::<CustomerView>("Customer")
+        .register_get("id", |c: &mut CustomerView| c.0.id.clone())
+        .register_get("timezone", |c: &mut CustomerView| {
+            c.0.timezone
+                .clone()
+                .map(Dynamic::from)
+                .unwrap_or(Dynamic::UNIT)
+        })
+        .register_get("has_app", |c: &mut CustomerView| c.0.app_installed)
+        .register_get("has_email", |c: &mut CustomerView| {
+            c.0.reachable(crate::dispatch::ChannelKind::Email)
+        })
+        .register_get("has_phone", |c: &mut CustomerView| {
+            c.0.reachable(crate::dispatch::ChannelKind::CallTask)
+        })
+        .register_get("preferred_channel", |c: &mut CustomerView| {
+            c.0.preferred_channel
+                .map(|ch| Dynamic::from(ch.to_string()))
+                .unwrap_or(Dynamic::UNIT)
+        })
+        .register_get("profile", |c: &mut CustomerView| {
+            object_to_dynamic(&c.0.profile)
+        })
+        .register_get("recent_contacts", |c: &mut CustomerView| {
+            c.0.recent_sends.len() as i64
+        })
+        .register_get("journeys", |c: &mut CustomerView| {
+            c.0.journeys
+                .iter()
+                .map(|j| {
+                    let mut m = rhai::Map::new();
+                    m.insert("journey".into(), j.journey.clone().into());
+                    m.insert("key".into(), j.key.clone().into());
+                    m.insert("status".into(), j.status.clone().into());
+                    m.insert("started_at".into(), j.started_at.to_rfc3339().into());
+                    Dynamic::from_map(m)
+                })
+                .collect::<rhai::Array>()
+        })
+        .register_fn("in_journey", |c: &mut CustomerView, name: &str| {
+            c.0.in_journey(name)
+        })
+        .register_fn("converted", |c: &mut CustomerView, name: &str| {
+            c.0.has_status(name, "converted")
+        })
+        .register_fn(
+            "consented",
+            |c: &mut CustomerView,
+             channel: &str,
+             category: &str|
+             -> Result<bool, Box<EvalAltResult>> {
+                let channel = channel.parse().map_err(|e: String| e)?;
+                let category = category.parse().map_err(|e: String| e)?;
+                Ok(c.0.consented(channel, category))
+            },
+        );
+
+    engine
+        .register_type_with_name::<Decision>("Decision")
+        .register_fn("start", || Decision::Start {
+            key: None,
+            vars: Map::new(),
+        })
+        .register_fn(
+            "start",
+            |vars: rhai::Map| -> Result<Decision, Box<EvalAltResult>> {
+                Ok(Decision::Start {
+                    key: None,
+                    vars: map_to_json(&vars)?,
+                })
+            },
+        )
+        .register_fn(
+            "start",
+            |key: &str, vars: rhai::Map| -> Result<Decision, Box<EvalAltResult>> {
+                Ok(Decision::Start {
+                    key: Some(key.to_string()),
+                    vars: map_to_json(&vars)?,
+                })
+            },
+        )
+        .register_fn("skip", |reason: &str| Decision::Skip(reason.to_string()));
+
+    engine
+        .register_fn("money", |x: f64| format!("{x:.2}"))
+        .register_fn("money", |x: i64| format!("{x}.00"));
+    engine
+}
+
+pub(super) fn decide(
+    engine: &Engine,
+    journey: &Journey,
+    event: &Arc<Event>,
+    customer: &Arc<CustomerContext>,
+) -> Result<Decision, RuleError> {
+    let result = call(
+        engine,
+        journey,
+        "decide",
+        (EventView(event.clone()), CustomerView(customer.clone())),
+    )?;
+    if result.is_unit() {
+        return Ok(Decision::Skip("decide returned ()".into()));
+    }
+    // Checked by type first: `try_cast` consumes, so trying on clones would
+    // deep-copy the decision's variables once per attempt.
+    if let Ok(b) = result.as_bool() {
+        return Ok(if b {
+            Decision::Start {
+                key: None,
+                vars: Map::new(),
+            }
+        } else {
+            Decision::Skip("decide returned false".into())
+        });
+    }
+    if result.is::<Decision>() {
+        return Ok(result.cast::<Decision>());
+    }
+    if result.is_map() {
+        let map = result.cast::<rhai::Map>();
+        let vars = map_to_json(&map).map_err(|e| runtime_error(journey, &e))?;
+        return Ok(Decision::Start { key: None, vars });
+    }
+    Err(RuleError {
+        journey: journey.name.clone(),
+        file: journey.file.display().to_string(),
+        line: 0,
+        column: 0,
+        message: format!(
+            "decide returned a {}; return start(vars), skip(reason) or ()",
+            result.type_name()
+        ),
+    })
+}
+
+pub(super) fn condition(
+    engine: &Engine,
+    journey: &Journey,
+    function: &str,
+    customer: &Arc<CustomerContext>,
+    vars: &Map<String, Value>,
+) -> Result<bool, RuleError> {
+    let vars: rhai::Map = vars
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+        .collect();
+    let result = call(
+        engine,
+        journey,
+        function,
+        (CustomerView(customer.clone()), vars),
+    )?;
+    result.as_bool().map_err(|t| RuleError {
+        journey: journey.name.clone(),
+        file: journey.file.display().to_string(),
+        line: 0,
+        column: 0,
+        message: format!("condition `{function}` returned a {t}, not a bool"),
+    })
+}
+
+fn call(
+    engine: &Engine,
+    journey: &Journey,
+    function: &str,
+    args: impl rhai::FuncArgs,
+) -> Result<Dynamic, RuleError> {
+    let mut scope = Scope::new();
+    let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+    engine
+        .call_fn_with_options::<Dynamic>(options, &mut scope, &journey.ast, function, args)
+        .map_err(|e| runtime_error(journey, &e))
+}
+
+/// Points at the innermost position: the line inside the script function
+/// that failed, not the call site.
+pub(super) fn runtime_error(journey: &Journey, err: &EvalAltResult) -> RuleError {
+    let (message, pos) = innermost(err);
+    RuleError {
+        journey: journey.name.clone(),
+        file: journey.file.display().to_string(),
+        line: pos.line().unwrap_or(0),
+        column: pos.position().unwrap_or(0),
+        message,
+    }
+}
+
+pub(super) fn innermost(err: &EvalAltResult) -> (String, Position) {
+    match err {
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, pos) => {
+            let (msg, inner_pos) = innermost(inner);
+            (msg, if inner_pos.is_none() { *pos } else { inner_pos })
+        }
+        EvalAltResult::ErrorTooManyOperations(pos) => (
+            "stopped: the script ran too many operations (endless loop?)".into(),
+            *pos,
+        ),
+        other => {
+            // Display includes " (line x, position y)"; the position is reported separately.
+            let text = other.to_string();
+            let text = match text.rfind(" (line ") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            };
+            (text, other.position())
+        }
+    }
+}
+
+pub fn json_to_dynamic(v: &Value) -> Dynamic {
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
+        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
+        Value::Object(map) => object_to_dynamic(map),
+    }
+}
+
+/// A JSON object as a rhai map (a copy: changing it changes nothing outside).
+pub fn object_to_dynamic(map: &Map<String, Value>) -> Dynamic {
+    Dynamic::from_map(
+        map.iter()
+            .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+            .collect(),
+    )
+}
+
+fn map_to_json(map: &rhai::Map) -> Result<Map<String, Value>, Box<EvalAltResult>> {
+    map.iter()
+        .map(|(k, v)| Ok((k.to_string(), dynamic_to_json(v)?)))
+        .collect()
+}
+
+fn dynamic_to_json(v: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
+    if v.is_unit() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = v.as_bool() {
+        return Ok(Value::Bool(b));
+    }
+    if let Ok(i) = v.as_int() {
+        return Ok(Value::from(i));
+    }
+    if let Ok(f) = v.as_float() {
+        return Ok(serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null));
+    }
+    if v.is_string() {
+        return Ok(Value::String(v.clone().into_string().unwrap_or_default()));
+    }
+    if v.is_array() {
+        let arr = v.read_lock::<rhai::Array>().expect("checked is_array");
+        return arr
+            .iter()
+            .map(dynamic_to_json)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array);
+    }
+    if v.is_map() {
+        let map = v.read_lock::<rhai::Map>().expect("checked is_map");
+        return map_to_json(&map).map(Value::Object);
+    }
+    Err(format!("a {} cannot be a template variable", v.type_name()).into())
+}
+
+/// Reference of what scripts can use, printed by `nudge rules-doc` and kept in
+/// `rules/README.md`, so the documentation is generated from this file.
+pub fn host_api_reference() -> &'static str {
+    r#"### `event` (type `Event`)
+| property | type | meaning |
+| --- | --- | --- |
+| `event.id` | string | CloudEvents id (dedup key) |
+| `event.type` | string | e.g. `loan_application.completed` |
+| `event.source` | string | producing system |
+| `event.customer` | string | CloudEvents `subject`: the customer id |
+| `event.time` | string | RFC 3339 |
+| `event.data` | JSON map | the event's `data` object |
+
+### JSON maps (`event.data`, `customer.profile`, nested objects)
+| use | result |
+| --- | --- |
+| `x.field`, `x["field"]` | the field: string, int, float, bool, array, map for objects, `()` when absent or null |
+| `x.has("field")` | true when present and not null |
+| `x.keys()` | array of field names |
+| `x.field = v` | changes the script's own copy only |
+
+### `customer` (type `Customer`)
+| property or method | type | meaning |
+| --- | --- | --- |
+| `customer.id` | string | customer id |
+| `customer.timezone` | string or `()` | IANA zone from `customer.contact_updated` |
+| `customer.has_app` / `has_email` / `has_phone` | bool | reachable by push / email / call task |
+| `customer.preferred_channel` | string or `()` | `push`, `email` or `call_task` |
+| `customer.profile` | JSON map | merged `data.profile` of `customer.profile_updated` events |
+| `customer.recent_contacts` | int | messages sent to the customer within the policy's cap window |
+| `customer.journeys` | array of maps | `journey`, `key`, `status` (`open`, `converted`, `cancelled`, `completed`, `held_out`), `started_at` |
+| `customer.in_journey(name)` | bool | an instance of `name` is open |
+| `customer.converted(name)` | bool | an instance of `name` ended `converted` |
+| `customer.consented(channel, category)` | bool | consent (service defaults to yes, marketing to no) |
+
+### Host functions
+| function | returns | meaning |
+| --- | --- | --- |
+| `start()` / `start(vars)` | Decision | start the journey; `vars` (a map) are the template variables of every step |
+| `start(key, vars)` | Decision | start with an explicit instance key |
+| `skip(reason)` | Decision | do nothing, saying why (for readers of the script and for rule tests) |
+| `money(x)` | string | `x` with two decimals: `money(18.5)` is `"18.50"` |
+| `print(x)`, `debug(x)` | | log at debug level (target `nudge::script`) |
+
+`decide` may also return `()` or `false` (skip), `true` (start without variables) or a map (start with it as variables).
+
+### Sandbox
+Strict variables (an undeclared name is a load error), at most `rules.max_operations`
+operations per evaluation (default 100,000: an endless loop is stopped and only that
+journey's evaluation fails), call depth 32, expression depth 64, strings 64 KiB,
+arrays and maps 10,000 items, no `eval`.
+"#
+}

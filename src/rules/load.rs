@@ -1,0 +1,526 @@
+//! Compiling a `rules/` directory: every file must compile and declare a
+//! valid journey, or nothing is loaded. Problems carry file, line, column and
+//! a hint, because the reader is a journey designer, not a Rust programmer.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rhai::{Dynamic, Engine, Scope};
+
+use super::api::{build_engine, innermost, Limits};
+use super::{content_hash, Category, ExitOutcome, Journey, RuleSet, StepPlan};
+use crate::dispatch::ChannelKind;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: error: {}",
+            self.file, self.line, self.column, self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a rule set; nothing was loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct LoadError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl LoadError {
+    fn single(file: &str, message: String) -> Self {
+        Self {
+            problems: vec![Problem {
+                file: file.into(),
+                line: 0,
+                column: 0,
+                message,
+                hint: None,
+            }],
+        }
+    }
+}
+
+/// Reads and compiles every `*.rhai` file in `dir`.
+pub fn load_dir(dir: &Path, limits: &Limits) -> Result<RuleSet, LoadError> {
+    let shown = dir.display().to_string();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::single(&shown, format!("cannot read rules directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+        .collect();
+    paths.sort();
+    let mut sources = Vec::with_capacity(paths.len());
+    for path in paths {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            LoadError::single(&path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        sources.push((path, text));
+    }
+    if sources.is_empty() {
+        return Err(LoadError::single(
+            &shown,
+            "no *.rhai journey scripts found".into(),
+        ));
+    }
+    load_sources(sources, limits)
+}
+
+/// Compiles scripts given as (path, text): all of them or none.
+pub fn load_sources(
+    sources: Vec<(PathBuf, String)>,
+    limits: &Limits,
+) -> Result<RuleSet, LoadError> {
+    let engine = build_engine(limits);
+    let mut problems = Vec::new();
+    let mut journeys: Vec<Journey> = Vec::new();
+    let mut names = HashSet::new();
+    for (path, text) in sources {
+        match compile_one(&engine, &path, &text) {
+            Ok(journey) => {
+                if !names.insert(journey.name.clone()) {
+                    let (line, column) = find(&text, &format!("\"{}\"", journey.name));
+                    problems.push(Problem {
+                        file: path.display().to_string(),
+                        line,
+                        column,
+                        message: format!("journey name `{}` is used by another file", journey.name),
+                        hint: Some("every journey needs its own name".into()),
+                    });
+                } else {
+                    journeys.push(journey);
+                }
+            }
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(RuleSet::new(journeys, engine))
+    } else {
+        Err(LoadError { problems })
+    }
+}
+
+fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<Problem>> {
+    let file = path.display().to_string();
+    let problem = |line: usize, column: usize, message: String, hint: Option<&str>| Problem {
+        file: file.clone(),
+        line,
+        column,
+        message,
+        hint: hint.map(str::to_string),
+    };
+    let ast = engine.compile(text).map_err(|e| {
+        let hint = match &*e.0 {
+            rhai::ParseErrorType::VariableUndefined(_) => Some(
+                "declare it with `let`, or read event fields as event.data.<field> and context as customer.<property>",
+            ),
+            rhai::ParseErrorType::MissingToken(..) => Some("check for an unclosed bracket or a missing `,` or `;`"),
+            _ => None,
+        };
+        let message = e.0.to_string();
+        vec![problem(e.1.line().unwrap_or(0), e.1.position().unwrap_or(0), message, hint)]
+    })?;
+
+    let fn_line = |name: &str| find(text, &format!("fn {name}"));
+    let has_fn = |name: &str, params: usize| {
+        ast.iter_functions()
+            .any(|f| f.name == name && f.params.len() == params)
+    };
+    if !has_fn("journey", 0) {
+        return Err(vec![problem(1, 1, "missing `fn journey()` returning the journey's definition".into(),
+            Some("see rules/README.md: fn journey() { #{ name: ..., triggers: [...], steps: [...] } }"))]);
+    }
+    if !has_fn("decide", 2) {
+        return Err(vec![problem(
+            1,
+            1,
+            "missing `fn decide(event, customer)`".into(),
+            Some("decide returns start(vars) to start the journey, or skip(reason)"),
+        )]);
+    }
+
+    let mut scope = Scope::new();
+    let options = rhai::CallFnOptions::new().eval_ast(false);
+    let meta: Dynamic = engine
+        .call_fn_with_options(options, &mut scope, &ast, "journey", ())
+        .map_err(|e| {
+            let (message, pos) = innermost(&e);
+            vec![problem(
+                pos.line().unwrap_or(0),
+                pos.position().unwrap_or(0),
+                format!("journey() failed: {message}"),
+                None,
+            )]
+        })?;
+    let Some(meta) = meta.try_cast::<rhai::Map>() else {
+        let (l, c) = fn_line("journey");
+        return Err(vec![problem(
+            l,
+            c,
+            "journey() must return a map #{ ... }".into(),
+            None,
+        )]);
+    };
+
+    let mut problems = Vec::new();
+    let mut at = |needle: &str, message: String, hint: Option<&str>| {
+        let (l, c) = if needle.is_empty() {
+            fn_line("journey")
+        } else if let Some((key, value)) = needle.strip_prefix('@').and_then(|n| n.split_once('='))
+        {
+            find_field(text, key, value)
+        } else {
+            find(text, needle)
+        };
+        problems.push(problem(l, c, message, hint));
+    };
+
+    const FIELDS: &[&str] = &[
+        "name",
+        "description",
+        "category",
+        "priority",
+        "triggers",
+        "exits",
+        "key",
+        "steps",
+        "cooldown",
+        "holdout",
+        "pilot",
+        "shadow",
+    ];
+    for k in meta.keys() {
+        if !FIELDS.contains(&k.as_str()) {
+            at(
+                k.as_str(),
+                format!("unknown journey field `{k}`"),
+                Some(&format!("fields are {}", FIELDS.join(", "))),
+            );
+        }
+    }
+
+    let name = string_field(&meta, "name").unwrap_or_default();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        at(
+            "name",
+            format!("journey name `{name}` must be non-empty snake_case"),
+            Some("e.g. name: \"unsigned_loan\""),
+        );
+    }
+    let description = string_field(&meta, "description").unwrap_or_default();
+    let category = match string_field(&meta, "category")
+        .as_deref()
+        .map(str::parse::<Category>)
+    {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            at(
+                "category",
+                e,
+                Some("category: \"service\" or \"marketing\""),
+            );
+            Category::Service
+        }
+        None => {
+            at(
+                "",
+                "missing `category`".into(),
+                Some("category: \"service\" or \"marketing\""),
+            );
+            Category::Service
+        }
+    };
+    let priority = meta
+        .get("priority")
+        .map(|v| v.as_int().unwrap_or(i64::MIN))
+        .unwrap_or(0);
+    if priority == i64::MIN {
+        at("priority", "priority must be an integer".into(), None);
+    }
+
+    let triggers = string_list(&meta, "triggers");
+    if triggers.as_ref().is_none_or(|t| t.is_empty()) {
+        at("", "journey has no triggers".into(), Some("triggers: [\"loan_application.completed\"] lists the event types that may start it"));
+    }
+    let mut exits = Vec::new();
+    if let Some(v) = meta.get("exits") {
+        match v.read_lock::<rhai::Map>() {
+            Some(map) => {
+                for (event_type, outcome) in map.iter() {
+                    match outcome.clone().into_string().ok().as_deref() {
+                        Some("converted") => {
+                            exits.push((event_type.to_string(), ExitOutcome::Converted))
+                        }
+                        Some("cancelled") => {
+                            exits.push((event_type.to_string(), ExitOutcome::Cancelled))
+                        }
+                        _ => at(
+                            event_type.as_str(),
+                            format!(
+                                "exit `{event_type}` must map to \"converted\" or \"cancelled\""
+                            ),
+                            None,
+                        ),
+                    }
+                }
+            }
+            None => at(
+                "exits",
+                "exits must be a map of event type to \"converted\" or \"cancelled\"".into(),
+                None,
+            ),
+        }
+    }
+    let key_field = string_field(&meta, "key");
+
+    let mut steps = Vec::new();
+    let step_values = meta
+        .get("steps")
+        .and_then(|v| v.read_lock::<rhai::Array>().map(|a| a.clone()));
+    match step_values {
+        None => at(
+            "",
+            "journey has no steps".into(),
+            Some("steps: [#{ id: \"push\", channel: \"push\", template: \"...\", delay: \"0s\" }]"),
+        ),
+        Some(values) if values.is_empty() => at("steps", "journey has no steps".into(), None),
+        Some(values) => {
+            let mut ids = HashSet::new();
+            for v in values {
+                let Some(step) = v.try_cast::<rhai::Map>() else {
+                    at(
+                        "steps",
+                        "each step must be a map #{ id, channel, template, delay }".into(),
+                        None,
+                    );
+                    continue;
+                };
+                for k in step.keys() {
+                    if !["id", "channel", "template", "delay", "when"].contains(&k.as_str()) {
+                        at(
+                            k.as_str(),
+                            format!("unknown step field `{k}`"),
+                            Some("step fields are id, channel, template, delay, when"),
+                        );
+                    }
+                }
+                let id = string_field(&step, "id").unwrap_or_default();
+                if id.is_empty() {
+                    at("steps", "a step has no `id`".into(), None);
+                } else if !ids.insert(id.clone()) {
+                    at(
+                        &format!("\"{id}\""),
+                        format!("step id `{id}` is used twice"),
+                        None,
+                    );
+                }
+                let channel_text = string_field(&step, "channel").unwrap_or_default();
+                let channel = match channel_text.parse::<ChannelKind>() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        at(
+                            &format!("@channel={channel_text}"),
+                            e,
+                            Some("channels are push, email, call_task"),
+                        );
+                        ChannelKind::Push
+                    }
+                };
+                let template = string_field(&step, "template").unwrap_or_default();
+                if template.is_empty() {
+                    at(
+                        &format!("\"{id}\""),
+                        format!("step `{id}` has no template"),
+                        None,
+                    );
+                }
+                let delay_text = string_field(&step, "delay").unwrap_or_else(|| "0s".into());
+                let delay = match parse_delay(&delay_text) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        at(
+                            &format!("@delay={delay_text}"),
+                            format!("step `{id}`: {e}"),
+                            Some("delays look like \"0s\", \"90m\", \"1d\", \"3d 12h\""),
+                        );
+                        Duration::ZERO
+                    }
+                };
+                let condition = string_field(&step, "when");
+                if let Some(f) = &condition {
+                    if !has_fn(f, 2) {
+                        at(&format!("@when={f}"), format!("step `{id}`: condition function `{f}(customer, vars)` is not defined"), Some("define fn NAME(customer, vars) returning true to send"));
+                    }
+                }
+                steps.push(StepPlan {
+                    id,
+                    channel,
+                    template,
+                    delay,
+                    condition,
+                });
+            }
+        }
+    }
+
+    let cooldown = match string_field(&meta, "cooldown") {
+        None => None,
+        Some(t) => match parse_delay(&t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                at(
+                    &format!("\"{t}\""),
+                    format!("cooldown: {e}"),
+                    Some("e.g. cooldown: \"30d\""),
+                );
+                None
+            }
+        },
+    };
+    let mut percent = |key: &str, default: i64| -> u8 {
+        match meta.get(key).map(|v| v.as_int()) {
+            None => default as u8,
+            Some(Ok(p)) if (0..=100).contains(&p) => p as u8,
+            _ => {
+                at(
+                    key,
+                    format!("{key} must be a whole percentage 0..=100"),
+                    None,
+                );
+                default as u8
+            }
+        }
+    };
+    let holdout_percent = percent("holdout", 0);
+    let pilot_percent = percent("pilot", 100);
+    let shadow = match meta.get("shadow").map(|v| v.as_bool()) {
+        None => false,
+        Some(Ok(b)) => b,
+        Some(Err(_)) => {
+            at("shadow", "shadow must be true or false".into(), None);
+            false
+        }
+    };
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Journey {
+        name,
+        description,
+        category,
+        priority,
+        triggers: triggers.unwrap_or_default(),
+        exits,
+        key_field,
+        steps,
+        cooldown,
+        holdout_percent,
+        pilot_percent,
+        shadow,
+        file: path.to_path_buf(),
+        hash: content_hash(text.as_bytes()),
+        ast,
+    })
+}
+
+fn string_field(map: &rhai::Map, key: &str) -> Option<String> {
+    map.get(key).and_then(|v| v.clone().into_string().ok())
+}
+
+fn string_list(map: &rhai::Map, key: &str) -> Option<Vec<String>> {
+    let arr = map.get(key)?.read_lock::<rhai::Array>()?.clone();
+    Some(
+        arr.into_iter()
+            .filter_map(|v| v.into_string().ok())
+            .collect(),
+    )
+}
+
+/// "0s", "90m", "1d", "3d 12h"; a bare number is refused (unit ambiguity).
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a delay ({e})"))
+}
+
+/// Position of `"value"` written as the value of `key` (`key: "value"` or
+/// `"key": "value"`), so a bad channel is not reported where the same word
+/// appears elsewhere (say, in the journey's name); else its first occurrence.
+fn find_field(text: &str, key: &str, value: &str) -> (usize, usize) {
+    let quoted = format!("\"{value}\"");
+    for (offset, _) in text.match_indices(&quoted) {
+        let before = text[..offset].trim_end();
+        if let Some(before_colon) = before.strip_suffix(':') {
+            let name = before_colon.trim_end();
+            if name.ends_with(key) || name.ends_with(&format!("\"{key}\"")) {
+                return position(text, offset);
+            }
+        }
+    }
+    find(text, &quoted)
+}
+
+/// 1-based line and column of the first occurrence of `needle` (1:1 if absent).
+fn find(text: &str, needle: &str) -> (usize, usize) {
+    match text.find(needle) {
+        Some(offset) if !needle.is_empty() => position(text, offset),
+        _ => (1, 1),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_is_reported_where_its_key_is_not_where_the_word_first_appears() {
+        let text = "fn journey() {\n    #{\n        name: \"fax\",\n        category: \"service\",\n        triggers: [\"x.y\"],\n        steps: [ #{ id: \"a\", channel: \"fax\", template: \"t\", delay: \"soon\" } ],\n    }\n}\nfn decide(event, customer) { start() }\n";
+        let err = load_sources(
+            vec![(PathBuf::from("fax.rhai"), text.into())],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        let at: Vec<(usize, usize)> = err.problems.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(at, vec![(6, 39), (6, 68)], "{err}");
+    }
+}

@@ -1,0 +1,229 @@
+//! The engine on a virtual clock: an embedded SQLite store in a temporary
+//! directory and a recording channel. `nudge simulate`, the rule tests and
+//! replay all run journeys through this, the same code the daemon runs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::audit::LogRecord;
+use crate::clock::{Clock, VirtualClock};
+use crate::config::{PolicyConfig, SchedulerConfig};
+use crate::dispatch::{Channel, Channels, RecordingChannel};
+use crate::event::Event;
+use crate::journey::{BatchOutcome, Pipeline};
+use crate::policy::Policy;
+use crate::rules::{RuleSet, RulesHandle};
+use crate::scheduler::Scheduler;
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// How far past the last event `finish` follows the schedule.
+const HORIZON_DAYS: i64 = 400;
+
+pub struct Simulation {
+    pub clock: VirtualClock,
+    pub store: Arc<SqliteStore>,
+    pub pipeline: Pipeline,
+    pub scheduler: Scheduler,
+    pub channel: Arc<RecordingChannel>,
+    _dir: tempfile::TempDir,
+}
+
+impl Simulation {
+    pub fn new(
+        rules: RuleSet,
+        start: DateTime<Utc>,
+        policy: PolicyConfig,
+    ) -> Result<Self, StoreError> {
+        let channel = Arc::new(RecordingChannel::default());
+        Self::with_channels(
+            rules,
+            start,
+            policy,
+            channel.clone(),
+            Channels::all(channel),
+        )
+    }
+
+    /// With other channel adapters (tests use real HTTP endpoints).
+    pub fn with_channels(
+        rules: RuleSet,
+        start: DateTime<Utc>,
+        policy: PolicyConfig,
+        recording: Arc<RecordingChannel>,
+        channels: Channels,
+    ) -> Result<Self, StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(format!("temp dir: {e}")))?;
+        let store = Arc::new(SqliteStore::open(&dir.path().join("simulate.db"))?);
+        Self::on_store(rules, start, policy, recording, channels, store, dir)
+    }
+
+    fn on_store(
+        rules: RuleSet,
+        start: DateTime<Utc>,
+        policy: PolicyConfig,
+        recording: Arc<RecordingChannel>,
+        channels: Channels,
+        store: Arc<SqliteStore>,
+        dir: tempfile::TempDir,
+    ) -> Result<Self, StoreError> {
+        let clock = VirtualClock::new(start);
+        let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
+        let rules = RulesHandle::new(rules);
+        crate::journey::record_rules_version(store.as_ref(), &rules.current(), start)?;
+        let store_dyn: Arc<dyn Store> = store.clone();
+        let pipeline = Pipeline::new(
+            store_dyn.clone(),
+            rules.clone(),
+            clock_dyn.clone(),
+            policy.clone(),
+        );
+        let scheduler = Scheduler::new(
+            store_dyn,
+            rules,
+            channels,
+            clock_dyn,
+            Policy::new(policy),
+            SchedulerConfig::default(),
+            HashMap::new(),
+        );
+        Ok(Self {
+            clock,
+            store,
+            pipeline,
+            scheduler,
+            channel: recording,
+            _dir: dir,
+        })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Sends what falls due up to `t` in time order, then leaves the clock at `t`.
+    pub async fn run_until(&self, t: DateTime<Utc>) -> Result<Vec<LogRecord>, StoreError> {
+        let mut records = Vec::new();
+        loop {
+            records.extend(self.scheduler.run_due().await?);
+            match self.scheduler.next_due()? {
+                Some(next) if next <= t => self.clock.advance_to(next),
+                _ => break,
+            }
+        }
+        self.clock.advance_to(t);
+        records.extend(self.scheduler.run_due().await?);
+        Ok(records)
+    }
+
+    /// Moves time to the event, processes it, and sends what is due at once.
+    pub async fn feed(&self, event: Event) -> Result<(BatchOutcome, Vec<LogRecord>), StoreError> {
+        let mut records = self.run_until(event.time).await?;
+        let outcome = self.pipeline.process(&[Arc::new(event)], &[])?;
+        records.extend(outcome.records.iter().cloned());
+        records.extend(self.scheduler.run_due().await?);
+        Ok((outcome, records))
+    }
+
+    /// Follows the schedule until nothing is pending (bounded by a horizon).
+    pub async fn finish(&self) -> Result<Vec<LogRecord>, StoreError> {
+        let horizon = self.clock.now() + chrono::Duration::days(HORIZON_DAYS);
+        self.run_until(horizon).await
+    }
+}
+
+/// A parsed events file: events in file order, and the lines that were not events.
+pub struct EventsFile {
+    pub events: Vec<(usize, Event)>,
+    pub errors: Vec<(usize, String)>,
+}
+
+/// Reads CloudEvents JSON lines; blank lines and `#` comments are skipped.
+pub fn read_events(path: &Path) -> std::io::Result<EventsFile> {
+    let text = std::fs::read_to_string(path)?;
+    let mut events = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        match Event::parse(trimmed.as_bytes()) {
+            Ok(e) => events.push((line_no, e)),
+            Err(e) => errors.push((line_no, e.to_string())),
+        }
+    }
+    Ok(EventsFile { events, errors })
+}
+
+/// Summary of a simulation run, printed to stderr.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub events: usize,
+    pub skipped_lines: usize,
+    pub rule_failures: usize,
+    pub records: usize,
+}
+
+/// Runs an events file through the rules, writing each log record as it is made.
+pub async fn simulate(
+    rules: RuleSet,
+    policy: PolicyConfig,
+    events_path: &Path,
+    mut emit: impl FnMut(&LogRecord) -> std::io::Result<()>,
+    mut warn: impl FnMut(String),
+) -> anyhow::Result<Summary> {
+    use anyhow::Context;
+    let file =
+        read_events(events_path).with_context(|| format!("reading {}", events_path.display()))?;
+    let shown = events_path.display();
+    let mut summary = Summary {
+        skipped_lines: file.errors.len(),
+        ..Summary::default()
+    };
+    let mut bad = file.errors.into_iter().peekable();
+    let start = file
+        .events
+        .first()
+        .map(|(_, e)| e.time)
+        .unwrap_or_else(Utc::now);
+    let sim = Simulation::new(rules, start, policy)?;
+    for (line, event) in file.events {
+        while let Some((bad_line, _)) = bad.peek() {
+            if *bad_line > line {
+                break;
+            }
+            let (bad_line, reason) = bad.next().expect("peeked");
+            warn(format!("{shown}:{bad_line}: skipped: {reason}"));
+        }
+        summary.events += 1;
+        let id = event.id.clone();
+        let (outcome, records) = sim.feed(event).await?;
+        for f in &outcome.failures {
+            summary.rule_failures += 1;
+            warn(format!("{shown}:{line}: event {id}: {}", f.reason));
+        }
+        for r in &records {
+            emit(r)?;
+        }
+        summary.records += records.len();
+    }
+    for (bad_line, reason) in bad {
+        warn(format!("{shown}:{bad_line}: skipped: {reason}"));
+    }
+    let records = sim.finish().await?;
+    for r in &records {
+        emit(r)?;
+    }
+    summary.records += records.len();
+    Ok(summary)
+}
+
+/// The recording channel as a trait object (for `Channels::all`).
+pub fn recording_channel() -> (Arc<RecordingChannel>, Arc<dyn Channel>) {
+    let rec = Arc::new(RecordingChannel::default());
+    (rec.clone(), rec)
+}

@@ -1,0 +1,804 @@
+//! The embedded store: one SQLite file in WAL mode. One process owns the file
+//! (single node); several replicas need the PostgreSQL store.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+
+use super::{
+    ClosedStep, DeadLetter, DueStep, Mode, NewInstance, NewStep, OpenInstance, StepResult, Store,
+    StoreError, Tx,
+};
+use crate::audit::{LogRecord, Outcome};
+use crate::context::{CustomerContext, JourneySummary};
+use crate::dispatch::{ChannelKind, HistoryEntry};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS customers (
+    id TEXT PRIMARY KEY,
+    context TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    customer TEXT NOT NULL,
+    journey TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    category TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    rule_hash TEXT NOT NULL,
+    trigger_event TEXT NOT NULL,
+    vars TEXT NOT NULL,
+    seen TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS instances_one_open ON instances (customer, journey, key) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS instances_by_customer ON instances (customer, started_at);
+CREATE TABLE IF NOT EXISTS steps (
+    instance_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    template TEXT NOT NULL,
+    condition TEXT,
+    planned_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    lease_until INTEGER,
+    PRIMARY KEY (instance_id, step)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS steps_pending ON steps (channel, due_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS steps_claimed ON steps (channel, lease_until) WHERE status = 'claimed';
+CREATE TABLE IF NOT EXISTS dispatch_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    customer TEXT NOT NULL,
+    journey TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    step TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    template TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule_hash TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    latency_ms INTEGER,
+    event_id TEXT
+);
+CREATE INDEX IF NOT EXISTS dispatch_log_sends ON dispatch_log (customer, time) WHERE outcome = 'sent';
+CREATE INDEX IF NOT EXISTS dispatch_log_instance ON dispatch_log (instance) WHERE outcome = 'sent';
+CREATE TABLE IF NOT EXISTS processed_events (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kafka_offsets (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    key BLOB,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    journey TEXT,
+    event_id TEXT,
+    created_at INTEGER NOT NULL,
+    published_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS rule_versions (
+    version TEXT PRIMARY KEY,
+    loaded_at INTEGER NOT NULL,
+    files TEXT NOT NULL
+) WITHOUT ROWID;
+"#;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // Switching a new file to WAL does not go through the busy handler, so
+        // a second process opening the same new file at once retries here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::try_open(path) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: a commit survives a process crash; only an OS
+        // crash or power loss may lose the last transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        if let Ok(kib) = std::env::var("NUDGE_SQLITE_CACHE_KIB") {
+            conn.pragma_update(None, "cache_size", format!("-{kib}"))?;
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+fn parse_json_map(text: &str) -> Result<Map<String, Value>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn load_customer(
+    conn: &Connection,
+    id: &str,
+    window_start: DateTime<Utc>,
+) -> Result<CustomerContext, StoreError> {
+    load_customer_parts(conn, id, Some(window_start), true)
+}
+
+/// The customer's context; journeys and recent sends only when asked for.
+fn load_customer_parts(
+    conn: &Connection,
+    id: &str,
+    sends_since: Option<DateTime<Utc>>,
+    journeys: bool,
+) -> Result<CustomerContext, StoreError> {
+    let context: Option<String> = conn
+        .prepare_cached("SELECT context FROM customers WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let mut customer = match context {
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        }
+        None => CustomerContext::new(id),
+    };
+    customer.id = id.to_string();
+    if journeys {
+        let mut stmt = conn.prepare_cached(
+            "SELECT journey, key, status, started_at, ended_at FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
+        )?;
+        customer.journeys = stmt
+            .query_map([id], |r| {
+                Ok(JourneySummary {
+                    journey: r.get(0)?,
+                    key: r.get(1)?,
+                    status: r.get(2)?,
+                    started_at: from_ms(r.get(3)?),
+                    ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(window_start) = sends_since {
+        let mut stmt = conn.prepare_cached(
+            "SELECT time FROM dispatch_log WHERE customer = ?1 AND outcome = 'sent' AND time >= ?2 ORDER BY time DESC",
+        )?;
+        customer.recent_sends = stmt
+            .query_map(params![id, ms(window_start)], |r| Ok(from_ms(r.get(0)?)))?
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(customer)
+}
+
+fn load_history(conn: &Connection, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT step, channel, template, time FROM dispatch_log WHERE instance = ?1 AND outcome = 'sent' ORDER BY seq",
+    )?;
+    let rows = stmt
+        .query_map([instance_id], |r| {
+            Ok(HistoryEntry {
+                step: r.get(0)?,
+                channel: r.get(1)?,
+                template: r.get(2)?,
+                sent_at: from_ms(r.get(3)?).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        ms(r.time),
+        r.customer,
+        r.journey,
+        r.instance,
+        r.step,
+        r.channel,
+        r.template,
+        r.outcome.as_str(),
+        r.reason,
+        r.rule_hash,
+        r.attempt,
+        r.latency_ms.map(|l| l as i64),
+        r.event_id,
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+impl Store for SqliteStore {
+    fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
+        let conn = self.conn();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(Box::new(SqliteTx { conn, open: true }))
+    }
+
+    fn claim_due(
+        &self,
+        channel: ChannelKind,
+        now: DateTime<Utc>,
+        limit: usize,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed' AND channel = ?1 AND lease_until < ?2",
+        )?
+        .execute(params![channel.as_str(), ms(now)])?;
+        // The claimed steps' own columns come back from the UPDATE; the
+        // instance's from one primary-key lookup each.
+        type Claimed = (String, String, String, Option<String>, i64, i64, u32);
+        let claimed: Vec<Claimed> = tx
+            .prepare_cached(
+                "UPDATE steps SET status = 'claimed', lease_until = ?1, attempt = attempt + 1
+                 WHERE (instance_id, step) IN (
+                     SELECT instance_id, step FROM steps
+                     WHERE status = 'pending' AND channel = ?2 AND due_at <= ?3
+                     ORDER BY due_at LIMIT ?4)
+                 RETURNING instance_id, step, template, condition, planned_at, due_at, attempt",
+            )?
+            .query_map(
+                params![ms(lease_until), channel.as_str(), ms(now), limit as i64],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )?
+            .collect::<Result<_, _>>()?;
+        let mut due = Vec::with_capacity(claimed.len());
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT customer, journey, mode, category, rule_hash, vars, status
+                 FROM instances WHERE id = ?1",
+            )?;
+            for (instance_id, step, template, condition, planned_at, due_at, attempt) in claimed {
+                let row = stmt.query_row([&instance_id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?,
+                    ))
+                })?;
+                due.push(DueStep {
+                    instance_id,
+                    step,
+                    channel,
+                    template,
+                    condition,
+                    planned_at: from_ms(planned_at),
+                    due_at: from_ms(due_at),
+                    attempt,
+                    customer: row.0,
+                    journey: row.1,
+                    mode: Mode::parse(&row.2)?,
+                    category: row.3.parse().map_err(StoreError::Corrupt)?,
+                    rule_hash: row.4,
+                    vars: parse_json_map(&row.5)?,
+                    instance_status: row.6,
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(due)
+    }
+
+    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
+        let mut written = self.finish_steps(std::slice::from_ref(result))?;
+        Ok(written.pop().expect("one record per result"))
+    }
+
+    fn finish_steps(&self, results: &[StepResult]) -> Result<Vec<LogRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            let r = &result.record;
+            match result.again_at {
+                Some(at) => {
+                    let sql = if result.replan {
+                        "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3 WHERE instance_id = ?1 AND step = ?2"
+                    } else {
+                        "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3 WHERE instance_id = ?1 AND step = ?2"
+                    };
+                    tx.prepare_cached(sql)?
+                        .execute(params![r.instance, r.step, ms(at)])?;
+                }
+                None => {
+                    tx.prepare_cached(
+                        "UPDATE steps SET status = ?3, lease_until = NULL WHERE instance_id = ?1 AND step = ?2",
+                    )?
+                    .execute(params![r.instance, r.step, r.outcome.as_str()])?;
+                    // The last step settled: the journey is complete.
+                    tx.prepare_cached(
+                        "UPDATE instances SET status = 'completed', ended_at = ?2
+                         WHERE id = ?1 AND status = 'open'
+                           AND NOT EXISTS (SELECT 1 FROM steps WHERE instance_id = ?1 AND status IN ('pending', 'claimed'))",
+                    )?
+                    .execute(params![r.instance, ms(r.time)])?;
+                }
+            }
+            let seq = insert_log(&tx, r)?;
+            let mut written = r.clone();
+            written.seq = seq;
+            out.push(written);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let conn = self.conn();
+        let v: Option<i64> = match channel {
+            Some(c) => conn
+                .prepare_cached(
+                    "SELECT MIN(due_at) FROM steps WHERE status = 'pending' AND channel = ?1",
+                )?
+                .query_row([c.as_str()], |r| r.get(0))?,
+            None => conn
+                .prepare_cached("SELECT MIN(due_at) FROM steps WHERE status = 'pending'")?
+                .query_row([], |r| r.get(0))?,
+        };
+        Ok(v.map(from_ms))
+    }
+
+    fn release_all_leases(&self) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed'",
+            [],
+        )?)
+    }
+
+    fn customer(
+        &self,
+        id: &str,
+        window_start: DateTime<Utc>,
+    ) -> Result<CustomerContext, StoreError> {
+        load_customer(&self.conn(), id, window_start)
+    }
+
+    fn history(&self, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        load_history(&self.conn(), instance_id)
+    }
+
+    fn customers(
+        &self,
+        ids: &[String],
+        sends_since: Option<DateTime<Utc>>,
+        journeys: bool,
+    ) -> Result<Vec<CustomerContext>, StoreError> {
+        let conn = self.conn();
+        ids.iter()
+            .map(|id| load_customer_parts(&conn, id, sends_since, journeys))
+            .collect()
+    }
+
+    fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
+        let conn = self.conn();
+        instance_ids
+            .iter()
+            .map(|id| load_history(&conn, id))
+            .collect()
+    }
+
+    fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+             FROM dispatch_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], |r| {
+            Ok((
+                LogRecord {
+                    seq: r.get(0)?,
+                    time: from_ms(r.get(1)?),
+                    customer: r.get(2)?,
+                    journey: r.get(3)?,
+                    instance: r.get(4)?,
+                    step: r.get(5)?,
+                    channel: r.get(6)?,
+                    template: r.get(7)?,
+                    outcome: Outcome::Sent,
+                    reason: r.get(9)?,
+                    rule_hash: r.get(10)?,
+                    attempt: r.get(11)?,
+                    latency_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+                    event_id: r.get(13)?,
+                },
+                r.get::<_, String>(8)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (mut rec, outcome) = row?;
+            rec.outcome = outcome.parse().map_err(StoreError::Corrupt)?;
+            Ok(rec)
+        })
+        .collect()
+    }
+
+    fn offsets(&self, topic: &str) -> Result<Vec<(i32, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT partition, next_offset FROM kafka_offsets WHERE topic = ?1 ORDER BY partition",
+        )?;
+        let rows = stmt
+            .query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn record_rules(
+        &self,
+        version: &str,
+        files: &Value,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO rule_versions (version, loaded_at, files) VALUES (?1, ?2, ?3)
+             ON CONFLICT (version) DO UPDATE SET loaded_at = excluded.loaded_at",
+            params![version, ms(at), files.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, topic, partition, offset, key, payload, reason, journey, event_id
+             FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok((
+                    r.get(0)?,
+                    DeadLetter {
+                        topic: r.get(1)?,
+                        partition: r.get(2)?,
+                        offset: r.get(3)?,
+                        key: r.get(4)?,
+                        payload: r.get(5)?,
+                        reason: r.get(6)?,
+                        journey: r.get(7)?,
+                        event_id: r.get(8)?,
+                    },
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn mark_dead_letters_published(
+        &self,
+        ids: &[i64],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt =
+                tx.prepare_cached("UPDATE dead_letters SET published_at = ?2 WHERE id = ?1")?;
+            for id in ids {
+                stmt.execute(params![id, ms(at)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "UPDATE steps SET status = 'pending', lease_until = NULL, attempt = attempt - 1
+                 WHERE instance_id = ?1 AND step = ?2 AND status = 'claimed'",
+            )?
+            .execute(params![instance_id, step])?;
+        Ok(())
+    }
+
+    fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let cutoff = ms(before);
+        let mut deleted = 0u64;
+        deleted += tx.execute(
+            "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE status <> 'open' AND ended_at < ?1)",
+            [cutoff],
+        )? as u64;
+        deleted += tx.execute(
+            "DELETE FROM instances WHERE status <> 'open' AND ended_at < ?1",
+            [cutoff],
+        )? as u64;
+        deleted += tx.execute("DELETE FROM dispatch_log WHERE time < ?1", [cutoff])? as u64;
+        deleted += tx.execute("DELETE FROM processed_events WHERE at < ?1", [cutoff])? as u64;
+        deleted += tx.execute("DELETE FROM dead_letters WHERE published_at < ?1", [cutoff])? as u64;
+        tx.commit()?;
+        Ok(deleted)
+    }
+
+    fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT status, COUNT(*) FROM steps GROUP BY status ORDER BY status")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
+
+struct SqliteTx<'a> {
+    conn: MutexGuard<'a, Connection>,
+    open: bool,
+}
+
+impl Drop for SqliteTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM processed_events WHERE id = ?1")?
+            .exists([event_id])?)
+    }
+
+    fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO processed_events (id, at) VALUES (?1, ?2)")?
+            .execute(params![event_id, ms(at)])?;
+        Ok(())
+    }
+
+    fn customer(
+        &mut self,
+        id: &str,
+        window_start: DateTime<Utc>,
+    ) -> Result<CustomerContext, StoreError> {
+        load_customer(&self.conn, id, window_start)
+    }
+
+    fn save_customer(
+        &mut self,
+        customer: &CustomerContext,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let text =
+            serde_json::to_string(customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO customers (id, context, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET context = excluded.context, updated_at = excluded.updated_at",
+            )?
+            .execute(params![customer.id, text, ms(at)])?;
+        Ok(())
+    }
+
+    fn open_instance(
+        &mut self,
+        customer: &str,
+        journey: &str,
+        key: &str,
+    ) -> Result<Option<OpenInstance>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id, rule_hash FROM instances WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'open'",
+            )?
+            .query_row(params![customer, journey, key], |r| {
+                Ok(OpenInstance {
+                    id: r.get(0)?,
+                    rule_hash: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn exit_target(
+        &mut self,
+        customer: &str,
+        journey: &str,
+        key: &str,
+        completed_since: DateTime<Utc>,
+    ) -> Result<Option<OpenInstance>, StoreError> {
+        if let Some(open) = self.open_instance(customer, journey, key)? {
+            return Ok(Some(open));
+        }
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id, rule_hash FROM instances
+                 WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'completed' AND ended_at >= ?4
+                 ORDER BY ended_at DESC LIMIT 1",
+            )?
+            .query_row(params![customer, journey, key, ms(completed_since)], |r| {
+                Ok(OpenInstance {
+                    id: r.get(0)?,
+                    rule_hash: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn start_instance(&mut self, i: &NewInstance, steps: &[NewStep]) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, seen)
+                 VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                i.id,
+                i.customer,
+                i.journey,
+                i.key,
+                i.mode.as_str(),
+                i.category.to_string(),
+                ms(i.started_at),
+                i.rule_hash,
+                i.trigger_event,
+                Value::Object(i.vars.clone()).to_string(),
+                i.seen.to_string(),
+            ])?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO steps (instance_id, step, seq, channel, template, condition, planned_at, due_at, status)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 'pending')",
+        )?;
+        for s in steps {
+            stmt.execute(params![
+                i.id,
+                s.step,
+                s.seq,
+                s.channel.as_str(),
+                s.template,
+                s.condition,
+                ms(s.due_at)
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn close_instance(
+        &mut self,
+        instance_id: &str,
+        status: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<ClosedStep>, StoreError> {
+        self.conn
+            .prepare_cached("UPDATE instances SET status = ?2, ended_at = ?3 WHERE id = ?1 AND status IN ('open', 'completed')")?
+            .execute(params![instance_id, status, ms(at)])?;
+        let mut closed: Vec<(u32, String, String, String)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE steps SET status = 'cancelled', lease_until = NULL
+                 WHERE instance_id = ?1 AND status = 'pending'
+                 RETURNING seq, step, channel, template",
+            )?
+            .query_map([instance_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        closed.sort();
+        closed
+            .into_iter()
+            .map(|(_, step, channel, template)| {
+                Ok(ClosedStep {
+                    step,
+                    channel: channel.parse().map_err(StoreError::Corrupt)?,
+                    template,
+                })
+            })
+            .collect()
+    }
+
+    fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError> {
+        insert_log(&self.conn, record).map(|_| ())
+    }
+
+    fn set_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+            )?
+            .execute(params![topic, partition, next_offset])?;
+        Ok(())
+    }
+
+    fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO dead_letters (topic, partition, offset, key, payload, reason, journey, event_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![l.topic, l.partition, l.offset, l.key, l.payload, l.reason, l.journey, l.event_id, ms(at)])?;
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> SqliteStore {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        // Keep the directory alive for the test's duration.
+        std::mem::forget(dir);
+        store
+    }
+
+    crate::store_conformance!(temp_store());
+}

@@ -1,0 +1,212 @@
+//! `nudge replay`: the same events through two rule sets, and what would
+//! change: per journey and channel, how many messages each sends, which
+//! customers would get more or fewer, and which messages move in time, with
+//! examples. Instance ids are derived from (journey, customer, key, event), so
+//! the same step of the same instance is compared across both runs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::audit::{LogRecord, Outcome};
+use crate::config::PolicyConfig;
+use crate::rules::RuleSet;
+use crate::sim::{read_events, Simulation};
+
+const EXAMPLES: usize = 3;
+
+#[derive(Debug, Default, Serialize)]
+pub struct ReplayReport {
+    pub events: usize,
+    pub baseline_version: String,
+    pub candidate_version: String,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Row {
+    pub journey: String,
+    pub channel: String,
+    pub baseline_sent: usize,
+    pub candidate_sent: usize,
+    /// Customers who would get more messages on this journey and channel.
+    pub customers_more: usize,
+    pub customers_fewer: usize,
+    /// Messages both send, at a different time.
+    pub retimed: usize,
+    pub examples: Vec<String>,
+}
+
+impl ReplayReport {
+    pub fn changed(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.customers_more + r.customers_fewer + r.retimed > 0)
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "replayed {} events: baseline rules {} vs candidate rules {}",
+            self.events, self.baseline_version, self.candidate_version
+        );
+        let _ = writeln!(
+            out,
+            "{:<16} {:<10} {:>8} {:>9} {:>6} {:>5} {:>6} {:>7}",
+            "journey", "channel", "baseline", "candidate", "change", "more", "fewer", "retimed"
+        );
+        for r in &self.rows {
+            let change = r.candidate_sent as i64 - r.baseline_sent as i64;
+            let _ = writeln!(
+                out,
+                "{:<16} {:<10} {:>8} {:>9} {:>+6} {:>5} {:>6} {:>7}",
+                r.journey,
+                r.channel,
+                r.baseline_sent,
+                r.candidate_sent,
+                change,
+                r.customers_more,
+                r.customers_fewer,
+                r.retimed
+            );
+        }
+        let examples: Vec<&String> = self.rows.iter().flat_map(|r| &r.examples).collect();
+        if examples.is_empty() {
+            let _ = writeln!(out, "no customer would get a different message");
+        } else {
+            let _ = writeln!(out, "examples:");
+            for e in examples {
+                let _ = writeln!(out, "  {e}");
+            }
+        }
+        out
+    }
+}
+
+/// Runs `events` through both rule sets and compares what each sends.
+pub async fn replay(
+    events: &Path,
+    baseline: RuleSet,
+    candidate: RuleSet,
+    policy: &PolicyConfig,
+) -> anyhow::Result<ReplayReport> {
+    let file = read_events(events)?;
+    let mut report = ReplayReport {
+        events: file.events.len(),
+        baseline_version: baseline.version.clone(),
+        candidate_version: candidate.version.clone(),
+        ..ReplayReport::default()
+    };
+    let base = run(&file.events, baseline, policy).await?;
+    let cand = run(&file.events, candidate, policy).await?;
+
+    // (journey, channel) → customer → sends.
+    let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
+    for r in base
+        .iter()
+        .chain(cand.iter())
+        .filter(|r| r.outcome == Outcome::Sent)
+    {
+        groups.insert((r.journey.clone(), r.channel.clone()));
+    }
+    for (journey, channel) in groups {
+        let pick = |records: &[LogRecord]| -> BTreeMap<String, Vec<(String, DateTime<Utc>)>> {
+            let mut m: BTreeMap<String, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
+            for r in records.iter().filter(|r| {
+                r.outcome == Outcome::Sent && r.journey == journey && r.channel == channel
+            }) {
+                m.entry(r.customer.clone())
+                    .or_default()
+                    .push((format!("{}:{}", r.instance, r.step), r.time));
+            }
+            m
+        };
+        let (b, c) = (pick(&base), pick(&cand));
+        let mut row = Row {
+            journey: journey.clone(),
+            channel: channel.clone(),
+            ..Row::default()
+        };
+        row.baseline_sent = b.values().map(Vec::len).sum();
+        row.candidate_sent = c.values().map(Vec::len).sum();
+        let customers: BTreeSet<&String> = b.keys().chain(c.keys()).collect();
+        let why_not = |records: &[LogRecord], customer: &str| -> String {
+            records
+                .iter()
+                .rev()
+                .find(|r| {
+                    r.customer == customer
+                        && r.journey == journey
+                        && r.channel == channel
+                        && r.outcome != Outcome::Sent
+                })
+                .map(|r| format!("{} ({})", r.outcome, r.reason))
+                .unwrap_or_else(|| "not started".into())
+        };
+        for customer in customers {
+            let empty = Vec::new();
+            let (bs, cs) = (
+                b.get(customer).unwrap_or(&empty),
+                c.get(customer).unwrap_or(&empty),
+            );
+            if cs.len() > bs.len() {
+                row.customers_more += 1;
+                if row.examples.len() < EXAMPLES {
+                    row.examples.push(format!(
+                        "{journey}/{channel}: {customer} gets {} instead of {} (baseline: {})",
+                        cs.len(),
+                        bs.len(),
+                        why_not(&base, customer)
+                    ));
+                }
+            } else if cs.len() < bs.len() {
+                row.customers_fewer += 1;
+                if row.examples.len() < EXAMPLES {
+                    row.examples.push(format!(
+                        "{journey}/{channel}: {customer} gets {} instead of {} (candidate: {})",
+                        cs.len(),
+                        bs.len(),
+                        why_not(&cand, customer)
+                    ));
+                }
+            }
+            let cand_times: HashMap<&String, &DateTime<Utc>> =
+                cs.iter().map(|(k, t)| (k, t)).collect();
+            for (key, t) in bs {
+                if let Some(ct) = cand_times.get(key) {
+                    if *ct != t {
+                        row.retimed += 1;
+                        if row.examples.len() < EXAMPLES {
+                            row.examples.push(format!(
+                                "{journey}/{channel}: {customer} {key} moves from {} to {}",
+                                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                                ct.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        report.rows.push(row);
+    }
+    Ok(report)
+}
+
+async fn run(
+    events: &[(usize, crate::event::Event)],
+    rules: RuleSet,
+    policy: &PolicyConfig,
+) -> anyhow::Result<Vec<LogRecord>> {
+    let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
+    let sim = Simulation::new(rules, start, policy.clone())?;
+    let mut records = Vec::new();
+    for (_, e) in events {
+        records.extend(sim.feed(e.clone()).await?.1);
+    }
+    records.extend(sim.finish().await?);
+    Ok(records)
+}

@@ -1,0 +1,322 @@
+//! `nudge test`: journey tests next to the journeys, in the spirit of
+//! `opa test`. A `NAME.test.toml` file holds cases; each case feeds events at
+//! offsets from its start and lists the dispatch-log records it expects, in
+//! order. Any difference fails the case with a diff naming file and case.
+//!
+//! ```toml
+//! journey = "unsigned_loan"          # default journey of the expectations
+//! [[case]]
+//! name = "signed after the push, before the email"
+//! events = [
+//!   { at = "0s", type = "loan_application.completed", data = { application_id = "A-1", signed = false } },
+//!   { at = "12h", type = "loan_application.signed", data = { application_id = "A-1" } },
+//! ]
+//! expect = [
+//!   { at = "0s", step = "push", outcome = "sent" },
+//!   { at = "12h", step = "email", outcome = "converted" },
+//!   { at = "12h", step = "call", outcome = "converted" },
+//! ]
+//! ```
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::offset_text;
+use crate::audit::LogRecord;
+use crate::config::PolicyConfig;
+use crate::event::Event;
+use crate::rules::{parse_delay, RuleSet};
+use crate::sim::Simulation;
+
+/// Noon in Sydney on a Monday: clear of quiet hours unless a case moves it.
+const DEFAULT_START: &str = "2026-01-05T01:00:00Z";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    /// Journey the expectations refer to unless they name one.
+    journey: Option<String>,
+    /// Customer of events that do not name one.
+    #[serde(default = "default_customer")]
+    customer: String,
+    start: Option<DateTime<Utc>>,
+    #[serde(default, rename = "case")]
+    cases: Vec<Case>,
+}
+
+fn default_customer() -> String {
+    "c-1".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    start: Option<DateTime<Utc>>,
+    #[serde(default)]
+    events: Vec<TestEvent>,
+    #[serde(default)]
+    expect: Vec<Expect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestEvent {
+    #[serde(default = "zero")]
+    at: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    customer: Option<String>,
+    /// Defaults to a fresh id; repeat an id to test duplicate delivery.
+    id: Option<String>,
+    #[serde(default)]
+    data: toml::Table,
+}
+
+fn zero() -> String {
+    "0s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    at: String,
+    journey: Option<String>,
+    step: String,
+    outcome: String,
+    customer: Option<String>,
+    /// Text the record's reason must contain.
+    reason: Option<String>,
+    /// Template variables the sent message must carry (a subset).
+    vars: Option<toml::Table>,
+}
+
+/// Result of running every test file in a directory.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub passed: usize,
+    pub failed: usize,
+    /// One block of text per failure: file, case and diff.
+    pub failures: Vec<String>,
+}
+
+/// Runs every `*.test.toml` in `dir` against `rules`.
+pub async fn run_dir(
+    dir: &Path,
+    rules_for_case: impl Fn() -> anyhow::Result<RuleSet>,
+    policy: &PolicyConfig,
+) -> anyhow::Result<Report> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".test.toml"))
+        })
+        .collect();
+    files.sort();
+    let mut report = Report::default();
+    for file in files {
+        run_file(&file, &rules_for_case, policy, &mut report).await?;
+    }
+    Ok(report)
+}
+
+async fn run_file(
+    path: &Path,
+    rules_for_case: &impl Fn() -> anyhow::Result<RuleSet>,
+    policy: &PolicyConfig,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)?;
+    let file: TestFile = match toml::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            report.failed += 1;
+            report
+                .failures
+                .push(format!("{shown}: cannot read test file: {e}"));
+            return Ok(());
+        }
+    };
+    for case in &file.cases {
+        match run_case(&file, case, rules_for_case()?, policy).await {
+            Ok(None) => report.passed += 1,
+            Ok(Some(diff)) => {
+                report.failed += 1;
+                report
+                    .failures
+                    .push(format!("{shown}: case \"{}\" failed:\n{diff}", case.name));
+            }
+            Err(e) => {
+                report.failed += 1;
+                report
+                    .failures
+                    .push(format!("{shown}: case \"{}\": {e}", case.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one case; `Some(diff)` when it fails.
+async fn run_case(
+    file: &TestFile,
+    case: &Case,
+    rules: RuleSet,
+    policy: &PolicyConfig,
+) -> anyhow::Result<Option<String>> {
+    let start = case
+        .start
+        .or(file.start)
+        .unwrap_or_else(|| DEFAULT_START.parse().expect("valid default"));
+    let sim = Simulation::new(rules, start, policy.clone())?;
+    let mut records: Vec<LogRecord> = Vec::new();
+    let mut rule_errors = Vec::new();
+    for (i, e) in case.events.iter().enumerate() {
+        let at = start + offset(&e.at)?;
+        let json = serde_json::json!({
+            "specversion": "1.0",
+            "id": e.id.clone().unwrap_or_else(|| format!("test-{i}")),
+            "type": e.event_type,
+            "source": "nudge-test",
+            "subject": e.customer.as_deref().unwrap_or(&file.customer),
+            "time": at.to_rfc3339(),
+            "data": serde_json::to_value(&e.data)?,
+        });
+        let event = Event::parse(json.to_string().as_bytes())
+            .map_err(|err| anyhow::anyhow!("event {} ({}): {err}", i + 1, e.event_type))?;
+        let (outcome, recs) = sim.feed(event).await?;
+        rule_errors.extend(outcome.failures.into_iter().map(|f| f.reason));
+        records.extend(recs);
+    }
+    records.extend(sim.finish().await?);
+    if !rule_errors.is_empty() {
+        return Ok(Some(format!(
+            "  script errors:\n    {}",
+            rule_errors.join("\n    ")
+        )));
+    }
+
+    let default_journey = file.journey.as_deref();
+    let expected: Vec<String> = case
+        .expect
+        .iter()
+        .map(|x| -> anyhow::Result<String> {
+            let journey = x.journey.as_deref().or(default_journey).ok_or_else(|| anyhow::anyhow!("expectation for step {} names no journey (set `journey` at the top of the file)", x.step))?;
+            Ok(line(&offset_text(offset(&x.at)?), x.customer.as_deref().unwrap_or(&file.customer), journey, &x.step, &x.outcome))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let actual: Vec<String> = records
+        .iter()
+        .map(|r| {
+            line(
+                &offset_text(r.time - start),
+                &r.customer,
+                &r.journey,
+                &r.step,
+                r.outcome.as_str(),
+            )
+        })
+        .collect();
+    if expected != actual {
+        return Ok(Some(diff(&expected, &actual)));
+    }
+    // Same sequence: now the finer checks on each record.
+    let messages = sim.channel.messages();
+    let mut problems = String::new();
+    for (x, r) in case.expect.iter().zip(&records) {
+        if let Some(want) = &x.reason {
+            if !r.reason.contains(want.as_str()) {
+                let _ = writeln!(
+                    problems,
+                    "  {}: reason {:?} does not contain {want:?}",
+                    line_of(r, start),
+                    r.reason
+                );
+            }
+        }
+        if let Some(vars) = &x.vars {
+            let msg = messages
+                .iter()
+                .find(|m| m.instance == r.instance && m.step == r.step);
+            let Some(msg) = msg else {
+                let _ = writeln!(
+                    problems,
+                    "  {}: no message was sent to check vars against",
+                    line_of(r, start)
+                );
+                continue;
+            };
+            for (k, v) in vars {
+                let want = serde_json::to_value(v)?;
+                let got = msg.variables.get(k);
+                if got != Some(&want) {
+                    let _ = writeln!(
+                        problems,
+                        "  {}: vars.{k} expected {want}, got {}",
+                        line_of(r, start),
+                        got.map(|g| g.to_string()).unwrap_or("nothing".into())
+                    );
+                }
+            }
+        }
+    }
+    Ok((!problems.is_empty()).then_some(problems))
+}
+
+fn offset(text: &str) -> anyhow::Result<chrono::Duration> {
+    let d = parse_delay(text).map_err(|e| anyhow::anyhow!("at: {e}"))?;
+    Ok(chrono::Duration::from_std(d)?)
+}
+
+fn line(at: &str, customer: &str, journey: &str, step: &str, outcome: &str) -> String {
+    format!("{at:>7}  {customer:<8} {journey}.{step} {outcome}")
+}
+
+fn line_of(r: &LogRecord, start: DateTime<Utc>) -> String {
+    line(
+        &offset_text(r.time - start),
+        &r.customer,
+        &r.journey,
+        &r.step,
+        r.outcome.as_str(),
+    )
+    .trim()
+    .to_string()
+}
+
+/// A line diff (longest common subsequence): `-` expected only, `+` actual only.
+pub fn diff(expected: &[String], actual: &[String]) -> String {
+    let (n, m) = (expected.len(), actual.len());
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if expected[i] == actual[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let mut out = String::from("  --- expected\n  +++ actual\n");
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && expected[i] == actual[j] {
+            let _ = writeln!(out, "    {}", expected[i]);
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            let _ = writeln!(out, "  + {}", actual[j]);
+            j += 1;
+        } else {
+            let _ = writeln!(out, "  - {}", expected[i]);
+            i += 1;
+        }
+    }
+    out
+}

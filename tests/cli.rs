@@ -1,0 +1,294 @@
+//! The real binary: `nudge simulate` and `nudge check` as a journey designer runs them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn nudge(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run nudge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn simulate(events: &Path, format: &str) -> (i32, String, String) {
+    let rules = repo().join("rules");
+    nudge(&[
+        "simulate",
+        "--rules",
+        rules.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+        "--format",
+        format,
+    ])
+}
+
+/// Journey name → script hash, as `nudge check` reports them.
+fn shipped_hashes() -> BTreeMap<String, String> {
+    let (code, out, err) = nudge(&["check", repo().join("rules").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    out.lines()
+        .skip(1)
+        .map(|l| {
+            let name = l.split_whitespace().next().unwrap().to_string();
+            let hash = l.split_whitespace().last().unwrap().to_string();
+            (name, hash)
+        })
+        .collect()
+}
+
+const FIELDS: [&str; 10] = [
+    "time",
+    "customer",
+    "journey",
+    "instance",
+    "step",
+    "channel",
+    "template",
+    "outcome",
+    "reason",
+    "rule_hash",
+];
+
+#[test]
+fn simulate_prints_one_json_record_per_decision() {
+    let events = repo().join("examples/events.jsonl");
+    let (code, out, err) = simulate(&events, "jsonl");
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let reported: usize = err
+        .split(" log records")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("summary on stderr: {err}"));
+    assert_eq!(records.len(), reported);
+    assert!(!records.is_empty());
+    let hashes = shipped_hashes();
+    for r in &records {
+        for f in FIELDS {
+            assert!(r[f].is_string(), "{f} missing in {r}");
+        }
+        chrono::DateTime::parse_from_rfc3339(r["time"].as_str().unwrap()).unwrap();
+        assert!(r["outcome"]
+            .as_str()
+            .unwrap()
+            .parse::<nudge::audit::Outcome>()
+            .is_ok());
+        assert_eq!(
+            r["rule_hash"].as_str(),
+            hashes
+                .get(r["journey"].as_str().unwrap())
+                .map(String::as_str),
+            "{r}"
+        );
+    }
+    let journeys: std::collections::BTreeSet<_> = records
+        .iter()
+        .map(|r| r["journey"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        journeys,
+        hashes.keys().map(String::as_str).collect(),
+        "every shipped journey acts on the examples"
+    );
+}
+
+#[test]
+fn simulate_skips_a_malformed_line_with_its_position_and_prints_the_rest() {
+    let events = repo().join("examples/events.jsonl");
+    let (_, clean, _) = simulate(&events, "jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("events.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.insert(2, "{\"id\": \"broken\", this is not json".into());
+    std::fs::write(&copy, lines.join("\n")).unwrap();
+
+    let (code, out, err) = simulate(&copy, "jsonl");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{}:3: skipped:", copy.display())),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("skipped:").count(),
+        1,
+        "only the bad line: {err}"
+    );
+    assert!(!out.is_empty());
+    assert_eq!(out, clean, "the other lines simulate exactly as before");
+}
+
+#[test]
+fn simulate_table_has_a_header_and_one_row_per_record() {
+    let events = repo().join("examples/events.jsonl");
+    let (_, json, _) = simulate(&events, "jsonl");
+    let (code, table, err) = simulate(&events, "table");
+    assert_eq!(code, 0, "{err}");
+    let mut lines = table.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
+    for col in [
+        "time", "customer", "journey", "step", "channel", "outcome", "reason",
+    ] {
+        assert!(header.contains(&col), "{header:?}");
+    }
+    let rows: Vec<_> = lines.collect();
+    let records: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), records.len(), "{table}");
+    for (row, r) in rows.iter().zip(&records) {
+        let cells: Vec<_> = row.split_whitespace().collect();
+        for f in ["customer", "journey", "step", "outcome"] {
+            assert!(cells.contains(&r[f].as_str().unwrap()), "{f}: {row} vs {r}");
+        }
+    }
+}
+
+/// (file, script, the text the error must point at)
+const BROKEN: [(&str, &str, &str); 5] = [
+    (
+        "syntax.rhai",
+        r#"// a syntax error in decide
+fn journey() {
+    #{ name: "syntax", category: "service", triggers: ["a.b"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }] }
+}
+fn decide(event, customer) {
+    let = 3;
+    start()
+}
+"#,
+        "= 3",
+    ),
+    (
+        "unknown_variable.rhai",
+        r#"fn journey() {
+    #{ name: "unknown_variable", category: "service", triggers: ["a.b"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }] }
+}
+fn decide(event, customer) {
+    let d = event.data;
+    if days_left > 30 { return skip("later"); }
+    start()
+}
+"#,
+        "days_left",
+    ),
+    (
+        "fax.rhai",
+        r#"fn journey() {
+    #{ name: "bad_channel", category: "service", triggers: ["a.b"],
+       steps: [
+           #{ id: "p", channel: "push", template: "t", delay: "0s" },
+           #{ id: "f", channel: "fax", template: "t", delay: "1d" },
+       ] }
+}
+fn decide(event, customer) { start() }
+"#,
+        "\"fax\"",
+    ),
+    (
+        "tomorrow.rhai",
+        r#"fn journey() {
+    #{ name: "bad_delay", category: "service", triggers: ["a.b"],
+       steps: [
+           #{ id: "p", channel: "push", template: "t",
+              delay: "tomorrow" },
+       ] }
+}
+fn decide(event, customer) { start() }
+"#,
+        "\"tomorrow\"",
+    ),
+    (
+        "no_triggers.rhai",
+        r#"// starts on nothing
+
+fn journey() {
+    #{ name: "no_triggers", category: "service", triggers: [],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }] }
+}
+fn decide(event, customer) { start() }
+"#,
+        "fn journey",
+    ),
+];
+
+/// 1-based line and column of the first occurrence of `needle`.
+fn position(text: &str, needle: &str) -> (usize, usize) {
+    text.lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+        .unwrap_or_else(|| panic!("{needle} not in script"))
+}
+
+#[test]
+fn check_reports_file_line_and_column_of_every_broken_script() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text, _) in BROKEN {
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let (code, out, err) = nudge(&["check", dir.path().to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    for (file, text, needle) in BROKEN {
+        let (line, col) = position(text, needle);
+        let at = format!("{}:{line}:{col}: error:", dir.path().join(file).display());
+        assert!(err.contains(&at), "expected {at} in:\n{err}");
+    }
+    assert!(err.contains("5 problem(s)"), "{err}");
+    // The shipped rules are fine.
+    let (code, out, err) = nudge(&["check", repo().join("rules").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok: "), "{out}");
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("talk.rhai"),
+        r#"fn journey() { #{ name: "talk", category: "service", triggers: ["card.transaction"],
+             steps: [#{ id: "push", channel: "push", template: "t", delay: "0s" }] } }
+           fn decide(event, customer) { print("deciding " + event.id); skip("quiet") }"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["simulate", "--rules"])
+        .arg(dir.path())
+        .args(["--events", "examples/events.jsonl"])
+        .env("RUST_LOG", "nudge::script=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("deciding card-1001"),
+        "the script's print was logged: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no ANSI escapes in piped logs: {stderr:?}"
+    );
+}

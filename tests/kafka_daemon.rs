@@ -1,0 +1,596 @@
+//! `nudge run` against a real Kafka-protocol broker (tansu) and real HTTP
+//! endpoints: third-party producer, dead letters, crash and rebalance.
+
+mod daemon_harness;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use daemon_harness::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// The example events, re-timed to now (so nothing is past its lateness bound),
+/// split into starts and the exit events that must come after the pushes.
+fn examples_now() -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
+    let now = chrono::Utc::now().to_rfc3339();
+    let (mut starts, mut exits) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut e: serde_json::Value = serde_json::from_str(line).unwrap();
+        e["time"] = json!(now);
+        let t = e["type"].as_str().unwrap().to_string();
+        let line = format!("{}\t{}", e["subject"].as_str().unwrap(), e);
+        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
+            exits.push(line);
+        } else {
+            starts.push(line);
+        }
+    }
+    (starts, exits)
+}
+
+fn kcat_produce(topic: &str, lines: &[String]) {
+    let mut child = Command::new(repo().join("scripts/kafka-broker.sh"))
+        .args(["kcat", "-b", &brokers(), "-t", topic, "-P", "-K", "\t"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat");
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "kcat failed");
+}
+
+#[test]
+fn kcat_produced_examples_reach_the_endpoints_exactly() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 3);
+    let daemon = Daemon::start(&cfg, "a");
+    wait_for(LONG, "readiness", || {
+        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+
+    let (starts, exits) = examples_now();
+    kcat_produce(&cfg.topic, &starts);
+    // Loans A-1, A-2, A-3 (A-3 delivered twice), the Netflix rise and Dana's invite.
+    wait_for(LONG, "five pushes", || recv.on("/push").len() >= 5);
+    kcat_produce(&cfg.topic, &exits);
+    wait_for(LONG, "the exits to be stored", || {
+        let counts = store_counts(&cfg.store);
+        counts.get("pending") == Some(&2) && counts.get("cancelled") == Some(&4)
+    });
+
+    let pushes = recv.on("/push");
+    let mut got: Vec<(String, String)> = pushes
+        .iter()
+        .map(|r| {
+            (
+                r.body["customer"].as_str().unwrap().to_string(),
+                r.body["template"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("c-1001".into(), "loan_unsigned_push".into()),
+            ("c-1002".into(), "loan_unsigned_push".into()),
+            ("c-1002".into(), "loan_unsigned_push".into()),
+            ("c-1003".into(), "fee_increase_alert".into()),
+            ("c-1004".into(), "energy_rebate_invite".into()),
+        ],
+        "{}",
+        daemon.log_tail()
+    );
+    for r in &pushes {
+        assert_eq!(
+            r.key,
+            format!(
+                "{}:{}",
+                r.body["instance"].as_str().unwrap(),
+                r.body["step"].as_str().unwrap()
+            )
+        );
+    }
+    assert!(
+        recv.on("/email").is_empty() && recv.on("/call").is_empty(),
+        "later steps are not due yet"
+    );
+    // A-2's email and call wait; A-1 (signed) and A-3 (withdrawn) lost theirs.
+    let sent = sent_steps(&cfg.store);
+    assert_eq!(sent.len(), 5);
+    let (status, took) = daemon.terminate();
+    assert!(status.success(), "SIGTERM exits 0");
+    assert!(
+        took < Duration::from_secs(10),
+        "drained within the deadline"
+    );
+}
+
+fn store_counts(path: &std::path::Path) -> HashMap<String, i64> {
+    use nudge::store::Store;
+    store(path).step_counts().unwrap().into_iter().collect()
+}
+
+#[test]
+fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    // The shipped rules plus a journey whose script throws.
+    let rules = copy_rules_to(dir.path());
+    std::fs::write(
+        rules.join("explode.rhai"),
+        r#"fn journey() { #{ name: "explode", category: "service", triggers: ["test.explode"],
+             steps: [#{ id: "push", channel: "push", template: "t", delay: "0s" }] } }
+           fn decide(event, customer) { throw "boom: " + event.id; }"#,
+    )
+    .unwrap();
+    cfg.rules = rules;
+    create_topic(&rt, &cfg.topic, 2);
+    create_topic(&rt, &cfg.dlq, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    wait_for(LONG, "readiness", || {
+        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+
+    let malformed = ("c-1".to_string(), b"{\"id\": \"x\", oops".to_vec());
+    let not_cloudevent = (
+        "c-2".to_string(),
+        br#"{"id":"e2","type":"loan_application.completed","time":"2026-01-01T00:00:00Z"}"#
+            .to_vec(),
+    );
+    let unknown = event("e3", "card.transaction", "c-3", json!({"amount": 3}));
+    let throws = event("e4", "test.explode", "c-4", json!({}));
+    let contact = event(
+        "e5",
+        "customer.contact_updated",
+        "c-5",
+        json!({"app_installed": true}),
+    );
+    let good = event(
+        "e6",
+        "loan_application.completed",
+        "c-5",
+        json!({"application_id": "A-9", "product": "Car loan", "amount": 100, "signed": false, "resume_url": "u"}),
+    );
+    produce(
+        &rt,
+        &cfg.topic,
+        &[
+            malformed.clone(),
+            not_cloudevent.clone(),
+            unknown,
+            throws.clone(),
+            contact,
+            good,
+        ],
+    );
+
+    wait_for(LONG, "the good event's push", || {
+        recv.on("/push").len() == 1
+    });
+    let letters = read_topic(&cfg.dlq, 3);
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l.headers["nudge.reason"].as_str())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("not valid JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("not a CloudEvent: missing or empty")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("boom: e4")),
+        "{reasons:?}"
+    );
+    let by_payload: HashMap<&[u8], &Letter> =
+        letters.iter().map(|l| (l.payload.as_slice(), l)).collect();
+    for original in [&malformed, &not_cloudevent, &throws] {
+        let l = by_payload
+            .get(original.1.as_slice())
+            .expect("original bytes kept");
+        assert_eq!(l.key.as_deref(), Some(original.0.as_bytes()));
+        assert_eq!(l.headers["nudge.source.topic"], cfg.topic);
+        assert!(l.headers["nudge.source.offset"].parse::<i64>().is_ok());
+    }
+    assert_eq!(
+        by_payload[throws.1.as_slice()].headers["nudge.journey"],
+        "explode"
+    );
+
+    let (_, metrics) = daemon.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("nudge_dead_letters_total{kind=\"invalid\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_dead_letters_total{kind=\"rule\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_rule_errors_total{journey=\"explode\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_events_ignored_total 1"),
+        "unknown types are ignored and counted: {metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_steps_total{channel=\"push\",outcome=\"sent\"} 1"),
+        "{metrics}"
+    );
+    assert!(daemon.terminate().0.success());
+}
+
+struct Letter {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: HashMap<String, String>,
+}
+
+fn read_topic(topic: &str, want: usize) -> Vec<Letter> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    wait_for(LONG, "dead letters", || {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for i in 0..h.count() {
+                    let hd = h.get(i);
+                    headers.insert(
+                        hd.key.to_string(),
+                        String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string(),
+                    );
+                }
+            }
+            out.push(Letter {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+        out.len() >= want
+    });
+    out
+}
+
+/// `n` customers: each gets a contact update; every fifth completes a loan;
+/// the rest of the `total` events are card transactions no journey reads.
+fn workload(total: usize, customers: usize) -> (Vec<(String, Vec<u8>)>, usize) {
+    let mut records = Vec::with_capacity(total);
+    let mut loans = 0;
+    for c in 0..customers {
+        let cust = format!("c{c}");
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &cust,
+            json!({"app_installed": true, "email": "x@example.com"}),
+        ));
+        if c % 5 == 0 {
+            loans += 1;
+            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+                json!({"application_id": format!("A{c}"), "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+        }
+    }
+    let mut i = 0;
+    while records.len() < total {
+        let cust = format!("c{}", i % customers);
+        records.push(event(
+            &format!("card-{i}"),
+            "card.transaction",
+            &cust,
+            json!({"amount": i}),
+        ));
+        i += 1;
+    }
+    (records, loans)
+}
+
+fn assert_exactly_once(recv: &Receiver, store_path: &std::path::Path, expected: usize, logs: &str) {
+    let by_key = recv.by_key();
+    assert_eq!(
+        by_key.len(),
+        expected,
+        "distinct idempotency keys at the endpoint\n{logs}"
+    );
+    let sent = sent_steps(store_path);
+    let distinct: HashSet<_> = sent.iter().collect();
+    assert_eq!(
+        sent.len(),
+        expected,
+        "one `sent` record per step in the dispatch log"
+    );
+    assert_eq!(distinct.len(), expected, "no step logged as sent twice");
+    for (instance, step) in &sent {
+        assert!(
+            by_key.contains_key(&format!("{instance}:{step}")),
+            "logged sends reached the endpoint"
+        );
+    }
+}
+
+#[test]
+fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 6);
+    let (records, loans) = workload(20_000, 5_000);
+    produce(&rt, &cfg.topic, &records);
+
+    let mut logs = String::new();
+    for (round, kill_after) in [loans / 10, loans / 3, loans * 2 / 3]
+        .into_iter()
+        .enumerate()
+    {
+        let daemon = Daemon::start(&cfg, &format!("run{round}"));
+        wait_for(LONG, "progress before the kill", || {
+            recv.by_key().len() >= kill_after
+        });
+        logs.push_str(&daemon.log_tail());
+        daemon.kill();
+    }
+    let daemon = Daemon::start(&cfg, "final");
+    wait_for(LONG * 2, "every push and every offset", || {
+        recv.by_key().len() >= loans
+            && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
+    });
+    // Leased steps of killed runs were re-sent only if their send was not recorded.
+    wait_for(LONG, "no claimed step left", || {
+        !store_counts(&cfg.store).contains_key("claimed")
+    });
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+    assert_exactly_once(&recv, &cfg.store, loans, &logs);
+    let instances = store(&cfg.store);
+    use nudge::store::Store;
+    let pending = instances
+        .step_counts()
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| s == "pending")
+        .map(|(_, n)| n);
+    assert_eq!(
+        pending,
+        Some(2 * loans as i64),
+        "every loan's email and call are scheduled: no event lost"
+    );
+    let repeats = recv.requests().len() - loans;
+    eprintln!("{loans} pushes, {repeats} repeated deliveries (same idempotency key) after kills");
+}
+
+#[test]
+fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 6);
+    let (records, loans) = workload(10_000, 2_500);
+    let a = Daemon::start(&cfg, "a");
+    let b = Daemon::start(&cfg, "b");
+    wait_for_or(
+        LONG,
+        "both daemons to share the partitions",
+        || {
+            let pa = partitions(&a);
+            let pb = partitions(&b);
+            pa > 0 && pb > 0 && pa + pb == 6
+        },
+        || {
+            format!(
+                "a: {:?}\n{}\nb: {:?}\n{}",
+                a.get("/readyz"),
+                a.log_tail(),
+                b.get("/readyz"),
+                b.log_tail()
+            )
+        },
+    );
+    produce(&rt, &cfg.topic, &records);
+    wait_for(LONG, "halfway", || recv.by_key().len() >= loans / 2);
+    let (status, _) = a.terminate();
+    assert!(status.success());
+    wait_for(LONG, "b to own every partition", || partitions(&b) == 6);
+    wait_for(LONG * 2, "every push and offset", || {
+        recv.by_key().len() >= loans
+            && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
+    });
+    let logs = b.log_tail();
+    assert!(b.terminate().0.success());
+    assert_exactly_once(&recv, &cfg.store, loans, &logs);
+    assert_eq!(
+        recv.requests().len(),
+        loans,
+        "a graceful hand-over repeats nothing"
+    );
+}
+
+fn partitions(d: &Daemon) -> u64 {
+    d.get("/readyz")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|v| v["assigned_partitions"].as_u64())
+        .unwrap_or(0)
+}
+
+fn readyz_version(daemon: &Daemon) -> String {
+    let (_, body) = daemon.get("/readyz").unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["rules_version"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn copy_rules_to(dir: &std::path::Path) -> std::path::PathBuf {
+    let rules = dir.join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, rules.join(f.file_name().unwrap())).unwrap();
+    }
+    rules
+}
+
+/// The rules directory as Kubernetes mounts a ConfigMap: each file a symlink
+/// through `..data`, itself a symlink to a timestamped directory.
+fn configmap_layout(dir: &std::path::Path) -> std::path::PathBuf {
+    let mount = dir.join("mount");
+    std::fs::create_dir(&mount).unwrap();
+    let v1 = copy_rules_to(&mount);
+    std::fs::rename(&v1, mount.join("..2026_v1")).unwrap();
+    std::os::unix::fs::symlink("..2026_v1", mount.join("..data")).unwrap();
+    for f in std::fs::read_dir(mount.join("..2026_v1")).unwrap() {
+        let name = f.unwrap().file_name();
+        std::os::unix::fs::symlink(
+            std::path::Path::new("..data").join(&name),
+            mount.join(&name),
+        )
+        .unwrap();
+    }
+    mount
+}
+
+#[test]
+fn with_watch_on_rules_reload_on_a_configmap_swap_and_on_an_edit() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.rules = configmap_layout(dir.path());
+    cfg.watch = true;
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    wait_for(LONG, "readiness", || {
+        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let v1 = readyz_version(&daemon);
+
+    // What the kubelet does on a ConfigMap update: a new data directory, then
+    // an atomic rename of a new `..data` symlink over the old one.
+    let v2 = cfg.rules.join("..2026_v2");
+    std::fs::create_dir(&v2).unwrap();
+    for f in std::fs::read_dir(cfg.rules.join("..2026_v1")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, v2.join(f.file_name().unwrap())).unwrap();
+    }
+    let fee = v2.join("fee_increase.rhai");
+    let text = std::fs::read_to_string(&fee).unwrap();
+    std::fs::write(&fee, text.replace("priority: 50", "priority: 52")).unwrap();
+    std::os::unix::fs::symlink("..2026_v2", cfg.rules.join("..data_tmp")).unwrap();
+    std::fs::rename(cfg.rules.join("..data_tmp"), cfg.rules.join("..data")).unwrap();
+    wait_for_or(
+        LONG,
+        "the swapped rules",
+        || readyz_version(&daemon) != v1,
+        || daemon.log_tail(),
+    );
+    let v2_version = readyz_version(&daemon);
+
+    // Edited in place (a bind mount, a local directory).
+    let text = std::fs::read_to_string(&fee).unwrap();
+    std::fs::write(&fee, text.replace("priority: 52", "priority: 53")).unwrap();
+    wait_for_or(
+        LONG,
+        "the edited rules",
+        || readyz_version(&daemon) != v2_version,
+        || daemon.log_tail(),
+    );
+    assert!(daemon.terminate().0.success());
+}
+
+#[test]
+fn sighup_reloads_good_rules_and_refuses_broken_ones() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, rules.join(f.file_name().unwrap())).unwrap();
+    }
+    cfg.rules = rules.clone();
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    let version = || -> String {
+        let (_, body) = daemon.get("/readyz").unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["rules_version"].as_str().map(String::from))
+            .unwrap_or_default()
+    };
+    wait_for(LONG, "readiness", || {
+        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    let v1 = version();
+
+    let fee = rules.join("fee_increase.rhai");
+    let good = std::fs::read_to_string(&fee).unwrap();
+    std::fs::write(&fee, good.replace("let currency", "let currency = ;")).unwrap();
+    daemon.signal("HUP");
+    wait_for_or(
+        LONG,
+        "the refusal in the log",
+        || {
+            std::fs::read_to_string(&daemon.log)
+                .unwrap()
+                .contains("rules reload refused")
+        },
+        || daemon.log_tail(),
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("rules reload refused"))
+        .unwrap();
+    assert!(
+        refusal.contains("fee_increase.rhai") && refusal.contains("\"line\":"),
+        "names file and line: {refusal}"
+    );
+    assert_eq!(version(), v1, "the old rules keep running");
+
+    std::fs::write(&fee, good.replace("priority: 50", "priority: 51")).unwrap();
+    daemon.signal("HUP");
+    wait_for_or(
+        LONG,
+        "the new version",
+        || version() != v1,
+        || daemon.log_tail(),
+    );
+    let versions: i64 = rusqlite::Connection::open(&cfg.store)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM rule_versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(versions, 2, "each loaded version is recorded");
+    assert!(daemon.terminate().0.success());
+}

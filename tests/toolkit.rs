@@ -1,0 +1,314 @@
+//! The journey designer's toolkit: `nudge test`, `nudge replay`, safe reload.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use nudge::clock::{Clock, VirtualClock};
+use nudge::config::PolicyConfig;
+use nudge::event::Event;
+use nudge::journey::Pipeline;
+use nudge::rules::{load_dir, Limits, RulesHandle};
+use nudge::store::{SqliteStore, Store};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn copy_rules(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+fn nudge(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn nudge_test_passes_the_shipped_journey_tests() {
+    let (code, out, _) = nudge(&["test", repo().join("rules").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let passed: usize = out
+        .split("nudge test: ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(passed >= 12, "every shipped case ran: {out}");
+}
+
+#[test]
+fn nudge_test_fails_with_a_diff_naming_file_and_case() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_rules(dir.path());
+    // The designer believes the email goes out after two days.
+    let wrong = r#"
+journey = "unsigned_loan"
+[[case]]
+name = "email on day two"
+events = [
+  { type = "customer.contact_updated", data = { app_installed = true, email = "a@example.com" } },
+  { type = "loan_application.completed", data = { application_id = "A-1", product = "Car loan", amount = 900, signed = false, resume_url = "u" } },
+]
+expect = [
+  { at = "0s", step = "push", outcome = "sent" },
+  { at = "2d", step = "email", outcome = "sent" },
+]
+"#;
+    let file = dir.path().join("mine.test.toml");
+    std::fs::write(&file, wrong).unwrap();
+    let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAIL {}: case \"email on day two\" failed:",
+            file.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("  -      2d  c-1      unsigned_loan.email sent"),
+        "the expected line is marked missing: {out}"
+    );
+    assert!(
+        out.contains("  +      1d  c-1      unsigned_loan.email sent"),
+        "the actual line is marked extra: {out}"
+    );
+    assert!(
+        out.contains("  +      3d  c-1      unsigned_loan.call suppressed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("       0s  c-1      unsigned_loan.push sent"),
+        "common lines stay unmarked: {out}"
+    );
+    assert!(out.contains("cases passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn replay_reports_a_changed_delay_and_a_changed_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("candidate");
+    copy_rules(&candidate);
+    let loan = candidate.join("unsigned_loan.rhai");
+    let text = std::fs::read_to_string(&loan).unwrap();
+    std::fs::write(
+        &loan,
+        text.replace(
+            r#"template: "loan_unsigned_email", delay: "1d""#,
+            r#"template: "loan_unsigned_email", delay: "2d""#,
+        ),
+    )
+    .unwrap();
+    let fee = candidate.join("fee_increase.rhai");
+    let text = std::fs::read_to_string(&fee).unwrap();
+    std::fs::write(
+        &fee,
+        text.replace(
+            "if d.new_amount <= d.previous_amount {",
+            "if d.new_amount - d.previous_amount < 5 {",
+        ),
+    )
+    .unwrap();
+
+    let limits = Limits::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt
+        .block_on(nudge::toolkit::replay::replay(
+            &repo().join("examples/events.jsonl"),
+            load_dir(&repo().join("rules"), &limits).unwrap(),
+            load_dir(&candidate, &limits).unwrap(),
+            &PolicyConfig::default(),
+        ))
+        .unwrap();
+    let row = |j: &str, c: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.journey == j && r.channel == c)
+            .unwrap()
+    };
+    let fee_row = row("fee_increase", "push");
+    assert_eq!(
+        (
+            fee_row.baseline_sent,
+            fee_row.candidate_sent,
+            fee_row.customers_fewer
+        ),
+        (1, 0, 1)
+    );
+    assert!(
+        fee_row.examples[0].contains("c-1003"),
+        "{:?}",
+        fee_row.examples
+    );
+    let email = row("unsigned_loan", "email");
+    assert_eq!(
+        (email.baseline_sent, email.candidate_sent, email.retimed),
+        (2, 2, 2)
+    );
+    assert!(
+        email
+            .examples
+            .iter()
+            .all(|e| e.contains("moves from") && e.contains("c-1002")),
+        "{:?}",
+        email.examples
+    );
+    assert_eq!(
+        row("unsigned_loan", "push").retimed + row("unsigned_loan", "push").customers_more,
+        0
+    );
+    assert!(report.changed());
+
+    // The same through the command line, with --fail-on-change for CI.
+    let (code, out, _) = nudge(&[
+        "replay",
+        "--rules",
+        candidate.to_str().unwrap(),
+        "--baseline",
+        repo().join("rules").to_str().unwrap(),
+        "--events",
+        repo().join("examples/events.jsonl").to_str().unwrap(),
+        "--fail-on-change",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("fee_increase/push: c-1003 gets 0 instead of 1"),
+        "{out}"
+    );
+    let (same, out, _) = nudge(&[
+        "replay",
+        "--rules",
+        "rules",
+        "--baseline",
+        "rules",
+        "--events",
+        "examples/events.jsonl",
+        "--fail-on-change",
+    ]);
+    assert_eq!(same, 0, "{out}");
+    assert!(
+        out.contains("no customer would get a different message"),
+        "{out}"
+    );
+}
+
+fn t0() -> DateTime<Utc> {
+    "2026-01-05T01:00:00Z".parse().unwrap()
+}
+
+fn fee_event(id: &str, customer: &str) -> Arc<Event> {
+    let json = serde_json::json!({
+        "specversion": "1.0", "id": id, "type": "recurring_payment.amount_changed", "source": "t",
+        "subject": customer, "time": t0().to_rfc3339(),
+        "data": {"payment_id": id, "merchant": "Netflix", "previous_amount": 10, "new_amount": 12}
+    });
+    Arc::new(Event::parse(json.to_string().as_bytes()).unwrap())
+}
+
+#[test]
+fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_dir = dir.path().join("rules");
+    copy_rules(&rules_dir);
+    let limits = Limits::default();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("n.db")).unwrap());
+    let clock = VirtualClock::new(t0());
+    let handle = RulesHandle::new(load_dir(&rules_dir, &limits).unwrap());
+    let pipeline = Pipeline::new(
+        store.clone(),
+        handle.clone(),
+        Arc::new(clock.clone()),
+        PolicyConfig::default(),
+    );
+    let old_hash = handle
+        .current()
+        .journey("fee_increase")
+        .unwrap()
+        .hash
+        .clone();
+    let old_version = handle.current().version.clone();
+
+    // A broken edit: refused, the old set keeps deciding.
+    let fee = rules_dir.join("fee_increase.rhai");
+    let good = std::fs::read_to_string(&fee).unwrap();
+    std::fs::write(&fee, good.replace("let currency", "let currency = ;")).unwrap();
+    assert!(!nudge::daemon::reload(
+        &rules_dir,
+        &limits,
+        &handle,
+        store.as_ref(),
+        clock.now(),
+        "test"
+    ));
+    assert_eq!(handle.current().version, old_version);
+    let out = pipeline.process(&[fee_event("e1", "c1")], &[]).unwrap();
+    assert_eq!(out.started.len(), 1, "the old rules still run");
+
+    // A good edit: swapped in; new decisions carry the new file hash.
+    std::fs::write(&fee, good.replace("priority: 50", "priority: 55")).unwrap();
+    assert!(nudge::daemon::reload(
+        &rules_dir,
+        &limits,
+        &handle,
+        store.as_ref(),
+        clock.now(),
+        "test"
+    ));
+    let new_hash = handle
+        .current()
+        .journey("fee_increase")
+        .unwrap()
+        .hash
+        .clone();
+    assert_ne!(new_hash, old_hash);
+    pipeline.process(&[fee_event("e2", "c2")], &[]).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = Arc::new(nudge::dispatch::RecordingChannel::default());
+    let scheduler = nudge::scheduler::Scheduler::new(
+        store.clone(),
+        handle.clone(),
+        nudge::dispatch::Channels::all(channel),
+        Arc::new(clock.clone()),
+        nudge::policy::Policy::new(PolicyConfig::default()),
+        Default::default(),
+        Default::default(),
+    );
+    let records = rt.block_on(scheduler.run_due()).unwrap();
+    let hash_of = |c: &str| {
+        records
+            .iter()
+            .find(|r| r.customer == c)
+            .map(|r| r.rule_hash.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        hash_of("c1"),
+        old_hash,
+        "an instance keeps the version that planned it"
+    );
+    assert_eq!(hash_of("c2"), new_hash);
+}
