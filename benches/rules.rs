@@ -79,19 +79,18 @@ fn native_fee_increase(e: &Event) -> Decision {
         _ => Value::from("AUD"),
     };
     let merchant = field(d, "merchant");
+    let (previous, new) = (money(prev), money(new));
     let mut vars = Map::new();
     vars.insert(
         "message".into(),
         Value::String(format!(
-            "Your {} payment went up from ${} to ${}.",
+            "Your {} payment went up from ${previous} to ${new}.",
             merchant.as_str().unwrap_or(""),
-            money(prev),
-            money(new)
         )),
     );
     vars.insert("merchant".into(), merchant);
-    vars.insert("previous_amount".into(), Value::String(money(prev)));
-    vars.insert("new_amount".into(), Value::String(money(new)));
+    vars.insert("previous_amount".into(), Value::String(previous));
+    vars.insert("new_amount".into(), Value::String(new));
     vars.insert("currency".into(), currency);
     Decision::Start { key: None, vars }
 }
