@@ -45,10 +45,15 @@ pub struct StoreConfig {
     /// SQLite database file (WAL mode). Created if missing.
     pub path: PathBuf,
     /// Ended journeys, their steps, dispatch-log records, processed event ids
-    /// and published dead letters older than this are deleted (hourly).
+    /// and published dead letters older than this are deleted (10 min after
+    /// start, then hourly).
     /// Event-id dedup reaches back this far. "0s" keeps everything.
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
+    /// SQLite page cache, MiB. SQLite's own default (2): measured larger
+    /// caches made sending slower (BENCHMARKS.md); the OS page cache holds
+    /// the file anyway. Raise it for bulk loads.
+    pub cache_mb: u32,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +61,7 @@ impl Default for StoreConfig {
         Self {
             path: PathBuf::from("nudge.db"),
             retention: Duration::from_secs(180 * 24 * 3600),
+            cache_mb: crate::store::DEFAULT_CACHE_MB,
         }
     }
 }
@@ -364,6 +370,9 @@ impl Config {
                 }
             }
         }
+        if !(1..=65_536).contains(&self.store.cache_mb) {
+            problems.push("store.cache_mb: must be between 1 and 65536".into());
+        }
         if self.scheduler.batch_size == 0 {
             problems.push("scheduler.batch_size: must be at least 1".into());
         }
@@ -507,13 +516,14 @@ mod tests {
     #[test]
     fn bad_values_are_reported_together_with_their_keys() {
         let err = load(
-            "[policy]\ndefault_timezone = \"Mars/Olympus\"\n[channels.push]\nurl = \"ftp://x\"\n",
+            "[store]\ncache_mb = 0\n[policy]\ndefault_timezone = \"Mars/Olympus\"\n[channels.push]\nurl = \"ftp://x\"\n",
             &[],
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("policy.default_timezone"), "{err}");
         assert!(err.contains("channels.push.url"), "{err}");
+        assert!(err.contains("store.cache_mb"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub fn init_logging(format: &str, level: &str) {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Listening before anything else: a SIGTERM during start-up (rules
+    // compiling, the broker not yet reached) then stops the daemon cleanly
+    // once it is up, instead of killing it with the signal's default action.
+    let mut stop_signals = StopSignals::listen()?;
     let limits = Limits {
         max_operations: config.rules.max_operations,
     };
@@ -71,7 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = crate::admin::install_metrics()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.store.path)
+        SqliteStore::open_with_cache(&config.store.path, config.store.cache_mb)
             .with_context(|| format!("store.path: opening {}", config.store.path.display()))?,
     );
     let rules = RulesHandle::new(rule_set);
@@ -169,7 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     );
 
-    wait_for_stop_signal().await?;
+    stop_signals.wait().await;
     tracing::info!("stopping: no new records; draining in-flight work");
     let _ = stop_tx.send(true);
     let drain = async {
@@ -208,7 +212,9 @@ fn record_batch_metrics(outcome: &crate::journey::BatchOutcome) {
     }
 }
 
-/// Deletes what is older than `store.retention`, once at start and hourly.
+/// Deletes what is older than `store.retention`: ten minutes after start
+/// (on a large store the purge's walk of `instances` would otherwise slow a
+/// restart's first sends) and hourly after that.
 fn spawn_retention(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -219,7 +225,13 @@ fn spawn_retention(
         return;
     }
     tokio::spawn(async move {
+        let mut wait = Duration::from_secs(600);
         loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+            wait = Duration::from_secs(3600);
             let before = clock.now()
                 - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
             let s = store.clone();
@@ -231,23 +243,30 @@ fn spawn_retention(
                 Ok(Err(e)) => tracing::error!(error = %e, "retention purge failed"),
                 Err(e) => tracing::error!(error = %e, "retention purge panicked"),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                _ = stop.changed() => return,
-            }
         }
     });
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM"),
+            _ = self.int.recv() => tracing::info!("SIGINT"),
+        }
+    }
 }
 
 /// Reloads on SIGHUP and, when watching, on changes in the rules directory.

@@ -108,12 +108,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for j in set.journeys() {
                     println!(
-                        "  {} ({}, {} steps, triggers: {}) {}",
+                        "  {} ({}, {} steps, triggers: {}) {}{}",
                         j.name,
                         j.category,
                         j.steps.len(),
                         j.triggers.join(", "),
-                        j.hash
+                        j.hash,
+                        if j.compiled() {
+                            ""
+                        } else {
+                            " [decide runs on the interpreter]"
+                        }
                     );
                 }
                 Ok(ExitCode::SUCCESS)

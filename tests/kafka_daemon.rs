@@ -112,8 +112,7 @@ fn kcat_produced_examples_reach_the_endpoints_exactly() {
     // A-2's email and call wait; A-1 (signed) and A-3 (withdrawn) lost theirs.
     let sent = sent_steps(&cfg.store);
     assert_eq!(sent.len(), 5);
-    let (status, took) = daemon.terminate();
-    assert!(status.success(), "SIGTERM exits 0");
+    let took = daemon.terminate();
     assert!(
         took < Duration::from_secs(10),
         "drained within the deadline"
@@ -239,7 +238,12 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         metrics.contains("nudge_steps_total{channel=\"push\",outcome=\"sent\"} 1"),
         "{metrics}"
     );
-    assert!(daemon.terminate().0.success());
+    assert!(
+        metrics.contains("nudge_ingest_batch_seconds_bucket{le=\"0.001\"}")
+            && !metrics.contains("nudge_ingest_batch_seconds_count 0"),
+        "batch latency is a histogram with buckets: {metrics}"
+    );
+    daemon.terminate();
 }
 
 struct Letter {
@@ -360,6 +364,10 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
         daemon.kill();
     }
     let daemon = Daemon::start(&cfg, "final");
+    // Earlier runs may have finished the work; the last one must still come up.
+    wait_for(LONG, "the last daemon to own every partition", || {
+        partitions(&daemon) == 6
+    });
     wait_for(LONG * 2, "every push and every offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
@@ -368,8 +376,7 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
     wait_for(LONG, "no claimed step left", || {
         !store_counts(&cfg.store).contains_key("claimed")
     });
-    let (status, _) = daemon.terminate();
-    assert!(status.success());
+    daemon.terminate();
     assert_exactly_once(&recv, &cfg.store, loans, &logs);
     let instances = store(&cfg.store);
     use nudge::store::Store;
@@ -418,15 +425,14 @@ fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
     );
     produce(&rt, &cfg.topic, &records);
     wait_for(LONG, "halfway", || recv.by_key().len() >= loans / 2);
-    let (status, _) = a.terminate();
-    assert!(status.success());
+    a.terminate();
     wait_for(LONG, "b to own every partition", || partitions(&b) == 6);
     wait_for(LONG * 2, "every push and offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
     });
     let logs = b.log_tail();
-    assert!(b.terminate().0.success());
+    b.terminate();
     assert_exactly_once(&recv, &cfg.store, loans, &logs);
     assert_eq!(
         recv.requests().len(),
@@ -524,7 +530,7 @@ fn with_watch_on_rules_reload_on_a_configmap_swap_and_on_an_edit() {
         || readyz_version(&daemon) != v2_version,
         || daemon.log_tail(),
     );
-    assert!(daemon.terminate().0.success());
+    daemon.terminate();
 }
 
 #[test]
@@ -592,5 +598,5 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
         .query_row("SELECT COUNT(*) FROM rule_versions", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 2, "each loaded version is recorded");
-    assert!(daemon.terminate().0.success());
+    daemon.terminate();
 }

@@ -65,15 +65,21 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Installs the process-wide Prometheus recorder with the dispatch latency
-/// histogram buckets.
+/// Installs the process-wide Prometheus recorder with the latency
+/// histograms' buckets (without buckets they would be summaries, which
+/// cannot be aggregated across daemons).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    const BUCKETS: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("nudge_dispatch_seconds".into()),
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
+            BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("nudge_ingest_batch_seconds".into()),
+            BUCKETS,
         )?
         .install_recorder()?;
     Ok(handle)

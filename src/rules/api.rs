@@ -307,7 +307,7 @@ fn map_to_json(map: &rhai::Map) -> Result<Map<String, Value>, Box<EvalAltResult>
         .collect()
 }
 
-fn dynamic_to_json(v: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
+pub(super) fn dynamic_to_json(v: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
     if v.is_unit() {
         return Ok(Value::Null);
     }

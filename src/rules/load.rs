@@ -453,6 +453,13 @@ fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<
         shadow,
         file: path.to_path_buf(),
         hash: content_hash(text.as_bytes()),
+        compiled: match super::fast::compile(&ast) {
+            Ok(program) => Some(program),
+            Err(why) => {
+                tracing::debug!(file = %path.display(), reason = %why, "decide runs on the interpreter");
+                None
+            }
+        },
         ast,
     })
 }

@@ -6,9 +6,15 @@
 //! the cost of an event does not grow with the number of journeys.
 
 mod api;
+mod fast;
 mod load;
 
 use std::collections::HashMap;
+
+/// The trigger index is looked up several times per event: a fast hash
+/// (foldhash, as hashbrown uses) instead of SipHash; event types are not
+/// attacker-chosen keys of a long-lived table anyone can fill.
+type Index<V> = HashMap<String, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -121,6 +127,16 @@ pub struct Journey {
     /// Content hash of the script file (recorded with every decision).
     pub hash: String,
     ast: rhai::AST,
+    /// `decide` compiled, when the script stays within the fast subset.
+    compiled: Option<fast::Program>,
+}
+
+impl Journey {
+    /// Whether `decide` runs compiled (see `rules/fast.rs`); otherwise, or
+    /// when an evaluation leaves the compiled subset, on the interpreter.
+    pub fn compiled(&self) -> bool {
+        self.compiled.is_some()
+    }
 }
 
 impl fmt::Debug for Journey {
@@ -159,8 +175,8 @@ pub struct RuleError {
 pub struct RuleSet {
     journeys: Vec<Journey>,
     by_name: HashMap<String, usize>,
-    by_trigger: HashMap<String, Vec<usize>>,
-    by_exit: HashMap<String, Vec<(usize, ExitOutcome)>>,
+    by_trigger: Index<Vec<usize>>,
+    by_exit: Index<Vec<(usize, ExitOutcome)>>,
     /// Hash over every file's hash: names this version of the rule set.
     pub version: String,
     engine: rhai::Engine,
@@ -180,8 +196,8 @@ impl RuleSet {
         // Higher priority first, so arbitration and output follow priority.
         journeys.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
         let mut by_name = HashMap::new();
-        let mut by_trigger: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut by_exit: HashMap<String, Vec<(usize, ExitOutcome)>> = HashMap::new();
+        let mut by_trigger: Index<Vec<usize>> = Index::default();
+        let mut by_exit: Index<Vec<(usize, ExitOutcome)>> = Index::default();
         for (i, j) in journeys.iter().enumerate() {
             by_name.insert(j.name.clone(), i);
             for t in &j.triggers {
@@ -241,6 +257,24 @@ impl RuleSet {
     /// Runs the journey's `decide(event, customer)`. A failing or runaway
     /// script fails only this evaluation.
     pub fn decide(
+        &self,
+        journey: &Journey,
+        event: &Arc<Event>,
+        customer: &Arc<CustomerContext>,
+    ) -> Result<Decision, RuleError> {
+        if let Some(decision) = journey
+            .compiled
+            .as_ref()
+            .and_then(|p| p.decide(event, customer))
+        {
+            return Ok(decision);
+        }
+        api::decide(&self.engine, journey, event, customer)
+    }
+
+    /// `decide` on the rhai interpreter only (the reference the compiled
+    /// form is held to; benchmarks compare the two).
+    pub fn decide_interpreted(
         &self,
         journey: &Journey,
         event: &Arc<Event>,

@@ -18,7 +18,7 @@ use crate::context::CustomerContext;
 use crate::dispatch::{ChannelKind, HistoryEntry};
 use crate::rules::Category;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, DEFAULT_CACHE_MB};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -340,7 +340,7 @@ pub(crate) mod conformance {
             .to_utc()
     }
 
-    fn instance(id: &str, customer: &str, key: &str) -> NewInstance {
+    pub fn instance(id: &str, customer: &str, key: &str) -> NewInstance {
         NewInstance {
             id: id.into(),
             customer: customer.into(),
@@ -356,7 +356,7 @@ pub(crate) mod conformance {
         }
     }
 
-    fn steps() -> Vec<NewStep> {
+    pub fn steps() -> Vec<NewStep> {
         [
             ("push", ChannelKind::Push, 0),
             ("email", ChannelKind::Email, 1),

@@ -100,6 +100,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     published_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
+-- Retention purges by age: without these it scans whole tables while holding
+-- the write lock (seconds at millions of rows, stalling ingest and sending).
+CREATE INDEX IF NOT EXISTS processed_events_at ON processed_events (at);
+CREATE INDEX IF NOT EXISTS dead_letters_published ON dead_letters (published_at) WHERE published_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS rule_versions (
     version TEXT PRIMARY KEY,
     loaded_at INTEGER NOT NULL,
@@ -107,17 +111,54 @@ CREATE TABLE IF NOT EXISTS rule_versions (
 ) WITHOUT ROWID;
 "#;
 
+/// Rows deleted per purge transaction: the write lock is released between
+/// chunks, so ingest and sending wait milliseconds, not the whole purge.
+const PURGE_CHUNK: usize = 2_000;
+
+/// The last instance id of the next purge chunk (`?1` exclusive start).
+const PURGE_INSTANCES_CHUNK_END: &str =
+    "SELECT id FROM instances WHERE id > ?1 ORDER BY id LIMIT 1 OFFSET ?2";
+/// Ended, old instances with ids in (`?1`, `?2`]: their steps, then them.
+const PURGE_INSTANCES: (&str, &str) = (
+    "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE id > ?1 AND id <= ?2 AND status <> 'open' AND ended_at < ?3)",
+    "DELETE FROM instances WHERE id > ?1 AND id <= ?2 AND status <> 'open' AND ended_at < ?3",
+);
+/// The same for every id after `?1` (`?2` unused): the last, partial chunk.
+const PURGE_INSTANCES_TAIL: (&str, &str) = (
+    "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE id > ?1 AND ?2 = ?2 AND status <> 'open' AND ended_at < ?3)",
+    "DELETE FROM instances WHERE id > ?1 AND ?2 = ?2 AND status <> 'open' AND ended_at < ?3",
+);
+
+/// Purges of the append-only tables, a chunk at a time. The dispatch log is
+/// written in time order, so its oldest rows come first by `seq` (no index
+/// on `time` to maintain for every send); a chunk that reaches a row newer
+/// than the cutoff ends the purge.
+const PURGE_BY_AGE: [&str; 3] = [
+    "DELETE FROM dispatch_log WHERE seq IN (SELECT seq FROM dispatch_log ORDER BY seq LIMIT ?2) AND time < ?1",
+    "DELETE FROM processed_events WHERE id IN (SELECT id FROM processed_events WHERE at < ?1 LIMIT ?2)",
+    "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE published_at < ?1 LIMIT ?2)",
+];
+
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
+/// Page cache when none is configured (`store.cache_mb`'s default): SQLite's
+/// own. A 64 MiB cache halved the scheduler's rate (pages re-read at every
+/// transaction; see BENCHMARKS.md), so larger caches are for bulk loads.
+pub const DEFAULT_CACHE_MB: u32 = 2;
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_MB)
+    }
+
+    pub fn open_with_cache(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
         // Switching a new file to WAL does not go through the busy handler, so
         // a second process opening the same new file at once retries here.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Self::try_open(path) {
+            match Self::try_open(path, cache_mb) {
                 Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
                     if e.code == rusqlite::ErrorCode::DatabaseBusy
                         && std::time::Instant::now() < deadline =>
@@ -129,8 +170,10 @@ impl SqliteStore {
         }
     }
 
-    fn try_open(path: &Path) -> Result<Self, StoreError> {
+    fn try_open(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
+        // Negative: KiB rather than pages.
+        conn.pragma_update(None, "cache_size", -(i64::from(cache_mb) * 1024))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash; only an OS
@@ -554,22 +597,46 @@ impl Store for SqliteStore {
     }
 
     fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let cutoff = ms(before);
         let mut deleted = 0u64;
-        deleted += tx.execute(
-            "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE status <> 'open' AND ended_at < ?1)",
-            [cutoff],
-        )? as u64;
-        deleted += tx.execute(
-            "DELETE FROM instances WHERE status <> 'open' AND ended_at < ?1",
-            [cutoff],
-        )? as u64;
-        deleted += tx.execute("DELETE FROM dispatch_log WHERE time < ?1", [cutoff])? as u64;
-        deleted += tx.execute("DELETE FROM processed_events WHERE at < ?1", [cutoff])? as u64;
-        deleted += tx.execute("DELETE FROM dead_letters WHERE published_at < ?1", [cutoff])? as u64;
-        tx.commit()?;
+        // Ended instances with their steps: the table is walked in key order a
+        // chunk at a time, so the lock is held for milliseconds. (An index on
+        // `ended_at` would avoid the walk but cost every finished journey an
+        // index write: 15 % of the sending rate, measured.)
+        let mut after = String::new();
+        loop {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let upto: Option<String> = tx
+                .query_row(
+                    PURGE_INSTANCES_CHUNK_END,
+                    params![after, PURGE_CHUNK - 1],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            // No `upto`: fewer than a chunk of instances are left after `after`.
+            let (steps, instances) = match &upto {
+                Some(_) => PURGE_INSTANCES,
+                None => PURGE_INSTANCES_TAIL,
+            };
+            let bound = upto.clone().unwrap_or_default();
+            deleted += tx.execute(steps, params![after, bound, cutoff])? as u64;
+            deleted += tx.execute(instances, params![after, bound, cutoff])? as u64;
+            tx.commit()?;
+            match upto {
+                Some(id) => after = id,
+                None => break,
+            }
+        }
+        for sql in PURGE_BY_AGE {
+            loop {
+                let n = self.conn().execute(sql, params![cutoff, PURGE_CHUNK])?;
+                deleted += n as u64;
+                if n < PURGE_CHUNK {
+                    break;
+                }
+            }
+        }
         Ok(deleted)
     }
 
@@ -801,4 +868,108 @@ mod tests {
     }
 
     crate::store_conformance!(temp_store());
+
+    /// Every purge statement finds its rows through an index: a full scan
+    /// would hold the write lock for seconds on a large store.
+    #[test]
+    fn purge_statements_use_indexes() {
+        let store = temp_store();
+        let conn = store.conn();
+        let mut statements: Vec<&str> = PURGE_BY_AGE.to_vec();
+        statements.extend([
+            PURGE_INSTANCES_CHUNK_END,
+            PURGE_INSTANCES.0,
+            PURGE_INSTANCES.1,
+            PURGE_INSTANCES_TAIL.0,
+            PURGE_INSTANCES_TAIL.1,
+        ]);
+        for sql in statements {
+            // The dispatch log's chunk is its first rows in rowid order: a
+            // scan that stops at the LIMIT.
+            let bounded = sql.contains("ORDER BY seq LIMIT");
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args: Vec<i64> = (0..stmt.parameter_count() as i64).collect();
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let scans = plan.iter().filter(|step| step.starts_with("SCAN ")).count();
+            assert!(scans <= bounded as usize, "{sql}: {plan:?}");
+        }
+    }
+
+    /// More than one chunk of old rows: all of them go, the recent ones stay.
+    #[test]
+    fn purge_deletes_in_chunks_until_nothing_old_is_left() {
+        let store = temp_store();
+        let old = Utc.timestamp_millis_opt(1_000_000).unwrap();
+        let recent = Utc.timestamp_millis_opt(9_000_000).unwrap();
+        let n = PURGE_CHUNK * 2 + 7;
+        let mut tx = store.begin().unwrap();
+        for i in 0..n {
+            tx.mark_processed(&format!("old-{i}"), old).unwrap();
+        }
+        tx.mark_processed("recent", recent).unwrap();
+        let record = |i: usize, time| LogRecord {
+            seq: 0,
+            time,
+            customer: format!("c-{i}"),
+            journey: "j".into(),
+            instance: format!("i-{i}"),
+            step: "push".into(),
+            channel: "push".into(),
+            template: "t".into(),
+            outcome: Outcome::Sent,
+            reason: String::new(),
+            rule_hash: "h".into(),
+            attempt: 1,
+            latency_ms: None,
+            event_id: None,
+        };
+        for i in 0..n {
+            tx.append_log(&record(i, old)).unwrap();
+        }
+        tx.append_log(&record(n, recent)).unwrap();
+        // Instances over several chunks: every third ended long ago, every
+        // third ended recently, the rest open.
+        use crate::store::conformance::{instance, steps};
+        for i in 0..n {
+            let id = format!("inst-{i:05}");
+            tx.start_instance(&instance(&id, &format!("c-{i}"), "k"), &steps())
+                .unwrap();
+            match i % 3 {
+                0 => tx.close_instance(&id, "converted", old).unwrap(),
+                1 => tx.close_instance(&id, "converted", recent).unwrap(),
+                _ => Vec::new(),
+            };
+        }
+        tx.commit().unwrap();
+        let cutoff = Utc.timestamp_millis_opt(5_000_000).unwrap();
+        let old_instances = n.div_ceil(3);
+        // Rows: processed ids, log records, old instances and their steps.
+        let per_instance = 1 + steps().len();
+        assert_eq!(
+            store.purge(cutoff).unwrap(),
+            (2 * n + old_instances * per_instance) as u64
+        );
+        let left = store.log_after(0, 10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].time, recent);
+        let conn = store.conn();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count("SELECT COUNT(*) FROM instances") as usize,
+            n - old_instances
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM instances WHERE ended_at < 5000000"),
+            0
+        );
+        drop(conn);
+        let mut tx = store.begin().unwrap();
+        assert!(!tx.seen("old-0").unwrap());
+        assert!(!tx.seen(&format!("old-{}", n - 1)).unwrap());
+        assert!(tx.seen("recent").unwrap());
+    }
 }

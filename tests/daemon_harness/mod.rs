@@ -296,12 +296,19 @@ impl Daemon {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then the exit status and how long the drain took.
-    pub fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
+    /// SIGTERM; panics with the log's tail unless the daemon exits 0.
+    /// Returns how long the drain took.
+    pub fn terminate(mut self) -> Duration {
         let started = Instant::now();
         unsafe_kill(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
-        (status, started.elapsed())
+        let took = started.elapsed();
+        assert!(
+            status.success(),
+            "SIGTERM: daemon exited with {status} after {took:?}; log tail:\n{}",
+            self.log_tail()
+        );
+        took
     }
 
     pub fn signal(&self, sig: &str) {
