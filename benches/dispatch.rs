@@ -181,9 +181,10 @@ fn store_only(store: &SqliteStore, n: u64) {
                 ),
                 again_at: None,
                 replan: false,
+                claimed_row: Some(s.row),
             })
             .collect();
-        for chunk in results.chunks(128) {
+        for chunk in results.chunks(arg("finish-group", 128)) {
             store.finish_steps(chunk).unwrap();
         }
         finish += t.elapsed();

@@ -190,6 +190,7 @@ mod tests {
 
     fn step(channel: ChannelKind, category: Category, planned: DateTime<Utc>) -> DueStep {
         DueStep {
+            row: 0,
             instance_id: "i".into(),
             step: "s".into(),
             channel,

@@ -325,6 +325,7 @@ impl Scheduler {
                 record,
                 again_at: None,
                 replan: false,
+                claimed_row: Some(step.row),
             }));
         }
         let lateness = self
@@ -444,6 +445,7 @@ impl Scheduler {
             record,
             again_at,
             replan,
+            claimed_row: Some(step.row),
         }))
     }
 

@@ -100,6 +100,9 @@ pub struct ClosedStep {
 /// A step claimed for sending, with what the scheduler needs to decide and send.
 #[derive(Debug, Clone)]
 pub struct DueStep {
+    /// The store's handle on the claimed step (SQLite: its rowid), handed
+    /// back in [`StepResult::claimed_row`] so that settling it needs no key lookup.
+    pub row: i64,
     pub instance_id: String,
     pub step: String,
     pub channel: ChannelKind,
@@ -143,6 +146,8 @@ pub struct StepResult {
     pub again_at: Option<DateTime<Utc>>,
     /// For deferrals: lateness is measured from the new time.
     pub replan: bool,
+    /// [`DueStep::row`] of the step settled, when known.
+    pub claimed_row: Option<i64>,
 }
 
 pub trait Store: Send + Sync {
@@ -456,6 +461,7 @@ pub(crate) mod conformance {
                 record: rec,
                 again_at: None,
                 replan: false,
+                claimed_row: Some(again[0].row),
             })
             .unwrap();
         assert!(written.seq > 0);
@@ -528,6 +534,7 @@ pub(crate) mod conformance {
                 record: rec,
                 again_at: None,
                 replan: false,
+                claimed_row: Some(claimed[0].row),
             })
             .unwrap();
         let mut tx = store.begin().unwrap();
@@ -685,6 +692,8 @@ pub(crate) mod conformance {
                 record: rec,
                 again_at: Some(retry_at),
                 replan: false,
+                // By key: a result need not carry the claim's row.
+                claimed_row: None,
             })
             .unwrap();
         assert_eq!(claimed.len(), 1);

@@ -296,6 +296,16 @@ fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
     Ok(conn.last_insert_rowid())
 }
 
+/// The WHERE clause that finds a claimed step (`?1` instance, `?2` step) by
+/// its rowid (`?4`) when the claim handed it over, saving a key lookup
+/// per settled step, and by its key otherwise.
+macro_rules! step_by_row {
+    () => {
+        " WHERE rowid = coalesce(?4, (SELECT rowid FROM steps WHERE instance_id = ?1 AND step = ?2))
+           AND instance_id = ?1 AND step = ?2"
+    };
+}
+
 impl Store for SqliteStore {
     fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
         let conn = self.conn();
@@ -318,7 +328,7 @@ impl Store for SqliteStore {
         .execute(params![channel.as_str(), ms(now)])?;
         // The claimed steps' own columns come back from the UPDATE; the
         // instance's from one primary-key lookup each.
-        type Claimed = (String, String, String, Option<String>, i64, i64, u32);
+        type Claimed = (i64, String, String, String, Option<String>, i64, i64, u32);
         let claimed: Vec<Claimed> = tx
             .prepare_cached(
                 "UPDATE steps SET status = 'claimed', lease_until = ?1, attempt = attempt + 1
@@ -326,7 +336,7 @@ impl Store for SqliteStore {
                      SELECT rowid FROM steps
                      WHERE status = 'pending' AND channel = ?2 AND due_at <= ?3
                      ORDER BY due_at LIMIT ?4)
-                 RETURNING instance_id, step, template, condition, planned_at, due_at, attempt",
+                 RETURNING rowid, instance_id, step, template, condition, planned_at, due_at, attempt",
             )?
             .query_map(
                 params![ms(lease_until), channel.as_str(), ms(now), limit as i64],
@@ -339,6 +349,7 @@ impl Store for SqliteStore {
                         r.get(4)?,
                         r.get(5)?,
                         r.get(6)?,
+                        r.get(7)?,
                     ))
                 },
             )?
@@ -349,8 +360,10 @@ impl Store for SqliteStore {
                 "SELECT customer, journey, mode, category, rule_hash, vars, status
                  FROM instances WHERE id = ?1",
             )?;
-            for (instance_id, step, template, condition, planned_at, due_at, attempt) in claimed {
-                let row = stmt.query_row([&instance_id], |r| {
+            for (row, instance_id, step, template, condition, planned_at, due_at, attempt) in
+                claimed
+            {
+                let instance = stmt.query_row([&instance_id], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, String>(1)?,
@@ -362,6 +375,7 @@ impl Store for SqliteStore {
                     ))
                 })?;
                 due.push(DueStep {
+                    row,
                     instance_id,
                     step,
                     channel,
@@ -370,13 +384,13 @@ impl Store for SqliteStore {
                     planned_at: from_ms(planned_at),
                     due_at: from_ms(due_at),
                     attempt,
-                    customer: row.0,
-                    journey: row.1,
-                    mode: Mode::parse(&row.2)?,
-                    category: row.3.parse().map_err(StoreError::Corrupt)?,
-                    rule_hash: row.4,
-                    vars: parse_json_map(&row.5)?,
-                    instance_status: row.6,
+                    customer: instance.0,
+                    journey: instance.1,
+                    mode: Mode::parse(&instance.2)?,
+                    category: instance.3.parse().map_err(StoreError::Corrupt)?,
+                    rule_hash: instance.4,
+                    vars: parse_json_map(&instance.5)?,
+                    instance_status: instance.6,
                 });
             }
         }
@@ -395,21 +409,34 @@ impl Store for SqliteStore {
         let mut out = Vec::with_capacity(results.len());
         for result in results {
             let r = &result.record;
+            let row = result.claimed_row;
             match result.again_at {
                 Some(at) => {
                     let sql = if result.replan {
-                        "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3 WHERE instance_id = ?1 AND step = ?2"
+                        concat!(
+                            "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3",
+                            step_by_row!()
+                        )
                     } else {
-                        "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3 WHERE instance_id = ?1 AND step = ?2"
+                        concat!(
+                            "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3",
+                            step_by_row!()
+                        )
                     };
                     tx.prepare_cached(sql)?
-                        .execute(params![r.instance, r.step, ms(at)])?;
+                        .execute(params![r.instance, r.step, ms(at), row])?;
                 }
                 None => {
-                    tx.prepare_cached(
-                        "UPDATE steps SET status = ?3, lease_until = NULL WHERE instance_id = ?1 AND step = ?2",
-                    )?
-                    .execute(params![r.instance, r.step, r.outcome.as_str()])?;
+                    tx.prepare_cached(concat!(
+                        "UPDATE steps SET status = ?3, lease_until = NULL",
+                        step_by_row!()
+                    ))?
+                    .execute(params![
+                        r.instance,
+                        r.step,
+                        r.outcome.as_str(),
+                        row
+                    ])?;
                     // The last step settled: the journey is complete.
                     tx.prepare_cached(
                         "UPDATE instances SET status = 'completed', ended_at = ?2
