@@ -6,6 +6,7 @@
 //! with the same concurrency (run before and after nudge; the mean is the limit).
 //!
 //!   cargo bench --bench dispatch [-- --steps 1000000 --plain 250000]
+//!   cargo bench --bench dispatch -- --store-only 1 [--finish-group 128]   (the store alone)
 
 mod common;
 
