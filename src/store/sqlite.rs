@@ -111,6 +111,36 @@ CREATE TABLE IF NOT EXISTS rule_versions (
 ) WITHOUT ROWID;
 "#;
 
+// Statements of the dispatch path. A batch's keys are bound as one
+// `rarray(?)` parameter: each key still costs an index seek, but the batch
+// costs one statement rather than one per step (measured: 15 k instructions
+// a step less).
+
+/// The instances of claimed steps (`?1`: their ids), one row per id in order
+/// (LEFT JOIN: a missing instance shows as NULL instead of shifting the rows).
+const CLAIMED_INSTANCES: &str =
+    "SELECT i.customer, i.journey, i.mode, i.category, i.rule_hash, i.vars, i.status
+     FROM rarray(?1) AS a LEFT JOIN instances AS i ON i.id = a.value";
+
+/// Customers' stored contexts (`?1`: ids), one row per id in order, NULL when none.
+const CUSTOMER_CONTEXTS: &str =
+    "SELECT c.context FROM rarray(?1) AS a LEFT JOIN customers AS c ON c.id = a.value";
+
+/// Sends to the customers `?1` since `?2`.
+const RECENT_SENDS: &str =
+    "SELECT a.value, d.time FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
+     ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2";
+
+/// Sent steps of the instances `?1`.
+const HISTORIES: &str = "SELECT a.value, d.seq, d.step, d.channel, d.template, d.time
+     FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
+     ON d.instance = a.value AND d.outcome = 'sent'";
+
+/// Completes the instance `?1` at `?2` when the step just settled was its last.
+const COMPLETE_INSTANCE: &str = "UPDATE instances SET status = 'completed', ended_at = ?2
+     WHERE id = ?1 AND status = 'open'
+       AND NOT EXISTS (SELECT 1 FROM steps WHERE instance_id = ?1 AND status IN ('pending', 'claimed'))";
+
 /// Rows deleted per purge transaction: the write lock is released between
 /// chunks, so ingest and sending wait milliseconds, not the whole purge.
 const PURGE_CHUNK: usize = 2_000;
@@ -180,6 +210,8 @@ impl SqliteStore {
         // crash or power loss may lose the last transactions.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        // For `rarray(?)` in the batch statements.
+        rusqlite::vtab::array::load_module(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Self {
             conn: Mutex::new(conn),
@@ -230,20 +262,7 @@ fn load_customer_parts(
     };
     customer.id = id.to_string();
     if journeys {
-        let mut stmt = conn.prepare_cached(
-            "SELECT journey, key, status, started_at, ended_at FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
-        )?;
-        customer.journeys = stmt
-            .query_map([id], |r| {
-                Ok(JourneySummary {
-                    journey: r.get(0)?,
-                    key: r.get(1)?,
-                    status: r.get(2)?,
-                    started_at: from_ms(r.get(3)?),
-                    ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        customer.journeys = load_journeys(conn, id)?;
     }
     if let Some(window_start) = sends_since {
         let mut stmt = conn.prepare_cached(
@@ -254,6 +273,50 @@ fn load_customer_parts(
             .collect::<Result<_, _>>()?;
     }
     Ok(customer)
+}
+
+/// The customer's latest journeys, newest first.
+fn load_journeys(conn: &Connection, id: &str) -> Result<Vec<JourneySummary>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT journey, key, status, started_at, ended_at FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
+    )?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(JourneySummary {
+                journey: r.get(0)?,
+                key: r.get(1)?,
+                status: r.get(2)?,
+                started_at: from_ms(r.get(3)?),
+                ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// A text column read in place (no copy).
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
+    r.get_ref(i)?
+        .as_str()
+        .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
+}
+
+/// Keys bound as one `rarray(?)` parameter.
+fn text_array<'a>(keys: impl Iterator<Item = &'a str>) -> rusqlite::vtab::array::Array {
+    std::rc::Rc::new(
+        keys.map(|k| rusqlite::types::Value::Text(k.to_owned()))
+            .collect(),
+    )
+}
+
+/// Where each distinct key occurs in `keys` (a key may be asked for twice).
+fn positions(keys: &[String]) -> std::collections::HashMap<&str, Vec<usize>> {
+    let mut at: std::collections::HashMap<&str, Vec<usize>> =
+        std::collections::HashMap::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        at.entry(k.as_str()).or_default().push(i);
+    }
+    at
 }
 
 fn load_history(conn: &Connection, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -273,12 +336,17 @@ fn load_history(conn: &Connection, instance_id: &str) -> Result<Vec<HistoryEntry
     Ok(rows)
 }
 
+const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
 fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )?
-    .execute(params![
+    insert_log_with(&mut *conn.prepare_cached(INSERT_LOG)?, r)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Executes the prepared [`INSERT_LOG`]; the caller reads the new seq.
+fn insert_log_with(stmt: &mut rusqlite::Statement<'_>, r: &LogRecord) -> Result<(), StoreError> {
+    stmt.execute(params![
         ms(r.time),
         r.customer,
         r.journey,
@@ -293,7 +361,7 @@ fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
         r.latency_ms.map(|l| l as i64),
         r.event_id,
     ])?;
-    Ok(conn.last_insert_rowid())
+    Ok(())
 }
 
 /// The WHERE clause that finds a claimed step (`?1` instance, `?2` step) by
@@ -355,42 +423,38 @@ impl Store for SqliteStore {
             )?
             .collect::<Result<_, _>>()?;
         let mut due = Vec::with_capacity(claimed.len());
-        {
-            let mut stmt = tx.prepare_cached(
-                "SELECT customer, journey, mode, category, rule_hash, vars, status
-                 FROM instances WHERE id = ?1",
-            )?;
+        if !claimed.is_empty() {
+            let ids = text_array(claimed.iter().map(|c| c.1.as_str()));
+            let mut stmt = tx.prepare_cached(CLAIMED_INSTANCES)?;
+            let mut rows = stmt.query([ids])?;
             for (row, instance_id, step, template, condition, planned_at, due_at, attempt) in
                 claimed
             {
-                let instance = stmt.query_row([&instance_id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, String>(6)?,
-                    ))
+                let r = rows.next()?.ok_or_else(|| {
+                    StoreError::Corrupt("claimed steps outnumber their instances".into())
                 })?;
+                let Some(customer) = r.get::<_, Option<String>>(0)? else {
+                    return Err(StoreError::Corrupt(format!(
+                        "step {instance_id}/{step} has no instance"
+                    )));
+                };
                 due.push(DueStep {
                     row,
-                    instance_id,
-                    step,
                     channel,
                     template,
                     condition,
                     planned_at: from_ms(planned_at),
                     due_at: from_ms(due_at),
                     attempt,
-                    customer: instance.0,
-                    journey: instance.1,
-                    mode: Mode::parse(&instance.2)?,
-                    category: instance.3.parse().map_err(StoreError::Corrupt)?,
-                    rule_hash: instance.4,
-                    vars: parse_json_map(&instance.5)?,
-                    instance_status: instance.6,
+                    customer,
+                    journey: r.get(1)?,
+                    mode: Mode::parse(text(r, 2)?)?,
+                    category: text(r, 3)?.parse().map_err(StoreError::Corrupt)?,
+                    rule_hash: r.get(4)?,
+                    vars: parse_json_map(text(r, 5)?)?,
+                    instance_status: r.get(6)?,
+                    instance_id,
+                    step,
                 });
             }
         }
@@ -407,49 +471,47 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(results.len());
-        for result in results {
-            let r = &result.record;
-            let row = result.claimed_row;
-            match result.again_at {
-                Some(at) => {
-                    let sql = if result.replan {
-                        concat!(
-                            "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3",
-                            step_by_row!()
-                        )
-                    } else {
-                        concat!(
-                            "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3",
-                            step_by_row!()
-                        )
-                    };
-                    tx.prepare_cached(sql)?
-                        .execute(params![r.instance, r.step, ms(at), row])?;
+        {
+            let mut settle = tx.prepare_cached(concat!(
+                "UPDATE steps SET status = ?3, lease_until = NULL",
+                step_by_row!()
+            ))?;
+            let mut complete = tx.prepare_cached(COMPLETE_INSTANCE)?;
+            let mut log = tx.prepare_cached(INSERT_LOG)?;
+            for result in results {
+                let r = &result.record;
+                let row = result.claimed_row;
+                match result.again_at {
+                    Some(at) => {
+                        let sql = if result.replan {
+                            concat!(
+                                "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3",
+                                step_by_row!()
+                            )
+                        } else {
+                            concat!(
+                                "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3",
+                                step_by_row!()
+                            )
+                        };
+                        tx.prepare_cached(sql)?.execute(params![
+                            r.instance,
+                            r.step,
+                            ms(at),
+                            row
+                        ])?;
+                    }
+                    None => {
+                        settle.execute(params![r.instance, r.step, r.outcome.as_str(), row])?;
+                        // The last step settled: the journey is complete.
+                        complete.execute(params![r.instance, ms(r.time)])?;
+                    }
                 }
-                None => {
-                    tx.prepare_cached(concat!(
-                        "UPDATE steps SET status = ?3, lease_until = NULL",
-                        step_by_row!()
-                    ))?
-                    .execute(params![
-                        r.instance,
-                        r.step,
-                        r.outcome.as_str(),
-                        row
-                    ])?;
-                    // The last step settled: the journey is complete.
-                    tx.prepare_cached(
-                        "UPDATE instances SET status = 'completed', ended_at = ?2
-                         WHERE id = ?1 AND status = 'open'
-                           AND NOT EXISTS (SELECT 1 FROM steps WHERE instance_id = ?1 AND status IN ('pending', 'claimed'))",
-                    )?
-                    .execute(params![r.instance, ms(r.time)])?;
-                }
+                insert_log_with(&mut log, r)?;
+                let mut written = r.clone();
+                written.seq = tx.last_insert_rowid();
+                out.push(written);
             }
-            let seq = insert_log(&tx, r)?;
-            let mut written = r.clone();
-            written.seq = seq;
-            out.push(written);
         }
         tx.commit()?;
         Ok(out)
@@ -496,17 +558,74 @@ impl Store for SqliteStore {
         journeys: bool,
     ) -> Result<Vec<CustomerContext>, StoreError> {
         let conn = self.conn();
-        ids.iter()
-            .map(|id| load_customer_parts(&conn, id, sends_since, journeys))
-            .collect()
+        let keys = text_array(ids.iter().map(String::as_str));
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let mut stmt = conn.prepare_cached(CUSTOMER_CONTEXTS)?;
+            let mut rows = stmt.query([keys.clone()])?;
+            for id in ids {
+                let r = rows
+                    .next()?
+                    .ok_or_else(|| StoreError::Corrupt("customer rows missing".into()))?;
+                let mut customer = match r
+                    .get_ref(0)?
+                    .as_str_or_null()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                {
+                    Some(text) => serde_json::from_str(text)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    None => CustomerContext::new(id),
+                };
+                customer.id.clone_from(id);
+                out.push(customer);
+            }
+        }
+        if journeys {
+            for customer in &mut out {
+                customer.journeys = load_journeys(&conn, &customer.id)?;
+            }
+        }
+        if let Some(window_start) = sends_since {
+            let position = positions(ids);
+            let mut stmt = conn.prepare_cached(RECENT_SENDS)?;
+            let mut rows = stmt.query(params![keys, ms(window_start)])?;
+            while let Some(r) = rows.next()? {
+                for &i in &position[text(r, 0)?] {
+                    out[i].recent_sends.push(from_ms(r.get(1)?));
+                }
+            }
+            for customer in &mut out {
+                customer.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
+            }
+        }
+        Ok(out)
     }
 
     fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
         let conn = self.conn();
-        instance_ids
-            .iter()
-            .map(|id| load_history(&conn, id))
-            .collect()
+        let position = positions(instance_ids);
+        let mut out: Vec<Vec<(i64, HistoryEntry)>> = vec![Vec::new(); instance_ids.len()];
+        let mut stmt = conn.prepare_cached(HISTORIES)?;
+        let mut rows = stmt.query([text_array(position.keys().copied())])?;
+        while let Some(r) = rows.next()? {
+            let entry = HistoryEntry {
+                step: r.get(2)?,
+                channel: r.get(3)?,
+                template: r.get(4)?,
+                sent_at: from_ms(r.get(5)?).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            };
+            let seq: i64 = r.get(1)?;
+            for &i in &position[text(r, 0)?] {
+                out[i].push((seq, entry.clone()));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|mut entries| {
+                entries.sort_unstable_by_key(|(seq, _)| *seq);
+                entries.into_iter().map(|(_, e)| e).collect()
+            })
+            .collect())
     }
 
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
@@ -927,6 +1046,42 @@ mod tests {
     }
 
     /// More than one chunk of old rows: all of them go, the recent ones stay.
+    #[test]
+    fn batch_statements_seek_each_key() {
+        let store = temp_store();
+        let conn = store.conn();
+        for sql in [
+            CLAIMED_INSTANCES,
+            CUSTOMER_CONTEXTS,
+            RECENT_SENDS,
+            HISTORIES,
+            COMPLETE_INSTANCE,
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args: Vec<rusqlite::types::Value> = (0..stmt.parameter_count())
+                .map(|i| match i {
+                    0 if sql.contains("rarray") => rusqlite::types::Value::Null,
+                    _ => rusqlite::types::Value::Integer(0),
+                })
+                .collect();
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            // Only the bound keys are walked; every table is searched by key.
+            let scans: Vec<&String> = plan
+                .iter()
+                .filter(|step| step.starts_with("SCAN ") && !step.contains("VIRTUAL TABLE"))
+                .collect();
+            assert!(scans.is_empty(), "{sql}: {plan:?}");
+            assert!(
+                plan.iter().any(|step| step.starts_with("SEARCH ")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
+
     #[test]
     fn purge_deletes_in_chunks_until_nothing_old_is_left() {
         let store = temp_store();
