@@ -288,7 +288,7 @@ impl Scheduler {
     /// unsent (`None`) instead of holding up the drain.
     async fn handle(
         &self,
-        step: DueStep,
+        mut step: DueStep,
         context: &BatchContext,
         stop: Option<&watch::Receiver<bool>>,
     ) -> Result<Option<StepResult>, StoreError> {
@@ -372,7 +372,9 @@ impl Scheduler {
                     .get(&step.instance_id)
                     .cloned()
                     .unwrap_or_default();
-                let result = self.send(&step, address, history).await;
+                // The variables go into the message: nothing reads them later.
+                let variables = std::mem::take(&mut step.vars);
+                let result = self.send(&step, variables, address, history).await;
                 metrics::histogram!("nudge_dispatch_seconds", "channel" => step.channel.as_str())
                     .record(started.elapsed().as_secs_f64());
                 let done = self.clock.now();
@@ -474,6 +476,7 @@ impl Scheduler {
     async fn send(
         &self,
         step: &DueStep,
+        variables: serde_json::Map<String, serde_json::Value>,
         address: Option<String>,
         history: Vec<HistoryEntry>,
     ) -> Result<(), DispatchError> {
@@ -489,7 +492,7 @@ impl Scheduler {
             step: step.step.clone(),
             channel: step.channel,
             template: step.template.clone(),
-            variables: step.vars.clone(),
+            variables,
             address,
             history,
             attempt: step.attempt,

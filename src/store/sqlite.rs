@@ -171,6 +171,11 @@ const PURGE_BY_AGE: [&str; 3] = [
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// A second connection for the dispatch path's batch reads, so that they
+    /// run beside the writer's transactions (WAL: readers never wait for
+    /// it) instead of queueing behind them on one thread: the store's
+    /// single thread of writes is the critical path of sending.
+    reader: Mutex<Connection>,
 }
 
 /// Page cache when none is configured (`store.cache_mb`'s default): SQLite's
@@ -201,25 +206,38 @@ impl SqliteStore {
     }
 
     fn try_open(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        // Negative: KiB rather than pages.
-        conn.pragma_update(None, "cache_size", -(i64::from(cache_mb) * 1024))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = Self::connect(path, cache_mb)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash; only an OS
         // crash or power loss may lose the last transactions.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        let reader = Self::connect(path, cache_mb)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn connect(path: &Path, cache_mb: u32) -> Result<Connection, StoreError> {
+        let conn = Connection::open(path)?;
+        // Negative: KiB rather than pages.
+        conn.pragma_update(None, "cache_size", -(i64::from(cache_mb) * 1024))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // For `rarray(?)` in the batch statements.
         rusqlite::vtab::array::load_module(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(conn)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For reads that need not be in a write transaction; they see every
+    /// transaction committed before they start.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -394,8 +412,8 @@ impl Store for SqliteStore {
             "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed' AND channel = ?1 AND lease_until < ?2",
         )?
         .execute(params![channel.as_str(), ms(now)])?;
-        // The claimed steps' own columns come back from the UPDATE; the
-        // instance's from one primary-key lookup each.
+        // The claimed steps' own columns come back from the UPDATE; their
+        // instances' from one batch read.
         type Claimed = (i64, String, String, String, Option<String>, i64, i64, u32);
         let claimed: Vec<Claimed> = tx
             .prepare_cached(
@@ -422,10 +440,15 @@ impl Store for SqliteStore {
                 },
             )?
             .collect::<Result<_, _>>()?;
+        tx.commit()?;
+        drop(conn);
+        // The instances are read beside the writer (the claim is committed:
+        // no other worker takes these steps meanwhile).
         let mut due = Vec::with_capacity(claimed.len());
         if !claimed.is_empty() {
+            let reader = self.reader();
             let ids = text_array(claimed.iter().map(|c| c.1.as_str()));
-            let mut stmt = tx.prepare_cached(CLAIMED_INSTANCES)?;
+            let mut stmt = reader.prepare_cached(CLAIMED_INSTANCES)?;
             let mut rows = stmt.query([ids])?;
             for (row, instance_id, step, template, condition, planned_at, due_at, attempt) in
                 claimed
@@ -458,7 +481,6 @@ impl Store for SqliteStore {
                 });
             }
         }
-        tx.commit()?;
         Ok(due)
     }
 
@@ -544,11 +566,11 @@ impl Store for SqliteStore {
         id: &str,
         window_start: DateTime<Utc>,
     ) -> Result<CustomerContext, StoreError> {
-        load_customer(&self.conn(), id, window_start)
+        load_customer(&self.reader(), id, window_start)
     }
 
     fn history(&self, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        load_history(&self.conn(), instance_id)
+        load_history(&self.reader(), instance_id)
     }
 
     fn customers(
@@ -557,7 +579,7 @@ impl Store for SqliteStore {
         sends_since: Option<DateTime<Utc>>,
         journeys: bool,
     ) -> Result<Vec<CustomerContext>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let keys = text_array(ids.iter().map(String::as_str));
         let mut out = Vec::with_capacity(ids.len());
         {
@@ -602,7 +624,7 @@ impl Store for SqliteStore {
     }
 
     fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let position = positions(instance_ids);
         let mut out: Vec<Vec<(i64, HistoryEntry)>> = vec![Vec::new(); instance_ids.len()];
         let mut stmt = conn.prepare_cached(HISTORIES)?;
