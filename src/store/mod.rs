@@ -119,7 +119,7 @@ pub struct DueStep {
     pub category: Category,
     pub rule_hash: String,
     pub vars: Map<String, Value>,
-    /// The instance's status when the step was claimed: a step claimed by a
+    /// The instance's status as the step was claimed (read just after): a step claimed by a
     /// worker that died is not sent once its journey has ended meanwhile.
     pub instance_status: String,
 }
