@@ -337,23 +337,6 @@ fn positions(keys: &[String]) -> std::collections::HashMap<&str, Vec<usize>> {
     at
 }
 
-fn load_history(conn: &Connection, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT step, channel, template, time FROM dispatch_log WHERE instance = ?1 AND outcome = 'sent' ORDER BY seq",
-    )?;
-    let rows = stmt
-        .query_map([instance_id], |r| {
-            Ok(HistoryEntry {
-                step: r.get(0)?,
-                channel: r.get(1)?,
-                template: r.get(2)?,
-                sent_at: from_ms(r.get(3)?).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
-}
-
 const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
@@ -570,7 +553,8 @@ impl Store for SqliteStore {
     }
 
     fn history(&self, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        load_history(&self.reader(), instance_id)
+        let mut one = self.histories(&[instance_id.to_owned()])?;
+        Ok(one.pop().unwrap_or_default())
     }
 
     fn customers(
