@@ -111,7 +111,7 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
         step: "alert".into(),
         channel: ChannelKind::Push,
         template: "fee_increase_alert".into(),
-        variables: vars(1),
+        variables: vars(1).into(),
         address: None,
         history: vec![],
         attempt: 1,

@@ -19,7 +19,7 @@ use crate::audit::{LogRecord, Outcome};
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::context::CustomerContext;
-use crate::dispatch::{ChannelKind, Channels, DispatchError, HistoryEntry, Message};
+use crate::dispatch::{ChannelKind, Channels, DispatchError, HistoryEntry, Message, Variables};
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{step_record, DueStep, StepResult, Store, StoreError};
@@ -461,7 +461,7 @@ impl Scheduler {
         let rules = self.rules.current();
         let journey = rules.journey(&step.journey)?; // journey removed: keep the planned step
         let customer = Arc::new(customer.clone());
-        match rules.condition(journey, function, &customer, &step.vars) {
+        match rules.condition(journey, function, &customer, &step.vars.to_map()) {
             Ok(true) => None,
             Ok(false) => Some(format!("condition {function} is false")),
             Err(e) => {
@@ -476,7 +476,7 @@ impl Scheduler {
     async fn send(
         &self,
         step: &DueStep,
-        variables: serde_json::Map<String, serde_json::Value>,
+        variables: Variables,
         address: Option<String>,
         history: Vec<HistoryEntry>,
     ) -> Result<(), DispatchError> {

@@ -95,7 +95,7 @@ async fn the_example_events_reach_exactly_the_right_endpoints() {
     );
     assert!(call.history[0].sent_at < call.history[1].sent_at);
     assert_eq!(call.address.as_deref(), Some("+61400000002"));
-    assert_eq!(call.variables["product"], "Car loan");
+    assert_eq!(call.variables.to_map()["product"], "Car loan");
     let a2_email = h
         .sinks
         .email

@@ -47,12 +47,12 @@ async fn loan_completed_pushes_at_once_emails_after_a_day_and_calls_on_day_three
     let m = got[0].message();
     assert_eq!(m.template, "loan_unsigned_push");
     assert_eq!(m.customer, "c-1");
-    assert_eq!(m.variables["product"], "Car loan");
+    assert_eq!(m.variables.to_map()["product"], "Car loan");
     assert_eq!(
-        m.variables["resume_url"],
+        m.variables.to_map()["resume_url"],
         "https://bank.example/loans/A-1/sign"
     );
-    assert_eq!(m.variables["application_id"], "A-1");
+    assert_eq!(m.variables.to_map()["application_id"], "A-1");
     assert_eq!(got[0].key(), Some(format!("{instance}:push").as_str()));
     assert!(m.history.is_empty(), "the first step has no history");
     assert_eq!(h.sinks.email.count() + h.sinks.call.count(), 0);
@@ -511,8 +511,9 @@ async fn a_fee_increase_alerts_once_naming_merchant_and_amounts_and_a_decrease_s
     let got = h.sinks.push.requests();
     assert_eq!(got.len(), 1, "one alert in all");
     let m = got[0].message();
-    assert_eq!(m.variables["merchant"], "Netflix");
-    let text = m.variables["message"].as_str().unwrap();
+    assert_eq!(m.variables.to_map()["merchant"], "Netflix");
+    let vars = m.variables.to_map();
+    let text = vars["message"].as_str().unwrap();
     assert!(text.contains("Netflix"), "{text}");
     assert!(text.contains("$15.99"), "{text}");
     assert!(text.contains("$18.50"), "{text}");
@@ -589,7 +590,7 @@ async fn energy_rebate_invites_only_eligible_consenting_customers_and_enrolling_
         (m.customer.as_str(), m.template.as_str()),
         ("e-yes", "energy_rebate_invite")
     );
-    assert_eq!(m.variables["state"], "QLD");
+    assert_eq!(m.variables.to_map()["state"], "QLD");
     assert!(h.log().iter().all(|r| r.customer != "e-inelig"));
 }
 

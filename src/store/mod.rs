@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::audit::{LogRecord, Outcome};
 use crate::context::CustomerContext;
-use crate::dispatch::{ChannelKind, HistoryEntry};
+use crate::dispatch::{ChannelKind, HistoryEntry, Variables};
 use crate::rules::Category;
 
 pub use sqlite::{SqliteStore, DEFAULT_CACHE_MB};
@@ -118,7 +118,7 @@ pub struct DueStep {
     pub mode: Mode,
     pub category: Category,
     pub rule_hash: String,
-    pub vars: Map<String, Value>,
+    pub vars: Variables,
     /// The instance's status as the step was claimed (read just after): a step claimed by a
     /// worker that died is not sent once its journey has ended meanwhile.
     pub instance_status: String,

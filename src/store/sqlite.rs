@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{
     ClosedStep, DeadLetter, DueStep, Mode, NewInstance, NewStep, OpenInstance, StepResult, Store,
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::audit::{LogRecord, Outcome};
 use crate::context::{CustomerContext, JourneySummary};
-use crate::dispatch::{ChannelKind, HistoryEntry};
+use crate::dispatch::{ChannelKind, HistoryEntry, Variables};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS customers (
@@ -249,10 +249,6 @@ fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
 
-fn parse_json_map(text: &str) -> Result<Map<String, Value>, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn load_customer(
     conn: &Connection,
     id: &str,
@@ -457,7 +453,8 @@ impl Store for SqliteStore {
                     mode: Mode::parse(text(r, 2)?)?,
                     category: text(r, 3)?.parse().map_err(StoreError::Corrupt)?,
                     rule_hash: r.get(4)?,
-                    vars: parse_json_map(text(r, 5)?)?,
+                    vars: Variables::from_json(r.get(5)?)
+                        .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
                     instance_status: r.get(6)?,
                     instance_id,
                     step,

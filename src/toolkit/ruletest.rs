@@ -255,7 +255,7 @@ async fn run_case(
             for (k, v) in vars {
                 let want = serde_json::to_value(v)?;
                 let got = msg.variables.get(k);
-                if got != Some(&want) {
+                if got.as_ref() != Some(&want) {
                     let _ = writeln!(
                         problems,
                         "  {}: vars.{k} expected {want}, got {}",
