@@ -185,8 +185,12 @@ fn store_only(store: &SqliteStore, n: u64) {
                 claimed_row: Some(s.row),
             })
             .collect();
-        for chunk in results.chunks(arg("finish-group", 128)) {
-            store.finish_steps(chunk).unwrap();
+        let group = arg("finish-group", 128);
+        let mut results = results;
+        while !results.is_empty() {
+            let rest = results.split_off(group.min(results.len()));
+            store.finish_steps(results).unwrap();
+            results = rest;
         }
         finish += t.elapsed();
         done += claimed.len() as u64;

@@ -136,7 +136,7 @@ impl Scheduler {
                 }
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
                 let written = self
-                    .blocking(move |store| store.finish_steps(&results))
+                    .blocking(move |store| store.finish_steps(results))
                     .await?;
                 if keep {
                     records.extend(written);

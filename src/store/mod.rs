@@ -169,7 +169,7 @@ pub trait Store: Send + Sync {
 
     /// [`finish_step`](Self::finish_step) for several steps, in one
     /// transaction where the store can (all of them or none); records in order.
-    fn finish_steps(&self, results: &[StepResult]) -> Result<Vec<LogRecord>, StoreError> {
+    fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
         results.iter().map(|r| self.finish_step(r)).collect()
     }
 

@@ -465,11 +465,11 @@ impl Store for SqliteStore {
     }
 
     fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
-        let mut written = self.finish_steps(std::slice::from_ref(result))?;
+        let mut written = self.finish_steps(vec![result.clone()])?;
         Ok(written.pop().expect("one record per result"))
     }
 
-    fn finish_steps(&self, results: &[StepResult]) -> Result<Vec<LogRecord>, StoreError> {
+    fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(results.len());
@@ -510,7 +510,7 @@ impl Store for SqliteStore {
                     }
                 }
                 insert_log_with(&mut log, r)?;
-                let mut written = r.clone();
+                let mut written = result.record;
                 written.seq = tx.last_insert_rowid();
                 out.push(written);
             }
