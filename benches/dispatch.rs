@@ -306,7 +306,10 @@ fn main() {
             if endpoint.received() - base_count >= per_round && open_steps() == 0 {
                 break;
             }
-            assert!(Instant::now() < deadline, "dispatch stalled in round {round}");
+            assert!(
+                Instant::now() < deadline,
+                "dispatch stalled in round {round}"
+            );
         }
         let elapsed = start.elapsed();
         let _ = stop_tx.send(true);
@@ -323,7 +326,12 @@ fn main() {
     let mut ratios = Vec::new();
     let mut insert_rates = Vec::new();
     for round in 0..rounds {
-        insert_rates.push(insert_due_steps(&store, round * per_round, per_round, &hash));
+        insert_rates.push(insert_due_steps(
+            &store,
+            round * per_round,
+            per_round,
+            &hash,
+        ));
         assert_eq!(open_steps(), per_round as i64);
         // Alternate which goes first, so that a drift favours neither.
         let (nudge_rate, plain_rate) = if round % 2 == 0 {
