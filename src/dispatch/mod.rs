@@ -115,8 +115,7 @@ impl Default for Variables {
 
 impl From<Map<String, Value>> for Variables {
     fn from(map: Map<String, Value>) -> Self {
-        let text = Value::Object(map).to_string();
-        Self(RawValue::from_string(text).expect("a serialized map is JSON"))
+        Self(serde_json::value::to_raw_value(&map).expect("a map serializes to JSON"))
     }
 }
 
