@@ -23,11 +23,12 @@ use futures::StreamExt;
 use nudge::clock::{Clock, SystemClock};
 use nudge::config::{PolicyConfig, SchedulerConfig};
 use nudge::context::CustomerContext;
-use nudge::dispatch::{ChannelKind, Channels, HttpChannel, Message};
+use nudge::dispatch::{Channels, HttpChannel, Message};
+use nudge::model::{Category, ChannelKind, Mode};
 use nudge::policy::Policy;
-use nudge::rules::{self, Category, Limits, RulesHandle};
+use nudge::rules::{self, Limits, RulesHandle};
 use nudge::scheduler::Scheduler;
-use nudge::store::{Mode, NewInstance, NewStep, SqliteStore, Store};
+use nudge::store::{NewInstance, NewStep, SqliteStore, Store};
 use serde_json::json;
 
 static CONCURRENCY: std::sync::LazyLock<usize> =
@@ -82,7 +83,7 @@ fn insert_due_steps(store: &SqliteStore, first: u64, n: u64, rule_hash: &str) ->
                     rule_hash: rule_hash.into(),
                     trigger_event: format!("e-{i}"),
                     vars: vars(i),
-                    seen: json!({"event": {"id": format!("e-{i}")}}),
+                    decision_inputs: json!({"event": {"id": format!("e-{i}")}}),
                 },
                 &[NewStep {
                     step: "alert".into(),
@@ -109,7 +110,7 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
         .build()
         .unwrap();
     let message = Message {
-        idempotency_key: Message::idempotency_key("fee_increase-000000000001", "alert"),
+        idempotency_key: nudge::model::idempotency_key("fee_increase-000000000001", "alert"),
         customer: "c-0000001".into(),
         journey: "fee_increase".into(),
         instance: "fee_increase-000000000001".into(),
@@ -143,8 +144,8 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
 /// The store's share of dispatch alone: claim, read the batch's customers and
 /// histories, record every step as sent (no HTTP, no policy).
 fn store_only(store: &SqliteStore, n: u64) {
-    use nudge::audit::Outcome;
-    use nudge::store::{step_record, StepResult};
+    use nudge::model::{LogRecord, Outcome};
+    use nudge::store::StepResult;
     let (mut claim, mut read, mut finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut done = 0;
     let window = Utc::now() - chrono::Duration::days(1);
@@ -173,18 +174,7 @@ fn store_only(store: &SqliteStore, n: u64) {
         let results: Vec<StepResult> = claimed
             .iter()
             .map(|s| StepResult {
-                record: step_record(
-                    now,
-                    &s.customer,
-                    &s.journey,
-                    &s.instance_id,
-                    &s.step,
-                    "push",
-                    &s.template,
-                    Outcome::Sent,
-                    "step",
-                    &s.rule_hash,
-                ),
+                record: LogRecord::about(s.subject(), now, Outcome::Sent, "step"),
                 again_at: None,
                 replan: false,
                 claimed_row: Some(s.row),
@@ -227,7 +217,7 @@ fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("nudge.db");
-    let cache_mb = arg("cache-mb", nudge::store::DEFAULT_CACHE_MB);
+    let cache_mb = arg("cache-mb", nudge::config::DEFAULT_CACHE_MB);
     let store = Arc::new(SqliteStore::open_with_cache(&db, cache_mb).unwrap());
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
     let hash = rule_set.journey("fee_increase").unwrap().hash.clone();
@@ -243,8 +233,8 @@ fn main() {
     // would make the figure depend on the time of day in Sydney.
     let policy = PolicyConfig {
         quiet_hours: nudge::config::QuietHours {
-            start: String::new(),
-            end: String::new(),
+            start: None,
+            end: None,
             channels: vec![],
         },
         ..PolicyConfig::default()

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use nudge::context::CustomerContext;
 use nudge::event::Event;
-use nudge::rules::{self, Decision, Limits, RuleSet};
+use nudge::model::{Decision, InstanceStatus};
+use nudge::rules::{self, Limits, RuleSet};
 use serde_json::{json, Map, Value};
 
 /// The stage as the pipeline runs it, minus the store.
@@ -133,7 +134,7 @@ fn native_unsigned_loan(e: &Event) -> Decision {
 fn native_energy_rebate(c: &CustomerContext) -> Decision {
     let p = &c.profile;
     if p.get("energy_rebate_enrolled") == Some(&Value::Bool(true))
-        || c.has_status("energy_rebate", "converted")
+        || c.has_status("energy_rebate", InstanceStatus::Converted)
     {
         return Decision::Skip("already enrolled".into());
     }

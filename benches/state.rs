@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::*;
 use nudge::context::CustomerContext;
-use nudge::dispatch::ChannelKind;
-use nudge::rules::{self, Category, Limits};
-use nudge::store::{Mode, NewInstance, NewStep, SqliteStore, Store};
+use nudge::model::{Category, ChannelKind, Mode};
+use nudge::rules::{self, Limits};
+use nudge::store::{NewInstance, NewStep, SqliteStore, Store};
 use serde_json::json;
 
 /// One unsigned-loan instance with its email and call task pending.
@@ -54,7 +54,7 @@ fn instance(
         rule_hash: hash.into(),
         trigger_event: format!("loan-{i}"),
         vars: vars.as_object().unwrap().clone(),
-        seen: json!({"event": {"id": format!("loan-{i}"), "type": "loan_application.completed"}}),
+        decision_inputs: json!({"event": {"id": format!("loan-{i}"), "type": "loan_application.completed"}}),
     };
     let steps = vec![
         NewStep {

@@ -8,6 +8,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+/// A configured or scripted duration as an offset between instants. The
+/// config bounds durations at load (at most 100 years) and scripts' delays
+/// are parsed the same way, so saturating here is never reached in practice
+/// and no caller needs a fallback of its own.
+pub fn span(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
 pub type SleepFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 pub trait Clock: Send + Sync {

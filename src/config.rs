@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
-use crate::dispatch::ChannelKind;
+use crate::model::ChannelKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,6 +40,12 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// SQLite's own page cache size (`store.cache_mb`'s default). A 64 MiB cache
+/// once measured slower for sending; with the build options in
+/// `.cargo/config.toml` it is no faster (BENCHMARKS.md, 3): larger caches are
+/// for bulk loads.
+pub const DEFAULT_CACHE_MB: u32 = 2;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -61,7 +68,7 @@ impl Default for StoreConfig {
         Self {
             path: PathBuf::from("nudge.db"),
             retention: Duration::from_secs(180 * 24 * 3600),
-            cache_mb: crate::store::DEFAULT_CACHE_MB,
+            cache_mb: DEFAULT_CACHE_MB,
         }
     }
 }
@@ -119,7 +126,8 @@ impl Default for SchedulerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Used when a customer's time zone is unknown (IANA name).
-    pub default_timezone: String,
+    #[serde(deserialize_with = "timezone")]
+    pub default_timezone: Tz,
     pub quiet_hours: QuietHours,
     /// Messages sent to one customer across all journeys per rolling window.
     pub max_per_customer: u32,
@@ -139,7 +147,7 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            default_timezone: "Australia/Sydney".into(),
+            default_timezone: chrono_tz::Australia::Sydney,
             quiet_hours: QuietHours::default(),
             max_per_customer: 4,
             cap_window: Duration::from_secs(24 * 3600),
@@ -154,9 +162,12 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuietHours {
-    /// Local time ("HH:MM") when quiet hours start; empty disables them.
-    pub start: String,
-    pub end: String,
+    /// Local time ("HH:MM") when quiet hours start; empty (with `end`
+    /// empty too) turns them off.
+    #[serde(deserialize_with = "time_of_day")]
+    pub start: Option<TimeOfDay>,
+    #[serde(deserialize_with = "time_of_day")]
+    pub end: Option<TimeOfDay>,
     /// Channels that wait for quiet hours to end.
     pub channels: Vec<ChannelKind>,
 }
@@ -164,8 +175,8 @@ pub struct QuietHours {
 impl Default for QuietHours {
     fn default() -> Self {
         Self {
-            start: "21:00".into(),
-            end: "08:00".into(),
+            start: Some(TimeOfDay::new(21, 0)),
+            end: Some(TimeOfDay::new(8, 0)),
             channels: vec![ChannelKind::Push],
         }
     }
@@ -199,8 +210,11 @@ pub struct ChannelConfig {
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
+/// A step due longer ago than this is `expired` (`channels.<kind>.lateness`'s default).
+pub const DEFAULT_LATENESS: Duration = Duration::from_secs(12 * 3600);
+
 fn default_lateness() -> Duration {
-    Duration::from_secs(12 * 3600)
+    DEFAULT_LATENESS
 }
 fn default_concurrency() -> usize {
     32
@@ -351,24 +365,15 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self
-            .policy
-            .default_timezone
-            .parse::<chrono_tz::Tz>()
-            .is_err()
-        {
-            problems.push(format!(
-                "policy.default_timezone: `{}` is not an IANA time zone",
-                self.policy.default_timezone
-            ));
-        }
         let qh = &self.policy.quiet_hours;
-        if !(qh.start.is_empty() && qh.end.is_empty()) {
-            for (key, value) in [("start", &qh.start), ("end", &qh.end)] {
-                if parse_hhmm(value).is_none() {
-                    problems.push(format!("policy.quiet_hours.{key}: `{value}` is not HH:MM"));
-                }
-            }
+        match (qh.start, qh.end) {
+            (Some(start), Some(end)) if start == end => problems.push(format!(
+                "policy.quiet_hours.end: equal to start ({start}); leave both empty to turn quiet hours off"
+            )),
+            (Some(_), None) | (None, Some(_)) => problems.push(
+                "policy.quiet_hours.start: set start and end, or leave both empty to turn quiet hours off".into(),
+            ),
+            _ => {}
         }
         if !(1..=65_536).contains(&self.store.cache_mb) {
             problems.push("store.cache_mb: must be between 1 and 65536".into());
@@ -467,21 +472,77 @@ impl Config {
     }
 }
 
-/// Parses "HH:MM" into minutes after midnight.
-pub fn parse_hhmm(text: &str) -> Option<u32> {
-    let (h, m) = text.split_once(':')?;
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60).then_some(h * 60 + m)
+/// A local wall-clock time, minute precision ("HH:MM" in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimeOfDay {
+    minutes: u32,
 }
 
-/// Durations as text: "30s", "5m", "1d", "1h 30m".
+impl TimeOfDay {
+    /// Panics unless `hour < 24` and `minute < 60` (for constants).
+    pub const fn new(hour: u32, minute: u32) -> Self {
+        assert!(hour < 24 && minute < 60);
+        Self {
+            minutes: hour * 60 + minute,
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let (h, m) = text.split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60 && text.len() == 5).then(|| Self::new(h, m))
+    }
+
+    /// Minutes after midnight.
+    pub fn minutes(self) -> u32 {
+        self.minutes
+    }
+}
+
+impl std::fmt::Display for TimeOfDay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02}:{:02}", self.minutes / 60, self.minutes % 60)
+    }
+}
+
+/// "HH:MM", or empty for none.
+fn time_of_day<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TimeOfDay>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    TimeOfDay::parse(&text)
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a time like 21:00")))
+}
+
+fn timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Tz, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an IANA time zone like Australia/Sydney"
+        ))
+    })
+}
+
+/// Longest duration accepted anywhere in the config, so that every one of
+/// them converts to a date offset without overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Durations as text: "30s", "5m", "1d", "1h 30m"; at most 100 years.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
+    let value = humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(
             "`{text}` is not a duration like 30s, 5m or 1d: {e}"
         ))
-    })
+    })?;
+    if value > MAX_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is longer than 100 years"
+        )));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -502,7 +563,8 @@ mod tests {
     fn defaults_are_valid() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.scheduler.max_attempts, 5);
-        assert_eq!(c.policy.quiet_hours.start, "21:00");
+        assert_eq!(c.policy.quiet_hours.start, Some(TimeOfDay::new(21, 0)));
+        assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Sydney);
     }
 
     #[test]
@@ -516,14 +578,52 @@ mod tests {
     #[test]
     fn bad_values_are_reported_together_with_their_keys() {
         let err = load(
-            "[store]\ncache_mb = 0\n[policy]\ndefault_timezone = \"Mars/Olympus\"\n[channels.push]\nurl = \"ftp://x\"\n",
+            "[store]\ncache_mb = 0\n[policy.quiet_hours]\nstart = \"22:00\"\nend = \"\"\n[channels.push]\nurl = \"ftp://x\"\n",
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("policy.default_timezone"), "{err}");
+        assert!(err.contains("policy.quiet_hours.start"), "{err}");
         assert!(err.contains("channels.push.url"), "{err}");
         assert!(err.contains("store.cache_mb"), "{err}");
+    }
+
+    #[test]
+    fn times_and_zones_are_parsed_at_load_and_named_when_bad() {
+        let c = load(
+            "[policy]\ndefault_timezone = \"Australia/Perth\"\n[policy.quiet_hours]\nstart = \"20:30\"\nend = \"07:05\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Perth);
+        assert_eq!(c.policy.quiet_hours.start.unwrap().minutes(), 20 * 60 + 30);
+        assert_eq!(c.policy.quiet_hours.end.unwrap().to_string(), "07:05");
+        let off = load("[policy.quiet_hours]\nstart = \"\"\nend = \"\"\n", &[]).unwrap();
+        assert_eq!(
+            (off.policy.quiet_hours.start, off.policy.quiet_hours.end),
+            (None, None)
+        );
+        for (toml, key, value) in [
+            (
+                "[policy]\ndefault_timezone = \"Mars/Olympus\"\n",
+                "default_timezone",
+                "Mars/Olympus",
+            ),
+            (
+                "[policy.quiet_hours]\nstart = \"25:00\"\n",
+                "start",
+                "25:00",
+            ),
+            ("[policy.quiet_hours]\nend = \"9:5\"\n", "end", "9:5"),
+            (
+                "[store]\nretention = \"1000years\"\n",
+                "retention",
+                "1000years",
+            ),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(value), "{toml}: {err}");
+        }
     }
 
     #[test]

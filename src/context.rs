@@ -8,9 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::dispatch::ChannelKind;
 use crate::event::Event;
-use crate::rules::Category;
+use crate::model::{Category, ChannelKind, InstanceStatus};
 
 pub const CONTACT_UPDATED: &str = "customer.contact_updated";
 pub const CONSENT_UPDATED: &str = "customer.consent_updated";
@@ -42,7 +41,7 @@ pub struct CustomerContext {
 pub struct JourneySummary {
     pub journey: String,
     pub key: String,
-    pub status: String,
+    pub status: InstanceStatus,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
 }
@@ -74,10 +73,10 @@ impl CustomerContext {
     pub fn in_journey(&self, journey: &str) -> bool {
         self.journeys
             .iter()
-            .any(|j| j.journey == journey && j.status == "open")
+            .any(|j| j.journey == journey && j.status == InstanceStatus::Open)
     }
 
-    pub fn has_status(&self, journey: &str, status: &str) -> bool {
+    pub fn has_status(&self, journey: &str, status: InstanceStatus) -> bool {
         self.journeys
             .iter()
             .any(|j| j.journey == journey && j.status == status)

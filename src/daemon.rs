@@ -74,10 +74,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics = crate::admin::install_metrics()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open_with_cache(&config.store.path, config.store.cache_mb)
-            .with_context(|| format!("store.path: opening {}", config.store.path.display()))?,
-    );
+    let (store, released) = SqliteStore::open_exclusive(&config.store.path, config.store.cache_mb)
+        .with_context(|| format!("store.path: opening {}", config.store.path.display()))?;
+    if released > 0 {
+        tracing::info!(steps = released, "claims of the previous run released");
+    }
+    let store: Arc<dyn Store> = Arc::new(store);
     let rules = RulesHandle::new(rule_set);
     record_rules_version(store.as_ref(), &rules.current(), clock.now())?;
     tracing::info!(version = %rules.current().version, journeys = rules.current().journeys().len(), "rules loaded");
@@ -232,8 +234,7 @@ fn spawn_retention(
                 _ = stop.changed() => return,
             }
             wait = Duration::from_secs(3600);
-            let before = clock.now()
-                - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            let before = clock.now() - crate::clock::span(retention);
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.purge(before)).await {
                 Ok(Ok(n)) if n > 0 => {

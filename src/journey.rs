@@ -11,13 +11,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
-use crate::audit::{LogRecord, Outcome};
-use crate::clock::Clock;
+use crate::clock::{span, Clock};
 use crate::config::PolicyConfig;
-use crate::context;
+use crate::context::{self, CustomerContext};
 use crate::event::Event;
-use crate::rules::{bucket, Decision, Journey, RuleError, RuleSet, RulesHandle};
-use crate::store::{step_record, DeadLetter, Mode, NewInstance, NewStep, Store, StoreError};
+use crate::model::{instance_id, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef};
+use crate::rules::{bucket, Journey, RuleError, RuleSet, RulesHandle};
+use crate::store::{DeadLetter, NewInstance, NewStep, Store, StoreError, Tx};
 
 /// Where a batch of records came from, committed with its effects.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +89,8 @@ pub struct Pipeline {
     rules: RulesHandle,
     clock: Arc<dyn Clock>,
     policy: PolicyConfig,
+    cap_window: Duration,
+    attribution_window: Duration,
 }
 
 impl Pipeline {
@@ -102,6 +104,8 @@ impl Pipeline {
             store,
             rules,
             clock,
+            cap_window: span(policy.cap_window),
+            attribution_window: span(policy.attribution_window),
             policy,
         }
     }
@@ -133,269 +137,357 @@ impl Pipeline {
     ) -> Result<BatchOutcome, StoreError> {
         let rules = self.rules.current();
         let now = self.clock.now();
-        let window_start =
-            now - Duration::from_std(self.policy.cap_window).unwrap_or(Duration::days(1));
-        let attribution =
-            Duration::from_std(self.policy.attribution_window).unwrap_or(Duration::days(30));
-        let mut out = BatchOutcome::default();
+        let mut run = BatchRun {
+            rules: &rules,
+            shadow_journeys: &self.policy.shadow_journeys,
+            now,
+            sends_since: now - self.cap_window,
+            completed_since: now - self.attribution_window,
+            out: BatchOutcome::default(),
+        };
         let relevant: Vec<usize> = (0..events.len())
             .filter(|&i| {
                 let t = events[i].event_type.as_str();
                 context::is_context_event(t) || rules.interested_in(t)
             })
             .collect();
-        out.ignored = events.len() - relevant.len();
+        run.out.ignored = events.len() - relevant.len();
         if relevant.is_empty() && offsets.is_empty() && rejects.is_empty() {
-            return Ok(out);
+            return Ok(run.out);
         }
         let mut tx = self.store.begin()?;
         for letter in rejects {
             tx.add_dead_letter(letter, now)?;
         }
         for index in relevant {
-            let event = &events[index];
-            if tx.seen(&event.id)? {
-                out.duplicates += 1;
-                continue;
-            }
-            let mut customer = tx.customer(&event.customer, window_start)?;
-            let mut changed = false;
-            match customer.apply_update(event) {
-                Ok(true) => {
-                    tx.save_customer(&customer, now)?;
-                    out.context_updates += 1;
-                    changed = true;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    out.failures.push(EventFailure {
-                        index,
-                        event_id: event.id.clone(),
-                        journey: None,
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-            }
-
-            for (journey, outcome) in rules.exited_by(&event.event_type) {
-                let key = match instance_key(journey, event) {
-                    Ok(k) => k,
-                    Err(_) => continue, // an exit without the key ends nothing
-                };
-                let Some(open) =
-                    tx.exit_target(&event.customer, &journey.name, &key, now - attribution)?
-                else {
-                    continue;
-                };
-                let cancelled = tx.close_instance(&open.id, outcome.as_str(), now)?;
-                let step_outcome = match outcome {
-                    crate::rules::ExitOutcome::Converted => Outcome::Converted,
-                    crate::rules::ExitOutcome::Cancelled => Outcome::Cancelled,
-                };
-                let reason = format!("{} ended the journey", event.event_type);
-                let mut records: Vec<LogRecord> = cancelled
-                    .iter()
-                    .map(|s| {
-                        step_record(
-                            now,
-                            &event.customer,
-                            &journey.name,
-                            &open.id,
-                            &s.step,
-                            s.channel.as_str(),
-                            &s.template,
-                            step_outcome,
-                            format!("{reason}; step not sent"),
-                            &open.rule_hash,
-                        )
-                    })
-                    .collect();
-                if records.is_empty() {
-                    records.push(step_record(
-                        now,
-                        &event.customer,
-                        &journey.name,
-                        &open.id,
-                        "-",
-                        "-",
-                        "-",
-                        step_outcome,
-                        format!("{reason} after all steps"),
-                        &open.rule_hash,
-                    ));
-                }
-                for mut r in records {
-                    r.event_id = Some(event.id.clone());
-                    tx.append_log(&r)?;
-                    out.records.push(r);
-                }
-                for j in customer.journeys.iter_mut().filter(|j| {
-                    j.journey == journey.name
-                        && j.key == key
-                        && (j.status == "open" || j.status == "completed")
-                }) {
-                    j.status = outcome.as_str().into();
-                    j.ended_at = Some(now);
-                }
-                out.ended.push((journey.name.clone(), step_outcome));
-                changed = true;
-            }
-
-            let mut triggered = rules.triggered_by(&event.event_type).peekable();
-            if triggered.peek().is_some() {
-                let customer = Arc::new(customer);
-                for journey in triggered {
-                    if journey.pilot_percent < 100
-                        && bucket(&event.customer, &journey.name, "pilot") >= journey.pilot_percent
-                    {
-                        continue;
-                    }
-                    let decision = rules.decide(journey, event, &customer);
-                    out.evaluations
-                        .push((journey.name.clone(), decision.is_ok()));
-                    let (key, vars) = match decision {
-                        Ok(Decision::Start { key, vars }) => (key, vars),
-                        Ok(Decision::Skip(_)) => continue,
-                        Err(e) => {
-                            out.failures.push(rule_failure(index, event, e));
-                            continue;
-                        }
-                    };
-                    let key = match key.map(Ok).unwrap_or_else(|| instance_key(journey, event)) {
-                        Ok(k) => k,
-                        Err(e) => {
-                            out.failures.push(rule_failure(index, event, e));
-                            continue;
-                        }
-                    };
-                    if tx
-                        .open_instance(&event.customer, &journey.name, &key)?
-                        .is_some()
-                    {
-                        continue; // already running: starting again is a no-op
-                    }
-                    // Delays count from the journey start: the event's time, so a
-                    // replayed or late event plans steps that may already be expired.
-                    let start = event.time.min(now);
-                    let id = instance_id(&journey.name, &event.customer, &key, &event.id);
-                    if let Some(cooldown) = journey.cooldown {
-                        let cooldown = Duration::from_std(cooldown).unwrap_or(Duration::zero());
-                        let recent = customer.journeys.iter().any(|j| {
-                            j.journey == journey.name
-                                && j.ended_at.is_some_and(|e| e > start - cooldown)
-                        });
-                        if recent {
-                            for s in &journey.steps {
-                                let mut r = step_record(
-                                    now,
-                                    &event.customer,
-                                    &journey.name,
-                                    &id,
-                                    &s.id,
-                                    s.channel.as_str(),
-                                    &s.template,
-                                    Outcome::Suppressed,
-                                    format!(
-                                        "cooldown: {} ended within {}",
-                                        journey.name,
-                                        humantime::format_duration(
-                                            journey.cooldown.unwrap_or_default()
-                                        )
-                                    ),
-                                    &journey.hash,
-                                );
-                                r.event_id = Some(event.id.clone());
-                                tx.append_log(&r)?;
-                                out.records.push(r);
-                            }
-                            changed = true;
-                            continue;
-                        }
-                    }
-                    let mode =
-                        if journey.shadow || self.policy.shadow_journeys.contains(&journey.name) {
-                            Mode::Shadow
-                        } else if journey.holdout_percent > 0
-                            && bucket(&event.customer, &journey.name, "holdout")
-                                < journey.holdout_percent
-                        {
-                            Mode::HeldOut
-                        } else {
-                            Mode::Live
-                        };
-                    let steps: Vec<NewStep> = journey
-                        .steps
-                        .iter()
-                        .enumerate()
-                        .map(|(seq, s)| NewStep {
-                            step: s.id.clone(),
-                            seq: seq as u32,
-                            channel: s.channel,
-                            template: s.template.clone(),
-                            condition: s.condition.clone(),
-                            due_at: start + Duration::from_std(s.delay).unwrap_or(Duration::zero()),
-                        })
-                        .collect();
-                    if let Some(first) = steps.iter().map(|s| s.due_at).min() {
-                        out.earliest_due = Some(out.earliest_due.map_or(first, |e| e.min(first)));
-                    }
-                    let seen = json!({
-                        "event": {"id": event.id, "type": event.event_type, "time": event.time},
-                        "customer": {
-                            "has_app": customer.app_installed,
-                            "has_email": customer.email.is_some(),
-                            "has_phone": customer.phone.is_some(),
-                            "timezone": customer.timezone,
-                            "consents": customer.consents,
-                            "profile": customer.profile,
-                            "open_journeys": customer.journeys.iter().filter(|j| j.status == "open").map(|j| &j.journey).collect::<Vec<_>>(),
-                            "recent_contacts": customer.recent_sends.len(),
-                        },
-                        "rule_set": rules.version,
-                    });
-                    tx.start_instance(
-                        &NewInstance {
-                            id: id.clone(),
-                            customer: event.customer.clone(),
-                            journey: journey.name.clone(),
-                            key,
-                            mode,
-                            category: journey.category,
-                            started_at: start,
-                            rule_hash: journey.hash.clone(),
-                            trigger_event: event.id.clone(),
-                            vars,
-                            seen,
-                        },
-                        &steps,
-                    )?;
-                    out.started.push(id);
-                    changed = true;
-                }
-            }
-            if changed {
-                tx.mark_processed(&event.id, now)?;
-            }
+            run.event(&mut *tx, index, &events[index])?;
         }
-        for f in &out.failures {
+        for f in &run.out.failures {
             if let Some(origin) = origins.get(f.index) {
-                tx.add_dead_letter(
-                    &origin.dead_letter(
-                        f.reason.clone(),
-                        f.journey.clone(),
-                        Some(f.event_id.clone()),
-                    ),
-                    now,
-                )?;
+                let letter = origin.dead_letter(
+                    f.reason.clone(),
+                    f.journey.clone(),
+                    Some(f.event_id.clone()),
+                );
+                tx.add_dead_letter(&letter, now)?;
             }
         }
         for o in offsets {
             tx.set_offset(&o.topic, o.partition, o.next_offset)?;
         }
         tx.commit()?;
-        Ok(out)
+        Ok(run.out)
     }
+}
+
+/// One batch being decided inside its transaction.
+struct BatchRun<'a> {
+    rules: &'a RuleSet,
+    shadow_journeys: &'a [String],
+    now: DateTime<Utc>,
+    /// Recent sends in the customer's context reach back to here (the cap window).
+    sends_since: DateTime<Utc>,
+    /// An exit still converts an instance completed at or after this.
+    completed_since: DateTime<Utc>,
+    out: BatchOutcome,
+}
+
+impl BatchRun<'_> {
+    /// One event: dedup, the customer's context, the instances it ends, the
+    /// journeys it starts. The event id is remembered only if it changed something.
+    fn event(
+        &mut self,
+        tx: &mut dyn Tx,
+        index: usize,
+        event: &Arc<Event>,
+    ) -> Result<(), StoreError> {
+        if tx.already_processed(&event.id)? {
+            self.out.duplicates += 1;
+            return Ok(());
+        }
+        let mut customer = tx.customer(&event.customer, self.sends_since)?;
+        let mut changed = match customer.apply_update(event) {
+            Ok(true) => {
+                tx.save_customer(&customer, self.now)?;
+                self.out.context_updates += 1;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.out.failures.push(EventFailure {
+                    index,
+                    event_id: event.id.clone(),
+                    journey: None,
+                    reason: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        changed |= self.exit_instances(tx, event, &mut customer)?;
+        let mut triggered = self.rules.triggered_by(&event.event_type).peekable();
+        if triggered.peek().is_some() {
+            let customer = Arc::new(customer);
+            for journey in triggered {
+                changed |= self.start_journey(tx, index, event, journey, &customer)?;
+            }
+        }
+        if changed {
+            tx.mark_processed(&event.id, self.now)?;
+        }
+        Ok(())
+    }
+
+    /// Ends every instance the event exits, logging its unsent steps (or the
+    /// conversion itself when all were sent). Returns whether any ended.
+    fn exit_instances(
+        &mut self,
+        tx: &mut dyn Tx,
+        event: &Event,
+        customer: &mut CustomerContext,
+    ) -> Result<bool, StoreError> {
+        let mut ended_any = false;
+        for (journey, exit) in self.rules.exited_by(&event.event_type) {
+            // An exit without the instance key ends nothing.
+            let Ok(key) = instance_key(journey, event) else {
+                continue;
+            };
+            let Some(instance) =
+                tx.exitable_instance(&event.customer, &journey.name, &key, self.completed_since)?
+            else {
+                continue;
+            };
+            let status = InstanceStatus::from(exit);
+            let outcome = Outcome::from(exit);
+            let cancelled = tx.close_instance(&instance.id, status, self.now)?;
+            // About the instance as a whole; each cancelled step fills in its own.
+            let whole = StepRef {
+                customer: &event.customer,
+                journey: &journey.name,
+                instance: &instance.id,
+                step: "-",
+                channel: "-",
+                template: "-",
+                rule_hash: &instance.rule_hash,
+            };
+            let reason = format!("{} ended the journey", event.event_type);
+            let mut records: Vec<LogRecord> = cancelled
+                .iter()
+                .map(|s| {
+                    let subject = StepRef {
+                        step: &s.step,
+                        channel: s.channel.as_str(),
+                        template: &s.template,
+                        ..whole
+                    };
+                    LogRecord::about(
+                        subject,
+                        self.now,
+                        outcome,
+                        format!("{reason}; step not sent"),
+                    )
+                })
+                .collect();
+            if records.is_empty() {
+                records.push(LogRecord::about(
+                    whole,
+                    self.now,
+                    outcome,
+                    format!("{reason} after all steps"),
+                ));
+            }
+            for record in records {
+                self.log(tx, record, event)?;
+            }
+            for j in customer
+                .journeys
+                .iter_mut()
+                .filter(|j| j.journey == journey.name && j.key == key && j.status.exitable())
+            {
+                j.status = status;
+                j.ended_at = Some(self.now);
+            }
+            self.out.ended.push((journey.name.clone(), outcome));
+            ended_any = true;
+        }
+        Ok(ended_any)
+    }
+
+    /// Asks one triggered journey whether to start, and starts it. Returns
+    /// whether anything was written.
+    fn start_journey(
+        &mut self,
+        tx: &mut dyn Tx,
+        index: usize,
+        event: &Arc<Event>,
+        journey: &Journey,
+        customer: &Arc<CustomerContext>,
+    ) -> Result<bool, StoreError> {
+        if journey.pilot_percent < 100
+            && bucket(&event.customer, &journey.name, "pilot") >= journey.pilot_percent
+        {
+            return Ok(false);
+        }
+        let decision = self.rules.decide(journey, event, customer);
+        self.out
+            .evaluations
+            .push((journey.name.clone(), decision.is_ok()));
+        let (key, vars) = match decision {
+            Ok(Decision::Start { key, vars }) => (key, vars),
+            Ok(Decision::Skip(_)) => return Ok(false),
+            Err(e) => {
+                self.out.failures.push(rule_failure(index, event, e));
+                return Ok(false);
+            }
+        };
+        let key = match key.map(Ok).unwrap_or_else(|| instance_key(journey, event)) {
+            Ok(k) => k,
+            Err(e) => {
+                self.out.failures.push(rule_failure(index, event, e));
+                return Ok(false);
+            }
+        };
+        if tx
+            .open_instance(&event.customer, &journey.name, &key)?
+            .is_some()
+        {
+            return Ok(false); // already running: starting again is a no-op
+        }
+        // Delays count from the journey start: the event's time, so a
+        // replayed or late event plans steps that may already be expired.
+        let start = event.time.min(self.now);
+        let id = instance_id(&journey.name, &event.customer, &key, &event.id);
+        if in_cooldown(journey, customer, start) {
+            self.log_cooldown(tx, event, journey, &id)?;
+            return Ok(true);
+        }
+        let steps = plan_steps(journey, start);
+        if let Some(first) = steps.iter().map(|s| s.due_at).min() {
+            self.out.earliest_due = Some(self.out.earliest_due.map_or(first, |e| e.min(first)));
+        }
+        let instance = NewInstance {
+            id: id.clone(),
+            customer: event.customer.clone(),
+            journey: journey.name.clone(),
+            key,
+            mode: self.mode(journey, &event.customer),
+            category: journey.category,
+            started_at: start,
+            rule_hash: journey.hash.clone(),
+            trigger_event: event.id.clone(),
+            vars,
+            decision_inputs: decision_inputs(event, customer, &self.rules.version),
+        };
+        tx.start_instance(&instance, &steps)?;
+        self.out.started.push(id);
+        Ok(true)
+    }
+
+    /// Shadow, control group or live, by the journey and a stable hash of the customer.
+    fn mode(&self, journey: &Journey, customer: &str) -> Mode {
+        if journey.shadow || self.shadow_journeys.contains(&journey.name) {
+            Mode::Shadow
+        } else if journey.holdout_percent > 0
+            && bucket(customer, &journey.name, "holdout") < journey.holdout_percent
+        {
+            Mode::HeldOut
+        } else {
+            Mode::Live
+        }
+    }
+
+    /// Every step of a journey that may not start again yet is logged suppressed.
+    fn log_cooldown(
+        &mut self,
+        tx: &mut dyn Tx,
+        event: &Event,
+        journey: &Journey,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let cooldown = humantime::format_duration(journey.cooldown.unwrap_or_default());
+        for s in &journey.steps {
+            let subject = StepRef {
+                customer: &event.customer,
+                journey: &journey.name,
+                instance,
+                step: &s.id,
+                channel: s.channel.as_str(),
+                template: &s.template,
+                rule_hash: &journey.hash,
+            };
+            let reason = format!("cooldown: {} ended within {cooldown}", journey.name);
+            let record = LogRecord::about(subject, self.now, Outcome::Suppressed, reason);
+            self.log(tx, record, event)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a record caused by `event` and keeps it for the caller.
+    fn log(
+        &mut self,
+        tx: &mut dyn Tx,
+        mut record: LogRecord,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        record.event_id = Some(event.id.clone());
+        tx.append_log(&record)?;
+        self.out.records.push(record);
+        Ok(())
+    }
+}
+
+/// Whether an instance of the journey ended within its cooldown before `start`.
+fn in_cooldown(journey: &Journey, customer: &CustomerContext, start: DateTime<Utc>) -> bool {
+    let Some(cooldown) = journey.cooldown else {
+        return false;
+    };
+    let since = start - span(cooldown);
+    customer
+        .journeys
+        .iter()
+        .any(|j| j.journey == journey.name && j.ended_at.is_some_and(|e| e > since))
+}
+
+/// The journey's steps, due their delay after `start`.
+fn plan_steps(journey: &Journey, start: DateTime<Utc>) -> Vec<NewStep> {
+    journey
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(seq, s)| NewStep {
+            step: s.id.clone(),
+            seq: seq as u32,
+            channel: s.channel,
+            template: s.template.clone(),
+            condition: s.condition.clone(),
+            due_at: start + span(s.delay),
+        })
+        .collect()
+}
+
+/// What the script saw when it decided, kept with the instance (the decision
+/// record): the event's identity and the customer's context at that moment,
+/// contact details reduced to whether they exist.
+fn decision_inputs(event: &Event, customer: &CustomerContext, rule_set: &str) -> serde_json::Value {
+    let open_journeys: Vec<&str> = customer
+        .journeys
+        .iter()
+        .filter(|j| j.status == InstanceStatus::Open)
+        .map(|j| j.journey.as_str())
+        .collect();
+    json!({
+        "event": {"id": event.id, "type": event.event_type, "time": event.time},
+        "customer": {
+            "has_app": customer.app_installed,
+            "has_email": customer.email.is_some(),
+            "has_phone": customer.phone.is_some(),
+            "timezone": customer.timezone,
+            "consents": customer.consents,
+            "profile": customer.profile,
+            "open_journeys": open_journeys,
+            "recent_contacts": customer.recent_sends.len(),
+        },
+        "rule_set": rule_set,
+    })
 }
 
 fn rule_failure(index: usize, event: &Event, e: RuleError) -> EventFailure {
@@ -424,15 +516,7 @@ fn instance_key(journey: &Journey, event: &Event) -> Result<String, RuleError> {
     }
 }
 
-/// Deterministic, so re-processing the same event names the same instance
-/// and the idempotency keys of its steps do not change.
-fn instance_id(journey: &str, customer: &str, key: &str, event_id: &str) -> String {
-    let digest =
-        crate::rules::content_hash(format!("{customer}\u{1f}{key}\u{1f}{event_id}").as_bytes());
-    format!("{journey}-{digest}")
-}
-
-/// Loads rules and records the version in the store (for the decision trail).
+/// Records the rule set's version in the store (for the decision trail).
 pub fn record_rules_version(
     store: &dyn Store,
     rules: &RuleSet,

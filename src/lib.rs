@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod event;
 pub mod ingest;
 pub mod journey;
+pub mod model;
 pub mod policy;
 pub mod rules;
 pub mod scheduler;

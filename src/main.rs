@@ -50,6 +50,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Bring the store's schema up to this binary's version and print it
+    /// (the daemon does the same at start; this runs it alone, e.g. before a rollout).
+    Migrate {
+        /// TOML config file naming the store; `NUDGE_SECTION__KEY` variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Run the journey tests (`*.test.toml` next to the journeys) on a virtual clock.
     Test {
         #[arg(default_value = "rules")]
@@ -168,6 +175,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             runtime.block_on(nudge::daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(config.as_deref())?;
+            let path = &config.store.path;
+            let (before, after) = nudge::store::SqliteStore::migrate(path)
+                .with_context(|| format!("store.path: migrating {}", path.display()))?;
+            println!(
+                "{}: schema version {after}{}",
+                path.display(),
+                if before == after {
+                    " (up to date)".to_string()
+                } else {
+                    format!(" (was {before})")
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Test { dir } => {

@@ -5,9 +5,10 @@
 use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
-use crate::config::{parse_hhmm, PolicyConfig};
+use crate::clock::span;
+use crate::config::PolicyConfig;
 use crate::context::CustomerContext;
-use crate::store::{DueStep, Mode};
+use crate::model::{ChannelKind, DueStep, Mode};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -31,12 +32,9 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(config: PolicyConfig) -> Self {
-        let default_tz = config.default_timezone.parse().unwrap_or(chrono_tz::UTC);
-        let quiet = match (
-            parse_hhmm(&config.quiet_hours.start),
-            parse_hhmm(&config.quiet_hours.end),
-        ) {
-            (Some(s), Some(e)) if s != e => Some((s, e)),
+        let default_tz = config.default_timezone;
+        let quiet = match (config.quiet_hours.start, config.quiet_hours.end) {
+            (Some(s), Some(e)) if s != e => Some((s.minutes(), e.minutes())),
             _ => None,
         };
         Self {
@@ -59,7 +57,7 @@ impl Policy {
         now: DateTime<Utc>,
     ) -> Verdict {
         let late_by = now - step.planned_at;
-        if late_by > Duration::from_std(lateness).unwrap_or(Duration::MAX) {
+        if late_by > span(lateness) {
             return Verdict::Expire(format!(
                 "due {} ago, past the {} lateness bound of {}",
                 humantime::format_duration(late_by.to_std().unwrap_or_default()),
@@ -104,9 +102,9 @@ impl Policy {
         }
         if !customer.reachable(step.channel) {
             let why = match step.channel {
-                crate::dispatch::ChannelKind::Push => "no app installed",
-                crate::dispatch::ChannelKind::Email => "no email address",
-                crate::dispatch::ChannelKind::CallTask => "no phone number",
+                ChannelKind::Push => "no app installed",
+                ChannelKind::Email => "no email address",
+                ChannelKind::CallTask => "no phone number",
             };
             return Some(Verdict::Suppress(format!(
                 "unreachable on {}: {why}",
@@ -118,9 +116,8 @@ impl Policy {
                 return Some(Verdict::Defer {
                     until,
                     reason: format!(
-                        "quiet hours {}-{} in {}",
-                        self.config.quiet_hours.start,
-                        self.config.quiet_hours.end,
+                        "quiet hours {} in {}",
+                        self.quiet_window(),
                         self.zone(customer)
                     ),
                 });
@@ -134,6 +131,15 @@ impl Policy {
             )));
         }
         None
+    }
+
+    /// "21:00-08:00", as the config says.
+    fn quiet_window(&self) -> String {
+        let q = &self.config.quiet_hours;
+        match (q.start, q.end) {
+            (Some(s), Some(e)) => format!("{s}-{e}"),
+            _ => "off".into(),
+        }
     }
 
     fn zone(&self, customer: &CustomerContext) -> Tz {
@@ -185,8 +191,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::ChannelKind;
-    use crate::rules::Category;
+    use crate::model::{Category, InstanceStatus};
 
     fn step(channel: ChannelKind, category: Category, planned: DateTime<Utc>) -> DueStep {
         DueStep {
@@ -205,7 +210,7 @@ mod tests {
             category,
             rule_hash: "h".into(),
             vars: Default::default(),
-            instance_status: "open".into(),
+            instance_status: InstanceStatus::Open,
         }
     }
 

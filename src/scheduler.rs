@@ -15,14 +15,16 @@ use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 
-use crate::audit::{LogRecord, Outcome};
-use crate::clock::Clock;
+use crate::clock::{span, Clock};
 use crate::config::SchedulerConfig;
 use crate::context::CustomerContext;
-use crate::dispatch::{ChannelKind, Channels, DispatchError, HistoryEntry, Message, Variables};
+use crate::dispatch::{Channels, DispatchError, Message};
+use crate::model::{
+    ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Outcome, Variables,
+};
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
-use crate::store::{step_record, DueStep, StepResult, Store, StoreError};
+use crate::store::{StepResult, Store, StoreError};
 
 /// What deciding and sending a claimed batch needs from the store.
 struct BatchContext {
@@ -42,7 +44,6 @@ pub struct Scheduler {
     wake: HashMap<ChannelKind, Arc<Notify>>,
 }
 
-const DEFAULT_LATENESS: Duration = Duration::from_secs(12 * 3600);
 /// Most step outcomes written in one store transaction.
 const FINISH_BATCH: usize = 128;
 /// How long the daemon lets finished steps gather before writing them.
@@ -149,10 +150,8 @@ impl Scheduler {
         let (batch_tx, batch_rx) =
             tokio::sync::mpsc::channel::<(Vec<DueStep>, Arc<BatchContext>)>(1);
         let claimer = async move {
-            let lease = chrono::Duration::from_std(self.config.lease)
-                .unwrap_or(chrono::Duration::minutes(5));
-            let window = chrono::Duration::from_std(self.policy.config().cap_window)
-                .unwrap_or(chrono::Duration::days(1));
+            let lease = span(self.config.lease);
+            let window = span(self.policy.config().cap_window);
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
@@ -299,26 +298,20 @@ impl Scheduler {
         let now = self.clock.now();
         // Only a claim that outlived its worker can belong to an ended
         // instance (closing cancels pending steps): settle it, never send it.
-        let ended = match step.instance_status.as_str() {
-            "converted" => Some(Outcome::Converted),
-            "cancelled" => Some(Outcome::Cancelled),
-            _ => None,
+        let ended = match step.instance_status {
+            InstanceStatus::Converted => Some(Outcome::Converted),
+            InstanceStatus::Cancelled => Some(Outcome::Cancelled),
+            InstanceStatus::Open | InstanceStatus::Completed => None,
         };
         if let Some(outcome) = ended {
-            let mut record = step_record(
+            let mut record = LogRecord::about(
+                step.subject(),
                 now,
-                &step.customer,
-                &step.journey,
-                &step.instance_id,
-                &step.step,
-                step.channel.as_str(),
-                &step.template,
                 outcome,
                 format!(
                     "journey {} while the step was claimed; step not sent",
                     step.instance_status
                 ),
-                &step.rule_hash,
             );
             record.attempt = step.attempt;
             return Ok(Some(StepResult {
@@ -332,7 +325,7 @@ impl Scheduler {
             .lateness
             .get(&step.channel)
             .copied()
-            .unwrap_or(DEFAULT_LATENESS);
+            .unwrap_or(crate::config::DEFAULT_LATENESS);
         let Some(customer) = context.customers.get(&step.customer) else {
             return Err(StoreError::Corrupt(format!(
                 "customer {} of a claimed step not loaded",
@@ -388,10 +381,7 @@ impl Scheduler {
                     }
                     Err(e) if e.retryable() && step.attempt < self.config.max_attempts => {
                         let wait = self.backoff(step.attempt);
-                        again_at = Some(
-                            done + chrono::Duration::from_std(wait)
-                                .unwrap_or(chrono::Duration::seconds(1)),
-                        );
+                        again_at = Some(done + span(wait));
                         (
                             Outcome::Retrying,
                             format!(
@@ -429,18 +419,7 @@ impl Scheduler {
             Verdict::Shadow(reason) => (Outcome::Shadow, reason),
         };
         metrics::counter!("nudge_steps_total", "channel" => step.channel.as_str(), "outcome" => outcome.as_str()).increment(1);
-        let mut record = step_record(
-            self.clock.now(),
-            &step.customer,
-            &step.journey,
-            &step.instance_id,
-            &step.step,
-            step.channel.as_str(),
-            &step.template,
-            outcome,
-            reason,
-            &step.rule_hash,
-        );
+        let mut record = LogRecord::about(step.subject(), self.clock.now(), outcome, reason);
         record.attempt = step.attempt;
         record.latency_ms = latency_ms;
         Ok(Some(StepResult {
@@ -485,7 +464,7 @@ impl Scheduler {
             .get(step.channel)
             .ok_or(DispatchError::NotConfigured(step.channel))?;
         let message = Message {
-            idempotency_key: Message::idempotency_key(&step.instance_id, &step.step),
+            idempotency_key: crate::model::idempotency_key(&step.instance_id, &step.step),
             customer: step.customer.clone(),
             journey: step.journey.clone(),
             instance: step.instance_id.clone(),

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use crate::audit::LogRecord;
 use crate::clock::{Clock, VirtualClock};
 use crate::config::{PolicyConfig, SchedulerConfig};
 use crate::dispatch::{Channel, Channels, RecordingChannel};
 use crate::event::Event;
 use crate::journey::{BatchOutcome, Pipeline};
+use crate::model::LogRecord;
 use crate::policy::Policy;
 use crate::rules::{RuleSet, RulesHandle};
 use crate::scheduler::Scheduler;

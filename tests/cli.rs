@@ -89,7 +89,7 @@ fn simulate_prints_one_json_record_per_decision() {
         assert!(r["outcome"]
             .as_str()
             .unwrap()
-            .parse::<nudge::audit::Outcome>()
+            .parse::<nudge::model::Outcome>()
             .is_ok());
         assert_eq!(
             r["rule_hash"].as_str(),

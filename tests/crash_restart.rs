@@ -14,12 +14,12 @@ use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::sync::watch;
 
-use nudge::audit::{LogRecord, Outcome};
 use nudge::clock::{Clock, VirtualClock};
 use nudge::config::{PolicyConfig, SchedulerConfig};
-use nudge::dispatch::{Channel, ChannelKind, Channels, DispatchError, HttpChannel, Message};
+use nudge::dispatch::{Channel, Channels, DispatchError, HttpChannel, Message};
 use nudge::event::Event;
 use nudge::journey::{record_rules_version, Pipeline};
+use nudge::model::{ChannelKind, LogRecord, Outcome};
 use nudge::policy::Policy;
 use nudge::rules::RulesHandle;
 use nudge::scheduler::Scheduler;

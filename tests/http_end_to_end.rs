@@ -6,8 +6,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use nudge::audit::Outcome;
-use nudge::dispatch::ChannelKind;
+use nudge::model::{ChannelKind, Outcome};
 use nudge::sim::read_events;
 use nudge::store::Store;
 use support::*;

@@ -10,8 +10,7 @@ use axum::http::StatusCode;
 use chrono::Duration;
 use serde_json::json;
 
-use nudge::audit::Outcome;
-use nudge::dispatch::ChannelKind;
+use nudge::model::{ChannelKind, Outcome};
 use nudge::store::Store;
 use support::*;
 

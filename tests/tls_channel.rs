@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nudge::dispatch::{Channel, ChannelKind, DispatchError, HttpChannel, Message};
+use nudge::dispatch::{Channel, DispatchError, HttpChannel, Message};
+use nudge::model::ChannelKind;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

@@ -6,56 +6,15 @@ mod http;
 mod recording;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+
+use crate::model::{ChannelKind, HistoryEntry, Variables};
 
 pub use http::HttpChannel;
 pub use recording::RecordingChannel;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChannelKind {
-    /// In-app push notification.
-    Push,
-    Email,
-    /// A task for a contact-centre agent to call the customer.
-    CallTask,
-}
-
-impl ChannelKind {
-    pub const ALL: [ChannelKind; 3] =
-        [ChannelKind::Push, ChannelKind::Email, ChannelKind::CallTask];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChannelKind::Push => "push",
-            ChannelKind::Email => "email",
-            ChannelKind::CallTask => "call_task",
-        }
-    }
-}
-
-impl fmt::Display for ChannelKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ChannelKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        ChannelKind::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown channel `{s}` (expected push, email or call_task)"))
-    }
-}
 
 /// What a channel receives for one step (the JSON body of the HTTP adapter).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,81 +34,6 @@ pub struct Message {
     /// message (or the agent taking the call) continues the conversation.
     pub history: Vec<HistoryEntry>,
     pub attempt: u32,
-}
-
-/// A journey's template variables: the JSON object the rules produced, kept
-/// as text from the store to the wire. Sending a step copies it into the body
-/// instead of parsing it into a map and writing it out again (measured:
-/// 6 k instructions a step); only a step condition or a reader parses it.
-#[derive(Debug, Clone)]
-pub struct Variables(Box<RawValue>);
-
-impl Variables {
-    /// Takes JSON text as stored; it must be an object.
-    pub fn from_json(text: String) -> Result<Self, serde_json::Error> {
-        let raw = RawValue::from_string(text)?;
-        if !raw.get().starts_with('{') {
-            return Err(serde::de::Error::custom("variables must be a JSON object"));
-        }
-        Ok(Self(raw))
-    }
-
-    pub fn as_json(&self) -> &str {
-        self.0.get()
-    }
-
-    pub fn to_map(&self) -> Map<String, Value> {
-        serde_json::from_str(self.0.get()).expect("variables are a JSON object")
-    }
-
-    pub fn get(&self, key: &str) -> Option<Value> {
-        self.to_map().remove(key)
-    }
-}
-
-impl Default for Variables {
-    fn default() -> Self {
-        Self::from(Map::new())
-    }
-}
-
-impl From<Map<String, Value>> for Variables {
-    fn from(map: Map<String, Value>) -> Self {
-        Self(serde_json::value::to_raw_value(&map).expect("a map serializes to JSON"))
-    }
-}
-
-impl PartialEq for Variables {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_json() == other.as_json() || self.to_map() == other.to_map()
-    }
-}
-
-impl Serialize for Variables {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-/// Through a map, so that any deserializer works (not only serde_json's).
-impl<'de> Deserialize<'de> for Variables {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Map::<String, Value>::deserialize(d).map(Self::from)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HistoryEntry {
-    pub step: String,
-    pub channel: String,
-    pub template: String,
-    pub sent_at: String,
-}
-
-impl Message {
-    pub fn idempotency_key(instance: &str, step: &str) -> String {
-        format!("{instance}:{step}")
-    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -224,7 +108,7 @@ pub(crate) mod conformance {
 
     pub fn sample_message() -> Message {
         Message {
-            idempotency_key: Message::idempotency_key("unsigned_loan-abc", "email"),
+            idempotency_key: crate::model::idempotency_key("unsigned_loan-abc", "email"),
             customer: "c1".into(),
             journey: "unsigned_loan".into(),
             instance: "unsigned_loan-abc".into(),

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 use serde_json::{Map, Value};
 
-use super::{Decision, Journey, RuleError};
+use super::{Journey, RuleError};
 use crate::context::CustomerContext;
 use crate::event::Event;
+use crate::model::{ChannelKind, Decision, InstanceStatus};
 
 /// Sandbox limits for every script evaluation.
 #[derive(Debug, Clone)]
@@ -78,10 +79,10 @@ pub fn build_engine(limits: &Limits) -> Engine {
         })
         .register_get("has_app", |c: &mut CustomerView| c.0.app_installed)
         .register_get("has_email", |c: &mut CustomerView| {
-            c.0.reachable(crate::dispatch::ChannelKind::Email)
+            c.0.reachable(ChannelKind::Email)
         })
         .register_get("has_phone", |c: &mut CustomerView| {
-            c.0.reachable(crate::dispatch::ChannelKind::CallTask)
+            c.0.reachable(ChannelKind::CallTask)
         })
         .register_get("preferred_channel", |c: &mut CustomerView| {
             c.0.preferred_channel
@@ -101,7 +102,7 @@ pub fn build_engine(limits: &Limits) -> Engine {
                     let mut m = rhai::Map::new();
                     m.insert("journey".into(), j.journey.clone().into());
                     m.insert("key".into(), j.key.clone().into());
-                    m.insert("status".into(), j.status.clone().into());
+                    m.insert("status".into(), j.status.as_str().into());
                     m.insert("started_at".into(), j.started_at.to_rfc3339().into());
                     Dynamic::from_map(m)
                 })
@@ -111,7 +112,7 @@ pub fn build_engine(limits: &Limits) -> Engine {
             c.0.in_journey(name)
         })
         .register_fn("converted", |c: &mut CustomerView, name: &str| {
-            c.0.has_status(name, "converted")
+            c.0.has_status(name, InstanceStatus::Converted)
         })
         .register_fn(
             "consented",

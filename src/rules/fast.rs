@@ -26,9 +26,9 @@ use std::fmt::Write as _;
 use rhai::{ASTFlags, ASTNode, Expr, Stmt, Token, AST};
 use serde_json::{Map, Value};
 
-use super::Decision;
 use crate::context::CustomerContext;
 use crate::event::Event;
+use crate::model::{ChannelKind, Decision, InstanceStatus};
 
 /// Longest string rhai builds under our limits; longer ones are its error.
 const MAX_STRING: usize = 64 * 1024;
@@ -705,8 +705,8 @@ impl<'a> Ctx<'a> {
                     .as_deref()
                     .map_or(Val::Unit, |t| Val::Str(Cow::Borrowed(t))),
                 "has_app" => Val::Bool(c.app_installed),
-                "has_email" => Val::Bool(c.reachable(crate::dispatch::ChannelKind::Email)),
-                "has_phone" => Val::Bool(c.reachable(crate::dispatch::ChannelKind::CallTask)),
+                "has_email" => Val::Bool(c.reachable(ChannelKind::Email)),
+                "has_phone" => Val::Bool(c.reachable(ChannelKind::CallTask)),
                 "preferred_channel" => c
                     .preferred_channel
                     .map_or(Val::Unit, |ch| Val::Str(Cow::Owned(ch.to_string()))),
@@ -752,7 +752,7 @@ impl<'a> Ctx<'a> {
             (Builtin::Contains, [Val::List(items), x]) => contains(items.iter().cloned(), x)?,
             (Builtin::InJourney, [Val::Customer, Val::Str(j)]) => Val::Bool(c.in_journey(j)),
             (Builtin::Converted, [Val::Customer, Val::Str(j)]) => {
-                Val::Bool(c.has_status(j, "converted"))
+                Val::Bool(c.has_status(j, InstanceStatus::Converted))
             }
             (Builtin::Consented, [Val::Customer, Val::Str(ch), Val::Str(cat)]) => {
                 match (ch.parse(), cat.parse()) {
@@ -982,9 +982,10 @@ mod tests {
 
     use serde_json::{json, Value};
 
-    use super::super::{api, load_sources, Decision, Limits, RuleSet};
+    use super::super::{api, load_sources, Limits, RuleSet};
     use crate::context::CustomerContext;
     use crate::event::Event;
+    use crate::model::Decision;
 
     fn event(event_type: &str, data: Value) -> Arc<Event> {
         let bytes = serde_json::to_vec(&json!({"specversion":"1.0","id":"e-1","type":event_type,
@@ -1109,7 +1110,7 @@ mod tests {
                 c.journeys.push(crate::context::JourneySummary {
                     journey: "energy_rebate".into(),
                     key: "c-1".into(),
-                    status: "converted".into(),
+                    status: crate::model::InstanceStatus::Converted,
                     started_at: chrono::Utc::now(),
                     ended_at: None,
                 });

@@ -10,8 +10,8 @@ use std::time::Duration;
 use rhai::{Dynamic, Engine, Scope};
 
 use super::api::{build_engine, innermost, Limits};
-use super::{content_hash, Category, ExitOutcome, Journey, RuleSet, StepPlan};
-use crate::dispatch::ChannelKind;
+use super::{Journey, RuleSet, StepPlan};
+use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {

@@ -17,69 +17,18 @@ use std::collections::HashMap;
 type Index<V> = HashMap<String, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::context::CustomerContext;
-use crate::dispatch::ChannelKind;
 use crate::event::Event;
+use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{load_dir, load_sources, parse_delay, LoadError, Problem};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Category {
-    /// Servicing the customer's own business (allowed unless opted out).
-    Service,
-    /// Selling or promoting (needs opt-in consent).
-    Marketing,
-}
-
-impl FromStr for Category {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "service" => Ok(Category::Service),
-            "marketing" => Ok(Category::Marketing),
-            other => Err(format!(
-                "unknown category `{other}` (expected service or marketing)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Category {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Category::Service => "service",
-            Category::Marketing => "marketing",
-        })
-    }
-}
-
-/// How an exit event closes a journey instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExitOutcome {
-    /// The customer did what the journey was for.
-    Converted,
-    /// The reason for the journey went away.
-    Cancelled,
-}
-
-impl ExitOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExitOutcome::Converted => "converted",
-            ExitOutcome::Cancelled => "cancelled",
-        }
-    }
-}
 
 /// One planned message of a journey, as declared in the script.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -147,18 +96,6 @@ impl fmt::Debug for Journey {
             .field("hash", &self.hash)
             .finish_non_exhaustive()
     }
-}
-
-/// What a journey's `decide` returned for one event.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    Start {
-        /// Instance key override; otherwise the journey's key field or the customer id.
-        key: Option<String>,
-        /// Template variables carried by every step of the instance.
-        vars: Map<String, Value>,
-    },
-    Skip(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -313,12 +250,6 @@ impl RulesHandle {
         let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *guard, Arc::new(rules))
     }
-}
-
-/// Short content hash used for files and versions.
-pub fn content_hash(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(bytes)[..6])
 }
 
 /// Stable percentage bucket (0..100) of a customer for a journey, used for

@@ -11,8 +11,8 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::audit::{LogRecord, Outcome};
 use crate::config::PolicyConfig;
+use crate::model::{LogRecord, Outcome};
 use crate::rules::RuleSet;
 use crate::sim::{read_events, Simulation};
 

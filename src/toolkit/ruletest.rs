@@ -25,9 +25,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::offset_text;
-use crate::audit::LogRecord;
 use crate::config::PolicyConfig;
 use crate::event::Event;
+use crate::model::LogRecord;
 use crate::rules::{parse_delay, RuleSet};
 use crate::sim::Simulation;
 

@@ -417,7 +417,7 @@ pub fn sent_steps(path: &Path) -> Vec<(String, String)> {
         after = last.seq;
         out.extend(
             page.into_iter()
-                .filter(|r| r.outcome == nudge::audit::Outcome::Sent)
+                .filter(|r| r.outcome == nudge::model::Outcome::Sent)
                 .map(|r| (r.instance, r.step)),
         );
     }

@@ -13,11 +13,11 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use nudge::audit::{LogRecord, Outcome};
 use nudge::config::PolicyConfig;
-use nudge::dispatch::{ChannelKind, Channels, HttpChannel, Message, RecordingChannel};
+use nudge::dispatch::{Channels, HttpChannel, Message, RecordingChannel};
 use nudge::event::Event;
 use nudge::journey::BatchOutcome;
+use nudge::model::{ChannelKind, LogRecord, Outcome};
 use nudge::rules::{load_dir, load_sources, Limits, RuleSet};
 use nudge::sim::Simulation;
 use nudge::store::Store;

@@ -1,5 +1,5 @@
-//! The embedded store: one SQLite file in WAL mode. One process owns the file
-//! (single node); several replicas need the PostgreSQL store.
+//! The embedded store: one SQLite file in WAL mode, for one node. One
+//! process owns the file; several replicas need a shared database server.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -8,168 +8,26 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::{
-    ClosedStep, DeadLetter, DueStep, Mode, NewInstance, NewStep, OpenInstance, StepResult, Store,
-    StoreError, Tx,
-};
-use crate::audit::{LogRecord, Outcome};
+mod batch;
+mod lock;
+mod purge;
+pub mod schema;
+mod tx;
+
+use super::{DeadLetter, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
-use crate::dispatch::{ChannelKind, HistoryEntry, Variables};
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS customers (
-    id TEXT PRIMARY KEY,
-    context TEXT NOT NULL,
-    updated_at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS instances (
-    id TEXT PRIMARY KEY,
-    customer TEXT NOT NULL,
-    journey TEXT NOT NULL,
-    key TEXT NOT NULL,
-    status TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    category TEXT NOT NULL,
-    started_at INTEGER NOT NULL,
-    ended_at INTEGER,
-    rule_hash TEXT NOT NULL,
-    trigger_event TEXT NOT NULL,
-    vars TEXT NOT NULL,
-    seen TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS instances_one_open ON instances (customer, journey, key) WHERE status = 'open';
-CREATE INDEX IF NOT EXISTS instances_by_customer ON instances (customer, started_at);
-CREATE TABLE IF NOT EXISTS steps (
-    instance_id TEXT NOT NULL,
-    step TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    channel TEXT NOT NULL,
-    template TEXT NOT NULL,
-    condition TEXT,
-    planned_at INTEGER NOT NULL,
-    due_at INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    lease_until INTEGER
-);
--- A rowid table: rows lie in the order they were planned, so a batch of
--- steps falling due together shares a few pages instead of one page each
--- (a claim from 10 M pending steps stays as cheap as from a thousand).
-CREATE UNIQUE INDEX IF NOT EXISTS steps_key ON steps (instance_id, step);
-CREATE INDEX IF NOT EXISTS steps_pending ON steps (channel, due_at) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS steps_claimed ON steps (channel, lease_until) WHERE status = 'claimed';
-CREATE TABLE IF NOT EXISTS dispatch_log (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    time INTEGER NOT NULL,
-    customer TEXT NOT NULL,
-    journey TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    step TEXT NOT NULL,
-    channel TEXT NOT NULL,
-    template TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    rule_hash TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    latency_ms INTEGER,
-    event_id TEXT
-);
-CREATE INDEX IF NOT EXISTS dispatch_log_sends ON dispatch_log (customer, time) WHERE outcome = 'sent';
-CREATE INDEX IF NOT EXISTS dispatch_log_instance ON dispatch_log (instance) WHERE outcome = 'sent';
-CREATE TABLE IF NOT EXISTS processed_events (
-    id TEXT PRIMARY KEY,
-    at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kafka_offsets (
-    topic TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL,
-    PRIMARY KEY (topic, partition)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    key BLOB,
-    payload BLOB NOT NULL,
-    reason TEXT NOT NULL,
-    journey TEXT,
-    event_id TEXT,
-    created_at INTEGER NOT NULL,
-    published_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
--- Retention purges by age: without these it scans whole tables while holding
--- the write lock (seconds at millions of rows, stalling ingest and sending).
-CREATE INDEX IF NOT EXISTS processed_events_at ON processed_events (at);
-CREATE INDEX IF NOT EXISTS dead_letters_published ON dead_letters (published_at) WHERE published_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS rule_versions (
-    version TEXT PRIMARY KEY,
-    loaded_at INTEGER NOT NULL,
-    files TEXT NOT NULL
-) WITHOUT ROWID;
-"#;
-
-// Statements of the dispatch path. A batch's keys are bound as one
-// `rarray(?)` parameter: each key still costs an index seek, but the batch
-// costs one statement rather than one per step (measured: 15 k instructions
-// a step less).
-
-/// The instances of claimed steps (`?1`: their ids), one row per id in order
-/// (LEFT JOIN: a missing instance shows as NULL instead of shifting the rows).
-const CLAIMED_INSTANCES: &str =
-    "SELECT i.customer, i.journey, i.mode, i.category, i.rule_hash, i.vars, i.status
-     FROM rarray(?1) AS a LEFT JOIN instances AS i ON i.id = a.value";
-
-/// Customers' stored contexts (`?1`: ids), one row per id in order, NULL when none.
-const CUSTOMER_CONTEXTS: &str =
-    "SELECT c.context FROM rarray(?1) AS a LEFT JOIN customers AS c ON c.id = a.value";
-
-/// Sends to the customers `?1` since `?2`.
-const RECENT_SENDS: &str =
-    "SELECT a.value, d.time FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
-     ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2";
-
-/// Sent steps of the instances `?1`.
-const HISTORIES: &str = "SELECT a.value, d.seq, d.step, d.channel, d.template, d.time
-     FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
-     ON d.instance = a.value AND d.outcome = 'sent'";
+use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Outcome, Variables};
+use batch::{text_array, CLAIMED_INSTANCES};
+use tx::SqliteTx;
 
 /// Completes the instance `?1` at `?2` when the step just settled was its last.
 const COMPLETE_INSTANCE: &str = "UPDATE instances SET status = 'completed', ended_at = ?2
      WHERE id = ?1 AND status = 'open'
        AND NOT EXISTS (SELECT 1 FROM steps WHERE instance_id = ?1 AND status IN ('pending', 'claimed'))";
 
-/// Rows deleted per purge transaction: the write lock is released between
-/// chunks, so ingest and sending wait milliseconds, not the whole purge.
-const PURGE_CHUNK: usize = 2_000;
-
-/// The last instance id of the next purge chunk (`?1` exclusive start).
-const PURGE_INSTANCES_CHUNK_END: &str =
-    "SELECT id FROM instances WHERE id > ?1 ORDER BY id LIMIT 1 OFFSET ?2";
-/// Ended, old instances with ids in (`?1`, `?2`]: their steps, then them.
-const PURGE_INSTANCES: (&str, &str) = (
-    "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE id > ?1 AND id <= ?2 AND status <> 'open' AND ended_at < ?3)",
-    "DELETE FROM instances WHERE id > ?1 AND id <= ?2 AND status <> 'open' AND ended_at < ?3",
-);
-/// The same for every id after `?1` (`?2` unused): the last, partial chunk.
-const PURGE_INSTANCES_TAIL: (&str, &str) = (
-    "DELETE FROM steps WHERE instance_id IN (SELECT id FROM instances WHERE id > ?1 AND ?2 = ?2 AND status <> 'open' AND ended_at < ?3)",
-    "DELETE FROM instances WHERE id > ?1 AND ?2 = ?2 AND status <> 'open' AND ended_at < ?3",
-);
-
-/// Purges of the append-only tables, a chunk at a time. The dispatch log is
-/// written in time order, so its oldest rows come first by `seq` (no index
-/// on `time` to maintain for every send); a chunk that reaches a row newer
-/// than the cutoff ends the purge.
-const PURGE_BY_AGE: [&str; 3] = [
-    "DELETE FROM dispatch_log WHERE seq IN (SELECT seq FROM dispatch_log ORDER BY seq LIMIT ?2) AND time < ?1",
-    "DELETE FROM processed_events WHERE id IN (SELECT id FROM processed_events WHERE at < ?1 LIMIT ?2)",
-    "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE published_at < ?1 LIMIT ?2)",
-];
-
 pub struct SqliteStore {
+    /// Held for the store's lifetime when opened by the daemon ([`SqliteStore::open_exclusive`]).
+    _owner: Option<lock::OwnerLock>,
     conn: Mutex<Connection>,
     /// A second connection for the dispatch path's batch reads, so that they
     /// run beside the writer's transactions (WAL: readers never wait for
@@ -178,14 +36,33 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
 }
 
-/// Page cache when none is configured (`store.cache_mb`'s default): SQLite's
-/// own. A 64 MiB cache halved the scheduler's rate (pages re-read at every
-/// transaction; see BENCHMARKS.md), so larger caches are for bulk loads.
-pub const DEFAULT_CACHE_MB: u32 = 2;
-
 impl SqliteStore {
+    /// Opens the store as its one owner, the daemon: refused while another
+    /// process owns the file (the error names it and its pid). Claims left by
+    /// a dead predecessor are released at once, since no live worker can
+    /// hold them, so their steps go out now rather than when their lease ends.
+    pub fn open_exclusive(path: &Path, cache_mb: u32) -> Result<(Self, usize), StoreError> {
+        let owner = lock::OwnerLock::acquire(path)?;
+        let mut store = Self::open_with_cache(path, cache_mb)?;
+        store._owner = Some(owner);
+        let released = store.release_all_leases()?;
+        Ok((store, released))
+    }
+
+    /// The schema version of the file at `path`, migrating it first (the
+    /// `nudge migrate` command): (version found, version now).
+    pub fn migrate(path: &Path) -> Result<(u32, u32), StoreError> {
+        let before = match path.exists() {
+            true => schema::version(&Connection::open(path)?)?,
+            false => 0,
+        };
+        let store = Self::open(path)?;
+        let after = schema::version(&store.conn())?;
+        Ok((before, after))
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, DEFAULT_CACHE_MB)
+        Self::open_with_cache(path, crate::config::DEFAULT_CACHE_MB)
     }
 
     pub fn open_with_cache(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
@@ -206,14 +83,15 @@ impl SqliteStore {
     }
 
     fn try_open(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
-        let conn = Self::connect(path, cache_mb)?;
+        let mut conn = Self::connect(path, cache_mb)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash; only an OS
         // crash or power loss may lose the last transactions.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
+        schema::migrate(&mut conn)?;
         let reader = Self::connect(path, cache_mb)?;
         Ok(Self {
+            _owner: None,
             conn: Mutex::new(conn),
             reader: Mutex::new(reader),
         })
@@ -294,18 +172,18 @@ fn load_journeys(conn: &Connection, id: &str) -> Result<Vec<JourneySummary>, Sto
     let mut stmt = conn.prepare_cached(
         "SELECT journey, key, status, started_at, ended_at FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
     )?;
-    let rows = stmt
-        .query_map([id], |r| {
-            Ok(JourneySummary {
-                journey: r.get(0)?,
-                key: r.get(1)?,
-                status: r.get(2)?,
-                started_at: from_ms(r.get(3)?),
-                ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
+    let mut rows = stmt.query([id])?;
+    let mut journeys = Vec::new();
+    while let Some(r) = rows.next()? {
+        journeys.push(JourneySummary {
+            journey: r.get(0)?,
+            key: r.get(1)?,
+            status: text(r, 2)?.parse().map_err(StoreError::Corrupt)?,
+            started_at: from_ms(r.get(3)?),
+            ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
+        });
+    }
+    Ok(journeys)
 }
 
 /// A text column read in place (no copy).
@@ -313,24 +191,6 @@ fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
     r.get_ref(i)?
         .as_str()
         .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
-}
-
-/// Keys bound as one `rarray(?)` parameter.
-fn text_array<'a>(keys: impl Iterator<Item = &'a str>) -> rusqlite::vtab::array::Array {
-    std::rc::Rc::new(
-        keys.map(|k| rusqlite::types::Value::Text(k.to_owned()))
-            .collect(),
-    )
-}
-
-/// Where each distinct key occurs in `keys` (a key may be asked for twice).
-fn positions(keys: &[String]) -> std::collections::HashMap<&str, Vec<usize>> {
-    let mut at: std::collections::HashMap<&str, Vec<usize>> =
-        std::collections::HashMap::with_capacity(keys.len());
-    for (i, k) in keys.iter().enumerate() {
-        at.entry(k.as_str()).or_default().push(i);
-    }
-    at
 }
 
 const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
@@ -450,12 +310,12 @@ impl Store for SqliteStore {
                     attempt,
                     customer,
                     journey: r.get(1)?,
-                    mode: Mode::parse(text(r, 2)?)?,
+                    mode: text(r, 2)?.parse().map_err(StoreError::Corrupt)?,
                     category: text(r, 3)?.parse().map_err(StoreError::Corrupt)?,
                     rule_hash: r.get(4)?,
                     vars: Variables::from_json(r.get(5)?)
                         .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
-                    instance_status: r.get(6)?,
+                    instance_status: text(r, 6)?.parse().map_err(StoreError::Corrupt)?,
                     instance_id,
                     step,
                 });
@@ -534,6 +394,23 @@ impl Store for SqliteStore {
         Ok(v.map(from_ms))
     }
 
+    fn customers(
+        &self,
+        ids: &[String],
+        sends_since: Option<DateTime<Utc>>,
+        journeys: bool,
+    ) -> Result<Vec<CustomerContext>, StoreError> {
+        batch::customers(&self.reader(), ids, sends_since, journeys)
+    }
+
+    fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
+        batch::histories(&self.reader(), instance_ids)
+    }
+
+    fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        purge::purge(self, before)
+    }
+
     fn release_all_leases(&self) -> Result<usize, StoreError> {
         Ok(self.conn().execute(
             "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed'",
@@ -552,83 +429,6 @@ impl Store for SqliteStore {
     fn history(&self, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut one = self.histories(&[instance_id.to_owned()])?;
         Ok(one.pop().unwrap_or_default())
-    }
-
-    fn customers(
-        &self,
-        ids: &[String],
-        sends_since: Option<DateTime<Utc>>,
-        journeys: bool,
-    ) -> Result<Vec<CustomerContext>, StoreError> {
-        let conn = self.reader();
-        let keys = text_array(ids.iter().map(String::as_str));
-        let mut out = Vec::with_capacity(ids.len());
-        {
-            let mut stmt = conn.prepare_cached(CUSTOMER_CONTEXTS)?;
-            let mut rows = stmt.query([keys.clone()])?;
-            for id in ids {
-                let r = rows
-                    .next()?
-                    .ok_or_else(|| StoreError::Corrupt("customer rows missing".into()))?;
-                let mut customer = match r
-                    .get_ref(0)?
-                    .as_str_or_null()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                {
-                    Some(text) => serde_json::from_str(text)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    None => CustomerContext::new(id),
-                };
-                customer.id.clone_from(id);
-                out.push(customer);
-            }
-        }
-        if journeys {
-            for customer in &mut out {
-                customer.journeys = load_journeys(&conn, &customer.id)?;
-            }
-        }
-        if let Some(window_start) = sends_since {
-            let position = positions(ids);
-            let mut stmt = conn.prepare_cached(RECENT_SENDS)?;
-            let mut rows = stmt.query(params![keys, ms(window_start)])?;
-            while let Some(r) = rows.next()? {
-                for &i in &position[text(r, 0)?] {
-                    out[i].recent_sends.push(from_ms(r.get(1)?));
-                }
-            }
-            for customer in &mut out {
-                customer.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
-            }
-        }
-        Ok(out)
-    }
-
-    fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
-        let conn = self.reader();
-        let position = positions(instance_ids);
-        let mut out: Vec<Vec<(i64, HistoryEntry)>> = vec![Vec::new(); instance_ids.len()];
-        let mut stmt = conn.prepare_cached(HISTORIES)?;
-        let mut rows = stmt.query([text_array(position.keys().copied())])?;
-        while let Some(r) = rows.next()? {
-            let entry = HistoryEntry {
-                step: r.get(2)?,
-                channel: r.get(3)?,
-                template: r.get(4)?,
-                sent_at: from_ms(r.get(5)?).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            };
-            let seq: i64 = r.get(1)?;
-            for &i in &position[text(r, 0)?] {
-                out[i].push((seq, entry.clone()));
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|mut entries| {
-                entries.sort_unstable_by_key(|(seq, _)| *seq);
-                entries.into_iter().map(|(_, e)| e).collect()
-            })
-            .collect())
     }
 
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
@@ -685,7 +485,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO rule_versions (version, loaded_at, files) VALUES (?1, ?2, ?3)
-             ON CONFLICT (version) DO UPDATE SET loaded_at = excluded.loaded_at",
+             ON CONFLICT (version) DO NOTHING",
             params![version, ms(at), files.to_string()],
         )?;
         Ok(())
@@ -745,50 +545,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let cutoff = ms(before);
-        let mut deleted = 0u64;
-        // Ended instances with their steps: the table is walked in key order a
-        // chunk at a time, so the lock is held for milliseconds. (An index on
-        // `ended_at` would avoid the walk but cost every finished journey an
-        // index write: 15 % of the sending rate, measured.)
-        let mut after = String::new();
-        loop {
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let upto: Option<String> = tx
-                .query_row(
-                    PURGE_INSTANCES_CHUNK_END,
-                    params![after, PURGE_CHUNK - 1],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            // No `upto`: fewer than a chunk of instances are left after `after`.
-            let (steps, instances) = match &upto {
-                Some(_) => PURGE_INSTANCES,
-                None => PURGE_INSTANCES_TAIL,
-            };
-            let bound = upto.clone().unwrap_or_default();
-            deleted += tx.execute(steps, params![after, bound, cutoff])? as u64;
-            deleted += tx.execute(instances, params![after, bound, cutoff])? as u64;
-            tx.commit()?;
-            match upto {
-                Some(id) => after = id,
-                None => break,
-            }
-        }
-        for sql in PURGE_BY_AGE {
-            loop {
-                let n = self.conn().execute(sql, params![cutoff, PURGE_CHUNK])?;
-                deleted += n as u64;
-                if n < PURGE_CHUNK {
-                    break;
-                }
-            }
-        }
-        Ok(deleted)
-    }
-
     fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
@@ -800,213 +556,14 @@ impl Store for SqliteStore {
     }
 }
 
-struct SqliteTx<'a> {
-    conn: MutexGuard<'a, Connection>,
-    open: bool,
-}
-
-impl Drop for SqliteTx<'_> {
-    fn drop(&mut self) {
-        if self.open {
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-    }
-}
-
-impl Tx for SqliteTx<'_> {
-    fn seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM processed_events WHERE id = ?1")?
-            .exists([event_id])?)
-    }
-
-    fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("INSERT OR IGNORE INTO processed_events (id, at) VALUES (?1, ?2)")?
-            .execute(params![event_id, ms(at)])?;
-        Ok(())
-    }
-
-    fn customer(
-        &mut self,
-        id: &str,
-        window_start: DateTime<Utc>,
-    ) -> Result<CustomerContext, StoreError> {
-        load_customer(&self.conn, id, window_start)
-    }
-
-    fn save_customer(
-        &mut self,
-        customer: &CustomerContext,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let text =
-            serde_json::to_string(customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO customers (id, context, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET context = excluded.context, updated_at = excluded.updated_at",
-            )?
-            .execute(params![customer.id, text, ms(at)])?;
-        Ok(())
-    }
-
-    fn open_instance(
-        &mut self,
-        customer: &str,
-        journey: &str,
-        key: &str,
-    ) -> Result<Option<OpenInstance>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT id, rule_hash FROM instances WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'open'",
-            )?
-            .query_row(params![customer, journey, key], |r| {
-                Ok(OpenInstance {
-                    id: r.get(0)?,
-                    rule_hash: r.get(1)?,
-                })
-            })
-            .optional()?)
-    }
-
-    fn exit_target(
-        &mut self,
-        customer: &str,
-        journey: &str,
-        key: &str,
-        completed_since: DateTime<Utc>,
-    ) -> Result<Option<OpenInstance>, StoreError> {
-        if let Some(open) = self.open_instance(customer, journey, key)? {
-            return Ok(Some(open));
-        }
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT id, rule_hash FROM instances
-                 WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'completed' AND ended_at >= ?4
-                 ORDER BY ended_at DESC LIMIT 1",
-            )?
-            .query_row(params![customer, journey, key, ms(completed_since)], |r| {
-                Ok(OpenInstance {
-                    id: r.get(0)?,
-                    rule_hash: r.get(1)?,
-                })
-            })
-            .optional()?)
-    }
-
-    fn start_instance(&mut self, i: &NewInstance, steps: &[NewStep]) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, seen)
-                 VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                i.id,
-                i.customer,
-                i.journey,
-                i.key,
-                i.mode.as_str(),
-                i.category.to_string(),
-                ms(i.started_at),
-                i.rule_hash,
-                i.trigger_event,
-                Value::Object(i.vars.clone()).to_string(),
-                i.seen.to_string(),
-            ])?;
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO steps (instance_id, step, seq, channel, template, condition, planned_at, due_at, status)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 'pending')",
-        )?;
-        for s in steps {
-            stmt.execute(params![
-                i.id,
-                s.step,
-                s.seq,
-                s.channel.as_str(),
-                s.template,
-                s.condition,
-                ms(s.due_at)
-            ])?;
-        }
-        Ok(())
-    }
-
-    fn close_instance(
-        &mut self,
-        instance_id: &str,
-        status: &str,
-        at: DateTime<Utc>,
-    ) -> Result<Vec<ClosedStep>, StoreError> {
-        self.conn
-            .prepare_cached("UPDATE instances SET status = ?2, ended_at = ?3 WHERE id = ?1 AND status IN ('open', 'completed')")?
-            .execute(params![instance_id, status, ms(at)])?;
-        let mut closed: Vec<(u32, String, String, String)> = self
-            .conn
-            .prepare_cached(
-                "UPDATE steps SET status = 'cancelled', lease_until = NULL
-                 WHERE instance_id = ?1 AND status = 'pending'
-                 RETURNING seq, step, channel, template",
-            )?
-            .query_map([instance_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        closed.sort();
-        closed
-            .into_iter()
-            .map(|(_, step, channel, template)| {
-                Ok(ClosedStep {
-                    step,
-                    channel: channel.parse().map_err(StoreError::Corrupt)?,
-                    template,
-                })
-            })
-            .collect()
-    }
-
-    fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError> {
-        insert_log(&self.conn, record).map(|_| ())
-    }
-
-    fn set_offset(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        next_offset: i64,
-    ) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-            )?
-            .execute(params![topic, partition, next_offset])?;
-        Ok(())
-    }
-
-    fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO dead_letters (topic, partition, offset, key, payload, reason, journey, event_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![l.topic, l.partition, l.offset, l.key, l.payload, l.reason, l.journey, l.event_id, ms(at)])?;
-        Ok(())
-    }
-
-    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        self.conn.execute_batch("COMMIT")?;
-        self.open = false;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::batch::{CUSTOMER_CONTEXTS, HISTORIES, RECENT_SENDS};
+    use super::purge::{
+        PURGE_BY_AGE, PURGE_CHUNK, PURGE_INSTANCES, PURGE_INSTANCES_CHUNK_END, PURGE_INSTANCES_TAIL,
+    };
     use super::*;
+    use crate::model::InstanceStatus;
 
     fn temp_store() -> SqliteStore {
         let dir = tempfile::tempdir().unwrap();
@@ -1086,6 +643,117 @@ mod tests {
     }
 
     #[test]
+    fn a_database_from_before_versioning_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // As the schema was before migrations: the tables, user_version 0.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(schema::V1_TABLES).unwrap();
+            conn.execute(
+                "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, seen)
+                 VALUES ('i1', 'c1', 'j', 'c1', 'open', 'live', 'service', 0, 'h', 'e1', '{}', '{\"event\":1}')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let conn = store.conn();
+        assert_eq!(schema::version(&conn).unwrap(), schema::VERSION);
+        let inputs: String = conn
+            .query_row(
+                "SELECT decision_inputs FROM instances WHERE id = 'i1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(inputs, r#"{"event":1}"#);
+        drop(conn);
+        // Opening again applies nothing.
+        drop(store);
+        let mut conn = Connection::open(&path).unwrap();
+        assert_eq!(schema::migrate(&mut conn).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_database_newer_than_the_binary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", schema::VERSION + 1)
+            .unwrap();
+        let err = SqliteStore::open(&path).err().expect("refused");
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found, supported } if found == schema::VERSION + 1 && supported == schema::VERSION),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer than this binary"), "{err}");
+    }
+
+    #[test]
+    fn one_owner_per_file_and_its_predecessors_claims_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owned.db");
+        let (first, released) = SqliteStore::open_exclusive(&path, 2).unwrap();
+        assert_eq!(released, 0);
+        let err = SqliteStore::open_exclusive(&path, 2)
+            .err()
+            .expect("second owner refused");
+        let text = err.to_string();
+        assert!(
+            matches!(err, StoreError::Locked { holder: Some(pid), .. } if pid == std::process::id()),
+            "{text}"
+        );
+        assert!(
+            text.contains("owned.db") && text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // A claim left behind by the owner (as if it died while sending)...
+        let mut tx = first.begin().unwrap();
+        tx.start_instance(
+            &crate::store::conformance::instance("i1", "c1", "k"),
+            &crate::store::conformance::steps(),
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let t0 = crate::store::conformance::t0();
+        let claimed = first
+            .claim_due(ChannelKind::Push, t0, 10, t0 + chrono::Duration::minutes(5))
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        drop(first);
+        // ...is released for the next owner at once, not after the lease.
+        let (second, released) = SqliteStore::open_exclusive(&path, 2).unwrap();
+        assert_eq!(released, 1);
+        let again = second
+            .claim_due(ChannelKind::Push, t0, 10, t0 + chrono::Duration::minutes(5))
+            .unwrap();
+        assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn a_rule_version_keeps_when_it_was_first_loaded() {
+        let store = temp_store();
+        let first = Utc.timestamp_millis_opt(1_000).unwrap();
+        let files = serde_json::json!({"rules/a.rhai": "h1"});
+        store.record_rules("v1", &files, first).unwrap();
+        store
+            .record_rules("v1", &files, first + chrono::Duration::days(3))
+            .unwrap();
+        let loaded_at: i64 = store
+            .conn()
+            .query_row(
+                "SELECT loaded_at FROM rule_versions WHERE version = 'v1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(loaded_at, 1_000);
+    }
+
+    #[test]
     fn purge_deletes_in_chunks_until_nothing_old_is_left() {
         let store = temp_store();
         let old = Utc.timestamp_millis_opt(1_000_000).unwrap();
@@ -1124,8 +792,12 @@ mod tests {
             tx.start_instance(&instance(&id, &format!("c-{i}"), "k"), &steps())
                 .unwrap();
             match i % 3 {
-                0 => tx.close_instance(&id, "converted", old).unwrap(),
-                1 => tx.close_instance(&id, "converted", recent).unwrap(),
+                0 => tx
+                    .close_instance(&id, InstanceStatus::Converted, old)
+                    .unwrap(),
+                1 => tx
+                    .close_instance(&id, InstanceStatus::Converted, recent)
+                    .unwrap(),
                 _ => Vec::new(),
             };
         }
@@ -1153,8 +825,8 @@ mod tests {
         );
         drop(conn);
         let mut tx = store.begin().unwrap();
-        assert!(!tx.seen("old-0").unwrap());
-        assert!(!tx.seen(&format!("old-{}", n - 1)).unwrap());
-        assert!(tx.seen("recent").unwrap());
+        assert!(!tx.already_processed("old-0").unwrap());
+        assert!(!tx.already_processed(&format!("old-{}", n - 1)).unwrap());
+        assert!(tx.already_processed("recent").unwrap());
     }
 }

@@ -1,0 +1,143 @@
+//! The SQLite schema as numbered migrations, embedded in the binary and
+//! applied in order when the store opens. The database's version is SQLite's
+//! `user_version`; a database newer than this binary is refused, never
+//! written to. A shipped migration is never edited: add the next one.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::StoreError;
+
+/// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS];
+
+/// The schema version this binary writes.
+pub const VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Brings the database to [`VERSION`]; returns how many migrations ran.
+/// Each runs in its own immediate transaction that re-reads the version, so
+/// two processes opening one new file at once apply each migration once.
+pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
+    let mut applied = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current = version(&tx)?;
+        if current > VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                supported: VERSION,
+            });
+        }
+        if current == VERSION {
+            return Ok(applied);
+        }
+        tx.execute_batch(MIGRATIONS[current as usize])?;
+        tx.pragma_update(None, "user_version", current + 1)?;
+        tx.commit()?;
+        applied += 1;
+    }
+}
+
+/// The database's schema version (0 for a new file).
+pub fn version(conn: &Connection) -> Result<u32, StoreError> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
+/// Version 1: the tables as they were before versioning (`IF NOT EXISTS`, so
+/// a database created then, at `user_version` 0, adopts it unchanged).
+pub(super) const V1_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS customers (
+    id TEXT PRIMARY KEY,
+    context TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    customer TEXT NOT NULL,
+    journey TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    category TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    rule_hash TEXT NOT NULL,
+    trigger_event TEXT NOT NULL,
+    vars TEXT NOT NULL,
+    seen TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS instances_one_open ON instances (customer, journey, key) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS instances_by_customer ON instances (customer, started_at);
+CREATE TABLE IF NOT EXISTS steps (
+    instance_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    template TEXT NOT NULL,
+    condition TEXT,
+    planned_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    lease_until INTEGER
+);
+-- A rowid table: rows lie in the order they were planned, so a batch of
+-- steps falling due together shares a few pages instead of one page each
+-- (a claim from 10 M pending steps stays as cheap as from a thousand).
+CREATE UNIQUE INDEX IF NOT EXISTS steps_key ON steps (instance_id, step);
+CREATE INDEX IF NOT EXISTS steps_pending ON steps (channel, due_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS steps_claimed ON steps (channel, lease_until) WHERE status = 'claimed';
+CREATE TABLE IF NOT EXISTS dispatch_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    customer TEXT NOT NULL,
+    journey TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    step TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    template TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule_hash TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    latency_ms INTEGER,
+    event_id TEXT
+);
+CREATE INDEX IF NOT EXISTS dispatch_log_sends ON dispatch_log (customer, time) WHERE outcome = 'sent';
+CREATE INDEX IF NOT EXISTS dispatch_log_instance ON dispatch_log (instance) WHERE outcome = 'sent';
+CREATE TABLE IF NOT EXISTS processed_events (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kafka_offsets (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    key BLOB,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    journey TEXT,
+    event_id TEXT,
+    created_at INTEGER NOT NULL,
+    published_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
+-- Retention purges by age: without these it scans whole tables while holding
+-- the write lock (seconds at millions of rows, stalling ingest and sending).
+CREATE INDEX IF NOT EXISTS processed_events_at ON processed_events (at);
+CREATE INDEX IF NOT EXISTS dead_letters_published ON dead_letters (published_at) WHERE published_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rule_versions (
+    version TEXT PRIMARY KEY,
+    loaded_at INTEGER NOT NULL,
+    files TEXT NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// Version 2: the instance's decision record is named for what it is.
+const V2_DECISION_INPUTS: &str = "ALTER TABLE instances RENAME COLUMN seen TO decision_inputs;";

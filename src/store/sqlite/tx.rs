@@ -1,0 +1,217 @@
+//! The write transaction of the decide stage: one batch of events' effects
+//! and the offsets that produced them, committed together.
+
+use std::sync::MutexGuard;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+use super::{insert_log, load_customer, ms};
+use crate::context::CustomerContext;
+use crate::model::{InstanceStatus, LogRecord};
+use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
+
+pub(super) struct SqliteTx<'a> {
+    pub(super) conn: MutexGuard<'a, Connection>,
+    pub(super) open: bool,
+}
+
+impl Drop for SqliteTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn already_processed(&mut self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM processed_events WHERE id = ?1")?
+            .exists([event_id])?)
+    }
+
+    fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO processed_events (id, at) VALUES (?1, ?2)")?
+            .execute(params![event_id, ms(at)])?;
+        Ok(())
+    }
+
+    fn customer(
+        &mut self,
+        id: &str,
+        window_start: DateTime<Utc>,
+    ) -> Result<CustomerContext, StoreError> {
+        load_customer(&self.conn, id, window_start)
+    }
+
+    fn save_customer(
+        &mut self,
+        customer: &CustomerContext,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let text =
+            serde_json::to_string(customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO customers (id, context, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET context = excluded.context, updated_at = excluded.updated_at",
+            )?
+            .execute(params![customer.id, text, ms(at)])?;
+        Ok(())
+    }
+
+    fn open_instance(
+        &mut self,
+        customer: &str,
+        journey: &str,
+        key: &str,
+    ) -> Result<Option<InstanceRef>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id, rule_hash FROM instances WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'open'",
+            )?
+            .query_row(params![customer, journey, key], |r| {
+                Ok(InstanceRef {
+                    id: r.get(0)?,
+                    rule_hash: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn exitable_instance(
+        &mut self,
+        customer: &str,
+        journey: &str,
+        key: &str,
+        completed_since: DateTime<Utc>,
+    ) -> Result<Option<InstanceRef>, StoreError> {
+        if let Some(open) = self.open_instance(customer, journey, key)? {
+            return Ok(Some(open));
+        }
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id, rule_hash FROM instances
+                 WHERE customer = ?1 AND journey = ?2 AND key = ?3 AND status = 'completed' AND ended_at >= ?4
+                 ORDER BY ended_at DESC LIMIT 1",
+            )?
+            .query_row(params![customer, journey, key, ms(completed_since)], |r| {
+                Ok(InstanceRef {
+                    id: r.get(0)?,
+                    rule_hash: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn start_instance(&mut self, i: &NewInstance, steps: &[NewStep]) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
+                 VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                i.id,
+                i.customer,
+                i.journey,
+                i.key,
+                i.mode.as_str(),
+                i.category.to_string(),
+                ms(i.started_at),
+                i.rule_hash,
+                i.trigger_event,
+                Value::Object(i.vars.clone()).to_string(),
+                i.decision_inputs.to_string(),
+            ])?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO steps (instance_id, step, seq, channel, template, condition, planned_at, due_at, status)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 'pending')",
+        )?;
+        for s in steps {
+            stmt.execute(params![
+                i.id,
+                s.step,
+                s.seq,
+                s.channel.as_str(),
+                s.template,
+                s.condition,
+                ms(s.due_at)
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn close_instance(
+        &mut self,
+        instance_id: &str,
+        status: InstanceStatus,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<ClosedStep>, StoreError> {
+        self.conn
+            .prepare_cached("UPDATE instances SET status = ?2, ended_at = ?3 WHERE id = ?1 AND status IN ('open', 'completed')")?
+            .execute(params![instance_id, status.as_str(), ms(at)])?;
+        let mut closed: Vec<(u32, String, String, String)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE steps SET status = 'cancelled', lease_until = NULL
+                 WHERE instance_id = ?1 AND status = 'pending'
+                 RETURNING seq, step, channel, template",
+            )?
+            .query_map([instance_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        closed.sort();
+        closed
+            .into_iter()
+            .map(|(_, step, channel, template)| {
+                Ok(ClosedStep {
+                    step,
+                    channel: channel.parse().map_err(StoreError::Corrupt)?,
+                    template,
+                })
+            })
+            .collect()
+    }
+
+    fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError> {
+        insert_log(&self.conn, record).map(|_| ())
+    }
+
+    fn set_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+            )?
+            .execute(params![topic, partition, next_offset])?;
+        Ok(())
+    }
+
+    fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO dead_letters (topic, partition, offset, key, payload, reason, journey, event_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![l.topic, l.partition, l.offset, l.key, l.payload, l.reason, l.journey, l.event_id, ms(at)])?;
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        self.open = false;
+        Ok(())
+    }
+}
