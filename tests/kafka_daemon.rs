@@ -557,3 +557,39 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
     assert_eq!(versions, 2, "each loaded version is recorded");
     daemon.terminate();
 }
+
+/// The harness itself: a daemon that is gone is never ready and never
+/// reports a version, so waits on it fail at once and show its log.
+#[test]
+fn waits_on_a_dead_daemon_fail_at_once_with_its_log() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.rules = dir.path().join("no-such-rules");
+    let daemon = Daemon::start(&cfg, "dead");
+    let failure = |wait: &dyn Fn()| -> String {
+        let started = std::time::Instant::now();
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(wait))
+            .expect_err("a wait on a dead daemon fails");
+        assert!(
+            started.elapsed() < LONG / 2,
+            "failed at once, not at the limit"
+        );
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let not_ready = failure(&|| {
+        daemon.wait_ready(LONG);
+    });
+    assert!(
+        not_ready.contains("exited") && not_ready.contains("do not compile"),
+        "names the exit and shows the log: {not_ready}"
+    );
+    assert_eq!(daemon.rules_version(), None, "no answer is no version");
+    let no_version = failure(&|| {
+        daemon.wait_until(LONG, "another rules version", || {
+            daemon.rules_version().is_some_and(|v| v != "v1")
+        })
+    });
+    assert!(no_version.contains("exited"), "{no_version}");
+}
