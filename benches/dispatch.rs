@@ -211,7 +211,7 @@ fn main() {
     let plain_per_round: u64 = arg("plain", n / 2) / rounds;
     println!("machine: {}", machine());
     let server_rt = runtime();
-    let endpoint = Endpoint::start(&server_rt, None);
+    let endpoint = Receiver::counting(&server_rt, None);
     let client_rt = runtime();
     let url = format!("{}/push", endpoint.base);
 

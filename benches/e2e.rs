@@ -101,73 +101,58 @@ struct DaemonRun {
 }
 
 /// `nudge run` on a fresh store over the whole topic.
-fn daemon_consume(brokers: &str, topic: &str, n: u64, endpoint: &str, extra: &str) -> DaemonRun {
+fn daemon_consume(topic: &str, n: u64, endpoint: &Receiver, extra: &str) -> DaemonRun {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("nudge.db");
-    let group = unique("nudge");
-    let daemon = start_daemon(&DaemonSpec {
-        dir: dir.path(),
-        store: &store,
-        brokers,
-        topic,
-        group: &group,
-        endpoint,
-        consumer: "",
-        extra,
-    });
+    let mut cfg = DaemonConfig::with_defaults(dir.path(), endpoint);
+    cfg.topic = topic.to_string();
+    cfg.group = unique("nudge");
+    cfg.extra = extra.to_string();
+    let daemon = Daemon::start(&cfg, "nudge");
     // NUDGE_BENCH_PERF=FILE: profile the daemon with perf while it runs.
     let perf = std::env::var("NUDGE_BENCH_PERF").ok().map(|out| {
         std::process::Command::new("perf")
             .args(["record", "-a", "-F", "1999", "-o"])
             .arg(format!("{out}.{}", topic.split('-').nth(1).unwrap_or("x")))
             .arg("-p")
-            .arg(daemon.child.id().to_string())
+            .arg(daemon.pid().to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("perf")
     });
     // The daemon creates the file; open a reader once it exists.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let conn = loop {
-        if store.exists() {
-            if let Ok(c) = rusqlite::Connection::open_with_flags(
-                &store,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            ) {
-                if c.query_row("SELECT COUNT(*) FROM kafka_offsets", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .is_ok()
-                {
-                    break c;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no store: {}", daemon.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut conn = None;
+    daemon.poll_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "the store",
+        || {
+            conn = store_reader(&cfg.store);
+            conn.is_some()
+        },
+        String::new,
+    );
+    let conn = conn.unwrap();
     let mut first: Option<(Instant, i64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(600);
     let mut peak_rss = 0;
-    let last = loop {
-        let c = committed(&conn, topic);
-        let now = Instant::now();
-        if c > 0 && first.is_none() {
-            first = Some((now, c));
-        }
-        peak_rss = peak_rss.max(daemon.rss_kb().0);
-        if c as u64 >= n {
-            break now;
-        }
-        assert!(
-            now < deadline,
-            "daemon stalled at {c}/{n}:\n{}",
-            daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let mut last = Instant::now();
+    let stalled_at = std::cell::Cell::new(0);
+    daemon.poll_until(
+        Duration::from_secs(600),
+        Duration::from_millis(5),
+        "every offset committed",
+        || {
+            let c = committed(&conn, topic);
+            last = Instant::now();
+            if c > 0 && first.is_none() {
+                first = Some((last, c));
+            }
+            peak_rss = peak_rss.max(daemon.rss_kb().0);
+            stalled_at.set(c);
+            c as u64 >= n
+        },
+        || format!("stalled at {}/{n}", stalled_at.get()),
+    );
     let (t0, c0) = first.unwrap();
     let started: i64 = conn
         .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
@@ -185,7 +170,7 @@ fn daemon_consume(brokers: &str, topic: &str, n: u64, endpoint: &str, extra: &st
             .status();
         let _ = p.wait();
     }
-    daemon.stop();
+    daemon.terminate();
     run
 }
 
@@ -196,16 +181,16 @@ fn main() {
     println!("machine: {}", machine());
     let brokers = brokers();
     let rt = runtime();
-    let endpoint = Endpoint::start(&rt, None);
+    let endpoint = Receiver::counting(&rt, None);
     let mut report = Report::default();
 
     // The topics.
     let untriggered_topic = unique("bench-untriggered");
     let mix_topic = unique("bench-mix");
-    create_topic(&rt, &brokers, &untriggered_topic, 6);
-    create_topic(&rt, &brokers, &mix_topic, 6);
+    create_topic(&rt, &untriggered_topic, 6);
+    create_topic(&rt, &mix_topic, 6);
     let records: Vec<_> = (0..nu).map(untriggered).collect();
-    let p1 = produce_all(&brokers, &untriggered_topic, &records);
+    let p1 = produce(&untriggered_topic, &records);
     drop(records);
     let records: Vec<_> = (0..n)
         .map(|i| {
@@ -217,7 +202,7 @@ fn main() {
         })
         .collect();
     let bytes: usize = records.iter().map(|r| r.1.len()).sum();
-    let p2 = produce_all(&brokers, &mix_topic, &records);
+    let p2 = produce(&mix_topic, &records);
     drop(records);
     println!(
         "produced {nu} + {n} events (mean {} B) at {} and {}",
@@ -238,7 +223,7 @@ fn main() {
     );
 
     let extra = std::env::var("NUDGE_BENCH_DAEMON_EXTRA").unwrap_or_default();
-    let du = daemon_consume(&brokers, &untriggered_topic, nu, &endpoint.base, &extra);
+    let du = daemon_consume(&untriggered_topic, nu, &endpoint, &extra);
     println!(
         "nudge untriggered: {} ({:.2} s first→last commit, {:.2} s from process start, peak RSS {} MB)",
         fmt_rate(du.rate),
@@ -246,7 +231,7 @@ fn main() {
         du.start_to_last.as_secs_f64(),
         du.rss_kb / 1024
     );
-    let dm = daemon_consume(&brokers, &mix_topic, n, &endpoint.base, &extra);
+    let dm = daemon_consume(&mix_topic, n, &endpoint, &extra);
     println!(
         "nudge 10% mix: {} ({:.2} s first→last commit, {:.2} s from process start, {} journeys started, peak RSS {} MB)",
         fmt_rate(dm.rate),

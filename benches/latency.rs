@@ -89,7 +89,7 @@ fn main() {
     let mut report = Report::default();
     if which == "tansu" || which == "both" {
         let brokers = brokers();
-        let create = |topic: &str| create_topic(&rt, &brokers, topic, 6);
+        let create = |topic: &str| create_topic_on(&rt, &brokers, topic, 6);
         run_on(
             "tansu",
             &brokers,
@@ -193,7 +193,7 @@ fn run_on(
 
     // nudge: produce → consume → decide → store → schedule → push.
     let (s2, l2) = (sent.clone(), latencies.clone());
-    let endpoint = Endpoint::start(
+    let endpoint = Receiver::counting(
         rt,
         Some(Arc::new(move |body: &[u8]| {
             let now = origin.elapsed().as_nanos() as u64;
@@ -227,17 +227,13 @@ fn run_on(
         }
         tx.commit().unwrap();
     }
-    let group = unique("nudge");
-    let mut daemon = start_daemon(&DaemonSpec {
-        dir: dir.path(),
-        store: &store,
-        brokers: &brokers,
-        topic: &topic,
-        group: &group,
-        endpoint: &endpoint.base,
-        consumer: &format!("\"fetch.wait.max.ms\" = \"{fetch_wait}\""),
-        extra: "",
-    });
+    let mut cfg = DaemonConfig::with_defaults(dir.path(), &endpoint);
+    cfg.brokers = brokers.clone();
+    cfg.topic = topic.clone();
+    cfg.group = unique("nudge");
+    cfg.store = store.clone();
+    cfg.consumer = format!("\"fetch.wait.max.ms\" = \"{fetch_wait}\"");
+    let daemon = Daemon::start(&cfg, "nudge");
     daemon.wait_ready(Duration::from_secs(60));
     for s in sent.iter() {
         s.store(0, Ordering::Relaxed);
@@ -250,18 +246,20 @@ fn run_on(
             serde_json::json!({"payment_id": format!("p-{i}"), "merchant": "StreamFlix", "previous_amount": 15.99, "new_amount": 18.99, "currency": "AUD"}),
         )
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (latencies.lock().unwrap().len() as u64) < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} pushes arrived:\n{}",
-            latencies.lock().unwrap().len(),
-            daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    daemon.poll_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "every push",
+        || latencies.lock().unwrap().len() as u64 >= n,
+        || {
+            format!(
+                "only {} of {n} pushes arrived",
+                latencies.lock().unwrap().len()
+            )
+        },
+    );
     let rss = daemon.rss_kb();
-    daemon.stop();
+    daemon.terminate();
     // Where the time went, from the store's own timestamps (ms): the event's
     // time (set when it was produced) → processed (the batch's transaction)
     // → the push's dispatch-log record (after the endpoint answered).

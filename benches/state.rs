@@ -155,11 +155,11 @@ struct DaemonFigures {
     peak_rss_kb: u64,
 }
 
-fn run_daemon(db: &Path, due: u64, brokers: &str, rt: &tokio::runtime::Runtime) -> DaemonFigures {
+fn run_daemon(db: &Path, due: u64, rt: &tokio::runtime::Runtime) -> DaemonFigures {
     let dir = tempfile::tempdir().unwrap();
     let keys: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let k = keys.clone();
-    let endpoint = Endpoint::start(
+    let endpoint = Receiver::counting(
         rt,
         Some(Arc::new(move |body: &[u8]| {
             let v: serde_json::Value = serde_json::from_slice(body).unwrap();
@@ -170,44 +170,43 @@ fn run_daemon(db: &Path, due: u64, brokers: &str, rt: &tokio::runtime::Runtime) 
         })),
     );
     let topic = unique("bench-state");
-    create_topic(rt, brokers, &topic, 1);
-    let mut daemon = start_daemon(&DaemonSpec {
-        dir: dir.path(),
-        store: db,
-        brokers,
-        topic: &topic,
-        group: &unique("state"),
-        endpoint: &endpoint.base,
-        consumer: "",
-        extra: "",
-    });
+    create_topic(rt, &topic, 1);
+    let mut cfg = DaemonConfig::with_defaults(dir.path(), &endpoint);
+    cfg.topic = topic;
+    cfg.group = unique("state");
+    cfg.store = db.to_path_buf();
+    let daemon = Daemon::start(&cfg, "nudge");
     // The scheduler starts before the consumer joins its group: watch both.
-    let (mut ready, mut sent_in) = (None, None);
+    let ready = std::cell::Cell::new(None);
+    let mut sent_in = None;
     let mut peak = 0;
-    while ready.is_none() || sent_in.is_none() {
-        peak = peak.max(daemon.rss_kb().1);
-        if sent_in.is_none() && endpoint.received() >= due {
-            sent_in = Some(daemon.started.elapsed());
-        }
-        if ready.is_none() && matches!(daemon.get("/readyz"), Some((200, _))) {
-            ready = Some(daemon.started.elapsed());
-        }
-        if let Ok(Some(status)) = daemon.child.try_wait() {
-            panic!("nudge run exited ({status}):\n{}", daemon.log_tail());
-        }
-        assert!(
-            daemon.started.elapsed() < Duration::from_secs(300),
-            "sent {} of {due}, ready: {ready:?}:\n{}",
-            endpoint.received(),
-            daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let (ready, sent_in) = (ready.unwrap(), sent_in.unwrap());
+    daemon.poll_until(
+        Duration::from_secs(300),
+        Duration::from_millis(10),
+        "readiness and every due step sent",
+        || {
+            peak = peak.max(daemon.rss_kb().1);
+            if sent_in.is_none() && endpoint.received() >= due {
+                sent_in = Some(daemon.started.elapsed());
+            }
+            if ready.get().is_none() && daemon.readyz().is_some_and(|r| r.ready()) {
+                ready.set(Some(daemon.started.elapsed()));
+            }
+            ready.get().is_some() && sent_in.is_some()
+        },
+        || {
+            format!(
+                "sent {} of {due}, ready: {:?}",
+                endpoint.received(),
+                ready.get()
+            )
+        },
+    );
+    let (ready, sent_in) = (ready.get().unwrap(), sent_in.unwrap());
     let daemon_log = daemon.log.clone();
     std::thread::sleep(Duration::from_millis(500));
     peak = peak.max(daemon.rss_kb().1);
-    daemon.stop();
+    daemon.terminate();
     let keys = keys.lock().unwrap();
     let distinct: std::collections::HashSet<&String> = keys.iter().map(|k| &k.0).collect();
     if keys.len() as u64 != due {
@@ -240,7 +239,8 @@ fn main() {
     let pending: u64 = arg("steps", 10_000_000);
     let due: u64 = arg("due", 10_000);
     println!("machine: {}", machine());
-    let brokers = brokers();
+    // Find or start the broker before anything is timed.
+    brokers();
     let rt = runtime();
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
     let hash = rule_set.journey("unsigned_loan").unwrap().hash.clone();
@@ -279,8 +279,8 @@ fn main() {
         "claim 256: small {small_claim:?}, big {big_claim:?}; next_due: {small_next:?} / {big_next:?}"
     );
 
-    let ds = run_daemon(&small_db, due, &brokers, &rt);
-    let db = run_daemon(&big_db, due, &brokers, &rt);
+    let ds = run_daemon(&small_db, due, &rt);
+    let db = run_daemon(&big_db, due, &rt);
     println!(
         "daemon: ready {:?} / {:?}, {due} emails sent in {:?} / {:?}, peak RSS {} / {} MB",
         ds.ready,

@@ -1,27 +1,12 @@
 //! The real binary: `nudge simulate` and `nudge check` as a journey designer runs them.
 
+mod harness;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
+use harness::{nudge, repo};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn nudge(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("run nudge");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 fn simulate(events: &Path, format: &str) -> (i32, String, String) {
     let rules = repo().join("rules");

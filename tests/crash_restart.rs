@@ -3,6 +3,7 @@
 //! sends every planned step, each step's requests carry one idempotency key,
 //! and the dispatch log has exactly one `sent` per step.
 
+mod harness;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

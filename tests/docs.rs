@@ -1,12 +1,11 @@
 //! The documentation is generated from, or checked against, the code.
 
-use std::path::{Path, PathBuf};
+mod harness;
 
+use std::path::Path;
+
+use harness::repo;
 use nudge::rules::{host_api_reference, load_sources, Limits};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 #[test]
 fn rules_readme_holds_the_generated_api_reference() {

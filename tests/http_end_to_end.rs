@@ -1,6 +1,7 @@
 //! The three shipped journeys end to end: examples/events.jsonl through the
 //! engine on a virtual clock, to three real HTTP endpoints (push, email, call task).
 
+mod harness;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,6 +1,7 @@
 //! Journey semantics on the virtual clock, against the shipped `rules/` (and
 //! small inline scripts), with every channel a real HTTP endpoint on 127.0.0.1.
 
+mod harness;
 mod support;
 
 use std::collections::BTreeSet;

@@ -1,13 +1,13 @@
 //! `nudge run` against a real Kafka-protocol broker (tansu) and real HTTP
 //! endpoints: third-party producer, dead letters, crash and rebalance.
 
-mod daemon_harness;
+mod harness;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use daemon_harness::*;
+use harness::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
@@ -58,16 +58,14 @@ fn kcat_produced_examples_reach_the_endpoints_exactly() {
     let cfg = DaemonConfig::new(dir.path(), &recv);
     create_topic(&rt, &cfg.topic, 3);
     let daemon = Daemon::start(&cfg, "a");
-    wait_for(LONG, "readiness", || {
-        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
-    });
+    daemon.wait_ready(LONG);
 
     let (starts, exits) = examples_now();
     kcat_produce(&cfg.topic, &starts);
     // Loans A-1, A-2, A-3 (A-3 delivered twice), the Netflix rise and Dana's invite.
-    wait_for(LONG, "five pushes", || recv.on("/push").len() >= 5);
+    daemon.wait_until(LONG, "five pushes", || recv.on("/push").len() >= 5);
     kcat_produce(&cfg.topic, &exits);
-    wait_for(LONG, "the exits to be stored", || {
+    daemon.wait_until(LONG, "the exits to be stored", || {
         let counts = store_counts(&cfg.store);
         counts.get("pending") == Some(&2) && counts.get("cancelled") == Some(&4)
     });
@@ -131,7 +129,8 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
     let recv = Receiver::start(&rt);
     let mut cfg = DaemonConfig::new(dir.path(), &recv);
     // The shipped rules plus a journey whose script throws.
-    let rules = copy_rules_to(dir.path());
+    let rules = dir.path().join("rules");
+    copy_rules(&rules);
     std::fs::write(
         rules.join("explode.rhai"),
         r#"fn journey() { #{ name: "explode", category: "service", triggers: ["test.explode"],
@@ -143,9 +142,7 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
     create_topic(&rt, &cfg.topic, 2);
     create_topic(&rt, &cfg.dlq, 1);
     let daemon = Daemon::start(&cfg, "a");
-    wait_for(LONG, "readiness", || {
-        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
-    });
+    daemon.wait_ready(LONG);
 
     let malformed = ("c-1".to_string(), b"{\"id\": \"x\", oops".to_vec());
     let not_cloudevent = (
@@ -168,7 +165,6 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         json!({"application_id": "A-9", "product": "Car loan", "amount": 100, "signed": false, "resume_url": "u"}),
     );
     produce(
-        &rt,
         &cfg.topic,
         &[
             malformed.clone(),
@@ -180,7 +176,7 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         ],
     );
 
-    wait_for(LONG, "the good event's push", || {
+    daemon.wait_until(LONG, "the good event's push", || {
         recv.on("/push").len() == 1
     });
     let letters = read_topic(&cfg.dlq, 3);
@@ -349,7 +345,7 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
     let cfg = DaemonConfig::new(dir.path(), &recv);
     create_topic(&rt, &cfg.topic, 6);
     let (records, loans) = workload(20_000, 5_000);
-    produce(&rt, &cfg.topic, &records);
+    produce(&cfg.topic, &records);
 
     let mut logs = String::new();
     for (round, kill_after) in [loans / 10, loans / 3, loans * 2 / 3]
@@ -357,7 +353,7 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
         .enumerate()
     {
         let daemon = Daemon::start(&cfg, &format!("run{round}"));
-        wait_for(LONG, "progress before the kill", || {
+        daemon.wait_until(LONG, "progress before the kill", || {
             recv.by_key().len() >= kill_after
         });
         logs.push_str(&daemon.log_tail());
@@ -365,15 +361,15 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
     }
     let daemon = Daemon::start(&cfg, "final");
     // Earlier runs may have finished the work; the last one must still come up.
-    wait_for(LONG, "the last daemon to own every partition", || {
-        partitions(&daemon) == 6
+    daemon.wait_until(LONG, "the last daemon to own every partition", || {
+        daemon.partitions() == Some(6)
     });
-    wait_for(LONG * 2, "every push and every offset", || {
+    daemon.wait_until(LONG * 2, "every push and every offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
     });
     // Leased steps of killed runs were re-sent only if their send was not recorded.
-    wait_for(LONG, "no claimed step left", || {
+    daemon.wait_until(LONG, "no claimed step left", || {
         !store_counts(&cfg.store).contains_key("claimed")
     });
     daemon.terminate();
@@ -409,25 +405,29 @@ fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
         LONG,
         "both daemons to share the partitions",
         || {
-            let pa = partitions(&a);
-            let pb = partitions(&b);
-            pa > 0 && pb > 0 && pa + pb == 6
+            assert!(a.exited().is_none(), "a exited:\n{}", a.log_tail());
+            assert!(b.exited().is_none(), "b exited:\n{}", b.log_tail());
+            a.partitions()
+                .zip(b.partitions())
+                .is_some_and(|(pa, pb)| pa > 0 && pb > 0 && pa + pb == 6)
         },
         || {
             format!(
                 "a: {:?}\n{}\nb: {:?}\n{}",
-                a.get("/readyz"),
+                a.readyz(),
                 a.log_tail(),
-                b.get("/readyz"),
+                b.readyz(),
                 b.log_tail()
             )
         },
     );
-    produce(&rt, &cfg.topic, &records);
-    wait_for(LONG, "halfway", || recv.by_key().len() >= loans / 2);
+    produce(&cfg.topic, &records);
+    b.wait_until(LONG, "halfway", || recv.by_key().len() >= loans / 2);
     a.terminate();
-    wait_for(LONG, "b to own every partition", || partitions(&b) == 6);
-    wait_for(LONG * 2, "every push and offset", || {
+    b.wait_until(LONG, "b to own every partition", || {
+        b.partitions() == Some(6)
+    });
+    b.wait_until(LONG * 2, "every push and offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
     });
@@ -441,29 +441,15 @@ fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
     );
 }
 
-fn partitions(d: &Daemon) -> u64 {
-    d.get("/readyz")
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-        .and_then(|v| v["assigned_partitions"].as_u64())
-        .unwrap_or(0)
-}
-
-fn readyz_version(daemon: &Daemon) -> String {
-    let (_, body) = daemon.get("/readyz").unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["rules_version"].as_str().map(String::from))
-        .unwrap_or_default()
-}
-
-fn copy_rules_to(dir: &std::path::Path) -> std::path::PathBuf {
-    let rules = dir.join("rules");
-    std::fs::create_dir(&rules).unwrap();
-    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, rules.join(f.file_name().unwrap())).unwrap();
-    }
-    rules
+/// The rules version of a daemon that answers `/readyz`; fails otherwise.
+fn loaded_version(daemon: &Daemon) -> String {
+    daemon.rules_version().unwrap_or_else(|| {
+        panic!(
+            "/readyz of {} gave no rules version; log tail:\n{}",
+            daemon.name,
+            daemon.log_tail()
+        )
+    })
 }
 
 /// The rules directory as Kubernetes mounts a ConfigMap: each file a symlink
@@ -471,8 +457,7 @@ fn copy_rules_to(dir: &std::path::Path) -> std::path::PathBuf {
 fn configmap_layout(dir: &std::path::Path) -> std::path::PathBuf {
     let mount = dir.join("mount");
     std::fs::create_dir(&mount).unwrap();
-    let v1 = copy_rules_to(&mount);
-    std::fs::rename(&v1, mount.join("..2026_v1")).unwrap();
+    copy_rules(&mount.join("..2026_v1"));
     std::os::unix::fs::symlink("..2026_v1", mount.join("..data")).unwrap();
     for f in std::fs::read_dir(mount.join("..2026_v1")).unwrap() {
         let name = f.unwrap().file_name();
@@ -495,41 +480,30 @@ fn with_watch_on_rules_reload_on_a_configmap_swap_and_on_an_edit() {
     cfg.watch = true;
     create_topic(&rt, &cfg.topic, 1);
     let daemon = Daemon::start(&cfg, "a");
-    wait_for(LONG, "readiness", || {
-        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
-    });
-    let v1 = readyz_version(&daemon);
+    daemon.wait_ready(LONG);
+    let v1 = loaded_version(&daemon);
 
     // What the kubelet does on a ConfigMap update: a new data directory, then
     // an atomic rename of a new `..data` symlink over the old one.
     let v2 = cfg.rules.join("..2026_v2");
-    std::fs::create_dir(&v2).unwrap();
-    for f in std::fs::read_dir(cfg.rules.join("..2026_v1")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, v2.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&cfg.rules.join("..2026_v1"), &v2);
     let fee = v2.join("fee_increase.rhai");
     let text = std::fs::read_to_string(&fee).unwrap();
     std::fs::write(&fee, text.replace("priority: 50", "priority: 52")).unwrap();
     std::os::unix::fs::symlink("..2026_v2", cfg.rules.join("..data_tmp")).unwrap();
     std::fs::rename(cfg.rules.join("..data_tmp"), cfg.rules.join("..data")).unwrap();
-    wait_for_or(
-        LONG,
-        "the swapped rules",
-        || readyz_version(&daemon) != v1,
-        || daemon.log_tail(),
-    );
-    let v2_version = readyz_version(&daemon);
+    // A /readyz that does not answer is no new version: `is_some_and`.
+    daemon.wait_until(LONG, "the swapped rules", || {
+        daemon.rules_version().is_some_and(|v| v != v1)
+    });
+    let v2_version = loaded_version(&daemon);
 
     // Edited in place (a bind mount, a local directory).
     let text = std::fs::read_to_string(&fee).unwrap();
     std::fs::write(&fee, text.replace("priority: 52", "priority: 53")).unwrap();
-    wait_for_or(
-        LONG,
-        "the edited rules",
-        || readyz_version(&daemon) != v2_version,
-        || daemon.log_tail(),
-    );
+    daemon.wait_until(LONG, "the edited rules", || {
+        daemon.rules_version().is_some_and(|v| v != v2_version)
+    });
     daemon.terminate();
 }
 
@@ -540,40 +514,22 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
     let recv = Receiver::start(&rt);
     let mut cfg = DaemonConfig::new(dir.path(), &recv);
     let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).unwrap();
-    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, rules.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_rules(&rules);
     cfg.rules = rules.clone();
     create_topic(&rt, &cfg.topic, 1);
     let daemon = Daemon::start(&cfg, "a");
-    let version = || -> String {
-        let (_, body) = daemon.get("/readyz").unwrap_or_default();
-        serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["rules_version"].as_str().map(String::from))
-            .unwrap_or_default()
-    };
-    wait_for(LONG, "readiness", || {
-        daemon.get("/readyz").is_some_and(|(s, _)| s == 200)
-    });
-    let v1 = version();
+    daemon.wait_ready(LONG);
+    let v1 = loaded_version(&daemon);
 
     let fee = rules.join("fee_increase.rhai");
     let good = std::fs::read_to_string(&fee).unwrap();
     std::fs::write(&fee, good.replace("let currency", "let currency = ;")).unwrap();
     daemon.signal("HUP");
-    wait_for_or(
-        LONG,
-        "the refusal in the log",
-        || {
-            std::fs::read_to_string(&daemon.log)
-                .unwrap()
-                .contains("rules reload refused")
-        },
-        || daemon.log_tail(),
-    );
+    daemon.wait_until(LONG, "the refusal in the log", || {
+        std::fs::read_to_string(&daemon.log)
+            .unwrap()
+            .contains("rules reload refused")
+    });
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     let refusal = log
         .lines()
@@ -583,20 +539,57 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
         refusal.contains("fee_increase.rhai") && refusal.contains("\"line\":"),
         "names file and line: {refusal}"
     );
-    assert_eq!(version(), v1, "the old rules keep running");
+    assert_eq!(
+        daemon.rules_version(),
+        Some(v1.clone()),
+        "the old rules keep running"
+    );
 
     std::fs::write(&fee, good.replace("priority: 50", "priority: 51")).unwrap();
     daemon.signal("HUP");
-    wait_for_or(
-        LONG,
-        "the new version",
-        || version() != v1,
-        || daemon.log_tail(),
-    );
+    daemon.wait_until(LONG, "the new version", || {
+        daemon.rules_version().is_some_and(|v| v != v1)
+    });
     let versions: i64 = rusqlite::Connection::open(&cfg.store)
         .unwrap()
         .query_row("SELECT COUNT(*) FROM rule_versions", [], |r| r.get(0))
         .unwrap();
     assert_eq!(versions, 2, "each loaded version is recorded");
     daemon.terminate();
+}
+
+/// The harness itself: a daemon that is gone is never ready and never
+/// reports a version, so waits on it fail at once and show its log.
+#[test]
+fn waits_on_a_dead_daemon_fail_at_once_with_its_log() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.rules = dir.path().join("no-such-rules");
+    let daemon = Daemon::start(&cfg, "dead");
+    let failure = |wait: &dyn Fn()| -> String {
+        let started = std::time::Instant::now();
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(wait))
+            .expect_err("a wait on a dead daemon fails");
+        assert!(
+            started.elapsed() < LONG / 2,
+            "failed at once, not at the limit"
+        );
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let not_ready = failure(&|| {
+        daemon.wait_ready(LONG);
+    });
+    assert!(
+        not_ready.contains("exited") && not_ready.contains("do not compile"),
+        "names the exit and shows the log: {not_ready}"
+    );
+    assert_eq!(daemon.rules_version(), None, "no answer is no version");
+    let no_version = failure(&|| {
+        daemon.wait_until(LONG, "another rules version", || {
+            daemon.rules_version().is_some_and(|v| v != "v1")
+        })
+    });
+    assert!(no_version.contains("exited"), "{no_version}");
 }

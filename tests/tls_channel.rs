@@ -3,11 +3,14 @@
 //! (Python's `http.server` with `ssl`) on 127.0.0.1, with certificates made
 //! for this test by the openssl command.
 
+mod harness;
+
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use harness::{free_port, wait_for};
 use nudge::dispatch::{Channel, DispatchError, HttpChannel, Message};
 use nudge::model::ChannelKind;
 
@@ -112,11 +115,7 @@ async fn a_private_ca_is_trusted_only_when_configured() {
         ],
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         d.join("server.py"),
         r#"
@@ -144,11 +143,9 @@ server.serve_forever()
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s_server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(Duration::from_secs(10), "the TLS server to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     let url = format!("https://localhost:{port}/push");
 
     let untrusted = HttpChannel::new(&url, Duration::from_secs(5), None).unwrap();

@@ -1,7 +1,7 @@
 //! The journey designer's toolkit: `nudge test`, `nudge replay`, safe reload.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod harness;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -12,29 +12,7 @@ use nudge::journey::Pipeline;
 use nudge::rules::{load_dir, Limits, RulesHandle};
 use nudge::store::{SqliteStore, Store};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn copy_rules(to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
-    }
-}
-
-fn nudge(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use harness::{copy_rules, nudge, repo};
 
 #[test]
 fn nudge_test_passes_the_shipped_journey_tests() {

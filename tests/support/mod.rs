@@ -1,6 +1,7 @@
 //! Shared by the engine tests: recording HTTP endpoints on 127.0.0.1 that can
 //! be told to fail or be slow, CloudEvents built with serde_json, and a
-//! simulation wired to one endpoint per channel.
+//! simulation wired to one endpoint per channel. Process-level helpers are in
+//! `tests/harness`, which a test using this module declares beside it.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -22,9 +23,7 @@ use nudge::rules::{load_dir, load_sources, Limits, RuleSet};
 use nudge::sim::Simulation;
 use nudge::store::Store;
 
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::harness::repo;
 
 pub fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().to_utc()

@@ -1,0 +1,796 @@
+//! The one process-level harness of the tests and the benchmarks: the
+//! Kafka-protocol broker (tansu, started by `scripts/kafka-broker.sh` unless
+//! KAFKA_BROKERS points at one), unique topic and group names, topics and
+//! producing, HTTP endpoints on 127.0.0.1 that answer 200, the `nudge` binary
+//! (one-shot commands, and `nudge run` as a child process with its config,
+//! readiness and signals), and waits that poll another process's state.
+//!
+//! Tests include it with `mod harness;`, benchmarks through `benches/common`
+//! with `#[path]`; engine-level helpers stay in `tests/support`, bench-only
+//! ones (arguments, rates, the result table) in `benches/common`.
+//!
+//! A probe that gets no answer is `None`, never "ready" or "unchanged", and a
+//! wait on a daemon fails at once, with the daemon's log tail, when it exits.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::ClientContext;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------- files and the binary
+
+/// Copies the files of `from` into `to` (created if missing).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+/// The shipped journeys (and their tests) copied into `to`.
+pub fn copy_rules(to: &Path) {
+    copy_dir(&repo().join("rules"), to);
+}
+
+/// Runs the `nudge` binary to completion in the repository directory:
+/// (exit code, stdout, stderr).
+pub fn nudge(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run nudge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+// ---------------------------------------------------------------- Kafka
+
+/// The broker address, settled once per process: KAFKA_BROKERS when set,
+/// else tansu on its default port. A local broker that does not answer is
+/// started with `scripts/kafka-broker.sh`; a remote one that does not answer
+/// fails here rather than being swapped for another broker.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| {
+            let given = std::env::var("KAFKA_BROKERS").ok();
+            let Some(given) = given else {
+                return start_broker(None);
+            };
+            let first = given.split(',').next().unwrap_or_default().trim();
+            if TcpStream::connect(first).is_ok() {
+                return given;
+            }
+            let port = first
+                .strip_prefix("127.0.0.1:")
+                .or_else(|| first.strip_prefix("localhost:"))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "KAFKA_BROKERS={given}: nothing answers at {first}; \
+                         start that broker or unset KAFKA_BROKERS to use tansu"
+                    )
+                });
+            start_broker(Some(port))
+        })
+        .clone()
+}
+
+/// `scripts/kafka-broker.sh start [PORT]`; returns the address it prints.
+fn start_broker(port: Option<&str>) -> String {
+    let out = Command::new(repo().join("scripts/kafka-broker.sh"))
+        .arg("start")
+        .args(port)
+        .output()
+        .expect("run scripts/kafka-broker.sh");
+    assert!(
+        out.status.success(),
+        "starting the broker failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("KAFKA_BROKERS="))
+        .expect("kafka-broker.sh prints KAFKA_BROKERS=...")
+        .to_string()
+}
+
+/// `prefix-PID-COUNTER-NANOS`: unique within the run and across runs.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Creates `topic` on `brokers()`.
+pub fn create_topic(rt: &tokio::runtime::Runtime, topic: &str, partitions: i32) {
+    create_topic_on(rt, &brokers(), topic, partitions);
+}
+
+pub fn create_topic_on(rt: &tokio::runtime::Runtime, brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let results = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
+        .expect("create topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+}
+
+/// Counts the records the broker did not take, for `produce` to fail on.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.first_error
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// Produces (key, payload) records to `topic` on `brokers()` as fast as the
+/// producer takes them (acks=all, linger 5 ms, idempotent); fails unless
+/// every record was delivered. Returns records/s.
+pub fn produce(topic: &str, records: &[(String, Vec<u8>)]) -> f64 {
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("enable.idempotence", "true")
+        .create_with_context(Deliveries::default())
+        .unwrap();
+    let start = Instant::now();
+    for (k, v) in records {
+        let mut record = BaseRecord::to(topic).key(k).payload(v);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
+                        panic!("produce: {e}");
+                    }
+                    record = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    let rate = records.len() as f64 / start.elapsed().as_secs_f64();
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    assert!(
+        failed == 0,
+        "{failed} of {} records not delivered to {topic}: {:?}",
+        records.len(),
+        producer.context().first_error.lock().unwrap()
+    );
+    rate
+}
+
+/// A CloudEvent as (key, bytes), about 200-300 bytes like a real one.
+pub fn event(
+    id: &str,
+    event_type: &str,
+    customer: &str,
+    data: serde_json::Value,
+) -> (String, Vec<u8>) {
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let e = serde_json::json!({"specversion":"1.0","id":id,"type":event_type,"source":"core-banking","subject":customer,"time":time,"data":data});
+    (customer.to_string(), serde_json::to_vec(&e).unwrap())
+}
+
+// ---------------------------------------------------------------- HTTP endpoints
+
+/// One request an endpoint received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub key: String,
+    pub body: serde_json::Value,
+}
+
+/// What an endpoint does with a request's body besides counting it.
+pub type OnRequest = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+struct Recorder {
+    /// Keep every request (tests) or only count them (benchmarks).
+    keep: bool,
+    requests: Mutex<Vec<Received>>,
+    on_request: Option<OnRequest>,
+}
+
+/// HTTP/1.1 endpoints on 127.0.0.1 (any path) answering 200 to every request.
+pub struct Receiver {
+    pub base: String,
+    /// Requests received so far.
+    pub count: Arc<AtomicU64>,
+    recorder: Arc<Recorder>,
+}
+
+impl Receiver {
+    /// Records every request: path, idempotency key, JSON body.
+    pub fn start(rt: &tokio::runtime::Runtime) -> Self {
+        Self::serve(rt, true, None)
+    }
+
+    /// Only counts requests (and hands each body to `on_request`): for the
+    /// hundreds of thousands of requests of a benchmark.
+    pub fn counting(rt: &tokio::runtime::Runtime, on_request: Option<OnRequest>) -> Self {
+        Self::serve(rt, false, on_request)
+    }
+
+    fn serve(rt: &tokio::runtime::Runtime, keep: bool, on_request: Option<OnRequest>) -> Self {
+        let count = Arc::new(AtomicU64::new(0));
+        let recorder = Arc::new(Recorder {
+            keep,
+            requests: Mutex::default(),
+            on_request,
+        });
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state((recorder.clone(), count.clone()));
+        rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            base,
+            count,
+            recorder,
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.recorder.requests.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, path: &str) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Requests per idempotency key.
+    pub fn by_key(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for r in self.requests() {
+            *m.entry(r.key).or_default() += 1;
+        }
+        m
+    }
+}
+
+async fn receive(
+    State((recorder, count)): State<(Arc<Recorder>, Arc<AtomicU64>)>,
+    request: Request,
+) -> StatusCode {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if let Some(f) = &recorder.on_request {
+        f(&body);
+    }
+    if recorder.keep {
+        let key = parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        recorder.requests.lock().unwrap().push(Received {
+            path: parts.uri.path().to_string(),
+            key,
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        });
+    }
+    count.fetch_add(1, Ordering::Relaxed);
+    StatusCode::OK
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A blocking GET over plain TCP (the admin server is HTTP/1.1 on loopback);
+/// `None` when nothing answers or the answer is not HTTP.
+pub fn http_get(host: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(host).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+// ---------------------------------------------------------------- the daemon
+
+/// What `nudge run` is started with; `write` turns it into a TOML file.
+pub struct DaemonConfig {
+    pub dir: PathBuf,
+    pub brokers: String,
+    pub topic: String,
+    pub dlq: String,
+    pub group: String,
+    pub rules: PathBuf,
+    /// Base URL of the endpoints: `/push`, `/email`, `/call`.
+    pub receiver: String,
+    pub store: PathBuf,
+    /// `rules.watch`: reload when a rules file changes.
+    pub watch: bool,
+    pub log_level: String,
+    /// Lines of `[scheduler]`; empty leaves the section out (the defaults).
+    pub scheduler: String,
+    /// Extra lines of `[kafka]`.
+    pub kafka: String,
+    /// Extra lines of `[kafka.consumer_properties]`.
+    pub consumer: String,
+    /// Whole sections appended at the end.
+    pub extra: String,
+}
+
+impl DaemonConfig {
+    /// For tests: the daemon's defaults, except a short lease and retry so
+    /// recovery happens within a test, batches of 500, a 10 s drain and
+    /// info logs.
+    pub fn new(dir: &Path, receiver: &Receiver) -> Self {
+        Self {
+            scheduler: "lease = \"2s\"\nretry_base = \"100ms\"".into(),
+            kafka: "batch_size = 500\ndrain_timeout = \"10s\"".into(),
+            log_level: "info".into(),
+            ..Self::with_defaults(dir, receiver)
+        }
+    }
+
+    /// For benchmarks: what an operator runs, the daemon's own defaults
+    /// (warn logs, so logging costs nothing measurable).
+    pub fn with_defaults(dir: &Path, receiver: &Receiver) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            brokers: brokers(),
+            topic: unique("events"),
+            dlq: unique("dlq"),
+            group: unique("group"),
+            rules: repo().join("rules"),
+            receiver: receiver.base.clone(),
+            store: dir.join("nudge.db"),
+            watch: false,
+            log_level: "warn".into(),
+            scheduler: String::new(),
+            kafka: String::new(),
+            consumer: String::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// Writes `name.toml` for one daemon (own admin port) and returns its
+    /// path and admin address.
+    pub fn write(&self, name: &str) -> (PathBuf, String) {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let scheduler = if self.scheduler.is_empty() {
+            String::new()
+        } else {
+            format!("[scheduler]\n{}\n", self.scheduler)
+        };
+        let text = format!(
+            r#"
+[store]
+path = "{store}"
+[rules]
+dir = "{rules}"
+watch = {watch}
+{scheduler}[kafka]
+brokers = "{brokers}"
+topics = ["{topic}"]
+group_id = "{group}"
+dead_letter_topic = "{dlq}"
+{kafka}
+[kafka.consumer_properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+{consumer}
+[admin]
+listen = "{admin}"
+[log]
+format = "json"
+level = "{level}"
+[policy]
+max_per_customer = 0
+[policy.quiet_hours]
+start = ""
+end = ""
+[channels.push]
+url = "{recv}/push"
+[channels.email]
+url = "{recv}/email"
+[channels.call_task]
+url = "{recv}/call"
+{extra}
+"#,
+            store = self.store.display(),
+            rules = self.rules.display(),
+            watch = self.watch,
+            brokers = self.brokers,
+            topic = self.topic,
+            group = self.group,
+            dlq = self.dlq,
+            kafka = self.kafka,
+            consumer = self.consumer,
+            level = self.log_level,
+            recv = self.receiver,
+            extra = self.extra,
+        );
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        (path, admin)
+    }
+}
+
+/// One answer of `/readyz`.
+#[derive(Debug)]
+pub struct Readyz {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Readyz {
+    pub fn ready(&self) -> bool {
+        self.status == 200
+    }
+
+    pub fn rules_version(&self) -> Option<String> {
+        self.body["rules_version"].as_str().map(String::from)
+    }
+
+    pub fn assigned_partitions(&self) -> Option<u64> {
+        self.body["assigned_partitions"].as_u64()
+    }
+}
+
+/// How often the waits poll.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// `nudge run` (this build) as a child process, killed when dropped.
+pub struct Daemon {
+    /// In a mutex so `exited` can reap it through `&self`.
+    child: Mutex<Child>,
+    pub name: String,
+    pub admin: String,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+impl Daemon {
+    /// Writes `name.toml` in the config's directory and starts `nudge run`
+    /// with it, stderr appended to `name.log`.
+    pub fn start(config: &DaemonConfig, name: &str) -> Self {
+        let (path, admin) = config.write(name);
+        let log = config.dir.join(format!("{name}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nudge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn nudge run");
+        Self {
+            child: Mutex::new(child),
+            name: name.to_string(),
+            admin,
+            log,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
+    }
+
+    /// The exit status once the process has ended.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.child.lock().unwrap().try_wait().ok().flatten()
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye.
+    pub fn kill(mut self) {
+        let child = self.child.get_mut().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM; panics with the log's tail unless the daemon exits 0.
+    /// Returns how long the drain took.
+    pub fn terminate(mut self) -> Duration {
+        let started = Instant::now();
+        self.signal("TERM");
+        let status = self.child.get_mut().unwrap().wait().unwrap();
+        let took = started.elapsed();
+        assert!(
+            status.success(),
+            "SIGTERM: daemon {} exited with {status} after {took:?}; log tail:\n{}",
+            self.name,
+            self.log_tail()
+        );
+        took
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} {}", self.name);
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// GET on the admin address; `None` when nothing answers.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.admin, path)
+    }
+
+    /// `/readyz`; `None` when it does not answer with JSON.
+    pub fn readyz(&self) -> Option<Readyz> {
+        let (status, body) = self.get("/readyz")?;
+        let body = serde_json::from_str(&body).ok()?;
+        Some(Readyz { status, body })
+    }
+
+    /// The rules version `/readyz` reports; `None` when it does not answer.
+    pub fn rules_version(&self) -> Option<String> {
+        self.readyz()?.rules_version()
+    }
+
+    /// Partitions `/readyz` reports assigned; `None` when it does not answer.
+    pub fn partitions(&self) -> Option<u64> {
+        self.readyz()?.assigned_partitions()
+    }
+
+    /// Waits until `/readyz` answers 200; returns the time since start.
+    pub fn wait_ready(&self, limit: Duration) -> Duration {
+        self.poll_until(
+            limit,
+            Duration::from_millis(10),
+            "/readyz to answer 200",
+            || self.readyz().is_some_and(|r| r.ready()),
+            String::new,
+        );
+        self.started.elapsed()
+    }
+
+    /// Waits until `ready` holds; see `poll_until`.
+    pub fn wait_until(&self, limit: Duration, what: &str, ready: impl FnMut() -> bool) {
+        self.poll_until(limit, POLL, what, ready, String::new);
+    }
+
+    /// Polls `ready` every `every` until it holds. Fails as soon as the
+    /// daemon has exited, or after `limit`, with `context()`, the last
+    /// `/readyz` answer and the log tail.
+    pub fn poll_until(
+        &self,
+        limit: Duration,
+        every: Duration,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+        context: impl FnOnce() -> String,
+    ) {
+        let deadline = Instant::now() + limit;
+        while !ready() {
+            let failure = if let Some(status) = self.exited() {
+                format!(
+                    "daemon {} exited ({status}) while waiting for {what}",
+                    self.name
+                )
+            } else if Instant::now() >= deadline {
+                format!(
+                    "timed out after {limit:?} waiting for {what} from daemon {}; /readyz: {:?}",
+                    self.name,
+                    self.readyz()
+                )
+            } else {
+                std::thread::sleep(every);
+                continue;
+            };
+            let context = context();
+            let context = if context.is_empty() {
+                context
+            } else {
+                format!("\n{context}")
+            };
+            panic!("{failure}{context}\nlog tail:\n{}", self.log_tail());
+        }
+    }
+
+    /// (VmRSS, VmHWM) in kB.
+    pub fn rss_kb(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- waiting
+
+/// Waits for another process to reach a state; fails with `what` after `limit`.
+/// (Polling an external process, not timing a test: the assertion is on the state.)
+pub fn wait_for(limit: Duration, what: &str, ready: impl FnMut() -> bool) {
+    wait_for_or(limit, what, ready, String::new);
+}
+
+/// As `wait_for`, with `context` (e.g. daemon logs) in the failure message.
+pub fn wait_for_or(
+    limit: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {limit:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------- the store a daemon wrote
+
+/// Reads the store the daemon wrote (a second SQLite reader is fine in WAL mode).
+pub fn store(path: &Path) -> nudge::store::SqliteStore {
+    nudge::store::SqliteStore::open(path).unwrap()
+}
+
+/// A read-only connection to a daemon's store once it has its tables
+/// (`None` before); WAL lets it read while the daemon writes.
+pub fn store_reader(path: &Path) -> Option<rusqlite::Connection> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row("SELECT COUNT(*) FROM kafka_offsets", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .ok()?;
+    conn.busy_timeout(Duration::from_secs(5)).ok()?;
+    Some(conn)
+}
+
+/// Sum of the next offsets the store committed for `topic`.
+pub fn committed(conn: &rusqlite::Connection, topic: &str) -> i64 {
+    conn.query_row(
+        "SELECT COALESCE(SUM(next_offset), 0) FROM kafka_offsets WHERE topic = ?1",
+        [topic],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
+/// `committed` through a fresh reader; 0 before the store exists.
+pub fn stored_offsets_total(path: &Path, topic: &str) -> i64 {
+    store_reader(path).map_or(0, |c| committed(&c, topic))
+}
+
+/// Dispatch log records with outcome `sent`, as (instance, step).
+pub fn sent_steps(path: &Path) -> Vec<(String, String)> {
+    use nudge::store::Store;
+    let s = store(path);
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s.log_after(after, 5000).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        out.extend(
+            page.into_iter()
+                .filter(|r| r.outcome == nudge::model::Outcome::Sent)
+                .map(|r| (r.instance, r.step)),
+        );
+    }
+    out
+}
