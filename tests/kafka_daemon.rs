@@ -342,12 +342,14 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let recv = Receiver::start(&rt);
-    let cfg = DaemonConfig::new(dir.path(), &recv);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.scheduler = "lease = \"5m\"\nretry_base = \"100ms\"".into();
     create_topic(&rt, &cfg.topic, 6);
     let (records, loans) = workload(20_000, 5_000);
     produce(&cfg.topic, &records);
 
     let mut logs = String::new();
+    let mut claimed_at_kill = HashSet::new();
     for (round, kill_after) in [loans / 10, loans / 3, loans * 2 / 3]
         .into_iter()
         .enumerate()
@@ -358,8 +360,26 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
         });
         logs.push_str(&daemon.log_tail());
         daemon.kill();
+        claimed_at_kill = claimed_keys(&cfg.store);
     }
     let daemon = Daemon::start(&cfg, "final");
+    // The lease is five minutes: the steps the last kill left claimed go out
+    // within seconds only because a restarted owner releases them at start.
+    let ready_after = daemon.wait_ready(LONG);
+    let started = std::time::Instant::now();
+    daemon.wait_until(
+        Duration::from_secs(10),
+        "the steps claimed at the kill, re-sent",
+        || {
+            let got = recv.by_key();
+            claimed_at_kill.iter().all(|k| got.contains_key(k))
+        },
+    );
+    eprintln!(
+        "{} steps claimed at the last kill re-sent {:?} after readiness ({ready_after:?} to ready)",
+        claimed_at_kill.len(),
+        started.elapsed()
+    );
     // Earlier runs may have finished the work; the last one must still come up.
     daemon.wait_until(LONG, "the last daemon to own every partition", || {
         daemon.partitions() == Some(6)
@@ -392,7 +412,7 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
 }
 
 #[test]
-fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
+fn a_second_daemon_on_one_store_is_refused_and_a_successor_takes_over_halfway() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let recv = Receiver::start(&rt);
@@ -400,45 +420,66 @@ fn a_second_daemon_takes_over_when_the_first_stops_halfway() {
     create_topic(&rt, &cfg.topic, 6);
     let (records, loans) = workload(10_000, 2_500);
     let a = Daemon::start(&cfg, "a");
+    a.wait_until(LONG, "a to own every partition", || {
+        a.partitions() == Some(6)
+    });
+
+    // One daemon per SQLite file: a second one exits at start, naming the holder.
     let b = Daemon::start(&cfg, "b");
     wait_for_or(
         LONG,
-        "both daemons to share the partitions",
-        || {
-            assert!(a.exited().is_none(), "a exited:\n{}", a.log_tail());
-            assert!(b.exited().is_none(), "b exited:\n{}", b.log_tail());
-            a.partitions()
-                .zip(b.partitions())
-                .is_some_and(|(pa, pb)| pa > 0 && pb > 0 && pa + pb == 6)
-        },
-        || {
-            format!(
-                "a: {:?}\n{}\nb: {:?}\n{}",
-                a.readyz(),
-                a.log_tail(),
-                b.readyz(),
-                b.log_tail()
-            )
-        },
+        "the second daemon to refuse the store",
+        || b.exited().is_some(),
+        || b.log_tail(),
     );
+    let status = b.exited().unwrap();
+    let refusal = b.log_tail();
+    assert!(!status.success(), "{status:?}\n{refusal}");
+    assert!(
+        refusal.contains("in use by another nudge process")
+            && refusal.contains(&format!("pid {}", a.pid()))
+            && refusal.contains(cfg.store.to_str().unwrap()),
+        "{refusal}"
+    );
+    assert!(
+        a.exited().is_none(),
+        "the owner keeps running:\n{}",
+        a.log_tail()
+    );
+
     produce(&cfg.topic, &records);
-    b.wait_until(LONG, "halfway", || recv.by_key().len() >= loans / 2);
+    a.wait_until(LONG, "halfway", || recv.by_key().len() >= loans / 2);
     a.terminate();
-    b.wait_until(LONG, "b to own every partition", || {
-        b.partitions() == Some(6)
+    let c = Daemon::start(&cfg, "c");
+    c.wait_until(LONG, "the successor to own every partition", || {
+        c.partitions() == Some(6)
     });
-    b.wait_until(LONG * 2, "every push and offset", || {
+    c.wait_until(LONG * 2, "every push and offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
     });
-    let logs = b.log_tail();
-    b.terminate();
+    let logs = c.log_tail();
+    c.terminate();
     assert_exactly_once(&recv, &cfg.store, loans, &logs);
     assert_eq!(
         recv.requests().len(),
         loans,
         "a graceful hand-over repeats nothing"
     );
+}
+
+/// Idempotency keys of the steps a store holds as claimed (being sent).
+fn claimed_keys(path: &std::path::Path) -> HashSet<String> {
+    let conn = store_reader(path).expect("the store exists");
+    let mut stmt = conn
+        .prepare("SELECT instance_id || ':' || step FROM steps WHERE status = 'claimed'")
+        .unwrap();
+    let keys = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    keys
 }
 
 /// The rules version of a daemon that answers `/readyz`; fails otherwise.
