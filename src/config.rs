@@ -73,6 +73,9 @@ impl Default for StoreConfig {
     }
 }
 
+/// The sandbox's operation budget per evaluation (`rules.max_operations`'s default).
+pub const DEFAULT_MAX_OPERATIONS: u64 = 100_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
@@ -89,7 +92,7 @@ impl Default for RulesConfig {
         Self {
             dir: PathBuf::from("rules"),
             watch: false,
-            max_operations: 100_000,
+            max_operations: DEFAULT_MAX_OPERATIONS,
         }
     }
 }

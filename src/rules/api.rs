@@ -24,7 +24,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_operations: 100_000,
+            max_operations: crate::config::DEFAULT_MAX_OPERATIONS,
         }
     }
 }
