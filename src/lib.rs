@@ -4,7 +4,8 @@
 //! `event` (decode) → `ingest` (Kafka) → `context` → `rules` → `journey`
 //! (decide, one store transaction) → `store` → `scheduler` → `policy` →
 //! `dispatch` → `audit` (the dispatch log). `admin` serves health and metrics;
-//! `sim` runs the same engine on a virtual clock.
+//! `sim` runs the same engine on a virtual clock. `model` is the vocabulary
+//! they share; it depends on none of them.
 
 pub mod admin;
 pub mod audit;
