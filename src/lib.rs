@@ -4,6 +4,7 @@
 //! `event` (decode) → `ingest` (Kafka) → `context` → `rules` → `journey`
 //! (decide, one store transaction) → `store` → `scheduler` → `policy` →
 //! `dispatch` → `audit` (the dispatch log). `admin` serves health and metrics;
+//! `telemetry` holds the metric catalog and the events that log and count;
 //! `sim` runs the same engine on a virtual clock.
 
 pub mod admin;
@@ -21,4 +22,5 @@ pub mod rules;
 pub mod scheduler;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod toolkit;

@@ -23,6 +23,9 @@ use crate::dispatch::{ChannelKind, Channels, DispatchError, HistoryEntry, Messag
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{step_record, DueStep, StepResult, Store, StoreError};
+use crate::telemetry::events::{
+    NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided, StepDispatched,
+};
 
 /// What deciding and sending a claimed batch needs from the store.
 struct BatchContext {
@@ -251,8 +254,11 @@ impl Scheduler {
             async move {
                 while !*shutdown.borrow() {
                     if let Err(e) = this.run_channel_due(channel, Some(&shutdown), false).await {
-                        tracing::error!(%channel, error = %e, "scheduler round failed; retrying in 1s");
-                        metrics::counter!("nudge_scheduler_errors_total").increment(1);
+                        SchedulerRoundFailed {
+                            channel: channel.as_str(),
+                            error: &e,
+                        }
+                        .emit();
                         // The store is failing: pause rather than spin on it.
                         tokio::select! {
                             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -265,7 +271,11 @@ impl Scheduler {
                         Ok(Some(t)) => t.min(now + MAX_IDLE),
                         Ok(None) => now + MAX_IDLE,
                         Err(e) => {
-                            tracing::error!(%channel, error = %e, "cannot read next due step");
+                            NextDueUnreadable {
+                                channel: channel.as_str(),
+                                error: &e,
+                            }
+                            .emit();
                             now + chrono::Duration::seconds(1)
                         }
                     };
@@ -375,8 +385,11 @@ impl Scheduler {
                 // The variables go into the message: nothing reads them later.
                 let variables = std::mem::take(&mut step.vars);
                 let result = self.send(&step, variables, address, history).await;
-                metrics::histogram!("nudge_dispatch_seconds", "channel" => step.channel.as_str())
-                    .record(started.elapsed().as_secs_f64());
+                StepDispatched {
+                    channel: step.channel.as_str(),
+                    elapsed: started.elapsed(),
+                }
+                .emit();
                 let done = self.clock.now();
                 match result {
                     Ok(()) => {
@@ -428,7 +441,11 @@ impl Scheduler {
             ),
             Verdict::Shadow(reason) => (Outcome::Shadow, reason),
         };
-        metrics::counter!("nudge_steps_total", "channel" => step.channel.as_str(), "outcome" => outcome.as_str()).increment(1);
+        StepDecided {
+            channel: step.channel.as_str(),
+            outcome: outcome.as_str(),
+        }
+        .emit();
         let mut record = step_record(
             self.clock.now(),
             &step.customer,
@@ -465,9 +482,12 @@ impl Scheduler {
             Ok(true) => None,
             Ok(false) => Some(format!("condition {function} is false")),
             Err(e) => {
-                tracing::warn!(journey = %step.journey, instance = %step.instance_id, error = %e, "step condition failed");
-                metrics::counter!("nudge_rule_errors_total", "journey" => step.journey.clone())
-                    .increment(1);
+                StepConditionFailed {
+                    journey: &step.journey,
+                    instance: &step.instance_id,
+                    error: &e,
+                }
+                .emit();
                 Some(format!("condition {function} failed: {}", e.message))
             }
         }
