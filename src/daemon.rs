@@ -22,6 +22,11 @@ use crate::policy::Policy;
 use crate::rules::{self, Limits, RulesHandle};
 use crate::scheduler::Scheduler;
 use crate::store::{SqliteStore, Store};
+use crate::telemetry::events::{
+    AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
+    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, RuleEvaluated,
+    RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded,
+};
 
 pub fn init_logging(format: &str, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -153,7 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             })
             .await;
         if let Err(e) = served {
-            tracing::error!(error = %e, "admin server failed");
+            AdminServerFailed { error: &e }.emit();
         }
     });
 
@@ -188,29 +193,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        tracing::warn!(deadline = ?config.kafka.drain_timeout, "drain deadline passed; unfinished sends are leased and will be retried");
+        DrainDeadlinePassed {
+            deadline: config.kafka.drain_timeout,
+        }
+        .emit();
     }
     tracing::info!("stopped");
     Ok(())
 }
 
 fn record_batch_metrics(outcome: &crate::journey::BatchOutcome) {
-    metrics::counter!("nudge_events_ignored_total").increment(outcome.ignored as u64);
-    metrics::counter!("nudge_events_duplicate_total").increment(outcome.duplicates as u64);
+    EventsIgnored {
+        count: outcome.ignored as u64,
+    }
+    .emit();
+    DuplicateEvents {
+        count: outcome.duplicates as u64,
+    }
+    .emit();
     for (journey, ok) in &outcome.evaluations {
-        metrics::counter!("nudge_rule_evaluations_total", "journey" => journey.clone())
-            .increment(1);
-        if !ok {
-            metrics::counter!("nudge_rule_errors_total", "journey" => journey.clone()).increment(1);
-        }
+        RuleEvaluated { journey, ok: *ok }.emit();
     }
     for id in &outcome.started {
         let journey = id.rsplit_once('-').map(|(j, _)| j).unwrap_or(id);
-        metrics::counter!("nudge_journeys_started_total", "journey" => journey.to_string())
-            .increment(1);
+        JourneyStarted { journey }.emit();
     }
     for (journey, how) in &outcome.ended {
-        metrics::counter!("nudge_journeys_ended_total", "journey" => journey.clone(), "outcome" => how.as_str()).increment(1);
+        JourneyEnded {
+            journey,
+            outcome: how.as_str(),
+        }
+        .emit();
     }
 }
 
@@ -241,8 +254,8 @@ fn spawn_retention(
                     tracing::info!(rows = n, before = %before, "retention: old rows deleted")
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "retention purge failed"),
-                Err(e) => tracing::error!(error = %e, "retention purge panicked"),
+                Ok(Err(e)) => RetentionPurgeFailed { error: &e }.emit(),
+                Err(e) => RetentionPurgePanicked { error: &e }.emit(),
             }
         }
     });
@@ -333,20 +346,25 @@ pub fn reload(
                 return true;
             }
             if let Err(e) = record_rules_version(store, &set, now) {
-                tracing::error!(error = %e, "cannot record the rule set version; keeping the old rules");
+                RulesVersionNotRecorded { error: &e }.emit();
                 return false;
             }
             let new_version = set.version.clone();
             let old = rules.swap(set);
-            metrics::counter!("nudge_rule_reloads_total", "result" => "ok").increment(1);
-            tracing::info!(trigger = why, old = %old.version, new = %new_version, "rules reloaded");
+            RulesReloaded {
+                trigger: why,
+                old: &old.version,
+                new: &new_version,
+            }
+            .emit();
             true
         }
         Err(e) => {
-            metrics::counter!("nudge_rule_reloads_total", "result" => "refused").increment(1);
-            for p in &e.problems {
-                tracing::error!(trigger = why, file = %p.file, line = p.line, column = p.column, error = %p.message, "rules reload refused; the previous rules keep running");
+            RulesReloadRefused {
+                trigger: why,
+                problems: &e.problems,
             }
+            .emit();
             false
         }
     }

@@ -5,7 +5,8 @@
 //! (decide, one store transaction) → `store` → `scheduler` → `policy` →
 //! `dispatch` → `audit` (the dispatch log). `admin` serves health and metrics;
 //! `sim` runs the same engine on a virtual clock. `model` is the vocabulary
-//! they share; it depends on none of them.
+//! they share; it depends on none of them. `telemetry` holds the metric
+//! catalog and the events that log and count.
 
 pub mod admin;
 pub mod audit;
@@ -23,4 +24,5 @@ pub mod rules;
 pub mod scheduler;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod toolkit;

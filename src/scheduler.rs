@@ -25,6 +25,81 @@ use crate::model::{
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{StepResult, Store, StoreError};
+use crate::telemetry::events::{
+    NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided, StepDispatched,
+};
+
+/// What was decided about one due step, before it is a dispatch-log record.
+struct Decision {
+    outcome: Outcome,
+    reason: String,
+    /// Try the step again at this time (a retry or a deferral).
+    again_at: Option<DateTime<Utc>>,
+    /// A deferral: lateness is measured from the new time.
+    replan: bool,
+    /// How long after its due time the step went out.
+    latency_ms: Option<u64>,
+}
+
+impl Decision {
+    fn new(outcome: Outcome, reason: String) -> Self {
+        Self {
+            outcome,
+            reason,
+            again_at: None,
+            replan: false,
+            latency_ms: None,
+        }
+    }
+
+    fn sent(step: &DueStep, done: DateTime<Utc>) -> Self {
+        let late = (done - step.due_at).num_milliseconds().max(0) as u64;
+        Self {
+            latency_ms: Some(late),
+            ..Self::new(
+                Outcome::Sent,
+                format!("step {} of {}", step.step, step.journey),
+            )
+        }
+    }
+
+    /// Quiet hours: not dropped, planned again for when they end.
+    fn deferred(until: DateTime<Utc>, reason: String) -> Self {
+        let until_text = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        Self {
+            again_at: Some(until),
+            replan: true,
+            ..Self::new(Outcome::Deferred, format!("{reason}; until {until_text}"))
+        }
+    }
+}
+
+/// Only a claim that outlived its worker can belong to an ended instance
+/// (closing cancels pending steps): it is settled, never sent.
+fn settle_if_ended(step: &DueStep, now: DateTime<Utc>) -> Option<StepResult> {
+    let outcome = match step.instance_status {
+        InstanceStatus::Converted => Outcome::Converted,
+        InstanceStatus::Cancelled => Outcome::Cancelled,
+        InstanceStatus::Open | InstanceStatus::Completed => return None,
+    };
+    let reason = format!(
+        "journey {} while the step was claimed; step not sent",
+        step.instance_status
+    );
+    Some(StepResult {
+        record: log_record(step, now, outcome, reason),
+        again_at: None,
+        replan: false,
+        claimed_row: Some(step.row),
+    })
+}
+
+/// The dispatch-log record of a decision about `step`.
+fn log_record(step: &DueStep, time: DateTime<Utc>, outcome: Outcome, reason: String) -> LogRecord {
+    let mut record = LogRecord::about(step.subject(), time, outcome, reason);
+    record.attempt = step.attempt;
+    record
+}
 
 /// What deciding and sending a claimed batch needs from the store.
 struct BatchContext {
@@ -244,47 +319,70 @@ impl Scheduler {
     /// under way finish (bounded by the channel timeout) and claimed steps not
     /// yet started are handed back for the next run.
     pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
-        let loops = ChannelKind::ALL.into_iter().map(|channel| {
-            let this = self.clone();
-            let mut shutdown = shutdown.clone();
-            async move {
-                while !*shutdown.borrow() {
-                    if let Err(e) = this.run_channel_due(channel, Some(&shutdown), false).await {
-                        tracing::error!(%channel, error = %e, "scheduler round failed; retrying in 1s");
-                        metrics::counter!("nudge_scheduler_errors_total").increment(1);
-                        // The store is failing: pause rather than spin on it.
-                        tokio::select! {
-                            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        continue;
-                    }
-                    let now = this.clock.now();
-                    let next = match this.store.next_due(Some(channel)) {
-                        Ok(Some(t)) => t.min(now + MAX_IDLE),
-                        Ok(None) => now + MAX_IDLE,
-                        Err(e) => {
-                            tracing::error!(%channel, error = %e, "cannot read next due step");
-                            now + chrono::Duration::seconds(1)
-                        }
-                    };
-                    if next <= now {
-                        continue;
-                    }
-                    tokio::select! {
-                        _ = this.clock.sleep_until(next) => {}
-                        _ = this.wake[&channel].notified() => {}
-                        _ = shutdown.changed() => {}
-                    }
-                }
-            }
-        });
+        let loops = ChannelKind::ALL
+            .into_iter()
+            .map(|channel| self.clone().run_channel(channel, shutdown.clone()));
         futures::future::join_all(loops).await;
+    }
+
+    /// One channel's loop: send what is due, then sleep until its next due
+    /// step, a wake-up from the pipeline or shutdown.
+    async fn run_channel(
+        self: Arc<Self>,
+        channel: ChannelKind,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        while !*shutdown.borrow() {
+            if let Err(e) = self.run_channel_due(channel, Some(&shutdown), false).await {
+                SchedulerRoundFailed {
+                    channel: channel.as_str(),
+                    error: &e,
+                }
+                .emit();
+                // The store is failing: pause rather than spin on it.
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let now = self.clock.now();
+            let next = self.next_wake(channel, now);
+            if next <= now {
+                continue;
+            }
+            tokio::select! {
+                _ = self.clock.sleep_until(next) => {}
+                _ = self.wake[&channel].notified() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// When the channel's loop looks again: at its next due step, but at
+    /// least every `MAX_IDLE` (so expired leases of dead workers are
+    /// noticed), and after 1 s when the store cannot say.
+    fn next_wake(&self, channel: ChannelKind, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self.store.next_due(Some(channel)) {
+            Ok(Some(t)) => t.min(now + MAX_IDLE),
+            Ok(None) => now + MAX_IDLE,
+            Err(e) => {
+                NextDueUnreadable {
+                    channel: channel.as_str(),
+                    error: &e,
+                }
+                .emit();
+                now + chrono::Duration::seconds(1)
+            }
+        }
     }
 
     /// Decides and sends one claimed step and says what to record (the caller
     /// writes it). When shutting down, a step not yet started is handed back
     /// unsent (`None`) instead of holding up the drain.
+    ///
+    /// The steps: settle a claim whose journey has ended; ask the contact
+    /// policy (and the step's condition); send or not; count and record.
     async fn handle(
         &self,
         mut step: DueStep,
@@ -296,31 +394,25 @@ impl Scheduler {
             return Ok(None);
         }
         let now = self.clock.now();
-        // Only a claim that outlived its worker can belong to an ended
-        // instance (closing cancels pending steps): settle it, never send it.
-        let ended = match step.instance_status {
-            InstanceStatus::Converted => Some(Outcome::Converted),
-            InstanceStatus::Cancelled => Some(Outcome::Cancelled),
-            InstanceStatus::Open | InstanceStatus::Completed => None,
-        };
-        if let Some(outcome) = ended {
-            let mut record = LogRecord::about(
-                step.subject(),
-                now,
-                outcome,
-                format!(
-                    "journey {} while the step was claimed; step not sent",
-                    step.instance_status
-                ),
-            );
-            record.attempt = step.attempt;
-            return Ok(Some(StepResult {
-                record,
-                again_at: None,
-                replan: false,
-                claimed_row: Some(step.row),
-            }));
+        if let Some(settled) = settle_if_ended(&step, now) {
+            return Ok(Some(settled));
         }
+        let (verdict, address) = self.verdict(&step, context, now)?;
+        let decision = self.act(&mut step, verdict, address, context).await;
+        Ok(Some(self.result(step, decision)))
+    }
+
+    /// The contact policy's verdict, with the step's condition for a step
+    /// that would go out, and the address the channel needs (none for push).
+    ///
+    /// Decided under the customer's lock: a send counts against the
+    /// frequency cap of the customer's other steps in this batch at once.
+    fn verdict(
+        &self,
+        step: &DueStep,
+        context: &BatchContext,
+        now: DateTime<Utc>,
+    ) -> Result<(Verdict, Option<String>), StoreError> {
         let lateness = self
             .lateness
             .get(&step.channel)
@@ -332,111 +424,116 @@ impl Scheduler {
                 step.customer
             )));
         };
-        // Decided under the customer's lock: a send counts against the
-        // frequency cap of the customer's other steps in this batch at once.
-        let (verdict, address) = {
-            let mut customer = customer.lock().unwrap_or_else(|e| e.into_inner());
-            let mut verdict = self.policy.check(&step, &customer, lateness, now);
-            if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
-                if let Some(function) = &step.condition {
-                    if let Some(reason) = self.condition_refusal(&step, function, &customer) {
-                        verdict = Verdict::Suppress(reason);
-                    }
-                }
+        let mut customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut verdict = self.policy.check(step, &customer, lateness, now);
+        if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
+            if let Some(reason) = self.condition_refusal(step, &customer) {
+                verdict = Verdict::Suppress(reason);
             }
-            if verdict == Verdict::Send {
-                customer.recent_sends.insert(0, now);
-            }
-            let address = match step.channel {
-                ChannelKind::Email => customer.email.clone(),
-                ChannelKind::CallTask => customer.phone.clone(),
-                ChannelKind::Push => None,
-            };
-            (verdict, address)
+        }
+        if verdict == Verdict::Send {
+            customer.recent_sends.insert(0, now);
+        }
+        let address = match step.channel {
+            ChannelKind::Email => customer.email.clone(),
+            ChannelKind::CallTask => customer.phone.clone(),
+            ChannelKind::Push => None,
         };
-        let mut again_at = None;
-        let mut replan = false;
-        let mut latency_ms = None;
-        let (outcome, reason) = match verdict {
-            Verdict::Send => {
-                let started = Instant::now();
-                let history = context
-                    .histories
-                    .get(&step.instance_id)
-                    .cloned()
-                    .unwrap_or_default();
-                // The variables go into the message: nothing reads them later.
-                let variables = std::mem::take(&mut step.vars);
-                let result = self.send(&step, variables, address, history).await;
-                metrics::histogram!("nudge_dispatch_seconds", "channel" => step.channel.as_str())
-                    .record(started.elapsed().as_secs_f64());
-                let done = self.clock.now();
-                match result {
-                    Ok(()) => {
-                        latency_ms = Some((done - step.due_at).num_milliseconds().max(0) as u64);
-                        (
-                            Outcome::Sent,
-                            format!("step {} of {}", step.step, step.journey),
-                        )
-                    }
-                    Err(e) if e.retryable() && step.attempt < self.config.max_attempts => {
-                        let wait = self.backoff(step.attempt);
-                        again_at = Some(done + span(wait));
-                        (
-                            Outcome::Retrying,
-                            format!(
-                                "{e}; attempt {} of {}, next in {}",
-                                step.attempt,
-                                self.config.max_attempts,
-                                humantime::format_duration(Duration::from_secs(wait.as_secs()))
-                            ),
-                        )
-                    }
-                    Err(e) if e.retryable() => (
-                        Outcome::Failed,
-                        format!("{e}; gave up after {} attempts", step.attempt),
-                    ),
-                    Err(e) => (Outcome::Failed, e.to_string()),
-                }
-            }
-            Verdict::Defer { until, reason } => {
-                again_at = Some(until);
-                replan = true;
-                (
-                    Outcome::Deferred,
-                    format!(
-                        "{reason}; until {}",
-                        until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    ),
-                )
-            }
-            Verdict::Suppress(reason) => (Outcome::Suppressed, reason),
-            Verdict::Expire(reason) => (Outcome::Expired, reason),
-            Verdict::HeldOut => (
+        Ok((verdict, address))
+    }
+
+    /// What the verdict comes to: the send and its result, or why nothing
+    /// is sent now.
+    async fn act(
+        &self,
+        step: &mut DueStep,
+        verdict: Verdict,
+        address: Option<String>,
+        context: &BatchContext,
+    ) -> Decision {
+        match verdict {
+            Verdict::Send => self.dispatch(step, address, context).await,
+            Verdict::Defer { until, reason } => Decision::deferred(until, reason),
+            Verdict::Suppress(reason) => Decision::new(Outcome::Suppressed, reason),
+            Verdict::Expire(reason) => Decision::new(Outcome::Expired, reason),
+            Verdict::HeldOut => Decision::new(
                 Outcome::HeldOut,
                 "control group: not sent, to measure the journey's effect".into(),
             ),
-            Verdict::Shadow(reason) => (Outcome::Shadow, reason),
-        };
-        metrics::counter!("nudge_steps_total", "channel" => step.channel.as_str(), "outcome" => outcome.as_str()).increment(1);
-        let mut record = LogRecord::about(step.subject(), self.clock.now(), outcome, reason);
-        record.attempt = step.attempt;
-        record.latency_ms = latency_ms;
-        Ok(Some(StepResult {
-            record,
-            again_at,
-            replan,
-            claimed_row: Some(step.row),
-        }))
+            Verdict::Shadow(reason) => Decision::new(Outcome::Shadow, reason),
+        }
     }
 
-    /// Runs the step's condition; `Some(reason)` when it says no or fails.
-    fn condition_refusal(
+    /// Sends the step through its channel, timed.
+    async fn dispatch(
         &self,
-        step: &DueStep,
-        function: &str,
-        customer: &CustomerContext,
-    ) -> Option<String> {
+        step: &mut DueStep,
+        address: Option<String>,
+        context: &BatchContext,
+    ) -> Decision {
+        let started = Instant::now();
+        let history = context
+            .histories
+            .get(&step.instance_id)
+            .cloned()
+            .unwrap_or_default();
+        // The variables go into the message: nothing reads them later.
+        let variables = std::mem::take(&mut step.vars);
+        let result = self.send(step, variables, address, history).await;
+        StepDispatched {
+            channel: step.channel.as_str(),
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        let done = self.clock.now();
+        match result {
+            Ok(()) => Decision::sent(step, done),
+            Err(e) => self.send_failed(step, e, done),
+        }
+    }
+
+    /// A failed send is tried again, with backoff, while the error may pass
+    /// and attempts remain; otherwise it is final.
+    fn send_failed(&self, step: &DueStep, e: DispatchError, done: DateTime<Utc>) -> Decision {
+        if !e.retryable() {
+            return Decision::new(Outcome::Failed, e.to_string());
+        }
+        let max = self.config.max_attempts;
+        if step.attempt >= max {
+            let reason = format!("{e}; gave up after {} attempts", step.attempt);
+            return Decision::new(Outcome::Failed, reason);
+        }
+        let wait = self.backoff(step.attempt);
+        let next_in = humantime::format_duration(Duration::from_secs(wait.as_secs()));
+        let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
+        let again = span(wait);
+        Decision {
+            again_at: Some(done + again),
+            ..Decision::new(Outcome::Retrying, reason)
+        }
+    }
+
+    /// Counts the decision and makes it what the writer records.
+    fn result(&self, step: DueStep, decision: Decision) -> StepResult {
+        StepDecided {
+            channel: step.channel.as_str(),
+            outcome: decision.outcome.as_str(),
+        }
+        .emit();
+        let mut record = log_record(&step, self.clock.now(), decision.outcome, decision.reason);
+        record.latency_ms = decision.latency_ms;
+        StepResult {
+            record,
+            again_at: decision.again_at,
+            replan: decision.replan,
+            claimed_row: Some(step.row),
+        }
+    }
+
+    /// Runs the step's condition, if it has one; `Some(reason)` when it says
+    /// no or fails.
+    fn condition_refusal(&self, step: &DueStep, customer: &CustomerContext) -> Option<String> {
+        let function = step.condition.as_deref()?;
         let rules = self.rules.current();
         let journey = rules.journey(&step.journey)?; // journey removed: keep the planned step
         let customer = Arc::new(customer.clone());
@@ -444,9 +541,12 @@ impl Scheduler {
             Ok(true) => None,
             Ok(false) => Some(format!("condition {function} is false")),
             Err(e) => {
-                tracing::warn!(journey = %step.journey, instance = %step.instance_id, error = %e, "step condition failed");
-                metrics::counter!("nudge_rule_errors_total", "journey" => step.journey.clone())
-                    .increment(1);
+                StepConditionFailed {
+                    journey: &step.journey,
+                    instance: &step.instance_id,
+                    error: &e,
+                }
+                .emit();
                 Some(format!("condition {function} failed: {}", e.message))
             }
         }

@@ -40,3 +40,36 @@ fn the_walkthrough_journey_compiles_with_the_shipped_ones() {
     assert_eq!(card.steps.len(), 2);
     assert!(Path::new(&card.file).ends_with("examples/journeys/card_expiring.rhai"));
 }
+
+#[test]
+fn readme_lists_every_metric_and_only_those() {
+    use std::collections::BTreeSet;
+
+    use nudge::telemetry::{catalog, metrics_reference};
+
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let begin = "<!-- BEGIN metrics -->\n";
+    let start = readme.find(begin).expect("BEGIN metrics marker") + begin.len();
+    let end = readme
+        .find("<!-- END metrics -->")
+        .expect("END metrics marker");
+    let table = &readme[start..end];
+    let listed: BTreeSet<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split_once('`'))
+        .map(|(name, _)| name)
+        .collect();
+    let exported: BTreeSet<&str> = catalog::ALL.iter().map(|m| m.name).collect();
+    let missing: Vec<_> = exported.difference(&listed).collect();
+    let unknown: Vec<_> = listed.difference(&exported).collect();
+    let expected = metrics_reference();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "README.md's metric table has no row for {missing:?} and rows for {unknown:?}, \
+         which nudge does not export; the table should read:\n{expected}"
+    );
+    assert_eq!(
+        table, expected,
+        "README.md's metric table is out of date (src/telemetry/catalog.rs); it should read:\n{expected}"
+    );
+}

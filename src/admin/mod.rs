@@ -65,22 +65,10 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Installs the process-wide Prometheus recorder with the latency
-/// histograms' buckets (without buckets they would be summaries, which
-/// cannot be aggregated across daemons).
+/// Installs the process-wide Prometheus recorder, set up for the metric
+/// catalog (histogram buckets, `# HELP` lines).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    const BUCKETS: &[f64] = &[
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full("nudge_dispatch_seconds".into()),
-            BUCKETS,
-        )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full("nudge_ingest_batch_seconds".into()),
-            BUCKETS,
-        )?
-        .install_recorder()?;
+    let handle = crate::telemetry::prometheus()?.install_recorder()?;
+    crate::telemetry::catalog::describe();
     Ok(handle)
 }

@@ -12,6 +12,9 @@ use tokio::sync::{watch, Notify};
 use crate::clock::Clock;
 use crate::config::KafkaConfig;
 use crate::store::{DeadLetter, Store};
+use crate::telemetry::events::{
+    DeadLetterOutboxUnreadable, DeadLetterPublishFailed, DeadLettersNotMarked, DeadLettersPublished,
+};
 
 pub struct DeadLetterPublisher {
     producer: FutureProducer,
@@ -65,7 +68,7 @@ impl DeadLetterPublisher {
         let pending = match self.store.unpublished_dead_letters(500) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the dead-letter outbox");
+                DeadLetterOutboxUnreadable { error: &e }.emit();
                 return 0;
             }
         };
@@ -74,17 +77,29 @@ impl DeadLetterPublisher {
             match self.send(letter).await {
                 Ok(()) => done.push(*id),
                 Err(e) => {
-                    tracing::error!(topic = %self.topic, error = %e, "dead-letter publish failed; will retry");
+                    DeadLetterPublishFailed {
+                        topic: &self.topic,
+                        error: &e,
+                    }
+                    .emit();
                     break;
                 }
             }
         }
         if !done.is_empty() {
+            DeadLettersPublished {
+                count: done.len() as u64,
+            }
+            .emit();
             if let Err(e) = self
                 .store
                 .mark_dead_letters_published(&done, self.clock.now())
             {
-                tracing::error!(error = %e, "cannot mark dead letters published");
+                DeadLettersNotMarked {
+                    count: done.len(),
+                    error: &e,
+                }
+                .emit();
             }
         }
         done.len()

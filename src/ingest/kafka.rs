@@ -21,6 +21,11 @@ use crate::event::{Event, EventError};
 use crate::journey::{BatchOutcome, Origin, Pipeline, SourceOffset};
 use crate::rules::RuleSet;
 use crate::store::{DeadLetter, Store};
+use crate::telemetry::events::{
+    BatchPanicked, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered, EventsConsumed,
+    FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
+    OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoredOffsetsUnreadable,
+};
 
 type Partition = (String, i32);
 
@@ -71,7 +76,12 @@ impl ClientContext for IngestContext {
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("nudge_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string()).set(p.consumer_lag as f64);
+                    ConsumerLag {
+                        topic: &topic,
+                        partition,
+                        lag: p.consumer_lag,
+                    }
+                    .emit();
                 }
             }
         }
@@ -109,7 +119,11 @@ impl ConsumerContext for IngestContext {
                     let topic = e.topic().to_string();
                     if !stored.contains_key(&topic) {
                         let offsets = self.store.offsets(&topic).unwrap_or_else(|err| {
-                            tracing::error!(%topic, error = %err, "cannot read stored offsets; relying on event-id dedup");
+                            StoredOffsetsUnreadable {
+                                topic: &topic,
+                                error: &err,
+                            }
+                            .emit();
                             Vec::new()
                         });
                         stored.insert(topic.clone(), offsets.into_iter().collect());
@@ -123,7 +137,7 @@ impl ConsumerContext for IngestContext {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => RebalanceFailed { error: e }.emit(),
         }
     }
 }
@@ -330,8 +344,7 @@ impl KafkaIngest {
             match first {
                 Ok(m) => batch.add(&m, &rules),
                 Err(e) => {
-                    tracing::warn!(error = %e, "kafka receive error");
-                    metrics::counter!("nudge_kafka_errors_total").increment(1);
+                    KafkaReceiveFailed { error: &e }.emit();
                     continue;
                 }
             }
@@ -349,7 +362,7 @@ impl KafkaIngest {
                 match next {
                     Ok(m) => batch.add(&m, &rules),
                     Err(e) => {
-                        tracing::warn!(error = %e, "kafka receive error");
+                        KafkaReceiveFailed { error: &e }.emit();
                         break;
                     }
                 }
@@ -365,7 +378,7 @@ impl KafkaIngest {
         }
         if tpl.count() > 0 {
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, "final offset commit failed; the store's offsets will be used on restart");
+                FinalOffsetCommitFailed { error: &e }.emit();
             }
         }
         tracing::info!("consumer stopped; offsets are committed");
@@ -403,19 +416,32 @@ impl KafkaIngest {
                     origins.push(*origin);
                 }
                 Kind::Invalid(error, origin) => {
-                    metrics::counter!("nudge_dead_letters_total", "kind" => "invalid").increment(1);
-                    tracing::warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason = %error, "record dead-lettered");
+                    RecordDeadLettered {
+                        topic: &origin.topic,
+                        partition: origin.partition,
+                        offset: origin.offset,
+                        reason: &error,
+                    }
+                    .emit();
                     rejects.push(origin.dead_letter(error.to_string(), None, None));
                 }
             }
         }
         if batch.key_mismatches > 0 {
-            metrics::counter!("nudge_key_mismatch_total").increment(batch.key_mismatches);
+            KeyMismatches {
+                count: batch.key_mismatches,
+            }
+            .emit();
         }
         let mut offsets = Vec::new();
         for (i, (topic, partition)) in batch.partitions.into_iter().enumerate() {
             if consumed[i] > 0 {
-                metrics::counter!("nudge_events_consumed_total", "topic" => topic.clone(), "partition" => partition.to_string()).increment(consumed[i]);
+                EventsConsumed {
+                    topic: &topic,
+                    partition,
+                    count: consumed[i],
+                }
+                .emit();
             }
             if let Some(next_offset) = next[i] {
                 offsets.push(SourceOffset {
@@ -435,8 +461,12 @@ impl KafkaIngest {
         // Records the batch did not even decode count as ignored too.
         outcome.ignored += ignored;
         for f in &outcome.failures {
-            metrics::counter!("nudge_dead_letters_total", "kind" => if f.journey.is_some() { "rule" } else { "context" }).increment(1);
-            tracing::warn!(event_id = %f.event_id, journey = f.journey.as_deref().unwrap_or("-"), reason = %f.reason, "event dead-lettered");
+            EventDeadLettered {
+                event_id: &f.event_id,
+                journey: f.journey.as_deref(),
+                reason: &f.reason,
+            }
+            .emit();
         }
         self.readiness.advance(&offsets);
         self.commit(&offsets);
@@ -469,16 +499,15 @@ impl KafkaIngest {
                 Ok(Ok(outcome)) => {
                     // Decide + store time of a batch: with the broker's own
                     // latency, what an event waits before it is durable.
-                    metrics::histogram!("nudge_ingest_batch_seconds")
-                        .record(started.elapsed().as_secs_f64());
+                    BatchStored {
+                        elapsed: started.elapsed(),
+                    }
+                    .emit();
                     return Some(outcome);
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "store write failed; retrying the batch"),
-                Err(e) => {
-                    tracing::error!(error = %e, "batch processing panicked; retrying the batch")
-                }
+                Ok(Err(e)) => BatchStoreFailed { error: &e }.emit(),
+                Err(e) => BatchPanicked { error: &e }.emit(),
             }
-            metrics::counter!("nudge_store_errors_total").increment(1);
             if *shutdown.borrow() {
                 return None;
             }
@@ -493,13 +522,19 @@ impl KafkaIngest {
             if let Err(e) =
                 tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next_offset))
             {
-                tracing::warn!(error = %e, "bad offset");
+                InvalidOffset {
+                    topic: &o.topic,
+                    partition: o.partition,
+                    offset: o.next_offset,
+                    error: &e,
+                }
+                .emit();
             }
         }
         // The store holds the truth; a failed commit (e.g. during a rebalance)
         // only means some records are read again and skipped.
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(error = %e, "offset commit deferred");
+            OffsetCommitDeferred { error: &e }.emit();
         }
     }
 }

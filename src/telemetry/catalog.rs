@@ -1,0 +1,255 @@
+//! Every metric nudge exports: name, type, labels and what it measures, in
+//! one table. The events in [`super::events`] are the only writers;
+//! README's metric table is generated from [`ALL`] ([`reference`]) and a
+//! test keeps the two equal, so a metric cannot ship undocumented.
+//!
+//! Names are part of the interface (dashboards and alerts use them): rename
+//! one only with a note in the changelog.
+
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// Exported with [`BUCKETS`]: without buckets the Prometheus exporter
+    /// writes a summary, which cannot be aggregated across daemons.
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// Label names, in the order README lists them.
+    pub labels: &'static [&'static str],
+    /// One line for `# HELP` and README: what is counted and, for a failure,
+    /// what nudge does about it.
+    pub help: &'static str,
+}
+
+/// Bucket bounds of every histogram, in seconds.
+pub const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+// Ingest.
+
+pub const EVENTS_CONSUMED: Metric = Metric {
+    name: "nudge_events_consumed_total",
+    kind: Kind::Counter,
+    labels: &["topic", "partition"],
+    help: "records consumed from Kafka, whatever their type",
+};
+pub const CONSUMER_LAG: Metric = Metric {
+    name: "nudge_consumer_lag",
+    kind: Kind::Gauge,
+    labels: &["topic", "partition"],
+    help: "librdkafka's lag (high watermark minus position), from its statistics every 5 s",
+};
+pub const EVENTS_IGNORED: Metric = Metric {
+    name: "nudge_events_ignored_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "records no journey and no customer context reads (unknown event types)",
+};
+pub const EVENTS_DUPLICATE: Metric = Metric {
+    name: "nudge_events_duplicate_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "events skipped because their id was already processed (producer retries, replays)",
+};
+pub const KEY_MISMATCH: Metric = Metric {
+    name: "nudge_key_mismatch_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "records whose Kafka key is not their customer id: that customer's events may be decided out of order",
+};
+pub const INGEST_BATCH_SECONDS: Metric = Metric {
+    name: "nudge_ingest_batch_seconds",
+    kind: Kind::Histogram,
+    labels: &[],
+    help: "deciding and storing one consumed batch",
+};
+pub const DEAD_LETTERS: Metric = Metric {
+    name: "nudge_dead_letters_total",
+    kind: Kind::Counter,
+    labels: &["kind"],
+    help: "records put in the dead-letter outbox: invalid (not a valid CloudEvent), rule (a journey failed on it), context (a customer context update failed)",
+};
+pub const KAFKA_ERRORS: Metric = Metric {
+    name: "nudge_kafka_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "errors receiving from Kafka; the consumer keeps polling",
+};
+pub const KAFKA_REBALANCE_ERRORS: Metric = Metric {
+    name: "nudge_kafka_rebalance_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "consumer group rebalances that failed; librdkafka retries them",
+};
+pub const OFFSET_RESUME_ERRORS: Metric = Metric {
+    name: "nudge_offset_resume_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "assigned topics whose stored offsets could not be read; records read again are skipped by event id instead",
+};
+pub const OFFSET_COMMIT_ERRORS: Metric = Metric {
+    name: "nudge_offset_commit_errors_total",
+    kind: Kind::Counter,
+    labels: &["commit"],
+    help: "Kafka offset commits that failed, after a batch (usual during a rebalance) or the final one on shutdown; the store's offsets are used on restart",
+};
+pub const STORE_ERRORS: Metric = Metric {
+    name: "nudge_store_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "consumed batches the store could not write; the batch is retried until it is stored",
+};
+
+// Journeys.
+
+pub const RULE_EVALUATIONS: Metric = Metric {
+    name: "nudge_rule_evaluations_total",
+    kind: Kind::Counter,
+    labels: &["journey"],
+    help: "runs of a journey's decide",
+};
+pub const RULE_ERRORS: Metric = Metric {
+    name: "nudge_rule_errors_total",
+    kind: Kind::Counter,
+    labels: &["journey"],
+    help: "runs of decide or of a step condition that failed (the event is dead-lettered, the step suppressed)",
+};
+pub const JOURNEYS_STARTED: Metric = Metric {
+    name: "nudge_journeys_started_total",
+    kind: Kind::Counter,
+    labels: &["journey"],
+    help: "journey instances started",
+};
+pub const JOURNEYS_ENDED: Metric = Metric {
+    name: "nudge_journeys_ended_total",
+    kind: Kind::Counter,
+    labels: &["journey", "outcome"],
+    help: "journey instances closed by an exit event (converted or cancelled)",
+};
+pub const RULE_RELOADS: Metric = Metric {
+    name: "nudge_rule_reloads_total",
+    kind: Kind::Counter,
+    labels: &["result"],
+    help: "rule reloads that found a new version: ok (swapped in), refused (it does not compile) or failed (its version could not be stored); unless ok the previous rules keep running",
+};
+
+// Sending.
+
+pub const STEPS: Metric = Metric {
+    name: "nudge_steps_total",
+    kind: Kind::Counter,
+    labels: &["channel", "outcome"],
+    help: "decisions about due steps, by dispatch-log outcome",
+};
+pub const DISPATCH_SECONDS: Metric = Metric {
+    name: "nudge_dispatch_seconds",
+    kind: Kind::Histogram,
+    labels: &["channel"],
+    help: "one send to a channel endpoint, whatever its result",
+};
+pub const SCHEDULER_ERRORS: Metric = Metric {
+    name: "nudge_scheduler_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "scheduler rounds or next-due lookups that failed on the store; the channel's loop tries again after 1 s",
+};
+
+// Dead-letter publishing and upkeep.
+
+pub const DEAD_LETTERS_PUBLISHED: Metric = Metric {
+    name: "nudge_dead_letters_published_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "dead letters published from the outbox to the dead-letter topic",
+};
+pub const DEAD_LETTER_PUBLISH_ERRORS: Metric = Metric {
+    name: "nudge_dead_letter_publish_errors_total",
+    kind: Kind::Counter,
+    labels: &["stage"],
+    help: "dead-letter publishing failures: read (the outbox), publish (the topic) or mark (recording letters as published, so they are published again); retried",
+};
+pub const RETENTION_ERRORS: Metric = Metric {
+    name: "nudge_retention_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "retention purges that failed; the next is an hour later",
+};
+
+/// Every metric, in README's order.
+pub const ALL: &[&Metric] = &[
+    &EVENTS_CONSUMED,
+    &CONSUMER_LAG,
+    &EVENTS_IGNORED,
+    &EVENTS_DUPLICATE,
+    &KEY_MISMATCH,
+    &INGEST_BATCH_SECONDS,
+    &DEAD_LETTERS,
+    &KAFKA_ERRORS,
+    &KAFKA_REBALANCE_ERRORS,
+    &OFFSET_RESUME_ERRORS,
+    &OFFSET_COMMIT_ERRORS,
+    &STORE_ERRORS,
+    &RULE_EVALUATIONS,
+    &RULE_ERRORS,
+    &JOURNEYS_STARTED,
+    &JOURNEYS_ENDED,
+    &RULE_RELOADS,
+    &STEPS,
+    &DISPATCH_SECONDS,
+    &SCHEDULER_ERRORS,
+    &DEAD_LETTERS_PUBLISHED,
+    &DEAD_LETTER_PUBLISH_ERRORS,
+    &RETENTION_ERRORS,
+];
+
+/// The metric named `name`, if nudge exports one.
+pub fn find(name: &str) -> Option<&'static Metric> {
+    ALL.iter().copied().find(|m| m.name == name)
+}
+
+/// README's metric table, generated from [`ALL`].
+pub fn reference() -> String {
+    let mut out =
+        String::from("| metric | type | labels | what it measures |\n| --- | --- | --- | --- |\n");
+    for m in ALL {
+        let labels: Vec<String> = m.labels.iter().map(|l| format!("`{l}`")).collect();
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            m.name,
+            m.kind.as_str(),
+            labels.join(", "),
+            m.help
+        );
+    }
+    out
+}
+
+/// Gives every metric its `# HELP` line in the installed recorder.
+pub fn describe() {
+    for m in ALL {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}

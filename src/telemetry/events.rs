@@ -1,0 +1,473 @@
+//! One type per thing an operator must be able to see, after Vector's
+//! `internal_events`: `emit` writes the structured log line (lowercase text,
+//! ids in fields, never contact details) and updates the event's metric, so
+//! a failure can be neither logged without being counted nor counted under a
+//! name that is not in the [catalog](super::catalog).
+//!
+//! Log lines keep the target of the module they describe, so `RUST_LOG`
+//! filters such as `nudge::ingest=debug` select them as before.
+//!
+//! Fields borrow: building an event costs nothing beyond its metric.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use super::catalog::*;
+
+const INGEST: &str = "nudge::ingest::kafka";
+const DLQ: &str = "nudge::ingest::dlq";
+const SCHEDULER: &str = "nudge::scheduler";
+const DAEMON: &str = "nudge::daemon";
+
+// ── Ingest ──────────────────────────────────────────────────────────────
+
+/// Records of one partition taken from a batch (whatever became of them).
+pub struct EventsConsumed<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub count: u64,
+}
+
+impl EventsConsumed<'_> {
+    pub fn emit(self) {
+        metrics::counter!(EVENTS_CONSUMED.name, "topic" => self.topic.to_string(), "partition" => self.partition.to_string())
+            .increment(self.count);
+    }
+}
+
+/// librdkafka's statistics for one partition.
+pub struct ConsumerLag<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub lag: i64,
+}
+
+impl ConsumerLag<'_> {
+    pub fn emit(self) {
+        metrics::gauge!(CONSUMER_LAG.name, "topic" => self.topic.to_string(), "partition" => self.partition.to_string())
+            .set(self.lag as f64);
+    }
+}
+
+/// Records of a batch keyed by something other than their customer id.
+/// Counted, not logged: a misconfigured producer would log on every record.
+pub struct KeyMismatches {
+    pub count: u64,
+}
+
+impl KeyMismatches {
+    pub fn emit(self) {
+        metrics::counter!(KEY_MISMATCH.name).increment(self.count);
+    }
+}
+
+/// A record that is not a valid CloudEvent, put in the dead-letter outbox.
+pub struct RecordDeadLettered<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: &'a dyn Display,
+}
+
+impl RecordDeadLettered<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, offset = self.offset, reason = %self.reason, "record dead-lettered");
+        metrics::counter!(DEAD_LETTERS.name, "kind" => "invalid").increment(1);
+    }
+}
+
+/// An event a journey (or the customer context) failed on, put in the
+/// dead-letter outbox. The failed `decide` is counted by [`RuleEvaluated`].
+pub struct EventDeadLettered<'a> {
+    pub event_id: &'a str,
+    /// `None` when updating the customer context failed.
+    pub journey: Option<&'a str>,
+    pub reason: &'a str,
+}
+
+impl EventDeadLettered<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, event_id = %self.event_id, journey = self.journey.unwrap_or("-"), reason = %self.reason, "event dead-lettered");
+        let kind = if self.journey.is_some() {
+            "rule"
+        } else {
+            "context"
+        };
+        metrics::counter!(DEAD_LETTERS.name, "kind" => kind).increment(1);
+    }
+}
+
+pub struct KafkaReceiveFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl KafkaReceiveFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, error = %self.error, "kafka receive error");
+        metrics::counter!(KAFKA_ERRORS.name).increment(1);
+    }
+}
+
+pub struct RebalanceFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl RebalanceFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, error = %self.error, "rebalance error");
+        metrics::counter!(KAFKA_REBALANCE_ERRORS.name).increment(1);
+    }
+}
+
+/// On assignment the store's offsets of a topic could not be read: Kafka's
+/// committed offsets apply and event ids catch what is read again.
+pub struct StoredOffsetsUnreadable<'a> {
+    pub topic: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl StoredOffsetsUnreadable<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: INGEST, topic = %self.topic, error = %self.error, "cannot read stored offsets; relying on event-id dedup");
+        metrics::counter!(OFFSET_RESUME_ERRORS.name).increment(1);
+    }
+}
+
+/// An offset librdkafka would not put in the commit list.
+pub struct InvalidOffset<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub error: &'a dyn Display,
+}
+
+impl InvalidOffset<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, offset = self.offset, error = %self.error, "bad offset");
+        metrics::counter!(OFFSET_COMMIT_ERRORS.name, "commit" => "batch").increment(1);
+    }
+}
+
+/// The commit after a batch failed. Debug only: it is usual during a
+/// rebalance, and the store, not Kafka, holds the offsets that matter.
+pub struct OffsetCommitDeferred<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl OffsetCommitDeferred<'_> {
+    pub fn emit(self) {
+        tracing::debug!(target: INGEST, error = %self.error, "offset commit deferred");
+        metrics::counter!(OFFSET_COMMIT_ERRORS.name, "commit" => "batch").increment(1);
+    }
+}
+
+pub struct FinalOffsetCommitFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl FinalOffsetCommitFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, error = %self.error, "final offset commit failed; the store's offsets will be used on restart");
+        metrics::counter!(OFFSET_COMMIT_ERRORS.name, "commit" => "final").increment(1);
+    }
+}
+
+/// A consumed batch decided and stored.
+pub struct BatchStored {
+    pub elapsed: Duration,
+}
+
+impl BatchStored {
+    pub fn emit(self) {
+        metrics::histogram!(INGEST_BATCH_SECONDS.name).record(self.elapsed.as_secs_f64());
+    }
+}
+
+pub struct BatchStoreFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl BatchStoreFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: INGEST, error = %self.error, "store write failed; retrying the batch");
+        metrics::counter!(STORE_ERRORS.name).increment(1);
+    }
+}
+
+pub struct BatchPanicked<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl BatchPanicked<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: INGEST, error = %self.error, "batch processing panicked; retrying the batch");
+        metrics::counter!(STORE_ERRORS.name).increment(1);
+    }
+}
+
+// ── Journeys (from a stored batch's outcome) ────────────────────────────
+
+pub struct EventsIgnored {
+    pub count: u64,
+}
+
+impl EventsIgnored {
+    pub fn emit(self) {
+        metrics::counter!(EVENTS_IGNORED.name).increment(self.count);
+    }
+}
+
+pub struct DuplicateEvents {
+    pub count: u64,
+}
+
+impl DuplicateEvents {
+    pub fn emit(self) {
+        metrics::counter!(EVENTS_DUPLICATE.name).increment(self.count);
+    }
+}
+
+/// One run of a journey's `decide`. A failed one is logged as the event's
+/// [`EventDeadLettered`].
+pub struct RuleEvaluated<'a> {
+    pub journey: &'a str,
+    pub ok: bool,
+}
+
+impl RuleEvaluated<'_> {
+    pub fn emit(self) {
+        metrics::counter!(RULE_EVALUATIONS.name, "journey" => self.journey.to_string())
+            .increment(1);
+        if !self.ok {
+            metrics::counter!(RULE_ERRORS.name, "journey" => self.journey.to_string()).increment(1);
+        }
+    }
+}
+
+pub struct JourneyStarted<'a> {
+    pub journey: &'a str,
+}
+
+impl JourneyStarted<'_> {
+    pub fn emit(self) {
+        metrics::counter!(JOURNEYS_STARTED.name, "journey" => self.journey.to_string())
+            .increment(1);
+    }
+}
+
+pub struct JourneyEnded<'a> {
+    pub journey: &'a str,
+    pub outcome: &'static str,
+}
+
+impl JourneyEnded<'_> {
+    pub fn emit(self) {
+        metrics::counter!(JOURNEYS_ENDED.name, "journey" => self.journey.to_string(), "outcome" => self.outcome)
+            .increment(1);
+    }
+}
+
+// ── Rule reloads ────────────────────────────────────────────────────────
+
+pub struct RulesReloaded<'a> {
+    pub trigger: &'a str,
+    pub old: &'a str,
+    pub new: &'a str,
+}
+
+impl RulesReloaded<'_> {
+    pub fn emit(self) {
+        tracing::info!(target: DAEMON, trigger = self.trigger, old = %self.old, new = %self.new, "rules reloaded");
+        metrics::counter!(RULE_RELOADS.name, "result" => "ok").increment(1);
+    }
+}
+
+/// The new rules do not compile: one line per problem, counted once.
+pub struct RulesReloadRefused<'a> {
+    pub trigger: &'a str,
+    pub problems: &'a [crate::rules::Problem],
+}
+
+impl RulesReloadRefused<'_> {
+    pub fn emit(self) {
+        metrics::counter!(RULE_RELOADS.name, "result" => "refused").increment(1);
+        for p in self.problems {
+            tracing::error!(target: DAEMON, trigger = self.trigger, file = %p.file, line = p.line, column = p.column, error = %p.message, "rules reload refused; the previous rules keep running");
+        }
+    }
+}
+
+/// The new rules compiled but their version could not be recorded, so they
+/// are not swapped in: every decision must name a recorded version.
+pub struct RulesVersionNotRecorded<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl RulesVersionNotRecorded<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DAEMON, error = %self.error, "cannot record the rule set version; keeping the old rules");
+        metrics::counter!(RULE_RELOADS.name, "result" => "failed").increment(1);
+    }
+}
+
+// ── Scheduler ───────────────────────────────────────────────────────────
+
+/// What became of one due step (the dispatch log holds the details).
+pub struct StepDecided {
+    pub channel: &'static str,
+    pub outcome: &'static str,
+}
+
+impl StepDecided {
+    pub fn emit(self) {
+        metrics::counter!(STEPS.name, "channel" => self.channel, "outcome" => self.outcome)
+            .increment(1);
+    }
+}
+
+/// One send to a channel endpoint, timed whatever its result.
+pub struct StepDispatched {
+    pub channel: &'static str,
+    pub elapsed: Duration,
+}
+
+impl StepDispatched {
+    pub fn emit(self) {
+        metrics::histogram!(DISPATCH_SECONDS.name, "channel" => self.channel)
+            .record(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A step's condition threw: the step is suppressed, the failure counted
+/// against its journey.
+pub struct StepConditionFailed<'a> {
+    pub journey: &'a str,
+    pub instance: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl StepConditionFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, journey = %self.journey, instance = %self.instance, error = %self.error, "step condition failed");
+        metrics::counter!(RULE_ERRORS.name, "journey" => self.journey.to_string()).increment(1);
+    }
+}
+
+pub struct SchedulerRoundFailed<'a> {
+    pub channel: &'static str,
+    pub error: &'a dyn Display,
+}
+
+impl SchedulerRoundFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: SCHEDULER, channel = %self.channel, error = %self.error, "scheduler round failed; retrying in 1s");
+        metrics::counter!(SCHEDULER_ERRORS.name).increment(1);
+    }
+}
+
+pub struct NextDueUnreadable<'a> {
+    pub channel: &'static str,
+    pub error: &'a dyn Display,
+}
+
+impl NextDueUnreadable<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: SCHEDULER, channel = %self.channel, error = %self.error, "cannot read next due step");
+        metrics::counter!(SCHEDULER_ERRORS.name).increment(1);
+    }
+}
+
+// ── Dead-letter publishing ──────────────────────────────────────────────
+
+pub struct DeadLettersPublished {
+    pub count: u64,
+}
+
+impl DeadLettersPublished {
+    pub fn emit(self) {
+        metrics::counter!(DEAD_LETTERS_PUBLISHED.name).increment(self.count);
+    }
+}
+
+pub struct DeadLetterOutboxUnreadable<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl DeadLetterOutboxUnreadable<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DLQ, error = %self.error, "cannot read the dead-letter outbox");
+        metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "read").increment(1);
+    }
+}
+
+pub struct DeadLetterPublishFailed<'a> {
+    pub topic: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl DeadLetterPublishFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DLQ, topic = %self.topic, error = %self.error, "dead-letter publish failed; will retry");
+        metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "publish").increment(1);
+    }
+}
+
+/// Published letters could not be marked so: they will be published again.
+pub struct DeadLettersNotMarked<'a> {
+    pub count: usize,
+    pub error: &'a dyn Display,
+}
+
+impl DeadLettersNotMarked<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DLQ, letters = self.count, error = %self.error, "cannot mark dead letters published");
+        metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "mark").increment(1);
+    }
+}
+
+// ── Process ─────────────────────────────────────────────────────────────
+
+pub struct RetentionPurgeFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl RetentionPurgeFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DAEMON, error = %self.error, "retention purge failed");
+        metrics::counter!(RETENTION_ERRORS.name).increment(1);
+    }
+}
+
+pub struct RetentionPurgePanicked<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl RetentionPurgePanicked<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DAEMON, error = %self.error, "retention purge panicked");
+        metrics::counter!(RETENTION_ERRORS.name).increment(1);
+    }
+}
+
+/// Logged only: the admin server is what serves `/metrics`, so a counter of
+/// its own failure could never be scraped.
+pub struct AdminServerFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl AdminServerFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DAEMON, error = %self.error, "admin server failed");
+    }
+}
+
+/// Logged only: the process exits right after, before any scrape.
+pub struct DrainDeadlinePassed {
+    pub deadline: Duration,
+}
+
+impl DrainDeadlinePassed {
+    pub fn emit(self) {
+        tracing::warn!(target: DAEMON, deadline = ?self.deadline, "drain deadline passed; unfinished sends are leased and will be retried");
+    }
+}

@@ -1,0 +1,250 @@
+//! What nudge tells its operators: the metric catalog (names, types, labels,
+//! help; README's table is generated from it) and the events that write
+//! them. Elsewhere, code emits an event instead of calling `tracing::warn!`,
+//! `tracing::error!` or a `metrics` macro, so each failure is logged and
+//! counted in one place (a test below holds every module to it).
+
+pub mod catalog;
+pub mod events;
+
+pub use catalog::{reference as metrics_reference, Kind, Metric};
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+/// The Prometheus exporter set up for the catalog: every histogram with
+/// [`catalog::BUCKETS`].
+pub fn prometheus() -> Result<PrometheusBuilder, BuildError> {
+    let mut builder = PrometheusBuilder::new();
+    for m in catalog::ALL.iter().filter(|m| m.kind == Kind::Histogram) {
+        builder = builder.set_buckets_for_metric(Matcher::Full(m.name.into()), catalog::BUCKETS)?;
+    }
+    Ok(builder)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::catalog::{self, Kind};
+    use super::events::*;
+
+    /// Emits every event that writes a metric, with sample values.
+    fn emit_all() {
+        let error: &dyn std::fmt::Display = &"boom";
+        let d = Duration::from_millis(3);
+        EventsConsumed {
+            topic: "t",
+            partition: 0,
+            count: 2,
+        }
+        .emit();
+        ConsumerLag {
+            topic: "t",
+            partition: 0,
+            lag: 5,
+        }
+        .emit();
+        KeyMismatches { count: 1 }.emit();
+        RecordDeadLettered {
+            topic: "t",
+            partition: 0,
+            offset: 7,
+            reason: error,
+        }
+        .emit();
+        EventDeadLettered {
+            event_id: "e1",
+            journey: Some("j"),
+            reason: "r",
+        }
+        .emit();
+        EventDeadLettered {
+            event_id: "e2",
+            journey: None,
+            reason: "r",
+        }
+        .emit();
+        KafkaReceiveFailed { error }.emit();
+        RebalanceFailed { error }.emit();
+        StoredOffsetsUnreadable { topic: "t", error }.emit();
+        InvalidOffset {
+            topic: "t",
+            partition: 0,
+            offset: -9,
+            error,
+        }
+        .emit();
+        OffsetCommitDeferred { error }.emit();
+        FinalOffsetCommitFailed { error }.emit();
+        BatchStored { elapsed: d }.emit();
+        BatchStoreFailed { error }.emit();
+        BatchPanicked { error }.emit();
+        EventsIgnored { count: 1 }.emit();
+        DuplicateEvents { count: 1 }.emit();
+        RuleEvaluated {
+            journey: "j",
+            ok: false,
+        }
+        .emit();
+        JourneyStarted { journey: "j" }.emit();
+        JourneyEnded {
+            journey: "j",
+            outcome: "converted",
+        }
+        .emit();
+        RulesReloaded {
+            trigger: "SIGHUP",
+            old: "a",
+            new: "b",
+        }
+        .emit();
+        RulesReloadRefused {
+            trigger: "SIGHUP",
+            problems: &[],
+        }
+        .emit();
+        RulesVersionNotRecorded { error }.emit();
+        StepDecided {
+            channel: "push",
+            outcome: "sent",
+        }
+        .emit();
+        StepDispatched {
+            channel: "push",
+            elapsed: d,
+        }
+        .emit();
+        StepConditionFailed {
+            journey: "j",
+            instance: "i",
+            error,
+        }
+        .emit();
+        SchedulerRoundFailed {
+            channel: "push",
+            error,
+        }
+        .emit();
+        NextDueUnreadable {
+            channel: "push",
+            error,
+        }
+        .emit();
+        DeadLettersPublished { count: 1 }.emit();
+        DeadLetterOutboxUnreadable { error }.emit();
+        DeadLetterPublishFailed {
+            topic: "dlq",
+            error,
+        }
+        .emit();
+        DeadLettersNotMarked { count: 1, error }.emit();
+        RetentionPurgeFailed { error }.emit();
+        RetentionPurgePanicked { error }.emit();
+        AdminServerFailed { error }.emit();
+        DrainDeadlinePassed { deadline: d }.emit();
+    }
+
+    /// Metric name → the label names of each of its series, read back from
+    /// the exporter's text.
+    fn exported() -> BTreeMap<String, Vec<BTreeSet<String>>> {
+        let recorder = super::prometheus().unwrap().build_recorder();
+        metrics::with_local_recorder(&recorder, emit_all);
+        let mut found = BTreeMap::new();
+        for line in recorder.handle().render().lines() {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let series = line.split_once(' ').unwrap().0;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let labels: BTreeSet<String> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string()))
+                .filter(|k| k != "le")
+                .collect();
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|base| catalog::find(base).is_some_and(|m| m.kind == Kind::Histogram))
+                .unwrap_or(name);
+            found
+                .entry(name.to_string())
+                .or_insert_with(Vec::new)
+                .push(labels);
+        }
+        found
+    }
+
+    #[test]
+    fn events_write_exactly_the_catalog_with_its_labels() {
+        let exported = exported();
+        for (name, series) in &exported {
+            let metric = catalog::find(name)
+                .unwrap_or_else(|| panic!("{name} is written but not in the catalog"));
+            let declared: BTreeSet<String> = metric.labels.iter().map(|l| l.to_string()).collect();
+            for labels in series {
+                assert_eq!(labels, &declared, "labels of {name}");
+            }
+        }
+        for m in catalog::ALL {
+            assert!(exported.contains_key(m.name), "no event writes {}", m.name);
+        }
+    }
+
+    #[test]
+    fn catalog_entries_are_unique_and_fit_a_table_row() {
+        let mut names = BTreeSet::new();
+        for m in catalog::ALL {
+            assert!(names.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with("nudge_"), "{}", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters and only counters end in _total",
+                m.name
+            );
+            assert!(
+                !m.help.contains(['|', '\n']),
+                "{}: help must fit a table cell",
+                m.name
+            );
+        }
+    }
+
+    /// Outside this module nothing writes a metric or a warning or error
+    /// line: such a line would be a failure without its counter.
+    #[test]
+    fn only_telemetry_writes_metrics_and_warnings() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut offenders = Vec::new();
+        visit(&src, &mut |path, text| {
+            if path.starts_with(src.join("telemetry")) {
+                return;
+            }
+            for (n, line) in text.lines().enumerate() {
+                let forbidden = ["counter!(", "gauge!(", "histogram!(", "warn!(", "error!("];
+                if forbidden.iter().any(|f| line.contains(f)) {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        });
+        assert!(
+            offenders.is_empty(),
+            "emit an event from crate::telemetry::events instead:\n{}",
+            offenders.join("\n")
+        );
+    }
+
+    fn visit(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, f);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                f(&path, &std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+}
