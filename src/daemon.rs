@@ -186,7 +186,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        tracing::warn!(deadline = ?config.kafka.drain_timeout, "drain deadline passed; unfinished sends are leased and will be retried");
+        tracing::warn!(deadline = %crate::humanize::duration(config.kafka.drain_timeout), "drain deadline passed; unfinished sends are leased and will be retried");
     }
     tracing::info!("stopped");
     Ok(())

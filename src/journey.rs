@@ -299,7 +299,7 @@ impl Pipeline {
                                     format!(
                                         "cooldown: {} ended within {}",
                                         journey.name,
-                                        humantime::format_duration(
+                                        crate::humanize::duration(
                                             journey.cooldown.unwrap_or_default()
                                         )
                                     ),

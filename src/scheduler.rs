@@ -398,7 +398,7 @@ impl Scheduler {
                                 "{e}; attempt {} of {}, next in {}",
                                 step.attempt,
                                 self.config.max_attempts,
-                                humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                                crate::humanize::duration(wait)
                             ),
                         )
                     }
