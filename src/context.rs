@@ -42,7 +42,10 @@ pub struct CustomerContext {
 pub struct JourneySummary {
     pub journey: String,
     pub key: String,
+    /// `open`, then `converted`, `cancelled` or `completed`, in every mode.
     pub status: String,
+    /// `live`, `held_out` (control group) or `shadow`.
+    pub mode: String,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
 }

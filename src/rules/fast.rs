@@ -1110,6 +1110,7 @@ mod tests {
                     journey: "energy_rebate".into(),
                     key: "c-1".into(),
                     status: "converted".into(),
+                    mode: "live".into(),
                     started_at: chrono::Utc::now(),
                     ended_at: None,
                 });
