@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::model::{Category, ChannelKind, InstanceStatus};
+use crate::model::{Category, ChannelKind, InstanceStatus, Mode};
 
 pub const CONTACT_UPDATED: &str = "customer.contact_updated";
 pub const CONSENT_UPDATED: &str = "customer.consent_updated";
@@ -41,7 +41,10 @@ pub struct CustomerContext {
 pub struct JourneySummary {
     pub journey: String,
     pub key: String,
+    /// `open`, then `converted`, `cancelled` or `completed`, in every mode.
     pub status: InstanceStatus,
+    /// Live, held out (control group) or shadow.
+    pub mode: Mode,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
 }

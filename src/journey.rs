@@ -403,7 +403,7 @@ impl BatchRun<'_> {
         journey: &Journey,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let cooldown = humantime::format_duration(journey.cooldown.unwrap_or_default());
+        let cooldown = crate::humanize::duration(journey.cooldown.unwrap_or_default());
         for s in &journey.steps {
             let subject = StepRef {
                 customer: &event.customer,

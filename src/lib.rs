@@ -16,6 +16,7 @@ pub mod context;
 pub mod daemon;
 pub mod dispatch;
 pub mod event;
+pub mod humanize;
 pub mod ingest;
 pub mod journey;
 pub mod model;

@@ -40,7 +40,8 @@ enum Command {
         events: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
-        /// Take the contact policy from this config file (defaults otherwise).
+        /// Take the contact policy, the channels' lateness bounds and
+        /// rules.max_operations from this config file (defaults otherwise).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -78,6 +79,8 @@ enum Command {
         /// Exit 1 when any customer would get a different message.
         #[arg(long)]
         fail_on_change: bool,
+        /// Take the contact policy, the channels' lateness bounds and
+        /// rules.max_operations from this config file (defaults otherwise).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -154,9 +157,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()?;
             let stdout = std::io::stdout();
             let mut writer = LogWriter::new(stdout.lock(), format);
+            let lateness = nudge::sim::channel_lateness(&config);
             let summary = runtime.block_on(nudge::sim::simulate(
                 set,
                 config.policy,
+                lateness,
                 &events,
                 |r| writer.write(r),
                 |w| eprintln!("{w}"),
@@ -249,6 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 base,
                 candidate,
                 &config.policy,
+                &nudge::sim::channel_lateness(&config),
             ))?;
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&report)?),

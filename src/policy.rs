@@ -60,9 +60,9 @@ impl Policy {
         if late_by > span(lateness) {
             return Verdict::Expire(format!(
                 "due {} ago, past the {} lateness bound of {}",
-                humantime::format_duration(late_by.to_std().unwrap_or_default()),
+                crate::humanize::duration(late_by.to_std().unwrap_or_default()),
                 step.channel,
-                humantime::format_duration(lateness)
+                crate::humanize::duration(lateness)
             ));
         }
         if self.config.disabled_journeys.contains(&step.journey) {
@@ -127,7 +127,7 @@ impl Policy {
         if cap > 0 && customer.recent_sends.len() >= cap {
             return Some(Verdict::Suppress(format!(
                 "frequency cap: {cap} messages within {}",
-                humantime::format_duration(self.config.cap_window)
+                crate::humanize::duration(self.config.cap_window)
             )));
         }
         None

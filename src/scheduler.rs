@@ -504,7 +504,7 @@ impl Scheduler {
             return Decision::new(Outcome::Failed, reason);
         }
         let wait = self.backoff(step.attempt);
-        let next_in = humantime::format_duration(Duration::from_secs(wait.as_secs()));
+        let next_in = crate::humanize::duration(wait);
         let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
         let again = span(wait);
         Decision {

@@ -5,15 +5,16 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::clock::{Clock, VirtualClock};
-use crate::config::{PolicyConfig, SchedulerConfig};
+use crate::config::{Config, PolicyConfig, SchedulerConfig};
 use crate::dispatch::{Channel, Channels, RecordingChannel};
 use crate::event::Event;
 use crate::journey::{BatchOutcome, Pipeline};
-use crate::model::LogRecord;
+use crate::model::{ChannelKind, LogRecord};
 use crate::policy::Policy;
 use crate::rules::{RuleSet, RulesHandle};
 use crate::scheduler::Scheduler;
@@ -21,6 +22,19 @@ use crate::store::{SqliteStore, Store, StoreError};
 
 /// How far past the last event `finish` follows the schedule.
 const HORIZON_DAYS: i64 = 400;
+
+/// Each channel's lateness bound: a step due longer ago is `expired`. A
+/// channel not in the map has the default bound (12h).
+pub type Lateness = HashMap<ChannelKind, Duration>;
+
+/// The lateness bounds of the channels a config names, as the daemon applies them.
+pub fn channel_lateness(config: &Config) -> Lateness {
+    config
+        .channels
+        .iter()
+        .map(|(kind, channel)| (*kind, channel.lateness))
+        .collect()
+}
 
 pub struct Simulation {
     pub clock: VirtualClock,
@@ -37,11 +51,22 @@ impl Simulation {
         start: DateTime<Utc>,
         policy: PolicyConfig,
     ) -> Result<Self, StoreError> {
+        Self::with_lateness(rules, start, policy, Lateness::new())
+    }
+
+    /// With the channels' lateness bounds of a config (see [`channel_lateness`]).
+    pub fn with_lateness(
+        rules: RuleSet,
+        start: DateTime<Utc>,
+        policy: PolicyConfig,
+        lateness: Lateness,
+    ) -> Result<Self, StoreError> {
         let channel = Arc::new(RecordingChannel::default());
-        Self::with_channels(
+        Self::build(
             rules,
             start,
             policy,
+            lateness,
             channel.clone(),
             Channels::all(channel),
         )
@@ -55,20 +80,19 @@ impl Simulation {
         recording: Arc<RecordingChannel>,
         channels: Channels,
     ) -> Result<Self, StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(format!("temp dir: {e}")))?;
-        let store = Arc::new(SqliteStore::open(&dir.path().join("simulate.db"))?);
-        Self::on_store(rules, start, policy, recording, channels, store, dir)
+        Self::build(rules, start, policy, Lateness::new(), recording, channels)
     }
 
-    fn on_store(
+    fn build(
         rules: RuleSet,
         start: DateTime<Utc>,
         policy: PolicyConfig,
+        lateness: Lateness,
         recording: Arc<RecordingChannel>,
         channels: Channels,
-        store: Arc<SqliteStore>,
-        dir: tempfile::TempDir,
     ) -> Result<Self, StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(format!("temp dir: {e}")))?;
+        let store = Arc::new(SqliteStore::open(&dir.path().join("simulate.db"))?);
         let clock = VirtualClock::new(start);
         let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
         let rules = RulesHandle::new(rules);
@@ -87,7 +111,7 @@ impl Simulation {
             clock_dyn,
             Policy::new(policy),
             SchedulerConfig::default(),
-            HashMap::new(),
+            lateness,
         );
         Ok(Self {
             clock,
@@ -172,6 +196,7 @@ pub struct Summary {
 pub async fn simulate(
     rules: RuleSet,
     policy: PolicyConfig,
+    lateness: Lateness,
     events_path: &Path,
     mut emit: impl FnMut(&LogRecord) -> std::io::Result<()>,
     mut warn: impl FnMut(String),
@@ -190,7 +215,7 @@ pub async fn simulate(
         .first()
         .map(|(_, e)| e.time)
         .unwrap_or_else(Utc::now);
-    let sim = Simulation::new(rules, start, policy)?;
+    let sim = Simulation::with_lateness(rules, start, policy, lateness)?;
     for (line, event) in file.events {
         while let Some((bad_line, _)) = bad.peek() {
             if *bad_line > line {

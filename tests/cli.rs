@@ -3,7 +3,7 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use harness::{nudge, repo};
 use serde_json::Value;
@@ -149,6 +149,112 @@ fn simulate_table_has_a_header_and_one_row_per_record() {
             assert!(cells.contains(&r[f].as_str().unwrap()), "{f}: {row} vs {r}");
         }
     }
+}
+
+/// A loan completed two hours before the customer's contact update that
+/// precedes it in the file (a late event), and a config whose push lateness
+/// bound is one hour; email keeps the default (12h).
+fn late_loan(dir: &Path) -> (PathBuf, PathBuf) {
+    let events = dir.join("late.jsonl");
+    let contact = serde_json::json!({
+        "specversion": "1.0", "id": "ctx-1", "type": "customer.contact_updated",
+        "source": "tests", "subject": "c-1", "time": "2026-03-02T00:00:00Z",
+        "data": {"timezone": "Australia/Sydney", "app_installed": true, "email": "c1@example.com"},
+    });
+    let loan = serde_json::json!({
+        "specversion": "1.0", "id": "loan-1", "type": "loan_application.completed",
+        "source": "tests", "subject": "c-1", "time": "2026-03-01T22:00:00Z",
+        "data": {"application_id": "A-1", "signed": false, "product": "Car loan",
+                 "amount": 9000, "resume_url": "https://example.com/A-1"},
+    });
+    std::fs::write(&events, format!("{contact}\n{loan}\n")).unwrap();
+    let config = dir.join("nudge.toml");
+    std::fs::write(
+        &config,
+        "[channels.push]\nurl = \"http://127.0.0.1:9/push\"\nlateness = \"1h\"\n",
+    )
+    .unwrap();
+    (events, config)
+}
+
+#[test]
+fn simulate_takes_each_channels_lateness_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, config) = late_loan(dir.path());
+    let rules = repo().join("rules");
+    let run = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec![
+            "simulate",
+            "--rules",
+            rules.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = nudge(&args);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let step = |records: &[Value], step: &str| -> (String, String) {
+        let r = records
+            .iter()
+            .find(|r| r["journey"] == "unsigned_loan" && r["step"] == step)
+            .unwrap_or_else(|| panic!("no {step} in {records:?}"));
+        (
+            r["outcome"].as_str().unwrap().into(),
+            r["reason"].as_str().unwrap().into(),
+        )
+    };
+
+    // Two hours late is within the default 12h bound.
+    let defaults = run(&[]);
+    assert_eq!(step(&defaults, "push").0, "sent");
+    // Past the config's 1h bound for push; email keeps its own bound.
+    let configured = run(&["--config", config.to_str().unwrap()]);
+    assert_eq!(
+        step(&configured, "push"),
+        (
+            "expired".to_string(),
+            "due 2h ago, past the push lateness bound of 1h".to_string()
+        )
+    );
+    assert_eq!(step(&configured, "email").0, "sent");
+}
+
+#[test]
+fn replay_takes_each_channels_lateness_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, config) = late_loan(dir.path());
+    let rules = repo().join("rules");
+    let sent = |extra: &[&str], channel: &str| -> u64 {
+        let mut args = vec![
+            "replay",
+            "--rules",
+            rules.to_str().unwrap(),
+            "--baseline",
+            rules.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = nudge(&args);
+        assert_eq!(code, 0, "{err}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["journey"] == "unsigned_loan" && r["channel"] == channel)
+            .map_or(0, |r| r["baseline_sent"].as_u64().unwrap())
+    };
+    assert_eq!(sent(&[], "push"), 1);
+    let with_config = ["--config", config.to_str().unwrap()];
+    assert_eq!(sent(&with_config, "push"), 0, "expired, not sent");
+    assert_eq!(sent(&with_config, "email"), 1);
 }
 
 /// (file, script, the text the error must point at)

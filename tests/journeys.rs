@@ -330,6 +330,12 @@ async fn a_503_is_retried_with_the_same_idempotency_key_until_sent() {
     // The retry is rescheduled in the store with backoff, not slept on.
     let next = h.sim.scheduler.next_due().unwrap().expect("retry planned");
     assert!(next > t0() && next <= t0() + Duration::seconds(2), "{next}");
+    // The wait it reports is the real one, sub-second part included.
+    let wait = nudge::humanize::duration((next - t0()).to_std().unwrap());
+    assert!(
+        first.reason.ends_with(&format!("next in {wait}")),
+        "{first:?}"
+    );
     assert_eq!(h.sinks.push.count(), 1);
 
     h.run_until(t0() + Duration::minutes(1)).await;

@@ -115,6 +115,7 @@ fn replay_reports_a_changed_delay_and_a_changed_condition() {
             load_dir(&repo().join("rules"), &limits).unwrap(),
             load_dir(&candidate, &limits).unwrap(),
             &PolicyConfig::default(),
+            &Default::default(),
         ))
         .unwrap();
     let row = |j: &str, c: &str| {

@@ -103,6 +103,7 @@ pub fn build_engine(limits: &Limits) -> Engine {
                     m.insert("journey".into(), j.journey.clone().into());
                     m.insert("key".into(), j.key.clone().into());
                     m.insert("status".into(), j.status.as_str().into());
+                    m.insert("mode".into(), j.mode.as_str().into());
                     m.insert("started_at".into(), j.started_at.to_rfc3339().into());
                     Dynamic::from_map(m)
                 })
@@ -341,8 +342,12 @@ pub(super) fn dynamic_to_json(v: &Dynamic) -> Result<Value, Box<EvalAltResult>> 
     Err(format!("a {} cannot be a template variable", v.type_name()).into())
 }
 
-/// Reference of what scripts can use, printed by `nudge rules-doc` and kept in
-/// `rules/README.md`, so the documentation is generated from this file.
+/// Reference of what scripts can use: `nudge rules-doc` prints it and
+/// `rules/README.md` carries a copy. It is written by hand, next to the
+/// registrations in [`build_engine`] it describes; `tests/docs.rs` fails when
+/// the README's copy differs from it, when a property registered there is not
+/// listed here or one listed here cannot be read, and when the instance
+/// statuses and modes listed are not the ones scripts see.
 pub fn host_api_reference() -> &'static str {
     r#"### `event` (type `Event`)
 | property | type | meaning |
@@ -371,10 +376,17 @@ pub fn host_api_reference() -> &'static str {
 | `customer.preferred_channel` | string or `()` | `push`, `email` or `call_task` |
 | `customer.profile` | JSON map | merged `data.profile` of `customer.profile_updated` events |
 | `customer.recent_contacts` | int | messages sent to the customer within the policy's cap window |
-| `customer.journeys` | array of maps | `journey`, `key`, `status` (`open`, `converted`, `cancelled`, `completed`, `held_out`), `started_at` |
+| `customer.journeys` | array of maps | newest first, at most 100: `journey`, `key`, `status` (`open`, `converted`, `cancelled`, `completed`), `mode` (`live`, `held_out`, `shadow`), `started_at` |
 | `customer.in_journey(name)` | bool | an instance of `name` is open |
 | `customer.converted(name)` | bool | an instance of `name` ended `converted` |
 | `customer.consented(channel, category)` | bool | consent (service defaults to yes, marketing to no) |
+
+An instance is `open` until an exit event ends it (`converted` or `cancelled`) or
+every step has been dealt with, sent or not (`completed`); an exit event within
+`policy.attribution_window` after that still turns a `completed` instance `converted`
+or `cancelled`. The mode never changes the status: held-out (control group) and
+shadow instances end like live ones, only their steps are logged `held_out` or
+`shadow` instead of being sent. `in_journey` and `converted` count every mode.
 
 ### Host functions
 | function | returns | meaning |

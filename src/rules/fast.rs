@@ -1111,6 +1111,7 @@ mod tests {
                     journey: "energy_rebate".into(),
                     key: "c-1".into(),
                     status: crate::model::InstanceStatus::Converted,
+                    mode: crate::model::Mode::Live,
                     started_at: chrono::Utc::now(),
                     ended_at: None,
                 });

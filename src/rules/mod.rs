@@ -48,7 +48,7 @@ mod humantime_serde_compat {
         d: &std::time::Duration,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        s.serialize_str(&crate::humanize::duration(*d))
     }
 }
 

@@ -468,6 +468,6 @@ pub struct DrainDeadlinePassed {
 
 impl DrainDeadlinePassed {
     pub fn emit(self) {
-        tracing::warn!(target: DAEMON, deadline = ?self.deadline, "drain deadline passed; unfinished sends are leased and will be retried");
+        tracing::warn!(target: DAEMON, deadline = %crate::humanize::duration(self.deadline), "drain deadline passed; unfinished sends are leased and will be retried");
     }
 }

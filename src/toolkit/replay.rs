@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::config::PolicyConfig;
 use crate::model::{LogRecord, Outcome};
 use crate::rules::RuleSet;
-use crate::sim::{read_events, Simulation};
+use crate::sim::{read_events, Lateness, Simulation};
 
 const EXAMPLES: usize = 3;
 
@@ -93,6 +93,7 @@ pub async fn replay(
     baseline: RuleSet,
     candidate: RuleSet,
     policy: &PolicyConfig,
+    lateness: &Lateness,
 ) -> anyhow::Result<ReplayReport> {
     let file = read_events(events)?;
     let mut report = ReplayReport {
@@ -101,8 +102,8 @@ pub async fn replay(
         candidate_version: candidate.version.clone(),
         ..ReplayReport::default()
     };
-    let base = run(&file.events, baseline, policy).await?;
-    let cand = run(&file.events, candidate, policy).await?;
+    let base = run(&file.events, baseline, policy, lateness).await?;
+    let cand = run(&file.events, candidate, policy, lateness).await?;
 
     // (journey, channel) → customer → sends.
     let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
@@ -200,9 +201,10 @@ async fn run(
     events: &[(usize, crate::event::Event)],
     rules: RuleSet,
     policy: &PolicyConfig,
+    lateness: &Lateness,
 ) -> anyhow::Result<Vec<LogRecord>> {
     let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
-    let sim = Simulation::new(rules, start, policy.clone())?;
+    let sim = Simulation::with_lateness(rules, start, policy.clone(), lateness.clone())?;
     let mut records = Vec::new();
     for (_, e) in events {
         records.extend(sim.feed(e.clone()).await?.1);

@@ -170,7 +170,7 @@ fn load_customer_parts(
 /// The customer's latest journeys, newest first.
 fn load_journeys(conn: &Connection, id: &str) -> Result<Vec<JourneySummary>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT journey, key, status, started_at, ended_at FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
+        "SELECT journey, key, status, started_at, ended_at, mode FROM instances WHERE customer = ?1 ORDER BY started_at DESC LIMIT 100",
     )?;
     let mut rows = stmt.query([id])?;
     let mut journeys = Vec::new();
@@ -181,6 +181,7 @@ fn load_journeys(conn: &Connection, id: &str) -> Result<Vec<JourneySummary>, Sto
             status: text(r, 2)?.parse().map_err(StoreError::Corrupt)?,
             started_at: from_ms(r.get(3)?),
             ended_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
+            mode: text(r, 5)?.parse().map_err(StoreError::Corrupt)?,
         });
     }
     Ok(journeys)

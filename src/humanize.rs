@@ -1,0 +1,102 @@
+//! Durations written for people, in log reasons and messages: `90d`, `1d 2h`,
+//! `12h 30s`, `30m`, `1.5s`, `250ms`. Days are the largest unit: humantime's
+//! month is 30.44 days and its year 365.25, so it prints a 90-day cooldown as
+//! "2months 29days 2h 52m 48s".
+
+use std::time::Duration;
+
+/// `d` in days, hours, minutes and seconds, leaving out the zero ones (`1d 2h`,
+/// `12h 30s`); under a minute, seconds to a tenth (`1.5s`); under a second,
+/// milliseconds (`250ms`). Parts smaller than shown are dropped, never rounded
+/// up, so a duration never reads longer than it is.
+pub fn duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".into();
+    }
+    if d < Duration::from_millis(1) {
+        return "<1ms".into();
+    }
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    if d < Duration::from_secs(60) {
+        let tenths = d.subsec_millis() / 100;
+        return if tenths == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}.{tenths}s", d.as_secs())
+        };
+    }
+    let secs = d.as_secs();
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs % 86_400 / 3600, "h"),
+        (secs % 3600 / 60, "m"),
+        (secs % 60, "s"),
+    ];
+    let mut out = String::new();
+    for (n, unit) in parts.into_iter().filter(|(n, _)| *n > 0) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&format!("{n}{unit}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(text: &str) -> Duration {
+        humantime::parse_duration(text).unwrap()
+    }
+
+    #[test]
+    fn the_largest_unit_is_the_day() {
+        assert_eq!(duration(d("90d")), "90d");
+        assert_eq!(duration(d("400d")), "400d");
+        assert_eq!(duration(d("1d 2h")), "1d 2h");
+        assert_eq!(duration(d("36h")), "1d 12h");
+        assert_eq!(duration(d("12h")), "12h");
+        assert_eq!(duration(d("90m")), "1h 30m");
+        assert_eq!(duration(d("30m")), "30m");
+        assert_eq!(duration(d("2d 3h 4m 5s")), "2d 3h 4m 5s");
+    }
+
+    #[test]
+    fn zero_parts_are_left_out_and_small_parts_are_not_rounded_up() {
+        assert_eq!(duration(d("12h 30s")), "12h 30s");
+        assert_eq!(duration(d("1d 5m")), "1d 5m");
+        assert_eq!(duration(d("12h 999ms")), "12h");
+        assert_eq!(duration(d("1m 30s 999ms")), "1m 30s");
+        assert_eq!(duration(d("59s 999ms")), "59.9s");
+    }
+
+    #[test]
+    fn under_a_minute_seconds_to_a_tenth_and_under_a_second_milliseconds() {
+        assert_eq!(duration(Duration::ZERO), "0s");
+        assert_eq!(duration(d("1s")), "1s");
+        assert_eq!(duration(d("1s 500ms")), "1.5s");
+        assert_eq!(duration(d("2s 40ms")), "2s");
+        assert_eq!(duration(d("45s")), "45s");
+        assert_eq!(duration(d("250ms")), "250ms");
+        assert_eq!(duration(d("999ms")), "999ms");
+        assert_eq!(duration(d("1ms")), "1ms");
+        assert_eq!(duration(Duration::from_micros(300)), "<1ms");
+    }
+
+    #[test]
+    fn whole_seconds_read_back_as_the_same_duration() {
+        // What the config and the journey scripts accept, so a reason can be
+        // pasted back into either.
+        for secs in [1, 59, 60, 61, 3599, 3600, 86_399, 86_400, 90 * 86_400 + 7] {
+            let t = duration(Duration::from_secs(secs));
+            assert_eq!(
+                humantime::parse_duration(&t).unwrap().as_secs(),
+                secs,
+                "{t}"
+            );
+        }
+    }
+}
