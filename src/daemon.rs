@@ -79,14 +79,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics = crate::admin::install_metrics()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (store, released) = SqliteStore::open_exclusive(&config.store.path, config.store.cache_mb)
-        .with_context(|| format!("store.path: opening {}", config.store.path.display()))?;
-    if released > 0 {
-        tracing::info!(steps = released, "claims of the previous run released");
-    }
-    let store: Arc<dyn Store> = Arc::new(store);
     let rules = RulesHandle::new(rule_set);
-    record_rules_version(store.as_ref(), &rules.current(), clock.now())?;
+    let store = open_store(&config, &rules, clock.now()).await?;
     tracing::info!(version = %rules.current().version, journeys = rules.current().journeys().len(), "rules loaded");
 
     let mut channels = Channels::default();
@@ -283,6 +277,28 @@ impl StopSignals {
     }
 }
 
+/// Opens the store as its one owner and records the rule set in force, on
+/// the blocking pool (a store client may block or drive its own runtime).
+async fn open_store(
+    config: &Config,
+    rules: &RulesHandle,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let (path, cache_mb) = (config.store.path.clone(), config.store.cache_mb);
+    let current = rules.current();
+    tokio::task::spawn_blocking(move || {
+        let (store, released) = SqliteStore::open_exclusive(&path, cache_mb)
+            .with_context(|| format!("store.path: opening {}", path.display()))?;
+        if released > 0 {
+            tracing::info!(steps = released, "claims of the previous run released");
+        }
+        record_rules_version(&store, &current, now).context("recording the rule set")?;
+        Ok(Arc::new(store) as Arc<dyn Store>)
+    })
+    .await
+    .context("opening the store")?
+}
+
 /// Reloads on SIGHUP and, when watching, on changes in the rules directory.
 fn spawn_reloader(
     dir: std::path::PathBuf,
@@ -324,7 +340,14 @@ fn spawn_reloader(
             // Editors write files in several steps: let them settle.
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            reload(&dir, &limits, &rules, store.as_ref(), clock.now(), why);
+            // Compiling and recording a version block: off the async workers.
+            let (dir, limits, rules, store) =
+                (dir.clone(), limits.clone(), rules.clone(), store.clone());
+            let now = clock.now();
+            let _ = tokio::task::spawn_blocking(move || {
+                reload(&dir, &limits, &rules, store.as_ref(), now, why)
+            })
+            .await;
         }
     });
     Ok(())

@@ -24,7 +24,7 @@ use crate::model::{
 };
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
-use crate::store::{StepResult, Store, StoreError};
+use crate::store::{AsyncStore, StepResult, Store, StoreError};
 use crate::telemetry::events::{
     NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided, StepDispatched,
 };
@@ -109,7 +109,7 @@ struct BatchContext {
 }
 
 pub struct Scheduler {
-    store: Arc<dyn Store>,
+    store: AsyncStore,
     rules: RulesHandle,
     channels: Channels,
     clock: Arc<dyn Clock>,
@@ -141,7 +141,7 @@ impl Scheduler {
             .map(|c| (c, Arc::new(Notify::new())))
             .collect();
         Self {
-            store,
+            store: AsyncStore::new(store),
             rules,
             channels,
             clock,
@@ -212,7 +212,8 @@ impl Scheduler {
                 }
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
                 let written = self
-                    .blocking(move |store| store.finish_steps(results))
+                    .store
+                    .call(move |store| store.finish_steps(results))
                     .await?;
                 if keep {
                     records.extend(written);
@@ -231,7 +232,8 @@ impl Scheduler {
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
                 let claimed = self
-                    .blocking(move |store| store.claim_due(channel, now, limit, now + lease))
+                    .store
+                    .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
                     break;
@@ -271,17 +273,6 @@ impl Scheduler {
         Ok(records)
     }
 
-    /// Runs store work on the blocking pool, not on an async worker.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || work(store.as_ref()))
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
-    }
-
     /// The customers and the journey-so-far of a claimed batch, read at once.
     async fn batch_context(
         &self,
@@ -298,7 +289,8 @@ impl Scheduler {
         let capped = self.policy.config().max_per_customer > 0;
         let sends_since = (conditions || capped).then_some(window_start);
         let (customers, histories) = self
-            .blocking(move |store| {
+            .store
+            .call(move |store| {
                 let customers = store.customers(&ids, sends_since, conditions)?;
                 let histories = store.histories(&instances)?;
                 Ok((
@@ -347,7 +339,7 @@ impl Scheduler {
                 continue;
             }
             let now = self.clock.now();
-            let next = self.next_wake(channel, now);
+            let next = self.next_wake(channel, now).await;
             if next <= now {
                 continue;
             }
@@ -362,8 +354,8 @@ impl Scheduler {
     /// When the channel's loop looks again: at its next due step, but at
     /// least every `MAX_IDLE` (so expired leases of dead workers are
     /// noticed), and after 1 s when the store cannot say.
-    fn next_wake(&self, channel: ChannelKind, now: DateTime<Utc>) -> DateTime<Utc> {
-        match self.store.next_due(Some(channel)) {
+    async fn next_wake(&self, channel: ChannelKind, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self.store.call(move |s| s.next_due(Some(channel))).await {
             Ok(Some(t)) => t.min(now + MAX_IDLE),
             Ok(None) => now + MAX_IDLE,
             Err(e) => {
@@ -390,7 +382,10 @@ impl Scheduler {
         stop: Option<&watch::Receiver<bool>>,
     ) -> Result<Option<StepResult>, StoreError> {
         if stop.is_some_and(|s| *s.borrow()) {
-            self.store.release_claim(&step.instance_id, &step.step)?;
+            let (instance, name) = (step.instance_id.clone(), step.step.clone());
+            self.store
+                .call(move |s| s.release_claim(&instance, &name))
+                .await?;
             return Ok(None);
         }
         let now = self.clock.now();
@@ -589,7 +584,7 @@ impl Scheduler {
     }
 
     /// Earliest due step on any channel (simulate uses it to move the clock).
-    pub fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.store.next_due(None)
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.store.call(|s| s.next_due(None)).await
     }
 }

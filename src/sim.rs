@@ -132,7 +132,7 @@ impl Simulation {
         let mut records = Vec::new();
         loop {
             records.extend(self.scheduler.run_due().await?);
-            match self.scheduler.next_due()? {
+            match self.scheduler.next_due().await? {
                 Some(next) if next <= t => self.clock.advance_to(next),
                 _ => break,
             }

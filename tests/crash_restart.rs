@@ -71,7 +71,7 @@ impl Engine {
         let mut records = Vec::new();
         loop {
             records.extend(self.scheduler.run_due().await.unwrap());
-            match self.scheduler.next_due().unwrap() {
+            match self.scheduler.next_due().await.unwrap() {
                 Some(next) if next <= t => self.clock.advance_to(next),
                 _ => break,
             }

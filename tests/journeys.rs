@@ -328,7 +328,13 @@ async fn a_503_is_retried_with_the_same_idempotency_key_until_sent() {
     let first = only(&records, "c-1", "push");
     assert_eq!((first.outcome, first.attempt), (Outcome::Retrying, 1));
     // The retry is rescheduled in the store with backoff, not slept on.
-    let next = h.sim.scheduler.next_due().unwrap().expect("retry planned");
+    let next = h
+        .sim
+        .scheduler
+        .next_due()
+        .await
+        .unwrap()
+        .expect("retry planned");
     assert!(next > t0() && next <= t0() + Duration::seconds(2), "{next}");
     // The wait it reports is the real one, sub-second part included.
     let wait = nudge::humanize::duration((next - t0()).to_std().unwrap());

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::config::KafkaConfig;
-use crate::store::{DeadLetter, Store};
+use crate::store::{AsyncStore, DeadLetter, Store};
 use crate::telemetry::events::{
     DeadLetterOutboxUnreadable, DeadLetterPublishFailed, DeadLettersNotMarked, DeadLettersPublished,
 };
@@ -19,7 +19,7 @@ use crate::telemetry::events::{
 pub struct DeadLetterPublisher {
     producer: FutureProducer,
     topic: String,
-    store: Arc<dyn Store>,
+    store: AsyncStore,
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
 }
@@ -37,7 +37,7 @@ impl DeadLetterPublisher {
         Ok(Self {
             producer,
             topic: config.dead_letter_topic.clone(),
-            store,
+            store: AsyncStore::new(store),
             clock,
             wake: Arc::new(Notify::new()),
         })
@@ -65,7 +65,7 @@ impl DeadLetterPublisher {
 
     /// Publishes what the outbox holds; returns how many were published.
     pub async fn publish_pending(&self) -> usize {
-        let pending = match self.store.unpublished_dead_letters(500) {
+        let pending = match self.store.call(|s| s.unpublished_dead_letters(500)).await {
             Ok(p) => p,
             Err(e) => {
                 DeadLetterOutboxUnreadable { error: &e }.emit();
@@ -91,9 +91,11 @@ impl DeadLetterPublisher {
                 count: done.len() as u64,
             }
             .emit();
+            let (ids, now) = (done.clone(), self.clock.now());
             if let Err(e) = self
                 .store
-                .mark_dead_letters_published(&done, self.clock.now())
+                .call(move |s| s.mark_dead_letters_published(&ids, now))
+                .await
             {
                 DeadLettersNotMarked {
                     count: done.len(),

@@ -20,7 +20,7 @@ use crate::context;
 use crate::event::{Event, EventError};
 use crate::journey::{BatchOutcome, Origin, Pipeline, SourceOffset};
 use crate::rules::RuleSet;
-use crate::store::{DeadLetter, Store};
+use crate::store::{DeadLetter, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered, EventsConsumed,
     FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
@@ -60,6 +60,19 @@ impl Readiness {
             }
         }
     }
+}
+
+/// The offsets the store holds for `topic`, read on a plain thread: the
+/// rebalance callback runs inside the consumer's poll on an async worker,
+/// where a store client that drives its own runtime must not block.
+/// (The worker waits either way: librdkafka takes the assignment when the
+/// callback returns.)
+fn stored_offsets(store: &Arc<dyn Store>, topic: &str) -> Result<Vec<(i32, i64)>, StoreError> {
+    std::thread::scope(|s| s.spawn(|| store.offsets(topic)).join()).unwrap_or_else(|_| {
+        Err(StoreError::Corrupt(
+            "reading stored offsets panicked".into(),
+        ))
+    })
 }
 
 /// Keeps `Readiness` in step with rebalances. Callbacks run inside `recv`, when
@@ -118,7 +131,7 @@ impl ConsumerContext for IngestContext {
                 for e in tpl.elements() {
                     let topic = e.topic().to_string();
                     if !stored.contains_key(&topic) {
-                        let offsets = self.store.offsets(&topic).unwrap_or_else(|err| {
+                        let offsets = stored_offsets(&self.store, &topic).unwrap_or_else(|err| {
                             StoredOffsetsUnreadable {
                                 topic: &topic,
                                 error: &err,

@@ -10,6 +10,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+mod handle;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +19,7 @@ use serde_json::{Map, Value};
 use crate::context::CustomerContext;
 use crate::model::{Category, ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Mode};
 
+pub use handle::AsyncStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
