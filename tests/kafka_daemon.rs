@@ -634,3 +634,47 @@ fn waits_on_a_dead_daemon_fail_at_once_with_its_log() {
     });
     assert!(no_version.contains("exited"), "{no_version}");
 }
+
+/// The store stops answering writes (another process holds SQLite's write
+/// lock longer than the daemon's busy timeout): the daemon keeps running,
+/// stops consuming, says why on `/readyz`, and once the store is back it
+/// stores the same batch and sends each step once.
+#[test]
+fn a_store_that_refuses_writes_makes_the_daemon_not_ready_until_it_returns() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 2);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+
+    let blocker = rusqlite::Connection::open(&cfg.store).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (records, loans) = workload(200, 50);
+    produce(&cfg.topic, &records);
+    daemon.wait_until(LONG, "/readyz to say the store refuses the batch", || {
+        daemon.readyz().is_some_and(|r| {
+            !r.ready()
+                && r.body["store"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("storing a batch failed") && s.contains("locked"))
+        })
+    });
+    assert!(daemon.exited().is_none(), "the daemon keeps running");
+    assert_eq!(recv.requests().len(), 0, "nothing decided, nothing sent");
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    daemon.wait_until(LONG, "ready again with every push sent", || {
+        daemon
+            .readyz()
+            .is_some_and(|r| r.ready() && r.body["store"] == "ok")
+            && recv.by_key().len() >= loans
+    });
+    daemon.wait_until(LONG, "every offset stored", || {
+        stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    assert_exactly_once(&recv, &cfg.store, loans, &logs);
+}

@@ -24,6 +24,9 @@ pub struct AdminState {
     pub rules: RulesHandle,
 }
 
+/// How long `/readyz` waits for the store before it says not ready.
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -35,15 +38,29 @@ pub fn router(state: AdminState) -> Router {
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     let partitions = s.readiness.assigned_partitions();
     let store = s.store.clone();
-    let store_ok = tokio::task::spawn_blocking(move || store.next_due(None).is_ok())
-        .await
-        .unwrap_or(false);
+    // A store that does not answer in time is as good as down for a probe.
+    let probe = tokio::time::timeout(
+        STORE_PROBE_TIMEOUT,
+        tokio::task::spawn_blocking(move || store.next_due(None).map(|_| ())),
+    )
+    .await;
+    let store_state = match (probe, s.readiness.store_problem()) {
+        (Ok(Ok(Ok(()))), None) => "ok".to_string(),
+        (Ok(Ok(Ok(()))), Some(problem)) => problem,
+        (Ok(Ok(Err(e))), _) => format!("unreachable: {e}"),
+        (Ok(Err(e)), _) => format!("unreachable: {e}"),
+        (Err(_), _) => format!(
+            "no answer within {}",
+            crate::humanize::duration(STORE_PROBE_TIMEOUT)
+        ),
+    };
+    let store_ok = store_state == "ok";
     let rules = s.rules.current();
     let ready = partitions > 0 && store_ok && !rules.journeys().is_empty();
     let body = json!({
         "ready": ready,
         "assigned_partitions": partitions,
-        "store": if store_ok { "ok" } else { "unreachable" },
+        "store": store_state,
         "rules_version": rules.version,
         "journeys": rules.journeys().len(),
     });

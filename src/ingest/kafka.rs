@@ -38,11 +38,26 @@ pub struct Readiness {
     /// Assigned partitions and the next offset the store holds for each.
     resume: Mutex<HashMap<Partition, i64>>,
     assigned: AtomicUsize,
+    /// Why the last batch could not be stored, while it is being retried
+    /// (consuming has stopped meanwhile).
+    store_problem: Mutex<Option<String>>,
 }
 
 impl Readiness {
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Why ingest is waiting for the store, if it is.
+    pub fn store_problem(&self) -> Option<String> {
+        self.store_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_store_problem(&self, problem: Option<String>) {
+        *self.store_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
     }
 
     fn snapshot(&self) -> HashMap<Partition, i64> {
@@ -516,10 +531,19 @@ impl KafkaIngest {
                         elapsed: started.elapsed(),
                     }
                     .emit();
+                    self.readiness.set_store_problem(None);
                     return Some(outcome);
                 }
-                Ok(Err(e)) => BatchStoreFailed { error: &e }.emit(),
-                Err(e) => BatchPanicked { error: &e }.emit(),
+                Ok(Err(e)) => {
+                    BatchStoreFailed { error: &e }.emit();
+                    self.readiness
+                        .set_store_problem(Some(format!("storing a batch failed: {e}")));
+                }
+                Err(e) => {
+                    BatchPanicked { error: &e }.emit();
+                    self.readiness
+                        .set_store_problem(Some(format!("storing a batch panicked: {e}")));
+                }
             }
             if *shutdown.borrow() {
                 return None;
