@@ -22,10 +22,11 @@ use crate::policy::Policy;
 use crate::rules::{self, Limits, RulesHandle};
 use crate::scheduler::Scheduler;
 use crate::store::{SqliteStore, Store};
+use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
     JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, RuleEvaluated,
-    RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded,
+    RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded, TaskStopped,
 };
 
 pub fn init_logging(format: &str, level: &str) {
@@ -145,7 +146,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("admin.listen: binding {}", config.admin.listen))?;
     tracing::info!(address = %config.admin.listen, "admin server listening");
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(async move {
+    let mut tasks = Tasks::default();
+    tasks.spawn("admin server", async move {
         let served = axum::serve(listener, admin)
             .with_graceful_shutdown(async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
@@ -156,9 +158,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let scheduler_task = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
-    let dlq_task = tokio::spawn(dlq.run(stop_rx.clone()));
-    let ingest_task = tokio::spawn(ingest.run(stop_rx.clone()));
+    let readiness = ingest.readiness();
+    tasks.spawn("scheduler", scheduler.clone().run(stop_rx.clone()));
+    tasks.spawn("dead-letter publisher", dlq.run(stop_rx.clone()));
+    tasks.spawn_fallible("ingest", ingest.run(stop_rx.clone()));
     spawn_reloader(
         config.rules.dir.clone(),
         limits,
@@ -174,19 +177,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     );
 
-    stop_signals.wait().await;
-    tracing::info!("stopping: no new records; draining in-flight work");
-    let _ = stop_tx.send(true);
-    let drain = async {
-        let _ = ingest_task.await;
-        let _ = scheduler_task.await;
-        let _ = dlq_task.await;
-        let _ = admin_task.await;
+    let requested = async {
+        stop_signals.wait().await;
+        tracing::info!("stopping: no new records; draining in-flight work");
     };
-    if tokio::time::timeout(config.kafka.drain_timeout, drain)
-        .await
-        .is_err()
-    {
+    let outcome = tasks
+        .supervise(requested, &stop_tx, config.kafka.drain_timeout, |failure| {
+            TaskStopped { failure }.emit();
+            readiness.halt(failure.to_string());
+        })
+        .await?;
+    if outcome == DrainOutcome::DeadlinePassed {
         DrainDeadlinePassed {
             deadline: config.kafka.drain_timeout,
         }

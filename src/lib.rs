@@ -25,5 +25,6 @@ pub mod rules;
 pub mod scheduler;
 pub mod sim;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod toolkit;

@@ -56,9 +56,11 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     };
     let store_ok = store_state == "ok";
     let rules = s.rules.current();
-    let ready = partitions > 0 && store_ok && !rules.journeys().is_empty();
+    let halted = s.readiness.halted();
+    let ready = partitions > 0 && store_ok && !rules.journeys().is_empty() && halted.is_none();
     let body = json!({
         "ready": ready,
+        "halted": halted,
         "assigned_partitions": partitions,
         "store": store_state,
         "rules_version": rules.version,

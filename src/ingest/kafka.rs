@@ -41,11 +41,25 @@ pub struct Readiness {
     /// Why the last batch could not be stored, while it is being retried
     /// (consuming has stopped meanwhile).
     store_problem: Mutex<Option<String>>,
+    halted: Mutex<Option<String>>,
 }
 
 impl Readiness {
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Marks the daemon as stopping for good (a task failed): never ready again.
+    pub fn halt(&self, why: String) {
+        *self.halted.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Why the daemon is stopping for good, if it is.
+    pub fn halted(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Why ingest is waiting for the store, if it is.

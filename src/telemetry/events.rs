@@ -462,6 +462,17 @@ impl AdminServerFailed<'_> {
 }
 
 /// Logged only: the process exits right after, before any scrape.
+pub struct TaskStopped<'a> {
+    pub failure: &'a crate::supervise::TaskFailure,
+}
+
+impl TaskStopped<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DAEMON, task = self.failure.task, cause = %self.failure.cause, "a long-running task stopped; the daemon stops");
+    }
+}
+
+/// Logged only: the process exits right after, before any scrape.
 pub struct DrainDeadlinePassed {
     pub deadline: Duration,
 }
