@@ -127,10 +127,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// A task that runs until told to stop, like the daemon's loops.
-    fn until_stopped(mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> {
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
+    async fn until_stopped(mut stop: watch::Receiver<bool>) {
+        let _ = stop.wait_for(|s| *s).await;
     }
 
     #[tokio::test(start_paused = true)]
