@@ -231,13 +231,18 @@ impl Scheduler {
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
-                let claimed = self
+                let mut claimed = self
                     .store
                     .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
                     break;
                 }
+                // Steps tried before are decided first: a claim taken over
+                // from a dead worker may already have been delivered, so it
+                // goes (again, under the same key) before a new message of
+                // the same customer counts against the cap.
+                claimed.sort_by_key(|s| std::cmp::Reverse(s.attempt));
                 let context = Arc::new(self.batch_context(&claimed, now - window).await?);
                 if batch_tx.send((claimed, context)).await.is_err() {
                     break; // the sender failed; its error is returned below

@@ -393,6 +393,8 @@ pub struct DaemonConfig {
     /// Base URL of the endpoints: `/push`, `/email`, `/call`.
     pub receiver: String,
     pub store: PathBuf,
+    /// `store.url` instead of the SQLite file (e.g. a PostgreSQL schema).
+    pub store_url: Option<String>,
     /// `rules.watch`: reload when a rules file changes.
     pub watch: bool,
     pub log_level: String,
@@ -402,6 +404,8 @@ pub struct DaemonConfig {
     pub kafka: String,
     /// Extra lines of `[kafka.consumer_properties]`.
     pub consumer: String,
+    /// Lines of `[policy]` (default: no frequency cap).
+    pub policy: String,
     /// Whole sections appended at the end.
     pub extra: String,
 }
@@ -431,11 +435,13 @@ impl DaemonConfig {
             rules: repo().join("rules"),
             receiver: receiver.base.clone(),
             store: dir.join("nudge.db"),
+            store_url: None,
             watch: false,
             log_level: "warn".into(),
             scheduler: String::new(),
             kafka: String::new(),
             consumer: String::new(),
+            policy: "max_per_customer = 0".into(),
             extra: String::new(),
         }
     }
@@ -452,7 +458,7 @@ impl DaemonConfig {
         let text = format!(
             r#"
 [store]
-path = "{store}"
+{store}
 [rules]
 dir = "{rules}"
 watch = {watch}
@@ -472,7 +478,7 @@ listen = "{admin}"
 format = "json"
 level = "{level}"
 [policy]
-max_per_customer = 0
+{policy}
 [policy.quiet_hours]
 start = ""
 end = ""
@@ -484,7 +490,10 @@ url = "{recv}/email"
 url = "{recv}/call"
 {extra}
 "#,
-            store = self.store.display(),
+            store = match &self.store_url {
+                Some(url) => format!("url = {url:?}"),
+                None => format!("path = {:?}", self.store.display().to_string()),
+            },
             rules = self.rules.display(),
             watch = self.watch,
             brokers = self.brokers,
@@ -495,6 +504,7 @@ url = "{recv}/call"
             consumer = self.consumer,
             level = self.log_level,
             recv = self.receiver,
+            policy = self.policy,
             extra = self.extra,
         );
         let path = self.dir.join(format!("{name}.toml"));
