@@ -912,6 +912,16 @@ pub fn a_customer_is_with_one_replica_at_a_time(a: &dyn Store, b: &dyn Store) {
     let other = b.claim_due(ChannelKind::Push, now, 10, lease).unwrap();
     let customers: Vec<&str> = other.iter().map(|d| d.customer.as_str()).collect();
     assert_eq!(customers, ["c2"], "c1 is with replica a");
+    assert_eq!(
+        b.next_due(Some(ChannelKind::Push)).unwrap(),
+        Some(lease),
+        "b waits for a's hold on c1 to end, at the latest"
+    );
+    assert_eq!(
+        a.next_due(Some(ChannelKind::Push)).unwrap(),
+        Some(t0()),
+        "a may claim c1's other step now"
+    );
     assert!(b
         .claim_due(ChannelKind::Email, now, 10, lease)
         .unwrap()

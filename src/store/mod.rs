@@ -261,6 +261,9 @@ pub trait Store: Send + Sync {
     fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError>;
 
     /// Earliest time a pending step of `channel` (any channel if None) is due.
+    /// With a channel, on a store that replicas share: the earliest time this
+    /// replica can claim one (a customer another replica holds waits for
+    /// the end of its lease at the latest).
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// Returns the claimed steps this store holds to pending: on SQLite (one

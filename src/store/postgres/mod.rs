@@ -115,6 +115,23 @@ const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, in
      ORDER BY ord
      RETURNING seq";
 
+/// When this replica (`$2`) may next claim a step of channel `$1`: the
+/// earliest due step of a customer no other replica holds, or, for a
+/// customer another holds, its due time or the hold's end if later (the
+/// holder claims the step itself meanwhile). So a replica sleeps through
+/// another's hold instead of claiming nothing in a busy loop, and a dead
+/// replica's hold is taken over when it runs out.
+const NEXT_DUE: &str = "SELECT LEAST(
+         (SELECT s.due_at FROM steps AS s
+          WHERE s.status = 'pending' AND s.channel = $1
+            AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2)
+          ORDER BY s.due_at LIMIT 1),
+         (SELECT MIN(GREATEST(c.lease_until, s.due_at))
+          FROM customer_claims AS c
+          JOIN instances AS i ON i.customer = c.customer
+          JOIN steps AS s ON s.instance_id = i.id
+          WHERE c.holder <> $2 AND s.status = 'pending' AND s.channel = $1))";
+
 /// Ends holder `$2`'s leases on the customers `$1` that have no step left claimed by it.
 const RELEASE_CUSTOMERS: &str = "DELETE FROM customer_claims AS c
      WHERE c.customer = ANY($1::text[]) AND c.holder = $2
@@ -350,10 +367,7 @@ impl Store for PostgresStore {
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut c = self.conn()?;
         let row = match channel {
-            Some(channel) => c.query_one(
-                "SELECT MIN(due_at) FROM steps WHERE status = 'pending' AND channel = $1",
-                &[&channel.as_str()],
-            )?,
+            Some(channel) => c.query_one(NEXT_DUE, &[&channel.as_str(), &self.holder])?,
             // Per channel, so that each is one descent of the pending index.
             None => c.query_one(
                 "SELECT MIN(n.due_at) FROM unnest(ARRAY['push', 'email', 'call_task']) AS k(channel)

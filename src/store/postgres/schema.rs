@@ -126,6 +126,7 @@ CREATE TABLE steps (
 );
 CREATE INDEX steps_pending ON steps (channel, due_at) WHERE status = 'pending';
 CREATE INDEX steps_claimed ON steps (channel, lease_until) WHERE status = 'claimed';
+-- A customer's lease ends when none of its steps is claimed any more.
 CREATE INDEX steps_claimed_by_customer ON steps (customer) WHERE status = 'claimed';
 -- Which replica may send to a customer now: the one holding a live lease
 -- here. Caps and arbitration read the customer's recent sends when its

@@ -137,6 +137,7 @@ fn claims_and_settles_use_indexes() {
         (REQUEUE_EXPIRED, "('push', now())"),
         (CLAIM, "('push', now(), 10, 'me', now())"),
         (RELEASE_CUSTOMERS, "(ARRAY['c1'], 'me')"),
+        (NEXT_DUE, "('push', 'me')"),
     ] {
         conn.client
             .batch_execute(&format!("PREPARE q AS {sql}"))

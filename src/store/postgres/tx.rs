@@ -9,7 +9,6 @@
 
 use chrono::{DateTime, Utc};
 use r2d2::PooledConnection;
-use serde_json::Value;
 
 use super::conn::Manager;
 use super::read;
@@ -72,13 +71,14 @@ pub(super) struct PgTx {
 const OPEN_INSTANCE: &str = "SELECT id, rule_hash FROM instances
      WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'open'";
 
-const INSERT_INSTANCE: &str = "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
-     VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10::text::jsonb, $11::text::jsonb)";
-
-/// An instance's steps in one statement, whatever their number.
-const INSERT_STEPS: &str = "INSERT INTO steps (instance_id, customer, step, seq, channel, template, condition, planned_at, due_at, status)
+/// An instance and its steps in one statement (one round trip), whatever
+/// the number of steps: one array per column.
+const INSERT_INSTANCE: &str = "WITH instance AS (
+         INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
+         VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10::text::jsonb, $11::text::jsonb))
+     INSERT INTO steps (instance_id, customer, step, seq, channel, template, condition, planned_at, due_at, status)
      SELECT $1, $2, u.step, u.seq, u.channel, u.template, u.condition, u.due_at, u.due_at, 'pending'
-     FROM unnest($3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+     FROM unnest($12::text[], $13::int4[], $14::text[], $15::text[], $16::text[], $17::timestamptz[])
          AS u(step, seq, channel, template, condition, due_at)";
 
 pub(super) const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
@@ -177,8 +177,16 @@ impl Tx for PgTx {
     fn start_instance(&mut self, i: &NewInstance, steps: &[NewStep]) -> Result<(), StoreError> {
         self.tx.run(|c| {
             let category = i.category.to_string();
-            let vars = Value::Object(i.vars.clone()).to_string();
+            let vars =
+                serde_json::to_string(&i.vars).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let inputs = i.decision_inputs.to_string();
+            let names: Vec<&str> = steps.iter().map(|s| s.step.as_str()).collect();
+            let seqs: Vec<i32> = steps.iter().map(|s| s.seq as i32).collect();
+            let channels: Vec<&str> = steps.iter().map(|s| s.channel.as_str()).collect();
+            let templates: Vec<&str> = steps.iter().map(|s| s.template.as_str()).collect();
+            let conditions: Vec<Option<&str>> =
+                steps.iter().map(|s| s.condition.as_deref()).collect();
+            let due: Vec<DateTime<Utc>> = steps.iter().map(|s| s.due_at).collect();
             c.execute(
                 INSERT_INSTANCE,
                 &[
@@ -193,23 +201,6 @@ impl Tx for PgTx {
                     &i.trigger_event,
                     &vars,
                     &inputs,
-                ],
-            )?;
-            if steps.is_empty() {
-                return Ok(());
-            }
-            let names: Vec<&str> = steps.iter().map(|s| s.step.as_str()).collect();
-            let seqs: Vec<i32> = steps.iter().map(|s| s.seq as i32).collect();
-            let channels: Vec<&str> = steps.iter().map(|s| s.channel.as_str()).collect();
-            let templates: Vec<&str> = steps.iter().map(|s| s.template.as_str()).collect();
-            let conditions: Vec<Option<&str>> =
-                steps.iter().map(|s| s.condition.as_deref()).collect();
-            let due: Vec<DateTime<Utc>> = steps.iter().map(|s| s.due_at).collect();
-            c.execute(
-                INSERT_STEPS,
-                &[
-                    &i.id,
-                    &i.customer,
                     &names,
                     &seqs,
                     &channels,
