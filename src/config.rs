@@ -49,8 +49,21 @@ pub const DEFAULT_CACHE_MB: u32 = 2;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// SQLite database file (WAL mode). Created if missing.
+    /// The database: `sqlite:///var/lib/nudge/nudge.db` (one node) or
+    /// `postgres://nudge@db:5432/nudge?sslmode=verify-full` (replicas
+    /// sharing it). Unset: the SQLite file at `path`. Never with a password.
+    pub url: Option<String>,
+    /// SQLite database file (WAL mode), when `url` is unset. Created if missing.
     pub path: PathBuf,
+    /// PostgreSQL: environment variable holding the password.
+    pub password_env: Option<String>,
+    /// PostgreSQL: file holding the password (e.g. a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: connections per replica at most.
+    pub pool_size: u32,
+    /// PostgreSQL: PEM of CA certificates trusted for the server besides
+    /// the system's (`sslmode=require` then checks the chain too).
+    pub ca_file: Option<PathBuf>,
     /// Ended journeys, their steps, dispatch-log records, processed event ids
     /// and published dead letters older than this are deleted (10 min after
     /// start, then hourly).
@@ -66,7 +79,12 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            url: None,
             path: PathBuf::from("nudge.db"),
+            password_env: None,
+            password_file: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            ca_file: None,
             retention: Duration::from_secs(180 * 24 * 3600),
             cache_mb: DEFAULT_CACHE_MB,
         }
@@ -75,6 +93,109 @@ impl Default for StoreConfig {
 
 /// The sandbox's operation budget per evaluation (`rules.max_operations`'s default).
 pub const DEFAULT_MAX_OPERATIONS: u64 = 100_000;
+
+/// PostgreSQL connections per replica (`store.pool_size`'s default): the
+/// decide stage, each channel's claims and writes, and the readers.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// The database `store.url` (or `store.path`) names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    /// The URL as given (no password in it).
+    Postgres(String),
+}
+
+impl StoreConfig {
+    /// Which database to open: `store.url` when set, else `store.path`.
+    pub fn target(&self) -> Result<StoreUrl, String> {
+        let Some(url) = &self.url else {
+            return Ok(StoreUrl::Sqlite(self.path.clone()));
+        };
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(format!("`{url}` names no file"));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            parse_postgres_url(url)?;
+            return Ok(StoreUrl::Postgres(url.clone()));
+        }
+        Err("expected sqlite:///path/to/nudge.db or postgres://user@host:5432/database".into())
+    }
+
+    /// The database for messages: the file, or the URL (never holding a password).
+    pub fn describe(&self) -> String {
+        match self.target() {
+            Ok(StoreUrl::Sqlite(path)) => path.display().to_string(),
+            Ok(StoreUrl::Postgres(url)) => url,
+            Err(_) => self.url.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Reads the PostgreSQL password from the environment or file the config names.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|e| ConfigError::Secret {
+                    key: "store.password_env".into(),
+                    source_name: format!("environment variable {var}"),
+                    reason: e.to_string(),
+                });
+        }
+        if let Some(path) = &self.password_file {
+            return std::fs::read_to_string(path)
+                .map(|t| Some(t.trim_end_matches(['\n', '\r']).to_string()))
+                .map_err(|e| ConfigError::Secret {
+                    key: "store.password_file".into(),
+                    source_name: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+        }
+        Ok(None)
+    }
+
+    fn problems(&self, problems: &mut Vec<String>) {
+        if !(1..=65_536).contains(&self.cache_mb) {
+            problems.push("store.cache_mb: must be between 1 and 65536".into());
+        }
+        let target = match self.target() {
+            Ok(target) => target,
+            Err(e) => {
+                let url = self.url.as_deref().unwrap_or_default();
+                // Never echo a URL that holds a password.
+                let shown = match e.contains("password") {
+                    true => String::new(),
+                    false => format!("`{url}` "),
+                };
+                problems.push(format!("store.url: {shown}{e}"));
+                return;
+            }
+        };
+        if self.password_env.is_some() && self.password_file.is_some() {
+            problems.push("store.password_env: set password_env or password_file, not both".into());
+        }
+        if matches!(target, StoreUrl::Sqlite(_)) {
+            for (key, set) in [
+                ("password_env", self.password_env.is_some()),
+                ("password_file", self.password_file.is_some()),
+                ("ca_file", self.ca_file.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "store.{key}: only for a PostgreSQL store.url (the store is SQLite)"
+                    ));
+                }
+            }
+        }
+        if !(1..=1_000).contains(&self.pool_size) {
+            problems.push("store.pool_size: must be between 1 and 1000".into());
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -378,11 +499,15 @@ impl Config {
             ),
             _ => {}
         }
-        if !(1..=65_536).contains(&self.store.cache_mb) {
-            problems.push("store.cache_mb: must be between 1 and 65536".into());
-        }
+        self.store.problems(&mut problems);
         if self.scheduler.batch_size == 0 {
             problems.push("scheduler.batch_size: must be at least 1".into());
+        }
+        if self.scheduler.lease < Duration::from_secs(1) {
+            problems.push(
+                "scheduler.lease: must be at least 1s (leases are renewed every third of it)"
+                    .into(),
+            );
         }
         if self.scheduler.max_attempts == 0 {
             problems.push("scheduler.max_attempts: must be at least 1".into());
@@ -548,6 +673,76 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     Ok(value)
 }
 
+// PostgreSQL URLs: parsed here, once, so a bad `store.url` stops start-up
+// naming the key, and the store connects with what was checked.
+
+/// How far the server's certificate is checked (libpq's `sslmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    /// TLS when the server offers it, unchecked (libpq's default).
+    Prefer,
+    /// TLS, unchecked unless `store.ca_file` is set (then as `VerifyCa`).
+    Require,
+    /// TLS; the chain is checked against the system trust store and `store.ca_file`.
+    VerifyCa,
+    /// `VerifyCa`, and the certificate must name the host.
+    VerifyFull,
+}
+
+/// Parses a `postgres://` URL: the client's configuration and the TLS mode
+/// (taken out of the URL: the client itself knows only disable, prefer and
+/// require). A password in the URL is refused: it would sit in the config
+/// file and in the environment of every process that reads it.
+pub fn parse_postgres_url(url: &str) -> Result<(postgres::Config, SslMode), String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut mode = SslMode::Prefer;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("sslmode=") {
+            Some(value) => {
+                mode = match value {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                        "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                    ))
+                    }
+                }
+            }
+            None => kept.push(pair),
+        }
+    }
+    let rest = match kept.is_empty() {
+        true => base.to_string(),
+        false => format!("{base}?{}", kept.join("&")),
+    };
+    let mut config: postgres::Config = rest
+        .parse()
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+    if config.get_password().is_some() {
+        return Err(
+            "has a password: put it in the environment variable named by store.password_env or the file named by store.password_file".into(),
+        );
+    }
+    config.ssl_mode(match mode {
+        SslMode::Disable => postgres::config::SslMode::Disable,
+        SslMode::Prefer => postgres::config::SslMode::Prefer,
+        _ => postgres::config::SslMode::Require,
+    });
+    if config.get_application_name().is_none() {
+        config.application_name("nudge");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    Ok((config, mode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,6 +845,71 @@ mod tests {
         .unwrap();
         assert_eq!(c.store.path, PathBuf::from("b.db"));
         assert_eq!(c.kafka.topics, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn the_store_url_picks_the_backend_and_path_keeps_working() {
+        let c = load("[store]\npath = \"a.db\"\n", &[]).unwrap();
+        assert_eq!(c.store.target(), Ok(StoreUrl::Sqlite("a.db".into())));
+        let c = load("[store]\nurl = \"sqlite:///var/lib/nudge/nudge.db\"\n", &[]).unwrap();
+        assert_eq!(
+            c.store.target(),
+            Ok(StoreUrl::Sqlite("/var/lib/nudge/nudge.db".into()))
+        );
+        let url = "postgres://nudge@db:5432/nudge?sslmode=verify-full";
+        let c = load(
+            "[store]\npassword_env = \"PGPASS\"\npool_size = 4\n",
+            &[("NUDGE_STORE__URL", url), ("PGPASS", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.store.target(), Ok(StoreUrl::Postgres(url.into())));
+        assert_eq!(c.store.pool_size, 4);
+        assert_eq!(c.store.describe(), url);
+        std::env::set_var("NUDGE_TEST_STORE_PASSWORD", "s3cret");
+        let c = load(
+            "[store]\nurl = \"postgres://nudge@db/nudge\"\npassword_env = \"NUDGE_TEST_STORE_PASSWORD\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.store.password().unwrap().as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn store_settings_that_cannot_work_are_refused_naming_their_keys() {
+        for (toml, key, absent) in [
+            (
+                "[store]\nurl = \"postgres://nudge:s3cret@db/nudge\"\n",
+                "store.url",
+                Some("s3cret"),
+            ),
+            ("[store]\nurl = \"mysql://db/nudge\"\n", "store.url", None),
+            (
+                "[store]\nurl = \"postgres://nudge@db/nudge?sslmode=sometimes\"\n",
+                "store.url",
+                None,
+            ),
+            (
+                "[store]\nurl = \"postgres://nudge@db/nudge\"\npassword_env = \"A\"\npassword_file = \"/p\"\n",
+                "store.password_env",
+                None,
+            ),
+            (
+                "[store]\npath = \"a.db\"\npassword_env = \"A\"\n",
+                "store.password_env",
+                None,
+            ),
+            (
+                "[store]\nurl = \"postgres://nudge@db/nudge\"\npool_size = 0\n",
+                "store.pool_size",
+                None,
+            ),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+            if let Some(secret) = absent {
+                assert!(!err.contains(secret), "{toml}: {err}");
+            }
+        }
     }
 
     #[test]

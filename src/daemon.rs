@@ -21,7 +21,7 @@ use crate::journey::{record_rules_version, Pipeline};
 use crate::policy::Policy;
 use crate::rules::{self, Limits, RulesHandle};
 use crate::scheduler::Scheduler;
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
@@ -285,16 +285,16 @@ async fn open_store(
     rules: &RulesHandle,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<Arc<dyn Store>> {
-    let (path, cache_mb) = (config.store.path.clone(), config.store.cache_mb);
+    let store_config = config.store.clone();
     let current = rules.current();
     tokio::task::spawn_blocking(move || {
-        let (store, released) = SqliteStore::open_exclusive(&path, cache_mb)
-            .with_context(|| format!("store.path: opening {}", path.display()))?;
+        let (store, released) = crate::store::open(&store_config)
+            .with_context(|| format!("store: opening {}", store_config.describe()))?;
         if released > 0 {
             tracing::info!(steps = released, "claims of the previous run released");
         }
-        record_rules_version(&store, &current, now).context("recording the rule set")?;
-        Ok(Arc::new(store) as Arc<dyn Store>)
+        record_rules_version(store.as_ref(), &current, now).context("recording the rule set")?;
+        Ok(store)
     })
     .await
     .context("opening the store")?

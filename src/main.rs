@@ -184,12 +184,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate { config } => {
             let config = Config::load(config.as_deref())?;
-            let path = &config.store.path;
-            let (before, after) = nudge::store::SqliteStore::migrate(path)
-                .with_context(|| format!("store.path: migrating {}", path.display()))?;
+            let store = config.store.describe();
+            let key = match config.store.url {
+                Some(_) => "store.url",
+                None => "store.path",
+            };
+            let (before, after) = nudge::store::migrate(&config.store)
+                .with_context(|| format!("{key}: migrating {store}"))?;
             println!(
-                "{}: schema version {after}{}",
-                path.display(),
+                "{store}: schema version {after}{}",
                 if before == after {
                     " (up to date)".to_string()
                 } else {

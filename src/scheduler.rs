@@ -26,7 +26,8 @@ use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
 use crate::telemetry::events::{
-    NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided, StepDispatched,
+    LeaseRenewalFailed, NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided,
+    StepDispatched, StepResultsUnstored,
 };
 
 /// What was decided about one due step, before it is a dispatch-log record.
@@ -192,6 +193,8 @@ impl Scheduler {
         keep: bool,
     ) -> Result<Vec<LogRecord>, StoreError> {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH);
+        // Claimed rows not yet settled: the heartbeat keeps their leases alive.
+        let in_flight = Mutex::new(std::collections::HashSet::<i64>::new());
         let writer = async {
             let mut records = Vec::new();
             let mut chunk = Vec::with_capacity(FINISH_BATCH);
@@ -211,10 +214,13 @@ impl Scheduler {
                     }
                 }
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
-                let written = self
-                    .store
-                    .call(move |store| store.finish_steps(results))
-                    .await?;
+                let settled: Vec<i64> = results.iter().filter_map(|r| r.claimed_row).collect();
+                let written = self.finish_with_retry(channel, results, stop).await?;
+                let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                for row in settled {
+                    rows.remove(&row);
+                }
+                drop(rows);
                 if keep {
                     records.extend(written);
                 }
@@ -225,6 +231,7 @@ impl Scheduler {
         // so that the channel never idles between batches.
         let (batch_tx, batch_rx) =
             tokio::sync::mpsc::channel::<(Vec<DueStep>, Arc<BatchContext>)>(1);
+        let in_flight = &in_flight;
         let claimer = async move {
             let lease = span(self.config.lease);
             let window = span(self.policy.config().cap_window);
@@ -243,6 +250,10 @@ impl Scheduler {
                 // goes (again, under the same key) before a new message of
                 // the same customer counts against the cap.
                 claimed.sort_by_key(|s| std::cmp::Reverse(s.attempt));
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(claimed.iter().map(|s| s.row));
                 let context = Arc::new(self.batch_context(&claimed, now - window).await?);
                 if batch_tx.send((claimed, context)).await.is_err() {
                     break; // the sender failed; its error is returned below
@@ -271,11 +282,76 @@ impl Scheduler {
             }
             Ok::<_, StoreError>(())
         };
-        let (claimed, sent, written) = futures::join!(claimer, sender, writer);
+        let heartbeat = self.heartbeat(channel, in_flight);
+        let work = async { futures::join!(claimer, sender, writer) };
+        let (claimed, sent, written) = tokio::select! {
+            done = work => done,
+            never = heartbeat => match never {},
+        };
         let records = written?;
         sent?;
         claimed?;
         Ok(records)
+    }
+
+    /// Renews the leases of the claimed steps still being decided or sent,
+    /// every third of a lease, so that a slow send keeps its claim while this
+    /// worker lives and another replica takes it over only once it is dead.
+    /// Runs until dropped.
+    async fn heartbeat(
+        &self,
+        channel: ChannelKind,
+        in_flight: &Mutex<std::collections::HashSet<i64>>,
+    ) -> std::convert::Infallible {
+        let every = self.config.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let rows: Vec<i64> = in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied()
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let until = self.clock.now() + span(self.config.lease);
+            if let Err(e) = self.store.call(move |s| s.renew_claims(&rows, until)).await {
+                LeaseRenewalFailed {
+                    channel: channel.as_str(),
+                    error: &e,
+                }
+                .emit();
+            }
+        }
+    }
+
+    /// Records finished steps; a store that is briefly away (transient
+    /// error) is waited for, so that a send already made is not forgotten
+    /// and sent again after its lease. Gives up on a permanent error, or
+    /// when stopping (the claims then run out and are taken again).
+    async fn finish_with_retry(
+        &self,
+        channel: ChannelKind,
+        results: Vec<StepResult>,
+        stop: Option<&watch::Receiver<bool>>,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let attempt = results.clone();
+            match self.store.call(move |s| s.finish_steps(attempt)).await {
+                Err(e) if e.is_transient() && !stop.is_some_and(|s| *s.borrow()) => {
+                    StepResultsUnstored {
+                        channel: channel.as_str(),
+                        error: &e,
+                    }
+                    .emit();
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The customers and the journey-so-far of a claimed batch, read at once.

@@ -1,5 +1,12 @@
 //! The suite every [`Store`] passes: written once, run against each
-//! implementation by `store_conformance!`.
+//! implementation by `store_conformance!` (Quickwit's metastore tests are
+//! the model). It covers every method the engine calls. Tests of several
+//! replicas sharing one database run for the stores that can be shared
+//! (`store_conformance!(make, replicas: make_pair)`): SQLite is one node
+//! per file, and a second owner is refused (its own test).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use super::*;
 use crate::model::{Outcome, StepRef};
@@ -160,12 +167,14 @@ pub fn one_open_instance_and_close_cancels_pending(store: &dyn Store) {
         .unwrap();
     tx.start_instance(&instance("i2", "c1", "a2"), &steps())
         .unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
     assert!(
         tx.start_instance(&instance("i3", "c1", "a1"), &steps())
             .is_err(),
         "second open instance for one key"
     );
-    tx.commit().unwrap();
+    drop(tx);
     let mut tx = store.begin().unwrap();
     let closed = tx
         .close_instance("i1", InstanceStatus::Converted, t0() + Duration::hours(1))
@@ -362,43 +371,759 @@ pub fn retry_reschedules_and_customer_round_trips(store: &dyn Store) {
     );
 }
 
+/// A result settling `step` (claimed as `row`) with `outcome` at `time`.
+fn settle(step: &DueStep, time: DateTime<Utc>, outcome: Outcome) -> StepResult {
+    let mut record = LogRecord::about(step.subject(), time, outcome, "test");
+    record.attempt = step.attempt;
+    StepResult {
+        record,
+        again_at: None,
+        replan: false,
+        claimed_row: Some(step.row),
+    }
+}
+
+fn start(store: &dyn Store, instances: &[(&str, &str, &str)], steps: &[NewStep]) {
+    let mut tx = store.begin().unwrap();
+    for (id, customer, key) in instances {
+        tx.start_instance(&instance(id, customer, key), steps)
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+fn status_counts(store: &dyn Store) -> HashMap<String, i64> {
+    store.step_counts().unwrap().into_iter().collect()
+}
+
+/// Several results in one call: records come back in order with rising
+/// seqs; sends settle, retries and deferrals go back to pending (a deferral
+/// moves the lateness reference, a retry does not); an instance completes
+/// when its last step settles.
+pub fn finish_steps_writes_a_batch_in_order(store: &dyn Store) {
+    start(
+        store,
+        &[("i1", "c1", "a1"), ("i2", "c2", "a1"), ("i3", "c3", "a1")],
+        &steps()[..1],
+    );
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let by_instance: HashMap<&str, &DueStep> = claimed
+        .iter()
+        .map(|d| (d.instance_id.as_str(), d))
+        .collect();
+    let t = t0() + Duration::seconds(1);
+    let sent = settle(by_instance["i1"], t, Outcome::Sent);
+    let mut retry = settle(by_instance["i2"], t, Outcome::Retrying);
+    retry.again_at = Some(t + Duration::seconds(30));
+    let mut defer = settle(by_instance["i3"], t, Outcome::Deferred);
+    defer.again_at = Some(t + Duration::hours(8));
+    defer.replan = true;
+    // Without the claim's row: found by key.
+    defer.claimed_row = None;
+    let written = store.finish_steps(vec![sent, retry, defer]).unwrap();
+    let instances: Vec<&str> = written.iter().map(|r| r.instance.as_str()).collect();
+    assert_eq!(instances, ["i1", "i2", "i3"]);
+    assert!(written[0].seq > 0);
+    assert!(
+        written.windows(2).all(|w| w[0].seq < w[1].seq),
+        "{written:?}"
+    );
+    let log = store.log_after(0, 10).unwrap();
+    assert_eq!(log, written, "as returned, in order");
+    let counts = status_counts(store);
+    assert_eq!(counts.get("sent"), Some(&1));
+    assert_eq!(counts.get("pending"), Some(&2));
+    assert_eq!(counts.get("claimed"), None);
+    let mut tx = store.begin().unwrap();
+    assert!(
+        tx.open_instance("c1", "unsigned_loan", "a1")
+            .unwrap()
+            .is_none(),
+        "i1's only step settled: completed"
+    );
+    assert_eq!(
+        tx.exitable_instance("c1", "unsigned_loan", "a1", t)
+            .unwrap()
+            .map(|i| i.id),
+        Some("i1".into()),
+        "completed at the send's time"
+    );
+    assert!(tx
+        .open_instance("c2", "unsigned_loan", "a1")
+        .unwrap()
+        .is_some());
+    drop(tx);
+    assert_eq!(
+        store.next_due(Some(ChannelKind::Push)).unwrap(),
+        Some(t + Duration::seconds(30))
+    );
+    let later = t + Duration::hours(9);
+    let again = store
+        .claim_due(ChannelKind::Push, later, 10, later + Duration::minutes(5))
+        .unwrap();
+    let again: HashMap<&str, &DueStep> =
+        again.iter().map(|d| (d.instance_id.as_str(), d)).collect();
+    assert_eq!(again["i2"].planned_at, t0(), "a retry keeps its reference");
+    assert_eq!(again["i2"].attempt, 2);
+    assert_eq!(
+        again["i3"].planned_at,
+        t + Duration::hours(8),
+        "a deferral moves it"
+    );
+    assert!(store.finish_steps(Vec::new()).unwrap().is_empty());
+}
+
+/// The dispatch path's batch reads: one context per id asked, in order,
+/// duplicates included; recent sends within the window only, newest first;
+/// journeys only when asked for; histories oldest first.
+pub fn customers_and_histories_come_back_in_the_order_asked(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    let mut c1 = CustomerContext::new("c1");
+    c1.email = Some("c1@example.com".into());
+    tx.save_customer(&c1, t0()).unwrap();
+    tx.start_instance(&instance("i1", "c1", "a1"), &steps())
+        .unwrap();
+    tx.start_instance(&instance("i2", "c2", "a1"), &steps())
+        .unwrap();
+    for (minutes, customer, instance, template, outcome) in [
+        (1, "c1", "i1", "t_push", Outcome::Sent),
+        (2, "c2", "i2", "t_push", Outcome::Sent),
+        (3, "c1", "i1", "t_email", Outcome::Suppressed),
+        (4, "c1", "i1", "t_email", Outcome::Sent),
+    ] {
+        let mut rec = push_record(
+            t0() + Duration::minutes(minutes),
+            customer,
+            instance,
+            template,
+            outcome,
+            "ok",
+        );
+        if template == "t_email" {
+            rec.step = "email".into();
+            rec.channel = "email".into();
+        }
+        tx.append_log(&rec).unwrap();
+    }
+    tx.commit().unwrap();
+    let ids: Vec<String> = ["c2", "c1", "nobody", "c1"].map(String::from).to_vec();
+    let got = store.customers(&ids, Some(t0()), true).unwrap();
+    let got_ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(got_ids, ["c2", "c1", "nobody", "c1"]);
+    assert_eq!(got[1].email.as_deref(), Some("c1@example.com"));
+    assert_eq!(
+        got[1].recent_sends,
+        [t0() + Duration::minutes(4), t0() + Duration::minutes(1)],
+        "sends only, newest first"
+    );
+    assert_eq!(got[3].recent_sends, got[1].recent_sends);
+    assert_eq!(got[0].recent_sends.len(), 1);
+    assert!(got[2].recent_sends.is_empty() && got[2].journeys.is_empty());
+    assert_eq!(got[1].journeys.len(), 1);
+    assert_eq!(got[1].journeys[0].status, InstanceStatus::Open);
+    // The window bounds what counts against the cap.
+    let window = store
+        .customers(&ids[1..2], Some(t0() + Duration::minutes(2)), false)
+        .unwrap();
+    assert_eq!(window[0].recent_sends, [t0() + Duration::minutes(4)]);
+    assert!(window[0].journeys.is_empty(), "journeys not asked for");
+    let none = store.customers(&ids[1..2], None, false).unwrap();
+    assert!(none[0].recent_sends.is_empty(), "sends not asked for");
+    assert_eq!(none[0].email.as_deref(), Some("c1@example.com"));
+    let one = store.customer("c1", t0() + Duration::minutes(2)).unwrap();
+    assert_eq!(one.recent_sends, window[0].recent_sends);
+    assert_eq!(one.journeys, got[1].journeys);
+
+    let histories = store
+        .histories(&["i1", "nothing", "i2", "i1"].map(String::from))
+        .unwrap();
+    let steps_of = |h: &Vec<HistoryEntry>| h.iter().map(|e| e.step.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        steps_of(&histories[0]),
+        ["push", "email"],
+        "oldest first, sends only"
+    );
+    assert!(histories[1].is_empty());
+    assert_eq!(steps_of(&histories[2]), ["push"]);
+    assert_eq!(histories[3], histories[0]);
+    assert_eq!(histories[0][0].template, "t_push");
+    assert_eq!(histories[0][0].sent_at, "2026-03-02T00:01:00.000Z");
+    assert_eq!(store.history("i1").unwrap(), histories[0]);
+}
+
+/// Offsets are kept per topic and partition and never move back (a late
+/// commit of an earlier batch, e.g. from the replica that lost the
+/// partition, cannot rewind it); a rolled-back transaction moves nothing.
+pub fn offsets_are_per_partition_and_only_move_forward(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    tx.set_offset("events", 2, 100).unwrap();
+    tx.set_offset("events", 0, 7).unwrap();
+    tx.set_offset("other", 0, 1).unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.set_offset("events", 2, 50).unwrap();
+    tx.set_offset("events", 0, 9).unwrap();
+    tx.commit().unwrap();
+    {
+        let mut tx = store.begin().unwrap();
+        tx.set_offset("events", 0, 1000).unwrap();
+    }
+    assert_eq!(store.offsets("events").unwrap(), [(0, 9), (2, 100)]);
+    assert_eq!(store.offsets("other").unwrap(), [(0, 1)]);
+    assert!(store.offsets("unknown").unwrap().is_empty());
+}
+
+/// Event ids are remembered with the transaction that processed them.
+pub fn processed_event_ids_dedup(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    assert!(!tx.already_processed("e1").unwrap());
+    tx.mark_processed("e1", t0()).unwrap();
+    assert!(
+        tx.already_processed("e1").unwrap(),
+        "seen within the transaction"
+    );
+    // Marking twice (two records of one event in a batch) is harmless.
+    tx.mark_processed("e1", t0()).unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    assert!(tx.already_processed("e1").unwrap());
+    assert!(!tx.already_processed("e2").unwrap());
+    tx.mark_processed("e1", t0() + Duration::days(1)).unwrap();
+    tx.commit().unwrap();
+    // Kept from when first processed: purged by that age.
+    store.purge(t0() + Duration::hours(1)).unwrap();
+    let mut tx = store.begin().unwrap();
+    assert!(!tx.already_processed("e1").unwrap());
+}
+
+/// An exit cancels the pending steps only: a step being sent stays claimed
+/// and, handed back, is claimed again with the instance's new status, so
+/// that the scheduler settles it unsent.
+pub fn exit_cancels_pending_steps_but_not_a_claimed_one(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1")], &steps());
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(claimed[0].instance_status, InstanceStatus::Open);
+    let mut tx = store.begin().unwrap();
+    let closed = tx
+        .close_instance("i1", InstanceStatus::Converted, t0() + Duration::minutes(1))
+        .unwrap();
+    tx.commit().unwrap();
+    let names: Vec<&str> = closed.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(names, ["email", "call"], "pending ones, in plan order");
+    assert_eq!(closed[0].channel, ChannelKind::Email);
+    assert_eq!(closed[0].template, "t_email");
+    let counts = status_counts(store);
+    assert_eq!(counts.get("cancelled"), Some(&2));
+    assert_eq!(counts.get("claimed"), Some(&1));
+    store.release_claim("i1", "push").unwrap();
+    let again = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].instance_status, InstanceStatus::Converted);
+    assert_eq!(again[0].customer, "c1");
+    assert_eq!(again[0].journey, "unsigned_loan");
+    assert_eq!(again[0].mode, Mode::Live);
+    assert_eq!(again[0].category, Category::Service);
+    assert_eq!(again[0].template, "t_push");
+    store
+        .finish_step(&settle(&again[0], t0(), Outcome::Converted))
+        .unwrap();
+    assert!(
+        store.next_due(None).unwrap().is_none(),
+        "nothing left to send"
+    );
+    // The conversion stands: settling the last step does not complete it.
+    assert!(store
+        .customer("c1", t0())
+        .unwrap()
+        .has_status("unsigned_loan", InstanceStatus::Converted));
+}
+
+/// The dispatch log pages by seq; rule versions are recorded once.
+pub fn log_pages_in_order_and_rules_record_once(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    for i in 0..5 {
+        let mut rec = push_record(
+            t0() + Duration::seconds(i),
+            "c1",
+            "i1",
+            "t_push",
+            Outcome::Sent,
+            "ok",
+        );
+        rec.latency_ms = Some(i as u64 * 10);
+        rec.event_id = Some(format!("e{i}"));
+        rec.attempt = 1;
+        tx.append_log(&rec).unwrap();
+    }
+    tx.commit().unwrap();
+    let first = store.log_after(0, 2).unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[1].latency_ms, Some(10));
+    assert_eq!(first[1].event_id.as_deref(), Some("e1"));
+    assert_eq!(first[1].attempt, 1);
+    let rest = store.log_after(first[1].seq, 10).unwrap();
+    assert_eq!(rest.len(), 3);
+    assert!(rest[0].seq > first[1].seq);
+    assert_eq!(rest[2].time, t0() + Duration::seconds(4));
+    assert!(store.log_after(rest[2].seq, 10).unwrap().is_empty());
+    let files = serde_json::json!({"rules/a.rhai": "h1"});
+    store.record_rules("v1", &files, t0()).unwrap();
+    store
+        .record_rules("v1", &files, t0() + Duration::days(1))
+        .unwrap();
+    store.record_rules("v2", &files, t0()).unwrap();
+}
+
+/// Next due per channel and overall; counts by status; dead letters
+/// published in a batch.
+pub fn next_due_counts_and_dead_letter_batches(store: &dyn Store) {
+    assert_eq!(store.next_due(None).unwrap(), None);
+    start(store, &[("i1", "c1", "a1")], &steps());
+    assert_eq!(store.next_due(None).unwrap(), Some(t0()));
+    assert_eq!(
+        store.next_due(Some(ChannelKind::Email)).unwrap(),
+        Some(t0() + Duration::days(1))
+    );
+    assert_eq!(
+        store.next_due(Some(ChannelKind::CallTask)).unwrap(),
+        Some(t0() + Duration::days(3))
+    );
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        store.next_due(None).unwrap(),
+        Some(t0() + Duration::days(1)),
+        "claimed steps are not due"
+    );
+    assert_eq!(
+        store.step_counts().unwrap(),
+        [("claimed".to_string(), 1), ("pending".to_string(), 2)],
+        "by status, in order"
+    );
+    let mut tx = store.begin().unwrap();
+    for offset in 0..3 {
+        let letter = DeadLetter {
+            topic: "events".into(),
+            partition: 0,
+            offset,
+            key: None,
+            payload: vec![offset as u8],
+            reason: "bad".into(),
+            journey: Some("unsigned_loan".into()),
+            event_id: Some(format!("e{offset}")),
+        };
+        tx.add_dead_letter(&letter, t0()).unwrap();
+    }
+    tx.commit().unwrap();
+    let pending = store.unpublished_dead_letters(2).unwrap();
+    assert_eq!(pending.len(), 2, "limited");
+    assert_eq!(pending[0].1.offset, 0, "oldest first");
+    assert_eq!(pending[0].1.key, None);
+    assert_eq!(pending[0].1.journey.as_deref(), Some("unsigned_loan"));
+    let ids: Vec<i64> = pending.iter().map(|(id, _)| *id).collect();
+    store.mark_dead_letters_published(&ids, t0()).unwrap();
+    let left = store.unpublished_dead_letters(10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].1.offset, 2);
+    store.mark_dead_letters_published(&[], t0()).unwrap();
+}
+
+/// Start-up hands back the claims this store holds; a heartbeat keeps a
+/// claim from being taken over, and renews only steps still claimed.
+pub fn leases_are_released_at_start_and_renewed_by_heartbeat(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1"), ("i2", "c2", "a1")], &steps());
+    let lease = t0() + Duration::minutes(5);
+    let claimed = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(store.release_all_leases().unwrap(), 2);
+    let claimed = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(claimed.len(), 2);
+    let rows: Vec<i64> = claimed.iter().map(|d| d.row).collect();
+    let renewed_until = lease + Duration::minutes(10);
+    assert_eq!(store.renew_claims(&rows, renewed_until).unwrap(), 2);
+    // A renewal never shortens a lease.
+    assert_eq!(store.renew_claims(&rows, t0()).unwrap(), 2);
+    let after_lease = lease + Duration::seconds(1);
+    assert!(
+        store
+            .claim_due(
+                ChannelKind::Push,
+                after_lease,
+                10,
+                after_lease + Duration::minutes(5)
+            )
+            .unwrap()
+            .is_empty(),
+        "renewed: not taken over"
+    );
+    store
+        .finish_step(&settle(&claimed[0], t0(), Outcome::Sent))
+        .unwrap();
+    assert_eq!(
+        store.renew_claims(&rows, renewed_until).unwrap(),
+        1,
+        "a settled step is not renewed"
+    );
+    assert_eq!(store.renew_claims(&[], renewed_until).unwrap(), 0);
+    let after = renewed_until + Duration::seconds(1);
+    let taken = store
+        .claim_due(ChannelKind::Push, after, 10, after + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(taken.len(), 1, "the renewed lease ran out");
+    assert_eq!(taken[0].row, claimed[1].row);
+    // Claimed, handed back at start (it may have gone out: the attempt
+    // counts), claimed again, and now taken over.
+    assert_eq!(taken[0].attempt, 3);
+}
+
+/// Claimers on several threads never get one step twice, and between them
+/// get every step once.
+pub fn concurrent_claimers_never_share_a_step(store: &dyn Store) {
+    concurrent_claims(&[store, store, store], false);
+}
+
+/// Claims from `stores` on a thread each until nothing is due, settling each
+/// batch as sent. With `exclusive_customers` (one store per replica), also
+/// checks that no two replicas held one customer's steps at once. Every
+/// customer has steps on two channels and two instances.
+fn concurrent_claims(stores: &[&dyn Store], exclusive_customers: bool) {
+    const CUSTOMERS: usize = 40;
+    let mut tx = stores[0].begin().unwrap();
+    for c in 0..CUSTOMERS {
+        for key in ["a1", "a2"] {
+            let plan: Vec<NewStep> = steps()
+                .into_iter()
+                .take(2)
+                .map(|mut s| {
+                    s.due_at = t0();
+                    s
+                })
+                .collect();
+            tx.start_instance(
+                &instance(&format!("i{c}-{key}"), &format!("c{c}"), key),
+                &plan,
+            )
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    let holding: Mutex<HashMap<String, usize>> = Mutex::new(HashMap::new());
+    let seen: Mutex<HashSet<(String, String)>> = Mutex::new(HashSet::new());
+    let violations: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for (replica, store) in stores.iter().enumerate() {
+            for channel in [ChannelKind::Push, ChannelKind::Email] {
+                let (holding, seen, violations) = (&holding, &seen, &violations);
+                scope.spawn(move || loop {
+                    let now = t0() + Duration::seconds(1);
+                    let batch = store
+                        .claim_due(channel, now, 3, now + Duration::minutes(5))
+                        .unwrap();
+                    if batch.is_empty() {
+                        // Steps of customers another replica holds may still come.
+                        if store.next_due(Some(channel)).unwrap().is_none() {
+                            break;
+                        }
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    for d in &batch {
+                        if !seen
+                            .lock()
+                            .unwrap()
+                            .insert((d.instance_id.clone(), d.step.clone()))
+                        {
+                            violations
+                                .lock()
+                                .unwrap()
+                                .push(format!("{}/{} claimed twice", d.instance_id, d.step));
+                        }
+                        if exclusive_customers {
+                            let mut holding = holding.lock().unwrap();
+                            let holder = holding.entry(d.customer.clone()).or_insert(replica);
+                            if *holder != replica {
+                                violations.lock().unwrap().push(format!(
+                                    "{} held by replicas {holder} and {replica}",
+                                    d.customer
+                                ));
+                            }
+                        }
+                    }
+                    // Forgotten here before the store releases it, so that a
+                    // replica taking the customer next is never a false alarm.
+                    if exclusive_customers {
+                        let mut holding = holding.lock().unwrap();
+                        for d in &batch {
+                            holding.remove(&d.customer);
+                        }
+                    }
+                    let results = batch
+                        .iter()
+                        .map(|d| settle(d, now, Outcome::Sent))
+                        .collect();
+                    store.finish_steps(results).unwrap();
+                });
+            }
+        }
+    });
+    let violations = violations.into_inner().unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert_eq!(seen.into_inner().unwrap().len(), CUSTOMERS * 4);
+    let counts = status_counts(stores[0]);
+    assert_eq!(
+        counts.get("sent"),
+        Some(&(CUSTOMERS as i64 * 4)),
+        "{counts:?}"
+    );
+    assert_eq!(stores[0].log_after(0, 1000).unwrap().len(), CUSTOMERS * 4);
+}
+
+// Several replicas on one database.
+
+/// While one replica holds a customer's step, another claims none of the
+/// customer's steps (on any channel), though the holder may claim more;
+/// once the holder settles them, the customer is free.
+pub fn a_customer_is_with_one_replica_at_a_time(a: &dyn Store, b: &dyn Store) {
+    start(a, &[("i1", "c1", "a1"), ("i2", "c1", "a2")], &steps()[..2]);
+    // c2's steps fall due an hour after c1's.
+    let later: Vec<NewStep> = steps()[..2]
+        .iter()
+        .cloned()
+        .map(|mut s| {
+            s.due_at += Duration::hours(1);
+            s
+        })
+        .collect();
+    start(a, &[("i3", "c2", "a1")], &later);
+    let now = t0() + Duration::days(1);
+    let lease = now + Duration::minutes(5);
+    let first = a.claim_due(ChannelKind::Push, now, 1, lease).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].customer, "c1", "the earliest due");
+    let other = b.claim_due(ChannelKind::Push, now, 10, lease).unwrap();
+    let customers: Vec<&str> = other.iter().map(|d| d.customer.as_str()).collect();
+    assert_eq!(customers, ["c2"], "c1 is with replica a");
+    assert_eq!(
+        b.next_due(Some(ChannelKind::Push)).unwrap(),
+        Some(lease),
+        "b waits for a's hold on c1 to end, at the latest"
+    );
+    assert_eq!(
+        a.next_due(Some(ChannelKind::Push)).unwrap(),
+        Some(t0()),
+        "a may claim c1's other step now"
+    );
+    assert!(b
+        .claim_due(ChannelKind::Email, now, 10, lease)
+        .unwrap()
+        .iter()
+        .all(|d| d.customer != "c1"));
+    let more = a.claim_due(ChannelKind::Email, now, 10, lease).unwrap();
+    assert_eq!(more.len(), 2, "the holder takes c1's other steps");
+    let more_push = a.claim_due(ChannelKind::Push, now, 10, lease).unwrap();
+    assert_eq!(more_push.len(), 1);
+    // Settled one by one: c1 stays with a until its last claimed step settles.
+    let held: Vec<DueStep> = first.into_iter().chain(more).chain(more_push).collect();
+    for (i, d) in held.iter().enumerate() {
+        a.finish_step(&settle(d, now, Outcome::Suppressed)).unwrap();
+        if i + 1 < held.len() {
+            let mut tx = a.begin().unwrap();
+            tx.start_instance(
+                &instance(&format!("late{i}"), "c1", &format!("k{i}")),
+                &steps()[..1],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            assert!(
+                b.claim_due(ChannelKind::Push, now, 10, lease)
+                    .unwrap()
+                    .is_empty(),
+                "c1 still with a"
+            );
+        }
+    }
+    let freed = b.claim_due(ChannelKind::Push, now, 10, lease).unwrap();
+    assert_eq!(freed.len(), held.len() - 1, "c1's new steps, now with b");
+    assert!(freed.iter().all(|d| d.customer == "c1"));
+}
+
+/// A replica that dies holding claims: another takes them (and the
+/// customers) once the lease has run out, not before; the dead one's late
+/// heartbeat renews nothing, and its late hand-back undoes nothing.
+pub fn abandoned_claims_are_taken_over_after_the_lease(a: &dyn Store, b: &dyn Store) {
+    start(a, &[("i1", "c1", "a1"), ("i2", "c1", "a2")], &steps()[..1]);
+    let lease = t0() + Duration::minutes(5);
+    let held = a.claim_due(ChannelKind::Push, t0(), 1, lease).unwrap();
+    assert_eq!(held.len(), 1);
+    assert!(
+        b.claim_due(ChannelKind::Push, lease, 10, lease + Duration::minutes(5))
+            .unwrap()
+            .is_empty(),
+        "the lease has not run out"
+    );
+    let after = lease + Duration::seconds(1);
+    let taken = b
+        .claim_due(ChannelKind::Push, after, 10, after + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(
+        taken.len(),
+        2,
+        "the abandoned step and the customer's other one"
+    );
+    let retaken = taken.iter().find(|d| d.row == held[0].row).unwrap();
+    assert_eq!(retaken.attempt, 2);
+    assert_eq!(
+        a.renew_claims(&[held[0].row], after + Duration::hours(1))
+            .unwrap(),
+        0,
+        "no longer a's"
+    );
+    a.release_claim(&held[0].instance_id, &held[0].step)
+        .unwrap();
+    assert_eq!(a.release_all_leases().unwrap(), 0);
+    assert!(
+        a.claim_due(ChannelKind::Push, after, 10, after + Duration::minutes(5))
+            .unwrap()
+            .is_empty(),
+        "still b's"
+    );
+    let results = taken
+        .iter()
+        .map(|d| settle(d, after, Outcome::Sent))
+        .collect();
+    b.finish_steps(results).unwrap();
+    assert_eq!(status_counts(a).get("sent"), Some(&2));
+}
+
+/// With a cap of one send per customer, replicas sending at once send one
+/// message, never two: each decides from the sends it read when it claimed.
+pub fn caps_hold_across_replicas(a: &dyn Store, b: &dyn Store) {
+    const CUSTOMERS: usize = 20;
+    let mut tx = a.begin().unwrap();
+    for c in 0..CUSTOMERS {
+        for key in ["a1", "a2", "a3"] {
+            tx.start_instance(
+                &instance(&format!("i{c}-{key}"), &format!("c{c}"), key),
+                &steps()[..1],
+            )
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    let now = t0() + Duration::seconds(1);
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        for store in [a, b] {
+            let barrier = &barrier;
+            scope.spawn(move || {
+                barrier.wait();
+                loop {
+                    let batch = store
+                        .claim_due(ChannelKind::Push, now, 4, now + Duration::minutes(5))
+                        .unwrap();
+                    if batch.is_empty() {
+                        if store.next_due(None).unwrap().is_none() {
+                            break;
+                        }
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    let ids: Vec<String> = batch.iter().map(|d| d.customer.clone()).collect();
+                    let contexts = store.customers(&ids, Some(t0()), false).unwrap();
+                    let mut sent_now: HashSet<&str> = HashSet::new();
+                    let results = batch
+                        .iter()
+                        .zip(&contexts)
+                        .map(|(d, c)| {
+                            let capped =
+                                !c.recent_sends.is_empty() || !sent_now.insert(&d.customer);
+                            let outcome = match capped {
+                                true => Outcome::Suppressed,
+                                false => Outcome::Sent,
+                            };
+                            settle(d, now, outcome)
+                        })
+                        .collect();
+                    store.finish_steps(results).unwrap();
+                }
+            });
+        }
+    });
+    let log = a.log_after(0, 1000).unwrap();
+    assert_eq!(log.len(), CUSTOMERS * 3);
+    let mut sends: HashMap<&str, usize> = HashMap::new();
+    for r in log.iter().filter(|r| r.outcome == Outcome::Sent) {
+        *sends.entry(&r.customer).or_default() += 1;
+    }
+    assert_eq!(sends.len(), CUSTOMERS);
+    assert!(sends.values().all(|&n| n == 1), "{sends:?}");
+}
+
+/// Replicas claiming at once from the same steps: none shared, none lost,
+/// and a customer with one replica at a time.
+pub fn concurrent_replicas_never_share_a_step_or_a_customer(a: &dyn Store, b: &dyn Store) {
+    concurrent_claims(&[a, b], true);
+}
+
+/// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
+/// (`make` gives something that derefs to it), plus `replicas: make_pair`
+/// for stores that replicas share (`make_pair` gives two on one database).
 #[macro_export]
 macro_rules! store_conformance {
     ($make:expr) => {
-        #[test]
-        fn transaction_is_atomic() {
-            let store = $make;
-            $crate::store::conformance::transaction_is_atomic(&store);
-        }
-        #[test]
-        fn claims_are_exclusive_and_leases_expire() {
-            let store = $make;
-            $crate::store::conformance::claims_are_exclusive_and_leases_expire(&store);
-        }
-        #[test]
-        fn one_open_instance_and_close_cancels_pending() {
-            let store = $make;
-            $crate::store::conformance::one_open_instance_and_close_cancels_pending(&store);
-        }
-        #[test]
-        fn exit_after_last_step_converts_within_window() {
-            let store = $make;
-            $crate::store::conformance::exit_after_last_step_converts_within_window(&store);
-        }
-        #[test]
-        fn dead_letters_wait_in_the_outbox_until_published() {
-            let store = $make;
-            $crate::store::conformance::dead_letters_wait_in_the_outbox_until_published(&store);
-        }
-        #[test]
-        fn purge_keeps_what_is_live() {
-            let store = $make;
-            $crate::store::conformance::purge_keeps_what_is_live(&store);
-        }
-        #[test]
-        fn retry_reschedules_and_customer_round_trips() {
-            let store = $make;
-            $crate::store::conformance::retry_reschedules_and_customer_round_trips(&store);
-        }
+        $crate::store_conformance!(@each $make;
+            transaction_is_atomic,
+            claims_are_exclusive_and_leases_expire,
+            one_open_instance_and_close_cancels_pending,
+            exit_after_last_step_converts_within_window,
+            dead_letters_wait_in_the_outbox_until_published,
+            purge_keeps_what_is_live,
+            retry_reschedules_and_customer_round_trips,
+            finish_steps_writes_a_batch_in_order,
+            customers_and_histories_come_back_in_the_order_asked,
+            offsets_are_per_partition_and_only_move_forward,
+            processed_event_ids_dedup,
+            exit_cancels_pending_steps_but_not_a_claimed_one,
+            log_pages_in_order_and_rules_record_once,
+            next_due_counts_and_dead_letter_batches,
+            leases_are_released_at_start_and_renewed_by_heartbeat,
+            concurrent_claimers_never_share_a_step
+        );
+    };
+    ($make:expr, replicas: $pair:expr) => {
+        $crate::store_conformance!($make);
+        $crate::store_conformance!(@pairs $pair;
+            a_customer_is_with_one_replica_at_a_time,
+            abandoned_claims_are_taken_over_after_the_lease,
+            caps_hold_across_replicas,
+            concurrent_replicas_never_share_a_step_or_a_customer
+        );
+    };
+    (@each $make:expr; $($name:ident),+) => {
+        $(
+            #[test]
+            fn $name() {
+                let store = $make;
+                $crate::store::conformance::$name(&*store);
+            }
+        )+
+    };
+    (@pairs $pair:expr; $($name:ident),+) => {
+        $(
+            #[test]
+            fn $name() {
+                let (a, b) = $pair;
+                $crate::store::conformance::$name(&*a, &*b);
+            }
+        )+
     };
 }

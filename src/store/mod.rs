@@ -6,19 +6,30 @@
 //!   one event's effects (and the Kafka offset that produced them) are atomic;
 //! - at most one open instance per (customer, journey, key);
 //! - a due step is claimed by one worker at a time, under a lease that
-//!   expires if the worker dies, so no step is lost and none is claimed twice.
+//!   expires if the worker dies, so no step is lost and none is claimed twice;
+//! - with several replicas on one database (PostgreSQL), a customer's steps
+//!   are claimed by one replica at a time, so caps and arbitration hold.
+//!
+//! Two backends, chosen by `store.url` ([`open`]): SQLite, one file for one
+//! node, and PostgreSQL, shared by replicas. Errors say whether retrying
+//! can help ([`StoreError::is_transient`]).
 
 #[cfg(test)]
 pub(crate) mod conformance;
 mod handle;
+pub mod postgres;
 pub mod sqlite;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use crate::config::{StoreConfig, StoreUrl};
 use crate::context::CustomerContext;
 use crate::model::{Category, ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Mode};
 
+pub use self::postgres::PostgresStore;
 pub use handle::AsyncStore;
 pub use sqlite::SqliteStore;
 
@@ -26,6 +37,18 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// No connection within the pool's timeout (the database is down,
+    /// unreachable, or every connection is busy).
+    #[error("no database connection: {0}")]
+    Pool(#[from] r2d2::Error),
+    /// The store's settings cannot work (URL, password, TLS files).
+    #[error("{0}")]
+    Config(String),
+    /// A write of the transaction failed, so it was rolled back whole.
+    #[error("the transaction was rolled back: a statement in it failed")]
+    Aborted,
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("the database's schema is version {found}, newer than this binary's {supported}: run a newer nudge, or restore a backup taken before the upgrade")]
@@ -37,6 +60,108 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the same work may succeed when tried again later: the
+    /// database busy, unreachable or restarting, or a concurrent writer
+    /// (serialization failure, deadlock, a unique key another replica wrote
+    /// first). The caller retries with backoff and reports not ready
+    /// meanwhile. Anything else (corrupt rows, a schema newer than the
+    /// binary, bad settings, constraint violations of the engine's own
+    /// making) will fail again the same way.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            StoreError::Postgres(e) => match e.as_db_error() {
+                Some(db) => transient_sqlstate(db.code()),
+                // No answer from the server: the connection broke or never came up.
+                None => {
+                    e.is_closed()
+                        || std::error::Error::source(e)
+                            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+                }
+            },
+            StoreError::Pool(_) => true,
+            StoreError::Sqlite(_)
+            | StoreError::Corrupt(_)
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::Locked { .. }
+            | StoreError::Io { .. }
+            | StoreError::Config(_)
+            | StoreError::Aborted => false,
+        }
+    }
+}
+
+/// PostgreSQL error codes that a retry can get past.
+fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
+    use ::postgres::error::SqlState;
+    // Class 08: connection exceptions.
+    code.code().starts_with("08")
+        || [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            // Another replica inserted the same key first.
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::OUT_OF_MEMORY,
+            // Connected to a standby during a failover.
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ]
+        .contains(code)
+}
+
+/// Opens the store `config` names, as the daemon does: SQLite as the file's
+/// one owner (claims left by a dead predecessor released at once), or a
+/// pool on PostgreSQL. Either way the schema is migrated first. Returns the
+/// store and the number of claims released. Call it from a blocking
+/// context (not an async worker): the PostgreSQL client blocks.
+pub fn open(config: &StoreConfig) -> Result<(Arc<dyn Store>, usize), StoreError> {
+    match target(config)? {
+        StoreUrl::Sqlite(path) => {
+            let (store, released) = SqliteStore::open_exclusive(&path, config.cache_mb)?;
+            Ok((Arc::new(store), released))
+        }
+        StoreUrl::Postgres(url) => {
+            let store = PostgresStore::open(&pg_options(config, url)?)?;
+            Ok((Arc::new(store), 0))
+        }
+    }
+}
+
+/// Brings the schema of the store `config` names to this binary's version
+/// (the `nudge migrate` command): (version found, version now).
+pub fn migrate(config: &StoreConfig) -> Result<(u32, u32), StoreError> {
+    match target(config)? {
+        StoreUrl::Sqlite(path) => SqliteStore::migrate(&path),
+        StoreUrl::Postgres(url) => PostgresStore::migrate(&pg_options(config, url)?),
+    }
+}
+
+fn target(config: &StoreConfig) -> Result<StoreUrl, StoreError> {
+    config
+        .target()
+        .map_err(|e| StoreError::Config(format!("store.url: {e}")))
+}
+
+fn pg_options(config: &StoreConfig, url: String) -> Result<postgres::PgOptions, StoreError> {
+    Ok(postgres::PgOptions {
+        url,
+        password: config
+            .password()
+            .map_err(|e| StoreError::Config(e.to_string()))?,
+        pool_size: config.pool_size,
+        ca_file: config.ca_file.clone(),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -129,11 +254,23 @@ pub trait Store: Send + Sync {
         results.iter().map(|r| self.finish_step(r)).collect()
     }
 
+    /// Extends the leases of claimed steps ([`DueStep::row`]) that this
+    /// worker still holds to `until` (a lease is never shortened): the
+    /// heartbeat of a worker still sending them, so that no other replica
+    /// takes them over. Renew well within the lease: a step whose lease ran
+    /// out may already be someone else's. Returns how many were renewed
+    /// (the others were settled, released or taken over).
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError>;
+
     /// Earliest time a pending step of `channel` (any channel if None) is due.
+    /// With a channel, on a store that replicas share: the earliest time this
+    /// replica can claim one (a customer another replica holds waits for
+    /// the end of its lease at the latest).
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError>;
 
-    /// Returns every claimed step to pending: for a single-node store at start-up,
-    /// where no other worker can hold a lease.
+    /// Returns the claimed steps this store holds to pending: on SQLite (one
+    /// node) every claim, at start-up, where no other worker can hold one;
+    /// on PostgreSQL this replica's claims only.
     fn release_all_leases(&self) -> Result<usize, StoreError>;
 
     /// The customer's context, with journeys and sends since `window_start`.
@@ -202,7 +339,9 @@ pub trait Store: Send + Sync {
     fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
 }
 
-/// One atomic unit of work: the effects of one or more events.
+/// One atomic unit of work: the effects of one or more events. After a
+/// method fails the transaction is lost: drop it (PostgreSQL rolls it back
+/// whole, and `commit` then fails with [`StoreError::Aborted`]).
 pub trait Tx {
     /// Whether this event id was processed before (the dedup window).
     fn already_processed(&mut self, event_id: &str) -> Result<bool, StoreError>;
@@ -256,4 +395,61 @@ pub trait Tx {
     fn add_dead_letter(&mut self, letter: &DeadLetter, at: DateTime<Utc>)
         -> Result<(), StoreError>;
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::postgres::error::SqlState;
+
+    #[test]
+    fn busy_databases_and_concurrent_writers_are_transient_the_rest_permanent() {
+        for code in [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ] {
+            assert!(transient_sqlstate(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::SYNTAX_ERROR,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::CHECK_VIOLATION,
+            SqlState::NOT_NULL_VIOLATION,
+            SqlState::INVALID_PASSWORD,
+            SqlState::DISK_FULL,
+        ] {
+            assert!(!transient_sqlstate(&code), "{code:?}");
+        }
+        let sqlite = |code| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert!(sqlite(rusqlite::ffi::SQLITE_BUSY).is_transient());
+        assert!(sqlite(rusqlite::ffi::SQLITE_LOCKED).is_transient());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_transient());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_CORRUPT).is_transient());
+        for permanent in [
+            StoreError::Corrupt("x".into()),
+            StoreError::SchemaTooNew {
+                found: 9,
+                supported: 2,
+            },
+            StoreError::Config("x".into()),
+            StoreError::Aborted,
+            StoreError::Locked {
+                path: "x".into(),
+                holder: None,
+            },
+        ] {
+            assert!(!permanent.is_transient(), "{permanent}");
+        }
+    }
 }

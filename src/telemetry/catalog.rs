@@ -171,6 +171,18 @@ pub const SCHEDULER_ERRORS: Metric = Metric {
     labels: &[],
     help: "scheduler rounds or next-due lookups that failed on the store; the channel's loop tries again after 1 s",
 };
+pub const STEP_RESULTS_UNSTORED: Metric = Metric {
+    name: "nudge_step_results_unstored_total",
+    kind: Kind::Counter,
+    labels: &["channel"],
+    help: "groups of finished steps the store refused for a moment (transient error); they are written again with backoff, never dropped",
+};
+pub const LEASE_RENEWAL_ERRORS: Metric = Metric {
+    name: "nudge_lease_renewal_errors_total",
+    kind: Kind::Counter,
+    labels: &["channel"],
+    help: "heartbeats that could not renew the leases of steps being sent; the next is a third of a lease later",
+};
 
 // Dead-letter publishing and upkeep.
 
@@ -215,6 +227,8 @@ pub const ALL: &[&Metric] = &[
     &STEPS,
     &DISPATCH_SECONDS,
     &SCHEDULER_ERRORS,
+    &STEP_RESULTS_UNSTORED,
+    &LEASE_RENEWAL_ERRORS,
     &DEAD_LETTERS_PUBLISHED,
     &DEAD_LETTER_PUBLISH_ERRORS,
     &RETENTION_ERRORS,

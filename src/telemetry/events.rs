@@ -365,6 +365,30 @@ impl SchedulerRoundFailed<'_> {
     }
 }
 
+pub struct StepResultsUnstored<'a> {
+    pub channel: &'static str,
+    pub error: &'a dyn Display,
+}
+
+impl StepResultsUnstored<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, channel = %self.channel, error = %self.error, "recording finished steps failed; writing them again");
+        metrics::counter!(STEP_RESULTS_UNSTORED.name, "channel" => self.channel).increment(1);
+    }
+}
+
+pub struct LeaseRenewalFailed<'a> {
+    pub channel: &'static str,
+    pub error: &'a dyn Display,
+}
+
+impl LeaseRenewalFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, channel = %self.channel, error = %self.error, "renewing the leases of steps being sent failed");
+        metrics::counter!(LEASE_RENEWAL_ERRORS.name, "channel" => self.channel).increment(1);
+    }
+}
+
 pub struct NextDueUnreadable<'a> {
     pub channel: &'static str,
     pub error: &'a dyn Display,

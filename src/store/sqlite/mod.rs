@@ -380,6 +380,24 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: rusqlite::vtab::array::Array = std::rc::Rc::new(
+            rows.iter()
+                .map(|&row| rusqlite::types::Value::Integer(row))
+                .collect(),
+        );
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "UPDATE steps SET lease_until = MAX(lease_until, ?2)
+                 WHERE rowid IN rarray(?1) AND status = 'claimed'",
+            )?
+            .execute(params![ids, ms(until)])?)
+    }
+
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
         let conn = self.conn();
         let v: Option<i64> = match channel {
@@ -574,7 +592,7 @@ mod tests {
         store
     }
 
-    crate::store_conformance!(temp_store());
+    crate::store_conformance!(Box::new(temp_store()));
 
     /// Every purge statement finds its rows through an index: a full scan
     /// would hold the write lock for seconds on a large store.

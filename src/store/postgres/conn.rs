@@ -1,0 +1,221 @@
+//! Connections: the URL and its TLS mode, a bounded pool, and a statement
+//! cache per connection (a statement prepared once per connection runs in
+//! one round trip instead of two).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+use postgres_openssl::MakeTlsConnector;
+
+pub use crate::config::{parse_postgres_url as parse_url, SslMode};
+use crate::store::StoreError;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/db?sslmode=…`, without a password.
+    pub url: String,
+    /// From `store.password_env` / `store.password_file`.
+    pub password: Option<String>,
+    /// Connections in the pool at most.
+    pub pool_size: u32,
+    /// PEM of CA certificates trusted besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The TLS connector for `mode`: OpenSSL (already linked for Kafka).
+fn tls(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeTlsConnector, StoreError> {
+    let tls_error = |e: openssl::error::ErrorStack| StoreError::Config(format!("store TLS: {e}"));
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(tls_error)?;
+    if let Some(path) = ca_file {
+        builder.set_ca_file(path).map_err(|e| {
+            StoreError::Config(format!(
+                "store.ca_file: cannot load {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    let verify = match mode {
+        SslMode::Disable | SslMode::Prefer => false,
+        SslMode::Require => ca_file.is_some(),
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+    };
+    if !verify {
+        builder.set_verify(SslVerifyMode::NONE);
+    }
+    let mut connector = MakeTlsConnector::new(builder.build());
+    if mode != SslMode::VerifyFull {
+        connector.set_callback(|ssl, _| {
+            ssl.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(connector)
+}
+
+/// One pooled connection and the statements prepared on it.
+pub struct PgConn {
+    pub client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    /// The statement for `sql`, prepared on first use on this connection.
+    pub fn prepare(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    pub fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.prepare(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    pub fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.prepare(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+
+    pub fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let statement = self.prepare(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    pub fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.prepare(sql)?;
+        self.client.execute(&statement, params)
+    }
+}
+
+/// Opens [`PgConn`]s for the pool (r2d2_postgres hands out bare clients,
+/// with no place for a statement cache).
+pub struct Manager {
+    config: postgres::Config,
+    tls: MakeTlsConnector,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConn, postgres::Error> {
+        Ok(PgConn {
+            client: self.config.connect(self.tls.clone())?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// The bounded pool. Dropped on a thread of its own when dropped inside an
+/// async runtime: the synchronous client runs a runtime of its own, which
+/// may not be shut down from an async worker.
+pub struct Pool(Option<r2d2::Pool<Manager>>);
+
+impl Pool {
+    pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
+        let (mut config, mode) =
+            parse_url(&options.url).map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
+        if let Some(password) = &options.password {
+            config.password(password);
+        }
+        let manager = Manager {
+            config,
+            tls: tls(mode, options.ca_file.as_deref())?,
+        };
+        // One connection first, so that a start fails at once with the
+        // client's own error (refused, TLS, authentication) rather than
+        // with a pool timeout.
+        let first = r2d2::ManageConnection::connect(&manager)?;
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build_unchecked(manager);
+        drop(first);
+        Ok(Self(Some(pool)))
+    }
+
+    pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
+        Ok(self
+            .0
+            .as_ref()
+            .expect("the pool lives until dropped")
+            .get()?)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let pool = self.0.take();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_mode_is_taken_out_of_the_url_and_other_options_stay() {
+        let (config, mode) = parse_url(
+            "postgres://nudge@db:5432/nudge?sslmode=verify-full&options=-csearch_path%3Dx",
+        )
+        .unwrap();
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(config.get_user(), Some("nudge"));
+        assert_eq!(config.get_dbname(), Some("nudge"));
+        assert_eq!(config.get_options(), Some("-csearch_path=x"));
+        assert_eq!(config.get_application_name(), Some("nudge"));
+        let (_, mode) = parse_url("postgresql://nudge@db/nudge").unwrap();
+        assert_eq!(mode, SslMode::Prefer);
+        assert!(parse_url("postgres://nudge@db/nudge?sslmode=allow")
+            .unwrap_err()
+            .contains("allow"));
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_refused() {
+        for url in [
+            "postgres://nudge:s3cret@db/nudge",
+            "postgres://nudge@db/nudge?password=s3cret",
+        ] {
+            let err = parse_url(url).unwrap_err();
+            assert!(err.contains("password_env"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+}

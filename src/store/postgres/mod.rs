@@ -1,0 +1,549 @@
+//! The shared store: PostgreSQL, for several replicas in one Kafka consumer
+//! group. Kafka partitions spread the deciding; `FOR UPDATE SKIP LOCKED`
+//! spreads the sending.
+//!
+//! - A claim takes due steps no other claim holds (`SKIP LOCKED`: claimers
+//!   never wait on each other) under a lease in the row; the replica renews
+//!   the leases of what it is still sending ([`Store::renew_claims`]), and a
+//!   step whose lease ran out (its replica died) is claimed again by anyone.
+//! - A customer's steps are with one replica at a time: a claim also takes
+//!   a lease on each of its steps' customers (`customer_claims`), and skips
+//!   steps of customers another replica holds a live lease on. Caps and
+//!   arbitration decide from the sends read when the steps were claimed, so
+//!   no two replicas decide for one customer at once; the lease ends when
+//!   the customer's last claimed step settles (in the transaction that logs
+//!   the send, so the next claimer sees it) or runs out.
+//! - Writes of many rows bind one array per column (`UNNEST`): one
+//!   statement per batch, not per row.
+//!
+//! The client is the synchronous `postgres` crate: the engine calls the
+//! store from blocking threads only (never from an async worker: the
+//! client runs a small runtime of its own and would panic there).
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+mod conn;
+mod purge;
+mod read;
+pub mod schema;
+mod tx;
+
+pub use conn::{parse_url, PgOptions, SslMode};
+
+use super::{DeadLetter, StepResult, Store, StoreError, Tx};
+use crate::context::CustomerContext;
+use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Variables};
+use conn::{PgConn, Pool};
+use tx::{Begun, PgTx};
+
+pub struct PostgresStore {
+    pool: Pool,
+    /// This replica's name in the claims it holds: host, pid and a random
+    /// part (a restarted replica never mistakes its predecessor's claims
+    /// for its own; they run out within the lease).
+    holder: String,
+}
+
+/// Steps of a dead replica (lease run out) back to pending, skipping rows
+/// another claimer is re-queuing at this moment.
+const REQUEUE_EXPIRED: &str =
+    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
+     WHERE id IN (
+         SELECT id FROM steps
+         WHERE status = 'claimed' AND channel = $1 AND lease_until < $2
+         FOR UPDATE SKIP LOCKED)
+       AND status = 'claimed' AND lease_until < $2";
+
+/// Claims up to `$3` due steps of channel `$1` at `$2` for holder `$4`
+/// until `$5`, in one statement: candidates (not locked by another claim,
+/// customer not held by another replica), then the customers' leases (a
+/// customer another replica took meanwhile is left out: the arbiter is the
+/// unique key, whatever the snapshot saw), then the steps of the customers
+/// held, with their instances.
+const CLAIM: &str = "WITH candidates AS MATERIALIZED (
+         SELECT s.id, s.customer FROM steps AS s
+         WHERE s.status = 'pending' AND s.channel = $1 AND s.due_at <= $2
+           AND NOT EXISTS (
+               SELECT 1 FROM customer_claims AS c
+               WHERE c.customer = s.customer AND c.holder <> $4::text AND c.lease_until >= $2)
+         ORDER BY s.due_at
+         LIMIT $3
+         FOR UPDATE OF s SKIP LOCKED),
+     held AS (
+         INSERT INTO customer_claims (customer, holder, lease_until)
+         SELECT DISTINCT customer, $4::text, $5::timestamptz FROM candidates ORDER BY customer
+         ON CONFLICT (customer) DO UPDATE
+             SET holder = excluded.holder,
+                 lease_until = CASE WHEN customer_claims.holder = excluded.holder
+                     THEN GREATEST(customer_claims.lease_until, excluded.lease_until)
+                     ELSE excluded.lease_until END
+             WHERE customer_claims.holder = excluded.holder OR customer_claims.lease_until < $2
+         RETURNING customer),
+     claimed AS (
+         UPDATE steps AS s SET status = 'claimed', lease_until = $5, holder = $4, attempt = s.attempt + 1
+         FROM candidates AS k JOIN held AS h ON h.customer = k.customer
+         WHERE s.id = k.id
+         RETURNING s.id, s.instance_id, s.step, s.template, s.condition, s.planned_at, s.due_at, s.attempt)
+     SELECT c.id, c.instance_id, c.step, c.template, c.condition, c.planned_at, c.due_at, c.attempt,
+            i.customer, i.journey, i.mode, i.category, i.rule_hash, i.vars::text, i.status
+     FROM claimed AS c LEFT JOIN instances AS i ON i.id = c.instance_id
+     ORDER BY c.due_at, c.id";
+
+/// Settles (`status` an outcome) or reschedules (`status` pending, `again_at`
+/// set) claimed steps, by key.
+const SETTLE: &str = "UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL,
+         due_at = COALESCE(u.again_at, s.due_at),
+         planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
+         AS u(instance_id, step, status, again_at, replan)
+     WHERE s.instance_id = u.instance_id AND s.step = u.step";
+
+/// Completes the instances `$1` (at `$2`) whose last step just settled.
+const COMPLETE_INSTANCES: &str = "UPDATE instances AS i SET status = 'completed', ended_at = u.at
+     FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at)
+     WHERE i.id = u.id AND i.status = 'open'
+       AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.instance_id = i.id AND s.status IN ('pending', 'claimed'))";
+
+/// Log records in one statement; their seqs, in the order given, come back
+/// as the sorted RETURNING values (the identity is drawn in insertion order).
+const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
+     SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+     FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[])
+         WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
+     ORDER BY ord
+     RETURNING seq";
+
+/// When this replica (`$2`) may next claim a step of channel `$1`: the
+/// earliest due step of a customer no other replica holds, or, for a
+/// customer another holds, its due time or the hold's end if later (the
+/// holder claims the step itself meanwhile). So a replica sleeps through
+/// another's hold instead of claiming nothing in a busy loop, and a dead
+/// replica's hold is taken over when it runs out.
+const NEXT_DUE: &str = "SELECT LEAST(
+         (SELECT s.due_at FROM steps AS s
+          WHERE s.status = 'pending' AND s.channel = $1
+            AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2)
+          ORDER BY s.due_at LIMIT 1),
+         (SELECT MIN(GREATEST(c.lease_until, s.due_at))
+          FROM customer_claims AS c
+          JOIN instances AS i ON i.customer = c.customer
+          JOIN steps AS s ON s.instance_id = i.id
+          WHERE c.holder <> $2 AND s.status = 'pending' AND s.channel = $1))";
+
+/// Ends holder `$2`'s leases on the customers `$1` that have no step left claimed by it.
+const RELEASE_CUSTOMERS: &str = "DELETE FROM customer_claims AS c
+     WHERE c.customer = ANY($1::text[]) AND c.holder = $2
+       AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $2)";
+
+impl PostgresStore {
+    /// Connects (a bounded pool; TLS as the URL's `sslmode` says) and
+    /// migrates the schema. Claims of other replicas are left alone: a dead
+    /// replica's run out within their lease.
+    pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
+        let pool = Pool::open(options)?;
+        schema::migrate(&mut pool.get()?.client)?;
+        Ok(Self {
+            pool,
+            holder: holder_name(),
+        })
+    }
+
+    /// Migrates the schema (the `nudge migrate` command): (version found, version now).
+    pub fn migrate(options: &PgOptions) -> Result<(u32, u32), StoreError> {
+        let pool = Pool::open(&PgOptions {
+            pool_size: 1,
+            ..options.clone()
+        })?;
+        let mut conn = pool.get()?;
+        let before = schema::version(&mut conn.client)?;
+        schema::migrate(&mut conn.client)?;
+        let after = schema::version(&mut conn.client)?;
+        Ok((before, after))
+    }
+
+    /// The name this replica's claims carry.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<conn::Manager>, StoreError> {
+        self.pool.get()
+    }
+
+    fn transaction(&self) -> Result<Begun, StoreError> {
+        Begun::new(self.conn()?)
+    }
+}
+
+fn holder_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nudge".into());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+fn due_step(channel: ChannelKind, r: &postgres::Row) -> Result<DueStep, StoreError> {
+    let instance_id: String = r.try_get(1)?;
+    let step: String = r.try_get(2)?;
+    let Some(customer) = r.try_get::<_, Option<String>>(8)? else {
+        return Err(StoreError::Corrupt(format!(
+            "step {instance_id}/{step} has no instance"
+        )));
+    };
+    let parse = |i: usize| -> Result<&str, StoreError> { Ok(r.try_get::<_, &str>(i)?) };
+    Ok(DueStep {
+        row: r.try_get(0)?,
+        channel,
+        template: r.try_get(3)?,
+        condition: r.try_get(4)?,
+        planned_at: r.try_get(5)?,
+        due_at: r.try_get(6)?,
+        attempt: r.try_get::<_, i32>(7)? as u32,
+        customer,
+        journey: r.try_get(9)?,
+        mode: parse(10)?.parse().map_err(StoreError::Corrupt)?,
+        category: parse(11)?.parse().map_err(StoreError::Corrupt)?,
+        rule_hash: r.try_get(12)?,
+        vars: Variables::from_json(r.try_get(13)?)
+            .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
+        instance_status: parse(14)?.parse().map_err(StoreError::Corrupt)?,
+        instance_id,
+        step,
+    })
+}
+
+/// `finish_steps`' writes, in the transaction `c` is in.
+fn finish(
+    c: &mut PgConn,
+    holder: &str,
+    results: Vec<StepResult>,
+) -> Result<Vec<LogRecord>, StoreError> {
+    // A step named twice (it cannot be, short of a bug) ends as the last says.
+    let mut last = std::collections::HashMap::with_capacity(results.len());
+    for (i, r) in results.iter().enumerate() {
+        last.insert((r.record.instance.as_str(), r.record.step.as_str()), i);
+    }
+    let mut order: Vec<usize> = last.into_values().collect();
+    order.sort_unstable();
+    let settles: Vec<&StepResult> = order.iter().map(|&i| &results[i]).collect();
+    let instances: Vec<&str> = settles.iter().map(|r| r.record.instance.as_str()).collect();
+    let steps: Vec<&str> = settles.iter().map(|r| r.record.step.as_str()).collect();
+    let statuses: Vec<&str> = settles
+        .iter()
+        .map(|r| match r.again_at {
+            Some(_) => "pending",
+            None => r.record.outcome.as_str(),
+        })
+        .collect();
+    let again: Vec<Option<DateTime<Utc>>> = settles.iter().map(|r| r.again_at).collect();
+    let replan: Vec<bool> = settles.iter().map(|r| r.replan).collect();
+    c.execute(SETTLE, &[&instances, &steps, &statuses, &again, &replan])?;
+    // The instances whose step settled for good, at the time of the last such record.
+    let mut completed: Vec<(&str, DateTime<Utc>)> = Vec::new();
+    for r in results.iter().filter(|r| r.again_at.is_none()) {
+        match completed
+            .iter_mut()
+            .find(|(id, _)| *id == r.record.instance)
+        {
+            Some(entry) => entry.1 = r.record.time,
+            None => completed.push((&r.record.instance, r.record.time)),
+        }
+    }
+    if !completed.is_empty() {
+        let ids: Vec<&str> = completed.iter().map(|c| c.0).collect();
+        let times: Vec<DateTime<Utc>> = completed.iter().map(|c| c.1).collect();
+        c.execute(COMPLETE_INSTANCES, &[&ids, &times])?;
+    }
+    let records: Vec<&LogRecord> = results.iter().map(|r| &r.record).collect();
+    let col = |f: fn(&LogRecord) -> &str| -> Vec<&str> { records.iter().map(|r| f(r)).collect() };
+    let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempt as i32).collect();
+    let latencies: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.latency_ms.map(|l| l as i64))
+        .collect();
+    let events: Vec<Option<&str>> = records.iter().map(|r| r.event_id.as_deref()).collect();
+    let mut seqs: Vec<i64> = c
+        .query(
+            INSERT_LOGS,
+            &[
+                &times,
+                &col(|r| &r.customer),
+                &col(|r| &r.journey),
+                &col(|r| &r.instance),
+                &col(|r| &r.step),
+                &col(|r| &r.channel),
+                &col(|r| &r.template),
+                &outcomes,
+                &col(|r| &r.reason),
+                &col(|r| &r.rule_hash),
+                &attempts,
+                &latencies,
+                &events,
+            ],
+        )?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    seqs.sort_unstable();
+    let mut customers: Vec<&str> = records.iter().map(|r| r.customer.as_str()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    c.execute(RELEASE_CUSTOMERS, &[&customers, &holder])?;
+    Ok(results
+        .into_iter()
+        .zip(seqs)
+        .map(|(r, seq)| LogRecord { seq, ..r.record })
+        .collect())
+}
+
+impl Store for PostgresStore {
+    fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
+        Ok(Box::new(PgTx {
+            tx: self.transaction()?,
+        }))
+    }
+
+    fn claim_due(
+        &self,
+        channel: ChannelKind,
+        now: DateTime<Utc>,
+        limit: usize,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        let mut c = self.conn()?;
+        let name = channel.as_str();
+        c.execute(REQUEUE_EXPIRED, &[&name, &now])?;
+        let rows = c.query(
+            CLAIM,
+            &[&name, &now, &(limit as i64), &self.holder, &lease_until],
+        )?;
+        rows.iter().map(|r| due_step(channel, r)).collect()
+    }
+
+    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
+        let mut written = self.finish_steps(vec![result.clone()])?;
+        Ok(written.pop().expect("one record per result"))
+    }
+
+    fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
+        if results.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.transaction()?;
+        let written = tx.run(|c| finish(c, &self.holder, results))?;
+        tx.commit()?;
+        Ok(written)
+    }
+
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let row = self.conn()?.query_one(
+            "WITH renewed AS (
+                 UPDATE steps SET lease_until = GREATEST(lease_until, $2)
+                 WHERE id = ANY($1::int8[]) AND status = 'claimed' AND holder = $3
+                 RETURNING customer),
+             customers AS (
+                 UPDATE customer_claims SET lease_until = GREATEST(lease_until, $2)
+                 WHERE holder = $3 AND customer IN (SELECT customer FROM renewed))
+             SELECT count(*) FROM renewed",
+            &[&rows, &until, &self.holder],
+        )?;
+        Ok(row.try_get::<_, i64>(0)? as usize)
+    }
+
+    fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let mut c = self.conn()?;
+        let row = match channel {
+            Some(channel) => c.query_one(NEXT_DUE, &[&channel.as_str(), &self.holder])?,
+            // Per channel, so that each is one descent of the pending index.
+            None => c.query_one(
+                "SELECT MIN(n.due_at) FROM unnest(ARRAY['push', 'email', 'call_task']) AS k(channel)
+                 CROSS JOIN LATERAL (
+                     SELECT due_at FROM steps WHERE status = 'pending' AND channel = k.channel
+                     ORDER BY due_at LIMIT 1) AS n",
+                &[],
+            )?,
+        };
+        Ok(row.try_get(0)?)
+    }
+
+    fn release_all_leases(&self) -> Result<usize, StoreError> {
+        let mut tx = self.transaction()?;
+        let released = tx.run(|c| {
+            let n = c.execute(
+                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
+                 WHERE status = 'claimed' AND holder = $1",
+                &[&self.holder],
+            )?;
+            c.execute(
+                "DELETE FROM customer_claims WHERE holder = $1",
+                &[&self.holder],
+            )?;
+            Ok(n as usize)
+        })?;
+        tx.commit()?;
+        Ok(released)
+    }
+
+    fn customer(
+        &self,
+        id: &str,
+        window_start: DateTime<Utc>,
+    ) -> Result<CustomerContext, StoreError> {
+        let mut one = read::customers(
+            &mut *self.conn()?,
+            &[id.to_owned()],
+            Some(window_start),
+            true,
+        )?;
+        Ok(one.pop().expect("one context per id"))
+    }
+
+    fn history(&self, instance_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut one = self.histories(&[instance_id.to_owned()])?;
+        Ok(one.pop().unwrap_or_default())
+    }
+
+    fn customers(
+        &self,
+        ids: &[String],
+        sends_since: Option<DateTime<Utc>>,
+        journeys: bool,
+    ) -> Result<Vec<CustomerContext>, StoreError> {
+        read::customers(&mut *self.conn()?, ids, sends_since, journeys)
+    }
+
+    fn histories(&self, instance_ids: &[String]) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
+        read::histories(&mut *self.conn()?, instance_ids)
+    }
+
+    fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
+        self.conn()?
+            .query(
+                "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+                 FROM dispatch_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&after, &(limit as i64)],
+            )?
+            .iter()
+            .map(read::log_record)
+            .collect()
+    }
+
+    fn offsets(&self, topic: &str) -> Result<Vec<(i32, i64)>, StoreError> {
+        self.conn()?
+            .query(
+                "SELECT partition, next_offset FROM kafka_offsets WHERE topic = $1 ORDER BY partition",
+                &[&topic],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    fn record_rules(
+        &self,
+        version: &str,
+        files: &Value,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "INSERT INTO rule_versions (version, loaded_at, files) VALUES ($1, $2, $3::text::jsonb)
+             ON CONFLICT (version) DO NOTHING",
+            &[&version, &at, &files.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+        self.conn()?
+            .query(
+                "SELECT id, topic, partition, record_offset, key, payload, reason, journey, event_id
+                 FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                &[&(limit as i64)],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    DeadLetter {
+                        topic: r.try_get(1)?,
+                        partition: r.try_get(2)?,
+                        offset: r.try_get(3)?,
+                        key: r.try_get(4)?,
+                        payload: r.try_get(5)?,
+                        reason: r.try_get(6)?,
+                        journey: r.try_get(7)?,
+                        event_id: r.try_get(8)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn mark_dead_letters_published(
+        &self,
+        ids: &[i64],
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE dead_letters SET published_at = $2 WHERE id = ANY($1::int8[])",
+            &[&ids, &at],
+        )?;
+        Ok(())
+    }
+
+    fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {
+        let mut tx = self.transaction()?;
+        tx.run(|c| {
+            let released = c.query(
+                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, attempt = attempt - 1
+                 WHERE instance_id = $1 AND step = $2 AND status = 'claimed' AND holder = $3
+                 RETURNING customer",
+                &[&instance_id, &step, &self.holder],
+            )?;
+            let customers: Vec<String> = released
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if !customers.is_empty() {
+                c.execute(RELEASE_CUSTOMERS, &[&customers, &self.holder])?;
+            }
+            Ok(())
+        })?;
+        tx.commit()
+    }
+
+    fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        purge::purge(self, before)
+    }
+
+    fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.conn()?
+            .query(
+                "SELECT status, COUNT(*) FROM steps GROUP BY status ORDER BY status COLLATE \"C\"",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests;

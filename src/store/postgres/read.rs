@@ -1,0 +1,158 @@
+//! Reads: a batch's customers and histories in one statement per kind,
+//! whatever the batch size (keys bound as one array), and the dispatch log.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use postgres::Row;
+
+use super::conn::PgConn;
+use crate::context::{CustomerContext, JourneySummary};
+use crate::model::{HistoryEntry, LogRecord};
+use crate::store::StoreError;
+
+/// Customers' stored contexts (`$1`: ids), one row per id in order, NULL when none.
+const CUSTOMER_CONTEXTS: &str = "SELECT c.context::text
+     FROM unnest($1::text[]) WITH ORDINALITY AS u(id, ord)
+     LEFT JOIN customers AS c ON c.id = u.id
+     ORDER BY u.ord";
+
+/// The latest 100 journeys of each customer of `$1`.
+const JOURNEYS: &str = "SELECT u.id, i.journey, i.key, i.status, i.started_at, i.ended_at, i.mode
+     FROM unnest($1::text[]) AS u(id)
+     CROSS JOIN LATERAL (
+         SELECT journey, key, status, started_at, ended_at, mode FROM instances
+         WHERE customer = u.id ORDER BY started_at DESC LIMIT 100) AS i";
+
+/// Sends to the customers `$1` since `$2`.
+const RECENT_SENDS: &str = "SELECT customer, time FROM dispatch_log
+     WHERE customer = ANY($1::text[]) AND outcome = 'sent' AND time >= $2";
+
+/// Sent steps of the instances `$1`, in log order.
+const HISTORIES: &str = "SELECT instance, step, channel, template, time FROM dispatch_log
+     WHERE instance = ANY($1::text[]) AND outcome = 'sent' ORDER BY seq";
+
+/// Where each distinct key occurs in `keys` (a key may be asked for twice).
+fn positions(keys: &[String]) -> HashMap<&str, Vec<usize>> {
+    let mut at: HashMap<&str, Vec<usize>> = HashMap::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        at.entry(k.as_str()).or_default().push(i);
+    }
+    at
+}
+
+/// The contexts of `ids`, in order: sends since `sends_since` and the
+/// journeys only when asked for.
+pub(super) fn customers(
+    conn: &mut PgConn,
+    ids: &[String],
+    sends_since: Option<DateTime<Utc>>,
+    journeys: bool,
+) -> Result<Vec<CustomerContext>, StoreError> {
+    let rows = conn.query(CUSTOMER_CONTEXTS, &[&ids])?;
+    if rows.len() != ids.len() {
+        return Err(StoreError::Corrupt("customer rows missing".into()));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for (id, r) in ids.iter().zip(&rows) {
+        let mut customer = match r.try_get::<_, Option<&str>>(0)? {
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))?
+            }
+            None => CustomerContext::new(id),
+        };
+        customer.id.clone_from(id);
+        out.push(customer);
+    }
+    if !journeys && sends_since.is_none() {
+        return Ok(out);
+    }
+    let position = positions(ids);
+    let distinct: Vec<&str> = position.keys().copied().collect();
+    if journeys {
+        for r in conn.query(JOURNEYS, &[&distinct])? {
+            let summary = JourneySummary {
+                journey: r.try_get(1)?,
+                key: r.try_get(2)?,
+                status: r
+                    .try_get::<_, &str>(3)?
+                    .parse()
+                    .map_err(StoreError::Corrupt)?,
+                started_at: r.try_get(4)?,
+                ended_at: r.try_get(5)?,
+                mode: r
+                    .try_get::<_, &str>(6)?
+                    .parse()
+                    .map_err(StoreError::Corrupt)?,
+            };
+            for &i in &position[r.try_get::<_, &str>(0)?] {
+                out[i].journeys.push(summary.clone());
+            }
+        }
+        for customer in &mut out {
+            customer
+                .journeys
+                .sort_by_key(|j| std::cmp::Reverse(j.started_at));
+        }
+    }
+    if let Some(window_start) = sends_since {
+        for r in conn.query(RECENT_SENDS, &[&distinct, &window_start])? {
+            let time: DateTime<Utc> = r.try_get(1)?;
+            for &i in &position[r.try_get::<_, &str>(0)?] {
+                out[i].recent_sends.push(time);
+            }
+        }
+        for customer in &mut out {
+            customer.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+    Ok(out)
+}
+
+/// The sent steps of each instance of `instance_ids`, in order, oldest first.
+pub(super) fn histories(
+    conn: &mut PgConn,
+    instance_ids: &[String],
+) -> Result<Vec<Vec<HistoryEntry>>, StoreError> {
+    let position = positions(instance_ids);
+    let distinct: Vec<&str> = position.keys().copied().collect();
+    let mut out: Vec<Vec<HistoryEntry>> = vec![Vec::new(); instance_ids.len()];
+    for r in conn.query(HISTORIES, &[&distinct])? {
+        let entry = HistoryEntry {
+            step: r.try_get(1)?,
+            channel: r.try_get(2)?,
+            template: r.try_get(3)?,
+            sent_at: r
+                .try_get::<_, DateTime<Utc>>(4)?
+                .to_rfc3339_opts(SecondsFormat::Millis, true),
+        };
+        for &i in &position[r.try_get::<_, &str>(0)?] {
+            out[i].push(entry.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// A dispatch-log row: seq, time, customer, journey, instance, step,
+/// channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id.
+pub(super) fn log_record(r: &Row) -> Result<LogRecord, StoreError> {
+    Ok(LogRecord {
+        seq: r.try_get(0)?,
+        time: r.try_get(1)?,
+        customer: r.try_get(2)?,
+        journey: r.try_get(3)?,
+        instance: r.try_get(4)?,
+        step: r.try_get(5)?,
+        channel: r.try_get(6)?,
+        template: r.try_get(7)?,
+        outcome: r
+            .try_get::<_, &str>(8)?
+            .parse()
+            .map_err(StoreError::Corrupt)?,
+        reason: r.try_get(9)?,
+        rule_hash: r.try_get(10)?,
+        attempt: r.try_get::<_, i32>(11)? as u32,
+        latency_ms: r.try_get::<_, Option<i64>>(12)?.map(|v| v as u64),
+        event_id: r.try_get(13)?,
+    })
+}

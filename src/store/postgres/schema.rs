@@ -1,0 +1,189 @@
+//! The PostgreSQL schema as numbered migrations, embedded in the binary and
+//! applied in order when the store opens (the SQLite store's design, with
+//! the version in a `schema_version` table, one row per migration applied).
+//! Replicas starting at once take turns on an advisory lock, so each
+//! migration runs once; DDL is transactional, so a migration applies whole
+//! or not at all. A database newer than this binary is refused, never
+//! written to. A shipped migration is never edited: add the next one.
+
+use postgres::Client;
+
+use crate::store::StoreError;
+
+/// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
+const MIGRATIONS: &[&str] = &[V1_TABLES];
+
+/// The schema version this binary writes.
+pub const VERSION: u32 = MIGRATIONS.len() as u32;
+
+const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    binary_version text NOT NULL
+)";
+
+/// Brings the schema (the first on `search_path`) to [`VERSION`]; returns
+/// how many migrations ran.
+pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
+    let mut applied = 0;
+    loop {
+        let mut tx = client.transaction()?;
+        // Per schema, so that tests (a schema each) do not wait on each other.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('nudge-migrate:' || current_schema()))",
+            &[],
+        )?;
+        tx.batch_execute(VERSION_TABLE)?;
+        let current = read_version(&mut tx)?;
+        if current > VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                supported: VERSION,
+            });
+        }
+        if current == VERSION {
+            tx.commit()?;
+            return Ok(applied);
+        }
+        tx.batch_execute(MIGRATIONS[current as usize])?;
+        tx.execute(
+            "INSERT INTO schema_version (version, binary_version) VALUES ($1, $2)",
+            &[&(current as i32 + 1), &env!("CARGO_PKG_VERSION")],
+        )?;
+        tx.commit()?;
+        applied += 1;
+    }
+}
+
+/// The schema's version (0 when nudge never wrote to it).
+pub fn version(client: &mut Client) -> Result<u32, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?
+        .get(0);
+    match exists {
+        true => read_version(client),
+        false => Ok(0),
+    }
+}
+
+fn read_version(client: &mut impl postgres::GenericClient) -> Result<u32, StoreError> {
+    let v: i32 = client
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
+        .get(0);
+    Ok(v as u32)
+}
+
+/// Version 1. Times are `timestamptz`, documents `jsonb`, statuses text
+/// with CHECK constraints (a new status is a constraint swapped in a
+/// migration, where an enum value could not be used in the transaction that
+/// adds it).
+pub(super) const V1_TABLES: &str = r#"
+CREATE TABLE customers (
+    id text PRIMARY KEY,
+    context jsonb NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE TABLE instances (
+    id text PRIMARY KEY,
+    customer text NOT NULL,
+    journey text NOT NULL,
+    key text NOT NULL,
+    status text NOT NULL CHECK (status IN ('open', 'completed', 'converted', 'cancelled')),
+    mode text NOT NULL CHECK (mode IN ('live', 'held_out', 'shadow')),
+    category text NOT NULL CHECK (category IN ('service', 'marketing')),
+    started_at timestamptz NOT NULL,
+    ended_at timestamptz,
+    rule_hash text NOT NULL,
+    trigger_event text NOT NULL,
+    vars jsonb NOT NULL,
+    decision_inputs jsonb NOT NULL
+);
+CREATE UNIQUE INDEX instances_one_open ON instances (customer, journey, key) WHERE status = 'open';
+CREATE INDEX instances_by_customer ON instances (customer, started_at);
+-- Retention finds ended journeys without walking the table.
+CREATE INDEX instances_ended ON instances (ended_at) WHERE status <> 'open';
+CREATE TABLE steps (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    instance_id text NOT NULL,
+    -- The instance's customer, here so that a claim can keep each
+    -- customer's steps on one replica at a time without a join.
+    customer text NOT NULL,
+    step text NOT NULL,
+    seq integer NOT NULL,
+    channel text NOT NULL CHECK (channel IN ('push', 'email', 'call_task')),
+    template text NOT NULL,
+    condition text,
+    planned_at timestamptz NOT NULL,
+    due_at timestamptz NOT NULL,
+    -- pending, claimed, or what settled it: an outcome, or cancelled.
+    status text NOT NULL CHECK (status IN ('pending', 'claimed', 'sent', 'failed', 'retrying',
+        'suppressed', 'deferred', 'cancelled', 'expired', 'held_out', 'shadow', 'converted')),
+    attempt integer NOT NULL DEFAULT 0,
+    lease_until timestamptz,
+    -- The replica holding the claim.
+    holder text,
+    UNIQUE (instance_id, step)
+);
+CREATE INDEX steps_pending ON steps (channel, due_at) WHERE status = 'pending';
+CREATE INDEX steps_claimed ON steps (channel, lease_until) WHERE status = 'claimed';
+-- A customer's lease ends when none of its steps is claimed any more.
+CREATE INDEX steps_claimed_by_customer ON steps (customer) WHERE status = 'claimed';
+-- Which replica may send to a customer now: the one holding a live lease
+-- here. Caps and arbitration read the customer's recent sends when its
+-- steps are claimed; only one replica at a time may act on what it read.
+CREATE TABLE customer_claims (
+    customer text PRIMARY KEY,
+    holder text NOT NULL,
+    lease_until timestamptz NOT NULL
+);
+CREATE TABLE dispatch_log (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time timestamptz NOT NULL,
+    customer text NOT NULL,
+    journey text NOT NULL,
+    instance text NOT NULL,
+    step text NOT NULL,
+    channel text NOT NULL,
+    template text NOT NULL,
+    outcome text NOT NULL CHECK (outcome IN ('sent', 'failed', 'retrying', 'suppressed',
+        'deferred', 'cancelled', 'expired', 'held_out', 'shadow', 'converted')),
+    reason text NOT NULL,
+    rule_hash text NOT NULL,
+    attempt integer NOT NULL,
+    latency_ms bigint,
+    event_id text
+);
+CREATE INDEX dispatch_log_sends ON dispatch_log (customer, time) WHERE outcome = 'sent';
+CREATE INDEX dispatch_log_instance ON dispatch_log (instance) WHERE outcome = 'sent';
+CREATE TABLE processed_events (
+    id text PRIMARY KEY,
+    at timestamptz NOT NULL
+);
+CREATE INDEX processed_events_at ON processed_events (at);
+CREATE TABLE kafka_offsets (
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    next_offset bigint NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE dead_letters (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    record_offset bigint NOT NULL,
+    key bytea,
+    payload bytea NOT NULL,
+    reason text NOT NULL,
+    journey text,
+    event_id text,
+    created_at timestamptz NOT NULL,
+    published_at timestamptz
+);
+CREATE INDEX dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
+CREATE INDEX dead_letters_published ON dead_letters (published_at) WHERE published_at IS NOT NULL;
+CREATE TABLE rule_versions (
+    version text PRIMARY KEY,
+    loaded_at timestamptz NOT NULL,
+    files jsonb NOT NULL
+);
+"#;

@@ -1,0 +1,156 @@
+use chrono::{TimeZone, Utc};
+
+use super::testing::{fresh_schema, replicas, temp_store};
+use super::*;
+use crate::store::conformance::{instance, steps, t0};
+
+crate::store_conformance!(temp_store(), replicas: replicas());
+
+#[test]
+fn a_new_schema_is_migrated_once_and_a_newer_one_refused() {
+    let (schema, options) = fresh_schema();
+    assert_eq!(
+        PostgresStore::migrate(&options).unwrap(),
+        (0, schema::VERSION)
+    );
+    assert_eq!(
+        PostgresStore::migrate(&options).unwrap(),
+        (schema::VERSION, schema::VERSION)
+    );
+    // Replicas starting at once: each migration runs once.
+    let (other, options2) = fresh_schema();
+    std::thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(|| drop(PostgresStore::open(&options2).unwrap()));
+        }
+    });
+    let store = PostgresStore::open(&options2).unwrap();
+    let applied: i64 = store
+        .conn()
+        .unwrap()
+        .client
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, i64::from(schema::VERSION));
+    store
+        .conn()
+        .unwrap()
+        .client
+        .execute(
+            "INSERT INTO schema_version (version, binary_version) VALUES ($1, 'future')",
+            &[&(schema::VERSION as i32 + 1)],
+        )
+        .unwrap();
+    let err = PostgresStore::open(&options2).err().expect("refused");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found, supported } if found == schema::VERSION + 1 && supported == schema::VERSION),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer than this binary"), "{err}");
+    assert!(!err.is_transient());
+    drop(store);
+    for s in [schema, other] {
+        drop_schema(&s);
+    }
+}
+
+fn drop_schema(schema: &str) {
+    let (config, _) = parse_url(&super::testing::base_url()).unwrap();
+    let mut client = config.connect(postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+}
+
+#[test]
+fn a_rule_version_keeps_when_it_was_first_loaded() {
+    let store = temp_store();
+    let first = Utc.timestamp_millis_opt(1_000).unwrap();
+    let files = serde_json::json!({"rules/a.rhai": "h1"});
+    store.record_rules("v1", &files, first).unwrap();
+    store
+        .record_rules("v1", &files, first + chrono::Duration::days(3))
+        .unwrap();
+    let row = store
+        .conn()
+        .unwrap()
+        .client
+        .query_one(
+            "SELECT loaded_at, files->>'rules/a.rhai' FROM rule_versions WHERE version = 'v1'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, DateTime<Utc>>(0), first);
+    assert_eq!(row.get::<_, String>(1), "h1");
+}
+
+/// A unique key another writer took first is transient (the batch is
+/// retried and then finds the work done); a failed statement loses the
+/// whole transaction, and `commit` says so instead of committing half.
+#[test]
+fn errors_are_classified_and_a_failed_transaction_commits_nothing() {
+    let store = temp_store();
+    let mut tx = store.begin().unwrap();
+    tx.start_instance(&instance("i1", "c1", "a1"), &steps())
+        .unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.mark_processed("e9", t0()).unwrap();
+    let err = tx
+        .start_instance(&instance("i1", "c1", "a1"), &steps())
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(matches!(tx.commit(), Err(StoreError::Aborted)));
+    let mut tx = store.begin().unwrap();
+    assert!(!tx.already_processed("e9").unwrap(), "nothing committed");
+    drop(tx);
+    // A statement the server refuses as such will fail again.
+    let err: StoreError = store
+        .conn()
+        .unwrap()
+        .client
+        .batch_execute("SELEC 1")
+        .unwrap_err()
+        .into();
+    assert!(!err.is_transient(), "{err}");
+    // No server at all: transient.
+    let (mut config, _) = parse_url("postgres://postgres@127.0.0.1:1/test").unwrap();
+    config.connect_timeout(std::time::Duration::from_secs(1));
+    let err: StoreError = config
+        .connect(postgres::NoTls)
+        .err()
+        .expect("nothing listens on port 1")
+        .into();
+    assert!(err.is_transient(), "{err}");
+}
+
+/// A claim's statements find their rows through indexes.
+#[test]
+fn claims_and_settles_use_indexes() {
+    let store = temp_store();
+    let mut conn = store.conn().unwrap();
+    conn.client
+        .batch_execute("SET enable_seqscan = off")
+        .unwrap();
+    for (sql, params) in [
+        (REQUEUE_EXPIRED, "('push', now())"),
+        (CLAIM, "('push', now(), 10, 'me', now())"),
+        (RELEASE_CUSTOMERS, "(ARRAY['c1'], 'me')"),
+        (NEXT_DUE, "('push', 'me')"),
+    ] {
+        conn.client
+            .batch_execute(&format!("PREPARE q AS {sql}"))
+            .unwrap();
+        let plan: String = conn
+            .client
+            .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n");
+        conn.client.batch_execute("DEALLOCATE q").unwrap();
+        assert!(!plan.contains("Seq Scan on steps"), "{sql}\n{plan}");
+    }
+}

@@ -1,0 +1,207 @@
+//! Several `nudge run` replicas in one consumer group over one PostgreSQL:
+//! Kafka partitions spread the deciding, `FOR UPDATE SKIP LOCKED` claims
+//! spread the sending. One replica is SIGKILLed and another restarted while
+//! they work; every step must still go out once (counted by idempotency key
+//! at the endpoint), no event may be lost, and the per-customer frequency cap
+//! must hold across replicas.
+
+mod harness;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use harness::*;
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn pg_base() -> String {
+    std::env::var("NUDGE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn pg_admin() -> postgres::Client {
+    postgres::Client::connect(&pg_base(), postgres::NoTls)
+        .unwrap_or_else(|e| panic!("these tests need PostgreSQL at {}: {e}", pg_base()))
+}
+
+/// A schema of its own in the test database, dropped at the end.
+struct Schema {
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    fn new() -> Self {
+        let name = unique("nudge_replicas").replace('-', "_");
+        pg_admin()
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .unwrap();
+        let url = format!("{}?options=-csearch_path%3D{name}", pg_base());
+        Self { name, url }
+    }
+
+    fn client(&self) -> postgres::Client {
+        let mut c = pg_admin();
+        c.batch_execute(&format!("SET search_path TO {}", self.name))
+            .unwrap();
+        c
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = pg_admin().batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+    }
+}
+
+/// Customers whose context is set, a fifth of them with both a loan to sign
+/// and a fee that went up (two pushes due at once, one allowed by the cap),
+/// and untriggered noise up to `total`. Returns the records and the
+/// customers who must get exactly one push.
+fn workload(total: usize, customers: usize) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let mut records = Vec::with_capacity(total);
+    let mut doubled = Vec::new();
+    for c in 0..customers {
+        let cust = format!("c{c}");
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &cust,
+            json!({"app_installed": true, "email": "x@example.com"}),
+        ));
+        if c % 5 == 0 {
+            doubled.push(cust.clone());
+            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+                json!({"application_id": format!("A{c}"), "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+            records.push(event(&format!("fee-{c}"), "recurring_payment.amount_changed", &cust,
+                json!({"payment_id": format!("P{c}"), "merchant": "Gym", "previous_amount": 50, "new_amount": 55})));
+        }
+    }
+    let mut i = 0;
+    while records.len() < total {
+        let cust = format!("c{}", i % customers);
+        records.push(event(
+            &format!("card-{i}"),
+            "card.transaction",
+            &cust,
+            json!({"amount": i}),
+        ));
+        i += 1;
+    }
+    (records, doubled)
+}
+
+#[test]
+fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_cap() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    // One message a day per customer: of a loan push and a fee alert due
+    // together, one goes and the other is suppressed, whichever replica sends.
+    cfg.policy = "max_per_customer = 1\ncap_window = \"1d\"".into();
+    create_topic(&rt, &cfg.topic, 6);
+    let (records, doubled) = workload(30_000, 7_500);
+
+    let a = Daemon::start(&cfg, "a");
+    let b = Daemon::start(&cfg, "b");
+    let c = Daemon::start(&cfg, "c");
+    for d in [&a, &b, &c] {
+        d.wait_ready(LONG);
+    }
+    produce(&cfg.topic, &records);
+    a.wait_until(LONG, "a third of the pushes", || {
+        recv.by_key().len() >= doubled.len() / 3
+    });
+    a.kill();
+    b.wait_until(LONG, "two thirds of the pushes", || {
+        recv.by_key().len() >= doubled.len() * 2 / 3
+    });
+    b.terminate();
+    let b2 = Daemon::start(&cfg, "b2");
+    b2.wait_until(LONG * 2, "one push per doubled customer", || {
+        recv.by_key().len() >= doubled.len()
+    });
+    // Every offset is stored once every record is decided.
+    let mut db = schema.client();
+    c.wait_until(LONG, "every offset stored", || {
+        let row = db
+            .query_one(
+                "SELECT COALESCE(SUM(next_offset), 0)::BIGINT FROM kafka_offsets WHERE topic = $1",
+                &[&cfg.topic],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) == records.len() as i64
+    });
+    c.wait_until(LONG, "no step left claimed", || {
+        let row = db
+            .query_one("SELECT COUNT(*) FROM steps WHERE status = 'claimed'", &[])
+            .unwrap();
+        row.get::<_, i64>(0) == 0
+    });
+    let logs = format!("{}\n{}", c.log_tail(), b2.log_tail());
+    c.terminate();
+    b2.terminate();
+
+    // At the endpoint: one distinct step per doubled customer (repeats of a
+    // key after the kill are the receiver's to drop), never two.
+    let mut keys_by_customer: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in recv.requests() {
+        let customer = r.body["customer"].as_str().unwrap().to_string();
+        keys_by_customer
+            .entry(customer)
+            .or_default()
+            .insert(r.key.clone());
+    }
+    let over_cap: Vec<_> = keys_by_customer
+        .iter()
+        .filter(|(_, keys)| keys.len() > 1)
+        .collect();
+    assert!(
+        over_cap.is_empty(),
+        "cap exceeded across replicas: {over_cap:?}\n{logs}"
+    );
+    let served: HashSet<&String> = keys_by_customer.keys().collect();
+    let missing: Vec<_> = doubled.iter().filter(|c| !served.contains(c)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} customers got nothing: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(keys_by_customer.len(), doubled.len());
+
+    // In the dispatch log: per doubled customer one `sent` and the other
+    // step suppressed by the cap, each decided once.
+    let rows = db
+        .query(
+            "SELECT customer, outcome, COUNT(*) FROM dispatch_log
+             WHERE outcome IN ('sent', 'suppressed') GROUP BY customer, outcome",
+            &[],
+        )
+        .unwrap();
+    let mut outcomes: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for r in rows {
+        outcomes
+            .entry(r.get(0))
+            .or_default()
+            .insert(r.get(1), r.get(2));
+    }
+    for customer in &doubled {
+        let o = &outcomes[customer];
+        assert_eq!(
+            (o.get("sent"), o.get("suppressed")),
+            (Some(&1), Some(&1)),
+            "{customer}: {o:?}"
+        );
+    }
+    // No event lost: every loan's email and call are planned.
+    let pending: i64 = db
+        .query_one("SELECT COUNT(*) FROM steps WHERE status = 'pending'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 2 * doubled.len() as i64, "{logs}");
+}
