@@ -127,6 +127,16 @@ mod tests {
             error,
         }
         .emit();
+        StepResultsUnstored {
+            channel: "push",
+            error,
+        }
+        .emit();
+        LeaseRenewalFailed {
+            channel: "push",
+            error,
+        }
+        .emit();
         NextDueUnreadable {
             channel: "push",
             error,
