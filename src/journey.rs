@@ -84,6 +84,27 @@ pub struct BatchOutcome {
     pub evaluations: Vec<(String, bool)>,
 }
 
+impl BatchOutcome {
+    /// Adds the outcome of a part of the batch whose events started at `first`.
+    pub fn absorb(&mut self, part: BatchOutcome, first: usize) {
+        self.records.extend(part.records);
+        self.failures.extend(part.failures.into_iter().map(|mut f| {
+            f.index += first;
+            f
+        }));
+        self.started.extend(part.started);
+        self.ended.extend(part.ended);
+        self.ignored += part.ignored;
+        self.duplicates += part.duplicates;
+        self.context_updates += part.context_updates;
+        self.earliest_due = match (self.earliest_due, part.earliest_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.evaluations.extend(part.evaluations);
+    }
+}
+
 pub struct Pipeline {
     store: Arc<dyn Store>,
     rules: RulesHandle,

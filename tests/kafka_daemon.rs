@@ -8,9 +8,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use harness::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -240,45 +237,6 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         "batch latency is a histogram with buckets: {metrics}"
     );
     daemon.terminate();
-}
-
-struct Letter {
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: HashMap<String, String>,
-}
-
-fn read_topic(topic: &str, want: usize) -> Vec<Letter> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    wait_for(LONG, "dead letters", || {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let mut headers = HashMap::new();
-            if let Some(h) = m.headers() {
-                for i in 0..h.count() {
-                    let hd = h.get(i);
-                    headers.insert(
-                        hd.key.to_string(),
-                        String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string(),
-                    );
-                }
-            }
-            out.push(Letter {
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().unwrap_or_default().to_vec(),
-                headers,
-            });
-        }
-        out.len() >= want
-    });
-    out
 }
 
 /// `n` customers: each gets a contact update; every fifth completes a loan;

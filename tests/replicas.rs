@@ -3,7 +3,8 @@
 //! spread the sending. One replica is SIGKILLed and another restarted while
 //! they work; every step must still go out once (counted by idempotency key
 //! at the endpoint), no event may be lost, and the per-customer frequency cap
-//! must hold across replicas.
+//! must hold across replicas. And a record the database refuses for good
+//! is dead-lettered without stalling the others.
 
 mod harness;
 
@@ -204,4 +205,62 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
         .unwrap()
         .get(0);
     assert_eq!(pending, 2 * doubled.len() as i64, "{logs}");
+}
+
+/// PostgreSQL cannot store a NUL character in `jsonb`: a loan whose product
+/// name holds one is refused for good, whatever is retried. Its batch is
+/// stored record by record; that record goes to the dead-letter topic with
+/// the database's reason, and every other record of the batch goes on.
+#[test]
+fn a_record_the_database_refuses_for_good_is_dead_lettered_and_the_rest_go_on() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    create_topic(&rt, &cfg.topic, 1);
+    create_topic(&rt, &cfg.dlq, 1);
+    let mut records = Vec::new();
+    for c in 0..20 {
+        let cust = format!("c{c}");
+        let product = if c == 7 { "Car\u{0}loan" } else { "Car loan" };
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &cust,
+            json!({"app_installed": true}),
+        ));
+        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+            json!({"application_id": format!("A{c}"), "product": product, "amount": 1000, "signed": false, "resume_url": "u"})));
+    }
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    produce(&cfg.topic, &records);
+    daemon.wait_until(LONG, "the other 19 pushes", || recv.by_key().len() == 19);
+    let letters = read_topic(&cfg.dlq, 1);
+    let letter = &letters[0];
+    assert_eq!(letter.headers["nudge.event_id"], "loan-7");
+    assert!(
+        letter.headers["nudge.reason"].contains("the store refused this record"),
+        "{:?}",
+        letter.headers
+    );
+    assert_eq!(letter.key.as_deref(), Some(&b"c7"[..]));
+    let mut db = schema.client();
+    daemon.wait_until(LONG, "every offset stored", || {
+        db.query_one(
+            "SELECT COALESCE(SUM(next_offset), 0)::BIGINT FROM kafka_offsets WHERE topic = $1",
+            &[&cfg.topic],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == records.len() as i64
+    });
+    assert!(daemon.readyz().is_some_and(|r| r.ready()), "ready again");
+    assert!(
+        !recv.requests().iter().any(|r| r.body["customer"] == "c7"),
+        "nothing sent for the refused loan"
+    );
+    daemon.terminate();
 }

@@ -22,9 +22,10 @@ use crate::journey::{BatchOutcome, Origin, Pipeline, SourceOffset};
 use crate::rules::RuleSet;
 use crate::store::{DeadLetter, Store, StoreError};
 use crate::telemetry::events::{
-    BatchPanicked, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered, EventsConsumed,
-    FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
-    OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoredOffsetsUnreadable,
+    BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
+    EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
+    OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoreRefusedRecord,
+    StoredOffsetsUnreadable,
 };
 
 type Partition = (String, i32);
@@ -518,8 +519,12 @@ impl KafkaIngest {
         );
     }
 
-    /// The store is the source of truth: a batch that cannot be stored is
-    /// retried, never skipped. Gives up only on shutdown (nothing committed).
+    /// The store is the source of truth: a batch that cannot be stored for
+    /// now (a transient error: the database busy or away) is retried with
+    /// backoff while `/readyz` says why, never skipped. A batch the store
+    /// refuses for good is stored record by record instead, so that the one
+    /// record that causes it is dead-lettered with the reason and the rest
+    /// go on ([`Self::isolate`]). Gives up only on shutdown (nothing committed).
     async fn store_with_retry(
         &self,
         events: Vec<Arc<Event>>,
@@ -529,34 +534,57 @@ impl KafkaIngest {
         shutdown: &watch::Receiver<bool>,
     ) -> Option<BatchOutcome> {
         let started = std::time::Instant::now();
-        let args = Arc::new((events, origins, rejects, offsets));
+        let batch = Arc::new((events, origins, rejects, offsets));
+        let outcome = match self.store_part(batch.clone(), shutdown).await? {
+            Ok(outcome) => outcome,
+            Err(refusal) => self.isolate(&batch, refusal, shutdown).await?,
+        };
+        // Decide + store time of a batch: with the broker's own latency,
+        // what an event waits before it is durable.
+        BatchStored {
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        Some(outcome)
+    }
+
+    /// Stores one part of a batch (events, their origins, rejects, offsets),
+    /// retrying transient failures. `Some(Err(reason))` when the store
+    /// refuses it for good; `None` on shutdown.
+    async fn store_part(
+        &self,
+        part: Arc<(
+            Vec<Arc<Event>>,
+            Vec<Origin>,
+            Vec<DeadLetter>,
+            Vec<SourceOffset>,
+        )>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Option<Result<BatchOutcome, String>> {
         let mut wait = Duration::from_millis(100);
         loop {
             let pipeline = self.pipeline.clone();
-            let a = args.clone();
+            let p = part.clone();
             let result =
-                tokio::task::spawn_blocking(move || pipeline.process_with(&a.0, &a.1, &a.2, &a.3))
+                tokio::task::spawn_blocking(move || pipeline.process_with(&p.0, &p.1, &p.2, &p.3))
                     .await;
             match result {
                 Ok(Ok(outcome)) => {
-                    // Decide + store time of a batch: with the broker's own
-                    // latency, what an event waits before it is durable.
-                    BatchStored {
-                        elapsed: started.elapsed(),
-                    }
-                    .emit();
                     self.readiness.set_store_problem(None);
-                    return Some(outcome);
+                    return Some(Ok(outcome));
                 }
-                Ok(Err(e)) => {
+                Ok(Err(e)) if e.is_transient() => {
                     BatchStoreFailed { error: &e }.emit();
                     self.readiness
                         .set_store_problem(Some(format!("storing a batch failed: {e}")));
                 }
+                Ok(Err(e)) => {
+                    BatchStoreFailed { error: &e }.emit();
+                    return Some(Err(e.to_string()));
+                }
                 Err(e) => {
                     BatchPanicked { error: &e }.emit();
-                    self.readiness
-                        .set_store_problem(Some(format!("storing a batch panicked: {e}")));
+                    return Some(Err(format!("processing panicked: {e}")));
                 }
             }
             if *shutdown.borrow() {
@@ -564,6 +592,71 @@ impl KafkaIngest {
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// A batch the store refused for good (`refusal`): each event is stored
+    /// in a transaction of its own; one that is refused again is
+    /// dead-lettered with the store's reason instead of stalling its
+    /// partition forever. The dead letters and the batch's offsets then
+    /// commit together. A crash half-way is safe: the offsets have not
+    /// moved, and events already stored are skipped by their id.
+    async fn isolate(
+        &self,
+        batch: &Arc<(
+            Vec<Arc<Event>>,
+            Vec<Origin>,
+            Vec<DeadLetter>,
+            Vec<SourceOffset>,
+        )>,
+        refusal: String,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Option<BatchOutcome> {
+        let (events, origins, rejects, offsets) = &**batch;
+        BatchRefused {
+            events: events.len(),
+            reason: &refusal,
+        }
+        .emit();
+        let mut outcome = BatchOutcome::default();
+        let mut letters = rejects.clone();
+        for (i, event) in events.iter().enumerate() {
+            let origin: Vec<Origin> = origins.get(i).cloned().into_iter().collect();
+            let one = Arc::new((vec![event.clone()], origin.clone(), Vec::new(), Vec::new()));
+            match self.store_part(one, shutdown).await? {
+                Ok(part) => outcome.absorb(part, i),
+                Err(reason) => {
+                    let reason = format!("the store refused this record: {reason}");
+                    StoreRefusedRecord {
+                        event_id: &event.id,
+                        reason: &reason,
+                    }
+                    .emit();
+                    if let Some(origin) = origin.first() {
+                        letters.push(origin.dead_letter(reason, None, Some(event.id.clone())));
+                    }
+                }
+            }
+        }
+        let rest = Arc::new((Vec::new(), Vec::new(), letters, offsets.clone()));
+        loop {
+            match self.store_part(rest.clone(), shutdown).await? {
+                Ok(part) => {
+                    outcome.absorb(part, events.len());
+                    return Some(outcome);
+                }
+                // Only dead letters and offsets: a store that refuses those is
+                // broken, not the data. Keep trying, and say so.
+                Err(reason) => {
+                    self.readiness.set_store_problem(Some(format!(
+                        "storing offsets and dead letters failed: {reason}"
+                    )));
+                    if *shutdown.borrow() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
         }
     }
 

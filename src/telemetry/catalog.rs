@@ -85,7 +85,7 @@ pub const DEAD_LETTERS: Metric = Metric {
     name: "nudge_dead_letters_total",
     kind: Kind::Counter,
     labels: &["kind"],
-    help: "records put in the dead-letter outbox: invalid (not a valid CloudEvent), rule (a journey failed on it), context (a customer context update failed)",
+    help: "records put in the dead-letter outbox: invalid (not a valid CloudEvent), rule (a journey failed on it), context (a customer context update failed), store (the store refused it for good)",
 };
 pub const KAFKA_ERRORS: Metric = Metric {
     name: "nudge_kafka_errors_total",

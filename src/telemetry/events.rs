@@ -194,6 +194,32 @@ impl BatchStoreFailed<'_> {
     }
 }
 
+/// Counted by the [`BatchStoreFailed`] before it; says what happens next.
+pub struct BatchRefused<'a> {
+    pub events: usize,
+    pub reason: &'a str,
+}
+
+impl BatchRefused<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, events = self.events, reason = %self.reason, "the store refused a batch for good; storing its events one by one");
+    }
+}
+
+/// A record stored alone after its batch was refused, and refused again:
+/// it goes to the dead-letter topic (counted there) with this reason.
+pub struct StoreRefusedRecord<'a> {
+    pub event_id: &'a str,
+    pub reason: &'a str,
+}
+
+impl StoreRefusedRecord<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: INGEST, event_id = %self.event_id, reason = %self.reason, "the store refused a record; dead-lettering it");
+        metrics::counter!(DEAD_LETTERS.name, "kind" => "store").increment(1);
+    }
+}
+
 pub struct BatchPanicked<'a> {
     pub error: &'a dyn Display,
 }

@@ -127,6 +127,11 @@ mod tests {
             error,
         }
         .emit();
+        StoreRefusedRecord {
+            event_id: "e1",
+            reason: "refused",
+        }
+        .emit();
         StepResultsUnstored {
             channel: "push",
             error,

@@ -804,3 +804,48 @@ pub fn sent_steps(path: &Path) -> Vec<(String, String)> {
     }
     out
 }
+
+// ---------------------------------------------------------------- reading topics
+
+/// One record read back from a topic (e.g. a dead letter).
+pub struct Letter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topic` from the start until `want` records arrived (fails after 90 s).
+pub fn read_topic(topic: &str, want: usize) -> Vec<Letter> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    wait_for(Duration::from_secs(90), "records on the topic", || {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for i in 0..h.count() {
+                    let hd = h.get(i);
+                    headers.insert(
+                        hd.key.to_string(),
+                        String::from_utf8_lossy(hd.value.unwrap_or_default()).to_string(),
+                    );
+                }
+            }
+            out.push(Letter {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+        out.len() >= want
+    });
+    out
+}
