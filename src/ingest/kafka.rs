@@ -30,6 +30,15 @@ use crate::telemetry::events::{
 
 type Partition = (String, i32);
 
+/// Records to store in one transaction: events (with where each came from,
+/// to dead-letter it), records that were not events, and the offsets after them.
+struct BatchPart {
+    events: Vec<Arc<Event>>,
+    origins: Vec<Origin>,
+    rejects: Vec<DeadLetter>,
+    offsets: Vec<SourceOffset>,
+}
+
 /// Called after each committed batch with whether it produced dead letters.
 pub type AfterBatch = Box<dyn Fn(&BatchOutcome, bool) + Send + Sync>;
 
@@ -534,7 +543,12 @@ impl KafkaIngest {
         shutdown: &watch::Receiver<bool>,
     ) -> Option<BatchOutcome> {
         let started = std::time::Instant::now();
-        let batch = Arc::new((events, origins, rejects, offsets));
+        let batch = Arc::new(BatchPart {
+            events,
+            origins,
+            rejects,
+            offsets,
+        });
         let outcome = match self.store_part(batch.clone(), shutdown).await? {
             Ok(outcome) => outcome,
             Err(refusal) => self.isolate(&batch, refusal, shutdown).await?,
@@ -553,21 +567,17 @@ impl KafkaIngest {
     /// refuses it for good; `None` on shutdown.
     async fn store_part(
         &self,
-        part: Arc<(
-            Vec<Arc<Event>>,
-            Vec<Origin>,
-            Vec<DeadLetter>,
-            Vec<SourceOffset>,
-        )>,
+        part: Arc<BatchPart>,
         shutdown: &watch::Receiver<bool>,
     ) -> Option<Result<BatchOutcome, String>> {
         let mut wait = Duration::from_millis(100);
         loop {
             let pipeline = self.pipeline.clone();
             let p = part.clone();
-            let result =
-                tokio::task::spawn_blocking(move || pipeline.process_with(&p.0, &p.1, &p.2, &p.3))
-                    .await;
+            let result = tokio::task::spawn_blocking(move || {
+                pipeline.process_with(&p.events, &p.origins, &p.rejects, &p.offsets)
+            })
+            .await;
             match result {
                 Ok(Ok(outcome)) => {
                     self.readiness.set_store_problem(None);
@@ -603,16 +613,16 @@ impl KafkaIngest {
     /// moved, and events already stored are skipped by their id.
     async fn isolate(
         &self,
-        batch: &Arc<(
-            Vec<Arc<Event>>,
-            Vec<Origin>,
-            Vec<DeadLetter>,
-            Vec<SourceOffset>,
-        )>,
+        batch: &Arc<BatchPart>,
         refusal: String,
         shutdown: &watch::Receiver<bool>,
     ) -> Option<BatchOutcome> {
-        let (events, origins, rejects, offsets) = &**batch;
+        let BatchPart {
+            events,
+            origins,
+            rejects,
+            offsets,
+        } = &**batch;
         BatchRefused {
             events: events.len(),
             reason: &refusal,
@@ -622,7 +632,12 @@ impl KafkaIngest {
         let mut letters = rejects.clone();
         for (i, event) in events.iter().enumerate() {
             let origin: Vec<Origin> = origins.get(i).cloned().into_iter().collect();
-            let one = Arc::new((vec![event.clone()], origin.clone(), Vec::new(), Vec::new()));
+            let one = Arc::new(BatchPart {
+                events: vec![event.clone()],
+                origins: origin.clone(),
+                rejects: Vec::new(),
+                offsets: Vec::new(),
+            });
             match self.store_part(one, shutdown).await? {
                 Ok(part) => outcome.absorb(part, i),
                 Err(reason) => {
@@ -638,7 +653,12 @@ impl KafkaIngest {
                 }
             }
         }
-        let rest = Arc::new((Vec::new(), Vec::new(), letters, offsets.clone()));
+        let rest = Arc::new(BatchPart {
+            events: Vec::new(),
+            origins: Vec::new(),
+            rejects: letters,
+            offsets: offsets.clone(),
+        });
         loop {
             match self.store_part(rest.clone(), shutdown).await? {
                 Ok(part) => {
