@@ -214,15 +214,19 @@ impl Scheduler {
                     }
                 }
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
-                let settled: Vec<i64> = results.iter().filter_map(|r| r.claimed_row).collect();
-                let written = self.finish_with_retry(channel, results, stop).await?;
+                let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                for row in settled {
+                for row in results.iter().filter_map(|r| r.claimed_row) {
                     rows.remove(&row);
                 }
                 drop(rows);
                 if keep {
-                    records.extend(written);
+                    records.extend(
+                        results
+                            .into_iter()
+                            .zip(seqs)
+                            .map(|(r, seq)| LogRecord { seq, ..r.record }),
+                    );
                 }
             }
             Ok::<_, StoreError>(records)
@@ -335,11 +339,21 @@ impl Scheduler {
         channel: ChannelKind,
         results: Vec<StepResult>,
         stop: Option<&watch::Receiver<bool>>,
-    ) -> Result<Vec<LogRecord>, StoreError> {
+    ) -> Result<(Vec<StepResult>, Vec<i64>), StoreError> {
         let mut wait = Duration::from_millis(100);
+        let mut results = results;
         loop {
-            let attempt = results.clone();
-            match self.store.call(move |s| s.finish_steps(attempt)).await {
+            // The results travel to the blocking pool and back: a retry needs no copy.
+            let (back, settled) = self
+                .store
+                .call(move |s| {
+                    let settled = s.settle_steps(&results);
+                    Ok((results, settled))
+                })
+                .await?;
+            results = back;
+            match settled {
+                Ok(seqs) => return Ok((results, seqs)),
                 Err(e) if e.is_transient() && !stop.is_some_and(|s| *s.borrow()) => {
                     StepResultsUnstored {
                         channel: channel.as_str(),
@@ -349,7 +363,7 @@ impl Scheduler {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }

@@ -245,13 +245,30 @@ pub trait Store: Send + Sync {
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<DueStep>, StoreError>;
 
-    /// Settles (or reschedules) a claimed step and appends its log record, atomically.
-    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError>;
+    /// Settles (or reschedules) claimed steps and appends their log
+    /// records, in one transaction (all of them or none); returns the
+    /// records' positions in the log, in order. By reference, so that a
+    /// caller meeting a transient error tries the same results again
+    /// without copying them first.
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError>;
 
-    /// [`finish_step`](Self::finish_step) for several steps, in one
-    /// transaction where the store can (all of them or none); records in order.
+    /// [`settle_steps`](Self::settle_steps), returning the records as written.
     fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
-        results.iter().map(|r| self.finish_step(r)).collect()
+        let seqs = self.settle_steps(&results)?;
+        Ok(results
+            .into_iter()
+            .zip(seqs)
+            .map(|(r, seq)| LogRecord { seq, ..r.record })
+            .collect())
+    }
+
+    /// [`finish_steps`](Self::finish_steps) for one step.
+    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
+        let seq = self.settle_steps(std::slice::from_ref(result))?;
+        Ok(LogRecord {
+            seq: seq[0],
+            ..result.record.clone()
+        })
     }
 
     /// Extends the leases of claimed steps ([`DueStep::row`]) that this

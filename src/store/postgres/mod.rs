@@ -222,11 +222,7 @@ fn due_step(channel: ChannelKind, r: &postgres::Row) -> Result<DueStep, StoreErr
 }
 
 /// `finish_steps`' writes, in the transaction `c` is in.
-fn finish(
-    c: &mut PgConn,
-    holder: &str,
-    results: Vec<StepResult>,
-) -> Result<Vec<LogRecord>, StoreError> {
+fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
     // A step named twice (it cannot be, short of a bug) ends as the last says.
     let mut last = std::collections::HashMap::with_capacity(results.len());
     for (i, r) in results.iter().enumerate() {
@@ -300,11 +296,7 @@ fn finish(
     customers.sort_unstable();
     customers.dedup();
     c.execute(RELEASE_CUSTOMERS, &[&customers, &holder])?;
-    Ok(results
-        .into_iter()
-        .zip(seqs)
-        .map(|(r, seq)| LogRecord { seq, ..r.record })
-        .collect())
+    Ok(seqs)
 }
 
 impl Store for PostgresStore {
@@ -331,12 +323,7 @@ impl Store for PostgresStore {
         rows.iter().map(|r| due_step(channel, r)).collect()
     }
 
-    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
-        let mut written = self.finish_steps(vec![result.clone()])?;
-        Ok(written.pop().expect("one record per result"))
-    }
-
-    fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
         if results.is_empty() {
             return Ok(Vec::new());
         }

@@ -325,12 +325,7 @@ impl Store for SqliteStore {
         Ok(due)
     }
 
-    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
-        let mut written = self.finish_steps(vec![result.clone()])?;
-        Ok(written.pop().expect("one record per result"))
-    }
-
-    fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(results.len());
@@ -371,9 +366,7 @@ impl Store for SqliteStore {
                     }
                 }
                 insert_log_with(&mut log, r)?;
-                let mut written = result.record;
-                written.seq = tx.last_insert_rowid();
-                out.push(written);
+                out.push(tx.last_insert_rowid());
             }
         }
         tx.commit()?;
