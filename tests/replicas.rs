@@ -16,46 +16,6 @@ use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn pg_base() -> String {
-    std::env::var("NUDGE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn pg_admin() -> postgres::Client {
-    postgres::Client::connect(&pg_base(), postgres::NoTls)
-        .unwrap_or_else(|e| panic!("these tests need PostgreSQL at {}: {e}", pg_base()))
-}
-
-/// A schema of its own in the test database, dropped at the end.
-struct Schema {
-    name: String,
-    url: String,
-}
-
-impl Schema {
-    fn new() -> Self {
-        let name = unique("nudge_replicas").replace('-', "_");
-        pg_admin()
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .unwrap();
-        let url = format!("{}?options=-csearch_path%3D{name}", pg_base());
-        Self { name, url }
-    }
-
-    fn client(&self) -> postgres::Client {
-        let mut c = pg_admin();
-        c.batch_execute(&format!("SET search_path TO {}", self.name))
-            .unwrap();
-        c
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = pg_admin().batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
-
 /// Customers whose context is set, a fifth of them with both a loan to sign
 /// and a fee that went up (two pushes due at once, one allowed by the cap),
 /// and untriggered noise up to `total`. Returns the records and the

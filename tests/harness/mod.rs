@@ -849,3 +849,49 @@ pub fn read_topic(topic: &str, want: usize) -> Vec<Letter> {
     });
     out
 }
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// The test database (`NUDGE_TEST_POSTGRES_URL`, by default `test` on
+/// 127.0.0.1:5432 as `postgres`, trust auth).
+pub fn pg_base() -> String {
+    std::env::var("NUDGE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn pg_admin() -> postgres::Client {
+    postgres::Client::connect(&pg_base(), postgres::NoTls)
+        .unwrap_or_else(|e| panic!("these tests need PostgreSQL at {}: {e}", pg_base()))
+}
+
+/// A schema of its own in the test database, dropped at the end.
+pub struct Schema {
+    pub name: String,
+    /// `store.url` of a store on this schema.
+    pub url: String,
+}
+
+impl Schema {
+    pub fn new() -> Self {
+        let name = unique("nudge_daemon").replace('-', "_");
+        pg_admin()
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .unwrap();
+        let url = format!("{}?options=-csearch_path%3D{name}", pg_base());
+        Self { name, url }
+    }
+
+    /// A client whose `search_path` is the schema.
+    pub fn client(&self) -> postgres::Client {
+        let mut c = pg_admin();
+        c.batch_execute(&format!("SET search_path TO {}", self.name))
+            .unwrap();
+        c
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = pg_admin().batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+    }
+}
