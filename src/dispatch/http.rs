@@ -75,11 +75,28 @@ impl Channel for HttpChannel {
             if status.is_server_error() || code == 408 || code == 429 {
                 return Err(DispatchError::Unavailable { status: code });
             }
-            let mut body = response.text().await.unwrap_or_default();
-            body.truncate(200);
-            Err(DispatchError::Rejected { status: code, body })
+            let body = response.text().await.unwrap_or_default();
+            Err(DispatchError::Rejected {
+                status: code,
+                body: excerpt(&body),
+            })
         })
     }
+}
+
+/// The start of a refusal's body, for the dispatch log's reason: at most 200
+/// bytes, cut on a character boundary, control characters (a NUL, which
+/// PostgreSQL cannot store in text, or line breaks) as spaces. The body is
+/// the endpoint's to choose; a log record must never fail because of it.
+fn excerpt(body: &str) -> String {
+    let mut out = String::with_capacity(body.len().min(200));
+    for c in body.chars() {
+        if out.len() + c.len_utf8() > 200 {
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -90,6 +107,17 @@ mod tests {
 
     use super::*;
     use crate::dispatch::conformance::{delivers, sample_message};
+
+    #[test]
+    fn a_refusal_body_is_cut_on_a_character_boundary_without_control_characters() {
+        // The two bytes of `é` straddle byte 200: `String::truncate(200)` panics there.
+        let body = format!("{}\u{0}é{}", "x".repeat(198), "y".repeat(50));
+        let e = excerpt(&body);
+        assert_eq!(e, format!("{} ", "x".repeat(198)));
+        assert_eq!(excerpt(&format!("{}é", "x".repeat(197))).len(), 199);
+        assert_eq!(excerpt("bad\r\nrequest"), "bad  request");
+        assert_eq!(excerpt(""), "");
+    }
 
     /// A real endpoint on 127.0.0.1 answering `status`, recording what it got.
     async fn endpoint(status: StatusCode) -> (String, Arc<Mutex<Vec<(HeaderMap, Message)>>>) {
