@@ -65,7 +65,15 @@ impl DeadLetterPublisher {
 
     /// Publishes what the outbox holds; returns how many were published.
     pub async fn publish_pending(&self) -> usize {
-        let pending = match self.store.call(|s| s.unpublished_dead_letters(500)).await {
+        let now = self.clock.now();
+        // Another replica on the same store takes a letter this one failed to
+        // publish once the claim runs out.
+        let until = now + chrono::Duration::seconds(60);
+        let pending = match self
+            .store
+            .call(move |s| s.claim_dead_letters(500, now, until))
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 DeadLetterOutboxUnreadable { error: &e }.emit();

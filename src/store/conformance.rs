@@ -265,10 +265,21 @@ pub fn dead_letters_wait_in_the_outbox_until_published(store: &dyn Store) {
     let pending = store.unpublished_dead_letters(10).unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].1, letter);
+    let claimed = store
+        .claim_dead_letters(10, t0(), t0() + Duration::minutes(1))
+        .unwrap();
+    assert_eq!(
+        claimed, pending,
+        "the publisher's claim hands out the same letter"
+    );
     store
         .mark_dead_letters_published(&[pending[0].0], t0())
         .unwrap();
     assert!(store.unpublished_dead_letters(10).unwrap().is_empty());
+    assert!(store
+        .claim_dead_letters(10, t0() + Duration::hours(1), t0() + Duration::hours(2))
+        .unwrap()
+        .is_empty());
 }
 
 pub fn purge_keeps_what_is_live(store: &dyn Store) {
@@ -1074,6 +1085,49 @@ pub fn concurrent_replicas_never_share_a_step_or_a_customer(a: &dyn Store, b: &d
     concurrent_claims(&[a, b], true);
 }
 
+/// Each dead letter goes to one replica's publisher at a time: claimed by
+/// one, it is not handed to the other until the claim runs out, and once
+/// published to neither.
+pub fn a_dead_letter_is_published_by_one_replica(a: &dyn Store, b: &dyn Store) {
+    let mut tx = a.begin().unwrap();
+    for offset in 0..4 {
+        let letter = DeadLetter {
+            topic: "events".into(),
+            partition: 0,
+            offset,
+            key: None,
+            payload: b"x".to_vec(),
+            reason: "bad".into(),
+            journey: None,
+            event_id: None,
+        };
+        tx.add_dead_letter(&letter, t0()).unwrap();
+    }
+    tx.commit().unwrap();
+    let minute = Duration::minutes(1);
+    let first = a.claim_dead_letters(3, t0(), t0() + minute).unwrap();
+    let second = b.claim_dead_letters(10, t0(), t0() + minute).unwrap();
+    let offsets = |l: &[(i64, DeadLetter)]| l.iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(&first), vec![0, 1, 2], "oldest first");
+    assert_eq!(
+        offsets(&second),
+        vec![3],
+        "only what the other does not hold"
+    );
+    assert!(a
+        .claim_dead_letters(10, t0(), t0() + minute)
+        .unwrap()
+        .is_empty());
+    // `b` published its letter; `a` published two and died: its claim on
+    // the third runs out and `b` takes it.
+    b.mark_dead_letters_published(&[second[0].0], t0()).unwrap();
+    a.mark_dead_letters_published(&[first[0].0, first[1].0], t0())
+        .unwrap();
+    let later = t0() + minute + Duration::seconds(1);
+    let retaken = b.claim_dead_letters(10, later, later + minute).unwrap();
+    assert_eq!(offsets(&retaken), vec![2]);
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1105,7 +1159,8 @@ macro_rules! store_conformance {
             a_customer_is_with_one_replica_at_a_time,
             abandoned_claims_are_taken_over_after_the_lease,
             caps_hold_across_replicas,
-            concurrent_replicas_never_share_a_step_or_a_customer
+            concurrent_replicas_never_share_a_step_or_a_customer,
+            a_dead_letter_is_published_by_one_replica
         );
     };
     (@each $make:expr; $($name:ident),+) => {

@@ -341,6 +341,21 @@ pub trait Store: Send + Sync {
 
     /// Dead letters not yet published, oldest first, with their outbox ids.
     fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError>;
+
+    /// Unpublished dead letters for this worker to publish, oldest first:
+    /// with several replicas on one store each letter is handed to one of
+    /// them at a time, until `until` (then, unpublished, to any), so the
+    /// topic does not get every letter once per replica. A single-node
+    /// store has one publisher and returns what is unpublished.
+    fn claim_dead_letters(
+        &self,
+        limit: usize,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+        let _ = (now, until);
+        self.unpublished_dead_letters(limit)
+    }
     fn mark_dead_letters_published(&self, ids: &[i64], at: DateTime<Utc>)
         -> Result<(), StoreError>;
 

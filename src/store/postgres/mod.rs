@@ -221,6 +221,24 @@ fn due_step(channel: ChannelKind, r: &postgres::Row) -> Result<DueStep, StoreErr
     })
 }
 
+/// A `dead_letters` row (id, topic, partition, record_offset, key, payload,
+/// reason, journey, event_id) and its outbox id.
+fn dead_letter(r: &postgres::Row) -> Result<(i64, DeadLetter), StoreError> {
+    Ok((
+        r.try_get(0)?,
+        DeadLetter {
+            topic: r.try_get(1)?,
+            partition: r.try_get(2)?,
+            offset: r.try_get(3)?,
+            key: r.try_get(4)?,
+            payload: r.try_get(5)?,
+            reason: r.try_get(6)?,
+            journey: r.try_get(7)?,
+            event_id: r.try_get(8)?,
+        },
+    ))
+}
+
 /// `finish_steps`' writes, in the transaction `c` is in.
 fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
     // A step named twice (it cannot be, short of a bug) ends as the last says.
@@ -455,29 +473,35 @@ impl Store for PostgresStore {
     }
 
     fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
-        self.conn()?
-            .query(
-                "SELECT id, topic, partition, record_offset, key, payload, reason, journey, event_id
-                 FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1",
-                &[&(limit as i64)],
-            )?
+        let rows = self.conn()?.query(
+            "SELECT id, topic, partition, record_offset, key, payload, reason, journey, event_id
+             FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            &[&(limit as i64)],
+        )?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    fn claim_dead_letters(
+        &self,
+        limit: usize,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+        let rows = self.conn()?.query(
+            "UPDATE dead_letters SET claimed_until = $3
+             WHERE id IN (
+                 SELECT id FROM dead_letters
+                 WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < $2)
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, topic, partition, record_offset, key, payload, reason, journey, event_id",
+            &[&(limit as i64), &now, &until],
+        )?;
+        let mut letters = rows
             .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get(0)?,
-                    DeadLetter {
-                        topic: r.try_get(1)?,
-                        partition: r.try_get(2)?,
-                        offset: r.try_get(3)?,
-                        key: r.try_get(4)?,
-                        payload: r.try_get(5)?,
-                        reason: r.try_get(6)?,
-                        journey: r.try_get(7)?,
-                        event_id: r.try_get(8)?,
-                    },
-                ))
-            })
-            .collect()
+            .map(dead_letter)
+            .collect::<Result<Vec<_>, _>>()?;
+        letters.sort_unstable_by_key(|(id, _)| *id);
+        Ok(letters)
     }
 
     fn mark_dead_letters_published(

@@ -177,7 +177,9 @@ CREATE TABLE dead_letters (
     journey text,
     event_id text,
     created_at timestamptz NOT NULL,
-    published_at timestamptz
+    published_at timestamptz,
+    -- Held by the replica publishing it until then (claim_dead_letters).
+    claimed_until timestamptz
 );
 CREATE INDEX dead_letters_unpublished ON dead_letters (id) WHERE published_at IS NULL;
 CREATE INDEX dead_letters_published ON dead_letters (published_at) WHERE published_at IS NOT NULL;
