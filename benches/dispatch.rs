@@ -10,6 +10,9 @@
 //!   cargo bench --bench dispatch [-- --steps 1000000 --plain 500000 --rounds 5]
 //!   cargo bench --bench dispatch -- --store-only 1 [--finish-group 128]   (the store alone)
 //!   cargo bench --bench dispatch -- --cache-mb 64   (SQLite page cache per connection)
+//!   cargo bench --bench dispatch -- --postgres 1 --replicas 3   (PostgreSQL: a fresh
+//!     schema in the test database, `--replicas` schedulers each on its own
+//!     pool, as replicas on one database; see harness::pg_base)
 
 mod common;
 
@@ -58,7 +61,7 @@ fn vars(i: u64) -> serde_json::Map<String, serde_json::Value> {
 }
 
 /// Inserts `n` due steps numbered from `first`; returns the insert rate.
-fn insert_due_steps(store: &SqliteStore, first: u64, n: u64, rule_hash: &str) -> f64 {
+fn insert_due_steps(store: &dyn Store, first: u64, n: u64, rule_hash: &str) -> f64 {
     let start = Instant::now();
     let now = Utc::now();
     let due = now - chrono::Duration::seconds(1);
@@ -143,7 +146,7 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
 
 /// The store's share of dispatch alone: claim, read the batch's customers and
 /// histories, record every step as sent (no HTTP, no policy).
-fn store_only(store: &SqliteStore, n: u64) {
+fn store_only(store: &dyn Store, n: u64) {
     use nudge::model::{LogRecord, Outcome};
     use nudge::store::StepResult;
     let (mut claim, mut read, mut finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -218,14 +221,40 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("nudge.db");
     let cache_mb = arg("cache-mb", nudge::config::DEFAULT_CACHE_MB);
-    let store = Arc::new(SqliteStore::open_with_cache(&db, cache_mb).unwrap());
+    let replicas: usize = arg("replicas", 1usize).max(1);
+    let postgres = arg("postgres", 0u8) == 1;
+    let schema = postgres.then(Schema::new);
+    // One store per replica: on PostgreSQL each its own pool (a replica), on
+    // SQLite the one file's store.
+    let stores: Vec<Arc<dyn Store>> = match &schema {
+        Some(schema) => (0..replicas)
+            .map(|_| {
+                let config = nudge::config::StoreConfig {
+                    url: Some(schema.url.clone()),
+                    ..Default::default()
+                };
+                nudge::store::open(&config).unwrap().0
+            })
+            .collect(),
+        None => {
+            assert_eq!(replicas, 1, "several replicas need --postgres 1");
+            vec![Arc::new(
+                SqliteStore::open_with_cache(&db, cache_mb).unwrap(),
+            )]
+        }
+    };
+    let store = stores[0].clone();
+    println!(
+        "store: {}, {replicas} replica(s)",
+        if postgres { "PostgreSQL" } else { "SQLite" }
+    );
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
     let hash = rule_set.journey("fee_increase").unwrap().hash.clone();
 
     if arg("store-only", 0u8) == 1 {
-        let insert_rate = insert_due_steps(&store, 0, n, &hash);
+        let insert_rate = insert_due_steps(store.as_ref(), 0, n, &hash);
         println!("{n} due steps inserted at {}", fmt_rate(insert_rate));
-        store_only(&store, n);
+        store_only(store.as_ref(), n);
         return;
     }
 
@@ -260,27 +289,31 @@ fn main() {
         channels = channels.with(kind, ch, *CONCURRENCY);
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store_dyn: Arc<dyn Store> = store.clone();
-    let scheduler = Arc::new(Scheduler::new(
-        store_dyn,
-        RulesHandle::new(rule_set),
-        channels,
-        clock,
-        Policy::new(policy),
-        SchedulerConfig::default(),
-        HashMap::new(),
-    ));
-    let reader = rusqlite::Connection::open(&db).unwrap();
-    reader.busy_timeout(Duration::from_secs(10)).unwrap();
+    let schedulers: Vec<Arc<Scheduler>> = stores
+        .iter()
+        .map(|store| {
+            Arc::new(Scheduler::new(
+                store.clone(),
+                RulesHandle::new(
+                    rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap(),
+                ),
+                channels.clone(),
+                clock.clone(),
+                Policy::new(policy.clone()),
+                SchedulerConfig::default(),
+                HashMap::new(),
+            ))
+        })
+        .collect();
+    // Steps still to send (pending or claimed), through the Store API.
     let open_steps = || -> i64 {
-        reader
-            .query_row(
-                "SELECT (SELECT COUNT(*) FROM steps WHERE status = 'pending' AND channel = 'push')
-                      + (SELECT COUNT(*) FROM steps WHERE status = 'claimed' AND channel = 'push')",
-                [],
-                |r| r.get(0),
-            )
+        store
+            .step_counts()
             .unwrap()
+            .into_iter()
+            .filter(|(status, _)| status == "pending" || status == "claimed")
+            .map(|(_, n)| n)
+            .sum()
     };
     let nudge_rt = runtime();
 
@@ -289,7 +322,10 @@ fn main() {
         let base_count = endpoint.received();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let start = Instant::now();
-        let task = nudge_rt.spawn(scheduler.clone().run(stop_rx));
+        let tasks: Vec<_> = schedulers
+            .iter()
+            .map(|s| nudge_rt.spawn(s.clone().run(stop_rx.clone())))
+            .collect();
         let deadline = start + Duration::from_secs(900);
         loop {
             std::thread::sleep(Duration::from_millis(20));
@@ -303,7 +339,9 @@ fn main() {
         }
         let elapsed = start.elapsed();
         let _ = stop_tx.send(true);
-        nudge_rt.block_on(task).unwrap();
+        for task in tasks {
+            nudge_rt.block_on(task).unwrap();
+        }
         assert_eq!(
             endpoint.received() - base_count,
             per_round,
@@ -317,7 +355,7 @@ fn main() {
     let mut insert_rates = Vec::new();
     for round in 0..rounds {
         insert_rates.push(insert_due_steps(
-            &store,
+            store.as_ref(),
             round * per_round,
             per_round,
             &hash,
@@ -343,13 +381,17 @@ fn main() {
         );
     }
     let total = per_round * rounds;
-    let logged: i64 = reader
-        .query_row(
-            "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let mut logged = 0i64;
+    let mut after = 0;
+    loop {
+        let page = store.log_after(after, 10_000).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        logged += page
+            .iter()
+            .filter(|r| r.outcome == nudge::model::Outcome::Sent)
+            .count() as i64;
+    }
     assert_eq!(logged as u64, total, "one `sent` record per step");
     let nudge_rate = total as f64 / nudge_time;
     let plain_rate = (plain_per_round * rounds) as f64 / plain_time;
