@@ -9,6 +9,10 @@
 //! transaction, into the real `steps` table of a fresh store.
 //!
 //!   cargo bench --bench e2e [-- --events 500000]
+//!   cargo bench --bench e2e -- --postgres 1 --replicas 3 [--events 200000]
+//!     (the 10 % mix only, on a fresh PostgreSQL schema, `--replicas`
+//!     daemons in one consumer group, beside PostgreSQL's own UNNEST insert
+//!     of 1000 rows per statement into the same `steps` table)
 
 mod common;
 
@@ -174,7 +178,148 @@ fn daemon_consume(topic: &str, n: u64, endpoint: &Receiver, extra: &str) -> Daem
     run
 }
 
+/// PostgreSQL's own batched insert: 1000 rows per `INSERT … SELECT FROM
+/// unnest(…)` statement and transaction, into the `steps` table of a schema
+/// the store migrated.
+fn raw_insert_postgres(schema: &Schema, rows: u64) -> f64 {
+    let mut db = schema.client();
+    let now = chrono::Utc::now();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while i < rows {
+        let batch: Vec<u64> = (i..(i + 1000).min(rows)).collect();
+        let instances: Vec<String> = batch
+            .iter()
+            .map(|i| {
+                format!(
+                    "fee_increase-{:012x}",
+                    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16
+                )
+            })
+            .collect();
+        let customers: Vec<String> = batch.iter().map(|i| format!("c-{i:07}")).collect();
+        let due: Vec<chrono::DateTime<chrono::Utc>> = batch
+            .iter()
+            .map(|i| now + chrono::Duration::milliseconds((i % 1000) as i64))
+            .collect();
+        db.execute(
+            "INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
+             SELECT u.i, u.c, 'alert', 0, 'push', 'fee_increase_alert', u.d, u.d, 'pending'
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(i, c, d)",
+            &[&instances, &customers, &due],
+        )
+        .unwrap();
+        i += batch.len() as u64;
+    }
+    rows as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The 10 % mix on PostgreSQL with `replicas` daemons in one group: events/s
+/// from the first to the last committed offset (polled from the database).
+fn postgres_mix(topic: &str, n: u64, endpoint: &Receiver, replicas: usize) -> (f64, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::with_defaults(dir.path(), endpoint);
+    cfg.topic = topic.to_string();
+    cfg.group = unique("nudge");
+    cfg.store_url = Some(schema.url.clone());
+    let daemons: Vec<Daemon> = (0..replicas)
+        .map(|r| Daemon::start(&cfg, &format!("replica{r}")))
+        .collect();
+    let mut db = schema.client();
+    let committed = |db: &mut postgres::Client| -> i64 {
+        db.query_one(
+            "SELECT COALESCE(SUM(next_offset), 0)::BIGINT FROM kafka_offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+    };
+    let mut first: Option<(Instant, i64)> = None;
+    let mut last = Instant::now();
+    daemons[0].poll_until(
+        Duration::from_secs(900),
+        Duration::from_millis(20),
+        "every offset committed",
+        || {
+            let c = committed(&mut db);
+            last = Instant::now();
+            if c > 0 && first.is_none() {
+                first = Some((last, c));
+            }
+            c as u64 >= n
+        },
+        String::new,
+    );
+    let (t0, c0) = first.unwrap();
+    let started: i64 = db
+        .query_one("SELECT COUNT(*) FROM instances", &[])
+        .unwrap()
+        .get(0);
+    for d in daemons {
+        d.terminate();
+    }
+    (
+        (n as i64 - c0) as f64 / (last - t0).as_secs_f64().max(1e-6),
+        started,
+    )
+}
+
+fn postgres_main(n: u64, insert_rows: u64, replicas: usize) {
+    println!("machine: {}", machine());
+    let rt = runtime();
+    let endpoint = Receiver::counting(&rt, None);
+    let mix_topic = unique("bench-mix");
+    create_topic(&rt, &mix_topic, 6);
+    let records: Vec<_> = (0..n)
+        .map(|i| {
+            if i % 10 == 0 {
+                starting(i)
+            } else {
+                untriggered(i)
+            }
+        })
+        .collect();
+    produce(&mix_topic, &records);
+    drop(records);
+    let insert = {
+        let schema = Schema::new();
+        let config = nudge::config::StoreConfig {
+            url: Some(schema.url.clone()),
+            ..Default::default()
+        };
+        drop(nudge::store::open(&config).unwrap());
+        raw_insert_postgres(&schema, insert_rows)
+    };
+    let (rate, started) = postgres_mix(&mix_topic, n, &endpoint, replicas);
+    assert_eq!(started as u64, n / 10, "every 10th event starts a journey");
+    println!(
+        "PostgreSQL, {replicas} replica(s): nudge 10% mix {} vs raw UNNEST insert {} = {:.2}",
+        fmt_rate(rate),
+        fmt_rate(insert),
+        rate / insert
+    );
+    let mut report = Report::default();
+    report.ratio(
+        "2 e2e",
+        &format!("PostgreSQL, {replicas} replica(s), 10 % start a journey, {n} events: nudge vs raw UNNEST insert"),
+        fmt_rate(rate),
+        format!("UNNEST {} rows", fmt_rate(insert)),
+        rate / insert,
+        "≥ 0.8",
+        Some(rate / insert >= 0.8),
+    );
+    report.finish("Benchmark 2: end to end from Kafka, PostgreSQL");
+}
+
 fn main() {
+    if arg("postgres", 0u8) == 1 {
+        return postgres_main(
+            arg("events", 200_000),
+            arg("insert-rows", 200_000),
+            arg("replicas", 1usize).max(1),
+        );
+    }
     let n: u64 = arg("events", 500_000);
     let nu: u64 = arg("untriggered", 1_000_000);
     let insert_rows: u64 = arg("insert-rows", 200_000);
