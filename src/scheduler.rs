@@ -104,13 +104,26 @@ fn log_record(step: &DueStep, time: DateTime<Utc>, outcome: Outcome, reason: Str
 
 /// What deciding and sending a claimed batch needs from the store.
 struct BatchContext {
+    /// Tells this batch's sends from other batches' in [`Unrecorded`].
+    batch: u64,
     customers: HashMap<String, Mutex<CustomerContext>>,
     /// The journey so far of each claimed step's instance.
     histories: HashMap<String, Vec<HistoryEntry>>,
 }
 
+/// Sends this process decided and has not yet recorded, by customer: (batch,
+/// claimed row, when). A batch's customers are read from the store when it
+/// is claimed, so they do not show another batch's sends still in flight
+/// (the next batch of the same channel, claimed while this one sends, or
+/// another channel's): the frequency cap counts these too. A send counted
+/// twice in the moment between its record and its removal here errs on the
+/// side of not sending.
+type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, DateTime<Utc>)>>>;
+
 pub struct Scheduler {
     store: AsyncStore,
+    unrecorded: Unrecorded,
+    next_batch: std::sync::atomic::AtomicU64,
     rules: RulesHandle,
     channels: Channels,
     clock: Arc<dyn Clock>,
@@ -150,6 +163,8 @@ impl Scheduler {
             config,
             lateness,
             wake,
+            unrecorded: Mutex::default(),
+            next_batch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -220,6 +235,7 @@ impl Scheduler {
                     rows.remove(&row);
                 }
                 drop(rows);
+                self.forget_recorded(&results);
                 if keep {
                     records.extend(
                         results
@@ -296,6 +312,20 @@ impl Scheduler {
         sent?;
         claimed?;
         Ok(records)
+    }
+
+    /// Sends now in the store no longer count from [`Unrecorded`].
+    fn forget_recorded(&self, results: &[StepResult]) {
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        for r in results {
+            let Some(row) = r.claimed_row else { continue };
+            if let Some(sends) = unrecorded.get_mut(&r.record.customer) {
+                sends.retain(|(_, claimed, _)| *claimed != row);
+                if sends.is_empty() {
+                    unrecorded.remove(&r.record.customer);
+                }
+            }
+        }
     }
 
     /// Renews the leases of the claimed steps still being decided or sent,
@@ -397,6 +427,9 @@ impl Scheduler {
             })
             .await?;
         Ok(BatchContext {
+            batch: self
+                .next_batch
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             customers,
             histories,
         })
@@ -515,7 +548,22 @@ impl Scheduler {
             )));
         };
         let mut customer = customer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut verdict = self.policy.check(step, &customer, lateness, now);
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        let elsewhere: Vec<DateTime<Utc>> = unrecorded
+            .get(&step.customer)
+            .into_iter()
+            .flatten()
+            .filter(|(batch, _, _)| *batch != context.batch)
+            .map(|(_, _, at)| *at)
+            .collect();
+        let mut verdict = if elsewhere.is_empty() {
+            self.policy.check(step, &customer, lateness, now)
+        } else {
+            let mut seen = customer.clone();
+            seen.recent_sends.extend(elsewhere);
+            seen.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
+            self.policy.check(step, &seen, lateness, now)
+        };
         if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
             if let Some(reason) = self.condition_refusal(step, &customer) {
                 verdict = Verdict::Suppress(reason);
@@ -523,6 +571,11 @@ impl Scheduler {
         }
         if verdict == Verdict::Send {
             customer.recent_sends.insert(0, now);
+            unrecorded.entry(step.customer.clone()).or_default().push((
+                context.batch,
+                step.row,
+                now,
+            ));
         }
         let address = match step.channel {
             ChannelKind::Email => customer.email.clone(),
@@ -681,5 +734,149 @@ impl Scheduler {
     /// Earliest due step on any channel (simulate uses it to move the clock).
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         self.store.call(|s| s.next_due(None)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::config::PolicyConfig;
+    use crate::dispatch::{Channel, DispatchError, Message};
+    use crate::model::{Category, Mode};
+    use crate::store::{NewInstance, NewStep, SqliteStore};
+
+    /// Holds every send until the test opens the gate, so that two channels'
+    /// sends are decided while neither is recorded.
+    struct Gate {
+        started: AtomicUsize,
+        open: tokio::sync::Semaphore,
+        sent: Mutex<Vec<Message>>,
+    }
+
+    impl Channel for Gate {
+        fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
+            Box::pin(async move {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                self.open.acquire().await.unwrap().forget();
+                self.sent.lock().unwrap().push(message.clone());
+                Ok(())
+            })
+        }
+    }
+
+    fn instance(id: &str, now: DateTime<Utc>) -> NewInstance {
+        NewInstance {
+            id: id.into(),
+            customer: "c1".into(),
+            journey: id.into(),
+            key: id.into(),
+            mode: Mode::Live,
+            category: Category::Service,
+            started_at: now,
+            rule_hash: "h".into(),
+            trigger_event: format!("e-{id}"),
+            vars: Default::default(),
+            decision_inputs: json!({}),
+        }
+    }
+
+    fn step(channel: ChannelKind, now: DateTime<Utc>) -> NewStep {
+        NewStep {
+            step: channel.as_str().into(),
+            seq: 0,
+            channel,
+            template: "t".into(),
+            condition: None,
+            due_at: now,
+        }
+    }
+
+    /// A push and an email for one customer fall due together with a cap of
+    /// one: the channel loops decide them apart, each from the customer as
+    /// read when its batch was claimed, and neither is recorded before the
+    /// other is decided. The cap counts the other loop's send in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cap_counts_sends_in_flight_on_another_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        customer.email = Some("c1@example.com".into());
+        tx.save_customer(&customer, now).unwrap();
+        tx.start_instance(&instance("a", now), &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.start_instance(&instance("b", now), &[step(ChannelKind::Email, now)])
+            .unwrap();
+        tx.commit().unwrap();
+
+        let gate = Arc::new(Gate {
+            started: AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(0),
+            sent: Mutex::default(),
+        });
+        let rules = crate::rules::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let policy = PolicyConfig {
+            max_per_customer: 1,
+            quiet_hours: crate::config::QuietHours {
+                start: None,
+                end: None,
+                channels: vec![],
+            },
+            ..PolicyConfig::default()
+        };
+        let scheduler = Arc::new(Scheduler::new(
+            store.clone(),
+            RulesHandle::new(rules),
+            Channels::all(gate.clone()),
+            Arc::new(SystemClock),
+            Policy::new(policy),
+            SchedulerConfig::default(),
+            HashMap::new(),
+        ));
+        let run = tokio::spawn({
+            let s = scheduler.clone();
+            async move { s.run_due().await }
+        });
+        // Both steps decided: one waits at the gate, the other is recorded
+        // (or, without the fix, waits at the gate too).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let recorded = store.log_after(0, 10).unwrap().len();
+            let waiting = gate.started.load(Ordering::SeqCst);
+            if waiting + recorded >= 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{waiting} waiting, {recorded} recorded"
+            );
+            tokio::task::yield_now().await;
+        }
+        gate.open.add_permits(2);
+        let records = run.await.unwrap().unwrap();
+        let outcomes: Vec<Outcome> = records.iter().map(|r| r.outcome).collect();
+        assert_eq!(gate.sent.lock().unwrap().len(), 1, "{records:?}");
+        assert!(
+            outcomes.contains(&Outcome::Sent) && outcomes.contains(&Outcome::Suppressed),
+            "{records:?}"
+        );
+        assert!(
+            records
+                .iter()
+                .any(|r| r.outcome == Outcome::Suppressed && r.reason.contains("frequency cap")),
+            "{records:?}"
+        );
     }
 }
