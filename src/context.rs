@@ -34,6 +34,11 @@ pub struct CustomerContext {
     /// Messages sent to this customer recently, newest first.
     #[serde(skip)]
     pub recent_sends: Vec<DateTime<Utc>>,
+    /// Claimed steps whose send began and whose result is not recorded yet
+    /// (row, when it began): in flight, or delivered by a worker that died
+    /// before recording it. Read with `recent_sends`.
+    #[serde(skip)]
+    pub possibly_sent: Vec<(i64, DateTime<Utc>)>,
 }
 
 /// One journey instance the customer is or was in.

@@ -27,7 +27,7 @@ use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided,
-    StepDispatched, StepResultsUnstored,
+    StepDispatched, StepResultRefused, StepResultsUnstored,
 };
 
 /// What was decided about one due step, before it is a dispatch-log record.
@@ -95,11 +95,41 @@ fn settle_if_ended(step: &DueStep, now: DateTime<Utc>) -> Option<StepResult> {
     })
 }
 
+/// What is recorded for a step whose result the store refused for good:
+/// the step fails with the store's reason, whatever was decided (a send
+/// already made keeps its idempotency key; the log says it may be out).
+fn refused_result(mut result: StepResult, error: &StoreError) -> StepResult {
+    let decided = result.record.outcome;
+    result.record.outcome = Outcome::Failed;
+    let error: String = error
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    result.record.reason = format!("the store refused this step's result ({decided}): {error}");
+    result.again_at = None;
+    result.replan = false;
+    result
+}
+
 /// The dispatch-log record of a decision about `step`.
 fn log_record(step: &DueStep, time: DateTime<Utc>, outcome: Outcome, reason: String) -> LogRecord {
     let mut record = LogRecord::about(step.subject(), time, outcome, reason);
     record.attempt = step.attempt;
     record
+}
+
+/// A claimed step once its batch is decided.
+enum Planned {
+    /// Nothing to send: the result is known.
+    Settled(StepResult),
+    Decided {
+        step: DueStep,
+        verdict: Verdict,
+        /// Where the channel sends it (none for push).
+        address: Option<String>,
+    },
 }
 
 /// What deciding and sending a claimed batch needs from the store.
@@ -250,7 +280,7 @@ impl Scheduler {
         // Claims batches (with what deciding them needs) one ahead of the sends,
         // so that the channel never idles between batches.
         let (batch_tx, batch_rx) =
-            tokio::sync::mpsc::channel::<(Vec<DueStep>, Arc<BatchContext>)>(1);
+            tokio::sync::mpsc::channel::<(Vec<Planned>, Arc<BatchContext>)>(1);
         let in_flight = &in_flight;
         let claimer = async move {
             let lease = span(self.config.lease);
@@ -275,7 +305,10 @@ impl Scheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .extend(claimed.iter().map(|s| s.row));
                 let context = Arc::new(self.batch_context(&claimed, now - window).await?);
-                if batch_tx.send((claimed, context)).await.is_err() {
+                // Each batch is decided whole, and its sends marked in the
+                // store in one write, before the first of them starts.
+                let planned = self.decide_batch(claimed, &context).await?;
+                if batch_tx.send((planned, context)).await.is_err() {
                     break; // the sender failed; its error is returned below
                 }
             }
@@ -285,12 +318,12 @@ impl Scheduler {
             let steps = futures::stream::unfold(batch_rx, |mut rx| async move {
                 rx.recv().await.map(|batch| (batch, rx))
             })
-            .flat_map(|(claimed, context)| {
-                futures::stream::iter(claimed.into_iter().map(move |s| (s, context.clone())))
+            .flat_map(|(planned, context)| {
+                futures::stream::iter(planned.into_iter().map(move |p| (p, context.clone())))
             });
             // Stopping, steps claimed but not yet started are handed back by `handle`.
             let handled = steps
-                .map(|(step, context)| async move { self.handle(step, &context, stop).await })
+                .map(|(planned, context)| async move { self.handle(planned, &context, stop).await })
                 .buffer_unordered(self.channels.concurrency(channel));
             let mut handled = std::pin::pin!(handled);
             while let Some(result) = handled.next().await {
@@ -393,9 +426,63 @@ impl Scheduler {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
+                Err(e) if !e.is_transient() && results.len() > 1 => {
+                    return self.settle_one_by_one(channel, results).await;
+                }
+                Err(e) if !e.is_transient() => {
+                    return self
+                        .settle_one_by_one(channel, results)
+                        .await
+                        .map_err(|_| e);
+                }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A group the store refused for good, settled step by step, so that
+    /// only the step at fault is affected: its result is recorded as
+    /// `failed` with the store's reason (the claim is settled, never taken
+    /// again and sent forever). Fails only if even that is refused.
+    async fn settle_one_by_one(
+        &self,
+        channel: ChannelKind,
+        results: Vec<StepResult>,
+    ) -> Result<(Vec<StepResult>, Vec<i64>), StoreError> {
+        let mut settled = Vec::with_capacity(results.len());
+        let mut seqs = Vec::with_capacity(results.len());
+        for result in results {
+            let (result, outcome) = self
+                .store
+                .call(move |s| {
+                    let outcome = s.settle_steps(std::slice::from_ref(&result));
+                    Ok((result, outcome))
+                })
+                .await?;
+            let (result, seq) = match outcome {
+                Ok(seq) => (result, seq),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    StepResultRefused {
+                        channel: channel.as_str(),
+                        instance: &result.record.instance,
+                        step: &result.record.step,
+                        error: &e,
+                    }
+                    .emit();
+                    let failed = refused_result(result, &e);
+                    self.store
+                        .call(move |s| {
+                            let seq = s.settle_steps(std::slice::from_ref(&failed))?;
+                            Ok((failed, seq))
+                        })
+                        .await?
+                }
+            };
+            settled.push(result);
+            seqs.extend(seq);
+        }
+        Ok((settled, seqs))
     }
 
     /// The customers and the journey-so-far of a claimed batch, read at once.
@@ -497,32 +584,101 @@ impl Scheduler {
         }
     }
 
-    /// Decides and sends one claimed step and says what to record (the caller
-    /// writes it). When shutting down, a step not yet started is handed back
+    /// Decides a claimed batch: settles claims whose journey ended, asks the
+    /// contact policy (and each step's condition), and records in the store
+    /// which steps are about to be sent, before any is: a worker taking over
+    /// this one's claims after a crash then counts them against the cap.
+    async fn decide_batch(
+        &self,
+        claimed: Vec<DueStep>,
+        context: &BatchContext,
+    ) -> Result<Vec<Planned>, StoreError> {
+        let now = self.clock.now();
+        let mut planned = Vec::with_capacity(claimed.len());
+        let mut sending = Vec::new();
+        for step in claimed {
+            if let Some(settled) = settle_if_ended(&step, now) {
+                planned.push(Planned::Settled(settled));
+                continue;
+            }
+            let (verdict, address) = match self.verdict(&step, context, now) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.forget_batch(context.batch);
+                    return Err(e);
+                }
+            };
+            if verdict == Verdict::Send {
+                sending.push(step.row);
+            }
+            planned.push(Planned::Decided {
+                step,
+                verdict,
+                address,
+            });
+        }
+        if !sending.is_empty() {
+            let marked = self
+                .store
+                .call(move |s| s.mark_sending(&sending, now))
+                .await;
+            if let Err(e) = marked {
+                // Nothing of this batch was sent: its claims run out and are
+                // taken again.
+                self.forget_batch(context.batch);
+                return Err(e);
+            }
+        }
+        Ok(planned)
+    }
+
+    /// Sends of a batch that will not be made no longer count from [`Unrecorded`].
+    fn forget_batch(&self, batch: u64) {
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        unrecorded.retain(|_, sends| {
+            sends.retain(|(b, _, _)| *b != batch);
+            !sends.is_empty()
+        });
+    }
+
+    /// Sends one decided step and says what to record (the caller writes
+    /// it). When shutting down, a step not yet started is handed back
     /// unsent (`None`) instead of holding up the drain.
-    ///
-    /// The steps: settle a claim whose journey has ended; ask the contact
-    /// policy (and the step's condition); send or not; count and record.
     async fn handle(
         &self,
-        mut step: DueStep,
+        planned: Planned,
         context: &BatchContext,
         stop: Option<&watch::Receiver<bool>>,
     ) -> Result<Option<StepResult>, StoreError> {
+        let (mut step, verdict, address) = match planned {
+            Planned::Settled(result) => return Ok(Some(result)),
+            Planned::Decided {
+                step,
+                verdict,
+                address,
+            } => (step, verdict, address),
+        };
         if stop.is_some_and(|s| *s.borrow()) {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
             self.store
                 .call(move |s| s.release_claim(&instance, &name))
                 .await?;
+            self.forget_unsent(&step.customer, step.row);
             return Ok(None);
         }
-        let now = self.clock.now();
-        if let Some(settled) = settle_if_ended(&step, now) {
-            return Ok(Some(settled));
-        }
-        let (verdict, address) = self.verdict(&step, context, now)?;
         let decision = self.act(&mut step, verdict, address, context).await;
         Ok(Some(self.result(step, decision)))
+    }
+
+    /// A send decided but handed back unsent no longer counts from [`Unrecorded`].
+    fn forget_unsent(&self, customer: &str, row: i64) {
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sends) = unrecorded.get_mut(customer) {
+            sends.retain(|(_, claimed, _)| *claimed != row);
+            if sends.is_empty() {
+                unrecorded.remove(customer);
+            }
+        }
     }
 
     /// The contact policy's verdict, with the step's condition for a step
@@ -549,12 +705,26 @@ impl Scheduler {
         };
         let mut customer = customer.lock().unwrap_or_else(|e| e.into_inner());
         let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        let elsewhere: Vec<DateTime<Utc>> = unrecorded
+        let in_flight = unrecorded
             .get(&step.customer)
-            .into_iter()
-            .flatten()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        // Sends this process has under way in other batches, and sends the
+        // store knows began but were never recorded (a dead worker's,
+        // perhaps delivered): each counted once, the step itself not at all.
+        let elsewhere: Vec<DateTime<Utc>> = in_flight
+            .iter()
             .filter(|(batch, _, _)| *batch != context.batch)
             .map(|(_, _, at)| *at)
+            .chain(
+                customer
+                    .possibly_sent
+                    .iter()
+                    .filter(|(row, _)| {
+                        *row != step.row && !in_flight.iter().any(|(_, r, _)| r == row)
+                    })
+                    .map(|(_, at)| *at),
+            )
             .collect();
         let mut verdict = if elsewhere.is_empty() {
             self.policy.check(step, &customer, lateness, now)
@@ -571,6 +741,8 @@ impl Scheduler {
         }
         if verdict == Verdict::Send {
             customer.recent_sends.insert(0, now);
+            // Counted above as a send from now on, not as a possible one.
+            customer.possibly_sent.retain(|(row, _)| *row != step.row);
             unrecorded.entry(step.customer.clone()).or_default().push((
                 context.batch,
                 step.row,
@@ -877,6 +1049,146 @@ mod tests {
                 .iter()
                 .any(|r| r.outcome == Outcome::Suppressed && r.reason.contains("frequency cap")),
             "{records:?}"
+        );
+    }
+
+    /// A scheduler over `store` sending through `channel` with a cap of
+    /// `cap` a day and no quiet hours.
+    fn scheduler(store: &Arc<dyn Store>, channel: Arc<dyn Channel>, cap: u32) -> Scheduler {
+        let rules = crate::rules::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let policy = PolicyConfig {
+            max_per_customer: cap,
+            quiet_hours: crate::config::QuietHours {
+                start: None,
+                end: None,
+                channels: vec![],
+            },
+            ..PolicyConfig::default()
+        };
+        Scheduler::new(
+            store.clone(),
+            RulesHandle::new(rules),
+            Channels::all(channel),
+            Arc::new(SystemClock),
+            Policy::new(policy),
+            SchedulerConfig::default(),
+            HashMap::new(),
+        )
+    }
+
+    /// Customer c1 (app and email) with a push (instance `a`) and an email
+    /// (instance `b`) due now.
+    fn push_and_email_due(store: &Arc<dyn Store>, now: DateTime<Utc>) {
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        customer.email = Some("c1@example.com".into());
+        tx.save_customer(&customer, now).unwrap();
+        tx.start_instance(&instance("a", now), &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.start_instance(&instance("b", now), &[step(ChannelKind::Email, now)])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
+    fn open_gate() -> Arc<Gate> {
+        Arc::new(Gate {
+            started: AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(1000),
+            sent: Mutex::default(),
+        })
+    }
+
+    /// A worker claimed the push, began sending it and died before
+    /// recording it (it may have reached the customer). After the restart
+    /// the email, decided first, is held back by the cap of one: the push
+    /// counts as possibly sent. The push itself goes again under its key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_workers_send_counts_against_the_cap_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let now = Utc::now();
+        push_and_email_due(&store, now);
+        let lease = now + chrono::Duration::minutes(5);
+        let claimed = store.claim_due(ChannelKind::Push, now, 10, lease).unwrap();
+        store.mark_sending(&[claimed[0].row], now).unwrap();
+        // The restart: the dead worker's claims are handed back.
+        assert_eq!(store.release_all_leases().unwrap(), 1);
+
+        let gate = open_gate();
+        let scheduler = scheduler(&store, gate.clone(), 1);
+        let email = scheduler
+            .run_channel_due(ChannelKind::Email, None, true)
+            .await
+            .unwrap();
+        assert_eq!(email.len(), 1);
+        assert_eq!(email[0].outcome, Outcome::Suppressed, "{email:?}");
+        assert!(email[0].reason.contains("frequency cap"), "{email:?}");
+        let push = scheduler.run_due().await.unwrap();
+        assert_eq!(push.len(), 1);
+        assert_eq!((push[0].outcome, push[0].attempt), (Outcome::Sent, 2));
+        let sent = gate.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].idempotency_key,
+            crate::model::idempotency_key("a", "push")
+        );
+    }
+
+    /// A result the store refuses for good (here a trigger) does not stall
+    /// the channel or come back forever: that step is recorded as failed
+    /// with the store's reason, the others of its group as decided.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_the_store_refuses_is_recorded_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        for id in ["a", "b", "c"] {
+            tx.start_instance(&instance(id, now), &[step(ChannelKind::Email, now)])
+                .unwrap();
+        }
+        let mut customer = CustomerContext::new("c1");
+        customer.email = Some("c1@example.com".into());
+        tx.save_customer(&customer, now).unwrap();
+        tx.commit().unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON dispatch_log
+                 WHEN NEW.instance = 'b' AND NEW.outcome = 'sent'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned record'); END;",
+            )
+            .unwrap();
+
+        let gate = open_gate();
+        let scheduler = scheduler(&store, gate.clone(), 0);
+        let records = scheduler.run_due().await.unwrap();
+        let by_instance: HashMap<&str, &LogRecord> =
+            records.iter().map(|r| (r.instance.as_str(), r)).collect();
+        assert_eq!(records.len(), 3, "{records:?}");
+        assert_eq!(by_instance["a"].outcome, Outcome::Sent);
+        assert_eq!(by_instance["c"].outcome, Outcome::Sent);
+        let b = by_instance["b"];
+        assert_eq!(b.outcome, Outcome::Failed, "{b:?}");
+        assert!(
+            b.reason
+                .contains("the store refused this step's result (sent)")
+                && b.reason.contains("poisoned record"),
+            "{b:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 3);
+        let counts: HashMap<String, i64> = store.step_counts().unwrap().into_iter().collect();
+        assert_eq!(counts.get("failed"), Some(&1), "{counts:?}");
+        assert_eq!(counts.get("sent"), Some(&2), "{counts:?}");
+        assert!(
+            scheduler.run_due().await.unwrap().is_empty(),
+            "nothing comes back"
         );
     }
 }

@@ -117,23 +117,17 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
             .or_default()
             .insert(r.key.clone());
     }
-    // The cap holds across replicas, with one known window: a replica killed
-    // while a send is under way dies before recording it, so the step that
-    // takes over cannot know the customer already got that message. Only
-    // sends in flight at the kill (at most the push channel's concurrency,
-    // 32) can add one message over the cap; never more than one each.
+    // The cap holds across replicas, through the kill too: a send under way
+    // when its replica died is marked in the store before it starts, so the
+    // replica that takes the customer over counts it as possibly delivered.
     let over_cap: Vec<_> = keys_by_customer
         .iter()
         .filter(|(_, keys)| keys.len() > 1)
         .collect();
     assert!(
-        over_cap.len() <= 32 && over_cap.iter().all(|(_, keys)| keys.len() == 2),
-        "cap exceeded beyond the sends in flight at the kill: {over_cap:?}\n{logs}"
-    );
-    eprintln!(
-        "{} of {} customers got one message over the cap (sends in flight at the kill)",
-        over_cap.len(),
-        doubled.len()
+        over_cap.is_empty(),
+        "{} customers got two messages where the cap allows one: {over_cap:?}\n{logs}",
+        over_cap.len()
     );
     let served: HashSet<&String> = keys_by_customer.keys().collect();
     let missing: Vec<_> = doubled.iter().filter(|c| !served.contains(c)).collect();

@@ -796,6 +796,74 @@ pub fn leases_are_released_at_start_and_renewed_by_heartbeat(store: &dyn Store) 
     assert_eq!(taken[0].attempt, 3);
 }
 
+/// A send that began is counted as possibly delivered until its result is
+/// settled: through a hand-back at start and a lease that ran out (its
+/// sender may have died after delivering), not after a settle or a
+/// release of a step never started.
+pub fn sends_begun_count_until_settled(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1"), ("i2", "c2", "a1")], &steps());
+    let lease = t0() + Duration::minutes(5);
+    let claimed = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(claimed.len(), 2);
+    let (c1, c2) = if claimed[0].customer == "c1" {
+        (&claimed[0], &claimed[1])
+    } else {
+        (&claimed[1], &claimed[0])
+    };
+    let began = t0() + Duration::seconds(1);
+    store.mark_sending(&[c1.row, c2.row], began).unwrap();
+    store.mark_sending(&[], began).unwrap();
+    let ids = ["c1".to_string(), "c2".to_string(), "c3".to_string()];
+    let read = |window: DateTime<Utc>| {
+        store
+            .customers(&ids, Some(window), false)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.possibly_sent)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read(t0()),
+        [vec![(c1.row, began)], vec![(c2.row, began)], vec![]]
+    );
+    assert!(
+        store.customers(&ids, None, false).unwrap()[0]
+            .possibly_sent
+            .is_empty(),
+        "only read with the sends"
+    );
+    assert_eq!(
+        read(began + Duration::seconds(1))[0],
+        [],
+        "outside the window"
+    );
+    // c1's send is recorded; c2's worker hands its claim back at start.
+    store
+        .finish_step(&settle(c1, began, Outcome::Sent))
+        .unwrap();
+    assert_eq!(store.release_all_leases().unwrap(), 1);
+    assert_eq!(read(t0()), [vec![], vec![(c2.row, began)], vec![]]);
+    // Taken again, it still counts; its own result clears it.
+    let again = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(read(t0())[1], [(c2.row, began)]);
+    let mut retry = settle(&again[0], began, Outcome::Retrying);
+    retry.again_at = Some(began + Duration::minutes(1));
+    store.finish_step(&retry).unwrap();
+    assert_eq!(read(t0())[1], [], "a failed attempt is known not delivered");
+    // A step handed back before its send started never counted.
+    let later = began + Duration::minutes(1);
+    let third = store
+        .claim_due(ChannelKind::Push, later, 10, later + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(third.len(), 1);
+    store.mark_sending(&[third[0].row], later).unwrap();
+    store
+        .release_claim(&third[0].instance_id, &third[0].step)
+        .unwrap();
+    assert_eq!(read(t0())[1], []);
+}
+
 /// Claimers on several threads never get one step twice, and between them
 /// get every step once.
 pub fn concurrent_claimers_never_share_a_step(store: &dyn Store) {
@@ -1150,6 +1218,7 @@ macro_rules! store_conformance {
             log_pages_in_order_and_rules_record_once,
             next_due_counts_and_dead_letter_batches,
             leases_are_released_at_start_and_renewed_by_heartbeat,
+            sends_begun_count_until_settled,
             concurrent_claimers_never_share_a_step
         );
     };

@@ -279,6 +279,13 @@ pub trait Store: Send + Sync {
     /// (the others were settled, released or taken over).
     fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError>;
 
+    /// Records that the claimed steps `rows` are about to be sent, before
+    /// the first byte leaves: until their results are settled they count
+    /// against the customer's frequency cap as possibly delivered (see
+    /// [`CustomerContext::possibly_sent`]), so that a worker taking over a
+    /// dead one's claims knows what may already have reached the customer.
+    fn mark_sending(&self, rows: &[i64], at: DateTime<Utc>) -> Result<(), StoreError>;
+
     /// Earliest time a pending step of `channel` (any channel if None) is due.
     /// With a channel, on a store that replicas share: the earliest time this
     /// replica can claim one (a customer another replica holds waits for

@@ -177,6 +177,12 @@ pub const STEP_RESULTS_UNSTORED: Metric = Metric {
     labels: &["channel"],
     help: "groups of finished steps the store refused for a moment (transient error); they are written again with backoff, never dropped",
 };
+pub const STEP_RESULTS_REFUSED: Metric = Metric {
+    name: "nudge_step_results_refused_total",
+    kind: Kind::Counter,
+    labels: &["channel"],
+    help: "step results the store refused for good (permanent error): each is recorded as failed with the store's reason instead, so it is never retried forever",
+};
 pub const LEASE_RENEWAL_ERRORS: Metric = Metric {
     name: "nudge_lease_renewal_errors_total",
     kind: Kind::Counter,
@@ -228,6 +234,7 @@ pub const ALL: &[&Metric] = &[
     &DISPATCH_SECONDS,
     &SCHEDULER_ERRORS,
     &STEP_RESULTS_UNSTORED,
+    &STEP_RESULTS_REFUSED,
     &LEASE_RENEWAL_ERRORS,
     &DEAD_LETTERS_PUBLISHED,
     &DEAD_LETTER_PUBLISH_ERRORS,

@@ -403,6 +403,20 @@ impl StepResultsUnstored<'_> {
     }
 }
 
+pub struct StepResultRefused<'a> {
+    pub channel: &'static str,
+    pub instance: &'a str,
+    pub step: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl StepResultRefused<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: SCHEDULER, channel = %self.channel, instance = %self.instance, step = %self.step, error = %self.error, "the store refused a step's result for good; recording the step as failed");
+        metrics::counter!(STEP_RESULTS_REFUSED.name, "channel" => self.channel).increment(1);
+    }
+}
+
 pub struct LeaseRenewalFailed<'a> {
     pub channel: &'static str,
     pub error: &'a dyn Display,

@@ -137,6 +137,13 @@ mod tests {
             error,
         }
         .emit();
+        StepResultRefused {
+            channel: "push",
+            instance: "i1",
+            step: "s1",
+            error,
+        }
+        .emit();
         LeaseRenewalFailed {
             channel: "push",
             error,

@@ -92,7 +92,7 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 
 /// Settles (`status` an outcome) or reschedules (`status` pending, `again_at`
 /// set) claimed steps, by key.
-const SETTLE: &str = "UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL,
+const SETTLE: &str = "UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL, sending_at = NULL,
          due_at = COALESCE(u.again_at, s.due_at),
          planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END
      FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
@@ -369,6 +369,18 @@ impl Store for PostgresStore {
         Ok(row.try_get::<_, i64>(0)? as usize)
     }
 
+    fn mark_sending(&self, rows: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.conn()?.execute(
+            "UPDATE steps SET sending_at = $2
+             WHERE id = ANY($1::int8[]) AND status = 'claimed' AND holder = $3",
+            &[&rows, &at, &self.holder],
+        )?;
+        Ok(())
+    }
+
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut c = self.conn()?;
         let row = match channel {
@@ -520,7 +532,7 @@ impl Store for PostgresStore {
         let mut tx = self.transaction()?;
         tx.run(|c| {
             let released = c.query(
-                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, attempt = attempt - 1
+                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, sending_at = NULL, attempt = attempt - 1
                  WHERE instance_id = $1 AND step = $2 AND status = 'claimed' AND holder = $3
                  RETURNING customer",
                 &[&instance_id, &step, &self.holder],

@@ -28,6 +28,12 @@ const JOURNEYS: &str = "SELECT u.id, i.journey, i.key, i.status, i.started_at, i
 const RECENT_SENDS: &str = "SELECT customer, time FROM dispatch_log
      WHERE customer = ANY($1::text[]) AND outcome = 'sent' AND time >= $2";
 
+/// Steps of the customers `$1` whose send began at or after `$2` and whose
+/// result is not recorded (the partial index holds only those).
+const POSSIBLY_SENT: &str = "SELECT customer, id, sending_at FROM steps
+     WHERE customer = ANY($1::text[]) AND sending_at IS NOT NULL AND sending_at >= $2
+       AND status IN ('pending', 'claimed')";
+
 /// Sent steps of the instances `$1`, in log order.
 const HISTORIES: &str = "SELECT instance, step, channel, template, time FROM dispatch_log
      WHERE instance = ANY($1::text[]) AND outcome = 'sent' ORDER BY seq";
@@ -100,6 +106,12 @@ pub(super) fn customers(
             let time: DateTime<Utc> = r.try_get(1)?;
             for &i in &position[r.try_get::<_, &str>(0)?] {
                 out[i].recent_sends.push(time);
+            }
+        }
+        for r in conn.query(POSSIBLY_SENT, &[&distinct, &window_start])? {
+            let began: DateTime<Utc> = r.try_get(2)?;
+            for &i in &position[r.try_get::<_, &str>(0)?] {
+                out[i].possibly_sent.push((r.try_get(1)?, began));
             }
         }
         for customer in &mut out {

@@ -11,7 +11,7 @@ use postgres::Client;
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES];
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_SEND_INTENTS];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -189,3 +189,9 @@ CREATE TABLE rule_versions (
     files jsonb NOT NULL
 );
 "#;
+
+/// Version 2: when a claimed step's send began, until its result is
+/// recorded. A step still marked after its replica died may have been
+/// delivered: the frequency cap counts it (see `Store::mark_sending`).
+const V2_SEND_INTENTS: &str = "ALTER TABLE steps ADD COLUMN sending_at timestamptz;
+CREATE INDEX steps_sending ON steps (customer) WHERE sending_at IS NOT NULL;";

@@ -29,6 +29,13 @@ pub(super) const RECENT_SENDS: &str =
     "SELECT a.value, d.time FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
      ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2";
 
+/// Steps of the customers `?1` whose send began at or after `?2` and whose
+/// result is not recorded (the partial index holds only those).
+pub(super) const POSSIBLY_SENT: &str = "SELECT i.customer, s.rowid, s.sending_at
+     FROM steps AS s JOIN instances AS i ON i.id = s.instance_id
+     WHERE s.sending_at IS NOT NULL AND s.sending_at >= ?2 AND s.status IN ('pending', 'claimed')
+       AND i.customer IN rarray(?1)";
+
 /// Sent steps of the instances `?1`.
 pub(super) const HISTORIES: &str = "SELECT a.value, d.seq, d.step, d.channel, d.template, d.time
      FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d
@@ -97,6 +104,13 @@ pub(super) fn customers(
         while let Some(r) = rows.next()? {
             for &i in &position[text(r, 0)?] {
                 out[i].recent_sends.push(from_ms(r.get(1)?));
+            }
+        }
+        let mut stmt = conn.prepare_cached(POSSIBLY_SENT)?;
+        let mut rows = stmt.query(params![distinct, ms(window_start)])?;
+        while let Some(r) = rows.next()? {
+            for &i in &position[text(r, 0)?] {
+                out[i].possibly_sent.push((r.get(1)?, from_ms(r.get(2)?)));
             }
         }
         for customer in &mut out {

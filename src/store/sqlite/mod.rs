@@ -331,7 +331,7 @@ impl Store for SqliteStore {
         let mut out = Vec::with_capacity(results.len());
         {
             let mut settle = tx.prepare_cached(concat!(
-                "UPDATE steps SET status = ?3, lease_until = NULL",
+                "UPDATE steps SET status = ?3, lease_until = NULL, sending_at = NULL",
                 step_by_row!()
             ))?;
             let mut complete = tx.prepare_cached(COMPLETE_INSTANCE)?;
@@ -343,12 +343,12 @@ impl Store for SqliteStore {
                     Some(at) => {
                         let sql = if result.replan {
                             concat!(
-                                "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3, planned_at = ?3",
+                                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, due_at = ?3, planned_at = ?3",
                                 step_by_row!()
                             )
                         } else {
                             concat!(
-                                "UPDATE steps SET status = 'pending', lease_until = NULL, due_at = ?3",
+                                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, due_at = ?3",
                                 step_by_row!()
                             )
                         };
@@ -389,6 +389,23 @@ impl Store for SqliteStore {
                  WHERE rowid IN rarray(?1) AND status = 'claimed'",
             )?
             .execute(params![ids, ms(until)])?)
+    }
+
+    fn mark_sending(&self, rows: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: rusqlite::vtab::array::Array = std::rc::Rc::new(
+            rows.iter()
+                .map(|&row| rusqlite::types::Value::Integer(row))
+                .collect(),
+        );
+        self.conn()
+            .prepare_cached(
+                "UPDATE steps SET sending_at = ?2 WHERE rowid IN rarray(?1) AND status = 'claimed'",
+            )?
+            .execute(params![ids, ms(at)])?;
+        Ok(())
     }
 
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -550,7 +567,7 @@ impl Store for SqliteStore {
     fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached(
-                "UPDATE steps SET status = 'pending', lease_until = NULL, attempt = attempt - 1
+                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, attempt = attempt - 1
                  WHERE instance_id = ?1 AND step = ?2 AND status = 'claimed'",
             )?
             .execute(params![instance_id, step])?;

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS];
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS, V3_SEND_INTENTS];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -141,3 +141,9 @@ CREATE TABLE IF NOT EXISTS rule_versions (
 
 /// Version 2: the instance's decision record is named for what it is.
 const V2_DECISION_INPUTS: &str = "ALTER TABLE instances RENAME COLUMN seen TO decision_inputs;";
+
+/// Version 3: when a claimed step's send began, until its result is
+/// recorded. A step still marked after its sender died may have been
+/// delivered: the frequency cap counts it (see `Store::mark_sending`).
+const V3_SEND_INTENTS: &str = "ALTER TABLE steps ADD COLUMN sending_at INTEGER;
+CREATE INDEX steps_sending ON steps (sending_at) WHERE sending_at IS NOT NULL;";
