@@ -177,6 +177,11 @@ impl Pipeline {
             return Ok(run.out);
         }
         let mut tx = self.store.begin()?;
+        let wanted: Vec<(&str, &str)> = relevant
+            .iter()
+            .map(|&i| (events[i].id.as_str(), events[i].customer.as_str()))
+            .collect();
+        tx.prefetch(&wanted, run.sends_since)?;
         for letter in rejects {
             tx.add_dead_letter(letter, now)?;
         }

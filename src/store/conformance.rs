@@ -864,6 +864,61 @@ pub fn sends_begun_count_until_settled(store: &dyn Store) {
     assert_eq!(read(t0())[1], []);
 }
 
+/// Reads a batch prefetched at once see the transaction's own writes: ids
+/// marked processed, a customer saved, instances started and closed.
+pub fn prefetched_reads_follow_the_transactions_writes(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1")], &steps());
+    let mut tx = store.begin().unwrap();
+    tx.mark_processed("e0", t0()).unwrap();
+    tx.commit().unwrap();
+
+    let mut tx = store.begin().unwrap();
+    tx.prefetch(&[("e0", "c1"), ("e1", "c1"), ("e2", "c2")], t0())
+        .unwrap();
+    assert!(tx.already_processed("e0").unwrap());
+    assert!(!tx.already_processed("e1").unwrap());
+    tx.mark_processed("e1", t0()).unwrap();
+    assert!(
+        tx.already_processed("e1").unwrap(),
+        "marked in this transaction"
+    );
+    let open = |tx: &mut Box<dyn Tx + '_>, customer: &str| {
+        tx.open_instance(customer, "unsigned_loan", "a1")
+            .unwrap()
+            .map(|i| i.id)
+    };
+    assert_eq!(open(&mut tx, "c1").as_deref(), Some("i1"));
+    assert_eq!(open(&mut tx, "c2"), None);
+    assert_eq!(open(&mut tx, "c3"), None, "not prefetched: read");
+    let mut c2 = tx.customer("c2", t0()).unwrap();
+    assert!(c2.journeys.is_empty());
+    c2.email = Some("c2@example.com".into());
+    tx.save_customer(&c2, t0()).unwrap();
+    assert_eq!(
+        tx.customer("c2", t0()).unwrap().email.as_deref(),
+        Some("c2@example.com")
+    );
+    tx.start_instance(&instance("i2", "c2", "a1"), &steps())
+        .unwrap();
+    assert_eq!(open(&mut tx, "c2").as_deref(), Some("i2"));
+    let c2 = tx.customer("c2", t0()).unwrap();
+    assert_eq!(c2.journeys.len(), 1);
+    assert_eq!(c2.email.as_deref(), Some("c2@example.com"));
+    tx.close_instance("i1", InstanceStatus::Converted, t0())
+        .unwrap();
+    assert_eq!(open(&mut tx, "c1"), None);
+    assert_eq!(
+        tx.customer("c1", t0()).unwrap().journeys[0].status,
+        InstanceStatus::Converted
+    );
+    tx.commit().unwrap();
+
+    let mut tx = store.begin().unwrap();
+    assert!(tx.already_processed("e1").unwrap(), "written at commit");
+    assert!(!tx.already_processed("e2").unwrap());
+    assert_eq!(open(&mut tx, "c2").as_deref(), Some("i2"));
+}
+
 /// Claimers on several threads never get one step twice, and between them
 /// get every step once.
 pub fn concurrent_claimers_never_share_a_step(store: &dyn Store) {
@@ -1219,6 +1274,7 @@ macro_rules! store_conformance {
             next_due_counts_and_dead_letter_batches,
             leases_are_released_at_start_and_renewed_by_heartbeat,
             sends_begun_count_until_settled,
+            prefetched_reads_follow_the_transactions_writes,
             concurrent_claimers_never_share_a_step
         );
     };

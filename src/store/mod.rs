@@ -382,6 +382,18 @@ pub trait Store: Send + Sync {
 /// method fails the transaction is lost: drop it (PostgreSQL rolls it back
 /// whole, and `commit` then fails with [`StoreError::Aborted`]).
 pub trait Tx {
+    /// Reads at once what deciding a batch of events (id, customer) will
+    /// ask for, where each read is a round trip (PostgreSQL); the reads
+    /// that follow answer from it, kept true to the transaction's own
+    /// writes. `window_start` as in [`customer`](Self::customer).
+    fn prefetch(
+        &mut self,
+        events: &[(&str, &str)],
+        window_start: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _ = (events, window_start);
+        Ok(())
+    }
     /// Whether this event id was processed before (the dedup window).
     fn already_processed(&mut self, event_id: &str) -> Result<bool, StoreError>;
     fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;

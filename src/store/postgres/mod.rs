@@ -321,6 +321,8 @@ impl Store for PostgresStore {
     fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
         Ok(Box::new(PgTx {
             tx: self.transaction()?,
+            cache: None,
+            processed_now: Vec::new(),
         }))
     }
 

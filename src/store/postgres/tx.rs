@@ -7,6 +7,8 @@
 //! the overlap of a rebalance into a unique violation, which is transient:
 //! the batch is retried and then finds the events processed.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use r2d2::PooledConnection;
 
@@ -66,7 +68,32 @@ impl Drop for Begun {
 
 pub(super) struct PgTx {
     pub(super) tx: Begun,
+    /// What [`Tx::prefetch`] read for the batch, kept true to this
+    /// transaction's own writes.
+    pub(super) cache: Option<Prefetched>,
+    /// Event ids marked processed, written in one statement at commit.
+    pub(super) processed_now: Vec<(String, DateTime<Utc>)>,
 }
+
+/// A batch's reads, made in one round trip per kind instead of several per
+/// event: which event ids were processed before, the customers' contexts
+/// and their open instances.
+#[derive(Default)]
+pub(super) struct Prefetched {
+    processed: HashSet<String>,
+    window_start: Option<DateTime<Utc>>,
+    /// A customer whose journeys this transaction changed is dropped here
+    /// and read again.
+    customers: HashMap<String, CustomerContext>,
+    /// Every prefetched customer's open instances, by (customer, journey, key).
+    open: HashMap<(String, String, String), InstanceRef>,
+    /// The customers asked for (an absent open instance then means none).
+    known: HashSet<String>,
+}
+
+/// Open instances of the customers `$1`.
+const OPEN_INSTANCES: &str = "SELECT customer, journey, key, id, rule_hash FROM instances
+     WHERE customer = ANY($1::text[]) AND status = 'open'";
 
 const OPEN_INSTANCE: &str = "SELECT id, rule_hash FROM instances
      WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'open'";
@@ -95,7 +122,57 @@ fn instance_ref(row: Option<postgres::Row>) -> Result<Option<InstanceRef>, Store
 }
 
 impl Tx for PgTx {
+    fn prefetch(
+        &mut self,
+        events: &[(&str, &str)],
+        window_start: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let ids: Vec<&str> = events.iter().map(|(id, _)| *id).collect();
+        let mut customers: Vec<String> = events.iter().map(|(_, c)| c.to_string()).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let cache = self.tx.run(|c| {
+            let mut cache = Prefetched {
+                window_start: Some(window_start),
+                ..Prefetched::default()
+            };
+            for r in c.query(
+                "SELECT id FROM processed_events WHERE id = ANY($1::text[])",
+                &[&ids],
+            )? {
+                cache.processed.insert(r.try_get(0)?);
+            }
+            let contexts = read::customers(c, &customers, Some(window_start), true)?;
+            for r in c.query(OPEN_INSTANCES, &[&customers])? {
+                cache.open.insert(
+                    (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?),
+                    InstanceRef {
+                        id: r.try_get(3)?,
+                        rule_hash: r.try_get(4)?,
+                    },
+                );
+            }
+            cache.known = customers.iter().cloned().collect();
+            cache.customers = customers.into_iter().zip(contexts).collect();
+            Ok(cache)
+        })?;
+        self.cache = Some(cache);
+        Ok(())
+    }
+
     fn already_processed(&mut self, event_id: &str) -> Result<bool, StoreError> {
+        if let Some(cache) = &self.cache {
+            if cache.processed.contains(event_id) {
+                return Ok(true);
+            }
+        }
+        if self.processed_now.iter().any(|(id, _)| id == event_id) {
+            return Ok(true);
+        }
+        if self.cache.is_some() {
+            // Every id of the batch was looked up at once.
+            return Ok(false);
+        }
         self.tx.run(|c| {
             Ok(
                 c.query_opt("SELECT 1 FROM processed_events WHERE id = $1", &[&event_id])?
@@ -105,13 +182,8 @@ impl Tx for PgTx {
     }
 
     fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.tx.run(|c| {
-            c.execute(
-                "INSERT INTO processed_events (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-                &[&event_id, &at],
-            )?;
-            Ok(())
-        })
+        self.processed_now.push((event_id.to_owned(), at));
+        Ok(())
     }
 
     fn customer(
@@ -119,6 +191,13 @@ impl Tx for PgTx {
         id: &str,
         window_start: DateTime<Utc>,
     ) -> Result<CustomerContext, StoreError> {
+        if let Some(cache) = &self.cache {
+            if cache.window_start == Some(window_start) {
+                if let Some(customer) = cache.customers.get(id) {
+                    return Ok(customer.clone());
+                }
+            }
+        }
         self.tx.run(|c| {
             let mut one = read::customers(c, &[id.to_owned()], Some(window_start), true)?;
             Ok(one.pop().expect("one context per id"))
@@ -130,6 +209,11 @@ impl Tx for PgTx {
         customer: &CustomerContext,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        if let Some(cache) = &mut self.cache {
+            if let Some(cached) = cache.customers.get_mut(&customer.id) {
+                cached.clone_from(customer);
+            }
+        }
         self.tx.run(|c| {
             let text =
                 serde_json::to_string(customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -148,6 +232,9 @@ impl Tx for PgTx {
         journey: &str,
         key: &str,
     ) -> Result<Option<InstanceRef>, StoreError> {
+        if let Some(found) = self.cached_open(customer, journey, key) {
+            return Ok(found);
+        }
         self.tx
             .run(|c| instance_ref(c.query_opt(OPEN_INSTANCE, &[&customer, &journey, &key])?))
     }
@@ -159,11 +246,17 @@ impl Tx for PgTx {
         key: &str,
         completed_since: DateTime<Utc>,
     ) -> Result<Option<InstanceRef>, StoreError> {
+        let cached = self.cached_open(customer, journey, key);
+        if let Some(Some(open)) = cached {
+            return Ok(Some(open));
+        }
         self.tx.run(|c| {
-            if let Some(open) =
-                instance_ref(c.query_opt(OPEN_INSTANCE, &[&customer, &journey, &key])?)?
-            {
-                return Ok(Some(open));
+            if cached.is_none() {
+                if let Some(open) =
+                    instance_ref(c.query_opt(OPEN_INSTANCE, &[&customer, &journey, &key])?)?
+                {
+                    return Ok(Some(open));
+                }
             }
             instance_ref(c.query_opt(
                 "SELECT id, rule_hash FROM instances
@@ -175,6 +268,18 @@ impl Tx for PgTx {
     }
 
     fn start_instance(&mut self, i: &NewInstance, steps: &[NewStep]) -> Result<(), StoreError> {
+        if let Some(cache) = &mut self.cache {
+            cache.customers.remove(&i.customer);
+            if cache.known.contains(&i.customer) {
+                cache.open.insert(
+                    (i.customer.clone(), i.journey.clone(), i.key.clone()),
+                    InstanceRef {
+                        id: i.id.clone(),
+                        rule_hash: i.rule_hash.clone(),
+                    },
+                );
+            }
+        }
         self.tx.run(|c| {
             let category = i.category.to_string();
             let vars =
@@ -219,11 +324,31 @@ impl Tx for PgTx {
         status: InstanceStatus,
         at: DateTime<Utc>,
     ) -> Result<Vec<ClosedStep>, StoreError> {
+        if let Some(cache) = &mut self.cache {
+            let ended: Vec<_> = cache
+                .open
+                .iter()
+                .filter(|(_, i)| i.id == instance_id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in ended {
+                cache.customers.remove(&key.0);
+                cache.open.remove(&key);
+            }
+        }
+        let cache = &mut self.cache;
         self.tx.run(|c| {
-            c.execute(
-                "UPDATE instances SET status = $2, ended_at = $3 WHERE id = $1 AND status IN ('open', 'completed')",
+            // A completed instance (not in the open map) closed changes its
+            // customer's journeys too.
+            for r in c.query(
+                "UPDATE instances SET status = $2, ended_at = $3 WHERE id = $1 AND status IN ('open', 'completed')
+                 RETURNING customer",
                 &[&instance_id, &status.as_str(), &at],
-            )?;
+            )? {
+                if let Some(cache) = cache {
+                    cache.customers.remove(r.try_get::<_, &str>(0)?);
+                }
+            }
             let rows = c.query(
                 "UPDATE steps SET status = 'cancelled', lease_until = NULL, holder = NULL
                  WHERE instance_id = $1 AND status = 'pending'
@@ -311,7 +436,41 @@ impl Tx for PgTx {
         })
     }
 
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        if !self.processed_now.is_empty() {
+            let ids: Vec<&str> = self
+                .processed_now
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .collect();
+            let ats: Vec<DateTime<Utc>> = self.processed_now.iter().map(|(_, at)| *at).collect();
+            self.tx.run(|c| {
+                c.execute(
+                    "INSERT INTO processed_events (id, at)
+                     SELECT * FROM unnest($1::text[], $2::timestamptz[])
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&ids, &ats],
+                )?;
+                Ok(())
+            })?;
+        }
         self.tx.commit()
+    }
+}
+
+impl PgTx {
+    /// The open instance from the prefetched batch: `Some(found)` when the
+    /// customer was prefetched (found or known absent), `None` when not.
+    fn cached_open(&self, customer: &str, journey: &str, key: &str) -> Option<Option<InstanceRef>> {
+        let cache = self.cache.as_ref()?;
+        if !cache.known.contains(customer) {
+            return None;
+        }
+        Some(
+            cache
+                .open
+                .get(&(customer.to_owned(), journey.to_owned(), key.to_owned()))
+                .cloned(),
+        )
     }
 }

@@ -30,11 +30,12 @@ pub(super) const RECENT_SENDS: &str =
      ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2";
 
 /// Steps of the customers `?1` whose send began at or after `?2` and whose
-/// result is not recorded (the partial index holds only those).
-pub(super) const POSSIBLY_SENT: &str = "SELECT i.customer, s.rowid, s.sending_at
-     FROM steps AS s JOIN instances AS i ON i.id = s.instance_id
-     WHERE s.sending_at IS NOT NULL AND s.sending_at >= ?2 AND s.status IN ('pending', 'claimed')
-       AND i.customer IN rarray(?1)";
+/// result is not recorded, found through each customer's instances.
+pub(super) const POSSIBLY_SENT: &str = "SELECT a.value, s.rowid, s.sending_at
+     FROM rarray(?1) AS a
+     CROSS JOIN instances AS i ON i.customer = a.value
+     CROSS JOIN steps AS s ON s.instance_id = i.id
+     WHERE s.sending_at >= ?2 AND s.status IN ('pending', 'claimed')";
 
 /// Sent steps of the instances `?1`.
 pub(super) const HISTORIES: &str = "SELECT a.value, d.seq, d.step, d.channel, d.template, d.time
