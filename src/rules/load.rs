@@ -453,7 +453,11 @@ fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<
         shadow,
         file: path.to_path_buf(),
         hash: content_hash(text.as_bytes()),
-        compiled: match super::fast::compile(&ast) {
+        // Measurement switch (BENCHMARKS.md, 1): the same rules with `decide`
+        // on the interpreter only.
+        compiled: match std::env::var_os("NUDGE_RULES_INTERPRETER_ONLY")
+            .map_or_else(|| super::fast::compile(&ast), |_| Err("interpreter only".into()))
+        {
             Ok(program) => Some(program),
             Err(why) => {
                 tracing::debug!(file = %path.display(), reason = %why, "decide runs on the interpreter");
