@@ -312,71 +312,7 @@ fn postgres_main(n: u64, insert_rows: u64, replicas: usize) {
     report.finish("Benchmark 2: end to end from Kafka, PostgreSQL");
 }
 
-/// The 10 % mix with `decide` compiled and on the interpreter only
-/// (`NUDGE_RULES_INTERPRETER_ONLY`), alternating, `rounds` each.
-fn compare_compiled(n: u64, rounds: usize) {
-    println!("machine: {}", machine());
-    let rt = runtime();
-    let endpoint = Receiver::counting(&rt, None);
-    let mix_topic = unique("bench-mix");
-    create_topic(&rt, &mix_topic, 6);
-    let records: Vec<_> = (0..n)
-        .map(|i| {
-            if i % 10 == 0 {
-                starting(i)
-            } else {
-                untriggered(i)
-            }
-        })
-        .collect();
-    produce(&mix_topic, &records);
-    drop(records);
-    let (mut compiled, mut interpreted) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        for interpreter_only in [round % 2 == 1, round % 2 == 0] {
-            if interpreter_only {
-                std::env::set_var("NUDGE_RULES_INTERPRETER_ONLY", "1");
-            } else {
-                std::env::remove_var("NUDGE_RULES_INTERPRETER_ONLY");
-            }
-            let run = daemon_consume(&mix_topic, n, &endpoint, "");
-            assert_eq!(run.started as u64, n / 10, "every 10th event starts a journey");
-            println!(
-                "round {round}: {} {}",
-                if interpreter_only { "interpreter" } else { "compiled" },
-                fmt_rate(run.rate)
-            );
-            if interpreter_only {
-                interpreted.push(run.rate);
-            } else {
-                compiled.push(run.rate);
-            }
-        }
-    }
-    std::env::remove_var("NUDGE_RULES_INTERPRETER_ONLY");
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    let (c, i) = (median(&mut compiled), median(&mut interpreted));
-    let mut report = Report::default();
-    report.ratio(
-        "2 e2e",
-        &format!("10 % mix, {n} events, median of {rounds}: compiled decide vs interpreter only"),
-        fmt_rate(c),
-        format!("interpreter {}", fmt_rate(i)),
-        c / i,
-        "",
-        None,
-    );
-    report.finish("Benchmark 2: compiled decide vs interpreter, end to end");
-}
-
 fn main() {
-    let rounds: usize = arg("compare-compiled", 0);
-    if rounds > 0 {
-        return compare_compiled(arg("events", 500_000), rounds);
-    }
     if arg("postgres", 0u8) == 1 {
         return postgres_main(
             arg("events", 200_000),

@@ -207,7 +207,7 @@ async fn instance_statuses_and_modes_in_the_reference_are_the_ones_scripts_see()
     let rules = lifecycle_rules();
     let probe = cloud_event("p", "probe", 2 * day + 60, json!({}));
     let vars = match rules
-        .decide_interpreted(
+        .decide(
             rules.journey("probe").unwrap(),
             &Arc::new(probe),
             &Arc::new(customer),
@@ -318,6 +318,6 @@ fn the_reference_lists_every_property_scripts_can_read_and_no_other() {
     let e = Arc::new(cloud_event("r", "t", 0, json!({})));
     let c = Arc::new(CustomerContext::new("c-1"));
     rules
-        .decide_interpreted(rules.journey("reads").unwrap(), &e, &c)
+        .decide(rules.journey("reads").unwrap(), &e, &c)
         .unwrap_or_else(|e| panic!("reading {reads:?}: {e}"));
 }
