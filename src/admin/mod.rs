@@ -30,7 +30,7 @@ pub struct AdminState {
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long `/readyz` waits for a probe it started before it answers with
 /// the last one's result: the answer never waits for the store.
-const PROBE_WAIT: Duration = Duration::from_millis(50);
+const PROBE_WAIT: Duration = Duration::from_millis(20);
 
 pub fn router(state: AdminState) -> Router {
     let probe = Arc::new(StoreProbe::default());
