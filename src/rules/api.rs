@@ -513,7 +513,8 @@ shadow instances end like live ones, only their steps are logged `held_out` or
 ### Sandbox
 Strict variables (an undeclared name is a load error), at most `rules.max_operations`
 operations per evaluation (default 100,000: an endless loop is stopped and only that
-journey's evaluation fails), call depth 32, expression depth 64, strings 64 KiB,
-arrays and maps 10,000 items, no `eval`.
+journey's evaluation fails) and at most `rules.timeout` of wall-clock time (default
+100ms: an operation such as `index_of` on a long array can take long), call depth 32,
+expression depth 64, strings 64 KiB, arrays and maps 10,000 items, no `eval`.
 "#
 }
