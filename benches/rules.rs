@@ -24,17 +24,6 @@ use serde_json::{json, Map, Value};
 
 /// The stage as the pipeline runs it, minus the store.
 fn nudge_stage(rules: &RuleSet, bytes: &[u8], customer: &Arc<CustomerContext>) -> usize {
-    stage(rules, bytes, customer, false)
-}
-
-/// `interpreted`: every `decide` on the rhai interpreter, without the
-/// compiled form (for context).
-fn stage(
-    rules: &RuleSet,
-    bytes: &[u8],
-    customer: &Arc<CustomerContext>,
-    interpreted: bool,
-) -> usize {
     let event = Arc::new(Event::parse(bytes).expect("valid event"));
     let t = event.event_type.as_str();
     if !(nudge::context::is_context_event(t) || rules.interested_in(t)) {
@@ -45,12 +34,7 @@ fn stage(
         black_box(exit);
     }
     for journey in rules.triggered_by(t) {
-        let d = if interpreted {
-            rules.decide_interpreted(journey, &event, customer)
-        } else {
-            rules.decide(journey, &event, customer)
-        }
-        .expect("decides");
+        let d = rules.decide(journey, &event, customer).expect("decides");
         n += matches!(d, Decision::Start { .. }) as usize;
         black_box(d);
     }
@@ -303,13 +287,7 @@ fn main() {
     for (id, what, bytes, starts) in &cases {
         // Interleaved rounds, so background load hits all sides alike.
         let (mut native, mut n3, mut n2k) = (Vec::new(), Vec::new(), Vec::new());
-        let mut interp = Vec::new();
         for _ in 0..rounds {
-            interp.push(rate(batch, slice, || {
-                for _ in 0..batch {
-                    black_box(stage(&three, black_box(bytes), &customer, true));
-                }
-            }));
             native.push(rate(batch, slice, || {
                 for _ in 0..batch {
                     black_box(native_stage(black_box(bytes), &customer));
@@ -327,7 +305,6 @@ fn main() {
             }));
         }
         let ratios: Vec<f64> = native.iter().zip(&n3).map(|(n, r)| n / r).collect();
-        let ratios_interp: Vec<f64> = native.iter().zip(&interp).map(|(n, r)| n / r).collect();
         let ratios_2k: Vec<f64> = n3.iter().zip(&n2k).map(|(a, b)| a / b).collect();
         let (native, n3, n2k) = (median(native), median(n3), median(n2k));
         let ratio = median(ratios);
@@ -341,17 +318,6 @@ fn main() {
             ratio,
             &format!("≤ {limit}×"),
             Some(ratio <= limit),
-        );
-        let interp = median(interp);
-        report.info(
-            "1 rules",
-            &format!("({id}) the same on the rhai interpreter alone"),
-            format!(
-                "{} ({:.2} µs), {:.2}× native",
-                fmt_rate(interp),
-                1e6 / interp,
-                median(ratios_interp)
-            ),
         );
         report.ratio(
             "1 rules",

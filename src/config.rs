@@ -94,6 +94,11 @@ impl Default for StoreConfig {
 /// The sandbox's operation budget per evaluation (`rules.max_operations`'s default).
 pub const DEFAULT_MAX_OPERATIONS: u64 = 100_000;
 
+/// The sandbox's wall-clock budget per evaluation (`rules.timeout`'s
+/// default): the shipped journeys decide in microseconds, and an event's
+/// batch (and the store's writer) waits for its slowest evaluation.
+pub const DEFAULT_RULES_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// PostgreSQL connections per replica (`store.pool_size`'s default): the
 /// decide stage, each channel's claims and writes, and the readers.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
@@ -206,6 +211,10 @@ pub struct RulesConfig {
     pub watch: bool,
     /// Sandbox: rhai operations one evaluation may run before it is stopped.
     pub max_operations: u64,
+    /// Sandbox: wall-clock time one evaluation may run before it is stopped
+    /// (operations differ in cost: one `index_of` on a long array is one).
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
 }
 
 impl Default for RulesConfig {
@@ -214,6 +223,7 @@ impl Default for RulesConfig {
             dir: PathBuf::from("rules"),
             watch: false,
             max_operations: DEFAULT_MAX_OPERATIONS,
+            timeout: DEFAULT_RULES_TIMEOUT,
         }
     }
 }
@@ -515,6 +525,14 @@ impl Config {
         if self.scheduler.retry_base > self.scheduler.retry_max {
             problems.push("scheduler.retry_base: must not exceed scheduler.retry_max".into());
         }
+        if self.rules.timeout < Duration::from_millis(1)
+            || self.rules.timeout > Duration::from_secs(60)
+        {
+            problems.push(
+                "rules.timeout: must be between 1ms and 60s (an evaluation holds up its batch)"
+                    .into(),
+            );
+        }
         if self.kafka.batch_size == 0 {
             problems.push("kafka.batch_size: must be at least 1".into());
         }
@@ -763,6 +781,31 @@ mod tests {
         assert_eq!(c.scheduler.max_attempts, 5);
         assert_eq!(c.policy.quiet_hours.start, Some(TimeOfDay::new(21, 0)));
         assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Sydney);
+    }
+
+    #[test]
+    fn rules_timeout_is_a_human_duration_within_bounds() {
+        assert_eq!(
+            load("", &[]).unwrap().rules.timeout,
+            Duration::from_millis(100)
+        );
+        let c = load("[rules]\ntimeout = \"250ms\"\n", &[]).unwrap();
+        assert_eq!(c.rules.timeout, Duration::from_millis(250));
+        let c = load("", &[("NUDGE_RULES__TIMEOUT", "2s")]).unwrap();
+        assert_eq!(c.rules.timeout, Duration::from_secs(2));
+        for bad in ["0s", "5m"] {
+            let err = load(&format!("[rules]\ntimeout = \"{bad}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("rules.timeout: must be between"),
+                "{bad}: {err}"
+            );
+        }
+        let err = load("[rules]\ntimeout = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon") && err.contains("timeout"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::store::Store;
 use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
-    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, RuleEvaluated,
+    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, RuleEvaluated, RuleTimedOut,
     RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded, TaskStopped,
 };
 
@@ -50,9 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // compiling, the broker not yet reached) then stops the daemon cleanly
     // once it is up, instead of killing it with the signal's default action.
     let mut stop_signals = StopSignals::listen()?;
-    let limits = Limits {
-        max_operations: config.rules.max_operations,
-    };
+    let limits = Limits::from_config(&config.rules);
     let rule_set = rules::load_dir(&config.rules.dir, &limits).map_err(|e| {
         anyhow::anyhow!(
             "rules in {} do not compile; not starting:\n{e}",
@@ -208,6 +206,13 @@ fn record_batch_metrics(outcome: &crate::journey::BatchOutcome) {
     .emit();
     for (journey, ok) in &outcome.evaluations {
         RuleEvaluated { journey, ok: *ok }.emit();
+    }
+    for journey in &outcome.timeouts {
+        RuleTimedOut {
+            journey,
+            function: "decide",
+        }
+        .emit();
     }
     for id in &outcome.started {
         let journey = id.rsplit_once('-').map(|(j, _)| j).unwrap_or(id);

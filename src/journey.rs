@@ -82,6 +82,8 @@ pub struct BatchOutcome {
     pub earliest_due: Option<DateTime<Utc>>,
     /// Evaluations per journey (journey, ok) for metrics.
     pub evaluations: Vec<(String, bool)>,
+    /// Journeys whose evaluation ran past `rules.timeout` (one entry each time).
+    pub timeouts: Vec<String>,
 }
 
 impl BatchOutcome {
@@ -102,6 +104,7 @@ impl BatchOutcome {
             (a, b) => a.or(b),
         };
         self.evaluations.extend(part.evaluations);
+        self.timeouts.extend(part.timeouts);
     }
 }
 
@@ -361,6 +364,9 @@ impl BatchRun<'_> {
             Ok(Decision::Start { key, vars }) => (key, vars),
             Ok(Decision::Skip(_)) => return Ok(false),
             Err(e) => {
+                if e.timed_out {
+                    self.out.timeouts.push(journey.name.clone());
+                }
                 self.out.failures.push(rule_failure(index, event, e));
                 return Ok(false);
             }
@@ -538,6 +544,7 @@ fn instance_key(journey: &Journey, event: &Event) -> Result<String, RuleError> {
                 "event {} has no data.{field}, the journey's instance key",
                 event.id
             ),
+            timed_out: false,
         }),
     }
 }

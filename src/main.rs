@@ -118,17 +118,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for j in set.journeys() {
                     println!(
-                        "  {} ({}, {} steps, triggers: {}) {}{}",
+                        "  {} ({}, {} steps, triggers: {}) {}",
                         j.name,
                         j.category,
                         j.steps.len(),
                         j.triggers.join(", "),
                         j.hash,
-                        if j.compiled() {
-                            ""
-                        } else {
-                            " [decide runs on the interpreter]"
-                        }
                     );
                 }
                 Ok(ExitCode::SUCCESS)
@@ -147,9 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             init_logging("warn");
             let config = Config::load(config.as_deref())?;
-            let limits = Limits {
-                max_operations: config.rules.max_operations,
-            };
+            let limits = Limits::from_config(&config.rules);
             let set = rules::load_dir(&dir, &limits)
                 .map_err(|e| anyhow::anyhow!("rules in {} do not compile:\n{e}", dir.display()))?;
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -179,7 +172,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(nudge::daemon::run(config))?;
+            let result = runtime.block_on(nudge::daemon::run(config));
+            // Blocking work still under way after the drain (a batch whose
+            // transaction has not committed: it is read again after a
+            // restart) must not hold the exit past `kafka.drain_timeout`.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { config } => {
@@ -241,9 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             init_logging("error");
             let config = Config::load(config.as_deref())?;
-            let limits = Limits {
-                max_operations: config.rules.max_operations,
-            };
+            let limits = Limits::from_config(&config.rules);
             let load = |d: &PathBuf| {
                 rules::load_dir(d, &limits)
                     .map_err(|e| anyhow::anyhow!("rules in {} do not compile:\n{e}", d.display()))

@@ -26,8 +26,8 @@ use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
 use crate::telemetry::events::{
-    LeaseRenewalFailed, NextDueUnreadable, SchedulerRoundFailed, StepConditionFailed, StepDecided,
-    StepDispatched, StepResultRefused, StepResultsUnstored,
+    LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
+    StepDecided, StepDispatched, StepResultRefused, StepResultsUnstored,
 };
 
 /// What was decided about one due step, before it is a dispatch-log record.
@@ -856,6 +856,13 @@ impl Scheduler {
             Ok(true) => None,
             Ok(false) => Some(format!("condition {function} is false")),
             Err(e) => {
+                if e.timed_out {
+                    RuleTimedOut {
+                        journey: &step.journey,
+                        function,
+                    }
+                    .emit();
+                }
                 StepConditionFailed {
                     journey: &step.journey,
                     instance: &step.instance_id,

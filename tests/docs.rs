@@ -207,7 +207,7 @@ async fn instance_statuses_and_modes_in_the_reference_are_the_ones_scripts_see()
     let rules = lifecycle_rules();
     let probe = cloud_event("p", "probe", 2 * day + 60, json!({}));
     let vars = match rules
-        .decide_interpreted(
+        .decide(
             rules.journey("probe").unwrap(),
             &Arc::new(probe),
             &Arc::new(customer),
@@ -318,6 +318,101 @@ fn the_reference_lists_every_property_scripts_can_read_and_no_other() {
     let e = Arc::new(cloud_event("r", "t", 0, json!({})));
     let c = Arc::new(CustomerContext::new("c-1"));
     rules
-        .decide_interpreted(rules.journey("reads").unwrap(), &e, &c)
+        .decide(rules.journey("reads").unwrap(), &e, &c)
         .unwrap_or_else(|e| panic!("reading {reads:?}: {e}"));
+}
+
+/// The functions and methods the reference lists, as written: (receiver,
+/// name, argument names), e.g. (`customer`, `consented`, [`channel`, `category`]).
+fn listed_functions() -> Vec<(Option<String>, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for line in host_api_reference()
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+    {
+        let first_cell = line.split('|').nth(1).unwrap();
+        for code in first_cell.split('`').skip(1).step_by(2) {
+            let Some((callee, args)) = code.strip_suffix(')').and_then(|c| c.split_once('('))
+            else {
+                continue;
+            };
+            let (receiver, name) = match callee.rsplit_once('.') {
+                Some((r, n)) => (Some(r.to_string()), n.to_string()),
+                None => (None, callee.to_string()),
+            };
+            let args = args
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+            out.push((receiver, name, args));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_reference_lists_every_function_scripts_can_call_and_no_other() {
+    let listed = listed_functions();
+    let names: BTreeSet<&str> = listed.iter().map(|(_, n, _)| n.as_str()).collect();
+    assert!(names.contains("consented") && names.contains("start") && names.contains("money"));
+
+    // Registered in the engine (src/rules/api.rs), so listed.
+    let api = std::fs::read_to_string(repo().join("src/rules/api.rs")).unwrap();
+    let registered: BTreeSet<String> = api
+        .split("register_fn(")
+        .skip(1)
+        .filter_map(|rest| rest.trim_start().strip_prefix('"'))
+        .map(|rest| rest.split('"').next().unwrap().to_string())
+        .collect();
+    assert!(
+        registered.len() >= 7,
+        "register_fn in src/rules/api.rs: {registered:?}"
+    );
+    let unlisted: Vec<&String> = registered
+        .iter()
+        .filter(|r| !names.contains(r.as_str()))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "registered but not in the reference: {unlisted:?}"
+    );
+
+    // Listed, so a script calls each one as written, with values of the
+    // documented kinds, and the engine finds it.
+    let value = |arg: &str| match arg {
+        "vars" => "#{}".to_string(),
+        "x" => "18.5".to_string(),
+        quoted if quoted.starts_with('"') => quoted.to_string(),
+        other => format!("\"{other}\""),
+    };
+    let receiver = |r: &str| match r {
+        "customer" => "customer".to_string(),
+        _ => "#{ field: 1 }".to_string(),
+    };
+    for (on, name, args) in &listed {
+        let args: Vec<String> = args.iter().map(|a| value(a)).collect();
+        let call = match on {
+            Some(r) => format!("{}.{name}({})", receiver(r), args.join(", ")),
+            None => format!("{name}({})", args.join(", ")),
+        };
+        let script = format!(
+            r#"fn journey() {{ #{{ name: "calls", category: "service", triggers: ["t"],
+                   steps: [#{{ id: "a", channel: "push", template: "t", delay: "0s" }}] }} }}
+               fn decide(event, customer) {{ let r = {call}; start() }}"#
+        );
+        let rules = load_sources(
+            vec![(PathBuf::from("calls.rhai"), script)],
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{call}: {e}"));
+        let e = Arc::new(cloud_event("r", "t", 0, json!({})));
+        let c = Arc::new(CustomerContext::new("c-1"));
+        if let Err(err) = rules.decide(rules.journey("calls").unwrap(), &e, &c) {
+            assert!(
+                !err.message.contains("Function not found"),
+                "the reference lists `{call}`, scripts cannot call it: {err}"
+            );
+        }
+    }
 }

@@ -78,6 +78,62 @@ expect = [
     assert!(out.contains("cases passed, 1 failed"), "{out}");
 }
 
+/// Script errors found by `nudge test` name the line and column where they
+/// happened (inside the script's own function), and a script stopped by
+/// `rules.timeout` says so at the function that was called.
+#[test]
+fn nudge_test_shows_script_errors_at_their_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = |name: &str| {
+        format!(
+            r#"fn journey() {{ #{{ name: "{name}", category: "service", triggers: ["{name}.happened"],
+  steps: [#{{ id: "push", channel: "push", template: "t", delay: "0s" }}] }} }}
+"#
+        )
+    };
+    // Line 5, column 11: the `*` of `"x" * 2` in `label`, called from `decide` on line 8.
+    let broken = format!(
+        "{}fn label(event) {{\n  let n = event.data.n;\n  n + \"x\" * 2\n}}\nfn decide(event, customer) {{\n  let l = label(event);\n  start()\n}}\n",
+        head("broken")
+    );
+    // `decide` on line 3, column 28; seconds of `index_of`, under the operation limit.
+    let slow = format!(
+        "{}fn decide(event, customer) {{\n  let a = [];\n  for i in 0..10000 {{ a.push(i); }}\n  let n = 0;\n  for i in 0..10000 {{ n += a.index_of(9999); }}\n  start()\n}}\n",
+        head("slow")
+    );
+    for (name, text) in [("broken", &broken), ("slow", &slow)] {
+        std::fs::write(dir.path().join(format!("{name}.rhai")), text).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{name}.test.toml")),
+            format!(
+                "journey = \"{name}\"\n[[case]]\nname = \"starts\"\nevents = [ {{ type = \"{name}.happened\", data = {{ n = 1 }} }} ]\nexpect = [ {{ at = \"0s\", step = \"push\", outcome = \"sent\" }} ]\n"
+            ),
+        )
+        .unwrap();
+    }
+    let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let at = |name: &str, line: usize, column: usize| {
+        format!(
+            "{}:{line}:{column}: journey `{name}`: ",
+            dir.path().join(format!("{name}.rhai")).display()
+        )
+    };
+    assert!(
+        out.contains(&format!("{}Function not found: *", at("broken", 5, 11))),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{}stopped: the evaluation ran longer than rules.timeout (100ms)",
+            at("slow", 3, 28)
+        )),
+        "{out}"
+    );
+    assert!(!out.contains(":0:0:"), "{out}");
+    assert!(out.contains("0 cases passed, 2 failed"), "{out}");
+}
+
 #[test]
 fn replay_reports_a_changed_delay_and_a_changed_condition() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,8 @@
 //! assigned, store reachable, rules loaded) and `/metrics` (Prometheus text).
 //! Nothing here changes state, so nothing here needs a token.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::ingest::Readiness;
 use crate::rules::RulesHandle;
@@ -24,35 +26,93 @@ pub struct AdminState {
     pub rules: RulesHandle,
 }
 
-/// How long `/readyz` waits for the store before it says not ready.
-const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a store probe may take before `/readyz` says the store is not answering.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `/readyz` waits for a probe it started before it answers with
+/// the last one's result: the answer never waits for the store.
+const PROBE_WAIT: Duration = Duration::from_millis(20);
 
 pub fn router(state: AdminState) -> Router {
+    let probe = Arc::new(StoreProbe::default());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+        .route(
+            "/readyz",
+            get(move |s: State<AdminState>| ready(s, probe.clone())),
+        )
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+/// The store's answer to a cheap query, taken beside `/readyz` rather than
+/// inside it: a query waits for the store's writer, which a batch holds
+/// while its scripts run (up to `rules.timeout` each), and a probe must
+/// answer within its own deadline whatever the store does.
+struct StoreProbe {
+    state: Mutex<ProbeState>,
+    /// Bumped when a probe ends.
+    done: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    last: Option<Result<(), String>>,
+    running_since: Option<Instant>,
+}
+
+impl Default for StoreProbe {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            done: watch::channel(0).0,
+        }
+    }
+}
+
+impl StoreProbe {
+    /// Starts a probe unless one is running, waits briefly for it, and says
+    /// what is known: `Ok` or why the store is not usable.
+    async fn check(self: Arc<Self>, store: &Arc<dyn Store>) -> Result<(), String> {
+        let mut done = self.done.subscribe();
+        let start = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let start = state.running_since.is_none();
+            if start {
+                state.running_since = Some(Instant::now());
+            }
+            start
+        };
+        if start {
+            let (probe, store) = (self.clone(), store.clone());
+            tokio::task::spawn_blocking(move || {
+                let result = store.next_due(None).map(|_| ()).map_err(|e| e.to_string());
+                let mut state = probe.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.last = Some(result);
+                state.running_since = None;
+                drop(state);
+                probe.done.send_modify(|n| *n += 1);
+            });
+        }
+        let _ = tokio::time::timeout(PROBE_WAIT, done.changed()).await;
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match (&state.last, state.running_since) {
+            (_, Some(since)) if since.elapsed() > STORE_PROBE_TIMEOUT => Err(format!(
+                "no answer within {}",
+                crate::humanize::duration(STORE_PROBE_TIMEOUT)
+            )),
+            (Some(Ok(())), _) => Ok(()),
+            (Some(Err(e)), _) => Err(format!("unreachable: {e}")),
+            (None, _) => Err("first probe under way".into()),
+        }
+    }
+}
+
+async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl IntoResponse {
     let partitions = s.readiness.assigned_partitions();
-    let store = s.store.clone();
-    // A store that does not answer in time is as good as down for a probe.
-    let probe = tokio::time::timeout(
-        STORE_PROBE_TIMEOUT,
-        tokio::task::spawn_blocking(move || store.next_due(None).map(|_| ())),
-    )
-    .await;
-    let store_state = match (probe, s.readiness.store_problem()) {
-        (Ok(Ok(Ok(()))), None) => "ok".to_string(),
-        (Ok(Ok(Ok(()))), Some(problem)) => problem,
-        (Ok(Ok(Err(e))), _) => format!("unreachable: {e}"),
-        (Ok(Err(e)), _) => format!("unreachable: {e}"),
-        (Err(_), _) => format!(
-            "no answer within {}",
-            crate::humanize::duration(STORE_PROBE_TIMEOUT)
-        ),
+    let store_state = match (probe.check(&s.store).await, s.readiness.store_problem()) {
+        (Ok(()), None) => "ok".to_string(),
+        (Ok(()), Some(problem)) => problem,
+        (Err(e), _) => e,
     };
     let store_ok = store_state == "ok";
     let rules = s.rules.current();

@@ -5,7 +5,9 @@
 //! is a lookup while on a custom type it goes through a failed getter
 //! resolution (which formats an error message) before the indexer.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 use serde_json::{Map, Value};
@@ -19,14 +21,57 @@ use crate::model::{ChannelKind, Decision, InstanceStatus};
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_operations: u64,
+    /// Wall clock per evaluation: operations differ in cost (one `index_of`
+    /// over 10,000 items is one operation), so the count alone does not
+    /// bound the time a batch, and the store's writer, waits.
+    pub timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_operations: crate::config::DEFAULT_MAX_OPERATIONS,
+            timeout: crate::config::DEFAULT_RULES_TIMEOUT,
         }
     }
+}
+
+impl Limits {
+    pub fn from_config(rules: &crate::config::RulesConfig) -> Self {
+        Self {
+            max_operations: rules.max_operations,
+            timeout: rules.timeout,
+        }
+    }
+}
+
+thread_local! {
+    /// When the evaluation running on this thread must stop, and its
+    /// timeout. An evaluation runs start to end on one thread, while the
+    /// engine is shared by all.
+    static DEADLINE: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
+}
+
+/// The token of rhai's `ErrorTerminated` when the deadline stopped a script.
+#[derive(Debug, Clone, Copy)]
+struct TimedOut(Duration);
+
+/// The clock is read every this many operations: cheap next to the
+/// operations between, and a deadline is overrun by at most that many
+/// operations, each bounded by the size limits.
+const CLOCK_EVERY: u64 = 8;
+
+/// Runs `f` (one evaluation) with the deadline `timeout` from now.
+pub(super) fn with_deadline<T>(timeout: Duration, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<(Instant, Duration)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let previous = DEADLINE.with(|d| d.replace(Some((Instant::now() + timeout, timeout))));
+    let _restore = Restore(previous);
+    f()
 }
 
 #[derive(Clone)]
@@ -48,6 +93,15 @@ pub fn build_engine(limits: &Limits) -> Engine {
         .set_max_array_size(10_000)
         .set_max_map_size(10_000)
         .disable_symbol("eval");
+    // The wall-clock limit (see `with_deadline`); also stops a runaway
+    // `journey()` at load time.
+    engine.on_progress(|operations| {
+        if operations % CLOCK_EVERY != 0 {
+            return None;
+        }
+        let (deadline, timeout) = DEADLINE.with(Cell::get)?;
+        (Instant::now() >= deadline).then(|| Dynamic::from(TimedOut(timeout)))
+    });
     engine.on_print(|text| tracing::debug!(target: "nudge::script", "{text}"));
     engine.on_debug(|text, source, pos| {
         tracing::debug!(target: "nudge::script", source = source.unwrap_or(""), line = pos.line().unwrap_or(0), "{text}")
@@ -161,12 +215,14 @@ pub fn build_engine(limits: &Limits) -> Engine {
 
 pub(super) fn decide(
     engine: &Engine,
+    timeout: Duration,
     journey: &Journey,
     event: &Arc<Event>,
     customer: &Arc<CustomerContext>,
 ) -> Result<Decision, RuleError> {
     let result = call(
         engine,
+        timeout,
         journey,
         "decide",
         (EventView(event.clone()), CustomerView(customer.clone())),
@@ -191,23 +247,22 @@ pub(super) fn decide(
     }
     if result.is_map() {
         let map = result.cast::<rhai::Map>();
-        let vars = map_to_json(&map).map_err(|e| runtime_error(journey, &e))?;
+        let vars = map_to_json(&map).map_err(|e| runtime_error(journey, "decide", &e))?;
         return Ok(Decision::Start { key: None, vars });
     }
-    Err(RuleError {
-        journey: journey.name.clone(),
-        file: journey.file.display().to_string(),
-        line: 0,
-        column: 0,
-        message: format!(
+    Err(at_function(
+        journey,
+        "decide",
+        format!(
             "decide returned a {}; return start(vars), skip(reason) or ()",
             result.type_name()
         ),
-    })
+    ))
 }
 
 pub(super) fn condition(
     engine: &Engine,
+    timeout: Duration,
     journey: &Journey,
     function: &str,
     customer: &Arc<CustomerContext>,
@@ -219,55 +274,107 @@ pub(super) fn condition(
         .collect();
     let result = call(
         engine,
+        timeout,
         journey,
         function,
         (CustomerView(customer.clone()), vars),
     )?;
-    result.as_bool().map_err(|t| RuleError {
-        journey: journey.name.clone(),
-        file: journey.file.display().to_string(),
-        line: 0,
-        column: 0,
-        message: format!("condition `{function}` returned a {t}, not a bool"),
+    result.as_bool().map_err(|t| {
+        at_function(
+            journey,
+            function,
+            format!("condition `{function}` returned a {t}, not a bool"),
+        )
     })
 }
 
+/// Every evaluation of a journey's script goes through here: the one place
+/// that bounds it in time (the operation and size limits are the engine's).
 fn call(
     engine: &Engine,
+    timeout: Duration,
     journey: &Journey,
     function: &str,
     args: impl rhai::FuncArgs,
 ) -> Result<Dynamic, RuleError> {
     let mut scope = Scope::new();
     let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-    engine
-        .call_fn_with_options::<Dynamic>(options, &mut scope, &journey.ast, function, args)
-        .map_err(|e| runtime_error(journey, &e))
+    with_deadline(timeout, || {
+        engine.call_fn_with_options::<Dynamic>(options, &mut scope, &journey.ast, function, args)
+    })
+    .map_err(|e| runtime_error(journey, function, &e))
 }
 
-/// Points at the innermost position: the line inside the script function
-/// that failed, not the call site.
-pub(super) fn runtime_error(journey: &Journey, err: &EvalAltResult) -> RuleError {
-    let (message, pos) = innermost(err);
+/// A failure of `function` as a whole (say, what it returned): reported at
+/// the function's definition.
+fn at_function(journey: &Journey, function: &str, message: String) -> RuleError {
+    let pos = function_position(&journey.ast, function);
     RuleError {
         journey: journey.name.clone(),
         file: journey.file.display().to_string(),
         line: pos.line().unwrap_or(0),
         column: pos.position().unwrap_or(0),
         message,
+        timed_out: false,
     }
 }
 
-pub(super) fn innermost(err: &EvalAltResult) -> (String, Position) {
+/// Where the script defines `function` (its body's opening brace).
+fn function_position(ast: &rhai::AST, function: &str) -> Position {
+    ast.iter_fn_def()
+        .find(|f| f.name == function)
+        .map_or(Position::NONE, |f| f.body.start_position())
+}
+
+/// Points at the innermost position: the line inside the script function
+/// that failed, not the call site. Where rhai gives no position at all (a
+/// limit hit between statements), the function that was called.
+pub(super) fn runtime_error(journey: &Journey, function: &str, err: &EvalAltResult) -> RuleError {
+    let inner = innermost(err);
+    let pos = if inner.pos.is_none() {
+        function_position(&journey.ast, function)
+    } else {
+        inner.pos
+    };
+    RuleError {
+        journey: journey.name.clone(),
+        file: journey.file.display().to_string(),
+        line: pos.line().unwrap_or(0),
+        column: pos.position().unwrap_or(0),
+        message: inner.message,
+        timed_out: inner.timed_out,
+    }
+}
+
+/// What failed, where, and whether the deadline stopped it.
+pub(super) struct Inner {
+    pub message: String,
+    pub pos: Position,
+    pub timed_out: bool,
+}
+
+pub(super) fn innermost(err: &EvalAltResult) -> Inner {
     match err {
         EvalAltResult::ErrorInFunctionCall(_, _, inner, pos) => {
-            let (msg, inner_pos) = innermost(inner);
-            (msg, if inner_pos.is_none() { *pos } else { inner_pos })
+            let mut found = innermost(inner);
+            if found.pos.is_none() {
+                found.pos = *pos;
+            }
+            found
         }
-        EvalAltResult::ErrorTooManyOperations(pos) => (
-            "stopped: the script ran too many operations (endless loop?)".into(),
-            *pos,
-        ),
+        EvalAltResult::ErrorTooManyOperations(pos) => Inner {
+            message: "stopped: the script ran too many operations (endless loop?)".into(),
+            pos: *pos,
+            timed_out: false,
+        },
+        EvalAltResult::ErrorTerminated(token, pos) if token.is::<TimedOut>() => Inner {
+            message: format!(
+                "stopped: the evaluation ran longer than rules.timeout ({})",
+                crate::humanize::duration(token.clone_cast::<TimedOut>().0)
+            ),
+            pos: *pos,
+            timed_out: true,
+        },
         other => {
             // Display includes " (line x, position y)"; the position is reported separately.
             let text = other.to_string();
@@ -275,7 +382,11 @@ pub(super) fn innermost(err: &EvalAltResult) -> (String, Position) {
                 Some(i) => text[..i].to_string(),
                 None => text,
             };
-            (text, other.position())
+            Inner {
+                message: text,
+                pos: other.position(),
+                timed_out: false,
+            }
         }
     }
 }
@@ -402,7 +513,8 @@ shadow instances end like live ones, only their steps are logged `held_out` or
 ### Sandbox
 Strict variables (an undeclared name is a load error), at most `rules.max_operations`
 operations per evaluation (default 100,000: an endless loop is stopped and only that
-journey's evaluation fails), call depth 32, expression depth 64, strings 64 KiB,
-arrays and maps 10,000 items, no `eval`.
+journey's evaluation fails) and at most `rules.timeout` of wall-clock time (default
+100ms: an operation such as `index_of` on a long array can take long), call depth 32,
+expression depth 64, strings 64 KiB, arrays and maps 10,000 items, no `eval`.
 "#
 }

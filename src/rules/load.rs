@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rhai::{Dynamic, Engine, Scope};
 
-use super::api::{build_engine, innermost, Limits};
+use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
 
@@ -104,7 +104,7 @@ pub fn load_sources(
     let mut journeys: Vec<Journey> = Vec::new();
     let mut names = HashSet::new();
     for (path, text) in sources {
-        match compile_one(&engine, &path, &text) {
+        match compile_one(&engine, limits, &path, &text) {
             Ok(journey) => {
                 if !names.insert(journey.name.clone()) {
                     let (line, column) = find(&text, &format!("\"{}\"", journey.name));
@@ -123,13 +123,18 @@ pub fn load_sources(
         }
     }
     if problems.is_empty() {
-        Ok(RuleSet::new(journeys, engine))
+        Ok(RuleSet::new(journeys, engine, limits.timeout))
     } else {
         Err(LoadError { problems })
     }
 }
 
-fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<Problem>> {
+fn compile_one(
+    engine: &Engine,
+    limits: &Limits,
+    path: &Path,
+    text: &str,
+) -> Result<Journey, Vec<Problem>> {
     let file = path.display().to_string();
     let problem = |line: usize, column: usize, message: String, hint: Option<&str>| Problem {
         file: file.clone(),
@@ -170,17 +175,22 @@ fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<
 
     let mut scope = Scope::new();
     let options = rhai::CallFnOptions::new().eval_ast(false);
-    let meta: Dynamic = engine
-        .call_fn_with_options(options, &mut scope, &ast, "journey", ())
-        .map_err(|e| {
-            let (message, pos) = innermost(&e);
-            vec![problem(
-                pos.line().unwrap_or(0),
-                pos.position().unwrap_or(0),
-                format!("journey() failed: {message}"),
-                None,
-            )]
-        })?;
+    let meta: Dynamic = with_deadline(limits.timeout, || {
+        engine.call_fn_with_options(options, &mut scope, &ast, "journey", ())
+    })
+    .map_err(|e| {
+        let inner = innermost(&e);
+        let (line, column) = match (inner.pos.line(), inner.pos.position()) {
+            (Some(l), Some(c)) => (l, c),
+            _ => fn_line("journey"),
+        };
+        vec![problem(
+            line,
+            column,
+            format!("journey() failed: {}", inner.message),
+            None,
+        )]
+    })?;
     let Some(meta) = meta.try_cast::<rhai::Map>() else {
         let (l, c) = fn_line("journey");
         return Err(vec![problem(
@@ -453,13 +463,6 @@ fn compile_one(engine: &Engine, path: &Path, text: &str) -> Result<Journey, Vec<
         shadow,
         file: path.to_path_buf(),
         hash: content_hash(text.as_bytes()),
-        compiled: match super::fast::compile(&ast) {
-            Ok(program) => Some(program),
-            Err(why) => {
-                tracing::debug!(file = %path.display(), reason = %why, "decide runs on the interpreter");
-                None
-            }
-        },
         ast,
     })
 }

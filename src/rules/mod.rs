@@ -6,7 +6,6 @@
 //! the cost of an event does not grow with the number of journeys.
 
 mod api;
-mod fast;
 mod load;
 
 use std::collections::HashMap;
@@ -76,16 +75,6 @@ pub struct Journey {
     /// Content hash of the script file (recorded with every decision).
     pub hash: String,
     ast: rhai::AST,
-    /// `decide` compiled, when the script stays within the fast subset.
-    compiled: Option<fast::Program>,
-}
-
-impl Journey {
-    /// Whether `decide` runs compiled (see `rules/fast.rs`); otherwise, or
-    /// when an evaluation leaves the compiled subset, on the interpreter.
-    pub fn compiled(&self) -> bool {
-        self.compiled.is_some()
-    }
 }
 
 impl fmt::Debug for Journey {
@@ -106,6 +95,9 @@ pub struct RuleError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+    /// The evaluation ran longer than `rules.timeout` (counted apart, as
+    /// `nudge_rule_timeouts_total`).
+    pub timed_out: bool,
 }
 
 /// All journeys of one `rules/` directory, with their trigger index.
@@ -117,6 +109,8 @@ pub struct RuleSet {
     /// Hash over every file's hash: names this version of the rule set.
     pub version: String,
     engine: rhai::Engine,
+    /// `rules.timeout`: wall clock per evaluation.
+    timeout: Duration,
 }
 
 impl fmt::Debug for RuleSet {
@@ -129,7 +123,7 @@ impl fmt::Debug for RuleSet {
 }
 
 impl RuleSet {
-    fn new(mut journeys: Vec<Journey>, engine: rhai::Engine) -> Self {
+    fn new(mut journeys: Vec<Journey>, engine: rhai::Engine, timeout: Duration) -> Self {
         // Higher priority first, so arbitration and output follow priority.
         journeys.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
         let mut by_name = HashMap::new();
@@ -157,6 +151,7 @@ impl RuleSet {
             by_exit,
             version,
             engine,
+            timeout,
         }
     }
 
@@ -199,25 +194,7 @@ impl RuleSet {
         event: &Arc<Event>,
         customer: &Arc<CustomerContext>,
     ) -> Result<Decision, RuleError> {
-        if let Some(decision) = journey
-            .compiled
-            .as_ref()
-            .and_then(|p| p.decide(event, customer))
-        {
-            return Ok(decision);
-        }
-        api::decide(&self.engine, journey, event, customer)
-    }
-
-    /// `decide` on the rhai interpreter only (the reference the compiled
-    /// form is held to; benchmarks compare the two).
-    pub fn decide_interpreted(
-        &self,
-        journey: &Journey,
-        event: &Arc<Event>,
-        customer: &Arc<CustomerContext>,
-    ) -> Result<Decision, RuleError> {
-        api::decide(&self.engine, journey, event, customer)
+        api::decide(&self.engine, self.timeout, journey, event, customer)
     }
 
     /// Evaluates a step's condition function against the instance's variables.
@@ -228,7 +205,14 @@ impl RuleSet {
         customer: &Arc<CustomerContext>,
         vars: &Map<String, Value>,
     ) -> Result<bool, RuleError> {
-        api::condition(&self.engine, journey, function, customer, vars)
+        api::condition(
+            &self.engine,
+            self.timeout,
+            journey,
+            function,
+            customer,
+            vars,
+        )
     }
 }
 
@@ -258,4 +242,153 @@ pub fn bucket(customer: &str, journey: &str, salt: &str) -> u8 {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("{salt}:{journey}:{customer}").as_bytes());
     (u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 100) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const HEAD: &str = r#"fn journey() { #{ name: "j", category: "service", triggers: ["t"],
+  steps: [#{ id: "a", channel: "push", template: "t", delay: "0s", when: "ok_to_send" }] } }
+"#;
+
+    /// Rules of one journey whose script is `HEAD` (line 1-2) then `body` (from line 3).
+    fn rules(body: &str, timeout: Duration) -> RuleSet {
+        let limits = Limits {
+            timeout,
+            ..Limits::default()
+        };
+        load_sources(
+            vec![(PathBuf::from("j.rhai"), format!("{HEAD}{body}"))],
+            &limits,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn decide(rules: &RuleSet) -> Result<Decision, RuleError> {
+        let event = Event::parse(
+            br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c-1","time":"2026-01-01T00:00:00Z","data":{"amount":3}}"#,
+        )
+        .unwrap();
+        let customer = Arc::new(CustomerContext::new("c-1"));
+        rules.decide(rules.journey("j").unwrap(), &Arc::new(event), &customer)
+    }
+
+    const OK: &str = "fn ok_to_send(customer, vars) { true }\n";
+
+    #[test]
+    fn a_runtime_error_names_its_line_and_column_inside_the_function_called() {
+        let set = rules(
+            &format!(
+                "{OK}fn describe(event) {{\n  let amount = event.data.amount;\n  amount + \"x\" * 2\n}}\nfn decide(event, customer) {{\n  let text = describe(event);\n  start()\n}}\n"
+            ),
+            Duration::from_millis(100),
+        );
+        let err = decide(&set).unwrap_err();
+        // `"x" * 2` on line 6 (of `describe`), not the call on line 9.
+        assert_eq!((err.line, err.column), (6, 16), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("j.rhai:6:16: journey `j`: Function not found: *"),
+            "{err}"
+        );
+        assert!(!err.timed_out);
+
+        let set = rules(
+            &format!("{OK}fn decide(event, customer) {{\n  if event.data.amount > 2 {{\n    throw \"too big\";\n  }}\n  start()\n}}\n"),
+            Duration::from_millis(100),
+        );
+        let err = decide(&set).unwrap_err();
+        assert_eq!((err.line, err.column), (6, 5), "{err}");
+        assert!(err.message.contains("too big"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_result_or_a_limit_names_the_function_not_line_zero() {
+        let set = rules(
+            &format!("{OK}fn decide(event, customer) {{\n  \"yes\"\n}}\n"),
+            Duration::from_millis(100),
+        );
+        let err = decide(&set).unwrap_err();
+        assert_eq!((err.line, err.column), (4, 28), "{err}");
+        assert!(err.message.contains("decide returned a string"), "{err}");
+
+        // rhai reports limits without a position: the function called stands in.
+        let set = rules(
+            &format!("{OK}fn spin() {{\n  let x = 0;\n  loop {{ x += 1; }}\n}}\nfn decide(event, customer) {{\n  spin()\n}}\n"),
+            Duration::from_secs(10),
+        );
+        let err = decide(&set).unwrap_err();
+        assert_eq!((err.line, err.column), (8, 28), "{err}");
+        assert!(err.message.contains("too many operations"), "{err}");
+        assert!(!err.timed_out);
+    }
+
+    /// Under the operation limit (each `index_of` is one operation) but
+    /// seconds long without the clock.
+    const SLOW: &str = "fn decide(event, customer) {\n  let a = [];\n  for i in 0..10000 { a.push(i); }\n  let n = 0;\n  for i in 0..10000 { n += a.index_of(9999); }\n  start()\n}\n";
+
+    #[test]
+    fn an_evaluation_past_the_timeout_is_stopped_and_says_so() {
+        let set = rules(&format!("{OK}{SLOW}"), Duration::from_millis(100));
+        let started = Instant::now();
+        let err = decide(&set).unwrap_err();
+        let took = started.elapsed();
+        assert!(err.timed_out, "{err}");
+        assert_eq!(
+            err.to_string(),
+            "j.rhai:4:28: journey `j`: stopped: the evaluation ran longer than rules.timeout (100ms)"
+        );
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(600), "stopped late: {took:?}");
+
+        // The deadline was one evaluation's: the next starts afresh.
+        let quick = rules(
+            &format!("{OK}fn decide(event, customer) {{ start() }}\n"),
+            Duration::from_millis(100),
+        );
+        assert!(decide(&quick).is_ok());
+    }
+
+    #[test]
+    fn a_step_condition_is_bounded_by_the_same_timeout() {
+        let set = rules(
+            "fn ok_to_send(customer, vars) {\n  let a = [];\n  for i in 0..10000 { a.push(i); }\n  let n = 0;\n  for i in 0..10000 { n += a.index_of(9999); }\n  true\n}\nfn decide(event, customer) { start() }\n",
+            Duration::from_millis(50),
+        );
+        let customer = Arc::new(CustomerContext::new("c-1"));
+        let started = Instant::now();
+        let err = set
+            .condition(
+                set.journey("j").unwrap(),
+                "ok_to_send",
+                &customer,
+                &Map::new(),
+            )
+            .unwrap_err();
+        assert!(err.timed_out, "{err}");
+        assert!(err.message.contains("rules.timeout (50ms)"), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_slow_journey_definition_is_a_load_problem() {
+        let text = format!(
+            "fn journey() {{\n  let a = [];\n  for i in 0..10000 {{ a.push(i); }}\n  for i in 0..10000 {{ a.index_of(9999); }}\n  #{{ name: \"j\" }}\n}}\n{SLOW}"
+        );
+        let limits = Limits {
+            timeout: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let err = load_sources(vec![(PathBuf::from("j.rhai"), text)], &limits).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].line, 1, "{err}");
+        assert!(
+            err.to_string().contains(
+                "journey() failed: stopped: the evaluation ran longer than rules.timeout (50ms)"
+            ),
+            "{err}"
+        );
+    }
 }

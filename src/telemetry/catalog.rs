@@ -132,6 +132,12 @@ pub const RULE_ERRORS: Metric = Metric {
     labels: &["journey"],
     help: "runs of decide or of a step condition that failed (the event is dead-lettered, the step suppressed)",
 };
+pub const RULE_TIMEOUTS: Metric = Metric {
+    name: "nudge_rule_timeouts_total",
+    kind: Kind::Counter,
+    labels: &["journey"],
+    help: "runs of decide or of a step condition stopped at rules.timeout (also counted in nudge_rule_errors_total)",
+};
 pub const JOURNEYS_STARTED: Metric = Metric {
     name: "nudge_journeys_started_total",
     kind: Kind::Counter,
@@ -227,6 +233,7 @@ pub const ALL: &[&Metric] = &[
     &STORE_ERRORS,
     &RULE_EVALUATIONS,
     &RULE_ERRORS,
+    &RULE_TIMEOUTS,
     &JOURNEYS_STARTED,
     &JOURNEYS_ENDED,
     &RULE_RELOADS,

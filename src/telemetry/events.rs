@@ -270,6 +270,22 @@ impl RuleEvaluated<'_> {
     }
 }
 
+/// An evaluation (`decide` or a step condition) ran past `rules.timeout`
+/// and was stopped; it also counts as a rule error and, for `decide`, its
+/// event is dead-lettered ([`EventDeadLettered`]).
+pub struct RuleTimedOut<'a> {
+    pub journey: &'a str,
+    /// `decide` or the condition function's name.
+    pub function: &'a str,
+}
+
+impl RuleTimedOut<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: "nudge::rules", journey = %self.journey, function = %self.function, "script evaluation stopped at rules.timeout");
+        metrics::counter!(RULE_TIMEOUTS.name, "journey" => self.journey.to_string()).increment(1);
+    }
+}
+
 pub struct JourneyStarted<'a> {
     pub journey: &'a str,
 }

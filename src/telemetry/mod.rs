@@ -88,6 +88,11 @@ mod tests {
             ok: false,
         }
         .emit();
+        RuleTimedOut {
+            journey: "j",
+            function: "decide",
+        }
+        .emit();
         JourneyStarted { journey: "j" }.emit();
         JourneyEnded {
             journey: "j",
