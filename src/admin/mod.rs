@@ -1,5 +1,6 @@
 //! Operator endpoints: `/healthz` (the process answers), `/readyz` (partitions
-//! assigned, store reachable, rules loaded) and `/metrics` (Prometheus text).
+//! assigned, store reachable, rules loaded; the dead-letter backlog in its
+//! details) and `/metrics` (Prometheus text).
 //! Nothing here changes state, so nothing here needs a token.
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::ingest::dlq::DeadLetterStatus;
 use crate::ingest::Readiness;
 use crate::rules::RulesHandle;
 use crate::store::Store;
@@ -22,6 +24,9 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub store: Arc<dyn Store>,
     pub rules: RulesHandle,
+    /// Reported, not a readiness condition: a backlog of dead letters does
+    /// not stop events from being processed (and a restart would not help).
+    pub dead_letters: Arc<DeadLetterStatus>,
 }
 
 /// How long `/readyz` waits for the store before it says not ready.
@@ -65,6 +70,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
         "store": store_state,
         "rules_version": rules.version,
         "journeys": rules.journeys().len(),
+        "dead_letters": s.dead_letters.report(),
     });
     let status = if ready {
         StatusCode::OK

@@ -11,7 +11,7 @@ use postgres::Client;
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES];
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DEAD_LETTER_HEADERS_AND_RETRIES];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -189,3 +189,17 @@ CREATE TABLE rule_versions (
     files jsonb NOT NULL
 );
 "#;
+
+/// Version 2: a dead letter keeps the original record's headers (`[name,
+/// value]` pairs, see `store::dead_letters`), and its publish attempts: how
+/// many failed, the last error, when to try again, and when it was given up
+/// (kept, never claimed again).
+const V2_DEAD_LETTER_HEADERS_AND_RETRIES: &str = "
+ALTER TABLE dead_letters
+    ADD COLUMN headers jsonb,
+    ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN last_error text,
+    ADD COLUMN retry_at timestamptz,
+    ADD COLUMN failed_at timestamptz;
+CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+";
