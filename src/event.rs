@@ -558,8 +558,10 @@ mod tests {
         cases
     }
 
+    type Headers = Vec<(&'static str, Option<&'static [u8]>)>;
+
     /// Binary-mode records as (headers, value).
-    fn binary_cases() -> Vec<(Vec<(&'static str, Option<&'static [u8]>)>, &'static [u8])> {
+    fn binary_cases() -> Vec<(Headers, &'static [u8])> {
         let full = vec![
             ("ce_specversion", Some(&b"1.0"[..])),
             ("ce_id", Some(&b"e1"[..])),
@@ -567,16 +569,18 @@ mod tests {
             ("ce_source", Some(&b"s"[..])),
             ("ce_subject", Some(&b"c1"[..])),
             ("ce_time", Some(&b"2026-01-01T00:00:00Z"[..])),
-            ("content-type", Some(&b"application/json; charset=utf-8"[..])),
+            (
+                "content-type",
+                Some(&b"application/json; charset=utf-8"[..]),
+            ),
         ];
         let with = |name: &'static str, value: Option<&'static [u8]>| {
             let mut h: Vec<_> = full.iter().filter(|(k, _)| *k != name).cloned().collect();
             h.push((name, value));
             h
         };
-        let without = |name: &str| -> Vec<_> {
-            full.iter().filter(|(k, _)| *k != name).cloned().collect()
-        };
+        let without =
+            |name: &str| -> Vec<_> { full.iter().filter(|(k, _)| *k != name).cloned().collect() };
         vec![
             (full.clone(), &br#"{"a":1}"#[..]),
             (full.clone(), b""),
@@ -596,16 +600,32 @@ mod tests {
             (with("ce_time", Some(b"yesterday")), br#"{"a":1}"#),
             (without("content-type"), br#"{"a":1}"#),
             (with("content-type", Some(b"text/plain")), br#"{"a":1}"#),
-            (with("content-type", Some(b"application/vnd.x+json")), br#"{"a":1}"#),
-            (with("content-type", Some(b"application/cloudevents+json")), br#"{"a":1}"#),
-            (with("content-type", Some(b"application/cloudevents+avro")), br#"{"a":1}"#),
-            (with("content-type", Some(b"application/cloudevents-batch+json")), br#"[]"#),
+            (
+                with("content-type", Some(b"application/vnd.x+json")),
+                br#"{"a":1}"#,
+            ),
+            (
+                with("content-type", Some(b"application/cloudevents+json")),
+                br#"{"a":1}"#,
+            ),
+            (
+                with("content-type", Some(b"application/cloudevents+avro")),
+                br#"{"a":1}"#,
+            ),
+            (
+                with("content-type", Some(b"application/cloudevents-batch+json")),
+                br#"[]"#,
+            ),
             (with("CE_Type", Some(b"upper")), br#"{"a":1}"#),
             (vec![("ce_traceparent", Some(&b"00-x"[..]))], br#"{"a":1}"#),
         ]
     }
 
-    fn record<'a>(headers: &[(&str, Option<&'a [u8]>)], value: &'a [u8], ts: Option<i64>) -> Record<'a> {
+    fn record<'a>(
+        headers: &[(&str, Option<&'a [u8]>)],
+        value: &'a [u8],
+        ts: Option<i64>,
+    ) -> Record<'a> {
         let mut h = CeHeaders::default();
         for (k, v) in headers {
             h.add(k.as_bytes(), *v);
@@ -686,8 +706,10 @@ mod tests {
             EventError::DataNotObject
         );
         assert_eq!(
-            Event::parse(br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c"}"#)
-                .unwrap_err(),
+            Event::parse(
+                br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c"}"#
+            )
+            .unwrap_err(),
             EventError::Missing("time"),
             "outside Kafka an event brings its own time"
         );
@@ -711,7 +733,12 @@ mod tests {
         let (headers, value) = &cases[0];
         let e = Event::decode(&record(headers, value, None)).unwrap();
         assert_eq!(
-            (e.id.as_str(), e.event_type.as_str(), e.source.as_str(), e.customer.as_str()),
+            (
+                e.id.as_str(),
+                e.event_type.as_str(),
+                e.source.as_str(),
+                e.customer.as_str()
+            ),
             ("e1", "t", "s", "c1")
         );
         assert_eq!(e.time.to_rfc3339(), "2026-01-01T00:00:00+00:00");
@@ -721,7 +748,11 @@ mod tests {
             let (h, v) = &cases[i];
             Event::decode(&record(h, v, ts)).unwrap_err().to_string()
         };
-        assert!(reason(7, None).contains("missing `specversion`"), "{}", reason(7, None));
+        assert!(
+            reason(7, None).contains("missing `specversion`"),
+            "{}",
+            reason(7, None)
+        );
         assert!(reason(7, None).contains("ce_specversion"));
         assert!(reason(3, None).contains("must be a JSON object"));
         assert!(reason(4, None).contains("not valid JSON"));
@@ -744,6 +775,9 @@ mod tests {
         assert!(Event::decode(&record(h, v, None)).unwrap().data.is_empty());
         // Header names are matched without regard to case.
         let (h, v) = &cases[22];
-        assert_eq!(Event::decode(&record(h, v, None)).unwrap().event_type, "upper");
+        assert_eq!(
+            Event::decode(&record(h, v, None)).unwrap().event_type,
+            "upper"
+        );
     }
 }

@@ -129,7 +129,11 @@ fn dispatch_log(store_path: &std::path::Path) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn start_daemon(rt: &tokio::runtime::Runtime, dir: &std::path::Path, recv: &Receiver) -> (DaemonConfig, Daemon) {
+fn start_daemon(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    recv: &Receiver,
+) -> (DaemonConfig, Daemon) {
     let mut cfg = DaemonConfig::new(dir, recv);
     cfg.rules = rules_with_probe(dir);
     create_topic(rt, &cfg.topic, 2);
@@ -226,7 +230,10 @@ fn the_cloudevents_sdk_in_both_modes_reaches_the_journey_and_a_bad_record_keeps_
     let letter = &letters[0];
     let original = &sent[7];
     assert_eq!(letter.payload, original.value, "the original value");
-    assert_eq!(letter.key.as_deref(), original.key.as_deref().map(str::as_bytes));
+    assert_eq!(
+        letter.key.as_deref(),
+        original.key.as_deref().map(str::as_bytes)
+    );
     assert!(
         letter.headers["nudge.reason"].contains("missing `specversion`"),
         "{:?}",
@@ -301,7 +308,10 @@ fn kcat_binary_records_with_headers_reach_the_journey_and_bad_ones_are_dead_lett
         "ce_time={}",
         timed.to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
     );
-    send(binary("k-2", &[ce_time.as_bytes()]), r#"{"n": "kcat-timed"}"#);
+    send(
+        binary("k-2", &[ce_time.as_bytes()]),
+        r#"{"n": "kcat-timed"}"#,
+    );
     // Bad: no ce_specversion; data not an object; data_base64 that is not JSON.
     let no_version: Vec<Vec<u8>> = binary("k-3", &[b"ce_time=2026-12-01T00:00:00Z"])
         .into_iter()
@@ -327,15 +337,15 @@ fn kcat_binary_records_with_headers_reach_the_journey_and_bad_ones_are_dead_lett
     );
     let got = probes(&recv);
     assert_eq!(got.len(), 2, "{got:?}");
-    let t = chrono::DateTime::parse_from_rfc3339(got["kcat-binary"]["time"].as_str().unwrap())
-        .unwrap();
+    let t =
+        chrono::DateTime::parse_from_rfc3339(got["kcat-binary"]["time"].as_str().unwrap()).unwrap();
     assert!(
         t >= before - chrono::Duration::seconds(1) && t <= after + chrono::Duration::seconds(1),
         "the record's timestamp {t}, produced between {before} and {after}"
     );
     assert_eq!(got["kcat-binary"]["id"], "k-1");
-    let t = chrono::DateTime::parse_from_rfc3339(got["kcat-timed"]["time"].as_str().unwrap())
-        .unwrap();
+    let t =
+        chrono::DateTime::parse_from_rfc3339(got["kcat-timed"]["time"].as_str().unwrap()).unwrap();
     assert_eq!(t.timestamp_millis(), timed.timestamp_millis());
     assert_eq!(t.offset().local_minus_utc(), 0, "in UTC");
 
@@ -353,7 +363,11 @@ fn kcat_binary_records_with_headers_reach_the_journey_and_bad_ones_are_dead_lett
         })
         .collect();
     let reason = |id: &str| by_id[id].headers["nudge.reason"].as_str();
-    assert!(reason("k-3").contains("missing `specversion`"), "{}", reason("k-3"));
+    assert!(
+        reason("k-3").contains("missing `specversion`"),
+        "{}",
+        reason("k-3")
+    );
     let k3 = &by_id["k-3"].headers;
     for (k, v) in [
         ("ce_id", "k-3"),
@@ -366,7 +380,11 @@ fn kcat_binary_records_with_headers_reach_the_journey_and_bad_ones_are_dead_lett
         assert_eq!(k3.get(k).map(String::as_str), Some(v), "{k3:?}");
     }
     assert_eq!(by_id["k-3"].payload, br#"{"n": "kcat-no-version"}"#);
-    assert!(reason("k-4").contains("must be a JSON object"), "{}", reason("k-4"));
+    assert!(
+        reason("k-4").contains("must be a JSON object"),
+        "{}",
+        reason("k-4")
+    );
     assert!(
         reason("k-5").contains("`data_base64` does not hold JSON"),
         "{}",

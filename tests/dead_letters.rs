@@ -157,15 +157,25 @@ fn a_letter_the_topic_refuses_is_given_up_after_its_attempts_and_the_others_go_o
         DeadLetterPublisher::new(&config, store.clone(), Arc::new(clock.clone())).unwrap();
     let status = publisher.status();
 
-    assert_eq!(rt.block_on(publisher.publish_pending()), 1, "the one behind goes out");
+    assert_eq!(
+        rt.block_on(publisher.publish_pending()),
+        1,
+        "the one behind goes out"
+    );
     let out = read_topic(&dlq, 1);
     assert_eq!(out[0].key.as_deref(), Some(&b"c-1"[..]));
-    assert_eq!(out[0].headers["ce_id"], "e-1", "original headers re-emitted");
+    assert_eq!(
+        out[0].headers["ce_id"], "e-1",
+        "original headers re-emitted"
+    );
     assert_eq!(out[0].headers["nudge.source.offset"], "1");
     let report = status.report();
     assert_eq!(report["waiting"], 1, "{report}");
     assert!(
-        report["last_error"].as_str().unwrap_or_default().contains("too large"),
+        report["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too large"),
         "{report}"
     );
 
@@ -191,9 +201,16 @@ fn a_letter_the_topic_refuses_is_given_up_after_its_attempts_and_the_others_go_o
         "given up after {MAX_ATTEMPTS} attempts, kept"
     );
     let report = status.report();
-    assert_eq!((report["waiting"].as_u64(), report["failed"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (report["waiting"].as_u64(), report["failed"].as_u64()),
+        (Some(0), Some(1))
+    );
     clock.advance(chrono::Duration::days(1));
     assert_eq!(rt.block_on(publisher.publish_pending()), 0);
-    assert_eq!(store.dead_letter_backlog().unwrap().failed, 1, "never tried again");
+    assert_eq!(
+        store.dead_letter_backlog().unwrap().failed,
+        1,
+        "never tried again"
+    );
     assert!(store.unpublished_dead_letters(10).unwrap().is_empty());
 }

@@ -126,7 +126,9 @@ impl DeadLetterPublisher {
         let max_bytes = match cc.get("message.max.bytes") {
             None => DEFAULT_MAX_BYTES,
             Some(v) => v.trim().parse().map_err(|_| {
-                anyhow::anyhow!("kafka.properties.\"message.max.bytes\": {v:?} is not a number of bytes")
+                anyhow::anyhow!(
+                    "kafka.properties.\"message.max.bytes\": {v:?} is not a number of bytes"
+                )
             })?,
         };
         let producer: FutureProducer = cc.create()?;
@@ -300,7 +302,10 @@ impl DeadLetterPublisher {
                 .iter()
                 .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len) + 10)
                 .sum::<usize>()
-            + nudge.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>()
+            + nudge
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 10)
+                .sum::<usize>()
             + "nudge.truncated".len()
             + size.len()
             + 10;
@@ -346,7 +351,9 @@ impl DeadLetterPublisher {
             let code = error.rdkafka_error_code();
             let too_large = matches!(
                 code,
-                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+                Some(
+                    RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+                )
             );
             // The broker's own limit may be below the producer's: the
             // coordinates alone still say where the original is.

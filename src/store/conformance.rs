@@ -389,8 +389,15 @@ pub fn failed_dead_letters_back_off_and_are_given_up_but_kept(store: &dyn Store)
             .collect::<Vec<_>>()
     };
     // The stuck letter's attempts, if a claim at `now` hands it out.
-    let stuck_in = |now| claim(now).into_iter().find(|(o, _)| *o == 0).map(|(_, a)| a);
-    let first = store.claim_dead_letters(10, 100, t0(), t0() + minute).unwrap();
+    let stuck_in = |now| {
+        claim(now)
+            .into_iter()
+            .find(|(o, _)| *o == 0)
+            .map(|(_, a)| a)
+    };
+    let first = store
+        .claim_dead_letters(10, 100, t0(), t0() + minute)
+        .unwrap();
     let (stuck, behind) = (first[0].id, first[1].id);
     let mut now = t0();
     for attempt in 1..=3u32 {
@@ -398,7 +405,11 @@ pub fn failed_dead_letters_back_off_and_are_given_up_but_kept(store: &dyn Store)
         store
             .dead_letter_publish_failed(stuck, "too large", retry, false, now)
             .unwrap();
-        assert_eq!(stuck_in(retry - Duration::milliseconds(1)), None, "not before its retry");
+        assert_eq!(
+            stuck_in(retry - Duration::milliseconds(1)),
+            None,
+            "not before its retry"
+        );
         now = retry;
         // The failure released its claim: it comes back at `retry`.
         assert_eq!(stuck_in(now), Some(attempt));
@@ -1294,11 +1305,14 @@ pub fn a_dead_letter_is_published_by_one_replica(a: &dyn Store, b: &dyn Store) {
         .is_empty());
     // `b` published its letter; `a` published two and died: its claim on
     // the third runs out and `b` takes it.
-    b.mark_dead_letters_published(&[second[0].id], t0()).unwrap();
+    b.mark_dead_letters_published(&[second[0].id], t0())
+        .unwrap();
     a.mark_dead_letters_published(&[first[0].id, first[1].id], t0())
         .unwrap();
     let later = t0() + minute + Duration::seconds(1);
-    let retaken = b.claim_dead_letters(10, 100, later, later + minute).unwrap();
+    let retaken = b
+        .claim_dead_letters(10, 100, later, later + minute)
+        .unwrap();
     assert_eq!(offsets(&retaken), vec![2]);
 }
 

@@ -83,7 +83,8 @@ pub(super) fn decode_headers(column: Option<&str>) -> Result<Vec<RecordHeader>, 
         return Ok(Vec::new());
     };
     let corrupt = |why: &str| StoreError::Corrupt(format!("dead letter headers: {why}"));
-    let pairs: Vec<(String, Value)> = serde_json::from_str(text).map_err(|e| corrupt(&e.to_string()))?;
+    let pairs: Vec<(String, Value)> =
+        serde_json::from_str(text).map_err(|e| corrupt(&e.to_string()))?;
     pairs
         .into_iter()
         .map(|(key, value)| {

@@ -31,9 +31,7 @@ mod tx;
 
 pub use conn::{parse_url, PgOptions, SslMode};
 
-use super::{
-    ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx,
-};
+use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::CustomerContext;
 use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Variables};
 use conn::{PgConn, Pool};

@@ -14,9 +14,7 @@ mod purge;
 pub mod schema;
 mod tx;
 
-use super::{
-    ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx,
-};
+use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
 use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Outcome, Variables};
 use batch::{text_array, CLAIMED_INSTANCES};
@@ -563,7 +561,11 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![limit as i64, max_payload.min(i64::MAX as usize) as i64, ms(now)],
+                params![
+                    limit as i64,
+                    max_payload.min(i64::MAX as usize) as i64,
+                    ms(now)
+                ],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
