@@ -487,7 +487,7 @@ impl DeadLetterGivenUp<'_> {
 }
 
 /// What became of a letter's failed attempt could not be stored: it is
-/// tried again at once (its attempts not counted).
+/// tried again on a later pass (that attempt not counted).
 pub struct DeadLetterFailureNotRecorded<'a> {
     pub id: i64,
     pub error: &'a dyn Display,
