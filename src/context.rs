@@ -195,7 +195,7 @@ mod tests {
 
     fn event(t: &str, data: Value) -> Event {
         Event::parse(
-            serde_json::json!({"id":"e","type":t,"source":"s","subject":"c1","time":"2026-01-01T00:00:00Z","data":data})
+            serde_json::json!({"specversion":"1.0","id":"e","type":t,"source":"s","subject":"c1","time":"2026-01-01T00:00:00Z","data":data})
                 .to_string()
                 .as_bytes(),
         )

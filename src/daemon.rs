@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
+    let dlq_status = dlq.status();
     let wake_scheduler = scheduler.clone();
     let ingest = KafkaIngest::new(
         &config.kafka,
@@ -138,6 +139,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         readiness: ingest.readiness(),
         store: store.clone(),
         rules: rules.clone(),
+        dead_letters: dlq_status,
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await

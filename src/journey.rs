@@ -17,7 +17,7 @@ use crate::context::{self, CustomerContext};
 use crate::event::Event;
 use crate::model::{instance_id, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef};
 use crate::rules::{bucket, Journey, RuleError, RuleSet, RulesHandle};
-use crate::store::{DeadLetter, NewInstance, NewStep, Store, StoreError, Tx};
+use crate::store::{DeadLetter, NewInstance, NewStep, RecordHeader, Store, StoreError, Tx};
 
 /// Where a batch of records came from, committed with its effects.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +37,8 @@ pub struct Origin {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Arc<[u8]>,
+    /// The record's headers but `nudge.*` ones, for its dead letter.
+    pub headers: Vec<RecordHeader>,
 }
 
 impl Origin {
@@ -55,6 +57,7 @@ impl Origin {
             reason,
             journey,
             event_id,
+            headers: self.headers.clone(),
         }
     }
 }

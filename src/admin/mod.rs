@@ -1,5 +1,6 @@
 //! Operator endpoints: `/healthz` (the process answers), `/readyz` (partitions
-//! assigned, store reachable, rules loaded) and `/metrics` (Prometheus text).
+//! assigned, store reachable, rules loaded; the dead-letter backlog in its
+//! details) and `/metrics` (Prometheus text).
 //! Nothing here changes state, so nothing here needs a token.
 
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::ingest::dlq::DeadLetterStatus;
 use crate::ingest::Readiness;
 use crate::rules::RulesHandle;
 use crate::store::Store;
@@ -24,6 +26,9 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub store: Arc<dyn Store>,
     pub rules: RulesHandle,
+    /// Reported, not a readiness condition: a backlog of dead letters does
+    /// not stop events from being processed (and a restart would not help).
+    pub dead_letters: Arc<DeadLetterStatus>,
 }
 
 /// How long a store probe may take before `/readyz` says the store is not answering.
@@ -125,6 +130,7 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
         "store": store_state,
         "rules_version": rules.version,
         "journeys": rules.journeys().len(),
+        "dead_letters": s.dead_letters.report(),
     });
     let status = if ready {
         StatusCode::OK

@@ -15,12 +15,13 @@ use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use super::headers;
 use crate::config::KafkaConfig;
 use crate::context;
-use crate::event::{Event, EventError};
+use crate::event::{self, CeHeaders, Event, EventError};
 use crate::journey::{BatchOutcome, Origin, Pipeline, SourceOffset};
 use crate::rules::RuleSet;
-use crate::store::{DeadLetter, Store, StoreError};
+use crate::store::{DeadLetter, RecordHeader, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
     EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
@@ -251,9 +252,24 @@ impl Gathered {
                 self.partitions.len() - 1
             }
         };
-        let payload = m.payload().unwrap_or_default();
+        let mut headers = CeHeaders::default();
+        let mut any_header = false;
+        headers::for_each(m, |key, value| {
+            any_header = true;
+            headers.add(key, value);
+        });
+        let record = event::Record {
+            value: m.payload().unwrap_or_default(),
+            headers,
+            // CreateTime or LogAppendTime; else when it was read.
+            default_time_ms: Some(
+                m.timestamp()
+                    .to_millis()
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+            ),
+        };
         let key_differs = |customer: &str| m.key().is_some_and(|k| k != customer.as_bytes());
-        if let Some(head) = Event::peek(payload) {
+        if let Some(head) = Event::peek_record(&record) {
             let t = head.event_type.as_ref();
             if !(context::is_context_event(t) || rules.interested_in(t)) {
                 self.key_mismatches += key_differs(&head.customer) as u64;
@@ -265,15 +281,27 @@ impl Gathered {
                 return;
             }
         }
+        let mut kept = Vec::new();
+        if any_header {
+            headers::for_each(m, |key, value| {
+                if !key.starts_with(b"nudge.") {
+                    kept.push(RecordHeader {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        value: value.map(<[u8]>::to_vec),
+                    });
+                }
+            });
+        }
         let origin = Box::new(Origin {
             topic: self.partitions[part].0.clone(),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
-            payload: Arc::from(payload),
+            payload: Arc::from(record.value),
+            headers: kept,
         });
         self.relevant += 1;
-        let kind = match Event::parse(payload) {
+        let kind = match Event::decode(&record) {
             Ok(event) => {
                 self.key_mismatches += key_differs(&event.customer) as u64;
                 Kind::Event(Arc::new(event), origin)

@@ -14,8 +14,11 @@
 //! - a record that is not a CloudEvent, or that a rule fails on, is written to
 //!   the dead-letter outbox in the same transaction and then published to the
 //!   dead-letter topic with the reason in headers: never silently dropped.
+//!   One that cannot be published (after bounded attempts) stays in the
+//!   store, counted, and does not hold back the others.
 
 pub mod dlq;
+mod headers;
 pub mod kafka;
 
 pub use kafka::{KafkaIngest, Readiness};

@@ -250,6 +250,7 @@ pub fn dead_letters_wait_in_the_outbox_until_published(store: &dyn Store) {
         reason: "not valid JSON".into(),
         journey: None,
         event_id: None,
+        headers: Vec::new(),
     };
     {
         let mut tx = store.begin().unwrap();
@@ -266,20 +267,202 @@ pub fn dead_letters_wait_in_the_outbox_until_published(store: &dyn Store) {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].1, letter);
     let claimed = store
-        .claim_dead_letters(10, t0(), t0() + Duration::minutes(1))
+        .claim_dead_letters(10, 1 << 20, t0(), t0() + Duration::minutes(1))
         .unwrap();
     assert_eq!(
-        claimed, pending,
+        claimed,
+        vec![ClaimedDeadLetter {
+            id: pending[0].0,
+            letter: letter.clone(),
+            payload_size: letter.payload.len(),
+            attempts: 0,
+        }],
         "the publisher's claim hands out the same letter"
+    );
+    assert_eq!(
+        store.dead_letter_backlog().unwrap(),
+        DeadLetterBacklog {
+            waiting: 1,
+            failed: 0
+        }
     );
     store
         .mark_dead_letters_published(&[pending[0].0], t0())
         .unwrap();
     assert!(store.unpublished_dead_letters(10).unwrap().is_empty());
     assert!(store
-        .claim_dead_letters(10, t0() + Duration::hours(1), t0() + Duration::hours(2))
+        .claim_dead_letters(
+            10,
+            1 << 20,
+            t0() + Duration::hours(1),
+            t0() + Duration::hours(2)
+        )
         .unwrap()
         .is_empty());
+    assert_eq!(
+        store.dead_letter_backlog().unwrap(),
+        DeadLetterBacklog::default()
+    );
+}
+
+/// A dead letter keeps the original record's headers, byte for byte and in
+/// order (binary-mode CloudEvents keep their attributes there); a claim
+/// hands out at most the payload's first bytes asked for, with its size.
+pub fn dead_letters_keep_their_headers_and_claims_cut_payloads(store: &dyn Store) {
+    let header = |key: &str, value: Option<&[u8]>| RecordHeader {
+        key: key.into(),
+        value: value.map(<[u8]>::to_vec),
+    };
+    let big = DeadLetter {
+        topic: "events".into(),
+        partition: 2,
+        offset: 9,
+        key: None,
+        payload: (0..5000u32).map(|i| (i % 251) as u8).collect(),
+        reason: "not a CloudEvent: missing `specversion`".into(),
+        journey: None,
+        event_id: None,
+        headers: vec![
+            header("ce_id", Some(b"e-1")),
+            header("ce_type", Some("loan_application.completed é".as_bytes())),
+            header("content-type", Some(b"application/json")),
+            header("traceparent", None),
+            header("bin", Some(&[0xff, 0x00, 0x7f])),
+            header("empty", Some(b"")),
+            header("ce_id", Some(b"second")),
+        ],
+    };
+    let empty = DeadLetter {
+        payload: Vec::new(),
+        offset: 10,
+        headers: Vec::new(),
+        ..big.clone()
+    };
+    let mut tx = store.begin().unwrap();
+    tx.add_dead_letter(&big, t0()).unwrap();
+    tx.add_dead_letter(&empty, t0()).unwrap();
+    tx.commit().unwrap();
+    let pending = store.unpublished_dead_letters(10).unwrap();
+    assert_eq!(pending[0].1, big, "headers and payload round trip");
+    assert_eq!(pending[1].1, empty);
+    let claimed = store
+        .claim_dead_letters(10, 1000, t0(), t0() + Duration::minutes(1))
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(claimed[0].letter.payload, big.payload[..1000]);
+    assert_eq!(claimed[0].payload_size, 5000);
+    assert_eq!(claimed[0].letter.headers, big.headers);
+    assert_eq!(claimed[1].letter.payload, Vec::<u8>::new());
+    assert_eq!(claimed[1].payload_size, 0);
+}
+
+/// A failed publish is counted and backs the letter off until `retry_at`;
+/// one given up stays in the store, counted as failed, and is never handed
+/// out again, while the letters behind it still are.
+pub fn failed_dead_letters_back_off_and_are_given_up_but_kept(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    for offset in 0..2 {
+        tx.add_dead_letter(
+            &DeadLetter {
+                topic: "events".into(),
+                partition: 0,
+                offset,
+                key: None,
+                payload: b"x".to_vec(),
+                reason: "bad".into(),
+                journey: None,
+                event_id: None,
+                headers: Vec::new(),
+            },
+            t0(),
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let minute = Duration::minutes(1);
+    let claim = |now: DateTime<Utc>| {
+        store
+            .claim_dead_letters(10, 100, now, now + minute)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.letter.offset, c.attempts))
+            .collect::<Vec<_>>()
+    };
+    // The stuck letter's attempts, if a claim at `now` hands it out.
+    let stuck_in = |now| {
+        claim(now)
+            .into_iter()
+            .find(|(o, _)| *o == 0)
+            .map(|(_, a)| a)
+    };
+    let first = store
+        .claim_dead_letters(10, 100, t0(), t0() + minute)
+        .unwrap();
+    let (stuck, behind) = (first[0].id, first[1].id);
+    let mut now = t0();
+    for attempt in 1..=3u32 {
+        let retry = now + Duration::seconds(attempt as i64);
+        store
+            .dead_letter_publish_failed(stuck, "too large", retry, false, now)
+            .unwrap();
+        assert_eq!(
+            stuck_in(retry - Duration::milliseconds(1)),
+            None,
+            "not before its retry"
+        );
+        now = retry;
+        // The failure released its claim: it comes back at `retry`.
+        assert_eq!(stuck_in(now), Some(attempt));
+    }
+    assert_eq!(
+        store.dead_letter_backlog().unwrap(),
+        DeadLetterBacklog {
+            waiting: 2,
+            failed: 0
+        }
+    );
+    store
+        .dead_letter_publish_failed(stuck, "too large", now + minute, true, now)
+        .unwrap();
+    assert_eq!(
+        store.dead_letter_backlog().unwrap(),
+        DeadLetterBacklog {
+            waiting: 1,
+            failed: 1
+        }
+    );
+    let much_later = t0() + Duration::days(1);
+    assert_eq!(
+        claim(much_later),
+        vec![(1, 0)],
+        "the failed letter is never handed out again; the one behind it is"
+    );
+    assert_eq!(
+        store
+            .unpublished_dead_letters(10)
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        vec![behind]
+    );
+    store.mark_dead_letters_published(&[behind], now).unwrap();
+    assert_eq!(
+        store.dead_letter_backlog().unwrap(),
+        DeadLetterBacklog {
+            waiting: 0,
+            failed: 1
+        }
+    );
+    assert!(
+        store.purge(much_later + Duration::days(365)).unwrap() > 0,
+        "the published one is purged"
+    );
+    assert_eq!(
+        store.dead_letter_backlog().unwrap().failed,
+        1,
+        "a failed letter is kept by retention"
+    );
 }
 
 pub fn purge_keeps_what_is_live(store: &dyn Store) {
@@ -731,6 +914,7 @@ pub fn next_due_counts_and_dead_letter_batches(store: &dyn Store) {
             reason: "bad".into(),
             journey: Some("unsigned_loan".into()),
             event_id: Some(format!("e{offset}")),
+            headers: Vec::new(),
         };
         tx.add_dead_letter(&letter, t0()).unwrap();
     }
@@ -1223,14 +1407,15 @@ pub fn a_dead_letter_is_published_by_one_replica(a: &dyn Store, b: &dyn Store) {
             reason: "bad".into(),
             journey: None,
             event_id: None,
+            headers: Vec::new(),
         };
         tx.add_dead_letter(&letter, t0()).unwrap();
     }
     tx.commit().unwrap();
     let minute = Duration::minutes(1);
-    let first = a.claim_dead_letters(3, t0(), t0() + minute).unwrap();
-    let second = b.claim_dead_letters(10, t0(), t0() + minute).unwrap();
-    let offsets = |l: &[(i64, DeadLetter)]| l.iter().map(|(_, d)| d.offset).collect::<Vec<_>>();
+    let first = a.claim_dead_letters(3, 100, t0(), t0() + minute).unwrap();
+    let second = b.claim_dead_letters(10, 100, t0(), t0() + minute).unwrap();
+    let offsets = |l: &[ClaimedDeadLetter]| l.iter().map(|c| c.letter.offset).collect::<Vec<_>>();
     assert_eq!(offsets(&first), vec![0, 1, 2], "oldest first");
     assert_eq!(
         offsets(&second),
@@ -1238,16 +1423,19 @@ pub fn a_dead_letter_is_published_by_one_replica(a: &dyn Store, b: &dyn Store) {
         "only what the other does not hold"
     );
     assert!(a
-        .claim_dead_letters(10, t0(), t0() + minute)
+        .claim_dead_letters(10, 100, t0(), t0() + minute)
         .unwrap()
         .is_empty());
     // `b` published its letter; `a` published two and died: its claim on
     // the third runs out and `b` takes it.
-    b.mark_dead_letters_published(&[second[0].0], t0()).unwrap();
-    a.mark_dead_letters_published(&[first[0].0, first[1].0], t0())
+    b.mark_dead_letters_published(&[second[0].id], t0())
+        .unwrap();
+    a.mark_dead_letters_published(&[first[0].id, first[1].id], t0())
         .unwrap();
     let later = t0() + minute + Duration::seconds(1);
-    let retaken = b.claim_dead_letters(10, later, later + minute).unwrap();
+    let retaken = b
+        .claim_dead_letters(10, 100, later, later + minute)
+        .unwrap();
     assert_eq!(offsets(&retaken), vec![2]);
 }
 
@@ -1263,6 +1451,8 @@ macro_rules! store_conformance {
             one_open_instance_and_close_cancels_pending,
             exit_after_last_step_converts_within_window,
             dead_letters_wait_in_the_outbox_until_published,
+            dead_letters_keep_their_headers_and_claims_cut_payloads,
+            failed_dead_letters_back_off_and_are_given_up_but_kept,
             purge_keeps_what_is_live,
             retry_reschedules_and_customer_round_trips,
             finish_steps_writes_a_batch_in_order,

@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+mod dead_letters;
 mod handle;
 pub mod postgres;
 pub mod sqlite;
@@ -30,6 +31,7 @@ use crate::context::CustomerContext;
 use crate::model::{Category, ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Mode};
 
 pub use self::postgres::PostgresStore;
+pub use dead_letters::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, RecordHeader};
 pub use handle::AsyncStore;
 pub use sqlite::SqliteStore;
 
@@ -205,20 +207,6 @@ pub struct ClosedStep {
     pub template: String,
 }
 
-/// A record that could not be processed, kept in the store's outbox (in the
-/// same transaction as its offset) until it is published to the dead-letter topic.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub reason: String,
-    pub journey: Option<String>,
-    pub event_id: Option<String>,
-}
-
 /// What became of a claimed step.
 #[derive(Debug, Clone)]
 pub struct StepResult {
@@ -346,25 +334,46 @@ pub trait Store: Send + Sync {
         at: DateTime<Utc>,
     ) -> Result<(), StoreError>;
 
-    /// Dead letters not yet published, oldest first, with their outbox ids.
+    /// Dead letters waiting to be published (neither published nor given
+    /// up), oldest first, with their outbox ids.
     fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError>;
 
-    /// Unpublished dead letters for this worker to publish, oldest first:
-    /// with several replicas on one store each letter is handed to one of
-    /// them at a time, until `until` (then, unpublished, to any), so the
-    /// topic does not get every letter once per replica. A single-node
-    /// store has one publisher and returns what is unpublished.
+    /// Waiting dead letters for this worker to publish, oldest first, each
+    /// payload cut to its first `max_payload` bytes (a publisher cannot send
+    /// more, and a huge original need not cross the wire): those not
+    /// waiting for a retry (`retry_at` after `now`). With several replicas
+    /// on one store each letter is handed to one of them at a time, until
+    /// `until` (then, unpublished, to any), so the topic does not get every
+    /// letter once per replica.
     fn claim_dead_letters(
         &self,
         limit: usize,
+        max_payload: usize,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
-    ) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
-        let _ = (now, until);
-        self.unpublished_dead_letters(limit)
-    }
+    ) -> Result<Vec<ClaimedDeadLetter>, StoreError>;
+
     fn mark_dead_letters_published(&self, ids: &[i64], at: DateTime<Utc>)
         -> Result<(), StoreError>;
+
+    /// Records that publishing claimed dead letter `id` failed with `error`:
+    /// one more attempt, its claim released, not claimed again before
+    /// `retry_at`; with `give_up`, marked failed at `at` instead and never
+    /// claimed again (it stays in the store, counted by
+    /// [`dead_letter_backlog`](Self::dead_letter_backlog), until an operator
+    /// clears `failed_at`).
+    fn dead_letter_publish_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+        give_up: bool,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// How many dead letters are not published: waiting (for their first
+    /// try or a retry) and failed (given up).
+    fn dead_letter_backlog(&self) -> Result<DeadLetterBacklog, StoreError>;
 
     /// Puts a claimed step back as it was, unsent (shutting down before sending it).
     fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError>;

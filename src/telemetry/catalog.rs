@@ -208,7 +208,19 @@ pub const DEAD_LETTER_PUBLISH_ERRORS: Metric = Metric {
     name: "nudge_dead_letter_publish_errors_total",
     kind: Kind::Counter,
     labels: &["stage"],
-    help: "dead-letter publishing failures: read (the outbox), publish (the topic) or mark (recording letters as published, so they are published again); retried",
+    help: "dead-letter publishing failures: read (the outbox), publish (one attempt to send a letter) or mark (recording what became of letters: a published one is published again); retried",
+};
+pub const DEAD_LETTERS_PENDING: Metric = Metric {
+    name: "nudge_dead_letters_pending",
+    kind: Kind::Gauge,
+    labels: &["state"],
+    help: "dead letters in the outbox not published, after the publisher's last pass: waiting (to be sent or retried) or failed (given up, kept in the store: alert on it)",
+};
+pub const DEAD_LETTER_PUBLISH_FAILURES: Metric = Metric {
+    name: "nudge_dead_letter_publish_failures_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "dead letters given up after the topic refused them 5 times: kept in the store marked failed, the letters behind them go on",
 };
 pub const RETENTION_ERRORS: Metric = Metric {
     name: "nudge_retention_errors_total",
@@ -245,6 +257,8 @@ pub const ALL: &[&Metric] = &[
     &LEASE_RENEWAL_ERRORS,
     &DEAD_LETTERS_PUBLISHED,
     &DEAD_LETTER_PUBLISH_ERRORS,
+    &DEAD_LETTERS_PENDING,
+    &DEAD_LETTER_PUBLISH_FAILURES,
     &RETENTION_ERRORS,
 ];
 

@@ -480,15 +480,66 @@ impl DeadLetterOutboxUnreadable<'_> {
     }
 }
 
+/// One attempt to publish a dead letter failed; it is tried again later.
 pub struct DeadLetterPublishFailed<'a> {
     pub topic: &'a str,
+    /// The letter's outbox id.
+    pub id: i64,
+    pub attempt: u32,
     pub error: &'a dyn Display,
 }
 
 impl DeadLetterPublishFailed<'_> {
     pub fn emit(self) {
-        tracing::error!(target: DLQ, topic = %self.topic, error = %self.error, "dead-letter publish failed; will retry");
+        tracing::error!(target: DLQ, topic = %self.topic, letter = self.id, attempt = self.attempt, error = %self.error, "dead-letter publish failed; will retry");
         metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "publish").increment(1);
+    }
+}
+
+/// A dead letter the topic refused `MAX_ATTEMPTS` times: kept in the store
+/// marked failed, no longer tried; the letters behind it go on.
+pub struct DeadLetterGivenUp<'a> {
+    pub id: i64,
+    /// Where the original record is.
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub attempts: u32,
+    pub error: &'a dyn Display,
+}
+
+impl DeadLetterGivenUp<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DLQ, letter = self.id, source_topic = %self.topic, source_partition = self.partition, source_offset = self.offset, attempts = self.attempts, error = %self.error, "dead letter given up: kept in the store as failed");
+        metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "publish").increment(1);
+        metrics::counter!(DEAD_LETTER_PUBLISH_FAILURES.name).increment(1);
+    }
+}
+
+/// What became of a letter's failed attempt could not be stored: it is
+/// tried again on a later pass (that attempt not counted).
+pub struct DeadLetterFailureNotRecorded<'a> {
+    pub id: i64,
+    pub error: &'a dyn Display,
+}
+
+impl DeadLetterFailureNotRecorded<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: DLQ, letter = self.id, error = %self.error, "cannot record a failed dead-letter publish");
+        metrics::counter!(DEAD_LETTER_PUBLISH_ERRORS.name, "stage" => "mark").increment(1);
+    }
+}
+
+/// The outbox's unpublished letters, measured after a pass.
+pub struct DeadLetterBacklogMeasured {
+    pub waiting: u64,
+    pub failed: u64,
+}
+
+impl DeadLetterBacklogMeasured {
+    pub fn emit(self) {
+        metrics::gauge!(DEAD_LETTERS_PENDING.name, "state" => "waiting").set(self.waiting as f64);
+        metrics::gauge!(DEAD_LETTERS_PENDING.name, "state" => "failed").set(self.failed as f64);
     }
 }
 

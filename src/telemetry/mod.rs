@@ -163,7 +163,24 @@ mod tests {
         DeadLetterOutboxUnreadable { error }.emit();
         DeadLetterPublishFailed {
             topic: "dlq",
+            id: 1,
+            attempt: 1,
             error,
+        }
+        .emit();
+        DeadLetterGivenUp {
+            id: 1,
+            topic: "t",
+            partition: 0,
+            offset: 7,
+            attempts: 5,
+            error,
+        }
+        .emit();
+        DeadLetterFailureNotRecorded { id: 1, error }.emit();
+        DeadLetterBacklogMeasured {
+            waiting: 2,
+            failed: 1,
         }
         .emit();
         DeadLettersNotMarked { count: 1, error }.emit();

@@ -31,7 +31,7 @@ mod tx;
 
 pub use conn::{parse_url, PgOptions, SslMode};
 
-use super::{DeadLetter, StepResult, Store, StoreError, Tx};
+use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::CustomerContext;
 use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Variables};
 use conn::{PgConn, Pool};
@@ -221,9 +221,11 @@ fn due_step(channel: ChannelKind, r: &postgres::Row) -> Result<DueStep, StoreErr
     })
 }
 
-/// A `dead_letters` row (id, topic, partition, record_offset, key, payload,
-/// reason, journey, event_id) and its outbox id.
+/// Columns 0..=9 of a `dead_letters` row (id, topic, partition,
+/// record_offset, key, payload, reason, journey, event_id, headers): the
+/// letter and its outbox id.
 fn dead_letter(r: &postgres::Row) -> Result<(i64, DeadLetter), StoreError> {
+    let headers: Option<String> = r.try_get(9)?;
     Ok((
         r.try_get(0)?,
         DeadLetter {
@@ -235,6 +237,7 @@ fn dead_letter(r: &postgres::Row) -> Result<(i64, DeadLetter), StoreError> {
             reason: r.try_get(6)?,
             journey: r.try_get(7)?,
             event_id: r.try_get(8)?,
+            headers: super::dead_letters::decode_headers(headers.as_deref())?,
         },
     ))
 }
@@ -488,8 +491,8 @@ impl Store for PostgresStore {
 
     fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
         let rows = self.conn()?.query(
-            "SELECT id, topic, partition, record_offset, key, payload, reason, journey, event_id
-             FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            "SELECT id, topic, partition, record_offset, key, payload, reason, journey, event_id, headers::text
+             FROM dead_letters WHERE published_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT $1",
             &[&(limit as i64)],
         )?;
         rows.iter().map(dead_letter).collect()
@@ -498,23 +501,38 @@ impl Store for PostgresStore {
     fn claim_dead_letters(
         &self,
         limit: usize,
+        max_payload: usize,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
-    ) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
+    ) -> Result<Vec<ClaimedDeadLetter>, StoreError> {
+        let max_payload = max_payload.min(i32::MAX as usize) as i32;
         let rows = self.conn()?.query(
             "UPDATE dead_letters SET claimed_until = $3
              WHERE id IN (
                  SELECT id FROM dead_letters
-                 WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < $2)
+                 WHERE published_at IS NULL AND failed_at IS NULL
+                   AND (claimed_until IS NULL OR claimed_until < $2)
+                   AND (retry_at IS NULL OR retry_at <= $2)
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, topic, partition, record_offset, key, payload, reason, journey, event_id",
-            &[&(limit as i64), &now, &until],
+             RETURNING id, topic, partition, record_offset, key, substring(payload from 1 for $4),
+                       reason, journey, event_id, headers::text, octet_length(payload), attempts",
+            &[&(limit as i64), &now, &until, &max_payload],
         )?;
         let mut letters = rows
             .iter()
-            .map(dead_letter)
-            .collect::<Result<Vec<_>, _>>()?;
-        letters.sort_unstable_by_key(|(id, _)| *id);
+            .map(|r| {
+                let (id, letter) = dead_letter(r)?;
+                let size: i32 = r.try_get(10)?;
+                let attempts: i32 = r.try_get(11)?;
+                Ok(ClaimedDeadLetter {
+                    id,
+                    letter,
+                    payload_size: size.max(0) as usize,
+                    attempts: attempts.max(0) as u32,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        letters.sort_unstable_by_key(|l| l.id);
         Ok(letters)
     }
 
@@ -528,6 +546,35 @@ impl Store for PostgresStore {
             &[&ids, &at],
         )?;
         Ok(())
+    }
+
+    fn dead_letter_publish_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+        give_up: bool,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE dead_letters SET attempts = attempts + 1, last_error = $2, retry_at = $3,
+                    claimed_until = NULL, failed_at = CASE WHEN $4 THEN $5::timestamptz END
+             WHERE id = $1 AND published_at IS NULL",
+            &[&id, &error, &retry_at, &give_up, &at],
+        )?;
+        Ok(())
+    }
+
+    fn dead_letter_backlog(&self) -> Result<DeadLetterBacklog, StoreError> {
+        let row = self.conn()?.query_one(
+            "SELECT COUNT(*) - COUNT(failed_at), COUNT(failed_at) FROM dead_letters WHERE published_at IS NULL",
+            &[],
+        )?;
+        let (waiting, failed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok(DeadLetterBacklog {
+            waiting: waiting.max(0) as u64,
+            failed: failed.max(0) as u64,
+        })
     }
 
     fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {

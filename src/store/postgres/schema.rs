@@ -11,7 +11,11 @@ use postgres::Client;
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES, V2_SEND_INTENTS];
+const MIGRATIONS: &[&str] = &[
+    V1_TABLES,
+    V2_SEND_INTENTS,
+    V3_DEAD_LETTER_HEADERS_AND_RETRIES,
+];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -195,3 +199,17 @@ CREATE TABLE rule_versions (
 /// delivered: the frequency cap counts it (see `Store::mark_sending`).
 const V2_SEND_INTENTS: &str = "ALTER TABLE steps ADD COLUMN sending_at timestamptz;
 CREATE INDEX steps_sending ON steps (customer) WHERE sending_at IS NOT NULL;";
+
+/// Version 3: a dead letter keeps the original record's headers (`[name,
+/// value]` pairs, see `store::dead_letters`), and its publish attempts: how
+/// many failed, the last error, when to try again, and when it was given up
+/// (kept, never claimed again).
+const V3_DEAD_LETTER_HEADERS_AND_RETRIES: &str = "
+ALTER TABLE dead_letters
+    ADD COLUMN headers jsonb,
+    ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+    ADD COLUMN last_error text,
+    ADD COLUMN retry_at timestamptz,
+    ADD COLUMN failed_at timestamptz;
+CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+";

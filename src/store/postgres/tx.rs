@@ -418,8 +418,8 @@ impl Tx for PgTx {
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.tx.run(|c| {
             c.execute(
-                "INSERT INTO dead_letters (topic, partition, record_offset, key, payload, reason, journey, event_id, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "INSERT INTO dead_letters (topic, partition, record_offset, key, payload, reason, journey, event_id, created_at, headers)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb)",
                 &[
                     &l.topic,
                     &l.partition,
@@ -430,6 +430,7 @@ impl Tx for PgTx {
                     &l.journey,
                     &l.event_id,
                     &at,
+                    &crate::store::dead_letters::encode_headers(&l.headers),
                 ],
             )?;
             Ok(())

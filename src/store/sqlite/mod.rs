@@ -14,7 +14,7 @@ mod purge;
 pub mod schema;
 mod tx;
 
-use super::{DeadLetter, StepResult, Store, StoreError, Tx};
+use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
 use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Outcome, Variables};
 use batch::{text_array, CLAIMED_INSTANCES};
@@ -117,6 +117,31 @@ impl SqliteStore {
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Columns 1..=9 of a `dead_letters` row (topic, partition, offset, key,
+/// payload, reason, journey, event_id, headers): the letter, and its
+/// headers column still encoded.
+fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeadLetter, Option<String>)> {
+    Ok((
+        DeadLetter {
+            topic: r.get(1)?,
+            partition: r.get(2)?,
+            offset: r.get(3)?,
+            key: r.get(4)?,
+            payload: r.get(5)?,
+            reason: r.get(6)?,
+            journey: r.get(7)?,
+            event_id: r.get(8)?,
+            headers: Vec::new(),
+        },
+        r.get(9)?,
+    ))
+}
+
+fn with_headers(mut letter: DeadLetter, column: Option<String>) -> Result<DeadLetter, StoreError> {
+    letter.headers = super::dead_letters::decode_headers(column.as_deref())?;
+    Ok(letter)
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -523,27 +548,61 @@ impl Store for SqliteStore {
     fn unpublished_dead_letters(&self, limit: usize) -> Result<Vec<(i64, DeadLetter)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, topic, partition, offset, key, payload, reason, journey, event_id
-             FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT ?1",
+            "SELECT id, topic, partition, offset, key, payload, reason, journey, event_id, headers
+             FROM dead_letters WHERE published_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT ?1",
         )?;
         let rows = stmt
-            .query_map([limit as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    DeadLetter {
-                        topic: r.get(1)?,
-                        partition: r.get(2)?,
-                        offset: r.get(3)?,
-                        key: r.get(4)?,
-                        payload: r.get(5)?,
-                        reason: r.get(6)?,
-                        journey: r.get(7)?,
-                        event_id: r.get(8)?,
-                    },
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+            .query_map([limit as i64], |r| Ok((r.get(0)?, dead_letter(r)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, (letter, headers))| Ok((id, with_headers(letter, headers)?)))
+            .collect()
+    }
+
+    /// One publisher per SQLite file: `until` is not needed to share letters.
+    fn claim_dead_letters(
+        &self,
+        limit: usize,
+        max_payload: usize,
+        now: DateTime<Utc>,
+        _until: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedDeadLetter>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, topic, partition, offset, key,
+                    CASE WHEN length(payload) <= ?2 THEN payload ELSE substr(payload, 1, ?2) END, reason, journey,
+                    event_id, headers, length(payload), attempts
+             FROM dead_letters
+             WHERE published_at IS NULL AND failed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?3)
+             ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    limit as i64,
+                    max_payload.min(i64::MAX as usize) as i64,
+                    ms(now)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        dead_letter(r)?,
+                        r.get::<_, i64>(10)?,
+                        r.get::<_, i64>(11)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, (letter, headers), size, attempts)| {
+                Ok(ClaimedDeadLetter {
+                    id,
+                    letter: with_headers(letter, headers)?,
+                    payload_size: size.max(0) as usize,
+                    attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+                })
+            })
+            .collect()
     }
 
     fn mark_dead_letters_published(
@@ -562,6 +621,35 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn dead_letter_publish_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+        give_up: bool,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "UPDATE dead_letters SET attempts = attempts + 1, last_error = ?2, retry_at = ?3,
+                        failed_at = CASE WHEN ?4 THEN ?5 END
+                 WHERE id = ?1 AND published_at IS NULL",
+            )?
+            .execute(params![id, error, ms(retry_at), give_up, ms(at)])?;
+        Ok(())
+    }
+
+    fn dead_letter_backlog(&self) -> Result<DeadLetterBacklog, StoreError> {
+        let (waiting, failed): (i64, i64) = self.conn().prepare_cached(
+            "SELECT COUNT(*) - COUNT(failed_at), COUNT(failed_at) FROM dead_letters WHERE published_at IS NULL",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(DeadLetterBacklog {
+            waiting: waiting.max(0) as u64,
+            failed: failed.max(0) as u64,
+        })
     }
 
     fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {

@@ -8,7 +8,12 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS, V3_SEND_INTENTS];
+const MIGRATIONS: &[&str] = &[
+    V1_TABLES,
+    V2_DECISION_INPUTS,
+    V3_SEND_INTENTS,
+    V4_DEAD_LETTER_HEADERS_AND_RETRIES,
+];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -148,3 +153,15 @@ const V2_DECISION_INPUTS: &str = "ALTER TABLE instances RENAME COLUMN seen TO de
 /// No index: it is read through the customer's instances, and keeping one
 /// up to date cost more than the column (two index writes per send).
 const V3_SEND_INTENTS: &str = "ALTER TABLE steps ADD COLUMN sending_at INTEGER;";
+
+/// Version 4: a dead letter keeps the original record's headers, and its
+/// publish attempts: how many failed, the last error, when to try again,
+/// and when it was given up (kept, never claimed again).
+const V4_DEAD_LETTER_HEADERS_AND_RETRIES: &str = "
+ALTER TABLE dead_letters ADD COLUMN headers TEXT;
+ALTER TABLE dead_letters ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN last_error TEXT;
+ALTER TABLE dead_letters ADD COLUMN retry_at INTEGER;
+ALTER TABLE dead_letters ADD COLUMN failed_at INTEGER;
+CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+";

@@ -202,10 +202,21 @@ impl Tx for SqliteTx<'_> {
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO dead_letters (topic, partition, offset, key, payload, reason, journey, event_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO dead_letters (topic, partition, offset, key, payload, reason, journey, event_id, created_at, headers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
-            .execute(params![l.topic, l.partition, l.offset, l.key, l.payload, l.reason, l.journey, l.event_id, ms(at)])?;
+            .execute(params![
+                l.topic,
+                l.partition,
+                l.offset,
+                l.key,
+                l.payload,
+                l.reason,
+                l.journey,
+                l.event_id,
+                ms(at),
+                crate::store::dead_letters::encode_headers(&l.headers)
+            ])?;
         Ok(())
     }
 
