@@ -47,6 +47,11 @@ impl Begun {
         result
     }
 
+    /// Whether a statement failed: the transaction is lost.
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+
     pub(super) fn commit(mut self) -> Result<(), StoreError> {
         if self.failed {
             return Err(StoreError::Aborted);
@@ -438,7 +443,7 @@ impl Tx for PgTx {
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
-        if !self.processed_now.is_empty() {
+        if !self.processed_now.is_empty() && !self.tx.failed() {
             let ids: Vec<&str> = self
                 .processed_now
                 .iter()
