@@ -11,7 +11,7 @@ use postgres::Client;
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES];
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_REVIEW_INDEXES];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -189,3 +189,17 @@ CREATE TABLE rule_versions (
     files jsonb NOT NULL
 );
 "#;
+
+/// Version 2: the review's reads (`store::review`). The dispatch log in the
+/// review's order (time, seq) overall and after each filter a reviewer sets
+/// most, so that a page of the log is a seek and a short walk at any depth
+/// (keyset paging); instances by journey for funnels and a journey's plan.
+/// In the migration's transaction (not CONCURRENTLY): writes to the log
+/// wait while a large one is indexed.
+const V2_REVIEW_INDEXES: &str = "
+CREATE INDEX dispatch_log_time ON dispatch_log (time, seq);
+CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time, seq);
+CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time, seq);
+CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time, seq);
+CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// Migration `n` (1-based) takes a database from version `n - 1` to `n`.
-const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS];
+const MIGRATIONS: &[&str] = &[V1_TABLES, V2_DECISION_INPUTS, V3_REVIEW_INDEXES];
 
 /// The schema version this binary writes.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;
@@ -141,3 +141,17 @@ CREATE TABLE IF NOT EXISTS rule_versions (
 
 /// Version 2: the instance's decision record is named for what it is.
 const V2_DECISION_INPUTS: &str = "ALTER TABLE instances RENAME COLUMN seen TO decision_inputs;";
+
+/// Version 3: the review's reads (`store::review`). The dispatch log in the
+/// review's order (time, then seq: the rowid every index entry ends with)
+/// overall and after each filter a reviewer sets most, so that a page of the
+/// log is a seek and a short walk at any depth (keyset paging); instances
+/// by journey for funnels and a journey's plan. Built under the write lock:
+/// on a large log the first start of this version takes a while.
+const V3_REVIEW_INDEXES: &str = "
+CREATE INDEX dispatch_log_time ON dispatch_log (time);
+CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time);
+CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time);
+CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time);
+CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";

@@ -1,0 +1,197 @@
+//! [`ReviewRead`] on PostgreSQL. A store opened by
+//! [`PostgresStore::open_reader`] never migrates: it reads a schema the
+//! daemon made, and only reads it.
+
+use chrono::{DateTime, Utc};
+use postgres::types::ToSql;
+
+use super::read::log_record;
+use super::{conn::Pool, holder_name, schema, PgOptions, PostgresStore};
+use crate::context::CustomerContext;
+use crate::model::LogRecord;
+use crate::store::review::{
+    arms_sql, log_page_sql, outcome_counts_sql, planned_steps_sql, ArmCount, InstanceRecord,
+    LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead, LOG_COLUMNS,
+};
+use crate::store::StoreError;
+
+impl PostgresStore {
+    /// Opens a pool on an existing schema to read it: no migration, and the
+    /// schema must be this binary's version.
+    pub fn open_reader(options: &PgOptions) -> Result<Self, StoreError> {
+        let pool = Pool::open(options)?;
+        let found = schema::version(&mut pool.get()?.client)?;
+        if found > schema::VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: schema::VERSION,
+            });
+        }
+        if found < schema::VERSION {
+            return Err(StoreError::Config(format!(
+                "the store's schema is version {found}, this binary's {}: run `nudge migrate` (or the daemon of this version) first",
+                schema::VERSION
+            )));
+        }
+        Ok(Self {
+            pool,
+            holder: holder_name(),
+        })
+    }
+}
+
+fn placeholder(n: usize) -> String {
+    format!("${n}")
+}
+
+fn param(p: &Param) -> &(dyn ToSql + Sync) {
+    match p {
+        Param::Text(s) => s,
+        Param::Time(t) => t,
+        Param::Int(i) => i,
+    }
+}
+
+fn count(r: &postgres::Row, i: usize) -> Result<u64, StoreError> {
+    Ok(r.try_get::<_, i64>(i)? as u64)
+}
+
+impl ReviewRead for PostgresStore {
+    fn log_page(
+        &self,
+        filter: &LogFilter,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let (sql, params) = log_page_sql(filter, after, limit, LOG_COLUMNS, placeholder);
+        let bound: Vec<&(dyn ToSql + Sync)> = params.iter().map(param).collect();
+        self.conn()?
+            .client
+            .query(&sql, &bound)?
+            .iter()
+            .map(log_record)
+            .collect()
+    }
+
+    fn outcome_counts(&self, journey: Option<&str>) -> Result<Vec<OutcomeCount>, StoreError> {
+        let sql = outcome_counts_sql(journey.is_some(), "$1");
+        let mut c = self.conn()?;
+        let rows = match journey {
+            Some(j) => c.client.query(&sql, &[&j])?,
+            None => c.client.query(&sql, &[])?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(OutcomeCount {
+                    journey: r.try_get(0)?,
+                    step: r.try_get(1)?,
+                    outcome: r
+                        .try_get::<_, &str>(2)?
+                        .parse()
+                        .map_err(StoreError::Corrupt)?,
+                    reason: r.try_get(3)?,
+                    count: count(r, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    fn arms(&self, journey: Option<&str>, by_rule: bool) -> Result<Vec<ArmCount>, StoreError> {
+        // NULL::text: the per-version column is typed even when not grouped by.
+        let sql = arms_sql(journey.is_some(), by_rule, "$1").replace(", NULL,", ", NULL::text,");
+        let mut c = self.conn()?;
+        let rows = match journey {
+            Some(j) => c.client.query(&sql, &[&j])?,
+            None => c.client.query(&sql, &[])?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(ArmCount {
+                    journey: r.try_get(0)?,
+                    rule_hash: r.try_get(1)?,
+                    mode: r
+                        .try_get::<_, &str>(2)?
+                        .parse()
+                        .map_err(StoreError::Corrupt)?,
+                    instances: count(r, 3)?,
+                    converted_instances: count(r, 4)?,
+                    customers: count(r, 5)?,
+                    converted_customers: count(r, 6)?,
+                    first_started: r.try_get(7)?,
+                    last_started: r.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
+    fn planned_steps(&self, journey: &str) -> Result<Vec<PlannedStep>, StoreError> {
+        let rows = self
+            .conn()?
+            .client
+            .query(&planned_steps_sql("$1"), &[&journey])?;
+        rows.iter()
+            .map(|r| {
+                Ok(PlannedStep {
+                    step: r.try_get(0)?,
+                    seq: r.try_get::<_, i32>(1)? as u32,
+                    channel: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn customer_instances(&self, customer: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = self.conn()?.query(
+            "SELECT id, journey, key, status, mode, category, started_at, ended_at, rule_hash, trigger_event,
+                    vars::text, decision_inputs::text
+             FROM instances WHERE customer = $1 ORDER BY started_at, id",
+            &[&customer],
+        )?;
+        let json = |r: &postgres::Row, i: usize| -> Result<serde_json::Value, StoreError> {
+            serde_json::from_str(r.try_get::<_, &str>(i)?)
+                .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
+        };
+        let parse = |r: &postgres::Row, i: usize| -> Result<String, StoreError> {
+            Ok(r.try_get::<_, String>(i)?)
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(InstanceRecord {
+                    id: r.try_get(0)?,
+                    journey: r.try_get(1)?,
+                    key: r.try_get(2)?,
+                    status: parse(r, 3)?.parse().map_err(StoreError::Corrupt)?,
+                    mode: parse(r, 4)?.parse().map_err(StoreError::Corrupt)?,
+                    category: parse(r, 5)?.parse().map_err(StoreError::Corrupt)?,
+                    started_at: r.try_get(6)?,
+                    ended_at: r.try_get(7)?,
+                    rule_hash: r.try_get(8)?,
+                    trigger_event: r.try_get(9)?,
+                    vars: json(r, 10)?,
+                    decision_inputs: json(r, 11)?,
+                })
+            })
+            .collect()
+    }
+
+    fn customer_context(&self, customer: &str) -> Result<Option<CustomerContext>, StoreError> {
+        let row = self.conn()?.query_opt(
+            "SELECT context::text FROM customers WHERE id = $1",
+            &[&customer],
+        )?;
+        row.map(|r| {
+            let mut c: CustomerContext = serde_json::from_str(r.try_get::<_, &str>(0)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            c.id = customer.to_string();
+            Ok(c)
+        })
+        .transpose()
+    }
+
+    fn log_reach(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self
+            .conn()?
+            .query_one("SELECT min(time) FROM dispatch_log", &[])?
+            .try_get(0)?)
+    }
+}
