@@ -186,7 +186,10 @@ pub(crate) fn log_page_sql(
         ("step", text(&filter.step)),
         ("channel", text(&filter.channel)),
         ("customer", text(&filter.customer)),
-        ("outcome", filter.outcome.map(|o| Param::Text(o.as_str().into()))),
+        (
+            "outcome",
+            filter.outcome.map(|o| Param::Text(o.as_str().into())),
+        ),
     ] {
         if let Some(v) = value {
             bind(column, "=", v, &mut clauses);
@@ -269,4 +272,3 @@ pub(crate) fn planned_steps_sql(placeholder: &str) -> String {
 
 /// Columns of a dispatch-log row, as `log_record` readers expect them.
 pub(crate) const LOG_COLUMNS: &str = "seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id";
-
