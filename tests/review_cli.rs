@@ -14,9 +14,15 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(90);
 
+/// Kafka records as (key, payload).
+type Records = Vec<(String, Vec<u8>)>;
+
+/// A log row as (seq, customer, journey, step, outcome).
+type Row = (i64, String, String, String, String);
+
 /// The example events re-timed to now (nothing past its lateness bound), as
 /// (key, payload): the starts, then the exits that must follow the pushes.
-fn examples_now() -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
+fn examples_now() -> (Records, Records) {
     let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
     let now = chrono::Utc::now().to_rfc3339();
     let (mut starts, mut exits) = (Vec::new(), Vec::new());
@@ -78,7 +84,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// The store's log, newest first by (time, seq), as (seq, customer, journey, step, outcome).
-fn stored_log(db: &Path) -> Vec<(i64, String, String, String, String)> {
+fn stored_log(db: &Path) -> Vec<Row> {
     let conn = store_reader(db).unwrap();
     let mut stmt = conn
         .prepare("SELECT seq, customer, journey, step, outcome FROM dispatch_log ORDER BY time DESC, seq DESC")
@@ -117,7 +123,7 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
         "log", "--config", config, "--format", "json", "--limit", "0",
     ]))
     .unwrap();
-    let got: Vec<(i64, String, String, String, String)> = all
+    let got: Vec<Row> = all
         .iter()
         .map(|r| {
             let s = |f: &str| r[f].as_str().unwrap().to_string();
@@ -133,7 +139,7 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     assert_eq!(got, stored);
 
     // Filters: each equals the store's rows that pass it, in order.
-    let expect = |f: &dyn Fn(&(i64, String, String, String, String)) -> bool| -> Vec<i64> {
+    let expect = |f: &dyn Fn(&Row) -> bool| -> Vec<i64> {
         stored.iter().filter(|r| f(r)).map(|r| r.0).collect()
     };
     let seqs = |args: &[&str]| -> Vec<i64> {

@@ -234,7 +234,7 @@ pub fn funnels(store: &dyn ReviewRead, journey: Option<&str>) -> Result<FunnelRe
                     count,
                 })
                 .collect();
-            not_sent.sort_by(|a, b| b.count.cmp(&a.count));
+            not_sent.sort_by_key(|n| std::cmp::Reverse(n.count));
             steps.push(FunnelStep {
                 of_started: rate(sent, started),
                 of_previous: rate(sent, previous),
@@ -310,7 +310,7 @@ pub fn to_text(report: &FunnelReport) -> String {
         Some(t) => {
             let _ = writeln!(
                 out,
-                "dispatch log since {} (older records removed by retention)\n",
+                "the dispatch log reaches back to {} (store.retention removes older records)\n",
                 t.to_rfc3339_opts(SecondsFormat::Secs, true)
             );
         }

@@ -196,7 +196,9 @@ pub fn decision_record(
         let time = event["time"]
             .as_str()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map_or(i.started_at, |t| t.to_utc());
+            // Never after the decision it caused (the store keeps
+            // milliseconds on SQLite, the event may carry nanoseconds).
+            .map_or(i.started_at, |t| t.to_utc().min(i.started_at));
         let kind = event["type"].as_str().map(String::from);
         events.insert(i.trigger_event.clone(), (time, kind));
         let mut e = Entry::new(
