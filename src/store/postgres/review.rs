@@ -202,6 +202,50 @@ mod tests {
     use crate::model::Outcome;
     use crate::store::postgres::testing::temp_store;
 
+    #[test]
+    fn a_reader_reads_a_migrated_schema_and_refuses_a_bare_one() {
+        let store = temp_store();
+        let (bare, options) = crate::store::postgres::testing::fresh_schema();
+        let err = PostgresStore::open_reader(&options)
+            .err()
+            .expect("no schema");
+        assert!(err.to_string().contains("nudge migrate"), "{err}");
+        // The bare schema was left as it was: nothing migrated it.
+        let mut c = store.conn().unwrap();
+        let tables: i64 = c
+            .client
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
+                &[&bare],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(tables, 0);
+        drop(c);
+        let current: String = store
+            .conn()
+            .unwrap()
+            .client
+            .query_one("SELECT current_schema()", &[])
+            .unwrap()
+            .get(0);
+        let base = crate::store::postgres::testing::base_url();
+        let reader = PostgresStore::open_reader(&PgOptions {
+            url: format!("{base}?options=-csearch_path%3D{current}"),
+            password: None,
+            pool_size: 1,
+            ca_file: None,
+        })
+        .unwrap();
+        assert_eq!(reader.log_reach().unwrap(), None);
+        assert!(reader.customer_instances("c1").unwrap().is_empty());
+        let _ = store
+            .conn()
+            .unwrap()
+            .client
+            .batch_execute(&format!("DROP SCHEMA {bare} CASCADE"));
+    }
+
     /// On a log of 60,000 records (analyzed), every page with any one filter
     /// and at any depth is an index scan in the page's order: no sequential
     /// scan of the log, and no sort but of a customer's dozen records.

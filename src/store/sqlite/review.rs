@@ -246,6 +246,38 @@ impl ReviewRead for SqliteStore {
 mod tests {
     use super::*;
 
+    /// The reader opens a daemon's store beside it (no owner lock), never
+    /// writes, and refuses what it cannot read.
+    #[test]
+    fn a_reader_opens_beside_the_owner_and_refuses_what_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owned.db");
+        let (_owner, _) = SqliteStore::open_exclusive(&path, 2).unwrap();
+        let reader = SqliteStore::open_reader(&path, 2).unwrap();
+        assert_eq!(reader.log_reach().unwrap(), None);
+        let err = reader
+            .reader()
+            .execute("DELETE FROM dispatch_log", [])
+            .unwrap_err();
+        assert!(err.to_string().contains("readonly"), "{err}");
+        let missing = SqliteStore::open_reader(&dir.path().join("none.db"), 2)
+            .err()
+            .expect("no file");
+        assert!(missing.to_string().contains("none.db"), "{missing}");
+        assert!(!dir.path().join("none.db").exists(), "not created");
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch(schema::V1_TABLES)
+            .unwrap();
+        Connection::open(&old)
+            .unwrap()
+            .pragma_update(None, "user_version", 1)
+            .unwrap();
+        let err = SqliteStore::open_reader(&old, 2).err().expect("old schema");
+        assert!(err.to_string().contains("nudge migrate"), "{err}");
+    }
+
     /// Every page of the log, with any one filter and at any depth, walks an
     /// index in the page's order and stops at the limit: no full scan, no sort.
     #[test]
