@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod journey;
 pub mod model;
 pub mod policy;
+pub mod review;
 pub mod rules;
 pub mod scheduler;
 pub mod sim;

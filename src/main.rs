@@ -93,6 +93,68 @@ enum Command {
     },
     /// Print the reference of what journey scripts can use (for rules/README.md).
     RulesDoc,
+    /// The dispatch log from the daemon's store, newest first: what was
+    /// sent, held back or refused, and why.
+    Log {
+        /// The daemon's config file (its `[store]` is read, never written).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        journey: Option<String>,
+        #[arg(long)]
+        step: Option<String>,
+        /// push, email or call_task.
+        #[arg(long)]
+        channel: Option<String>,
+        /// sent, failed, retrying, suppressed, deferred, cancelled, expired,
+        /// held_out, shadow or converted.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Records at or after: RFC 3339, a date (UTC) or a duration ago (7d, 12h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Records before: RFC 3339, a date (UTC) or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long, value_enum, default_value_t = nudge::review::log::LogFormat::Table)]
+        format: nudge::review::log::LogFormat,
+        /// At most this many records (0: all, streamed).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One customer's decision record in time order: events, rule decisions
+    /// and what they saw, policy verdicts, send attempts.
+    Explain {
+        customer: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = TextFormat::Text)]
+        format: TextFormat,
+    },
+    /// Per journey: started, each step sent, converted, why the rest was not
+    /// sent, and the uplift against the control group (per script version too).
+    Funnel {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        journey: Option<String>,
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TextFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TableFormat {
+    Table,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -276,12 +338,98 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Log {
+            config,
+            journey,
+            step,
+            channel,
+            outcome,
+            since,
+            until,
+            customer,
+            format,
+            limit,
+        } => {
+            let now = chrono::Utc::now();
+            let time = |flag: &str, v: Option<String>| {
+                v.map(|t| nudge::review::parse_time(&t, now))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+            };
+            if let Some(c) = &channel {
+                c.parse::<nudge::model::ChannelKind>()
+                    .map_err(|e| anyhow::anyhow!("--channel: {e}"))?;
+            }
+            let filter = nudge::review::LogFilter {
+                journey,
+                step,
+                channel,
+                outcome: outcome
+                    .map(|o| o.parse::<nudge::model::Outcome>())
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--outcome: {e}"))?,
+                customer,
+                since: time("since", since)?,
+                until: time("until", until)?,
+            };
+            let store = open_review(config)?;
+            let stdout = std::io::stdout();
+            let mut writer = nudge::review::log::LogWriter::new(stdout.lock(), format);
+            let limit = (limit > 0).then_some(limit);
+            for record in nudge::review::log::LogStream::new(&*store, filter, limit) {
+                writer.write(&record?).context("writing stdout")?;
+            }
+            let written = writer.finish().context("writing stdout")?;
+            if limit == Some(written) {
+                eprintln!(
+                    "nudge log: the newest {written} records shown; --limit N (0: all) for more"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            customer,
+            config,
+            format,
+        } => {
+            let store = open_review(config)?;
+            let record = nudge::review::record::decision_record(&*store, &customer, false)?;
+            match format {
+                TextFormat::Text => print!("{}", nudge::review::record::to_text(&record)),
+                TextFormat::Json => println!("{}", serde_json::to_string_pretty(&record)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Funnel {
+            config,
+            journey,
+            format,
+        } => {
+            let store = open_review(config)?;
+            let report = nudge::review::funnel::funnels(&*store, journey.as_deref())?;
+            match format {
+                TableFormat::Table => print!("{}", nudge::review::funnel::to_text(&report)),
+                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RulesDoc => {
             let mut out = std::io::stdout().lock();
             out.write_all(rules::host_api_reference().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The store of the daemon's config, opened to read beside it.
+fn open_review(config: Option<PathBuf>) -> anyhow::Result<Box<dyn nudge::review::ReviewRead>> {
+    let config = Config::load(config.as_deref())?;
+    let key = match config.store.url {
+        Some(_) => "store.url",
+        None => "store.path",
+    };
+    nudge::store::open_reader(&config.store)
+        .with_context(|| format!("{key}: reading {}", config.store.describe()))
 }
 
 /// A minimal HTTP/1.1 GET on loopback: the status code.

@@ -19,6 +19,7 @@ pub(crate) mod conformance;
 mod dead_letters;
 mod handle;
 pub mod postgres;
+pub mod review;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -136,6 +137,23 @@ pub fn open(config: &StoreConfig) -> Result<(Arc<dyn Store>, usize), StoreError>
         StoreUrl::Postgres(url) => {
             let store = PostgresStore::open(&pg_options(config, url)?)?;
             Ok((Arc::new(store), 0))
+        }
+    }
+}
+
+/// Opens the store `config` names to review it ([`review::ReviewRead`]):
+/// beside a running daemon, without migrating or locking it (a SQLite file
+/// is read through query-only connections; PostgreSQL through a small
+/// pool). The schema must be this binary's version. Blocking, like [`open`].
+pub fn open_reader(config: &StoreConfig) -> Result<Box<dyn review::ReviewRead>, StoreError> {
+    match target(config)? {
+        StoreUrl::Sqlite(path) => Ok(Box::new(SqliteStore::open_reader(&path, config.cache_mb)?)),
+        StoreUrl::Postgres(url) => {
+            let options = postgres::PgOptions {
+                pool_size: 2,
+                ..pg_options(config, url)?
+            };
+            Ok(Box::new(PostgresStore::open_reader(&options)?))
         }
     }
 }

@@ -26,6 +26,7 @@ use serde_json::Value;
 mod conn;
 mod purge;
 mod read;
+mod review;
 pub mod schema;
 mod tx;
 

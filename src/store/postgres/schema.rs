@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     V1_TABLES,
     V2_SEND_INTENTS,
     V3_DEAD_LETTER_HEADERS_AND_RETRIES,
+    V4_REVIEW_INDEXES,
 ];
 
 /// The schema version this binary writes.
@@ -212,4 +213,17 @@ ALTER TABLE dead_letters
     ADD COLUMN retry_at timestamptz,
     ADD COLUMN failed_at timestamptz;
 CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+
+/// Version 4: the review's reads (`store::review`). The dispatch log in the
+/// review's order (time, seq) overall and after each filter a reviewer sets
+/// most, so that a page of the log is a seek and a short walk at any depth
+/// (keyset paging); instances by journey for funnels and a journey's plan.
+/// In the migration's transaction (not CONCURRENTLY): writes to the log
+/// wait while a large one is indexed.
+const V4_REVIEW_INDEXES: &str = "
+CREATE INDEX dispatch_log_time ON dispatch_log (time, seq);
+CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time, seq);
+CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time, seq);
+CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time, seq);
+CREATE INDEX instances_by_journey ON instances (journey, started_at);
 ";

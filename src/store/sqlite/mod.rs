@@ -11,6 +11,7 @@ use serde_json::Value;
 mod batch;
 mod lock;
 mod purge;
+mod review;
 pub mod schema;
 mod tx;
 

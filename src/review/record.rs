@@ -1,0 +1,482 @@
+//! "Why did (or didn't) this customer get this message?": one customer's
+//! decision record, in time order, from what the store keeps:
+//!
+//! - events: those that started an instance (id, type and time, from the
+//!   decision inputs) and those that ended one or were refused by a
+//!   cooldown (id, from the log records they caused);
+//! - decisions: each instance started, with its script hash, mode (live,
+//!   control group, shadow), key, template variables and the inputs the
+//!   script saw (the customer's context at that moment, as the journey
+//!   stage kept it: contact details reduced to whether they exist);
+//! - verdicts: each policy decision about a step (suppressed with its
+//!   reason: consent, reachability, frequency cap, kill switch, condition,
+//!   cooldown; deferred for quiet hours; expired; held out; shadow);
+//! - attempts: each send with its outcome, attempt number and lateness;
+//! - exits and completions.
+//!
+//! What the store does not keep is listed in [`NOT_RECORDED`] and printed
+//! with every record rather than guessed at. Contact addresses (in the
+//! current context, and any e-mail address or phone number inside variables
+//! or inputs) are masked unless the caller unmasks them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::log::LogStream;
+use super::{LogFilter, ReviewRead};
+use crate::model::{InstanceStatus, LogRecord, Outcome};
+use crate::store::StoreError;
+
+/// What a decision record cannot show, because nothing stores it yet.
+pub const NOT_RECORDED: [&str; 4] = [
+    "decisions not to start: a script's skip and its reason, an event for an instance already open, and customers outside a pilot leave nothing in the store (only cooldown refusals are logged, as suppressed)",
+    "events that only updated the customer's context or that no journey acted on: their ids are kept for deduplication, not whose they were",
+    "a send's HTTP status and response time: a failed attempt's reason carries the error; the latency shown is how late after its due time the step went out",
+    "control changes (kill switches, shadow settings, rule reloads) per customer: their effect shows as a verdict's reason, and each decision names its script hash",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionRecord {
+    pub customer: String,
+    /// How to reach the customer now (masked unless unmasked).
+    pub contact: Option<Contact>,
+    /// Oldest first.
+    pub entries: Vec<Entry>,
+    pub not_recorded: Vec<&'static str>,
+    pub log_reaches_back_to: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Contact {
+    pub timezone: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub app_installed: bool,
+    pub consents: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Event,
+    Decision,
+    Verdict,
+    Attempt,
+    Exit,
+    End,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Event => "event",
+            Kind::Decision => "decision",
+            Kind::Verdict => "verdict",
+            Kind::Attempt => "attempt",
+            Kind::Exit => "exit",
+            Kind::End => "end",
+        }
+    }
+
+    fn of(outcome: Outcome) -> Kind {
+        match outcome {
+            Outcome::Sent | Outcome::Failed | Outcome::Retrying => Kind::Attempt,
+            Outcome::Converted | Outcome::Cancelled => Kind::Exit,
+            Outcome::Suppressed
+            | Outcome::Deferred
+            | Outcome::Expired
+            | Outcome::HeldOut
+            | Outcome::Shadow => Kind::Verdict,
+        }
+    }
+}
+
+/// One line of the record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: DateTime<Utc>,
+    pub kind: Kind,
+    /// What happened, in a sentence.
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journey: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// Decisions: what the script saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Value>,
+    /// Decisions: the template variables the script produced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variables: Option<Value>,
+    /// The log position of a log entry (orders entries of one time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+impl Entry {
+    fn new(time: DateTime<Utc>, kind: Kind, text: String) -> Self {
+        Self {
+            time,
+            kind,
+            text,
+            journey: None,
+            instance: None,
+            step: None,
+            channel: None,
+            outcome: None,
+            reason: None,
+            rule_hash: None,
+            attempt: None,
+            latency_ms: None,
+            event_id: None,
+            inputs: None,
+            variables: None,
+            seq: None,
+        }
+    }
+
+    /// Events before the decisions they caused, those before the log
+    /// records; log records in log order.
+    fn order(&self) -> (DateTime<Utc>, u8, i64) {
+        let rank = match self.kind {
+            Kind::Event => 0,
+            Kind::Decision => 1,
+            Kind::End => 3,
+            _ => 2,
+        };
+        (self.time, rank, self.seq.unwrap_or(0))
+    }
+}
+
+/// Reads the decision record of `customer`; contact details masked unless `unmask`.
+pub fn decision_record(
+    store: &dyn ReviewRead,
+    customer: &str,
+    unmask: bool,
+) -> Result<DecisionRecord, StoreError> {
+    let instances = store.customer_instances(customer)?;
+    let filter = LogFilter {
+        customer: Some(customer.to_string()),
+        ..LogFilter::default()
+    };
+    let mut log: Vec<LogRecord> = LogStream::new(store, filter, None).collect::<Result<_, _>>()?;
+    log.reverse();
+    let mask = |v: Value| if unmask { v } else { mask_value(v) };
+
+    let mut entries = Vec::new();
+    // Events by id: (time, type) where known.
+    let mut events: BTreeMap<String, (DateTime<Utc>, Option<String>)> = BTreeMap::new();
+    for i in &instances {
+        let event = &i.decision_inputs["event"];
+        let time = event["time"]
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            // Never after the decision it caused (the store keeps
+            // milliseconds on SQLite, the event may carry nanoseconds).
+            .map_or(i.started_at, |t| t.to_utc().min(i.started_at));
+        let kind = event["type"].as_str().map(String::from);
+        events.insert(i.trigger_event.clone(), (time, kind));
+        let mut e = Entry::new(
+            i.started_at,
+            Kind::Decision,
+            format!(
+                "{} started ({}, {}) for key {} by event {}; script {}",
+                i.journey,
+                match i.mode {
+                    crate::model::Mode::Live => "live",
+                    crate::model::Mode::HeldOut => "control group: held out, never sent",
+                    crate::model::Mode::Shadow => "shadow: logged, never sent",
+                },
+                i.category,
+                i.key,
+                i.trigger_event,
+                i.rule_hash
+            ),
+        );
+        e.journey = Some(i.journey.clone());
+        e.instance = Some(i.id.clone());
+        e.rule_hash = Some(i.rule_hash.clone());
+        e.event_id = Some(i.trigger_event.clone());
+        e.inputs = Some(mask(i.decision_inputs.clone()));
+        e.variables = Some(mask(i.vars.clone()));
+        entries.push(e);
+        if let (InstanceStatus::Completed, Some(at)) = (i.status, i.ended_at) {
+            let mut e = Entry::new(
+                at,
+                Kind::End,
+                format!("{}: every step settled (completed)", i.journey),
+            );
+            e.journey = Some(i.journey.clone());
+            e.instance = Some(i.id.clone());
+            entries.push(e);
+        }
+    }
+    for r in &log {
+        if let Some(id) = &r.event_id {
+            let kind = r
+                .reason
+                .split_once(" ended the journey")
+                .map(|(t, _)| t.to_string());
+            let known = events.entry(id.clone()).or_insert((r.time, None));
+            if known.1.is_none() {
+                known.1 = kind;
+            }
+        }
+        entries.push(log_entry(r));
+    }
+    for (id, (time, kind)) in events {
+        let mut e = Entry::new(
+            time,
+            Kind::Event,
+            format!("{} (id {id})", kind.as_deref().unwrap_or("event")),
+        );
+        e.event_id = Some(id);
+        entries.push(e);
+    }
+    entries.sort_by_key(Entry::order);
+    let contact = store.customer_context(customer)?.map(|c| Contact {
+        timezone: c.timezone,
+        email: c.email.map(|e| if unmask { e } else { mask_email(&e) }),
+        phone: c.phone.map(|p| if unmask { p } else { mask_phone(&p) }),
+        app_installed: c.app_installed,
+        consents: serde_json::to_value(&c.consents).unwrap_or(Value::Null),
+    });
+    Ok(DecisionRecord {
+        customer: customer.to_string(),
+        contact,
+        entries,
+        not_recorded: NOT_RECORDED.to_vec(),
+        log_reaches_back_to: store.log_reach()?,
+    })
+}
+
+fn log_entry(r: &LogRecord) -> Entry {
+    let kind = Kind::of(r.outcome);
+    let subject = match r.step.as_str() {
+        "-" => r.journey.clone(),
+        step => format!("{}/{step} via {}", r.journey, r.channel),
+    };
+    let text = match r.outcome {
+        Outcome::Sent => format!(
+            "{subject}: sent, template {}, attempt {}{}",
+            r.template,
+            r.attempt,
+            r.latency_ms
+                .map(|l| format!(", {l} ms after due"))
+                .unwrap_or_default()
+        ),
+        Outcome::Failed | Outcome::Retrying => format!(
+            "{subject}: {}, attempt {}: {}",
+            r.outcome, r.attempt, r.reason
+        ),
+        Outcome::Converted | Outcome::Cancelled if r.step != "-" => {
+            format!("{subject}: not sent, journey {}: {}", r.outcome, r.reason)
+        }
+        _ => format!("{subject}: {}: {}", r.outcome, r.reason),
+    };
+    let mut e = Entry::new(r.time, kind, text);
+    e.journey = Some(r.journey.clone());
+    e.instance = Some(r.instance.clone());
+    if r.step != "-" {
+        e.step = Some(r.step.clone());
+        e.channel = Some(r.channel.clone());
+    }
+    e.outcome = Some(r.outcome);
+    e.reason = Some(r.reason.clone());
+    e.rule_hash = Some(r.rule_hash.clone());
+    e.attempt = (r.attempt > 0).then_some(r.attempt);
+    e.latency_ms = r.latency_ms;
+    e.event_id = r.event_id.clone();
+    e.seq = Some(r.seq);
+    e
+}
+
+/// The record as `nudge explain` prints it for a terminal.
+pub fn to_text(record: &DecisionRecord) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "decision record of customer {} (times UTC, oldest first)",
+        record.customer
+    );
+    match &record.contact {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "contact now: timezone {}, app {}, email {}, phone {}",
+                c.timezone.as_deref().unwrap_or("-"),
+                if c.app_installed { "yes" } else { "no" },
+                c.email.as_deref().unwrap_or("-"),
+                c.phone.as_deref().unwrap_or("-"),
+            );
+            let _ = writeln!(out, "consents now: {}", c.consents);
+        }
+        None => out.push_str("contact now: no contact or consent event received\n"),
+    }
+    if let Some(t) = record.log_reaches_back_to {
+        let _ = writeln!(
+            out,
+            "the dispatch log reaches back to {}",
+            t.to_rfc3339_opts(SecondsFormat::Secs, true)
+        );
+    }
+    out.push('\n');
+    if record.entries.is_empty() {
+        out.push_str("nothing recorded for this customer\n");
+    }
+    for e in &record.entries {
+        let _ = writeln!(
+            out,
+            "{}  {:<8}  {}",
+            e.time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            e.kind.as_str(),
+            e.text
+        );
+        let indent = " ".repeat(36);
+        if let Some(inputs) = &e.inputs {
+            let _ = writeln!(out, "{indent}saw: {inputs}");
+        }
+        if let Some(vars) = e
+            .variables
+            .as_ref()
+            .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+        {
+            let _ = writeln!(out, "{indent}variables: {vars}");
+        }
+    }
+    out.push_str("\nnot recorded (so not shown):\n");
+    for n in &record.not_recorded {
+        let _ = writeln!(out, "  - {n}");
+    }
+    out
+}
+
+/// `alice@example.com` → `a***@example.com`.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".into(),
+    }
+}
+
+/// `+61400000001` → `+*********01`: the last two digits stay.
+pub fn mask_phone(phone: &str) -> String {
+    let digits = phone.chars().filter(char::is_ascii_digit).count();
+    let mut seen = 0;
+    phone
+        .chars()
+        .map(|c| {
+            if c.is_ascii_digit() {
+                seen += 1;
+                if seen + 2 > digits {
+                    c
+                } else {
+                    '*'
+                }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn looks_like_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty() && domain.contains('.') && !s.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+fn looks_like_phone(s: &str) -> bool {
+    let digits = s.chars().filter(char::is_ascii_digit).count();
+    digits >= 7
+        && s.chars().all(|c| c.is_ascii_digit() || "+ ()-".contains(c))
+        && (s.starts_with('+') || !s.contains('-'))
+}
+
+/// Masks every e-mail address and phone number among the strings of `v`
+/// (and any string under a key naming one).
+pub fn mask_value(v: Value) -> Value {
+    match v {
+        Value::String(s) if looks_like_email(&s) => Value::String(mask_email(&s)),
+        Value::String(s) if looks_like_phone(&s) => Value::String(mask_phone(&s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(mask_value).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| {
+                    let v = match (&v, k.as_str()) {
+                        (Value::String(s), "email") => Value::String(mask_email(s)),
+                        (Value::String(s), "phone" | "mobile") => Value::String(mask_phone(s)),
+                        _ => mask_value(v),
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn contact_details_are_masked_wherever_they_appear() {
+        assert_eq!(mask_email("alice@example.com"), "a***@example.com");
+        assert_eq!(mask_phone("+61400000001"), "+*********01");
+        assert_eq!(mask_phone("0400 000 123"), "**** *** *23");
+        let v = json!({
+            "email": "bob@example.com",
+            "note": "call +61 400 000 002",
+            "contact": ["carol@example.org", "+61400000003"],
+            "amount": "1234567",
+            "date": "2026-03-02",
+            "product": "Car loan",
+            "count": 12345678,
+        });
+        assert_eq!(
+            mask_value(v),
+            json!({
+                "email": "b***@example.com",
+                "note": "call +61 400 000 002",
+                "contact": ["c***@example.org", "+*********03"],
+                "amount": "*****67",
+                "date": "2026-03-02",
+                "product": "Car loan",
+                "count": 12345678,
+            })
+        );
+    }
+}

@@ -1,0 +1,342 @@
+//! [`ReviewRead`] on SQLite: on the reader connection (WAL: never waits for
+//! the writer). A store opened by [`SqliteStore::open_reader`] has only
+//! query-only connections, for the review beside a running daemon.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::{from_ms, ms, schema, text, SqliteStore};
+use crate::context::CustomerContext;
+use crate::model::{LogRecord, Outcome};
+use crate::store::review::{
+    arms_sql, log_page_sql, outcome_counts_sql, planned_steps_sql, ArmCount, InstanceRecord,
+    LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead, LOG_COLUMNS,
+};
+use crate::store::StoreError;
+
+impl SqliteStore {
+    /// Opens an existing store to read it and nothing else: no migration,
+    /// no owner lock (the daemon may be running), connections refusing
+    /// writes. Its schema must be this binary's version.
+    pub fn open_reader(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
+        let connect = || -> Result<Connection, StoreError> {
+            // Read-write without create: a missing file is an error, and a
+            // WAL database whose -shm is gone can still be opened.
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| StoreError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            conn.pragma_update(None, "cache_size", -(i64::from(cache_mb) * 1024))?;
+            conn.busy_timeout(std::time::Duration::from_secs(10))?;
+            conn.pragma_update(None, "query_only", true)?;
+            Ok(conn)
+        };
+        let conn = connect()?;
+        check_version(&conn, path)?;
+        Ok(Self {
+            _owner: None,
+            conn: Mutex::new(conn),
+            reader: Mutex::new(connect()?),
+        })
+    }
+}
+
+/// A store to read must have this binary's schema: an older one lacks what
+/// the queries read (and its indexes), a newer one may mean something else.
+fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found = schema::version(conn)?;
+    if found > schema::VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: schema::VERSION,
+        });
+    }
+    if found == 0 {
+        return Err(StoreError::Config(format!(
+            "{}: not a nudge store (no schema)",
+            path.display()
+        )));
+    }
+    if found < schema::VERSION {
+        return Err(StoreError::Config(format!(
+            "{}: schema version {found} is older than this binary's {}: run `nudge migrate` (or the daemon of this version) first",
+            path.display(),
+            schema::VERSION
+        )));
+    }
+    Ok(())
+}
+
+fn placeholder(n: usize) -> String {
+    format!("?{n}")
+}
+
+fn to_sql(p: Param) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match p {
+        Param::Text(s) => Value::Text(s),
+        Param::Time(t) => Value::Integer(ms(t)),
+        Param::Int(i) => Value::Integer(i),
+    }
+}
+
+/// A row of [`LOG_COLUMNS`].
+pub(super) fn log_record(r: &rusqlite::Row<'_>) -> Result<LogRecord, StoreError> {
+    Ok(LogRecord {
+        seq: r.get(0)?,
+        time: from_ms(r.get(1)?),
+        customer: r.get(2)?,
+        journey: r.get(3)?,
+        instance: r.get(4)?,
+        step: r.get(5)?,
+        channel: r.get(6)?,
+        template: r.get(7)?,
+        outcome: text(r, 8)?.parse().map_err(StoreError::Corrupt)?,
+        reason: r.get(9)?,
+        rule_hash: r.get(10)?,
+        attempt: r.get(11)?,
+        latency_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
+        event_id: r.get(13)?,
+    })
+}
+
+fn json(r: &rusqlite::Row<'_>, i: usize) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text(r, i)?).map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
+}
+
+impl ReviewRead for SqliteStore {
+    fn log_page(
+        &self,
+        filter: &LogFilter,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let (sql, params) = log_page_sql(filter, after, limit, LOG_COLUMNS, placeholder);
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.into_iter().map(to_sql)))?;
+        let mut out = Vec::with_capacity(limit.min(10_000));
+        while let Some(r) = rows.next()? {
+            out.push(log_record(r)?);
+        }
+        Ok(out)
+    }
+
+    fn outcome_counts(&self, journey: Option<&str>) -> Result<Vec<OutcomeCount>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&outcome_counts_sql(journey.is_some(), "?1"))?;
+        let mut rows = match journey {
+            Some(j) => stmt.query([j])?,
+            None => stmt.query([])?,
+        };
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(OutcomeCount {
+                journey: r.get(0)?,
+                step: r.get(1)?,
+                outcome: text(r, 2)?
+                    .parse::<Outcome>()
+                    .map_err(StoreError::Corrupt)?,
+                reason: r.get(3)?,
+                count: r.get::<_, i64>(4)? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn arms(&self, journey: Option<&str>, by_rule: bool) -> Result<Vec<ArmCount>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&arms_sql(journey.is_some(), by_rule, "?1"))?;
+        let mut rows = match journey {
+            Some(j) => stmt.query([j])?,
+            None => stmt.query([])?,
+        };
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(ArmCount {
+                journey: r.get(0)?,
+                rule_hash: r.get(1)?,
+                mode: text(r, 2)?.parse().map_err(StoreError::Corrupt)?,
+                instances: r.get::<_, i64>(3)? as u64,
+                converted_instances: r.get::<_, i64>(4)? as u64,
+                customers: r.get::<_, i64>(5)? as u64,
+                converted_customers: r.get::<_, i64>(6)? as u64,
+                first_started: from_ms(r.get(7)?),
+                last_started: from_ms(r.get(8)?),
+            });
+        }
+        Ok(out)
+    }
+
+    fn planned_steps(&self, journey: &str) -> Result<Vec<PlannedStep>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&planned_steps_sql("?1"))?;
+        let rows = stmt
+            .query_map([journey], |r| {
+                Ok(PlannedStep {
+                    step: r.get(0)?,
+                    seq: r.get(1)?,
+                    channel: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn customer_instances(&self, customer: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, journey, key, status, mode, category, started_at, ended_at, rule_hash, trigger_event, vars, decision_inputs
+             FROM instances WHERE customer = ?1 ORDER BY started_at, id",
+        )?;
+        let mut rows = stmt.query([customer])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(InstanceRecord {
+                id: r.get(0)?,
+                journey: r.get(1)?,
+                key: r.get(2)?,
+                status: text(r, 3)?.parse().map_err(StoreError::Corrupt)?,
+                mode: text(r, 4)?.parse().map_err(StoreError::Corrupt)?,
+                category: text(r, 5)?.parse().map_err(StoreError::Corrupt)?,
+                started_at: from_ms(r.get(6)?),
+                ended_at: r.get::<_, Option<i64>>(7)?.map(from_ms),
+                rule_hash: r.get(8)?,
+                trigger_event: r.get(9)?,
+                vars: json(r, 10)?,
+                decision_inputs: json(r, 11)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn customer_context(&self, customer: &str) -> Result<Option<CustomerContext>, StoreError> {
+        let conn = self.reader();
+        let context: Option<String> = conn
+            .prepare_cached("SELECT context FROM customers WHERE id = ?1")?
+            .query_row([customer], |r| r.get(0))
+            .optional()?;
+        context
+            .map(|text| {
+                let mut c: CustomerContext =
+                    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                c.id = customer.to_string();
+                Ok(c)
+            })
+            .transpose()
+    }
+
+    fn log_reach(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let conn = self.reader();
+        let v: Option<i64> = conn
+            .prepare_cached("SELECT min(time) FROM dispatch_log")?
+            .query_row(params![], |r| r.get(0))?;
+        Ok(v.map(from_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader opens a daemon's store beside it (no owner lock), never
+    /// writes, and refuses what it cannot read.
+    #[test]
+    fn a_reader_opens_beside_the_owner_and_refuses_what_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owned.db");
+        let (_owner, _) = SqliteStore::open_exclusive(&path, 2).unwrap();
+        let reader = SqliteStore::open_reader(&path, 2).unwrap();
+        assert_eq!(reader.log_reach().unwrap(), None);
+        let err = reader
+            .reader()
+            .execute("DELETE FROM dispatch_log", [])
+            .unwrap_err();
+        assert!(err.to_string().contains("readonly"), "{err}");
+        let missing = SqliteStore::open_reader(&dir.path().join("none.db"), 2)
+            .err()
+            .expect("no file");
+        assert!(missing.to_string().contains("none.db"), "{missing}");
+        assert!(!dir.path().join("none.db").exists(), "not created");
+        let old = dir.path().join("old.db");
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch(schema::V1_TABLES)
+            .unwrap();
+        Connection::open(&old)
+            .unwrap()
+            .pragma_update(None, "user_version", 1)
+            .unwrap();
+        let err = SqliteStore::open_reader(&old, 2).err().expect("old schema");
+        assert!(err.to_string().contains("nudge migrate"), "{err}");
+    }
+
+    /// Every page of the log, with any one filter and at any depth, walks an
+    /// index in the page's order and stops at the limit: no full scan, no sort.
+    #[test]
+    fn every_log_page_walks_an_index_in_page_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("plan.db")).unwrap();
+        let conn = store.reader();
+        let t = chrono::DateTime::parse_from_rfc3339("2026-03-02T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let some = |f: fn(&mut LogFilter)| {
+            let mut filter = LogFilter::default();
+            f(&mut filter);
+            filter
+        };
+        let filters = [
+            LogFilter::default(),
+            some(|f| f.journey = Some("j".into())),
+            some(|f| f.customer = Some("c".into())),
+            some(|f| f.outcome = Some(Outcome::Failed)),
+            some(|f| f.channel = Some("push".into())),
+            some(|f| {
+                f.journey = Some("j".into());
+                f.step = Some("s".into());
+                f.outcome = Some(Outcome::Sent);
+            }),
+            some(|f| {
+                f.since = Some(chrono::DateTime::UNIX_EPOCH);
+                f.until = Some(chrono::DateTime::UNIX_EPOCH);
+            }),
+        ];
+        for filter in &filters {
+            for after in [
+                None,
+                Some(LogCursor {
+                    time: t,
+                    seq: 1_000,
+                }),
+            ] {
+                let (sql, params) = log_page_sql(filter, after, 100, LOG_COLUMNS, placeholder);
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let plan: Vec<String> = stmt
+                    .query_map(
+                        rusqlite::params_from_iter(params.into_iter().map(to_sql)),
+                        |r| r.get::<_, String>(3),
+                    )
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                assert!(
+                    plan.iter().all(|s| !s.contains("TEMP B-TREE")),
+                    "sorted: {filter:?} {after:?}: {plan:?}"
+                );
+                assert!(
+                    plan.iter().any(|s| s.contains("USING INDEX dispatch_log_")
+                        || s.contains("USING COVERING INDEX dispatch_log_")),
+                    "{filter:?} {after:?}: {plan:?}"
+                );
+            }
+        }
+    }
+}

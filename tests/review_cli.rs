@@ -1,0 +1,360 @@
+//! `nudge log`, `nudge explain` and `nudge funnel` as a reviewer runs them:
+//! against the store a real daemon wrote (the example events through the
+//! real broker to the recording endpoints), with the daemon's config file,
+//! their output checked against the store's own tables.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use harness::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// Kafka records as (key, payload).
+type Records = Vec<(String, Vec<u8>)>;
+
+/// A log row as (seq, customer, journey, step, outcome).
+type Row = (i64, String, String, String, String);
+
+/// The example events re-timed to now (nothing past its lateness bound), as
+/// (key, payload): the starts, then the exits that must follow the pushes.
+fn examples_now() -> (Records, Records) {
+    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
+    let now = chrono::Utc::now().to_rfc3339();
+    let (mut starts, mut exits) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut e: Value = serde_json::from_str(line).unwrap();
+        e["time"] = json!(now);
+        let t = e["type"].as_str().unwrap().to_string();
+        let record = (
+            e["subject"].as_str().unwrap().to_string(),
+            serde_json::to_vec(&e).unwrap(),
+        );
+        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
+            exits.push(record);
+        } else {
+            starts.push(record);
+        }
+    }
+    (starts, exits)
+}
+
+/// A store written by a daemon from the examples; returns the daemon's
+/// config file and the store's path (the daemon still running).
+fn daemon_run(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Daemon) {
+    let rt = runtime();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir, &recv);
+    create_topic(&rt, &cfg.topic, 3);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    let (starts, exits) = examples_now();
+    produce(&cfg.topic, &starts);
+    daemon.wait_until(LONG, "five pushes", || recv.on("/push").len() >= 5);
+    produce(&cfg.topic, &exits);
+    let db = cfg.store.clone();
+    daemon.wait_until(LONG, "the exits to be stored", || {
+        let Some(conn) = store_reader(&db) else {
+            return false;
+        };
+        let count = |status: &str| -> i64 {
+            conn.query_row(
+                "SELECT COUNT(*) FROM steps WHERE status = ?1",
+                [status],
+                |r| r.get(0),
+            )
+            .unwrap_or(0)
+        };
+        count("pending") == 2 && count("cancelled") == 4
+    });
+    // Keep the receiver's runtime alive with the daemon: leak it (the test process ends soon).
+    std::mem::forget(recv);
+    std::mem::forget(rt);
+    (dir.join("a.toml"), db, daemon)
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = nudge(args);
+    assert_eq!(code, 0, "nudge {args:?}: {err}");
+    out
+}
+
+/// The store's log, newest first by (time, seq), as (seq, customer, journey, step, outcome).
+fn stored_log(db: &Path) -> Vec<Row> {
+    let conn = store_reader(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, customer, journey, step, outcome FROM dispatch_log ORDER BY time DESC, seq DESC")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+fn count(db: &Path, sql: &str, param: &str) -> u64 {
+    let conn = store_reader(db).unwrap();
+    conn.query_row(sql, [param], |r| r.get::<_, i64>(0))
+        .unwrap() as u64
+}
+
+#[test]
+fn log_explain_and_funnel_read_what_a_daemon_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, db, daemon) = daemon_run(dir.path());
+    let config = config.to_str().unwrap();
+
+    // Beside the running daemon: the CLI neither locks nor migrates its store.
+    let live: Value =
+        serde_json::from_str(&ok(&["log", "--config", config, "--format", "json"])).unwrap();
+    assert!(!live.as_array().unwrap().is_empty());
+    daemon.terminate();
+
+    let stored = stored_log(&db);
+    assert!(stored.len() >= 10, "{stored:?}");
+
+    // --format json --limit 0: every record, newest first, as the store has them.
+    let all: Vec<Value> = serde_json::from_str(&ok(&[
+        "log", "--config", config, "--format", "json", "--limit", "0",
+    ]))
+    .unwrap();
+    let got: Vec<Row> = all
+        .iter()
+        .map(|r| {
+            let s = |f: &str| r[f].as_str().unwrap().to_string();
+            (
+                r["seq"].as_i64().unwrap(),
+                s("customer"),
+                s("journey"),
+                s("step"),
+                s("outcome"),
+            )
+        })
+        .collect();
+    assert_eq!(got, stored);
+
+    // Filters: each equals the store's rows that pass it, in order.
+    let expect = |f: &dyn Fn(&Row) -> bool| -> Vec<i64> {
+        stored.iter().filter(|r| f(r)).map(|r| r.0).collect()
+    };
+    let seqs = |args: &[&str]| -> Vec<i64> {
+        let mut full = vec![
+            "log", "--config", config, "--format", "json", "--limit", "0",
+        ];
+        full.extend_from_slice(args);
+        let v: Vec<Value> = serde_json::from_str(&ok(&full)).unwrap();
+        v.iter().map(|r| r["seq"].as_i64().unwrap()).collect()
+    };
+    let loan = expect(&|r| r.2 == "unsigned_loan");
+    assert!(!loan.is_empty());
+    assert_eq!(seqs(&["--journey", "unsigned_loan"]), loan);
+    assert_eq!(seqs(&["--outcome", "sent"]), expect(&|r| r.4 == "sent"));
+    assert_eq!(
+        seqs(&["--customer", "c-1002"]),
+        expect(&|r| r.1 == "c-1002")
+    );
+    assert_eq!(
+        seqs(&[
+            "--journey",
+            "unsigned_loan",
+            "--step",
+            "push",
+            "--channel",
+            "push"
+        ]),
+        expect(&|r| r.2 == "unsigned_loan" && r.3 == "push")
+    );
+    // Relative times: everything happened within the last hour, nothing before it.
+    assert_eq!(seqs(&["--since", "1h"]), expect(&|_| true));
+    assert!(seqs(&["--until", "1h"]).is_empty());
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    assert_eq!(seqs(&["--until", &tomorrow]), expect(&|_| true));
+
+    // CSV: a header and one row per record of the filter.
+    let csv = ok(&[
+        "log",
+        "--config",
+        config,
+        "--format",
+        "csv",
+        "--limit",
+        "0",
+        "--journey",
+        "unsigned_loan",
+    ]);
+    let mut lines = csv.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("seq,time,customer,journey,instance,step,channel"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), loan.len());
+    let first: Vec<&str> = rows[0].split(',').collect();
+    assert_eq!(first[0], loan[0].to_string());
+    assert_eq!(first[3], "unsigned_loan");
+
+    // The table: the default limit and a note on stderr when it cut.
+    let (code, table, err) = nudge(&["log", "--config", config, "--limit", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "time", "customer", "journey", "step", "channel", "outcome", "reason",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert_eq!(lines.count(), 3);
+    assert!(err.contains("newest 3 records"), "{err}");
+
+    // Bad input is an error naming the flag.
+    let (code, _, err) = nudge(&["log", "--config", config, "--channel", "fax"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--channel") && err.contains("fax"), "{err}");
+    let (code, _, err) = nudge(&["log", "--config", config, "--since", "last tuesday"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--since"), "{err}");
+
+    // explain: Bob (c-1002), whose A-2 ran its course and A-3 was withdrawn.
+    let record: Value = serde_json::from_str(&ok(&[
+        "explain", "c-1002", "--config", config, "--format", "json",
+    ]))
+    .unwrap();
+    let entries = record["entries"].as_array().unwrap();
+    let kind = |k: &str| entries.iter().filter(|e| e["kind"] == k).count() as u64;
+    assert_eq!(
+        kind("decision"),
+        count(
+            &db,
+            "SELECT COUNT(*) FROM instances WHERE customer = ?1",
+            "c-1002"
+        )
+    );
+    assert_eq!(
+        kind("verdict") + kind("attempt") + kind("exit"),
+        count(
+            &db,
+            "SELECT COUNT(*) FROM dispatch_log WHERE customer = ?1",
+            "c-1002"
+        )
+    );
+    assert_eq!(
+        kind("attempt"),
+        count(
+            &db,
+            "SELECT COUNT(*) FROM dispatch_log WHERE customer = ?1 AND outcome = 'sent'",
+            "c-1002"
+        )
+    );
+    let times: Vec<&str> = entries
+        .iter()
+        .map(|e| e["time"].as_str().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|p| p[0] <= p[1]),
+        "time order: {times:?}"
+    );
+    for e in entries.iter().filter(|e| e["kind"] == "decision") {
+        let hash = count(
+            &db,
+            "SELECT COUNT(*) FROM instances WHERE rule_hash = ?1",
+            e["rule_hash"].as_str().unwrap(),
+        );
+        assert!(hash > 0, "{e}");
+        assert_eq!(e["inputs"]["customer"]["has_email"], true, "{e}");
+    }
+    assert_eq!(record["contact"]["email"], "b***@example.com");
+    assert_eq!(record["contact"]["phone"], "+*********02");
+    let text = ok(&["explain", "c-1002", "--config", config]);
+    assert!(
+        text.starts_with("decision record of customer c-1002"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("bob@example.com") && !text.contains("+61400000002"),
+        "{text}"
+    );
+    assert!(text.contains("sent, template loan_unsigned_push"), "{text}");
+    assert!(text.contains("not recorded"), "{text}");
+
+    // funnel: per journey, the store's counts.
+    let report: Value =
+        serde_json::from_str(&ok(&["funnel", "--config", config, "--format", "json"])).unwrap();
+    let journeys = report["journeys"].as_array().unwrap();
+    let names: Vec<&str> = journeys
+        .iter()
+        .map(|j| j["journey"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["energy_rebate", "fee_increase", "unsigned_loan"]
+    );
+    for j in journeys {
+        let name = j["journey"].as_str().unwrap();
+        assert_eq!(
+            j["started"].as_u64().unwrap(),
+            count(
+                &db,
+                "SELECT COUNT(*) FROM instances WHERE journey = ?1 AND mode = 'live'",
+                name
+            )
+        );
+        assert_eq!(
+            j["converted"].as_u64().unwrap(),
+            count(&db, "SELECT COUNT(*) FROM instances WHERE journey = ?1 AND mode = 'live' AND status = 'converted'", name)
+        );
+        assert_eq!(
+            j["uplift"]["treated"]["customers"].as_u64().unwrap(),
+            count(&db, "SELECT COUNT(DISTINCT customer) FROM instances WHERE journey = ?1 AND mode = 'live'", name)
+        );
+        let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+        for s in j["steps"].as_array().unwrap() {
+            sent.insert(
+                s["step"].as_str().unwrap().into(),
+                s["sent"].as_u64().unwrap(),
+            );
+        }
+        let conn = store_reader(&db).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT step, COUNT(*) FROM dispatch_log WHERE journey = ?1 AND outcome = 'sent' GROUP BY step")
+            .unwrap();
+        let stored: BTreeMap<String, u64> = stmt
+            .query_map([name], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (step, n) in &stored {
+            assert_eq!(sent.get(step), Some(n), "{name}/{step}");
+        }
+    }
+    let loan = journeys
+        .iter()
+        .find(|j| j["journey"] == "unsigned_loan")
+        .unwrap();
+    let steps: Vec<&str> = loan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, vec!["push", "email", "call"], "plan order");
+    // A-1 signed and A-3 withdrawn before their email: not sent, and why.
+    let email_not_sent = &loan["steps"][1]["not_sent"];
+    assert!(
+        email_not_sent
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["outcome"] == "converted"),
+        "{email_not_sent}"
+    );
+    let table = ok(&["funnel", "--config", config, "--journey", "unsigned_loan"]);
+    assert!(table.contains("unsigned_loan\n"), "{table}");
+    assert!(table.contains("push sent"), "{table}");
+    assert!(table.contains("uplift: treated"), "{table}");
+    assert!(!table.contains("fee_increase"), "{table}");
+}
