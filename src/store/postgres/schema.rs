@@ -213,6 +213,7 @@ ALTER TABLE dead_letters
     ADD COLUMN retry_at timestamptz,
     ADD COLUMN failed_at timestamptz;
 CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+";
 
 /// Version 4: the review's reads (`store::review`). The dispatch log in the
 /// review's order (time, seq) overall and after each filter a reviewer sets

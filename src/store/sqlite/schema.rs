@@ -165,6 +165,7 @@ ALTER TABLE dead_letters ADD COLUMN last_error TEXT;
 ALTER TABLE dead_letters ADD COLUMN retry_at INTEGER;
 ALTER TABLE dead_letters ADD COLUMN failed_at INTEGER;
 CREATE INDEX dead_letters_failed ON dead_letters (id) WHERE failed_at IS NOT NULL AND published_at IS NULL;
+";
 
 /// Version 5: the review's reads (`store::review`). The dispatch log in the
 /// review's order (time, then seq: the rowid every index entry ends with)
