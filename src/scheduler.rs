@@ -536,11 +536,7 @@ impl Scheduler {
         context: &BatchContext,
         now: DateTime<Utc>,
     ) -> Result<(Verdict, Option<String>), StoreError> {
-        let lateness = self
-            .lateness
-            .get(&step.channel)
-            .copied()
-            .unwrap_or(crate::config::DEFAULT_LATENESS);
+        let lateness = self.lateness(step.channel);
         let Some(customer) = context.customers.get(&step.customer) else {
             return Err(StoreError::Corrupt(format!(
                 "customer {} of a claimed step not loaded",
@@ -637,6 +633,13 @@ impl Scheduler {
 
     /// A failed send is tried again, with backoff, while the error may pass
     /// and attempts remain; otherwise it is final.
+    ///
+    /// A receiver's `Retry-After` is honoured: the retry comes no earlier
+    /// than it asked (bounded by `retry_max`, so one answer cannot park a
+    /// step for a day). The retry never waits past the step's lateness
+    /// bound, when the policy would expire it unsent: our own backoff is cut
+    /// short to give it a last try by then, and a `Retry-After` beyond the
+    /// bound expires it at once.
     fn send_failed(&self, step: &DueStep, e: DispatchError, done: DateTime<Utc>) -> Decision {
         if !e.retryable() {
             return Decision::new(Outcome::Failed, e.to_string());
@@ -646,14 +649,36 @@ impl Scheduler {
             let reason = format!("{e}; gave up after {} attempts", step.attempt);
             return Decision::new(Outcome::Failed, reason);
         }
-        let wait = self.backoff(step.attempt);
-        let next_in = crate::humanize::duration(wait);
+        let lateness = self.lateness(step.channel);
+        let deadline = step.planned_at + span(lateness);
+        let asked = e.retry_after().map(|d| d.min(self.config.retry_max));
+        if let Some(asked) = asked {
+            if done + span(asked) > deadline {
+                let reason = format!(
+                    "{e}; a retry after {} would pass the {} lateness bound of {}",
+                    crate::humanize::duration(asked),
+                    step.channel,
+                    crate::humanize::duration(lateness)
+                );
+                return Decision::new(Outcome::Expired, reason);
+            }
+        }
+        let wait = self.backoff(step.attempt).max(asked.unwrap_or_default());
+        let again = (done + span(wait)).min(deadline.max(done));
+        let next_in = crate::humanize::duration((again - done).to_std().unwrap_or_default());
         let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
-        let again = span(wait);
         Decision {
-            again_at: Some(done + again),
+            again_at: Some(again),
             ..Decision::new(Outcome::Retrying, reason)
         }
+    }
+
+    /// The channel's lateness bound: a step due longer ago is expired.
+    fn lateness(&self, channel: ChannelKind) -> Duration {
+        self.lateness
+            .get(&channel)
+            .copied()
+            .unwrap_or(crate::config::DEFAULT_LATENESS)
     }
 
     /// Counts the decision and makes it what the writer records.
