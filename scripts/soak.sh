@@ -13,5 +13,6 @@ cycles=${1:-100}
 shift || true
 scripts/ci-deps.sh
 export KAFKA_BROKERS=127.0.0.1:19092
-cargo build --release --bin nudge
+# cargo bench builds the nudge binary the soak starts (with the features the
+# tests use, so nothing is built twice).
 exec cargo bench --bench soak -- --cycles "$cycles" "$@"
