@@ -651,20 +651,27 @@ impl Scheduler {
         }
         let lateness = self.lateness(step.channel);
         let deadline = step.planned_at + span(lateness);
+        let bound = || {
+            format!(
+                "the {} lateness bound of {}",
+                step.channel,
+                crate::humanize::duration(lateness)
+            )
+        };
         let asked = e.retry_after().map(|d| d.min(self.config.retry_max));
         if let Some(asked) = asked {
             if done + span(asked) > deadline {
-                let reason = format!(
-                    "{e}; a retry after {} would pass the {} lateness bound of {}",
-                    crate::humanize::duration(asked),
-                    step.channel,
-                    crate::humanize::duration(lateness)
-                );
+                let after = crate::humanize::duration(asked);
+                let reason = format!("{e}; a retry after {after} would pass {}", bound());
                 return Decision::new(Outcome::Expired, reason);
             }
         }
+        if done >= deadline {
+            let reason = format!("{e}; {} is reached: not tried again", bound());
+            return Decision::new(Outcome::Expired, reason);
+        }
         let wait = self.backoff(step.attempt).max(asked.unwrap_or_default());
-        let again = (done + span(wait)).min(deadline.max(done));
+        let again = (done + span(wait)).min(deadline);
         let next_in = crate::humanize::duration((again - done).to_std().unwrap_or_default());
         let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
         Decision {

@@ -399,3 +399,37 @@ async fn without_retry_after_the_backoff_applies() {
         "{waited:?}"
     );
 }
+
+/// An endpoint that stays down past the step's lateness bound: the backoff
+/// is cut short to a last try at the bound, then the step expires; nothing
+/// is sent stale and the email is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_waits_past_the_lateness_bound() {
+    let sinks = Sinks::start().await;
+    let bound = StdDuration::from_secs(300);
+    let e = Engine::new(
+        &sinks,
+        StdDuration::from_secs(5),
+        HashMap::from([(ChannelKind::Push, bound)]),
+    );
+    sinks.push.always(StatusCode::SERVICE_UNAVAILABLE);
+    e.start_duo("c-1", t0()).await;
+    e.run_until(t0() + Duration::hours(1)).await;
+    let log = e.log();
+    let pushes = of(&log, "c-1", "tell");
+    let (last, tries) = pushes.split_last().unwrap();
+    assert_eq!(last.outcome, Outcome::Expired, "{pushes:#?}");
+    assert!(tries.iter().all(|r| r.outcome == Outcome::Retrying));
+    let deadline = t0() + Duration::from_std(bound).unwrap();
+    // The last try is at the bound; refused again, the step expires.
+    assert_eq!(last.time, deadline, "a last try at the bound");
+    assert!(tries.iter().all(|r| r.time < deadline), "{pushes:#?}");
+    assert_eq!(
+        sinks.push.count(),
+        pushes.len(),
+        "nothing sent after the bound"
+    );
+    assert!(last.reason.contains("lateness bound"), "{last:?}");
+    assert!(tries.len() < SchedulerConfig::default().max_attempts as usize);
+    delivered_once(&log, &sinks.email, &["c-1".to_string()], "mail");
+}
