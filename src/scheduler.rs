@@ -120,6 +120,30 @@ struct BatchContext {
 /// side of not sending.
 type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, DateTime<Utc>)>>>;
 
+/// The claimed rows of one channel loop that are being decided or sent
+/// (`held`), and those settled since its last claim began (`settled`).
+///
+/// A lease this loop failed to renew in time (a store or a machine slowed
+/// down past a third of the lease) lets its own next claim take the row
+/// again while the first send is still under way or just recorded. Such a
+/// row is not sent a second time: the send under way settles it. (Seen in
+/// the soak: 250 steps logged `sent` twice with a 2 s lease on a machine
+/// at load 9.)
+#[derive(Default)]
+struct InFlight {
+    held: std::collections::HashSet<i64>,
+    settled: std::collections::HashSet<i64>,
+}
+
+impl InFlight {
+    /// Drops from a fresh claim the rows this loop still holds or settled
+    /// while the claim ran; false when nothing is left.
+    fn keep_new(&self, claimed: &mut Vec<DueStep>) -> bool {
+        claimed.retain(|s| !self.held.contains(&s.row) && !self.settled.contains(&s.row));
+        !claimed.is_empty()
+    }
+}
+
 pub struct Scheduler {
     store: AsyncStore,
     unrecorded: Unrecorded,
@@ -209,7 +233,7 @@ impl Scheduler {
     ) -> Result<Vec<LogRecord>, StoreError> {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH);
         // Claimed rows not yet settled: the heartbeat keeps their leases alive.
-        let in_flight = Mutex::new(std::collections::HashSet::<i64>::new());
+        let in_flight = Mutex::new(InFlight::default());
         let writer = async {
             let mut records = Vec::new();
             let mut chunk = Vec::with_capacity(FINISH_BATCH);
@@ -232,7 +256,8 @@ impl Scheduler {
                 let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 for row in results.iter().filter_map(|r| r.claimed_row) {
-                    rows.remove(&row);
+                    rows.held.remove(&row);
+                    rows.settled.insert(row);
                 }
                 drop(rows);
                 self.forget_recorded(&results);
@@ -258,12 +283,24 @@ impl Scheduler {
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .settled
+                    .clear();
                 let mut claimed = self
                     .store
                     .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
                     break;
+                }
+                if !in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keep_new(&mut claimed)
+                {
+                    continue;
                 }
                 // Steps tried before are decided first: a claim taken over
                 // from a dead worker may already have been delivered, so it
@@ -273,6 +310,7 @@ impl Scheduler {
                 in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .held
                     .extend(claimed.iter().map(|s| s.row));
                 let context = Arc::new(self.batch_context(&claimed, now - window).await?);
                 if batch_tx.send((claimed, context)).await.is_err() {
@@ -335,7 +373,7 @@ impl Scheduler {
     async fn heartbeat(
         &self,
         channel: ChannelKind,
-        in_flight: &Mutex<std::collections::HashSet<i64>>,
+        in_flight: &Mutex<InFlight>,
     ) -> std::convert::Infallible {
         let every = self.config.lease / 3;
         loop {
@@ -343,6 +381,7 @@ impl Scheduler {
             let rows: Vec<i64> = in_flight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .held
                 .iter()
                 .copied()
                 .collect();
