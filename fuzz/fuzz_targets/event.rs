@@ -23,8 +23,17 @@ fuzz_target!(|bytes: &[u8]| {
             assert_eq!(again.data, event.data);
         }
         Err(e) => {
-            // The reason goes into a dead letter: it must be printable.
-            let _ = e.to_string();
+            // `peek` lets through only what decodes: a record it passes is
+            // never parsed when no journey reads its type, so a bad one it
+            // passed would be skipped instead of dead-lettered. The one
+            // documented exception: a number in `data` beyond f64 range.
+            let reason = e.to_string();
+            if head.is_some() {
+                assert!(
+                    reason.contains("number out of range"),
+                    "peek passed a record that parse refuses: {reason}"
+                );
+            }
         }
     }
 });
