@@ -237,6 +237,8 @@ pub struct SchedulerConfig {
     #[serde(deserialize_with = "duration")]
     pub lease: Duration,
     /// Sends tried per step before it is `failed` (5xx and timeouts only).
+    /// The default's backoff spans at least 8.5 minutes: a receiver down for
+    /// five minutes loses nothing.
     pub max_attempts: u32,
     #[serde(deserialize_with = "duration")]
     pub retry_base: Duration,
@@ -249,7 +251,7 @@ impl Default for SchedulerConfig {
         Self {
             batch_size: 256,
             lease: Duration::from_secs(300),
-            max_attempts: 5,
+            max_attempts: 10,
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(600),
         }
@@ -778,7 +780,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = load("", &[]).unwrap();
-        assert_eq!(c.scheduler.max_attempts, 5);
+        assert_eq!(c.scheduler.max_attempts, 10);
         assert_eq!(c.policy.quiet_hours.start, Some(TimeOfDay::new(21, 0)));
         assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Sydney);
     }

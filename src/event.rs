@@ -467,8 +467,11 @@ fn peek_structured<'a>(record: &Record<'a>) -> Option<EventHead<'a>> {
 }
 
 fn decode_structured(record: &Record<'_>) -> Result<Event, EventError> {
-    let wire: Wire =
-        serde_json::from_slice(record.value).map_err(|e| EventError::Json(e.to_string()))?;
+    // JSON text is UTF-8 throughout: `from_slice` alone lets invalid bytes
+    // through in attributes it skips (found by fuzzing), which `peek` refuses.
+    let text = std::str::from_utf8(record.value)
+        .map_err(|e| EventError::Json(format!("not UTF-8: {e}")))?;
+    let wire: Wire = serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
     match wire.specversion {
         Some(v) if v == "1.0" => {}
         None => return Err(EventError::Missing("specversion")),
@@ -507,6 +510,16 @@ fn required(value: Option<String>, field: &'static str) -> Result<String, EventE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_utf8_in_a_skipped_attribute_is_refused_by_parse_and_peek() {
+        let mut record = br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c1","time":"2026-01-01T10:00:00Z","extra":"A"}"#.to_vec();
+        let at = record.iter().position(|b| *b == b'A').unwrap();
+        record[at] = 0xff;
+        assert!(Event::peek(&record).is_none());
+        let err = Event::parse(&record).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
 
     #[test]
     fn parses_a_structured_cloudevent() {

@@ -150,6 +150,30 @@ struct BatchContext {
 /// side of not sending.
 type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, DateTime<Utc>)>>>;
 
+/// The claimed rows of one channel loop that are being decided or sent
+/// (`held`), and those settled since its last claim began (`settled`).
+///
+/// A lease this loop failed to renew in time (a store or a machine slowed
+/// down past a third of the lease) lets its own next claim take the row
+/// again while the first send is still under way or just recorded. Such a
+/// row is not sent a second time: the send under way settles it. (Seen in
+/// the soak: 250 steps logged `sent` twice with a 2 s lease on a machine
+/// at load 9.)
+#[derive(Default)]
+struct InFlight {
+    held: std::collections::HashSet<i64>,
+    settled: std::collections::HashSet<i64>,
+}
+
+impl InFlight {
+    /// Drops from a fresh claim the rows this loop still holds or settled
+    /// while the claim ran; false when nothing is left.
+    fn keep_new(&self, claimed: &mut Vec<DueStep>) -> bool {
+        claimed.retain(|s| !self.held.contains(&s.row) && !self.settled.contains(&s.row));
+        !claimed.is_empty()
+    }
+}
+
 pub struct Scheduler {
     store: AsyncStore,
     unrecorded: Unrecorded,
@@ -239,7 +263,7 @@ impl Scheduler {
     ) -> Result<Vec<LogRecord>, StoreError> {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH);
         // Claimed rows not yet settled: the heartbeat keeps their leases alive.
-        let in_flight = Mutex::new(std::collections::HashSet::<i64>::new());
+        let in_flight = Mutex::new(InFlight::default());
         let writer = async {
             let mut records = Vec::new();
             let mut chunk = Vec::with_capacity(FINISH_BATCH);
@@ -262,7 +286,8 @@ impl Scheduler {
                 let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 for row in results.iter().filter_map(|r| r.claimed_row) {
-                    rows.remove(&row);
+                    rows.held.remove(&row);
+                    rows.settled.insert(row);
                 }
                 drop(rows);
                 self.forget_recorded(&results);
@@ -288,12 +313,24 @@ impl Scheduler {
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .settled
+                    .clear();
                 let mut claimed = self
                     .store
                     .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
                     break;
+                }
+                if !in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keep_new(&mut claimed)
+                {
+                    continue;
                 }
                 // Steps tried before are decided first: a claim taken over
                 // from a dead worker may already have been delivered, so it
@@ -303,6 +340,7 @@ impl Scheduler {
                 in_flight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .held
                     .extend(claimed.iter().map(|s| s.row));
                 let context = Arc::new(self.batch_context(&claimed, now - window).await?);
                 // Each batch is decided whole, and its sends marked in the
@@ -368,7 +406,7 @@ impl Scheduler {
     async fn heartbeat(
         &self,
         channel: ChannelKind,
-        in_flight: &Mutex<std::collections::HashSet<i64>>,
+        in_flight: &Mutex<InFlight>,
     ) -> std::convert::Infallible {
         let every = self.config.lease / 3;
         loop {
@@ -376,6 +414,7 @@ impl Scheduler {
             let rows: Vec<i64> = in_flight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .held
                 .iter()
                 .copied()
                 .collect();
@@ -692,11 +731,7 @@ impl Scheduler {
         context: &BatchContext,
         now: DateTime<Utc>,
     ) -> Result<(Verdict, Option<String>), StoreError> {
-        let lateness = self
-            .lateness
-            .get(&step.channel)
-            .copied()
-            .unwrap_or(crate::config::DEFAULT_LATENESS);
+        let lateness = self.lateness(step.channel);
         let Some(customer) = context.customers.get(&step.customer) else {
             return Err(StoreError::Corrupt(format!(
                 "customer {} of a claimed step not loaded",
@@ -809,6 +844,13 @@ impl Scheduler {
 
     /// A failed send is tried again, with backoff, while the error may pass
     /// and attempts remain; otherwise it is final.
+    ///
+    /// A receiver's `Retry-After` is honoured: the retry comes no earlier
+    /// than it asked (bounded by `retry_max`, so one answer cannot park a
+    /// step for a day). The retry never waits past the step's lateness
+    /// bound, when the policy would expire it unsent: our own backoff is cut
+    /// short to give it a last try by then, and a `Retry-After` beyond the
+    /// bound expires it at once.
     fn send_failed(&self, step: &DueStep, e: DispatchError, done: DateTime<Utc>) -> Decision {
         if !e.retryable() {
             return Decision::new(Outcome::Failed, e.to_string());
@@ -818,14 +860,43 @@ impl Scheduler {
             let reason = format!("{e}; gave up after {} attempts", step.attempt);
             return Decision::new(Outcome::Failed, reason);
         }
-        let wait = self.backoff(step.attempt);
-        let next_in = crate::humanize::duration(wait);
+        let lateness = self.lateness(step.channel);
+        let deadline = step.planned_at + span(lateness);
+        let bound = || {
+            format!(
+                "the {} lateness bound of {}",
+                step.channel,
+                crate::humanize::duration(lateness)
+            )
+        };
+        let asked = e.retry_after().map(|d| d.min(self.config.retry_max));
+        if let Some(asked) = asked {
+            if done + span(asked) > deadline {
+                let after = crate::humanize::duration(asked);
+                let reason = format!("{e}; a retry after {after} would pass {}", bound());
+                return Decision::new(Outcome::Expired, reason);
+            }
+        }
+        if done >= deadline {
+            let reason = format!("{e}; {} is reached: not tried again", bound());
+            return Decision::new(Outcome::Expired, reason);
+        }
+        let wait = self.backoff(step.attempt).max(asked.unwrap_or_default());
+        let again = (done + span(wait)).min(deadline);
+        let next_in = crate::humanize::duration((again - done).to_std().unwrap_or_default());
         let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
-        let again = span(wait);
         Decision {
-            again_at: Some(done + again),
+            again_at: Some(again),
             ..Decision::new(Outcome::Retrying, reason)
         }
+    }
+
+    /// The channel's lateness bound: a step due longer ago is expired.
+    fn lateness(&self, channel: ChannelKind) -> Duration {
+        self.lateness
+            .get(&channel)
+            .copied()
+            .unwrap_or(crate::config::DEFAULT_LATENESS)
     }
 
     /// Counts the decision and makes it what the writer records.

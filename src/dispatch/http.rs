@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, NaiveDateTime, Utc};
 use futures::future::BoxFuture;
+use reqwest::header::{HeaderMap, DATE, RETRY_AFTER};
 
 use super::{Channel, DispatchError, Message};
 
@@ -73,7 +75,10 @@ impl Channel for HttpChannel {
             let code = status.as_u16();
             // 408 and 429 ask us to come back; other 4xx are final.
             if status.is_server_error() || code == 408 || code == 429 {
-                return Err(DispatchError::Unavailable { status: code });
+                return Err(DispatchError::Unavailable {
+                    status: code,
+                    retry_after: retry_after(response.headers()),
+                });
             }
             let body = response.text().await.unwrap_or_default();
             Err(DispatchError::Rejected {
@@ -82,6 +87,37 @@ impl Channel for HttpChannel {
             })
         })
     }
+}
+
+/// `Retry-After` as a wait: delay-seconds, or an HTTP-date. A date is
+/// measured against the response's own `Date` when it has one, so that the
+/// two hosts' clock skew does not count, else against this host's clock; a
+/// date already past is no wait. An unreadable value is ignored (the
+/// scheduler's own backoff applies). The scheduler bounds the wait.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = http_date(value)?;
+    let now = headers
+        .get(DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| http_date(d.trim()))
+        .unwrap_or_else(Utc::now);
+    Some((at - now).to_std().unwrap_or_default())
+}
+
+/// An HTTP-date (RFC 9110 5.6.7): the IMF-fixdate every sender must use,
+/// and the two obsolete forms a recipient must still accept.
+fn http_date(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc2822(text) {
+        return Some(t.to_utc());
+    }
+    ["%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"]
+        .into_iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .map(|t| t.and_utc())
 }
 
 /// The start of a refusal's body, for the dispatch log's reason: at most 200
@@ -121,14 +157,26 @@ mod tests {
 
     /// A real endpoint on 127.0.0.1 answering `status`, recording what it got.
     async fn endpoint(status: StatusCode) -> (String, Arc<Mutex<Vec<(HeaderMap, Message)>>>) {
+        endpoint_with(status, &[]).await
+    }
+
+    /// As `endpoint`, with these headers on every answer.
+    async fn endpoint_with(
+        status: StatusCode,
+        answer_headers: &[(&'static str, &str)],
+    ) -> (String, Arc<Mutex<Vec<(HeaderMap, Message)>>>) {
         let got: Arc<Mutex<Vec<(HeaderMap, Message)>>> = Arc::default();
         let seen = got.clone();
+        let mut answer = HeaderMap::new();
+        for (name, value) in answer_headers {
+            answer.insert(*name, value.parse().unwrap());
+        }
         let app = axum::Router::new().fallback(
             move |headers: HeaderMap, axum::Json(m): axum::Json<Message>| {
-                let seen = seen.clone();
+                let (seen, answer) = (seen.clone(), answer.clone());
                 async move {
                     seen.lock().unwrap().push((headers, m));
-                    status
+                    (status, answer)
                 }
             },
         );
@@ -148,6 +196,109 @@ mod tests {
         assert_eq!(got[0].1, sample_message());
         assert_eq!(got[0].0["idempotency-key"], "unsigned_loan-abc:email");
         assert_eq!(got[0].0["authorization"], "Bearer t0ken");
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_the_three_date_forms() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "120")])),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", " 0 ")])),
+            Some(Duration::ZERO)
+        );
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        for form in [
+            "Sun, 06 Nov 1994 08:50:07 GMT",
+            "Sunday, 06-Nov-94 08:50:07 GMT",
+            "Sun Nov  6 08:50:07 1994",
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", form), ("date", date)])),
+                Some(Duration::from_secs(30)),
+                "{form}"
+            );
+        }
+        let past = headers(&[
+            ("retry-after", "Sun, 06 Nov 1994 08:49:00 GMT"),
+            ("date", date),
+        ]);
+        assert_eq!(
+            retry_after(&past),
+            Some(Duration::ZERO),
+            "a past date: no wait"
+        );
+        for unreadable in ["-5", "soon", "1.5", "", "Sun, 06 Nov 1994"] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", unreadable)])),
+                None,
+                "{unreadable:?}"
+            );
+        }
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+        // Without `Date`, against this host's clock.
+        let at = (Utc::now() + chrono::Duration::seconds(60))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let wait = retry_after(&headers(&[("retry-after", &at)])).unwrap();
+        assert!(
+            wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+    }
+
+    /// A real endpoint's `Retry-After` on 429 and 503 reaches the scheduler
+    /// with the error; on a 500 or without the header there is none.
+    #[tokio::test]
+    async fn retry_after_comes_back_with_the_error() {
+        let date = "Fri, 04 Dec 2026 16:00:00 GMT";
+        for (status, answer, want) in [
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "7")],
+                Some(7),
+            ),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                vec![
+                    ("retry-after", "Fri, 04 Dec 2026 16:02:00 GMT"),
+                    ("date", date),
+                ],
+                Some(120),
+            ),
+            (StatusCode::SERVICE_UNAVAILABLE, vec![], None),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "later")],
+                None,
+            ),
+        ] {
+            let (url, _) = endpoint_with(status, &answer).await;
+            let ch = HttpChannel::new(&url, Duration::from_secs(5), None).unwrap();
+            let err = ch.send(&sample_message()).await.unwrap_err();
+            assert!(err.retryable(), "{err}");
+            assert_eq!(
+                err.retry_after(),
+                want.map(Duration::from_secs),
+                "{status} {answer:?}"
+            );
+            if let Some(s) = want {
+                let said = crate::humanize::duration(Duration::from_secs(s));
+                assert!(
+                    err.to_string().ends_with(&format!("retry after {said}")),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

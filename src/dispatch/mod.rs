@@ -7,6 +7,7 @@ mod recording;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -41,9 +42,13 @@ pub enum DispatchError {
     /// The receiver refused the message; sending it again will not help.
     #[error("rejected with HTTP {status}: {body}")]
     Rejected { status: u16, body: String },
-    /// The receiver is overloaded or failing; try again later.
-    #[error("unavailable: HTTP {status}")]
-    Unavailable { status: u16 },
+    /// The receiver is overloaded or failing; try again later, not before
+    /// `retry_after` when it said when (`Retry-After` on a 429 or 503).
+    #[error("unavailable: HTTP {status}{}", retry_hint(retry_after))]
+    Unavailable {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     #[error("timed out")]
     Timeout,
     #[error("transport error: {0}")]
@@ -52,7 +57,22 @@ pub enum DispatchError {
     NotConfigured(ChannelKind),
 }
 
+fn retry_hint(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!(", retry after {}", crate::humanize::duration(*d)),
+        None => String::new(),
+    }
+}
+
 impl DispatchError {
+    /// How long the receiver asked us to wait before trying again, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DispatchError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub fn retryable(&self) -> bool {
         matches!(
             self,

@@ -187,8 +187,19 @@ impl ProducerContext for Deliveries {
 /// producer takes them (acks=all, linger 5 ms, idempotent); fails unless
 /// every record was delivered. Returns records/s.
 pub fn produce(topic: &str, records: &[(String, Vec<u8>)]) -> f64 {
+    produce_on(&brokers(), "rdkafka", topic, records)
+}
+
+/// `produce` to the broker at `brokers` as the client `client_id`.
+pub fn produce_on(
+    brokers: &str,
+    client_id: &str,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> f64 {
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
@@ -235,6 +246,184 @@ pub fn event(
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let e = serde_json::json!({"specversion":"1.0","id":id,"type":event_type,"source":"core-banking","subject":customer,"time":time,"data":data});
     (customer.to_string(), serde_json::to_vec(&e).unwrap())
+}
+
+// ---------------------------------------------------------------- a broker behind a proxy
+
+/// A tansu broker of its own on a free port that advertises the address of
+/// a [`BrokerProxy`] in front of it: clients learn brokers from metadata,
+/// so with the shared broker (which advertises itself) they would bypass a
+/// proxy after bootstrap. Memory storage; killed when dropped.
+pub struct ProxiedBroker {
+    child: Child,
+    pub proxy: BrokerProxy,
+}
+
+impl ProxiedBroker {
+    /// `spared`: the client id whose connections the proxy never cuts.
+    pub fn start(rt: &tokio::runtime::Runtime, spared: &str) -> Self {
+        let out = Command::new(repo().join("scripts/kafka-broker.sh"))
+            .arg("bin")
+            .output()
+            .expect("scripts/kafka-broker.sh bin");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://{front_addr}"))
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        let broker = format!("127.0.0.1:{port}");
+        let this = Self {
+            child,
+            proxy: BrokerProxy::start(rt, front, broker.clone(), spared),
+        };
+        wait_for(Duration::from_secs(20), "the proxied broker", || {
+            TcpStream::connect(&broker).is_ok()
+        });
+        this
+    }
+}
+
+impl Drop for ProxiedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a [`BrokerProxy`] did.
+#[derive(Default)]
+pub struct ProxyStats {
+    pub accepted: AtomicU64,
+    /// New connections closed at once because the link was cut.
+    pub refused: AtomicU64,
+    /// Established connections closed by a cut.
+    pub cut: AtomicU64,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a Kafka broker that cuts the link on
+/// demand: every connection is closed and every new one is closed as soon
+/// as it says who it is, until the link is restored. Connections of the
+/// client id `spared` (a test's producer, on the broker's side of the cut)
+/// are never cut. The client id is read from the first request's header,
+/// which every Kafka request version writes the same way.
+pub struct BrokerProxy {
+    pub addr: String,
+    cut: tokio::sync::watch::Sender<bool>,
+    pub stats: Arc<ProxyStats>,
+}
+
+impl BrokerProxy {
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        listener: std::net::TcpListener,
+        upstream: String,
+        spared: &str,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(ProxyStats::default());
+        let (rx, st, spared) = (cut.subscribe(), stats.clone(), spared.to_string());
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                st.accepted.fetch_add(1, Ordering::Relaxed);
+                let conn = proxy_connection(
+                    client,
+                    upstream.clone(),
+                    rx.clone(),
+                    spared.clone(),
+                    st.clone(),
+                );
+                tokio::spawn(conn);
+            }
+        });
+        Self { addr, cut, stats }
+    }
+
+    /// Cuts every connection (but the spared client's) and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: String,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+    spared: String,
+    stats: Arc<ProxyStats>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let first = tokio::time::timeout(Duration::from_secs(30), read_kafka_frame(&mut client)).await;
+    let Ok(Ok(first)) = first else { return };
+    let is_spared = kafka_client_id(&first).is_some_and(|id| id == spared);
+    if !is_spared && *cut.borrow() {
+        stats.refused.fetch_add(1, Ordering::Relaxed);
+        return; // dropped: closed
+    }
+    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+        return;
+    };
+    if server.write_all(&first).await.is_err() {
+        return;
+    }
+    if is_spared {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        return;
+    }
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = cut.wait_for(|c| *c) => {
+            stats.cut.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One size-prefixed Kafka request, prefix included (at most 1 MiB: a
+/// client's first request is ApiVersions or Metadata).
+async fn read_kafka_frame(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size).await?;
+    let len = i32::from_be_bytes(size);
+    if !(0..=1 << 20).contains(&len) {
+        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    }
+    let mut frame = size.to_vec();
+    frame.resize(4 + len as usize, 0);
+    stream.read_exact(&mut frame[4..]).await?;
+    Ok(frame)
+}
+
+/// The client id of a request frame: after size (4), api key (2), api
+/// version (2) and correlation id (4), an INT16-length string.
+fn kafka_client_id(frame: &[u8]) -> Option<String> {
+    let len = i16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+    let id = frame.get(14..14 + usize::try_from(len).ok()?)?;
+    Some(String::from_utf8_lossy(id).into_owned())
 }
 
 // ---------------------------------------------------------------- HTTP endpoints

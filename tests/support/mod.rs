@@ -104,6 +104,8 @@ pub struct Received {
     pub body: Value,
     /// What the endpoint answered.
     pub status: u16,
+    /// When it arrived (real time).
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -125,8 +127,17 @@ impl Received {
     }
 }
 
+/// Decides an answer (status and extra headers) at the moment a request
+/// arrives, e.g. from a virtual clock; `None` leaves it to the other settings.
+pub type Answer = Arc<dyn Fn() -> Option<(StatusCode, Vec<(&'static str, String)>)> + Send + Sync>;
+
 struct SinkState {
     received: Mutex<Vec<Received>>,
+    answer: Mutex<Option<Answer>>,
+    /// Accept the connection and the request, never answer.
+    hang: std::sync::atomic::AtomicBool,
+    /// Requests left unanswered so far.
+    hung: std::sync::atomic::AtomicUsize,
     /// Answers used first, one per request; then `default`.
     scripted: Mutex<VecDeque<StatusCode>>,
     default: Mutex<Option<StatusCode>>,
@@ -141,6 +152,9 @@ impl Default for SinkState {
     fn default() -> Self {
         Self {
             received: Mutex::default(),
+            answer: Mutex::default(),
+            hang: Default::default(),
+            hung: Default::default(),
             scripted: Mutex::default(),
             default: Mutex::default(),
             delay: Mutex::default(),
@@ -161,19 +175,37 @@ async fn receive(
     State(state): State<Arc<SinkState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> StatusCode {
-    let status = state
-        .scripted
-        .lock()
-        .unwrap()
-        .pop_front()
-        .or(*state.default.lock().unwrap())
-        .unwrap_or(StatusCode::OK);
+) -> (StatusCode, HeaderMap) {
+    let at = std::time::Instant::now();
+    if state.hang.load(std::sync::atomic::Ordering::SeqCst) {
+        state.hung.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Until the client gives up and drops the connection.
+        return futures::future::pending().await;
+    }
+    let rule = state.answer.lock().unwrap().clone();
+    let (status, extra) = match rule.and_then(|f| f()) {
+        Some(answer) => answer,
+        None => (
+            state
+                .scripted
+                .lock()
+                .unwrap()
+                .pop_front()
+                .or(*state.default.lock().unwrap())
+                .unwrap_or(StatusCode::OK),
+            Vec::new(),
+        ),
+    };
+    let mut answer_headers = HeaderMap::new();
+    for (name, value) in extra {
+        answer_headers.insert(name, value.parse().expect("header value"));
+    }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     state.received.lock().unwrap().push(Received {
         headers,
         body,
         status: status.as_u16(),
+        at,
     });
     state.arrivals.send_modify(|n| *n += 1);
     let gate = state.gate.lock().unwrap().clone();
@@ -185,7 +217,7 @@ async fn receive(
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
-    status
+    (status, answer_headers)
 }
 
 impl Sink {
@@ -209,6 +241,37 @@ impl Sink {
     /// Every request (after scripted ones) is answered with `status`.
     pub fn always(&self, status: StatusCode) {
         *self.state.default.lock().unwrap() = Some(status);
+    }
+
+    /// Every answer decided by `answer` while it returns `Some`.
+    pub fn answer_with(&self, answer: Answer) {
+        *self.state.answer.lock().unwrap() = Some(answer);
+    }
+
+    /// Accepts connections and requests but never answers (or, with
+    /// `false`, answers again).
+    pub fn hang(&self, on: bool) {
+        self.state
+            .hang
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Requests left unanswered while hanging.
+    pub fn hung(&self) -> usize {
+        self.state.hung.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests answered 2xx, by idempotency key.
+    pub fn delivered_by_key(&self) -> std::collections::HashMap<String, usize> {
+        let mut by_key = std::collections::HashMap::new();
+        for r in self.requests() {
+            if (200..300).contains(&r.status) {
+                *by_key
+                    .entry(r.key().unwrap_or_default().to_string())
+                    .or_default() += 1;
+            }
+        }
+        by_key
     }
 
     /// Each answer comes this late (after the request was recorded).
