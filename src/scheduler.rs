@@ -633,29 +633,26 @@ impl Scheduler {
         context: &BatchContext,
     ) -> Result<Vec<Planned>, StoreError> {
         let now = self.clock.now();
-        let mut planned = Vec::with_capacity(claimed.len());
-        let mut sending = Vec::new();
-        for step in claimed {
-            if let Some(settled) = settle_if_ended(&step, now) {
-                planned.push(Planned::Settled(settled));
-                continue;
+        // Step conditions are script code, each bounded by `rules.timeout`:
+        // a batch of slow ones must not hold an async worker (the admin
+        // server and the other channels run there), so this worker hands
+        // its other tasks over while they run (multi-threaded runtime only;
+        // the tools' single-threaded runtime has nothing else to serve).
+        let scripted = claimed.iter().any(|s| s.condition.is_some());
+        let decide = || self.decide_steps(claimed, context, now);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let decided = match scripted && multi_thread {
+            true => tokio::task::block_in_place(decide),
+            false => decide(),
+        };
+        let (planned, sending) = match decided {
+            Ok(d) => d,
+            Err(e) => {
+                self.forget_batch(context.batch);
+                return Err(e);
             }
-            let (verdict, address) = match self.verdict(&step, context, now) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.forget_batch(context.batch);
-                    return Err(e);
-                }
-            };
-            if verdict == Verdict::Send {
-                sending.push(step.row);
-            }
-            planned.push(Planned::Decided {
-                step,
-                verdict,
-                address,
-            });
-        }
+        };
         if !sending.is_empty() {
             let marked = self
                 .store
@@ -669,6 +666,33 @@ impl Scheduler {
             }
         }
         Ok(planned)
+    }
+
+    /// The verdicts of a claimed batch, and the rows to be sent.
+    fn decide_steps(
+        &self,
+        claimed: Vec<DueStep>,
+        context: &BatchContext,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<Planned>, Vec<i64>), StoreError> {
+        let mut planned = Vec::with_capacity(claimed.len());
+        let mut sending = Vec::new();
+        for step in claimed {
+            if let Some(settled) = settle_if_ended(&step, now) {
+                planned.push(Planned::Settled(settled));
+                continue;
+            }
+            let (verdict, address) = self.verdict(&step, context, now)?;
+            if verdict == Verdict::Send {
+                sending.push(step.row);
+            }
+            planned.push(Planned::Decided {
+                step,
+                verdict,
+                address,
+            });
+        }
+        Ok((planned, sending))
     }
 
     /// Sends of a batch that will not be made no longer count from [`Unrecorded`].
@@ -1138,6 +1162,15 @@ mod tests {
             &crate::rules::Limits::default(),
         )
         .unwrap();
+        scheduler_with(store, channel, cap, rules)
+    }
+
+    fn scheduler_with(
+        store: &Arc<dyn Store>,
+        channel: Arc<dyn Channel>,
+        cap: u32,
+        rules: crate::rules::RuleSet,
+    ) -> Scheduler {
         let policy = PolicyConfig {
             max_per_customer: cap,
             quiet_hours: crate::config::QuietHours {
@@ -1268,5 +1301,95 @@ mod tests {
             scheduler.run_due().await.unwrap().is_empty(),
             "nothing comes back"
         );
+    }
+
+    /// A step condition that runs into `rules.timeout` is a suppression
+    /// with the reason, and while it runs the async worker it was on serves
+    /// other tasks (here the only worker: a ticker keeps ticking).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_slow_step_condition_is_bounded_and_does_not_hold_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules_dir = dir.path().join("rules");
+        std::fs::create_dir(&rules_dir).unwrap();
+        std::fs::write(
+            rules_dir.join("slow.rhai"),
+            r#"
+fn journey() {
+    #{
+        name: "slow",
+        category: "service",
+        triggers: ["t"],
+        steps: [#{ id: "push", channel: "push", template: "t", delay: "0s", when: "slow_check" }],
+    }
+}
+fn decide(event, customer) { start(#{}) }
+fn slow_check(customer, vars) {
+    let a = [];
+    for i in 0..10000 { a.push(i); }
+    let n = 0;
+    loop { n += a.index_of(9999); }
+}
+"#,
+        )
+        .unwrap();
+        let limits = crate::rules::Limits {
+            timeout: Duration::from_millis(300),
+            ..crate::rules::Limits::default()
+        };
+        let rules = crate::rules::load_dir(&rules_dir, &limits).unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        let mut push = step(ChannelKind::Push, now);
+        push.condition = Some("slow_check".into());
+        tx.start_instance(&instance("slow", now), &[push]).unwrap();
+        tx.commit().unwrap();
+
+        let gate = open_gate();
+        let scheduler = Arc::new(scheduler_with(&store, gate.clone(), 0, rules));
+        // The longest time the ticker went without a tick.
+        let longest_gap = Arc::new(Mutex::new(Duration::ZERO));
+        let ticker = tokio::spawn({
+            let longest_gap = longest_gap.clone();
+            async move {
+                let mut last = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let gap = last.elapsed();
+                    last = Instant::now();
+                    let mut longest = longest_gap.lock().unwrap();
+                    *longest = (*longest).max(gap);
+                }
+            }
+        });
+        let started = Instant::now();
+        let records = tokio::spawn({
+            let s = scheduler.clone();
+            async move { s.run_due().await }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let took = started.elapsed();
+        ticker.abort();
+        let longest_gap = *longest_gap.lock().unwrap();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.outcome, Outcome::Suppressed, "{r:?}");
+        assert!(
+            r.reason.contains("condition slow_check failed") && r.reason.contains("rules.timeout"),
+            "{r:?}"
+        );
+        assert!(took < Duration::from_secs(3), "bounded: {took:?}");
+        // 5 ms sleeps through a 300 ms evaluation: a held worker would
+        // leave a gap as long as the evaluation.
+        assert!(
+            took >= Duration::from_millis(300) && longest_gap < Duration::from_millis(150),
+            "longest gap between ticks {longest_gap:?} in {took:?}"
+        );
+        assert!(gate.sent.lock().unwrap().is_empty());
     }
 }
