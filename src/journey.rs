@@ -187,7 +187,9 @@ impl Pipeline {
             .iter()
             .map(|&i| (events[i].id.as_str(), events[i].customer.as_str()))
             .collect();
-        tx.prefetch(&wanted, run.sends_since)?;
+        if !wanted.is_empty() {
+            tx.prefetch(&wanted, run.sends_since)?;
+        }
         for letter in rejects {
             tx.add_dead_letter(letter, now)?;
         }

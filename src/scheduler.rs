@@ -465,14 +465,8 @@ impl Scheduler {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
-                Err(e) if !e.is_transient() && results.len() > 1 => {
-                    return self.settle_one_by_one(channel, results).await;
-                }
                 Err(e) if !e.is_transient() => {
-                    return self
-                        .settle_one_by_one(channel, results)
-                        .await
-                        .map_err(|_| e);
+                    return self.settle_one_by_one(channel, results).await;
                 }
                 Err(e) => return Err(e),
             }
