@@ -432,16 +432,92 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Address of /healthz, /readyz and /metrics.
+    /// Address of /healthz, /readyz and /metrics (always open, for probes),
+    /// and of the review page and control API (behind `admin.auth`).
     pub listen: String,
+    pub auth: AuthConfig,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            auth: AuthConfig::default(),
         }
     }
+}
+
+/// Where the admin server's tokens come from; never the token itself, so a
+/// config file can be shared without a secret in it. A role whose token is
+/// not configured is off: its endpoints answer 404.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Environment variable holding the admin token (review and control).
+    pub admin_token_env: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
+    /// Environment variable holding the reviewer token (read-only review).
+    pub reviewer_token_env: Option<String>,
+    pub reviewer_token_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// The admin token, if one is configured.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            "admin.auth.admin_token",
+            self.admin_token_env.as_deref(),
+            self.admin_token_file.as_deref(),
+        )
+    }
+
+    /// The reviewer token, if one is configured.
+    pub fn reviewer_token(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            "admin.auth.reviewer_token",
+            self.reviewer_token_env.as_deref(),
+            self.reviewer_token_file.as_deref(),
+        )
+    }
+}
+
+/// A secret from `<key>_env` or `<key>_file`. An empty secret is refused:
+/// it would let anyone in who sends an empty password.
+fn read_secret(
+    key: &str,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    let (value, key, source_name) = if let Some(var) = env {
+        let value = std::env::var(var).map_err(|e| ConfigError::Secret {
+            key: format!("{key}_env"),
+            source_name: format!("environment variable {var}"),
+            reason: e.to_string(),
+        })?;
+        (
+            value,
+            format!("{key}_env"),
+            format!("environment variable {var}"),
+        )
+    } else if let Some(path) = file {
+        let value = std::fs::read_to_string(path).map_err(|e| ConfigError::Secret {
+            key: format!("{key}_file"),
+            source_name: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        (value, format!("{key}_file"), path.display().to_string())
+    } else {
+        return Ok(None);
+    };
+    let value = value.trim().to_string();
+    if value.is_empty() {
+        return Err(ConfigError::Secret {
+            key,
+            source_name,
+            reason: "the token is empty".into(),
+        });
+    }
+    Ok(Some(value))
 }
 
 #[derive(Debug, Clone, Deserialize)]

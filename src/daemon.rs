@@ -50,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // compiling, the broker not yet reached) then stops the daemon cleanly
     // once it is up, instead of killing it with the signal's default action.
     let mut stop_signals = StopSignals::listen()?;
+    let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
     let limits = Limits::from_config(&config.rules);
     let rule_set = rules::load_dir(&config.rules.dir, &limits).map_err(|e| {
         anyhow::anyhow!(
@@ -140,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         rules: rules.clone(),
         dead_letters: dlq_status,
+        tokens: Arc::new(tokens),
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await

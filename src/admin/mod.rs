@@ -1,7 +1,9 @@
-//! Operator endpoints: `/healthz` (the process answers), `/readyz` (partitions
-//! assigned, store reachable, rules loaded; the dead-letter backlog in its
-//! details) and `/metrics` (Prometheus text).
-//! Nothing here changes state, so nothing here needs a token.
+//! The admin server. Open, for probes: `/healthz` (the process answers),
+//! `/readyz` (partitions assigned, store reachable, rules loaded; the
+//! dead-letter backlog in its details) and `/metrics` (Prometheus text).
+//! Behind a token ([`auth`]): everything else.
+
+pub mod auth;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
@@ -29,6 +31,7 @@ pub struct AdminState {
     /// Reported, not a readiness condition: a backlog of dead letters does
     /// not stop events from being processed (and a restart would not help).
     pub dead_letters: Arc<DeadLetterStatus>,
+    pub tokens: Arc<auth::Tokens>,
 }
 
 /// How long a store probe may take before `/readyz` says the store is not answering.
@@ -39,6 +42,18 @@ const PROBE_WAIT: Duration = Duration::from_millis(20);
 
 pub fn router(state: AdminState) -> Router {
     let probe = Arc::new(StoreProbe::default());
+    let tokens = state.tokens.clone();
+    // Routes any reviewer (or the admin) may read.
+    let reviewer = Router::new()
+        .route("/admin/whoami", get(whoami))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens.clone(),
+            auth::require_reviewer,
+        ));
+    // Routes that change state: the admin token only.
+    let admin: Router<AdminState> = Router::new().route_layer(
+        axum::middleware::from_fn_with_state(tokens, auth::require_admin),
+    );
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -46,7 +61,14 @@ pub fn router(state: AdminState) -> Router {
             get(move |s: State<AdminState>| ready(s, probe.clone())),
         )
         .route("/metrics", get(metrics))
+        .merge(reviewer)
+        .merge(admin)
         .with_state(state)
+}
+
+/// Which role a token has: lets a script check its token before using it.
+async fn whoami(Extension(caller): Extension<auth::Caller>) -> impl IntoResponse {
+    Json(json!({ "name": caller.name, "role": format!("{:?}", caller.role).to_lowercase() }))
 }
 
 /// The store's answer to a cheap query, taken beside `/readyz` rather than

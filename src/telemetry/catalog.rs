@@ -138,6 +138,12 @@ pub const RULE_TIMEOUTS: Metric = Metric {
     labels: &["journey"],
     help: "runs of decide or of a step condition stopped at rules.timeout (also counted in nudge_rule_errors_total)",
 };
+pub const ADMIN_AUTH_REFUSED: Metric = Metric {
+    name: "nudge_admin_auth_refused_total",
+    kind: Kind::Counter,
+    labels: &["reason"],
+    help: "admin-server requests refused for a missing or wrong token (review page, control API)",
+};
 pub const JOURNEYS_STARTED: Metric = Metric {
     name: "nudge_journeys_started_total",
     kind: Kind::Counter,
@@ -246,6 +252,7 @@ pub const ALL: &[&Metric] = &[
     &RULE_EVALUATIONS,
     &RULE_ERRORS,
     &RULE_TIMEOUTS,
+    &ADMIN_AUTH_REFUSED,
     &JOURNEYS_STARTED,
     &JOURNEYS_ENDED,
     &RULE_RELOADS,

@@ -592,6 +592,21 @@ impl AdminServerFailed<'_> {
     }
 }
 
+/// A request to the review page or control API without a valid token.
+/// The presented token is never logged, not even in part.
+pub struct AdminAuthRefused<'a> {
+    pub path: &'a str,
+    /// `missing token`, `wrong token` or `reviewer token on an admin endpoint`.
+    pub reason: &'static str,
+}
+
+impl AdminAuthRefused<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: "nudge::admin", path = self.path, reason = self.reason, "admin request refused");
+        metrics::counter!(ADMIN_AUTH_REFUSED.name, "reason" => self.reason).increment(1);
+    }
+}
+
 /// Logged only: the process exits right after, before any scrape.
 pub struct TaskStopped<'a> {
     pub failure: &'a crate::supervise::TaskFailure,
