@@ -450,6 +450,8 @@ pub trait Tx {
         key: &str,
         completed_since: DateTime<Utc>,
     ) -> Result<Option<InstanceRef>, StoreError>;
+    /// A second open instance for one key is refused, here or (where the
+    /// backend holds writes to batch them) at the next read or the commit.
     fn start_instance(
         &mut self,
         instance: &NewInstance,

@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 mod conn;
+mod pending;
 mod purge;
 mod read;
 mod review;
@@ -115,6 +116,40 @@ const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, in
          WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
      ORDER BY ord
      RETURNING seq";
+
+/// Writes `records` in one statement and returns their seqs (unsorted).
+fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, StoreError> {
+    let col = |f: fn(&LogRecord) -> &str| -> Vec<&str> { records.iter().map(|r| f(r)).collect() };
+    let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempt as i32).collect();
+    let latencies: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.latency_ms.map(|l| l as i64))
+        .collect();
+    let events: Vec<Option<&str>> = records.iter().map(|r| r.event_id.as_deref()).collect();
+    c.query(
+        INSERT_LOGS,
+        &[
+            &times,
+            &col(|r| &r.customer),
+            &col(|r| &r.journey),
+            &col(|r| &r.instance),
+            &col(|r| &r.step),
+            &col(|r| &r.channel),
+            &col(|r| &r.template),
+            &outcomes,
+            &col(|r| &r.reason),
+            &col(|r| &r.rule_hash),
+            &attempts,
+            &latencies,
+            &events,
+        ],
+    )?
+    .iter()
+    .map(|r| r.try_get(0).map_err(StoreError::from))
+    .collect()
+}
 
 /// When this replica (`$2`) may next claim a step of channel `$1`: the
 /// earliest due step of a customer no other replica holds, or, for a
@@ -282,37 +317,7 @@ fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i6
         c.execute(COMPLETE_INSTANCES, &[&ids, &times])?;
     }
     let records: Vec<&LogRecord> = results.iter().map(|r| &r.record).collect();
-    let col = |f: fn(&LogRecord) -> &str| -> Vec<&str> { records.iter().map(|r| f(r)).collect() };
-    let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
-    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.attempt as i32).collect();
-    let latencies: Vec<Option<i64>> = records
-        .iter()
-        .map(|r| r.latency_ms.map(|l| l as i64))
-        .collect();
-    let events: Vec<Option<&str>> = records.iter().map(|r| r.event_id.as_deref()).collect();
-    let mut seqs: Vec<i64> = c
-        .query(
-            INSERT_LOGS,
-            &[
-                &times,
-                &col(|r| &r.customer),
-                &col(|r| &r.journey),
-                &col(|r| &r.instance),
-                &col(|r| &r.step),
-                &col(|r| &r.channel),
-                &col(|r| &r.template),
-                &outcomes,
-                &col(|r| &r.reason),
-                &col(|r| &r.rule_hash),
-                &attempts,
-                &latencies,
-                &events,
-            ],
-        )?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
+    let mut seqs = insert_logs(c, &records)?;
     seqs.sort_unstable();
     let mut customers: Vec<&str> = records.iter().map(|r| r.customer.as_str()).collect();
     customers.sort_unstable();
@@ -327,6 +332,7 @@ impl Store for PostgresStore {
             tx: self.transaction()?,
             cache: None,
             processed_now: Vec::new(),
+            pending: Default::default(),
         }))
     }
 

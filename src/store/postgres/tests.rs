@@ -97,11 +97,18 @@ fn errors_are_classified_and_a_failed_transaction_commits_nothing() {
     tx.commit().unwrap();
     let mut tx = store.begin().unwrap();
     tx.mark_processed("e9", t0()).unwrap();
-    let err = tx
-        .start_instance(&instance("i1", "c1", "a1"), &steps())
-        .unwrap_err();
+    // Writes are held until the next read or the commit, which reports
+    // the violation.
+    tx.start_instance(&instance("i1", "c1", "a1"), &steps())
+        .unwrap();
+    let err = tx.open_instance("c1", "a9", "k").unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(matches!(tx.commit(), Err(StoreError::Aborted)));
+    let mut tx = store.begin().unwrap();
+    tx.start_instance(&instance("i1", "c1", "a1"), &steps())
+        .unwrap();
+    let err = tx.commit().unwrap_err();
+    assert!(err.is_transient(), "{err}");
     let mut tx = store.begin().unwrap();
     assert!(!tx.already_processed("e9").unwrap(), "nothing committed");
     drop(tx);

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use r2d2::PooledConnection;
 
 use super::conn::Manager;
+use super::pending::Pending;
 use super::read;
 use crate::context::CustomerContext;
 use crate::model::{InstanceStatus, LogRecord};
@@ -78,6 +79,8 @@ pub(super) struct PgTx {
     pub(super) cache: Option<Prefetched>,
     /// Event ids marked processed, written in one statement at commit.
     pub(super) processed_now: Vec<(String, DateTime<Utc>)>,
+    /// Writes held until the next read or the commit.
+    pub(super) pending: Pending,
 }
 
 /// A batch's reads, made in one round trip per kind instead of several per
@@ -103,19 +106,6 @@ const OPEN_INSTANCES: &str = "SELECT customer, journey, key, id, rule_hash FROM 
 const OPEN_INSTANCE: &str = "SELECT id, rule_hash FROM instances
      WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'open'";
 
-/// An instance and its steps in one statement (one round trip), whatever
-/// the number of steps: one array per column.
-const INSERT_INSTANCE: &str = "WITH instance AS (
-         INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
-         VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8, $9, $10::text::jsonb, $11::text::jsonb))
-     INSERT INTO steps (instance_id, customer, step, seq, channel, template, condition, planned_at, due_at, status)
-     SELECT $1, $2, u.step, u.seq, u.channel, u.template, u.condition, u.due_at, u.due_at, 'pending'
-     FROM unnest($12::text[], $13::int4[], $14::text[], $15::text[], $16::text[], $17::timestamptz[])
-         AS u(step, seq, channel, template, condition, due_at)";
-
-pub(super) const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
-
 fn instance_ref(row: Option<postgres::Row>) -> Result<Option<InstanceRef>, StoreError> {
     row.map(|r| {
         Ok(InstanceRef {
@@ -136,6 +126,7 @@ impl Tx for PgTx {
         let mut customers: Vec<String> = events.iter().map(|(_, c)| c.to_string()).collect();
         customers.sort_unstable();
         customers.dedup();
+        self.flush()?;
         let cache = self.tx.run(|c| {
             let mut cache = Prefetched {
                 window_start: Some(window_start),
@@ -203,6 +194,7 @@ impl Tx for PgTx {
                 }
             }
         }
+        self.flush()?;
         self.tx.run(|c| {
             let mut one = read::customers(c, &[id.to_owned()], Some(window_start), true)?;
             Ok(one.pop().expect("one context per id"))
@@ -219,16 +211,8 @@ impl Tx for PgTx {
                 cached.clone_from(customer);
             }
         }
-        self.tx.run(|c| {
-            let text =
-                serde_json::to_string(customer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            c.execute(
-                "INSERT INTO customers (id, context, updated_at) VALUES ($1, $2::text::jsonb, $3)
-                 ON CONFLICT (id) DO UPDATE SET context = excluded.context, updated_at = excluded.updated_at",
-                &[&customer.id, &text, &at],
-            )?;
-            Ok(())
-        })
+        let pending = &mut self.pending;
+        self.tx.run(|_| pending.save_customer(customer, at))
     }
 
     fn open_instance(
@@ -240,6 +224,7 @@ impl Tx for PgTx {
         if let Some(found) = self.cached_open(customer, journey, key) {
             return Ok(found);
         }
+        self.flush()?;
         self.tx
             .run(|c| instance_ref(c.query_opt(OPEN_INSTANCE, &[&customer, &journey, &key])?))
     }
@@ -255,6 +240,7 @@ impl Tx for PgTx {
         if let Some(Some(open)) = cached {
             return Ok(Some(open));
         }
+        self.flush()?;
         self.tx.run(|c| {
             if cached.is_none() {
                 if let Some(open) =
@@ -285,42 +271,8 @@ impl Tx for PgTx {
                 );
             }
         }
-        self.tx.run(|c| {
-            let category = i.category.to_string();
-            let vars =
-                serde_json::to_string(&i.vars).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let inputs = i.decision_inputs.to_string();
-            let names: Vec<&str> = steps.iter().map(|s| s.step.as_str()).collect();
-            let seqs: Vec<i32> = steps.iter().map(|s| s.seq as i32).collect();
-            let channels: Vec<&str> = steps.iter().map(|s| s.channel.as_str()).collect();
-            let templates: Vec<&str> = steps.iter().map(|s| s.template.as_str()).collect();
-            let conditions: Vec<Option<&str>> =
-                steps.iter().map(|s| s.condition.as_deref()).collect();
-            let due: Vec<DateTime<Utc>> = steps.iter().map(|s| s.due_at).collect();
-            c.execute(
-                INSERT_INSTANCE,
-                &[
-                    &i.id,
-                    &i.customer,
-                    &i.journey,
-                    &i.key,
-                    &i.mode.as_str(),
-                    &category,
-                    &i.started_at,
-                    &i.rule_hash,
-                    &i.trigger_event,
-                    &vars,
-                    &inputs,
-                    &names,
-                    &seqs,
-                    &channels,
-                    &templates,
-                    &conditions,
-                    &due,
-                ],
-            )?;
-            Ok(())
-        })
+        let pending = &mut self.pending;
+        self.tx.run(|_| pending.start_instance(i, steps))
     }
 
     fn close_instance(
@@ -341,6 +293,7 @@ impl Tx for PgTx {
                 cache.open.remove(&key);
             }
         }
+        self.flush()?;
         let cache = &mut self.cache;
         self.tx.run(|c| {
             // A completed instance (not in the open map) closed changes its
@@ -380,27 +333,8 @@ impl Tx for PgTx {
     }
 
     fn append_log(&mut self, r: &LogRecord) -> Result<(), StoreError> {
-        self.tx.run(|c| {
-            c.execute(
-                INSERT_LOG,
-                &[
-                    &r.time,
-                    &r.customer,
-                    &r.journey,
-                    &r.instance,
-                    &r.step,
-                    &r.channel,
-                    &r.template,
-                    &r.outcome.as_str(),
-                    &r.reason,
-                    &r.rule_hash,
-                    &(r.attempt as i32),
-                    &r.latency_ms.map(|l| l as i64),
-                    &r.event_id,
-                ],
-            )?;
-            Ok(())
-        })
+        self.pending.append_log(r);
+        Ok(())
     }
 
     fn set_offset(
@@ -409,15 +343,8 @@ impl Tx for PgTx {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), StoreError> {
-        self.tx.run(|c| {
-            c.execute(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
-                 ON CONFLICT (topic, partition) DO UPDATE
-                 SET next_offset = GREATEST(kafka_offsets.next_offset, excluded.next_offset)",
-                &[&topic, &partition, &next_offset],
-            )?;
-            Ok(())
-        })
+        self.pending.set_offset(topic, partition, next_offset);
+        Ok(())
     }
 
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -443,6 +370,7 @@ impl Tx for PgTx {
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.flush()?;
         if !self.processed_now.is_empty() && !self.tx.failed() {
             let ids: Vec<&str> = self
                 .processed_now
@@ -465,6 +393,15 @@ impl Tx for PgTx {
 }
 
 impl PgTx {
+    /// Writes what is held, before a statement that might read it.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() || self.tx.failed() {
+            return Ok(());
+        }
+        let pending = &mut self.pending;
+        self.tx.run(|c| pending.flush(c))
+    }
+
     /// The open instance from the prefetched batch: `Some(found)` when the
     /// customer was prefetched (found or known absent), `None` when not.
     fn cached_open(&self, customer: &str, journey: &str, key: &str) -> Option<Option<InstanceRef>> {
