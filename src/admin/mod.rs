@@ -47,13 +47,9 @@ pub fn router(state: AdminState) -> Router {
     let reviewer = Router::new()
         .route("/admin/whoami", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(
-            tokens.clone(),
+            tokens,
             auth::require_reviewer,
         ));
-    // Routes that change state: the admin token only.
-    let admin: Router<AdminState> = Router::new().route_layer(
-        axum::middleware::from_fn_with_state(tokens, auth::require_admin),
-    );
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -62,7 +58,6 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/metrics", get(metrics))
         .merge(reviewer)
-        .merge(admin)
         .with_state(state)
 }
 
