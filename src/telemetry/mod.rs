@@ -149,6 +149,11 @@ mod tests {
             error,
         }
         .emit();
+        AdminAuthRefused {
+            path: "/",
+            reason: "wrong token",
+        }
+        .emit();
         LeaseRenewalFailed {
             channel: "push",
             error,
