@@ -341,6 +341,17 @@ pub struct ChannelConfig {
     /// private CA); the system's trust store is always used.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Most sends per second, minute or hour (`"200/s"`, `"30/m"`,
+    /// `"1000/h"`); steps over it wait in the store for their turn. None:
+    /// no limit but `concurrency`.
+    #[serde(default)]
+    pub rate: Option<crate::dispatch::Rate>,
+    /// When a journey ends by an exit event, take back each step delivered
+    /// on this channel (a POST `{"action": "withdraw", ...}`). Default: true
+    /// for `call_task` (no agent calls a customer who already signed),
+    /// false for the others.
+    #[serde(default)]
+    pub withdraw: Option<bool>,
 }
 
 fn default_timeout() -> Duration {
@@ -354,6 +365,20 @@ fn default_lateness() -> Duration {
 }
 fn default_concurrency() -> usize {
     32
+}
+
+/// The channels whose delivered steps an exit withdraws
+/// (`channels.<kind>.withdraw`, true by default for `call_task` only).
+pub fn withdraw_channels(channels: &BTreeMap<ChannelKind, ChannelConfig>) -> Vec<ChannelKind> {
+    ChannelKind::ALL
+        .into_iter()
+        .filter(|k| {
+            channels
+                .get(k)
+                .and_then(|c| c.withdraw)
+                .unwrap_or(*k == ChannelKind::CallTask)
+        })
+        .collect()
 }
 
 impl ChannelConfig {
@@ -884,6 +909,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("soon") && err.contains("timeout"), "{err}");
+    }
+
+    /// `channels.<kind>.rate` and `withdraw`: read, defaulted (withdraw on
+    /// for call tasks only), a bad rate refused naming its key; the
+    /// shipped example loads with them.
+    #[test]
+    fn channel_rate_and_withdraw_are_read_and_defaulted() {
+        let config = load(
+            "[channels.push]\nurl = \"http://x\"\nrate = \"200/s\"\nwithdraw = true\n[channels.call_task]\nurl = \"http://y\"\n",
+            &[],
+        )
+        .unwrap();
+        let push = &config.channels[&ChannelKind::Push];
+        assert_eq!(push.rate, Some("200/s".parse().unwrap()));
+        assert_eq!(
+            withdraw_channels(&config.channels),
+            [ChannelKind::Push, ChannelKind::CallTask]
+        );
+        assert_eq!(withdraw_channels(&BTreeMap::new()), [ChannelKind::CallTask]);
+        let err = load(
+            "[channels.push]\nurl = \"http://x\"\nrate = \"fast\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rate") && err.contains("not a rate"), "{err}");
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.example.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(withdraw_channels(&config.channels), [ChannelKind::CallTask]);
     }
 
     #[test]

@@ -97,15 +97,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let adapter = HttpChannel::with_ca(&ch.url, ch.timeout, token, ca.as_deref())
             .map_err(|e| anyhow::anyhow!("channels.{kind}: {e}"))?;
         channels = channels.with(*kind, Arc::new(adapter), ch.concurrency);
+        if let Some(rate) = ch.rate {
+            channels = channels.with_rate(*kind, rate);
+        }
         lateness.insert(*kind, ch.lateness);
     }
 
-    let pipeline = Arc::new(Pipeline::new(
-        store.clone(),
-        rules.clone(),
-        clock.clone(),
-        config.policy.clone(),
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(
+            store.clone(),
+            rules.clone(),
+            clock.clone(),
+            config.policy.clone(),
+        )
+        .with_withdrawals(crate::config::withdraw_channels(&config.channels)),
+    );
     let scheduler = Arc::new(Scheduler::new(
         store.clone(),
         rules.clone(),

@@ -15,7 +15,9 @@ use crate::clock::{span, Clock};
 use crate::config::PolicyConfig;
 use crate::context::{self, CustomerContext};
 use crate::event::Event;
-use crate::model::{instance_id, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef};
+use crate::model::{
+    instance_id, ChannelKind, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef,
+};
 use crate::rules::{bucket, Journey, RuleError, RuleSet, RulesHandle};
 use crate::store::{DeadLetter, NewInstance, NewStep, RecordHeader, Store, StoreError, Tx};
 
@@ -118,6 +120,8 @@ pub struct Pipeline {
     policy: PolicyConfig,
     cap_window: Duration,
     attribution_window: Duration,
+    /// `channels.<kind>.withdraw`: where an exit withdraws delivered steps.
+    withdraw: Vec<ChannelKind>,
 }
 
 impl Pipeline {
@@ -134,7 +138,15 @@ impl Pipeline {
             cap_window: span(policy.cap_window),
             attribution_window: span(policy.attribution_window),
             policy,
+            withdraw: vec![ChannelKind::CallTask],
         }
+    }
+
+    /// The channels whose delivered steps an exit withdraws (default: call
+    /// tasks only, as `channels.call_task.withdraw` defaults to true).
+    pub fn with_withdrawals(mut self, channels: Vec<ChannelKind>) -> Self {
+        self.withdraw = channels;
+        self
     }
 
     pub fn rules(&self) -> &RulesHandle {
@@ -170,6 +182,7 @@ impl Pipeline {
             now,
             sends_since: now - self.cap_window,
             completed_since: now - self.attribution_window,
+            withdraw: &self.withdraw,
             out: BatchOutcome::default(),
         };
         let relevant: Vec<usize> = (0..events.len())
@@ -223,6 +236,7 @@ struct BatchRun<'a> {
     sends_since: DateTime<Utc>,
     /// An exit still converts an instance completed at or after this.
     completed_since: DateTime<Utc>,
+    withdraw: &'a [ChannelKind],
     out: BatchOutcome,
 }
 
@@ -293,6 +307,15 @@ impl BatchRun<'_> {
             let status = InstanceStatus::from(exit);
             let outcome = Outcome::from(exit);
             let cancelled = tx.close_instance(&instance.id, status, self.now)?;
+            // What was delivered and is no longer wanted is taken back:
+            // planned in this transaction, sent by the scheduler.
+            if !tx
+                .plan_withdrawals(&instance.id, self.withdraw, self.now)?
+                .is_empty()
+            {
+                self.out.earliest_due =
+                    Some(self.out.earliest_due.map_or(self.now, |t| t.min(self.now)));
+            }
             // About the instance as a whole; each cancelled step fills in its own.
             let whole = StepRef {
                 customer: &event.customer,

@@ -117,6 +117,9 @@ pub enum Outcome {
     HeldOut,
     Shadow,
     Converted,
+    /// A delivered step taken back on its channel after the journey ended
+    /// by an exit event (`channels.<kind>.withdraw`): not a send.
+    Withdrawn,
 }
 
 impl Outcome {
@@ -132,6 +135,7 @@ impl Outcome {
             Outcome::HeldOut => "held_out",
             Outcome::Shadow => "shadow",
             Outcome::Converted => "converted",
+            Outcome::Withdrawn => "withdrawn",
         }
     }
 
@@ -342,6 +346,17 @@ pub fn instance_id(journey: &str, customer: &str, key: &str, event_id: &str) -> 
 /// retry and after a restart.
 pub fn idempotency_key(instance: &str, step: &str) -> String {
     format!("{instance}:{step}")
+}
+
+/// What the store names the withdrawal of a delivered step: `<step>:withdraw`.
+/// A row of its own beside the step, so that it is claimed, retried and
+/// survives a crash like a send; its idempotency key is then
+/// `<instance>:<step>:withdraw`.
+pub const WITHDRAW_SUFFIX: &str = ":withdraw";
+
+/// The step a withdrawal row takes back, if `step` names one.
+pub fn withdrawn_step(step: &str) -> Option<&str> {
+    step.strip_suffix(WITHDRAW_SUFFIX)
 }
 
 /// Short content hash (first 12 hex digits of SHA-256): script versions and

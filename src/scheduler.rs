@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use crate::clock::{span, Clock};
 use crate::config::SchedulerConfig;
 use crate::context::CustomerContext;
-use crate::dispatch::{Channels, DispatchError, Message};
+use crate::dispatch::{Channels, DispatchError, Message, Withdrawal};
 use crate::model::{
     ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Outcome, Variables,
 };
@@ -27,7 +27,7 @@ use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
-    StepDecided, StepDispatched, StepResultRefused, StepResultsUnstored,
+    StepDecided, StepDispatched, StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
 
 /// What was decided about one due step, before it is a dispatch-log record.
@@ -124,6 +124,9 @@ fn log_record(step: &DueStep, time: DateTime<Utc>, outcome: Outcome, reason: Str
 enum Planned {
     /// Nothing to send: the result is known.
     Settled(StepResult),
+    /// A delivered step to take back (`<step>:withdraw`): no policy, no
+    /// cap, no rate; its journey has ended, which is why it exists.
+    Withdraw(DueStep),
     Decided {
         step: DueStep,
         verdict: Verdict,
@@ -672,6 +675,10 @@ impl Scheduler {
         let mut planned = Vec::with_capacity(claimed.len());
         let mut sending = Vec::new();
         for step in claimed {
+            if crate::model::withdrawn_step(&step.step).is_some() {
+                planned.push(Planned::Withdraw(step));
+                continue;
+            }
             if let Some(settled) = settle_if_ended(&step, now) {
                 planned.push(Planned::Settled(settled));
                 continue;
@@ -709,6 +716,10 @@ impl Scheduler {
     ) -> Result<Option<StepResult>, StoreError> {
         let (mut step, verdict, address) = match planned {
             Planned::Settled(result) => return Ok(Some(result)),
+            Planned::Withdraw(step) => {
+                let decision = self.withdraw(&step).await;
+                return Ok(Some(self.result(step, decision)));
+            }
             Planned::Decided {
                 step,
                 verdict,
@@ -793,6 +804,11 @@ impl Scheduler {
             }
         }
         if verdict == Verdict::Send {
+            if let Some(wait) = self.rate_wait(step, now) {
+                verdict = wait;
+            }
+        }
+        if verdict == Verdict::Send {
             customer.recent_sends.insert(0, now);
             // Counted above as a send from now on, not as a possible one.
             customer.possibly_sent.retain(|(row, _)| *row != step.row);
@@ -808,6 +824,30 @@ impl Scheduler {
             ChannelKind::Push => None,
         };
         Ok((verdict, address))
+    }
+
+    /// A step the policy lets go, over its channel's `rate`: deferred to
+    /// the slot reserved for it. The last check before a send, so that only
+    /// sends take tokens. A deferral moves the step's lateness bound with it
+    /// and is not an attempt: the rate wait neither expires nor fails it.
+    fn rate_wait(&self, step: &DueStep, now: DateTime<Utc>) -> Option<Verdict> {
+        let bucket = self.channels.rate(step.channel)?;
+        let until = bucket.admit(step.row, now).err()?;
+        let wait = (until - now).to_std().unwrap_or_default();
+        StepRateLimited {
+            channel: step.channel.as_str(),
+            wait,
+        }
+        .emit();
+        Some(Verdict::Defer {
+            until,
+            reason: format!(
+                "rate limit: channels.{}.rate is {}; waits {} for its turn",
+                step.channel,
+                bucket.rate(),
+                crate::humanize::duration(wait)
+            ),
+        })
     }
 
     /// What the verdict comes to: the send and its result, or why nothing
@@ -856,6 +896,36 @@ impl Scheduler {
         let done = self.clock.now();
         match result {
             Ok(()) => Decision::sent(step, done),
+            Err(e) => self.send_failed(step, e, done),
+        }
+    }
+
+    /// Takes back a delivered step on its channel, saying how its journey
+    /// ended; a failure is retried like a send's.
+    async fn withdraw(&self, step: &DueStep) -> Decision {
+        let original = crate::model::withdrawn_step(&step.step).unwrap_or(&step.step);
+        let reason = step.instance_status.as_str();
+        let Some(channel) = self.channels.get(step.channel) else {
+            let now = self.clock.now();
+            return self.send_failed(step, DispatchError::NotConfigured(step.channel), now);
+        };
+        let withdrawal = Withdrawal::new(&step.instance_id, original, reason);
+        let started = Instant::now();
+        let result = channel.withdraw(&withdrawal).await;
+        StepDispatched {
+            channel: step.channel.as_str(),
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        let done = self.clock.now();
+        match result {
+            Ok(()) => Decision::new(
+                Outcome::Withdrawn,
+                format!(
+                    "step {original} withdrawn on {}: journey {reason}",
+                    step.channel
+                ),
+            ),
             Err(e) => self.send_failed(step, e, done),
         }
     }
@@ -1385,5 +1455,112 @@ fn slow_check(customer, vars) {
             "longest gap between ticks {longest_gap:?} in {took:?}"
         );
         assert!(gate.sent.lock().unwrap().is_empty());
+    }
+
+    /// `channels.push.rate = "2/s"` and ten pushes due at once: two go at
+    /// once, each other is deferred once to its own slot half a second
+    /// apart, none is dropped, failed or expired, none spends an attempt
+    /// waiting, and each wait is counted. Virtual time throughout.
+    #[tokio::test]
+    async fn steps_over_the_rate_wait_their_turn_in_virtual_time() {
+        let recorder = crate::telemetry::prometheus().unwrap().build_recorder();
+        let _metrics = metrics::set_default_local_recorder(&recorder);
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let t0 = DateTime::parse_from_rfc3339("2026-03-02T03:00:00Z")
+            .unwrap()
+            .to_utc();
+        let clock = Arc::new(crate::clock::VirtualClock::new(t0));
+        let mut tx = store.begin().unwrap();
+        for n in 0..10 {
+            let id = format!("c{n}");
+            let mut customer = CustomerContext::new(&id);
+            customer.app_installed = true;
+            tx.save_customer(&customer, t0).unwrap();
+            let mut i = instance(&format!("i{n}"), t0);
+            i.customer = id;
+            tx.start_instance(&i, &[step(ChannelKind::Push, t0)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        let rules = crate::rules::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let policy = PolicyConfig {
+            max_per_customer: 0,
+            quiet_hours: crate::config::QuietHours {
+                start: None,
+                end: None,
+                channels: vec![],
+            },
+            ..PolicyConfig::default()
+        };
+        let gate = open_gate();
+        let channels =
+            Channels::all(gate.clone()).with_rate(ChannelKind::Push, "2/s".parse().unwrap());
+        let scheduler = Scheduler::new(
+            store.clone(),
+            RulesHandle::new(rules),
+            channels,
+            clock.clone(),
+            Policy::new(policy),
+            SchedulerConfig::default(),
+            HashMap::from([(ChannelKind::Push, Duration::from_millis(1500))]),
+        );
+        let mut records = Vec::new();
+        loop {
+            records.extend(scheduler.run_due().await.unwrap());
+            match scheduler.next_due().await.unwrap() {
+                Some(next) => clock.advance_to(next),
+                None => break,
+            }
+            assert!(records.len() < 100, "{records:?}");
+        }
+        let sent: Vec<&LogRecord> = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Sent)
+            .collect();
+        let deferred: Vec<&LogRecord> = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Deferred)
+            .collect();
+        assert_eq!(sent.len(), 10, "{records:?}");
+        assert_eq!(deferred.len(), 8, "each waits once: {records:?}");
+        assert_eq!(records.len(), 18, "nothing else: {records:?}");
+        assert_eq!(gate.sent.lock().unwrap().len(), 10);
+        assert!(
+            deferred
+                .iter()
+                .all(|r| r.reason.contains("rate limit: channels.push.rate is 2/s")),
+            "{deferred:?}"
+        );
+        assert!(
+            sent.iter().all(|r| r.attempt == 1),
+            "waiting is not an attempt: {sent:?}"
+        );
+        let mut times: Vec<DateTime<Utc>> = sent.iter().map(|r| r.time).collect();
+        times.sort();
+        // Two at t0, then one every 500 ms: the last at t0 + 4 s, past the
+        // lateness bound of 1.5 s measured from t0.
+        assert_eq!(times[1], t0);
+        assert_eq!(times[9] - t0, chrono::Duration::seconds(4));
+        assert!(
+            times
+                .windows(2)
+                .skip(1)
+                .all(|w| w[1] - w[0] == chrono::Duration::milliseconds(500)),
+            "{times:?}"
+        );
+        let text = recorder.handle().render();
+        assert!(
+            text.contains("nudge_rate_limited_total{channel=\"push\"} 8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nudge_rate_wait_seconds_count{channel=\"push\"} 8"),
+            "{text}"
+        );
     }
 }

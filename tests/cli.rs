@@ -258,7 +258,7 @@ fn replay_takes_each_channels_lateness_from_the_config() {
 }
 
 /// (file, script, the text the error must point at)
-const BROKEN: [(&str, &str, &str); 5] = [
+const BROKEN: [(&str, &str, &str); 7] = [
     (
         "syntax.rhai",
         r#"// a syntax error in decide
@@ -325,6 +325,29 @@ fn decide(event, customer) { start() }
 "#,
         "fn journey",
     ),
+    (
+        // `exit` for `exits`: reported where it is set, not in the trigger name
+        "unknown_key.rhai",
+        r#"fn journey() {
+    #{ name: "unknown_key", category: "service", triggers: ["loan.exit"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }],
+       exit: #{ "loan.signed": "converted" } }
+}
+fn decide(event, customer) { start() }
+"#,
+        "exit:",
+    ),
+    (
+        "unknown_step_key.rhai",
+        r#"fn journey() {
+    #{ name: "unknown_step_key", category: "service", triggers: ["a.b"],
+       steps: [#{ id: "p", channel: "push", template: "t",
+                  "delays": "0s" }] }
+}
+fn decide(event, customer) { start() }
+"#,
+        "\"delays\"",
+    ),
 ];
 
 /// 1-based line and column of the first occurrence of `needle`.
@@ -348,7 +371,9 @@ fn check_reports_file_line_and_column_of_every_broken_script() {
         let at = format!("{}:{line}:{col}: error:", dir.path().join(file).display());
         assert!(err.contains(&at), "expected {at} in:\n{err}");
     }
-    assert!(err.contains("5 problem(s)"), "{err}");
+    assert!(err.contains("7 problem(s)"), "{err}");
+    assert!(err.contains("unknown journey field `exit`"), "{err}");
+    assert!(err.contains("unknown step field `delays`"), "{err}");
     // The shipped rules are fine.
     let (code, out, err) = nudge(&["check", repo().join("rules").to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");

@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use futures::future::BoxFuture;
 use reqwest::header::{HeaderMap, DATE, RETRY_AFTER};
 
-use super::{Channel, DispatchError, Message};
+use super::{Channel, DispatchError, Message, Withdrawal};
 
 pub struct HttpChannel {
     client: reqwest::Client,
@@ -52,12 +52,31 @@ impl HttpChannel {
 
 impl Channel for HttpChannel {
     fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
-        Box::pin(async move {
+        Box::pin(self.post(&message.idempotency_key, message))
+    }
+
+    /// The same endpoint, token and error classification as a send.
+    fn withdraw<'a>(
+        &'a self,
+        withdrawal: &'a Withdrawal,
+    ) -> BoxFuture<'a, Result<(), DispatchError>> {
+        Box::pin(async move { self.post(&withdrawal.key(), withdrawal).await })
+    }
+}
+
+impl HttpChannel {
+    /// POSTs `body` as JSON with `key` as its `Idempotency-Key`.
+    async fn post<T: serde::Serialize + ?Sized>(
+        &self,
+        key: &str,
+        body: &T,
+    ) -> Result<(), DispatchError> {
+        {
             let mut request = self
                 .client
                 .post(self.url.clone())
-                .header("Idempotency-Key", &message.idempotency_key)
-                .json(message);
+                .header("Idempotency-Key", key)
+                .json(body);
             if let Some(token) = &self.token {
                 request = request.bearer_auth(token);
             }
@@ -85,7 +104,7 @@ impl Channel for HttpChannel {
                 status: code,
                 body: excerpt(&body),
             })
-        })
+        }
     }
 }
 
@@ -196,6 +215,57 @@ mod tests {
         assert_eq!(got[0].1, sample_message());
         assert_eq!(got[0].0["idempotency-key"], "unsigned_loan-abc:email");
         assert_eq!(got[0].0["authorization"], "Bearer t0ken");
+    }
+
+    /// A withdrawal goes to the channel's endpoint with exactly the body
+    /// and key of the contract; a 503 is retryable like a send's.
+    #[tokio::test]
+    async fn a_withdrawal_posts_the_exact_body_and_key_and_a_503_is_retryable() {
+        type Got = Arc<Mutex<Vec<(HeaderMap, serde_json::Value)>>>;
+        async fn receiver(status: StatusCode) -> (String, Got) {
+            let got: Got = Arc::default();
+            let seen = got.clone();
+            let app = axum::Router::new().fallback(
+                move |headers: HeaderMap, axum::Json(v): axum::Json<serde_json::Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push((headers, v));
+                        status
+                    }
+                },
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/call-tasks", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            (url, got)
+        }
+        let withdrawal = Withdrawal::new("unsigned_loan-abc", "call", "converted");
+        let (url, got) = receiver(StatusCode::OK).await;
+        let ch = HttpChannel::new(&url, Duration::from_secs(5), Some("t0ken".into())).unwrap();
+        ch.withdraw(&withdrawal).await.unwrap();
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                got[0].1,
+                serde_json::json!({
+                    "action": "withdraw",
+                    "idempotency_key": "unsigned_loan-abc:call",
+                    "reason": "converted"
+                })
+            );
+            assert_eq!(
+                got[0].0["idempotency-key"],
+                "unsigned_loan-abc:call:withdraw"
+            );
+            assert_eq!(got[0].0["authorization"], "Bearer t0ken");
+        }
+
+        let (url, got) = receiver(StatusCode::SERVICE_UNAVAILABLE).await;
+        let ch = HttpChannel::new(&url, Duration::from_secs(5), None).unwrap();
+        let e = ch.withdraw(&withdrawal).await.unwrap_err();
+        assert!(e.retryable(), "{e}");
+        assert_eq!(got.lock().unwrap().len(), 1);
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -3,6 +3,7 @@
 //! step), so the receiver can drop repeats; errors say whether to retry.
 
 mod http;
+mod rate;
 mod recording;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{ChannelKind, HistoryEntry, Variables};
 
 pub use http::HttpChannel;
+pub use rate::{Rate, RateLimiter};
 pub use recording::RecordingChannel;
 
 /// What a channel receives for one step (the JSON body of the HTTP adapter).
@@ -83,8 +85,51 @@ impl DispatchError {
     }
 }
 
+/// What a channel receives to take back a step it delivered (an open call
+/// task, an in-app card) when the journey ended by an exit event, so that
+/// no agent calls a customer who already signed. Sent with the header
+/// `Idempotency-Key: <instance>:<step>:withdraw`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Withdrawal {
+    /// Always `"withdraw"`.
+    pub action: String,
+    /// The idempotency key the step was delivered with (`<instance>:<step>`).
+    pub idempotency_key: String,
+    /// How the journey ended: `converted` or `cancelled`.
+    pub reason: String,
+}
+
+impl Withdrawal {
+    pub fn new(instance: &str, step: &str, reason: &str) -> Self {
+        Self {
+            action: "withdraw".into(),
+            idempotency_key: crate::model::idempotency_key(instance, step),
+            reason: reason.into(),
+        }
+    }
+
+    /// The key the receiver drops repeats of this withdrawal by.
+    pub fn key(&self) -> String {
+        format!("{}:withdraw", self.idempotency_key)
+    }
+}
+
 pub trait Channel: Send + Sync {
     fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>>;
+
+    /// Takes back a delivered step. Adapters that cannot say it refuse
+    /// (not configured), so a withdrawal is never reported done unsaid.
+    fn withdraw<'a>(
+        &'a self,
+        withdrawal: &'a Withdrawal,
+    ) -> BoxFuture<'a, Result<(), DispatchError>> {
+        let _ = withdrawal;
+        Box::pin(async {
+            Err(DispatchError::Transport(
+                "this adapter cannot withdraw".into(),
+            ))
+        })
+    }
 }
 
 /// The adapters by channel kind, each with its own concurrency limit so a
@@ -92,6 +137,8 @@ pub trait Channel: Send + Sync {
 #[derive(Clone, Default)]
 pub struct Channels {
     adapters: HashMap<ChannelKind, (Arc<dyn Channel>, usize)>,
+    /// `channels.<kind>.rate`: the channels with a send-rate limit.
+    rates: HashMap<ChannelKind, Arc<RateLimiter>>,
 }
 
 impl Channels {
@@ -118,6 +165,17 @@ impl Channels {
 
     pub fn concurrency(&self, kind: ChannelKind) -> usize {
         self.adapters.get(&kind).map(|(_, n)| *n).unwrap_or(1)
+    }
+
+    /// Limits the channel's sends to `rate` (see [`RateLimiter`]).
+    pub fn with_rate(mut self, kind: ChannelKind, rate: Rate) -> Self {
+        self.rates.insert(kind, Arc::new(RateLimiter::new(rate)));
+        self
+    }
+
+    /// The channel's send-rate limit, if it has one.
+    pub fn rate(&self, kind: ChannelKind) -> Option<&RateLimiter> {
+        self.rates.get(&kind).map(Arc::as_ref)
     }
 }
 

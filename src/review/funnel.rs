@@ -198,7 +198,12 @@ pub fn funnels(store: &dyn ReviewRead, journey: Option<&str>) -> Result<FunnelRe
             .collect();
         let logged: BTreeSet<&str> = counts
             .iter()
-            .filter(|c| c.journey == name && c.step != "-")
+            // A withdrawal (`<step>:withdraw`) is no step of the funnel.
+            .filter(|c| {
+                c.journey == name
+                    && c.step != "-"
+                    && crate::model::withdrawn_step(&c.step).is_none()
+            })
             .map(|c| c.step.as_str())
             .collect();
         for s in logged {
@@ -217,7 +222,7 @@ pub fn funnels(store: &dyn ReviewRead, journey: Option<&str>) -> Result<FunnelRe
             {
                 match c.outcome {
                     Outcome::Sent => sent += c.count,
-                    Outcome::HeldOut | Outcome::Shadow => {}
+                    Outcome::HeldOut | Outcome::Shadow | Outcome::Withdrawn => {}
                     o => {
                         reasons
                             .entry((o.as_str(), reason_group(&c.reason)))

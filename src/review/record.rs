@@ -84,7 +84,9 @@ impl Kind {
 
     fn of(outcome: Outcome) -> Kind {
         match outcome {
-            Outcome::Sent | Outcome::Failed | Outcome::Retrying => Kind::Attempt,
+            Outcome::Sent | Outcome::Failed | Outcome::Retrying | Outcome::Withdrawn => {
+                Kind::Attempt
+            }
             Outcome::Converted | Outcome::Cancelled => Kind::Exit,
             Outcome::Suppressed
             | Outcome::Deferred

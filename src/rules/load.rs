@@ -13,6 +13,27 @@ use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
 
+/// Every key `fn journey()`'s map may have; any other is refused with its
+/// file and line (a typo would otherwise be a silently ignored setting).
+/// The one list: a new journey key is added here and read in `compile_one`.
+pub const JOURNEY_FIELDS: &[&str] = &[
+    "name",
+    "description",
+    "category",
+    "priority",
+    "triggers",
+    "exits",
+    "key",
+    "steps",
+    "cooldown",
+    "holdout",
+    "pilot",
+    "shadow",
+];
+
+/// Every key a step's map may have (the same rule as [`JOURNEY_FIELDS`]).
+pub const STEP_FIELDS: &[&str] = &["id", "channel", "template", "delay", "when"];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
     pub file: String,
@@ -208,32 +229,20 @@ fn compile_one(
         } else if let Some((key, value)) = needle.strip_prefix('@').and_then(|n| n.split_once('='))
         {
             find_field(text, key, value)
+        } else if let Some(key) = needle.strip_prefix('@').and_then(|n| n.strip_suffix(':')) {
+            find_key(text, key)
         } else {
             find(text, needle)
         };
         problems.push(problem(l, c, message, hint));
     };
 
-    const FIELDS: &[&str] = &[
-        "name",
-        "description",
-        "category",
-        "priority",
-        "triggers",
-        "exits",
-        "key",
-        "steps",
-        "cooldown",
-        "holdout",
-        "pilot",
-        "shadow",
-    ];
     for k in meta.keys() {
-        if !FIELDS.contains(&k.as_str()) {
+        if !JOURNEY_FIELDS.contains(&k.as_str()) {
             at(
-                k.as_str(),
+                &format!("@{k}:"),
                 format!("unknown journey field `{k}`"),
-                Some(&format!("fields are {}", FIELDS.join(", "))),
+                Some(&format!("fields are {}", JOURNEY_FIELDS.join(", "))),
             );
         }
     }
@@ -339,11 +348,11 @@ fn compile_one(
                     continue;
                 };
                 for k in step.keys() {
-                    if !["id", "channel", "template", "delay", "when"].contains(&k.as_str()) {
+                    if !STEP_FIELDS.contains(&k.as_str()) {
                         at(
-                            k.as_str(),
+                            &format!("@{k}:"),
                             format!("unknown step field `{k}`"),
-                            Some("step fields are id, channel, template, delay, when"),
+                            Some(&format!("step fields are {}", STEP_FIELDS.join(", "))),
                         );
                     }
                 }
@@ -500,6 +509,30 @@ fn find_field(text: &str, key: &str, value: &str) -> (usize, usize) {
         }
     }
     find(text, &quoted)
+}
+
+/// Position of `key` written as a map key (`key:` or `"key":`, not part of
+/// a longer word), so an unknown key is reported where it is set, not where
+/// the same word first appears (say, in an event type); else its first
+/// occurrence.
+fn find_key(text: &str, key: &str) -> (usize, usize) {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    for (offset, _) in text.match_indices(key) {
+        let before = text[..offset].trim_end_matches('"');
+        if before.chars().next_back().is_some_and(word) {
+            continue;
+        }
+        let after = text[offset + key.len()..].trim_start_matches('"');
+        if after.trim_start().starts_with(':') && !after.starts_with(|c: char| word(c)) {
+            let start = if text[..offset].ends_with('"') {
+                offset - 1
+            } else {
+                offset
+            };
+            return position(text, start);
+        }
+    }
+    find(text, key)
 }
 
 /// 1-based line and column of the first occurrence of `needle` (1:1 if absent).

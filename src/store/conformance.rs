@@ -594,7 +594,8 @@ fn status_counts(store: &dyn Store) -> HashMap<String, i64> {
 
 /// Several results in one call: records come back in order with rising
 /// seqs; sends settle, retries and deferrals go back to pending (a deferral
-/// moves the lateness reference, a retry does not); an instance completes
+/// moves the lateness reference and gives back its attempt, a retry does
+/// not); an instance completes
 /// when its last step settles.
 pub fn finish_steps_writes_a_batch_in_order(store: &dyn Store) {
     start(
@@ -668,6 +669,10 @@ pub fn finish_steps_writes_a_batch_in_order(store: &dyn Store) {
         again["i3"].planned_at,
         t + Duration::hours(8),
         "a deferral moves it"
+    );
+    assert_eq!(
+        again["i3"].attempt, 1,
+        "a deferral (quiet hours, a rate limit) is not an attempt"
     );
     assert!(store.finish_steps(Vec::new()).unwrap().is_empty());
 }
@@ -1441,6 +1446,67 @@ pub fn a_dead_letter_is_published_by_one_replica(a: &dyn Store, b: &dyn Store) {
     assert_eq!(offsets(&retaken), vec![2]);
 }
 
+/// Withdrawal: an exit plans, once, a `<step>:withdraw` row for each step
+/// delivered on a withdrawing channel, due at the exit; claimed like a
+/// step (with its instance's end), it settles as `withdrawn`.
+pub fn exits_plan_withdrawals_of_delivered_steps(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1")], &steps());
+    let lease = |t: DateTime<Utc>| t + Duration::minutes(5);
+    for (channel, at) in [
+        (ChannelKind::Push, t0()),
+        (ChannelKind::CallTask, t0() + Duration::days(3)),
+    ] {
+        let claimed = store.claim_due(channel, at, 10, lease(at)).unwrap();
+        assert_eq!(claimed.len(), 1, "{channel}");
+        store
+            .finish_step(&settle(&claimed[0], at, Outcome::Sent))
+            .unwrap();
+    }
+    let exit = t0() + Duration::days(4);
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i1", InstanceStatus::Converted, exit)
+        .unwrap();
+    let planned = tx
+        .plan_withdrawals("i1", &[ChannelKind::CallTask, ChannelKind::Email], exit)
+        .unwrap();
+    assert_eq!(planned, ["call"], "the email was never delivered");
+    assert!(tx
+        .plan_withdrawals("i1", &[ChannelKind::CallTask], exit)
+        .unwrap()
+        .is_empty());
+    tx.commit().unwrap();
+    assert_eq!(
+        store.next_due(Some(ChannelKind::CallTask)).unwrap(),
+        Some(exit)
+    );
+    assert!(store
+        .claim_due(ChannelKind::Push, exit, 10, lease(exit))
+        .unwrap()
+        .is_empty());
+    let claimed = store
+        .claim_due(ChannelKind::CallTask, exit, 10, lease(exit))
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let w = &claimed[0];
+    assert_eq!(
+        (w.step.as_str(), w.template.as_str(), w.attempt),
+        ("call:withdraw", "t_call", 1)
+    );
+    assert_eq!(w.instance_status, InstanceStatus::Converted);
+    assert_eq!(w.planned_at, exit);
+    store
+        .finish_step(&settle(w, exit, Outcome::Withdrawn))
+        .unwrap();
+    let counts = status_counts(store);
+    assert_eq!(counts.get("withdrawn"), Some(&1), "{counts:?}");
+    let log = store.log_after(0, 10).unwrap();
+    assert_eq!(log.last().unwrap().outcome, Outcome::Withdrawn);
+    assert!(store
+        .claim_due(ChannelKind::CallTask, exit, 10, lease(exit))
+        .unwrap()
+        .is_empty());
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1467,7 +1533,8 @@ macro_rules! store_conformance {
             leases_are_released_at_start_and_renewed_by_heartbeat,
             sends_begun_count_until_settled,
             prefetched_reads_follow_the_transactions_writes,
-            concurrent_claimers_never_share_a_step
+            concurrent_claimers_never_share_a_step,
+            exits_plan_withdrawals_of_delivered_steps
         );
     };
     ($make:expr, replicas: $pair:expr) => {

@@ -475,6 +475,20 @@ pub trait Tx {
     fn add_dead_letter(&mut self, letter: &DeadLetter, at: DateTime<Utc>)
         -> Result<(), StoreError>;
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
+
+    // Withdrawal (issue 13, item 9).
+
+    /// Plans the withdrawal of each step of `instance_id` delivered (`sent`)
+    /// on one of `channels`: a pending step `<step>:withdraw` on the same
+    /// channel, due at `at`, that the scheduler sends and retries like any
+    /// step. Planned once (a second call adds nothing). Returns the steps
+    /// withdrawn, in plan order.
+    fn plan_withdrawals(
+        &mut self,
+        instance_id: &str,
+        channels: &[ChannelKind],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError>;
 }
 
 #[cfg(test)]

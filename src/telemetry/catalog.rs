@@ -201,6 +201,18 @@ pub const LEASE_RENEWAL_ERRORS: Metric = Metric {
     labels: &["channel"],
     help: "heartbeats that could not renew the leases of steps being sent; the next is a third of a lease later",
 };
+pub const RATE_LIMITED: Metric = Metric {
+    name: "nudge_rate_limited_total",
+    kind: Kind::Counter,
+    labels: &["channel"],
+    help: "steps over their channel's rate (channels.<kind>.rate), deferred in the store to their reserved slot: never dropped, not counted as an attempt",
+};
+pub const RATE_WAIT_SECONDS: Metric = Metric {
+    name: "nudge_rate_wait_seconds",
+    kind: Kind::Histogram,
+    labels: &["channel"],
+    help: "how long a step over its channel's rate waits for its slot",
+};
 
 // Dead-letter publishing and upkeep.
 
@@ -262,6 +274,8 @@ pub const ALL: &[&Metric] = &[
     &STEP_RESULTS_UNSTORED,
     &STEP_RESULTS_REFUSED,
     &LEASE_RENEWAL_ERRORS,
+    &RATE_LIMITED,
+    &RATE_WAIT_SECONDS,
     &DEAD_LETTERS_PUBLISHED,
     &DEAD_LETTER_PUBLISH_ERRORS,
     &DEAD_LETTERS_PENDING,

@@ -380,6 +380,20 @@ impl StepDispatched {
     }
 }
 
+/// A step over its channel's `rate`, deferred to its slot.
+pub struct StepRateLimited {
+    pub channel: &'static str,
+    pub wait: Duration,
+}
+
+impl StepRateLimited {
+    pub fn emit(self) {
+        metrics::counter!(RATE_LIMITED.name, "channel" => self.channel).increment(1);
+        metrics::histogram!(RATE_WAIT_SECONDS.name, "channel" => self.channel)
+            .record(self.wait.as_secs_f64());
+    }
+}
+
 /// A step's condition threw: the step is suppressed, the failure counted
 /// against its journey.
 pub struct StepConditionFailed<'a> {

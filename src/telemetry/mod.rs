@@ -189,6 +189,11 @@ mod tests {
         }
         .emit();
         DeadLettersNotMarked { count: 1, error }.emit();
+        StepRateLimited {
+            channel: "push",
+            wait: d,
+        }
+        .emit();
         RetentionPurgeFailed { error }.emit();
         RetentionPurgePanicked { error }.emit();
         AdminServerFailed { error }.emit();

@@ -96,7 +96,8 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 /// set) claimed steps, by key.
 const SETTLE: &str = "UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL, sending_at = NULL,
          due_at = COALESCE(u.again_at, s.due_at),
-         planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END
+         planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END,
+         attempt = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END
      FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
          AS u(instance_id, step, status, again_at, replan)
      WHERE s.instance_id = u.instance_id AND s.step = u.step";

@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     V2_SEND_INTENTS,
     V3_DEAD_LETTER_HEADERS_AND_RETRIES,
     V4_REVIEW_INDEXES,
+    V5_WITHDRAWN,
 ];
 
 /// The schema version this binary writes.
@@ -227,4 +228,17 @@ CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time, seq);
 CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time, seq);
 CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time, seq);
 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";
+
+/// Version 5: a delivered step taken back on its channel after an exit
+/// (`channels.<kind>.withdraw`) settles as `withdrawn`.
+const V5_WITHDRAWN: &str = "
+ALTER TABLE steps DROP CONSTRAINT steps_status_check;
+ALTER TABLE steps ADD CONSTRAINT steps_status_check CHECK (status IN ('pending', 'claimed', 'sent',
+    'failed', 'retrying', 'suppressed', 'deferred', 'cancelled', 'expired', 'held_out', 'shadow',
+    'converted', 'withdrawn'));
+ALTER TABLE dispatch_log DROP CONSTRAINT dispatch_log_outcome_check;
+ALTER TABLE dispatch_log ADD CONSTRAINT dispatch_log_outcome_check CHECK (outcome IN ('sent',
+    'failed', 'retrying', 'suppressed', 'deferred', 'cancelled', 'expired', 'held_out', 'shadow',
+    'converted', 'withdrawn'));
 ";

@@ -16,7 +16,7 @@ use super::conn::Manager;
 use super::pending::Pending;
 use super::read;
 use crate::context::CustomerContext;
-use crate::model::{InstanceStatus, LogRecord};
+use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, WITHDRAW_SUFFIX};
 use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
 
 /// A transaction on a pooled connection, rolled back when dropped open.
@@ -329,6 +329,34 @@ impl Tx for PgTx {
             }
             closed.sort_by_key(|(seq, _)| *seq);
             Ok(closed.into_iter().map(|(_, s)| s).collect())
+        })
+    }
+
+    fn plan_withdrawals(
+        &mut self,
+        instance_id: &str,
+        channels: &[ChannelKind],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let channels: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+        self.tx.run(|c| {
+            let rows = c.query(
+                "INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
+                 SELECT instance_id, customer, step || $4, seq, channel, template, $3, $3, 'pending' FROM steps
+                 WHERE instance_id = $1 AND status = 'sent' AND channel = ANY($2)
+                 ON CONFLICT (instance_id, step) DO NOTHING
+                 RETURNING seq, step",
+                &[&instance_id, &channels, &at, &WITHDRAW_SUFFIX],
+            )?;
+            let mut planned = Vec::with_capacity(rows.len());
+            for r in rows {
+                planned.push((r.try_get::<_, i32>(0)?, r.try_get::<_, String>(1)?));
+            }
+            planned.sort();
+            Ok(planned
+                .into_iter()
+                .map(|(_, step)| withdrawn_step(&step).unwrap_or(&step).to_string())
+                .collect())
         })
     }
 

@@ -369,7 +369,7 @@ impl Store for SqliteStore {
                     Some(at) => {
                         let sql = if result.replan {
                             concat!(
-                                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, due_at = ?3, planned_at = ?3",
+                                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, due_at = ?3, planned_at = ?3, attempt = max(attempt - 1, 0)",
                                 step_by_row!()
                             )
                         } else {

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{insert_log, load_customer, ms};
 use crate::context::CustomerContext;
-use crate::model::{InstanceStatus, LogRecord};
+use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, WITHDRAW_SUFFIX};
 use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
 
 pub(super) struct SqliteTx<'a> {
@@ -178,6 +178,35 @@ impl Tx for SqliteTx<'_> {
                 })
             })
             .collect()
+    }
+
+    fn plan_withdrawals(
+        &mut self,
+        instance_id: &str,
+        channels: &[ChannelKind],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let channels: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+        let mut planned: Vec<(u32, String)> = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO steps (instance_id, step, seq, channel, template, planned_at, due_at, status)
+                 SELECT instance_id, step || ?4, seq, channel, template, ?3, ?3, 'pending' FROM steps
+                 WHERE instance_id = ?1 AND status = 'sent'
+                   AND instr(',' || ?2 || ',', ',' || channel || ',') > 0
+                 ON CONFLICT (instance_id, step) DO NOTHING
+                 RETURNING seq, step",
+            )?
+            .query_map(
+                params![instance_id, channels.join(","), ms(at), WITHDRAW_SUFFIX],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect::<Result<_, _>>()?;
+        planned.sort();
+        Ok(planned
+            .into_iter()
+            .map(|(_, step)| withdrawn_step(&step).unwrap_or(&step).to_string())
+            .collect())
     }
 
     fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError> {

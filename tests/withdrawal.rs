@@ -1,0 +1,116 @@
+//! Withdrawal (`channels.<kind>.withdraw`): when a journey ends by an exit
+//! event, what it delivered on a withdrawing channel is taken back there, so
+//! that no agent calls a customer who already signed. On the virtual clock,
+//! every channel a real HTTP endpoint on 127.0.0.1.
+
+mod harness;
+mod support;
+
+use axum::http::StatusCode;
+use chrono::Duration;
+use serde_json::json;
+
+use nudge::model::Outcome;
+use support::*;
+
+/// A push and a call task at once; signing converts it.
+const CALLBACK: &str = r#"
+fn journey() {
+    #{ name: "callback", category: "service", triggers: ["test.applied"],
+       exits: #{ "test.signed": "converted" },
+       steps: [
+           #{ id: "tell", channel: "push", template: "callback_push", delay: "0s" },
+           #{ id: "call", channel: "call_task", template: "callback_call", delay: "0s" },
+       ] }
+}
+fn decide(event, customer) { start() }
+"#;
+
+/// The call task goes out; the customer signs; the call-task endpoint gets
+/// the withdrawal with the contract's body and key, answers 503 once, gets
+/// it again and takes it. The push (not withdrawn by default) is left
+/// alone; the dispatch log reads retrying, then withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_call_task_is_withdrawn_when_the_customer_signs() {
+    let h = Harness::new(inline_rules(&[("callback", CALLBACK)]), t0()).await;
+    h.feed(contact("c-1", t0())).await;
+    h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
+        .await;
+    assert_eq!(h.sinks.call.count(), 1, "the call task went out");
+    let task = h.sinks.call.requests()[0].clone();
+    let instance = task.str("/instance").to_string();
+
+    h.sinks.call.fail_next(1, StatusCode::SERVICE_UNAVAILABLE);
+    let signed = t0() + Duration::hours(2);
+    h.feed(event("e2", "test.signed", "c-1", signed, json!({})))
+        .await;
+    h.finish().await;
+
+    let calls = h.sinks.call.requests();
+    assert_eq!(calls.len(), 3, "task, refused withdrawal, withdrawal");
+    let key = format!("{instance}:call:withdraw");
+    for w in &calls[1..] {
+        assert_eq!(
+            w.body,
+            json!({
+                "action": "withdraw",
+                "idempotency_key": format!("{instance}:call"),
+                "reason": "converted"
+            })
+        );
+        assert_eq!(w.key(), Some(key.as_str()));
+    }
+    assert_eq!((calls[1].status, calls[2].status), (503, 200));
+    assert_eq!(h.sinks.push.count(), 1, "push is not withdrawn by default");
+
+    let log = h.log();
+    let withdrawal: Vec<_> = log.iter().filter(|r| r.step == "call:withdraw").collect();
+    let outcomes: Vec<Outcome> = withdrawal.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Retrying, Outcome::Withdrawn],
+        "{log:#?}"
+    );
+    assert!(withdrawal[0].reason.contains("HTTP 503"), "{log:#?}");
+    assert!(
+        withdrawal[1]
+            .reason
+            .contains("withdrawn on call_task: journey converted"),
+        "{log:#?}"
+    );
+    assert!(withdrawal[1].time >= signed);
+    let sends = log.iter().filter(|r| r.outcome == Outcome::Sent).count();
+    assert_eq!(sends, 2, "a withdrawal is not a send: {log:#?}");
+}
+
+/// A journey that ends before its call task was delivered withdraws
+/// nothing: the step is cancelled unsent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_withdrawn_that_was_not_delivered() {
+    let later = CALLBACK.replace(
+        r#"template: "callback_call", delay: "0s""#,
+        r#"template: "callback_call", delay: "1d""#,
+    );
+    let h = Harness::new(inline_rules(&[("callback", &later)]), t0()).await;
+    h.feed(contact("c-1", t0())).await;
+    h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
+        .await;
+    h.feed(event(
+        "e2",
+        "test.signed",
+        "c-1",
+        t0() + Duration::hours(2),
+        json!({}),
+    ))
+    .await;
+    h.finish().await;
+    assert_eq!(h.sinks.call.count(), 0);
+    let log = h.log();
+    assert!(
+        log.iter().all(|r| r.outcome != Outcome::Withdrawn),
+        "{log:#?}"
+    );
+    assert!(log
+        .iter()
+        .any(|r| r.step == "call" && r.outcome == Outcome::Converted));
+}
