@@ -12,6 +12,7 @@ use rhai::{Dynamic, Engine, Scope};
 use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
+use crate::policy::settings::Fatigue;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
@@ -227,6 +228,7 @@ fn compile_one(
         "holdout",
         "pilot",
         "shadow",
+        "fatigue",
     ];
     for k in meta.keys() {
         if !FIELDS.contains(&k.as_str()) {
@@ -444,6 +446,14 @@ fn compile_one(
             false
         }
     };
+    let fatigue = fatigue_field(&meta).unwrap_or_else(|e| {
+        at(
+            "fatigue",
+            format!("fatigue: {e}"),
+            Some("e.g. fatigue: #{ after: 3, pause: \"30d\" } (after: 0 turns it off)"),
+        );
+        None
+    });
 
     if !problems.is_empty() {
         return Err(problems);
@@ -461,10 +471,40 @@ fn compile_one(
         holdout_percent,
         pilot_percent,
         shadow,
+        fatigue,
         file: path.to_path_buf(),
         hash: content_hash(text.as_bytes()),
         ast,
     })
+}
+
+/// `fatigue: #{ after: 3, pause: "30d" }`; absent: the config's default.
+fn fatigue_field(map: &rhai::Map) -> Result<Option<Fatigue>, String> {
+    let Some(value) = map.get("fatigue") else {
+        return Ok(None);
+    };
+    let table = value
+        .read_lock::<rhai::Map>()
+        .ok_or("must be a map like #{ after: 3, pause: \"30d\" }")?
+        .clone();
+    for k in table.keys() {
+        if !["after", "pause"].contains(&k.as_str()) {
+            return Err(format!("unknown field `{k}` (fields are after, pause)"));
+        }
+    }
+    let after = match table.get("after").map(|v| v.as_int()) {
+        Some(Ok(n)) if (0..=1000).contains(&n) => n as u32,
+        _ => return Err("after must be a whole number of sends, 0..=1000".into()),
+    };
+    let pause = match string_field(&table, "pause") {
+        Some(t) => parse_delay(&t).map_err(|e| format!("pause: {e}"))?,
+        None if after == 0 => Duration::ZERO,
+        None => return Err("pause is required, e.g. \"30d\"".into()),
+    };
+    if after > 0 && pause.is_zero() {
+        return Err("pause must be longer than 0s".into());
+    }
+    Ok(Some(Fatigue { after, pause }))
 }
 
 fn string_field(map: &rhai::Map, key: &str) -> Option<String> {
