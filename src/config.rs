@@ -882,6 +882,113 @@ mod tests {
     }
 
     #[test]
+    fn calendar_policy_keys_load_and_old_forms_keep_working() {
+        let c = load(
+            "[policy]\ncaps = [{ category = \"marketing\", max = 1, per = \"1d\" }, { channel = \"call_task\", max = 1, per = \"7d\" }]\nfatigue = { after = 3, pause = \"30d\" }\n[policy.quiet_hours.email]\nstart = \"20:00\"\nend = \"09:00\"\n[policy.business_hours.call_task]\ndays = [\"mon\", \"sat\"]\nstart = \"10:00\"\nend = \"14:00\"\n",
+            &[],
+        )
+        .unwrap();
+        let caps = c.policy.effective_caps();
+        assert_eq!(caps.len(), 2);
+        assert_eq!(
+            (caps[0].what(), caps[0].max, caps[0].per),
+            ("marketing".into(), 1, 1)
+        );
+        assert_eq!((caps[1].what(), caps[1].per), ("call_task".into(), 7));
+        assert_eq!(c.policy.fatigue.unwrap().after, 3);
+        assert_eq!(
+            c.policy
+                .quiet_hours
+                .window(ChannelKind::Email)
+                .unwrap()
+                .to_string(),
+            "20:00-09:00"
+        );
+        assert_eq!(
+            c.policy.quiet_hours.window(ChannelKind::Push),
+            None,
+            "a table per channel"
+        );
+        let hours = &c.policy.business_hours.0[&ChannelKind::CallTask];
+        assert_eq!(hours.describe(), "Mon,Sat 10:00-14:00");
+        // The deprecated single cap: one cap on everything, in calendar days.
+        let old = load(
+            "[policy]\nmax_per_customer = 2\ncap_window = \"36h\"\n",
+            &[],
+        )
+        .unwrap();
+        let caps = old.policy.effective_caps();
+        assert_eq!(
+            (caps[0].what(), caps[0].max, caps[0].per),
+            ("messages".into(), 2, 2)
+        );
+        assert!(load("[policy]\nmax_per_customer = 0\n", &[])
+            .unwrap()
+            .policy
+            .effective_caps()
+            .is_empty());
+        assert!(load("[policy]\ncaps = []\n", &[])
+            .unwrap()
+            .policy
+            .effective_caps()
+            .is_empty());
+        for (toml, says) in [
+            ("[policy]\nmax_per_customer = 2\ncaps = []\n", "policy.caps"),
+            (
+                "[policy]\ncaps = [{ max = 1, per = \"36h\" }]\n",
+                "whole number of days",
+            ),
+            (
+                "[policy]\ncaps = [{ max = 1, per = \"1d\", kind = \"x\" }]\n",
+                "kind",
+            ),
+            (
+                "[policy.quiet_hours.fax]\nstart = \"20:00\"\nend = \"09:00\"\n",
+                "policy.quiet_hours.fax",
+            ),
+            (
+                "[policy.quiet_hours.email]\nstart = \"20:00\"\n",
+                "policy.quiet_hours.email.start",
+            ),
+            (
+                "[policy.business_hours.call_task]\ndays = [\"someday\"]\n",
+                "policy.business_hours.call_task.days",
+            ),
+            (
+                "[policy.business_hours.call_task]\nstart = \"17:00\"\nend = \"09:00\"\n",
+                "policy.business_hours.call_task.end",
+            ),
+            (
+                "[policy]\nholidays = \"/nonexistent/h.toml\"\n",
+                "policy.holidays",
+            ),
+            ("[policy]\nfatigue = { after = 3 }\n", "pause"),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(says), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_deploy_examples_load() {
+        for file in [
+            "nudge.example.toml",
+            "nudge.local.toml",
+            "nudge.container.toml",
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy")
+                .join(file);
+            let loaded = Config::load_with_env(Some(&path), std::iter::empty::<(String, String)>());
+            if let Err(e) = &loaded {
+                // Secrets named by the examples may be absent here; the
+                // policy keys are what this checks.
+                assert!(!e.to_string().contains("policy."), "{file}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.scheduler.max_attempts, 10);

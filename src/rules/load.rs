@@ -573,4 +573,43 @@ mod tests {
         let at: Vec<(usize, usize)> = err.problems.iter().map(|p| (p.line, p.column)).collect();
         assert_eq!(at, vec![(6, 39), (6, 68)], "{err}");
     }
+
+    #[test]
+    fn fatigue_is_read_and_a_bad_one_is_refused_at_its_line() {
+        let script = |fatigue: &str| {
+            format!(
+                "fn journey() {{\n    #{{\n        name: \"f\",\n        category: \"marketing\",\n        triggers: [\"x.y\"],\n        steps: [ #{{ id: \"a\", channel: \"push\", template: \"t\", delay: \"0s\" }} ],\n        {fatigue}\n    }}\n}}\nfn decide(event, customer) {{ start() }}\n"
+            )
+        };
+        let load =
+            |text: String| load_sources(vec![(PathBuf::from("f.rhai"), text)], &Limits::default());
+        let rules = load(script("fatigue: #{ after: 3, pause: \"30d\" },")).unwrap();
+        assert_eq!(
+            rules.journey("f").unwrap().fatigue,
+            Some(Fatigue {
+                after: 3,
+                pause: Duration::from_secs(30 * 86400)
+            })
+        );
+        let rules = load(script("")).unwrap();
+        assert_eq!(
+            rules.journey("f").unwrap().fatigue,
+            None,
+            "the config's default"
+        );
+        for (bad, says) in [
+            ("fatigue: #{ after: 3 },", "pause is required"),
+            ("fatigue: #{ after: -1, pause: \"30d\" },", "after must be"),
+            (
+                "fatigue: #{ after: 3, pause: \"30d\", every: 1 },",
+                "unknown field `every`",
+            ),
+            ("fatigue: 3,", "must be a map"),
+        ] {
+            let err = load(script(bad)).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].line, 7, "{bad}: {err}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
 }
