@@ -1337,6 +1337,76 @@ mod tests {
         daemon.await.unwrap();
     }
 
+    /// Fatigue through the dispatch path: two earlier sends of journey `f`
+    /// (its script says `fatigue: #{ after: 2, pause: "30d" }`) brought no
+    /// conversion, so its next push is suppressed with a `fatigue` reason;
+    /// the same push of a journey without fatigue goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatigued_journey_is_suppressed_when_its_step_falls_due() {
+        let now = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let script = |name: &str, fatigue: &str| {
+            (
+                std::path::PathBuf::from(format!("{name}.rhai")),
+                format!(
+                    "fn journey() {{ #{{ name: \"{name}\", category: \"service\", triggers: [\"x.y\"], {fatigue}
+                     steps: [ #{{ id: \"push\", channel: \"push\", template: \"t\", delay: \"0s\" }} ] }} }}
+                     fn decide(event, customer) {{ start() }}"
+                ),
+            )
+        };
+        let rules = crate::rules::load_sources(
+            vec![
+                script("f", "fatigue: #{ after: 2, pause: \"30d\" },"),
+                script("g", ""),
+            ],
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        for journey in ["f", "g"] {
+            for days in [3, 2] {
+                let subject = crate::model::StepRef {
+                    customer: "c1",
+                    journey,
+                    instance: "earlier",
+                    step: "push",
+                    channel: "push",
+                    template: "t",
+                    rule_hash: "h",
+                };
+                tx.append_log(&LogRecord::about(
+                    subject,
+                    now - chrono::Duration::days(days),
+                    Outcome::Sent,
+                    "ok",
+                ))
+                .unwrap();
+            }
+            tx.start_instance(&instance(journey, now), &[step(ChannelKind::Push, now)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        let gate = open_gate();
+        let scheduler = scheduler_with(&store, gate.clone(), 0, rules);
+        let records = scheduler.run_due().await.unwrap();
+        let by_journey: HashMap<&str, &LogRecord> =
+            records.iter().map(|r| (r.journey.as_str(), r)).collect();
+        assert_eq!(by_journey["g"].outcome, Outcome::Sent, "{records:?}");
+        assert_eq!(by_journey["f"].outcome, Outcome::Suppressed, "{records:?}");
+        assert!(
+            by_journey["f"]
+                .reason
+                .starts_with("fatigue: 2 sends of f without a conversion, paused until "),
+            "{records:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 1);
+    }
+
     /// A worker claimed the push, began sending it and died before
     /// recording it (it may have reached the customer). After the restart
     /// the email, decided first, is held back by the cap of one: the push
