@@ -262,9 +262,8 @@ fn main() {
     // would make the figure depend on the time of day in Sydney.
     let policy = PolicyConfig {
         quiet_hours: nudge::config::QuietHours {
-            start: None,
-            end: None,
-            channels: vec![],
+            channels: Default::default(),
+            legacy: None,
         },
         ..PolicyConfig::default()
     };

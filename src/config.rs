@@ -11,6 +11,10 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
 use crate::model::ChannelKind;
+pub use crate::policy::settings::{
+    BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, QuietHours, Window,
+    WindowSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -264,9 +268,14 @@ pub struct PolicyConfig {
     /// Used when a customer's time zone is unknown (IANA name).
     #[serde(deserialize_with = "timezone")]
     pub default_timezone: Tz,
+    /// Quiet hours per channel (`[policy.quiet_hours.push]`); the old
+    /// single window (`start`, `end`, `channels`) still loads, deprecated.
     pub quiet_hours: QuietHours,
-    /// Messages sent to one customer across all journeys per rolling window.
-    pub max_per_customer: u32,
+    /// Deprecated: one cap on everything, `max_per_customer` within
+    /// `cap_window` (rounded up to calendar days). Use `policy.caps`.
+    pub max_per_customer: Option<u32>,
+    /// Deprecated with `max_per_customer`; still the window of the rules'
+    /// count of recent contacts.
     #[serde(deserialize_with = "duration")]
     pub cap_window: Duration,
     /// Kill switches: journeys and channels whose steps are suppressed.
@@ -278,6 +287,21 @@ pub struct PolicyConfig {
     /// its conversion (so marketing sees whether the outreach worked).
     #[serde(deserialize_with = "duration")]
     pub attribution_window: Duration,
+    // -- calendar: caps, fatigue, business hours, holidays --
+    /// Frequency caps by category and channel, per calendar days in the
+    /// customer's time zone. Unset: 4 messages a day (or the deprecated
+    /// `max_per_customer`); `[]`: no cap.
+    pub caps: Option<Vec<Cap>>,
+    /// Fatigue for journeys that do not set their own; unset: off.
+    pub fatigue: Option<Fatigue>,
+    /// Channels bound to opening hours; default call tasks Mon-Fri 09:00-17:00.
+    pub business_hours: BusinessHoursByChannel,
+    /// Public holiday calendar (TOML); unset: the shipped Australian one.
+    pub holidays: Option<PathBuf>,
+    /// Region (ISO 3166-2 or a country) of customers whose region is unknown.
+    pub default_region: String,
+    /// Steps held on public holidays besides business-hours channels.
+    pub holiday_hold: HolidayHold,
 }
 
 impl Default for PolicyConfig {
@@ -285,35 +309,59 @@ impl Default for PolicyConfig {
         Self {
             default_timezone: chrono_tz::Australia::Sydney,
             quiet_hours: QuietHours::default(),
-            max_per_customer: 4,
+            max_per_customer: None,
             cap_window: Duration::from_secs(24 * 3600),
             disabled_journeys: vec![],
             disabled_channels: vec![],
             shadow_journeys: vec![],
             attribution_window: Duration::from_secs(30 * 24 * 3600),
+            caps: None,
+            fatigue: None,
+            business_hours: BusinessHoursByChannel::default(),
+            holidays: None,
+            default_region: "AU".into(),
+            holiday_hold: HolidayHold::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuietHours {
-    /// Local time ("HH:MM") when quiet hours start; empty (with `end`
-    /// empty too) turns them off.
-    #[serde(deserialize_with = "time_of_day")]
-    pub start: Option<TimeOfDay>,
-    #[serde(deserialize_with = "time_of_day")]
-    pub end: Option<TimeOfDay>,
-    /// Channels that wait for quiet hours to end.
-    pub channels: Vec<ChannelKind>,
-}
+impl PolicyConfig {
+    /// The caps in force: `policy.caps`, else the deprecated single cap,
+    /// else 4 messages a calendar day.
+    pub fn effective_caps(&self) -> Vec<Cap> {
+        if let Some(caps) = &self.caps {
+            return caps.clone();
+        }
+        let max = self.max_per_customer.unwrap_or(4);
+        if max == 0 {
+            return vec![];
+        }
+        let day = 24 * 3600;
+        let per = self.cap_window.as_secs().div_ceil(day).max(1);
+        vec![Cap {
+            category: None,
+            channel: None,
+            max,
+            per: u32::try_from(per).unwrap_or(u32::MAX),
+        }]
+    }
 
-impl Default for QuietHours {
-    fn default() -> Self {
-        Self {
-            start: Some(TimeOfDay::new(21, 0)),
-            end: Some(TimeOfDay::new(8, 0)),
-            channels: vec![ChannelKind::Push],
+    fn calendar_problems(&self, problems: &mut Vec<String>) {
+        self.quiet_hours.problems(problems);
+        if self.caps.is_some() && self.max_per_customer.is_some() {
+            problems.push(
+                "policy.max_per_customer: deprecated and replaced by policy.caps; set only policy.caps".into(),
+            );
+        }
+        if let Some(f) = &self.fatigue {
+            if f.after > 0 && f.pause.is_zero() {
+                problems.push("policy.fatigue.pause: must be longer than 0s".into());
+            }
+        }
+        if let Some(path) = &self.holidays {
+            if let Err(e) = crate::policy::holidays::Holidays::load(path) {
+                problems.push(e.to_string());
+            }
         }
     }
 }
@@ -602,16 +650,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        let qh = &self.policy.quiet_hours;
-        match (qh.start, qh.end) {
-            (Some(start), Some(end)) if start == end => problems.push(format!(
-                "policy.quiet_hours.end: equal to start ({start}); leave both empty to turn quiet hours off"
-            )),
-            (Some(_), None) | (None, Some(_)) => problems.push(
-                "policy.quiet_hours.start: set start and end, or leave both empty to turn quiet hours off".into(),
-            ),
-            _ => {}
-        }
+        self.policy.calendar_problems(&mut problems);
         self.store.problems(&mut problems);
         if self.scheduler.batch_size == 0 {
             problems.push("scheduler.batch_size: must be at least 1".into());
@@ -754,17 +793,6 @@ impl std::fmt::Display for TimeOfDay {
     }
 }
 
-/// "HH:MM", or empty for none.
-fn time_of_day<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TimeOfDay>, D::Error> {
-    let text = String::deserialize(d)?;
-    if text.is_empty() {
-        return Ok(None);
-    }
-    TimeOfDay::parse(&text)
-        .map(Some)
-        .ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a time like 21:00")))
-}
-
 fn timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Tz, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map_err(|_| {
@@ -879,10 +907,120 @@ mod tests {
     }
 
     #[test]
+    fn calendar_policy_keys_load_and_old_forms_keep_working() {
+        let c = load(
+            "[policy]\ncaps = [{ category = \"marketing\", max = 1, per = \"1d\" }, { channel = \"call_task\", max = 1, per = \"7d\" }]\nfatigue = { after = 3, pause = \"30d\" }\n[policy.quiet_hours.email]\nstart = \"20:00\"\nend = \"09:00\"\n[policy.business_hours.call_task]\ndays = [\"mon\", \"sat\"]\nstart = \"10:00\"\nend = \"14:00\"\n",
+            &[],
+        )
+        .unwrap();
+        let caps = c.policy.effective_caps();
+        assert_eq!(caps.len(), 2);
+        assert_eq!(
+            (caps[0].what(), caps[0].max, caps[0].per),
+            ("marketing".into(), 1, 1)
+        );
+        assert_eq!((caps[1].what(), caps[1].per), ("call_task".into(), 7));
+        assert_eq!(c.policy.fatigue.unwrap().after, 3);
+        assert_eq!(
+            c.policy
+                .quiet_hours
+                .window(ChannelKind::Email)
+                .unwrap()
+                .to_string(),
+            "20:00-09:00"
+        );
+        assert_eq!(
+            c.policy.quiet_hours.window(ChannelKind::Push),
+            None,
+            "a table per channel"
+        );
+        let hours = &c.policy.business_hours.0[&ChannelKind::CallTask];
+        assert_eq!(hours.describe(), "Mon,Sat 10:00-14:00");
+        // The deprecated single cap: one cap on everything, in calendar days.
+        let old = load(
+            "[policy]\nmax_per_customer = 2\ncap_window = \"36h\"\n",
+            &[],
+        )
+        .unwrap();
+        let caps = old.policy.effective_caps();
+        assert_eq!(
+            (caps[0].what(), caps[0].max, caps[0].per),
+            ("messages".into(), 2, 2)
+        );
+        assert!(load("[policy]\nmax_per_customer = 0\n", &[])
+            .unwrap()
+            .policy
+            .effective_caps()
+            .is_empty());
+        assert!(load("[policy]\ncaps = []\n", &[])
+            .unwrap()
+            .policy
+            .effective_caps()
+            .is_empty());
+        for (toml, says) in [
+            ("[policy]\nmax_per_customer = 2\ncaps = []\n", "policy.caps"),
+            (
+                "[policy]\ncaps = [{ max = 1, per = \"36h\" }]\n",
+                "whole number of days",
+            ),
+            (
+                "[policy]\ncaps = [{ max = 1, per = \"1d\", kind = \"x\" }]\n",
+                "kind",
+            ),
+            (
+                "[policy.quiet_hours.fax]\nstart = \"20:00\"\nend = \"09:00\"\n",
+                "policy.quiet_hours.fax",
+            ),
+            (
+                "[policy.quiet_hours.email]\nstart = \"20:00\"\n",
+                "policy.quiet_hours.email.start",
+            ),
+            (
+                "[policy.business_hours.call_task]\ndays = [\"someday\"]\n",
+                "policy.business_hours.call_task.days",
+            ),
+            (
+                "[policy.business_hours.call_task]\nstart = \"17:00\"\nend = \"09:00\"\n",
+                "policy.business_hours.call_task.end",
+            ),
+            (
+                "[policy]\nholidays = \"/nonexistent/h.toml\"\n",
+                "policy.holidays",
+            ),
+            ("[policy]\nfatigue = { after = 3 }\n", "pause"),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(says), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_deploy_examples_load() {
+        for file in [
+            "nudge.example.toml",
+            "nudge.local.toml",
+            "nudge.container.toml",
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy")
+                .join(file);
+            let loaded = Config::load_with_env(Some(&path), std::iter::empty::<(String, String)>());
+            if let Err(e) = &loaded {
+                // Secrets named by the examples may be absent here; the
+                // policy keys are what this checks.
+                assert!(!e.to_string().contains("policy."), "{file}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.scheduler.max_attempts, 10);
-        assert_eq!(c.policy.quiet_hours.start, Some(TimeOfDay::new(21, 0)));
+        let push = c.policy.quiet_hours.window(ChannelKind::Push).unwrap();
+        assert_eq!(push.start, TimeOfDay::new(21, 0));
+        assert_eq!(c.policy.quiet_hours.window(ChannelKind::Email), None);
+        assert_eq!(c.policy.effective_caps().len(), 1, "4 a day by default");
         assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Sydney);
     }
 
@@ -971,13 +1109,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Perth);
-        assert_eq!(c.policy.quiet_hours.start.unwrap().minutes(), 20 * 60 + 30);
-        assert_eq!(c.policy.quiet_hours.end.unwrap().to_string(), "07:05");
+        let push = c.policy.quiet_hours.window(ChannelKind::Push).unwrap();
+        assert_eq!(push.start.minutes(), 20 * 60 + 30);
+        assert_eq!(push.end.to_string(), "07:05");
         let off = load("[policy.quiet_hours]\nstart = \"\"\nend = \"\"\n", &[]).unwrap();
-        assert_eq!(
-            (off.policy.quiet_hours.start, off.policy.quiet_hours.end),
-            (None, None)
-        );
+        assert_eq!(off.policy.quiet_hours.window(ChannelKind::Push), None);
         for (toml, key, value) in [
             (
                 "[policy]\ndefault_timezone = \"Mars/Olympus\"\n",

@@ -23,6 +23,10 @@ pub struct CustomerContext {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub app_installed: bool,
+    /// ISO 3166-2 subdivision (e.g. `AU-VIC`): which public holidays apply.
+    /// Unknown: the country's national holidays only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     pub preferred_channel: Option<ChannelKind>,
     /// channel → category → granted. Unset means the default: service
     /// messages allowed, marketing not (opt-in).
@@ -33,12 +37,22 @@ pub struct CustomerContext {
     pub journeys: Vec<JourneySummary>,
     /// Messages sent to this customer recently, newest first.
     #[serde(skip)]
-    pub recent_sends: Vec<DateTime<Utc>>,
+    pub recent_sends: Vec<RecentSend>,
     /// Claimed steps whose send began and whose result is not recorded yet
-    /// (row, when it began): in flight, or delivered by a worker that died
+    /// (row, the send): in flight, or delivered by a worker that died
     /// before recording it. Read with `recent_sends`.
     #[serde(skip)]
-    pub possibly_sent: Vec<(i64, DateTime<Utc>)>,
+    pub possibly_sent: Vec<(i64, RecentSend)>,
+}
+
+/// One message sent (or possibly sent) to the customer: what the caps and
+/// fatigue count, by category and channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentSend {
+    pub at: DateTime<Utc>,
+    pub journey: String,
+    pub channel: ChannelKind,
+    pub category: Category,
 }
 
 /// One journey instance the customer is or was in.
@@ -115,6 +129,17 @@ impl CustomerContext {
                         .as_bool()
                         .ok_or_else(|| ContextError("app_installed must be a boolean".into()))?;
                 }
+                if let Some(v) = data.get("region") {
+                    let region = opt_string(v, "region")?;
+                    if let Some(r) = &region {
+                        if !is_subdivision(r) {
+                            return Err(ContextError(format!(
+                                "region `{r}` is not an ISO 3166-2 code like AU-VIC"
+                            )));
+                        }
+                    }
+                    self.region = region.map(|r| r.to_ascii_uppercase());
+                }
                 if let Some(v) = data.get("preferred_channel") {
                     self.preferred_channel = match opt_string(v, "preferred_channel")? {
                         None => None,
@@ -177,6 +202,17 @@ pub fn is_context_event(event_type: &str) -> bool {
     )
 }
 
+/// `CC-SUB`: a two-letter country, a dash, one to three letters or digits.
+fn is_subdivision(code: &str) -> bool {
+    let Some((country, sub)) = code.split_once('-') else {
+        return false;
+    };
+    country.len() == 2
+        && country.chars().all(|c| c.is_ascii_alphabetic())
+        && (1..=3).contains(&sub.len())
+        && sub.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
 fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
     match v {
         Value::Null => Ok(None),
@@ -233,6 +269,19 @@ mod tests {
         assert!(c.reachable(ChannelKind::Push) && c.reachable(ChannelKind::Email));
         assert!(!c.reachable(ChannelKind::CallTask));
         assert_eq!(c.timezone.as_deref(), Some("Australia/Perth"));
+        assert_eq!(c.region, None);
+        c.apply_update(&event(
+            CONTACT_UPDATED,
+            serde_json::json!({"region":"au-vic"}),
+        ))
+        .unwrap();
+        assert_eq!(c.region.as_deref(), Some("AU-VIC"));
+        assert!(c
+            .apply_update(&event(
+                CONTACT_UPDATED,
+                serde_json::json!({"region":"Victoria"})
+            ))
+            .is_err());
         assert!(c
             .apply_update(&event(
                 CONTACT_UPDATED,

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::clock::{span, Clock};
 use crate::config::SchedulerConfig;
-use crate::context::CustomerContext;
+use crate::context::{CustomerContext, RecentSend};
 use crate::dispatch::{Channels, DispatchError, Message, Withdrawal};
 use crate::model::{
     ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Outcome, Variables,
@@ -151,7 +151,7 @@ struct BatchContext {
 /// another channel's): the frequency cap counts these too. A send counted
 /// twice in the moment between its record and its removal here errs on the
 /// side of not sending.
-type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, DateTime<Utc>)>>>;
+type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, RecentSend)>>>;
 
 /// The claimed rows of one channel loop that are being decided or sent
 /// (`held`), and those settled since its last claim began (`settled`).
@@ -312,7 +312,7 @@ impl Scheduler {
         let in_flight = &in_flight;
         let claimer = async move {
             let lease = span(self.config.lease);
-            let window = span(self.policy.config().cap_window);
+            let window = self.policy.lookback(self.longest_fatigue_pause());
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) {
                 let now = self.clock.now();
@@ -534,8 +534,10 @@ impl Scheduler {
         // Conditions may look at everything; the policy only at recent sends,
         // and only when a frequency cap is set.
         let conditions = claimed.iter().any(|s| s.condition.is_some());
-        let capped = self.policy.config().max_per_customer > 0;
-        let sends_since = (conditions || capped).then_some(window_start);
+        let capped = !self.policy.caps().is_empty();
+        let tired = self.fatigue_possible(claimed);
+        let sends_since = (conditions || capped || tired).then_some(window_start);
+        let conditions = conditions || tired; // fatigue reads the conversions
         let (customers, histories) = self
             .store
             .call(move |store| {
@@ -776,10 +778,10 @@ impl Scheduler {
         // Sends this process has under way in other batches, and sends the
         // store knows began but were never recorded (a dead worker's,
         // perhaps delivered): each counted once, the step itself not at all.
-        let elsewhere: Vec<DateTime<Utc>> = in_flight
+        let elsewhere: Vec<RecentSend> = in_flight
             .iter()
             .filter(|(batch, _, _)| *batch != context.batch)
-            .map(|(_, _, at)| *at)
+            .map(|(_, _, send)| send.clone())
             .chain(
                 customer
                     .possibly_sent
@@ -787,17 +789,30 @@ impl Scheduler {
                     .filter(|(row, _)| {
                         *row != step.row && !in_flight.iter().any(|(_, r, _)| r == row)
                     })
-                    .map(|(_, at)| *at),
+                    .map(|(_, send)| send.clone()),
             )
             .collect();
-        let mut verdict = if elsewhere.is_empty() {
-            self.policy.check(step, &customer, lateness, now)
+        let seen = if elsewhere.is_empty() {
+            std::borrow::Cow::Borrowed(&*customer)
         } else {
             let mut seen = customer.clone();
             seen.recent_sends.extend(elsewhere);
-            seen.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
-            self.policy.check(step, &seen, lateness, now)
+            seen.recent_sends
+                .sort_unstable_by_key(|s| std::cmp::Reverse(s.at));
+            std::borrow::Cow::Owned(seen)
         };
+        let mut verdict = self.policy.check(step, &seen, lateness, now);
+        if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
+            if let Some(reason) = self.fatigue_refusal(step, &seen, now) {
+                verdict = match verdict {
+                    Verdict::Shadow(_) => {
+                        Verdict::Shadow(format!("shadow mode: would suppress ({reason})"))
+                    }
+                    _ => Verdict::Suppress(reason),
+                };
+            }
+        }
+        drop(seen);
         if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
             if let Some(reason) = self.condition_refusal(step, &customer) {
                 verdict = Verdict::Suppress(reason);
@@ -809,13 +824,19 @@ impl Scheduler {
             }
         }
         if verdict == Verdict::Send {
-            customer.recent_sends.insert(0, now);
+            let send = RecentSend {
+                at: now,
+                journey: step.journey.clone(),
+                channel: step.channel,
+                category: step.category,
+            };
+            customer.recent_sends.insert(0, send.clone());
             // Counted above as a send from now on, not as a possible one.
             customer.possibly_sent.retain(|(row, _)| *row != step.row);
             unrecorded.entry(step.customer.clone()).or_default().push((
                 context.batch,
                 step.row,
-                now,
+                send,
             ));
         }
         let address = match step.channel {
@@ -1006,6 +1027,40 @@ impl Scheduler {
 
     /// Runs the step's condition, if it has one; `Some(reason)` when it says
     /// no or fails.
+    /// Fatigue of the step's journey (its own `fatigue`, else the config's).
+    fn fatigue_refusal(
+        &self,
+        step: &DueStep,
+        customer: &CustomerContext,
+        now: DateTime<Utc>,
+    ) -> Option<String> {
+        let rules = self.rules.current();
+        let own = rules.journey(&step.journey).and_then(|j| j.fatigue);
+        self.policy.fatigue_refusal(own, step, customer, now)
+    }
+
+    /// The longest fatigue pause of any loaded journey (for how far back
+    /// sends are read).
+    fn longest_fatigue_pause(&self) -> Duration {
+        let rules = self.rules.current();
+        rules
+            .journeys()
+            .iter()
+            .filter_map(|j| self.policy.fatigue_for(j.fatigue))
+            .map(|f| f.pause)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Whether fatigue may pause any of the claimed steps.
+    fn fatigue_possible(&self, claimed: &[DueStep]) -> bool {
+        let rules = self.rules.current();
+        claimed.iter().any(|s| {
+            let own = rules.journey(&s.journey).and_then(|j| j.fatigue);
+            self.policy.fatigue_for(own).is_some()
+        })
+    }
+
     fn condition_refusal(&self, step: &DueStep, customer: &CustomerContext) -> Option<String> {
         let function = step.condition.as_deref()?;
         let rules = self.rules.current();
@@ -1166,11 +1221,10 @@ mod tests {
         )
         .unwrap();
         let policy = PolicyConfig {
-            max_per_customer: 1,
+            max_per_customer: Some(1),
             quiet_hours: crate::config::QuietHours {
-                start: None,
-                end: None,
-                channels: vec![],
+                channels: Default::default(),
+                legacy: None,
             },
             ..PolicyConfig::default()
         };
@@ -1236,11 +1290,10 @@ mod tests {
         rules: crate::rules::RuleSet,
     ) -> Scheduler {
         let policy = PolicyConfig {
-            max_per_customer: cap,
+            max_per_customer: Some(cap),
             quiet_hours: crate::config::QuietHours {
-                start: None,
-                end: None,
-                channels: vec![],
+                channels: Default::default(),
+                legacy: None,
             },
             ..PolicyConfig::default()
         };
@@ -1276,6 +1329,152 @@ mod tests {
             open: tokio::sync::Semaphore::new(1000),
             sent: Mutex::default(),
         })
+    }
+
+    /// The daemon loop on a virtual clock: a call task for a Perth customer
+    /// falls due on Saturday morning, is deferred (not dropped, not expired)
+    /// to Monday 09:00 local, waits through the weekend, and goes when the
+    /// clock reaches the open slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_task_due_out_of_hours_is_sent_at_the_next_open_slot() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        let saturday = at("2026-03-14T10:00:00+08:00");
+        let monday = at("2026-03-16T09:00:00+08:00");
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.phone = Some("+61400000000".into());
+        customer.timezone = Some("Australia/Perth".into());
+        customer.region = Some("AU-WA".into());
+        tx.save_customer(&customer, saturday).unwrap();
+        tx.start_instance(
+            &instance("a", saturday),
+            &[step(ChannelKind::CallTask, saturday)],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+
+        let clock = crate::clock::VirtualClock::new(saturday);
+        let gate = open_gate();
+        let scheduler = Arc::new(Scheduler::new(
+            store.clone(),
+            RulesHandle::new(
+                crate::rules::load_dir(
+                    &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+                    &crate::rules::Limits::default(),
+                )
+                .unwrap(),
+            ),
+            Channels::all(gate.clone()),
+            Arc::new(clock.clone()),
+            Policy::new(PolicyConfig::default()),
+            SchedulerConfig::default(),
+            HashMap::from([(ChannelKind::CallTask, Duration::from_secs(3600))]),
+        ));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let log = |n: usize| loop {
+            let log = store.log_after(0, 10).unwrap();
+            if log.len() >= n {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "{log:?}");
+            std::thread::yield_now();
+        };
+        let deferred = log(1);
+        assert_eq!(deferred[0].outcome, Outcome::Deferred, "{deferred:?}");
+        assert_eq!(
+            deferred[0].reason,
+            "outside business hours Mon-Fri 09:00-17:00 in Australia/Perth; until 2026-03-16T01:00:00Z"
+        );
+        assert_eq!(store.next_due(None).unwrap(), Some(monday));
+        assert!(gate.sent.lock().unwrap().is_empty());
+        // Sunday: still closed, and far past the hour's lateness bound of
+        // the planned time; the step is neither sent nor expired.
+        clock.advance_to(at("2026-03-15T12:00:00+08:00"));
+        clock.advance_to(monday);
+        let records = log(2);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(
+            (records[1].outcome, records[1].time),
+            (Outcome::Sent, monday),
+            "{records:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 1);
+        stop_tx.send(true).unwrap();
+        daemon.await.unwrap();
+    }
+
+    /// Fatigue through the dispatch path: two earlier sends of journey `f`
+    /// (its script says `fatigue: #{ after: 2, pause: "30d" }`) brought no
+    /// conversion, so its next push is suppressed with a `fatigue` reason;
+    /// the same push of a journey without fatigue goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatigued_journey_is_suppressed_when_its_step_falls_due() {
+        let now = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let script = |name: &str, fatigue: &str| {
+            (
+                std::path::PathBuf::from(format!("{name}.rhai")),
+                format!(
+                    "fn journey() {{ #{{ name: \"{name}\", category: \"service\", triggers: [\"x.y\"], {fatigue}
+                     steps: [ #{{ id: \"push\", channel: \"push\", template: \"t\", delay: \"0s\" }} ] }} }}
+                     fn decide(event, customer) {{ start() }}"
+                ),
+            )
+        };
+        let rules = crate::rules::load_sources(
+            vec![
+                script("f", "fatigue: #{ after: 2, pause: \"30d\" },"),
+                script("g", ""),
+            ],
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        for journey in ["f", "g"] {
+            for days in [3, 2] {
+                let subject = crate::model::StepRef {
+                    customer: "c1",
+                    journey,
+                    instance: "earlier",
+                    step: "push",
+                    channel: "push",
+                    template: "t",
+                    rule_hash: "h",
+                };
+                tx.append_log(&LogRecord::about(
+                    subject,
+                    now - chrono::Duration::days(days),
+                    Outcome::Sent,
+                    "ok",
+                ))
+                .unwrap();
+            }
+            tx.start_instance(&instance(journey, now), &[step(ChannelKind::Push, now)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        let gate = open_gate();
+        let scheduler = scheduler_with(&store, gate.clone(), 0, rules);
+        let records = scheduler.run_due().await.unwrap();
+        let by_journey: HashMap<&str, &LogRecord> =
+            records.iter().map(|r| (r.journey.as_str(), r)).collect();
+        assert_eq!(by_journey["g"].outcome, Outcome::Sent, "{records:?}");
+        assert_eq!(by_journey["f"].outcome, Outcome::Suppressed, "{records:?}");
+        assert!(
+            by_journey["f"]
+                .reason
+                .starts_with("fatigue: 2 sends of f without a conversion, paused until "),
+            "{records:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 1);
     }
 
     /// A worker claimed the push, began sending it and died before

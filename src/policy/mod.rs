@@ -1,14 +1,28 @@
 //! Contact policy, checked when a step is due (not only when planned):
-//! lateness, kill switches, control groups, consent, reachability, quiet
-//! hours and frequency caps. A step that is not sent gets a reason.
+//! lateness, kill switches, control groups, consent, reachability, the
+//! calendar (quiet hours, business hours, public holidays), frequency caps
+//! and fatigue. A step that is not sent gets a reason.
+//!
+//! Calendar deferrals move the step (its lateness counts from the deferred
+//! time); for a channel with business hours the lateness bound counts from
+//! the first open slot at or after the planned time, so a call task planned
+//! for a closed hour is deferred, never expired for it.
 
-use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
+mod calendar;
+pub mod caps;
+mod fatigue;
+pub mod holidays;
+pub mod settings;
+
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
 use crate::clock::span;
 use crate::config::PolicyConfig;
 use crate::context::CustomerContext;
 use crate::model::{ChannelKind, DueStep, Mode};
+use holidays::Holidays;
+use settings::Cap;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -27,25 +41,54 @@ pub enum Verdict {
 pub struct Policy {
     config: PolicyConfig,
     default_tz: Tz,
-    quiet: Option<(u32, u32)>,
+    caps: Vec<Cap>,
+    holidays: Holidays,
 }
 
 impl Policy {
+    /// The holiday calendar is read from `policy.holidays` (checked when the
+    /// config loaded) or is the shipped one.
     pub fn new(config: PolicyConfig) -> Self {
-        let default_tz = config.default_timezone;
-        let quiet = match (config.quiet_hours.start, config.quiet_hours.end) {
-            (Some(s), Some(e)) if s != e => Some((s.minutes(), e.minutes())),
-            _ => None,
+        let holidays = match &config.holidays {
+            None => Holidays::shipped(),
+            Some(path) => Holidays::load(path).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "holiday calendar unreadable; no public holidays apply");
+                Holidays::default()
+            }),
         };
+        Self::with_holidays(config, holidays)
+    }
+
+    pub fn with_holidays(config: PolicyConfig, holidays: Holidays) -> Self {
         Self {
+            default_tz: config.default_timezone,
+            caps: config.effective_caps(),
+            holidays,
             config,
-            default_tz,
-            quiet,
         }
     }
 
     pub fn config(&self) -> &PolicyConfig {
         &self.config
+    }
+
+    /// The caps in force.
+    pub fn caps(&self) -> &[Cap] {
+        &self.caps
+    }
+
+    /// How far back the customer's sends must be read for the caps, fatigue
+    /// (`fatigue_pause`: the longest pause of any journey) and the rules.
+    pub fn lookback(&self, fatigue_pause: std::time::Duration) -> chrono::Duration {
+        let days = self.caps.iter().map(|c| c.per).max().unwrap_or(0);
+        // A calendar day starts up to 14 hours from UTC midnight: one more day covers it.
+        let caps = chrono::Duration::days(i64::from(days) + 1);
+        let pause = self
+            .config
+            .fatigue
+            .map_or(std::time::Duration::ZERO, |f| f.pause)
+            .max(fatigue_pause);
+        caps.max(span(self.config.cap_window)).max(span(pause * 2))
     }
 
     /// Decides what to do with a due step. `lateness` is the channel's bound.
@@ -56,7 +99,13 @@ impl Policy {
         lateness: std::time::Duration,
         now: DateTime<Utc>,
     ) -> Verdict {
-        let late_by = now - step.planned_at;
+        let mut reference = step.planned_at;
+        if self.config.business_hours.0.contains_key(&step.channel) {
+            if let Some((open, _)) = self.hold(step.channel, step.category, customer, reference) {
+                reference = open;
+            }
+        }
+        let late_by = now - reference;
         if late_by > span(lateness) {
             return Verdict::Expire(format!(
                 "due {} ago, past the {} lateness bound of {}",
@@ -111,35 +160,13 @@ impl Policy {
                 step.channel
             )));
         }
-        if self.config.quiet_hours.channels.contains(&step.channel) {
-            if let Some(until) = self.quiet_until(customer, now) {
-                return Some(Verdict::Defer {
-                    until,
-                    reason: format!(
-                        "quiet hours {} in {}",
-                        self.quiet_window(),
-                        self.zone(customer)
-                    ),
-                });
-            }
+        if let Some((until, reason)) = self.hold(step.channel, step.category, customer, now) {
+            return Some(Verdict::Defer { until, reason });
         }
-        let cap = self.config.max_per_customer as usize;
-        if cap > 0 && customer.recent_sends.len() >= cap {
-            return Some(Verdict::Suppress(format!(
-                "frequency cap: {cap} messages within {}",
-                crate::humanize::duration(self.config.cap_window)
-            )));
+        if let Err(hit) = self.caps_room(customer, step, now) {
+            return Some(Verdict::Suppress(hit.reason));
         }
         None
-    }
-
-    /// "21:00-08:00", as the config says.
-    fn quiet_window(&self) -> String {
-        let q = &self.config.quiet_hours;
-        match (q.start, q.end) {
-            (Some(s), Some(e)) => format!("{s}-{e}"),
-            _ => "off".into(),
-        }
     }
 
     fn zone(&self, customer: &CustomerContext) -> Tz {
@@ -150,41 +177,16 @@ impl Policy {
             .unwrap_or(self.default_tz)
     }
 
-    /// When quiet hours are on for the customer now, the instant they end.
+    /// When quiet hours of `channel` are on for the customer now, the
+    /// instant they end.
     pub fn quiet_until(
         &self,
         customer: &CustomerContext,
+        channel: ChannelKind,
         now: DateTime<Utc>,
     ) -> Option<DateTime<Utc>> {
-        let (start, end) = self.quiet?;
-        let tz = self.zone(customer);
-        let local = now.with_timezone(&tz);
-        let minute = {
-            use chrono::Timelike;
-            local.hour() * 60 + local.minute()
-        };
-        let quiet = if start < end {
-            minute >= start && minute < end
-        } else {
-            minute >= start || minute < end
-        };
-        if !quiet {
-            return None;
-        }
-        let end_time = NaiveTime::from_hms_opt(end / 60, end % 60, 0)?;
-        let mut day = local.date_naive();
-        if minute >= end {
-            day = day.succ_opt()?;
-        }
-        // On a DST gap, take the earliest valid instant after the end time.
-        let end_local = tz
-            .from_local_datetime(&day.and_time(end_time))
-            .earliest()
-            .or_else(|| {
-                tz.from_local_datetime(&day.and_time(end_time + Duration::hours(1)))
-                    .earliest()
-            })?;
-        Some(end_local.with_timezone(&Utc))
+        let window = self.config.quiet_hours.window(channel)?;
+        calendar::window_end(window, self.zone(customer), now)
     }
 }
 
@@ -192,6 +194,7 @@ impl Policy {
 mod tests {
     use super::*;
     use crate::model::{Category, InstanceStatus};
+    use chrono::Duration;
 
     fn step(channel: ChannelKind, category: Category, planned: DateTime<Utc>) -> DueStep {
         DueStep {
@@ -259,7 +262,7 @@ mod tests {
         // Just after midnight the end is the same local day.
         let after_midnight = at("2026-01-10T14:00:00Z"); // 01:00 local
         assert_eq!(
-            p.quiet_until(&reachable(), after_midnight),
+            p.quiet_until(&reachable(), ChannelKind::Push, after_midnight),
             Some(at("2026-01-10T21:00:00Z"))
         );
     }
@@ -276,7 +279,15 @@ mod tests {
             matches!(p.check(&step(ChannelKind::CallTask, Category::Service, now), &c, HOUR, now), Verdict::Suppress(r) if r.contains("no phone"))
         );
         let mut busy = c.clone();
-        busy.recent_sends = vec![now; 4];
+        busy.recent_sends = vec![
+            crate::context::RecentSend {
+                at: now,
+                journey: "j".into(),
+                channel: ChannelKind::Email,
+                category: Category::Service,
+            };
+            4
+        ];
         assert!(
             matches!(p.check(&step(ChannelKind::Push, Category::Service, now), &busy, HOUR, now), Verdict::Suppress(r) if r.contains("frequency cap"))
         );

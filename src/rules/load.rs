@@ -12,6 +12,7 @@ use rhai::{Dynamic, Engine, Scope};
 use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
+use crate::policy::settings::Fatigue;
 
 /// Every key `fn journey()`'s map may have; any other is refused with its
 /// file and line (a typo would otherwise be a silently ignored setting).
@@ -29,6 +30,7 @@ pub const JOURNEY_FIELDS: &[&str] = &[
     "holdout",
     "pilot",
     "shadow",
+    "fatigue",
 ];
 
 /// Every key a step's map may have (the same rule as [`JOURNEY_FIELDS`]).
@@ -453,6 +455,14 @@ fn compile_one(
             false
         }
     };
+    let fatigue = fatigue_field(&meta).unwrap_or_else(|e| {
+        at(
+            "fatigue",
+            format!("fatigue: {e}"),
+            Some("e.g. fatigue: #{ after: 3, pause: \"30d\" } (after: 0 turns it off)"),
+        );
+        None
+    });
 
     if !problems.is_empty() {
         return Err(problems);
@@ -470,10 +480,40 @@ fn compile_one(
         holdout_percent,
         pilot_percent,
         shadow,
+        fatigue,
         file: path.to_path_buf(),
         hash: content_hash(text.as_bytes()),
         ast,
     })
+}
+
+/// `fatigue: #{ after: 3, pause: "30d" }`; absent: the config's default.
+fn fatigue_field(map: &rhai::Map) -> Result<Option<Fatigue>, String> {
+    let Some(value) = map.get("fatigue") else {
+        return Ok(None);
+    };
+    let table = value
+        .read_lock::<rhai::Map>()
+        .ok_or("must be a map like #{ after: 3, pause: \"30d\" }")?
+        .clone();
+    for k in table.keys() {
+        if !["after", "pause"].contains(&k.as_str()) {
+            return Err(format!("unknown field `{k}` (fields are after, pause)"));
+        }
+    }
+    let after = match table.get("after").map(|v| v.as_int()) {
+        Some(Ok(n)) if (0..=1000).contains(&n) => n as u32,
+        _ => return Err("after must be a whole number of sends, 0..=1000".into()),
+    };
+    let pause = match string_field(&table, "pause") {
+        Some(t) => parse_delay(&t).map_err(|e| format!("pause: {e}"))?,
+        None if after == 0 => Duration::ZERO,
+        None => return Err("pause is required, e.g. \"30d\"".into()),
+    };
+    if after > 0 && pause.is_zero() {
+        return Err("pause must be longer than 0s".into());
+    }
+    Ok(Some(Fatigue { after, pause }))
 }
 
 fn string_field(map: &rhai::Map, key: &str) -> Option<String> {
@@ -565,5 +605,44 @@ mod tests {
         .unwrap_err();
         let at: Vec<(usize, usize)> = err.problems.iter().map(|p| (p.line, p.column)).collect();
         assert_eq!(at, vec![(6, 39), (6, 68)], "{err}");
+    }
+
+    #[test]
+    fn fatigue_is_read_and_a_bad_one_is_refused_at_its_line() {
+        let script = |fatigue: &str| {
+            format!(
+                "fn journey() {{\n    #{{\n        name: \"f\",\n        category: \"marketing\",\n        triggers: [\"x.y\"],\n        steps: [ #{{ id: \"a\", channel: \"push\", template: \"t\", delay: \"0s\" }} ],\n        {fatigue}\n    }}\n}}\nfn decide(event, customer) {{ start() }}\n"
+            )
+        };
+        let load =
+            |text: String| load_sources(vec![(PathBuf::from("f.rhai"), text)], &Limits::default());
+        let rules = load(script("fatigue: #{ after: 3, pause: \"30d\" },")).unwrap();
+        assert_eq!(
+            rules.journey("f").unwrap().fatigue,
+            Some(Fatigue {
+                after: 3,
+                pause: Duration::from_secs(30 * 86400)
+            })
+        );
+        let rules = load(script("")).unwrap();
+        assert_eq!(
+            rules.journey("f").unwrap().fatigue,
+            None,
+            "the config's default"
+        );
+        for (bad, says) in [
+            ("fatigue: #{ after: 3 },", "pause is required"),
+            ("fatigue: #{ after: -1, pause: \"30d\" },", "after must be"),
+            (
+                "fatigue: #{ after: 3, pause: \"30d\", every: 1 },",
+                "unknown field `every`",
+            ),
+            ("fatigue: 3,", "must be a map"),
+        ] {
+            let err = load(script(bad)).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].line, 7, "{bad}: {err}");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 }

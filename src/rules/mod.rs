@@ -71,6 +71,9 @@ pub struct Journey {
     pub pilot_percent: u8,
     /// Decide and log, never send.
     pub shadow: bool,
+    /// Pause after this many sends without a conversion (`fatigue` key);
+    /// `None`: `policy.fatigue`.
+    pub fatigue: Option<crate::policy::settings::Fatigue>,
     pub file: PathBuf,
     /// Content hash of the script file (recorded with every decision).
     pub hash: String,

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use super::*;
+use crate::context::RecentSend;
 use crate::model::{Outcome, StepRef};
 use chrono::Duration;
 
@@ -687,8 +688,10 @@ pub fn customers_and_histories_come_back_in_the_order_asked(store: &dyn Store) {
     tx.save_customer(&c1, t0()).unwrap();
     tx.start_instance(&instance("i1", "c1", "a1"), &steps())
         .unwrap();
-    tx.start_instance(&instance("i2", "c2", "a1"), &steps())
-        .unwrap();
+    // A marketing instance: each send comes back with its category.
+    let mut marketing = instance("i2", "c2", "a1");
+    marketing.category = Category::Marketing;
+    tx.start_instance(&marketing, &steps()).unwrap();
     for (minutes, customer, instance, template, outcome) in [
         (1, "c1", "i1", "t_push", Outcome::Sent),
         (2, "c2", "i2", "t_push", Outcome::Sent),
@@ -715,13 +718,31 @@ pub fn customers_and_histories_come_back_in_the_order_asked(store: &dyn Store) {
     let got_ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(got_ids, ["c2", "c1", "nobody", "c1"]);
     assert_eq!(got[1].email.as_deref(), Some("c1@example.com"));
+    let times = |sends: &[RecentSend]| sends.iter().map(|s| s.at).collect::<Vec<_>>();
     assert_eq!(
-        got[1].recent_sends,
+        times(&got[1].recent_sends),
         [t0() + Duration::minutes(4), t0() + Duration::minutes(1)],
         "sends only, newest first"
     );
+    assert_eq!(
+        got[1].recent_sends[0],
+        RecentSend {
+            at: t0() + Duration::minutes(4),
+            journey: "unsigned_loan".into(),
+            channel: ChannelKind::Email,
+            category: Category::Service,
+        },
+        "each send with its journey, channel and category"
+    );
     assert_eq!(got[3].recent_sends, got[1].recent_sends);
     assert_eq!(got[0].recent_sends.len(), 1);
+    assert_eq!(
+        (
+            got[0].recent_sends[0].channel,
+            got[0].recent_sends[0].category
+        ),
+        (ChannelKind::Push, Category::Marketing)
+    );
     assert!(got[2].recent_sends.is_empty() && got[2].journeys.is_empty());
     assert_eq!(got[1].journeys.len(), 1);
     assert_eq!(got[1].journeys[0].status, InstanceStatus::Open);
@@ -729,7 +750,10 @@ pub fn customers_and_histories_come_back_in_the_order_asked(store: &dyn Store) {
     let window = store
         .customers(&ids[1..2], Some(t0() + Duration::minutes(2)), false)
         .unwrap();
-    assert_eq!(window[0].recent_sends, [t0() + Duration::minutes(4)]);
+    assert_eq!(
+        times(&window[0].recent_sends),
+        [t0() + Duration::minutes(4)]
+    );
     assert!(window[0].journeys.is_empty(), "journeys not asked for");
     let none = store.customers(&ids[1..2], None, false).unwrap();
     assert!(none[0].recent_sends.is_empty(), "sends not asked for");
@@ -1010,9 +1034,25 @@ pub fn sends_begun_count_until_settled(store: &dyn Store) {
             .customers(&ids, Some(window), false)
             .unwrap()
             .into_iter()
-            .map(|c| c.possibly_sent)
+            .map(|c| {
+                c.possibly_sent
+                    .into_iter()
+                    .map(|(row, send)| (row, send.at))
+                    .collect::<Vec<_>>()
+            })
             .collect::<Vec<_>>()
     };
+    let begun = &store.customers(&ids, Some(t0()), false).unwrap()[0].possibly_sent;
+    assert_eq!(
+        begun[0].1,
+        RecentSend {
+            at: began,
+            journey: "unsigned_loan".into(),
+            channel: ChannelKind::Push,
+            category: Category::Service,
+        },
+        "a send begun counts by its journey, channel and category too"
+    );
     assert_eq!(
         read(t0()),
         [vec![(c1.row, began)], vec![(c2.row, began)], vec![]]

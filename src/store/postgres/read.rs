@@ -7,7 +7,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use postgres::Row;
 
 use super::conn::PgConn;
-use crate::context::{CustomerContext, JourneySummary};
+use crate::context::{CustomerContext, JourneySummary, RecentSend};
 use crate::model::{HistoryEntry, LogRecord};
 use crate::store::StoreError;
 
@@ -25,18 +25,38 @@ const JOURNEYS: &str = "SELECT u.id, i.journey, i.key, i.status, i.started_at, i
          WHERE customer = u.id ORDER BY started_at DESC LIMIT 100) AS i";
 
 /// Sends to the customers `$1` since `$2`.
-const RECENT_SENDS: &str = "SELECT customer, time FROM dispatch_log
-     WHERE customer = ANY($1::text[]) AND outcome = 'sent' AND time >= $2";
+const RECENT_SENDS: &str = "SELECT d.customer, d.time, d.journey, d.channel,
+         coalesce(i.category, 'service')
+     FROM dispatch_log AS d LEFT JOIN instances AS i ON i.id = d.instance
+     WHERE d.customer = ANY($1::text[]) AND d.outcome = 'sent' AND d.time >= $2";
 
 /// Steps of the customers `$1` whose send began at or after `$2` and whose
 /// result is not recorded (the partial index holds only those).
-const POSSIBLY_SENT: &str = "SELECT customer, id, sending_at FROM steps
-     WHERE customer = ANY($1::text[]) AND sending_at IS NOT NULL AND sending_at >= $2
-       AND status IN ('pending', 'claimed')";
+const POSSIBLY_SENT: &str =
+    "SELECT s.customer, s.id, s.sending_at, i.journey, s.channel, i.category
+     FROM steps AS s JOIN instances AS i ON i.id = s.instance_id
+     WHERE s.customer = ANY($1::text[]) AND s.sending_at IS NOT NULL AND s.sending_at >= $2
+       AND s.status IN ('pending', 'claimed')";
 
 /// Sent steps of the instances `$1`, in log order.
 const HISTORIES: &str = "SELECT instance, step, channel, template, time FROM dispatch_log
      WHERE instance = ANY($1::text[]) AND outcome = 'sent' ORDER BY seq";
+
+/// A send from the columns `at`, then journey, channel and category.
+fn recent_send(r: &Row, at: usize) -> Result<RecentSend, StoreError> {
+    Ok(RecentSend {
+        at: r.try_get(at)?,
+        journey: r.try_get(at + 1)?,
+        channel: r
+            .try_get::<_, &str>(at + 2)?
+            .parse()
+            .map_err(StoreError::Corrupt)?,
+        category: r
+            .try_get::<_, &str>(at + 3)?
+            .parse()
+            .map_err(StoreError::Corrupt)?,
+    })
+}
 
 /// Where each distinct key occurs in `keys` (a key may be asked for twice).
 fn positions(keys: &[String]) -> HashMap<&str, Vec<usize>> {
@@ -103,19 +123,21 @@ pub(super) fn customers(
     }
     if let Some(window_start) = sends_since {
         for r in conn.query(RECENT_SENDS, &[&distinct, &window_start])? {
-            let time: DateTime<Utc> = r.try_get(1)?;
+            let send = recent_send(&r, 1)?;
             for &i in &position[r.try_get::<_, &str>(0)?] {
-                out[i].recent_sends.push(time);
+                out[i].recent_sends.push(send.clone());
             }
         }
         for r in conn.query(POSSIBLY_SENT, &[&distinct, &window_start])? {
-            let began: DateTime<Utc> = r.try_get(2)?;
+            let send = recent_send(&r, 2)?;
             for &i in &position[r.try_get::<_, &str>(0)?] {
-                out[i].possibly_sent.push((r.try_get(1)?, began));
+                out[i].possibly_sent.push((r.try_get(1)?, send.clone()));
             }
         }
         for customer in &mut out {
-            customer.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
+            customer
+                .recent_sends
+                .sort_unstable_by_key(|s| std::cmp::Reverse(s.at));
         }
     }
     Ok(out)

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection};
 
 use super::{from_ms, load_journeys, ms, text};
-use crate::context::CustomerContext;
+use crate::context::{CustomerContext, RecentSend};
 use crate::model::HistoryEntry;
 use crate::store::StoreError;
 
@@ -28,12 +28,15 @@ pub(super) const CUSTOMER_CONTEXTS: &str =
 /// review's indexes on the log the planner, without statistics, walked
 /// `(outcome, time)` for every customer of a batch (20x the cost of a send).
 pub(super) const RECENT_SENDS: &str =
-    "SELECT a.value, d.time FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d INDEXED BY dispatch_log_sends
-     ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2";
+    "SELECT a.value, d.time, d.journey, d.channel, coalesce(i.category, 'service')
+     FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d INDEXED BY dispatch_log_sends
+     ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2
+     LEFT JOIN instances AS i ON i.id = d.instance";
 
 /// Steps of the customers `?1` whose send began at or after `?2` and whose
 /// result is not recorded, found through each customer's instances.
-pub(super) const POSSIBLY_SENT: &str = "SELECT a.value, s.rowid, s.sending_at
+pub(super) const POSSIBLY_SENT: &str =
+    "SELECT a.value, s.rowid, s.sending_at, i.journey, s.channel, i.category
      FROM rarray(?1) AS a
      CROSS JOIN instances AS i INDEXED BY instances_by_customer ON i.customer = a.value
      CROSS JOIN steps AS s INDEXED BY steps_key ON s.instance_id = i.id
@@ -44,6 +47,16 @@ pub(super) const POSSIBLY_SENT: &str = "SELECT a.value, s.rowid, s.sending_at
 pub(super) const HISTORIES: &str = "SELECT a.value, d.seq, d.step, d.channel, d.template, d.time
      FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d INDEXED BY dispatch_log_instance
      ON d.instance = a.value AND d.outcome = 'sent'";
+
+/// A send from the columns `at`, then journey, channel and category.
+pub(super) fn recent_send(r: &rusqlite::Row<'_>, at: usize) -> Result<RecentSend, StoreError> {
+    Ok(RecentSend {
+        at: from_ms(r.get(at)?),
+        journey: r.get(at + 1)?,
+        channel: text(r, at + 2)?.parse().map_err(StoreError::Corrupt)?,
+        category: text(r, at + 3)?.parse().map_err(StoreError::Corrupt)?,
+    })
+}
 
 /// Keys bound as one `rarray(?)` parameter.
 pub(super) fn text_array<'a>(keys: impl Iterator<Item = &'a str>) -> rusqlite::vtab::array::Array {
@@ -107,18 +120,20 @@ pub(super) fn customers(
         let mut rows = stmt.query(params![distinct, ms(window_start)])?;
         while let Some(r) = rows.next()? {
             for &i in &position[text(r, 0)?] {
-                out[i].recent_sends.push(from_ms(r.get(1)?));
+                out[i].recent_sends.push(recent_send(r, 1)?);
             }
         }
         let mut stmt = conn.prepare_cached(POSSIBLY_SENT)?;
         let mut rows = stmt.query(params![distinct, ms(window_start)])?;
         while let Some(r) = rows.next()? {
             for &i in &position[text(r, 0)?] {
-                out[i].possibly_sent.push((r.get(1)?, from_ms(r.get(2)?)));
+                out[i].possibly_sent.push((r.get(1)?, recent_send(r, 2)?));
             }
         }
         for customer in &mut out {
-            customer.recent_sends.sort_unstable_by(|a, b| b.cmp(a));
+            customer
+                .recent_sends
+                .sort_unstable_by_key(|s| std::cmp::Reverse(s.at));
         }
     }
     Ok(out)

@@ -184,11 +184,14 @@ fn load_customer_parts(
     }
     if let Some(window_start) = sends_since {
         let mut stmt = conn.prepare_cached(
-            "SELECT time FROM dispatch_log WHERE customer = ?1 AND outcome = 'sent' AND time >= ?2 ORDER BY time DESC",
+            "SELECT d.time, d.journey, d.channel, coalesce(i.category, 'service')
+             FROM dispatch_log AS d LEFT JOIN instances AS i ON i.id = d.instance
+             WHERE d.customer = ?1 AND d.outcome = 'sent' AND d.time >= ?2 ORDER BY d.time DESC",
         )?;
-        customer.recent_sends = stmt
-            .query_map(params![id, ms(window_start)], |r| Ok(from_ms(r.get(0)?)))?
-            .collect::<Result<_, _>>()?;
+        let mut rows = stmt.query(params![id, ms(window_start)])?;
+        while let Some(r) = rows.next()? {
+            customer.recent_sends.push(batch::recent_send(r, 0)?);
+        }
     }
     Ok(customer)
 }
