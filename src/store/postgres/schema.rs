@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     V2_SEND_INTENTS,
     V3_DEAD_LETTER_HEADERS_AND_RETRIES,
     V4_REVIEW_INDEXES,
+    V5_AUDIT_OUTBOX,
 ];
 
 /// The schema version this binary writes.
@@ -227,4 +228,35 @@ CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time, seq);
 CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time, seq);
 CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time, seq);
 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";
+
+/// Version 5 (audit stream): the outbox of dispatch-log records to publish
+/// to `audit.topic`, filled by a statement trigger in the transaction that
+/// writes the records (one insert per statement, however many rows a batch
+/// writes) while `audit_stream.enabled` is set (the daemon sets it from its
+/// config at start); the publisher deletes a row once the broker
+/// acknowledged it. `holder`/`lease_until`: one replica publishes at a
+/// time, so per-customer order holds.
+const V5_AUDIT_OUTBOX: &str = "
+CREATE TABLE audit_outbox (
+    seq bigint PRIMARY KEY,
+    customer text NOT NULL
+);
+CREATE TABLE audit_stream (
+    id integer PRIMARY KEY CHECK (id = 1),
+    enabled boolean NOT NULL,
+    holder text,
+    lease_until timestamptz
+);
+INSERT INTO audit_stream (id, enabled) VALUES (1, false);
+CREATE FUNCTION dispatch_log_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT enabled FROM audit_stream WHERE id = 1) THEN
+        INSERT INTO audit_outbox (seq, customer) SELECT seq, customer FROM new_rows;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER dispatch_log_audit AFTER INSERT ON dispatch_log
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dispatch_log_audit();
 ";
