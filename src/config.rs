@@ -42,6 +42,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub audit: AuditConfig,
 }
 
 /// SQLite's own page cache size (`store.cache_mb`'s default). A 64 MiB cache
@@ -611,6 +612,16 @@ impl Default for LogConfig {
     }
 }
 
+/// The audit stream: the dispatch log published to Kafka for a warehouse.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Topic that receives every dispatch-log record as JSON, keyed by
+    /// customer id, through an outbox in the store (on the `kafka.brokers`
+    /// cluster). Unset: no stream, no outbox.
+    pub topic: Option<String>,
+}
+
 impl Config {
     /// Loads the file (if given) and `NUDGE_SECTION__KEY` overrides, then validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -751,6 +762,13 @@ impl Config {
                 "admin.listen: `{}` is not an address like 127.0.0.1:9464",
                 self.admin.listen
             ));
+        }
+        if let Some(topic) = &self.audit.topic {
+            if topic.trim().is_empty() || self.kafka.topics.contains(topic) {
+                problems.push(format!(
+                    "audit.topic: `{topic}` must be a topic name other than the input topics"
+                ));
+            }
         }
         if problems.is_empty() {
             Ok(())

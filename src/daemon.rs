@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::sync::watch;
 
+use crate::audit_stream::AuditPublisher;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::dispatch::{Channels, HttpChannel};
@@ -124,6 +125,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
     let dlq_status = dlq.status();
+    let audit = match &config.audit.topic {
+        Some(topic) => Some(AuditPublisher::new(
+            &config.kafka,
+            topic,
+            store.clone(),
+            clock.clone(),
+        )?),
+        None => {
+            // Rows written while it was on would wait forever: stop adding.
+            store.set_audit_outbox(false)?;
+            None
+        }
+    };
+    let audit_status = audit
+        .as_ref()
+        .zip(config.audit.topic.clone())
+        .map(|(a, topic)| (topic, a.status()));
     let wake_scheduler = scheduler.clone();
     let ingest = KafkaIngest::new(
         &config.kafka,
@@ -148,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         rules: rules.clone(),
         dead_letters: dlq_status,
         tokens: Arc::new(tokens),
+        audit: audit_status,
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
@@ -169,6 +188,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let readiness = ingest.readiness();
     tasks.spawn("scheduler", scheduler.clone().run(stop_rx.clone()));
     tasks.spawn("dead-letter publisher", dlq.run(stop_rx.clone()));
+    if let Some(audit) = audit {
+        tasks.spawn("audit publisher", audit.run(stop_rx.clone()));
+    }
     tasks.spawn_fallible("ingest", ingest.run(stop_rx.clone()));
     spawn_reloader(
         config.rules.dir.clone(),

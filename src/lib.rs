@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_stream;
 pub mod clock;
 pub mod config;
 pub mod context;

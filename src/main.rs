@@ -132,6 +132,14 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = TextFormat::Text)]
         format: TextFormat,
+        /// Show contact addresses unmasked: needs the admin token
+        /// (`admin.auth.admin_token_env`/`_file`), presented with
+        /// `--token-file` or in NUDGE_ADMIN_TOKEN.
+        #[arg(long)]
+        unmask: bool,
+        /// File holding the admin token presented for `--unmask` (else NUDGE_ADMIN_TOKEN).
+        #[arg(long, requires = "unmask")]
+        token_file: Option<PathBuf>,
     },
     /// Per journey: started, each step sent, converted, why the rest was not
     /// sent, and the uplift against the control group (per script version too).
@@ -391,9 +399,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             customer,
             config,
             format,
+            unmask,
+            token_file,
         } => {
+            if unmask {
+                use nudge::review::unmask;
+                let loaded = Config::load(config.as_deref())?;
+                let token = unmask::presented(
+                    token_file.as_deref(),
+                    std::env::var(unmask::TOKEN_ENV).ok(),
+                )?;
+                unmask::authorize(&loaded.admin.auth, token.as_deref())?;
+            }
             let store = open_review(config)?;
-            let record = nudge::review::record::decision_record(&*store, &customer, false)?;
+            let record = nudge::review::record::decision_record(&*store, &customer, unmask)?;
             match format {
                 TextFormat::Text => print!("{}", nudge::review::record::to_text(&record)),
                 TextFormat::Json => println!("{}", serde_json::to_string_pretty(&record)?),

@@ -1688,11 +1688,10 @@ fn slow_check(customer, vars) {
         )
         .unwrap();
         let policy = PolicyConfig {
-            max_per_customer: 0,
+            max_per_customer: Some(0),
             quiet_hours: crate::config::QuietHours {
-                start: None,
-                end: None,
-                channels: vec![],
+                channels: Default::default(),
+                legacy: None,
             },
             ..PolicyConfig::default()
         };

@@ -14,6 +14,25 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(90);
 
+const ADMIN_TOKEN: &str = "review-cli-admin-token";
+
+/// `nudge explain --unmask` with `NUDGE_ADMIN_TOKEN` set to `env` (unset when `None`).
+fn explain_unmasked(args: &[&str], env: Option<&str>) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"));
+    cmd.args(args)
+        .current_dir(repo())
+        .env_remove("NUDGE_ADMIN_TOKEN");
+    if let Some(v) = env {
+        cmd.env("NUDGE_ADMIN_TOKEN", v);
+    }
+    let out = cmd.output().expect("run nudge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// Kafka records as (key, payload).
 type Records = Vec<(String, Vec<u8>)>;
 
@@ -48,7 +67,14 @@ fn examples_now() -> (Records, Records) {
 fn daemon_run(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Daemon) {
     let rt = runtime();
     let recv = Receiver::start(&rt);
-    let cfg = DaemonConfig::new(dir, &recv);
+    let mut cfg = DaemonConfig::new(dir, &recv);
+    // The admin token `explain --unmask` asks for.
+    let token = dir.join("admin-token");
+    std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+    cfg.extra = format!(
+        "[admin.auth]\nadmin_token_file = {:?}\n",
+        token.display().to_string()
+    );
     create_topic(&rt, &cfg.topic, 3);
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
@@ -280,6 +306,40 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     );
     assert!(text.contains("sent, template loan_unsigned_push"), "{text}");
     assert!(text.contains("not recorded"), "{text}");
+
+    // --unmask: only with the configured admin token, from a file or
+    // NUDGE_ADMIN_TOKEN; refused (nothing printed) otherwise.
+    let unmask = [
+        "explain", "c-1002", "--config", config, "--format", "json", "--unmask",
+    ];
+    for (env, why) in [
+        (None, "--token-file"),
+        (Some("wrong"), "not the admin token"),
+    ] {
+        let (code, out, err) = explain_unmasked(&unmask, env);
+        assert_ne!(code, 0, "{out}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains(why), "{err}");
+        assert!(!err.contains(ADMIN_TOKEN), "{err}");
+    }
+    let wrong_file = dir.path().join("wrong-token");
+    std::fs::write(&wrong_file, "nope").unwrap();
+    let wrong = wrong_file.to_str().unwrap();
+    let mut with_file = unmask.to_vec();
+    with_file.extend(["--token-file", wrong]);
+    let (code, _, err) = explain_unmasked(&with_file, Some(ADMIN_TOKEN));
+    assert_ne!(code, 0, "the file is what is presented: {err}");
+    let (code, out, err) = explain_unmasked(&unmask, Some(ADMIN_TOKEN));
+    assert_eq!(code, 0, "{err}");
+    let unmasked: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(unmasked["contact"]["email"], "bob@example.com");
+    assert_eq!(unmasked["contact"]["phone"], "+61400000002");
+    let right_file = dir.path().join("admin-token");
+    let mut with_file = unmask.to_vec();
+    with_file.extend(["--token-file", right_file.to_str().unwrap()]);
+    let (code, out, err) = explain_unmasked(&with_file, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bob@example.com"));
 
     // funnel: per journey, the store's counts.
     let report: Value =

@@ -169,7 +169,7 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Equal strings, in time that depends only on their lengths.
-fn constant_time_eq(a: &str, b: &str) -> bool {
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

@@ -32,6 +32,9 @@ pub struct AdminState {
     /// not stop events from being processed (and a restart would not help).
     pub dead_letters: Arc<DeadLetterStatus>,
     pub tokens: Arc<auth::Tokens>,
+    /// The audit stream (`audit.topic` and its publisher's status), when on;
+    /// reported like dead letters, not a readiness condition.
+    pub audit: Option<(String, Arc<crate::audit_stream::AuditStatus>)>,
 }
 
 /// How long a store probe may take before `/readyz` says the store is not answering.
@@ -148,6 +151,7 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
         "rules_version": rules.version,
         "journeys": rules.journeys().len(),
         "dead_letters": s.dead_letters.report(),
+        "audit": s.audit.as_ref().map(|(topic, status)| status.report(topic)),
     });
     let status = if ready {
         StatusCode::OK

@@ -15,6 +15,7 @@ pub mod log;
 pub mod record;
 #[cfg(test)]
 mod tests;
+pub mod unmask;
 
 use chrono::{DateTime, NaiveDate, Utc};
 

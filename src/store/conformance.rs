@@ -1547,6 +1547,93 @@ pub fn exits_plan_withdrawals_of_delivered_steps(store: &dyn Store) {
         .is_empty());
 }
 
+// Audit stream (`store::audit`).
+
+/// Log records written while the outbox is on (by the scheduler's batch and
+/// by an event's transaction) wait in it in log order until deleted; a
+/// rolled-back record leaves no row; nothing is queued while it is off;
+/// purged log records come back as `None` rather than vanishing.
+pub fn audit_outbox_follows_the_log_in_its_transaction(store: &dyn Store) {
+    let record = |c: &str, i: &str| push_record(t0(), c, i, "t", Outcome::Suppressed, "cap");
+    let mut tx = store.begin().unwrap();
+    tx.append_log(&record("c0", "i0")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(store.audit_backlog().unwrap(), 0, "off: nothing queued");
+
+    store.set_audit_outbox(true).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.append_log(&record("c1", "i1")).unwrap();
+    tx.append_log(&record("c2", "i2")).unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.append_log(&record("c9", "rolled back")).unwrap();
+    drop(tx);
+    start(store, &[("i3", "c3", "a1")], &steps()[..1]);
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    let written = store
+        .finish_steps(vec![settle(&claimed[0], t0(), Outcome::Sent)])
+        .unwrap();
+    assert_eq!(store.audit_backlog().unwrap(), 3);
+
+    let until = t0() + Duration::minutes(1);
+    let out = store.claim_audit_records(10, t0(), until).unwrap();
+    let customers: Vec<&str> = out.iter().map(|a| a.customer.as_str()).collect();
+    assert_eq!(customers, ["c1", "c2", "c3"]);
+    assert!(out.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(out[2].record.as_ref(), Some(&written[0]));
+    assert!(out
+        .iter()
+        .all(|a| a.record.as_ref().map(|r| r.seq) == Some(a.seq)));
+    assert_eq!(store.claim_audit_records(2, t0(), until).unwrap().len(), 2);
+
+    store
+        .delete_audit_records(&[out[0].seq, out[1].seq])
+        .unwrap();
+    assert_eq!(store.audit_backlog().unwrap(), 1);
+    let left = store.claim_audit_records(10, t0(), until).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, out[2].seq);
+
+    // An outage longer than retention: the record is gone, the row says so.
+    store.purge(t0() + Duration::days(1)).unwrap();
+    let left = store.claim_audit_records(10, t0(), until).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].record, None);
+    store.delete_audit_records(&[left[0].seq]).unwrap();
+
+    store.set_audit_outbox(false).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.append_log(&record("c4", "i4")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(store.audit_backlog().unwrap(), 0);
+}
+
+/// One publisher at a time: a second replica gets nothing until the
+/// first one's lease runs out, so one customer's records never race.
+pub fn audit_outbox_is_published_by_one_replica_at_a_time(a: &dyn Store, b: &dyn Store) {
+    a.set_audit_outbox(true).unwrap();
+    let mut tx = b.begin().unwrap();
+    tx.append_log(&push_record(t0(), "c1", "i1", "t", Outcome::Sent, ""))
+        .unwrap();
+    tx.commit().unwrap();
+    let until = t0() + Duration::seconds(30);
+    assert_eq!(a.claim_audit_records(10, t0(), until).unwrap().len(), 1);
+    assert!(b.claim_audit_records(10, t0(), until).unwrap().is_empty());
+    assert_eq!(
+        a.claim_audit_records(10, t0(), until).unwrap().len(),
+        1,
+        "renewed"
+    );
+    let later = until + Duration::seconds(1);
+    let taken = b
+        .claim_audit_records(10, later, later + Duration::seconds(30))
+        .unwrap();
+    assert_eq!(taken.len(), 1, "the lease ran out: taken over");
+    assert!(a.claim_audit_records(10, later, later).unwrap().is_empty());
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1574,7 +1661,8 @@ macro_rules! store_conformance {
             sends_begun_count_until_settled,
             prefetched_reads_follow_the_transactions_writes,
             concurrent_claimers_never_share_a_step,
-            exits_plan_withdrawals_of_delivered_steps
+            exits_plan_withdrawals_of_delivered_steps,
+            audit_outbox_follows_the_log_in_its_transaction
         );
     };
     ($make:expr, replicas: $pair:expr) => {
@@ -1584,7 +1672,8 @@ macro_rules! store_conformance {
             abandoned_claims_are_taken_over_after_the_lease,
             caps_hold_across_replicas,
             concurrent_replicas_never_share_a_step_or_a_customer,
-            a_dead_letter_is_published_by_one_replica
+            a_dead_letter_is_published_by_one_replica,
+            audit_outbox_is_published_by_one_replica_at_a_time
         );
     };
     (@each $make:expr; $($name:ident),+) => {

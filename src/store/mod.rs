@@ -14,6 +14,7 @@
 //! node, and PostgreSQL, shared by replicas. Errors say whether retrying
 //! can help ([`StoreError::is_transient`]).
 
+pub mod audit;
 #[cfg(test)]
 pub(crate) mod conformance;
 mod dead_letters;
@@ -32,6 +33,7 @@ use crate::context::CustomerContext;
 use crate::model::{Category, ChannelKind, DueStep, HistoryEntry, InstanceStatus, LogRecord, Mode};
 
 pub use self::postgres::PostgresStore;
+pub use audit::AuditRecord;
 pub use dead_letters::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, RecordHeader};
 pub use handle::AsyncStore;
 pub use sqlite::SqliteStore;
@@ -403,6 +405,29 @@ pub trait Store: Send + Sync {
 
     /// Counts steps by status (for metrics, tests and the benchmarks).
     fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    // Audit stream (`audit.topic`, see `store::audit`).
+
+    /// Turns the audit outbox on or off for every writer of this store:
+    /// while on, each dispatch-log record written gets an outbox row in
+    /// the same transaction.
+    fn set_audit_outbox(&self, enabled: bool) -> Result<(), StoreError>;
+
+    /// Takes (or renews) the one publisher's lease until `until` and returns
+    /// up to `limit` outbox rows, oldest first; none while another replica
+    /// holds a lease that has not run out at `now`.
+    fn claim_audit_records(
+        &self,
+        limit: usize,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Removes published rows from the outbox.
+    fn delete_audit_records(&self, seqs: &[i64]) -> Result<(), StoreError>;
+
+    /// Outbox rows waiting to be published.
+    fn audit_backlog(&self) -> Result<u64, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a

@@ -246,6 +246,30 @@ pub const RETENTION_ERRORS: Metric = Metric {
     labels: &[],
     help: "retention purges that failed; the next is an hour later",
 };
+pub const AUDIT_RECORDS_PUBLISHED: Metric = Metric {
+    name: "nudge_audit_records_published_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "dispatch-log records published to `audit.topic` and acknowledged",
+};
+pub const AUDIT_PUBLISH_ERRORS: Metric = Metric {
+    name: "nudge_audit_publish_errors_total",
+    kind: Kind::Counter,
+    labels: &["stage"],
+    help: "audit-stream failures: `read` (the outbox), `produce` (records not acknowledged, kept and sent again)",
+};
+pub const AUDIT_OUTBOX_PENDING: Metric = Metric {
+    name: "nudge_audit_outbox_pending",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "dispatch-log records waiting in the outbox for `audit.topic`",
+};
+pub const AUDIT_RECORDS_LOST: Metric = Metric {
+    name: "nudge_audit_records_lost_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "audit records retention deleted before they could be published (the topic unreachable for longer than `store.retention`)",
+};
 
 /// Every metric, in README's order.
 pub const ALL: &[&Metric] = &[
@@ -281,6 +305,10 @@ pub const ALL: &[&Metric] = &[
     &DEAD_LETTERS_PENDING,
     &DEAD_LETTER_PUBLISH_FAILURES,
     &RETENTION_ERRORS,
+    &AUDIT_RECORDS_PUBLISHED,
+    &AUDIT_PUBLISH_ERRORS,
+    &AUDIT_OUTBOX_PENDING,
+    &AUDIT_RECORDS_LOST,
 ];
 
 /// The metric named `name`, if nudge exports one.

@@ -18,6 +18,7 @@ const INGEST: &str = "nudge::ingest::kafka";
 const DLQ: &str = "nudge::ingest::dlq";
 const SCHEDULER: &str = "nudge::scheduler";
 const DAEMON: &str = "nudge::daemon";
+const AUDIT: &str = "nudge::audit_stream";
 
 // ── Ingest ──────────────────────────────────────────────────────────────
 
@@ -640,5 +641,63 @@ pub struct DrainDeadlinePassed {
 impl DrainDeadlinePassed {
     pub fn emit(self) {
         tracing::warn!(target: DAEMON, deadline = %crate::humanize::duration(self.deadline), "drain deadline passed; unfinished sends are leased and will be retried");
+    }
+}
+
+pub struct AuditRecordsPublished {
+    pub count: u64,
+}
+
+impl AuditRecordsPublished {
+    pub fn emit(self) {
+        metrics::counter!(AUDIT_RECORDS_PUBLISHED.name).increment(self.count);
+    }
+}
+
+pub struct AuditOutboxUnreadable<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl AuditOutboxUnreadable<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: AUDIT, error = %self.error, "cannot read or update the audit outbox");
+        metrics::counter!(AUDIT_PUBLISH_ERRORS.name, "stage" => "read").increment(1);
+    }
+}
+
+/// Records of a pass the audit topic did not acknowledge: kept in the
+/// outbox (with the same customers' later records) and sent again.
+pub struct AuditPublishFailed<'a> {
+    pub topic: &'a str,
+    pub count: u64,
+    pub error: &'a dyn Display,
+}
+
+impl AuditPublishFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: AUDIT, topic = %self.topic, records = self.count, error = %self.error, "audit records not published; retrying");
+        metrics::counter!(AUDIT_PUBLISH_ERRORS.name, "stage" => "produce").increment(1);
+    }
+}
+
+pub struct AuditBacklogMeasured {
+    pub waiting: u64,
+}
+
+impl AuditBacklogMeasured {
+    pub fn emit(self) {
+        metrics::gauge!(AUDIT_OUTBOX_PENDING.name).set(self.waiting as f64);
+    }
+}
+
+/// Outbox rows whose log records retention deleted before publishing.
+pub struct AuditRecordsLost {
+    pub count: u64,
+}
+
+impl AuditRecordsLost {
+    pub fn emit(self) {
+        tracing::error!(target: AUDIT, records = self.count, "audit records purged by retention before they were published");
+        metrics::counter!(AUDIT_RECORDS_LOST.name).increment(self.count);
     }
 }

@@ -23,6 +23,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+mod audit;
 mod conn;
 mod pending;
 mod purge;
@@ -619,6 +620,27 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
+    }
+
+    fn set_audit_outbox(&self, enabled: bool) -> Result<(), StoreError> {
+        audit::set_enabled(self, enabled)
+    }
+
+    fn claim_audit_records(
+        &self,
+        limit: usize,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<super::AuditRecord>, StoreError> {
+        audit::claim(self, limit, now, until)
+    }
+
+    fn delete_audit_records(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        audit::delete(self, seqs)
+    }
+
+    fn audit_backlog(&self) -> Result<u64, StoreError> {
+        audit::backlog(self)
     }
 }
 

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     V3_DEAD_LETTER_HEADERS_AND_RETRIES,
     V4_REVIEW_INDEXES,
     V5_WITHDRAWN,
+    V6_AUDIT_OUTBOX,
 ];
 
 /// The schema version this binary writes.
@@ -241,4 +242,35 @@ ALTER TABLE dispatch_log DROP CONSTRAINT dispatch_log_outcome_check;
 ALTER TABLE dispatch_log ADD CONSTRAINT dispatch_log_outcome_check CHECK (outcome IN ('sent',
     'failed', 'retrying', 'suppressed', 'deferred', 'cancelled', 'expired', 'held_out', 'shadow',
     'converted', 'withdrawn'));
+";
+
+/// Version 6 (audit stream): the outbox of dispatch-log records to publish
+/// to `audit.topic`, filled by a statement trigger in the transaction that
+/// writes the records (one insert per statement, however many rows a batch
+/// writes) while `audit_stream.enabled` is set (the daemon sets it from its
+/// config at start); the publisher deletes a row once the broker
+/// acknowledged it. `holder`/`lease_until`: one replica publishes at a
+/// time, so per-customer order holds.
+const V6_AUDIT_OUTBOX: &str = "
+CREATE TABLE audit_outbox (
+    seq bigint PRIMARY KEY,
+    customer text NOT NULL
+);
+CREATE TABLE audit_stream (
+    id integer PRIMARY KEY CHECK (id = 1),
+    enabled boolean NOT NULL,
+    holder text,
+    lease_until timestamptz
+);
+INSERT INTO audit_stream (id, enabled) VALUES (1, false);
+CREATE FUNCTION dispatch_log_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT enabled FROM audit_stream WHERE id = 1) THEN
+        INSERT INTO audit_outbox (seq, customer) SELECT seq, customer FROM new_rows;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER dispatch_log_audit AFTER INSERT ON dispatch_log
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dispatch_log_audit();
 ";

@@ -8,6 +8,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
+mod audit;
 mod batch;
 mod lock;
 mod purge;
@@ -674,6 +675,27 @@ impl Store for SqliteStore {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    fn set_audit_outbox(&self, enabled: bool) -> Result<(), StoreError> {
+        audit::set_enabled(self, enabled)
+    }
+
+    fn claim_audit_records(
+        &self,
+        limit: usize,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<super::AuditRecord>, StoreError> {
+        audit::claim(self, limit, now, until)
+    }
+
+    fn delete_audit_records(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        audit::delete(self, seqs)
+    }
+
+    fn audit_backlog(&self) -> Result<u64, StoreError> {
+        audit::backlog(self)
     }
 }
 

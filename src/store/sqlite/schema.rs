@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     V3_SEND_INTENTS,
     V4_DEAD_LETTER_HEADERS_AND_RETRIES,
     V5_REVIEW_INDEXES,
+    V6_AUDIT_OUTBOX,
 ];
 
 /// The schema version this binary writes.
@@ -179,4 +180,29 @@ CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time);
 CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time);
 CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time);
 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";
+
+/// Version 6 (audit stream): the outbox of dispatch-log records to publish
+/// to `audit.topic`. A trigger fills it in the transaction that writes the
+/// record, whichever path writes it, while `audit_stream.enabled` is set
+/// (the daemon sets it from its config at start); the publisher deletes a
+/// row once the broker acknowledged it. `holder`/`lease_until`: one
+/// publisher at a time, so per-customer order holds.
+const V6_AUDIT_OUTBOX: &str = "
+CREATE TABLE audit_outbox (
+    seq INTEGER PRIMARY KEY,
+    customer TEXT NOT NULL
+);
+CREATE TABLE audit_stream (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    enabled INTEGER NOT NULL,
+    holder TEXT,
+    lease_until INTEGER
+);
+INSERT INTO audit_stream (id, enabled) VALUES (1, 0);
+CREATE TRIGGER dispatch_log_audit AFTER INSERT ON dispatch_log
+WHEN (SELECT enabled FROM audit_stream WHERE id = 1)
+BEGIN
+    INSERT INTO audit_outbox (seq, customer) VALUES (NEW.seq, NEW.customer);
+END;
 ";
