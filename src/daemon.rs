@@ -159,6 +159,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let page = crate::admin::page::PageState {
+        review: open_review(&config, &tokens).await?,
+        retention: config.store.retention,
+    };
     let admin = crate::admin::router(crate::admin::AdminState {
         metrics,
         readiness: ingest.readiness(),
@@ -167,6 +171,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dead_letters: dlq_status,
         tokens: Arc::new(tokens),
         audit: audit_status,
+        page,
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
@@ -257,6 +262,22 @@ fn record_batch_metrics(outcome: &crate::journey::BatchOutcome) {
         }
         .emit();
     }
+}
+
+/// The review page's read-only connections to the store (its own, so a
+/// page never waits behind the daemon's writer), when a token opens the page.
+async fn open_review(
+    config: &Config,
+    tokens: &crate::admin::auth::Tokens,
+) -> anyhow::Result<Option<Arc<dyn crate::store::review::ReviewRead>>> {
+    if !tokens.enabled(crate::admin::auth::Role::Reviewer) {
+        return Ok(None);
+    }
+    let store = config.store.clone();
+    let reader = tokio::task::spawn_blocking(move || crate::store::open_reader(&store))
+        .await?
+        .with_context(|| format!("the review page's reader of {}", config.store.describe()))?;
+    Ok(Some(Arc::from(reader)))
 }
 
 /// Deletes what is older than `store.retention`: ten minutes after start

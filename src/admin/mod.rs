@@ -4,11 +4,12 @@
 //! Behind a token ([`auth`]): everything else.
 
 pub mod auth;
+pub mod page;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -35,6 +36,14 @@ pub struct AdminState {
     /// The audit stream (`audit.topic` and its publisher's status), when on;
     /// reported like dead letters, not a readiness condition.
     pub audit: Option<(String, Arc<crate::audit_stream::AuditStatus>)>,
+    /// The review page's store reader and retention.
+    pub page: page::PageState,
+}
+
+impl FromRef<AdminState> for page::PageState {
+    fn from_ref(state: &AdminState) -> Self {
+        state.page.clone()
+    }
 }
 
 /// How long a store probe may take before `/readyz` says the store is not answering.
@@ -46,13 +55,11 @@ const PROBE_WAIT: Duration = Duration::from_millis(20);
 pub fn router(state: AdminState) -> Router {
     let probe = Arc::new(StoreProbe::default());
     let tokens = state.tokens.clone();
-    // Routes any reviewer (or the admin) may read.
-    let reviewer = Router::new()
-        .route("/admin/whoami", get(whoami))
-        .route_layer(axum::middleware::from_fn_with_state(
-            tokens,
-            auth::require_reviewer,
-        ));
+    let reviewer = reviewer_routes(tokens);
+    // Routes that change state (the admin token only) go in a router with
+    // `auth::require_admin` as its route_layer once there are any: axum
+    // panics on a route_layer over a router without routes, which stopped
+    // the daemon at start.
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -62,6 +69,21 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .merge(reviewer)
         .with_state(state)
+}
+
+/// Routes any reviewer (or the admin) may read: the review page and
+/// `/admin/whoami`, behind the reviewer's auth layer.
+pub fn reviewer_routes<S>(tokens: Arc<auth::Tokens>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    page::PageState: FromRef<S>,
+{
+    page::routes()
+        .route("/admin/whoami", get(whoami))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::require_reviewer,
+        ))
 }
 
 /// Which role a token has: lets a script check its token before using it.

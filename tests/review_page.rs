@@ -1,0 +1,402 @@
+//! The review page in a real browser: a real daemon (the example events
+//! through the real broker to the recording endpoints) serves it, headless
+//! Chromium driven by chromedriver (WebDriver, through fantoccini) reads
+//! it the way a marketing reviewer does, and what it shows is checked
+//! against the daemon's store and against `nudge log`.
+//!
+//! Needs the Debian packages `chromium` and `chromium-driver`
+//! (`scripts/ci-deps.sh` installs them). `REVIEW_PAGE_SCREENSHOT=DIR` saves
+//! screenshots of the log and funnel pages there (the README's come from it).
+
+mod harness;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use harness::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(90);
+const TOKEN: &str = "review-page-token-7f3a";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Kafka records as (key, payload).
+type Records = Vec<(String, Vec<u8>)>;
+
+/// The example events re-timed to now: the starts, then the exits that must follow the pushes.
+fn examples_now() -> (Records, Records) {
+    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
+    let now = chrono::Utc::now().to_rfc3339();
+    let (mut starts, mut exits) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut e: Value = serde_json::from_str(line).unwrap();
+        e["time"] = json!(now);
+        let t = e["type"].as_str().unwrap().to_string();
+        let record = (
+            e["subject"].as_str().unwrap().to_string(),
+            serde_json::to_vec(&e).unwrap(),
+        );
+        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
+            exits.push(record);
+        } else {
+            starts.push(record);
+        }
+    }
+    (starts, exits)
+}
+
+/// chromedriver on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Self {
+        assert!(
+            Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists(),
+            "{CHROMEDRIVER} and {CHROMIUM} are needed: run scripts/ci-deps.sh \
+             (apt-get install chromium chromium-driver)"
+        );
+        let port = free_port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let address = format!("127.0.0.1:{port}");
+        wait_for(Duration::from_secs(20), "chromedriver to answer", || {
+            // (It keeps connections alive, which `http_get` waits out.)
+            std::net::TcpStream::connect(&address).is_ok()
+        });
+        Self {
+            child,
+            url: format!("http://{address}"),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver, downloads: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-background-networking",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,900",
+            ],
+            "prefs": {
+                "download.default_directory": downloads.display().to_string(),
+                "download.prompt_for_download": false,
+            },
+        }),
+    );
+    ClientBuilder::native()
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a chromium session")
+}
+
+/// The log rows a page shows, as their `data-seq`.
+async fn shown_seqs(c: &Client) -> Vec<i64> {
+    let mut out = Vec::new();
+    for row in c.find_all(Locator::Css("#log tbody tr")).await.unwrap() {
+        out.push(
+            row.attr("data-seq")
+                .await
+                .unwrap()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// The store's log seqs of a filter, newest first (the page's order).
+fn stored_seqs(db: &Path, journey: Option<&str>, customer: Option<&str>) -> Vec<i64> {
+    let conn = store_reader(db).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT seq FROM dispatch_log WHERE (?1 IS NULL OR journey = ?1)
+             AND (?2 IS NULL OR customer = ?2) ORDER BY time DESC, seq DESC",
+        )
+        .unwrap();
+    stmt.query_map(rusqlite::params![journey, customer], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+async fn js(c: &Client, script: &str) -> Value {
+    c.execute(script, vec![]).await.unwrap()
+}
+
+#[test]
+fn a_reviewer_reads_the_page_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    let token_file = dir.path().join("reviewer.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    cfg.extra = format!(
+        "[admin.auth]\nreviewer_token_file = {:?}\n",
+        token_file.display().to_string()
+    );
+    create_topic(&rt, &cfg.topic, 3);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    let (starts, exits) = examples_now();
+    produce(&cfg.topic, &starts);
+    daemon.wait_until(LONG, "five pushes", || recv.on("/push").len() >= 5);
+    produce(&cfg.topic, &exits);
+    let db = cfg.store.clone();
+    daemon.wait_until(LONG, "the exits to be stored", || {
+        let Some(conn) = store_reader(&db) else {
+            return false;
+        };
+        let count = |status: &str| -> i64 {
+            conn.query_row(
+                "SELECT COUNT(*) FROM steps WHERE status = ?1",
+                [status],
+                |r| r.get(0),
+            )
+            .unwrap_or(0)
+        };
+        count("pending") == 2 && count("cancelled") == 4
+    });
+    let admin = daemon.admin.clone();
+    let config = dir.path().join("a.toml");
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let driver = Driver::start();
+
+    rt.block_on(async {
+        let c = browser(&driver, &downloads).await;
+        let base = format!("http://{admin}");
+
+        // Without credentials: 401, and nothing of the log reaches the page.
+        c.goto(&format!("{base}/")).await.unwrap();
+        let status = js(
+            &c,
+            "return performance.getEntriesByType('navigation').map(e => e.responseStatus)",
+        )
+        .await;
+        assert_eq!(status, json!([401]));
+        assert!(!c.source().await.unwrap().contains("data-seq"));
+        // And a wrong token is refused the same way.
+        assert_eq!(http_get(&admin, "/").unwrap().0, 401);
+
+        // With the reviewer token as the basic-auth password (any user name).
+        let authed = format!("http://reviewer:{TOKEN}@{admin}/");
+        c.goto(&authed).await.unwrap();
+        c.wait()
+            .for_element(Locator::Css("#log"))
+            .await
+            .expect("the dispatch log");
+        let all = stored_seqs(&db, None, None);
+        assert!(all.len() >= 10, "{all:?}");
+        assert_eq!(
+            shown_seqs(&c).await,
+            all,
+            "the page lists the store's log, newest first"
+        );
+        let reach = c
+            .find(Locator::Id("reach"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            reach.contains("The log reaches back to") && reach.contains("store.retention"),
+            "{reach}"
+        );
+        // The stylesheet loaded from the binary (the CSP allows only 'self').
+        let styled = js(
+            &c,
+            "return getComputedStyle(document.querySelector('header')).borderBottomStyle",
+        )
+        .await;
+        assert_eq!(styled, json!("solid"));
+
+        // Filter by journey through the form.
+        let journey = c
+            .find(Locator::Css("#filters input[name=journey]"))
+            .await
+            .unwrap();
+        journey.send_keys("unsigned_loan").await.unwrap();
+        c.find(Locator::Id("apply"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_url(&c, "journey=unsigned_loan").await;
+        let loan = stored_seqs(&db, Some("unsigned_loan"), None);
+        assert!(!loan.is_empty() && loan.len() < all.len());
+        assert_eq!(shown_seqs(&c).await, loan);
+        for cell in c
+            .find_all(Locator::Css("#log tbody td.journey"))
+            .await
+            .unwrap()
+        {
+            assert_eq!(cell.text().await.unwrap(), "unsigned_loan");
+        }
+        if let Ok(dir) = std::env::var("REVIEW_PAGE_SCREENSHOT") {
+            let png = c.screenshot().await.unwrap();
+            std::fs::write(Path::new(&dir).join("review-page.png"), png).unwrap();
+        }
+
+        // Download the CSV of this filter: what `nudge log` writes for it.
+        c.find(Locator::Id("csv"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let file = downloads.join("nudge-log.csv");
+        wait_for(Duration::from_secs(20), "the CSV download", || {
+            file.exists() && !downloads.join("nudge-log.csv.crdownload").exists()
+        });
+        let csv = std::fs::read_to_string(&file).unwrap();
+        let (code, expected, err) = nudge(&[
+            "log",
+            "--config",
+            config.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--limit",
+            "0",
+            "--journey",
+            "unsigned_loan",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(csv, expected);
+        assert_eq!(csv.lines().count(), loan.len() + 1);
+
+        // One customer's decision record, from the first row's link.
+        let link = c.find(Locator::Css("#log tbody a.customer")).await.unwrap();
+        let customer = link.text().await.unwrap();
+        link.click().await.unwrap();
+        c.wait().for_element(Locator::Id("record")).await.unwrap();
+        let h1 = c
+            .find(Locator::Css("h1"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(h1, format!("Customer {customer}"));
+        let mut logged = Vec::new();
+        for row in c
+            .find_all(Locator::Css("#record tbody tr[data-seq]"))
+            .await
+            .unwrap()
+        {
+            logged.push(
+                row.attr("data-seq")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap(),
+            );
+        }
+        let mut theirs = stored_seqs(&db, None, Some(&customer));
+        theirs.reverse(); // the record is oldest first
+        assert_eq!(
+            logged, theirs,
+            "every log record of {customer}, oldest first"
+        );
+        let decisions = c
+            .find_all(Locator::Css("#record tbody tr.decision"))
+            .await
+            .unwrap()
+            .len();
+        let conn = store_reader(&db).unwrap();
+        let instances: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM instances WHERE customer = ?1",
+                [&customer],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(decisions as i64, instances);
+        // Contacts masked: the examples' addresses never reach the page.
+        let source = c.source().await.unwrap();
+        for address in [
+            "alice@example.com",
+            "bob@example.com",
+            "+61400000001",
+            "+61400000002",
+        ] {
+            assert!(!source.contains(address), "{address} unmasked on the page");
+        }
+
+        // The funnels: started per journey as the store counts live instances.
+        c.goto(&format!("{base}/funnel")).await.unwrap();
+        c.wait()
+            .for_element(Locator::Css("section.funnel"))
+            .await
+            .unwrap();
+        for section in c.find_all(Locator::Css("section.funnel")).await.unwrap() {
+            let journey = section.attr("data-journey").await.unwrap().unwrap();
+            let started = section
+                .find(Locator::Css("tr.started td[data-label=Count]"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let live: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM instances WHERE journey = ?1 AND mode = 'live'",
+                    [&journey],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(started, live.to_string(), "{journey}");
+        }
+        if let Ok(dir) = std::env::var("REVIEW_PAGE_SCREENSHOT") {
+            let png = c.screenshot().await.unwrap();
+            std::fs::write(Path::new(&dir).join("review-funnel.png"), png).unwrap();
+        }
+        c.close().await.unwrap();
+    });
+    daemon.terminate();
+    // The receiver's runtime ends with the test process.
+    std::mem::forget(recv);
+    std::mem::forget(rt);
+}
+
+/// Waits until the browser's URL holds `part` (the form's navigation done).
+async fn wait_url(c: &Client, part: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let url = c.current_url().await.unwrap();
+        if url.as_str().contains(part) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still at {url}");
+        tokio::time::sleep(POLL).await;
+    }
+}
