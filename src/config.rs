@@ -278,6 +278,27 @@ pub struct PolicyConfig {
     /// its conversion (so marketing sees whether the outreach worked).
     #[serde(deserialize_with = "duration")]
     pub attribution_window: Duration,
+    /// Arbitration between a customer's competing steps (issue 13).
+    pub arbitration: ArbitrationConfig,
+}
+
+/// `policy.arbitration`: how far ahead the scheduler looks for a customer's
+/// competing steps when the caps leave room for fewer than want to go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArbitrationConfig {
+    /// Steps of one customer due within this of each other compete; `0s`
+    /// turns look-ahead off (only steps due together compete).
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+}
+
+impl Default for ArbitrationConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for PolicyConfig {
@@ -291,6 +312,7 @@ impl Default for PolicyConfig {
             disabled_channels: vec![],
             shadow_journeys: vec![],
             attribution_window: Duration::from_secs(30 * 24 * 3600),
+            arbitration: ArbitrationConfig::default(),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! lateness, kill switches, control groups, consent, reachability, quiet
 //! hours and frequency caps. A step that is not sent gets a reason.
 
+pub mod arbitration;
+
 use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
@@ -131,6 +133,17 @@ impl Policy {
             )));
         }
         None
+    }
+
+    /// What the caps leave for arbitration, given the sends the customer's
+    /// window already holds (`customer.recent_sends`). The one place that
+    /// turns the cap config into [`arbitration::Room`].
+    pub fn cap_room(&self, customer: &CustomerContext) -> arbitration::CountCap {
+        arbitration::CountCap {
+            max: self.config.max_per_customer as usize,
+            window: span(self.config.cap_window),
+            sent: customer.recent_sends.clone(),
+        }
     }
 
     /// "21:00-08:00", as the config says.
