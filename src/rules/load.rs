@@ -12,6 +12,7 @@ use rhai::{Dynamic, Engine, Scope};
 use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
+use crate::policy::arbitration::OnLose;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
@@ -227,6 +228,7 @@ fn compile_one(
         "holdout",
         "pilot",
         "shadow",
+        "on_lose",
     ];
     for k in meta.keys() {
         if !FIELDS.contains(&k.as_str()) {
@@ -339,11 +341,13 @@ fn compile_one(
                     continue;
                 };
                 for k in step.keys() {
-                    if !["id", "channel", "template", "delay", "when"].contains(&k.as_str()) {
+                    if !["id", "channel", "template", "delay", "when", "fallback"]
+                        .contains(&k.as_str())
+                    {
                         at(
                             k.as_str(),
                             format!("unknown step field `{k}`"),
-                            Some("step fields are id, channel, template, delay, when"),
+                            Some("step fields are id, channel, template, delay, when, fallback"),
                         );
                     }
                 }
@@ -395,12 +399,47 @@ fn compile_one(
                         at(&format!("@when={f}"), format!("step `{id}`: condition function `{f}(customer, vars)` is not defined"), Some("define fn NAME(customer, vars) returning true to send"));
                     }
                 }
+                let mut fallback = Vec::new();
+                if let Some(v) = step.get("fallback") {
+                    let names = v.read_lock::<rhai::Array>().map(|a| {
+                        a.iter()
+                            .map(|n| n.clone().into_string().ok())
+                            .collect::<Option<Vec<String>>>()
+                    });
+                    match names {
+                        Some(Some(names)) => {
+                            for n in names {
+                                match n.parse::<ChannelKind>() {
+                                    Ok(c) if c != channel && !fallback.contains(&c) => {
+                                        fallback.push(c)
+                                    }
+                                    Ok(_) => at(
+                                        &format!("\"{n}\""),
+                                        format!("step `{id}`: fallback `{n}` repeats a channel of the step"),
+                                        None,
+                                    ),
+                                    Err(e) => at(
+                                        &format!("\"{n}\""),
+                                        format!("step `{id}`: fallback: {e}"),
+                                        Some("channels are push, email, call_task"),
+                                    ),
+                                }
+                            }
+                        }
+                        _ => at(
+                            "fallback",
+                            format!("step `{id}`: fallback must be a list of channels"),
+                            Some("e.g. fallback: [\"email\"]"),
+                        ),
+                    }
+                }
                 steps.push(StepPlan {
                     id,
                     channel,
                     template,
                     delay,
                     condition,
+                    fallback,
                 });
             }
         }
@@ -445,10 +484,23 @@ fn compile_one(
         }
     };
 
+    let on_lose = match string_field(&meta, "on_lose").map(|t| t.parse::<OnLose>()) {
+        None => OnLose::default_for(category),
+        Some(Ok(o)) => o,
+        Some(Err(e)) => {
+            at("on_lose", e, Some("on_lose: \"defer\" or \"drop\""));
+            OnLose::default_for(category)
+        }
+    };
+    // `rank(customer, vars)` scores the journey's steps in arbitration.
+    let rank = has_fn("rank", 2);
+
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Journey {
+        on_lose,
+        rank,
         name,
         description,
         category,

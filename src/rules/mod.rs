@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::context::CustomerContext;
 use crate::event::Event;
 use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
+use crate::policy::arbitration::OnLose;
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{load_dir, load_sources, parse_delay, LoadError, Problem};
@@ -40,6 +41,9 @@ pub struct StepPlan {
     pub delay: Duration,
     /// Name of a script function `fn NAME(customer, vars) -> bool`, asked when the step is due.
     pub condition: Option<String>,
+    /// Channels tried in order when `channel` is unreachable or not consented.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<ChannelKind>,
 }
 
 mod humantime_serde_compat {
@@ -71,6 +75,11 @@ pub struct Journey {
     pub pilot_percent: u8,
     /// Decide and log, never send.
     pub shadow: bool,
+    /// What becomes of its step when it loses arbitration.
+    pub on_lose: OnLose,
+    /// The script defines `fn rank(customer, vars)`: its steps' score in
+    /// arbitration (else `priority`).
+    pub rank: bool,
     pub file: PathBuf,
     /// Content hash of the script file (recorded with every decision).
     pub hash: String,
@@ -213,6 +222,22 @@ impl RuleSet {
             customer,
             vars,
         )
+    }
+}
+
+impl RuleSet {
+    /// The journey's score for arbitration: `rank(customer, vars)` when the
+    /// script defines it, else `priority`. Bounded like every evaluation.
+    pub fn rank(
+        &self,
+        journey: &Journey,
+        customer: &Arc<CustomerContext>,
+        vars: &Map<String, Value>,
+    ) -> Result<f64, RuleError> {
+        if !journey.rank {
+            return Ok(journey.priority as f64);
+        }
+        api::rank(&self.engine, self.timeout, journey, customer, vars)
     }
 }
 

@@ -29,6 +29,7 @@ mod read;
 mod review;
 pub mod schema;
 mod tx;
+mod upcoming;
 
 pub use conn::{parse_url, PgOptions, SslMode};
 
@@ -612,6 +613,14 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
+    }
+
+    fn upcoming_steps(
+        &self,
+        customers: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        upcoming::upcoming_steps(&mut *self.conn()?, customers, until)
     }
 }
 

@@ -14,6 +14,7 @@ mod purge;
 mod review;
 pub mod schema;
 mod tx;
+mod upcoming;
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
@@ -671,6 +672,14 @@ impl Store for SqliteStore {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    fn upcoming_steps(
+        &self,
+        customers: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        upcoming::upcoming_steps(&self.reader(), customers, until)
     }
 }
 
