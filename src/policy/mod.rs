@@ -24,6 +24,29 @@ pub enum Verdict {
         until: DateTime<Utc>,
         reason: String,
     },
+    /// Lost arbitration, waiting for the caps to free: tried again at
+    /// `until` with its lateness still measured from when it was planned.
+    Wait {
+        until: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+/// Why a channel cannot carry a step to the customer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelRefusal {
+    NoConsent,
+    /// "no app installed", "no email address", "no phone number".
+    Unreachable(&'static str),
+}
+
+impl std::fmt::Display for ChannelRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelRefusal::NoConsent => f.write_str("no consent"),
+            ChannelRefusal::Unreachable(why) => f.write_str(why),
+        }
+    }
 }
 
 pub struct Policy {
@@ -96,22 +119,15 @@ impl Policy {
         customer: &CustomerContext,
         now: DateTime<Utc>,
     ) -> Option<Verdict> {
-        if !customer.consented(step.channel, step.category) {
-            return Some(Verdict::Suppress(format!(
-                "no {} consent for {}",
-                step.category, step.channel
-            )));
-        }
-        if !customer.reachable(step.channel) {
-            let why = match step.channel {
-                ChannelKind::Push => "no app installed",
-                ChannelKind::Email => "no email address",
-                ChannelKind::CallTask => "no phone number",
-            };
-            return Some(Verdict::Suppress(format!(
-                "unreachable on {}: {why}",
-                step.channel
-            )));
+        if let Some(why) = Self::channel_refusal(step.channel, step.category, customer) {
+            return Some(Verdict::Suppress(match why {
+                ChannelRefusal::NoConsent => {
+                    format!("no {} consent for {}", step.category, step.channel)
+                }
+                ChannelRefusal::Unreachable(why) => {
+                    format!("unreachable on {}: {why}", step.channel)
+                }
+            }));
         }
         if self.config.quiet_hours.channels.contains(&step.channel) {
             if let Some(until) = self.quiet_until(customer, now) {
@@ -127,12 +143,73 @@ impl Policy {
         }
         let cap = self.config.max_per_customer as usize;
         if cap > 0 && customer.recent_sends.len() >= cap {
-            return Some(Verdict::Suppress(format!(
-                "frequency cap: {cap} messages within {}",
-                crate::humanize::duration(self.config.cap_window)
-            )));
+            return Some(Verdict::Suppress(self.cap_text()));
         }
         None
+    }
+
+    /// "frequency cap: 4 messages within 1d", as reasons name the cap.
+    pub fn cap_text(&self) -> String {
+        format!(
+            "frequency cap: {} messages within {}",
+            self.config.max_per_customer,
+            crate::humanize::duration(self.config.cap_window)
+        )
+    }
+
+    /// Whether `channel` can carry a step of `category` to the customer:
+    /// consent, then reachability.
+    pub fn channel_refusal(
+        channel: ChannelKind,
+        category: crate::model::Category,
+        customer: &CustomerContext,
+    ) -> Option<ChannelRefusal> {
+        if !customer.consented(channel, category) {
+            return Some(ChannelRefusal::NoConsent);
+        }
+        if !customer.reachable(channel) {
+            return Some(ChannelRefusal::Unreachable(match channel {
+                ChannelKind::Push => "no app installed",
+                ChannelKind::Email => "no email address",
+                ChannelKind::CallTask => "no phone number",
+            }));
+        }
+        None
+    }
+
+    /// The channel a step goes on: its own, or when that one is refused
+    /// ([`channel_refusal`](Self::channel_refusal)) the first of
+    /// `fallback` that is not, with the reason `fallback from push: no app
+    /// installed`. `None`: the step's own channel (refused or not).
+    pub fn fallback(
+        &self,
+        step: &DueStep,
+        fallback: &[ChannelKind],
+        customer: &CustomerContext,
+    ) -> Option<(ChannelKind, String)> {
+        let why = Self::channel_refusal(step.channel, step.category, customer)?;
+        let to = fallback.iter().copied().find(|&c| {
+            !self.config.disabled_channels.contains(&c)
+                && Self::channel_refusal(c, step.category, customer).is_none()
+        })?;
+        Some((to, format!("fallback from {}: {why}", step.channel)))
+    }
+
+    /// Whether a step could go now but for the caps: what arbitration
+    /// weighs a due step against. Conditions and quiet hours are asked
+    /// when the step itself is due.
+    pub fn may_compete(
+        &self,
+        step: &DueStep,
+        fallback: &[ChannelKind],
+        customer: &CustomerContext,
+    ) -> bool {
+        step.mode == Mode::Live
+            && step.instance_status == crate::model::InstanceStatus::Open
+            && !self.config.disabled_journeys.contains(&step.journey)
+            && !self.config.disabled_channels.contains(&step.channel)
+            && (Self::channel_refusal(step.channel, step.category, customer).is_none()
+                || self.fallback(step, fallback, customer).is_some())
     }
 
     /// What the caps leave for arbitration, given the sends the customer's

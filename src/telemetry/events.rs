@@ -628,3 +628,19 @@ impl DrainDeadlinePassed {
         tracing::warn!(target: DAEMON, deadline = %crate::humanize::duration(self.deadline), "drain deadline passed; unfinished sends are leased and will be retried");
     }
 }
+
+/// A journey's `rank(customer, vars)` threw or returned no number: its
+/// step competes with the journey's `priority`, the failure counted against
+/// the journey.
+pub struct RankFailed<'a> {
+    pub journey: &'a str,
+    pub instance: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl RankFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, journey = %self.journey, instance = %self.instance, error = %self.error, "rank failed; using the journey's priority");
+        metrics::counter!(RULE_ERRORS.name, "journey" => self.journey.to_string()).increment(1);
+    }
+}
