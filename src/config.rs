@@ -884,6 +884,21 @@ mod tests {
     }
 
     #[test]
+    fn arbitration_window_defaults_to_ten_minutes_and_loads_from_the_example() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(600));
+        let c = load("[policy.arbitration]\nwindow = \"5m\"\n", &[]).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(300));
+        let err = load("[policy.arbitration]\nwindwo = \"5m\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("windwo"), "{err}");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.example.toml");
+        let c = Config::load_with_env(Some(&example), std::iter::empty()).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(600));
+    }
+
+    #[test]
     fn rules_timeout_is_a_human_duration_within_bounds() {
         assert_eq!(
             load("", &[]).unwrap().rules.timeout,
