@@ -362,13 +362,16 @@ fn compile_one(
                     );
                 }
                 let channel_text = string_field(&step, "channel").unwrap_or_default();
+                let preferred = channel_text == "preferred";
                 let channel = match channel_text.parse::<ChannelKind>() {
                     Ok(c) => c,
+                    // Resolved per customer when planned; this is the default.
+                    Err(_) if preferred => ChannelKind::Push,
                     Err(e) => {
                         at(
                             &format!("@channel={channel_text}"),
                             e,
-                            Some("channels are push, email, call_task"),
+                            Some("channels are push, email, call_task, or \"preferred\""),
                         );
                         ChannelKind::Push
                     }
@@ -410,7 +413,7 @@ fn compile_one(
                         Some(Some(names)) => {
                             for n in names {
                                 match n.parse::<ChannelKind>() {
-                                    Ok(c) if c != channel && !fallback.contains(&c) => {
+                                    Ok(c) if (preferred || c != channel) && !fallback.contains(&c) => {
                                         fallback.push(c)
                                     }
                                     Ok(_) => at(
@@ -435,11 +438,15 @@ fn compile_one(
                 }
                 steps.push(StepPlan {
                     id,
-                    channel,
                     template,
                     delay,
                     condition,
+                    channel: match (preferred, fallback.first()) {
+                        (true, Some(&first)) => first,
+                        _ => channel,
+                    },
                     fallback,
+                    preferred,
                 });
             }
         }

@@ -44,6 +44,21 @@ pub struct StepPlan {
     /// Channels tried in order when `channel` is unreachable or not consented.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<ChannelKind>,
+    /// Declared `channel: "preferred"`: planned on the customer's
+    /// `preferred_channel` when reachable, else on the first of `fallback`
+    /// (push without one); `channel` holds that default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub preferred: bool,
+}
+
+impl StepPlan {
+    /// The channel the step is planned on for this customer.
+    pub fn channel_for(&self, customer: &CustomerContext) -> ChannelKind {
+        match customer.preferred_channel {
+            Some(c) if self.preferred && customer.reachable(c) => c,
+            _ => self.channel,
+        }
+    }
 }
 
 mod humantime_serde_compat {
@@ -289,6 +304,39 @@ mod tests {
             &limits,
         )
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `channel: "preferred"` plans the step on the customer's preferred
+    /// channel when reachable, else on the first fallback.
+    #[test]
+    fn a_preferred_channel_step_follows_the_customer() {
+        let text = r#"fn journey() { #{ name: "p", category: "service", triggers: ["t"],
+  steps: [#{ id: "a", channel: "preferred", template: "t", delay: "0s", fallback: ["email"] }] } }
+fn decide(event, customer) { start() }
+"#;
+        let rules = load_sources(
+            vec![(PathBuf::from("p.rhai"), text.into())],
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plan = &rules.journey("p").unwrap().steps[0];
+        let mut c = CustomerContext::new("c");
+        c.app_installed = true;
+        c.email = Some("c@example.com".into());
+        c.preferred_channel = Some(ChannelKind::Push);
+        assert_eq!(plan.channel_for(&c), ChannelKind::Push);
+        c.app_installed = false;
+        assert_eq!(
+            plan.channel_for(&c),
+            ChannelKind::Email,
+            "unreachable: the fallback"
+        );
+        c.preferred_channel = None;
+        assert_eq!(
+            plan.channel_for(&c),
+            ChannelKind::Email,
+            "unknown: the fallback"
+        );
     }
 
     fn decide(rules: &RuleSet) -> Result<Decision, RuleError> {
