@@ -303,6 +303,27 @@ pub struct PolicyConfig {
     pub default_region: String,
     /// Steps held on public holidays besides business-hours channels.
     pub holiday_hold: HolidayHold,
+    /// Arbitration between a customer's competing steps (issue 13).
+    pub arbitration: ArbitrationConfig,
+}
+
+/// `policy.arbitration`: how far ahead the scheduler looks for a customer's
+/// competing steps when the caps leave room for fewer than want to go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArbitrationConfig {
+    /// Steps of one customer due within this of each other compete; `0s`
+    /// turns look-ahead off (only steps due together compete).
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+}
+
+impl Default for ArbitrationConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for PolicyConfig {
@@ -322,6 +343,7 @@ impl Default for PolicyConfig {
             holidays: None,
             default_region: "AU".into(),
             holiday_hold: HolidayHold::default(),
+            arbitration: ArbitrationConfig::default(),
         }
     }
 }
@@ -1040,6 +1062,21 @@ mod tests {
         assert_eq!(c.policy.quiet_hours.window(ChannelKind::Email), None);
         assert_eq!(c.policy.effective_caps().len(), 1, "4 a day by default");
         assert_eq!(c.policy.default_timezone, chrono_tz::Australia::Sydney);
+    }
+
+    #[test]
+    fn arbitration_window_defaults_to_ten_minutes_and_loads_from_the_example() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(600));
+        let c = load("[policy.arbitration]\nwindow = \"5m\"\n", &[]).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(300));
+        let err = load("[policy.arbitration]\nwindwo = \"5m\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("windwo"), "{err}");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.example.toml");
+        let c = Config::load_with_env(Some(&example), std::iter::empty()).unwrap();
+        assert_eq!(c.policy.arbitration.window, Duration::from_secs(600));
     }
 
     #[test]

@@ -420,7 +420,7 @@ impl BatchRun<'_> {
             self.log_cooldown(tx, event, journey, &id)?;
             return Ok(true);
         }
-        let steps = plan_steps(journey, start);
+        let steps = plan_steps(journey, start, customer);
         if let Some(first) = steps.iter().map(|s| s.due_at).min() {
             self.out.earliest_due = Some(self.out.earliest_due.map_or(first, |e| e.min(first)));
         }
@@ -508,7 +508,7 @@ fn in_cooldown(journey: &Journey, customer: &CustomerContext, start: DateTime<Ut
 }
 
 /// The journey's steps, due their delay after `start`.
-fn plan_steps(journey: &Journey, start: DateTime<Utc>) -> Vec<NewStep> {
+fn plan_steps(journey: &Journey, start: DateTime<Utc>, customer: &CustomerContext) -> Vec<NewStep> {
     journey
         .steps
         .iter()
@@ -516,7 +516,7 @@ fn plan_steps(journey: &Journey, start: DateTime<Utc>) -> Vec<NewStep> {
         .map(|(seq, s)| NewStep {
             step: s.id.clone(),
             seq: seq as u32,
-            channel: s.channel,
+            channel: s.channel_for(customer),
             template: s.template.clone(),
             condition: s.condition.clone(),
             due_at: start + span(s.delay),

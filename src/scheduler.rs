@@ -25,10 +25,13 @@ use crate::model::{
 use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
+mod arbiter;
+
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
     StepDecided, StepDispatched, StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
+use arbiter::{fallback_of, Arbiter};
 
 /// What was decided about one due step, before it is a dispatch-log record.
 struct Decision {
@@ -132,6 +135,8 @@ enum Planned {
         verdict: Verdict,
         /// Where the channel sends it (none for push).
         address: Option<String>,
+        /// The step goes on a fallback channel: why (the sent record's reason).
+        fallback: Option<String>,
     },
 }
 
@@ -142,6 +147,9 @@ struct BatchContext {
     customers: HashMap<String, Mutex<CustomerContext>>,
     /// The journey so far of each claimed step's instance.
     histories: HashMap<String, Vec<HistoryEntry>>,
+    /// Arbitration's look-ahead: each customer's pending steps due within
+    /// `policy.arbitration.window` (read only when a cap is set).
+    upcoming: HashMap<String, Vec<DueStep>>,
 }
 
 /// Sends this process decided and has not yet recorded, by customer: (batch,
@@ -345,7 +353,7 @@ impl Scheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .held
                     .extend(claimed.iter().map(|s| s.row));
-                let context = Arc::new(self.batch_context(&claimed, now - window).await?);
+                let context = Arc::new(self.batch_context(&claimed, now - window, now).await?);
                 // Each batch is decided whole, and its sends marked in the
                 // store in one write, before the first of them starts.
                 let planned = self.decide_batch(claimed, &context).await?;
@@ -526,6 +534,7 @@ impl Scheduler {
         &self,
         claimed: &[DueStep],
         window_start: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<BatchContext, StoreError> {
         let mut ids: Vec<String> = claimed.iter().map(|s| s.customer.clone()).collect();
         ids.sort_unstable();
@@ -538,16 +547,30 @@ impl Scheduler {
         let tired = self.fatigue_possible(claimed);
         let sends_since = (conditions || capped || tired).then_some(window_start);
         let conditions = conditions || tired; // fatigue reads the conversions
-        let (customers, histories) = self
+        // Only a cap makes steps compete (rank scripts may read journeys).
+        let ahead = capped.then(|| now + span(self.policy.config().arbitration.window));
+        let (customers, histories, upcoming) = self
             .store
             .call(move |store| {
-                let customers = store.customers(&ids, sends_since, conditions)?;
+                let upcoming = match ahead {
+                    Some(until) => store.upcoming_steps(&ids, until)?,
+                    None => Vec::new(),
+                };
+                let customers = store.customers(&ids, sends_since, conditions || capped)?;
                 let histories = store.histories(&instances)?;
+                let mut by_customer: HashMap<String, Vec<DueStep>> = HashMap::new();
+                for step in upcoming {
+                    by_customer
+                        .entry(step.customer.clone())
+                        .or_default()
+                        .push(step);
+                }
                 Ok((
                     ids.into_iter()
                         .zip(customers.into_iter().map(Mutex::new))
                         .collect(),
                     instances.into_iter().zip(histories).collect(),
+                    by_customer,
                 ))
             })
             .await?;
@@ -557,6 +580,7 @@ impl Scheduler {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             customers,
             histories,
+            upcoming,
         })
     }
 
@@ -637,7 +661,12 @@ impl Scheduler {
         // server and the other channels run there), so this worker hands
         // its other tasks over while they run (multi-threaded runtime only;
         // the tools' single-threaded runtime has nothing else to serve).
-        let scripted = claimed.iter().any(|s| s.condition.is_some());
+        let scripted = {
+            let rules = self.rules.current();
+            claimed
+                .iter()
+                .any(|s| s.condition.is_some() || rules.journey(&s.journey).is_some_and(|j| j.rank))
+        };
         let decide = || self.decide_steps(claimed, context, now);
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
@@ -676,7 +705,10 @@ impl Scheduler {
     ) -> Result<(Vec<Planned>, Vec<i64>), StoreError> {
         let mut planned = Vec::with_capacity(claimed.len());
         let mut sending = Vec::new();
-        for step in claimed {
+        let rules = self.rules.current();
+        let mut arbiter = Arbiter::new(self, &rules, &claimed);
+        for mut step in claimed {
+            arbiter.decided.insert(step.row);
             if crate::model::withdrawn_step(&step.step).is_some() {
                 planned.push(Planned::Withdraw(step));
                 continue;
@@ -685,7 +717,8 @@ impl Scheduler {
                 planned.push(Planned::Settled(settled));
                 continue;
             }
-            let (verdict, address) = self.verdict(&step, context, now)?;
+            let fallback = self.fallback_channel(&mut step, &rules, context)?;
+            let (verdict, address) = self.verdict(&step, context, now, &mut arbiter)?;
             if verdict == Verdict::Send {
                 sending.push(step.row);
             }
@@ -693,6 +726,7 @@ impl Scheduler {
                 step,
                 verdict,
                 address,
+                fallback,
             });
         }
         Ok((planned, sending))
@@ -716,7 +750,7 @@ impl Scheduler {
         context: &BatchContext,
         stop: Option<&watch::Receiver<bool>>,
     ) -> Result<Option<StepResult>, StoreError> {
-        let (mut step, verdict, address) = match planned {
+        let (mut step, verdict, address, fallback) = match planned {
             Planned::Settled(result) => return Ok(Some(result)),
             Planned::Withdraw(step) => {
                 let decision = self.withdraw(&step).await;
@@ -726,7 +760,8 @@ impl Scheduler {
                 step,
                 verdict,
                 address,
-            } => (step, verdict, address),
+                fallback,
+            } => (step, verdict, address, fallback),
         };
         if stop.is_some_and(|s| *s.borrow()) {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
@@ -736,7 +771,10 @@ impl Scheduler {
             self.forget_unsent(&step.customer, step.row);
             return Ok(None);
         }
-        let decision = self.act(&mut step, verdict, address, context).await;
+        let mut decision = self.act(&mut step, verdict, address, context).await;
+        if let (Some(reason), Outcome::Sent) = (fallback, decision.outcome) {
+            decision.reason = reason;
+        }
         Ok(Some(self.result(step, decision)))
     }
 
@@ -761,6 +799,7 @@ impl Scheduler {
         step: &DueStep,
         context: &BatchContext,
         now: DateTime<Utc>,
+        arbiter: &mut Arbiter<'_>,
     ) -> Result<(Verdict, Option<String>), StoreError> {
         let lateness = self.lateness(step.channel);
         let Some(customer) = context.customers.get(&step.customer) else {
@@ -812,12 +851,17 @@ impl Scheduler {
                 };
             }
         }
-        drop(seen);
         if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
             if let Some(reason) = self.condition_refusal(step, &customer) {
                 verdict = Verdict::Suppress(reason);
             }
         }
+        if verdict == Verdict::Send {
+            if let Some(lost) = arbiter.arbitrate(step, &seen, context, now) {
+                verdict = lost;
+            }
+        }
+        drop(seen);
         if verdict == Verdict::Send {
             if let Some(wait) = self.rate_wait(step, now) {
                 verdict = wait;
@@ -871,6 +915,31 @@ impl Scheduler {
         })
     }
 
+    /// Moves a step whose channel cannot reach the customer (no consent,
+    /// unreachable) to the first of its step's `fallback` channels that
+    /// can; returns the reason the sent record carries.
+    fn fallback_channel(
+        &self,
+        step: &mut DueStep,
+        rules: &crate::rules::RuleSet,
+        context: &BatchContext,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(list) = fallback_of(rules, step) else {
+            return Ok(None);
+        };
+        let Some(customer) = context.customers.get(&step.customer) else {
+            return Ok(None); // reported by `verdict`
+        };
+        let customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self
+            .policy
+            .fallback(step, list, &customer)
+            .map(|(channel, reason)| {
+                step.channel = channel;
+                reason
+            }))
+    }
+
     /// What the verdict comes to: the send and its result, or why nothing
     /// is sent now.
     async fn act(
@@ -883,6 +952,13 @@ impl Scheduler {
         match verdict {
             Verdict::Send => self.dispatch(step, address, context).await,
             Verdict::Defer { until, reason } => Decision::deferred(until, reason),
+            Verdict::Wait { until, reason } => {
+                let until_text = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                Decision {
+                    again_at: Some(until),
+                    ..Decision::new(Outcome::Deferred, format!("{reason}; until {until_text}"))
+                }
+            }
             Verdict::Suppress(reason) => Decision::new(Outcome::Suppressed, reason),
             Verdict::Expire(reason) => Decision::new(Outcome::Expired, reason),
             Verdict::HeldOut => Decision::new(

@@ -83,11 +83,7 @@ pub fn caps_room(
             TimeOfDay::new(0, 0),
         )
         .unwrap_or(now);
-        let days = match cap.per {
-            1 => "1 calendar day".to_string(),
-            n => format!("{n} calendar days"),
-        };
-        let reason = format!("frequency cap: {} {} within {days}", cap.max, cap.what());
+        let reason = cap.describe();
         match &mut hit {
             Some(h) if h.frees_at >= frees_at => {}
             Some(h) => h.frees_at = frees_at,

@@ -8,6 +8,7 @@
 //! the first open slot at or after the planned time, so a call task planned
 //! for a closed hour is deferred, never expired for it.
 
+pub mod arbitration;
 mod calendar;
 pub mod caps;
 mod fatigue;
@@ -36,6 +37,29 @@ pub enum Verdict {
         until: DateTime<Utc>,
         reason: String,
     },
+    /// Lost arbitration, waiting for the caps to free: tried again at
+    /// `until` with its lateness still measured from when it was planned.
+    Wait {
+        until: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+/// Why a channel cannot carry a step to the customer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelRefusal {
+    NoConsent,
+    /// "no app installed", "no email address", "no phone number".
+    Unreachable(&'static str),
+}
+
+impl std::fmt::Display for ChannelRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelRefusal::NoConsent => f.write_str("no consent"),
+            ChannelRefusal::Unreachable(why) => f.write_str(why),
+        }
+    }
 }
 
 pub struct Policy {
@@ -52,7 +76,7 @@ impl Policy {
         let holidays = match &config.holidays {
             None => Holidays::shipped(),
             Some(path) => Holidays::load(path).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "holiday calendar unreadable; no public holidays apply");
+                crate::telemetry::events::HolidayCalendarUnreadable { error: &e }.emit();
                 Holidays::default()
             }),
         };
@@ -143,22 +167,15 @@ impl Policy {
         customer: &CustomerContext,
         now: DateTime<Utc>,
     ) -> Option<Verdict> {
-        if !customer.consented(step.channel, step.category) {
-            return Some(Verdict::Suppress(format!(
-                "no {} consent for {}",
-                step.category, step.channel
-            )));
-        }
-        if !customer.reachable(step.channel) {
-            let why = match step.channel {
-                ChannelKind::Push => "no app installed",
-                ChannelKind::Email => "no email address",
-                ChannelKind::CallTask => "no phone number",
-            };
-            return Some(Verdict::Suppress(format!(
-                "unreachable on {}: {why}",
-                step.channel
-            )));
+        if let Some(why) = Self::channel_refusal(step.channel, step.category, customer) {
+            return Some(Verdict::Suppress(match why {
+                ChannelRefusal::NoConsent => {
+                    format!("no {} consent for {}", step.category, step.channel)
+                }
+                ChannelRefusal::Unreachable(why) => {
+                    format!("unreachable on {}: {why}", step.channel)
+                }
+            }));
         }
         if let Some((until, reason)) = self.hold(step.channel, step.category, customer, now) {
             return Some(Verdict::Defer { until, reason });
@@ -167,6 +184,86 @@ impl Policy {
             return Some(Verdict::Suppress(hit.reason));
         }
         None
+    }
+
+    /// The cap a step meets, as reasons name it ("frequency cap: 1
+    /// marketing within 1 calendar day"); when the step alone would fit and
+    /// only the steps it competes with fill the cap, the first cap counting it.
+    pub fn cap_text(&self, customer: &CustomerContext, step: &DueStep, now: DateTime<Utc>) -> String {
+        match self.caps_room(customer, step, now) {
+            Err(hit) => hit.reason,
+            Ok(()) => self
+                .caps
+                .iter()
+                .find(|c| c.counts(step.channel, step.category))
+                .map_or_else(|| "frequency cap".into(), |c| c.describe()),
+        }
+    }
+
+    /// Whether `channel` can carry a step of `category` to the customer:
+    /// consent, then reachability.
+    pub fn channel_refusal(
+        channel: ChannelKind,
+        category: crate::model::Category,
+        customer: &CustomerContext,
+    ) -> Option<ChannelRefusal> {
+        if !customer.consented(channel, category) {
+            return Some(ChannelRefusal::NoConsent);
+        }
+        if !customer.reachable(channel) {
+            return Some(ChannelRefusal::Unreachable(match channel {
+                ChannelKind::Push => "no app installed",
+                ChannelKind::Email => "no email address",
+                ChannelKind::CallTask => "no phone number",
+            }));
+        }
+        None
+    }
+
+    /// The channel a step goes on: its own, or when that one is refused
+    /// ([`channel_refusal`](Self::channel_refusal)) the first of
+    /// `fallback` that is not, with the reason `fallback from push: no app
+    /// installed`. `None`: the step's own channel (refused or not).
+    pub fn fallback(
+        &self,
+        step: &DueStep,
+        fallback: &[ChannelKind],
+        customer: &CustomerContext,
+    ) -> Option<(ChannelKind, String)> {
+        let why = Self::channel_refusal(step.channel, step.category, customer)?;
+        let to = fallback.iter().copied().find(|&c| {
+            !self.config.disabled_channels.contains(&c)
+                && Self::channel_refusal(c, step.category, customer).is_none()
+        })?;
+        Some((to, format!("fallback from {}: {why}", step.channel)))
+    }
+
+    /// Whether a step could go now but for the caps: what arbitration
+    /// weighs a due step against. Conditions and quiet hours are asked
+    /// when the step itself is due.
+    pub fn may_compete(
+        &self,
+        step: &DueStep,
+        fallback: &[ChannelKind],
+        customer: &CustomerContext,
+    ) -> bool {
+        step.mode == Mode::Live
+            && step.instance_status == crate::model::InstanceStatus::Open
+            && !self.config.disabled_journeys.contains(&step.journey)
+            && !self.config.disabled_channels.contains(&step.channel)
+            && (Self::channel_refusal(step.channel, step.category, customer).is_none()
+                || self.fallback(step, fallback, customer).is_some())
+    }
+
+    /// What the caps leave for arbitration, given the sends the customer's
+    /// window already holds (`customer.recent_sends`). The one place that
+    /// turns the cap config into [`arbitration::Room`].
+    pub fn cap_room(&self, customer: &CustomerContext) -> arbitration::CapsRoom {
+        arbitration::CapsRoom {
+            caps: self.caps.clone(),
+            sent: customer.recent_sends.clone(),
+            tz: self.zone(customer),
+        }
     }
 
     fn zone(&self, customer: &CustomerContext) -> Tz {

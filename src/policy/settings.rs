@@ -40,6 +40,15 @@ impl Cap {
         }
     }
 
+    /// `frequency cap: 1 marketing within 1 calendar day`, as reasons name it.
+    pub fn describe(&self) -> String {
+        let days = match self.per {
+            1 => "1 calendar day".to_string(),
+            n => format!("{n} calendar days"),
+        };
+        format!("frequency cap: {} {} within {days}", self.max, self.what())
+    }
+
     pub fn counts(&self, channel: ChannelKind, category: Category) -> bool {
         self.category.is_none_or(|c| c == category) && self.channel.is_none_or(|c| c == channel)
     }

@@ -288,6 +288,45 @@ pub(super) fn condition(
     })
 }
 
+pub(super) fn rank(
+    engine: &Engine,
+    timeout: Duration,
+    journey: &Journey,
+    customer: &Arc<CustomerContext>,
+    vars: &Map<String, Value>,
+) -> Result<f64, RuleError> {
+    let vars: rhai::Map = vars
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+        .collect();
+    let result = call(
+        engine,
+        timeout,
+        journey,
+        "rank",
+        (CustomerView(customer.clone()), vars),
+    )?;
+    let score = match (result.as_float(), result.as_int()) {
+        (Ok(f), _) => f,
+        (_, Ok(i)) => i as f64,
+        _ => {
+            return Err(at_function(
+                journey,
+                "rank",
+                format!("rank returned a {}, not a number", result.type_name()),
+            ))
+        }
+    };
+    if !score.is_finite() {
+        return Err(at_function(
+            journey,
+            "rank",
+            format!("rank returned {score}"),
+        ));
+    }
+    Ok(score)
+}
+
 /// Every evaluation of a journey's script goes through here: the one place
 /// that bounds it in time (the operation and size limits are the engine's).
 fn call(

@@ -31,10 +31,12 @@ pub const JOURNEY_FIELDS: &[&str] = &[
     "pilot",
     "shadow",
     "fatigue",
+    "on_lose",
 ];
 
 /// Every key a step's map may have (the same rule as [`JOURNEY_FIELDS`]).
-pub const STEP_FIELDS: &[&str] = &["id", "channel", "template", "delay", "when"];
+pub const STEP_FIELDS: &[&str] = &["id", "channel", "template", "delay", "when", "fallback"];
+use crate::policy::arbitration::OnLose;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
@@ -369,13 +371,16 @@ fn compile_one(
                     );
                 }
                 let channel_text = string_field(&step, "channel").unwrap_or_default();
+                let preferred = channel_text == "preferred";
                 let channel = match channel_text.parse::<ChannelKind>() {
                     Ok(c) => c,
+                    // Resolved per customer when planned; this is the default.
+                    Err(_) if preferred => ChannelKind::Push,
                     Err(e) => {
                         at(
                             &format!("@channel={channel_text}"),
                             e,
-                            Some("channels are push, email, call_task"),
+                            Some("channels are push, email, call_task, or \"preferred\""),
                         );
                         ChannelKind::Push
                     }
@@ -406,12 +411,51 @@ fn compile_one(
                         at(&format!("@when={f}"), format!("step `{id}`: condition function `{f}(customer, vars)` is not defined"), Some("define fn NAME(customer, vars) returning true to send"));
                     }
                 }
+                let mut fallback = Vec::new();
+                if let Some(v) = step.get("fallback") {
+                    let names = v.read_lock::<rhai::Array>().map(|a| {
+                        a.iter()
+                            .map(|n| n.clone().into_string().ok())
+                            .collect::<Option<Vec<String>>>()
+                    });
+                    match names {
+                        Some(Some(names)) => {
+                            for n in names {
+                                match n.parse::<ChannelKind>() {
+                                    Ok(c) if (preferred || c != channel) && !fallback.contains(&c) => {
+                                        fallback.push(c)
+                                    }
+                                    Ok(_) => at(
+                                        &format!("\"{n}\""),
+                                        format!("step `{id}`: fallback `{n}` repeats a channel of the step"),
+                                        None,
+                                    ),
+                                    Err(e) => at(
+                                        &format!("\"{n}\""),
+                                        format!("step `{id}`: fallback: {e}"),
+                                        Some("channels are push, email, call_task"),
+                                    ),
+                                }
+                            }
+                        }
+                        _ => at(
+                            "fallback",
+                            format!("step `{id}`: fallback must be a list of channels"),
+                            Some("e.g. fallback: [\"email\"]"),
+                        ),
+                    }
+                }
                 steps.push(StepPlan {
                     id,
-                    channel,
                     template,
                     delay,
                     condition,
+                    channel: match (preferred, fallback.first()) {
+                        (true, Some(&first)) => first,
+                        _ => channel,
+                    },
+                    fallback,
+                    preferred,
                 });
             }
         }
@@ -464,10 +508,23 @@ fn compile_one(
         None
     });
 
+    let on_lose = match string_field(&meta, "on_lose").map(|t| t.parse::<OnLose>()) {
+        None => OnLose::default_for(category),
+        Some(Ok(o)) => o,
+        Some(Err(e)) => {
+            at("on_lose", e, Some("on_lose: \"defer\" or \"drop\""));
+            OnLose::default_for(category)
+        }
+    };
+    // `rank(customer, vars)` scores the journey's steps in arbitration.
+    let rank = has_fn("rank", 2);
+
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Journey {
+        on_lose,
+        rank,
         name,
         description,
         category,

@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::context::CustomerContext;
 use crate::event::Event;
 use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
+use crate::policy::arbitration::OnLose;
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{load_dir, load_sources, parse_delay, LoadError, Problem};
@@ -40,6 +41,24 @@ pub struct StepPlan {
     pub delay: Duration,
     /// Name of a script function `fn NAME(customer, vars) -> bool`, asked when the step is due.
     pub condition: Option<String>,
+    /// Channels tried in order when `channel` is unreachable or not consented.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<ChannelKind>,
+    /// Declared `channel: "preferred"`: planned on the customer's
+    /// `preferred_channel` when reachable, else on the first of `fallback`
+    /// (push without one); `channel` holds that default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub preferred: bool,
+}
+
+impl StepPlan {
+    /// The channel the step is planned on for this customer.
+    pub fn channel_for(&self, customer: &CustomerContext) -> ChannelKind {
+        match customer.preferred_channel {
+            Some(c) if self.preferred && customer.reachable(c) => c,
+            _ => self.channel,
+        }
+    }
 }
 
 mod humantime_serde_compat {
@@ -74,6 +93,11 @@ pub struct Journey {
     /// Pause after this many sends without a conversion (`fatigue` key);
     /// `None`: `policy.fatigue`.
     pub fatigue: Option<crate::policy::settings::Fatigue>,
+    /// What becomes of its step when it loses arbitration.
+    pub on_lose: OnLose,
+    /// The script defines `fn rank(customer, vars)`: its steps' score in
+    /// arbitration (else `priority`).
+    pub rank: bool,
     pub file: PathBuf,
     /// Content hash of the script file (recorded with every decision).
     pub hash: String,
@@ -219,6 +243,22 @@ impl RuleSet {
     }
 }
 
+impl RuleSet {
+    /// The journey's score for arbitration: `rank(customer, vars)` when the
+    /// script defines it, else `priority`. Bounded like every evaluation.
+    pub fn rank(
+        &self,
+        journey: &Journey,
+        customer: &Arc<CustomerContext>,
+        vars: &Map<String, Value>,
+    ) -> Result<f64, RuleError> {
+        if !journey.rank {
+            return Ok(journey.priority as f64);
+        }
+        api::rank(&self.engine, self.timeout, journey, customer, vars)
+    }
+}
+
 /// The live rule set, swapped atomically on reload. Readers clone the `Arc`
 /// and keep a consistent version for the whole batch they work on.
 #[derive(Clone)]
@@ -267,6 +307,39 @@ mod tests {
             &limits,
         )
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `channel: "preferred"` plans the step on the customer's preferred
+    /// channel when reachable, else on the first fallback.
+    #[test]
+    fn a_preferred_channel_step_follows_the_customer() {
+        let text = r#"fn journey() { #{ name: "p", category: "service", triggers: ["t"],
+  steps: [#{ id: "a", channel: "preferred", template: "t", delay: "0s", fallback: ["email"] }] } }
+fn decide(event, customer) { start() }
+"#;
+        let rules = load_sources(
+            vec![(PathBuf::from("p.rhai"), text.into())],
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plan = &rules.journey("p").unwrap().steps[0];
+        let mut c = CustomerContext::new("c");
+        c.app_installed = true;
+        c.email = Some("c@example.com".into());
+        c.preferred_channel = Some(ChannelKind::Push);
+        assert_eq!(plan.channel_for(&c), ChannelKind::Push);
+        c.app_installed = false;
+        assert_eq!(
+            plan.channel_for(&c),
+            ChannelKind::Email,
+            "unreachable: the fallback"
+        );
+        c.preferred_channel = None;
+        assert_eq!(
+            plan.channel_for(&c),
+            ChannelKind::Email,
+            "unknown: the fallback"
+        );
     }
 
     fn decide(rules: &RuleSet) -> Result<Decision, RuleError> {

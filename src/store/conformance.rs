@@ -1634,6 +1634,76 @@ pub fn audit_outbox_is_published_by_one_replica_at_a_time(a: &dyn Store, b: &dyn
     assert!(a.claim_audit_records(10, later, later).unwrap().is_empty());
 }
 
+/// Arbitration's look-ahead: the pending steps of open instances of the
+/// customers asked, due by `until`, soonest first, with their journey's
+/// fields; claimed, settled and later steps, other customers' steps and
+/// ended instances' steps are left out; nothing is claimed by the read.
+pub fn upcoming_steps_are_the_customers_pending_steps_due_soon(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    let mut loan = instance("i1", "c1", "a1");
+    loan.vars.insert("amount".into(), Value::from(5000));
+    tx.start_instance(&loan, &steps()).unwrap();
+    let mut fee = instance("i2", "c1", "p1");
+    fee.journey = "fee_increase".into();
+    fee.category = Category::Marketing;
+    let soon = NewStep {
+        step: "alert".into(),
+        seq: 0,
+        channel: ChannelKind::Push,
+        template: "t_alert".into(),
+        condition: Some("worth_it".into()),
+        due_at: t0() + Duration::minutes(5),
+    };
+    tx.start_instance(&fee, std::slice::from_ref(&soon))
+        .unwrap();
+    tx.start_instance(&instance("i3", "c2", "a3"), &steps())
+        .unwrap();
+    tx.start_instance(&instance("i4", "c3", "a4"), &steps())
+        .unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i4", InstanceStatus::Converted, t0())
+        .unwrap();
+    tx.commit().unwrap();
+
+    let until = t0() + Duration::minutes(10);
+    let customers = ["c1".to_string(), "c3".to_string()];
+    let found = store.upcoming_steps(&customers, until).unwrap();
+    let keys: Vec<(&str, &str, ChannelKind)> = found
+        .iter()
+        .map(|s| (s.instance_id.as_str(), s.step.as_str(), s.channel))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("i1", "push", ChannelKind::Push),
+            ("i2", "alert", ChannelKind::Push)
+        ]
+    );
+    let alert = &found[1];
+    assert_eq!(alert.journey, "fee_increase");
+    assert_eq!(alert.category, Category::Marketing);
+    assert_eq!(alert.customer, "c1");
+    assert_eq!(alert.due_at, t0() + Duration::minutes(5));
+    assert_eq!(alert.condition.as_deref(), Some("worth_it"));
+    assert_eq!(alert.instance_status, InstanceStatus::Open);
+    assert_eq!(
+        found[0].vars.to_map().get("amount"),
+        Some(&Value::from(5000))
+    );
+
+    // A claimed step is another worker's to decide: not listed, and the
+    // read claimed nothing (the alert is still there to claim).
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(claimed.len(), 2, "c1's and c2's push, due now");
+    let found = store.upcoming_steps(&customers, until).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].step, "alert");
+    assert!(store.upcoming_steps(&[], until).unwrap().is_empty());
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1662,7 +1732,8 @@ macro_rules! store_conformance {
             prefetched_reads_follow_the_transactions_writes,
             concurrent_claimers_never_share_a_step,
             exits_plan_withdrawals_of_delivered_steps,
-            audit_outbox_follows_the_log_in_its_transaction
+            audit_outbox_follows_the_log_in_its_transaction,
+            upcoming_steps_are_the_customers_pending_steps_due_soon
         );
     };
     ($make:expr, replicas: $pair:expr) => {

@@ -428,6 +428,20 @@ pub trait Store: Send + Sync {
 
     /// Outbox rows waiting to be published.
     fn audit_backlog(&self) -> Result<u64, StoreError>;
+
+    // --- Arbitration (issue 13) ---
+
+    /// The pending steps of open instances of `customers` due at or before
+    /// `until`, soonest first: what arbitration weighs a claimed step
+    /// against. A read only: nothing is claimed, so the steps still go
+    /// through their own channel's claim when due. With replicas, the
+    /// caller holds these customers (its claim of their due steps), so no
+    /// other replica decides for them meanwhile.
+    fn upcoming_steps(
+        &self,
+        customers: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a

@@ -701,3 +701,44 @@ impl AuditRecordsLost {
         metrics::counter!(AUDIT_RECORDS_LOST.name).increment(self.count);
     }
 }
+
+/// A journey's `rank(customer, vars)` threw or returned no number: its
+/// step competes with the journey's `priority`, the failure counted against
+/// the journey.
+pub struct RankFailed<'a> {
+    pub journey: &'a str,
+    pub instance: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl RankFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, journey = %self.journey, instance = %self.instance, error = %self.error, "rank failed; using the journey's priority");
+        metrics::counter!(RULE_ERRORS.name, "journey" => self.journey.to_string()).increment(1);
+    }
+}
+
+/// Logged only: a review-page read that failed (the page answers 500; the
+/// store's own health is on `/readyz`).
+pub struct ReviewReadFailed<'a> {
+    pub what: &'a str,
+    pub error: &'a dyn Display,
+}
+
+impl ReviewReadFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: "nudge::admin::page", what = self.what, error = %self.error, "review page: store read failed");
+    }
+}
+
+/// Logged only: `policy.holidays` was checked when the config loaded, so
+/// this is a file changed or removed since; no public holidays apply.
+pub struct HolidayCalendarUnreadable<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl HolidayCalendarUnreadable<'_> {
+    pub fn emit(self) {
+        tracing::error!(target: "nudge::policy", error = %self.error, "holiday calendar unreadable; no public holidays apply");
+    }
+}

@@ -154,6 +154,16 @@ mod tests {
             reason: "wrong token",
         }
         .emit();
+        AuditRecordsPublished { count: 1 }.emit();
+        AuditOutboxUnreadable { error }.emit();
+        AuditPublishFailed {
+            topic: "audit",
+            count: 1,
+            error,
+        }
+        .emit();
+        AuditBacklogMeasured { waiting: 1 }.emit();
+        AuditRecordsLost { count: 1 }.emit();
         LeaseRenewalFailed {
             channel: "push",
             error,

@@ -211,14 +211,14 @@ async fn read<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || f(&*review)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, what, "review page: store read failed");
+            crate::telemetry::events::ReviewReadFailed { what, error: &e }.emit();
             Err(html_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 html::error_page("The store could not be read; the daemon's log says why."),
             ))
         }
         Err(e) => {
-            tracing::warn!(error = %e, what, "review page: store read panicked");
+            crate::telemetry::events::ReviewReadFailed { what, error: &e }.emit();
             Err(StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
     }
@@ -354,7 +354,11 @@ async fn log_csv(State(state): State<PageState>, Query(query): Query<LogQuery>) 
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "review page: CSV read failed");
+                    crate::telemetry::events::ReviewReadFailed {
+                        what: "csv",
+                        error: &e,
+                    }
+                    .emit();
                     // Fails the body: the download ends as broken, not as a short file.
                     let _ = errors.blocking_send(Err(std::io::Error::other("store read failed")));
                     return;

@@ -31,6 +31,7 @@ mod read;
 mod review;
 pub mod schema;
 mod tx;
+mod upcoming;
 
 pub use conn::{parse_url, PgOptions, SslMode};
 
@@ -641,6 +642,14 @@ impl Store for PostgresStore {
 
     fn audit_backlog(&self) -> Result<u64, StoreError> {
         audit::backlog(self)
+    }
+
+    fn upcoming_steps(
+        &self,
+        customers: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        upcoming::upcoming_steps(&mut *self.conn()?, customers, until)
     }
 }
 

@@ -15,6 +15,7 @@ mod purge;
 mod review;
 pub mod schema;
 mod tx;
+mod upcoming;
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
@@ -696,6 +697,14 @@ impl Store for SqliteStore {
 
     fn audit_backlog(&self) -> Result<u64, StoreError> {
         audit::backlog(self)
+    }
+
+    fn upcoming_steps(
+        &self,
+        customers: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<DueStep>, StoreError> {
+        upcoming::upcoming_steps(&self.reader(), customers, until)
     }
 }
 

@@ -1,0 +1,417 @@
+//! Arbitration: the "next best" of next-best-action. When one customer has
+//! several steps due within `policy.arbitration.window` of each other and
+//! the caps leave room for fewer than all of them, the highest score goes,
+//! whatever was due or evaluated first; each loser is deferred until the
+//! caps free (`on_lose = "defer"`, the default for `service`) or dropped
+//! (`"drop"`, the default for `marketing`), with a reason naming the winner
+//! and both scores. A deferral never passes the step's lateness bound: a
+//! loser that could only go after it is dropped, saying so.
+//!
+//! The interface is narrow on purpose: candidates in, one [`Outcome`] per
+//! candidate out; what the caps allow is asked through [`Room`], so the cap
+//! rules (today `policy.max_per_customer` over `policy.cap_window`) can
+//! change without touching the choice.
+
+use chrono::{DateTime, Utc};
+
+use crate::context::RecentSend;
+use crate::model::{Category, ChannelKind};
+use crate::policy::caps::caps_room;
+
+/// What happens to a step that lost arbitration (journey key `on_lose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLose {
+    /// Wait until the caps have room again (within the lateness bound).
+    Defer,
+    /// Suppressed for good.
+    Drop,
+}
+
+impl OnLose {
+    /// Service messages the customer needs wait; marketing gives way.
+    pub fn default_for(category: Category) -> Self {
+        match category {
+            Category::Service => OnLose::Defer,
+            Category::Marketing => OnLose::Drop,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLose::Defer => "defer",
+            OnLose::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for OnLose {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "defer" => Ok(OnLose::Defer),
+            "drop" => Ok(OnLose::Drop),
+            other => Err(format!(
+                "unknown on_lose `{other}` (expected \"defer\" or \"drop\")"
+            )),
+        }
+    }
+}
+
+/// One step that wants to reach the customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Names the step in reasons: `journey/step`.
+    pub label: String,
+    /// `rank(customer, vars)` or the journey's `priority`.
+    pub score: f64,
+    pub due: DateTime<Utc>,
+    pub channel: ChannelKind,
+    pub category: Category,
+    pub on_lose: OnLose,
+    /// The last moment the step may still go (planned time + lateness bound).
+    pub latest: DateTime<Utc>,
+}
+
+/// What the caps allow, asked by [`decide`].
+pub trait Room {
+    /// Whether `next` may go when every one of `chosen` goes too.
+    fn fits(&self, chosen: &[&Candidate], next: &Candidate) -> bool;
+    /// When the caps have room for `loser` again once `chosen` went at
+    /// their due times; `None` when they never will.
+    fn frees_at(&self, chosen: &[&Candidate], loser: &Candidate) -> Option<DateTime<Utc>>;
+}
+
+/// What arbitration decided for one candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Win,
+    Defer {
+        until: DateTime<Utc>,
+        reason: String,
+    },
+    Drop(String),
+}
+
+/// Decides every candidate: the highest scores take the room the caps
+/// leave (ties: due first, then by label, so the result never depends on
+/// the order given). Returns one outcome per candidate, in input order.
+pub fn decide(candidates: &[Candidate], room: &dyn Room) -> Vec<Outcome> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&candidates[a], &candidates[b]);
+        b.score
+            .total_cmp(&a.score)
+            .then(a.due.cmp(&b.due))
+            .then(a.label.cmp(&b.label))
+    });
+    let mut chosen: Vec<&Candidate> = Vec::new();
+    let mut outcomes = vec![Outcome::Win; candidates.len()];
+    let mut losers = Vec::new();
+    for i in order {
+        let c = &candidates[i];
+        if room.fits(&chosen, c) {
+            chosen.push(c);
+        } else {
+            losers.push(i);
+        }
+    }
+    for i in losers {
+        let loser = &candidates[i];
+        // The winner it lost to: the lowest-scored one that took the room
+        // ahead of it (with one slot left, the one winner).
+        let lost_to = chosen
+            .iter()
+            .rev()
+            .find(|w| w.score >= loser.score)
+            .or(chosen.first());
+        let lost = match lost_to {
+            Some(w) => format!(
+                "arbitration: lost to {} (score {} vs {})",
+                w.label,
+                score_text(w.score),
+                score_text(loser.score)
+            ),
+            None => "arbitration: no room under the caps".to_string(),
+        };
+        outcomes[i] = match loser.on_lose {
+            OnLose::Drop => Outcome::Drop(format!("{lost}; on_lose = \"drop\"")),
+            OnLose::Defer => match room.frees_at(&chosen, loser) {
+                Some(until) if until <= loser.latest => Outcome::Defer {
+                    until,
+                    reason: format!("{lost}; deferred until the caps free"),
+                },
+                Some(until) => Outcome::Drop(format!(
+                    "{lost}; the caps free only at {}, past its lateness bound",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )),
+                None => Outcome::Drop(format!("{lost}; the caps do not free")),
+            },
+        };
+    }
+    outcomes
+}
+
+/// A score as people write it: `80`, `0.125`.
+pub fn score_text(score: f64) -> String {
+    if score.fract() == 0.0 && score.abs() < 1e15 {
+        format!("{score:.0}")
+    } else {
+        let text = format!("{score:.4}");
+        text.trim_end_matches('0').to_string()
+    }
+}
+
+/// The caps (`policy.caps`, by calendar day in the customer's zone) over
+/// the customer's recorded sends, with the chosen candidates counted as
+/// sent at their due times.
+pub struct CapsRoom {
+    pub caps: Vec<crate::config::Cap>,
+    pub sent: Vec<RecentSend>,
+    pub tz: chrono_tz::Tz,
+}
+
+impl CapsRoom {
+    /// The sends counted once `chosen` went, and the instant to count at:
+    /// the latest of them and `at` (within the arbitration window the
+    /// chosen are all counted).
+    fn with_chosen(&self, chosen: &[&Candidate], at: DateTime<Utc>) -> (Vec<RecentSend>, DateTime<Utc>) {
+        let mut sends = self.sent.clone();
+        let mut when = at;
+        for c in chosen {
+            when = when.max(c.due);
+            sends.push(RecentSend {
+                at: c.due,
+                journey: String::new(),
+                channel: c.channel,
+                category: c.category,
+            });
+        }
+        (sends, when)
+    }
+}
+
+impl Room for CapsRoom {
+    fn fits(&self, chosen: &[&Candidate], next: &Candidate) -> bool {
+        let (sends, at) = self.with_chosen(chosen, next.due);
+        caps_room(&self.caps, &sends, next.channel, next.category, self.tz, at).is_ok()
+    }
+
+    fn frees_at(&self, chosen: &[&Candidate], loser: &Candidate) -> Option<DateTime<Utc>> {
+        let (sends, at) = self.with_chosen(chosen, loser.due);
+        match caps_room(&self.caps, &sends, loser.channel, loser.category, self.tz, at) {
+            Ok(()) => Some(at),
+            Err(hit) => Some(hit.frees_at.max(loser.due)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    fn candidate(label: &str, score: f64, due: &str, category: Category) -> Candidate {
+        let due = at(due);
+        Candidate {
+            label: label.into(),
+            score,
+            due,
+            channel: ChannelKind::Push,
+            category,
+            on_lose: OnLose::default_for(category),
+            latest: due + Duration::days(2),
+        }
+    }
+
+    /// `max` sends a calendar day (UTC), on everything; 0: no cap.
+    fn cap(max: u32) -> CapsRoom {
+        let caps = if max == 0 {
+            vec![]
+        } else {
+            vec![crate::config::Cap {
+                category: None,
+                channel: None,
+                max,
+                per: 1,
+            }]
+        };
+        CapsRoom {
+            caps,
+            sent: vec![],
+            tz: chrono_tz::UTC,
+        }
+    }
+
+    /// The scenario and its neighbours, one row each: who wins
+    /// does not depend on who was due (or is listed) first.
+    #[test]
+    fn the_higher_score_goes_whatever_was_due_or_evaluated_first() {
+        let fee = || {
+            candidate(
+                "fee_increase/alert",
+                50.0,
+                "2026-03-02T01:00:00Z",
+                Category::Service,
+            )
+        };
+        let loan = || {
+            candidate(
+                "unsigned_loan/push",
+                80.0,
+                "2026-03-02T01:05:00Z",
+                Category::Service,
+            )
+        };
+        let promo = || {
+            candidate(
+                "energy_rebate/invite",
+                30.0,
+                "2026-03-02T01:02:00Z",
+                Category::Marketing,
+            )
+        };
+        let deferred = |until: &str, reason: &str| Outcome::Defer {
+            until: at(until),
+            reason: reason.into(),
+        };
+        struct Row {
+            name: &'static str,
+            candidates: Vec<Candidate>,
+            cap: CapsRoom,
+            expect: Vec<Outcome>,
+        }
+        let rows = vec![
+            Row {
+                name: "fee due and listed first, loan later: the loan goes, the fee alert waits a day",
+                candidates: vec![fee(), loan()],
+                cap: cap(1),
+                expect: vec![
+                    deferred(
+                        "2026-03-03T00:00:00Z",
+                        "arbitration: lost to unsigned_loan/push (score 80 vs 50); deferred until the caps free",
+                    ),
+                    Outcome::Win,
+                ],
+            },
+            Row {
+                name: "listed the other way round: the same",
+                candidates: vec![loan(), fee()],
+                cap: cap(1),
+                expect: vec![
+                    Outcome::Win,
+                    deferred(
+                        "2026-03-03T00:00:00Z",
+                        "arbitration: lost to unsigned_loan/push (score 80 vs 50); deferred until the caps free",
+                    ),
+                ],
+            },
+            Row {
+                name: "room for all: everyone goes",
+                candidates: vec![fee(), loan(), promo()],
+                cap: cap(3),
+                expect: vec![Outcome::Win, Outcome::Win, Outcome::Win],
+            },
+            Row {
+                name: "no cap: everyone goes",
+                candidates: vec![fee(), loan()],
+                cap: cap(0),
+                expect: vec![Outcome::Win, Outcome::Win],
+            },
+            Row {
+                name: "room for two: marketing is dropped",
+                candidates: vec![promo(), fee(), loan()],
+                cap: cap(2),
+                expect: vec![
+                    Outcome::Drop(
+                        "arbitration: lost to fee_increase/alert (score 50 vs 30); on_lose = \"drop\"".into(),
+                    ),
+                    Outcome::Win,
+                    Outcome::Win,
+                ],
+            },
+        ];
+        for row in rows {
+            assert_eq!(
+                decide(&row.candidates, &row.cap),
+                row.expect,
+                "{}",
+                row.name
+            );
+        }
+    }
+
+    /// A loser whose wait would pass its lateness bound is dropped, saying
+    /// when the caps free; an explicit `on_lose = "drop"` drops a service step.
+    #[test]
+    fn deferral_respects_the_lateness_bound_and_on_lose() {
+        let loan = candidate(
+            "unsigned_loan/push",
+            80.0,
+            "2026-03-02T01:05:00Z",
+            Category::Service,
+        );
+        let mut fee = candidate(
+            "fee_increase/alert",
+            50.0,
+            "2026-03-02T01:00:00Z",
+            Category::Service,
+        );
+        fee.latest = fee.due + Duration::hours(1);
+        let out = decide(&[fee.clone(), loan.clone()], &cap(1));
+        assert_eq!(
+            out[0],
+            Outcome::Drop(
+                "arbitration: lost to unsigned_loan/push (score 80 vs 50); the caps free only at 2026-03-03T00:00:00Z, past its lateness bound".into()
+            )
+        );
+        fee.on_lose = OnLose::Drop;
+        fee.latest = fee.due + Duration::days(2);
+        assert!(
+            matches!(&decide(&[fee, loan], &cap(1))[0], Outcome::Drop(r) if r.ends_with("on_lose = \"drop\""))
+        );
+    }
+
+    /// Sends already in the window count: a cap of 2 a day with one send
+    /// earlier that day frees for the loser at the next local midnight.
+    #[test]
+    fn earlier_sends_take_room_and_set_when_it_frees() {
+        let loan = candidate(
+            "unsigned_loan/push",
+            80.0,
+            "2026-03-02T01:05:00Z",
+            Category::Service,
+        );
+        let fee = candidate(
+            "fee_increase/alert",
+            50.0,
+            "2026-03-02T01:00:00Z",
+            Category::Service,
+        );
+        let room = CapsRoom {
+            sent: vec![RecentSend {
+                at: at("2026-03-02T00:30:00Z"),
+                journey: "energy_rebate".into(),
+                channel: ChannelKind::Email,
+                category: Category::Service,
+            }],
+            ..cap(2)
+        };
+        let out = decide(&[fee, loan], &room);
+        assert_eq!(out[1], Outcome::Win);
+        assert!(
+            matches!(&out[0], Outcome::Defer { until, .. } if *until == at("2026-03-03T00:00:00Z")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn scores_read_as_written() {
+        assert_eq!(score_text(80.0), "80");
+        assert_eq!(score_text(0.125), "0.125");
+        assert_eq!(score_text(-3.0), "-3");
+    }
+}

@@ -1,0 +1,426 @@
+//! Where the scheduler meets arbitration ([`crate::policy::arbitration`]):
+//! a due step that the contact policy would send is weighed against the
+//! customer's other steps that could go within `policy.arbitration.window`
+//! (the rest of the claimed batch, and pending steps read ahead from the
+//! store), each scored by its journey's `rank(customer, vars)` or
+//! `priority`. Only a cap makes steps compete; without one this does
+//! nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{BatchContext, Scheduler};
+use crate::clock::span;
+use crate::context::CustomerContext;
+use crate::model::{ChannelKind, DueStep};
+use crate::policy::arbitration::{self, Candidate, OnLose};
+use crate::policy::Verdict;
+use crate::rules::RuleSet;
+use crate::telemetry::events::{RankFailed, RuleTimedOut};
+
+/// The fallback channels the journey's script declares for the step, if any.
+pub(super) fn fallback_of<'r>(rules: &'r RuleSet, step: &DueStep) -> Option<&'r [ChannelKind]> {
+    let plan = rules
+        .journey(&step.journey)?
+        .steps
+        .iter()
+        .find(|p| p.id == step.step)?;
+    (!plan.fallback.is_empty()).then_some(plan.fallback.as_slice())
+}
+
+/// Arbitration state of one batch being decided.
+pub(super) struct Arbiter<'a> {
+    scheduler: &'a Scheduler,
+    rules: &'a RuleSet,
+    /// Whether a cap is set (else nothing competes).
+    capped: bool,
+    /// The batch's claimed steps of customers with more than one.
+    claimed: HashMap<String, Vec<DueStep>>,
+    /// Rows of the batch decided so far (they count as sends, or not at all).
+    pub decided: HashSet<i64>,
+    /// Scores by (instance, step): a rank runs once per step and batch.
+    scores: HashMap<(String, String), f64>,
+}
+
+impl<'a> Arbiter<'a> {
+    pub fn new(scheduler: &'a Scheduler, rules: &'a RuleSet, claimed: &[DueStep]) -> Self {
+        let capped = !scheduler.policy.caps().is_empty();
+        let mut by_customer: HashMap<String, Vec<DueStep>> = HashMap::new();
+        if capped {
+            let mut count: HashMap<&str, usize> = HashMap::new();
+            for s in claimed {
+                *count.entry(s.customer.as_str()).or_default() += 1;
+            }
+            for s in claimed.iter().filter(|s| count[s.customer.as_str()] > 1) {
+                by_customer
+                    .entry(s.customer.clone())
+                    .or_default()
+                    .push(s.clone());
+            }
+        }
+        Self {
+            scheduler,
+            rules,
+            capped,
+            claimed: by_customer,
+            decided: HashSet::new(),
+            scores: HashMap::new(),
+        }
+    }
+
+    /// `None` when `step` may go (it won, or nothing competes); else what
+    /// becomes of it as a loser: waiting for the caps, or suppressed.
+    pub fn arbitrate(
+        &mut self,
+        step: &DueStep,
+        customer: &CustomerContext,
+        context: &BatchContext,
+        now: DateTime<Utc>,
+    ) -> Option<Verdict> {
+        if !self.capped {
+            return None;
+        }
+        let policy = &self.scheduler.policy;
+        let others: Vec<DueStep> = self
+            .claimed
+            .get(&step.customer)
+            .into_iter()
+            .flatten()
+            .filter(|s| s.row != step.row && !self.decided.contains(&s.row))
+            .chain(context.upcoming.get(&step.customer).into_iter().flatten())
+            .filter(|s| policy.may_compete(s, fallback_of(self.rules, s).unwrap_or(&[]), customer))
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        let mut candidates = Vec::with_capacity(others.len() + 1);
+        // The step itself competes from now: it is due.
+        let mut own = self.candidate(step, customer);
+        own.due = own.due.max(now);
+        candidates.push(own);
+        for other in &others {
+            candidates.push(self.candidate(other, customer));
+        }
+        let room = policy.cap_room(customer);
+        match arbitration::decide(&candidates, &room).swap_remove(0) {
+            arbitration::Outcome::Win => None,
+            arbitration::Outcome::Defer { until, reason } => Some(Verdict::Wait {
+                until,
+                reason: format!("{}; {reason}", policy.cap_text(customer, step, now)),
+            }),
+            arbitration::Outcome::Drop(reason) => Some(Verdict::Suppress(format!(
+                "{}; {reason}",
+                policy.cap_text(customer, step, now)
+            ))),
+        }
+    }
+
+    fn candidate(&mut self, step: &DueStep, customer: &CustomerContext) -> Candidate {
+        let journey = self.rules.journey(&step.journey);
+        let category = step.category;
+        Candidate {
+            label: format!("{}/{}", step.journey, step.step),
+            score: self.score(step, customer),
+            due: step.due_at,
+            channel: step.channel,
+            category,
+            on_lose: journey.map_or(OnLose::default_for(category), |j| j.on_lose),
+            latest: step.planned_at + span(self.scheduler.lateness(step.channel)),
+        }
+    }
+
+    /// The journey's `rank(customer, vars)`, or its `priority` when it has
+    /// none or the rank fails (logged and counted); 0 for a journey no
+    /// longer loaded.
+    fn score(&mut self, step: &DueStep, customer: &CustomerContext) -> f64 {
+        let key = (step.instance_id.clone(), step.step.clone());
+        if let Some(score) = self.scores.get(&key) {
+            return *score;
+        }
+        let Some(journey) = self.rules.journey(&step.journey) else {
+            return 0.0;
+        };
+        let score = match self
+            .rules
+            .rank(journey, &Arc::new(customer.clone()), &step.vars.to_map())
+        {
+            Ok(score) => score,
+            Err(e) => {
+                if e.timed_out {
+                    RuleTimedOut {
+                        journey: &step.journey,
+                        function: "rank",
+                    }
+                    .emit();
+                }
+                RankFailed {
+                    journey: &step.journey,
+                    instance: &step.instance_id,
+                    error: &e,
+                }
+                .emit();
+                journey.priority as f64
+            }
+        };
+        self.scores.insert(key, score);
+        score
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::VirtualClock;
+    use crate::config::{PolicyConfig, QuietHours, SchedulerConfig};
+    use crate::dispatch::{Channels, RecordingChannel};
+    use crate::model::{Category, LogRecord, Mode, Outcome};
+    use crate::rules::{Limits, RulesHandle};
+    use crate::store::{NewInstance, NewStep, SqliteStore, Store};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    /// Monday 2 March 2026, 12:00 in Sydney.
+    fn t0() -> DateTime<Utc> {
+        at("2026-03-02T01:00:00Z")
+    }
+
+    fn instance(journey: &str, due: DateTime<Utc>) -> NewInstance {
+        NewInstance {
+            id: format!("i-{journey}"),
+            customer: "c1".into(),
+            journey: journey.into(),
+            key: journey.into(),
+            mode: Mode::Live,
+            category: Category::Service,
+            started_at: due,
+            rule_hash: "h".into(),
+            trigger_event: format!("e-{journey}"),
+            vars: Default::default(),
+            decision_inputs: json!({}),
+        }
+    }
+
+    fn push(id: &str, due: DateTime<Utc>) -> NewStep {
+        NewStep {
+            step: id.into(),
+            seq: 0,
+            channel: ChannelKind::Push,
+            template: "t".into(),
+            condition: None,
+            due_at: due,
+        }
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        clock: VirtualClock,
+        channel: Arc<RecordingChannel>,
+        scheduler: Scheduler,
+    }
+
+    /// The shipped rules (or `rules` when given) over a fresh store, with a
+    /// cap of `cap` a day, no quiet hours, the push lateness bound
+    /// `lateness`, and the virtual clock at [`t0`].
+    fn world(cap: u32, lateness: Duration, rules: Option<&Path>) -> (World, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        let rules = crate::rules::load_dir(rules.unwrap_or(&shipped), &Limits::default()).unwrap();
+        let policy = PolicyConfig {
+            max_per_customer: Some(cap),
+            quiet_hours: QuietHours {
+                channels: Default::default(),
+                legacy: None,
+            },
+            ..PolicyConfig::default()
+        };
+        let clock = VirtualClock::new(t0());
+        let channel = Arc::new(RecordingChannel::default());
+        let scheduler = Scheduler::new(
+            store.clone(),
+            RulesHandle::new(rules),
+            Channels::all(channel.clone()),
+            Arc::new(clock.clone()),
+            crate::policy::Policy::new(policy),
+            SchedulerConfig::default(),
+            HashMap::from([(ChannelKind::Push, lateness)]),
+        );
+        let world = World {
+            _dir: dir,
+            clock,
+            channel,
+            scheduler,
+        };
+        (world, store)
+    }
+
+    /// The scenario: a fee alert (priority 50) due at noon and a
+    /// loan reminder push (priority 80) due five minutes later, one
+    /// customer, a cap of 1 a day. The fee alert is due and decided first,
+    /// yet the loan push goes; the fee alert waits for the cap to free (or
+    /// is dropped when that is past its lateness bound), the reason naming
+    /// the winner and both scores.
+    #[tokio::test]
+    async fn the_higher_score_goes_though_due_and_decided_later() {
+        struct Row {
+            name: &'static str,
+            lateness: Duration,
+            fee_outcome: Outcome,
+            fee_reason_ends: &'static str,
+        }
+        let rows = [
+            Row {
+                // 12:00 in Sydney: the day's cap frees at local midnight, 13:00 UTC.
+                name: "lateness 6h: the cap frees too late, dropped",
+                lateness: Duration::from_secs(6 * 3600),
+                fee_outcome: Outcome::Suppressed,
+                fee_reason_ends:
+                    "the caps free only at 2026-03-02T13:00:00Z, past its lateness bound",
+            },
+            Row {
+                name: "lateness 2d: deferred until the cap frees",
+                lateness: Duration::from_secs(48 * 3600),
+                fee_outcome: Outcome::Deferred,
+                fee_reason_ends: "deferred until the caps free; until 2026-03-02T13:00:00Z",
+            },
+        ];
+        for row in rows {
+            let (w, store) = world(1, row.lateness, None);
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+                .unwrap();
+            let later = t0() + chrono::Duration::minutes(5);
+            tx.start_instance(&instance("unsigned_loan", later), &[push("push", later)])
+                .unwrap();
+            tx.commit().unwrap();
+
+            let first = w.scheduler.run_due().await.unwrap();
+            assert_eq!(first.len(), 1, "{}: {first:?}", row.name);
+            let fee = &first[0];
+            assert_eq!(
+                (fee.journey.as_str(), fee.outcome),
+                ("fee_increase", row.fee_outcome),
+                "{}: {fee:?}",
+                row.name
+            );
+            assert!(
+                fee.reason.starts_with("frequency cap: 1 messages within 1 calendar day; arbitration: lost to unsigned_loan/push (score 80 vs 50)")
+                    && fee.reason.ends_with(row.fee_reason_ends),
+                "{}: {}",
+                row.name,
+                fee.reason
+            );
+            assert!(w.channel.messages().is_empty(), "{}", row.name);
+
+            w.clock.advance(chrono::Duration::minutes(5));
+            let second: Vec<LogRecord> = w.scheduler.run_due().await.unwrap();
+            assert_eq!(second.len(), 1, "{}: {second:?}", row.name);
+            assert_eq!(
+                (second[0].journey.as_str(), second[0].outcome),
+                ("unsigned_loan", Outcome::Sent),
+                "{}",
+                row.name
+            );
+            let sent = w.channel.messages();
+            assert_eq!(sent.len(), 1);
+            assert_eq!(sent[0].journey, "unsigned_loan");
+            // Lateness is measured from the fee alert's plan, not the deferral.
+            if row.fee_outcome == Outcome::Deferred {
+                assert_eq!(
+                    w.scheduler.next_due().await.unwrap(),
+                    Some(at("2026-03-02T13:00:00Z"))
+                );
+            }
+        }
+    }
+
+    /// A journey's `rank` outranks the other's `priority`: here the fee
+    /// alert ranks 100 and goes first; the loan push due later then meets
+    /// the full cap. A rank that fails falls back to the priority.
+    #[tokio::test]
+    async fn rank_scores_and_a_failing_rank_falls_back_to_priority() {
+        for (rank_body, fee_wins) in [("100.0", true), ("throw \"broken\"", false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+            for file in ["fee_increase.rhai", "unsigned_loan.rhai"] {
+                let mut text = std::fs::read_to_string(shipped.join(file)).unwrap();
+                if file == "fee_increase.rhai" {
+                    text.push_str(&format!("\nfn rank(customer, vars) {{ {rank_body} }}\n"));
+                }
+                std::fs::write(dir.path().join(file), text).unwrap();
+            }
+            let (w, store) = world(1, Duration::from_secs(6 * 3600), Some(dir.path()));
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            let later = t0() + chrono::Duration::minutes(5);
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+                .unwrap();
+            tx.start_instance(&instance("unsigned_loan", later), &[push("push", later)])
+                .unwrap();
+            tx.commit().unwrap();
+            let first = w.scheduler.run_due().await.unwrap();
+            let fee = &first[0];
+            if fee_wins {
+                assert_eq!(fee.outcome, Outcome::Sent, "{fee:?}");
+            } else {
+                assert_eq!(fee.outcome, Outcome::Suppressed, "{fee:?}");
+                assert!(fee.reason.contains("(score 80 vs 50)"), "{fee:?}");
+            }
+        }
+    }
+
+    /// The fee alert of a customer without the app goes by email (the
+    /// shipped script's `fallback`), logged as sent on email with the reason.
+    #[tokio::test]
+    async fn an_unreachable_channel_falls_back() {
+        let (w, store) = world(0, Duration::from_secs(3600), None);
+        let mut customer = CustomerContext::new("c1");
+        customer.email = Some("c1@example.com".into());
+        let mut tx = store.begin().unwrap();
+        tx.save_customer(&customer, t0()).unwrap();
+        tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+            .unwrap();
+        tx.commit().unwrap();
+        let records = w.scheduler.run_due().await.unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = &records[0];
+        assert_eq!(
+            (r.outcome, r.channel.as_str(), r.reason.as_str()),
+            (
+                Outcome::Sent,
+                "email",
+                "fallback from push: no app installed"
+            ),
+            "{r:?}"
+        );
+        let sent = w.channel.messages();
+        assert_eq!(sent[0].channel, ChannelKind::Email);
+        assert_eq!(sent[0].address.as_deref(), Some("c1@example.com"));
+
+        // Neither app nor email: nothing to fall back to, suppressed as before.
+        let (w, store) = world(0, Duration::from_secs(3600), None);
+        let mut tx = store.begin().unwrap();
+        tx.save_customer(&CustomerContext::new("c1"), t0()).unwrap();
+        tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+            .unwrap();
+        tx.commit().unwrap();
+        let records = w.scheduler.run_due().await.unwrap();
+        assert_eq!(records[0].outcome, Outcome::Suppressed);
+        assert_eq!(records[0].reason, "unreachable on push: no app installed");
+    }
+}
