@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 mod conn;
+mod control;
 mod purge;
 mod read;
 mod review;
@@ -612,6 +613,28 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
+    }
+
+    // Runtime control: in `control.rs`.
+
+    fn control_overrides(&self) -> Result<Vec<crate::store::control::ControlRow>, StoreError> {
+        self.read_control_overrides()
+    }
+
+    fn change_control(
+        &self,
+        change: &crate::store::control::ControlChange<'_>,
+    ) -> Result<crate::store::control::ControlEntry, StoreError> {
+        self.write_control_change(change)
+    }
+
+    fn control_log(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
+        self.read_control_log(since, until, limit)
     }
 }
 

@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     V2_SEND_INTENTS,
     V3_DEAD_LETTER_HEADERS_AND_RETRIES,
     V4_REVIEW_INDEXES,
+    V5_RUNTIME_CONTROL,
 ];
 
 /// The schema version this binary writes.
@@ -227,4 +228,28 @@ CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time, seq);
 CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time, seq);
 CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time, seq);
 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";
+
+/// Version 5: runtime control (`store::control`): the overrides in force,
+/// one row per journey or channel, and the control log of every change
+/// (kept for good: retention does not purge it).
+const V5_RUNTIME_CONTROL: &str = "
+CREATE TABLE control_overrides (
+    kind text NOT NULL,
+    target text NOT NULL,
+    settings jsonb NOT NULL,
+    updated_at timestamptz NOT NULL,
+    updated_by text NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+CREATE TABLE control_log (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time timestamptz NOT NULL,
+    who text NOT NULL,
+    kind text NOT NULL,
+    target text NOT NULL,
+    before jsonb NOT NULL,
+    after jsonb NOT NULL
+);
+CREATE INDEX control_log_time ON control_log (time);
 ";

@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
 mod batch;
+mod control;
 mod lock;
 mod purge;
 mod review;
@@ -671,6 +672,28 @@ impl Store for SqliteStore {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    // Runtime control: reads on the reader connection (a batch may hold the writer).
+
+    fn control_overrides(&self) -> Result<Vec<super::control::ControlRow>, StoreError> {
+        control::overrides(&self.reader())
+    }
+
+    fn change_control(
+        &self,
+        change: &super::control::ControlChange<'_>,
+    ) -> Result<super::control::ControlEntry, StoreError> {
+        control::change(&mut self.conn(), change)
+    }
+
+    fn control_log(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<super::control::ControlEntry>, StoreError> {
+        control::log(&self.reader(), since, until, limit)
     }
 }
 

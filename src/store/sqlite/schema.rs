@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     V3_SEND_INTENTS,
     V4_DEAD_LETTER_HEADERS_AND_RETRIES,
     V5_REVIEW_INDEXES,
+    V6_RUNTIME_CONTROL,
 ];
 
 /// The schema version this binary writes.
@@ -179,4 +180,28 @@ CREATE INDEX dispatch_log_journey ON dispatch_log (journey, time);
 CREATE INDEX dispatch_log_customer ON dispatch_log (customer, time);
 CREATE INDEX dispatch_log_outcome ON dispatch_log (outcome, time);
 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+";
+
+/// Version 6: runtime control (`store::control`): the overrides in force,
+/// one row per journey or channel, and the control log of every change
+/// (kept for good: retention does not purge it).
+const V6_RUNTIME_CONTROL: &str = "
+CREATE TABLE control_overrides (
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT NOT NULL,
+    PRIMARY KEY (kind, target)
+) WITHOUT ROWID;
+CREATE TABLE control_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before TEXT NOT NULL,
+    after TEXT NOT NULL
+);
+CREATE INDEX control_log_time ON control_log (time);
 ";
