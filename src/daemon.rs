@@ -100,21 +100,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lateness.insert(*kind, ch.lateness);
     }
 
-    let pipeline = Arc::new(Pipeline::new(
-        store.clone(),
-        rules.clone(),
-        clock.clone(),
-        config.policy.clone(),
-    ));
-    let scheduler = Arc::new(Scheduler::new(
-        store.clone(),
-        rules.clone(),
-        channels,
-        clock.clone(),
-        Policy::new(config.policy.clone()),
-        config.scheduler.clone(),
-        lateness,
-    ));
+    // Runtime control: the overrides stored before this start are in
+    // force from the first event and the first step.
+    let controls = crate::control::Controls::default();
+    {
+        let (store, controls) = (store.clone(), controls.clone());
+        tokio::task::spawn_blocking(move || controls.load(store.as_ref()))
+            .await
+            .context("reading the runtime-control overrides")?
+            .context("store: reading the runtime-control overrides")?;
+    }
+    let pipeline = Arc::new(
+        Pipeline::new(
+            store.clone(),
+            rules.clone(),
+            clock.clone(),
+            config.policy.clone(),
+        )
+        .with_controls(controls.clone()),
+    );
+    let scheduler = Arc::new(
+        Scheduler::new(
+            store.clone(),
+            rules.clone(),
+            channels,
+            clock.clone(),
+            Policy::new(config.policy.clone()),
+            config.scheduler.clone(),
+            lateness,
+        )
+        .with_controls(controls.clone()),
+    );
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
     let dlq_status = dlq.status();
@@ -142,6 +158,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         rules: rules.clone(),
         dead_letters: dlq_status,
         tokens: Arc::new(tokens),
+        controls: controls.clone(),
+        policy: Arc::new(config.policy.clone()),
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
@@ -163,6 +181,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let readiness = ingest.readiness();
     tasks.spawn("scheduler", scheduler.clone().run(stop_rx.clone()));
     tasks.spawn("dead-letter publisher", dlq.run(stop_rx.clone()));
+    tokio::spawn(crate::control::refresh(
+        store.clone(),
+        controls,
+        stop_rx.clone(),
+    ));
     tasks.spawn_fallible("ingest", ingest.run(stop_rx.clone()));
     spawn_reloader(
         config.rules.dir.clone(),

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod event;

@@ -222,6 +222,18 @@ impl Scheduler {
         }
     }
 
+    /// Checks and holds steps under these runtime-control overrides too.
+    pub fn with_controls(mut self, controls: crate::control::Controls) -> Self {
+        self.policy = self.policy.with_controls(controls);
+        self
+    }
+
+    /// Whether runtime control has stopped the channel: its steps wait in
+    /// the store, unclaimed, until it resumes.
+    fn channel_stopped(&self, channel: ChannelKind) -> bool {
+        self.policy.controls().current().channel_stopped(channel)
+    }
+
     /// Tells the channel loops that new steps may be due earlier than they planned.
     pub fn wake(&self) {
         for n in self.wake.values() {
@@ -311,7 +323,7 @@ impl Scheduler {
             let lease = span(self.config.lease);
             let window = span(self.policy.config().cap_window);
             let limit = self.config.batch_size;
-            while !stop.is_some_and(|s| *s.borrow()) {
+            while !stop.is_some_and(|s| *s.borrow()) && !self.channel_stopped(channel) {
                 let now = self.clock.now();
                 in_flight
                     .lock()
@@ -572,7 +584,16 @@ impl Scheduler {
         channel: ChannelKind,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut controls = self.policy.controls().subscribe();
         while !*shutdown.borrow() {
+            if self.channel_stopped(channel) {
+                // Held: nothing is claimed until runtime control resumes it.
+                tokio::select! {
+                    _ = controls.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             if let Err(e) = self.run_channel_due(channel, Some(&shutdown), false).await {
                 SchedulerRoundFailed {
                     channel: channel.as_str(),
@@ -594,6 +615,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.clock.sleep_until(next) => {}
                 _ = self.wake[&channel].notified() => {}
+                _ = controls.changed() => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -715,7 +737,8 @@ impl Scheduler {
                 address,
             } => (step, verdict, address),
         };
-        if stop.is_some_and(|s| *s.borrow()) {
+        // A channel stopped since the claim: the step waits for it, unsent.
+        if stop.is_some_and(|s| *s.borrow()) || self.channel_stopped(step.channel) {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
             self.store
                 .call(move |s| s.release_claim(&instance, &name))
@@ -1000,8 +1023,27 @@ impl Scheduler {
     }
 
     /// Earliest due step on any channel (simulate uses it to move the clock).
+    /// Channels stopped by runtime control are left out: their steps wait.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.store.call(|s| s.next_due(None)).await
+        let overrides = self.policy.controls().current();
+        if !ChannelKind::ALL
+            .iter()
+            .any(|c| overrides.channel_stopped(*c))
+        {
+            return self.store.call(|s| s.next_due(None)).await;
+        }
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for channel in ChannelKind::ALL {
+            if overrides.channel_stopped(channel) {
+                continue;
+            }
+            let due = self.store.call(move |s| s.next_due(Some(channel))).await?;
+            earliest = match (earliest, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(earliest)
     }
 }
 

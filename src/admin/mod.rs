@@ -4,6 +4,7 @@
 //! Behind a token ([`auth`]): everything else.
 
 pub mod auth;
+mod control;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -32,6 +33,9 @@ pub struct AdminState {
     /// not stop events from being processed (and a restart would not help).
     pub dead_letters: Arc<DeadLetterStatus>,
     pub tokens: Arc<auth::Tokens>,
+    /// Runtime control: the overrides in force, and the config they override.
+    pub controls: crate::control::Controls,
+    pub policy: Arc<crate::config::PolicyConfig>,
 }
 
 /// How long a store probe may take before `/readyz` says the store is not answering.
@@ -51,9 +55,18 @@ pub fn router(state: AdminState) -> Router {
             auth::require_reviewer,
         ));
     // Routes that change state: the admin token only.
-    let admin: Router<AdminState> = Router::new().route_layer(
-        axum::middleware::from_fn_with_state(tokens, auth::require_admin),
-    );
+    let admin: Router<AdminState> = Router::new()
+        .route("/admin/journeys", get(control::journeys))
+        .route(
+            "/admin/journeys/{name}",
+            get(control::journey).put(control::change_journey),
+        )
+        .route("/admin/channels", get(control::channels))
+        .route("/admin/channels/{kind}", put(control::change_channel))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::require_admin,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
