@@ -1,4 +1,4 @@
-//! What the store keeps for runtime control (`crate::control`): the
+//! What the store keeps for runtime control (the `control` module): the
 //! overrides in force, one row per target (a journey or a channel), and the
 //! control log, one entry per change, kept for good (retention does not
 //! purge it: it is small and it is the audit trail).

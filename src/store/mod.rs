@@ -405,7 +405,7 @@ pub trait Store: Send + Sync {
     /// Counts steps by status (for metrics, tests and the benchmarks).
     fn step_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
 
-    // ── Runtime control (`crate::control`: admin API, `nudge control`) ──
+    // ── Runtime control (the control module: admin API, `nudge control`) ──
 
     /// Every runtime-control override in force, by kind and target.
     fn control_overrides(&self) -> Result<Vec<control::ControlRow>, StoreError>;
