@@ -104,6 +104,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lateness.insert(*kind, ch.lateness);
     }
 
+    // Runtime control: the overrides stored before this start are in
+    // force from the first event and the first step.
+    let controls = crate::control::Controls::default();
+    {
+        let (store, controls) = (store.clone(), controls.clone());
+        tokio::task::spawn_blocking(move || controls.load(store.as_ref()))
+            .await
+            .context("reading the runtime-control overrides")?
+            .context("store: reading the runtime-control overrides")?;
+    }
     let pipeline = Arc::new(
         Pipeline::new(
             store.clone(),
@@ -111,17 +121,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             clock.clone(),
             config.policy.clone(),
         )
-        .with_withdrawals(crate::config::withdraw_channels(&config.channels)),
+        .with_withdrawals(crate::config::withdraw_channels(&config.channels))
+        .with_controls(controls.clone()),
     );
-    let scheduler = Arc::new(Scheduler::new(
-        store.clone(),
-        rules.clone(),
-        channels,
-        clock.clone(),
-        Policy::new(config.policy.clone()),
-        config.scheduler.clone(),
-        lateness,
-    ));
+    let scheduler = Arc::new(
+        Scheduler::new(
+            store.clone(),
+            rules.clone(),
+            channels,
+            clock.clone(),
+            Policy::new(config.policy.clone()),
+            config.scheduler.clone(),
+            lateness,
+        )
+        .with_controls(controls.clone()),
+    );
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
     let dlq_status = dlq.status();
@@ -172,6 +186,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokens: Arc::new(tokens),
         audit: audit_status,
         page,
+        controls: controls.clone(),
+        policy: Arc::new(config.policy.clone()),
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
@@ -196,6 +212,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(audit) = audit {
         tasks.spawn("audit publisher", audit.run(stop_rx.clone()));
     }
+    tokio::spawn(crate::control::refresh(
+        store.clone(),
+        controls,
+        stop_rx.clone(),
+    ));
     tasks.spawn_fallible("ingest", ingest.run(stop_rx.clone()));
     spawn_reloader(
         config.rules.dir.clone(),

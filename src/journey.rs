@@ -14,6 +14,7 @@ use serde_json::json;
 use crate::clock::{span, Clock};
 use crate::config::PolicyConfig;
 use crate::context::{self, CustomerContext};
+use crate::control::{Controls, JourneySettings, Overrides};
 use crate::event::Event;
 use crate::model::{
     instance_id, ChannelKind, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef,
@@ -122,6 +123,8 @@ pub struct Pipeline {
     attribution_window: Duration,
     /// `channels.<kind>.withdraw`: where an exit withdraws delivered steps.
     withdraw: Vec<ChannelKind>,
+    /// Runtime control: pilot, holdout and shadow changed while running.
+    controls: Controls,
 }
 
 impl Pipeline {
@@ -139,6 +142,7 @@ impl Pipeline {
             attribution_window: span(policy.attribution_window),
             policy,
             withdraw: vec![ChannelKind::CallTask],
+            controls: Controls::default(),
         }
     }
 
@@ -146,6 +150,12 @@ impl Pipeline {
     /// tasks only, as `channels.call_task.withdraw` defaults to true).
     pub fn with_withdrawals(mut self, channels: Vec<ChannelKind>) -> Self {
         self.withdraw = channels;
+        self
+    }
+
+    /// Decides with these runtime-control overrides too.
+    pub fn with_controls(mut self, controls: Controls) -> Self {
+        self.controls = controls;
         self
     }
 
@@ -178,7 +188,8 @@ impl Pipeline {
         let now = self.clock.now();
         let mut run = BatchRun {
             rules: &rules,
-            shadow_journeys: &self.policy.shadow_journeys,
+            policy: &self.policy,
+            overrides: self.controls.current(),
             now,
             sends_since: now - self.cap_window,
             completed_since: now - self.attribution_window,
@@ -230,7 +241,9 @@ impl Pipeline {
 /// One batch being decided inside its transaction.
 struct BatchRun<'a> {
     rules: &'a RuleSet,
-    shadow_journeys: &'a [String],
+    policy: &'a PolicyConfig,
+    /// Runtime control, as in force when the batch began.
+    overrides: Arc<Overrides>,
     now: DateTime<Utc>,
     /// Recent sends in the customer's context reach back to here (the cap window).
     sends_since: DateTime<Utc>,
@@ -379,9 +392,9 @@ impl BatchRun<'_> {
         journey: &Journey,
         customer: &Arc<CustomerContext>,
     ) -> Result<bool, StoreError> {
-        if journey.pilot_percent < 100
-            && bucket(&event.customer, &journey.name, "pilot") >= journey.pilot_percent
-        {
+        let settings = self.settings(journey);
+        let pilot = settings.pilot_percent.value;
+        if pilot < 100 && bucket(&event.customer, &journey.name, "pilot") >= pilot {
             return Ok(false);
         }
         let decision = self.rules.decide(journey, event, customer);
@@ -444,15 +457,20 @@ impl BatchRun<'_> {
 
     /// Shadow, control group or live, by the journey and a stable hash of the customer.
     fn mode(&self, journey: &Journey, customer: &str) -> Mode {
-        if journey.shadow || self.shadow_journeys.contains(&journey.name) {
+        let settings = self.settings(journey);
+        let holdout = settings.holdout_percent.value;
+        if settings.shadow.value {
             Mode::Shadow
-        } else if journey.holdout_percent > 0
-            && bucket(customer, &journey.name, "holdout") < journey.holdout_percent
-        {
+        } else if holdout > 0 && bucket(customer, &journey.name, "holdout") < holdout {
             Mode::HeldOut
         } else {
             Mode::Live
         }
+    }
+
+    /// The journey's settings in force: script, config and runtime control.
+    fn settings(&self, journey: &Journey) -> JourneySettings {
+        JourneySettings::of(journey, self.policy, self.overrides.journey(&journey.name))
     }
 
     /// Every step of a journey that may not start again yet is logged suppressed.

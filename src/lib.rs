@@ -14,6 +14,7 @@ pub mod audit_stream;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod daemon;
 pub mod dispatch;
 pub mod event;

@@ -151,6 +151,85 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TableFormat::Table)]
         format: TableFormat,
     },
+    /// Runtime control: show or change a journey or a channel through the
+    /// daemon's admin API (admin token), and read the control log.
+    Control {
+        #[command(subcommand)]
+        command: ControlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ControlCommand {
+    /// Show a journey's settings in force, or change them (flags combine).
+    Journey {
+        name: String,
+        /// Suppress its steps due from now on (kill switch).
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        #[arg(long)]
+        enable: bool,
+        /// Log its steps as `shadow` instead of sending them.
+        #[arg(long, conflicts_with = "live")]
+        shadow: bool,
+        /// Send again (new instances start live).
+        #[arg(long)]
+        live: bool,
+        /// Run for this percentage of customers (stable hash), new decisions.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        pilot_percent: Option<u8>,
+        /// Keep this percentage of customers as a control group, new decisions.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        holdout_percent: Option<u8>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a channel, or stop it (its steps wait in the store) or resume it.
+    Channel {
+        /// push, email or call_task.
+        kind: String,
+        #[arg(long, conflicts_with = "resume")]
+        stop: bool,
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The control log from the daemon's store, oldest first: every change,
+    /// when, by which token, before and after.
+    Log {
+        /// The daemon's config file (its `[store]` is read, never written).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+        /// Changes at or after: RFC 3339, a date (UTC) or a duration ago (7d, 12h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Changes before: RFC 3339, a date (UTC) or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most the newest this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// Where the admin API is and which token to send.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The daemon's config file: `admin.listen` and `admin.auth` are read.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The admin server's URL (default: http:// and `admin.listen`).
+    #[arg(long)]
+    url: Option<String>,
+    /// Read the admin token from this environment variable.
+    #[arg(long, conflicts_with = "token_file")]
+    token_env: Option<String>,
+    /// Read the admin token from this file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -432,12 +511,152 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Control { command } => control(command),
         Command::RulesDoc => {
             let mut out = std::io::stdout().lock();
             out.write_all(rules::host_api_reference().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `nudge control`: changes through the admin API, the log from the store.
+fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
+    use nudge::control::client::{describe_change, log_table};
+    use serde_json::{json, Map, Value};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // "journey x: shadow: false → true (by admin, control log #3)"
+    let changed = |what: String, answer: &Value| {
+        println!(
+            "{what}: {} (by {}, control log #{})",
+            describe_change(&answer["before"], &answer["after"]),
+            answer["who"].as_str().unwrap_or("?"),
+            answer["seq"]
+        );
+    };
+    match command {
+        ControlCommand::Journey {
+            name,
+            disable,
+            enable,
+            shadow,
+            live,
+            pilot_percent,
+            holdout_percent,
+            api,
+        } => {
+            let endpoint = control_endpoint(api)?;
+            let mut patch = Map::new();
+            if disable || enable {
+                patch.insert("enabled".into(), json!(enable));
+            }
+            if shadow || live {
+                patch.insert("shadow".into(), json!(shadow));
+            }
+            if let Some(p) = pilot_percent {
+                patch.insert("pilot_percent".into(), json!(p));
+            }
+            if let Some(p) = holdout_percent {
+                patch.insert("holdout_percent".into(), json!(p));
+            }
+            let path = format!("/admin/journeys/{name}");
+            if patch.is_empty() {
+                let s = runtime.block_on(endpoint.get(&path))?;
+                let field =
+                    |f: &str| format!("{f} {} ({})", s[f], s["sources"][f].as_str().unwrap_or("?"));
+                println!(
+                    "journey {name}: {}",
+                    nudge::control::JOURNEY_FIELDS
+                        .iter()
+                        .map(|f| field(f))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            } else {
+                let answer = runtime.block_on(endpoint.put(&path, &Value::Object(patch)))?;
+                changed(format!("journey {name}"), &answer);
+            }
+        }
+        ControlCommand::Channel {
+            kind,
+            stop,
+            resume,
+            api,
+        } => {
+            kind.parse::<nudge::model::ChannelKind>()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let endpoint = control_endpoint(api)?;
+            if stop || resume {
+                let body = json!({ "enabled": resume });
+                let answer =
+                    runtime.block_on(endpoint.put(&format!("/admin/channels/{kind}"), &body))?;
+                changed(format!("channel {kind}"), &answer);
+            } else {
+                let all = runtime.block_on(endpoint.get("/admin/channels"))?;
+                let c = all["channels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["channel"] == json!(kind))
+                    .cloned()
+                    .unwrap_or_default();
+                println!(
+                    "channel {kind}: enabled {} ({})",
+                    c["enabled"],
+                    c["source"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        ControlCommand::Log {
+            config,
+            format,
+            since,
+            until,
+            limit,
+        } => {
+            let now = chrono::Utc::now();
+            let time = |flag: &str, v: Option<String>| {
+                v.map(|t| nudge::review::parse_time(&t, now))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+            };
+            let (since, until) = (time("since", since)?, time("until", until)?);
+            let store = open_review(config)?;
+            let entries = store.control_changes(since, until, limit)?;
+            match format {
+                TableFormat::Table => print!("{}", log_table(&entries)),
+                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The admin API's URL and the admin token, from the flags or the config.
+fn control_endpoint(api: ApiArgs) -> anyhow::Result<nudge::control::client::Endpoint> {
+    let config = Config::load(api.config.as_deref())?;
+    let base = match api.url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => nudge::control::client::base_url(&config.admin.listen),
+    };
+    let token = if let Some(var) = api.token_env {
+        std::env::var(&var).with_context(|| format!("--token-env: environment variable {var}"))?
+    } else if let Some(path) = api.token_file {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("--token-file: {}", path.display()))?
+    } else {
+        config.admin.auth.admin_token()?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no admin token: set admin.auth.admin_token_env or admin.auth.admin_token_file in the config, or pass --token-env or --token-file"
+            )
+        })?
+    };
+    let token = token.trim().to_string();
+    anyhow::ensure!(!token.is_empty(), "the admin token is empty");
+    Ok(nudge::control::client::Endpoint { base, token })
 }
 
 /// The store of the daemon's config, opened to read beside it.

@@ -233,6 +233,18 @@ impl Scheduler {
         }
     }
 
+    /// Checks and holds steps under these runtime-control overrides too.
+    pub fn with_controls(mut self, controls: crate::control::Controls) -> Self {
+        self.policy = self.policy.with_controls(controls);
+        self
+    }
+
+    /// Whether runtime control has stopped the channel: its steps wait in
+    /// the store, unclaimed, until it resumes.
+    fn channel_stopped(&self, channel: ChannelKind) -> bool {
+        self.policy.controls().current().channel_stopped(channel)
+    }
+
     /// Tells the channel loops that new steps may be due earlier than they planned.
     pub fn wake(&self) {
         for n in self.wake.values() {
@@ -322,7 +334,7 @@ impl Scheduler {
             let lease = span(self.config.lease);
             let window = self.policy.lookback(self.longest_fatigue_pause());
             let limit = self.config.batch_size;
-            while !stop.is_some_and(|s| *s.borrow()) {
+            while !stop.is_some_and(|s| *s.borrow()) && !self.channel_stopped(channel) {
                 let now = self.clock.now();
                 in_flight
                     .lock()
@@ -547,7 +559,7 @@ impl Scheduler {
         let tired = self.fatigue_possible(claimed);
         let sends_since = (conditions || capped || tired).then_some(window_start);
         let conditions = conditions || tired; // fatigue reads the conversions
-        // Only a cap makes steps compete (rank scripts may read journeys).
+                                              // Only a cap makes steps compete (rank scripts may read journeys).
         let ahead = capped.then(|| now + span(self.policy.config().arbitration.window));
         let (customers, histories, upcoming) = self
             .store
@@ -601,7 +613,16 @@ impl Scheduler {
         channel: ChannelKind,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut controls = self.policy.controls().subscribe();
         while !*shutdown.borrow() {
+            if self.channel_stopped(channel) {
+                // Held: nothing is claimed until runtime control resumes it.
+                tokio::select! {
+                    _ = controls.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             if let Err(e) = self.run_channel_due(channel, Some(&shutdown), false).await {
                 SchedulerRoundFailed {
                     channel: channel.as_str(),
@@ -623,6 +644,7 @@ impl Scheduler {
             tokio::select! {
                 _ = self.clock.sleep_until(next) => {}
                 _ = self.wake[&channel].notified() => {}
+                _ = controls.changed() => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -763,7 +785,8 @@ impl Scheduler {
                 fallback,
             } => (step, verdict, address, fallback),
         };
-        if stop.is_some_and(|s| *s.borrow()) {
+        // A channel stopped since the claim: the step waits for it, unsent.
+        if stop.is_some_and(|s| *s.borrow()) || self.channel_stopped(step.channel) {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
             self.store
                 .call(move |s| s.release_claim(&instance, &name))
@@ -1201,8 +1224,27 @@ impl Scheduler {
     }
 
     /// Earliest due step on any channel (simulate uses it to move the clock).
+    /// Channels stopped by runtime control are left out: their steps wait.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.store.call(|s| s.next_due(None)).await
+        let overrides = self.policy.controls().current();
+        if !ChannelKind::ALL
+            .iter()
+            .any(|c| overrides.channel_stopped(*c))
+        {
+            return self.store.call(|s| s.next_due(None)).await;
+        }
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for channel in ChannelKind::ALL {
+            if overrides.channel_stopped(channel) {
+                continue;
+            }
+            let due = self.store.call(move |s| s.next_due(Some(channel))).await?;
+            earliest = match (earliest, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(earliest)
     }
 }
 

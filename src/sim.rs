@@ -42,6 +42,8 @@ pub struct Simulation {
     pub pipeline: Pipeline,
     pub scheduler: Scheduler,
     pub channel: Arc<RecordingChannel>,
+    /// Runtime control of the simulated daemon (`replace` to change it).
+    pub controls: crate::control::Controls,
     _dir: tempfile::TempDir,
 }
 
@@ -98,12 +100,14 @@ impl Simulation {
         let rules = RulesHandle::new(rules);
         crate::journey::record_rules_version(store.as_ref(), &rules.current(), start)?;
         let store_dyn: Arc<dyn Store> = store.clone();
+        let controls = crate::control::Controls::default();
         let pipeline = Pipeline::new(
             store_dyn.clone(),
             rules.clone(),
             clock_dyn.clone(),
             policy.clone(),
-        );
+        )
+        .with_controls(controls.clone());
         let scheduler = Scheduler::new(
             store_dyn,
             rules,
@@ -112,13 +116,15 @@ impl Simulation {
             Policy::new(policy),
             SchedulerConfig::default(),
             lateness,
-        );
+        )
+        .with_controls(controls.clone());
         Ok(Self {
             clock,
             store,
             pipeline,
             scheduler,
             channel: recording,
+            controls,
             _dir: dir,
         })
     }

@@ -4,6 +4,7 @@
 //! Behind a token ([`auth`]): everything else.
 
 pub mod auth;
+mod control;
 pub mod page;
 
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -38,6 +39,9 @@ pub struct AdminState {
     pub audit: Option<(String, Arc<crate::audit_stream::AuditStatus>)>,
     /// The review page's store reader and retention.
     pub page: page::PageState,
+    /// Runtime control: the overrides in force, and the config they override.
+    pub controls: crate::control::Controls,
+    pub policy: Arc<crate::config::PolicyConfig>,
 }
 
 impl FromRef<AdminState> for page::PageState {
@@ -55,11 +59,20 @@ const PROBE_WAIT: Duration = Duration::from_millis(20);
 pub fn router(state: AdminState) -> Router {
     let probe = Arc::new(StoreProbe::default());
     let tokens = state.tokens.clone();
-    let reviewer = reviewer_routes(tokens);
-    // Routes that change state (the admin token only) go in a router with
-    // `auth::require_admin` as its route_layer once there are any: axum
-    // panics on a route_layer over a router without routes, which stopped
-    // the daemon at start.
+    let reviewer = reviewer_routes(tokens.clone());
+    // Routes that change state: the admin token only.
+    let admin: Router<AdminState> = Router::new()
+        .route("/admin/journeys", get(control::journeys))
+        .route(
+            "/admin/journeys/{name}",
+            get(control::journey).put(control::change_journey),
+        )
+        .route("/admin/channels", get(control::channels))
+        .route("/admin/channels/{kind}", put(control::change_channel))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::require_admin,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -68,6 +81,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/metrics", get(metrics))
         .merge(reviewer)
+        .merge(admin)
         .with_state(state)
 }
 

@@ -174,7 +174,11 @@ impl CapsRoom {
     /// The sends counted once `chosen` went, and the instant to count at:
     /// the latest of them and `at` (within the arbitration window the
     /// chosen are all counted).
-    fn with_chosen(&self, chosen: &[&Candidate], at: DateTime<Utc>) -> (Vec<RecentSend>, DateTime<Utc>) {
+    fn with_chosen(
+        &self,
+        chosen: &[&Candidate],
+        at: DateTime<Utc>,
+    ) -> (Vec<RecentSend>, DateTime<Utc>) {
         let mut sends = self.sent.clone();
         let mut when = at;
         for c in chosen {
@@ -198,7 +202,14 @@ impl Room for CapsRoom {
 
     fn frees_at(&self, chosen: &[&Candidate], loser: &Candidate) -> Option<DateTime<Utc>> {
         let (sends, at) = self.with_chosen(chosen, loser.due);
-        match caps_room(&self.caps, &sends, loser.channel, loser.category, self.tz, at) {
+        match caps_room(
+            &self.caps,
+            &sends,
+            loser.channel,
+            loser.category,
+            self.tz,
+            at,
+        ) {
             Ok(()) => Some(at),
             Err(hit) => Some(hit.frees_at.max(loser.due)),
         }

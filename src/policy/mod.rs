@@ -21,6 +21,7 @@ use chrono_tz::Tz;
 use crate::clock::span;
 use crate::config::PolicyConfig;
 use crate::context::CustomerContext;
+use crate::control::Controls;
 use crate::model::{ChannelKind, DueStep, Mode};
 use holidays::Holidays;
 use settings::Cap;
@@ -67,6 +68,8 @@ pub struct Policy {
     default_tz: Tz,
     caps: Vec<Cap>,
     holidays: Holidays,
+    /// Runtime control: journeys disabled or put in shadow while running.
+    controls: Controls,
 }
 
 impl Policy {
@@ -89,7 +92,18 @@ impl Policy {
             caps: config.effective_caps(),
             holidays,
             config,
+            controls: Controls::default(),
         }
+    }
+
+    /// Checks steps against these runtime-control overrides too.
+    pub fn with_controls(mut self, controls: Controls) -> Self {
+        self.controls = controls;
+        self
+    }
+
+    pub fn controls(&self) -> &Controls {
+        &self.controls
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -138,17 +152,38 @@ impl Policy {
                 crate::humanize::duration(lateness)
             ));
         }
-        if self.config.disabled_journeys.contains(&step.journey) {
-            return Verdict::Suppress(format!("kill switch: journey {} disabled", step.journey));
+        let overrides = self.controls.current();
+        let over = overrides.journey(&step.journey);
+        match over.and_then(|o| o.enabled) {
+            Some(false) => {
+                return Verdict::Suppress(format!(
+                    "kill switch: journey {} disabled by runtime control",
+                    step.journey
+                ))
+            }
+            Some(true) => {}
+            None if self.config.disabled_journeys.contains(&step.journey) => {
+                return Verdict::Suppress(format!(
+                    "kill switch: journey {} disabled",
+                    step.journey
+                ));
+            }
+            None => {}
         }
-        if self.config.disabled_channels.contains(&step.channel) {
+        // A channel stopped at run time holds its steps (the scheduler);
+        // one resumed at run time is no longer the config's kill switch.
+        if self.config.disabled_channels.contains(&step.channel)
+            && !overrides.channels.contains_key(&step.channel)
+        {
             return Verdict::Suppress(format!("kill switch: channel {} disabled", step.channel));
         }
         if step.mode == Mode::HeldOut {
             return Verdict::HeldOut;
         }
         let refusal = self.refusal(step, customer, now);
-        if step.mode == Mode::Shadow {
+        // Shadow set at run time also holds back live instances' steps.
+        let shadow = step.mode == Mode::Shadow || over.and_then(|o| o.shadow) == Some(true);
+        if shadow {
             return Verdict::Shadow(match refusal {
                 None => "shadow mode: would send".into(),
                 Some(Verdict::Suppress(r)) => format!("shadow mode: would suppress ({r})"),
@@ -189,7 +224,12 @@ impl Policy {
     /// The cap a step meets, as reasons name it ("frequency cap: 1
     /// marketing within 1 calendar day"); when the step alone would fit and
     /// only the steps it competes with fill the cap, the first cap counting it.
-    pub fn cap_text(&self, customer: &CustomerContext, step: &DueStep, now: DateTime<Utc>) -> String {
+    pub fn cap_text(
+        &self,
+        customer: &CustomerContext,
+        step: &DueStep,
+        now: DateTime<Utc>,
+    ) -> String {
         match self.caps_room(customer, step, now) {
             Err(hit) => hit.reason,
             Ok(()) => self

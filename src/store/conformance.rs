@@ -1704,6 +1704,122 @@ pub fn upcoming_steps_are_the_customers_pending_steps_due_soon(store: &dyn Store
     assert!(store.upcoming_steps(&[], until).unwrap().is_empty());
 }
 
+/// Runtime control: overrides replace per target, an edit sees the
+/// settings in force, an empty override is removed, and every change is
+/// in the control log, in order, by time.
+pub fn control_overrides_and_log_round_trip(store: &dyn Store) {
+    use crate::store::control::{ControlChange, ControlEdit};
+    use serde_json::json;
+
+    assert!(store.control_overrides().unwrap().is_empty());
+    assert!(store.control_log(None, None, 10).unwrap().is_empty());
+    // The edit the control module makes, reduced: merge, log the override.
+    fn merge(patch: Value) -> impl Fn(&Map<String, Value>) -> ControlEdit + Sync {
+        move |current: &Map<String, Value>| {
+            let mut next = current.clone();
+            for (k, v) in patch.as_object().unwrap() {
+                if v.is_null() {
+                    next.remove(k);
+                } else {
+                    next.insert(k.clone(), v.clone());
+                }
+            }
+            ControlEdit {
+                before: Value::Object(current.clone()),
+                after: Value::Object(next.clone()),
+                settings: next,
+            }
+        }
+    }
+    let change = |kind: &str, target: &str, minutes: i64, patch: Value| {
+        store
+            .change_control(&ControlChange {
+                kind,
+                target,
+                who: "admin",
+                at: t0() + Duration::minutes(minutes),
+                edit: &merge(patch),
+            })
+            .unwrap()
+    };
+    let e1 = change("journey", "unsigned_loan", 0, json!({"shadow": true}));
+    assert_eq!(
+        (e1.before.clone(), e1.after.clone()),
+        (json!({}), json!({"shadow": true}))
+    );
+    let e2 = change("channel", "push", 1, json!({"enabled": false}));
+    let e3 = change("journey", "unsigned_loan", 2, json!({"pilot_percent": 10}));
+    assert_eq!(
+        e3.before,
+        json!({"shadow": true}),
+        "the edit sees the change before it"
+    );
+    assert_eq!(e3.after, json!({"shadow": true, "pilot_percent": 10}));
+    assert!(e1.seq < e2.seq && e2.seq < e3.seq);
+
+    let rows = store.control_overrides().unwrap();
+    let view: Vec<(String, String, Value, DateTime<Utc>, String)> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.kind,
+                r.target,
+                Value::Object(r.settings),
+                r.updated_at,
+                r.updated_by,
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            (
+                "channel".into(),
+                "push".into(),
+                json!({"enabled": false}),
+                t0() + Duration::minutes(1),
+                "admin".into()
+            ),
+            (
+                "journey".into(),
+                "unsigned_loan".into(),
+                json!({"shadow": true, "pilot_percent": 10}),
+                t0() + Duration::minutes(2),
+                "admin".into()
+            ),
+        ]
+    );
+
+    // Clearing every field removes the override; the log keeps it all.
+    let e4 = change(
+        "journey",
+        "unsigned_loan",
+        3,
+        json!({"shadow": null, "pilot_percent": null}),
+    );
+    assert_eq!(e4.after, json!({}));
+    let rows = store.control_overrides().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].target, "push");
+
+    let all = store.control_log(None, None, 100).unwrap();
+    assert_eq!(all, vec![e1.clone(), e2.clone(), e3.clone(), e4.clone()]);
+    assert_eq!(all[1].who, "admin");
+    assert_eq!(all[1].kind, "channel");
+    assert_eq!(all[1].time, t0() + Duration::minutes(1));
+    // By time: since is inclusive, until exclusive.
+    let window = store
+        .control_log(
+            Some(t0() + Duration::minutes(1)),
+            Some(t0() + Duration::minutes(2)),
+            100,
+        )
+        .unwrap();
+    assert_eq!(window, vec![e2]);
+    // A limit keeps the newest, still in order.
+    assert_eq!(store.control_log(None, None, 2).unwrap(), vec![e3, e4]);
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1733,7 +1849,8 @@ macro_rules! store_conformance {
             concurrent_claimers_never_share_a_step,
             exits_plan_withdrawals_of_delivered_steps,
             audit_outbox_follows_the_log_in_its_transaction,
-            upcoming_steps_are_the_customers_pending_steps_due_soon
+            upcoming_steps_are_the_customers_pending_steps_due_soon,
+            control_overrides_and_log_round_trip
         );
     };
     ($make:expr, replicas: $pair:expr) => {

@@ -17,6 +17,7 @@
 pub mod audit;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod control;
 mod dead_letters;
 mod handle;
 pub mod postgres;
@@ -442,6 +443,29 @@ pub trait Store: Send + Sync {
         customers: &[String],
         until: DateTime<Utc>,
     ) -> Result<Vec<DueStep>, StoreError>;
+
+    // ── Runtime control (the control module: admin API, `nudge control`) ──
+
+    /// Every runtime-control override in force, by kind and target.
+    fn control_overrides(&self) -> Result<Vec<control::ControlRow>, StoreError>;
+
+    /// Applies one change in one transaction: reads the target's override
+    /// under a lock (so concurrent changes, on any replica, each see the
+    /// other's result), writes what `change.edit` makes of it (removed when
+    /// empty) and appends the control-log entry, which it returns.
+    fn change_control(
+        &self,
+        change: &control::ControlChange<'_>,
+    ) -> Result<control::ControlEntry, StoreError>;
+
+    /// Control-log entries with `since <= time < until`, oldest first; the
+    /// newest `limit` when there are more. Retention never purges them.
+    fn control_log(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<control::ControlEntry>, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a

@@ -153,6 +153,15 @@ pub trait ReviewRead: Send + Sync {
 
     /// The time of the oldest record retention left in the log.
     fn log_reach(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// The runtime-control log (`nudge control log`), as
+    /// [`Store::control_log`](super::Store::control_log) reads it.
+    fn control_changes(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<super::control::ControlEntry>, StoreError>;
 }
 
 /// A value bound to a statement built by [`log_page_sql`].

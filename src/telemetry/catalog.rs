@@ -271,6 +271,27 @@ pub const AUDIT_RECORDS_LOST: Metric = Metric {
     help: "audit records retention deleted before they could be published (the topic unreachable for longer than `store.retention`)",
 };
 
+// Runtime control.
+
+pub const CONTROL_CHANGES: Metric = Metric {
+    name: "nudge_control_changes_total",
+    kind: Kind::Counter,
+    labels: &["kind"],
+    help: "runtime-control changes made through this daemon's admin API (`journey` or `channel`), each in the control log",
+};
+pub const CONTROL_REFRESH_ERRORS: Metric = Metric {
+    name: "nudge_control_refresh_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "reads of the runtime-control overrides that failed; the ones in force stay until the next read, a second later",
+};
+pub const CHANNEL_STOPPED: Metric = Metric {
+    name: "nudge_channel_stopped",
+    kind: Kind::Gauge,
+    labels: &["channel"],
+    help: "1 while the channel is stopped by runtime control (its due steps wait in the store), else 0",
+};
+
 /// Every metric, in README's order.
 pub const ALL: &[&Metric] = &[
     &EVENTS_CONSUMED,
@@ -309,6 +330,9 @@ pub const ALL: &[&Metric] = &[
     &AUDIT_PUBLISH_ERRORS,
     &AUDIT_OUTBOX_PENDING,
     &AUDIT_RECORDS_LOST,
+    &CONTROL_CHANGES,
+    &CONTROL_REFRESH_ERRORS,
+    &CHANNEL_STOPPED,
 ];
 
 /// The metric named `name`, if nudge exports one.

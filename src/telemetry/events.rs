@@ -742,3 +742,46 @@ impl HolidayCalendarUnreadable<'_> {
         tracing::error!(target: "nudge::policy", error = %self.error, "holiday calendar unreadable; no public holidays apply");
     }
 }
+
+// ── Runtime control ─────────────────────────────────────────────────────
+
+const CONTROL: &str = "nudge::control";
+
+/// A journey or channel changed through the admin API: who (the token's
+/// name, never the token), what, before and after.
+pub struct ControlChanged<'a> {
+    pub entry: &'a crate::store::control::ControlEntry,
+}
+
+impl ControlChanged<'_> {
+    pub fn emit(self) {
+        let e = self.entry;
+        tracing::info!(target: CONTROL, seq = e.seq, who = %e.who, kind = %e.kind, target = %e.target, before = %e.before, after = %e.after, "runtime control changed");
+        metrics::counter!(CONTROL_CHANGES.name, "kind" => e.kind.clone()).increment(1);
+    }
+}
+
+/// The overrides could not be read; those in force stay.
+pub struct ControlRefreshFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl ControlRefreshFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: CONTROL, error = %self.error, "runtime-control overrides unreadable; the ones in force stay");
+        metrics::counter!(CONTROL_REFRESH_ERRORS.name).increment(1);
+    }
+}
+
+/// Whether a channel is stopped by runtime control, set when the overrides change.
+pub struct ChannelStopped<'a> {
+    pub channel: &'a str,
+    pub stopped: bool,
+}
+
+impl ChannelStopped<'_> {
+    pub fn emit(self) {
+        metrics::gauge!(CHANNEL_STOPPED.name, "channel" => self.channel.to_string())
+            .set(if self.stopped { 1.0 } else { 0.0 });
+    }
+}

@@ -208,6 +208,27 @@ mod tests {
         RetentionPurgePanicked { error }.emit();
         AdminServerFailed { error }.emit();
         DrainDeadlinePassed { deadline: d }.emit();
+        AdminAuthRefused {
+            path: "/admin/journeys/j",
+            reason: "wrong token",
+        }
+        .emit();
+        let entry = crate::store::control::ControlEntry {
+            seq: 1,
+            time: chrono::DateTime::default(),
+            who: "admin".into(),
+            kind: "journey".into(),
+            target: "j".into(),
+            before: serde_json::json!({"shadow": false}),
+            after: serde_json::json!({"shadow": true}),
+        };
+        ControlChanged { entry: &entry }.emit();
+        ControlRefreshFailed { error }.emit();
+        ChannelStopped {
+            channel: "push",
+            stopped: true,
+        }
+        .emit();
     }
 
     /// Metric name → the label names of each of its series, read back from

@@ -122,9 +122,9 @@ pub fn layout(title: &str, active: &str, reach: Option<&Reach>, body: &str) -> S
     if let Some(reach) = reach {
         let _ = write!(out, "<p class=\"reach\" id=\"reach\">{reach}</p>");
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "</header><main><h1>{}</h1>{body}</main></body></html>\n",
+        "</header><main><h1>{}</h1>{body}</main></body></html>",
         esc(title)
     );
     out

@@ -373,6 +373,14 @@ struct Gated {
 }
 
 impl ReviewRead for Gated {
+    fn control_changes(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
+        self.inner.control_changes(since, until, limit)
+    }
     fn log_page(
         &self,
         filter: &LogFilter,

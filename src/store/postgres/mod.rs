@@ -25,6 +25,7 @@ use serde_json::Value;
 
 mod audit;
 mod conn;
+mod control;
 mod pending;
 mod purge;
 mod read;
@@ -650,6 +651,28 @@ impl Store for PostgresStore {
         until: DateTime<Utc>,
     ) -> Result<Vec<DueStep>, StoreError> {
         upcoming::upcoming_steps(&mut *self.conn()?, customers, until)
+    }
+
+    // Runtime control: in `control.rs`.
+
+    fn control_overrides(&self) -> Result<Vec<crate::store::control::ControlRow>, StoreError> {
+        self.read_control_overrides()
+    }
+
+    fn change_control(
+        &self,
+        change: &crate::store::control::ControlChange<'_>,
+    ) -> Result<crate::store::control::ControlEntry, StoreError> {
+        self.write_control_change(change)
+    }
+
+    fn control_log(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
+        self.read_control_log(since, until, limit)
     }
 }
 

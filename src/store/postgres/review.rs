@@ -194,6 +194,15 @@ impl ReviewRead for PostgresStore {
             .query_one("SELECT min(time) FROM dispatch_log", &[])?
             .try_get(0)?)
     }
+
+    fn control_changes(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
+        self.read_control_log(since, until, limit)
+    }
 }
 
 #[cfg(test)]

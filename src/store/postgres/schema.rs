@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     V4_REVIEW_INDEXES,
     V5_WITHDRAWN,
     V6_AUDIT_OUTBOX,
+    V7_RUNTIME_CONTROL,
 ];
 
 /// The schema version this binary writes.
@@ -273,4 +274,28 @@ END
 $$;
 CREATE TRIGGER dispatch_log_audit AFTER INSERT ON dispatch_log
 REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION dispatch_log_audit();
+";
+
+/// Version 7: runtime control (`store::control`): the overrides in force,
+/// one row per journey or channel, and the control log of every change
+/// (kept for good: retention does not purge it).
+const V7_RUNTIME_CONTROL: &str = "
+CREATE TABLE control_overrides (
+    kind text NOT NULL,
+    target text NOT NULL,
+    settings jsonb NOT NULL,
+    updated_at timestamptz NOT NULL,
+    updated_by text NOT NULL,
+    PRIMARY KEY (kind, target)
+);
+CREATE TABLE control_log (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time timestamptz NOT NULL,
+    who text NOT NULL,
+    kind text NOT NULL,
+    target text NOT NULL,
+    before jsonb NOT NULL,
+    after jsonb NOT NULL
+);
+CREATE INDEX control_log_time ON control_log (time);
 ";

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 mod audit;
 mod batch;
+mod control;
 mod lock;
 mod purge;
 mod review;
@@ -705,6 +706,28 @@ impl Store for SqliteStore {
         until: DateTime<Utc>,
     ) -> Result<Vec<DueStep>, StoreError> {
         upcoming::upcoming_steps(&self.reader(), customers, until)
+    }
+
+    // Runtime control: reads on the reader connection (a batch may hold the writer).
+
+    fn control_overrides(&self) -> Result<Vec<super::control::ControlRow>, StoreError> {
+        control::overrides(&self.reader())
+    }
+
+    fn change_control(
+        &self,
+        change: &super::control::ControlChange<'_>,
+    ) -> Result<super::control::ControlEntry, StoreError> {
+        control::change(&mut self.conn(), change)
+    }
+
+    fn control_log(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<super::control::ControlEntry>, StoreError> {
+        control::log(&self.reader(), since, until, limit)
     }
 }
 

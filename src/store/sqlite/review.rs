@@ -240,6 +240,15 @@ impl ReviewRead for SqliteStore {
             .query_row(params![], |r| r.get(0))?;
         Ok(v.map(from_ms))
     }
+
+    fn control_changes(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
+        super::control::log(&self.reader(), since, until, limit)
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     V4_DEAD_LETTER_HEADERS_AND_RETRIES,
     V5_REVIEW_INDEXES,
     V6_AUDIT_OUTBOX,
+    V7_RUNTIME_CONTROL,
 ];
 
 /// The schema version this binary writes.
@@ -205,4 +206,28 @@ WHEN (SELECT enabled FROM audit_stream WHERE id = 1)
 BEGIN
     INSERT INTO audit_outbox (seq, customer) VALUES (NEW.seq, NEW.customer);
 END;
+";
+
+/// Version 7: runtime control (`store::control`): the overrides in force,
+/// one row per journey or channel, and the control log of every change
+/// (kept for good: retention does not purge it).
+const V7_RUNTIME_CONTROL: &str = "
+CREATE TABLE control_overrides (
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT NOT NULL,
+    PRIMARY KEY (kind, target)
+) WITHOUT ROWID;
+CREATE TABLE control_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before TEXT NOT NULL,
+    after TEXT NOT NULL
+);
+CREATE INDEX control_log_time ON control_log (time);
 ";

@@ -1,0 +1,156 @@
+//! `nudge control`: the same admin API an operator's script calls, over
+//! HTTP with the admin token, so the command line can do nothing the API
+//! does not allow (and the change is logged the same way).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Where the API is and the token to use.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// `http://127.0.0.1:9464`, without a trailing slash.
+    pub base: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a control request failed, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no nudge daemon answers at {base} (admin.listen, or --url): is it running? ({source})"
+    )]
+    Unreachable {
+        base: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the admin API refused the token (401): it is not the daemon's admin token (admin.auth.admin_token_env / admin.auth.admin_token_file, or --token-env / --token-file)")]
+    Unauthorized,
+    #[error("the token is the reviewer's (403): changes need the admin token")]
+    Forbidden,
+    #[error("the control API is off (404): the daemon has no admin token configured (admin.auth.admin_token_env or admin.auth.admin_token_file)")]
+    Off,
+    #[error("{0} (404)")]
+    NotFound(String),
+    #[error("refused (400): {0}")]
+    BadRequest(String),
+    #[error("the daemon answered {status}: {body}")]
+    Other { status: u16, body: String },
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// The base URL for an `admin.listen` address: a wildcard address is
+/// reached on loopback.
+pub fn base_url(listen: &str) -> String {
+    let address = listen
+        .strip_prefix("0.0.0.0:")
+        .map(|port| format!("127.0.0.1:{port}"))
+        .or_else(|| {
+            listen
+                .strip_prefix("[::]:")
+                .map(|port| format!("[::1]:{port}"))
+        })
+        .unwrap_or_else(|| listen.to_string());
+    format!("http://{address}")
+}
+
+impl Endpoint {
+    /// GET `path`: the JSON answer.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// PUT `body` to `path`: the JSON answer.
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut request = client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|source| {
+            if source.is_connect() || source.is_timeout() {
+                ClientError::Unreachable {
+                    base: self.base.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Http(source)
+            }
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        let error = || {
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+        };
+        match status {
+            200..=299 => serde_json::from_str(&text).map_err(|_| ClientError::Other {
+                status,
+                body: text.trim().to_string(),
+            }),
+            401 => Err(ClientError::Unauthorized),
+            403 => Err(ClientError::Forbidden),
+            404 => Err(error().map_or(ClientError::Off, ClientError::NotFound)),
+            400 => Err(ClientError::BadRequest(
+                error().unwrap_or_else(|| text.trim().to_string()),
+            )),
+            _ => Err(ClientError::Other {
+                status,
+                body: text.trim().to_string(),
+            }),
+        }
+    }
+}
+
+/// "shadow: false → true, pilot_percent: 100 → 10" from a change's answer.
+pub fn describe_change(before: &Value, after: &Value) -> String {
+    let Some(after) = after.as_object() else {
+        return format!("{before} → {after}");
+    };
+    after
+        .iter()
+        .map(|(field, now)| format!("{field}: {} → {now}", before[field]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The control log as a table, oldest first.
+pub fn log_table(entries: &[crate::store::control::ControlEntry]) -> String {
+    let mut out = String::from("seq\ttime\twho\ttarget\tchange\n");
+    for e in entries {
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{} {}\t{}\n",
+            e.seq,
+            e.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            e.who,
+            e.kind,
+            e.target,
+            describe_change(&e.before, &e.after)
+        ));
+    }
+    out
+}
