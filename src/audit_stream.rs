@@ -5,10 +5,10 @@
 //! Delivery: the store writes an outbox row in the transaction that writes
 //! the record (`store::audit`), so no record is lost between the log and the
 //! topic. This publisher, the only one across replicas (a lease in the
-//! store), reads the outbox in log order, produces a batch with an
-//! idempotent producer (so the broker keeps one partition's records in the
-//! order sent, retries included) and deletes a row only once the broker
-//! acknowledged it. A customer's records share a key and so a partition:
+//! store), reads the outbox in log order, produces a batch with one
+//! request in flight per connection (so the broker keeps one partition's
+//! records in the order sent, retries included), and deletes a row only once
+//! the broker acknowledged it; after a failed pass it starts a new producer. A customer's records share a key and so a partition:
 //! they arrive in log order. When a record fails (the topic unreachable for
 //! longer than the delivery timeout), the customer's later records of that
 //! batch stay in the outbox with it and go again behind it, so the order
@@ -80,7 +80,10 @@ impl AuditStatus {
 }
 
 pub struct AuditPublisher {
-    producer: FutureProducer,
+    /// Replaced after a pass with a failed delivery: an idempotent producer
+    /// that the broker fenced during an outage never recovers by itself.
+    producer: std::sync::Mutex<FutureProducer>,
+    client: rdkafka::ClientConfig,
     topic: String,
     store: AsyncStore,
     clock: Arc<dyn Clock>,
@@ -111,14 +114,22 @@ impl AuditPublisher {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
         let mut cc = crate::ingest::kafka::client_config(config)?;
-        cc.set("enable.idempotence", "true").set(
-            "message.timeout.ms",
-            DELIVERY_TIMEOUT.as_millis().to_string(),
-        );
+        // Not idempotent: tansu fences an idempotent producer after a long
+        // outage (ProducerFenced, for good). One request in flight keeps a
+        // partition's records in order across retries; a record sent twice
+        // (a lost acknowledgement) is recognisable by its `seq`.
+        cc.set("enable.idempotence", "false")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "1")
+            .set(
+                "message.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            );
         let producer: FutureProducer = cc.create()?;
         store.set_audit_outbox(true)?;
         Ok(Self {
-            producer,
+            producer: std::sync::Mutex::new(producer),
+            client: cc,
             topic: topic.to_string(),
             store: AsyncStore::new(store),
             clock,
@@ -180,6 +191,11 @@ impl AuditPublisher {
             }
         };
         let full = claimed.len() == CLAIM;
+        let producer = self
+            .producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut lost = 0u64;
         let mut deliveries = Vec::with_capacity(claimed.len());
         for a in &claimed {
@@ -196,7 +212,7 @@ impl AuditPublisher {
                 }
             };
             // Enqueued now, in outbox order: one partition's records leave in it.
-            let sent = self.producer.send_result(
+            let sent = producer.send_result(
                 FutureRecord::to(&self.topic)
                     .key(a.customer.as_bytes())
                     .payload(&payload),
@@ -244,6 +260,10 @@ impl AuditPublisher {
             AuditRecordsPublished { count: published }.emit();
         }
         if failed > 0 {
+            // A fresh producer for the next pass (its records go again, in order).
+            if let Ok(fresh) = self.client.create::<FutureProducer>() {
+                *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+            }
             let text = error.unwrap_or_else(|| "not acknowledged".into());
             AuditPublishFailed {
                 topic: &self.topic,

@@ -11,7 +11,10 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
 use crate::model::ChannelKind;
-pub use crate::policy::settings::{
+pub mod holidays;
+pub mod settings;
+
+pub use settings::{
     BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, QuietHours, Window,
     WindowSpec,
 };
@@ -382,7 +385,7 @@ impl PolicyConfig {
             }
         }
         if let Some(path) = &self.holidays {
-            if let Err(e) = crate::policy::holidays::Holidays::load(path) {
+            if let Err(e) = holidays::Holidays::load(path) {
                 problems.push(e.to_string());
             }
         }
@@ -575,6 +578,15 @@ impl AuthConfig {
             self.reviewer_token_file.as_deref(),
         )
     }
+}
+
+/// Equal secrets, compared in time that depends only on their lengths.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A secret from `<key>_env` or `<key>_file`. An empty secret is refused:

@@ -139,18 +139,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
     let dlq_status = dlq.status();
-    let audit = match &config.audit.topic {
-        Some(topic) => Some(AuditPublisher::new(
-            &config.kafka,
-            topic,
+    // The store calls block (the PostgreSQL client panics on an async worker).
+    let audit = {
+        let (kafka, topic, store, clock) = (
+            config.kafka.clone(),
+            config.audit.topic.clone(),
             store.clone(),
             clock.clone(),
-        )?),
-        None => {
-            // Rows written while it was on would wait forever: stop adding.
-            store.set_audit_outbox(false)?;
-            None
-        }
+        );
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            Ok(match topic {
+                Some(topic) => Some(AuditPublisher::new(&kafka, &topic, store, clock)?),
+                None => {
+                    // Rows written while it was on would wait forever: stop adding.
+                    store.set_audit_outbox(false)?;
+                    None
+                }
+            })
+        })
+        .await
+        .context("starting the audit stream")??
     };
     let audit_status = audit
         .as_ref()

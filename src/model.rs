@@ -488,3 +488,42 @@ impl DueStep {
         }
     }
 }
+
+/// What happens to a step that lost arbitration (journey key `on_lose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLose {
+    /// Wait until the caps have room again (within the lateness bound).
+    Defer,
+    /// Suppressed for good.
+    Drop,
+}
+
+impl OnLose {
+    /// Service messages the customer needs wait; marketing gives way.
+    pub fn default_for(category: Category) -> Self {
+        match category {
+            Category::Service => OnLose::Defer,
+            Category::Marketing => OnLose::Drop,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLose::Defer => "defer",
+            OnLose::Drop => "drop",
+        }
+    }
+}
+
+impl std::str::FromStr for OnLose {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "defer" => Ok(OnLose::Defer),
+            "drop" => Ok(OnLose::Drop),
+            other => Err(format!(
+                "unknown on_lose `{other}` (expected \"defer\" or \"drop\")"
+            )),
+        }
+    }
+}

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 
-use crate::config::{AuthConfig, ConfigError};
+use crate::config::{constant_time_eq, AuthConfig, ConfigError};
 use crate::telemetry::events::AdminAuthRefused;
 
 /// What a caller may do. `Admin` includes everything a `Reviewer` may.
@@ -166,15 +166,6 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
         return Some(password.to_string());
     }
     None
-}
-
-/// Equal strings, in time that depends only on their lengths.
-pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Middleware for routes only a reviewer or admin may see.

@@ -12,8 +12,7 @@ pub mod arbitration;
 mod calendar;
 pub mod caps;
 mod fatigue;
-pub mod holidays;
-pub mod settings;
+pub use crate::config::{holidays, settings};
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;

@@ -51,7 +51,7 @@ pub fn authorize(auth: &AuthConfig, presented: Option<&str>) -> Result<(), Unmas
     };
     match presented {
         None | Some("") => Err(UnmaskError::NotPresented),
-        Some(p) if crate::admin::auth::constant_time_eq(&admin, p) => Ok(()),
+        Some(p) if crate::config::constant_time_eq(&admin, p) => Ok(()),
         Some(_) => Err(UnmaskError::Wrong),
     }
 }

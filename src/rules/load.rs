@@ -11,8 +11,8 @@ use rhai::{Dynamic, Engine, Scope};
 
 use super::api::{build_engine, innermost, with_deadline, Limits};
 use super::{Journey, RuleSet, StepPlan};
+use crate::config::settings::Fatigue;
 use crate::model::{content_hash, Category, ChannelKind, ExitOutcome};
-use crate::policy::settings::Fatigue;
 
 /// Every key `fn journey()`'s map may have; any other is refused with its
 /// file and line (a typo would otherwise be a silently ignored setting).
@@ -36,7 +36,7 @@ pub const JOURNEY_FIELDS: &[&str] = &[
 
 /// Every key a step's map may have (the same rule as [`JOURNEY_FIELDS`]).
 pub const STEP_FIELDS: &[&str] = &["id", "channel", "template", "delay", "when", "fallback"];
-use crate::policy::arbitration::OnLose;
+use crate::model::OnLose;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {

@@ -24,8 +24,8 @@ use serde_json::{Map, Value};
 
 use crate::context::CustomerContext;
 use crate::event::Event;
+use crate::model::OnLose;
 use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
-use crate::policy::arbitration::OnLose;
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{load_dir, load_sources, parse_delay, LoadError, Problem};
@@ -92,7 +92,7 @@ pub struct Journey {
     pub shadow: bool,
     /// Pause after this many sends without a conversion (`fatigue` key);
     /// `None`: `policy.fatigue`.
-    pub fatigue: Option<crate::policy::settings::Fatigue>,
+    pub fatigue: Option<crate::config::settings::Fatigue>,
     /// What becomes of its step when it loses arbitration.
     pub on_lose: OnLose,
     /// The script defines `fn rank(customer, vars)`: its steps' score in
