@@ -125,7 +125,6 @@ pub(super) fn local_instant(tz: Tz, day: NaiveDate, time: TimeOfDay) -> Option<D
 mod tests {
     use super::*;
     use crate::config::PolicyConfig;
-    use crate::model::{DueStep, InstanceStatus, Mode};
     use crate::policy::Verdict;
 
     fn at(s: &str) -> DateTime<Utc> {
@@ -146,26 +145,7 @@ mod tests {
         c
     }
 
-    fn step(channel: ChannelKind, category: Category, planned: DateTime<Utc>) -> DueStep {
-        DueStep {
-            row: 0,
-            instance_id: "i".into(),
-            step: "s".into(),
-            channel,
-            template: "t".into(),
-            condition: None,
-            planned_at: planned,
-            due_at: planned,
-            attempt: 1,
-            customer: "c".into(),
-            journey: "j".into(),
-            mode: Mode::Live,
-            category,
-            rule_hash: "h".into(),
-            vars: Default::default(),
-            instance_status: InstanceStatus::Open,
-        }
-    }
+    use crate::policy::tests::step;
 
     use Category::{Marketing as M, Service as S};
     use ChannelKind::{CallTask as Call, Email, Push};

@@ -332,7 +332,12 @@ mod tests {
     use crate::model::{Category, InstanceStatus};
     use chrono::Duration;
 
-    fn step(channel: ChannelKind, category: Category, planned: DateTime<Utc>) -> DueStep {
+    /// A live, open step due when planned (shared by the policy's tests).
+    pub(super) fn step(
+        channel: ChannelKind,
+        category: Category,
+        planned: DateTime<Utc>,
+    ) -> DueStep {
         DueStep {
             row: 0,
             instance_id: "i".into(),

@@ -260,6 +260,29 @@ pub(super) fn decide(
     ))
 }
 
+/// Runs `function(customer, vars)` of the journey's script: the shape of
+/// step conditions and `rank`.
+fn call_on_customer(
+    engine: &Engine,
+    timeout: Duration,
+    journey: &Journey,
+    function: &str,
+    customer: &Arc<CustomerContext>,
+    vars: &Map<String, Value>,
+) -> Result<Dynamic, RuleError> {
+    let vars: rhai::Map = vars
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+        .collect();
+    call(
+        engine,
+        timeout,
+        journey,
+        function,
+        (CustomerView(customer.clone()), vars),
+    )
+}
+
 pub(super) fn condition(
     engine: &Engine,
     timeout: Duration,
@@ -268,17 +291,7 @@ pub(super) fn condition(
     customer: &Arc<CustomerContext>,
     vars: &Map<String, Value>,
 ) -> Result<bool, RuleError> {
-    let vars: rhai::Map = vars
-        .iter()
-        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-        .collect();
-    let result = call(
-        engine,
-        timeout,
-        journey,
-        function,
-        (CustomerView(customer.clone()), vars),
-    )?;
+    let result = call_on_customer(engine, timeout, journey, function, customer, vars)?;
     result.as_bool().map_err(|t| {
         at_function(
             journey,
@@ -295,17 +308,7 @@ pub(super) fn rank(
     customer: &Arc<CustomerContext>,
     vars: &Map<String, Value>,
 ) -> Result<f64, RuleError> {
-    let vars: rhai::Map = vars
-        .iter()
-        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-        .collect();
-    let result = call(
-        engine,
-        timeout,
-        journey,
-        "rank",
-        (CustomerView(customer.clone()), vars),
-    )?;
+    let result = call_on_customer(engine, timeout, journey, "rank", customer, vars)?;
     let score = match (result.as_float(), result.as_int()) {
         (Ok(f), _) => f,
         (_, Ok(i)) => i as f64,
