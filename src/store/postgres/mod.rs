@@ -48,7 +48,15 @@ pub struct PostgresStore {
     /// part (a restarted replica never mistakes its predecessor's claims
     /// for its own; they run out within the lease).
     holder: String,
+    /// When (the claimer's `now`) expired claims of each channel were last
+    /// handed back: at most every [`REQUEUE_EVERY`], not on every claim.
+    requeued: std::sync::Mutex<std::collections::HashMap<ChannelKind, DateTime<Utc>>>,
 }
+
+/// How often a claimer looks for a dead replica's claims: the look walks
+/// the claimed steps' index, dead entries and all, so once per claim would
+/// cost more than the claim; a dead replica's steps wait this much longer.
+const REQUEUE_EVERY: chrono::Duration = chrono::Duration::milliseconds(250);
 
 /// Steps of a dead replica (lease run out) back to pending, skipping rows
 /// another claimer is re-queuing at this moment.
@@ -59,6 +67,13 @@ const REQUEUE_EXPIRED: &str =
          WHERE status = 'claimed' AND channel = $1 AND lease_until < $2
          FOR UPDATE SKIP LOCKED)
        AND status = 'claimed' AND lease_until < $2";
+
+// `OFFSET 0` in a `NOT EXISTS` below keeps it a probe of the looked-up
+// table's index per row: pulled up into an anti-join, it was planned from
+// statistics taken while `customer_claims` and the claimed steps were few,
+// as a scan of the whole table or partial index per row, and those grow
+// with dead rows between vacuums (a settle of 128 steps spent 7 ms
+// for that alone).
 
 /// Claims up to `$3` due steps of channel `$1` at `$2` for holder `$4`
 /// until `$5`, in one statement: candidates (not locked by another claim,
@@ -71,7 +86,8 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
          WHERE s.status = 'pending' AND s.channel = $1 AND s.due_at <= $2
            AND NOT EXISTS (
                SELECT 1 FROM customer_claims AS c
-               WHERE c.customer = s.customer AND c.holder <> $4::text AND c.lease_until >= $2)
+               WHERE c.customer = s.customer AND c.holder <> $4::text AND c.lease_until >= $2
+               OFFSET 0)
          ORDER BY s.due_at
          LIMIT $3
          FOR UPDATE OF s SKIP LOCKED),
@@ -96,20 +112,53 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
      ORDER BY c.due_at, c.id";
 
 /// Settles (`status` an outcome) or reschedules (`status` pending, `again_at`
-/// set) claimed steps, by key.
-const SETTLE: &str = "UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL, sending_at = NULL,
-         due_at = COALESCE(u.again_at, s.due_at),
-         planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END,
-         attempt = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
-         AS u(instance_id, step, status, again_at, replan)
-     WHERE s.instance_id = u.instance_id AND s.step = u.step";
-
-/// Completes the instances `$1` (at `$2`) whose last step just settled.
-const COMPLETE_INSTANCES: &str = "UPDATE instances AS i SET status = 'completed', ended_at = u.at
-     FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at)
-     WHERE i.id = u.id AND i.status = 'open'
-       AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.instance_id = i.id AND s.status IN ('pending', 'claimed'))";
+/// set) claimed steps `$1`-`$5`, by key; completes the instances `$6` (at
+/// `$7`) left with no step to send; writes the log records `$8`-`$20`; and
+/// ends holder `$22`'s leases on the customers `$21` left with no step
+/// claimed by it: one statement, one round trip, atomic without a
+/// transaction around it. Its parts share one snapshot, from before the
+/// settle, so the completion and the release look at each step as the
+/// settle leaves it: the status in `$3` for a step settled here, the stored
+/// one for any other (`IN (SELECT … FROM u)`: one hash of the settled keys,
+/// probed per step).
+const SETTLE: &str = "WITH u AS (
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
+             AS u(instance_id, step, status, again_at, replan)),
+     settled AS (
+         UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL, sending_at = NULL,
+             due_at = COALESCE(u.again_at, s.due_at),
+             planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END,
+             attempt = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END
+         FROM u
+         WHERE s.instance_id = u.instance_id AND s.step = u.step),
+     completed AS (
+         UPDATE instances AS i SET status = 'completed', ended_at = d.at
+         FROM unnest($6::text[], $7::timestamptz[]) AS d(id, at)
+         WHERE i.id = d.id AND i.status = 'open'
+           AND NOT EXISTS (
+               SELECT 1 FROM steps AS s
+               WHERE s.instance_id = i.id
+                 AND CASE WHEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u)
+                     THEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u WHERE status = 'pending')
+                     ELSE s.status IN ('pending', 'claimed') END
+               OFFSET 0)),
+     released AS (
+         DELETE FROM customer_claims AS c
+         WHERE c.customer = ANY($21::text[]) AND c.holder = $22
+           AND NOT EXISTS (
+               SELECT 1 FROM steps AS s
+               WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $22
+                 AND (s.instance_id, s.step) NOT IN (SELECT instance_id, step FROM u)
+               OFFSET 0)),
+     logged AS (
+         INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
+         SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+         FROM unnest($8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                     $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[])
+             WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
+         ORDER BY ord
+         RETURNING seq)
+     SELECT seq FROM logged";
 
 /// Log records in one statement; their seqs, in the order given, come back
 /// as the sorted RETURNING values (the identity is drawn in insertion order).
@@ -121,38 +170,71 @@ const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, in
      ORDER BY ord
      RETURNING seq";
 
+/// The columns of log records, bound as one array each (`INSERT_LOGS`'
+/// thirteen parameters, in order).
+struct LogColumns<'a> {
+    times: Vec<DateTime<Utc>>,
+    text: [Vec<&'a str>; 6],
+    outcomes: Vec<&'a str>,
+    reasons: Vec<&'a str>,
+    rule_hashes: Vec<&'a str>,
+    attempts: Vec<i32>,
+    latencies: Vec<Option<i64>>,
+    events: Vec<Option<&'a str>>,
+}
+
+impl<'a> LogColumns<'a> {
+    fn new(records: &[&'a LogRecord]) -> Self {
+        let col =
+            |f: fn(&LogRecord) -> &str| -> Vec<&'a str> { records.iter().map(|r| f(r)).collect() };
+        Self {
+            times: records.iter().map(|r| r.time).collect(),
+            text: [
+                col(|r| &r.customer),
+                col(|r| &r.journey),
+                col(|r| &r.instance),
+                col(|r| &r.step),
+                col(|r| &r.channel),
+                col(|r| &r.template),
+            ],
+            outcomes: records.iter().map(|r| r.outcome.as_str()).collect(),
+            reasons: col(|r| &r.reason),
+            rule_hashes: col(|r| &r.rule_hash),
+            attempts: records.iter().map(|r| r.attempt as i32).collect(),
+            latencies: records
+                .iter()
+                .map(|r| r.latency_ms.map(|l| l as i64))
+                .collect(),
+            events: records.iter().map(|r| r.event_id.as_deref()).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 13] {
+        [
+            &self.times,
+            &self.text[0],
+            &self.text[1],
+            &self.text[2],
+            &self.text[3],
+            &self.text[4],
+            &self.text[5],
+            &self.outcomes,
+            &self.reasons,
+            &self.rule_hashes,
+            &self.attempts,
+            &self.latencies,
+            &self.events,
+        ]
+    }
+}
+
 /// Writes `records` in one statement and returns their seqs (unsorted).
 fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, StoreError> {
-    let col = |f: fn(&LogRecord) -> &str| -> Vec<&str> { records.iter().map(|r| f(r)).collect() };
-    let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
-    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.attempt as i32).collect();
-    let latencies: Vec<Option<i64>> = records
+    let columns = LogColumns::new(records);
+    c.query(INSERT_LOGS, &columns.params())?
         .iter()
-        .map(|r| r.latency_ms.map(|l| l as i64))
-        .collect();
-    let events: Vec<Option<&str>> = records.iter().map(|r| r.event_id.as_deref()).collect();
-    c.query(
-        INSERT_LOGS,
-        &[
-            &times,
-            &col(|r| &r.customer),
-            &col(|r| &r.journey),
-            &col(|r| &r.instance),
-            &col(|r| &r.step),
-            &col(|r| &r.channel),
-            &col(|r| &r.template),
-            &outcomes,
-            &col(|r| &r.reason),
-            &col(|r| &r.rule_hash),
-            &attempts,
-            &latencies,
-            &events,
-        ],
-    )?
-    .iter()
-    .map(|r| r.try_get(0).map_err(StoreError::from))
-    .collect()
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .collect()
 }
 
 /// When this replica (`$2`) may next claim a step of channel `$1`: the
@@ -164,7 +246,7 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
 const NEXT_DUE: &str = "SELECT LEAST(
          (SELECT s.due_at FROM steps AS s
           WHERE s.status = 'pending' AND s.channel = $1
-            AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2)
+            AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2 OFFSET 0)
           ORDER BY s.due_at LIMIT 1),
          (SELECT MIN(GREATEST(c.lease_until, s.due_at))
           FROM customer_claims AS c
@@ -175,7 +257,7 @@ const NEXT_DUE: &str = "SELECT LEAST(
 /// Ends holder `$2`'s leases on the customers `$1` that have no step left claimed by it.
 const RELEASE_CUSTOMERS: &str = "DELETE FROM customer_claims AS c
      WHERE c.customer = ANY($1::text[]) AND c.holder = $2
-       AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $2)";
+       AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $2 OFFSET 0)";
 
 impl PostgresStore {
     /// Connects (a bounded pool; TLS as the URL's `sslmode` says) and
@@ -187,6 +269,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             holder: holder_name(),
+            requeued: Default::default(),
         })
     }
 
@@ -201,6 +284,20 @@ impl PostgresStore {
         schema::migrate(&mut conn.client)?;
         let after = schema::version(&mut conn.client)?;
         Ok((before, after))
+    }
+
+    /// Whether a claim at `now` looks for expired claims of `channel` first
+    /// (and notes that it does): `REQUEUE_EVERY` after the last look, or
+    /// when the clock went back.
+    fn requeue_due(&self, channel: ChannelKind, now: DateTime<Utc>) -> bool {
+        let mut last = self.requeued.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get(&channel) {
+            Some(&at) if now >= at && now - at < REQUEUE_EVERY => false,
+            _ => {
+                last.insert(channel, now);
+                true
+            }
+        }
     }
 
     /// The name this replica's claims carry.
@@ -282,7 +379,7 @@ fn dead_letter(r: &postgres::Row) -> Result<(i64, DeadLetter), StoreError> {
     ))
 }
 
-/// `finish_steps`' writes, in the transaction `c` is in.
+/// `finish_steps`' writes, in one statement (`SETTLE`).
 fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
     // A step named twice (it cannot be, short of a bug) ends as the last says.
     let mut last = std::collections::HashMap::with_capacity(results.len());
@@ -303,7 +400,6 @@ fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i6
         .collect();
     let again: Vec<Option<DateTime<Utc>>> = settles.iter().map(|r| r.again_at).collect();
     let replan: Vec<bool> = settles.iter().map(|r| r.replan).collect();
-    c.execute(SETTLE, &[&instances, &steps, &statuses, &again, &replan])?;
     // The instances whose step settled for good, at the time of the last such record.
     let mut completed: Vec<(&str, DateTime<Utc>)> = Vec::new();
     for r in results.iter().filter(|r| r.again_at.is_none()) {
@@ -315,18 +411,31 @@ fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i6
             None => completed.push((&r.record.instance, r.record.time)),
         }
     }
-    if !completed.is_empty() {
-        let ids: Vec<&str> = completed.iter().map(|c| c.0).collect();
-        let times: Vec<DateTime<Utc>> = completed.iter().map(|c| c.1).collect();
-        c.execute(COMPLETE_INSTANCES, &[&ids, &times])?;
-    }
+    let completed_ids: Vec<&str> = completed.iter().map(|c| c.0).collect();
+    let completed_at: Vec<DateTime<Utc>> = completed.iter().map(|c| c.1).collect();
     let records: Vec<&LogRecord> = results.iter().map(|r| &r.record).collect();
-    let mut seqs = insert_logs(c, &records)?;
-    seqs.sort_unstable();
+    let log = LogColumns::new(&records);
     let mut customers: Vec<&str> = records.iter().map(|r| r.customer.as_str()).collect();
     customers.sort_unstable();
     customers.dedup();
-    c.execute(RELEASE_CUSTOMERS, &[&customers, &holder])?;
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![
+        &instances,
+        &steps,
+        &statuses,
+        &again,
+        &replan,
+        &completed_ids,
+        &completed_at,
+    ];
+    params.extend(log.params());
+    params.push(&customers);
+    params.push(&holder);
+    let mut seqs = c
+        .query(SETTLE, &params)?
+        .iter()
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .collect::<Result<Vec<i64>, _>>()?;
+    seqs.sort_unstable();
     Ok(seqs)
 }
 
@@ -349,7 +458,9 @@ impl Store for PostgresStore {
     ) -> Result<Vec<DueStep>, StoreError> {
         let mut c = self.conn()?;
         let name = channel.as_str();
-        c.execute(REQUEUE_EXPIRED, &[&name, &now])?;
+        if self.requeue_due(channel, now) {
+            c.execute(REQUEUE_EXPIRED, &[&name, &now])?;
+        }
         let rows = c.query(
             CLAIM,
             &[&name, &now, &(limit as i64), &self.holder, &lease_until],
@@ -361,10 +472,9 @@ impl Store for PostgresStore {
         if results.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.transaction()?;
-        let written = tx.run(|c| finish(c, &self.holder, results))?;
-        tx.commit()?;
-        Ok(written)
+        // One statement: atomic on its own, no transaction to open.
+        let mut c = self.conn()?;
+        finish(&mut c, &self.holder, results)
     }
 
     fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {

@@ -36,6 +36,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             holder: holder_name(),
+            requeued: Default::default(),
         })
     }
 }

@@ -145,6 +145,7 @@ fn claims_and_settles_use_indexes() {
         (CLAIM, "('push', now(), 10, 'me', now())"),
         (RELEASE_CUSTOMERS, "(ARRAY['c1'], 'me')"),
         (NEXT_DUE, "('push', 'me')"),
+        (SETTLE, SETTLE_PARAMS),
     ] {
         conn.client
             .batch_execute(&format!("PREPARE q AS {sql}"))
@@ -159,5 +160,55 @@ fn claims_and_settles_use_indexes() {
             .join("\n");
         conn.client.batch_execute("DEALLOCATE q").unwrap();
         assert!(!plan.contains("Seq Scan on steps"), "{sql}\n{plan}");
+    }
+}
+
+/// `SETTLE`'s parameters for one step of `c1` (instance `i1`, step `push`) sent.
+const SETTLE_PARAMS: &str = "(ARRAY['i1'], ARRAY['push'], ARRAY['sent'], ARRAY[NULL::timestamptz], ARRAY[false],
+    ARRAY['i1'], ARRAY[now()], ARRAY[now()], ARRAY['c1'], ARRAY['j'], ARRAY['i1'], ARRAY['push'], ARRAY['push'],
+    ARRAY['t'], ARRAY['sent'], ARRAY['r'], ARRAY['h'], ARRAY[1], ARRAY[NULL::int8], ARRAY[NULL::text],
+    ARRAY['c1'], 'me')";
+
+/// A `NOT EXISTS` looking up a customer's lease or claimed steps is a probe
+/// by that customer per row, whatever the statistics say: planned as a
+/// join, with the tables' statistics from when they were empty, it scanned
+/// the whole table or index once per row, and those grow with dead rows.
+#[test]
+fn lease_lookups_probe_by_customer() {
+    let store = temp_store();
+    let mut conn = store.conn().unwrap();
+    // Statistics of empty tables, as a fresh store has; a scan of an empty
+    // table costs nothing, so tables of one page or more are what it is
+    // about (a whole index scanned with a join filter is what went wrong).
+    conn.client
+        .batch_execute("ANALYZE steps; ANALYZE customer_claims; SET enable_seqscan = off")
+        .unwrap();
+    for (sql, params, probe) in [
+        (
+            CLAIM,
+            "('push', now(), 10, 'me', now())",
+            "Index Cond: (customer = s.customer)",
+        ),
+        (
+            RELEASE_CUSTOMERS,
+            "(ARRAY['c1'], 'me')",
+            "Index Cond: (customer = c.customer)",
+        ),
+        (SETTLE, SETTLE_PARAMS, "Index Cond: (customer = c.customer)"),
+        (SETTLE, SETTLE_PARAMS, "Index Cond: (instance_id = i.id)"),
+    ] {
+        conn.client
+            .batch_execute(&format!("PREPARE q AS {sql}"))
+            .unwrap();
+        let plan: String = conn
+            .client
+            .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n");
+        conn.client.batch_execute("DEALLOCATE q").unwrap();
+        assert!(plan.contains(probe), "{sql}\n{plan}");
     }
 }
