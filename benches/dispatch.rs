@@ -12,7 +12,8 @@
 //!   cargo bench --bench dispatch -- --cache-mb 64   (SQLite page cache per connection)
 //!   cargo bench --bench dispatch -- --postgres 1 --replicas 3   (PostgreSQL: a fresh
 //!     schema in the test database, `--replicas` schedulers each on its own
-//!     pool, as replicas on one database; see harness::pg_base)
+//!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
+//!     its tables analyzed after each insert of due steps)
 
 mod common;
 
@@ -248,12 +249,21 @@ fn main() {
         "store: {}, {replicas} replica(s)",
         if postgres { "PostgreSQL" } else { "SQLite" }
     );
+    // `--analyze 1` (PostgreSQL): the tables analyzed once the due steps are
+    // in, as autovacuum leaves a store that has run a while; a new schema's
+    // tables are otherwise planned as if they had ten pages.
+    let analyze = || {
+        if let (Some(schema), 1) = (&schema, arg("analyze", 0u8)) {
+            schema.client().batch_execute("ANALYZE").unwrap();
+        }
+    };
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
     let hash = rule_set.journey("fee_increase").unwrap().hash.clone();
 
     if arg("store-only", 0u8) == 1 {
         let insert_rate = insert_due_steps(store.as_ref(), 0, n, &hash);
         println!("{n} due steps inserted at {}", fmt_rate(insert_rate));
+        analyze();
         store_only(store.as_ref(), n);
         return;
     }
@@ -376,6 +386,7 @@ fn main() {
             per_round,
             &hash,
         ));
+        analyze();
         assert_eq!(open_steps(), per_round as i64);
         // Alternate which goes first, so that a drift favours neither.
         let (nudge_rate, plain_rate) = if round % 2 == 0 {

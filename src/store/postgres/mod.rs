@@ -120,7 +120,8 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 /// settle, so the completion and the release look at each step as the
 /// settle leaves it: the status in `$3` for a step settled here, the stored
 /// one for any other (`IN (SELECT … FROM u)`: one hash of the settled keys,
-/// probed per step).
+/// probed per step; the completion's probe is by `d.id`, so that it runs
+/// for the instances named only, whatever the join order).
 const SETTLE: &str = "WITH u AS (
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
              AS u(instance_id, step, status, again_at, replan)),
@@ -129,7 +130,8 @@ const SETTLE: &str = "WITH u AS (
              due_at = COALESCE(u.again_at, s.due_at),
              planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END,
              attempt = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END
-         FROM u
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
+             AS u(instance_id, step, status, again_at, replan)
          WHERE s.instance_id = u.instance_id AND s.step = u.step),
      completed AS (
          UPDATE instances AS i SET status = 'completed', ended_at = d.at
@@ -137,7 +139,7 @@ const SETTLE: &str = "WITH u AS (
          WHERE i.id = d.id AND i.status = 'open'
            AND NOT EXISTS (
                SELECT 1 FROM steps AS s
-               WHERE s.instance_id = i.id
+               WHERE s.instance_id = d.id
                  AND CASE WHEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u)
                      THEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u WHERE status = 'pending')
                      ELSE s.status IN ('pending', 'claimed') END

@@ -195,7 +195,7 @@ fn lease_lookups_probe_by_customer() {
             "Index Cond: (customer = c.customer)",
         ),
         (SETTLE, SETTLE_PARAMS, "Index Cond: (customer = c.customer)"),
-        (SETTLE, SETTLE_PARAMS, "Index Cond: (instance_id = i.id)"),
+        (SETTLE, SETTLE_PARAMS, "Index Cond: (instance_id = d.id)"),
     ] {
         conn.client
             .batch_execute(&format!("PREPARE q AS {sql}"))
