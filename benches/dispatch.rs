@@ -515,12 +515,28 @@ fn main() {
             let lost: i64 = reader
                 .query_row(
                     "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'suppressed'
-                       AND journey = 'energy_rebate' AND reason LIKE '%arbitration: lost to%'",
+                       AND journey = 'energy_rebate'
+                       AND (reason LIKE '%arbitration: lost to%' OR reason LIKE 'frequency cap: 2 %')",
                     [],
                     |r| r.get(0),
                 )
                 .unwrap();
-            assert_eq!(lost as u64, total / 2, "each customer's third step lost arbitration");
+            let reasons: Vec<(String, String, i64)> = reader
+                .prepare(
+                    "SELECT journey, reason, COUNT(*) FROM dispatch_log WHERE outcome = 'suppressed'
+                     GROUP BY journey, reason LIMIT 5",
+                )
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            println!("dropped: {reasons:?}");
+            assert_eq!(
+                lost as u64,
+                total / 2,
+                "each customer's third step (marketing, lowest score) is dropped: {reasons:?}"
+            );
         }
     }
     let nudge_rate = total as f64 / nudge_time;

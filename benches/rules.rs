@@ -14,7 +14,7 @@
 //! with 3 competing journeys loaded beside the 3 shipped ones.
 //!
 //!   cargo bench --bench rules [-- --secs 0.4 --rounds 7 --journeys 2000 --competing 20]
-//!   cargo bench --bench rules -- --profile d --iters 20000 [--small 1]   (callgrind)
+//!   cargo bench --bench rules -- --profile d --iters 400 [--small 1] --timeout-ms 10000   (callgrind)
 
 mod common;
 
@@ -235,7 +235,12 @@ fn main() {
     let slice = Duration::from_secs_f64(secs);
     println!("machine: {}", machine());
 
-    let limits = Limits::default();
+    // `--timeout-ms`: the sandbox's clock (rules.timeout); raise it under
+    // callgrind, which runs the scripts some fifty times slower.
+    let limits = Limits {
+        timeout: Duration::from_millis(arg("timeout-ms", 100)),
+        ..Limits::default()
+    };
     let real = sources_of(&repo().join("rules"));
     let three = rules::load_sources(real.clone(), &limits).expect("shipped rules compile");
     let mut all = real.clone();
