@@ -122,30 +122,30 @@ fn insert_due_steps(store: &dyn Store, first: u64, n: u64, journeys: &[Planned])
             }
             tx.save_customer(&c, now).unwrap();
             for (journey, step, category, template, rule_hash) in journeys {
-            tx.start_instance(
-                &NewInstance {
-                    id: format!("{journey}-{i:012x}"),
-                    customer: customer.clone(),
-                    journey: (*journey).into(),
-                    key: format!("p-{i}"),
-                    mode: Mode::Live,
-                    category: *category,
-                    started_at: due,
-                    rule_hash: rule_hash.clone(),
-                    trigger_event: format!("e-{journey}-{i}"),
-                    vars: vars(i),
-                    decision_inputs: json!({"event": {"id": format!("e-{journey}-{i}")}}),
-                },
-                &[NewStep {
-                    step: (*step).into(),
-                    seq: 0,
-                    channel: ChannelKind::Push,
-                    template: (*template).into(),
-                    condition: None,
-                    due_at: due,
-                }],
-            )
-            .unwrap();
+                tx.start_instance(
+                    &NewInstance {
+                        id: format!("{journey}-{i:012x}"),
+                        customer: customer.clone(),
+                        journey: (*journey).into(),
+                        key: format!("p-{i}"),
+                        mode: Mode::Live,
+                        category: *category,
+                        started_at: due,
+                        rule_hash: rule_hash.clone(),
+                        trigger_event: format!("e-{journey}-{i}"),
+                        vars: vars(i),
+                        decision_inputs: json!({"event": {"id": format!("e-{journey}-{i}")}}),
+                    },
+                    &[NewStep {
+                        step: (*step).into(),
+                        seq: 0,
+                        channel: ChannelKind::Push,
+                        template: (*template).into(),
+                        condition: None,
+                        due_at: due,
+                    }],
+                )
+                .unwrap();
             }
             i += 1;
         }

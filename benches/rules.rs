@@ -407,7 +407,11 @@ fn main() {
         for _ in 0..rounds {
             small.push(rate(batch, slice, || {
                 for _ in 0..batch {
-                    black_box(competing_stage(&three_competing, black_box(&offer), &customer));
+                    black_box(competing_stage(
+                        &three_competing,
+                        black_box(&offer),
+                        &customer,
+                    ));
                 }
             }));
             large.push(rate(batch, slice, || {

@@ -105,7 +105,12 @@ impl Simulation {
         policy: PolicyConfig,
         lateness: Lateness,
     ) -> Result<Self, StoreError> {
-        Self::with_settings(rules, start, policy, ChannelSettings::with_lateness(lateness))
+        Self::with_settings(
+            rules,
+            start,
+            policy,
+            ChannelSettings::with_lateness(lateness),
+        )
     }
 
     /// With a config's channel settings (see [`ChannelSettings::of`]),

@@ -429,7 +429,8 @@ fn the_readme_policy_example_prints_what_the_readme_shows() {
 
     let (code, out, err) = nudge(&args);
     assert_eq!(code, 0, "{err}");
-    let trimmed = |s: &str| -> Vec<String> { s.lines().map(|l| l.trim_end().to_string()).collect() };
+    let trimmed =
+        |s: &str| -> Vec<String> { s.lines().map(|l| l.trim_end().to_string()).collect() };
     assert_eq!(
         trimmed(shown),
         trimmed(&out),
@@ -449,10 +450,16 @@ fn the_readme_policy_example_prints_what_the_readme_shows() {
     );
     assert!(arbitration.contains("fee_increase"), "{arbitration}");
     row("deferred", "quiet hours 21:00-08:00 in Australia/Sydney");
-    row("suppressed", "frequency cap: 1 marketing within 7 calendar days");
+    row(
+        "suppressed",
+        "frequency cap: 1 marketing within 7 calendar days",
+    );
     row("held_out", "control group");
     let fallback = row("sent", "fallback from push: no app installed");
-    assert!(fallback.split_whitespace().nth(4) == Some("email"), "{fallback}");
+    assert!(
+        fallback.split_whitespace().nth(4) == Some("email"),
+        "{fallback}"
+    );
     let withdrawn = row("withdrawn", "withdrawn on call_task: journey converted");
     assert!(withdrawn.contains("call:withdraw"), "{withdrawn}");
 }
