@@ -463,3 +463,71 @@ fn the_readme_policy_example_prints_what_the_readme_shows() {
     let withdrawn = row("withdrawn", "withdrawn on call_task: journey converted");
     assert!(withdrawn.contains("call:withdraw"), "{withdrawn}");
 }
+
+/// `--config` brings each channel's send-rate limit: two fee alerts due at
+/// once on a push channel of one a minute, the second waits its slot.
+#[test]
+fn simulate_takes_each_channels_rate_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("rate.jsonl");
+    let mut lines = Vec::new();
+    for c in ["c-1", "c-2"] {
+        lines.push(serde_json::json!({
+            "specversion": "1.0", "id": format!("ctx-{c}"), "type": "customer.contact_updated",
+            "source": "tests", "subject": c, "time": "2026-03-02T00:00:00Z",
+            "data": {"timezone": "Australia/Sydney", "app_installed": true},
+        }));
+    }
+    for c in ["c-1", "c-2"] {
+        lines.push(serde_json::json!({
+            "specversion": "1.0", "id": format!("fee-{c}"), "type": "recurring_payment.amount_changed",
+            "source": "tests", "subject": c, "time": "2026-03-02T01:00:00Z",
+            "data": {"payment_id": format!("p-{c}"), "merchant": "StreamCo", "previous_amount": 10, "new_amount": 12},
+        }));
+    }
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&events, text.join("\n")).unwrap();
+    let config = dir.path().join("nudge.toml");
+    std::fs::write(
+        &config,
+        "[channels.push]\nurl = \"http://127.0.0.1:9/push\"\nrate = \"1/m\"\n",
+    )
+    .unwrap();
+    let rules = repo().join("rules");
+    let (code, out, err) = nudge(&[
+        "simulate",
+        "--rules",
+        rules.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcomes: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["customer"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("c-1", "sent"), ("c-2", "deferred"), ("c-2", "sent")],
+        "{out}"
+    );
+    assert!(
+        records[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit: channels.push.rate is 1/m"),
+        "{out}"
+    );
+    assert_eq!(records[2]["time"], "2026-03-02T01:01:00.000Z", "{out}");
+}
