@@ -10,6 +10,12 @@
 //!   cargo bench --bench dispatch [-- --steps 1000000 --plain 500000 --rounds 5]
 //!   cargo bench --bench dispatch -- --store-only 1 [--finish-group 128]   (the store alone)
 //!   cargo bench --bench dispatch -- --cache-mb 64   (SQLite page cache per connection)
+//!   cargo bench --bench dispatch -- --policy 1 [--rate 1000000]   (the contact policy
+//!     at work: each customer has three push steps due at once, of three
+//!     journeys, under calendar-day caps that leave room for two: arbitration
+//!     sends the two best and drops the third (marketing); a send-rate limit of
+//!     `--rate`/s on push, by default too high to bind. Rates count messages
+//!     sent, so nudge's figure carries the dropped step's cost)
 //!   cargo bench --bench dispatch -- --postgres 1 --replicas 3   (PostgreSQL: a fresh
 //!     schema in the test database, `--replicas` schedulers each on its own
 //!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
@@ -61,8 +67,42 @@ fn vars(i: u64) -> serde_json::Map<String, serde_json::Value> {
     .clone()
 }
 
-/// Inserts `n` due steps numbered from `first`; returns the insert rate.
-fn insert_due_steps(store: &dyn Store, first: u64, n: u64, rule_hash: &str) -> f64 {
+/// The journeys whose steps the bench inserts: (journey, step, category,
+/// template, rule hash). The first alone, or with `--policy 1` all three,
+/// competing for each customer.
+type Planned = (&'static str, &'static str, Category, &'static str, String);
+
+fn planned(rule_set: &rules::RuleSet, policy: bool) -> Vec<Planned> {
+    let hash = |j: &str| rule_set.journey(j).unwrap().hash.clone();
+    let mut v = vec![(
+        "fee_increase",
+        "alert",
+        Category::Service,
+        "fee_increase_alert",
+        hash("fee_increase"),
+    )];
+    if policy {
+        v.push((
+            "unsigned_loan",
+            "push",
+            Category::Service,
+            "loan_unsigned_push",
+            hash("unsigned_loan"),
+        ));
+        v.push((
+            "energy_rebate",
+            "invite",
+            Category::Marketing,
+            "energy_rebate_invite",
+            hash("energy_rebate"),
+        ));
+    }
+    v
+}
+
+/// Inserts due steps for `n` customers numbered from `first`, one per
+/// planned journey each; returns the insert rate (customers per second).
+fn insert_due_steps(store: &dyn Store, first: u64, n: u64, journeys: &[Planned]) -> f64 {
     let start = Instant::now();
     let now = Utc::now();
     let due = now - chrono::Duration::seconds(1);
@@ -70,35 +110,44 @@ fn insert_due_steps(store: &dyn Store, first: u64, n: u64, rule_hash: &str) -> f
     let end = first + n;
     while i < end {
         let mut tx = store.begin().unwrap();
-        for _ in 0..10_000.min(end - i) {
+        for _ in 0..(10_000 / journeys.len() as u64).min(end - i) {
             let customer = format!("c-{i:07}");
             let mut c = CustomerContext::new(&customer);
             c.app_installed = true;
+            if journeys.len() > 1 {
+                // Marketing push is opt-in.
+                c.consents
+                    .entry(ChannelKind::Push)
+                    .or_default()
+                    .insert(Category::Marketing, true);
+            }
             tx.save_customer(&c, now).unwrap();
-            tx.start_instance(
-                &NewInstance {
-                    id: format!("fee_increase-{i:012x}"),
-                    customer: customer.clone(),
-                    journey: "fee_increase".into(),
-                    key: format!("p-{i}"),
-                    mode: Mode::Live,
-                    category: Category::Service,
-                    started_at: due,
-                    rule_hash: rule_hash.into(),
-                    trigger_event: format!("e-{i}"),
-                    vars: vars(i),
-                    decision_inputs: json!({"event": {"id": format!("e-{i}")}}),
-                },
-                &[NewStep {
-                    step: "alert".into(),
-                    seq: 0,
-                    channel: ChannelKind::Push,
-                    template: "fee_increase_alert".into(),
-                    condition: None,
-                    due_at: due,
-                }],
-            )
-            .unwrap();
+            for (journey, step, category, template, rule_hash) in journeys {
+                tx.start_instance(
+                    &NewInstance {
+                        id: format!("{journey}-{i:012x}"),
+                        customer: customer.clone(),
+                        journey: (*journey).into(),
+                        key: format!("p-{i}"),
+                        mode: Mode::Live,
+                        category: *category,
+                        started_at: due,
+                        rule_hash: rule_hash.clone(),
+                        trigger_event: format!("e-{journey}-{i}"),
+                        vars: vars(i),
+                        decision_inputs: json!({"event": {"id": format!("e-{journey}-{i}")}}),
+                    },
+                    &[NewStep {
+                        step: (*step).into(),
+                        seq: 0,
+                        channel: ChannelKind::Push,
+                        template: (*template).into(),
+                        condition: None,
+                        due_at: due,
+                    }],
+                )
+                .unwrap();
+            }
             i += 1;
         }
         tx.commit().unwrap();
@@ -211,7 +260,10 @@ fn main() {
     // tenants), so nudge and the plain client take turns in rounds, and each
     // round's pair of rates gives a ratio; the median of those is the figure.
     let rounds: u64 = arg("rounds", 5).max(1);
-    let per_round = n / rounds;
+    let with_policy = arg("policy", 0u8) == 1;
+    // With the policy, each customer gets two of its three steps.
+    let sent_per_customer = if with_policy { 2 } else { 1 };
+    let per_round = n / rounds / sent_per_customer * sent_per_customer;
     let plain_per_round: u64 = arg("plain", n / 2) / rounds;
     println!("machine: {}", machine());
     let server_rt = runtime();
@@ -258,10 +310,10 @@ fn main() {
         }
     };
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
-    let hash = rule_set.journey("fee_increase").unwrap().hash.clone();
+    let journeys = planned(&rule_set, with_policy);
 
     if arg("store-only", 0u8) == 1 {
-        let insert_rate = insert_due_steps(store.as_ref(), 0, n, &hash);
+        let insert_rate = insert_due_steps(store.as_ref(), 0, n, &journeys[..1]);
         println!("{n} due steps inserted at {}", fmt_rate(insert_rate));
         analyze();
         store_only(store.as_ref(), n);
@@ -270,13 +322,39 @@ fn main() {
 
     // The default policy (frequency cap 4 a day), without quiet hours, which
     // would make the figure depend on the time of day in Sydney.
-    let policy = PolicyConfig {
+    let mut policy = PolicyConfig {
         quiet_hours: nudge::config::QuietHours {
             channels: Default::default(),
             legacy: None,
         },
         ..PolicyConfig::default()
     };
+    if with_policy {
+        // Calendar-day caps leaving room for two of each customer's three
+        // steps (the marketing one loses: dropped); arbitration's default
+        // window (10m); fatigue on (no sends yet, so it never binds).
+        let cap = |category, channel, max, per| nudge::config::settings::Cap {
+            category,
+            channel,
+            max,
+            per,
+        };
+        policy.caps = Some(vec![
+            cap(None, None, 2, 1),
+            cap(Some(Category::Marketing), None, 1, 1),
+            cap(Some(Category::Marketing), None, 3, 7),
+            cap(None, Some(ChannelKind::CallTask), 1, 7),
+        ]);
+    }
+    let rate: u32 = arg("rate", 1_000_000);
+    println!(
+        "policy: {}",
+        if with_policy {
+            format!("caps by calendar day (2 a day), 3 journeys competing per customer, push rate {rate}/s")
+        } else {
+            "default (cap 4 a day), no quiet hours".into()
+        }
+    );
     let mut channels = Channels::default();
     for (kind, path) in [
         (ChannelKind::Push, "push"),
@@ -296,6 +374,15 @@ fn main() {
             )
         };
         channels = channels.with(kind, ch, *CONCURRENCY);
+    }
+    if with_policy {
+        channels = channels.with_rate(
+            ChannelKind::Push,
+            nudge::dispatch::Rate {
+                count: rate,
+                per: Duration::from_secs(1),
+            },
+        );
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let schedulers: Vec<Arc<Scheduler>> = stores
@@ -380,14 +467,15 @@ fn main() {
     let mut ratios = Vec::new();
     let mut insert_rates = Vec::new();
     for round in 0..rounds {
+        let customers = per_round / sent_per_customer;
         insert_rates.push(insert_due_steps(
             store.as_ref(),
-            round * per_round,
-            per_round,
-            &hash,
+            round * customers,
+            customers,
+            &journeys,
         ));
         analyze();
-        assert_eq!(open_steps(), per_round as i64);
+        assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
         // Alternate which goes first, so that a drift favours neither.
         let (nudge_rate, plain_rate) = if round % 2 == 0 {
             let nudge_rate = run_nudge(round);
@@ -433,6 +521,35 @@ fn main() {
         }
     };
     assert_eq!(logged as u64, total, "one `sent` record per step");
+    if with_policy {
+        if let Some(reader) = &reader {
+            let lost: i64 = reader
+                .query_row(
+                    "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'suppressed'
+                       AND journey = 'energy_rebate'
+                       AND (reason LIKE '%arbitration: lost to%' OR reason LIKE 'frequency cap: 2 %')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let reasons: Vec<(String, String, i64)> = reader
+                .prepare(
+                    "SELECT journey, reason, COUNT(*) FROM dispatch_log WHERE outcome = 'suppressed'
+                     GROUP BY journey, reason LIMIT 5",
+                )
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            println!("dropped: {reasons:?}");
+            assert_eq!(
+                lost as u64,
+                total / 2,
+                "each customer's third step (marketing, lowest score) is dropped: {reasons:?}"
+            );
+        }
+    }
     let nudge_rate = total as f64 / nudge_time;
     let plain_rate = (plain_per_round * rounds) as f64 / plain_time;
     ratios.sort_by(f64::total_cmp);
@@ -447,7 +564,12 @@ fn main() {
     report.ratio(
         "3 dispatch",
         &format!(
-            "{total} due push steps → HTTP 200, concurrency {}, {rounds} rounds (median of the rounds' ratios)",
+            "{total} {} → HTTP 200, concurrency {}, {rounds} rounds (median of the rounds' ratios)",
+            if with_policy {
+                "push messages sent of 3 steps per customer competing under caps of 2 a day, rate limit on"
+            } else {
+                "due push steps"
+            },
             *CONCURRENCY
         ),
         fmt_rate(nudge_rate),

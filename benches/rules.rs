@@ -6,7 +6,15 @@
 //! the type, the same `Decision` built by Rust code). Then the same events
 //! with 2,000 generated journeys loaded beside the 3 real ones.
 //!
-//!   cargo bench --bench rules [-- --secs 0.4 --rounds 7 --journeys 2000]
+//! Competition (case d): `--competing` (default 20) of the generated
+//! journeys trigger on one event type (`offer.eligible`) and define `rank`;
+//! one such event starts all of them for one customer, and each is scored
+//! as the arbiter scores it (`RuleSet::rank`). Its cost per competing
+//! journey (decide + rank) with the 2,003 loaded is compared with the same
+//! with 3 competing journeys loaded beside the 3 shipped ones.
+//!
+//!   cargo bench --bench rules [-- --secs 0.4 --rounds 7 --journeys 2000 --competing 20]
+//!   cargo bench --bench rules -- --profile d --iters 400 [--small 1] --timeout-ms 10000   (callgrind)
 
 mod common;
 
@@ -36,6 +44,26 @@ fn nudge_stage(rules: &RuleSet, bytes: &[u8], customer: &Arc<CustomerContext>) -
     for journey in rules.triggered_by(t) {
         let d = rules.decide(journey, &event, customer).expect("decides");
         n += matches!(d, Decision::Start { .. }) as usize;
+        black_box(d);
+    }
+    n
+}
+
+/// An event several journeys trigger on for one customer: each decides,
+/// and each that starts is scored for arbitration (`rank`, else priority).
+fn competing_stage(rules: &RuleSet, bytes: &[u8], customer: &Arc<CustomerContext>) -> usize {
+    let event = Arc::new(Event::parse(bytes).expect("valid event"));
+    let t = event.event_type.as_str();
+    if !(nudge::context::is_context_event(t) || rules.interested_in(t)) {
+        return 0;
+    }
+    let mut n = 0;
+    for journey in rules.triggered_by(t) {
+        let d = rules.decide(journey, &event, customer).expect("decides");
+        if let Decision::Start { vars, .. } = &d {
+            black_box(rules.rank(journey, customer, vars).expect("ranks"));
+            n += 1;
+        }
         black_box(d);
     }
     n
@@ -135,9 +163,22 @@ fn native_energy_rebate(c: &CustomerContext) -> Decision {
     Decision::Start { key: None, vars }
 }
 
-fn generated(n: usize) -> Vec<(PathBuf, String)> {
+/// `n` generated journeys; the first `competing` trigger on
+/// `offer.eligible` (the others each on their own type) and define `rank`.
+fn generated(n: usize, competing: usize) -> Vec<(PathBuf, String)> {
     (0..n)
         .map(|i| {
+            let (trigger, rank) = if i < competing {
+                (
+                    "offer.eligible".to_string(),
+                    format!(
+                        "\nfn rank(customer, vars) {{\n    let lever = if customer.has_app {{ 1.0 }} else {{ 0.5 }};\n    vars.value * lever * {w}\n}}\n",
+                        w = 0.5 + (i % 10) as f64 / 20.0
+                    ),
+                )
+            } else {
+                (format!("generated.event_{i:04}"), String::new())
+            };
             let text = format!(
                 r#"
 fn journey() {{
@@ -145,7 +186,7 @@ fn journey() {{
         name: "generated_{i:04}",
         category: "{cat}",
         priority: {prio},
-        triggers: ["generated.event_{i:04}"],
+        triggers: ["{trigger}"],
         exits: #{{ "generated.done_{i:04}": "converted" }},
         steps: [
             #{{ id: "push", channel: "push", template: "generated_{i:04}_push", delay: "0s" }},
@@ -159,9 +200,9 @@ fn decide(event, customer) {{
     if d.amount == () || d.amount < {threshold} {{
         return skip("below threshold");
     }}
-    start(#{{ amount: money(d.amount), reference: d.reference }})
+    start(#{{ amount: money(d.amount), reference: d.reference, value: d.amount / 100.0 }})
 }}
-"#,
+{rank}"#,
                 cat = if i % 3 == 0 { "marketing" } else { "service" },
                 prio = i % 97,
                 days = 1 + i % 7,
@@ -190,14 +231,24 @@ fn main() {
     let secs: f64 = arg("secs", 0.4);
     let rounds: usize = arg("rounds", 7);
     let n_generated: usize = arg("journeys", 2000);
+    let n_competing: usize = arg("competing", 20).min(n_generated);
     let slice = Duration::from_secs_f64(secs);
     println!("machine: {}", machine());
 
-    let limits = Limits::default();
+    // `--timeout-ms`: the sandbox's clock (rules.timeout); raise it under
+    // callgrind, which runs the scripts some fifty times slower.
+    let limits = Limits {
+        timeout: Duration::from_millis(arg("timeout-ms", 100)),
+        ..Limits::default()
+    };
     let real = sources_of(&repo().join("rules"));
     let three = rules::load_sources(real.clone(), &limits).expect("shipped rules compile");
     let mut all = real.clone();
-    all.extend(generated(n_generated));
+    all.extend(generated(n_generated, n_competing));
+    // "The cost of 3": three competing journeys beside the shipped ones.
+    let mut small = real.clone();
+    small.extend(generated(3, 3));
+    let three_competing = rules::load_sources(small, &limits).expect("competing rules compile");
     let load_start = Instant::now();
     let many = rules::load_sources(all, &limits).expect("generated rules compile");
     let load_time = load_start.elapsed();
@@ -271,8 +322,28 @@ fn main() {
         assert_eq!(nudge_stage(&many, bytes, &customer) > 0, *starts, "{what}");
     }
 
+    let offer = ev(
+        "offer.eligible",
+        json!({"amount": 5000, "reference": "R-9"}),
+    );
+    assert_eq!(competing_stage(&many, &offer, &customer), n_competing);
+    assert_eq!(competing_stage(&three_competing, &offer, &customer), 3);
+
     // `--profile CASE --iters N`: only run nudge's stage on one case (for callgrind).
     let profile: String = arg("profile", String::new());
+    if profile == "d" {
+        // `--small 1`: the 3 competing journeys instead of the 2,003 loaded.
+        let iters: u64 = arg("iters", 20_000);
+        let set = if arg("small", 0u8) == 1 {
+            &three_competing
+        } else {
+            &many
+        };
+        for _ in 0..iters {
+            black_box(competing_stage(set, black_box(&offer), &customer));
+        }
+        return;
+    }
     if !profile.is_empty() {
         let iters: u64 = arg("iters", 20_000);
         let (_, _, bytes, _) = cases.iter().find(|c| c.0 == profile).expect("case id");
@@ -327,6 +398,47 @@ fn main() {
             ratio_2k,
             "≤ 1.5×",
             Some(ratio_2k <= 1.5),
+        );
+    }
+    // (d) competition: per competing journey (decide + rank), 2,003 loaded
+    // with `n_competing` competing against 6 loaded with 3 competing.
+    {
+        let (mut small, mut large) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            small.push(rate(batch, slice, || {
+                for _ in 0..batch {
+                    black_box(competing_stage(
+                        &three_competing,
+                        black_box(&offer),
+                        &customer,
+                    ));
+                }
+            }));
+            large.push(rate(batch, slice, || {
+                for _ in 0..batch {
+                    black_box(competing_stage(&many, black_box(&offer), &customer));
+                }
+            }));
+        }
+        // Rates are events/s; per competing journey: events/s × journeys.
+        let per_journey: Vec<f64> = small
+            .iter()
+            .zip(&large)
+            .map(|(s, l)| (l * n_competing as f64) / (s * 3.0))
+            .collect();
+        let ratio = 1.0 / median(per_journey);
+        let (small, large) = (median(small), median(large));
+        report.ratio(
+            "1 rules",
+            &format!(
+                "(d) {n_competing} of {} loaded compete for one customer: per competing journey (decide + rank)",
+                n_generated + 3
+            ),
+            format!("{:.2} µs per journey ({:.2} µs per event)", 1e6 / (large * n_competing as f64), 1e6 / large),
+            format!("3 competing of 6 loaded: {:.2} µs per journey ({:.2} µs per event)", 1e6 / (small * 3.0), 1e6 / small),
+            ratio,
+            "≤ 1.5×",
+            Some(ratio <= 1.5),
         );
     }
     // A generated journey's own trigger, for context.

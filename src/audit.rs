@@ -42,14 +42,14 @@ impl<W: Write> LogWriter<W> {
                 if !self.header_done {
                     writeln!(
                         self.out,
-                        "{:<24} {:<10} {:<15} {:<8} {:<10} {:<10} reason",
+                        "{:<24} {:<10} {:<15} {:<13} {:<10} {:<10} reason",
                         "time", "customer", "journey", "step", "channel", "outcome"
                     )?;
                     self.header_done = true;
                 }
                 writeln!(
                     self.out,
-                    "{:<24} {:<10} {:<15} {:<8} {:<10} {:<10} {}",
+                    "{:<24} {:<10} {:<15} {:<13} {:<10} {:<10} {}",
                     record.time.to_rfc3339_opts(SecondsFormat::Secs, true),
                     record.customer,
                     record.journey,

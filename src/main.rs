@@ -33,8 +33,10 @@ enum Command {
     /// Run CloudEvents JSON lines through the journeys on a virtual clock and
     /// print the dispatch log.
     Simulate {
+        /// Directory of *.rhai journeys; repeat it to load several
+        /// directories as one rule set.
         #[arg(long, default_value = "rules")]
-        rules: PathBuf,
+        rules: Vec<PathBuf>,
         /// CloudEvents, one JSON object per line.
         #[arg(long)]
         events: PathBuf,
@@ -292,18 +294,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             let config = Config::load(config.as_deref())?;
             let limits = Limits::from_config(&config.rules);
-            let set = rules::load_dir(&dir, &limits)
-                .map_err(|e| anyhow::anyhow!("rules in {} do not compile:\n{e}", dir.display()))?;
+            let set = rules::load_dirs(&dir, &limits).map_err(|e| {
+                let shown: Vec<String> = dir.iter().map(|d| d.display().to_string()).collect();
+                anyhow::anyhow!("rules in {} do not compile:\n{e}", shown.join(", "))
+            })?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let stdout = std::io::stdout();
             let mut writer = LogWriter::new(stdout.lock(), format);
-            let lateness = nudge::sim::channel_lateness(&config);
+            let settings = nudge::sim::ChannelSettings::of(&config);
             let summary = runtime.block_on(nudge::sim::simulate(
                 set,
                 config.policy,
-                lateness,
+                settings,
                 &events,
                 |r| writer.write(r),
                 |w| eprintln!("{w}"),

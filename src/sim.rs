@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{Clock, VirtualClock};
 use crate::config::{Config, PolicyConfig, SchedulerConfig};
-use crate::dispatch::{Channel, Channels, RecordingChannel};
+use crate::dispatch::{Channel, Channels, Rate, RecordingChannel};
 use crate::event::Event;
 use crate::journey::{BatchOutcome, Pipeline};
 use crate::model::{ChannelKind, LogRecord};
@@ -36,6 +36,48 @@ pub fn channel_lateness(config: &Config) -> Lateness {
         .collect()
 }
 
+/// What the simulated daemon takes from a config's channels, as `nudge run`
+/// does: each channel's lateness bound, its send-rate limit
+/// (`channels.<kind>.rate`, on the virtual clock) and whether an exit
+/// withdraws what was delivered on it (`channels.<kind>.withdraw`).
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub lateness: Lateness,
+    pub rates: HashMap<ChannelKind, Rate>,
+    pub withdraw: Vec<ChannelKind>,
+}
+
+impl Default for ChannelSettings {
+    /// No config: the default bounds, no rate limit, call tasks withdrawn.
+    fn default() -> Self {
+        Self::with_lateness(Lateness::new())
+    }
+}
+
+impl ChannelSettings {
+    /// The daemon's settings for the channels `config` names.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            lateness: channel_lateness(config),
+            rates: config
+                .channels
+                .iter()
+                .filter_map(|(kind, channel)| channel.rate.map(|r| (*kind, r)))
+                .collect(),
+            withdraw: crate::config::withdraw_channels(&config.channels),
+        }
+    }
+
+    /// These lateness bounds and the other defaults.
+    pub fn with_lateness(lateness: Lateness) -> Self {
+        Self {
+            lateness,
+            rates: HashMap::new(),
+            withdraw: crate::config::withdraw_channels(&Default::default()),
+        }
+    }
+}
+
 pub struct Simulation {
     pub clock: VirtualClock,
     pub store: Arc<SqliteStore>,
@@ -53,7 +95,7 @@ impl Simulation {
         start: DateTime<Utc>,
         policy: PolicyConfig,
     ) -> Result<Self, StoreError> {
-        Self::with_lateness(rules, start, policy, Lateness::new())
+        Self::with_settings(rules, start, policy, ChannelSettings::default())
     }
 
     /// With the channels' lateness bounds of a config (see [`channel_lateness`]).
@@ -63,15 +105,30 @@ impl Simulation {
         policy: PolicyConfig,
         lateness: Lateness,
     ) -> Result<Self, StoreError> {
-        let channel = Arc::new(RecordingChannel::default());
-        Self::build(
+        Self::with_settings(
             rules,
             start,
             policy,
-            lateness,
-            channel.clone(),
-            Channels::all(channel),
+            ChannelSettings::with_lateness(lateness),
         )
+    }
+
+    /// With a config's channel settings (see [`ChannelSettings::of`]),
+    /// every channel the recording channel.
+    pub fn with_settings(
+        rules: RuleSet,
+        start: DateTime<Utc>,
+        policy: PolicyConfig,
+        settings: ChannelSettings,
+    ) -> Result<Self, StoreError> {
+        let channel = Arc::new(RecordingChannel::default());
+        let channels = settings
+            .rates
+            .iter()
+            .fold(Channels::all(channel.clone()), |c, (kind, rate)| {
+                c.with_rate(*kind, *rate)
+            });
+        Self::build(rules, start, policy, settings, channel, channels)
     }
 
     /// With other channel adapters (tests use real HTTP endpoints).
@@ -82,14 +139,21 @@ impl Simulation {
         recording: Arc<RecordingChannel>,
         channels: Channels,
     ) -> Result<Self, StoreError> {
-        Self::build(rules, start, policy, Lateness::new(), recording, channels)
+        Self::build(
+            rules,
+            start,
+            policy,
+            ChannelSettings::default(),
+            recording,
+            channels,
+        )
     }
 
     fn build(
         rules: RuleSet,
         start: DateTime<Utc>,
         policy: PolicyConfig,
-        lateness: Lateness,
+        settings: ChannelSettings,
         recording: Arc<RecordingChannel>,
         channels: Channels,
     ) -> Result<Self, StoreError> {
@@ -107,6 +171,7 @@ impl Simulation {
             clock_dyn.clone(),
             policy.clone(),
         )
+        .with_withdrawals(settings.withdraw)
         .with_controls(controls.clone());
         let scheduler = Scheduler::new(
             store_dyn,
@@ -115,7 +180,7 @@ impl Simulation {
             clock_dyn,
             Policy::new(policy),
             SchedulerConfig::default(),
-            lateness,
+            settings.lateness,
         )
         .with_controls(controls.clone());
         Ok(Self {
@@ -202,7 +267,7 @@ pub struct Summary {
 pub async fn simulate(
     rules: RuleSet,
     policy: PolicyConfig,
-    lateness: Lateness,
+    settings: ChannelSettings,
     events_path: &Path,
     mut emit: impl FnMut(&LogRecord) -> std::io::Result<()>,
     mut warn: impl FnMut(String),
@@ -221,7 +286,7 @@ pub async fn simulate(
         .first()
         .map(|(_, e)| e.time)
         .unwrap_or_else(Utc::now);
-    let sim = Simulation::with_lateness(rules, start, policy, lateness)?;
+    let sim = Simulation::with_settings(rules, start, policy, settings)?;
     for (line, event) in file.events {
         while let Some((bad_line, _)) = bad.peek() {
             if *bad_line > line {

@@ -408,3 +408,126 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
         "no ANSI escapes in piped logs: {stderr:?}"
     );
 }
+
+/// README.md's contact-policy example, run exactly as the README says: the
+/// output printed there is the binary's, and it shows each decision of the
+/// policy with its reason (issue 13's proof), so neither can go stale.
+#[test]
+fn the_readme_policy_example_prints_what_the_readme_shows() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let at = readme
+        .find("\nnudge simulate --rules rules --rules examples/journeys --events examples/policy.jsonl")
+        .expect("README.md runs examples/policy.jsonl");
+    let rest = &readme[at + 1..];
+    let command = rest.lines().next().unwrap();
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let shown = rest
+        .split_once("```text\n")
+        .and_then(|(_, after)| after.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the output follows the command in a ```text block");
+
+    let (code, out, err) = nudge(&args);
+    assert_eq!(code, 0, "{err}");
+    let trimmed =
+        |s: &str| -> Vec<String> { s.lines().map(|l| l.trim_end().to_string()).collect() };
+    assert_eq!(
+        trimmed(shown),
+        trimmed(&out),
+        "README.md's output of `{command}` is stale; it prints:\n{out}"
+    );
+
+    // Each rule of the policy at work, with its reason.
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    let row = |outcome: &str, reason: &str| {
+        rows.iter()
+            .find(|r| r.split_whitespace().nth(5) == Some(outcome) && r.contains(reason))
+            .unwrap_or_else(|| panic!("no {outcome} row with {reason:?} in\n{out}"))
+    };
+    let arbitration = row(
+        "deferred",
+        "arbitration: lost to unsigned_loan/email (score 80 vs 50)",
+    );
+    assert!(arbitration.contains("fee_increase"), "{arbitration}");
+    row("deferred", "quiet hours 21:00-08:00 in Australia/Sydney");
+    row(
+        "suppressed",
+        "frequency cap: 1 marketing within 7 calendar days",
+    );
+    row("held_out", "control group");
+    let fallback = row("sent", "fallback from push: no app installed");
+    assert!(
+        fallback.split_whitespace().nth(4) == Some("email"),
+        "{fallback}"
+    );
+    let withdrawn = row("withdrawn", "withdrawn on call_task: journey converted");
+    assert!(withdrawn.contains("call:withdraw"), "{withdrawn}");
+}
+
+/// `--config` brings each channel's send-rate limit: two fee alerts due at
+/// once on a push channel of one a minute, the second waits its slot.
+#[test]
+fn simulate_takes_each_channels_rate_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("rate.jsonl");
+    let mut lines = Vec::new();
+    for c in ["c-1", "c-2"] {
+        lines.push(serde_json::json!({
+            "specversion": "1.0", "id": format!("ctx-{c}"), "type": "customer.contact_updated",
+            "source": "tests", "subject": c, "time": "2026-03-02T00:00:00Z",
+            "data": {"timezone": "Australia/Sydney", "app_installed": true},
+        }));
+    }
+    for c in ["c-1", "c-2"] {
+        lines.push(serde_json::json!({
+            "specversion": "1.0", "id": format!("fee-{c}"), "type": "recurring_payment.amount_changed",
+            "source": "tests", "subject": c, "time": "2026-03-02T01:00:00Z",
+            "data": {"payment_id": format!("p-{c}"), "merchant": "StreamCo", "previous_amount": 10, "new_amount": 12},
+        }));
+    }
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&events, text.join("\n")).unwrap();
+    let config = dir.path().join("nudge.toml");
+    std::fs::write(
+        &config,
+        "[channels.push]\nurl = \"http://127.0.0.1:9/push\"\nrate = \"1/m\"\n",
+    )
+    .unwrap();
+    let rules = repo().join("rules");
+    let (code, out, err) = nudge(&[
+        "simulate",
+        "--rules",
+        rules.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcomes: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["customer"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("c-1", "sent"), ("c-2", "deferred"), ("c-2", "sent")],
+        "{out}"
+    );
+    assert!(
+        records[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit: channels.push.rate is 1/m"),
+        "{out}"
+    );
+    assert_eq!(records[2]["time"], "2026-03-02T01:01:00.000Z", "{out}");
+}

@@ -103,6 +103,16 @@ mod tests {
         assert!(h.on("AU-WA", day("2026-06-08")).is_none());
         assert!(h.on("AU-WA", day("2026-09-28")).is_some());
         assert!(h.on("AU-QLD", day("2026-10-05")).is_some());
+        // Anzac Day on a Sunday (2027): the Monday in QLD, NT, WA and the
+        // ACT, not in NSW, VIC, SA or TAS.
+        for region in ["AU-QLD", "AU-NT", "AU-WA", "AU-ACT"] {
+            assert!(h.on(region, day("2027-04-26")).is_some(), "{region}");
+        }
+        for region in ["AU-NSW", "AU-VIC", "AU-SA", "AU-TAS"] {
+            assert!(h.on(region, day("2027-04-26")).is_none(), "{region}");
+        }
+        assert_eq!(h.on("AU-NT", day("2026-04-05")).unwrap().0, "Easter Sunday");
+        assert!(h.on("AU-TAS", day("2026-04-05")).is_none());
         assert!(Holidays::parse("[AU]\n\"2026-13-01\" = \"x\"\n")
             .unwrap_err()
             .contains("AU.2026-13-01"));

@@ -30,9 +30,10 @@ pub struct Cap {
 
 impl Cap {
     /// What the cap counts, for its reason: "marketing", "call_task",
-    /// "marketing call_task" or "messages".
+    /// "marketing call_task" or "messages" ("message" for a cap of one).
     pub fn what(&self) -> String {
         match (self.category, self.channel) {
+            (None, None) if self.max == 1 => "message".into(),
             (None, None) => "messages".into(),
             (Some(c), None) => c.to_string(),
             (None, Some(ch)) => ch.to_string(),

@@ -4,16 +4,25 @@ use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 
-use super::{Channel, DispatchError, Message};
+use super::{Channel, DispatchError, Message, Withdrawal};
 
 #[derive(Default)]
 pub struct RecordingChannel {
     sent: Mutex<Vec<Message>>,
+    withdrawn: Mutex<Vec<Withdrawal>>,
 }
 
 impl RecordingChannel {
     pub fn messages(&self) -> Vec<Message> {
         self.sent.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The withdrawals taken, in order.
+    pub fn withdrawals(&self) -> Vec<Withdrawal> {
+        self.withdrawn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -23,6 +32,18 @@ impl Channel for RecordingChannel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(message.clone());
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Takes every withdrawal (simulate shows them as `withdrawn`).
+    fn withdraw<'a>(
+        &'a self,
+        withdrawal: &'a Withdrawal,
+    ) -> BoxFuture<'a, Result<(), DispatchError>> {
+        self.withdrawn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(withdrawal.clone());
         Box::pin(async { Ok(()) })
     }
 }

@@ -95,6 +95,21 @@ impl LoadError {
 
 /// Reads and compiles every `*.rhai` file in `dir`.
 pub fn load_dir(dir: &Path, limits: &Limits) -> Result<RuleSet, LoadError> {
+    load_sources(dir_sources(dir)?, limits)
+}
+
+/// Every journey of several directories, compiled as one rule set (all of
+/// them or none; a journey name may appear once across them).
+pub fn load_dirs(dirs: &[PathBuf], limits: &Limits) -> Result<RuleSet, LoadError> {
+    let mut sources = Vec::new();
+    for dir in dirs {
+        sources.extend(dir_sources(dir)?);
+    }
+    load_sources(sources, limits)
+}
+
+/// The `*.rhai` scripts of a directory in name order, with their text.
+fn dir_sources(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
     let shown = dir.display().to_string();
     let entries = std::fs::read_dir(dir)
         .map_err(|e| LoadError::single(&shown, format!("cannot read rules directory: {e}")))?;
@@ -116,7 +131,7 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<RuleSet, LoadError> {
             "no *.rhai journey scripts found".into(),
         ));
     }
-    load_sources(sources, limits)
+    Ok(sources)
 }
 
 /// Compiles scripts given as (path, text): all of them or none.

@@ -28,7 +28,7 @@ use crate::model::OnLose;
 use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
 
 pub use api::{build_engine, host_api_reference, Limits};
-pub use load::{load_dir, load_sources, parse_delay, LoadError, Problem};
+pub use load::{load_dir, load_dirs, load_sources, parse_delay, LoadError, Problem};
 
 /// One planned message of a journey, as declared in the script.
 #[derive(Debug, Clone, PartialEq, Serialize)]

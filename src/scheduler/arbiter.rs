@@ -317,7 +317,7 @@ mod tests {
                 row.name
             );
             assert!(
-                fee.reason.starts_with("frequency cap: 1 messages within 1 calendar day; arbitration: lost to unsigned_loan/push (score 80 vs 50)")
+                fee.reason.starts_with("frequency cap: 1 message within 1 calendar day; arbitration: lost to unsigned_loan/push (score 80 vs 50)")
                     && fee.reason.ends_with(row.fee_reason_ends),
                 "{}: {}",
                 row.name,
