@@ -15,8 +15,8 @@ pub mod holidays;
 pub mod settings;
 
 pub use settings::{
-    BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, QuietHours, Window,
-    WindowSpec,
+    BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, Prior, PropensityConfig,
+    QuietHours, Window, WindowSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +308,8 @@ pub struct PolicyConfig {
     pub holiday_hold: HolidayHold,
     /// Arbitration between a customer's competing steps (issue 13).
     pub arbitration: ArbitrationConfig,
+    /// Conversion rates learned from outcomes, for scripts (`customer.propensity`).
+    pub propensity: PropensityConfig,
 }
 
 /// `policy.arbitration`: how far ahead the scheduler looks for a customer's
@@ -347,6 +349,7 @@ impl Default for PolicyConfig {
             default_region: "AU".into(),
             holiday_hold: HolidayHold::default(),
             arbitration: ArbitrationConfig::default(),
+            propensity: PropensityConfig::default(),
         }
     }
 }
@@ -384,6 +387,10 @@ impl PolicyConfig {
                 problems.push("policy.fatigue.pause: must be longer than 0s".into());
             }
         }
+        if self.attribution_window.is_zero() {
+            problems.push("policy.attribution_window: must be longer than 0s".into());
+        }
+        self.propensity.problems(problems);
         if let Some(path) = &self.holidays {
             if let Err(e) = holidays::Holidays::load(path) {
                 problems.push(e.to_string());

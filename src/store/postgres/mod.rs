@@ -27,6 +27,7 @@ mod audit;
 mod conn;
 mod control;
 mod pending;
+mod propensity;
 mod purge;
 mod read;
 mod review;
@@ -323,6 +324,7 @@ fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i6
     let records: Vec<&LogRecord> = results.iter().map(|r| &r.record).collect();
     let mut seqs = insert_logs(c, &records)?;
     seqs.sort_unstable();
+    propensity::count_sends(c, &records)?;
     let mut customers: Vec<&str> = records.iter().map(|r| r.customer.as_str()).collect();
     customers.sort_unstable();
     customers.dedup();
@@ -673,6 +675,13 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.read_control_log(since, until, limit)
+    }
+
+    fn propensity_counts(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        propensity::counts(&mut *self.conn()?, journey)
     }
 }
 
