@@ -4,7 +4,7 @@
 //! `fn rank` can weigh by it).
 //!
 //! Counting happens in the store, in the transactions that already write
-//! the facts ([`crate::store::Store::propensity_counts`]):
+//! the facts (the store's `propensity_counts`):
 //! - a **send** is counted in the transaction that logs the step `sent`
 //!   (on the channel it went out on, a fallback's included);
 //! - a **conversion** (an instance ended `converted` by its exit event) is

@@ -762,6 +762,15 @@ mod tests {
 
     crate::store_conformance!(Box::new(temp_store()));
 
+    #[test]
+    fn propensity_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        crate::store::conformance::propensity_counts_survive_a_restart(&|| {
+            Box::new(SqliteStore::open_exclusive(&path, 8).unwrap().0)
+        });
+    }
+
     /// Every purge statement finds its rows through an index: a full scan
     /// would hold the write lock for seconds on a large store.
     #[test]
