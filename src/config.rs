@@ -15,8 +15,8 @@ pub mod holidays;
 pub mod settings;
 
 pub use settings::{
-    BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, QuietHours, Window,
-    WindowSpec,
+    BusinessHours, BusinessHoursByChannel, Cap, Fatigue, HolidayHold, Prior, PropensityConfig,
+    QuietHours, Window, WindowSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +308,8 @@ pub struct PolicyConfig {
     pub holiday_hold: HolidayHold,
     /// Arbitration between a customer's competing steps (issue 13).
     pub arbitration: ArbitrationConfig,
+    /// Conversion rates learned from outcomes, for scripts (`customer.propensity`).
+    pub propensity: PropensityConfig,
 }
 
 /// `policy.arbitration`: how far ahead the scheduler looks for a customer's
@@ -347,6 +349,7 @@ impl Default for PolicyConfig {
             default_region: "AU".into(),
             holiday_hold: HolidayHold::default(),
             arbitration: ArbitrationConfig::default(),
+            propensity: PropensityConfig::default(),
         }
     }
 }
@@ -384,6 +387,10 @@ impl PolicyConfig {
                 problems.push("policy.fatigue.pause: must be longer than 0s".into());
             }
         }
+        if self.attribution_window.is_zero() {
+            problems.push("policy.attribution_window: must be longer than 0s".into());
+        }
+        self.propensity.problems(problems);
         if let Some(path) = &self.holidays {
             if let Err(e) = holidays::Holidays::load(path) {
                 problems.push(e.to_string());
@@ -1089,6 +1096,45 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.example.toml");
         let c = Config::load_with_env(Some(&example), std::iter::empty()).unwrap();
         assert_eq!(c.policy.arbitration.window, Duration::from_secs(600));
+    }
+
+    /// `policy.propensity`: defaults (5 % prior, 5 s), read from the
+    /// example, and bad values refused naming their key, with a zero
+    /// `policy.attribution_window`.
+    #[test]
+    fn propensity_prior_and_refresh_are_read_and_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.policy.propensity.prior, Prior { a: 1.0, b: 19.0 });
+        assert_eq!(c.policy.propensity.refresh, Duration::from_secs(5));
+        let c = load(
+            "[policy.propensity]\nprior = { a = 2, b = 8.5 }\nrefresh = \"1m\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.policy.propensity.prior, Prior { a: 2.0, b: 8.5 });
+        assert_eq!(c.policy.propensity.refresh, Duration::from_secs(60));
+        let err = load(
+            "[policy]\nattribution_window = \"0s\"\n[policy.propensity]\nprior = { a = 0, b = -1 }\nrefresh = \"0s\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "policy.propensity.prior.a: must be a number above 0",
+            "policy.propensity.prior.b: must be a number above 0",
+            "policy.propensity.refresh: must be at least 100ms",
+            "policy.attribution_window: must be longer than 0s",
+        ] {
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = load("[policy.propensity]\nprio = { a = 1, b = 1 }\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prio"), "{err}");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nudge.example.toml");
+        let c = Config::load_with_env(Some(&example), std::iter::empty()).unwrap();
+        assert_eq!(c.policy.propensity.prior, Prior { a: 1.0, b: 19.0 });
+        assert_eq!(c.policy.propensity.refresh, Duration::from_secs(5));
     }
 
     #[test]

@@ -114,6 +114,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("reading the runtime-control overrides")?
             .context("store: reading the runtime-control overrides")?;
     }
+    // Propensity: the counts stored before this start are what scripts read
+    // from the first decision (`crate::propensity`).
+    let propensities = rules.propensity();
+    {
+        let (store, propensities, prior) = (
+            store.clone(),
+            propensities.clone(),
+            config.policy.propensity.prior,
+        );
+        tokio::task::spawn_blocking(move || {
+            store
+                .propensity_counts(None)
+                .map(|rows| propensities.set(prior, &rows))
+        })
+        .await
+        .context("reading the propensity counts")?
+        .context("store: reading the propensity counts")?;
+    }
     let pipeline = Arc::new(
         Pipeline::new(
             store.clone(),
@@ -223,6 +241,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(crate::control::refresh(
         store.clone(),
         controls,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(refresh_propensity(
+        store.clone(),
+        propensities,
+        config.policy.propensity,
         stop_rx.clone(),
     ));
     tasks.spawn_fallible("ingest", ingest.run(stop_rx.clone()));
@@ -385,6 +409,37 @@ async fn open_store(
     })
     .await
     .context("opening the store")?
+}
+
+/// Keeps the propensity table scripts read in step with the counts in the
+/// store (this replica's and the others'): every `policy.propensity.refresh`,
+/// read off the async workers, until `stop`. A failed read keeps the last table.
+async fn refresh_propensity(
+    store: Arc<dyn Store>,
+    propensities: crate::propensity::Propensities,
+    settings: crate::config::PropensityConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(settings.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: the table was read at start.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (store, propensities) = (store.clone(), propensities.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            store
+                .propensity_counts(None)
+                .map(|rows| propensities.set(settings.prior, &rows))
+        })
+        .await;
+        if let Ok(Err(e)) = read {
+            crate::telemetry::events::PropensityRefreshFailed { error: &e }.emit();
+        }
+    }
 }
 
 /// Reloads on SIGHUP and, when watching, on changes in the rules directory.

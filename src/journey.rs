@@ -185,6 +185,8 @@ impl Pipeline {
         offsets: &[SourceOffset],
     ) -> Result<BatchOutcome, StoreError> {
         let rules = self.rules.current();
+        // Every script of this batch reads one propensity table.
+        let _pin = rules.propensity().pin();
         let now = self.clock.now();
         let mut run = BatchRun {
             rules: &rules,
@@ -320,6 +322,11 @@ impl BatchRun<'_> {
             let status = InstanceStatus::from(exit);
             let outcome = Outcome::from(exit);
             let cancelled = tx.close_instance(&instance.id, status, self.now)?;
+            // The customer acted: each step sent within the attribution
+            // window before it counts as converted (`crate::propensity`).
+            if status == InstanceStatus::Converted {
+                tx.credit_conversion(&instance.id, self.completed_since, self.now)?;
+            }
             // What was delivered and is no longer wanted is taken back:
             // planned in this transaction, sent by the scheduler.
             if !tx

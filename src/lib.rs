@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod journey;
 pub mod model;
 pub mod policy;
+pub mod propensity;
 pub mod review;
 pub mod rules;
 pub mod scheduler;

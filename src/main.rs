@@ -153,6 +153,19 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TableFormat::Table)]
         format: TableFormat,
     },
+    /// What nudge learned from outcomes: per journey, step and channel, the
+    /// sends, the conversions within policy.attribution_window, the raw and
+    /// the smoothed rate scripts read as customer.propensity(...).
+    Stats {
+        /// The daemon's config file (its `[store]` is read, never written;
+        /// `policy.propensity.prior` and `policy.attribution_window` too).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        journey: Option<String>,
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+    },
     /// Runtime control: show or change a journey or a channel through the
     /// daemon's admin API (admin token), and read the control log.
     Control {
@@ -512,6 +525,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match format {
                 TableFormat::Table => print!("{}", nudge::review::funnel::to_text(&report)),
                 TableFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats {
+            config,
+            journey,
+            format,
+        } => {
+            let loaded = Config::load(config.as_deref())?;
+            let store = open_review(config)?;
+            let stats = nudge::review::stats::stats(
+                &*store,
+                journey.as_deref(),
+                loaded.policy.propensity.prior,
+                loaded.policy.attribution_window,
+            )?;
+            match format {
+                TableFormat::Table => print!("{}", nudge::review::stats::to_text(&stats)),
+                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -728,6 +728,8 @@ impl Scheduler {
         let mut planned = Vec::with_capacity(claimed.len());
         let mut sending = Vec::new();
         let rules = self.rules.current();
+        // Every score and condition of this batch reads one propensity table.
+        let _pin = rules.propensity().pin();
         let mut arbiter = Arbiter::new(self, &rules, &claimed);
         for mut step in claimed {
             arbiter.decided.insert(step.row);

@@ -86,6 +86,8 @@ pub struct Simulation {
     pub channel: Arc<RecordingChannel>,
     /// Runtime control of the simulated daemon (`replace` to change it).
     pub controls: crate::control::Controls,
+    /// The table scripts read, and the prior it is built with.
+    propensity: (crate::propensity::Propensities, crate::config::Prior),
     _dir: tempfile::TempDir,
 }
 
@@ -163,6 +165,7 @@ impl Simulation {
         let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
         let rules = RulesHandle::new(rules);
         crate::journey::record_rules_version(store.as_ref(), &rules.current(), start)?;
+        let propensity = (rules.propensity(), policy.propensity.prior);
         let store_dyn: Arc<dyn Store> = store.clone();
         let controls = crate::control::Controls::default();
         let pipeline = Pipeline::new(
@@ -190,8 +193,26 @@ impl Simulation {
             scheduler,
             channel: recording,
             controls,
+            propensity,
             _dir: dir,
         })
+    }
+
+    /// Reads the simulation's propensity counts into the table its scripts
+    /// read: before each event and each round of due steps, so a simulated
+    /// conversion weighs on the next decision, in virtual time and
+    /// deterministically (the daemon reads them every
+    /// `policy.propensity.refresh` instead).
+    fn refresh_propensity(&self) -> Result<(), StoreError> {
+        let (table, prior) = &self.propensity;
+        table.set(*prior, &self.store.propensity_counts(None)?);
+        Ok(())
+    }
+
+    /// One round of the scheduler, on fresh propensity counts.
+    async fn run_due(&self) -> Result<Vec<LogRecord>, StoreError> {
+        self.refresh_propensity()?;
+        self.scheduler.run_due().await
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -202,23 +223,24 @@ impl Simulation {
     pub async fn run_until(&self, t: DateTime<Utc>) -> Result<Vec<LogRecord>, StoreError> {
         let mut records = Vec::new();
         loop {
-            records.extend(self.scheduler.run_due().await?);
+            records.extend(self.run_due().await?);
             match self.scheduler.next_due().await? {
                 Some(next) if next <= t => self.clock.advance_to(next),
                 _ => break,
             }
         }
         self.clock.advance_to(t);
-        records.extend(self.scheduler.run_due().await?);
+        records.extend(self.run_due().await?);
         Ok(records)
     }
 
     /// Moves time to the event, processes it, and sends what is due at once.
     pub async fn feed(&self, event: Event) -> Result<(BatchOutcome, Vec<LogRecord>), StoreError> {
         let mut records = self.run_until(event.time).await?;
+        self.refresh_propensity()?;
         let outcome = self.pipeline.process(&[Arc::new(event)], &[])?;
         records.extend(outcome.records.iter().cloned());
-        records.extend(self.scheduler.run_due().await?);
+        records.extend(self.run_due().await?);
         Ok((outcome, records))
     }
 

@@ -1,4 +1,4 @@
-//! `nudge log`, `nudge explain` and `nudge funnel` as a reviewer runs them:
+//! `nudge log`, `nudge explain`, `nudge funnel` and `nudge stats` as a reviewer runs them:
 //! against the store a real daemon wrote (the example events through the
 //! real broker to the recording endpoints), with the daemon's config file,
 //! their output checked against the store's own tables.
@@ -416,5 +416,80 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     assert!(table.contains("unsigned_loan\n"), "{table}");
     assert!(table.contains("push sent"), "{table}");
     assert!(table.contains("uplift: treated"), "{table}");
+    assert!(!table.contains("fee_increase"), "{table}");
+
+    // stats: per journey, step and channel, the sends the daemon logged and
+    // the conversions of the instances that converted after them.
+    let conn = store_reader(&db).unwrap();
+    let mut expected: BTreeMap<(String, String, String), (u64, u64)> = BTreeMap::new();
+    let mut stmt = conn
+        .prepare(
+            "SELECT d.journey, d.step, d.channel, count(*),
+                    count(CASE WHEN i.status = 'converted' THEN 1 END)
+             FROM dispatch_log d JOIN instances i ON i.id = d.instance
+             WHERE d.outcome = 'sent' GROUP BY d.journey, d.step, d.channel",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                (r.get(0)?, r.get(1)?, r.get(2)?),
+                (r.get::<_, i64>(3)? as u64, r.get::<_, i64>(4)? as u64),
+            ))
+        })
+        .unwrap();
+    for row in rows {
+        let (key, counts) = row.unwrap();
+        expected.insert(key, counts);
+    }
+    assert!(
+        expected.values().any(|(_, converted)| *converted > 0),
+        "the examples convert after a push: {expected:?}"
+    );
+    let stats: Value =
+        serde_json::from_str(&ok(&["stats", "--config", config, "--format", "json"])).unwrap();
+    assert_eq!(stats["prior"], json!({"a": 1.0, "b": 19.0}));
+    let got: BTreeMap<(String, String, String), (u64, u64)> = stats["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap().to_string();
+            (
+                (text("journey"), text("step"), text("channel")),
+                (
+                    r["sends"].as_u64().unwrap(),
+                    r["conversions"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    for r in stats["rows"].as_array().unwrap() {
+        let (sends, conversions) = (
+            r["sends"].as_f64().unwrap(),
+            r["conversions"].as_f64().unwrap(),
+        );
+        assert_eq!(r["rate"].as_f64().unwrap(), conversions / sends, "{r}");
+        let smoothed = (conversions + 1.0) / (sends + 20.0);
+        assert!(
+            (r["smoothed_rate"].as_f64().unwrap() - smoothed).abs() < 1e-12,
+            "{r}"
+        );
+    }
+    let table = ok(&["stats", "--config", config, "--journey", "unsigned_loan"]);
+    assert!(table.contains("journey"), "{table}");
+    assert!(table.contains("smoothed"), "{table}");
+    let (_, (sends, conversions)) = expected
+        .iter()
+        .find(|((j, s, _), _)| j == "unsigned_loan" && s == "push")
+        .expect("unsigned_loan's push was sent");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("unsigned_loan") && l.split_whitespace().nth(1) == Some("push"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cells[3], sends.to_string(), "{table}");
+    assert_eq!(cells[4], conversions.to_string(), "{table}");
     assert!(!table.contains("fee_increase"), "{table}");
 }

@@ -79,6 +79,60 @@ pub struct Fatigue {
     pub pause: Duration,
 }
 
+/// `policy.propensity`: how the conversion rates scripts read
+/// (`customer.propensity`) are smoothed and how often the daemon reads the
+/// counts again.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PropensityConfig {
+    /// Beta prior of every rate: `(conversions + a) / (sends + a + b)`.
+    pub prior: Prior,
+    /// How often the daemon reads the counts from the store (the table
+    /// scripts read is at most this old; another replica's counts too).
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub refresh: Duration,
+}
+
+impl Default for PropensityConfig {
+    fn default() -> Self {
+        Self {
+            prior: Prior::default(),
+            refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PropensityConfig {
+    pub(crate) fn problems(&self, problems: &mut Vec<String>) {
+        for (key, v) in [("a", self.prior.a), ("b", self.prior.b)] {
+            if !(v.is_finite() && v > 0.0) {
+                problems.push(format!(
+                    "policy.propensity.prior.{key}: must be a number above 0 (it is {v})"
+                ));
+            }
+        }
+        if self.refresh < Duration::from_millis(100) {
+            problems.push("policy.propensity.refresh: must be at least 100ms".into());
+        }
+    }
+}
+
+/// A Beta(a, b) prior: `a` conversions in `a + b` sends, imagined before
+/// the first real one. The default, 1 in 20, reads 5 % for a step nothing
+/// is known of and lets about 20 real sends weigh as much as the prior.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prior {
+    pub a: f64,
+    pub b: f64,
+}
+
+impl Default for Prior {
+    fn default() -> Self {
+        Self { a: 1.0, b: 19.0 }
+    }
+}
+
 /// A daily window of local time; `start > end` wraps past midnight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {

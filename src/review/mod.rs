@@ -5,7 +5,9 @@
 //!   keyset, streamed for CSV without holding the rows;
 //! - [`funnel`]: per journey, started → each step sent → converted, why the
 //!   rest was not sent, and the uplift against the control group;
-//! - [`record`]: one customer's decision record, in time order.
+//! - [`record`]: one customer's decision record, in time order;
+//! - [`stats`]: sends and conversions per journey, step and channel, and
+//!   the propensity scripts read.
 //!
 //! The `nudge log`, `nudge funnel` and `nudge explain` commands print them;
 //! the admin page will serve the same. Nothing here writes to the store.
@@ -13,6 +15,7 @@
 pub mod funnel;
 pub mod log;
 pub mod record;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod unmask;

@@ -16,6 +16,7 @@ use super::{Journey, RuleError};
 use crate::context::CustomerContext;
 use crate::event::Event;
 use crate::model::{ChannelKind, Decision, InstanceStatus};
+use crate::propensity::Table;
 
 /// Sandbox limits for every script evaluation.
 #[derive(Debug, Clone)]
@@ -77,8 +78,10 @@ pub(super) fn with_deadline<T>(timeout: Duration, f: impl FnOnce() -> T) -> T {
 #[derive(Clone)]
 pub struct EventView(pub Arc<Event>);
 
+/// The customer, and the propensity table their evaluation reads
+/// (`customer.propensity(...)`).
 #[derive(Clone)]
-pub struct CustomerView(pub Arc<CustomerContext>);
+pub struct CustomerView(pub Arc<CustomerContext>, pub Arc<Table>);
 
 /// Builds the one engine every rule set uses: strict variables, bounded
 /// operations, call depth, expression depth and data sizes.
@@ -170,6 +173,27 @@ pub fn build_engine(limits: &Limits) -> Engine {
             c.0.has_status(name, InstanceStatus::Converted)
         })
         .register_fn(
+            "propensity",
+            |c: &mut CustomerView,
+             journey: &str,
+             channel: &str|
+             -> Result<f64, Box<EvalAltResult>> {
+                let channel: ChannelKind = channel.parse().map_err(|e: String| e)?;
+                Ok(c.1.rate(journey, None, channel))
+            },
+        )
+        .register_fn(
+            "propensity",
+            |c: &mut CustomerView,
+             journey: &str,
+             step: &str,
+             channel: &str|
+             -> Result<f64, Box<EvalAltResult>> {
+                let channel: ChannelKind = channel.parse().map_err(|e: String| e)?;
+                Ok(c.1.rate(journey, Some(step), channel))
+            },
+        )
+        .register_fn(
             "consented",
             |c: &mut CustomerView,
              channel: &str,
@@ -219,13 +243,17 @@ pub(super) fn decide(
     journey: &Journey,
     event: &Arc<Event>,
     customer: &Arc<CustomerContext>,
+    propensity: Arc<Table>,
 ) -> Result<Decision, RuleError> {
     let result = call(
         engine,
         timeout,
         journey,
         "decide",
-        (EventView(event.clone()), CustomerView(customer.clone())),
+        (
+            EventView(event.clone()),
+            CustomerView(customer.clone(), propensity),
+        ),
     )?;
     if result.is_unit() {
         return Ok(Decision::Skip("decide returned ()".into()));
@@ -268,6 +296,7 @@ fn call_on_customer(
     journey: &Journey,
     function: &str,
     customer: &Arc<CustomerContext>,
+    propensity: Arc<Table>,
     vars: &Map<String, Value>,
 ) -> Result<Dynamic, RuleError> {
     let vars: rhai::Map = vars
@@ -279,7 +308,7 @@ fn call_on_customer(
         timeout,
         journey,
         function,
-        (CustomerView(customer.clone()), vars),
+        (CustomerView(customer.clone(), propensity), vars),
     )
 }
 
@@ -289,9 +318,12 @@ pub(super) fn condition(
     journey: &Journey,
     function: &str,
     customer: &Arc<CustomerContext>,
+    propensity: Arc<Table>,
     vars: &Map<String, Value>,
 ) -> Result<bool, RuleError> {
-    let result = call_on_customer(engine, timeout, journey, function, customer, vars)?;
+    let result = call_on_customer(
+        engine, timeout, journey, function, customer, propensity, vars,
+    )?;
     result.as_bool().map_err(|t| {
         at_function(
             journey,
@@ -306,9 +338,10 @@ pub(super) fn rank(
     timeout: Duration,
     journey: &Journey,
     customer: &Arc<CustomerContext>,
+    propensity: Arc<Table>,
     vars: &Map<String, Value>,
 ) -> Result<f64, RuleError> {
-    let result = call_on_customer(engine, timeout, journey, "rank", customer, vars)?;
+    let result = call_on_customer(engine, timeout, journey, "rank", customer, propensity, vars)?;
     let score = match (result.as_float(), result.as_int()) {
         (Ok(f), _) => f,
         (_, Ok(i)) => i as f64,
@@ -533,6 +566,8 @@ pub fn host_api_reference() -> &'static str {
 | `customer.in_journey(name)` | bool | an instance of `name` is open |
 | `customer.converted(name)` | bool | an instance of `name` ended `converted` |
 | `customer.consented(channel, category)` | bool | consent (service defaults to yes, marketing to no) |
+| `customer.propensity(journey, channel)` | float | learned conversion rate of `journey`'s sends on `channel` (all its steps), Beta-smoothed: `(conversions + a) / (sends + a + b)`, `policy.propensity.prior` (default a = 1, b = 19: 0.05 before any send) |
+| `customer.propensity(journey, step, channel)` | float | the same for one step |
 
 An instance is `open` until an exit event ends it (`converted` or `cancelled`) or
 every step has been dealt with, sent or not (`completed`); an exit event within

@@ -26,6 +26,7 @@ use crate::context::CustomerContext;
 use crate::event::Event;
 use crate::model::OnLose;
 use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
+use crate::propensity::Propensities;
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{load_dir, load_dirs, load_sources, parse_delay, LoadError, Problem};
@@ -138,6 +139,9 @@ pub struct RuleSet {
     engine: rhai::Engine,
     /// `rules.timeout`: wall clock per evaluation.
     timeout: Duration,
+    /// What `customer.propensity(...)` reads: shared by every rule set of
+    /// one [`RulesHandle`], so a reload keeps it.
+    propensity: Propensities,
 }
 
 impl fmt::Debug for RuleSet {
@@ -179,7 +183,13 @@ impl RuleSet {
             version,
             engine,
             timeout,
+            propensity: Propensities::default(),
         }
+    }
+
+    /// The propensity table scripts of this rule set read.
+    pub fn propensity(&self) -> &Propensities {
+        &self.propensity
     }
 
     pub fn journeys(&self) -> &[Journey] {
@@ -221,7 +231,14 @@ impl RuleSet {
         event: &Arc<Event>,
         customer: &Arc<CustomerContext>,
     ) -> Result<Decision, RuleError> {
-        api::decide(&self.engine, self.timeout, journey, event, customer)
+        api::decide(
+            &self.engine,
+            self.timeout,
+            journey,
+            event,
+            customer,
+            self.propensity.current(),
+        )
     }
 
     /// Evaluates a step's condition function against the instance's variables.
@@ -238,6 +255,7 @@ impl RuleSet {
             journey,
             function,
             customer,
+            self.propensity.current(),
             vars,
         )
     }
@@ -255,7 +273,14 @@ impl RuleSet {
         if !journey.rank {
             return Ok(journey.priority as f64);
         }
-        api::rank(&self.engine, self.timeout, journey, customer, vars)
+        api::rank(
+            &self.engine,
+            self.timeout,
+            journey,
+            customer,
+            self.propensity.current(),
+            vars,
+        )
     }
 }
 
@@ -273,8 +298,15 @@ impl RulesHandle {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn swap(&self, rules: RuleSet) -> Arc<RuleSet> {
+    /// The propensity table of every rule set this handle holds (now and after reloads).
+    pub fn propensity(&self) -> Propensities {
+        self.current().propensity.clone()
+    }
+
+    /// Swaps in a new rule set; it reads the same propensity table as the one it replaces.
+    pub fn swap(&self, mut rules: RuleSet) -> Arc<RuleSet> {
         let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        rules.propensity = guard.propensity.clone();
         std::mem::replace(&mut *guard, Arc::new(rules))
     }
 }

@@ -1820,6 +1820,152 @@ pub fn control_overrides_and_log_round_trip(store: &dyn Store) {
     assert_eq!(store.control_log(None, None, 2).unwrap(), vec![e3, e4]);
 }
 
+// Propensity (`crate::propensity`).
+
+fn counts_of(store: &dyn Store, journey: Option<&str>) -> Vec<(String, String, u64, u64)> {
+    store
+        .propensity_counts(journey)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.step, c.channel, c.sends, c.conversions))
+        .collect()
+}
+
+fn count(step: &str, channel: &str, sends: u64, conversions: u64) -> (String, String, u64, u64) {
+    (step.into(), channel.into(), sends, conversions)
+}
+
+/// A send counts once, when the step settles `sent` (on the channel it went
+/// out on: a fallback's), not when it is retried or refused; a conversion
+/// credits each step of the instance sent within the window before the
+/// exit, in the exit's transaction (rolled back with it); retention keeps
+/// the counts.
+pub fn propensity_counts_sends_and_conversions_within_the_window(store: &dyn Store) {
+    start(
+        store,
+        &[("i1", "c1", "a1"), ("i2", "c2", "a1")],
+        &steps()[..2],
+    );
+    let lease = |t: DateTime<Utc>| t + Duration::minutes(5);
+    let pushes = store
+        .claim_due(ChannelKind::Push, t0(), 10, lease(t0()))
+        .unwrap();
+    assert_eq!(pushes.len(), 2);
+    // A retry first: not a send.
+    let mut retry = settle(&pushes[0], t0(), Outcome::Retrying);
+    retry.again_at = Some(t0() + Duration::minutes(1));
+    store.finish_step(&retry).unwrap();
+    store
+        .finish_step(&settle(&pushes[1], t0(), Outcome::Sent))
+        .unwrap();
+    let again = t0() + Duration::minutes(1);
+    let retried = store
+        .claim_due(ChannelKind::Push, again, 10, lease(again))
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    store
+        .finish_step(&settle(&retried[0], again, Outcome::Sent))
+        .unwrap();
+    assert_eq!(counts_of(store, None), [count("push", "push", 2, 0)]);
+
+    // Day 1: i1's email goes out on its fallback (push); i2's is refused.
+    let day1 = t0() + Duration::days(1);
+    let emails = store
+        .claim_due(ChannelKind::Email, day1, 10, lease(day1))
+        .unwrap();
+    assert_eq!(emails.len(), 2);
+    let (e1, e2) = match emails[0].instance_id.as_str() {
+        "i1" => (&emails[0], &emails[1]),
+        _ => (&emails[1], &emails[0]),
+    };
+    let mut fallback = settle(e1, day1, Outcome::Sent);
+    fallback.record.channel = "push".into();
+    store
+        .finish_steps(vec![fallback, settle(e2, day1, Outcome::Suppressed)])
+        .unwrap();
+    assert_eq!(
+        counts_of(store, None),
+        [count("email", "push", 1, 0), count("push", "push", 2, 0)]
+    );
+
+    // i1 converts on day 5 with a 4-day window: only its email is credited.
+    let exit = t0() + Duration::days(5);
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i1", InstanceStatus::Converted, exit)
+        .unwrap();
+    assert_eq!(
+        tx.credit_conversion("i1", exit - Duration::days(4), exit)
+            .unwrap(),
+        1
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        counts_of(store, None),
+        [count("email", "push", 1, 1), count("push", "push", 2, 0)]
+    );
+
+    // A rolled-back exit credits nothing.
+    {
+        let mut tx = store.begin().unwrap();
+        assert_eq!(
+            tx.credit_conversion("i2", t0() - Duration::days(30), exit)
+                .unwrap(),
+            1
+        );
+    }
+    assert_eq!(counts_of(store, None)[1], count("push", "push", 2, 0));
+
+    // i2 converts within the window: its push (its email was never sent).
+    let mut tx = store.begin().unwrap();
+    assert_eq!(
+        tx.credit_conversion("i2", exit - Duration::days(30), exit)
+            .unwrap(),
+        1
+    );
+    tx.commit().unwrap();
+    // Sent after the exit: not what converted the customer.
+    let mut tx = store.begin().unwrap();
+    assert_eq!(
+        tx.credit_conversion("i1", t0() - Duration::days(1), t0() - Duration::hours(1))
+            .unwrap(),
+        0
+    );
+    tx.commit().unwrap();
+    let all = [count("email", "push", 1, 1), count("push", "push", 2, 1)];
+    assert_eq!(counts_of(store, None), all);
+    assert_eq!(counts_of(store, Some("unsigned_loan")), all);
+    assert!(counts_of(store, Some("fee_increase")).is_empty());
+
+    // Retention purges the log and the instances, never the counts.
+    assert!(store.purge(t0() + Duration::days(400)).unwrap() > 0);
+    assert_eq!(counts_of(store, None), all);
+}
+
+/// The counts are in the store, not in the process: a store opened again
+/// (a restart, or another replica) reads what the first one counted.
+/// `open` opens the same database each time.
+pub fn propensity_counts_survive_a_restart(open: &dyn Fn() -> Box<dyn Store>) {
+    {
+        let store = open();
+        start(&*store, &[("i1", "c1", "a1")], &steps()[..1]);
+        let claimed = store
+            .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+            .unwrap();
+        store
+            .finish_step(&settle(&claimed[0], t0(), Outcome::Sent))
+            .unwrap();
+        let exit = t0() + Duration::hours(3);
+        let mut tx = store.begin().unwrap();
+        tx.close_instance("i1", InstanceStatus::Converted, exit)
+            .unwrap();
+        tx.credit_conversion("i1", exit - Duration::days(7), exit)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = open();
+    assert_eq!(counts_of(&*store, None), [count("push", "push", 1, 1)]);
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1850,7 +1996,8 @@ macro_rules! store_conformance {
             exits_plan_withdrawals_of_delivered_steps,
             audit_outbox_follows_the_log_in_its_transaction,
             upcoming_steps_are_the_customers_pending_steps_due_soon,
-            control_overrides_and_log_round_trip
+            control_overrides_and_log_round_trip,
+            propensity_counts_sends_and_conversions_within_the_window
         );
     };
     ($make:expr, replicas: $pair:expr) => {

@@ -466,6 +466,18 @@ pub trait Store: Send + Sync {
         until: Option<DateTime<Utc>>,
         limit: usize,
     ) -> Result<Vec<control::ControlEntry>, StoreError>;
+
+    // ── Propensity (issue 13, item 2; see `crate::propensity`) ──
+
+    /// Sends and conversions per (journey, step, channel), of `journey` or
+    /// of all, ordered by journey, step and channel. A send is counted by
+    /// [`settle_steps`](Self::settle_steps) in the transaction that logs
+    /// the step `sent`, a conversion by [`Tx::credit_conversion`]; retention
+    /// never purges them.
+    fn propensity_counts(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a
@@ -552,6 +564,20 @@ pub trait Tx {
         channels: &[ChannelKind],
         at: DateTime<Utc>,
     ) -> Result<Vec<String>, StoreError>;
+
+    // Propensity (issue 13, item 2).
+
+    /// Credits the conversion of `instance_id` (ended `converted` by its
+    /// exit event at `at`) to each of its steps sent at or after
+    /// `sent_since` and not after `at`, on the channel each went out on:
+    /// one conversion per (journey, step, channel). Returns how many steps
+    /// were credited.
+    fn credit_conversion(
+        &mut self,
+        instance_id: &str,
+        sent_since: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<usize, StoreError>;
 }
 
 #[cfg(test)]

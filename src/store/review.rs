@@ -162,6 +162,13 @@ pub trait ReviewRead: Send + Sync {
         until: Option<DateTime<Utc>>,
         limit: usize,
     ) -> Result<Vec<super::control::ControlEntry>, StoreError>;
+
+    /// The propensity counts (`nudge stats`), as
+    /// [`Store::propensity_counts`](super::Store::propensity_counts) reads them.
+    fn propensity_stats(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError>;
 }
 
 /// A value bound to a statement built by [`log_page_sql`].

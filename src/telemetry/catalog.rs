@@ -285,6 +285,12 @@ pub const CONTROL_REFRESH_ERRORS: Metric = Metric {
     labels: &[],
     help: "reads of the runtime-control overrides that failed; the ones in force stay until the next read, a second later",
 };
+pub const PROPENSITY_REFRESH_ERRORS: Metric = Metric {
+    name: "nudge_propensity_refresh_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "reads of the propensity counts that failed; scripts keep reading the last table until the next read (`policy.propensity.refresh`)",
+};
 pub const CHANNEL_STOPPED: Metric = Metric {
     name: "nudge_channel_stopped",
     kind: Kind::Gauge,
@@ -333,6 +339,7 @@ pub const ALL: &[&Metric] = &[
     &CONTROL_CHANGES,
     &CONTROL_REFRESH_ERRORS,
     &CHANNEL_STOPPED,
+    &PROPENSITY_REFRESH_ERRORS,
 ];
 
 /// The metric named `name`, if nudge exports one.

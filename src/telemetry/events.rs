@@ -773,6 +773,18 @@ impl ControlRefreshFailed<'_> {
     }
 }
 
+/// The propensity counts could not be read; scripts keep the last table.
+pub struct PropensityRefreshFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl PropensityRefreshFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: "nudge::propensity", error = %self.error, "propensity counts unreadable; scripts keep the last table");
+        metrics::counter!(PROPENSITY_REFRESH_ERRORS.name).increment(1);
+    }
+}
+
 /// Whether a channel is stopped by runtime control, set when the overrides change.
 pub struct ChannelStopped<'a> {
     pub channel: &'a str,

@@ -224,6 +224,7 @@ mod tests {
         };
         ControlChanged { entry: &entry }.emit();
         ControlRefreshFailed { error }.emit();
+        PropensityRefreshFailed { error }.emit();
         ChannelStopped {
             channel: "push",
             stopped: true,

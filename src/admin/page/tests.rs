@@ -381,6 +381,12 @@ impl ReviewRead for Gated {
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.inner.control_changes(since, until, limit)
     }
+    fn propensity_stats(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        self.inner.propensity_stats(journey)
+    }
     fn log_page(
         &self,
         filter: &LogFilter,

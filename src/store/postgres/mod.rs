@@ -27,6 +27,7 @@ mod audit;
 mod conn;
 mod control;
 mod pending;
+mod propensity;
 mod purge;
 mod read;
 mod review;
@@ -115,7 +116,8 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 /// set) claimed steps `$1`-`$5`, by key; completes the instances `$6` (at
 /// `$7`) left with no step to send; writes the log records `$8`-`$20`; and
 /// ends holder `$22`'s leases on the customers `$21` left with no step
-/// claimed by it: one statement, one round trip, atomic without a
+/// claimed by it; counts the sends among the records per journey, step and
+/// channel (`propensity_counts`, rows taken in key order): one statement, one round trip, atomic without a
 /// transaction around it. Its parts share one snapshot, from before the
 /// settle, so the completion and the release look at each step as the
 /// settle leaves it: the status in `$3` for a step settled here, the stored
@@ -159,7 +161,15 @@ const SETTLE: &str = "WITH u AS (
                      $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[])
              WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
          ORDER BY ord
-         RETURNING seq)
+         RETURNING seq),
+     counted AS (
+         INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+         SELECT journey, step, channel, count(*), 0
+         FROM unnest($10::text[], $12::text[], $13::text[], $15::text[]) AS p(journey, step, channel, outcome)
+         WHERE outcome = 'sent'
+         GROUP BY journey, step, channel ORDER BY journey, step, channel
+         ON CONFLICT (journey, step, channel)
+         DO UPDATE SET sends = propensity_counts.sends + EXCLUDED.sends)
      SELECT seq FROM logged";
 
 /// Log records in one statement; their seqs, in the order given, come back
@@ -785,6 +795,13 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.read_control_log(since, until, limit)
+    }
+
+    fn propensity_counts(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        propensity::counts(&mut *self.conn()?, journey)
     }
 }
 

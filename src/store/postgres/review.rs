@@ -204,6 +204,13 @@ impl ReviewRead for PostgresStore {
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.read_control_log(since, until, limit)
     }
+
+    fn propensity_stats(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        super::propensity::counts(&mut *self.conn()?, journey)
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ const MIGRATIONS: &[&str] = &[
     V6_AUDIT_OUTBOX,
     V7_RUNTIME_CONTROL,
     V8_DISPATCH_INDEXES,
+    V9_PROPENSITY_COUNTS,
 ];
 
 /// The schema version this binary writes.
@@ -323,4 +324,27 @@ DROP INDEX steps_sending;
 DROP INDEX steps_claimed;
 ALTER TABLE steps SET (fillfactor = 70);
 DROP INDEX dispatch_log_sends;
+";
+
+/// Version 9 (issue 13, item 2): sends and conversions per journey, step and channel
+/// (`crate::propensity`), kept for good (retention does not purge them).
+/// Filled from the dispatch log that retention left: every send, and as
+/// conversions the sends of instances that converted within 30 days (the
+/// default `policy.attribution_window`) after them.
+const V9_PROPENSITY_COUNTS: &str = "
+CREATE TABLE propensity_counts (
+    journey text NOT NULL,
+    step text NOT NULL,
+    channel text NOT NULL,
+    sends bigint NOT NULL DEFAULT 0,
+    conversions bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (journey, step, channel)
+);
+INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+SELECT d.journey, d.step, d.channel, count(*),
+       count(*) FILTER (WHERE i.status = 'converted' AND d.time <= i.ended_at
+                          AND d.time >= i.ended_at - interval '30 days')
+FROM dispatch_log d LEFT JOIN instances i ON i.id = d.instance
+WHERE d.outcome = 'sent'
+GROUP BY d.journey, d.step, d.channel;
 ";

@@ -69,6 +69,16 @@ impl Drop for TestStore {
     }
 }
 
+impl TestStore {
+    /// No store of its own: drops `schema` when dropped.
+    pub fn adopt(schema: String) -> Self {
+        Self {
+            store: None,
+            schema: Some(schema),
+        }
+    }
+}
+
 pub fn temp_store() -> TestStore {
     let (schema, options) = fresh_schema();
     TestStore {

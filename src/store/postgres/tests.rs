@@ -7,6 +7,16 @@ use crate::store::conformance::{instance, steps, t0};
 crate::store_conformance!(temp_store(), replicas: replicas());
 
 #[test]
+fn propensity_counts_survive_a_restart() {
+    let (schema, options) = fresh_schema();
+    // Dropping this drops the schema at the end.
+    let _cleanup = super::testing::TestStore::adopt(schema);
+    crate::store::conformance::propensity_counts_survive_a_restart(&|| {
+        Box::new(PostgresStore::open(&options).unwrap())
+    });
+}
+
+#[test]
 fn a_new_schema_is_migrated_once_and_a_newer_one_refused() {
     let (schema, options) = fresh_schema();
     assert_eq!(

@@ -418,6 +418,17 @@ impl Tx for PgTx {
         }
         self.tx.commit()
     }
+
+    fn credit_conversion(
+        &mut self,
+        instance_id: &str,
+        sent_since: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        self.flush()?;
+        self.tx
+            .run(|c| super::propensity::credit(c, instance_id, sent_since, at))
+    }
 }
 
 impl PgTx {

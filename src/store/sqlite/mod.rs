@@ -12,6 +12,7 @@ mod audit;
 mod batch;
 mod control;
 mod lock;
+mod propensity;
 mod purge;
 mod review;
 pub mod schema;
@@ -368,6 +369,7 @@ impl Store for SqliteStore {
             ))?;
             let mut complete = tx.prepare_cached(COMPLETE_INSTANCE)?;
             let mut log = tx.prepare_cached(INSERT_LOG)?;
+            let mut count_send = tx.prepare_cached(propensity::COUNT_SEND)?;
             for result in results {
                 let r = &result.record;
                 let row = result.claimed_row;
@@ -399,6 +401,9 @@ impl Store for SqliteStore {
                 }
                 insert_log_with(&mut log, r)?;
                 out.push(tx.last_insert_rowid());
+                if r.outcome == Outcome::Sent {
+                    count_send.execute(params![r.journey, r.step, r.channel])?;
+                }
             }
         }
         tx.commit()?;
@@ -729,6 +734,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<super::control::ControlEntry>, StoreError> {
         control::log(&self.reader(), since, until, limit)
     }
+
+    fn propensity_counts(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        propensity::counts(&self.reader(), journey)
+    }
 }
 
 #[cfg(test)]
@@ -749,6 +761,15 @@ mod tests {
     }
 
     crate::store_conformance!(Box::new(temp_store()));
+
+    #[test]
+    fn propensity_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        crate::store::conformance::propensity_counts_survive_a_restart(&|| {
+            Box::new(SqliteStore::open_exclusive(&path, 8).unwrap().0)
+        });
+    }
 
     /// Every purge statement finds its rows through an index: a full scan
     /// would hold the write lock for seconds on a large store.

@@ -249,6 +249,13 @@ impl ReviewRead for SqliteStore {
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         super::control::log(&self.reader(), since, until, limit)
     }
+
+    fn propensity_stats(
+        &self,
+        journey: Option<&str>,
+    ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
+        super::propensity::counts(&self.reader(), journey)
+    }
 }
 
 #[cfg(test)]

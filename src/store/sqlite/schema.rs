@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     V5_REVIEW_INDEXES,
     V6_AUDIT_OUTBOX,
     V7_RUNTIME_CONTROL,
+    V8_PROPENSITY_COUNTS,
 ];
 
 /// The schema version this binary writes.
@@ -230,4 +231,27 @@ CREATE TABLE control_log (
     after TEXT NOT NULL
 );
 CREATE INDEX control_log_time ON control_log (time);
+";
+
+/// Version 8 (issue 13, item 2): sends and conversions per journey, step
+/// and channel (`crate::propensity`), kept for good (retention does not purge them).
+/// Filled from the dispatch log that retention left: every send, and as
+/// conversions the sends of instances that converted within 30 days (the
+/// default `policy.attribution_window`) after them.
+const V8_PROPENSITY_COUNTS: &str = "
+CREATE TABLE propensity_counts (
+    journey TEXT NOT NULL,
+    step TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    sends INTEGER NOT NULL DEFAULT 0,
+    conversions INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (journey, step, channel)
+) WITHOUT ROWID;
+INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+SELECT d.journey, d.step, d.channel, count(*),
+       count(CASE WHEN i.status = 'converted' AND d.time <= i.ended_at
+                       AND d.time >= i.ended_at - 2592000000 THEN 1 END)
+FROM dispatch_log d LEFT JOIN instances i ON i.id = d.instance
+WHERE d.outcome = 'sent'
+GROUP BY d.journey, d.step, d.channel;
 ";

@@ -254,4 +254,13 @@ impl Tx for SqliteTx<'_> {
         self.open = false;
         Ok(())
     }
+
+    fn credit_conversion(
+        &mut self,
+        instance_id: &str,
+        sent_since: DateTime<Utc>,
+        at: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        super::propensity::credit(&self.conn, instance_id, sent_since, at)
+    }
 }
