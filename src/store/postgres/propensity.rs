@@ -6,7 +6,6 @@
 use chrono::{DateTime, Utc};
 
 use super::conn::PgConn;
-use crate::model::Outcome;
 use crate::propensity::PropensityCount;
 use crate::store::StoreError;
 
