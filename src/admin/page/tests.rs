@@ -59,6 +59,8 @@ fn seeded(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
             attempt: 1,
             latency_ms: Some(i as u64 % 1000),
             event_id: Some(format!("e-{i}")),
+            http_status: Some(200),
+            response_ms: Some(i as u64 % 50),
         })
         .collect();
     let evil = NewInstance {
@@ -380,6 +382,12 @@ impl ReviewRead for Gated {
         limit: usize,
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.inner.control_changes(since, until, limit)
+    }
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::ReceivedEvent>, StoreError> {
+        self.inner.customer_events(customer)
     }
     fn log_page(
         &self,

@@ -29,6 +29,7 @@ mod control;
 mod pending;
 mod purge;
 mod read;
+mod received;
 mod review;
 pub mod schema;
 mod tx;
@@ -113,11 +114,11 @@ const COMPLETE_INSTANCES: &str = "UPDATE instances AS i SET status = 'completed'
 
 /// Log records in one statement; their seqs, in the order given, come back
 /// as the sorted RETURNING values (the identity is drawn in insertion order).
-const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-     SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+     SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
      FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[])
-         WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
+                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[], $14::int4[], $15::int8[])
+         WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms, ord)
      ORDER BY ord
      RETURNING seq";
 
@@ -132,6 +133,14 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
         .map(|r| r.latency_ms.map(|l| l as i64))
         .collect();
     let events: Vec<Option<&str>> = records.iter().map(|r| r.event_id.as_deref()).collect();
+    let statuses: Vec<Option<i32>> = records
+        .iter()
+        .map(|r| r.http_status.map(i32::from))
+        .collect();
+    let responses: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.response_ms.map(|l| l as i64))
+        .collect();
     c.query(
         INSERT_LOGS,
         &[
@@ -148,6 +157,8 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
             &attempts,
             &latencies,
             &events,
+            &statuses,
+            &responses,
         ],
     )?
     .iter()
@@ -466,7 +477,7 @@ impl Store for PostgresStore {
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
         self.conn()?
             .query(
-                "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+                "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
                  FROM dispatch_log WHERE seq > $1 ORDER BY seq LIMIT $2",
                 &[&after, &(limit as i64)],
             )?
@@ -673,6 +684,13 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.read_control_log(since, until, limit)
+    }
+
+    fn received_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::received::ReceivedEvent>, StoreError> {
+        received::of_customer(&mut *self.conn()?, customer)
     }
 }
 

@@ -203,6 +203,13 @@ impl ReviewRead for PostgresStore {
     ) -> Result<Vec<crate::store::control::ControlEntry>, StoreError> {
         self.read_control_log(since, until, limit)
     }
+
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::received::ReceivedEvent>, StoreError> {
+        super::received::of_customer(&mut *self.conn()?, customer)
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod batch;
 mod control;
 mod lock;
 mod purge;
+mod received;
 mod review;
 pub mod schema;
 mod tx;
@@ -226,8 +227,8 @@ fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
 }
 
-const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 
 fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
     insert_log_with(&mut *conn.prepare_cached(INSERT_LOG)?, r)?;
@@ -250,6 +251,8 @@ fn insert_log_with(stmt: &mut rusqlite::Statement<'_>, r: &LogRecord) -> Result<
         r.attempt,
         r.latency_ms.map(|l| l as i64),
         r.event_id,
+        r.http_status,
+        r.response_ms.map(|l| l as i64),
     ])?;
     Ok(())
 }
@@ -495,7 +498,7 @@ impl Store for SqliteStore {
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
              FROM dispatch_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], |r| {
@@ -515,6 +518,8 @@ impl Store for SqliteStore {
                     attempt: r.get(11)?,
                     latency_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
                     event_id: r.get(13)?,
+                    http_status: r.get::<_, Option<i64>>(14)?.map(|v| v as u16),
+                    response_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
                 },
                 r.get::<_, String>(8)?,
             ))
@@ -728,6 +733,13 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<super::control::ControlEntry>, StoreError> {
         control::log(&self.reader(), since, until, limit)
+    }
+
+    fn received_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<super::received::ReceivedEvent>, StoreError> {
+        received::of_customer(&self.reader(), customer)
     }
 }
 
@@ -954,6 +966,8 @@ mod tests {
             attempt: 1,
             latency_ms: None,
             event_id: None,
+            http_status: None,
+            response_ms: None,
         };
         for i in 0..n {
             tx.append_log(&record(i, old)).unwrap();
