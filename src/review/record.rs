@@ -213,6 +213,9 @@ impl Entry {
     }
 }
 
+/// An event as far as the record knows it: (time, type, context updated).
+type KnownEvent = (DateTime<Utc>, Option<String>, Option<bool>);
+
 /// Reads the decision record of `customer`; contact details masked unless `unmask`.
 pub fn decision_record(
     store: &dyn ReviewRead,
@@ -232,8 +235,7 @@ pub fn decision_record(
     let mut entries = Vec::new();
     // Events by id: (time, type, context updated) where known. The journey
     // stage's own record of an event wins over what is inferred.
-    let mut events: BTreeMap<String, (DateTime<Utc>, Option<String>, Option<bool>)> =
-        BTreeMap::new();
+    let mut events: BTreeMap<String, KnownEvent> = BTreeMap::new();
     for r in &received {
         // Never after the decisions it caused (those start at the event's
         // time, or when it was processed if that is earlier).
