@@ -529,7 +529,7 @@ fn explain_shows_skips_refusals_pilot_exclusions_answers_and_control_changes() {
     let position = |what: &str, f: &dyn Fn(&Value) -> bool| -> usize {
         entries
             .iter()
-            .position(|e| f(e))
+            .position(f)
             .unwrap_or_else(|| panic!("no {what} in {entries:#?}"))
     };
     let not_started = |why: &'static str, event: &'static str| {
