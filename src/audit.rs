@@ -92,6 +92,8 @@ mod tests {
             attempt: 0,
             latency_ms: None,
             event_id: None,
+            http_status: None,
+            response_ms: None,
         };
         let mut buf = Vec::new();
         LogWriter::new(&mut buf, Format::Jsonl).write(&rec).unwrap();

@@ -20,7 +20,10 @@ use crate::model::{
     instance_id, ChannelKind, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef,
 };
 use crate::rules::{bucket, Journey, RuleError, RuleSet, RulesHandle};
-use crate::store::{DeadLetter, NewInstance, NewStep, RecordHeader, Store, StoreError, Tx};
+use crate::store::{
+    DeadLetter, NewInstance, NewStep, NotStarted, NotStartedWhy, ReceivedEvent, RecordHeader,
+    Store, StoreError, Tx,
+};
 
 /// Where a batch of records came from, committed with its effects.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +200,7 @@ impl Pipeline {
             completed_since: now - self.attribution_window,
             withdraw: &self.withdraw,
             out: BatchOutcome::default(),
+            not_started: Vec::new(),
         };
         let relevant: Vec<usize> = (0..events.len())
             .filter(|&i| {
@@ -253,11 +257,16 @@ struct BatchRun<'a> {
     completed_since: DateTime<Utc>,
     withdraw: &'a [ChannelKind],
     out: BatchOutcome,
+    /// The journeys the current event triggered that did not start (the
+    /// decision record).
+    not_started: Vec<NotStarted>,
 }
 
 impl BatchRun<'_> {
     /// One event: dedup, the customer's context, the instances it ends, the
-    /// journeys it starts. The event id is remembered only if it changed something.
+    /// journeys it starts. The event id is remembered (for dedup) only if it
+    /// changed something; the event itself is kept for the decision record
+    /// either way, with the journeys it triggered that did not start.
     fn event(
         &mut self,
         tx: &mut dyn Tx,
@@ -269,10 +278,12 @@ impl BatchRun<'_> {
             return Ok(());
         }
         let mut customer = tx.customer(&event.customer, self.sends_since)?;
+        let mut context_updated = false;
         let mut changed = match customer.apply_update(event) {
             Ok(true) => {
                 tx.save_customer(&customer, self.now)?;
                 self.out.context_updates += 1;
+                context_updated = true;
                 true
             }
             Ok(false) => false,
@@ -297,7 +308,26 @@ impl BatchRun<'_> {
         if changed {
             tx.mark_processed(&event.id, self.now)?;
         }
+        tx.record_event(&ReceivedEvent {
+            event_id: event.id.clone(),
+            customer: event.customer.clone(),
+            event_type: event.event_type.clone(),
+            event_time: event.time,
+            received_at: self.now,
+            context_updated,
+            not_started: std::mem::take(&mut self.not_started),
+        })?;
         Ok(())
+    }
+
+    /// Notes, for the decision record, that `journey` did not start.
+    fn not_started(&mut self, journey: &Journey, why: NotStartedWhy, reason: String) {
+        self.not_started.push(NotStarted {
+            journey: journey.name.clone(),
+            rule_hash: journey.hash.clone(),
+            why,
+            reason,
+        });
     }
 
     /// Ends every instance the event exits, logging its unsent steps (or the
@@ -402,6 +432,8 @@ impl BatchRun<'_> {
         let settings = self.settings(journey);
         let pilot = settings.pilot_percent.value;
         if pilot < 100 && bucket(&event.customer, &journey.name, "pilot") >= pilot {
+            let reason = format!("customer outside the pilot ({pilot}% of customers)");
+            self.not_started(journey, NotStartedWhy::Pilot, reason);
             return Ok(false);
         }
         let decision = self.rules.decide(journey, event, customer);
@@ -410,11 +442,15 @@ impl BatchRun<'_> {
             .push((journey.name.clone(), decision.is_ok()));
         let (key, vars) = match decision {
             Ok(Decision::Start { key, vars }) => (key, vars),
-            Ok(Decision::Skip(_)) => return Ok(false),
+            Ok(Decision::Skip(reason)) => {
+                self.not_started(journey, NotStartedWhy::Skip, reason);
+                return Ok(false);
+            }
             Err(e) => {
                 if e.timed_out {
                     self.out.timeouts.push(journey.name.clone());
                 }
+                self.not_started(journey, NotStartedWhy::RuleError, e.message.clone());
                 self.out.failures.push(rule_failure(index, event, e));
                 return Ok(false);
             }
@@ -422,15 +458,16 @@ impl BatchRun<'_> {
         let key = match key.map(Ok).unwrap_or_else(|| instance_key(journey, event)) {
             Ok(k) => k,
             Err(e) => {
+                self.not_started(journey, NotStartedWhy::RuleError, e.message.clone());
                 self.out.failures.push(rule_failure(index, event, e));
                 return Ok(false);
             }
         };
-        if tx
-            .open_instance(&event.customer, &journey.name, &key)?
-            .is_some()
-        {
-            return Ok(false); // already running: starting again is a no-op
+        if let Some(open) = tx.open_instance(&event.customer, &journey.name, &key)? {
+            // Already running: starting again is a no-op.
+            let reason = format!("instance {} is open for key {key}", open.id);
+            self.not_started(journey, NotStartedWhy::AlreadyOpen, reason);
+            return Ok(false);
         }
         // Delays count from the journey start: the event's time, so a
         // replayed or late event plans steps that may already be expired.

@@ -181,6 +181,13 @@ pub struct LogRecord {
     /// The event that caused this decision, when one did.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub event_id: Option<String>,
+    /// A send or withdrawal attempt: the receiver's HTTP status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub http_status: Option<u16>,
+    /// A send or withdrawal attempt: how long the channel took to answer
+    /// (or to fail), in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub response_ms: Option<u64>,
 }
 
 /// Which step of which instance a log record is about. `"-"` stands for a
@@ -219,6 +226,8 @@ impl LogRecord {
             attempt: 0,
             latency_ms: None,
             event_id: None,
+            http_status: None,
+            response_ms: None,
         }
     }
 }

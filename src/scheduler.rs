@@ -43,6 +43,10 @@ struct Decision {
     replan: bool,
     /// How long after its due time the step went out.
     latency_ms: Option<u64>,
+    /// An attempt on the channel: the receiver's HTTP status, when it answered.
+    http_status: Option<u16>,
+    /// An attempt on the channel: how long the channel took, in milliseconds.
+    response_ms: Option<u64>,
 }
 
 impl Decision {
@@ -53,7 +57,16 @@ impl Decision {
             again_at: None,
             replan: false,
             latency_ms: None,
+            http_status: None,
+            response_ms: None,
         }
+    }
+
+    /// The decision about an attempt, with what the channel answered and how fast.
+    fn answered(mut self, status: Option<u16>, took: std::time::Duration) -> Self {
+        self.http_status = status;
+        self.response_ms = Some(took.as_millis() as u64);
+        self
     }
 
     fn sent(step: &DueStep, done: DateTime<Utc>) -> Self {
@@ -1010,15 +1023,22 @@ impl Scheduler {
         // The variables go into the message: nothing reads them later.
         let variables = std::mem::take(&mut step.vars);
         let result = self.send(step, variables, address, history).await;
+        let took = started.elapsed();
         StepDispatched {
             channel: step.channel.as_str(),
-            elapsed: started.elapsed(),
+            elapsed: took,
         }
         .emit();
         let done = self.clock.now();
         match result {
-            Ok(()) => Decision::sent(step, done),
-            Err(e) => self.send_failed(step, e, done),
+            Ok(status) => Decision::sent(step, done).answered(status, took),
+            Err(DispatchError::NotConfigured(kind)) => {
+                self.send_failed(step, DispatchError::NotConfigured(kind), done)
+            }
+            Err(e) => {
+                let status = e.http_status();
+                self.send_failed(step, e, done).answered(status, took)
+            }
         }
     }
 
@@ -1033,22 +1053,27 @@ impl Scheduler {
         };
         let withdrawal = Withdrawal::new(&step.instance_id, original, reason);
         let started = Instant::now();
-        let result = channel.withdraw(&withdrawal).await;
+        let result = channel.withdraw_answered(&withdrawal).await;
+        let took = started.elapsed();
         StepDispatched {
             channel: step.channel.as_str(),
-            elapsed: started.elapsed(),
+            elapsed: took,
         }
         .emit();
         let done = self.clock.now();
         match result {
-            Ok(()) => Decision::new(
+            Ok(status) => Decision::new(
                 Outcome::Withdrawn,
                 format!(
                     "step {original} withdrawn on {}: journey {reason}",
                     step.channel
                 ),
-            ),
-            Err(e) => self.send_failed(step, e, done),
+            )
+            .answered(status, took),
+            Err(e) => {
+                let status = e.http_status();
+                self.send_failed(step, e, done).answered(status, took)
+            }
         }
     }
 
@@ -1118,6 +1143,8 @@ impl Scheduler {
         .emit();
         let mut record = log_record(&step, self.clock.now(), decision.outcome, decision.reason);
         record.latency_ms = decision.latency_ms;
+        record.http_status = decision.http_status;
+        record.response_ms = decision.response_ms;
         StepResult {
             record,
             again_at: decision.again_at,
@@ -1195,7 +1222,7 @@ impl Scheduler {
         variables: Variables,
         address: Option<String>,
         history: Vec<HistoryEntry>,
-    ) -> Result<(), DispatchError> {
+    ) -> Result<Option<u16>, DispatchError> {
         let channel = self
             .channels
             .get(step.channel)
@@ -1213,7 +1240,7 @@ impl Scheduler {
             history,
             attempt: step.attempt,
         };
-        channel.send(&message).await
+        channel.send_answered(&message).await
     }
 
     /// Exponential backoff with jitter in [half, full] of the step's slot.

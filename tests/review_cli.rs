@@ -252,8 +252,12 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     .unwrap();
     let entries = record["entries"].as_array().unwrap();
     let kind = |k: &str| entries.iter().filter(|e| e["kind"] == k).count() as u64;
+    let started = entries
+        .iter()
+        .filter(|e| e["kind"] == "decision" && e.get("not_started").is_none())
+        .count() as u64;
     assert_eq!(
-        kind("decision"),
+        started,
         count(
             &db,
             "SELECT COUNT(*) FROM instances WHERE customer = ?1",
@@ -284,7 +288,10 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
         times.windows(2).all(|p| p[0] <= p[1]),
         "time order: {times:?}"
     );
-    for e in entries.iter().filter(|e| e["kind"] == "decision") {
+    for e in entries
+        .iter()
+        .filter(|e| e["kind"] == "decision" && e.get("not_started").is_none())
+    {
         let hash = count(
             &db,
             "SELECT COUNT(*) FROM instances WHERE rule_hash = ?1",
@@ -492,4 +499,210 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     assert_eq!(cells[3], sends.to_string(), "{table}");
     assert_eq!(cells[4], conversions.to_string(), "{table}");
     assert!(!table.contains("fee_increase"), "{table}");
+}
+
+/// Received events of `customer` the daemon stored.
+fn received(db: &Path, customer: &str) -> u64 {
+    store_reader(db)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM received_events WHERE customer = ?1",
+                [customer],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+        })
+        .unwrap_or(0) as u64
+}
+
+/// The decision record keeps what was decided not to do and why, what the
+/// channel answered, and what an operator changed, in time order: a
+/// context-only event, a script's skip, a start and its push (HTTP status
+/// and response time from a real endpoint on 127.0.0.1), an event for the
+/// instance already open, a control change (the journey's pilot cut to 0 %
+/// through the admin API) and the pilot exclusion it causes.
+#[test]
+fn explain_shows_skips_refusals_pilot_exclusions_answers_and_control_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+    cfg.extra = format!(
+        "[admin.auth]\nadmin_token_file = {:?}\n",
+        token.display().to_string()
+    );
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    let db = cfg.store.clone();
+    let config = dir.path().join("a.toml");
+    let config = config.to_str().unwrap();
+    let who = "c-record";
+    let loan = |id: &str, application: &str, signed: bool| {
+        event(
+            id,
+            "loan_application.completed",
+            who,
+            json!({"application_id": application, "product": "Car loan", "amount": 5000,
+                   "signed": signed, "resume_url": "https://bank.example/sign"}),
+        )
+    };
+    // One event at a time, each stored before the next is made, so their
+    // times are in this order.
+    let mut sent = 0;
+    let mut one = |record: (String, Vec<u8>), what: &str| {
+        produce(&cfg.topic, &[record]);
+        sent += 1;
+        daemon.wait_until(LONG, what, || received(&db, who) >= sent);
+    };
+    one(
+        event(
+            "rec-contact",
+            "customer.contact_updated",
+            who,
+            json!({"timezone": "Australia/Sydney", "app_installed": true, "email": "rec@example.com"}),
+        ),
+        "the contact update",
+    );
+    one(loan("rec-skip", "A-8", true), "the skipped application");
+    one(loan("rec-start", "A-9", false), "the started application");
+    daemon.wait_until(LONG, "the push", || {
+        recv.on("/push").iter().any(|r| r.body["customer"] == who)
+    });
+    daemon.wait_until(LONG, "the push to be logged", || {
+        count(
+            &db,
+            "SELECT COUNT(*) FROM dispatch_log WHERE customer = ?1 AND outcome = 'sent'",
+            who,
+        ) == 1
+    });
+    one(loan("rec-again", "A-9", false), "the repeated application");
+    ok(&[
+        "control",
+        "journey",
+        "unsigned_loan",
+        "--pilot-percent",
+        "0",
+        "--config",
+        config,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    one(
+        loan("rec-pilot", "A-10", false),
+        "the application outside the pilot",
+    );
+    daemon.terminate();
+
+    let record: Value = serde_json::from_str(&ok(&[
+        "explain", who, "--config", config, "--format", "json",
+    ]))
+    .unwrap();
+    let entries = record["entries"].as_array().unwrap();
+    let position = |what: &str, f: &dyn Fn(&Value) -> bool| -> usize {
+        entries
+            .iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("no {what} in {entries:#?}"))
+    };
+    let not_started = |why: &'static str, event: &'static str| {
+        move |e: &Value| {
+            e["kind"] == "decision" && e["not_started"] == why && e["event_id"] == event
+        }
+    };
+    let context = position("context-only event", &|e| {
+        e["kind"] == "event"
+            && e["event_id"] == "rec-contact"
+            && e["event_type"] == "customer.contact_updated"
+            && e["context_updated"] == true
+    });
+    let skip = position("skip", &not_started("skip", "rec-skip"));
+    assert_eq!(entries[skip]["reason"], "already signed");
+    assert_eq!(entries[skip]["journey"], "unsigned_loan");
+    let hash = entries[skip]["rule_hash"].as_str().unwrap();
+    assert!(!hash.is_empty(), "the script's hash");
+    let start = position("start", &|e| {
+        e["kind"] == "decision" && e["event_id"] == "rec-start" && e.get("not_started").is_none()
+    });
+    assert_eq!(entries[start]["rule_hash"], hash);
+    let attempt = position("attempt", &|e| e["kind"] == "attempt");
+    assert_eq!(entries[attempt]["http_status"], 200, "{}", entries[attempt]);
+    assert!(
+        entries[attempt]["response_ms"].is_u64(),
+        "{}",
+        entries[attempt]
+    );
+    assert!(
+        entries[attempt]["text"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 200 in"),
+        "{}",
+        entries[attempt]
+    );
+    let again = position("already open", &not_started("already_open", "rec-again"));
+    assert!(
+        entries[again]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is open for key A-9"),
+        "{}",
+        entries[again]
+    );
+    let control = position("control change", &|e| {
+        e["kind"] == "control" && e["journey"] == "unsigned_loan"
+    });
+    assert_eq!(entries[control]["control"]["after"]["pilot_percent"], 0);
+    let pilot = position("pilot exclusion", &not_started("pilot", "rec-pilot"));
+    assert_eq!(entries[pilot]["rule_hash"], hash);
+    assert!(
+        entries[pilot]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("outside the pilot"),
+        "{}",
+        entries[pilot]
+    );
+    let order = [context, skip, start, attempt, again, control, pilot];
+    assert!(
+        order.windows(2).all(|p| p[0] < p[1]),
+        "{order:?}: {entries:#?}"
+    );
+    // Every event received is there, once.
+    let events: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "event")
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "rec-contact",
+            "rec-skip",
+            "rec-start",
+            "rec-again",
+            "rec-pilot"
+        ]
+    );
+    let times: Vec<&str> = entries
+        .iter()
+        .map(|e| e["time"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|p| p[0] <= p[1]), "{times:?}");
+    // The terminal text says the same.
+    let text = ok(&["explain", who, "--config", config]);
+    for want in [
+        "already signed",
+        "outside the pilot",
+        "is open for key A-9",
+        "HTTP 200 in",
+        "journey unsigned_loan changed by",
+        "updated the context",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    std::mem::forget(recv);
+    std::mem::forget(rt);
 }

@@ -52,7 +52,25 @@ impl HttpChannel {
 
 impl Channel for HttpChannel {
     fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
-        Box::pin(self.post(&message.idempotency_key, message))
+        Box::pin(async move {
+            self.post(&message.idempotency_key, message)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn send_answered<'a>(
+        &'a self,
+        message: &'a Message,
+    ) -> BoxFuture<'a, Result<Option<u16>, DispatchError>> {
+        Box::pin(async move { self.post(&message.idempotency_key, message).await.map(Some) })
+    }
+
+    fn withdraw_answered<'a>(
+        &'a self,
+        withdrawal: &'a Withdrawal,
+    ) -> BoxFuture<'a, Result<Option<u16>, DispatchError>> {
+        Box::pin(async move { self.post(&withdrawal.key(), withdrawal).await.map(Some) })
     }
 
     /// The same endpoint, token and error classification as a send.
@@ -60,17 +78,18 @@ impl Channel for HttpChannel {
         &'a self,
         withdrawal: &'a Withdrawal,
     ) -> BoxFuture<'a, Result<(), DispatchError>> {
-        Box::pin(async move { self.post(&withdrawal.key(), withdrawal).await })
+        Box::pin(async move { self.post(&withdrawal.key(), withdrawal).await.map(|_| ()) })
     }
 }
 
 impl HttpChannel {
-    /// POSTs `body` as JSON with `key` as its `Idempotency-Key`.
+    /// POSTs `body` as JSON with `key` as its `Idempotency-Key`; the
+    /// receiver's (successful) HTTP status.
     async fn post<T: serde::Serialize + ?Sized>(
         &self,
         key: &str,
         body: &T,
-    ) -> Result<(), DispatchError> {
+    ) -> Result<u16, DispatchError> {
         {
             let mut request = self
                 .client
@@ -89,7 +108,7 @@ impl HttpChannel {
             })?;
             let status = response.status();
             if status.is_success() {
-                return Ok(());
+                return Ok(status.as_u16());
             }
             let code = status.as_u16();
             // 408 and 429 ask us to come back; other 4xx are final.

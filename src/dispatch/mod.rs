@@ -75,6 +75,16 @@ impl DispatchError {
         }
     }
 
+    /// The receiver's HTTP status, when it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            DispatchError::Rejected { status, .. } | DispatchError::Unavailable { status, .. } => {
+                Some(*status)
+            }
+            _ => None,
+        }
+    }
+
     pub fn retryable(&self) -> bool {
         matches!(
             self,
@@ -116,6 +126,24 @@ impl Withdrawal {
 
 pub trait Channel: Send + Sync {
     fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>>;
+
+    /// [`send`](Self::send), with the receiver's HTTP status when the
+    /// adapter speaks HTTP (the decision record keeps it per attempt).
+    fn send_answered<'a>(
+        &'a self,
+        message: &'a Message,
+    ) -> BoxFuture<'a, Result<Option<u16>, DispatchError>> {
+        Box::pin(async move { self.send(message).await.map(|()| None) })
+    }
+
+    /// [`withdraw`](Self::withdraw), with the receiver's HTTP status as
+    /// [`send_answered`](Self::send_answered) gives it.
+    fn withdraw_answered<'a>(
+        &'a self,
+        withdrawal: &'a Withdrawal,
+    ) -> BoxFuture<'a, Result<Option<u16>, DispatchError>> {
+        Box::pin(async move { self.withdraw(withdrawal).await.map(|()| None) })
+    }
 
     /// Takes back a delivered step. Adapters that cannot say it refuse
     /// (not configured), so a withdrawal is never reported done unsaid.

@@ -1,17 +1,26 @@
 //! "Why did (or didn't) this customer get this message?": one customer's
 //! decision record, in time order, from what the store keeps:
 //!
-//! - events: those that started an instance (id, type and time, from the
-//!   decision inputs) and those that ended one or were refused by a
-//!   cooldown (id, from the log records they caused);
+//! - events: every event the decide stage processed for the customer (id,
+//!   type, time, whether it changed the context), kept by the journey
+//!   stage (`store::received`); older ones, from before that was kept, from
+//!   the instances they started and the log records they caused;
 //! - decisions: each instance started, with its script hash, mode (live,
 //!   control group, shadow), key, template variables and the inputs the
 //!   script saw (the customer's context at that moment, as the journey
-//!   stage kept it: contact details reduced to whether they exist);
+//!   stage kept it: contact details reduced to whether they exist); and
+//!   each journey an event triggered that did not start, with its script
+//!   hash and why: the script's `skip` and its reason, an instance already
+//!   open, the customer outside the pilot, a rule error;
 //! - verdicts: each policy decision about a step (suppressed with its
-//!   reason: consent, reachability, frequency cap, kill switch, condition,
-//!   cooldown; deferred for quiet hours; expired; held out; shadow);
-//! - attempts: each send with its outcome, attempt number and lateness;
+//!   reason: consent, reachability, frequency cap, fatigue, arbitration,
+//!   kill switch, condition, cooldown; deferred for quiet hours, business
+//!   hours, holidays or a rate limit; expired; held out; shadow);
+//! - attempts: each send (and withdrawal) with its outcome, attempt
+//!   number, lateness, the receiver's HTTP status and the response time;
+//! - control changes (`nudge control`, the admin API) to the journeys the
+//!   customer had decisions in and the channels their steps used, within
+//!   the record's span;
 //! - exits and completions.
 //!
 //! What the store does not keep is listed in [`NOT_RECORDED`] and printed
@@ -19,7 +28,7 @@
 //! current context, and any e-mail address or phone number inside variables
 //! or inputs) are masked unless the caller unmasks them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -29,15 +38,17 @@ use serde_json::Value;
 use super::log::LogStream;
 use super::{LogFilter, ReviewRead};
 use crate::model::{InstanceStatus, LogRecord, Outcome};
-use crate::store::StoreError;
+use crate::store::control::ControlEntry;
+use crate::store::{NotStartedWhy, StoreError};
 
-/// What a decision record cannot show, because nothing stores it yet.
-pub const NOT_RECORDED: [&str; 4] = [
-    "decisions not to start: a script's skip and its reason, an event for an instance already open, and customers outside a pilot leave nothing in the store (only cooldown refusals are logged, as suppressed)",
-    "events that only updated the customer's context or that no journey acted on: their ids are kept for deduplication, not whose they were",
-    "a send's HTTP status and response time: a failed attempt's reason carries the error; the latency shown is how late after its due time the step went out",
-    "control changes (kill switches, shadow settings, rule reloads) per customer: their effect shows as a verdict's reason, and each decision names its script hash",
+/// What a decision record cannot show, because nothing stores it.
+pub const NOT_RECORDED: [&str; 2] = [
+    "events of a type that no journey and no context update reads: they are dropped unread before the store, so not kept (nor are repeats of an event id already processed)",
+    "rule reloads per customer: each decision names the script hash it ran, and the rule set versions are kept by the store, not shown here",
 ];
+
+/// Control changes shown in one record at most (the newest, when more).
+const CONTROL_LIMIT: usize = 1_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord {
@@ -66,6 +77,7 @@ pub enum Kind {
     Decision,
     Verdict,
     Attempt,
+    Control,
     Exit,
     End,
 }
@@ -77,6 +89,7 @@ impl Kind {
             Kind::Decision => "decision",
             Kind::Verdict => "verdict",
             Kind::Attempt => "attempt",
+            Kind::Control => "control",
             Kind::Exit => "exit",
             Kind::End => "end",
         }
@@ -123,8 +136,27 @@ pub struct Entry {
     pub attempt: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
+    /// Attempts: the receiver's HTTP status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// Attempts: how long the channel took to answer, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// Events: the event's type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Events: whether it changed the customer's context (`None`: not known,
+    /// processed before the store kept it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_updated: Option<bool>,
+    /// Decisions not to start: `skip`, `already_open`, `pilot`, `rule_error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_started: Option<NotStartedWhy>,
+    /// Control changes: who made it, and the settings before and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlEntry>,
     /// Decisions: what the script saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Value>,
@@ -155,7 +187,13 @@ impl Entry {
             rule_hash: None,
             attempt: None,
             latency_ms: None,
+            http_status: None,
+            response_ms: None,
             event_id: None,
+            event_type: None,
+            context_updated: None,
+            not_started: None,
+            control: None,
             inputs: None,
             variables: None,
             seq: None,
@@ -175,6 +213,9 @@ impl Entry {
     }
 }
 
+/// An event as far as the record knows it: (time, type, context updated).
+type KnownEvent = (DateTime<Utc>, Option<String>, Option<bool>);
+
 /// Reads the decision record of `customer`; contact details masked unless `unmask`.
 pub fn decision_record(
     store: &dyn ReviewRead,
@@ -182,6 +223,7 @@ pub fn decision_record(
     unmask: bool,
 ) -> Result<DecisionRecord, StoreError> {
     let instances = store.customer_instances(customer)?;
+    let received = store.customer_events(customer)?;
     let filter = LogFilter {
         customer: Some(customer.to_string()),
         ..LogFilter::default()
@@ -191,8 +233,41 @@ pub fn decision_record(
     let mask = |v: Value| if unmask { v } else { mask_value(v) };
 
     let mut entries = Vec::new();
-    // Events by id: (time, type) where known.
-    let mut events: BTreeMap<String, (DateTime<Utc>, Option<String>)> = BTreeMap::new();
+    // Events by id: (time, type, context updated) where known. The journey
+    // stage's own record of an event wins over what is inferred.
+    let mut events: BTreeMap<String, KnownEvent> = BTreeMap::new();
+    for r in &received {
+        // Never after the decisions it caused (those start at the event's
+        // time, or when it was processed if that is earlier).
+        let time = r.event_time.min(r.received_at);
+        events.entry(r.event_id.clone()).or_insert((
+            time,
+            Some(r.event_type.clone()),
+            Some(r.context_updated),
+        ));
+        for n in &r.not_started {
+            let why = match n.why {
+                NotStartedWhy::Skip => "the script skipped it",
+                NotStartedWhy::AlreadyOpen => "already running",
+                NotStartedWhy::Pilot => "outside the pilot",
+                NotStartedWhy::RuleError => "the script failed",
+            };
+            let mut e = Entry::new(
+                time,
+                Kind::Decision,
+                format!(
+                    "{} not started by event {} ({why}): {}; script {}",
+                    n.journey, r.event_id, n.reason, n.rule_hash
+                ),
+            );
+            e.journey = Some(n.journey.clone());
+            e.reason = Some(n.reason.clone());
+            e.rule_hash = Some(n.rule_hash.clone());
+            e.event_id = Some(r.event_id.clone());
+            e.not_started = Some(n.why);
+            entries.push(e);
+        }
+    }
     for i in &instances {
         let event = &i.decision_inputs["event"];
         let time = event["time"]
@@ -202,7 +277,9 @@ pub fn decision_record(
             // milliseconds on SQLite, the event may carry nanoseconds).
             .map_or(i.started_at, |t| t.to_utc().min(i.started_at));
         let kind = event["type"].as_str().map(String::from);
-        events.insert(i.trigger_event.clone(), (time, kind));
+        events
+            .entry(i.trigger_event.clone())
+            .or_insert((time, kind, None));
         let mut e = Entry::new(
             i.started_at,
             Kind::Decision,
@@ -244,22 +321,29 @@ pub fn decision_record(
                 .reason
                 .split_once(" ended the journey")
                 .map(|(t, _)| t.to_string());
-            let known = events.entry(id.clone()).or_insert((r.time, None));
+            let known = events.entry(id.clone()).or_insert((r.time, None, None));
             if known.1.is_none() {
                 known.1 = kind;
             }
         }
         entries.push(log_entry(r));
     }
-    for (id, (time, kind)) in events {
+    for (id, (time, kind, context_updated)) in events {
+        let effect = match context_updated {
+            Some(true) => ", updated the context",
+            _ => "",
+        };
         let mut e = Entry::new(
             time,
             Kind::Event,
-            format!("{} (id {id})", kind.as_deref().unwrap_or("event")),
+            format!("{} (id {id}){effect}", kind.as_deref().unwrap_or("event")),
         );
         e.event_id = Some(id);
+        e.event_type = kind;
+        e.context_updated = context_updated;
         entries.push(e);
     }
+    entries.extend(control_entries(store, &entries)?);
     entries.sort_by_key(Entry::order);
     let contact = store.customer_context(customer)?.map(|c| Contact {
         timezone: c.timezone,
@@ -277,6 +361,52 @@ pub fn decision_record(
     })
 }
 
+/// The control changes that could have affected what `entries` show: to a
+/// journey they name or a channel their steps used, from the first entry
+/// to the last (a query-time join of the control log).
+fn control_entries(store: &dyn ReviewRead, entries: &[Entry]) -> Result<Vec<Entry>, StoreError> {
+    let (Some(first), Some(last)) = (
+        entries.iter().map(|e| e.time).min(),
+        entries.iter().map(|e| e.time).max(),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let journeys: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|e| e.journey.as_deref())
+        .collect();
+    let channels: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|e| e.channel.as_deref())
+        .collect();
+    let until = last + chrono::Duration::milliseconds(1);
+    let changes = store.control_changes(Some(first), Some(until), CONTROL_LIMIT)?;
+    Ok(changes
+        .into_iter()
+        .filter(|c| match c.kind.as_str() {
+            crate::control::JOURNEY => journeys.contains(c.target.as_str()),
+            crate::control::CHANNEL => channels.contains(c.target.as_str()),
+            _ => false,
+        })
+        .map(|c| {
+            let mut e = Entry::new(
+                c.time,
+                Kind::Control,
+                format!(
+                    "{} {} changed by {}: {} -> {}",
+                    c.kind, c.target, c.who, c.before, c.after
+                ),
+            );
+            match c.kind.as_str() {
+                crate::control::JOURNEY => e.journey = Some(c.target.clone()),
+                _ => e.channel = Some(c.target.clone()),
+            }
+            e.control = Some(c);
+            e
+        })
+        .collect())
+}
+
 fn log_entry(r: &LogRecord) -> Entry {
     let kind = Kind::of(r.outcome);
     let subject = match r.step.as_str() {
@@ -285,17 +415,22 @@ fn log_entry(r: &LogRecord) -> Entry {
     };
     let text = match r.outcome {
         Outcome::Sent => format!(
-            "{subject}: sent, template {}, attempt {}{}",
+            "{subject}: sent, template {}, attempt {}{}{}",
             r.template,
             r.attempt,
             r.latency_ms
                 .map(|l| format!(", {l} ms after due"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            answer(r)
         ),
         Outcome::Failed | Outcome::Retrying => format!(
-            "{subject}: {}, attempt {}: {}",
-            r.outcome, r.attempt, r.reason
+            "{subject}: {}, attempt {}{}: {}",
+            r.outcome,
+            r.attempt,
+            answer(r),
+            r.reason
         ),
+        Outcome::Withdrawn => format!("{subject}: {}{}: {}", r.outcome, answer(r), r.reason),
         Outcome::Converted | Outcome::Cancelled if r.step != "-" => {
             format!("{subject}: not sent, journey {}: {}", r.outcome, r.reason)
         }
@@ -313,9 +448,21 @@ fn log_entry(r: &LogRecord) -> Entry {
     e.rule_hash = Some(r.rule_hash.clone());
     e.attempt = (r.attempt > 0).then_some(r.attempt);
     e.latency_ms = r.latency_ms;
+    e.http_status = r.http_status;
+    e.response_ms = r.response_ms;
     e.event_id = r.event_id.clone();
     e.seq = Some(r.seq);
     e
+}
+
+/// What the channel answered an attempt, and how fast: `, HTTP 200 in 12 ms`.
+fn answer(r: &LogRecord) -> String {
+    match (r.http_status, r.response_ms) {
+        (Some(s), Some(ms)) => format!(", HTTP {s} in {ms} ms"),
+        (Some(s), None) => format!(", HTTP {s}"),
+        (None, Some(ms)) => format!(", {ms} ms on the channel"),
+        (None, None) => String::new(),
+    }
 }
 
 /// The record as `nudge explain` prints it for a terminal.

@@ -1966,6 +1966,94 @@ pub fn propensity_counts_survive_a_restart(open: &dyn Fn() -> Box<dyn Store>) {
     assert_eq!(counts_of(&*store, None), [count("push", "push", 1, 1)]);
 }
 
+/// The decision record's writes: received events per customer, in the
+/// transaction of their effects (gone with a rollback), read back oldest
+/// first, purged by retention; and an attempt's HTTP status and response
+/// time on its log record.
+pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
+    let event = |id: &str, customer: &str, at: DateTime<Utc>| ReceivedEvent {
+        event_id: id.into(),
+        customer: customer.into(),
+        event_type: "loan_unsigned".into(),
+        event_time: at - Duration::seconds(1),
+        received_at: at,
+        context_updated: false,
+        not_started: Vec::new(),
+    };
+    let old = t0() - Duration::days(30);
+    let first = ReceivedEvent {
+        context_updated: true,
+        event_type: "contact_updated".into(),
+        ..event("e-old", "c1", old)
+    };
+    let second = ReceivedEvent {
+        not_started: vec![
+            NotStarted {
+                journey: "unsigned_loan".into(),
+                rule_hash: "h1".into(),
+                why: NotStartedWhy::Skip,
+                reason: "amount below 1000".into(),
+            },
+            NotStarted {
+                journey: "fee_refund".into(),
+                rule_hash: "h2".into(),
+                why: NotStartedWhy::Pilot,
+                reason: "customer outside the pilot (10% of customers)".into(),
+            },
+        ],
+        ..event("e-new", "c1", t0())
+    };
+    let other = event("e-other", "c2", t0());
+    let mut answered = push_record(t0(), "c1", "i1", "t_push", Outcome::Retrying, "HTTP 503");
+    answered.attempt = 1;
+    answered.http_status = Some(503);
+    answered.response_ms = Some(42);
+    {
+        let mut tx = store.begin().unwrap();
+        tx.record_event(&event("e-rolled-back", "c1", t0()))
+            .unwrap();
+        // Dropped: rolled back.
+    }
+    let mut tx = store.begin().unwrap();
+    tx.prefetch(&[("e-new", "c1")], t0()).unwrap();
+    tx.record_event(&first).unwrap();
+    tx.record_event(&second).unwrap();
+    tx.record_event(&other).unwrap();
+    tx.append_log(&answered).unwrap();
+    tx.commit().unwrap();
+
+    assert_eq!(
+        store.received_events("c1").unwrap(),
+        vec![first, second.clone()]
+    );
+    assert_eq!(store.received_events("c2").unwrap(), vec![other]);
+    assert!(store.received_events("nobody").unwrap().is_empty());
+    let log = store.log_after(0, 10).unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        (log[0].http_status, log[0].response_ms),
+        (Some(503), Some(42))
+    );
+    // A record without an answer keeps none.
+    let plain = push_record(
+        t0(),
+        "c1",
+        "i1",
+        "t_push",
+        Outcome::Suppressed,
+        "no consent",
+    );
+    let mut tx = store.begin().unwrap();
+    tx.append_log(&plain).unwrap();
+    tx.commit().unwrap();
+    let log = store.log_after(log[0].seq, 10).unwrap();
+    assert_eq!((log[0].http_status, log[0].response_ms), (None, None));
+
+    // Retention: what was received before the cutoff goes, the rest stays.
+    assert!(store.purge(t0() - Duration::days(1)).unwrap() >= 1);
+    assert_eq!(store.received_events("c1").unwrap(), vec![second]);
+}
+
 /// The suite, as `#[test]` functions: `store_conformance!(make)` for a store
 /// (`make` gives something that derefs to it), plus `replicas: make_pair`
 /// for stores that replicas share (`make_pair` gives two on one database).
@@ -1997,7 +2085,8 @@ macro_rules! store_conformance {
             audit_outbox_follows_the_log_in_its_transaction,
             upcoming_steps_are_the_customers_pending_steps_due_soon,
             control_overrides_and_log_round_trip,
-            propensity_counts_sends_and_conversions_within_the_window
+            propensity_counts_sends_and_conversions_within_the_window,
+            received_events_and_attempt_answers_round_trip
         );
     };
     ($make:expr, replicas: $pair:expr) => {

@@ -21,6 +21,7 @@ pub mod control;
 mod dead_letters;
 mod handle;
 pub mod postgres;
+pub mod received;
 pub mod review;
 pub mod sqlite;
 
@@ -37,6 +38,7 @@ pub use self::postgres::PostgresStore;
 pub use audit::AuditRecord;
 pub use dead_letters::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, RecordHeader};
 pub use handle::AsyncStore;
+pub use received::{NotStarted, NotStartedWhy, ReceivedEvent};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -401,7 +403,7 @@ pub trait Store: Send + Sync {
 
     /// Deletes what is older than `before` and no longer needed: ended
     /// instances and their steps, dispatch-log records, processed event ids,
-    /// published dead letters. Returns the rows deleted.
+    /// received events, published dead letters. Returns the rows deleted.
     fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Counts steps by status (for metrics, tests and the benchmarks).
@@ -478,6 +480,12 @@ pub trait Store: Send + Sync {
         &self,
         journey: Option<&str>,
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError>;
+
+    // ── Decision record (issue 14 item 2, issue 13 item 10) ──
+
+    /// The events the decide stage kept for `customer`
+    /// ([`Tx::record_event`]), oldest first.
+    fn received_events(&self, customer: &str) -> Result<Vec<ReceivedEvent>, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a
@@ -578,6 +586,13 @@ pub trait Tx {
         sent_since: DateTime<Utc>,
         at: DateTime<Utc>,
     ) -> Result<usize, StoreError>;
+
+    // Decision record (issue 14 item 2, issue 13 item 10).
+
+    /// Keeps an event the decide stage processed (not a duplicate): whose
+    /// it was, whether it changed the context, and each journey it
+    /// triggered that did not start, with why. Purged by retention.
+    fn record_event(&mut self, event: &ReceivedEvent) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -169,6 +169,13 @@ pub trait ReviewRead: Send + Sync {
         &self,
         journey: Option<&str>,
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError>;
+
+    /// The events the decide stage kept for `customer`, oldest first, as
+    /// [`Store::received_events`](super::Store::received_events) reads them.
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<super::received::ReceivedEvent>, StoreError>;
 }
 
 /// A value bound to a statement built by [`log_page_sql`].
@@ -287,4 +294,4 @@ pub(crate) fn planned_steps_sql(placeholder: &str) -> String {
 }
 
 /// Columns of a dispatch-log row, as `log_record` readers expect them.
-pub(crate) const LOG_COLUMNS: &str = "seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id";
+pub(crate) const LOG_COLUMNS: &str = "seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms";

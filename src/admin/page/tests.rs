@@ -59,6 +59,8 @@ fn seeded(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
             attempt: 1,
             latency_ms: Some(i as u64 % 1000),
             event_id: Some(format!("e-{i}")),
+            http_status: Some(200),
+            response_ms: Some(i as u64 % 50),
         })
         .collect();
     let evil = NewInstance {
@@ -386,6 +388,13 @@ impl ReviewRead for Gated {
         journey: Option<&str>,
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
         self.inner.propensity_stats(journey)
+    }
+
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::ReceivedEvent>, StoreError> {
+        self.inner.customer_events(customer)
     }
     fn log_page(
         &self,

@@ -43,7 +43,7 @@ pub(super) fn claim(
         .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
     let records = tx
         .query(
-            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
              FROM dispatch_log WHERE seq IN (SELECT seq FROM audit_outbox ORDER BY seq LIMIT $1)",
             &[&limit],
         )?

@@ -30,6 +30,7 @@ mod pending;
 mod propensity;
 mod purge;
 mod read;
+mod received;
 mod review;
 pub mod schema;
 mod tx;
@@ -114,8 +115,8 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 
 /// Settles (`status` an outcome) or reschedules (`status` pending, `again_at`
 /// set) claimed steps `$1`-`$5`, by key; completes the instances `$6` (at
-/// `$7`) left with no step to send; writes the log records `$8`-`$20`; and
-/// ends holder `$22`'s leases on the customers `$21` left with no step
+/// `$7`) left with no step to send; writes the log records `$8`-`$22`; and
+/// ends holder `$24`'s leases on the customers `$23` left with no step
 /// claimed by it; counts the sends among the records per journey, step and
 /// channel (`propensity_counts`, rows taken in key order): one statement, one round trip, atomic without a
 /// transaction around it. Its parts share one snapshot, from before the
@@ -148,18 +149,18 @@ const SETTLE: &str = "WITH u AS (
                OFFSET 0)),
      released AS (
          DELETE FROM customer_claims AS c
-         WHERE c.customer = ANY($21::text[]) AND c.holder = $22
+         WHERE c.customer = ANY($23::text[]) AND c.holder = $24
            AND NOT EXISTS (
                SELECT 1 FROM steps AS s
-               WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $22
+               WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $24
                  AND (s.instance_id, s.step) NOT IN (SELECT instance_id, step FROM u)
                OFFSET 0)),
      logged AS (
-         INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-         SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+         INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+         SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
          FROM unnest($8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
-                     $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[])
-             WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
+                     $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[], $21::int4[], $22::int8[])
+             WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms, ord)
          ORDER BY ord
          RETURNING seq),
      counted AS (
@@ -174,16 +175,16 @@ const SETTLE: &str = "WITH u AS (
 
 /// Log records in one statement; their seqs, in the order given, come back
 /// as the sorted RETURNING values (the identity is drawn in insertion order).
-const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-     SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+     SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
      FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[])
-         WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, ord)
+                 $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[], $14::int4[], $15::int8[])
+         WITH ORDINALITY AS u(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms, ord)
      ORDER BY ord
      RETURNING seq";
 
 /// The columns of log records, bound as one array each (`INSERT_LOGS`'
-/// thirteen parameters, in order).
+/// fifteen parameters, in order).
 struct LogColumns<'a> {
     times: Vec<DateTime<Utc>>,
     text: [Vec<&'a str>; 6],
@@ -193,6 +194,8 @@ struct LogColumns<'a> {
     attempts: Vec<i32>,
     latencies: Vec<Option<i64>>,
     events: Vec<Option<&'a str>>,
+    http_statuses: Vec<Option<i32>>,
+    responses: Vec<Option<i64>>,
 }
 
 impl<'a> LogColumns<'a> {
@@ -218,10 +221,18 @@ impl<'a> LogColumns<'a> {
                 .map(|r| r.latency_ms.map(|l| l as i64))
                 .collect(),
             events: records.iter().map(|r| r.event_id.as_deref()).collect(),
+            http_statuses: records
+                .iter()
+                .map(|r| r.http_status.map(i32::from))
+                .collect(),
+            responses: records
+                .iter()
+                .map(|r| r.response_ms.map(|l| l as i64))
+                .collect(),
         }
     }
 
-    fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 13] {
+    fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 15] {
         [
             &self.times,
             &self.text[0],
@@ -236,6 +247,8 @@ impl<'a> LogColumns<'a> {
             &self.attempts,
             &self.latencies,
             &self.events,
+            &self.http_statuses,
+            &self.responses,
         ]
     }
 }
@@ -588,7 +601,7 @@ impl Store for PostgresStore {
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
         self.conn()?
             .query(
-                "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+                "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
                  FROM dispatch_log WHERE seq > $1 ORDER BY seq LIMIT $2",
                 &[&after, &(limit as i64)],
             )?
@@ -802,6 +815,13 @@ impl Store for PostgresStore {
         journey: Option<&str>,
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
         propensity::counts(&mut *self.conn()?, journey)
+    }
+
+    fn received_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::received::ReceivedEvent>, StoreError> {
+        received::of_customer(&mut *self.conn()?, customer)
     }
 }
 

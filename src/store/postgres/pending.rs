@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::conn::PgConn;
 use crate::context::CustomerContext;
 use crate::model::LogRecord;
-use crate::store::{NewInstance, NewStep, StoreError};
+use crate::store::{NewInstance, NewStep, ReceivedEvent, StoreError};
 
 #[derive(Default)]
 pub(super) struct Pending {
@@ -25,6 +25,10 @@ pub(super) struct Pending {
     steps: Vec<StepRow>,
     log: Vec<LogRecord>,
     offsets: BTreeMap<(String, i32), i64>,
+    /// Received events of the decision record: nothing in the transaction
+    /// reads them, so they wait for the commit ([`Pending::flush_received`])
+    /// and never make a read flush.
+    received: Vec<ReceivedEvent>,
 }
 
 struct InstanceRow {
@@ -106,8 +110,18 @@ impl Pending {
         *offset = (*offset).max(next_offset);
     }
 
-    /// Writes everything held, one statement per table that has rows, and
-    /// empties the buffers.
+    pub(super) fn record_event(&mut self, event: &ReceivedEvent) {
+        self.received.push(event.clone());
+    }
+
+    /// Writes the received events held, in one statement (at commit).
+    pub(super) fn flush_received(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
+        let rows = std::mem::take(&mut self.received);
+        super::received::insert(c, &rows)
+    }
+
+    /// Writes everything held but the received events, one statement per
+    /// table that has rows, and empties the buffers.
     pub(super) fn flush(&mut self, c: &mut PgConn) -> Result<(), StoreError> {
         if !self.customers.is_empty() {
             let customers = std::mem::take(&mut self.customers);

@@ -26,10 +26,13 @@ const PURGE_INSTANCES: &str = "WITH gone AS (
 /// in time order, so its oldest rows come first by `seq` (no index on
 /// `time` to maintain for every send); a chunk that reaches a row newer
 /// than the cutoff ends the purge.
-const PURGE_BY_AGE: [&str; 3] = [
+const PURGE_BY_AGE: [&str; 4] = [
     "DELETE FROM dispatch_log WHERE seq IN (
          SELECT seq FROM dispatch_log ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)
        AND time < $1",
+    "DELETE FROM received_events WHERE id IN (
+         SELECT id FROM received_events ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+       AND received_at < $1",
     "DELETE FROM processed_events WHERE id IN (
          SELECT id FROM processed_events WHERE at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
     "DELETE FROM dead_letters WHERE id IN (

@@ -168,7 +168,8 @@ pub(super) fn histories(
 }
 
 /// A dispatch-log row: seq, time, customer, journey, instance, step,
-/// channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id.
+/// channel, template, outcome, reason, rule_hash, attempt, latency_ms,
+/// event_id, http_status, response_ms.
 pub(super) fn log_record(r: &Row) -> Result<LogRecord, StoreError> {
     Ok(LogRecord {
         seq: r.try_get(0)?,
@@ -188,5 +189,7 @@ pub(super) fn log_record(r: &Row) -> Result<LogRecord, StoreError> {
         attempt: r.try_get::<_, i32>(11)? as u32,
         latency_ms: r.try_get::<_, Option<i64>>(12)?.map(|v| v as u64),
         event_id: r.try_get(13)?,
+        http_status: r.try_get::<_, Option<i32>>(14)?.map(|v| v as u16),
+        response_ms: r.try_get::<_, Option<i64>>(15)?.map(|v| v as u64),
     })
 }

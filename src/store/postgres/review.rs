@@ -211,6 +211,13 @@ impl ReviewRead for PostgresStore {
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
         super::propensity::counts(&mut *self.conn()?, journey)
     }
+
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::received::ReceivedEvent>, StoreError> {
+        super::received::of_customer(&mut *self.conn()?, customer)
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     V7_RUNTIME_CONTROL,
     V8_DISPATCH_INDEXES,
     V9_PROPENSITY_COUNTS,
+    V10_DECISION_RECORD,
 ];
 
 /// The schema version this binary writes.
@@ -347,4 +348,25 @@ SELECT d.journey, d.step, d.channel, count(*),
 FROM dispatch_log d LEFT JOIN instances i ON i.id = d.instance
 WHERE d.outcome = 'sent'
 GROUP BY d.journey, d.step, d.channel;
+";
+
+/// Version 10 (the decision record, `store::received`): every event the
+/// decide stage processed, per customer, with the journeys it triggered that
+/// did not start and why; and each dispatch attempt's HTTP status and
+/// response time on its log record. Received events are purged oldest
+/// first by `id` (written in time order), so no index on their time.
+const V10_DECISION_RECORD: &str = "
+CREATE TABLE received_events (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    customer text NOT NULL,
+    event_id text NOT NULL,
+    event_type text NOT NULL,
+    event_time timestamptz NOT NULL,
+    received_at timestamptz NOT NULL,
+    context_updated boolean NOT NULL,
+    not_started jsonb NOT NULL
+);
+CREATE INDEX received_events_customer ON received_events (customer, received_at);
+ALTER TABLE dispatch_log ADD COLUMN http_status integer;
+ALTER TABLE dispatch_log ADD COLUMN response_ms bigint;
 ";

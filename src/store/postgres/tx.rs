@@ -397,8 +397,17 @@ impl Tx for PgTx {
         })
     }
 
+    fn record_event(&mut self, event: &crate::store::ReceivedEvent) -> Result<(), StoreError> {
+        self.pending.record_event(event);
+        Ok(())
+    }
+
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         self.flush()?;
+        if !self.tx.failed() {
+            let pending = &mut self.pending;
+            self.tx.run(|c| pending.flush_received(c))?;
+        }
         if !self.processed_now.is_empty() && !self.tx.failed() {
             let ids: Vec<&str> = self
                 .processed_now

@@ -14,6 +14,7 @@ mod control;
 mod lock;
 mod propensity;
 mod purge;
+mod received;
 mod review;
 pub mod schema;
 mod tx;
@@ -227,8 +228,8 @@ fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
 }
 
-const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const INSERT_LOG: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 
 fn insert_log(conn: &Connection, r: &LogRecord) -> Result<i64, StoreError> {
     insert_log_with(&mut *conn.prepare_cached(INSERT_LOG)?, r)?;
@@ -251,6 +252,8 @@ fn insert_log_with(stmt: &mut rusqlite::Statement<'_>, r: &LogRecord) -> Result<
         r.attempt,
         r.latency_ms.map(|l| l as i64),
         r.event_id,
+        r.http_status,
+        r.response_ms.map(|l| l as i64),
     ])?;
     Ok(())
 }
@@ -500,7 +503,7 @@ impl Store for SqliteStore {
     fn log_after(&self, after: i64, limit: usize) -> Result<Vec<LogRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id
+            "SELECT seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
              FROM dispatch_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], |r| {
@@ -520,6 +523,8 @@ impl Store for SqliteStore {
                     attempt: r.get(11)?,
                     latency_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
                     event_id: r.get(13)?,
+                    http_status: r.get::<_, Option<i64>>(14)?.map(|v| v as u16),
+                    response_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
                 },
                 r.get::<_, String>(8)?,
             ))
@@ -741,6 +746,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
         propensity::counts(&self.reader(), journey)
     }
+
+    fn received_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<super::received::ReceivedEvent>, StoreError> {
+        received::of_customer(&self.reader(), customer)
+    }
 }
 
 #[cfg(test)]
@@ -786,9 +798,9 @@ mod tests {
             PURGE_INSTANCES_TAIL.1,
         ]);
         for sql in statements {
-            // The dispatch log's chunk is its first rows in rowid order: a
-            // scan that stops at the LIMIT.
-            let bounded = sql.contains("ORDER BY seq LIMIT");
+            // The dispatch log's and received events' chunk is their first
+            // rows in rowid order: a scan that stops at the LIMIT.
+            let bounded = sql.contains("ORDER BY seq LIMIT") || sql.contains("ORDER BY id LIMIT");
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let args: Vec<i64> = (0..stmt.parameter_count() as i64).collect();
             let plan: Vec<String> = stmt
@@ -975,6 +987,8 @@ mod tests {
             attempt: 1,
             latency_ms: None,
             event_id: None,
+            http_status: None,
+            response_ms: None,
         };
         for i in 0..n {
             tx.append_log(&record(i, old)).unwrap();

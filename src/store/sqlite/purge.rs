@@ -1,4 +1,4 @@
-//! Retention: old ended journeys, log records, event ids and published dead
+//! Retention: old ended journeys, log records, event ids, received events and published dead
 //! letters, deleted in chunks so the write lock is held for milliseconds.
 
 use chrono::{DateTime, Utc};
@@ -29,8 +29,9 @@ pub(super) const PURGE_INSTANCES_TAIL: (&str, &str) = (
 /// written in time order, so its oldest rows come first by `seq` (no index
 /// on `time` to maintain for every send); a chunk that reaches a row newer
 /// than the cutoff ends the purge.
-pub(super) const PURGE_BY_AGE: [&str; 3] = [
+pub(super) const PURGE_BY_AGE: [&str; 4] = [
     "DELETE FROM dispatch_log WHERE seq IN (SELECT seq FROM dispatch_log ORDER BY seq LIMIT ?2) AND time < ?1",
+    "DELETE FROM received_events WHERE id IN (SELECT id FROM received_events ORDER BY id LIMIT ?2) AND received_at < ?1",
     "DELETE FROM processed_events WHERE id IN (SELECT id FROM processed_events WHERE at < ?1 LIMIT ?2)",
     "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE published_at < ?1 LIMIT ?2)",
 ];

@@ -104,6 +104,8 @@ pub(super) fn log_record(r: &rusqlite::Row<'_>) -> Result<LogRecord, StoreError>
         attempt: r.get(11)?,
         latency_ms: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
         event_id: r.get(13)?,
+        http_status: r.get::<_, Option<i64>>(14)?.map(|v| v as u16),
+        response_ms: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
     })
 }
 
@@ -255,6 +257,13 @@ impl ReviewRead for SqliteStore {
         journey: Option<&str>,
     ) -> Result<Vec<crate::propensity::PropensityCount>, StoreError> {
         super::propensity::counts(&self.reader(), journey)
+    }
+
+    fn customer_events(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::store::received::ReceivedEvent>, StoreError> {
+        super::received::of_customer(&self.reader(), customer)
     }
 }
 

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     V6_AUDIT_OUTBOX,
     V7_RUNTIME_CONTROL,
     V8_PROPENSITY_COUNTS,
+    V9_DECISION_RECORD,
 ];
 
 /// The schema version this binary writes.
@@ -254,4 +255,25 @@ SELECT d.journey, d.step, d.channel, count(*),
 FROM dispatch_log d LEFT JOIN instances i ON i.id = d.instance
 WHERE d.outcome = 'sent'
 GROUP BY d.journey, d.step, d.channel;
+";
+
+/// Version 9 (the decision record, `store::received`): every event the
+/// decide stage processed, per customer, with the journeys it triggered that
+/// did not start and why; and each dispatch attempt's HTTP status and
+/// response time on its log record. Received events are purged oldest
+/// first by `id` (written in time order), so no index on their time.
+const V9_DECISION_RECORD: &str = "
+CREATE TABLE received_events (
+    id INTEGER PRIMARY KEY,
+    customer TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    event_time INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    context_updated INTEGER NOT NULL,
+    not_started TEXT NOT NULL
+);
+CREATE INDEX received_events_customer ON received_events (customer, received_at);
+ALTER TABLE dispatch_log ADD COLUMN http_status INTEGER;
+ALTER TABLE dispatch_log ADD COLUMN response_ms INTEGER;
 ";

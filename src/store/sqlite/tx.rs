@@ -249,6 +249,13 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn record_event(
+        &mut self,
+        event: &crate::store::received::ReceivedEvent,
+    ) -> Result<(), StoreError> {
+        super::received::insert(&self.conn, event)
+    }
+
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT")?;
         self.open = false;
