@@ -177,7 +177,7 @@ fn claims_and_settles_use_indexes() {
 const SETTLE_PARAMS: &str = "(ARRAY['i1'], ARRAY['push'], ARRAY['sent'], ARRAY[NULL::timestamptz], ARRAY[false],
     ARRAY['i1'], ARRAY[now()], ARRAY[now()], ARRAY['c1'], ARRAY['j'], ARRAY['i1'], ARRAY['push'], ARRAY['push'],
     ARRAY['t'], ARRAY['sent'], ARRAY['r'], ARRAY['h'], ARRAY[1], ARRAY[NULL::int8], ARRAY[NULL::text],
-    ARRAY['c1'], 'me')";
+    ARRAY[200], ARRAY[12::int8], ARRAY['c1'], 'me')";
 
 /// A `NOT EXISTS` looking up a customer's lease or claimed steps is a probe
 /// by that customer per row, whatever the statistics say: planned as a
