@@ -10,12 +10,15 @@
 //!   cargo bench --bench dispatch [-- --steps 1000000 --plain 500000 --rounds 5]
 //!   cargo bench --bench dispatch -- --store-only 1 [--finish-group 128]   (the store alone)
 //!   cargo bench --bench dispatch -- --cache-mb 64   (SQLite page cache per connection)
-//!   cargo bench --bench dispatch -- --policy 1 [--rate 1000000]   (the contact policy
-//!     at work: each customer has three push steps due at once, of three
-//!     journeys, under calendar-day caps that leave room for two: arbitration
-//!     sends the two best and drops the third (marketing); a send-rate limit of
-//!     `--rate`/s on push, by default too high to bind. Rates count messages
-//!     sent, so nudge's figure carries the dropped step's cost)
+//!   cargo bench --bench dispatch -- --policy 1 [--rate 1000000] [--competing 3]   (the
+//!     contact policy at work: each customer has `--competing` push steps due
+//!     at once, of as many journeys, under calendar-day caps that leave room
+//!     for two: with three, arbitration sends the two best and drops the third
+//!     (marketing); with one, the caps, arbitration's read-ahead and the rate
+//!     limit are all checked and nothing competes. A send-rate limit of
+//!     `--rate`/s on push, by default too high to bind. The headline rate
+//!     counts messages sent, so nudge's figure carries a dropped step's cost;
+//!     the rate of steps decided is printed beside it)
 //!   cargo bench --bench dispatch -- --postgres 1 --replicas 3   (PostgreSQL: a fresh
 //!     schema in the test database, `--replicas` schedulers each on its own
 //!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
@@ -68,11 +71,11 @@ fn vars(i: u64) -> serde_json::Map<String, serde_json::Value> {
 }
 
 /// The journeys whose steps the bench inserts: (journey, step, category,
-/// template, rule hash). The first alone, or with `--policy 1` all three,
-/// competing for each customer.
+/// template, rule hash). The first `n` of three (two service, one
+/// marketing), competing for each customer.
 type Planned = (&'static str, &'static str, Category, &'static str, String);
 
-fn planned(rule_set: &rules::RuleSet, policy: bool) -> Vec<Planned> {
+fn planned(rule_set: &rules::RuleSet, n: usize) -> Vec<Planned> {
     let hash = |j: &str| rule_set.journey(j).unwrap().hash.clone();
     let mut v = vec![(
         "fee_increase",
@@ -81,7 +84,7 @@ fn planned(rule_set: &rules::RuleSet, policy: bool) -> Vec<Planned> {
         "fee_increase_alert",
         hash("fee_increase"),
     )];
-    if policy {
+    if n > 1 {
         v.push((
             "unsigned_loan",
             "push",
@@ -97,6 +100,7 @@ fn planned(rule_set: &rules::RuleSet, policy: bool) -> Vec<Planned> {
             hash("energy_rebate"),
         ));
     }
+    v.truncate(n);
     v
 }
 
@@ -261,13 +265,32 @@ fn main() {
     // round's pair of rates gives a ratio; the median of those is the figure.
     let rounds: u64 = arg("rounds", 5).max(1);
     let with_policy = arg("policy", 0u8) == 1;
-    // With the policy, each customer gets two of its three steps.
-    let sent_per_customer = if with_policy { 2 } else { 1 };
+    let competing: u64 = if with_policy {
+        arg("competing", 3u64).clamp(1, 3)
+    } else {
+        1
+    };
+    // The caps leave room for two of a customer's steps.
+    let sent_per_customer = competing.min(2);
     let per_round = n / rounds / sent_per_customer * sent_per_customer;
     let plain_per_round: u64 = arg("plain", n / 2) / rounds;
     println!("machine: {}", machine());
     let server_rt = runtime();
-    let endpoint = Receiver::counting(&server_rt, None);
+    // `--check-keys 1`: the endpoint also keeps each request's idempotency
+    // key and customer, and a failed count names the keys sent twice and the
+    // customers over the cap (it costs the endpoint a JSON parse a request).
+    let seen: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let on_request: Option<OnRequest> = (arg("check-keys", 0u8) == 1).then(|| {
+        let seen = seen.clone();
+        Arc::new(move |body: &[u8]| {
+            let m: serde_json::Value = serde_json::from_slice(body).unwrap();
+            seen.lock().unwrap().push((
+                m["idempotency_key"].as_str().unwrap_or("").to_string(),
+                m["customer"].as_str().unwrap_or("").to_string(),
+            ));
+        }) as OnRequest
+    });
+    let endpoint = Receiver::counting(&server_rt, on_request);
     let client_rt = runtime();
     let url = format!("{}/push", endpoint.base);
 
@@ -310,7 +333,7 @@ fn main() {
         }
     };
     let rule_set = rules::load_dir(&repo().join("rules"), &Limits::default()).unwrap();
-    let journeys = planned(&rule_set, with_policy);
+    let journeys = planned(&rule_set, competing as usize);
 
     if arg("store-only", 0u8) == 1 {
         let insert_rate = insert_due_steps(store.as_ref(), 0, n, &journeys[..1]);
@@ -350,7 +373,7 @@ fn main() {
     println!(
         "policy: {}",
         if with_policy {
-            format!("caps by calendar day (2 a day), 3 journeys competing per customer, push rate {rate}/s")
+            format!("caps by calendar day (2 a day), {competing} journey(s) competing per customer, push rate {rate}/s")
         } else {
             "default (cap 4 a day), no quiet hours".into()
         }
@@ -433,6 +456,7 @@ fn main() {
     // nudge sends `per_round` due steps; returns its rate.
     let run_nudge = |round: u64| -> f64 {
         let base_count = endpoint.received();
+        seen.lock().unwrap().clear();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let start = Instant::now();
         let tasks: Vec<_> = schedulers
@@ -454,6 +478,17 @@ fn main() {
         let _ = stop_tx.send(true);
         for task in tasks {
             nudge_rt.block_on(task).unwrap();
+        }
+        if endpoint.received() - base_count != per_round {
+            let mut keys: HashMap<String, usize> = HashMap::new();
+            let mut customers: HashMap<String, usize> = HashMap::new();
+            for (key, customer) in seen.lock().unwrap().iter() {
+                *keys.entry(key.clone()).or_default() += 1;
+                *customers.entry(customer.clone()).or_default() += 1;
+            }
+            keys.retain(|_, n| *n > 1);
+            customers.retain(|_, n| *n > sent_per_customer as usize);
+            eprintln!("keys sent more than once: {keys:?}; customers over the cap: {customers:?}");
         }
         assert_eq!(
             endpoint.received() - base_count,
@@ -488,11 +523,12 @@ fn main() {
         plain_time += plain_per_round as f64 / plain_rate;
         ratios.push(nudge_rate / plain_rate);
         println!(
-            "round {}: nudge {} / plain {} = {:.2}",
+            "round {}: nudge {} / plain {} = {:.2} (steps decided: {:.2})",
             round + 1,
             fmt_rate(nudge_rate),
             fmt_rate(plain_rate),
-            nudge_rate / plain_rate
+            nudge_rate / plain_rate,
+            nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
         );
     }
     let total = per_round * rounds;
@@ -521,7 +557,7 @@ fn main() {
         }
     };
     assert_eq!(logged as u64, total, "one `sent` record per step");
-    if with_policy {
+    if competing == 3 {
         if let Some(reader) = &reader {
             let lost: i64 = reader
                 .query_row(
@@ -554,6 +590,11 @@ fn main() {
     let plain_rate = (plain_per_round * rounds) as f64 / plain_time;
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];
+    let per_step = competing as f64 / sent_per_customer as f64;
+    println!(
+        "median ratio per message sent {median:.2}; per step decided ({competing} steps for {sent_per_customer} messages) {:.2}",
+        median * per_step
+    );
     println!(
         "nudge: {total} steps in {nudge_time:.1} s = {}; plain client {}",
         fmt_rate(nudge_rate),
@@ -566,9 +607,9 @@ fn main() {
         &format!(
             "{total} {} → HTTP 200, concurrency {}, {rounds} rounds (median of the rounds' ratios)",
             if with_policy {
-                "push messages sent of 3 steps per customer competing under caps of 2 a day, rate limit on"
+                format!("push messages sent of {competing} step(s) per customer competing under caps of 2 a day, rate limit on")
             } else {
-                "due push steps"
+                "due push steps".to_string()
             },
             *CONCURRENCY
         ),

@@ -26,12 +26,14 @@ use crate::policy::{Policy, Verdict};
 use crate::rules::RulesHandle;
 use crate::store::{AsyncStore, StepResult, Store, StoreError};
 mod arbiter;
+mod unrecorded;
 
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
     StepDecided, StepDispatched, StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
 use arbiter::{fallback_of, Arbiter};
+use unrecorded::Unrecorded;
 
 /// What was decided about one due step, before it is a dispatch-log record.
 struct Decision {
@@ -157,6 +159,8 @@ enum Planned {
 struct BatchContext {
     /// Tells this batch's sends from other batches' in [`Unrecorded`].
     batch: u64,
+    /// When its store read began, in [`Unrecorded`]'s epochs.
+    read_epoch: u64,
     customers: HashMap<String, Mutex<CustomerContext>>,
     /// The journey so far of each claimed step's instance.
     histories: HashMap<String, Vec<HistoryEntry>>,
@@ -164,15 +168,6 @@ struct BatchContext {
     /// `policy.arbitration.window` (read only when a cap is set).
     upcoming: HashMap<String, Vec<DueStep>>,
 }
-
-/// Sends this process decided and has not yet recorded, by customer: (batch,
-/// claimed row, when). A batch's customers are read from the store when it
-/// is claimed, so they do not show another batch's sends still in flight
-/// (the next batch of the same channel, claimed while this one sends, or
-/// another channel's): the frequency cap counts these too. A send counted
-/// twice in the moment between its record and its removal here errs on the
-/// side of not sending.
-type Unrecorded = Mutex<HashMap<String, Vec<(u64, i64, RecentSend)>>>;
 
 /// The claimed rows of one channel loop that are being decided or sent
 /// (`held`), and those settled since its last claim began (`settled`).
@@ -241,7 +236,7 @@ impl Scheduler {
             config,
             lateness,
             wake,
-            unrecorded: Mutex::default(),
+            unrecorded: Unrecorded::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -378,10 +373,15 @@ impl Scheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .held
                     .extend(claimed.iter().map(|s| s.row));
-                let context = Arc::new(self.batch_context(&claimed, now - window, now).await?);
+                let read = self.unrecorded.begin_read();
+                let context = Arc::new(
+                    self.batch_context(&claimed, now - window, now, read.epoch)
+                        .await?,
+                );
                 // Each batch is decided whole, and its sends marked in the
                 // store in one write, before the first of them starts.
                 let planned = self.decide_batch(claimed, &context).await?;
+                drop(read);
                 if batch_tx.send((planned, context)).await.is_err() {
                     break; // the sender failed; its error is returned below
                 }
@@ -421,18 +421,12 @@ impl Scheduler {
         Ok(records)
     }
 
-    /// Sends now in the store no longer count from [`Unrecorded`].
+    /// Results now in the store: see [`Unrecorded::recorded`].
     fn forget_recorded(&self, results: &[StepResult]) {
-        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        for r in results {
-            let Some(row) = r.claimed_row else { continue };
-            if let Some(sends) = unrecorded.get_mut(&r.record.customer) {
-                sends.retain(|(_, claimed, _)| *claimed != row);
-                if sends.is_empty() {
-                    unrecorded.remove(&r.record.customer);
-                }
-            }
-        }
+        self.unrecorded.recorded(results.iter().filter_map(|r| {
+            r.claimed_row
+                .map(|row| (r.record.customer.as_str(), row, r.record.outcome))
+        }));
     }
 
     /// Renews the leases of the claimed steps still being decided or sent,
@@ -560,6 +554,7 @@ impl Scheduler {
         claimed: &[DueStep],
         window_start: DateTime<Utc>,
         now: DateTime<Utc>,
+        read_epoch: u64,
     ) -> Result<BatchContext, StoreError> {
         let mut ids: Vec<String> = claimed.iter().map(|s| s.customer.clone()).collect();
         ids.sort_unstable();
@@ -571,8 +566,10 @@ impl Scheduler {
         let capped = !self.policy.caps().is_empty();
         let tired = self.fatigue_possible(claimed);
         let sends_since = (conditions || capped || tired).then_some(window_start);
-        let conditions = conditions || tired; // fatigue reads the conversions
-                                              // Only a cap makes steps compete (rank scripts may read journeys).
+        // Fatigue reads the conversions; only a cap makes steps compete,
+        // and only rank scripts among competitors read the journeys.
+        let ranked = capped && self.rules.current().journeys().iter().any(|j| j.rank);
+        let journeys = conditions || tired || ranked;
         let ahead = capped.then(|| now + span(self.policy.config().arbitration.window));
         let (customers, histories, upcoming) = self
             .store
@@ -581,7 +578,7 @@ impl Scheduler {
                     Some(until) => store.upcoming_steps(&ids, until)?,
                     None => Vec::new(),
                 };
-                let customers = store.customers(&ids, sends_since, conditions || capped)?;
+                let customers = store.customers(&ids, sends_since, journeys)?;
                 let histories = store.histories(&instances)?;
                 let mut by_customer: HashMap<String, Vec<DueStep>> = HashMap::new();
                 for step in upcoming {
@@ -603,6 +600,7 @@ impl Scheduler {
             batch: self
                 .next_batch
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            read_epoch,
             customers,
             histories,
             upcoming,
@@ -771,11 +769,7 @@ impl Scheduler {
 
     /// Sends of a batch that will not be made no longer count from [`Unrecorded`].
     fn forget_batch(&self, batch: u64) {
-        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        unrecorded.retain(|_, sends| {
-            sends.retain(|(b, _, _)| *b != batch);
-            !sends.is_empty()
-        });
+        self.unrecorded.forget_batch(batch);
     }
 
     /// Sends one decided step and says what to record (the caller writes
@@ -818,13 +812,7 @@ impl Scheduler {
 
     /// A send decided but handed back unsent no longer counts from [`Unrecorded`].
     fn forget_unsent(&self, customer: &str, row: i64) {
-        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sends) = unrecorded.get_mut(customer) {
-            sends.retain(|(_, claimed, _)| *claimed != row);
-            if sends.is_empty() {
-                unrecorded.remove(customer);
-            }
-        }
+        self.unrecorded.forget_unsent(customer, row);
     }
 
     /// The contact policy's verdict, with the step's condition for a step
@@ -847,25 +835,18 @@ impl Scheduler {
             )));
         };
         let mut customer = customer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
-        let in_flight = unrecorded
-            .get(&step.customer)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let mut unrecorded = self.unrecorded.lock();
         // Sends this process has under way in other batches, and sends the
         // store knows began but were never recorded (a dead worker's,
         // perhaps delivered): each counted once, the step itself not at all.
-        let elsewhere: Vec<RecentSend> = in_flight
-            .iter()
-            .filter(|(batch, _, _)| *batch != context.batch)
-            .map(|(_, _, send)| send.clone())
+        let elsewhere: Vec<RecentSend> = unrecorded
+            .elsewhere(&step.customer, context.batch, context.read_epoch)
+            .cloned()
             .chain(
                 customer
                     .possibly_sent
                     .iter()
-                    .filter(|(row, _)| {
-                        *row != step.row && !in_flight.iter().any(|(_, r, _)| r == row)
-                    })
+                    .filter(|(row, _)| *row != step.row && !unrecorded.holds(&step.customer, *row))
                     .map(|(_, send)| send.clone()),
             )
             .collect();
@@ -915,11 +896,7 @@ impl Scheduler {
             customer.recent_sends.insert(0, send.clone());
             // Counted above as a send from now on, not as a possible one.
             customer.possibly_sent.retain(|(row, _)| *row != step.row);
-            unrecorded.entry(step.customer.clone()).or_default().push((
-                context.batch,
-                step.row,
-                send,
-            ));
+            unrecorded.add(&step.customer, context.batch, step.row, send);
         }
         let address = match step.channel {
             ChannelKind::Email => customer.email.clone(),

@@ -83,17 +83,17 @@ impl<'a> Arbiter<'a> {
             return None;
         }
         let policy = &self.scheduler.policy;
-        let others: Vec<DueStep> = self
-            .claimed
+        let claimed = std::mem::take(&mut self.claimed);
+        let others: Vec<&DueStep> = claimed
             .get(&step.customer)
             .into_iter()
             .flatten()
             .filter(|s| s.row != step.row && !self.decided.contains(&s.row))
             .chain(context.upcoming.get(&step.customer).into_iter().flatten())
             .filter(|s| policy.may_compete(s, fallback_of(self.rules, s).unwrap_or(&[]), customer))
-            .cloned()
             .collect();
         if others.is_empty() {
+            self.claimed = claimed;
             return None;
         }
         let mut candidates = Vec::with_capacity(others.len() + 1);
@@ -101,9 +101,10 @@ impl<'a> Arbiter<'a> {
         let mut own = self.candidate(step, customer);
         own.due = own.due.max(now);
         candidates.push(own);
-        for other in &others {
+        for other in others {
             candidates.push(self.candidate(other, customer));
         }
+        self.claimed = claimed;
         let room = policy.cap_room(customer);
         match arbitration::decide(&candidates, &room).swap_remove(0) {
             arbitration::Outcome::Win => None,
@@ -136,13 +137,18 @@ impl<'a> Arbiter<'a> {
     /// none or the rank fails (logged and counted); 0 for a journey no
     /// longer loaded.
     fn score(&mut self, step: &DueStep, customer: &CustomerContext) -> f64 {
+        let Some(journey) = self.rules.journey(&step.journey) else {
+            return 0.0;
+        };
+        // Without a rank script the score is the priority: no copy of the
+        // customer, no parse of the variables.
+        if !journey.rank {
+            return journey.priority as f64;
+        }
         let key = (step.instance_id.clone(), step.step.clone());
         if let Some(score) = self.scores.get(&key) {
             return *score;
         }
-        let Some(journey) = self.rules.journey(&step.journey) else {
-            return 0.0;
-        };
         let score = match self
             .rules
             .rank(journey, &Arc::new(customer.clone()), &step.vars.to_map())
