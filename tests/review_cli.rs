@@ -307,6 +307,14 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
         text.starts_with("decision record of customer c-1002"),
         "{text}"
     );
+    // Two instances of one journey: each line names its key.
+    for line in [
+        "unsigned_loan/push (key A-2) via push: sent",
+        "unsigned_loan/push (key A-3) via push: sent",
+        "unsigned_loan/email (key A-3) via email: not sent, journey cancelled",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
     assert!(
         !text.contains("bob@example.com") && !text.contains("+61400000002"),
         "{text}"

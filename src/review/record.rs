@@ -28,7 +28,7 @@
 //! current context, and any e-mail address or phone number inside variables
 //! or inputs) are masked unless the caller unmasks them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -308,13 +308,22 @@ pub fn decision_record(
             let mut e = Entry::new(
                 at,
                 Kind::End,
-                format!("{}: every step settled (completed)", i.journey),
+                format!(
+                    "{} (key {}): every step settled (completed)",
+                    i.journey, i.key
+                ),
             );
             e.journey = Some(i.journey.clone());
             e.instance = Some(i.id.clone());
             entries.push(e);
         }
     }
+    // A customer may have several instances of one journey (one per key):
+    // each log line names its instance's key.
+    let keys: HashMap<&str, &str> = instances
+        .iter()
+        .map(|i| (i.id.as_str(), i.key.as_str()))
+        .collect();
     for r in &log {
         if let Some(id) = &r.event_id {
             let kind = r
@@ -326,7 +335,7 @@ pub fn decision_record(
                 known.1 = kind;
             }
         }
-        entries.push(log_entry(r));
+        entries.push(log_entry(r, keys.get(r.instance.as_str()).copied()));
     }
     for (id, (time, kind, context_updated)) in events {
         let effect = match context_updated {
@@ -407,11 +416,12 @@ fn control_entries(store: &dyn ReviewRead, entries: &[Entry]) -> Result<Vec<Entr
         .collect())
 }
 
-fn log_entry(r: &LogRecord) -> Entry {
+fn log_entry(r: &LogRecord, key: Option<&str>) -> Entry {
     let kind = Kind::of(r.outcome);
+    let key = key.map(|k| format!(" (key {k})")).unwrap_or_default();
     let subject = match r.step.as_str() {
-        "-" => r.journey.clone(),
-        step => format!("{}/{step} via {}", r.journey, r.channel),
+        "-" => format!("{}{key}", r.journey),
+        step => format!("{}/{step}{key} via {}", r.journey, r.channel),
     };
     let text = match r.outcome {
         Outcome::Sent => format!(
