@@ -17,7 +17,7 @@ pub mod log;
 pub mod record;
 pub mod stats;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub mod unmask;
 
 use chrono::{DateTime, NaiveDate, Utc};

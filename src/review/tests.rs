@@ -15,6 +15,7 @@ use super::record::{decision_record, Kind};
 use super::{LogCursor, LogFilter, ReviewRead};
 use crate::context::CustomerContext;
 use crate::model::{Category, ChannelKind, InstanceStatus, LogRecord, Mode, Outcome};
+use crate::store::review::{ArmCount, OutcomeCount};
 use crate::store::{NewInstance, NewStep, StepResult, Store};
 
 /// Records the generated log holds at least.
@@ -27,7 +28,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 /// One generated instance and everything logged about it.
-struct GenInstance {
+pub(crate) struct GenInstance {
     id: String,
     customer: String,
     journey: &'static str,
@@ -38,7 +39,7 @@ struct GenInstance {
 }
 
 /// What was written, as the generator made it.
-struct Generated {
+pub(crate) struct Generated {
     instances: Vec<GenInstance>,
     records: Vec<LogRecord>,
     /// A customer with a context (contact details) and several instances.
@@ -66,7 +67,7 @@ fn steps_of(journey: &str) -> &'static [(&'static str, ChannelKind)] {
 /// often; a few cooldown refusals have no instance. Times are whole seconds
 /// and many records share one (the keyset's tie-break), and records are
 /// written out of time order (the log's order is by time, not seq).
-fn generate(store: &dyn Store) -> Generated {
+pub(crate) fn generate(store: &dyn Store) -> Generated {
     let mut rng = StdRng::seed_from_u64(14);
     let mut instances = Vec::new();
     let mut records: Vec<LogRecord> = Vec::new();
@@ -666,12 +667,191 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
     assert!(nobody.entries.is_empty() && nobody.contact.is_none());
 }
 
+/// The counts the store keeps, sorted, and the same counted from the rows
+/// it holds (its instances read per customer, its log by a full scan).
+type Counts = (Vec<ArmCount>, Vec<ArmCount>, Vec<OutcomeCount>);
+
+fn sorted_counts(r: &dyn ReviewRead, journey: Option<&str>) -> Counts {
+    let key = |a: &ArmCount| (a.journey.clone(), a.rule_hash.clone(), a.mode.as_str());
+    let mut arms = r.arms(journey, false).unwrap();
+    arms.sort_by_key(key);
+    let mut versions = r.arms(journey, true).unwrap();
+    versions.sort_by_key(key);
+    let mut outcomes = r.outcome_counts(journey).unwrap();
+    outcomes.sort_by_key(|c| {
+        (
+            c.journey.clone(),
+            c.step.clone(),
+            c.outcome.as_str(),
+            c.reason.clone(),
+        )
+    });
+    (arms, versions, outcomes)
+}
+
+fn counted_from_rows(
+    w: &dyn Store,
+    r: &dyn ReviewRead,
+    customers: &BTreeSet<String>,
+    journey: Option<&str>,
+) -> Counts {
+    let wanted = |j: &str| journey.is_none_or(|want| want == j);
+    let mut instances = Vec::new();
+    for c in customers {
+        instances.extend(r.customer_instances(c).unwrap().into_iter().map(|i| (c, i)));
+    }
+    let arms = |by_rule: bool| -> Vec<ArmCount> {
+        type Acc = (
+            u64,
+            u64,
+            BTreeSet<String>,
+            BTreeSet<String>,
+            DateTime<Utc>,
+            DateTime<Utc>,
+        );
+        let mut acc: BTreeMap<(String, Option<String>, &'static str), (Mode, Acc)> =
+            BTreeMap::new();
+        for (customer, i) in instances.iter().filter(|(_, i)| wanted(&i.journey)) {
+            let hash = by_rule.then(|| i.rule_hash.clone());
+            let (_, a) = acc
+                .entry((i.journey.clone(), hash, i.mode.as_str()))
+                .or_insert((
+                    i.mode,
+                    (
+                        0,
+                        0,
+                        BTreeSet::new(),
+                        BTreeSet::new(),
+                        i.started_at,
+                        i.started_at,
+                    ),
+                ));
+            let converted = i.status == InstanceStatus::Converted;
+            a.0 += 1;
+            a.1 += converted as u64;
+            a.2.insert(customer.to_string());
+            if converted {
+                a.3.insert(customer.to_string());
+            }
+            a.4 = a.4.min(i.started_at);
+            a.5 = a.5.max(i.started_at);
+        }
+        acc.into_iter()
+            .map(|((journey, rule_hash, _), (mode, a))| ArmCount {
+                journey,
+                rule_hash,
+                mode,
+                instances: a.0,
+                converted_instances: a.1,
+                customers: a.2.len() as u64,
+                converted_customers: a.3.len() as u64,
+                first_started: a.4,
+                last_started: a.5,
+            })
+            .collect()
+    };
+    let mut outcomes: BTreeMap<(String, String, &'static str, String), (Outcome, u64)> =
+        BTreeMap::new();
+    for x in full_scan(w).iter().filter(|x| {
+        wanted(&x.journey) && !matches!(x.outcome, Outcome::Retrying | Outcome::Deferred)
+    }) {
+        outcomes
+            .entry((
+                x.journey.clone(),
+                x.step.clone(),
+                x.outcome.as_str(),
+                x.reason.clone(),
+            ))
+            .or_insert((x.outcome, 0))
+            .1 += 1;
+    }
+    let outcomes = outcomes
+        .into_iter()
+        .map(
+            |((journey, step, _, reason), (outcome, count))| OutcomeCount {
+                journey,
+                step,
+                outcome,
+                reason,
+                count,
+            },
+        )
+        .collect();
+    (arms(false), arms(true), outcomes)
+}
+
+/// The funnel's counts, which the stores keep as rows are written rather
+/// than count at read time, are what the rows there are add up to: after
+/// starts and logging, conversions, cancellations, and a retention purge
+/// that deletes ended instances (the oldest starts among them) and old
+/// records.
+pub fn counts_follow_starts_conversions_and_retention(w: &dyn Store, r: &dyn ReviewRead) {
+    let g = generate(w);
+    let customers: BTreeSet<String> = g.instances.iter().map(|x| x.customer.clone()).collect();
+    let check = |when: &str| {
+        for journey in [None, Some("loan"), Some("fee")] {
+            assert_eq!(
+                sorted_counts(r, journey),
+                counted_from_rows(w, r, &customers, journey),
+                "{when}, {journey:?}"
+            );
+        }
+    };
+    check("generated");
+    // The open instances of the first 10 days end: half without
+    // converting, half converting late (a customer's second conversion in
+    // an arm is not a second customer). Later ones stay open.
+    let mut tx = w.begin().unwrap();
+    let early = |x: &&GenInstance| !x.converted && x.started_at < t0() + Duration::days(10);
+    for (k, x) in g.instances.iter().filter(early).enumerate() {
+        let (status, at) = match k % 2 {
+            0 => (InstanceStatus::Cancelled, x.started_at + Duration::days(1)),
+            _ => (InstanceStatus::Converted, x.started_at + Duration::days(2)),
+        };
+        tx.close_instance(&x.id, status, at).unwrap();
+    }
+    tx.commit().unwrap();
+    check("ended");
+    let before = sorted_counts(r, None);
+    assert!(w.purge(t0() + Duration::days(12)).unwrap() > 0);
+    let after = sorted_counts(r, None);
+    check("purged");
+    let total = |c: &Counts| c.0.iter().map(|a| a.instances).sum::<u64>();
+    assert!(total(&after) < total(&before), "instances were purged");
+    // Every instance started in the first 7 days ended before day 12.
+    assert!(
+        after
+            .0
+            .iter()
+            .all(|a| a.first_started >= t0() + Duration::days(7)),
+        "the oldest starts went with their instances: {:?}",
+        after.0
+    );
+    let records = |c: &Counts| c.2.iter().map(|o| o.count).sum::<u64>();
+    assert!(records(&after) < records(&before), "records were purged");
+    // Everything ended and purged: no counts left of it.
+    let mut tx = w.begin().unwrap();
+    for x in &g.instances {
+        tx.close_instance(&x.id, InstanceStatus::Cancelled, t0() + Duration::days(40))
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    w.purge(t0() + Duration::days(400)).unwrap();
+    let empty = sorted_counts(r, None);
+    assert!(
+        empty.0.is_empty() && empty.1.is_empty() && empty.2.is_empty(),
+        "{empty:?}"
+    );
+    check("all purged");
+}
+
 macro_rules! review_suite {
     ($make:expr) => {
         $crate::review::tests::review_suite!(@each $make;
             filters_and_keyset_pages_match_a_full_scan,
             funnel_and_uplift_match_the_generated_counts,
-            a_customers_record_is_in_time_order_and_masked
+            a_customers_record_is_in_time_order_and_masked,
+            counts_follow_starts_conversions_and_retention
         );
     };
     (@each $make:expr; $($name:ident),+) => {

@@ -12,8 +12,9 @@ use super::{from_ms, ms, schema, text, SqliteStore};
 use crate::context::CustomerContext;
 use crate::model::{LogRecord, Outcome};
 use crate::store::review::{
-    arms_sql, log_page_sql, outcome_counts_sql, planned_steps_sql, ArmCount, InstanceRecord,
-    LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead, LOG_COLUMNS,
+    arm_counts_sql, log_page_sql, outcome_count_rows_sql, planned_steps_sql, ArmCount,
+    InstanceRecord, LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead,
+    LOG_COLUMNS,
 };
 use crate::store::StoreError;
 
@@ -133,7 +134,8 @@ impl ReviewRead for SqliteStore {
 
     fn outcome_counts(&self, journey: Option<&str>) -> Result<Vec<OutcomeCount>, StoreError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(&outcome_counts_sql(journey.is_some(), "?1"))?;
+        // The counts the log's triggers keep (schema v10), not a scan of the log.
+        let mut stmt = conn.prepare_cached(&outcome_count_rows_sql(journey.is_some(), "?1"))?;
         let mut rows = match journey {
             Some(j) => stmt.query([j])?,
             None => stmt.query([])?,
@@ -155,7 +157,8 @@ impl ReviewRead for SqliteStore {
 
     fn arms(&self, journey: Option<&str>, by_rule: bool) -> Result<Vec<ArmCount>, StoreError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(&arms_sql(journey.is_some(), by_rule, "?1"))?;
+        // The counts the instances' triggers keep (schema v10).
+        let mut stmt = conn.prepare_cached(&arm_counts_sql(journey.is_some(), by_rule, "?1"))?;
         let mut rows = match journey {
             Some(j) => stmt.query([j])?,
             None => stmt.query([])?,
@@ -363,5 +366,116 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What the full-scan queries count, as rows of text.
+    fn table(conn: &Connection, sql: &str) -> Vec<Vec<String>> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                        rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                        v => v.as_str().unwrap().to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    /// The counts the triggers keep are what the full-scan queries count,
+    /// and migration 10 fills them so from a store written before it.
+    #[test]
+    fn migration_10_fills_the_counts_the_triggers_keep() {
+        use crate::store::review::{arm_counts_sql, arms_sql, outcome_count_rows_sql};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counts.db");
+        let store = SqliteStore::open(&path).unwrap();
+        crate::review::tests::generate(&store);
+        let scans = |conn: &Connection| {
+            [
+                (
+                    arms_sql(false, false, "?1"),
+                    arm_counts_sql(false, false, "?1"),
+                ),
+                (
+                    arms_sql(false, true, "?1"),
+                    arm_counts_sql(false, true, "?1"),
+                ),
+                (
+                    crate::store::review::outcome_counts_sql(false, "?1"),
+                    outcome_count_rows_sql(false, "?1"),
+                ),
+            ]
+            .map(|(scan, kept)| (table(conn, &scan), table(conn, &kept)))
+        };
+        let kept = scans(&store.reader());
+        for (scan, kept) in &kept {
+            assert!(!scan.is_empty());
+            assert_eq!(scan, kept);
+        }
+        drop(store);
+        // Back to version 9, as a store written before it.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER review_outcome_insert; DROP TRIGGER review_outcome_delete;
+             DROP TRIGGER review_arms_insert; DROP TRIGGER review_arms_status;
+             DROP TRIGGER review_arms_delete;
+             DROP TABLE review_outcome_counts; DROP TABLE review_arm_counts;
+             DROP TABLE review_rule_arm_counts; DROP TABLE review_arm_customers;
+             DROP TABLE review_rule_arm_customers;
+             PRAGMA user_version = 9;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(schema::version(&store.reader()).unwrap(), 10);
+        assert_eq!(scans(&store.reader()), kept);
+        let helpers = |sql: &str| table(&store.reader(), sql);
+        assert_eq!(
+            helpers("SELECT count(*), sum(instances) FROM review_rule_arm_customers"),
+            helpers("SELECT count(DISTINCT journey || ' ' || rule_hash || ' ' || mode || ' ' || customer), count(*) FROM instances"),
+        );
+    }
+
+    /// Reading the counts is a walk of the small count tables, and a purge's
+    /// search for an arm's next first start is a seek on `instances_by_journey`.
+    #[test]
+    fn the_counts_are_read_without_scanning_the_log() {
+        use crate::store::review::{arm_counts_sql, outcome_count_rows_sql};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("plan.db")).unwrap();
+        let conn = store.reader();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows: Vec<String> = stmt
+                .query_map(["j"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        for by_rule in [false, true] {
+            let p = plan(&arm_counts_sql(true, by_rule, "?1"));
+            assert!(p.contains("review_") && !p.contains("instances "), "{p}");
+        }
+        let p = plan(&outcome_count_rows_sql(true, "?1"));
+        assert!(
+            p.contains("review_outcome_counts") && !p.contains("TEMP B-TREE"),
+            "{p}"
+        );
+        let p = plan(
+            "SELECT started_at FROM instances WHERE journey = ?1 AND rule_hash = 'h' AND mode = 'live'
+             ORDER BY started_at LIMIT 1",
+        );
+        assert!(
+            p.contains("instances_by_journey") && !p.contains("TEMP B-TREE"),
+            "{p}"
+        );
     }
 }

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     V7_RUNTIME_CONTROL,
     V8_PROPENSITY_COUNTS,
     V9_DECISION_RECORD,
+    V10_REVIEW_COUNTS,
 ];
 
 /// The schema version this binary writes.
@@ -276,4 +277,246 @@ CREATE TABLE received_events (
 CREATE INDEX received_events_customer ON received_events (customer, received_at);
 ALTER TABLE dispatch_log ADD COLUMN http_status INTEGER;
 ALTER TABLE dispatch_log ADD COLUMN response_ms INTEGER;
+";
+
+/// Version 10 (issue 14): the counts behind the funnel, kept by triggers in
+/// the transaction that writes the rows, so that `ReviewRead::arms` and
+/// `ReviewRead::outcome_counts` read a few rows instead of grouping the
+/// whole log and every instance (seconds at 10 M records).
+///
+/// - `review_outcome_counts`: settled log records (retrying and deferred
+///   left out, as the full-scan query left them) per journey, step,
+///   outcome and reason; retention's deletes take them off again.
+/// - `review_arm_counts` (per journey and mode) and `review_rule_arm_counts`
+///   (per script version too): instances, converted instances, distinct
+///   customers, distinct converted customers, first and last start.
+///   Distinct customers are kept through one row per (arm, customer)
+///   (`review_arm_customers`, `review_rule_arm_customers`): a customer
+///   counts while that row's `instances` is above 0, and as converted while
+///   its `converted` is. A customer's instances in two script versions are
+///   one customer of the journey's arm: the journey's counts are not the sum
+///   of its versions'.
+/// - An instance's customer, journey, mode, rule hash and start are its
+///   decision record and never change; its status does (an exit converts an
+///   open or completed one), and retention deletes ended ones. When it
+///   deletes an arm's first (or last) start, the next one is read from
+///   `instances_by_journey` (retention deletes the oldest: the walk stops at
+///   the first remaining instance of the arm).
+///
+/// Filled from the rows there are, then kept by the triggers.
+const V10_REVIEW_COUNTS: &str = "
+CREATE TABLE review_outcome_counts (
+    journey TEXT NOT NULL,
+    step TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (journey, step, outcome, reason)
+) WITHOUT ROWID;
+CREATE TABLE review_arm_counts (
+    journey TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    converted_instances INTEGER NOT NULL,
+    customers INTEGER NOT NULL,
+    converted_customers INTEGER NOT NULL,
+    first_started INTEGER NOT NULL,
+    last_started INTEGER NOT NULL,
+    PRIMARY KEY (journey, mode)
+) WITHOUT ROWID;
+CREATE TABLE review_rule_arm_counts (
+    journey TEXT NOT NULL,
+    rule_hash TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    converted_instances INTEGER NOT NULL,
+    customers INTEGER NOT NULL,
+    converted_customers INTEGER NOT NULL,
+    first_started INTEGER NOT NULL,
+    last_started INTEGER NOT NULL,
+    PRIMARY KEY (journey, rule_hash, mode)
+) WITHOUT ROWID;
+CREATE TABLE review_arm_customers (
+    journey TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    converted INTEGER NOT NULL,
+    PRIMARY KEY (journey, mode, customer)
+) WITHOUT ROWID;
+CREATE TABLE review_rule_arm_customers (
+    journey TEXT NOT NULL,
+    rule_hash TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    converted INTEGER NOT NULL,
+    PRIMARY KEY (journey, rule_hash, mode, customer)
+) WITHOUT ROWID;
+
+INSERT INTO review_outcome_counts (journey, step, outcome, reason, records)
+SELECT journey, step, outcome, reason, count(*) FROM dispatch_log
+WHERE outcome NOT IN ('retrying', 'deferred')
+GROUP BY journey, step, outcome, reason;
+INSERT INTO review_arm_customers (journey, mode, customer, instances, converted)
+SELECT journey, mode, customer, count(*), count(CASE WHEN status = 'converted' THEN 1 END)
+FROM instances GROUP BY journey, mode, customer;
+INSERT INTO review_rule_arm_customers (journey, rule_hash, mode, customer, instances, converted)
+SELECT journey, rule_hash, mode, customer, count(*), count(CASE WHEN status = 'converted' THEN 1 END)
+FROM instances GROUP BY journey, rule_hash, mode, customer;
+INSERT INTO review_arm_counts (journey, mode, instances, converted_instances, customers,
+    converted_customers, first_started, last_started)
+SELECT journey, mode, count(*), count(CASE WHEN status = 'converted' THEN 1 END),
+    count(DISTINCT customer), count(DISTINCT CASE WHEN status = 'converted' THEN customer END),
+    min(started_at), max(started_at)
+FROM instances GROUP BY journey, mode;
+INSERT INTO review_rule_arm_counts (journey, rule_hash, mode, instances, converted_instances,
+    customers, converted_customers, first_started, last_started)
+SELECT journey, rule_hash, mode, count(*), count(CASE WHEN status = 'converted' THEN 1 END),
+    count(DISTINCT customer), count(DISTINCT CASE WHEN status = 'converted' THEN customer END),
+    min(started_at), max(started_at)
+FROM instances GROUP BY journey, rule_hash, mode;
+
+CREATE TRIGGER review_outcome_insert AFTER INSERT ON dispatch_log
+WHEN NEW.outcome NOT IN ('retrying', 'deferred')
+BEGIN
+    INSERT INTO review_outcome_counts (journey, step, outcome, reason, records)
+    VALUES (NEW.journey, NEW.step, NEW.outcome, NEW.reason, 1)
+    ON CONFLICT (journey, step, outcome, reason) DO UPDATE SET records = records + 1;
+END;
+CREATE TRIGGER review_outcome_delete AFTER DELETE ON dispatch_log
+WHEN OLD.outcome NOT IN ('retrying', 'deferred')
+BEGIN
+    UPDATE review_outcome_counts SET records = records - 1
+    WHERE journey = OLD.journey AND step = OLD.step AND outcome = OLD.outcome AND reason = OLD.reason;
+    DELETE FROM review_outcome_counts
+    WHERE journey = OLD.journey AND step = OLD.step AND outcome = OLD.outcome AND reason = OLD.reason
+      AND records <= 0;
+END;
+
+CREATE TRIGGER review_arms_insert AFTER INSERT ON instances
+BEGIN
+    INSERT INTO review_arm_customers (journey, mode, customer, instances, converted)
+    VALUES (NEW.journey, NEW.mode, NEW.customer, 1, NEW.status = 'converted')
+    ON CONFLICT (journey, mode, customer) DO UPDATE
+    SET instances = instances + 1, converted = converted + excluded.converted;
+    INSERT INTO review_arm_counts (journey, mode, instances, converted_instances, customers,
+        converted_customers, first_started, last_started)
+    VALUES (NEW.journey, NEW.mode, 1, NEW.status = 'converted', 1, NEW.status = 'converted',
+        NEW.started_at, NEW.started_at)
+    ON CONFLICT (journey, mode) DO UPDATE SET
+        instances = instances + 1,
+        converted_instances = converted_instances + excluded.converted_instances,
+        customers = customers + (SELECT c.instances = 1 FROM review_arm_customers c
+            WHERE c.journey = NEW.journey AND c.mode = NEW.mode AND c.customer = NEW.customer),
+        converted_customers = converted_customers + (NEW.status = 'converted' AND
+            (SELECT c.converted = 1 FROM review_arm_customers c
+             WHERE c.journey = NEW.journey AND c.mode = NEW.mode AND c.customer = NEW.customer)),
+        first_started = min(first_started, excluded.first_started),
+        last_started = max(last_started, excluded.last_started);
+    INSERT INTO review_rule_arm_customers (journey, rule_hash, mode, customer, instances, converted)
+    VALUES (NEW.journey, NEW.rule_hash, NEW.mode, NEW.customer, 1, NEW.status = 'converted')
+    ON CONFLICT (journey, rule_hash, mode, customer) DO UPDATE
+    SET instances = instances + 1, converted = converted + excluded.converted;
+    INSERT INTO review_rule_arm_counts (journey, rule_hash, mode, instances, converted_instances,
+        customers, converted_customers, first_started, last_started)
+    VALUES (NEW.journey, NEW.rule_hash, NEW.mode, 1, NEW.status = 'converted', 1,
+        NEW.status = 'converted', NEW.started_at, NEW.started_at)
+    ON CONFLICT (journey, rule_hash, mode) DO UPDATE SET
+        instances = instances + 1,
+        converted_instances = converted_instances + excluded.converted_instances,
+        customers = customers + (SELECT c.instances = 1 FROM review_rule_arm_customers c
+            WHERE c.journey = NEW.journey AND c.rule_hash = NEW.rule_hash AND c.mode = NEW.mode
+              AND c.customer = NEW.customer),
+        converted_customers = converted_customers + (NEW.status = 'converted' AND
+            (SELECT c.converted = 1 FROM review_rule_arm_customers c
+             WHERE c.journey = NEW.journey AND c.rule_hash = NEW.rule_hash AND c.mode = NEW.mode
+               AND c.customer = NEW.customer)),
+        first_started = min(first_started, excluded.first_started),
+        last_started = max(last_started, excluded.last_started);
+END;
+
+CREATE TRIGGER review_arms_status AFTER UPDATE OF status ON instances
+WHEN (OLD.status = 'converted') <> (NEW.status = 'converted')
+BEGIN
+    UPDATE review_arm_customers
+    SET converted = converted + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END)
+    WHERE journey = NEW.journey AND mode = NEW.mode AND customer = NEW.customer;
+    UPDATE review_arm_counts SET
+        converted_instances = converted_instances + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END),
+        converted_customers = converted_customers + (SELECT CASE WHEN NEW.status = 'converted'
+                THEN c.converted = 1 ELSE -(c.converted = 0) END
+            FROM review_arm_customers c
+            WHERE c.journey = NEW.journey AND c.mode = NEW.mode AND c.customer = NEW.customer)
+    WHERE journey = NEW.journey AND mode = NEW.mode;
+    UPDATE review_rule_arm_customers
+    SET converted = converted + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END)
+    WHERE journey = NEW.journey AND rule_hash = NEW.rule_hash AND mode = NEW.mode
+      AND customer = NEW.customer;
+    UPDATE review_rule_arm_counts SET
+        converted_instances = converted_instances + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END),
+        converted_customers = converted_customers + (SELECT CASE WHEN NEW.status = 'converted'
+                THEN c.converted = 1 ELSE -(c.converted = 0) END
+            FROM review_rule_arm_customers c
+            WHERE c.journey = NEW.journey AND c.rule_hash = NEW.rule_hash AND c.mode = NEW.mode
+              AND c.customer = NEW.customer)
+    WHERE journey = NEW.journey AND rule_hash = NEW.rule_hash AND mode = NEW.mode;
+END;
+
+CREATE TRIGGER review_arms_delete AFTER DELETE ON instances
+BEGIN
+    UPDATE review_arm_customers
+    SET instances = instances - 1, converted = converted - (OLD.status = 'converted')
+    WHERE journey = OLD.journey AND mode = OLD.mode AND customer = OLD.customer;
+    UPDATE review_arm_counts SET
+        instances = instances - 1,
+        converted_instances = converted_instances - (OLD.status = 'converted'),
+        customers = customers - (SELECT c.instances = 0 FROM review_arm_customers c
+            WHERE c.journey = OLD.journey AND c.mode = OLD.mode AND c.customer = OLD.customer),
+        converted_customers = converted_customers - (OLD.status = 'converted' AND
+            (SELECT c.converted = 0 FROM review_arm_customers c
+             WHERE c.journey = OLD.journey AND c.mode = OLD.mode AND c.customer = OLD.customer)),
+        first_started = CASE WHEN OLD.started_at > first_started THEN first_started
+            ELSE coalesce((SELECT started_at FROM instances
+                WHERE journey = OLD.journey AND mode = OLD.mode
+                ORDER BY started_at LIMIT 1), first_started) END,
+        last_started = CASE WHEN OLD.started_at < last_started THEN last_started
+            ELSE coalesce((SELECT started_at FROM instances
+                WHERE journey = OLD.journey AND mode = OLD.mode
+                ORDER BY started_at DESC LIMIT 1), last_started) END
+    WHERE journey = OLD.journey AND mode = OLD.mode;
+    DELETE FROM review_arm_customers
+    WHERE journey = OLD.journey AND mode = OLD.mode AND customer = OLD.customer AND instances <= 0;
+    DELETE FROM review_arm_counts
+    WHERE journey = OLD.journey AND mode = OLD.mode AND instances <= 0;
+    UPDATE review_rule_arm_customers
+    SET instances = instances - 1, converted = converted - (OLD.status = 'converted')
+    WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode
+      AND customer = OLD.customer;
+    UPDATE review_rule_arm_counts SET
+        instances = instances - 1,
+        converted_instances = converted_instances - (OLD.status = 'converted'),
+        customers = customers - (SELECT c.instances = 0 FROM review_rule_arm_customers c
+            WHERE c.journey = OLD.journey AND c.rule_hash = OLD.rule_hash AND c.mode = OLD.mode
+              AND c.customer = OLD.customer),
+        converted_customers = converted_customers - (OLD.status = 'converted' AND
+            (SELECT c.converted = 0 FROM review_rule_arm_customers c
+             WHERE c.journey = OLD.journey AND c.rule_hash = OLD.rule_hash AND c.mode = OLD.mode
+               AND c.customer = OLD.customer)),
+        first_started = CASE WHEN OLD.started_at > first_started THEN first_started
+            ELSE coalesce((SELECT started_at FROM instances
+                WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode
+                ORDER BY started_at LIMIT 1), first_started) END,
+        last_started = CASE WHEN OLD.started_at < last_started THEN last_started
+            ELSE coalesce((SELECT started_at FROM instances
+                WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode
+                ORDER BY started_at DESC LIMIT 1), last_started) END
+    WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode;
+    DELETE FROM review_rule_arm_customers
+    WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode
+      AND customer = OLD.customer AND instances <= 0;
+    DELETE FROM review_rule_arm_counts
+    WHERE journey = OLD.journey AND rule_hash = OLD.rule_hash AND mode = OLD.mode
+      AND instances <= 0;
+END;
 ";
