@@ -26,8 +26,8 @@ use crate::store::Store;
 use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
-    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, RuleEvaluated, RuleTimedOut,
-    RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded, TaskStopped,
+    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, ReviewFoldFailed, RuleEvaluated,
+    RuleTimedOut, RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded, TaskStopped,
 };
 
 pub fn init_logging(format: &str, level: &str) {
@@ -264,6 +264,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.store.retention,
         stop_rx.clone(),
     );
+    spawn_review_fold(store.clone(), stop_rx.clone());
 
     let requested = async {
         stop_signals.wait().await;
@@ -362,6 +363,29 @@ fn spawn_retention(
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => RetentionPurgeFailed { error: &e }.emit(),
                 Err(e) => RetentionPurgePanicked { error: &e }.emit(),
+            }
+        }
+    });
+}
+
+/// How often new dispatch-log records are folded into the review page's
+/// counts: a funnel read adds at most this much of the log itself.
+const REVIEW_FOLD_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the review page's funnel counts up to date
+/// ([`Store::fold_review_counts`]), off the sending path.
+fn spawn_review_fold(store: Arc<dyn Store>, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(REVIEW_FOLD_EVERY) => {}
+                _ = stop.changed() => return,
+            }
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.fold_review_counts()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => ReviewFoldFailed { error: &e }.emit(),
+                Err(e) => ReviewFoldFailed { error: &e }.emit(),
             }
         }
     });

@@ -486,6 +486,14 @@ pub trait Store: Send + Sync {
     /// The events the decide stage kept for `customer`
     /// ([`Tx::record_event`]), oldest first.
     fn received_events(&self, customer: &str) -> Result<Vec<ReceivedEvent>, StoreError>;
+
+    // ── Review counts (issue 14: the funnel at 10 M records) ──
+
+    /// Brings the funnel's kept counts up to date with what was written
+    /// since the last call, off the sending path; the daemon calls it every
+    /// few seconds. Reads are right without it (they add what is not yet
+    /// folded), only slower the more there is. Returns the records folded.
+    fn fold_review_counts(&self) -> Result<u64, StoreError>;
 }
 
 /// One atomic unit of work: the effects of one or more events. After a

@@ -320,17 +320,3 @@ pub(crate) fn arm_counts_sql(journey: bool, by_rule: bool, placeholder: &str) ->
          FROM {table} {filter} ORDER BY {order}"
     )
 }
-
-/// [`ReviewRead::outcome_counts`] from `review_outcome_counts`, kept with
-/// the log: the rows [`outcome_counts_sql`] groups.
-pub(crate) fn outcome_count_rows_sql(journey: bool, placeholder: &str) -> String {
-    let filter = if journey {
-        format!("WHERE journey = {placeholder}")
-    } else {
-        String::new()
-    };
-    format!(
-        "SELECT journey, step, outcome, reason, records FROM review_outcome_counts {filter}
-         ORDER BY journey, step, outcome, reason"
-    )
-}

@@ -246,6 +246,12 @@ pub const RETENTION_ERRORS: Metric = Metric {
     labels: &[],
     help: "retention purges that failed; the next is an hour later",
 };
+pub const REVIEW_FOLD_ERRORS: Metric = Metric {
+    name: "nudge_review_fold_errors_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "folds of new dispatch-log records into the review page's counts that failed; the funnel stays right, only slower to read, and the next fold is seconds later",
+};
 pub const AUDIT_RECORDS_PUBLISHED: Metric = Metric {
     name: "nudge_audit_records_published_total",
     kind: Kind::Counter,
@@ -332,6 +338,7 @@ pub const ALL: &[&Metric] = &[
     &DEAD_LETTERS_PENDING,
     &DEAD_LETTER_PUBLISH_FAILURES,
     &RETENTION_ERRORS,
+    &REVIEW_FOLD_ERRORS,
     &AUDIT_RECORDS_PUBLISHED,
     &AUDIT_PUBLISH_ERRORS,
     &AUDIT_OUTBOX_PENDING,

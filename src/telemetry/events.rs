@@ -584,6 +584,17 @@ impl RetentionPurgeFailed<'_> {
     }
 }
 
+pub struct ReviewFoldFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl ReviewFoldFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: DAEMON, error = %self.error, "folding the review counts failed");
+        metrics::counter!(REVIEW_FOLD_ERRORS.name).increment(1);
+    }
+}
+
 pub struct RetentionPurgePanicked<'a> {
     pub error: &'a dyn Display,
 }

@@ -40,6 +40,11 @@ pub struct SqliteStore {
     /// it) instead of queueing behind them on one thread: the store's
     /// single thread of writes is the critical path of sending.
     reader: Mutex<Connection>,
+    /// A third, for background upkeep (folding the review counts, see
+    /// `review::fold`), so that a fold's read never holds up the dispatch
+    /// path's batch reads. Its lock also keeps retention's purge and a fold
+    /// from running at once.
+    upkeep: Mutex<Connection>,
 }
 
 impl SqliteStore {
@@ -100,6 +105,7 @@ impl SqliteStore {
             _owner: None,
             conn: Mutex::new(conn),
             reader: Mutex::new(reader),
+            upkeep: Mutex::new(Self::connect(path, 2)?),
         })
     }
 
@@ -122,6 +128,10 @@ impl SqliteStore {
     /// transaction committed before they start.
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn upkeep(&self) -> MutexGuard<'_, Connection> {
+        self.upkeep.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -752,6 +762,10 @@ impl Store for SqliteStore {
         customer: &str,
     ) -> Result<Vec<super::received::ReceivedEvent>, StoreError> {
         received::of_customer(&self.reader(), customer)
+    }
+
+    fn fold_review_counts(&self) -> Result<u64, StoreError> {
+        review::fold(self)
     }
 }
 

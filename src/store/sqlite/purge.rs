@@ -39,6 +39,9 @@ pub(super) const PURGE_BY_AGE: [&str; 4] = [
 /// Deletes, a chunk per transaction, what is older than `before` and no
 /// longer needed (see [`Store::purge`](crate::store::Store::purge)).
 pub(super) fn purge(store: &SqliteStore, before: DateTime<Utc>) -> Result<u64, StoreError> {
+    // Not during a fold of the review counts (`review::fold`): a record it
+    // read must not be deleted before its counts are in.
+    let _no_fold = store.upkeep();
     let cutoff = ms(before);
     let mut deleted = 0u64;
     // Ended instances with their steps: the table is walked in key order a

@@ -12,9 +12,8 @@ use super::{from_ms, ms, schema, text, SqliteStore};
 use crate::context::CustomerContext;
 use crate::model::{LogRecord, Outcome};
 use crate::store::review::{
-    arm_counts_sql, log_page_sql, outcome_count_rows_sql, planned_steps_sql, ArmCount,
-    InstanceRecord, LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead,
-    LOG_COLUMNS,
+    arm_counts_sql, log_page_sql, planned_steps_sql, ArmCount, InstanceRecord, LogCursor,
+    LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead, LOG_COLUMNS,
 };
 use crate::store::StoreError;
 
@@ -45,6 +44,7 @@ impl SqliteStore {
             _owner: None,
             conn: Mutex::new(conn),
             reader: Mutex::new(connect()?),
+            upkeep: Mutex::new(connect()?),
         })
     }
 }
@@ -134,8 +134,9 @@ impl ReviewRead for SqliteStore {
 
     fn outcome_counts(&self, journey: Option<&str>) -> Result<Vec<OutcomeCount>, StoreError> {
         let conn = self.reader();
-        // The counts the log's triggers keep (schema v10), not a scan of the log.
-        let mut stmt = conn.prepare_cached(&outcome_count_rows_sql(journey.is_some(), "?1"))?;
+        // The folded counts (schema v10) and the records after the fold
+        // mark, not a scan of the log.
+        let mut stmt = conn.prepare_cached(&folded_outcome_counts_sql(journey.is_some()))?;
         let mut rows = match journey {
             Some(j) => stmt.query([j])?,
             None => stmt.query([])?,
@@ -270,6 +271,90 @@ impl ReviewRead for SqliteStore {
     }
 }
 
+/// [`ReviewRead::outcome_counts`] on SQLite: the folded counts plus the
+/// records logged after the fold mark, in one statement (one snapshot: a
+/// fold moves counts and mark in one transaction). `NOT INDEXED`: the tail
+/// is read by seq, never through the journey's index (all its records).
+pub(super) fn folded_outcome_counts_sql(journey: bool) -> String {
+    let (kept, tail) = match journey {
+        true => ("WHERE journey = ?1", "AND journey = ?1"),
+        false => ("", ""),
+    };
+    format!(
+        "SELECT journey, step, outcome, reason, sum(records) FROM (
+             SELECT journey, step, outcome, reason, records FROM review_outcome_counts {kept}
+             UNION ALL
+             SELECT journey, step, outcome, reason, count(*) FROM dispatch_log NOT INDEXED
+             WHERE seq > (SELECT seq FROM review_outcome_folded WHERE id = 1)
+               AND outcome NOT IN ('retrying', 'deferred') {tail}
+             GROUP BY journey, step, outcome, reason)
+         GROUP BY journey, step, outcome, reason ORDER BY journey, step, outcome, reason"
+    )
+}
+
+/// Records folded per transaction: the aggregate is read beside the
+/// writer, and the writer's lock is held only for the few upserts.
+const FOLD_CHUNK: i64 = 50_000;
+
+/// Folds the dispatch-log records after the fold mark into
+/// `review_outcome_counts` (see schema v10), a chunk per transaction;
+/// returns the records folded. The log has one writer, so seqs are in
+/// commit order: every record up to the newest one seen is committed, and
+/// the next fold starts after it. Retention's purge waits for a fold (the
+/// upkeep connection's lock), so no folded chunk loses a record under it.
+pub(super) fn fold(store: &SqliteStore) -> Result<u64, StoreError> {
+    let upkeep = store.upkeep();
+    let mut folded = 0u64;
+    loop {
+        let from: i64 = upkeep.query_row(
+            "SELECT seq FROM review_outcome_folded WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )?;
+        let upto: Option<i64> = upkeep
+            .prepare_cached(
+                "SELECT max(seq) FROM (SELECT seq FROM dispatch_log WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+            )?
+            .query_row(params![from, FOLD_CHUNK], |r| r.get(0))?;
+        let Some(upto) = upto else {
+            return Ok(folded);
+        };
+        type Group = (String, String, String, String, i64);
+        let groups: Vec<Group> = upkeep
+            .prepare_cached(
+                "SELECT journey, step, outcome, reason, count(*) FROM dispatch_log
+                 WHERE seq > ?1 AND seq <= ?2 AND outcome NOT IN ('retrying', 'deferred')
+                 GROUP BY journey, step, outcome, reason",
+            )?
+            .query_map(params![from, upto], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut conn = store.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut add = tx.prepare_cached(
+                "INSERT INTO review_outcome_counts (journey, step, outcome, reason, records)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (journey, step, outcome, reason) DO UPDATE SET records = records + excluded.records",
+            )?;
+            for (journey, step, outcome, reason, n) in &groups {
+                add.execute(params![journey, step, outcome, reason, n])?;
+                folded += *n as u64;
+            }
+        }
+        let moved = tx
+            .prepare_cached("UPDATE review_outcome_folded SET seq = ?2 WHERE id = 1 AND seq = ?1")?
+            .execute(params![from, upto])?;
+        if moved != 1 {
+            return Err(StoreError::Corrupt(
+                "the review counts' fold mark moved during a fold".into(),
+            ));
+        }
+        tx.commit()?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,7 +477,7 @@ mod tests {
     /// and migration 10 fills them so from a store written before it.
     #[test]
     fn migration_10_fills_the_counts_the_triggers_keep() {
-        use crate::store::review::{arm_counts_sql, arms_sql, outcome_count_rows_sql};
+        use crate::store::review::{arm_counts_sql, arms_sql};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("counts.db");
         let store = SqliteStore::open(&path).unwrap();
@@ -409,7 +494,7 @@ mod tests {
                 ),
                 (
                     crate::store::review::outcome_counts_sql(false, "?1"),
-                    outcome_count_rows_sql(false, "?1"),
+                    folded_outcome_counts_sql(false),
                 ),
             ]
             .map(|(scan, kept)| (table(conn, &scan), table(conn, &kept)))
@@ -423,7 +508,7 @@ mod tests {
         // Back to version 9, as a store written before it.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
-            "DROP TRIGGER review_outcome_insert; DROP TRIGGER review_outcome_delete;
+            "DROP TABLE review_outcome_folded; DROP TRIGGER review_outcome_delete;
              DROP TRIGGER review_arms_insert; DROP TRIGGER review_arms_status;
              DROP TRIGGER review_arms_delete;
              DROP TABLE review_outcome_counts; DROP TABLE review_arm_counts;
@@ -447,7 +532,7 @@ mod tests {
     /// search for an arm's next first start is a seek on `instances_by_journey`.
     #[test]
     fn the_counts_are_read_without_scanning_the_log() {
-        use crate::store::review::{arm_counts_sql, outcome_count_rows_sql};
+        use crate::store::review::arm_counts_sql;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("plan.db")).unwrap();
         let conn = store.reader();
@@ -464,9 +549,12 @@ mod tests {
             let p = plan(&arm_counts_sql(true, by_rule, "?1"));
             assert!(p.contains("review_") && !p.contains("instances "), "{p}");
         }
-        let p = plan(&outcome_count_rows_sql(true, "?1"));
+        // The folded counts, and the log only after the fold mark, by seq.
+        let p = plan(&folded_outcome_counts_sql(true));
         assert!(
-            p.contains("review_outcome_counts") && !p.contains("TEMP B-TREE"),
+            p.contains("review_outcome_counts")
+                && p.contains("dispatch_log USING INTEGER PRIMARY KEY (rowid>?)")
+                && !p.contains("SCAN dispatch_log"),
             "{p}"
         );
         let p = plan(
