@@ -302,7 +302,7 @@ fn generate(conn: &mut Connection, records: u64, rng: &mut StdRng) -> Written {
                     }
                     // Steps of every 10th instance (no review read but a
                     // journey's plan, from its latest instance, reads them).
-                    if i % 10 == 0 {
+                    if i.is_multiple_of(10) {
                         step_ins
                             .execute(params![
                                 id,

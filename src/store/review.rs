@@ -307,7 +307,7 @@ pub(crate) fn planned_steps_sql(placeholder: &str) -> String {
 pub(crate) const LOG_COLUMNS: &str = "seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms";
 
 /// [`ReviewRead::arms`] from the count tables kept with the instances
-/// (`review_arm_counts`, `review_rule_arm_counts`): the rows [`arms_sql`]
+/// (`review_arm_counts`, `review_rule_arm_counts`): the rows `arms_sql`
 /// groups, read instead of computed.
 pub(crate) fn arm_counts_sql(journey: bool, by_rule: bool, placeholder: &str) -> String {
     let (table, hash, order) = if by_rule {
@@ -332,7 +332,7 @@ pub(crate) fn arm_counts_sql(journey: bool, by_rule: bool, placeholder: &str) ->
 }
 
 /// [`ReviewRead::outcome_counts`] from `review_outcome_counts`, kept with
-/// the log: the rows [`outcome_counts_sql`] groups.
+/// the log: the rows `outcome_counts_sql` groups.
 pub(crate) fn outcome_count_rows_sql(journey: bool, placeholder: &str) -> String {
     let filter = if journey {
         format!("WHERE journey = {placeholder}")
