@@ -185,9 +185,6 @@ fn generate(conn: &mut Connection, records: u64, rng: &mut StdRng) -> Written {
                 let mut recs: Vec<Rec> = Vec::with_capacity(6);
                 for (k, (step, channel)) in steps.iter().enumerate() {
                     let due = started + k as i64 * DAY_MS;
-                    if due >= now_ms {
-                        break;
-                    }
                     let step_status;
                     if status == "converted" && k >= exit_after {
                         recs.push(Rec {

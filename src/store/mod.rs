@@ -491,8 +491,9 @@ pub trait Store: Send + Sync {
 
     /// Brings the funnel's kept counts up to date with what was written
     /// since the last call, off the sending path; the daemon calls it every
-    /// few seconds. Reads are right without it (they add what is not yet
-    /// folded), only slower the more there is. Returns the records folded.
+    /// few seconds. Reads are right without it (they add, or fold, what is
+    /// not yet folded), only slower the more there is. Returns the records
+    /// folded where the store counts them (SQLite; 0 on PostgreSQL).
     fn fold_review_counts(&self) -> Result<u64, StoreError>;
 }
 

@@ -1,8 +1,14 @@
 //! Reads for reviewing what the daemon did (marketing and risk): the
 //! dispatch log filtered and paged by keyset, the counts behind funnels and
-//! control groups, and one customer's instances. Nothing here writes: both
-//! backends implement [`ReviewRead`] on connections that never migrate or
-//! lock the store ([`open_reader`]), so the review runs beside a live daemon.
+//! control groups, and one customer's instances. Nothing here writes rows
+//! the daemon reads (PostgreSQL's reader folds the funnel's count deltas
+//! into its counts, see `postgres::schema`): both backends implement
+//! [`ReviewRead`] on connections that never migrate or lock the store
+//! ([`open_reader`]), so the review runs beside a live daemon.
+//!
+//! The funnel's counts are kept as rows are written (SQLite v10,
+//! PostgreSQL v11), not counted at read time: at 10 M log records a scan
+//! of the log and every instance takes seconds.
 //!
 //! Paging is by keyset, never OFFSET: the log is ordered newest first by
 //! (time, seq), a page ends at a [`LogCursor`], and the next page seeks
@@ -246,7 +252,9 @@ pub(crate) fn log_page_sql(
     (sql, params)
 }
 
-/// The statement of [`ReviewRead::arms`].
+/// The statement of [`ReviewRead::arms`] as a full scan of the instances
+/// (what the kept counts must equal; the tests compare them).
+#[cfg(test)]
 pub(crate) fn arms_sql(journey: bool, by_rule: bool, placeholder: &str) -> String {
     let hash = if by_rule { "rule_hash" } else { "NULL" };
     let filter = if journey {
@@ -269,7 +277,9 @@ pub(crate) fn arms_sql(journey: bool, by_rule: bool, placeholder: &str) -> Strin
     )
 }
 
-/// The statement of [`ReviewRead::outcome_counts`].
+/// The statement of [`ReviewRead::outcome_counts`] as a full scan of the log
+/// (what the kept counts must equal; the tests compare them).
+#[cfg(test)]
 pub(crate) fn outcome_counts_sql(journey: bool, placeholder: &str) -> String {
     let filter = if journey {
         format!("AND journey = {placeholder}")
@@ -297,7 +307,7 @@ pub(crate) fn planned_steps_sql(placeholder: &str) -> String {
 pub(crate) const LOG_COLUMNS: &str = "seq, time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms";
 
 /// [`ReviewRead::arms`] from the count tables kept with the instances
-/// (`review_arm_counts`, `review_rule_arm_counts`): the rows [`arms_sql`]
+/// (`review_arm_counts`, `review_rule_arm_counts`): the rows `arms_sql`
 /// groups, read instead of computed.
 pub(crate) fn arm_counts_sql(journey: bool, by_rule: bool, placeholder: &str) -> String {
     let (table, hash, order) = if by_rule {
@@ -318,5 +328,19 @@ pub(crate) fn arm_counts_sql(journey: bool, by_rule: bool, placeholder: &str) ->
         "SELECT journey, {hash}, mode, instances, converted_instances, customers,
                 converted_customers, first_started, last_started
          FROM {table} {filter} ORDER BY {order}"
+    )
+}
+
+/// [`ReviewRead::outcome_counts`] from `review_outcome_counts`, kept with
+/// the log: the rows `outcome_counts_sql` groups.
+pub(crate) fn outcome_count_rows_sql(journey: bool, placeholder: &str) -> String {
+    let filter = if journey {
+        format!("WHERE journey = {placeholder}")
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT journey, step, outcome, reason, records FROM review_outcome_counts {filter}
+         ORDER BY journey, step, outcome, reason"
     )
 }

@@ -1,6 +1,8 @@
 //! [`ReviewRead`] on PostgreSQL. A store opened by
 //! [`PostgresStore::open_reader`] never migrates: it reads a schema the
-//! daemon made, and only reads it.
+//! daemon made. Its one write: before reading the funnel's counts it folds
+//! the count deltas the writers appended into them (`review_fold()`,
+//! schema v11), so its role needs write access to the `review_*` tables.
 
 use chrono::{DateTime, Utc};
 use postgres::types::ToSql;
@@ -10,8 +12,9 @@ use super::{conn::Pool, holder_name, schema, PgOptions, PostgresStore};
 use crate::context::CustomerContext;
 use crate::model::LogRecord;
 use crate::store::review::{
-    arms_sql, log_page_sql, outcome_counts_sql, planned_steps_sql, ArmCount, InstanceRecord,
-    LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead, LOG_COLUMNS,
+    arm_counts_sql, log_page_sql, outcome_count_rows_sql, planned_steps_sql, ArmCount,
+    InstanceRecord, LogCursor, LogFilter, OutcomeCount, Param, PlannedStep, ReviewRead,
+    LOG_COLUMNS,
 };
 use crate::store::StoreError;
 
@@ -40,6 +43,9 @@ impl PostgresStore {
         })
     }
 }
+
+/// Folds the count deltas the writers appended into the counts (schema v11).
+pub(super) const FOLD: &str = "SELECT review_fold()";
 
 fn placeholder(n: usize) -> String {
     format!("${n}")
@@ -75,8 +81,10 @@ impl ReviewRead for PostgresStore {
     }
 
     fn outcome_counts(&self, journey: Option<&str>) -> Result<Vec<OutcomeCount>, StoreError> {
-        let sql = outcome_counts_sql(journey.is_some(), "$1");
+        let sql = outcome_count_rows_sql(journey.is_some(), "$1");
         let mut c = self.conn()?;
+        // The deltas written since the last fold first (schema v11).
+        c.client.execute(FOLD, &[])?;
         let rows = match journey {
             Some(j) => c.client.query(&sql, &[&j])?,
             None => c.client.query(&sql, &[])?,
@@ -99,8 +107,10 @@ impl ReviewRead for PostgresStore {
 
     fn arms(&self, journey: Option<&str>, by_rule: bool) -> Result<Vec<ArmCount>, StoreError> {
         // NULL::text: the per-version column is typed even when not grouped by.
-        let sql = arms_sql(journey.is_some(), by_rule, "$1").replace(", NULL,", ", NULL::text,");
+        let sql =
+            arm_counts_sql(journey.is_some(), by_rule, "$1").replace(", NULL,", ", NULL::text,");
         let mut c = self.conn()?;
+        c.client.execute(FOLD, &[])?;
         let rows = match journey {
             Some(j) => c.client.query(&sql, &[&j])?,
             None => c.client.query(&sql, &[])?,
@@ -343,6 +353,149 @@ mod tests {
                     "{filter:?} {after:?}:\n{text}"
                 );
             }
+        }
+    }
+
+    /// Rows of `sql`, each as text.
+    fn rows(store: &PostgresStore, sql: &str) -> Vec<String> {
+        store
+            .conn()
+            .unwrap()
+            .client
+            .query(&format!("SELECT t::text FROM ({sql}) AS t"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// The counts the fold keeps are what the full-scan queries count, and
+    /// migration 11 fills them so from a schema written before it.
+    #[test]
+    fn migration_11_fills_the_counts_the_fold_keeps() {
+        use crate::store::review::{arms_sql, outcome_counts_sql};
+        let (schema, options) = crate::store::postgres::testing::fresh_schema();
+        let _drop = crate::store::postgres::testing::TestStore::adopt(schema);
+        let store = PostgresStore::open(&options).unwrap();
+        crate::review::tests::generate(&store);
+        let scans = |store: &PostgresStore| {
+            store.conn().unwrap().client.execute(FOLD, &[]).unwrap();
+            [
+                (
+                    arms_sql(false, false, "$1"),
+                    arm_counts_sql(false, false, "$1"),
+                ),
+                (
+                    arms_sql(false, true, "$1"),
+                    arm_counts_sql(false, true, "$1"),
+                ),
+                (
+                    outcome_counts_sql(false, "$1"),
+                    outcome_count_rows_sql(false, "$1"),
+                ),
+            ]
+            .map(|(scan, kept)| (rows(store, &scan), rows(store, &kept)))
+        };
+        let kept = scans(&store);
+        for (scan, kept) in &kept {
+            assert!(!scan.is_empty());
+            assert_eq!(scan, kept);
+        }
+        let deltas = "SELECT (SELECT count(*) FROM review_outcome_deltas) + (SELECT count(*) FROM review_instance_deltas)";
+        assert_eq!(rows(&store, deltas), vec!["(0)"], "folded");
+        // Back to version 10, as a schema written before it.
+        store
+            .conn()
+            .unwrap()
+            .client
+            .batch_execute(
+                "DROP FUNCTION review_log_inserted, review_log_deleted, review_instances_inserted,
+                     review_instances_updated, review_instances_deleted, review_fold CASCADE;
+                 DROP TABLE review_outcome_counts, review_arm_counts, review_rule_arm_counts,
+                     review_arm_customers, review_rule_arm_customers, review_outcome_deltas,
+                     review_instance_deltas, review_fold_batch;
+                 DELETE FROM schema_version WHERE version = 11;",
+            )
+            .unwrap();
+        drop(store);
+        assert_eq!(PostgresStore::migrate(&options).unwrap(), (10, 11));
+        let store = PostgresStore::open(&options).unwrap();
+        assert_eq!(scans(&store), kept);
+    }
+
+    /// Replicas writing at once while folds run: every delta is folded once
+    /// (those committed during a fold stay for the next), and the counts
+    /// end as the full scans count.
+    #[test]
+    fn folds_beside_concurrent_writers_lose_and_repeat_nothing() {
+        use crate::store::review::{arms_sql, outcome_counts_sql};
+        let (a, b) = crate::store::postgres::testing::replicas();
+        std::thread::scope(|scope| {
+            for (w, store) in [(0, &*a), (1, &*b)] {
+                scope.spawn(move || {
+                    let mut c = store.conn().unwrap();
+                    for round in 0..40 {
+                        let mut tx = c.client.transaction().unwrap();
+                        tx.execute(
+                            "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
+                             SELECT 'w' || $1::int || '-' || $2::int || '-' || g, 'c' || (g % 13), 'j' || (g % 3), 'k' || $1::int || '-' || $2::int || '-' || g,
+                                    'open', (ARRAY['live', 'held_out'])[g % 2 + 1], 'service',
+                                    timestamptz '2026-03-02 00:00:00+00' + ($2::int * 50 + g) * interval '1 minute',
+                                    'h' || ($2::int % 2), 'e', '{}', '{}'
+                             FROM generate_series(1, 25) AS g",
+                            &[&w, &round],
+                        )
+                        .unwrap();
+                        tx.execute(
+                            "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt)
+                             SELECT now(), 'c' || (g % 13), 'j' || (g % 3), 'i', 's' || (g % 2), 'push', 't',
+                                    (ARRAY['sent', 'failed', 'retrying'])[g % 3 + 1], 'r', 'h', 1
+                             FROM generate_series(1, 30) AS g",
+                            &[],
+                        )
+                        .unwrap();
+                        tx.execute(
+                            "UPDATE instances SET status = 'converted', ended_at = now()
+                             WHERE id LIKE 'w' || $1::int || '-' || $2::int || '-%' AND right(id, 1) IN ('3', '7')",
+                            &[&w, &round],
+                        )
+                        .unwrap();
+                        if round % 10 == 9 {
+                            tx.execute(
+                                "DELETE FROM instances WHERE id IN (SELECT id FROM instances WHERE status = 'converted' AND id LIKE 'w' || $1::int || '-%' ORDER BY started_at LIMIT 20)",
+                                &[&w],
+                            )
+                            .unwrap();
+                        }
+                        tx.commit().unwrap();
+                    }
+                });
+            }
+            scope.spawn(|| {
+                let mut c = a.conn().unwrap();
+                for _ in 0..60 {
+                    c.client.execute(FOLD, &[]).unwrap();
+                }
+            });
+        });
+        a.conn().unwrap().client.execute(FOLD, &[]).unwrap();
+        for (scan, kept) in [
+            (
+                arms_sql(false, false, "$1"),
+                arm_counts_sql(false, false, "$1"),
+            ),
+            (
+                arms_sql(false, true, "$1"),
+                arm_counts_sql(false, true, "$1"),
+            ),
+            (
+                outcome_counts_sql(false, "$1"),
+                outcome_count_rows_sql(false, "$1"),
+            ),
+        ] {
+            let scan = rows(&a, &scan);
+            assert!(!scan.is_empty());
+            assert_eq!(scan, rows(&a, &kept));
         }
     }
 }

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     V8_DISPATCH_INDEXES,
     V9_PROPENSITY_COUNTS,
     V10_DECISION_RECORD,
+    V11_REVIEW_COUNTS,
 ];
 
 /// The schema version this binary writes.
@@ -370,3 +371,295 @@ CREATE INDEX received_events_customer ON received_events (customer, received_at)
 ALTER TABLE dispatch_log ADD COLUMN http_status integer;
 ALTER TABLE dispatch_log ADD COLUMN response_ms bigint;
 ";
+
+/// Version 11 (issue 14): the counts behind the funnel (the SQLite store's
+/// v10 tables: `review_outcome_counts`, `review_arm_counts`,
+/// `review_rule_arm_counts`, and per (arm, customer) rows for the distinct
+/// customers), so that `ReviewRead::arms` and `outcome_counts` read a few
+/// rows instead of grouping the whole log and every instance.
+///
+/// Not kept in the writers' transactions: several replicas write at once,
+/// and a journey's count row updated by each would be locked until each
+/// commits, serialising them. Instead statement triggers (transition
+/// tables, as the audit outbox's) append what a statement changed,
+/// aggregated, to insert-only delta tables (`review_outcome_deltas`,
+/// `review_instance_deltas`: no row is ever updated there, so writers never
+/// wait on each other), and `review_fold()` folds the deltas into the
+/// counts in one transaction under an advisory lock (one fold at a time).
+/// Its `DELETE ... RETURNING` takes the deltas committed when it starts;
+/// those committed later stay for the next fold. The review folds before it
+/// reads the counts, and retention folds after it purges, so deltas do not
+/// pile up between reviews for longer than a purge interval.
+///
+/// An instance's customer, journey, mode, rule hash and start never change;
+/// its status does (a conversion is a +1/-1 delta). Where instances were
+/// deleted the fold reads the arm's first and last start again from
+/// `instances_by_journey`. Filled from the rows there are.
+const V11_REVIEW_COUNTS: &str = r#"
+CREATE TABLE review_outcome_counts (
+    journey text NOT NULL,
+    step text NOT NULL,
+    outcome text NOT NULL,
+    reason text NOT NULL,
+    records bigint NOT NULL,
+    PRIMARY KEY (journey, step, outcome, reason)
+);
+CREATE TABLE review_arm_counts (
+    journey text NOT NULL,
+    mode text NOT NULL,
+    instances bigint NOT NULL,
+    converted_instances bigint NOT NULL,
+    customers bigint NOT NULL,
+    converted_customers bigint NOT NULL,
+    first_started timestamptz NOT NULL,
+    last_started timestamptz NOT NULL,
+    PRIMARY KEY (journey, mode)
+);
+CREATE TABLE review_rule_arm_counts (
+    journey text NOT NULL,
+    rule_hash text NOT NULL,
+    mode text NOT NULL,
+    instances bigint NOT NULL,
+    converted_instances bigint NOT NULL,
+    customers bigint NOT NULL,
+    converted_customers bigint NOT NULL,
+    first_started timestamptz NOT NULL,
+    last_started timestamptz NOT NULL,
+    PRIMARY KEY (journey, rule_hash, mode)
+);
+CREATE TABLE review_arm_customers (
+    journey text NOT NULL,
+    mode text NOT NULL,
+    customer text NOT NULL,
+    instances bigint NOT NULL,
+    converted bigint NOT NULL,
+    PRIMARY KEY (journey, mode, customer)
+);
+CREATE TABLE review_rule_arm_customers (
+    journey text NOT NULL,
+    rule_hash text NOT NULL,
+    mode text NOT NULL,
+    customer text NOT NULL,
+    instances bigint NOT NULL,
+    converted bigint NOT NULL,
+    PRIMARY KEY (journey, rule_hash, mode, customer)
+);
+CREATE INDEX review_arm_customers_gone ON review_arm_customers (journey) WHERE instances <= 0;
+CREATE INDEX review_rule_arm_customers_gone ON review_rule_arm_customers (journey) WHERE instances <= 0;
+CREATE TABLE review_outcome_deltas (
+    journey text NOT NULL,
+    step text NOT NULL,
+    outcome text NOT NULL,
+    reason text NOT NULL,
+    records bigint NOT NULL
+);
+CREATE TABLE review_instance_deltas (
+    journey text NOT NULL,
+    rule_hash text NOT NULL,
+    mode text NOT NULL,
+    customer text NOT NULL,
+    instances bigint NOT NULL,
+    converted bigint NOT NULL,
+    first_started timestamptz,
+    last_started timestamptz,
+    deleted boolean NOT NULL
+);
+CREATE TABLE review_fold_batch (
+    journey text NOT NULL,
+    rule_hash text NOT NULL,
+    mode text NOT NULL,
+    customer text NOT NULL,
+    instances bigint NOT NULL,
+    converted bigint NOT NULL,
+    first_started timestamptz,
+    last_started timestamptz,
+    deleted boolean NOT NULL
+);
+
+INSERT INTO review_outcome_counts (journey, step, outcome, reason, records)
+SELECT journey, step, outcome, reason, count(*) FROM dispatch_log
+WHERE outcome NOT IN ('retrying', 'deferred')
+GROUP BY journey, step, outcome, reason;
+INSERT INTO review_arm_customers (journey, mode, customer, instances, converted)
+SELECT journey, mode, customer, count(*), count(*) FILTER (WHERE status = 'converted')
+FROM instances GROUP BY journey, mode, customer;
+INSERT INTO review_rule_arm_customers (journey, rule_hash, mode, customer, instances, converted)
+SELECT journey, rule_hash, mode, customer, count(*), count(*) FILTER (WHERE status = 'converted')
+FROM instances GROUP BY journey, rule_hash, mode, customer;
+INSERT INTO review_arm_counts (journey, mode, instances, converted_instances, customers,
+    converted_customers, first_started, last_started)
+SELECT journey, mode, count(*), count(*) FILTER (WHERE status = 'converted'),
+    count(DISTINCT customer), count(DISTINCT customer) FILTER (WHERE status = 'converted'),
+    min(started_at), max(started_at)
+FROM instances GROUP BY journey, mode;
+INSERT INTO review_rule_arm_counts (journey, rule_hash, mode, instances, converted_instances,
+    customers, converted_customers, first_started, last_started)
+SELECT journey, rule_hash, mode, count(*), count(*) FILTER (WHERE status = 'converted'),
+    count(DISTINCT customer), count(DISTINCT customer) FILTER (WHERE status = 'converted'),
+    min(started_at), max(started_at)
+FROM instances GROUP BY journey, rule_hash, mode;
+
+CREATE FUNCTION review_log_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO review_outcome_deltas (journey, step, outcome, reason, records)
+    SELECT journey, step, outcome, reason, count(*) FROM new_rows
+    WHERE outcome NOT IN ('retrying', 'deferred')
+    GROUP BY journey, step, outcome, reason;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER review_log_inserted AFTER INSERT ON dispatch_log
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION review_log_inserted();
+CREATE FUNCTION review_log_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO review_outcome_deltas (journey, step, outcome, reason, records)
+    SELECT journey, step, outcome, reason, -count(*) FROM old_rows
+    WHERE outcome NOT IN ('retrying', 'deferred')
+    GROUP BY journey, step, outcome, reason;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER review_log_deleted AFTER DELETE ON dispatch_log
+REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION review_log_deleted();
+
+CREATE FUNCTION review_instances_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO review_instance_deltas (journey, rule_hash, mode, customer, instances, converted,
+        first_started, last_started, deleted)
+    SELECT journey, rule_hash, mode, customer, count(*), count(*) FILTER (WHERE status = 'converted'),
+        min(started_at), max(started_at), false
+    FROM new_rows GROUP BY journey, rule_hash, mode, customer;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER review_instances_inserted AFTER INSERT ON instances
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION review_instances_inserted();
+CREATE FUNCTION review_instances_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO review_instance_deltas (journey, rule_hash, mode, customer, instances, converted,
+        first_started, last_started, deleted)
+    SELECT n.journey, n.rule_hash, n.mode, n.customer, 0,
+        sum((n.status = 'converted')::int - (o.status = 'converted')::int), NULL, NULL, false
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE (n.status = 'converted') <> (o.status = 'converted')
+    GROUP BY n.journey, n.rule_hash, n.mode, n.customer;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER review_instances_updated AFTER UPDATE ON instances
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION review_instances_updated();
+CREATE FUNCTION review_instances_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO review_instance_deltas (journey, rule_hash, mode, customer, instances, converted,
+        first_started, last_started, deleted)
+    SELECT journey, rule_hash, mode, customer, -count(*), -count(*) FILTER (WHERE status = 'converted'),
+        NULL, NULL, true
+    FROM old_rows GROUP BY journey, rule_hash, mode, customer;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER review_instances_deleted AFTER DELETE ON instances
+REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION review_instances_deleted();
+
+CREATE FUNCTION review_fold() RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('nudge-review-fold:' || current_schema()));
+    WITH gone AS (DELETE FROM review_outcome_deltas RETURNING *),
+    d AS (SELECT journey, step, outcome, reason, sum(records)::bigint AS records FROM gone
+          GROUP BY journey, step, outcome, reason)
+    INSERT INTO review_outcome_counts AS c (journey, step, outcome, reason, records)
+    SELECT journey, step, outcome, reason, records FROM d WHERE records <> 0
+    ON CONFLICT (journey, step, outcome, reason) DO UPDATE SET records = c.records + excluded.records;
+    DELETE FROM review_outcome_counts WHERE records <= 0;
+
+    WITH gone AS (DELETE FROM review_instance_deltas RETURNING *)
+    INSERT INTO review_fold_batch
+    SELECT journey, rule_hash, mode, customer, sum(instances), sum(converted),
+        min(first_started), max(last_started), bool_or(deleted)
+    FROM gone GROUP BY journey, rule_hash, mode, customer;
+
+    -- Per journey: old per-customer counts (the snapshot) plus the deltas.
+    WITH d AS (
+        SELECT journey, mode, customer, sum(instances) AS di, sum(converted) AS dc,
+            min(first_started) AS f, max(last_started) AS l
+        FROM review_fold_batch GROUP BY journey, mode, customer),
+    j AS (
+        SELECT d.*, coalesce(h.instances, 0) AS oi, coalesce(h.converted, 0) AS oc
+        FROM d LEFT JOIN review_arm_customers h USING (journey, mode, customer)),
+    up AS (
+        INSERT INTO review_arm_customers AS h (journey, mode, customer, instances, converted)
+        SELECT journey, mode, customer, oi + di, oc + dc FROM j
+        ON CONFLICT (journey, mode, customer) DO UPDATE
+        SET instances = excluded.instances, converted = excluded.converted),
+    a AS (
+        SELECT journey, mode, sum(di)::bigint AS di, sum(dc)::bigint AS dc,
+            sum(((oi + di) > 0)::int - (oi > 0)::int)::bigint AS dcu,
+            sum(((oc + dc) > 0)::int - (oc > 0)::int)::bigint AS dcc,
+            min(f) AS f, max(l) AS l
+        FROM j GROUP BY journey, mode)
+    INSERT INTO review_arm_counts AS c (journey, mode, instances, converted_instances, customers,
+        converted_customers, first_started, last_started)
+    SELECT journey, mode, di, dc, dcu, dcc, coalesce(f, '-infinity'), coalesce(l, 'infinity') FROM a
+    ON CONFLICT (journey, mode) DO UPDATE SET
+        instances = c.instances + excluded.instances,
+        converted_instances = c.converted_instances + excluded.converted_instances,
+        customers = c.customers + excluded.customers,
+        converted_customers = c.converted_customers + excluded.converted_customers,
+        first_started = least(c.first_started, nullif(excluded.first_started, '-infinity')),
+        last_started = greatest(c.last_started, nullif(excluded.last_started, 'infinity'));
+
+    WITH d AS (
+        SELECT journey, rule_hash, mode, customer, instances AS di, converted AS dc,
+            first_started AS f, last_started AS l
+        FROM review_fold_batch),
+    j AS (
+        SELECT d.*, coalesce(h.instances, 0) AS oi, coalesce(h.converted, 0) AS oc
+        FROM d LEFT JOIN review_rule_arm_customers h USING (journey, rule_hash, mode, customer)),
+    up AS (
+        INSERT INTO review_rule_arm_customers AS h (journey, rule_hash, mode, customer, instances, converted)
+        SELECT journey, rule_hash, mode, customer, oi + di, oc + dc FROM j
+        ON CONFLICT (journey, rule_hash, mode, customer) DO UPDATE
+        SET instances = excluded.instances, converted = excluded.converted),
+    a AS (
+        SELECT journey, rule_hash, mode, sum(di)::bigint AS di, sum(dc)::bigint AS dc,
+            sum(((oi + di) > 0)::int - (oi > 0)::int)::bigint AS dcu,
+            sum(((oc + dc) > 0)::int - (oc > 0)::int)::bigint AS dcc,
+            min(f) AS f, max(l) AS l
+        FROM j GROUP BY journey, rule_hash, mode)
+    INSERT INTO review_rule_arm_counts AS c (journey, rule_hash, mode, instances,
+        converted_instances, customers, converted_customers, first_started, last_started)
+    SELECT journey, rule_hash, mode, di, dc, dcu, dcc, coalesce(f, '-infinity'),
+        coalesce(l, 'infinity') FROM a
+    ON CONFLICT (journey, rule_hash, mode) DO UPDATE SET
+        instances = c.instances + excluded.instances,
+        converted_instances = c.converted_instances + excluded.converted_instances,
+        customers = c.customers + excluded.customers,
+        converted_customers = c.converted_customers + excluded.converted_customers,
+        first_started = least(c.first_started, nullif(excluded.first_started, '-infinity')),
+        last_started = greatest(c.last_started, nullif(excluded.last_started, 'infinity'));
+
+    -- Where instances were deleted, the first and last start are read again.
+    UPDATE review_arm_counts c SET
+        first_started = coalesce((SELECT min(started_at) FROM instances i
+            WHERE i.journey = c.journey AND i.mode = c.mode), c.first_started),
+        last_started = coalesce((SELECT max(started_at) FROM instances i
+            WHERE i.journey = c.journey AND i.mode = c.mode), c.last_started)
+    WHERE (journey, mode) IN (SELECT journey, mode FROM review_fold_batch WHERE deleted);
+    UPDATE review_rule_arm_counts c SET
+        first_started = coalesce((SELECT min(started_at) FROM instances i
+            WHERE i.journey = c.journey AND i.rule_hash = c.rule_hash AND i.mode = c.mode),
+            c.first_started),
+        last_started = coalesce((SELECT max(started_at) FROM instances i
+            WHERE i.journey = c.journey AND i.rule_hash = c.rule_hash AND i.mode = c.mode),
+            c.last_started)
+    WHERE (journey, rule_hash, mode) IN
+        (SELECT journey, rule_hash, mode FROM review_fold_batch WHERE deleted);
+    DELETE FROM review_arm_customers WHERE instances <= 0;
+    DELETE FROM review_rule_arm_customers WHERE instances <= 0;
+    DELETE FROM review_arm_counts WHERE instances <= 0;
+    DELETE FROM review_rule_arm_counts WHERE instances <= 0;
+    DELETE FROM review_fold_batch;
+END
+$$;
+"#;
