@@ -222,3 +222,100 @@ fn lease_lookups_probe_by_customer() {
         assert!(plan.contains(probe), "{sql}\n{plan}");
     }
 }
+
+/// A dispatch batch's statements find each row through its key, however
+/// the tables' statistics look: written as joins, a new store's tables (no
+/// statistics: every estimate a row) had a claim match its candidates to
+/// the leases by one scan per candidate, and once analyzed the steps,
+/// instances and customers were hashed whole from sequential scans, the
+/// histories walked the whole log in `seq` order and the recent sends
+/// every send in the window through the review's outcome index.
+#[test]
+fn dispatch_statements_probe_by_key() {
+    let store = temp_store();
+    let mut conn = store.conn().unwrap();
+    let customers = "ARRAY['c1', 'c2']";
+    for analyzed in [false, true] {
+        if analyzed {
+            conn.client.batch_execute("ANALYZE").unwrap();
+        }
+        // As in `lease_lookups_probe_by_customer`: an empty table costs
+        // nothing to scan; which index serves is what is checked.
+        conn.client
+            .batch_execute("SET enable_seqscan = off")
+            .unwrap();
+        let reads = format!("({customers}, now())");
+        let histories = "(ARRAY['i1', 'i2'])".to_string();
+        for (sql, params, probes) in [
+            (
+                CLAIM,
+                "('push', now(), 10, 'me', now())".to_string(),
+                &[
+                    "Index Cond: (id = ANY",
+                    "hashed SubPlan",
+                    "Index Cond: (id = c.instance_id)",
+                ][..],
+            ),
+            (
+                SETTLE,
+                SETTLE_PARAMS.to_string(),
+                &[
+                    "Index Cond: ((instance_id = n.instance_id) AND (step = n.step))",
+                    "Index Cond: (id = ANY ('{i1}'::text[]))",
+                ][..],
+            ),
+            (
+                read::CUSTOMER_CONTEXTS,
+                format!("({customers})"),
+                &["Index Cond: (id = u.id)"][..],
+            ),
+            (
+                read::RECENT_SENDS,
+                reads.clone(),
+                &["dispatch_log_customer", "customer = u.id"][..],
+            ),
+            (
+                read::HISTORIES,
+                histories,
+                &["Index Cond: (instance = u.id)"][..],
+            ),
+            (
+                upcoming::UPCOMING,
+                reads,
+                &[
+                    "Index Cond: (customer = u.customer)",
+                    "Index Scan using instances_pkey",
+                ][..],
+            ),
+        ] {
+            conn.client
+                .batch_execute(&format!("PREPARE q AS {sql}"))
+                .unwrap();
+            let plan: String = conn
+                .client
+                .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n");
+            conn.client.batch_execute("DEALLOCATE q").unwrap();
+            for probe in probes {
+                assert!(plan.contains(probe), "analyzed: {analyzed}\n{sql}\n{plan}");
+            }
+            // A hash join would read one side whole (the settle's joins are
+            // between the bound arrays and the rows found by key: either way).
+            if sql != SETTLE {
+                assert!(
+                    !plan.contains("Hash"),
+                    "analyzed: {analyzed}\n{sql}\n{plan}"
+                );
+            }
+            // Every open instance, for the completion of a few.
+            assert!(
+                !plan.contains("instances_one_open"),
+                "analyzed: {analyzed}\n{sql}\n{plan}"
+            );
+        }
+    }
+}
