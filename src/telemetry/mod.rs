@@ -205,6 +205,7 @@ mod tests {
         }
         .emit();
         RetentionPurgeFailed { error }.emit();
+        ReviewFoldFailed { error }.emit();
         RetentionPurgePanicked { error }.emit();
         AdminServerFailed { error }.emit();
         DrainDeadlinePassed { deadline: d }.emit();
