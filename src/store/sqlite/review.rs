@@ -509,7 +509,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE review_outcome_folded; DROP TRIGGER review_outcome_delete;
-             DROP TRIGGER review_arms_insert; DROP TRIGGER review_arms_status;
+             DROP TRIGGER review_arms_insert;
              DROP TRIGGER review_arms_delete;
              DROP TABLE review_outcome_counts; DROP TABLE review_arm_counts;
              DROP TABLE review_rule_arm_counts; DROP TABLE review_arm_customers;

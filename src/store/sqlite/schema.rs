@@ -306,7 +306,10 @@ ALTER TABLE dispatch_log ADD COLUMN response_ms INTEGER;
 ///   of its versions'.
 /// - An instance's customer, journey, mode, rule hash and start are its
 ///   decision record and never change; its status does (an exit converts an
-///   open or completed one), and retention deletes ended ones. When it
+///   open or completed one, [`CONVERSION_COUNTS`], in the exit's
+///   transaction: a trigger on status updates ran, condition false, for
+///   every completion on the sending path, 15 k instructions a step), and
+///   retention deletes ended ones. When it
 ///   deletes an arm's first (or last) start, the next one is read from
 ///   `instances_by_journey` (retention deletes the oldest: the walk stops at
 ///   the first remaining instance of the arm).
@@ -443,32 +446,6 @@ BEGIN
         last_started = max(last_started, excluded.last_started);
 END;
 
-CREATE TRIGGER review_arms_status AFTER UPDATE OF status ON instances
-WHEN (OLD.status = 'converted') <> (NEW.status = 'converted')
-BEGIN
-    UPDATE review_arm_customers
-    SET converted = converted + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END)
-    WHERE journey = NEW.journey AND mode = NEW.mode AND customer = NEW.customer;
-    UPDATE review_arm_counts SET
-        converted_instances = converted_instances + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END),
-        converted_customers = converted_customers + (SELECT CASE WHEN NEW.status = 'converted'
-                THEN c.converted = 1 ELSE -(c.converted = 0) END
-            FROM review_arm_customers c
-            WHERE c.journey = NEW.journey AND c.mode = NEW.mode AND c.customer = NEW.customer)
-    WHERE journey = NEW.journey AND mode = NEW.mode;
-    UPDATE review_rule_arm_customers
-    SET converted = converted + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END)
-    WHERE journey = NEW.journey AND rule_hash = NEW.rule_hash AND mode = NEW.mode
-      AND customer = NEW.customer;
-    UPDATE review_rule_arm_counts SET
-        converted_instances = converted_instances + (CASE WHEN NEW.status = 'converted' THEN 1 ELSE -1 END),
-        converted_customers = converted_customers + (SELECT CASE WHEN NEW.status = 'converted'
-                THEN c.converted = 1 ELSE -(c.converted = 0) END
-            FROM review_rule_arm_customers c
-            WHERE c.journey = NEW.journey AND c.rule_hash = NEW.rule_hash AND c.mode = NEW.mode
-              AND c.customer = NEW.customer)
-    WHERE journey = NEW.journey AND rule_hash = NEW.rule_hash AND mode = NEW.mode;
-END;
 
 CREATE TRIGGER review_arms_delete AFTER DELETE ON instances
 BEGIN
@@ -527,3 +504,24 @@ BEGIN
       AND instances <= 0;
 END;
 ";
+
+/// An instance converted (`Tx::close_instance`, the only way into
+/// `converted`; nothing leaves it but retention's delete): its arm's and
+/// its script version's counts, for `?1` journey, `?2` mode, `?3`
+/// customer, `?4` rule hash. A customer's first conversion in an arm makes
+/// them a converted customer.
+pub(super) const CONVERSION_COUNTS: [&str; 4] = [
+    "UPDATE review_arm_customers SET converted = converted + 1
+     WHERE journey = ?1 AND mode = ?2 AND customer = ?3 AND ?4 = ?4",
+    "UPDATE review_arm_counts SET converted_instances = converted_instances + 1,
+         converted_customers = converted_customers + (SELECT c.converted = 1
+             FROM review_arm_customers c WHERE c.journey = ?1 AND c.mode = ?2 AND c.customer = ?3)
+     WHERE journey = ?1 AND mode = ?2 AND ?4 = ?4",
+    "UPDATE review_rule_arm_customers SET converted = converted + 1
+     WHERE journey = ?1 AND rule_hash = ?4 AND mode = ?2 AND customer = ?3",
+    "UPDATE review_rule_arm_counts SET converted_instances = converted_instances + 1,
+         converted_customers = converted_customers + (SELECT c.converted = 1
+             FROM review_rule_arm_customers c
+             WHERE c.journey = ?1 AND c.rule_hash = ?4 AND c.mode = ?2 AND c.customer = ?3)
+     WHERE journey = ?1 AND rule_hash = ?4 AND mode = ?2",
+];

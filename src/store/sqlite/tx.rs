@@ -153,9 +153,23 @@ impl Tx for SqliteTx<'_> {
         status: InstanceStatus,
         at: DateTime<Utc>,
     ) -> Result<Vec<ClosedStep>, StoreError> {
-        self.conn
-            .prepare_cached("UPDATE instances SET status = ?2, ended_at = ?3 WHERE id = ?1 AND status IN ('open', 'completed')")?
-            .execute(params![instance_id, status.as_str(), ms(at)])?;
+        let ended: Option<(String, String, String, String)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE instances SET status = ?2, ended_at = ?3 WHERE id = ?1 AND status IN ('open', 'completed')
+                 RETURNING journey, mode, customer, rule_hash",
+            )?
+            .query_row(params![instance_id, status.as_str(), ms(at)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        if let (Some(arm), InstanceStatus::Converted) = (&ended, status) {
+            for sql in super::schema::CONVERSION_COUNTS {
+                self.conn
+                    .prepare_cached(sql)?
+                    .execute(params![arm.0, arm.1, arm.2, arm.3])?;
+            }
+        }
         let mut closed: Vec<(u32, String, String, String)> = self
             .conn
             .prepare_cached(
