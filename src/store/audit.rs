@@ -1,7 +1,9 @@
 //! The audit stream's outbox (`audit.topic`): every dispatch-log record,
 //! once the daemon turns the outbox on, gets an outbox row in the
-//! transaction that writes the record (a trigger in both backends, so no
-//! write path can forget it), and stays there until the publisher has the
+//! transaction that writes the record (on PostgreSQL a statement trigger,
+//! so no write path can forget it; on SQLite the one function each path
+//! writes the log through, since a trigger there tripled an insert's cost),
+//! and stays there until the publisher has the
 //! broker's acknowledgement. One publisher at a time holds the outbox
 //! (a lease in the store), reading it in log order, so one customer's
 //! records reach the topic in the order they were logged.

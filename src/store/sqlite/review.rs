@@ -519,7 +519,7 @@ mod tests {
         .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(schema::version(&store.reader()).unwrap(), 10);
+        assert_eq!(schema::version(&store.reader()).unwrap(), schema::VERSION);
         assert_eq!(scans(&store.reader()), kept);
         let helpers = |sql: &str| table(&store.reader(), sql);
         assert_eq!(

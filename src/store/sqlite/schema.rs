@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     V8_PROPENSITY_COUNTS,
     V9_DECISION_RECORD,
     V10_REVIEW_COUNTS,
+    V11_AUDIT_OUTBOX_IN_CODE,
 ];
 
 /// The schema version this binary writes.
@@ -187,8 +188,8 @@ CREATE INDEX instances_by_journey ON instances (journey, started_at);
 ";
 
 /// Version 6 (audit stream): the outbox of dispatch-log records to publish
-/// to `audit.topic`. A trigger fills it in the transaction that writes the
-/// record, whichever path writes it, while `audit_stream.enabled` is set
+/// to `audit.topic`. A trigger filled it (version 11 moved that into the
+/// code) in the transaction that writes the record, while `audit_stream.enabled` is set
 /// (the daemon sets it from its config at start); the publisher deletes a
 /// row once the broker acknowledged it. `holder`/`lease_until`: one
 /// publisher at a time, so per-customer order holds.
@@ -525,3 +526,11 @@ pub(super) const CONVERSION_COUNTS: [&str; 4] = [
              WHERE c.journey = ?1 AND c.rule_hash = ?4 AND c.mode = ?2 AND c.customer = ?3)
      WHERE journey = ?1 AND rule_hash = ?4 AND mode = ?2",
 ];
+
+/// Version 11: the audit outbox row of a log record is written by the code
+/// that writes the record (`insert_log`, `settle_steps`), in its
+/// transaction, no longer by the `dispatch_log_audit` trigger: with the
+/// trigger present, even with its condition false (the stream off), an
+/// insert into the log cost three times as much (100 k inserts: 1.55 s of
+/// CPU against 0.43 s), on the writer every send waits for.
+const V11_AUDIT_OUTBOX_IN_CODE: &str = "DROP TRIGGER IF EXISTS dispatch_log_audit;";
