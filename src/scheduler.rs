@@ -35,6 +35,21 @@ use crate::telemetry::events::{
 use arbiter::{fallback_of, Arbiter};
 use unrecorded::Unrecorded;
 
+/// Records finished steps and, on the committing thread right after the
+/// commit, tells [`Unrecorded`] (see [`Unrecorded::recorded`]).
+fn settle_recorded(
+    store: &dyn Store,
+    unrecorded: &Unrecorded,
+    results: &[StepResult],
+) -> Result<Vec<i64>, StoreError> {
+    let seqs = store.settle_steps(results)?;
+    unrecorded.recorded(results.iter().filter_map(|r| {
+        r.claimed_row
+            .map(|row| (r.record.customer.as_str(), row, r.record.outcome))
+    }));
+    Ok(seqs)
+}
+
 /// What was decided about one due step, before it is a dispatch-log record.
 struct Decision {
     outcome: Outcome,
@@ -195,7 +210,7 @@ impl InFlight {
 
 pub struct Scheduler {
     store: AsyncStore,
-    unrecorded: Unrecorded,
+    unrecorded: Arc<Unrecorded>,
     next_batch: std::sync::atomic::AtomicU64,
     rules: RulesHandle,
     channels: Channels,
@@ -236,7 +251,7 @@ impl Scheduler {
             config,
             lateness,
             wake,
-            unrecorded: Unrecorded::default(),
+            unrecorded: Arc::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -321,7 +336,6 @@ impl Scheduler {
                     rows.settled.insert(row);
                 }
                 drop(rows);
-                self.forget_recorded(&results);
                 if keep {
                     records.extend(
                         results
@@ -373,11 +387,8 @@ impl Scheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .held
                     .extend(claimed.iter().map(|s| s.row));
-                let read = self.unrecorded.begin_read();
-                let context = Arc::new(
-                    self.batch_context(&claimed, now - window, now, read.epoch)
-                        .await?,
-                );
+                let (context, read) = self.batch_context(&claimed, now - window, now).await?;
+                let context = Arc::new(context);
                 // Each batch is decided whole, and its sends marked in the
                 // store in one write, before the first of them starts.
                 let planned = self.decide_batch(claimed, &context).await?;
@@ -419,14 +430,6 @@ impl Scheduler {
         sent?;
         claimed?;
         Ok(records)
-    }
-
-    /// Results now in the store: see [`Unrecorded::recorded`].
-    fn forget_recorded(&self, results: &[StepResult]) {
-        self.unrecorded.recorded(results.iter().filter_map(|r| {
-            r.claimed_row
-                .map(|row| (r.record.customer.as_str(), row, r.record.outcome))
-        }));
     }
 
     /// Renews the leases of the claimed steps still being decided or sent,
@@ -476,10 +479,11 @@ impl Scheduler {
         let mut results = results;
         loop {
             // The results travel to the blocking pool and back: a retry needs no copy.
+            let unrecorded = self.unrecorded.clone();
             let (back, settled) = self
                 .store
                 .call(move |s| {
-                    let settled = s.settle_steps(&results);
+                    let settled = settle_recorded(s, &unrecorded, &results);
                     Ok((results, settled))
                 })
                 .await?;
@@ -515,10 +519,11 @@ impl Scheduler {
         let mut settled = Vec::with_capacity(results.len());
         let mut seqs = Vec::with_capacity(results.len());
         for result in results {
+            let unrecorded = self.unrecorded.clone();
             let (result, outcome) = self
                 .store
                 .call(move |s| {
-                    let outcome = s.settle_steps(std::slice::from_ref(&result));
+                    let outcome = settle_recorded(s, &unrecorded, std::slice::from_ref(&result));
                     Ok((result, outcome))
                 })
                 .await?;
@@ -534,9 +539,11 @@ impl Scheduler {
                     }
                     .emit();
                     let failed = refused_result(result, &e);
+                    let unrecorded = self.unrecorded.clone();
                     self.store
                         .call(move |s| {
-                            let seq = s.settle_steps(std::slice::from_ref(&failed))?;
+                            let seq =
+                                settle_recorded(s, &unrecorded, std::slice::from_ref(&failed))?;
                             Ok((failed, seq))
                         })
                         .await?
@@ -554,8 +561,7 @@ impl Scheduler {
         claimed: &[DueStep],
         window_start: DateTime<Utc>,
         now: DateTime<Utc>,
-        read_epoch: u64,
-    ) -> Result<BatchContext, StoreError> {
+    ) -> Result<(BatchContext, unrecorded::Read), StoreError> {
         let mut ids: Vec<String> = claimed.iter().map(|s| s.customer.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -571,13 +577,15 @@ impl Scheduler {
         let ranked = capped && self.rules.current().journeys().iter().any(|j| j.rank);
         let journeys = conditions || tired || ranked;
         let ahead = capped.then(|| now + span(self.policy.config().arbitration.window));
-        let (customers, histories, upcoming) = self
+        let unrecorded = self.unrecorded.clone();
+        let (customers, histories, upcoming, read) = self
             .store
             .call(move |store| {
                 let upcoming = match ahead {
                     Some(until) => store.upcoming_steps(&ids, until)?,
                     None => Vec::new(),
                 };
+                let read = unrecorded.begin_read();
                 let customers = store.customers(&ids, sends_since, journeys)?;
                 let histories = store.histories(&instances)?;
                 let mut by_customer: HashMap<String, Vec<DueStep>> = HashMap::new();
@@ -593,10 +601,12 @@ impl Scheduler {
                         .collect(),
                     instances.into_iter().zip(histories).collect(),
                     by_customer,
+                    read,
                 ))
             })
             .await?;
-        Ok(BatchContext {
+        let read_epoch = read.epoch;
+        let context = BatchContext {
             batch: self
                 .next_batch
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -604,7 +614,8 @@ impl Scheduler {
             customers,
             histories,
             upcoming,
-        })
+        };
+        Ok((context, read))
     }
 
     /// The daemon loop: runs until `shutdown` turns true; then sends already

@@ -14,7 +14,7 @@
 //! sending.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::context::RecentSend;
 use crate::model::Outcome;
@@ -42,12 +42,12 @@ struct Entry {
 
 /// A batch read under way: recorded sends its snapshot may miss are kept
 /// until it is dropped (after the batch is decided).
-pub(super) struct Read<'a> {
-    unrecorded: &'a Unrecorded,
+pub(super) struct Read {
+    unrecorded: Arc<Unrecorded>,
     pub epoch: u64,
 }
 
-impl Drop for Read<'_> {
+impl Drop for Read {
     fn drop(&mut self) {
         let mut inner = self.unrecorded.lock();
         if let Some(n) = inner.reads.get_mut(&self.epoch) {
@@ -65,19 +65,23 @@ impl Unrecorded {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// To be taken before a batch's customers are read from the store.
-    pub fn begin_read(&self) -> Read<'_> {
+    /// To be taken right before a batch's customers are read from the
+    /// store (the read that shows its recent sends), on the same thread.
+    pub fn begin_read(self: &Arc<Self>) -> Read {
         let mut inner = self.lock();
         let epoch = inner.epoch;
         *inner.reads.entry(epoch).or_default() += 1;
         Read {
-            unrecorded: self,
+            unrecorded: self.clone(),
             epoch,
         }
     }
 
     /// Results just committed to the store, by claimed row and outcome: a
     /// send is kept for the reads that began before; anything else goes.
+    /// Called on the thread that committed them, right after the commit:
+    /// a read that begins in between counts a send twice (the record and
+    /// this), so the moment is kept short.
     pub fn recorded<'r>(&self, results: impl IntoIterator<Item = (&'r str, i64, Outcome)>) {
         let mut inner = self.lock();
         inner.epoch += 1;
@@ -186,7 +190,7 @@ mod tests {
         }
     }
 
-    fn counted(u: &Unrecorded, batch: u64, read: &Read<'_>) -> usize {
+    fn counted(u: &Unrecorded, batch: u64, read: &Read) -> usize {
         u.lock().elsewhere("c1", batch, read.epoch).count()
     }
 
@@ -195,7 +199,7 @@ mod tests {
     /// decided. The send must still count for batch 2.
     #[test]
     fn a_send_recorded_after_a_read_began_counts_for_that_read() {
-        let u = Unrecorded::default();
+        let u = Arc::new(Unrecorded::default());
         u.lock().add("c1", 1, 10, send());
         let read = u.begin_read();
         u.recorded([("c1", 10, Outcome::Sent)]);
@@ -206,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_read_begun_after_the_record_does_not_count_it_twice() {
-        let u = Unrecorded::default();
+        let u = Arc::new(Unrecorded::default());
         u.lock().add("c1", 1, 10, send());
         let early = u.begin_read();
         u.recorded([("c1", 10, Outcome::Sent)]);
@@ -220,7 +224,7 @@ mod tests {
 
     #[test]
     fn sends_under_way_count_for_other_batches_only_until_they_fail() {
-        let u = Unrecorded::default();
+        let u = Arc::new(Unrecorded::default());
         u.lock().add("c1", 1, 10, send());
         let read = u.begin_read();
         assert_eq!(counted(&u, 1, &read), 0, "its own batch counts it itself");
