@@ -1395,14 +1395,19 @@ mod tests {
         let records = run.await.unwrap().unwrap();
         let outcomes: Vec<Outcome> = records.iter().map(|r| r.outcome).collect();
         assert_eq!(gate.sent.lock().unwrap().len(), 1, "{records:?}");
+        // The other is held by the cap: suppressed when the send in flight
+        // is counted, or deferred by arbitration when the push loop reads
+        // the email step as still pending (which loop claims first is the
+        // runtime's choice).
+        let held = |o: Outcome| matches!(o, Outcome::Suppressed | Outcome::Deferred);
         assert!(
-            outcomes.contains(&Outcome::Sent) && outcomes.contains(&Outcome::Suppressed),
+            outcomes.contains(&Outcome::Sent) && outcomes.iter().any(|o| held(*o)),
             "{records:?}"
         );
         assert!(
             records
                 .iter()
-                .any(|r| r.outcome == Outcome::Suppressed && r.reason.contains("frequency cap")),
+                .any(|r| held(r.outcome) && r.reason.contains("frequency cap")),
             "{records:?}"
         );
     }
