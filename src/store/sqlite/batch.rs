@@ -27,11 +27,17 @@ pub(super) const CUSTOMER_CONTEXTS: &str =
 /// Sends to the customers `?1` since `?2`. The index is named: with the
 /// review's indexes on the log the planner, without statistics, walked
 /// `(outcome, time)` for every customer of a batch (20x the cost of a send).
+/// [`RECENT_SENDS_OF`] is the same read for one customer.
 pub(super) const RECENT_SENDS: &str =
     "SELECT a.value, d.time, d.journey, d.channel, coalesce(i.category, 'service')
-     FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d INDEXED BY dispatch_log_sends
+     FROM rarray(?1) AS a CROSS JOIN dispatch_log AS d INDEXED BY dispatch_log_customer
      ON d.customer = a.value AND d.outcome = 'sent' AND d.time >= ?2
      LEFT JOIN instances AS i ON i.id = d.instance";
+
+pub(super) const RECENT_SENDS_OF: &str =
+    "SELECT d.time, d.journey, d.channel, coalesce(i.category, 'service')
+     FROM dispatch_log AS d INDEXED BY dispatch_log_customer LEFT JOIN instances AS i ON i.id = d.instance
+     WHERE d.customer = ?1 AND d.outcome = 'sent' AND d.time >= ?2 ORDER BY d.time DESC";
 
 /// Steps of the customers `?1` whose send began at or after `?2` and whose
 /// result is not recorded, found through each customer's instances.

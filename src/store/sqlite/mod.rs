@@ -198,11 +198,7 @@ fn load_customer_parts(
         customer.journeys = load_journeys(conn, id)?;
     }
     if let Some(window_start) = sends_since {
-        let mut stmt = conn.prepare_cached(
-            "SELECT d.time, d.journey, d.channel, coalesce(i.category, 'service')
-             FROM dispatch_log AS d LEFT JOIN instances AS i ON i.id = d.instance
-             WHERE d.customer = ?1 AND d.outcome = 'sent' AND d.time >= ?2 ORDER BY d.time DESC",
-        )?;
+        let mut stmt = conn.prepare_cached(batch::RECENT_SENDS_OF)?;
         let mut rows = stmt.query(params![id, ms(window_start)])?;
         while let Some(r) = rows.next()? {
             customer.recent_sends.push(batch::recent_send(r, 0)?);
@@ -402,7 +398,7 @@ impl Store for SqliteStore {
             let mut log = tx.prepare_cached(INSERT_LOG)?;
             let audit = audit_enabled(&tx)?;
             let mut outbox = tx.prepare_cached(INSERT_OUTBOX)?;
-            let mut count_send = tx.prepare_cached(propensity::COUNT_SEND)?;
+            let mut sends = propensity::SendTally::default();
             for result in results {
                 let r = &result.record;
                 let row = result.claimed_row;
@@ -439,9 +435,10 @@ impl Store for SqliteStore {
                 }
                 out.push(seq);
                 if r.outcome == Outcome::Sent {
-                    count_send.execute(params![r.journey, r.step, r.channel])?;
+                    sends.add(&r.journey, &r.step, &r.channel);
                 }
             }
+            sends.write(&tx)?;
         }
         tx.commit()?;
         Ok(out)
@@ -795,7 +792,7 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use super::batch::{CUSTOMER_CONTEXTS, HISTORIES, RECENT_SENDS};
+    use super::batch::{CUSTOMER_CONTEXTS, HISTORIES, RECENT_SENDS, RECENT_SENDS_OF};
     use super::purge::{
         PURGE_BY_AGE, PURGE_CHUNK, PURGE_INSTANCES, PURGE_INSTANCES_CHUNK_END, PURGE_INSTANCES_TAIL,
     };
@@ -860,6 +857,7 @@ mod tests {
             CLAIMED_INSTANCES,
             CUSTOMER_CONTEXTS,
             RECENT_SENDS,
+            RECENT_SENDS_OF,
             HISTORIES,
             COMPLETE_INSTANCE,
         ] {
@@ -914,6 +912,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(inputs, r#"{"event":1}"#);
+        // v12: the sends-only index by customer, which v1 created, is gone.
+        let sends_index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'dispatch_log_sends'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(sends_index, 0);
         drop(conn);
         // Opening again applies nothing.
         drop(store);
