@@ -33,34 +33,8 @@ fn explain_unmasked(args: &[&str], env: Option<&str>) -> (i32, String, String) {
     )
 }
 
-/// Kafka records as (key, payload).
-type Records = Vec<(String, Vec<u8>)>;
-
 /// A log row as (seq, customer, journey, step, outcome).
 type Row = (i64, String, String, String, String);
-
-/// The example events re-timed to now (nothing past its lateness bound), as
-/// (key, payload): the starts, then the exits that must follow the pushes.
-fn examples_now() -> (Records, Records) {
-    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
-    let now = chrono::Utc::now().to_rfc3339();
-    let (mut starts, mut exits) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut e: Value = serde_json::from_str(line).unwrap();
-        e["time"] = json!(now);
-        let t = e["type"].as_str().unwrap().to_string();
-        let record = (
-            e["subject"].as_str().unwrap().to_string(),
-            serde_json::to_vec(&e).unwrap(),
-        );
-        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
-            exits.push(record);
-        } else {
-            starts.push(record);
-        }
-    }
-    (starts, exits)
-}
 
 /// A store written by a daemon from the examples; returns the daemon's
 /// config file and the store's path (the daemon still running).
@@ -78,29 +52,11 @@ fn daemon_run(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Daemon) {
     create_topic(&rt, &cfg.topic, 3);
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
-    let (starts, exits) = examples_now();
-    produce(&cfg.topic, &starts);
-    daemon.wait_until(LONG, "five pushes", || recv.on("/push").len() >= 5);
-    produce(&cfg.topic, &exits);
-    let db = cfg.store.clone();
-    daemon.wait_until(LONG, "the exits to be stored", || {
-        let Some(conn) = store_reader(&db) else {
-            return false;
-        };
-        let count = |status: &str| -> i64 {
-            conn.query_row(
-                "SELECT COUNT(*) FROM steps WHERE status = ?1",
-                [status],
-                |r| r.get(0),
-            )
-            .unwrap_or(0)
-        };
-        count("pending") == 2 && count("cancelled") == 4
-    });
+    run_examples(&daemon, &cfg.topic, &recv, &cfg.store, LONG);
     // Keep the receiver's runtime alive with the daemon: leak it (the test process ends soon).
     std::mem::forget(recv);
     std::mem::forget(rt);
-    (dir.join("a.toml"), db, daemon)
+    (dir.join("a.toml"), cfg.store, daemon)
 }
 
 fn ok(args: &[&str]) -> String {

@@ -23,31 +23,6 @@ const TOKEN: &str = "review-page-token-7f3a";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Kafka records as (key, payload).
-type Records = Vec<(String, Vec<u8>)>;
-
-/// The example events re-timed to now: the starts, then the exits that must follow the pushes.
-fn examples_now() -> (Records, Records) {
-    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
-    let now = chrono::Utc::now().to_rfc3339();
-    let (mut starts, mut exits) = (Vec::new(), Vec::new());
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut e: Value = serde_json::from_str(line).unwrap();
-        e["time"] = json!(now);
-        let t = e["type"].as_str().unwrap().to_string();
-        let record = (
-            e["subject"].as_str().unwrap().to_string(),
-            serde_json::to_vec(&e).unwrap(),
-        );
-        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
-            exits.push(record);
-        } else {
-            starts.push(record);
-        }
-    }
-    (starts, exits)
-}
-
 /// chromedriver on a free loopback port, killed when dropped.
 struct Driver {
     child: Child,
@@ -164,25 +139,8 @@ fn a_reviewer_reads_the_page_in_chromium() {
     create_topic(&rt, &cfg.topic, 3);
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
-    let (starts, exits) = examples_now();
-    produce(&cfg.topic, &starts);
-    daemon.wait_until(LONG, "five pushes", || recv.on("/push").len() >= 5);
-    produce(&cfg.topic, &exits);
+    run_examples(&daemon, &cfg.topic, &recv, &cfg.store, LONG);
     let db = cfg.store.clone();
-    daemon.wait_until(LONG, "the exits to be stored", || {
-        let Some(conn) = store_reader(&db) else {
-            return false;
-        };
-        let count = |status: &str| -> i64 {
-            conn.query_row(
-                "SELECT COUNT(*) FROM steps WHERE status = ?1",
-                [status],
-                |r| r.get(0),
-            )
-            .unwrap_or(0)
-        };
-        count("pending") == 2 && count("cancelled") == 4
-    });
     let admin = daemon.admin.clone();
     let config = dir.path().join("a.toml");
     let downloads = dir.path().join("downloads");

@@ -1084,3 +1084,53 @@ impl Drop for Schema {
         let _ = pg_admin().batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
     }
 }
+
+/// Kafka records as (key, payload).
+pub type Records = Vec<(String, Vec<u8>)>;
+
+/// `examples/events.jsonl` re-timed to now (nothing past its lateness
+/// bound): the starts, then the exits that must follow the pushes.
+pub fn examples_now() -> (Records, Records) {
+    let text = std::fs::read_to_string(repo().join("examples/events.jsonl")).unwrap();
+    let now = chrono::Utc::now().to_rfc3339();
+    let (mut starts, mut exits) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut e: serde_json::Value = serde_json::from_str(line).unwrap();
+        e["time"] = serde_json::json!(now);
+        let t = e["type"].as_str().unwrap().to_string();
+        let record = (
+            e["subject"].as_str().unwrap().to_string(),
+            serde_json::to_vec(&e).unwrap(),
+        );
+        if t.ends_with(".signed") || t.ends_with(".withdrawn") || t.ends_with(".enrolled") {
+            exits.push(record);
+        } else {
+            starts.push(record);
+        }
+    }
+    (starts, exits)
+}
+
+/// The example events through a ready daemon on `topic`: the starts, their
+/// five pushes at `recv`, then the exits, until the SQLite store at `db`
+/// holds the two steps left pending and the four cancelled.
+pub fn run_examples(daemon: &Daemon, topic: &str, recv: &Receiver, db: &Path, limit: Duration) {
+    let (starts, exits) = examples_now();
+    produce(topic, &starts);
+    daemon.wait_until(limit, "five pushes", || recv.on("/push").len() >= 5);
+    produce(topic, &exits);
+    daemon.wait_until(limit, "the exits to be stored", || {
+        let Some(conn) = store_reader(db) else {
+            return false;
+        };
+        let count = |status: &str| -> i64 {
+            conn.query_row(
+                "SELECT COUNT(*) FROM steps WHERE status = ?1",
+                [status],
+                |r| r.get(0),
+            )
+            .unwrap_or(0)
+        };
+        count("pending") == 2 && count("cancelled") == 4
+    });
+}
