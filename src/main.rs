@@ -419,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 base,
                 candidate,
                 &config.policy,
-                &nudge::sim::channel_lateness(&config),
+                &nudge::sim::ChannelSettings::of(&config),
             ))?;
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&report)?),

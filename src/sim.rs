@@ -100,21 +100,6 @@ impl Simulation {
         Self::with_settings(rules, start, policy, ChannelSettings::default())
     }
 
-    /// With the channels' lateness bounds of a config (see [`channel_lateness`]).
-    pub fn with_lateness(
-        rules: RuleSet,
-        start: DateTime<Utc>,
-        policy: PolicyConfig,
-        lateness: Lateness,
-    ) -> Result<Self, StoreError> {
-        Self::with_settings(
-            rules,
-            start,
-            policy,
-            ChannelSettings::with_lateness(lateness),
-        )
-    }
-
     /// With a config's channel settings (see [`ChannelSettings::of`]),
     /// every channel the recording channel.
     pub fn with_settings(

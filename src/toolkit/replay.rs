@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::config::PolicyConfig;
 use crate::model::{LogRecord, Outcome};
 use crate::rules::RuleSet;
-use crate::sim::{read_events, Lateness, Simulation};
+use crate::sim::{read_events, ChannelSettings, Simulation};
 
 const EXAMPLES: usize = 3;
 
@@ -87,13 +87,15 @@ impl ReplayReport {
     }
 }
 
-/// Runs `events` through both rule sets and compares what each sends.
+/// Runs `events` through both rule sets and compares what each sends, each
+/// under the config's channel settings as `nudge run` applies them
+/// (lateness bounds, send-rate limits, withdrawals).
 pub async fn replay(
     events: &Path,
     baseline: RuleSet,
     candidate: RuleSet,
     policy: &PolicyConfig,
-    lateness: &Lateness,
+    channels: &ChannelSettings,
 ) -> anyhow::Result<ReplayReport> {
     let file = read_events(events)?;
     let mut report = ReplayReport {
@@ -102,8 +104,8 @@ pub async fn replay(
         candidate_version: candidate.version.clone(),
         ..ReplayReport::default()
     };
-    let base = run(&file.events, baseline, policy, lateness).await?;
-    let cand = run(&file.events, candidate, policy, lateness).await?;
+    let base = run(&file.events, baseline, policy, channels).await?;
+    let cand = run(&file.events, candidate, policy, channels).await?;
 
     // (journey, channel) → customer → sends.
     let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
@@ -201,14 +203,59 @@ async fn run(
     events: &[(usize, crate::event::Event)],
     rules: RuleSet,
     policy: &PolicyConfig,
-    lateness: &Lateness,
+    channels: &ChannelSettings,
 ) -> anyhow::Result<Vec<LogRecord>> {
     let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
-    let sim = Simulation::with_lateness(rules, start, policy.clone(), lateness.clone())?;
+    let sim = Simulation::with_settings(rules, start, policy.clone(), channels.clone())?;
     let mut records = Vec::new();
     for (_, e) in events {
         records.extend(sim.feed(e.clone()).await?.1);
     }
     records.extend(sim.finish().await?);
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dispatch::Rate;
+    use crate::model::ChannelKind;
+    use crate::rules::{load_dir, Limits};
+
+    fn repo(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+
+    /// A replay runs the journeys under the config's send-rate limits, as
+    /// the daemon does: pushes over the rate wait for their turn.
+    #[tokio::test]
+    async fn replay_applies_the_channels_rate_limits() {
+        let events = read_events(&repo("examples/events.jsonl")).unwrap().events;
+        let rules = || load_dir(&repo("rules"), &Limits::default()).unwrap();
+        let waits = |records: &[LogRecord]| {
+            records
+                .iter()
+                .filter(|r| r.outcome == Outcome::Deferred && r.reason.starts_with("rate limit"))
+                .count()
+        };
+        let policy = PolicyConfig::default();
+        let free = run(&events, rules(), &policy, &ChannelSettings::default())
+            .await
+            .unwrap();
+        assert_eq!(waits(&free), 0);
+        // The examples' pushes go an hour apart: one every two hours makes some wait.
+        let mut limited = ChannelSettings::default();
+        limited.rates.insert(
+            ChannelKind::Push,
+            Rate {
+                count: 1,
+                per: Duration::from_secs(7200),
+            },
+        );
+        let slowed = run(&events, rules(), &policy, &limited).await.unwrap();
+        assert!(waits(&slowed) > 0, "{slowed:#?}");
+    }
 }
