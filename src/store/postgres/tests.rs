@@ -397,3 +397,63 @@ fn many_ids_are_probed_by_key_on_a_new_store() {
         }
     }
 }
+
+/// Schema v12 (propensity counts in slots): a v11 store's counts are kept
+/// (as slot 0) and read back the same; counts written in several slots read
+/// as their sums; the settle writes its connection's slot.
+#[test]
+fn propensity_slots_apply_to_a_v11_store_and_sum() {
+    for sql in [SETTLE, propensity::CREDIT] {
+        assert!(sql.contains(propensity::SLOT), "{sql}");
+    }
+    let (schema, options) = fresh_schema();
+    let _cleanup = super::testing::TestStore::adopt(schema);
+    let store = PostgresStore::open(&options).unwrap();
+    let read = |store: &PostgresStore| {
+        store
+            .propensity_counts(None)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.journey, c.step, c.channel, c.sends, c.conversions))
+            .collect::<Vec<_>>()
+    };
+    // Back to version 11, with counts written then.
+    store
+        .conn()
+        .unwrap()
+        .client
+        .batch_execute(schema::UNDO_V12)
+        .unwrap();
+    store
+        .conn()
+        .unwrap()
+        .client
+        .batch_execute(
+            "INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+             VALUES ('a', 's1', 'push', 5, 2), ('a', 's2', 'email', 3, 0)",
+        )
+        .unwrap();
+    drop(store);
+    assert_eq!(PostgresStore::migrate(&options).unwrap(), (11, 12));
+    let store = PostgresStore::open(&options).unwrap();
+    let v11 = vec![
+        ("a".to_string(), "s1".to_string(), "push".to_string(), 5, 2),
+        ("a".into(), "s2".into(), "email".into(), 3, 0),
+    ];
+    assert_eq!(read(&store), v11);
+    // Other slots add up with slot 0.
+    store
+        .conn()
+        .unwrap()
+        .client
+        .batch_execute(
+            "INSERT INTO propensity_counts (journey, step, channel, slot, sends, conversions)
+             VALUES ('a', 's1', 'push', 7, 1, 1), ('a', 's1', 'push', 31, 2, 0)",
+        )
+        .unwrap();
+    assert_eq!(
+        read(&store)[0],
+        ("a".into(), "s1".into(), "push".into(), 8, 3)
+    );
+    assert_eq!(read(&store)[1], v11[1]);
+}
