@@ -35,14 +35,6 @@ use crate::telemetry::events::{
 use arbiter::{fallback_of, Arbiter};
 use unrecorded::Unrecorded;
 
-/// The writer lane of `customer`'s results, out of `lanes`.
-fn lane_of(customer: &str, lanes: usize) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    customer.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
-}
-
 /// Records finished steps and, on the committing thread right after the
 /// commit, tells [`Unrecorded`] (see [`Unrecorded::recorded`]).
 fn settle_recorded(
@@ -315,63 +307,44 @@ impl Scheduler {
         stop: Option<&watch::Receiver<bool>>,
         keep: bool,
     ) -> Result<Vec<LogRecord>, StoreError> {
-        // One writer lane per settle the store may have under way at once;
-        // a customer's results always take the same lane, in order.
-        let lanes = self.store.blocking().settle_lanes().max(1);
-        let (done_txs, done_rxs): (Vec<_>, Vec<_>) = (0..lanes)
-            .map(|_| tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH))
-            .unzip();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH);
         // Claimed rows not yet settled: the heartbeat keeps their leases alive.
         let in_flight = Mutex::new(InFlight::default());
-        let lane = |mut done_rx: tokio::sync::mpsc::Receiver<StepResult>| {
-            let in_flight = &in_flight;
-            async move {
-                let mut records = Vec::new();
-                let mut chunk = Vec::with_capacity(FINISH_BATCH);
-                while done_rx.recv_many(&mut chunk, FINISH_BATCH).await > 0 {
-                    // Let a group gather for a moment: each transaction rewrites
-                    // whole pages, so one per step would cost more than the step.
-                    if !keep {
-                        let deadline = tokio::time::Instant::now() + FINISH_LINGER;
-                        while chunk.len() < FINISH_BATCH {
-                            let room = FINISH_BATCH - chunk.len();
-                            match tokio::time::timeout_at(
-                                deadline,
-                                done_rx.recv_many(&mut chunk, room),
-                            )
-                            .await
-                            {
-                                Ok(n) if n > 0 => {}
-                                _ => break,
-                            }
-                        }
-                    }
-                    let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
-                    let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
-                    let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                    for row in results.iter().filter_map(|r| r.claimed_row) {
-                        rows.held.remove(&row);
-                        rows.settled.insert(row);
-                    }
-                    drop(rows);
-                    if keep {
-                        records.extend(
-                            results
-                                .into_iter()
-                                .zip(seqs)
-                                .map(|(r, seq)| LogRecord { seq, ..r.record }),
-                        );
-                    }
-                }
-                Ok::<_, StoreError>(records)
-            }
-        };
         let writer = async {
             let mut records = Vec::new();
-            for written in futures::future::join_all(done_rxs.into_iter().map(lane)).await {
-                records.extend(written?);
+            let mut chunk = Vec::with_capacity(FINISH_BATCH);
+            while done_rx.recv_many(&mut chunk, FINISH_BATCH).await > 0 {
+                // Let a group gather for a moment: each transaction rewrites
+                // whole pages, so one per step would cost more than the step.
+                if !keep {
+                    let deadline = tokio::time::Instant::now() + FINISH_LINGER;
+                    while chunk.len() < FINISH_BATCH {
+                        let room = FINISH_BATCH - chunk.len();
+                        match tokio::time::timeout_at(deadline, done_rx.recv_many(&mut chunk, room))
+                            .await
+                        {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                }
+                let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
+                let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
+                let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                for row in results.iter().filter_map(|r| r.claimed_row) {
+                    rows.held.remove(&row);
+                    rows.settled.insert(row);
+                }
+                drop(rows);
+                if keep {
+                    records.extend(
+                        results
+                            .into_iter()
+                            .zip(seqs)
+                            .map(|(r, seq)| LogRecord { seq, ..r.record }),
+                    );
+                }
             }
-            records.sort_by_key(|r| r.seq);
             Ok::<_, StoreError>(records)
         };
         // Claims batches (with what deciding them needs) one ahead of the sends,
@@ -440,8 +413,7 @@ impl Scheduler {
             let mut handled = std::pin::pin!(handled);
             while let Some(result) = handled.next().await {
                 if let Some(result) = result? {
-                    let lane = &done_txs[lane_of(&result.record.customer, done_txs.len())];
-                    if lane.send(result).await.is_err() {
+                    if done_tx.send(result).await.is_err() {
                         break; // the writer failed; its error is returned below
                     }
                 }

@@ -263,16 +263,6 @@ pub trait Store: Send + Sync {
     /// without copying them first.
     fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError>;
 
-    /// How many [`settle_steps`](Self::settle_steps) calls a channel's
-    /// writer may have under way at once, each with the results of its own
-    /// customers (a customer's results always go through the same one, in
-    /// order). One where writes take turns anyway (SQLite's one writer);
-    /// more where each commit waits on its own flush, so that one group's
-    /// flush overlaps the next group's work.
-    fn settle_lanes(&self) -> usize {
-        1
-    }
-
     /// [`settle_steps`](Self::settle_steps), returning the records as written.
     fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
         let seqs = self.settle_steps(&results)?;

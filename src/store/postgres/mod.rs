@@ -131,8 +131,7 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 /// `$7`) left with no step to send; writes the log records `$8`-`$22`; and
 /// ends holder `$24`'s leases on the customers `$23` left with no step
 /// claimed by it; counts the sends among the records per journey, step and
-/// channel (`propensity_counts`, in the connection's slot as
-/// `propensity::SLOT` says, rows taken in key order): one statement, one round trip, atomic without a
+/// channel (`propensity_counts`, rows taken in key order): one statement, one round trip, atomic without a
 /// transaction around it. Its parts share one snapshot, from before the
 /// settle, so the completion and the release look at each step as the
 /// settle leaves it: the status in `$3` for a step settled here, the stored
@@ -194,12 +193,12 @@ const SETTLE: &str = "WITH u AS (
          ORDER BY ord
          RETURNING seq),
      counted AS (
-         INSERT INTO propensity_counts (journey, step, channel, slot, sends, conversions)
-         SELECT journey, step, channel, (pg_backend_pid() % 32)::int2, count(*), 0
+         INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+         SELECT journey, step, channel, count(*), 0
          FROM unnest($10::text[], $12::text[], $13::text[], $15::text[]) AS p(journey, step, channel, outcome)
          WHERE outcome = 'sent'
          GROUP BY journey, step, channel ORDER BY journey, step, channel
-         ON CONFLICT (journey, step, channel, slot)
+         ON CONFLICT (journey, step, channel)
          DO UPDATE SET sends = propensity_counts.sends + EXCLUDED.sends)
      SELECT seq FROM logged";
 
@@ -540,15 +539,6 @@ impl Store for PostgresStore {
         // One statement: atomic on its own, no transaction to open.
         let mut c = self.conn()?;
         finish(&mut c, &self.holder, results)
-    }
-
-    /// Two: a settle waits on its commit's WAL flush for about a quarter
-    /// of its time (BENCHMARKS 6), which a second connection's settle can
-    /// use. Each settle is one statement on its own connection; a
-    /// customer's results stay in one lane, so a settle's lease release and
-    /// instance completion still see all of the customer's earlier settles.
-    fn settle_lanes(&self) -> usize {
-        2
     }
 
     fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {

@@ -1,14 +1,7 @@
 //! Propensity counts on PostgreSQL (`crate::propensity`). The counters are
 //! rows every replica's settles update (sends are counted inside `SETTLE`,
-//! in `mod.rs`), each connection in the slot of its backend (schema v12,
-//! [`SLOT`]), so that concurrent settles rarely wait for each other; the
-//! reads sum the slots. Each statement takes its rows in key order, so two
-//! transactions that do meet wait for each other rather than deadlock.
-
-/// The slot of the counts a connection writes (spelled out in `SETTLE` and
-/// [`CREDIT`]; a test checks they use it).
-#[cfg(test)]
-pub(super) const SLOT: &str = "(pg_backend_pid() % 32)::int2";
+//! in `mod.rs`): each statement takes its rows in key order, so two
+//! transactions wait for each other rather than deadlock.
 
 use chrono::{DateTime, Utc};
 
@@ -21,10 +14,8 @@ pub(super) fn counts(
     journey: Option<&str>,
 ) -> Result<Vec<PropensityCount>, StoreError> {
     c.query(
-        "SELECT journey, step, channel, sum(sends)::int8, sum(conversions)::int8
-         FROM propensity_counts
-         WHERE $1::text IS NULL OR journey = $1
-         GROUP BY journey, step, channel ORDER BY journey, step, channel",
+        "SELECT journey, step, channel, sends, conversions FROM propensity_counts
+         WHERE $1::text IS NULL OR journey = $1 ORDER BY journey, step, channel",
         &[&journey],
     )?
     .iter()
@@ -40,16 +31,6 @@ pub(super) fn counts(
     .collect()
 }
 
-/// A conversion of instance `$1` credited to its sends between `$2` and
-/// `$3`, in the connection's slot ([`SLOT`]).
-pub(super) const CREDIT: &str =
-    "INSERT INTO propensity_counts (journey, step, channel, slot, sends, conversions)
-     SELECT journey, step, channel, (pg_backend_pid() % 32)::int2, 0, 1 FROM dispatch_log
-     WHERE instance = $1 AND outcome = 'sent' AND time >= $2 AND time <= $3
-     GROUP BY journey, step, channel ORDER BY journey, step, channel
-     ON CONFLICT (journey, step, channel, slot)
-     DO UPDATE SET conversions = propensity_counts.conversions + 1";
-
 /// Through the dispatch log: the channel a step went out on (a fallback's).
 pub(super) fn credit(
     c: &mut PgConn,
@@ -57,5 +38,13 @@ pub(super) fn credit(
     sent_since: DateTime<Utc>,
     at: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
-    Ok(c.execute(CREDIT, &[&instance_id, &sent_since, &at])? as usize)
+    Ok(c.execute(
+        "INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
+         SELECT journey, step, channel, 0, 1 FROM dispatch_log
+         WHERE instance = $1 AND outcome = 'sent' AND time >= $2 AND time <= $3
+         GROUP BY journey, step, channel ORDER BY journey, step, channel
+         ON CONFLICT (journey, step, channel)
+         DO UPDATE SET conversions = propensity_counts.conversions + 1",
+        &[&instance_id, &sent_since, &at],
+    )? as usize)
 }

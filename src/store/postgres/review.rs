@@ -408,12 +408,6 @@ mod tests {
             .conn()
             .unwrap()
             .client
-            .batch_execute(crate::store::postgres::schema::UNDO_V12)
-            .unwrap();
-        store
-            .conn()
-            .unwrap()
-            .client
             .batch_execute(
                 "DROP FUNCTION review_log_inserted, review_log_deleted, review_instances_inserted,
                      review_instances_updated, review_instances_deleted, review_fold CASCADE;
@@ -424,10 +418,7 @@ mod tests {
             )
             .unwrap();
         drop(store);
-        assert_eq!(
-            PostgresStore::migrate(&options).unwrap(),
-            (10, crate::store::postgres::schema::VERSION)
-        );
+        assert_eq!(PostgresStore::migrate(&options).unwrap(), (10, 11));
         let store = PostgresStore::open(&options).unwrap();
         assert_eq!(scans(&store), kept);
     }

@@ -23,7 +23,6 @@ const MIGRATIONS: &[&str] = &[
     V9_PROPENSITY_COUNTS,
     V10_DECISION_RECORD,
     V11_REVIEW_COUNTS,
-    V12_PROPENSITY_SLOTS,
 ];
 
 /// The schema version this binary writes.
@@ -664,32 +663,3 @@ BEGIN
 END
 $$;
 "#;
-
-/// Version 12: propensity counts in slots. Every settle adds its sends to
-/// the `(journey, step, channel)` row, and holds that row's lock until it
-/// commits, WAL flush included: two settles at once (a replica's two writer
-/// lanes, or two replicas) took turns on it (sampled in the dispatch bench:
-/// a second settle connection spent a fifth of its time waiting on the
-/// other's transaction). Each connection now writes the slot of its backend
-/// (`pg_backend_pid() % 32`), so concurrent settles rarely meet; the reads
-/// sum the slots. The rows written before are slot 0.
-const V12_PROPENSITY_SLOTS: &str = "
-ALTER TABLE propensity_counts ADD COLUMN slot smallint NOT NULL DEFAULT 0;
-ALTER TABLE propensity_counts DROP CONSTRAINT propensity_counts_pkey;
-ALTER TABLE propensity_counts ADD PRIMARY KEY (journey, step, channel, slot);
-";
-
-/// Takes a version 12 schema back to version 11 (for the migration tests).
-#[cfg(test)]
-pub(super) const UNDO_V12: &str = "
-CREATE TEMP TABLE propensity_v11 AS
-    SELECT journey, step, channel, sum(sends)::bigint AS sends,
-        sum(conversions)::bigint AS conversions
-    FROM propensity_counts GROUP BY journey, step, channel;
-DELETE FROM propensity_counts;
-ALTER TABLE propensity_counts DROP COLUMN slot;
-ALTER TABLE propensity_counts ADD PRIMARY KEY (journey, step, channel);
-INSERT INTO propensity_counts SELECT * FROM propensity_v11;
-DROP TABLE propensity_v11;
-DELETE FROM schema_version WHERE version = 12;
-";
