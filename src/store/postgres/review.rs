@@ -369,32 +369,37 @@ mod tests {
             .collect()
     }
 
+    /// Each kind of count as (the full scan of the log and instances, the
+    /// read of the counts the store keeps): the two must agree.
+    fn scan_and_kept() -> [(String, String); 3] {
+        use crate::store::review::{arms_sql, outcome_counts_sql};
+        [
+            (
+                arms_sql(false, false, "$1"),
+                arm_counts_sql(false, false, "$1"),
+            ),
+            (
+                arms_sql(false, true, "$1"),
+                arm_counts_sql(false, true, "$1"),
+            ),
+            (
+                outcome_counts_sql(false, "$1"),
+                outcome_count_rows_sql(false, "$1"),
+            ),
+        ]
+    }
+
     /// The counts the fold keeps are what the full-scan queries count, and
     /// migration 11 fills them so from a schema written before it.
     #[test]
     fn migration_11_fills_the_counts_the_fold_keeps() {
-        use crate::store::review::{arms_sql, outcome_counts_sql};
         let (schema, options) = crate::store::postgres::testing::fresh_schema();
         let _drop = crate::store::postgres::testing::TestStore::adopt(schema);
         let store = PostgresStore::open(&options).unwrap();
         crate::review::tests::generate(&store);
         let scans = |store: &PostgresStore| {
             store.conn().unwrap().client.execute(FOLD, &[]).unwrap();
-            [
-                (
-                    arms_sql(false, false, "$1"),
-                    arm_counts_sql(false, false, "$1"),
-                ),
-                (
-                    arms_sql(false, true, "$1"),
-                    arm_counts_sql(false, true, "$1"),
-                ),
-                (
-                    outcome_counts_sql(false, "$1"),
-                    outcome_count_rows_sql(false, "$1"),
-                ),
-            ]
-            .map(|(scan, kept)| (rows(store, &scan), rows(store, &kept)))
+            scan_and_kept().map(|(scan, kept)| (rows(store, &scan), rows(store, &kept)))
         };
         let kept = scans(&store);
         for (scan, kept) in &kept {
@@ -428,7 +433,6 @@ mod tests {
     /// end as the full scans count.
     #[test]
     fn folds_beside_concurrent_writers_lose_and_repeat_nothing() {
-        use crate::store::review::{arms_sql, outcome_counts_sql};
         let (a, b) = crate::store::postgres::testing::replicas();
         std::thread::scope(|scope| {
             for (w, store) in [(0, &*a), (1, &*b)] {
@@ -479,20 +483,7 @@ mod tests {
             });
         });
         a.conn().unwrap().client.execute(FOLD, &[]).unwrap();
-        for (scan, kept) in [
-            (
-                arms_sql(false, false, "$1"),
-                arm_counts_sql(false, false, "$1"),
-            ),
-            (
-                arms_sql(false, true, "$1"),
-                arm_counts_sql(false, true, "$1"),
-            ),
-            (
-                outcome_counts_sql(false, "$1"),
-                outcome_count_rows_sql(false, "$1"),
-            ),
-        ] {
+        for (scan, kept) in scan_and_kept() {
             let scan = rows(&a, &scan);
             assert!(!scan.is_empty());
             assert_eq!(scan, rows(&a, &kept));

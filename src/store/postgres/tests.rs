@@ -157,18 +157,7 @@ fn claims_and_settles_use_indexes() {
         (NEXT_DUE, "('push', 'me')"),
         (SETTLE, SETTLE_PARAMS),
     ] {
-        conn.client
-            .batch_execute(&format!("PREPARE q AS {sql}"))
-            .unwrap();
-        let plan: String = conn
-            .client
-            .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n");
-        conn.client.batch_execute("DEALLOCATE q").unwrap();
+        let plan = plan_of(&mut conn.client, sql, params);
         assert!(!plan.contains("Seq Scan on steps"), "{sql}\n{plan}");
     }
 }
@@ -207,18 +196,7 @@ fn lease_lookups_probe_by_customer() {
         (SETTLE, SETTLE_PARAMS, "Index Cond: (customer = c.customer)"),
         (SETTLE, SETTLE_PARAMS, "Index Cond: (instance_id = i.id)"),
     ] {
-        conn.client
-            .batch_execute(&format!("PREPARE q AS {sql}"))
-            .unwrap();
-        let plan: String = conn
-            .client
-            .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n");
-        conn.client.batch_execute("DEALLOCATE q").unwrap();
+        let plan = plan_of(&mut conn.client, sql, params);
         assert!(plan.contains(probe), "{sql}\n{plan}");
     }
 }
@@ -288,18 +266,7 @@ fn dispatch_statements_probe_by_key() {
                 ][..],
             ),
         ] {
-            conn.client
-                .batch_execute(&format!("PREPARE q AS {sql}"))
-                .unwrap();
-            let plan: String = conn
-                .client
-                .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n");
-            conn.client.batch_execute("DEALLOCATE q").unwrap();
+            let plan = plan_of(&mut conn.client, sql, &params);
             for probe in probes {
                 assert!(plan.contains(probe), "analyzed: {analyzed}\n{sql}\n{plan}");
             }
@@ -376,18 +343,7 @@ fn many_ids_are_probed_by_key_on_a_new_store() {
         (SETTLE, settle, "instances_pkey"),
         (MARK_SENDING, mark, "steps_pkey"),
     ] {
-        conn.client
-            .batch_execute(&format!("PREPARE q AS {sql}"))
-            .unwrap();
-        let plan: String = conn
-            .client
-            .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n");
-        conn.client.batch_execute("DEALLOCATE q").unwrap();
+        let plan = plan_of(&mut conn.client, sql, &params);
         assert!(plan.contains(probe), "{sql}\n{plan}");
         for table in ["steps", "instances"] {
             assert!(
@@ -396,4 +352,21 @@ fn many_ids_are_probed_by_key_on_a_new_store() {
             );
         }
     }
+}
+
+/// The plan PostgreSQL uses for `sql` prepared as the pool prepares it and
+/// executed with `params` (a parenthesized argument list).
+fn plan_of(client: &mut postgres::Client, sql: &str, params: &str) -> String {
+    client
+        .batch_execute(&format!("PREPARE q AS {sql}"))
+        .unwrap();
+    let plan = client
+        .query(&format!("EXPLAIN EXECUTE q {params}"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    client.batch_execute("DEALLOCATE q").unwrap();
+    plan
 }
