@@ -23,7 +23,7 @@ pub(super) fn claim(
     until: DateTime<Utc>,
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let mut c = store.conn()?;
-    let mut tx = c.client.transaction()?;
+    let mut tx = c.custom_plans()?.transaction()?;
     let leased = tx.execute(
         "UPDATE audit_stream SET holder = $1, lease_until = $3
          WHERE id = 1 AND (holder IS NULL OR holder = $1 OR lease_until < $2)",

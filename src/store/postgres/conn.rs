@@ -57,21 +57,97 @@ fn tls(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeTlsConnector, StoreE
     Ok(connector)
 }
 
+/// Marks a statement whose plan PostgreSQL makes once per connection (its
+/// text starts with this): a batch statement of the dispatch path or the
+/// decide stage whose every row is found by key whatever the statistics say
+/// (each checked by `generic_plans_probe_by_key_on_empty_tables`). Planned
+/// anew on every run, the claim and the settle spent more time planning
+/// than executing (dispatch bench, store only, 20 k steps: claim 39 and
+/// settle 87 µs a step planned per run, 25 and 49 with the plan kept).
+pub const GENERIC_PLAN: &str = "/* plan: generic */";
+
+/// The session for statements marked [`GENERIC_PLAN`]: one plan, made at
+/// the first run, where a table is scanned only if no index can serve (on a
+/// new store's empty tables a scan is the cheapest plan, and a kept plan
+/// would go on scanning as the tables grow).
+pub const GENERIC_SESSION: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
+/// The session for every other statement: planned for each run's values.
+pub const CUSTOM_SESSION: &str = "SET plan_cache_mode = force_custom_plan; SET enable_seqscan = on";
+
+/// How the session plans prepared statements (`plan_cache_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanMode {
+    /// For each run's values: the default, for statements whose best plan
+    /// depends on them or on statistics that change as tables grow.
+    Custom,
+    /// Once, kept: for statements marked [`GENERIC_PLAN`].
+    Generic,
+}
+
+impl PlanMode {
+    fn of(sql: &str) -> Self {
+        match sql.trim_start().starts_with(GENERIC_PLAN) {
+            true => Self::Generic,
+            false => Self::Custom,
+        }
+    }
+
+    fn set(self) -> &'static str {
+        match self {
+            Self::Custom => CUSTOM_SESSION,
+            Self::Generic => GENERIC_SESSION,
+        }
+    }
+}
+
 /// One pooled connection and the statements prepared on it.
 pub struct PgConn {
     pub client: Client,
-    statements: HashMap<&'static str, Statement>,
+    statements: HashMap<&'static str, (Statement, PlanMode)>,
+    /// The session's plan mode; `None` when unknown (a transaction rolled
+    /// back undoes a `SET` made inside it).
+    mode: Option<PlanMode>,
 }
 
 impl PgConn {
-    /// The statement for `sql`, prepared on first use on this connection.
+    /// The statement for `sql`, prepared on first use on this connection,
+    /// with the session switched to the plan mode it asks for.
     pub fn prepare(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
-        if let Some(statement) = self.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare(sql)?;
-        self.statements.insert(sql, statement.clone());
+        let (statement, mode) = match self.statements.get(sql) {
+            Some(known) => known.clone(),
+            None => {
+                let statement = self.client.prepare(sql)?;
+                let mode = PlanMode::of(sql);
+                self.statements.insert(sql, (statement.clone(), mode));
+                (statement, mode)
+            }
+        };
+        self.switch_to(mode)?;
         Ok(statement)
+    }
+
+    fn switch_to(&mut self, mode: PlanMode) -> Result<(), postgres::Error> {
+        if self.mode != Some(mode) {
+            // Unknown until it succeeds: a failed SET leaves it so.
+            self.mode = None;
+            self.client.batch_execute(mode.set())?;
+            self.mode = Some(mode);
+        }
+        Ok(())
+    }
+
+    /// The client, planning per run: for statements not prepared through
+    /// [`PgConn::prepare`] (a statement with parameters would otherwise get
+    /// a generic plan if the last one asked for it).
+    pub fn custom_plans(&mut self) -> Result<&mut Client, postgres::Error> {
+        self.switch_to(PlanMode::Custom)?;
+        Ok(&mut self.client)
+    }
+
+    /// After a rollback: a `SET` inside the transaction was undone.
+    pub fn forget_plan_mode(&mut self) {
+        self.mode = None;
     }
 
     pub fn query(
@@ -131,11 +207,14 @@ impl r2d2::ManageConnection for Manager {
         // dispatch bench's store-only run, 20 k steps: a batch's customer
         // and history reads 238 µs a step with cached generic plans, 16.6 µs
         // planned per run; settling costs 47 -> 69 µs for the planning).
-        // Plan each run for its values instead.
-        client.batch_execute("SET plan_cache_mode = force_custom_plan")?;
+        // Plan each run for its values by default; only the statements
+        // marked [`GENERIC_PLAN`], written to be found by key whatever the
+        // statistics, keep one plan.
+        client.batch_execute(PlanMode::Custom.set())?;
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            mode: Some(PlanMode::Custom),
         })
     }
 

@@ -36,7 +36,7 @@ impl PostgresStore {
         change: &ControlChange<'_>,
     ) -> Result<ControlEntry, StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.custom_plans()?.transaction()?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('nudge-control:' || current_schema()))",
             &[],

@@ -63,7 +63,7 @@ const REQUEUE_EVERY: chrono::Duration = chrono::Duration::milliseconds(250);
 /// Steps of a dead replica (lease run out) back to pending, skipping rows
 /// another claimer is re-queuing at this moment.
 const REQUEUE_EXPIRED: &str =
-    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
+    "/* plan: generic */ UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
      WHERE id IN (
          SELECT id FROM steps
          WHERE status = 'claimed' AND channel = $1 AND lease_until < $2
@@ -93,7 +93,7 @@ const REQUEUE_EXPIRED: &str =
 /// candidate (65 k comparisons for 256 steps, 12 of a claim's 15 ms), and
 /// once analyzed, the steps and instances hashed whole from sequential scans
 /// (20 of 31 ms on a 20 k-step table, and growing with it).
-const CLAIM: &str = "WITH candidates AS MATERIALIZED (
+const CLAIM: &str = "/* plan: generic */ WITH candidates AS MATERIALIZED (
          SELECT s.id, s.customer FROM steps AS s
          WHERE s.status = 'pending' AND s.channel = $1 AND s.due_at <= $2
            AND NOT EXISTS (
@@ -150,7 +150,7 @@ const CLAIM: &str = "WITH candidates AS MATERIALIZED (
 /// never analyzed were estimated at 64 % of it (0.5 % an id) and the
 /// instances scanned whole below about 40 k narrow rows (in `psql`, 2.5 of
 /// a 7.6 ms settle on 20 k; the bench's wider rows kept the index).
-const SETTLE: &str = "WITH u AS (
+const SETTLE: &str = "/* plan: generic */ WITH u AS (
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
              AS u(instance_id, step, status, again_at, replan)),
      settled AS (
@@ -204,7 +204,7 @@ const SETTLE: &str = "WITH u AS (
 
 /// Log records in one statement; their seqs, in the order given, come back
 /// as the sorted RETURNING values (the identity is drawn in insertion order).
-const INSERT_LOGS: &str = "INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
+const INSERT_LOGS: &str = "/* plan: generic */ INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
      SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
      FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                  $8::text[], $9::text[], $10::text[], $11::int4[], $12::int8[], $13::text[], $14::int4[], $15::int8[])
@@ -297,7 +297,7 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
 /// holder claims the step itself meanwhile). So a replica sleeps through
 /// another's hold instead of claiming nothing in a busy loop, and a dead
 /// replica's hold is taken over when it runs out.
-const NEXT_DUE: &str = "SELECT LEAST(
+const NEXT_DUE: &str = "/* plan: generic */ SELECT LEAST(
          (SELECT s.due_at FROM steps AS s
           WHERE s.status = 'pending' AND s.channel = $1
             AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2 OFFSET 0)
@@ -314,12 +314,12 @@ const NEXT_DUE: &str = "SELECT LEAST(
 /// `ARRAY(SELECT unnest(…))`, which the planner takes for a few rows: 256
 /// bound ids on steps never analyzed were taken for most of the table, and
 /// it was scanned whole below about 40 k steps.
-const MARK_SENDING: &str = "UPDATE steps SET sending_at = $2
+const MARK_SENDING: &str = "/* plan: generic */ UPDATE steps SET sending_at = $2
      WHERE id = ANY (ARRAY(SELECT unnest($1::int8[])))
        AND CASE WHEN status = 'claimed' AND holder = $3 THEN true END";
 
 /// Ends holder `$2`'s leases on the customers `$1` that have no step left claimed by it.
-const RELEASE_CUSTOMERS: &str = "DELETE FROM customer_claims AS c
+const RELEASE_CUSTOMERS: &str = "/* plan: generic */ DELETE FROM customer_claims AS c
      WHERE c.customer = ANY($1::text[]) AND c.holder = $2
        AND NOT EXISTS (SELECT 1 FROM steps AS s WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $2 OFFSET 0)";
 

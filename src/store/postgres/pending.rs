@@ -134,7 +134,7 @@ impl Pending {
                 ats.push(at);
             }
             c.execute(
-                "INSERT INTO customers (id, context, updated_at)
+                "/* plan: generic */ INSERT INTO customers (id, context, updated_at)
                  SELECT u.id, u.context::jsonb, u.at
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(id, context, at)
                  ON CONFLICT (id) DO UPDATE SET context = excluded.context, updated_at = excluded.updated_at",
@@ -146,7 +146,7 @@ impl Pending {
             let col = |f: fn(&InstanceRow) -> &str| -> Vec<&str> { rows.iter().map(f).collect() };
             let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.started_at).collect();
             c.execute(
-                "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
+                "/* plan: generic */ INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at, rule_hash, trigger_event, vars, decision_inputs)
                  SELECT u.id, u.customer, u.journey, u.key, 'open', u.mode, u.category, u.started_at, u.rule_hash, u.trigger_event, u.vars::jsonb, u.inputs::jsonb
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[])
                      AS u(id, customer, journey, key, mode, category, started_at, rule_hash, trigger_event, vars, inputs)",
@@ -177,7 +177,7 @@ impl Pending {
                 rows.iter().map(|r| r.step.condition.as_deref()).collect();
             let due: Vec<DateTime<Utc>> = rows.iter().map(|r| r.step.due_at).collect();
             c.execute(
-                "INSERT INTO steps (instance_id, customer, step, seq, channel, template, condition, planned_at, due_at, status)
+                "/* plan: generic */ INSERT INTO steps (instance_id, customer, step, seq, channel, template, condition, planned_at, due_at, status)
                  SELECT u.instance_id, u.customer, u.step, u.seq, u.channel, u.template, u.condition, u.due_at, u.due_at, 'pending'
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
                      AS u(instance_id, customer, step, seq, channel, template, condition, due_at)",
@@ -195,7 +195,7 @@ impl Pending {
             let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
             let next: Vec<i64> = offsets.values().copied().collect();
             c.execute(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset)
+                "/* plan: generic */ INSERT INTO kafka_offsets (topic, partition, next_offset)
                  SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
                  ON CONFLICT (topic, partition) DO UPDATE
                  SET next_offset = GREATEST(kafka_offsets.next_offset, excluded.next_offset)",

@@ -19,13 +19,14 @@ use crate::store::StoreError;
 // and the histories walked the whole dispatch log in `seq` order.
 
 /// Customers' stored contexts (`$1`: ids), one row per id in order, NULL when none.
-pub(super) const CUSTOMER_CONTEXTS: &str = "SELECT c.context::text
+pub(super) const CUSTOMER_CONTEXTS: &str = "/* plan: generic */ SELECT c.context::text
      FROM unnest($1::text[]) WITH ORDINALITY AS u(id, ord)
      LEFT JOIN LATERAL (SELECT context FROM customers WHERE id = u.id OFFSET 0) AS c ON true
      ORDER BY u.ord";
 
 /// The latest 100 journeys of each customer of `$1`.
-const JOURNEYS: &str = "SELECT u.id, i.journey, i.key, i.status, i.started_at, i.ended_at, i.mode
+pub(super) const JOURNEYS: &str =
+    "/* plan: generic */ SELECT u.id, i.journey, i.key, i.status, i.started_at, i.ended_at, i.mode
      FROM unnest($1::text[]) AS u(id)
      CROSS JOIN LATERAL (
          SELECT journey, key, status, started_at, ended_at, mode FROM instances
@@ -37,7 +38,7 @@ const JOURNEYS: &str = "SELECT u.id, i.journey, i.key, i.status, i.started_at, i
 /// with a new store's statistics the planner took the review's
 /// `dispatch_log_outcome` (every send in the window, per customer: 74 ms
 /// for 256 customers with 3 k sends logged).
-pub(super) const RECENT_SENDS: &str = "SELECT d.customer, d.time, d.journey, d.channel,
+pub(super) const RECENT_SENDS: &str = "/* plan: generic */ SELECT d.customer, d.time, d.journey, d.channel,
          coalesce(i.category, 'service')
      FROM unnest($1::text[]) AS u(id)
      CROSS JOIN LATERAL (
@@ -49,15 +50,16 @@ pub(super) const RECENT_SENDS: &str = "SELECT d.customer, d.time, d.journey, d.c
 
 /// Steps of the customers `$1` whose send began at or after `$2` and whose
 /// result is not recorded (the partial index holds only those).
-const POSSIBLY_SENT: &str =
-    "SELECT s.customer, s.id, s.sending_at, i.journey, s.channel, i.category
+pub(super) const POSSIBLY_SENT: &str =
+    "/* plan: generic */ SELECT s.customer, s.id, s.sending_at, i.journey, s.channel, i.category
      FROM steps AS s
      CROSS JOIN LATERAL (SELECT journey, category FROM instances WHERE id = s.instance_id OFFSET 0) AS i
      WHERE s.customer = ANY($1::text[]) AND s.sending_at IS NOT NULL AND s.sending_at >= $2
        AND s.status IN ('pending', 'claimed')";
 
 /// Sent steps of the instances `$1`, in log order.
-pub(super) const HISTORIES: &str = "SELECT d.instance, d.step, d.channel, d.template, d.time
+pub(super) const HISTORIES: &str =
+    "/* plan: generic */ SELECT d.instance, d.step, d.channel, d.template, d.time
      FROM unnest($1::text[]) AS u(id)
      CROSS JOIN LATERAL (
          SELECT seq, instance, step, channel, template, time FROM dispatch_log

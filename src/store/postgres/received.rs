@@ -20,7 +20,7 @@ pub(super) fn insert(c: &mut PgConn, events: &[ReceivedEvent]) -> Result<(), Sto
         .map(|e| encode_not_started(&e.not_started))
         .collect::<Result<Vec<String>, _>>()?;
     c.execute(
-        "INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started)
+        "/* plan: generic */ INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started)
          SELECT u.customer, u.event_id, u.event_type, u.event_time, u.received_at, u.updated, u.not_started::jsonb
          FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bool[], $7::text[])
              AS u(customer, event_id, event_type, event_time, received_at, updated, not_started)",

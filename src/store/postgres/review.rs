@@ -73,7 +73,7 @@ impl ReviewRead for PostgresStore {
         let (sql, params) = log_page_sql(filter, after, limit, LOG_COLUMNS, placeholder);
         let bound: Vec<&(dyn ToSql + Sync)> = params.iter().map(param).collect();
         self.conn()?
-            .client
+            .custom_plans()?
             .query(&sql, &bound)?
             .iter()
             .map(log_record)
@@ -86,8 +86,8 @@ impl ReviewRead for PostgresStore {
         // The deltas written since the last fold first (schema v11).
         c.client.execute(FOLD, &[])?;
         let rows = match journey {
-            Some(j) => c.client.query(&sql, &[&j])?,
-            None => c.client.query(&sql, &[])?,
+            Some(j) => c.custom_plans()?.query(&sql, &[&j])?,
+            None => c.custom_plans()?.query(&sql, &[])?,
         };
         rows.iter()
             .map(|r| {
@@ -112,8 +112,8 @@ impl ReviewRead for PostgresStore {
         let mut c = self.conn()?;
         c.client.execute(FOLD, &[])?;
         let rows = match journey {
-            Some(j) => c.client.query(&sql, &[&j])?,
-            None => c.client.query(&sql, &[])?,
+            Some(j) => c.custom_plans()?.query(&sql, &[&j])?,
+            None => c.custom_plans()?.query(&sql, &[])?,
         };
         rows.iter()
             .map(|r| {
@@ -138,7 +138,7 @@ impl ReviewRead for PostgresStore {
     fn planned_steps(&self, journey: &str) -> Result<Vec<PlannedStep>, StoreError> {
         let rows = self
             .conn()?
-            .client
+            .custom_plans()?
             .query(&planned_steps_sql("$1"), &[&journey])?;
         rows.iter()
             .map(|r| {

@@ -58,14 +58,23 @@ impl Begun {
             return Err(StoreError::Aborted);
         }
         self.open = false;
-        self.conn.client.batch_execute("COMMIT")?;
+        let committed = self.conn.client.batch_execute("COMMIT");
+        if committed.is_err() {
+            // Rolled back: so was a `SET` inside it.
+            self.conn.forget_plan_mode();
+        }
+        committed?;
         Ok(())
     }
 }
 
 impl Drop for Begun {
     fn drop(&mut self) {
-        if self.open && self.conn.client.batch_execute("ROLLBACK").is_err() {
+        if !self.open {
+            return;
+        }
+        self.conn.forget_plan_mode();
+        if self.conn.client.batch_execute("ROLLBACK").is_err() {
             // The connection is unusable: the pool drops it (`has_broken`).
             let _ = self.conn.client.simple_query("");
         }
@@ -99,11 +108,41 @@ pub(super) struct Prefetched {
     known: HashSet<String>,
 }
 
+/// Whether event `$1` was processed.
+const PROCESSED: &str = "/* plan: generic */ SELECT 1 FROM processed_events WHERE id = $1";
+
+/// The instance of (`$1`, `$2`, `$3`) completed at or after `$4`, latest first.
+pub(super) const COMPLETED_INSTANCE: &str =
+    "/* plan: generic */ SELECT id, rule_hash FROM instances
+     WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'completed' AND ended_at >= $4
+     ORDER BY ended_at DESC LIMIT 1";
+
+/// Ends instance `$1` with status `$2` at `$3`.
+pub(super) const CLOSE_INSTANCE: &str =
+    "/* plan: generic */ UPDATE instances SET status = $2, ended_at = $3
+     WHERE id = $1 AND status IN ('open', 'completed')
+     RETURNING customer";
+
+/// Cancels the pending steps of instance `$1`.
+pub(super) const CANCEL_STEPS: &str =
+    "/* plan: generic */ UPDATE steps SET status = 'cancelled', lease_until = NULL, holder = NULL
+     WHERE instance_id = $1 AND status = 'pending'
+     RETURNING seq, step, channel, template";
+
+/// A withdrawal step (`$4` the suffix) due at `$3` for each step of
+/// instance `$1` sent on a channel of `$2`.
+pub(super) const PLAN_WITHDRAWALS: &str = "/* plan: generic */ INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
+     SELECT instance_id, customer, step || $4, seq, channel, template, $3, $3, 'pending' FROM steps
+     WHERE instance_id = $1 AND status = 'sent' AND channel = ANY($2)
+     ON CONFLICT (instance_id, step) DO NOTHING
+     RETURNING seq, step";
+
 /// Open instances of the customers `$1`.
-const OPEN_INSTANCES: &str = "SELECT customer, journey, key, id, rule_hash FROM instances
+pub(super) const OPEN_INSTANCES: &str =
+    "/* plan: generic */ SELECT customer, journey, key, id, rule_hash FROM instances
      WHERE customer = ANY($1::text[]) AND status = 'open'";
 
-const OPEN_INSTANCE: &str = "SELECT id, rule_hash FROM instances
+pub(super) const OPEN_INSTANCE: &str = "/* plan: generic */ SELECT id, rule_hash FROM instances
      WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'open'";
 
 fn instance_ref(row: Option<postgres::Row>) -> Result<Option<InstanceRef>, StoreError> {
@@ -133,7 +172,7 @@ impl Tx for PgTx {
                 ..Prefetched::default()
             };
             for r in c.query(
-                "SELECT id FROM processed_events WHERE id = ANY($1::text[])",
+                "/* plan: generic */ SELECT id FROM processed_events WHERE id = ANY($1::text[])",
                 &[&ids],
             )? {
                 cache.processed.insert(r.try_get(0)?);
@@ -169,12 +208,8 @@ impl Tx for PgTx {
             // Every id of the batch was looked up at once.
             return Ok(false);
         }
-        self.tx.run(|c| {
-            Ok(
-                c.query_opt("SELECT 1 FROM processed_events WHERE id = $1", &[&event_id])?
-                    .is_some(),
-            )
-        })
+        self.tx
+            .run(|c| Ok(c.query_opt(PROCESSED, &[&event_id])?.is_some()))
     }
 
     fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -250,9 +285,7 @@ impl Tx for PgTx {
                 }
             }
             instance_ref(c.query_opt(
-                "SELECT id, rule_hash FROM instances
-                 WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'completed' AND ended_at >= $4
-                 ORDER BY ended_at DESC LIMIT 1",
+                COMPLETED_INSTANCE,
                 &[&customer, &journey, &key, &completed_since],
             )?)
         })
@@ -298,21 +331,12 @@ impl Tx for PgTx {
         self.tx.run(|c| {
             // A completed instance (not in the open map) closed changes its
             // customer's journeys too.
-            for r in c.query(
-                "UPDATE instances SET status = $2, ended_at = $3 WHERE id = $1 AND status IN ('open', 'completed')
-                 RETURNING customer",
-                &[&instance_id, &status.as_str(), &at],
-            )? {
+            for r in c.query(CLOSE_INSTANCE, &[&instance_id, &status.as_str(), &at])? {
                 if let Some(cache) = cache {
                     cache.customers.remove(r.try_get::<_, &str>(0)?);
                 }
             }
-            let rows = c.query(
-                "UPDATE steps SET status = 'cancelled', lease_until = NULL, holder = NULL
-                 WHERE instance_id = $1 AND status = 'pending'
-                 RETURNING seq, step, channel, template",
-                &[&instance_id],
-            )?;
+            let rows = c.query(CANCEL_STEPS, &[&instance_id])?;
             let mut closed = Vec::with_capacity(rows.len());
             for r in rows {
                 closed.push((
@@ -341,11 +365,7 @@ impl Tx for PgTx {
         let channels: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
         self.tx.run(|c| {
             let rows = c.query(
-                "INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
-                 SELECT instance_id, customer, step || $4, seq, channel, template, $3, $3, 'pending' FROM steps
-                 WHERE instance_id = $1 AND status = 'sent' AND channel = ANY($2)
-                 ON CONFLICT (instance_id, step) DO NOTHING
-                 RETURNING seq, step",
+                PLAN_WITHDRAWALS,
                 &[&instance_id, &channels, &at, &WITHDRAW_SUFFIX],
             )?;
             let mut planned = Vec::with_capacity(rows.len());
@@ -417,7 +437,7 @@ impl Tx for PgTx {
             let ats: Vec<DateTime<Utc>> = self.processed_now.iter().map(|(_, at)| *at).collect();
             self.tx.run(|c| {
                 c.execute(
-                    "INSERT INTO processed_events (id, at)
+                    "/* plan: generic */ INSERT INTO processed_events (id, at)
                      SELECT * FROM unnest($1::text[], $2::timestamptz[])
                      ON CONFLICT (id) DO NOTHING",
                     &[&ids, &ats],
