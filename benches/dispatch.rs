@@ -23,8 +23,27 @@
 //!     schema in the test database, `--replicas` schedulers each on its own
 //!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
 //!     its tables analyzed after each insert of due steps)
+//!   cargo bench --bench dispatch -- --postgres 1 --floor 1 [--floor-only 1] [--check-keys 1]
+//!     [--floor-extra none|log-indexes|complete|leases|send-mark] [--floor-tls 0]
+//!     (the floor, what any durable sender on PostgreSQL reaches here: a
+//!     minimal sender written directly against PostgreSQL (dispatch/floor.rs;
+//!     a queue table and a log table, claim with `FOR UPDATE SKIP LOCKED`,
+//!     settle in one statement a group), with nudge's HTTP channel adapter,
+//!     batch, settle group and concurrency, takes its turn in each round
+//!     beside nudge and the plain client, on a fresh schema of its own; then
+//!     its store work alone, pipelined as it runs with the sends accepted at
+//!     once, and one statement at a time (µs a step). Each floor run is
+//!     checked: the endpoint received one request per step (`--check-keys 1`:
+//!     each step's key once), every step settled sent with one `sent` record.
+//!     `--floor-only 1`: nudge sits the rounds out; `--floor-extra`: one of
+//!     nudge's costs added to the floor (nudge's log columns and indexes, the
+//!     instance's completion, customer leases, the send mark); `--floor-tls
+//!     0`: the floor's connections without TLS (nudge's use it: the server
+//!     offers it and `sslmode` defaults to prefer))
 
 mod common;
+#[path = "dispatch/floor.rs"]
+mod floor;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -157,6 +176,35 @@ fn insert_due_steps(store: &dyn Store, first: u64, n: u64, journeys: &[Planned])
         tx.commit().unwrap();
     }
     n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// One round of `--floor 1`: the rates of the plain client, the floor, the
+/// floor's store work pipelined as it runs (no HTTP), the floor's store work
+/// one statement at a time (claim µs, settle µs a step, rate), and nudge's.
+struct FloorRound {
+    plain: f64,
+    floor: f64,
+    store: f64,
+    serial: (f64, f64, f64),
+    nudge: Option<f64>,
+}
+
+/// The floor's message for step `id`: the plain client's shape, a key of its own.
+fn floor_message(id: i64) -> Message {
+    let instance = format!("floor-{id:012x}");
+    Message {
+        idempotency_key: nudge::model::idempotency_key(&instance, "alert"),
+        customer: format!("c-{id:07}"),
+        journey: "fee_increase".into(),
+        instance,
+        step: "alert".into(),
+        channel: ChannelKind::Push,
+        template: "fee_increase_alert".into(),
+        variables: vars(id as u64).into(),
+        address: None,
+        history: vec![],
+        attempt: 1,
+    }
 }
 
 /// A plain reqwest client: the same body, header and concurrency.
@@ -498,38 +546,186 @@ fn main() {
         per_round as f64 / elapsed.as_secs_f64()
     };
 
+    // `--floor 1` (PostgreSQL): the floor, a minimal durable sender on
+    // PostgreSQL (floor.rs), takes its turn in each round beside nudge and
+    // the plain client, with the same endpoint, batch and concurrency; and
+    // its store work alone, pipelined as it runs (no HTTP) and one statement
+    // at a time. Each on a fresh schema of its own. `--floor-only 1`: nudge
+    // sits the rounds out.
+    let with_floor = arg("floor", 0u8) == 1 || arg("floor-only", 0u8) == 1;
+    let floor_only = arg("floor-only", 0u8) == 1;
+    assert!(!with_floor || postgres, "--floor 1 needs --postgres 1");
+    let floor_extra: floor::Extra = arg("floor-extra", "none".to_string()).parse().unwrap();
+    let floor_tls = arg("floor-tls", 1u8) == 1;
+    let batch = SchedulerConfig::default().batch_size;
+    let mut floors = with_floor.then(|| {
+        println!(
+            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, extra {floor_extra:?}",
+            floor::SETTLE_GROUP,
+            floor::LINGER,
+            *CONCURRENCY,
+            if floor_tls { "as nudge (prefer)" } else { "off" }
+        );
+        [(); 3].map(|_| floor::Floor::new(floor_tls, floor_extra))
+    });
+    let floor_rt = runtime();
+    let floor_channel: Arc<dyn nudge::dispatch::Channel> =
+        Arc::new(HttpChannel::new(&url, Duration::from_secs(5), None).unwrap());
+    let check_keys = arg("check-keys", 0u8) == 1;
+    let run_floor = |floor: &floor::Floor, ids: std::ops::Range<i64>, http: bool| -> f64 {
+        let base_count = endpoint.received();
+        seen.lock().unwrap().clear();
+        let run = floor.run(
+            &floor_rt,
+            http.then(|| floor_channel.clone()),
+            floor_message,
+            ids.clone(),
+            batch,
+            *CONCURRENCY,
+        );
+        let n = (ids.end - ids.start) as u64;
+        assert_eq!(
+            endpoint.received() - base_count,
+            if http { n } else { 0 },
+            "floor: each step sent exactly once"
+        );
+        if http && check_keys {
+            let seen = seen.lock().unwrap();
+            let keys: std::collections::HashSet<&str> =
+                seen.iter().map(|(key, _)| key.as_str()).collect();
+            assert_eq!(seen.len() as u64, n, "floor: requests");
+            assert_eq!(keys.len() as u64, n, "floor: keys seen once each");
+            for id in ids {
+                assert!(
+                    keys.contains(floor_message(id).idempotency_key.as_str()),
+                    "floor: step {id} not seen"
+                );
+            }
+        }
+        run.rate
+    };
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Turn {
+        Nudge,
+        Plain,
+        Floor,
+        FloorStore,
+    }
+    let mut turns = vec![Turn::Plain];
+    if !floor_only {
+        turns.insert(0, Turn::Nudge);
+    }
+    if with_floor {
+        turns.extend([Turn::Floor, Turn::FloorStore]);
+    }
+
     let (mut nudge_time, mut plain_time) = (0.0, 0.0);
     let mut ratios = Vec::new();
     let mut insert_rates = Vec::new();
+    let mut floor_rounds: Vec<FloorRound> = Vec::new();
     for round in 0..rounds {
         let customers = per_round / sent_per_customer;
-        insert_rates.push(insert_due_steps(
-            store.as_ref(),
-            round * customers,
-            customers,
-            &journeys,
-        ));
-        analyze();
-        assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
-        // Alternate which goes first, so that a drift favours neither.
-        let (nudge_rate, plain_rate) = if round % 2 == 0 {
-            let nudge_rate = run_nudge(round);
-            (nudge_rate, plain_client(&client_rt, &url, plain_per_round))
-        } else {
-            let plain_rate = plain_client(&client_rt, &url, plain_per_round);
-            (run_nudge(round), plain_rate)
-        };
-        nudge_time += per_round as f64 / nudge_rate;
+        if !floor_only {
+            insert_rates.push(insert_due_steps(
+                store.as_ref(),
+                round * customers,
+                customers,
+                &journeys,
+            ));
+            analyze();
+            assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
+        }
+        let floor_ids = floors
+            .as_mut()
+            .map(|f| [0, 1, 2].map(|i| f[i].insert(per_round)));
+        // Take turns, the first of each round rotating, so that a drift
+        // favours none.
+        let (mut nudge_rate, mut plain_rate, mut floor_rate, mut store_rate) =
+            (None, 0.0, 0.0, 0.0);
+        for k in 0..turns.len() {
+            match turns[(k + round as usize) % turns.len()] {
+                Turn::Nudge => nudge_rate = Some(run_nudge(round)),
+                Turn::Plain => plain_rate = plain_client(&client_rt, &url, plain_per_round),
+                Turn::Floor => {
+                    let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
+                    floor_rate = run_floor(&f[0], ids[0].clone(), true);
+                }
+                Turn::FloorStore => {
+                    let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
+                    store_rate = run_floor(&f[1], ids[1].clone(), false);
+                }
+            }
+        }
         plain_time += plain_per_round as f64 / plain_rate;
-        ratios.push(nudge_rate / plain_rate);
+        if let Some(nudge_rate) = nudge_rate {
+            nudge_time += per_round as f64 / nudge_rate;
+            ratios.push(nudge_rate / plain_rate);
+            println!(
+                "round {}: nudge {} / plain {} = {:.2} (steps decided: {:.2})",
+                round + 1,
+                fmt_rate(nudge_rate),
+                fmt_rate(plain_rate),
+                nudge_rate / plain_rate,
+                nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
+            );
+        }
+        if let (Some(f), Some(ids)) = (&floors, &floor_ids) {
+            let serial = f[2].serial(ids[2].clone(), batch);
+            println!(
+                "round {}: plain {} | floor {} = {:.2} of plain | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
+                round + 1,
+                fmt_rate(plain_rate),
+                fmt_rate(floor_rate),
+                floor_rate / plain_rate,
+                fmt_rate(store_rate),
+                fmt_rate(serial.2),
+                serial.0,
+                serial.1,
+                match nudge_rate {
+                    Some(r) => format!(
+                        " | nudge {} = {:.2} of plain, {:.2} of floor",
+                        fmt_rate(r),
+                        r / plain_rate,
+                        r / floor_rate
+                    ),
+                    None => String::new(),
+                }
+            );
+            floor_rounds.push(FloorRound {
+                plain: plain_rate,
+                floor: floor_rate,
+                store: store_rate,
+                serial,
+                nudge: nudge_rate,
+            });
+        }
+    }
+    if with_floor {
+        let med = |f: &dyn Fn(&FloorRound) -> Option<f64>| {
+            let v: Vec<f64> = floor_rounds.iter().filter_map(f).collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                median(v)
+            }
+        };
         println!(
-            "round {}: nudge {} / plain {} = {:.2} (steps decided: {:.2})",
-            round + 1,
-            fmt_rate(nudge_rate),
-            fmt_rate(plain_rate),
-            nudge_rate / plain_rate,
-            nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
+            "floor medians of {rounds} rounds: plain {}, floor {} ({:.2} of plain), floor store only {} pipelined, serial {} (claim {:.1} µs, settle {:.1} µs); nudge {} ({:.2} of plain, {:.2} of floor)",
+            fmt_rate(med(&|r| Some(r.plain))),
+            fmt_rate(med(&|r| Some(r.floor))),
+            med(&|r| Some(r.floor / r.plain)),
+            fmt_rate(med(&|r| Some(r.store))),
+            fmt_rate(med(&|r| Some(r.serial.2))),
+            med(&|r| Some(r.serial.0)),
+            med(&|r| Some(r.serial.1)),
+            fmt_rate(med(&|r| r.nudge)),
+            med(&|r| r.nudge.map(|n| n / r.plain)),
+            med(&|r| r.nudge.map(|n| n / r.floor)),
         );
+        if floor_only {
+            return;
+        }
     }
     let total = per_round * rounds;
     // `sent` records: on SQLite one count (the bench's own reads stay out of
