@@ -274,7 +274,12 @@ impl Floor {
             )
             .unwrap();
         }
-        c.batch_execute("ANALYZE").unwrap();
+        c.batch_execute(match self.extra {
+            Extra::Complete => "ANALYZE queue, log, instances",
+            Extra::Leases => "ANALYZE queue, log, customer_claims",
+            _ => "ANALYZE queue, log",
+        })
+        .unwrap();
         ids
     }
 
