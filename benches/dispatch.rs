@@ -39,7 +39,11 @@
 //!     nudge's costs added to the floor (nudge's log columns and indexes, the
 //!     instance's completion, customer leases, the send mark); `--floor-tls
 //!     0`: the floor's connections without TLS (nudge's use it: the server
-//!     offers it and `sslmode` defaults to prefer))
+//!     offers it and `sslmode` defaults to prefer); `--floor-sync-commit 0`:
+//!     the floor's sessions do not wait for the WAL flush at commit (not
+//!     durable: a diagnosis of the flush's share, not a floor). Each floor
+//!     round also prints the WAL written a step and the WAL syncs a batch
+//!     (`pg_stat_wal`, the whole server's))
 
 mod common;
 #[path = "dispatch/floor.rs"]
@@ -557,22 +561,26 @@ fn main() {
     assert!(!with_floor || postgres, "--floor 1 needs --postgres 1");
     let floor_extra: floor::Extra = arg("floor-extra", "none".to_string()).parse().unwrap();
     let floor_tls = arg("floor-tls", 1u8) == 1;
+    // `--floor-sync-commit 0`: the floor's sessions do not wait for the WAL
+    // flush at commit (not durable: a diagnosis, not a floor).
+    let floor_sync_commit = arg("floor-sync-commit", 1u8) == 1;
     let batch = SchedulerConfig::default().batch_size;
     let mut floors = with_floor.then(|| {
         println!(
-            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, extra {floor_extra:?}",
+            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, synchronous_commit {}, extra {floor_extra:?}",
             floor::SETTLE_GROUP,
             floor::LINGER,
             *CONCURRENCY,
-            if floor_tls { "as nudge (prefer)" } else { "off" }
+            if floor_tls { "as nudge (prefer)" } else { "off" },
+            if floor_sync_commit { "on (durable)" } else { "OFF (not durable, diagnosis only)" }
         );
-        [(); 3].map(|_| floor::Floor::new(floor_tls, floor_extra))
+        [(); 3].map(|_| floor::Floor::new(floor_tls, floor_sync_commit, floor_extra))
     });
     let floor_rt = runtime();
     let floor_channel: Arc<dyn nudge::dispatch::Channel> =
         Arc::new(HttpChannel::new(&url, Duration::from_secs(5), None).unwrap());
     let check_keys = arg("check-keys", 0u8) == 1;
-    let run_floor = |floor: &floor::Floor, ids: std::ops::Range<i64>, http: bool| -> f64 {
+    let run_floor = |floor: &floor::Floor, ids: std::ops::Range<i64>, http: bool| -> floor::Run {
         let base_count = endpoint.received();
         seen.lock().unwrap().clear();
         let run = floor.run(
@@ -602,7 +610,7 @@ fn main() {
                 );
             }
         }
-        run.rate
+        run
     };
 
     #[derive(Clone, Copy, PartialEq)]
@@ -641,19 +649,20 @@ fn main() {
             .map(|f| [0, 1, 2].map(|i| f[i].insert(per_round)));
         // Take turns, the first of each round rotating, so that a drift
         // favours none.
-        let (mut nudge_rate, mut plain_rate, mut floor_rate, mut store_rate) =
-            (None, 0.0, 0.0, 0.0);
+        let (mut nudge_rate, mut plain_rate) = (None, 0.0);
+        let (mut floor_rate, mut floor_wal, mut store_rate) = (0.0, (0.0, 0.0), 0.0);
         for k in 0..turns.len() {
             match turns[(k + round as usize) % turns.len()] {
                 Turn::Nudge => nudge_rate = Some(run_nudge(round)),
                 Turn::Plain => plain_rate = plain_client(&client_rt, &url, plain_per_round),
                 Turn::Floor => {
                     let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
-                    floor_rate = run_floor(&f[0], ids[0].clone(), true);
+                    let run = run_floor(&f[0], ids[0].clone(), true);
+                    (floor_rate, floor_wal) = (run.rate, run.wal);
                 }
                 Turn::FloorStore => {
                     let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
-                    store_rate = run_floor(&f[1], ids[1].clone(), false);
+                    store_rate = run_floor(&f[1], ids[1].clone(), false).rate;
                 }
             }
         }
@@ -673,11 +682,13 @@ fn main() {
         if let (Some(f), Some(ids)) = (&floors, &floor_ids) {
             let serial = f[2].serial(ids[2].clone(), batch);
             println!(
-                "round {}: plain {} | floor {} = {:.2} of plain | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
+                "round {}: plain {} | floor {} = {:.2} of plain (WAL {:.0} B a step, {:.1} syncs a batch) | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
                 round + 1,
                 fmt_rate(plain_rate),
                 fmt_rate(floor_rate),
                 floor_rate / plain_rate,
+                floor_wal.0,
+                floor_wal.1,
                 fmt_rate(store_rate),
                 fmt_rate(serial.2),
                 serial.0,

@@ -158,6 +158,9 @@ type Done = (i64, DateTime<Utc>, Option<u16>, bool);
 pub struct Floor {
     schema: Schema,
     tls: bool,
+    /// `synchronous_commit` on (durable; the default) or off, per session:
+    /// a diagnosis of what waiting for the WAL flush costs, not a floor.
+    sync_commit: bool,
     extra: Extra,
     /// The next step id to insert.
     next: i64,
@@ -167,15 +170,30 @@ pub struct Floor {
 /// once, one `sent` record each.
 pub struct Run {
     pub rate: f64,
+    /// WAL bytes written a step, WAL syncs a claimed batch (`pg_stat_wal`:
+    /// the whole server's, so other tenants' writes count too).
+    pub wal: (f64, f64),
+}
+
+/// `pg_stat_wal`'s bytes and syncs so far.
+fn wal(c: &mut Client) -> (f64, f64) {
+    let row = c
+        .query_one(
+            "SELECT wal_bytes::float8, wal_sync::float8 FROM pg_stat_wal",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
 }
 
 impl Floor {
     /// A fresh schema with the floor's tables (and those `extra` needs).
-    pub fn new(tls: bool, extra: Extra) -> Self {
+    pub fn new(tls: bool, sync_commit: bool, extra: Extra) -> Self {
         let schema = Schema::new();
         let floor = Self {
             schema,
             tls,
+            sync_commit,
             extra,
             next: 1,
         };
@@ -247,7 +265,11 @@ impl Floor {
             config.connect(postgres::NoTls).unwrap()
         };
         client
-            .batch_execute(&format!("SET search_path TO {}", self.schema.name))
+            .batch_execute(&format!(
+                "SET search_path TO {}; SET synchronous_commit = {}",
+                self.schema.name,
+                if self.sync_commit { "on" } else { "off" }
+            ))
             .unwrap();
         client
     }
@@ -317,6 +339,7 @@ impl Floor {
         let settle = settler_conn.prepare(settle_sql).unwrap();
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
+        let wal_before = wal(&mut settler_conn);
         let start = Instant::now();
         let claimer = std::thread::spawn(move || {
             let lease = chrono::Duration::seconds(300);
@@ -392,16 +415,20 @@ impl Floor {
                     .unwrap();
                 settled += group.len();
             }
-            settled
+            (settled, wal(&mut settler_conn))
         });
         claimer.join().unwrap();
         rt.block_on(sender).unwrap();
-        let settled = settler.join().unwrap();
+        let (settled, wal_after) = settler.join().unwrap();
         let elapsed = start.elapsed();
         assert_eq!(settled, n, "the floor settled every step it claimed");
         self.check(ids);
         Run {
             rate: n as f64 / elapsed.as_secs_f64(),
+            wal: (
+                (wal_after.0 - wal_before.0) / n as f64,
+                (wal_after.1 - wal_before.1) / n as f64 * batch as f64,
+            ),
         }
     }
 
