@@ -24,7 +24,7 @@
 //!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
 //!     its tables analyzed after each insert of due steps)
 //!   cargo bench --bench dispatch -- --postgres 1 --floor 1 [--floor-only 1] [--check-keys 1]
-//!     [--floor-extra none|log-indexes|complete|leases|send-mark] [--floor-tls 0]
+//!     [--floor-extra X,Y+Z] [--floor-tls 0] [--floor-sync-commit 0]
 //!     (the floor, what any durable sender on PostgreSQL reaches here: a
 //!     minimal sender written directly against PostgreSQL (dispatch/floor.rs;
 //!     a queue table and a log table, claim with `FOR UPDATE SKIP LOCKED`,
@@ -35,9 +35,13 @@
 //!     once, and one statement at a time (µs a step). Each floor run is
 //!     checked: the endpoint received one request per step (`--check-keys 1`:
 //!     each step's key once), every step settled sent with one `sent` record.
-//!     `--floor-only 1`: nudge sits the rounds out; `--floor-extra`: one of
-//!     nudge's costs added to the floor (nudge's log columns and indexes, the
-//!     instance's completion, customer leases, the send mark); `--floor-tls
+//!     `--floor-only 1`: nudge sits the rounds out; `--floor-extra`: beside
+//!     the floor, one variant of it per comma-separated item with those of
+//!     nudge's costs added (joined by `+`; `all`, or step-indexes: nudge's
+//!     other indexes on the due steps; log-indexes: nudge's log columns and
+//!     indexes; complete: the instance's completion; leases: customer leases;
+//!     send-mark; reads: the batch's customers and histories), each over HTTP
+//!     and one statement at a time, in the same rounds; `--floor-tls
 //!     0`: the floor's connections without TLS (nudge's use it: the server
 //!     offers it and `sslmode` defaults to prefer); `--floor-sync-commit 0`:
 //!     the floor's sessions do not wait for the WAL flush at commit (not
@@ -184,13 +188,15 @@ fn insert_due_steps(store: &dyn Store, first: u64, n: u64, journeys: &[Planned])
 
 /// One round of `--floor 1`: the rates of the plain client, the floor, the
 /// floor's store work pipelined as it runs (no HTTP), the floor's store work
-/// one statement at a time (claim µs, settle µs a step, rate), and nudge's.
+/// one statement at a time (claim µs, settle µs a step, rate), nudge's; and
+/// each variant's with nudge's costs (over HTTP, one statement at a time).
 struct FloorRound {
     plain: f64,
     floor: f64,
     store: f64,
     serial: (f64, f64, f64),
     nudge: Option<f64>,
+    variants: Vec<(f64, (f64, f64, f64))>,
 }
 
 /// The floor's message for step `id`: the plain client's shape, a key of its own.
@@ -555,27 +561,45 @@ fn main() {
     // the plain client, with the same endpoint, batch and concurrency; and
     // its store work alone, pipelined as it runs (no HTTP) and one statement
     // at a time. Each on a fresh schema of its own. `--floor-only 1`: nudge
-    // sits the rounds out.
+    // sits the rounds out. `--floor-extra A,B+C`: besides the floor, one
+    // variant of it per item, with those of nudge's costs added (sent over
+    // HTTP, and its store work one statement at a time).
     let with_floor = arg("floor", 0u8) == 1 || arg("floor-only", 0u8) == 1;
     let floor_only = arg("floor-only", 0u8) == 1;
     assert!(!with_floor || postgres, "--floor 1 needs --postgres 1");
-    let floor_extra: floor::Extra = arg("floor-extra", "none".to_string()).parse().unwrap();
+    let floor_extras: Vec<floor::Extras> = arg("floor-extra", String::new())
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
     let floor_tls = arg("floor-tls", 1u8) == 1;
     // `--floor-sync-commit 0`: the floor's sessions do not wait for the WAL
     // flush at commit (not durable: a diagnosis, not a floor).
     let floor_sync_commit = arg("floor-sync-commit", 1u8) == 1;
     let batch = SchedulerConfig::default().batch_size;
-    let mut floors = with_floor.then(|| {
+    let new_floor = |extras| floor::Floor::new(floor_tls, floor_sync_commit, extras);
+    // The floor over HTTP, its store work pipelined, one statement at a
+    // time; then each variant over HTTP and one statement at a time.
+    let mut floors: Vec<floor::Floor> = Vec::new();
+    if with_floor {
         println!(
-            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, synchronous_commit {}, extra {floor_extra:?}",
+            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, synchronous_commit {}, variants with nudge's costs: {}",
             floor::SETTLE_GROUP,
             floor::LINGER,
             *CONCURRENCY,
             if floor_tls { "as nudge (prefer)" } else { "off" },
-            if floor_sync_commit { "on (durable)" } else { "OFF (not durable, diagnosis only)" }
+            if floor_sync_commit { "on (durable)" } else { "OFF (not durable, diagnosis only)" },
+            floor_extras
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        [(); 3].map(|_| floor::Floor::new(floor_tls, floor_sync_commit, floor_extra))
-    });
+        floors.extend((0..3).map(|_| new_floor(floor::Extras::default())));
+        for x in &floor_extras {
+            floors.extend((0..2).map(|_| new_floor(*x)));
+        }
+    }
     let floor_rt = runtime();
     let floor_channel: Arc<dyn nudge::dispatch::Channel> =
         Arc::new(HttpChannel::new(&url, Duration::from_secs(5), None).unwrap());
@@ -617,7 +641,8 @@ fn main() {
     enum Turn {
         Nudge,
         Plain,
-        Floor,
+        /// The floor (0), or a variant (1..): over HTTP.
+        Floor(usize),
         FloorStore,
     }
     let mut turns = vec![Turn::Plain];
@@ -625,8 +650,14 @@ fn main() {
         turns.insert(0, Turn::Nudge);
     }
     if with_floor {
-        turns.extend([Turn::Floor, Turn::FloorStore]);
+        turns.push(Turn::Floor(0));
+        turns.push(Turn::FloorStore);
+        turns.extend((1..=floor_extras.len()).map(Turn::Floor));
     }
+    // Floors by role: over HTTP (the floor, then each variant), one
+    // statement at a time (the same order); the pipelined store work.
+    let http_floor = |v: usize| if v == 0 { 0 } else { 1 + 2 * v };
+    let serial_floor = |v: usize| if v == 0 { 2 } else { 2 + 2 * v };
 
     let (mut nudge_time, mut plain_time) = (0.0, 0.0);
     let mut ratios = Vec::new();
@@ -644,25 +675,24 @@ fn main() {
             analyze();
             assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
         }
-        let floor_ids = floors
-            .as_mut()
-            .map(|f| [0, 1, 2].map(|i| f[i].insert(per_round)));
+        let floor_ids: Vec<std::ops::Range<i64>> =
+            floors.iter_mut().map(|f| f.insert(per_round)).collect();
         // Take turns, the first of each round rotating, so that a drift
         // favours none.
         let (mut nudge_rate, mut plain_rate) = (None, 0.0);
-        let (mut floor_rate, mut floor_wal, mut store_rate) = (0.0, (0.0, 0.0), 0.0);
+        let mut over_http = vec![(0.0, (0.0, 0.0)); 1 + floor_extras.len()];
+        let mut store_rate = 0.0;
         for k in 0..turns.len() {
             match turns[(k + round as usize) % turns.len()] {
                 Turn::Nudge => nudge_rate = Some(run_nudge(round)),
                 Turn::Plain => plain_rate = plain_client(&client_rt, &url, plain_per_round),
-                Turn::Floor => {
-                    let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
-                    let run = run_floor(&f[0], ids[0].clone(), true);
-                    (floor_rate, floor_wal) = (run.rate, run.wal);
+                Turn::Floor(v) => {
+                    let i = http_floor(v);
+                    let run = run_floor(&floors[i], floor_ids[i].clone(), true);
+                    over_http[v] = (run.rate, run.wal);
                 }
                 Turn::FloorStore => {
-                    let (f, ids) = (floors.as_ref().unwrap(), floor_ids.as_ref().unwrap());
-                    store_rate = run_floor(&f[1], ids[1].clone(), false).rate;
+                    store_rate = run_floor(&floors[1], floor_ids[1].clone(), false).rate;
                 }
             }
         }
@@ -679,8 +709,16 @@ fn main() {
                 nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
             );
         }
-        if let (Some(f), Some(ids)) = (&floors, &floor_ids) {
-            let serial = f[2].serial(ids[2].clone(), batch);
+        if with_floor {
+            // One statement at a time, the floor and its variants, rotating.
+            let variants = 1 + floor_extras.len();
+            let mut serial = vec![(0.0, 0.0, 0.0); variants];
+            for k in 0..variants {
+                let v = (k + round as usize) % variants;
+                let i = serial_floor(v);
+                serial[v] = floors[i].serial(floor_ids[i].clone(), batch);
+            }
+            let (floor_rate, floor_wal) = over_http[0];
             println!(
                 "round {}: plain {} | floor {} = {:.2} of plain (WAL {:.0} B a step, {:.1} syncs a batch) | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
                 round + 1,
@@ -690,9 +728,9 @@ fn main() {
                 floor_wal.0,
                 floor_wal.1,
                 fmt_rate(store_rate),
-                fmt_rate(serial.2),
-                serial.0,
-                serial.1,
+                fmt_rate(serial[0].2),
+                serial[0].0,
+                serial[0].1,
                 match nudge_rate {
                     Some(r) => format!(
                         " | nudge {} = {:.2} of plain, {:.2} of floor",
@@ -703,12 +741,32 @@ fn main() {
                     None => String::new(),
                 }
             );
+            for (v, x) in floor_extras.iter().enumerate() {
+                let ((rate, wal), s) = (over_http[v + 1], serial[v + 1]);
+                println!(
+                    "round {}:   floor + {x}: {} = {:.2} of plain, {:.2} of floor (WAL {:.0} B a step, {:.1} syncs a batch); serial {} (claim {:.1} µs, settle {:.1} µs a step)",
+                    round + 1,
+                    fmt_rate(rate),
+                    rate / plain_rate,
+                    rate / floor_rate,
+                    wal.0,
+                    wal.1,
+                    fmt_rate(s.2),
+                    s.0,
+                    s.1
+                );
+            }
             floor_rounds.push(FloorRound {
                 plain: plain_rate,
                 floor: floor_rate,
                 store: store_rate,
-                serial,
+                serial: serial[0],
                 nudge: nudge_rate,
+                variants: over_http[1..]
+                    .iter()
+                    .zip(&serial[1..])
+                    .map(|(h, s)| (h.0, *s))
+                    .collect(),
             });
         }
     }
@@ -734,6 +792,17 @@ fn main() {
             med(&|r| r.nudge.map(|n| n / r.plain)),
             med(&|r| r.nudge.map(|n| n / r.floor)),
         );
+        for (v, x) in floor_extras.iter().enumerate() {
+            println!(
+                "floor + {x}, medians: {} ({:.2} of plain, {:.2} of floor); serial {} (claim {:.1} µs, settle {:.1} µs)",
+                fmt_rate(med(&|r| Some(r.variants[v].0))),
+                med(&|r| Some(r.variants[v].0 / r.plain)),
+                med(&|r| Some(r.variants[v].0 / r.floor)),
+                fmt_rate(med(&|r| Some(r.variants[v].1 .2))),
+                med(&|r| Some(r.variants[v].1 .0)),
+                med(&|r| Some(r.variants[v].1 .1)),
+            );
+        }
         if floor_only {
             return;
         }

@@ -19,7 +19,7 @@
 //! Not done, since nudge's figure must pay for it and the floor need not: no
 //! instance, no customer lease, no reads of customers or histories, no send
 //! mark, no lease renewal or take-over of expired claims, no review indexes.
-//! `--floor-extra` adds one of those costs at a time (see [`Extra`]).
+//! `--floor-extra` adds those costs (see [`Extras`]).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,45 +39,94 @@ pub const SETTLE_GROUP: usize = 128;
 /// How long results may gather before a settle: the scheduler's `FINISH_LINGER`.
 pub const LINGER: Duration = Duration::from_millis(5);
 
-/// A cost of nudge's beside the floor's, added to it for `--floor-extra`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Extra {
-    /// The floor alone.
-    None,
-    /// The log carries nudge's columns (customer, journey, instance, step,
-    /// channel, template, reason, rule hash, attempt) and nudge's indexes on
-    /// `dispatch_log`: (time, seq), (journey, time, seq),
+/// Costs of nudge's beside the floor's, added to it (`--floor-extra`, names
+/// joined by `+`); none by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extras {
+    /// `step-indexes`: the queue carries nudge's other indexes on `steps`:
+    /// (instance_id, step) unique, the claimed steps' (customer), the
+    /// unsettled steps' (customer), and its `fillfactor` of 70.
+    pub step_indexes: bool,
+    /// `log-indexes`: the log carries nudge's columns (customer, journey,
+    /// instance, step, channel, template, reason, rule hash, attempt) and
+    /// nudge's indexes on `dispatch_log`: (time, seq), (journey, time, seq),
     /// (customer, time, seq), (outcome, time, seq) and the sent steps'
     /// (instance).
-    LogIndexes,
-    /// Each step belongs to an open instance (a row of its own with nudge's
-    /// one-open-instance partial unique index, (customer, journey) where
-    /// open); the settle completes it in the same statement.
-    Complete,
-    /// A claim takes a lease on each step's customer (`customer_claims`,
-    /// upsert in the claim's statement) and the settle ends it (delete in
-    /// the settle's statement), as nudge does for caps across replicas.
-    Leases,
-    /// After each claim, the batch's sends marked (`sending_at`) in one
-    /// more statement before they start, as nudge does.
-    SendMark,
+    pub log_indexes: bool,
+    /// `complete`: each step belongs to an open instance (a row of its own
+    /// with nudge's indexes on `instances`: one open per (customer, journey)
+    /// (unique, partial), (customer, started_at), (journey, started_at), the
+    /// ended ones' (ended_at)); the settle completes it in the same
+    /// statement once its step is no longer pending or claimed.
+    pub complete: bool,
+    /// `leases`: a claim skips steps of customers another holder has a live
+    /// lease on and takes a lease on each claimed step's customer
+    /// (`customer_claims`, upsert in the claim's statement); the settle ends
+    /// them (delete in the settle's statement), as nudge does so that caps
+    /// hold across replicas.
+    pub leases: bool,
+    /// `send-mark`: after each claim, the batch's sends marked (`sending_at`)
+    /// in one more statement (and commit) before they start, as nudge does.
+    pub send_mark: bool,
+    /// `reads`: after each claim, the batch's customers (a row each, with a
+    /// JSON context) and their steps' past log records (the histories)
+    /// read, one statement each, as nudge does before deciding.
+    pub reads: bool,
 }
 
-impl FromStr for Extra {
+impl FromStr for Extras {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "none" => Self::None,
-            "log-indexes" => Self::LogIndexes,
-            "complete" => Self::Complete,
-            "leases" => Self::Leases,
-            "send-mark" => Self::SendMark,
-            other => {
-                return Err(format!(
-                    "--floor-extra {other}: one of none, log-indexes, complete, leases, send-mark"
-                ))
+        let mut x = Self::default();
+        for name in s.split('+') {
+            match name {
+                "none" => {}
+                "step-indexes" => x.step_indexes = true,
+                "log-indexes" => x.log_indexes = true,
+                "complete" => x.complete = true,
+                "leases" => x.leases = true,
+                "send-mark" => x.send_mark = true,
+                "reads" => x.reads = true,
+                "all" => {
+                    x = Self {
+                        step_indexes: true,
+                        log_indexes: true,
+                        complete: true,
+                        leases: true,
+                        send_mark: true,
+                        reads: true,
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "--floor-extra {other}: none, all, or step-indexes, log-indexes, complete, leases, send-mark, reads joined by +"
+                    ))
+                }
             }
-        })
+        }
+        Ok(x)
+    }
+}
+
+impl std::fmt::Display for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [
+            (self.step_indexes, "step-indexes"),
+            (self.log_indexes, "log-indexes"),
+            (self.complete, "complete"),
+            (self.leases, "leases"),
+            (self.send_mark, "send-mark"),
+            (self.reads, "reads"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join("+"))
+        }
     }
 }
 
@@ -94,63 +143,145 @@ const CLAIM: &str = "UPDATE queue SET status = 'claimed', lease_until = $4
          FOR UPDATE SKIP LOCKED))
      RETURNING id";
 
-/// The same, taking a lease on each claimed step's customer (`Extra::Leases`).
+/// The same, skipping customers another holder has a live lease on and
+/// taking a lease on each claimed step's customer (`Extras::leases`).
 const CLAIM_LEASES: &str = "WITH claimed AS (
          UPDATE queue SET status = 'claimed', lease_until = $4
          WHERE id = ANY (ARRAY(
-             SELECT id FROM queue
-             WHERE status = 'pending' AND channel = $1 AND due_at <= $2
-             ORDER BY due_at LIMIT $3
-             FOR UPDATE SKIP LOCKED))
+             SELECT q.id FROM queue AS q
+             WHERE q.status = 'pending' AND q.channel = $1 AND q.due_at <= $2
+               AND NOT EXISTS (
+                   SELECT 1 FROM customer_claims AS c
+                   WHERE c.customer = q.customer AND c.holder <> 'floor' AND c.lease_until >= $2
+                   OFFSET 0)
+             ORDER BY q.due_at LIMIT $3
+             FOR UPDATE OF q SKIP LOCKED))
          RETURNING id, customer),
      held AS (
          INSERT INTO customer_claims (customer, holder, lease_until)
          SELECT DISTINCT customer, 'floor', $4 FROM claimed ORDER BY customer
-         ON CONFLICT (customer) DO UPDATE SET lease_until = excluded.lease_until)
+         ON CONFLICT (customer) DO UPDATE SET lease_until = excluded.lease_until
+             WHERE customer_claims.holder = excluded.holder OR customer_claims.lease_until < $2)
      SELECT id FROM claimed";
 
-/// Marks the steps `$1` as being sent since `$2` (`Extra::SendMark`).
+/// Marks the steps `$1` as being sent since `$2` (`Extras::send_mark`).
 const SEND_MARK: &str =
     "UPDATE queue SET sending_at = $2 WHERE id = ANY($1::int8[]) AND status = 'claimed'";
 
+/// The batch's customers (`Extras::reads`).
+const READ_CUSTOMERS: &str = "SELECT c.id, c.context::text FROM unnest($1::text[]) AS k(id)
+     CROSS JOIN LATERAL (SELECT id, context FROM customers WHERE id = k.id OFFSET 0) AS c";
+
+/// The past log records of the batch's steps (`Extras::reads`).
+const READ_HISTORIES: &str = "SELECT h.step, h.time, h.outcome FROM unnest($1::int8[]) AS k(step)
+     CROSS JOIN LATERAL (SELECT step, time, outcome FROM log WHERE step = k.step AND outcome = 'sent' OFFSET 0) AS h";
+
 /// Settles the steps sent `$1` and logs every result (`$2`-`$5`: step,
-/// time, outcome, HTTP status), in one statement.
-const SETTLE: &str = "WITH settled AS (
-         UPDATE queue SET status = 'sent', lease_until = NULL
-         WHERE id = ANY($1::int8[]) AND status = 'claimed')
-     INSERT INTO log (step, time, outcome, http_status)
-     SELECT * FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[])";
+/// time, outcome, HTTP status), in one statement; with `extras`, also
+/// completes the instances and ends the customers' leases, and writes
+/// nudge's log columns.
+fn settle_sql(extras: Extras) -> String {
+    let mut ctes = vec!["settled AS (
+             UPDATE queue SET status = 'sent', lease_until = NULL
+             WHERE id = ANY($1::int8[]) AND status = 'claimed')"
+        .to_string()];
+    if extras.complete {
+        // The settle's snapshot still sees the settled steps claimed.
+        ctes.push(
+            "completed AS (
+                 UPDATE instances AS i SET status = 'completed', ended_at = now()
+                 WHERE i.id = ANY($1::int8[]) AND CASE WHEN i.status = 'open' THEN true END
+                   AND NOT EXISTS (
+                       SELECT 1 FROM queue AS q
+                       WHERE q.id = i.id AND q.status IN ('pending', 'claimed')
+                         AND q.id <> ALL ($1::int8[])
+                       OFFSET 0))"
+                .into(),
+        );
+    }
+    if extras.leases {
+        ctes.push(
+            "released AS (
+                 DELETE FROM customer_claims
+                 WHERE customer = ANY (ARRAY(SELECT 'c-' || lpad(unnest($1::int8[])::text, 7, '0')))
+                   AND holder = 'floor')"
+                .into(),
+        );
+    }
+    let insert = if extras.log_indexes {
+        "INSERT INTO log (step, time, outcome, http_status, customer, journey, instance, step_name,
+                          channel, template, reason, rule_hash, attempt)
+         SELECT id, time, outcome, http_status, 'c-' || lpad(id::text, 7, '0'), 'fee_increase',
+                'floor-' || id, 'alert', 'push', 'fee_increase_alert', 'step', 'hash-of-the-rules', 1
+         FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[]) AS l(id, time, outcome, http_status)"
+    } else {
+        "INSERT INTO log (step, time, outcome, http_status)
+         SELECT * FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[])"
+    };
+    format!("WITH {} {insert}", ctes.join(",\n"))
+}
 
-/// The same, with nudge's log columns (`Extra::LogIndexes`).
-const SETTLE_WIDE_LOG: &str = "WITH settled AS (
-         UPDATE queue SET status = 'sent', lease_until = NULL
-         WHERE id = ANY($1::int8[]) AND status = 'claimed')
-     INSERT INTO log (step, time, outcome, http_status, customer, journey, instance, step_name,
-                      channel, template, reason, rule_hash, attempt)
-     SELECT id, time, outcome, http_status, 'c-' || lpad(id::text, 7, '0'), 'fee_increase',
-            'floor-' || id, 'alert', 'push', 'fee_increase_alert', 'step', 'hash-of-the-rules', 1
-     FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[]) AS l(id, time, outcome, http_status)";
+/// The statements of a claim: the claim, then (with `extras`) the send mark
+/// and the batch reads.
+struct Claimer {
+    claim: postgres::Statement,
+    mark: Option<postgres::Statement>,
+    reads: Option<(postgres::Statement, postgres::Statement)>,
+}
 
-/// The same, completing each settled step's instance (`Extra::Complete`).
-const SETTLE_COMPLETE: &str = "WITH settled AS (
-         UPDATE queue SET status = 'sent', lease_until = NULL
-         WHERE id = ANY($1::int8[]) AND status = 'claimed'),
-     completed AS (
-         UPDATE instances SET status = 'completed', ended_at = now()
-         WHERE id = ANY($1::int8[]) AND status = 'open')
-     INSERT INTO log (step, time, outcome, http_status)
-     SELECT * FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[])";
+impl Claimer {
+    fn prepare(c: &mut Client, extras: Extras) -> Self {
+        Self {
+            claim: c
+                .prepare(if extras.leases { CLAIM_LEASES } else { CLAIM })
+                .unwrap(),
+            mark: extras.send_mark.then(|| c.prepare(SEND_MARK).unwrap()),
+            reads: extras.reads.then(|| {
+                (
+                    c.prepare(READ_CUSTOMERS).unwrap(),
+                    c.prepare(READ_HISTORIES).unwrap(),
+                )
+            }),
+        }
+    }
 
-/// The same, ending the customers' leases (`Extra::Leases`).
-const SETTLE_LEASES: &str = "WITH settled AS (
-         UPDATE queue SET status = 'sent', lease_until = NULL
-         WHERE id = ANY($1::int8[]) AND status = 'claimed'),
-     released AS (
-         DELETE FROM customer_claims
-         WHERE customer = ANY (ARRAY(SELECT 'c-' || lpad(unnest($1::int8[])::text, 7, '0')))
-           AND holder = 'floor')
-     INSERT INTO log (step, time, outcome, http_status)
-     SELECT * FROM unnest($2::int8[], $3::timestamptz[], $4::text[], $5::int4[])";
+    /// Claims up to `batch` steps; marks and reads them as `extras` ask.
+    fn claim(&self, c: &mut Client, batch: usize) -> Vec<i64> {
+        let now = Utc::now();
+        let ids: Vec<i64> = c
+            .query(
+                &self.claim,
+                &[
+                    &"push",
+                    &now,
+                    &(batch as i64),
+                    &(now + chrono::Duration::seconds(300)),
+                ],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            return ids;
+        }
+        if let Some((customers, histories)) = &self.reads {
+            let names: Vec<String> = ids.iter().map(|id| format!("c-{id:07}")).collect();
+            let rows = c.query(customers, &[&names]).unwrap();
+            assert_eq!(rows.len(), ids.len(), "floor: a customer a step");
+            std::hint::black_box(
+                rows.iter()
+                    .map(|r| r.get::<_, &str>(1).len())
+                    .sum::<usize>(),
+            );
+            std::hint::black_box(c.query(histories, &[&ids]).unwrap());
+        }
+        if let Some(mark) = &self.mark {
+            c.execute(mark, &[&ids, &Utc::now()]).unwrap();
+        }
+        ids
+    }
+}
 
 /// One result: step, when it finished, HTTP status (`None`: failed, or no HTTP).
 type Done = (i64, DateTime<Utc>, Option<u16>, bool);
@@ -161,7 +292,7 @@ pub struct Floor {
     /// `synchronous_commit` on (durable; the default) or off, per session:
     /// a diagnosis of what waiting for the WAL flush costs, not a floor.
     sync_commit: bool,
-    extra: Extra,
+    extras: Extras,
     /// The next step id to insert.
     next: i64,
 }
@@ -187,14 +318,14 @@ fn wal(c: &mut Client) -> (f64, f64) {
 }
 
 impl Floor {
-    /// A fresh schema with the floor's tables (and those `extra` needs).
-    pub fn new(tls: bool, sync_commit: bool, extra: Extra) -> Self {
+    /// A fresh schema with the floor's tables (and what `extras` needs).
+    pub fn new(tls: bool, sync_commit: bool, extras: Extras) -> Self {
         let schema = Schema::new();
         let floor = Self {
             schema,
             tls,
             sync_commit,
-            extra,
+            extras,
             next: 1,
         };
         let mut c = floor.connect();
@@ -206,6 +337,8 @@ impl Floor {
                  status text NOT NULL DEFAULT 'pending',
                  lease_until timestamptz,
                  customer text,
+                 instance_id text,
+                 step text,
                  sending_at timestamptz);
              CREATE INDEX queue_due ON queue (channel, due_at) WHERE status = 'pending';
              CREATE TABLE log (
@@ -217,31 +350,53 @@ impl Floor {
                  customer text, journey text, instance text, step_name text, channel text,
                  template text, reason text, rule_hash text, attempt integer);",
         );
-        match extra {
-            Extra::LogIndexes => ddl.push_str(
+        if extras.step_indexes {
+            ddl.push_str(
+                "CREATE UNIQUE INDEX queue_instance_step ON queue (instance_id, step);
+                 CREATE INDEX queue_claimed_by_customer ON queue (customer) WHERE status = 'claimed';
+                 CREATE INDEX queue_unsettled_by_customer ON queue (customer)
+                     WHERE status IN ('pending', 'claimed');
+                 ALTER TABLE queue SET (fillfactor = 70);",
+            );
+        }
+        if extras.log_indexes {
+            ddl.push_str(
                 "CREATE INDEX log_time ON log (time, seq);
                  CREATE INDEX log_journey ON log (journey, time, seq);
                  CREATE INDEX log_customer ON log (customer, time, seq);
                  CREATE INDEX log_outcome ON log (outcome, time, seq);
                  CREATE INDEX log_instance ON log (instance) WHERE outcome = 'sent';",
-            ),
-            Extra::Complete => ddl.push_str(
+            );
+        }
+        if extras.complete {
+            ddl.push_str(
                 "CREATE TABLE instances (
                      id bigint PRIMARY KEY,
                      customer text NOT NULL,
                      journey text NOT NULL,
                      status text NOT NULL DEFAULT 'open',
+                     started_at timestamptz NOT NULL,
                      ended_at timestamptz);
                  CREATE UNIQUE INDEX instances_one_open ON instances (customer, journey)
-                     WHERE status = 'open';",
-            ),
-            Extra::Leases => ddl.push_str(
+                     WHERE status = 'open';
+                 CREATE INDEX instances_by_customer ON instances (customer, started_at);
+                 CREATE INDEX instances_by_journey ON instances (journey, started_at);
+                 CREATE INDEX instances_ended ON instances (ended_at) WHERE status <> 'open';",
+            );
+        }
+        if extras.leases {
+            ddl.push_str(
                 "CREATE TABLE customer_claims (
                      customer text PRIMARY KEY,
                      holder text NOT NULL,
                      lease_until timestamptz NOT NULL);",
-            ),
-            Extra::None | Extra::SendMark => {}
+            );
+        }
+        if extras.reads {
+            ddl.push_str(
+                "CREATE TABLE customers (id text PRIMARY KEY, context jsonb NOT NULL);
+                 CREATE INDEX log_step ON log (step) WHERE outcome = 'sent';",
+            );
         }
         c.batch_execute(&ddl).unwrap();
         floor
@@ -281,27 +436,41 @@ impl Floor {
         self.next = ids.end;
         let mut c = self.connect();
         c.execute(
-            "INSERT INTO queue (id, channel, due_at, customer)
-             SELECT g, 'push', now() - interval '1 second', 'c-' || lpad(g::text, 7, '0')
+            "INSERT INTO queue (id, channel, due_at, customer, instance_id, step)
+             SELECT g, 'push', now() - interval '1 second', 'c-' || lpad(g::text, 7, '0'),
+                    'fee_increase-' || g, 'alert'
              FROM generate_series($1::int8, $2::int8 - 1) AS g",
             &[&ids.start, &ids.end],
         )
         .unwrap();
-        if self.extra == Extra::Complete {
+        let mut tables = vec!["queue", "log"];
+        if self.extras.complete {
             c.execute(
-                "INSERT INTO instances (id, customer, journey)
-                 SELECT g, 'c-' || lpad(g::text, 7, '0'), 'fee_increase'
+                "INSERT INTO instances (id, customer, journey, started_at)
+                 SELECT g, 'c-' || lpad(g::text, 7, '0'), 'fee_increase', now()
                  FROM generate_series($1::int8, $2::int8 - 1) AS g",
                 &[&ids.start, &ids.end],
             )
             .unwrap();
+            tables.push("instances");
         }
-        c.batch_execute(match self.extra {
-            Extra::Complete => "ANALYZE queue, log, instances",
-            Extra::Leases => "ANALYZE queue, log, customer_claims",
-            _ => "ANALYZE queue, log",
-        })
-        .unwrap();
+        if self.extras.leases {
+            tables.push("customer_claims");
+        }
+        if self.extras.reads {
+            c.execute(
+                "INSERT INTO customers (id, context)
+                 SELECT 'c-' || lpad(g::text, 7, '0'),
+                        jsonb_build_object('id', 'c-' || lpad(g::text, 7, '0'), 'app_installed', true,
+                                           'segment', 'retail', 'attributes', jsonb_build_object('tier', 'gold'))
+                 FROM generate_series($1::int8, $2::int8 - 1) AS g",
+                &[&ids.start, &ids.end],
+            )
+            .unwrap();
+            tables.push("customers");
+        }
+        c.batch_execute(&format!("ANALYZE {}", tables.join(", ")))
+            .unwrap();
         ids
     }
 
@@ -322,42 +491,16 @@ impl Floor {
         let n = (ids.end - ids.start) as usize;
         let mut claimer_conn = self.connect();
         let mut settler_conn = self.connect();
-        let extra = self.extra;
-        let claim_sql = if extra == Extra::Leases {
-            CLAIM_LEASES
-        } else {
-            CLAIM
-        };
-        let settle_sql = match extra {
-            Extra::LogIndexes => SETTLE_WIDE_LOG,
-            Extra::Complete => SETTLE_COMPLETE,
-            Extra::Leases => SETTLE_LEASES,
-            Extra::None | Extra::SendMark => SETTLE,
-        };
-        let claim = claimer_conn.prepare(claim_sql).unwrap();
-        let mark = claimer_conn.prepare(SEND_MARK).unwrap();
-        let settle = settler_conn.prepare(settle_sql).unwrap();
+        let claimer = Claimer::prepare(&mut claimer_conn, self.extras);
+        let settle = settler_conn.prepare(&settle_sql(self.extras)).unwrap();
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
         let wal_before = wal(&mut settler_conn);
         let start = Instant::now();
-        let claimer = std::thread::spawn(move || {
-            let lease = chrono::Duration::seconds(300);
-            loop {
-                let now = Utc::now();
-                let rows = claimer_conn
-                    .query(&claim, &[&"push", &now, &(batch as i64), &(now + lease)])
-                    .unwrap();
-                if rows.is_empty() {
-                    break;
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                if extra == Extra::SendMark {
-                    claimer_conn.execute(&mark, &[&ids, &Utc::now()]).unwrap();
-                }
-                if batch_tx.blocking_send(ids).is_err() {
-                    break;
-                }
+        let claiming = std::thread::spawn(move || loop {
+            let ids = claimer.claim(&mut claimer_conn, batch);
+            if ids.is_empty() || batch_tx.blocking_send(ids).is_err() {
+                break;
             }
         });
         let sender = rt.spawn(async move {
@@ -417,7 +560,7 @@ impl Floor {
             }
             (settled, wal(&mut settler_conn))
         });
-        claimer.join().unwrap();
+        claiming.join().unwrap();
         rt.block_on(sender).unwrap();
         let (settled, wal_after) = settler.join().unwrap();
         let elapsed = start.elapsed();
@@ -432,7 +575,8 @@ impl Floor {
         }
     }
 
-    /// Every step of `ids` is settled sent, with one `sent` record each.
+    /// Every step of `ids` is settled sent, with one `sent` record each (and
+    /// with `extras`, its instance completed and no customer lease left).
     fn check(&self, ids: std::ops::Range<i64>) {
         let n = ids.end - ids.start;
         let mut c = self.connect();
@@ -452,6 +596,23 @@ impl Floor {
             vec![n; 5],
             "floor: steps sent, steps, `sent` records, steps logged sent, records"
         );
+        if self.extras.complete {
+            let completed: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE id >= $1 AND id < $2 AND status = 'completed'",
+                    &[&ids.start, &ids.end],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(completed, n, "floor: instances completed");
+        }
+        if self.extras.leases {
+            let held: i64 = c
+                .query_one("SELECT count(*) FROM customer_claims", &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(held, 0, "floor: customer leases left");
+        }
     }
 
     /// The store's work alone, one connection, one statement at a time: claim
@@ -460,44 +621,13 @@ impl Floor {
     pub fn serial(&self, ids: std::ops::Range<i64>, batch: usize) -> (f64, f64, f64) {
         let n = (ids.end - ids.start) as usize;
         let mut c = self.connect();
-        let claim = c
-            .prepare(if self.extra == Extra::Leases {
-                CLAIM_LEASES
-            } else {
-                CLAIM
-            })
-            .unwrap();
-        let settle = c
-            .prepare(match self.extra {
-                Extra::LogIndexes => SETTLE_WIDE_LOG,
-                Extra::Complete => SETTLE_COMPLETE,
-                Extra::Leases => SETTLE_LEASES,
-                Extra::None | Extra::SendMark => SETTLE,
-            })
-            .unwrap();
-        let mark = c.prepare(SEND_MARK).unwrap();
+        let claimer = Claimer::prepare(&mut c, self.extras);
+        let settle = c.prepare(&settle_sql(self.extras)).unwrap();
         let (mut claim_time, mut settle_time) = (Duration::ZERO, Duration::ZERO);
         let mut done = 0;
         loop {
             let t = Instant::now();
-            let now = Utc::now();
-            let claimed: Vec<i64> = c
-                .query(
-                    &claim,
-                    &[
-                        &"push",
-                        &now,
-                        &(batch as i64),
-                        &(now + chrono::Duration::seconds(300)),
-                    ],
-                )
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            if self.extra == Extra::SendMark && !claimed.is_empty() {
-                c.execute(&mark, &[&claimed, &Utc::now()]).unwrap();
-            }
+            let claimed = claimer.claim(&mut c, batch);
             claim_time += t.elapsed();
             if claimed.is_empty() {
                 break;
