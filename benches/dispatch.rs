@@ -47,7 +47,9 @@
 //!     the floor's sessions do not wait for the WAL flush at commit (not
 //!     durable: a diagnosis of the flush's share, not a floor). Each floor
 //!     round also prints the WAL written a step and the WAL syncs a batch
-//!     (`pg_stat_wal`, the whole server's))
+//!     (`pg_stat_wal`, the whole server's), and the CPU time a step of each
+//!     turn's timed part, PostgreSQL's (every `postgres` process, from
+//!     `/proc`) and this process's (endpoint and sender))
 
 mod common;
 #[path = "dispatch/floor.rs"]
@@ -199,6 +201,41 @@ struct FloorRound {
     variants: Vec<(f64, (f64, f64, f64))>,
 }
 
+/// CPU seconds used so far by PostgreSQL (every process named `postgres`,
+/// with the children the server has reaped: sessions that ended) and by this
+/// process (the endpoint, the plain client, nudge and the floor all run in
+/// it), from `/proc`; each a tick (10 ms) at best.
+pub fn cpu_seconds() -> (f64, f64) {
+    // utime, stime, cutime, cstime: fields 14-17, after the `(comm)`.
+    let read = |path: &std::path::Path| -> Option<(bool, f64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..15)?
+            .iter()
+            .map(|f| f.parse::<f64>().unwrap_or(0.0))
+            .sum();
+        Some((&stat[open + 1..close] == "postgres", ticks / 100.0))
+    };
+    let pg = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| read(&e.path().join("stat")))
+        .filter(|(postgres, _)| *postgres)
+        .map(|(_, s)| s)
+        .sum();
+    let own = read(std::path::Path::new("/proc/self/stat")).map_or(0.0, |(_, s)| s);
+    (pg, own)
+}
+
 /// The floor's message for step `id`: the plain client's shape, a key of its own.
 fn floor_message(id: i64) -> Message {
     let instance = format!("floor-{id:012x}");
@@ -217,8 +254,9 @@ fn floor_message(id: i64) -> Message {
     }
 }
 
-/// A plain reqwest client: the same body, header and concurrency.
-fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
+/// A plain reqwest client: the same body, header and concurrency. Its rate,
+/// and the CPU seconds (PostgreSQL, this process) of its timed part.
+fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> (f64, (f64, f64)) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(64)
@@ -238,6 +276,7 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
         attempt: 1,
     };
     rt.block_on(async {
+        let cpu = cpu_seconds();
         let start = Instant::now();
         let ok = futures::stream::iter(0..n)
             .map(|_| {
@@ -252,7 +291,9 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
             .count()
             .await;
         assert_eq!(ok as u64, n);
-        n as f64 / start.elapsed().as_secs_f64()
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let after = cpu_seconds();
+        (rate, (after.0 - cpu.0, after.1 - cpu.1))
     })
 }
 
@@ -511,11 +552,13 @@ fn main() {
     };
     let nudge_rt = runtime();
 
-    // nudge sends `per_round` due steps; returns its rate.
-    let run_nudge = |round: u64| -> f64 {
+    // nudge sends `per_round` due steps; returns its rate and the CPU
+    // seconds (PostgreSQL, this process) of its timed part.
+    let run_nudge = |round: u64| -> (f64, (f64, f64)) {
         let base_count = endpoint.received();
         seen.lock().unwrap().clear();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let cpu = cpu_seconds();
         let start = Instant::now();
         let tasks: Vec<_> = schedulers
             .iter()
@@ -533,6 +576,7 @@ fn main() {
             );
         }
         let elapsed = start.elapsed();
+        let cpu_after = cpu_seconds();
         let _ = stop_tx.send(true);
         for task in tasks {
             nudge_rt.block_on(task).unwrap();
@@ -553,7 +597,10 @@ fn main() {
             per_round,
             "each step sent exactly once"
         );
-        per_round as f64 / elapsed.as_secs_f64()
+        (
+            per_round as f64 / elapsed.as_secs_f64(),
+            (cpu_after.0 - cpu.0, cpu_after.1 - cpu.1),
+        )
     };
 
     // `--floor 1` (PostgreSQL): the floor, a minimal durable sender on
@@ -663,6 +710,7 @@ fn main() {
     let mut ratios = Vec::new();
     let mut insert_rates = Vec::new();
     let mut floor_rounds: Vec<FloorRound> = Vec::new();
+    let mut cpu_by_turn: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for round in 0..rounds {
         let customers = per_round / sent_per_customer;
         if !floor_only {
@@ -682,18 +730,63 @@ fn main() {
         let (mut nudge_rate, mut plain_rate) = (None, 0.0);
         let mut over_http = vec![(0.0, (0.0, 0.0)); 1 + floor_extras.len()];
         let mut store_rate = 0.0;
+        // CPU µs a step of each turn (PostgreSQL, this process), by name.
+        let mut cpu: Vec<(String, f64, f64)> = Vec::new();
         for k in 0..turns.len() {
-            match turns[(k + round as usize) % turns.len()] {
-                Turn::Nudge => nudge_rate = Some(run_nudge(round)),
-                Turn::Plain => plain_rate = plain_client(&client_rt, &url, plain_per_round),
+            let turn = turns[(k + round as usize) % turns.len()];
+            let used = match turn {
+                Turn::Nudge => {
+                    let (rate, cpu) = run_nudge(round);
+                    nudge_rate = Some(rate);
+                    cpu
+                }
+                Turn::Plain => {
+                    let (rate, cpu) = plain_client(&client_rt, &url, plain_per_round);
+                    plain_rate = rate;
+                    cpu
+                }
                 Turn::Floor(v) => {
                     let i = http_floor(v);
                     let run = run_floor(&floors[i], floor_ids[i].clone(), true);
                     over_http[v] = (run.rate, run.wal);
+                    run.cpu
                 }
                 Turn::FloorStore => {
-                    store_rate = run_floor(&floors[1], floor_ids[1].clone(), false).rate;
+                    let run = run_floor(&floors[1], floor_ids[1].clone(), false);
+                    store_rate = run.rate;
+                    run.cpu
                 }
+            };
+            let (name, steps) = match turn {
+                Turn::Nudge => ("nudge".to_string(), per_round),
+                Turn::Plain => ("plain".to_string(), plain_per_round),
+                Turn::Floor(0) => ("floor".to_string(), per_round),
+                Turn::Floor(v) => (format!("floor + {}", floor_extras[v - 1]), per_round),
+                Turn::FloorStore => ("floor store only".to_string(), per_round),
+            };
+            cpu.push((
+                name,
+                used.0 * 1e6 / steps as f64,
+                used.1 * 1e6 / steps as f64,
+            ));
+        }
+        cpu.sort_by_key(|(name, ..)| {
+            ["nudge", "plain", "floor", "floor store only"]
+                .iter()
+                .position(|n| n == name)
+                .unwrap_or(4)
+        });
+        if with_floor {
+            println!(
+                "round {}: CPU µs a step (PostgreSQL + this process): {}",
+                round + 1,
+                cpu.iter()
+                    .map(|(name, pg, own)| format!("{name} {pg:.1} + {own:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for (name, pg, own) in cpu {
+                cpu_by_turn.entry(name).or_default().push((pg, own));
             }
         }
         plain_time += plain_per_round as f64 / plain_rate;
@@ -791,6 +884,18 @@ fn main() {
             fmt_rate(med(&|r| r.nudge)),
             med(&|r| r.nudge.map(|n| n / r.plain)),
             med(&|r| r.nudge.map(|n| n / r.floor)),
+        );
+        println!(
+            "CPU µs a step (PostgreSQL + this process), medians: {}",
+            cpu_by_turn
+                .iter()
+                .map(|(name, v)| format!(
+                    "{name} {:.1} + {:.1}",
+                    median(v.iter().map(|c| c.0).collect()),
+                    median(v.iter().map(|c| c.1).collect())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for (v, x) in floor_extras.iter().enumerate() {
             println!(

@@ -304,6 +304,9 @@ pub struct Run {
     /// WAL bytes written a step, WAL syncs a claimed batch (`pg_stat_wal`:
     /// the whole server's, so other tenants' writes count too).
     pub wal: (f64, f64),
+    /// CPU seconds of PostgreSQL and of this process while it ran (the
+    /// timed part: no connecting, no check).
+    pub cpu: (f64, f64),
 }
 
 /// `pg_stat_wal`'s bytes and syncs so far.
@@ -496,6 +499,7 @@ impl Floor {
         let (batch_tx, batch_rx) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
         let wal_before = wal(&mut settler_conn);
+        let cpu_before = crate::cpu_seconds();
         let start = Instant::now();
         let claiming = std::thread::spawn(move || loop {
             let ids = claimer.claim(&mut claimer_conn, batch);
@@ -564,6 +568,7 @@ impl Floor {
         rt.block_on(sender).unwrap();
         let (settled, wal_after) = settler.join().unwrap();
         let elapsed = start.elapsed();
+        let cpu_after = crate::cpu_seconds();
         assert_eq!(settled, n, "the floor settled every step it claimed");
         self.check(ids);
         Run {
@@ -572,6 +577,7 @@ impl Floor {
                 (wal_after.0 - wal_before.0) / n as f64,
                 (wal_after.1 - wal_before.1) / n as f64 * batch as f64,
             ),
+            cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
         }
     }
 
