@@ -46,8 +46,8 @@
 //!     offers it and `sslmode` defaults to prefer); `--floor-sync-commit 0`:
 //!     the floor's sessions do not wait for the WAL flush at commit (not
 //!     durable: a diagnosis of the flush's share, not a floor). Each floor
-//!     round also prints the WAL written a step and the WAL syncs a batch
-//!     (`pg_stat_wal`, the whole server's), and the CPU time a step of each
+//!     round also prints the WAL written a step (the server's WAL insert
+//!     position before and after), and the CPU time a step of each
 //!     turn's timed part, PostgreSQL's (every `postgres` process, from
 //!     `/proc`) and this process's (endpoint and sender))
 
@@ -552,12 +552,27 @@ fn main() {
     };
     let nudge_rt = runtime();
 
-    // nudge sends `per_round` due steps; returns its rate and the CPU
-    // seconds (PostgreSQL, this process) of its timed part.
-    let run_nudge = |round: u64| -> (f64, (f64, f64)) {
+    // The server's WAL insert position in bytes (PostgreSQL), else 0.
+    let wal_position = || -> f64 {
+        if !postgres {
+            return 0.0;
+        }
+        pg_admin()
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // nudge sends `per_round` due steps; returns its rate, the CPU seconds
+    // (PostgreSQL, this process) of its timed part and the WAL bytes
+    // written a step (PostgreSQL).
+    let run_nudge = |round: u64| -> (f64, (f64, f64), f64) {
         let base_count = endpoint.received();
         seen.lock().unwrap().clear();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wal_before = wal_position();
         let cpu = cpu_seconds();
         let start = Instant::now();
         let tasks: Vec<_> = schedulers
@@ -577,6 +592,7 @@ fn main() {
         }
         let elapsed = start.elapsed();
         let cpu_after = cpu_seconds();
+        let wal_after = wal_position();
         let _ = stop_tx.send(true);
         for task in tasks {
             nudge_rt.block_on(task).unwrap();
@@ -600,6 +616,7 @@ fn main() {
         (
             per_round as f64 / elapsed.as_secs_f64(),
             (cpu_after.0 - cpu.0, cpu_after.1 - cpu.1),
+            (wal_after - wal_before) / per_round as f64,
         )
     };
 
@@ -727,8 +744,8 @@ fn main() {
             floors.iter_mut().map(|f| f.insert(per_round)).collect();
         // Take turns, the first of each round rotating, so that a drift
         // favours none.
-        let (mut nudge_rate, mut plain_rate) = (None, 0.0);
-        let mut over_http = vec![(0.0, (0.0, 0.0)); 1 + floor_extras.len()];
+        let (mut nudge_rate, mut plain_rate, mut nudge_wal) = (None, 0.0, 0.0);
+        let mut over_http = vec![(0.0, 0.0); 1 + floor_extras.len()];
         let mut store_rate = 0.0;
         // CPU µs a step of each turn (PostgreSQL, this process), by name.
         let mut cpu: Vec<(String, f64, f64)> = Vec::new();
@@ -736,8 +753,9 @@ fn main() {
             let turn = turns[(k + round as usize) % turns.len()];
             let used = match turn {
                 Turn::Nudge => {
-                    let (rate, cpu) = run_nudge(round);
+                    let (rate, cpu, wal) = run_nudge(round);
                     nudge_rate = Some(rate);
+                    nudge_wal = wal;
                     cpu
                 }
                 Turn::Plain => {
@@ -813,20 +831,19 @@ fn main() {
             }
             let (floor_rate, floor_wal) = over_http[0];
             println!(
-                "round {}: plain {} | floor {} = {:.2} of plain (WAL {:.0} B a step, {:.1} syncs a batch) | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
+                "round {}: plain {} | floor {} = {:.2} of plain (WAL {:.0} B a step) | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
                 round + 1,
                 fmt_rate(plain_rate),
                 fmt_rate(floor_rate),
                 floor_rate / plain_rate,
-                floor_wal.0,
-                floor_wal.1,
+                floor_wal,
                 fmt_rate(store_rate),
                 fmt_rate(serial[0].2),
                 serial[0].0,
                 serial[0].1,
                 match nudge_rate {
                     Some(r) => format!(
-                        " | nudge {} = {:.2} of plain, {:.2} of floor",
+                        " | nudge {} = {:.2} of plain, {:.2} of floor (WAL {nudge_wal:.0} B a step)",
                         fmt_rate(r),
                         r / plain_rate,
                         r / floor_rate
@@ -837,13 +854,12 @@ fn main() {
             for (v, x) in floor_extras.iter().enumerate() {
                 let ((rate, wal), s) = (over_http[v + 1], serial[v + 1]);
                 println!(
-                    "round {}:   floor + {x}: {} = {:.2} of plain, {:.2} of floor (WAL {:.0} B a step, {:.1} syncs a batch); serial {} (claim {:.1} µs, settle {:.1} µs a step)",
+                    "round {}:   floor + {x}: {} = {:.2} of plain, {:.2} of floor (WAL {:.0} B a step); serial {} (claim {:.1} µs, settle {:.1} µs a step)",
                     round + 1,
                     fmt_rate(rate),
                     rate / plain_rate,
                     rate / floor_rate,
-                    wal.0,
-                    wal.1,
+                    wal,
                     fmt_rate(s.2),
                     s.0,
                     s.1
