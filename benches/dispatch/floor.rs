@@ -72,6 +72,10 @@ pub struct Extras {
     /// JSON context) and their steps' past log records (the histories)
     /// read, one statement each, as nudge does before deciding.
     pub reads: bool,
+    /// `custom-plans`: every statement planned for its values at each run
+    /// (`plan_cache_mode = force_custom_plan`), as nudge's connections are.
+    /// Not in `all`.
+    pub custom_plans: bool,
 }
 
 impl FromStr for Extras {
@@ -87,6 +91,7 @@ impl FromStr for Extras {
                 "leases" => x.leases = true,
                 "send-mark" => x.send_mark = true,
                 "reads" => x.reads = true,
+                "custom-plans" => x.custom_plans = true,
                 "all" => {
                     x = Self {
                         step_indexes: true,
@@ -95,11 +100,12 @@ impl FromStr for Extras {
                         leases: true,
                         send_mark: true,
                         reads: true,
+                        ..x
                     }
                 }
                 other => {
                     return Err(format!(
-                        "--floor-extra {other}: none, all, or step-indexes, log-indexes, complete, leases, send-mark, reads joined by +"
+                        "--floor-extra {other}: none, all, or step-indexes, log-indexes, complete, leases, send-mark, reads, custom-plans joined by +"
                     ))
                 }
             }
@@ -117,6 +123,7 @@ impl std::fmt::Display for Extras {
             (self.leases, "leases"),
             (self.send_mark, "send-mark"),
             (self.reads, "reads"),
+            (self.custom_plans, "custom-plans"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -424,9 +431,14 @@ impl Floor {
         };
         client
             .batch_execute(&format!(
-                "SET search_path TO {}; SET synchronous_commit = {}",
+                "SET search_path TO {}; SET synchronous_commit = {}; SET plan_cache_mode = {}",
                 self.schema.name,
-                if self.sync_commit { "on" } else { "off" }
+                if self.sync_commit { "on" } else { "off" },
+                if self.extras.custom_plans {
+                    "force_custom_plan"
+                } else {
+                    "auto"
+                }
             ))
             .unwrap();
         client
