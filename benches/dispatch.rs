@@ -43,8 +43,9 @@
 //!     send-mark; reads: the batch's customers and histories; custom-plans:
 //!     every statement planned at each run, as nudge's are, not in `all`),
 //!     each over HTTP and one statement at a time, in the same rounds;
-//!     `--floor-tls 0`: the floor's connections without TLS (nudge's use it: the server
-//!     offers it and `sslmode` defaults to prefer); `--floor-sync-commit 0`:
+//!     `--floor-tls 0`: the floor's connections without TLS (nudge's use
+//!     it: the server offers it and `sslmode` defaults to prefer);
+//!     `--floor-sync-commit 0`:
 //!     the floor's sessions do not wait for the WAL flush at commit (not
 //!     durable: a diagnosis of the flush's share, not a floor). Each floor
 //!     round also prints the WAL written a step (the server's WAL insert
