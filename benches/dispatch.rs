@@ -23,8 +23,39 @@
 //!     schema in the test database, `--replicas` schedulers each on its own
 //!     pool, as replicas on one database; see harness::pg_base; `--analyze 1`:
 //!     its tables analyzed after each insert of due steps)
+//!   cargo bench --bench dispatch -- --postgres 1 --floor 1 [--floor-only 1] [--check-keys 1]
+//!     [--floor-extra X,Y+Z] [--floor-tls 0] [--floor-sync-commit 0]
+//!     (the floor, what any durable sender on PostgreSQL reaches here: a
+//!     minimal sender written directly against PostgreSQL (dispatch/floor.rs;
+//!     a queue table and a log table, claim with `FOR UPDATE SKIP LOCKED`,
+//!     settle in one statement a group), with nudge's HTTP channel adapter,
+//!     batch, settle group and concurrency, takes its turn in each round
+//!     beside nudge and the plain client, on a fresh schema of its own; then
+//!     its store work alone, pipelined as it runs with the sends accepted at
+//!     once, and one statement at a time (µs a step). Each floor run is
+//!     checked: the endpoint received one request per step (`--check-keys 1`:
+//!     each step's key once), every step settled sent with one `sent` record.
+//!     `--floor-only 1`: nudge sits the rounds out; `--floor-extra`: beside
+//!     the floor, one variant of it per comma-separated item with those of
+//!     nudge's costs added (joined by `+`; `all`, or step-indexes: nudge's
+//!     other indexes on the due steps; log-indexes: nudge's log columns and
+//!     indexes; complete: the instance's completion; leases: customer leases;
+//!     send-mark; reads: the batch's customers and histories; custom-plans:
+//!     every statement planned at each run, as nudge's are, not in `all`),
+//!     each over HTTP and one statement at a time, in the same rounds;
+//!     `--floor-tls 0`: the floor's connections without TLS (nudge's use
+//!     it: the server offers it and `sslmode` defaults to prefer);
+//!     `--floor-sync-commit 0`:
+//!     the floor's sessions do not wait for the WAL flush at commit (not
+//!     durable: a diagnosis of the flush's share, not a floor). Each floor
+//!     round also prints the WAL written a step (the server's WAL insert
+//!     position before and after), and the CPU time a step of each
+//!     turn's timed part, PostgreSQL's (every `postgres` process, from
+//!     `/proc`) and this process's (endpoint and sender))
 
 mod common;
+#[path = "dispatch/floor.rs"]
+mod floor;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -159,8 +190,75 @@ fn insert_due_steps(store: &dyn Store, first: u64, n: u64, journeys: &[Planned])
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// A plain reqwest client: the same body, header and concurrency.
-fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
+/// One round of `--floor 1`: the rates of the plain client, the floor, the
+/// floor's store work pipelined as it runs (no HTTP), the floor's store work
+/// one statement at a time (claim µs, settle µs a step, rate), nudge's; and
+/// each variant's with nudge's costs (over HTTP, one statement at a time).
+struct FloorRound {
+    plain: f64,
+    floor: f64,
+    store: f64,
+    serial: (f64, f64, f64),
+    nudge: Option<f64>,
+    variants: Vec<(f64, (f64, f64, f64))>,
+}
+
+/// CPU seconds used so far by PostgreSQL (every process named `postgres`,
+/// with the children the server has reaped: sessions that ended) and by this
+/// process (the endpoint, the plain client, nudge and the floor all run in
+/// it), from `/proc`; each a tick (10 ms) at best.
+pub fn cpu_seconds() -> (f64, f64) {
+    // utime, stime, cutime, cstime: fields 14-17, after the `(comm)`.
+    let read = |path: &std::path::Path| -> Option<(bool, f64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11..15)?
+            .iter()
+            .map(|f| f.parse::<f64>().unwrap_or(0.0))
+            .sum();
+        Some((&stat[open + 1..close] == "postgres", ticks / 100.0))
+    };
+    let pg = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| read(&e.path().join("stat")))
+        .filter(|(postgres, _)| *postgres)
+        .map(|(_, s)| s)
+        .sum();
+    let own = read(std::path::Path::new("/proc/self/stat")).map_or(0.0, |(_, s)| s);
+    (pg, own)
+}
+
+/// The floor's message for step `id`: the plain client's shape, a key of its own.
+fn floor_message(id: i64) -> Message {
+    let instance = format!("floor-{id:012x}");
+    Message {
+        idempotency_key: nudge::model::idempotency_key(&instance, "alert"),
+        customer: format!("c-{id:07}"),
+        journey: "fee_increase".into(),
+        instance,
+        step: "alert".into(),
+        channel: ChannelKind::Push,
+        template: "fee_increase_alert".into(),
+        variables: vars(id as u64).into(),
+        address: None,
+        history: vec![],
+        attempt: 1,
+    }
+}
+
+/// A plain reqwest client: the same body, header and concurrency. Its rate,
+/// and the CPU seconds (PostgreSQL, this process) of its timed part.
+fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> (f64, (f64, f64)) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(64)
@@ -180,6 +278,7 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
         attempt: 1,
     };
     rt.block_on(async {
+        let cpu = cpu_seconds();
         let start = Instant::now();
         let ok = futures::stream::iter(0..n)
             .map(|_| {
@@ -194,7 +293,9 @@ fn plain_client(rt: &tokio::runtime::Runtime, url: &str, n: u64) -> f64 {
             .count()
             .await;
         assert_eq!(ok as u64, n);
-        n as f64 / start.elapsed().as_secs_f64()
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let after = cpu_seconds();
+        (rate, (after.0 - cpu.0, after.1 - cpu.1))
     })
 }
 
@@ -453,11 +554,28 @@ fn main() {
     };
     let nudge_rt = runtime();
 
-    // nudge sends `per_round` due steps; returns its rate.
-    let run_nudge = |round: u64| -> f64 {
+    // The server's WAL insert position in bytes (PostgreSQL), else 0.
+    let wal_position = || -> f64 {
+        if !postgres {
+            return 0.0;
+        }
+        pg_admin()
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::float8",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // nudge sends `per_round` due steps; returns its rate, the CPU seconds
+    // (PostgreSQL, this process) of its timed part and the WAL bytes
+    // written a step (PostgreSQL).
+    let run_nudge = |round: u64| -> (f64, (f64, f64), f64) {
         let base_count = endpoint.received();
         seen.lock().unwrap().clear();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wal_before = wal_position();
+        let cpu = cpu_seconds();
         let start = Instant::now();
         let tasks: Vec<_> = schedulers
             .iter()
@@ -475,6 +593,8 @@ fn main() {
             );
         }
         let elapsed = start.elapsed();
+        let cpu_after = cpu_seconds();
+        let wal_after = wal_position();
         let _ = stop_tx.send(true);
         for task in tasks {
             nudge_rt.block_on(task).unwrap();
@@ -495,41 +615,320 @@ fn main() {
             per_round,
             "each step sent exactly once"
         );
-        per_round as f64 / elapsed.as_secs_f64()
+        (
+            per_round as f64 / elapsed.as_secs_f64(),
+            (cpu_after.0 - cpu.0, cpu_after.1 - cpu.1),
+            (wal_after - wal_before) / per_round as f64,
+        )
     };
+
+    // `--floor 1` (PostgreSQL): the floor, a minimal durable sender on
+    // PostgreSQL (floor.rs), takes its turn in each round beside nudge and
+    // the plain client, with the same endpoint, batch and concurrency; and
+    // its store work alone, pipelined as it runs (no HTTP) and one statement
+    // at a time. Each on a fresh schema of its own. `--floor-only 1`: nudge
+    // sits the rounds out. `--floor-extra A,B+C`: besides the floor, one
+    // variant of it per item, with those of nudge's costs added (sent over
+    // HTTP, and its store work one statement at a time).
+    let with_floor = arg("floor", 0u8) == 1 || arg("floor-only", 0u8) == 1;
+    let floor_only = arg("floor-only", 0u8) == 1;
+    assert!(!with_floor || postgres, "--floor 1 needs --postgres 1");
+    let floor_extras: Vec<floor::Extras> = arg("floor-extra", String::new())
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let floor_tls = arg("floor-tls", 1u8) == 1;
+    // `--floor-sync-commit 0`: the floor's sessions do not wait for the WAL
+    // flush at commit (not durable: a diagnosis, not a floor).
+    let floor_sync_commit = arg("floor-sync-commit", 1u8) == 1;
+    let batch = SchedulerConfig::default().batch_size;
+    let new_floor = |extras| floor::Floor::new(floor_tls, floor_sync_commit, extras);
+    // The floor over HTTP, its store work pipelined, one statement at a
+    // time; then each variant over HTTP and one statement at a time.
+    let mut floors: Vec<floor::Floor> = Vec::new();
+    if with_floor {
+        println!(
+            "floor: claim {batch}, settle groups of {} (linger {:?}), concurrency {}, TLS {}, synchronous_commit {}, variants with nudge's costs: {}",
+            floor::SETTLE_GROUP,
+            floor::LINGER,
+            *CONCURRENCY,
+            if floor_tls { "as nudge (prefer)" } else { "off" },
+            if floor_sync_commit { "on (durable)" } else { "OFF (not durable, diagnosis only)" },
+            floor_extras
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        floors.extend((0..3).map(|_| new_floor(floor::Extras::default())));
+        for x in &floor_extras {
+            floors.extend((0..2).map(|_| new_floor(*x)));
+        }
+    }
+    let floor_rt = runtime();
+    let floor_channel: Arc<dyn nudge::dispatch::Channel> =
+        Arc::new(HttpChannel::new(&url, Duration::from_secs(5), None).unwrap());
+    let check_keys = arg("check-keys", 0u8) == 1;
+    let run_floor = |floor: &floor::Floor, ids: std::ops::Range<i64>, http: bool| -> floor::Run {
+        let base_count = endpoint.received();
+        seen.lock().unwrap().clear();
+        let run = floor.run(
+            &floor_rt,
+            http.then(|| floor_channel.clone()),
+            floor_message,
+            ids.clone(),
+            batch,
+            *CONCURRENCY,
+        );
+        let n = (ids.end - ids.start) as u64;
+        assert_eq!(
+            endpoint.received() - base_count,
+            if http { n } else { 0 },
+            "floor: each step sent exactly once"
+        );
+        if http && check_keys {
+            let seen = seen.lock().unwrap();
+            let keys: std::collections::HashSet<&str> =
+                seen.iter().map(|(key, _)| key.as_str()).collect();
+            assert_eq!(seen.len() as u64, n, "floor: requests");
+            assert_eq!(keys.len() as u64, n, "floor: keys seen once each");
+            for id in ids {
+                assert!(
+                    keys.contains(floor_message(id).idempotency_key.as_str()),
+                    "floor: step {id} not seen"
+                );
+            }
+        }
+        run
+    };
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Turn {
+        Nudge,
+        Plain,
+        /// The floor (0), or a variant (1..): over HTTP.
+        Floor(usize),
+        FloorStore,
+    }
+    let mut turns = vec![Turn::Plain];
+    if !floor_only {
+        turns.insert(0, Turn::Nudge);
+    }
+    if with_floor {
+        turns.push(Turn::Floor(0));
+        turns.push(Turn::FloorStore);
+        turns.extend((1..=floor_extras.len()).map(Turn::Floor));
+    }
+    // Floors by role: over HTTP (the floor, then each variant), one
+    // statement at a time (the same order); the pipelined store work.
+    let http_floor = |v: usize| if v == 0 { 0 } else { 1 + 2 * v };
+    let serial_floor = |v: usize| if v == 0 { 2 } else { 2 + 2 * v };
 
     let (mut nudge_time, mut plain_time) = (0.0, 0.0);
     let mut ratios = Vec::new();
     let mut insert_rates = Vec::new();
+    let mut floor_rounds: Vec<FloorRound> = Vec::new();
+    let mut cpu_by_turn: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for round in 0..rounds {
         let customers = per_round / sent_per_customer;
-        insert_rates.push(insert_due_steps(
-            store.as_ref(),
-            round * customers,
-            customers,
-            &journeys,
-        ));
-        analyze();
-        assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
-        // Alternate which goes first, so that a drift favours neither.
-        let (nudge_rate, plain_rate) = if round % 2 == 0 {
-            let nudge_rate = run_nudge(round);
-            (nudge_rate, plain_client(&client_rt, &url, plain_per_round))
-        } else {
-            let plain_rate = plain_client(&client_rt, &url, plain_per_round);
-            (run_nudge(round), plain_rate)
-        };
-        nudge_time += per_round as f64 / nudge_rate;
+        if !floor_only {
+            insert_rates.push(insert_due_steps(
+                store.as_ref(),
+                round * customers,
+                customers,
+                &journeys,
+            ));
+            analyze();
+            assert_eq!(open_steps(), (customers * journeys.len() as u64) as i64);
+        }
+        let floor_ids: Vec<std::ops::Range<i64>> =
+            floors.iter_mut().map(|f| f.insert(per_round)).collect();
+        // Take turns, the first of each round rotating, so that a drift
+        // favours none.
+        let (mut nudge_rate, mut plain_rate, mut nudge_wal) = (None, 0.0, 0.0);
+        let mut over_http = vec![(0.0, 0.0); 1 + floor_extras.len()];
+        let mut store_rate = 0.0;
+        // CPU µs a step of each turn (PostgreSQL, this process), by name.
+        let mut cpu: Vec<(String, f64, f64)> = Vec::new();
+        for k in 0..turns.len() {
+            let turn = turns[(k + round as usize) % turns.len()];
+            let used = match turn {
+                Turn::Nudge => {
+                    let (rate, cpu, wal) = run_nudge(round);
+                    nudge_rate = Some(rate);
+                    nudge_wal = wal;
+                    cpu
+                }
+                Turn::Plain => {
+                    let (rate, cpu) = plain_client(&client_rt, &url, plain_per_round);
+                    plain_rate = rate;
+                    cpu
+                }
+                Turn::Floor(v) => {
+                    let i = http_floor(v);
+                    let run = run_floor(&floors[i], floor_ids[i].clone(), true);
+                    over_http[v] = (run.rate, run.wal);
+                    run.cpu
+                }
+                Turn::FloorStore => {
+                    let run = run_floor(&floors[1], floor_ids[1].clone(), false);
+                    store_rate = run.rate;
+                    run.cpu
+                }
+            };
+            let (name, steps) = match turn {
+                Turn::Nudge => ("nudge".to_string(), per_round),
+                Turn::Plain => ("plain".to_string(), plain_per_round),
+                Turn::Floor(0) => ("floor".to_string(), per_round),
+                Turn::Floor(v) => (format!("floor + {}", floor_extras[v - 1]), per_round),
+                Turn::FloorStore => ("floor store only".to_string(), per_round),
+            };
+            cpu.push((
+                name,
+                used.0 * 1e6 / steps as f64,
+                used.1 * 1e6 / steps as f64,
+            ));
+        }
+        cpu.sort_by_key(|(name, ..)| {
+            ["nudge", "plain", "floor", "floor store only"]
+                .iter()
+                .position(|n| n == name)
+                .unwrap_or(4)
+        });
+        if with_floor {
+            println!(
+                "round {}: CPU µs a step (PostgreSQL + this process): {}",
+                round + 1,
+                cpu.iter()
+                    .map(|(name, pg, own)| format!("{name} {pg:.1} + {own:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for (name, pg, own) in cpu {
+                cpu_by_turn.entry(name).or_default().push((pg, own));
+            }
+        }
         plain_time += plain_per_round as f64 / plain_rate;
-        ratios.push(nudge_rate / plain_rate);
+        if let Some(nudge_rate) = nudge_rate {
+            nudge_time += per_round as f64 / nudge_rate;
+            ratios.push(nudge_rate / plain_rate);
+            println!(
+                "round {}: nudge {} / plain {} = {:.2} (steps decided: {:.2})",
+                round + 1,
+                fmt_rate(nudge_rate),
+                fmt_rate(plain_rate),
+                nudge_rate / plain_rate,
+                nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
+            );
+        }
+        if with_floor {
+            // One statement at a time, the floor and its variants, rotating.
+            let variants = 1 + floor_extras.len();
+            let mut serial = vec![(0.0, 0.0, 0.0); variants];
+            for k in 0..variants {
+                let v = (k + round as usize) % variants;
+                let i = serial_floor(v);
+                serial[v] = floors[i].serial(floor_ids[i].clone(), batch);
+            }
+            let (floor_rate, floor_wal) = over_http[0];
+            println!(
+                "round {}: plain {} | floor {} = {:.2} of plain (WAL {:.0} B a step) | floor store only {} pipelined; serial {} (claim {:.1} µs, settle {:.1} µs a step){}",
+                round + 1,
+                fmt_rate(plain_rate),
+                fmt_rate(floor_rate),
+                floor_rate / plain_rate,
+                floor_wal,
+                fmt_rate(store_rate),
+                fmt_rate(serial[0].2),
+                serial[0].0,
+                serial[0].1,
+                match nudge_rate {
+                    Some(r) => format!(
+                        " | nudge {} = {:.2} of plain, {:.2} of floor (WAL {nudge_wal:.0} B a step)",
+                        fmt_rate(r),
+                        r / plain_rate,
+                        r / floor_rate
+                    ),
+                    None => String::new(),
+                }
+            );
+            for (v, x) in floor_extras.iter().enumerate() {
+                let ((rate, wal), s) = (over_http[v + 1], serial[v + 1]);
+                println!(
+                    "round {}:   floor + {x}: {} = {:.2} of plain, {:.2} of floor (WAL {:.0} B a step); serial {} (claim {:.1} µs, settle {:.1} µs a step)",
+                    round + 1,
+                    fmt_rate(rate),
+                    rate / plain_rate,
+                    rate / floor_rate,
+                    wal,
+                    fmt_rate(s.2),
+                    s.0,
+                    s.1
+                );
+            }
+            floor_rounds.push(FloorRound {
+                plain: plain_rate,
+                floor: floor_rate,
+                store: store_rate,
+                serial: serial[0],
+                nudge: nudge_rate,
+                variants: over_http[1..]
+                    .iter()
+                    .zip(&serial[1..])
+                    .map(|(h, s)| (h.0, *s))
+                    .collect(),
+            });
+        }
+    }
+    if with_floor {
+        let med = |f: &dyn Fn(&FloorRound) -> Option<f64>| {
+            let v: Vec<f64> = floor_rounds.iter().filter_map(f).collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                median(v)
+            }
+        };
         println!(
-            "round {}: nudge {} / plain {} = {:.2} (steps decided: {:.2})",
-            round + 1,
-            fmt_rate(nudge_rate),
-            fmt_rate(plain_rate),
-            nudge_rate / plain_rate,
-            nudge_rate / plain_rate * competing as f64 / sent_per_customer as f64
+            "floor medians of {rounds} rounds: plain {}, floor {} ({:.2} of plain), floor store only {} pipelined, serial {} (claim {:.1} µs, settle {:.1} µs); nudge {} ({:.2} of plain, {:.2} of floor)",
+            fmt_rate(med(&|r| Some(r.plain))),
+            fmt_rate(med(&|r| Some(r.floor))),
+            med(&|r| Some(r.floor / r.plain)),
+            fmt_rate(med(&|r| Some(r.store))),
+            fmt_rate(med(&|r| Some(r.serial.2))),
+            med(&|r| Some(r.serial.0)),
+            med(&|r| Some(r.serial.1)),
+            fmt_rate(med(&|r| r.nudge)),
+            med(&|r| r.nudge.map(|n| n / r.plain)),
+            med(&|r| r.nudge.map(|n| n / r.floor)),
         );
+        println!(
+            "CPU µs a step (PostgreSQL + this process), medians: {}",
+            cpu_by_turn
+                .iter()
+                .map(|(name, v)| format!(
+                    "{name} {:.1} + {:.1}",
+                    median(v.iter().map(|c| c.0).collect()),
+                    median(v.iter().map(|c| c.1).collect())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (v, x) in floor_extras.iter().enumerate() {
+            println!(
+                "floor + {x}, medians: {} ({:.2} of plain, {:.2} of floor); serial {} (claim {:.1} µs, settle {:.1} µs)",
+                fmt_rate(med(&|r| Some(r.variants[v].0))),
+                med(&|r| Some(r.variants[v].0 / r.plain)),
+                med(&|r| Some(r.variants[v].0 / r.floor)),
+                fmt_rate(med(&|r| Some(r.variants[v].1 .2))),
+                med(&|r| Some(r.variants[v].1 .0)),
+                med(&|r| Some(r.variants[v].1 .1)),
+            );
+        }
+        if floor_only {
+            return;
+        }
     }
     let total = per_round * rounds;
     // `sent` records: on SQLite one count (the bench's own reads stay out of
