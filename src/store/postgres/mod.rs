@@ -63,7 +63,7 @@ const REQUEUE_EVERY: chrono::Duration = chrono::Duration::milliseconds(250);
 /// Steps of a dead replica (lease run out) back to pending, skipping rows
 /// another claimer is re-queuing at this moment.
 const REQUEUE_EXPIRED: &str =
-    "/* plan: generic */ UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
+    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
      WHERE id IN (
          SELECT id FROM steps
          WHERE status = 'claimed' AND channel = $1 AND lease_until < $2
@@ -297,7 +297,7 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
 /// holder claims the step itself meanwhile). So a replica sleeps through
 /// another's hold instead of claiming nothing in a busy loop, and a dead
 /// replica's hold is taken over when it runs out.
-const NEXT_DUE: &str = "/* plan: generic */ SELECT LEAST(
+const NEXT_DUE: &str = "SELECT LEAST(
          (SELECT s.due_at FROM steps AS s
           WHERE s.status = 'pending' AND s.channel = $1
             AND NOT EXISTS (SELECT 1 FROM customer_claims AS c WHERE c.customer = s.customer AND c.holder <> $2 OFFSET 0)

@@ -111,9 +111,10 @@ pub(super) struct Prefetched {
 /// Whether event `$1` was processed.
 const PROCESSED: &str = "/* plan: generic */ SELECT 1 FROM processed_events WHERE id = $1";
 
-/// The instance of (`$1`, `$2`, `$3`) completed at or after `$4`, latest first.
-pub(super) const COMPLETED_INSTANCE: &str =
-    "/* plan: generic */ SELECT id, rule_hash FROM instances
+/// The instance of (`$1`, `$2`, `$3`) completed at or after `$4`, latest
+/// first. Planned per run: kept from an empty table, its plan walked every
+/// instance of the journey (`instances_by_journey`).
+pub(super) const COMPLETED_INSTANCE: &str = "SELECT id, rule_hash FROM instances
      WHERE customer = $1 AND journey = $2 AND key = $3 AND status = 'completed' AND ended_at >= $4
      ORDER BY ended_at DESC LIMIT 1";
 
@@ -123,9 +124,10 @@ pub(super) const CLOSE_INSTANCE: &str =
      WHERE id = $1 AND status IN ('open', 'completed')
      RETURNING customer";
 
-/// Cancels the pending steps of instance `$1`.
+/// Cancels the pending steps of instance `$1`. Planned per run: kept from
+/// an empty table, its plan walked every pending step (`steps_pending`).
 pub(super) const CANCEL_STEPS: &str =
-    "/* plan: generic */ UPDATE steps SET status = 'cancelled', lease_until = NULL, holder = NULL
+    "UPDATE steps SET status = 'cancelled', lease_until = NULL, holder = NULL
      WHERE instance_id = $1 AND status = 'pending'
      RETURNING seq, step, channel, template";
 
