@@ -300,19 +300,7 @@ fn dispatch_statements_probe_by_key() {
 fn many_ids_are_probed_by_key_on_a_new_store() {
     let store = temp_store();
     let mut conn = store.conn().unwrap();
-    conn.client
-        .batch_execute(
-            "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at,
-                 rule_hash, trigger_event, vars, decision_inputs)
-             SELECT 'i' || g, 'c' || g, 'j', '', 'open', 'live', 'service', now(), 'h', 'e' || g,
-                 '{}', '{\"event\": {\"id\": \"e\"}}'
-             FROM generate_series(1, 20000) AS g;
-             INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at,
-                 due_at, status)
-             SELECT 'i' || g, 'c' || g, 'push', 0, 'push', 't', now(), now(), 'pending'
-             FROM generate_series(1, 20000) AS g;",
-        )
-        .unwrap();
+    insert_due_pushes(&mut conn.client, 20_000);
     let n = 128;
     let list = |f: &dyn Fn(usize) -> String| {
         let items: Vec<String> = (1..=n).map(f).collect();
@@ -458,20 +446,7 @@ fn generic_plans_probe_by_key_on_empty_tables() {
     for state in ["new", "analyzed empty", "rows since", "analyzed"] {
         match state {
             "analyzed empty" | "analyzed" => conn.client.batch_execute("ANALYZE").unwrap(),
-            "rows since" => conn
-                .client
-                .batch_execute(
-                    "INSERT INTO instances (id, customer, journey, key, status, mode, category,
-                         started_at, rule_hash, trigger_event, vars, decision_inputs)
-                     SELECT 'i' || g, 'c' || g, 'j', '', 'open', 'live', 'service', now(), 'h',
-                         'e' || g, '{}', '{\"event\": {\"id\": \"e\"}}'
-                     FROM generate_series(1, 200) AS g;
-                     INSERT INTO steps (instance_id, customer, step, seq, channel, template,
-                         planned_at, due_at, status)
-                     SELECT 'i' || g, 'c' || g, 'push', 0, 'push', 't', now(), now(), 'pending'
-                     FROM generate_series(1, 200) AS g;",
-                )
-                .unwrap(),
+            "rows since" => insert_due_pushes(&mut conn.client, 200),
             _ => {}
         }
         for (sql, params) in &marked {
@@ -534,4 +509,27 @@ fn walks_an_index(plan: &str) -> Vec<String> {
         }
     }
     walked
+}
+
+/// `n` open instances `i1`… of customers `c1`…, each with its push step due now.
+fn insert_due_pushes(client: &mut postgres::Client, n: i32) {
+    client
+        .execute(
+            "INSERT INTO instances (id, customer, journey, key, status, mode, category, started_at,
+                 rule_hash, trigger_event, vars, decision_inputs)
+             SELECT 'i' || g, 'c' || g, 'j', '', 'open', 'live', 'service', now(), 'h', 'e' || g,
+                 '{}', '{\"event\": {\"id\": \"e\"}}'
+             FROM generate_series(1, $1) AS g",
+            &[&n],
+        )
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at,
+                 due_at, status)
+             SELECT 'i' || g, 'c' || g, 'push', 0, 'push', 't', now(), now(), 'pending'
+             FROM generate_series(1, $1) AS g",
+            &[&n],
+        )
+        .unwrap();
 }
