@@ -805,8 +805,12 @@ impl Scheduler {
                 fallback,
             } => (step, verdict, address, fallback),
         };
-        // A channel stopped since the claim: the step waits for it, unsent.
-        if stop.is_some_and(|s| *s.borrow()) || self.channel_stopped(step.channel) {
+        // Stopping, or a channel stopped since the claim: a step about to be
+        // sent waits, unsent, for this or another worker. A verdict that sends
+        // nothing (suppressed, deferred, shadow) is recorded now, so that no
+        // other worker has to decide it again.
+        let halted = stop.is_some_and(|s| *s.borrow()) || self.channel_stopped(step.channel);
+        if halted && verdict == Verdict::Send {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
             self.store
                 .call(move |s| s.release_claim(&instance, &name))
@@ -1409,6 +1413,83 @@ mod tests {
                 .iter()
                 .any(|r| held(r.outcome) && r.reason.contains("frequency cap")),
             "{records:?}"
+        );
+    }
+
+    /// Stopping while a batch is under way (a rolling restart): the step
+    /// about to be sent is handed back unsent, but its sibling that the cap
+    /// held back is recorded, not left pending for another replica to decide
+    /// again after its next idle look.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_records_the_verdicts_that_send_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        // `a` (the loan, priority 80) is due first and wins arbitration;
+        // `b` (the fee alert, 50) is held by the cap of one.
+        let earlier = now - chrono::Duration::seconds(1);
+        let a = NewInstance {
+            journey: "unsigned_loan".into(),
+            ..instance("a", earlier)
+        };
+        let b = NewInstance {
+            journey: "fee_increase".into(),
+            ..instance("b", now)
+        };
+        tx.start_instance(&a, &[step(ChannelKind::Push, earlier)])
+            .unwrap();
+        tx.start_instance(&b, &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.commit().unwrap();
+        let gate = Arc::new(Gate {
+            started: AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(0),
+            sent: Mutex::default(),
+        });
+        // One send at a time: `b` is handled only once `a`'s send is done.
+        let channels = Channels::default().with(ChannelKind::Push, gate.clone(), 1);
+        let mut scheduler = scheduler(&store, gate.clone(), 1);
+        scheduler.channels = channels;
+        let scheduler = Arc::new(scheduler);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let run = tokio::spawn({
+            let s = scheduler.clone();
+            async move {
+                s.run_channel_due(ChannelKind::Push, Some(&stop_rx), true)
+                    .await
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.started.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no send started");
+            tokio::task::yield_now().await;
+        }
+        stop_tx.send(true).unwrap();
+        gate.open.add_permits(1);
+        let records = run.await.unwrap().unwrap();
+        let by_instance: HashMap<&str, Outcome> = records
+            .iter()
+            .map(|r| (r.instance.as_str(), r.outcome))
+            .collect();
+        assert_eq!(by_instance.get("a"), Some(&Outcome::Sent), "{records:?}");
+        assert!(
+            matches!(
+                by_instance.get("b"),
+                Some(Outcome::Suppressed | Outcome::Deferred)
+            ),
+            "{records:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 1);
+        let counts = store.step_counts().unwrap();
+        assert!(
+            !counts
+                .iter()
+                .any(|(status, n)| status == "claimed" && *n > 0),
+            "{counts:?}"
         );
     }
 

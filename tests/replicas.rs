@@ -103,6 +103,18 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
             .unwrap();
         row.get::<_, i64>(0) == 0
     });
+    // A step handed back unsent by `b`'s drain is pending again until a
+    // live replica's next look (at most `MAX_IDLE`): wait until every doubled
+    // customer's second step is decided, then check how.
+    c.wait_until(LONG, "both steps of every doubled customer decided", || {
+        let row = db
+            .query_one(
+                "SELECT COUNT(DISTINCT customer) FROM dispatch_log WHERE outcome = 'suppressed'",
+                &[],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) >= doubled.len() as i64
+    });
     let logs = format!("{}\n{}", c.log_tail(), b2.log_tail());
     c.terminate();
     b2.terminate();
