@@ -154,6 +154,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
         .with_controls(controls.clone()),
     );
+    {
+        // Steps another replica hands back go out at once (PostgreSQL).
+        let scheduler = Arc::downgrade(&scheduler);
+        store
+            .on_steps_released(Box::new(move |channel| {
+                if let Some(s) = scheduler.upgrade() {
+                    s.wake_channel(channel);
+                }
+            }))
+            .context("store: listening for released steps")?;
+    }
     let dlq = DeadLetterPublisher::new(&config.kafka, store.clone(), clock.clone())?;
     let dlq_wake = dlq.waker();
     let dlq_status = dlq.status();

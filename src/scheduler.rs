@@ -275,6 +275,14 @@ impl Scheduler {
         }
     }
 
+    /// Tells one channel's loop to look for due steps now (steps another
+    /// replica handed back).
+    pub fn wake_channel(&self, channel: ChannelKind) {
+        if let Some(n) = self.wake.get(&channel) {
+            n.notify_one();
+        }
+    }
+
     /// Sends every step due now on every channel, concurrently per channel,
     /// and returns the log records written.
     pub async fn run_due(&self) -> Result<Vec<LogRecord>, StoreError> {

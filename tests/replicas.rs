@@ -97,12 +97,6 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
             .unwrap();
         row.get::<_, i64>(0) == records.len() as i64
     });
-    c.wait_until(LONG, "no step left claimed", || {
-        let row = db
-            .query_one("SELECT COUNT(*) FROM steps WHERE status = 'claimed'", &[])
-            .unwrap();
-        row.get::<_, i64>(0) == 0
-    });
     // A step handed back unsent by `b`'s drain is pending again until a
     // live replica's next look (at most `MAX_IDLE`): wait until every doubled
     // customer's second step is decided, then check how.
@@ -114,6 +108,12 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
             )
             .unwrap();
         row.get::<_, i64>(0) >= doubled.len() as i64
+    });
+    c.wait_until(LONG, "no step left claimed", || {
+        let row = db
+            .query_one("SELECT COUNT(*) FROM steps WHERE status = 'claimed'", &[])
+            .unwrap();
+        row.get::<_, i64>(0) == 0
     });
     let logs = format!("{}\n{}", c.log_tail(), b2.log_tail());
     c.terminate();

@@ -181,7 +181,7 @@ pub const SCHEDULER_ERRORS: Metric = Metric {
     name: "nudge_scheduler_errors_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "scheduler rounds or next-due lookups that failed on the store; the channel's loop tries again after 1 s",
+    help: "scheduler rounds or next-due lookups that failed on the store (the channel's loop tries again after 1 s), and lost connections of the listener for steps other replicas hand back (PostgreSQL; it reconnects)",
 };
 pub const STEP_RESULTS_UNSTORED: Metric = Metric {
     name: "nudge_step_results_unstored_total",

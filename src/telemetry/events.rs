@@ -472,6 +472,20 @@ impl NextDueUnreadable<'_> {
     }
 }
 
+/// The listener for steps other replicas hand back lost its connection
+/// (PostgreSQL); it reconnects with backoff, and meanwhile such steps wait
+/// for this replica's next idle look.
+pub struct ReleasedStepsUnheard<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl ReleasedStepsUnheard<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, error = %self.error, "not hearing steps other replicas hand back; reconnecting");
+        metrics::counter!(SCHEDULER_ERRORS.name).increment(1);
+    }
+}
+
 // ── Dead-letter publishing ──────────────────────────────────────────────
 
 pub struct DeadLettersPublished {

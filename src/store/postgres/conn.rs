@@ -189,9 +189,17 @@ impl PgConn {
 
 /// Opens [`PgConn`]s for the pool (r2d2_postgres hands out bare clients,
 /// with no place for a statement cache).
+#[derive(Clone)]
 pub struct Manager {
     config: postgres::Config,
     tls: MakeTlsConnector,
+}
+
+impl Manager {
+    /// A connection outside the pool, as configured (URL, password, TLS).
+    pub fn connect_plain(&self) -> Result<Client, postgres::Error> {
+        self.config.connect(self.tls.clone())
+    }
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -230,7 +238,8 @@ impl r2d2::ManageConnection for Manager {
 /// The bounded pool. Dropped on a thread of its own when dropped inside an
 /// async runtime: the synchronous client runs a runtime of its own, which
 /// may not be shut down from an async worker.
-pub struct Pool(Option<r2d2::Pool<Manager>>);
+/// The manager beside it: r2d2 does not lend its own.
+pub struct Pool(Option<r2d2::Pool<Manager>>, Manager);
 
 impl Pool {
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
@@ -251,9 +260,14 @@ impl Pool {
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(10))
-            .build_unchecked(manager);
+            .build_unchecked(manager.clone());
         drop(first);
-        Ok(Self(Some(pool)))
+        Ok(Self(Some(pool), manager))
+    }
+
+    /// How the pool connects, for a connection of one's own (`LISTEN`).
+    pub fn manager(&self) -> Manager {
+        self.1.clone()
     }
 
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {

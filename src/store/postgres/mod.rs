@@ -26,6 +26,7 @@ use serde_json::Value;
 mod audit;
 mod conn;
 mod control;
+mod listen;
 mod pending;
 mod propensity;
 mod purge;
@@ -53,6 +54,9 @@ pub struct PostgresStore {
     /// When (the claimer's `now`) expired claims of each channel were last
     /// handed back: at most every [`REQUEUE_EVERY`], not on every claim.
     requeued: std::sync::Mutex<std::collections::HashMap<ChannelKind, DateTime<Utc>>>,
+    /// Held while the store is open: its listener ([`listen`]) stops once
+    /// this is dropped.
+    alive: std::sync::Arc<()>,
 }
 
 /// How often a claimer looks for a dead replica's claims: the look walks
@@ -334,6 +338,7 @@ impl PostgresStore {
             pool,
             holder: holder_name(),
             requeued: Default::default(),
+            alive: Default::default(),
         })
     }
 
@@ -765,7 +770,7 @@ impl Store for PostgresStore {
             let released = c.query(
                 "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, sending_at = NULL, attempt = attempt - 1
                  WHERE instance_id = $1 AND step = $2 AND status = 'claimed' AND holder = $3
-                 RETURNING customer",
+                 RETURNING customer, channel",
                 &[&instance_id, &step, &self.holder],
             )?;
             let customers: Vec<String> = released
@@ -775,9 +780,26 @@ impl Store for PostgresStore {
             if !customers.is_empty() {
                 c.execute(RELEASE_CUSTOMERS, &[&customers, &self.holder])?;
             }
+            // The other replicas take it at once (delivered on commit).
+            for r in &released {
+                let channel: &str = r.try_get(1)?;
+                c.execute(listen::NOTIFY_RELEASED, &[&channel])?;
+            }
             Ok(())
         })?;
         tx.commit()
+    }
+
+    fn on_steps_released(
+        &self,
+        wake: Box<dyn Fn(ChannelKind) + Send + Sync>,
+    ) -> Result<(), StoreError> {
+        listen::spawn(
+            self.pool.manager(),
+            std::sync::Arc::downgrade(&self.alive),
+            wake,
+        )
+        .map_err(|e| StoreError::Config(format!("cannot start the release listener: {e}")))
     }
 
     fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

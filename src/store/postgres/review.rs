@@ -40,6 +40,7 @@ impl PostgresStore {
             pool,
             holder: holder_name(),
             requeued: Default::default(),
+            alive: Default::default(),
         })
     }
 }

@@ -533,3 +533,71 @@ fn insert_due_pushes(client: &mut postgres::Client, n: i32) {
         )
         .unwrap();
 }
+
+/// A replica draining on SIGTERM hands its unsent claims back: the other
+/// replicas on the schema hear of it at once (`NOTIFY`), not at their next
+/// idle look, and only for their own schema.
+#[test]
+fn replicas_hear_steps_handed_back() {
+    use std::sync::mpsc;
+    use std::time::Duration as StdDuration;
+
+    let (a, b) = replicas();
+    let elsewhere = temp_store();
+    let (heard_tx, heard) = mpsc::channel();
+    b.on_steps_released(Box::new(move |channel| {
+        let _ = heard_tx.send(channel);
+    }))
+    .unwrap();
+    // Listening: every channel is woken once, for what it may have missed.
+    let mut first: Vec<ChannelKind> = (0..3)
+        .map(|_| heard.recv_timeout(StdDuration::from_secs(30)).unwrap())
+        .collect();
+    first.sort_by_key(|c| c.as_str());
+    assert_eq!(first.len(), ChannelKind::ALL.len());
+
+    for store in [&*elsewhere, &*a] {
+        let mut tx = store.begin().unwrap();
+        tx.start_instance(&instance("i1", "c1", "a1"), &steps())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    // Another schema's release (an email, committed first: notifications
+    // arrive in commit order) is not this replica's business.
+    let later = t0() + chrono::Duration::days(2);
+    let claimed = elsewhere
+        .claim_due(
+            ChannelKind::Email,
+            later,
+            10,
+            later + chrono::Duration::minutes(5),
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    elsewhere.release_claim("i1", "email").unwrap();
+    let claimed = a
+        .claim_due(
+            ChannelKind::Push,
+            t0(),
+            10,
+            t0() + chrono::Duration::minutes(5),
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    a.release_claim("i1", "push").unwrap();
+    assert_eq!(
+        heard.recv_timeout(StdDuration::from_secs(30)),
+        Ok(ChannelKind::Push)
+    );
+    assert!(heard.try_recv().is_err(), "one release, one wake-up");
+    // And `b` takes the step at once.
+    let taken = b
+        .claim_due(
+            ChannelKind::Push,
+            t0(),
+            10,
+            t0() + chrono::Duration::minutes(5),
+        )
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+}
