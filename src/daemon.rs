@@ -26,8 +26,9 @@ use crate::store::Store;
 use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
-    JourneyStarted, RetentionPurgeFailed, RetentionPurgePanicked, ReviewFoldFailed, RuleEvaluated,
-    RuleTimedOut, RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded, TaskStopped,
+    JourneyStarted, ReleasedStepsUnheard, RetentionPurgeFailed, RetentionPurgePanicked,
+    ReviewFoldFailed, RuleEvaluated, RuleTimedOut, RulesReloadRefused, RulesReloaded,
+    RulesVersionNotRecorded, TaskStopped,
 };
 
 pub fn init_logging(format: &str, level: &str) {
@@ -158,10 +159,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Steps another replica hands back go out at once (PostgreSQL).
         let scheduler = Arc::downgrade(&scheduler);
         store
-            .on_steps_released(Box::new(move |channel| {
-                if let Some(s) = scheduler.upgrade() {
-                    s.wake_channel(channel);
+            .on_steps_released(Box::new(move |heard| match heard {
+                Ok(channel) => {
+                    if let Some(s) = scheduler.upgrade() {
+                        s.wake_channel(channel);
+                    }
                 }
+                Err(error) => ReleasedStepsUnheard { error: &error }.emit(),
             }))
             .context("store: listening for released steps")?;
     }

@@ -9,7 +9,8 @@
 mod harness;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use harness::*;
 use serde_json::json;
@@ -182,6 +183,109 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
         .unwrap()
         .get(0);
     assert_eq!(pending, 2 * doubled.len() as i64, "{logs}");
+}
+
+/// A replica stopped (SIGTERM) while it holds claimed pushes hands back
+/// those not yet started, and the other replica, idle until then, sends
+/// them at once: it hears of the release (PostgreSQL `NOTIFY`) instead of
+/// finding them at its next idle look, up to 30 s after its last.
+#[test]
+fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let recv = Receiver::holding(&rt, gate.clone());
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    // One send at a time: the owner's other claims wait, unstarted.
+    cfg.push = "concurrency = 1".into();
+    // One partition: only its owner decides the loans, and only its
+    // scheduler is woken to send them; the other replica idles.
+    create_topic(&rt, &cfg.topic, 1);
+    let a = Daemon::start(&cfg, "a");
+    let b = Daemon::start(&cfg, "b");
+    // The replica without a partition is not ready (it consumes nothing)
+    // but sends all the same.
+    a.wait_until(LONG, "one replica to own the partition", || {
+        matches!(
+            (a.partitions(), b.partitions()),
+            (Some(1), Some(0)) | (Some(0), Some(1))
+        )
+    });
+    let (owner, other) = if a.partitions() == Some(1) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    owner.wait_ready(LONG);
+    let loans = 20;
+    let mut records = Vec::new();
+    for c in 0..loans {
+        let cust = format!("c{c}");
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &cust,
+            json!({"app_installed": true}),
+        ));
+        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+            json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+    }
+    produce(&cfg.topic, &records);
+    let mut db = schema.client();
+    let holder = format!("/{}/", owner.pid());
+    let mut held = 0;
+    owner.wait_until(
+        LONG,
+        "every push stored, the owner's first send at the endpoint and more of its claims waiting",
+        || {
+            let row = db
+                .query_one(
+                    "SELECT COUNT(*),
+                         COUNT(*) FILTER (WHERE status = 'claimed' AND strpos(holder, $1) > 0)
+                     FROM steps WHERE channel = 'push'",
+                    &[&holder],
+                )
+                .unwrap();
+            held = row.get::<_, i64>(1);
+            row.get::<_, i64>(0) == loans && held >= 2 && recv.waiting() == 1
+        },
+    );
+    // The owner drains: its send under way finishes, the rest go back.
+    owner.signal("TERM");
+    wait_for_or(
+        LONG,
+        "the owner to begin draining",
+        || owner.log_tail().contains("stopping: no new records"),
+        || owner.log_tail(),
+    );
+    gate.add_permits(10_000);
+    let opened = Instant::now();
+    wait_for_or(
+        LONG,
+        "the owner to exit",
+        || owner.exited().is_some(),
+        || owner.log_tail(),
+    );
+    assert!(owner.exited().unwrap().success(), "{}", owner.log_tail());
+    other.wait_until(LONG, "every push", || recv.by_key().len() == loans as usize);
+    let took = opened.elapsed();
+    eprintln!("{held} claimed by the owner; all sent {took:?} after its drain began");
+    assert!(
+        took < Duration::from_secs(5),
+        "the steps handed back waited {took:?} for the other replica\n{}",
+        other.log_tail()
+    );
+    let sent: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent' AND channel = 'push'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(sent, loans, "each push sent once");
+    other.terminate();
 }
 
 /// PostgreSQL cannot store a NUL character in `jsonb`: a loan whose product

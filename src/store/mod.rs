@@ -401,16 +401,17 @@ pub trait Store: Send + Sync {
     /// Puts a claimed step back as it was, unsent (shutting down before sending it).
     fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError>;
 
-    /// Calls `wake` with a channel whenever another process sharing the
+    /// Calls `heard` with a channel whenever another process sharing the
     /// store hands claimed steps of that channel back unsent (a replica
     /// draining on SIGTERM), so that this one takes them at once rather
-    /// than at its next idle look. A store one process owns alone has no
-    /// one to hear: the default does nothing.
+    /// than at its next idle look; and with the error when it cannot
+    /// listen for now (it tries again with backoff). A store one process
+    /// owns alone has no one to hear: the default does nothing.
     fn on_steps_released(
         &self,
-        wake: Box<dyn Fn(ChannelKind) + Send + Sync>,
+        heard: Box<dyn Fn(Result<ChannelKind, StoreError>) + Send + Sync>,
     ) -> Result<(), StoreError> {
-        drop(wake);
+        drop(heard);
         Ok(())
     }
 

@@ -444,6 +444,10 @@ struct Recorder {
     keep: bool,
     requests: Mutex<Vec<Received>>,
     on_request: Option<OnRequest>,
+    /// [`Receiver::holding`]: each request waits for a permit.
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Requests waiting at the gate now.
+    waiting: AtomicU64,
 }
 
 /// HTTP/1.1 endpoints on 127.0.0.1 (any path) answering 200 to every request.
@@ -466,12 +470,34 @@ impl Receiver {
         Self::serve(rt, false, on_request)
     }
 
+    /// Records every request, answered only once the test adds a permit to
+    /// `gate` for it (a slow endpoint whose sends are under way at will).
+    pub fn holding(rt: &tokio::runtime::Runtime, gate: Arc<tokio::sync::Semaphore>) -> Self {
+        Self::serve_with(rt, true, None, Some(gate))
+    }
+
+    /// Requests waiting for a permit of [`Receiver::holding`]'s gate.
+    pub fn waiting(&self) -> u64 {
+        self.recorder.waiting.load(Ordering::SeqCst)
+    }
+
     fn serve(rt: &tokio::runtime::Runtime, keep: bool, on_request: Option<OnRequest>) -> Self {
+        Self::serve_with(rt, keep, on_request, None)
+    }
+
+    fn serve_with(
+        rt: &tokio::runtime::Runtime,
+        keep: bool,
+        on_request: Option<OnRequest>,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Self {
         let count = Arc::new(AtomicU64::new(0));
         let recorder = Arc::new(Recorder {
             keep,
             requests: Mutex::default(),
             on_request,
+            gate,
+            waiting: AtomicU64::new(0),
         });
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -521,6 +547,11 @@ async fn receive(
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::BAD_REQUEST;
     };
+    if let Some(gate) = &recorder.gate {
+        recorder.waiting.fetch_add(1, Ordering::SeqCst);
+        gate.acquire().await.unwrap().forget();
+        recorder.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
     if let Some(f) = &recorder.on_request {
         f(&body);
     }
@@ -595,6 +626,8 @@ pub struct DaemonConfig {
     pub consumer: String,
     /// Lines of `[policy]` (default: no frequency cap).
     pub policy: String,
+    /// Extra lines of `[channels.push]`.
+    pub push: String,
     /// Whole sections appended at the end.
     pub extra: String,
 }
@@ -631,6 +664,7 @@ impl DaemonConfig {
             kafka: String::new(),
             consumer: String::new(),
             policy: "max_per_customer = 0".into(),
+            push: String::new(),
             extra: String::new(),
         }
     }
@@ -673,6 +707,7 @@ start = ""
 end = ""
 [channels.push]
 url = "{recv}/push"
+{push}
 [channels.email]
 url = "{recv}/email"
 [channels.call_task]
@@ -694,6 +729,7 @@ url = "{recv}/call"
             level = self.log_level,
             recv = self.receiver,
             policy = self.policy,
+            push = self.push,
             extra = self.extra,
         );
         let path = self.dir.join(format!("{name}.toml"));

@@ -16,7 +16,7 @@ use postgres::fallible_iterator::FallibleIterator;
 
 use super::conn::Manager;
 use crate::model::ChannelKind;
-use crate::telemetry::events::ReleasedStepsUnheard;
+use crate::store::StoreError;
 
 /// The `LISTEN` channel; payload `<schema>:<channel kind>`.
 pub(super) const RELEASED: &str = "nudge_steps_released";
@@ -31,19 +31,21 @@ pub(super) const NOTIFY_RELEASED: &str =
 const TICK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-pub(super) type Wake = Box<dyn Fn(ChannelKind) + Send + Sync>;
+/// Hears each channel whose steps were handed back, and each failure of
+/// the listening connection (it reconnects with backoff meanwhile).
+pub(super) type Heard = Box<dyn Fn(Result<ChannelKind, StoreError>) + Send + Sync>;
 
 /// Listens on a connection of its own, on a thread of its own (the
 /// synchronous client must not run on an async worker), until `alive` has
 /// no strong reference left (the store was dropped).
-pub(super) fn spawn(manager: Manager, alive: Weak<()>, wake: Wake) -> std::io::Result<()> {
+pub(super) fn spawn(manager: Manager, alive: Weak<()>, heard: Heard) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("nudge-pg-listen".into())
         .spawn(move || {
             let mut backoff = Duration::from_secs(1);
             while alive.strong_count() > 0 {
-                if let Err(e) = listen(&manager, &alive, &wake, &mut backoff) {
-                    ReleasedStepsUnheard { error: &e }.emit();
+                if let Err(e) = listen(&manager, &alive, &heard, &mut backoff) {
+                    heard(Err(e.into()));
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -57,7 +59,7 @@ pub(super) fn spawn(manager: Manager, alive: Weak<()>, wake: Wake) -> std::io::R
 fn listen(
     manager: &Manager,
     alive: &Weak<()>,
-    wake: &Wake,
+    heard: &Heard,
     backoff: &mut Duration,
 ) -> Result<(), postgres::Error> {
     let mut client = manager.connect_plain()?;
@@ -66,20 +68,20 @@ fn listen(
     *backoff = Duration::from_secs(1);
     // Releases made while nobody listened are found by looking once.
     for channel in ChannelKind::ALL {
-        wake(channel);
+        heard(Ok(channel));
     }
     let prefix = format!("{schema}:");
     while alive.strong_count() > 0 {
         {
             let mut notifications = client.notifications();
-            let mut heard = notifications.timeout_iter(TICK);
-            while let Some(n) = heard.next()? {
+            let mut pending = notifications.timeout_iter(TICK);
+            while let Some(n) = pending.next()? {
                 let channel = n
                     .payload()
                     .strip_prefix(&prefix)
                     .and_then(|c| c.parse::<ChannelKind>().ok());
                 if let Some(channel) = channel {
-                    wake(channel);
+                    heard(Ok(channel));
                 }
             }
         }

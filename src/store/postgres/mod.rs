@@ -792,12 +792,12 @@ impl Store for PostgresStore {
 
     fn on_steps_released(
         &self,
-        wake: Box<dyn Fn(ChannelKind) + Send + Sync>,
+        heard: Box<dyn Fn(Result<ChannelKind, StoreError>) + Send + Sync>,
     ) -> Result<(), StoreError> {
         listen::spawn(
             self.pool.manager(),
             std::sync::Arc::downgrade(&self.alive),
-            wake,
+            heard,
         )
         .map_err(|e| StoreError::Config(format!("cannot start the release listener: {e}")))
     }

@@ -545,8 +545,10 @@ fn replicas_hear_steps_handed_back() {
     let (a, b) = replicas();
     let elsewhere = temp_store();
     let (heard_tx, heard) = mpsc::channel();
-    b.on_steps_released(Box::new(move |channel| {
-        let _ = heard_tx.send(channel);
+    b.on_steps_released(Box::new(move |heard| {
+        if let Ok(channel) = heard {
+            let _ = heard_tx.send(channel);
+        }
     }))
     .unwrap();
     // Listening: every channel is woken once, for what it may have missed.
