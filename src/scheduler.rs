@@ -1357,11 +1357,7 @@ mod tests {
             .unwrap();
         tx.commit().unwrap();
 
-        let gate = Arc::new(Gate {
-            started: AtomicUsize::new(0),
-            open: tokio::sync::Semaphore::new(0),
-            sent: Mutex::default(),
-        });
+        let gate = closed_gate();
         let rules = crate::rules::load_dir(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
             &crate::rules::Limits::default(),
@@ -1453,11 +1449,7 @@ mod tests {
         tx.start_instance(&b, &[step(ChannelKind::Push, now)])
             .unwrap();
         tx.commit().unwrap();
-        let gate = Arc::new(Gate {
-            started: AtomicUsize::new(0),
-            open: tokio::sync::Semaphore::new(0),
-            sent: Mutex::default(),
-        });
+        let gate = closed_gate();
         // One send at a time: `b` is handled only once `a`'s send is done.
         let channels = Channels::default().with(ChannelKind::Push, gate.clone(), 1);
         let mut scheduler = scheduler(&store, gate.clone(), 1);
@@ -1552,12 +1544,21 @@ mod tests {
         tx.commit().unwrap();
     }
 
-    fn open_gate() -> Arc<Gate> {
+    /// A gate with `permits` sends let through before the test adds more.
+    fn gate(permits: usize) -> Arc<Gate> {
         Arc::new(Gate {
             started: AtomicUsize::new(0),
-            open: tokio::sync::Semaphore::new(1000),
+            open: tokio::sync::Semaphore::new(permits),
             sent: Mutex::default(),
         })
+    }
+
+    fn closed_gate() -> Arc<Gate> {
+        gate(0)
+    }
+
+    fn open_gate() -> Arc<Gate> {
+        gate(1000)
     }
 
     /// The daemon loop on a virtual clock: a call task for a Perth customer
