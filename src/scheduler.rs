@@ -219,6 +219,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     lateness: HashMap<ChannelKind, Duration>,
     wake: HashMap<ChannelKind, Arc<Notify>>,
+    /// Steps that lost an arbitration before they were due ([`arbiter::Losses`]).
+    losses: arbiter::Losses,
 }
 
 /// Most step outcomes written in one store transaction.
@@ -252,6 +254,7 @@ impl Scheduler {
             lateness,
             wake,
             unrecorded: Arc::default(),
+            losses: arbiter::Losses::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -883,6 +886,11 @@ impl Scheduler {
             std::borrow::Cow::Owned(seen)
         };
         let mut verdict = self.policy.check(step, &seen, lateness, now);
+        if let Verdict::Suppress(reason) = &verdict {
+            if let Some(lost) = arbiter.lost_earlier(step, &seen, reason, now) {
+                verdict = lost;
+            }
+        }
         if matches!(verdict, Verdict::Send | Verdict::Shadow(_)) {
             if let Some(reason) = self.fatigue_refusal(step, &seen, now) {
                 verdict = match verdict {

@@ -59,6 +59,16 @@ pub enum Outcome {
 /// leave (ties: due first, then by label, so the result never depends on
 /// the order given). Returns one outcome per candidate, in input order.
 pub fn decide(candidates: &[Candidate], room: &dyn Room) -> Vec<Outcome> {
+    decide_with_losses(candidates, room).0
+}
+
+/// [`decide`], and for each loser also why it lost (`arbitration: lost to
+/// X (score 80 vs 50)`), so that a loser due later can be told the same
+/// when it comes due ([`loser_outcome`]).
+pub fn decide_with_losses(
+    candidates: &[Candidate],
+    room: &dyn Room,
+) -> (Vec<Outcome>, Vec<Option<String>>) {
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&candidates[a], &candidates[b]);
@@ -69,6 +79,7 @@ pub fn decide(candidates: &[Candidate], room: &dyn Room) -> Vec<Outcome> {
     });
     let mut chosen: Vec<&Candidate> = Vec::new();
     let mut outcomes = vec![Outcome::Win; candidates.len()];
+    let mut losses = vec![None; candidates.len()];
     let mut losers = Vec::new();
     for i in order {
         let c = &candidates[i];
@@ -96,22 +107,39 @@ pub fn decide(candidates: &[Candidate], room: &dyn Room) -> Vec<Outcome> {
             ),
             None => "arbitration: no room under the caps".to_string(),
         };
-        outcomes[i] = match loser.on_lose {
-            OnLose::Drop => Outcome::Drop(format!("{lost}; on_lose = \"drop\"")),
-            OnLose::Defer => match room.frees_at(&chosen, loser) {
-                Some(until) if until <= loser.latest => Outcome::Defer {
-                    until,
-                    reason: format!("{lost}; deferred until the caps free"),
-                },
-                Some(until) => Outcome::Drop(format!(
-                    "{lost}; the caps free only at {}, past its lateness bound",
-                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                )),
-                None => Outcome::Drop(format!("{lost}; the caps do not free")),
-            },
+        let frees_at = match loser.on_lose {
+            OnLose::Drop => None,
+            OnLose::Defer => room.frees_at(&chosen, loser),
         };
+        outcomes[i] = loser_outcome(&lost, loser.on_lose, frees_at, loser.latest);
+        losses[i] = Some(lost);
     }
-    outcomes
+    (outcomes, losses)
+}
+
+/// What becomes of a loser that lost as `lost` says: dropped, or deferred
+/// to `frees_at` (when the caps have room again) unless that is past
+/// `latest`, its lateness bound.
+pub fn loser_outcome(
+    lost: &str,
+    on_lose: OnLose,
+    frees_at: Option<DateTime<Utc>>,
+    latest: DateTime<Utc>,
+) -> Outcome {
+    match on_lose {
+        OnLose::Drop => Outcome::Drop(format!("{lost}; on_lose = \"drop\"")),
+        OnLose::Defer => match frees_at {
+            Some(until) if until <= latest => Outcome::Defer {
+                until,
+                reason: format!("{lost}; deferred until the caps free"),
+            },
+            Some(until) => Outcome::Drop(format!(
+                "{lost}; the caps free only at {}, past its lateness bound",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )),
+            None => Outcome::Drop(format!("{lost}; the caps do not free")),
+        },
+    }
 }
 
 /// A score as people write it: `80`, `0.125`.

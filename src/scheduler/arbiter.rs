@@ -7,7 +7,7 @@
 //! nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
@@ -28,6 +28,48 @@ pub(super) fn fallback_of<'r>(rules: &'r RuleSet, step: &DueStep) -> Option<&'r 
         .iter()
         .find(|p| p.id == step.step)?;
     (!plan.fallback.is_empty()).then_some(plan.fallback.as_slice())
+}
+
+/// Steps that lost an arbitration while another of their customer's steps
+/// went first, by (instance, step): why they lost and when. A loser decided
+/// after its winner (later in the batch, or due later) meets a cap the
+/// winner filled; this turns that cap's suppression back into the loss it
+/// is, with its `on_lose` and its reason naming the winner and both scores.
+/// Kept in memory: after a restart, or on another replica, such a step is
+/// suppressed by the cap with the cap's own reason.
+#[derive(Default)]
+pub(super) struct Losses(Mutex<HashMap<StepKey, (String, DateTime<Utc>)>>);
+
+/// (instance, step).
+type StepKey = (String, String);
+
+/// Losses older than this are forgotten (a loser is due within the
+/// arbitration window of its winner; quiet hours can hold it longer).
+const LOSS_MEMORY: chrono::Duration = chrono::Duration::days(3);
+/// At most this many remembered; the oldest go first beyond it.
+const LOSS_MEMORY_ENTRIES: usize = 100_000;
+
+impl Losses {
+    fn note(&self, key: StepKey, lost: String, now: DateTime<Utc>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= LOSS_MEMORY_ENTRIES {
+            map.retain(|_, (_, at)| *at > now - LOSS_MEMORY);
+            if map.len() >= LOSS_MEMORY_ENTRIES {
+                let mut ages: Vec<DateTime<Utc>> = map.values().map(|(_, at)| *at).collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 2];
+                map.retain(|_, (_, at)| *at > cut);
+            }
+        }
+        map.insert(key, (lost, now));
+    }
+
+    fn take(&self, key: &StepKey, now: DateTime<Utc>) -> Option<String> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(key)
+            .filter(|(_, at)| *at > now - LOSS_MEMORY)
+            .map(|(lost, _)| lost)
+    }
 }
 
 /// Arbitration state of one batch being decided.
@@ -101,12 +143,23 @@ impl<'a> Arbiter<'a> {
         let mut own = self.candidate(step, customer);
         own.due = own.due.max(now);
         candidates.push(own);
+        let mut keys = Vec::with_capacity(others.len());
         for other in others {
             candidates.push(self.candidate(other, customer));
+            keys.push((other.instance_id.clone(), other.step.clone()));
         }
         self.claimed = claimed;
         let room = policy.cap_room(customer);
-        match arbitration::decide(&candidates, &room).swap_remove(0) {
+        let (mut outcomes, losses) = arbitration::decide_with_losses(&candidates, &room);
+        if outcomes[0] == arbitration::Outcome::Win {
+            // The others that lost to this one learn it when they come due.
+            for (key, lost) in keys.into_iter().zip(losses.into_iter().skip(1)) {
+                if let Some(lost) = lost {
+                    self.scheduler.losses.note(key, lost, now);
+                }
+            }
+        }
+        match outcomes.swap_remove(0) {
             arbitration::Outcome::Win => None,
             arbitration::Outcome::Defer { until, reason } => Some(Verdict::Wait {
                 until,
@@ -117,6 +170,49 @@ impl<'a> Arbiter<'a> {
                 policy.cap_text(customer, step, now)
             ))),
         }
+    }
+
+    /// For a step the caps suppress (`reason`, the policy's): when it lost
+    /// an arbitration to a step that went before it, what its `on_lose`
+    /// makes of that instead (deferred until the caps free, or dropped),
+    /// with the loss in the reason.
+    pub fn lost_earlier(
+        &mut self,
+        step: &DueStep,
+        customer: &CustomerContext,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Option<Verdict> {
+        if !self.capped {
+            return None;
+        }
+        let policy = &self.scheduler.policy;
+        // Only a suppression by the caps is a loss; consent, reachability
+        // and kill switches stay what they are.
+        let hit = policy.caps_room(customer, step, now).err()?;
+        if hit.reason != reason {
+            return None;
+        }
+        let key = (step.instance_id.clone(), step.step.clone());
+        let lost = self.scheduler.losses.take(&key, now)?;
+        let on_lose = self
+            .rules
+            .journey(&step.journey)
+            .map_or(OnLose::default_for(step.category), |j| j.on_lose);
+        let latest = step.planned_at + span(self.scheduler.lateness(step.channel));
+        let frees_at = Some(hit.frees_at.max(now));
+        Some(
+            match arbitration::loser_outcome(&lost, on_lose, frees_at, latest) {
+                arbitration::Outcome::Win => return None,
+                arbitration::Outcome::Defer { until, reason } => Verdict::Wait {
+                    until,
+                    reason: format!("{}; {reason}", hit.reason),
+                },
+                arbitration::Outcome::Drop(reason) => {
+                    Verdict::Suppress(format!("{}; {reason}", hit.reason))
+                }
+            },
+        )
     }
 
     fn candidate(&mut self, step: &DueStep, customer: &CustomerContext) -> Candidate {
@@ -383,10 +479,71 @@ mod tests {
             let fee = &first[0];
             if fee_wins {
                 assert_eq!(fee.outcome, Outcome::Sent, "{fee:?}");
+                // The loan push, due later, lost when the alert went: it is
+                // told so when it comes due, not merely capped (service,
+                // `on_lose = "defer"`, but the cap frees past its 6 h bound).
+                w.clock.advance(chrono::Duration::minutes(5));
+                let second = w.scheduler.run_due().await.unwrap();
+                let loan = &second[0];
+                assert_eq!(
+                    (loan.journey.as_str(), loan.outcome, loan.reason.as_str()),
+                    (
+                        "unsigned_loan",
+                        Outcome::Suppressed,
+                        "frequency cap: 1 message within 1 calendar day; arbitration: lost to \
+                         fee_increase/alert (score 100 vs 80); the caps free only at \
+                         2026-03-02T13:00:00Z, past its lateness bound"
+                    ),
+                    "{loan:?}"
+                );
             } else {
                 assert_eq!(fee.outcome, Outcome::Suppressed, "{fee:?}");
                 assert!(fee.reason.contains("(score 80 vs 50)"), "{fee:?}");
             }
+        }
+    }
+
+    /// Two steps due at the same moment in one batch: whichever is decided
+    /// first, the higher score goes and the other gets its `on_lose` with the
+    /// winner named, deferred here (service, lateness 2 days).
+    #[tokio::test]
+    async fn the_loser_decided_after_its_winner_gets_its_on_lose_too() {
+        for loan_first in [true, false] {
+            let (w, store) = world(1, Duration::from_secs(48 * 3600), None);
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            // Claimed in the order inserted: the first is decided first.
+            let journeys = match loan_first {
+                true => [("unsigned_loan", "push"), ("fee_increase", "alert")],
+                false => [("fee_increase", "alert"), ("unsigned_loan", "push")],
+            };
+            for (journey, step) in journeys {
+                tx.start_instance(&instance(journey, t0()), &[push(step, t0())])
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+            let records = w.scheduler.run_due().await.unwrap();
+            let outcome = |j: &str| {
+                records
+                    .iter()
+                    .find(|r| r.journey == j)
+                    .map(|r| (r.outcome, r.reason.clone()))
+                    .unwrap()
+            };
+            assert_eq!(outcome("unsigned_loan").0, Outcome::Sent, "{records:?}");
+            assert_eq!(
+                outcome("fee_increase"),
+                (
+                    Outcome::Deferred,
+                    "frequency cap: 1 message within 1 calendar day; arbitration: lost to \
+                     unsigned_loan/push (score 80 vs 50); deferred until the caps free; \
+                     until 2026-03-02T13:00:00Z"
+                        .into()
+                ),
+                "loan decided first: {loan_first}"
+            );
         }
     }
 
