@@ -21,8 +21,10 @@ pub use settings::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The loader's message, kept as text: as a source it would be printed
+    /// twice in an error chain.
     #[error("config: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     #[error("config: invalid values:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),
     #[error("config: cannot read secret for `{key}` from {source_name}: {reason}")]
@@ -31,6 +33,30 @@ pub enum ConfigError {
         source_name: String,
         reason: String,
     },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        ConfigError::Load(dotted_keys(&e.to_string()))
+    }
+}
+
+/// The loader writes a key inside a list as `policy.caps[0]per`; people
+/// write `policy.caps[0].per`.
+fn dotted_keys(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 4);
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphabetic() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -126,9 +152,21 @@ impl StoreConfig {
             return Ok(StoreUrl::Sqlite(self.path.clone()));
         };
         if let Some(rest) = url.strip_prefix("sqlite:") {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = match rest.strip_prefix("//") {
+                // `sqlite://x/nudge.db` names a host `x`, not a file: a
+                // slash short of `sqlite:///x/nudge.db`.
+                Some(p) if !p.starts_with('/') => {
+                    return Err(
+                        "names a host, not a file: write sqlite:///absolute/path/nudge.db \
+                         (three slashes) or sqlite:relative/path/nudge.db"
+                            .into(),
+                    )
+                }
+                Some(p) => p,
+                None => rest,
+            };
             if path.is_empty() {
-                return Err(format!("`{url}` names no file"));
+                return Err("names no file".into());
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
@@ -144,7 +182,7 @@ impl StoreConfig {
         match self.target() {
             Ok(StoreUrl::Sqlite(path)) => path.display().to_string(),
             Ok(StoreUrl::Postgres(url)) => url,
-            Err(_) => self.url.clone().unwrap_or_default(),
+            Err(_) => shown_url(self.url.as_deref().unwrap_or_default()),
         }
     }
 
@@ -160,13 +198,17 @@ impl StoreConfig {
                 });
         }
         if let Some(path) = &self.password_file {
-            return std::fs::read_to_string(path)
-                .map(|t| Some(t.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|e| ConfigError::Secret {
-                    key: "store.password_file".into(),
-                    source_name: path.display().to_string(),
-                    reason: e.to_string(),
-                });
+            let secret = |reason: String| ConfigError::Secret {
+                key: "store.password_file".into(),
+                source_name: path.display().to_string(),
+                reason,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| secret(e.to_string()))?;
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err(secret("the file is empty".into()));
+            }
+            return Ok(Some(password.to_string()));
         }
         Ok(None)
     }
@@ -178,13 +220,8 @@ impl StoreConfig {
         let target = match self.target() {
             Ok(target) => target,
             Err(e) => {
-                let url = self.url.as_deref().unwrap_or_default();
-                // Never echo a URL that holds a password.
-                let shown = match e.contains("password") {
-                    true => String::new(),
-                    false => format!("`{url}` "),
-                };
-                problems.push(format!("store.url: {shown}{e}"));
+                let url = shown_url(self.url.as_deref().unwrap_or_default());
+                problems.push(format!("store.url: `{url}` {e}"));
                 return;
             }
         };
@@ -377,6 +414,14 @@ impl PolicyConfig {
 
     fn calendar_problems(&self, problems: &mut Vec<String>) {
         self.quiet_hours.problems(problems);
+        for (i, cap) in self.caps.iter().flatten().enumerate() {
+            if cap.max == 0 {
+                problems.push(format!(
+                    "policy.caps[{i}].max: must be at least 1 (to hold a channel or a journey \
+                     entirely, use policy.disabled_channels or policy.disabled_journeys)"
+                ));
+            }
+        }
         if self.caps.is_some() && self.max_per_customer.is_some() {
             problems.push(
                 "policy.max_per_customer: deprecated and replaced by policy.caps; set only policy.caps".into(),
@@ -868,21 +913,57 @@ const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Durations as text: "30s", "5m", "1d", "1h 30m"; at most 100 years.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    let value = humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{text}` is not a duration like 30s, 5m or 1d: {e}"
-        ))
-    })?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// A config duration (`30s`, `5m`, `1d`), the error quoting the text as written.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 30s, 5m or 1d: {e}"))?;
     if value > MAX_DURATION {
-        return Err(serde::de::Error::custom(format!(
-            "`{text}` is longer than 100 years"
-        )));
+        return Err(format!("`{text}` is longer than 100 years"));
     }
     Ok(value)
 }
 
 // PostgreSQL URLs: parsed here, once, so a bad `store.url` stops start-up
 // naming the key, and the store connects with what was checked.
+
+/// A store URL fit for a message: a password in it (`user:secret@`,
+/// `password=…`) shown as `***`, whatever else is wrong with the URL.
+pub fn shown_url(url: &str) -> String {
+    let mut shown = url.to_string();
+    // user:password@ in the authority.
+    if let Some(scheme_end) = shown.find("://") {
+        let start = scheme_end + 3;
+        let authority_end = shown[start..]
+            .find(['/', '?'])
+            .map_or(shown.len(), |i| start + i);
+        if let Some(at) = shown[start..authority_end].rfind('@') {
+            if let Some(colon) = shown[start..start + at].find(':') {
+                shown.replace_range(start + colon + 1..start + at, "***");
+            }
+        }
+    }
+    // password=… as a query pair or a key=value setting.
+    let lower = shown.to_ascii_lowercase();
+    let mut out = String::with_capacity(shown.len());
+    let mut rest = 0;
+    for (i, _) in lower.match_indices("password=") {
+        if i < rest {
+            continue;
+        }
+        let value = i + "password=".len();
+        let end = shown[value..]
+            .find(['&', ' '])
+            .map_or(shown.len(), |e| value + e);
+        out.push_str(&shown[rest..value]);
+        out.push_str("***");
+        rest = end;
+    }
+    out.push_str(&shown[rest..]);
+    out
+}
 
 /// How far the server's certificate is checked (libpq's `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1021,6 +1102,10 @@ mod tests {
             (
                 "[policy]\ncaps = [{ max = 1, per = \"36h\" }]\n",
                 "whole number of days",
+            ),
+            (
+                "[policy]\ncaps = [{ max = 1, per = \"1d\" }, { category = \"marketing\", max = 0, per = \"1d\" }]\n",
+                "policy.caps[1].max: must be at least 1",
             ),
             (
                 "[policy]\ncaps = [{ max = 1, per = \"1d\", kind = \"x\" }]\n",
@@ -1298,6 +1383,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.store.password().unwrap().as_deref(), Some("s3cret"));
+        // An empty password file is a mistake (a secret not mounted yet).
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("pw");
+        std::fs::write(&empty, "\n").unwrap();
+        let c = load(
+            &format!(
+                "[store]\nurl = \"postgres://nudge@db/nudge\"\npassword_file = {:?}\n",
+                empty.to_str().unwrap()
+            ),
+            &[],
+        )
+        .unwrap();
+        let err = c.store.password().unwrap_err().to_string();
+        assert!(
+            err.contains("store.password_file") && err.contains("empty"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1309,6 +1411,34 @@ mod tests {
                 Some("s3cret"),
             ),
             ("[store]\nurl = \"mysql://db/nudge\"\n", "store.url", None),
+            // A password is never echoed, whatever else is wrong.
+            (
+                "[store]\nurl = \"mysql://u:Sekrit99@h/db\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            (
+                "[store]\nurl = \"postgres://u:Sekrit99@db:notaport/nudge\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            (
+                "[store]\nurl = \"postgres://u:Sekrit99@db/nudge?sslmode=bogus\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            (
+                "[store]\nurl = \"host=db password=Sekrit99 dbname=nudge\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            (
+                "[store]\nurl = \"postgres://db/nudge?sslmode=bogus&password=Sekrit99\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            // A slash short: a host, not a file.
+            ("[store]\nurl = \"sqlite://relative/x.db\"\n", "three slashes", None),
             (
                 "[store]\nurl = \"postgres://nudge@db/nudge?sslmode=sometimes\"\n",
                 "store.url",

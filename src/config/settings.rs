@@ -57,12 +57,12 @@ impl Cap {
 
 /// Days as a duration of whole days: "1d", "7d", "2 weeks".
 fn whole_days<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let value = crate::config::duration(d)?;
+    let text = String::deserialize(d)?;
+    let value = crate::config::parse_duration(&text).map_err(serde::de::Error::custom)?;
     let secs = value.as_secs();
     if secs == 0 || secs % DAY != 0 || value.subsec_nanos() != 0 {
         return Err(serde::de::Error::custom(format!(
-            "`{}` is not a whole number of days like 1d or 7d (caps count calendar days)",
-            humantime::format_duration(value)
+            "`{text}` is not a whole number of days like 1d or 7d (caps count calendar days)"
         )));
     }
     u32::try_from(secs / DAY).map_err(|_| serde::de::Error::custom("too many days"))
