@@ -242,16 +242,30 @@ fn compile_one(
     };
 
     let mut problems = Vec::new();
+    // Where the step being checked begins in the text (0: the journey), so
+    // that a step's problem is found in that step, not in the first one
+    // that has the same key.
+    let step_start = std::cell::Cell::new(0usize);
     let mut at = |needle: &str, message: String, hint: Option<&str>| {
         let (l, c) = if needle.is_empty() {
             fn_line("journey")
-        } else if let Some((key, value)) = needle.strip_prefix('@').and_then(|n| n.split_once('='))
-        {
-            find_field(text, key, value)
-        } else if let Some(key) = needle.strip_prefix('@').and_then(|n| n.strip_suffix(':')) {
-            find_key(text, key)
         } else {
-            find(text, needle)
+            let base = step_start.get();
+            let within = &text[base..];
+            let found = if let Some((key, value)) =
+                needle.strip_prefix('@').and_then(|n| n.split_once('='))
+            {
+                find_field(within, key, value)
+            } else if let Some(key) = needle.strip_prefix('@').and_then(|n| n.strip_suffix(':')) {
+                find_key(within, key)
+            } else {
+                within.find(needle)
+            };
+            // Not in this step as written (built by code, say): anywhere.
+            match found {
+                Some(offset) => position(text, base + offset),
+                None => find(text, needle.trim_start_matches('@')),
+            }
         };
         problems.push(problem(l, c, message, hint));
     };
@@ -366,6 +380,13 @@ fn compile_one(
                     );
                     continue;
                 };
+                // The step's map as written: the `#{` before its `id`.
+                step_start.set(
+                    string_field(&step, "id")
+                        .and_then(|id| find_field(text, "id", &id))
+                        .and_then(|id_at| text[..id_at].rfind("#{"))
+                        .unwrap_or(0),
+                );
                 for k in step.keys() {
                     if !STEP_FIELDS.contains(&k.as_str()) {
                         at(
@@ -441,7 +462,7 @@ fn compile_one(
                                         fallback.push(c)
                                     }
                                     Ok(_) => at(
-                                        &format!("\"{n}\""),
+                                        "@fallback:",
                                         format!("step `{id}`: fallback `{n}` repeats a channel of the step"),
                                         None,
                                     ),
@@ -454,7 +475,7 @@ fn compile_one(
                             }
                         }
                         _ => at(
-                            "fallback",
+                            "@fallback:",
                             format!("step `{id}`: fallback must be a list of channels"),
                             Some("e.g. fallback: [\"email\"]"),
                         ),
@@ -473,6 +494,7 @@ fn compile_one(
                     preferred,
                 });
             }
+            step_start.set(0);
         }
     }
 
@@ -533,6 +555,13 @@ fn compile_one(
     };
     // `rank(customer, vars)` scores the journey's steps in arbitration.
     let rank = has_fn("rank", 2);
+    if !rank && ast.iter_functions().any(|f| f.name == "rank") {
+        at(
+            "fn rank",
+            "`fn rank` must take (customer, vars): as written it would never be called".into(),
+            Some("fn rank(customer, vars) { customer.propensity(\"my_journey\", \"push\") * 100 }"),
+        );
+    }
 
     if !problems.is_empty() {
         return Err(problems);
@@ -609,25 +638,25 @@ pub fn parse_delay(text: &str) -> Result<Duration, String> {
 /// Position of `"value"` written as the value of `key` (`key: "value"` or
 /// `"key": "value"`), so a bad channel is not reported where the same word
 /// appears elsewhere (say, in the journey's name); else its first occurrence.
-fn find_field(text: &str, key: &str, value: &str) -> (usize, usize) {
+fn find_field(text: &str, key: &str, value: &str) -> Option<usize> {
     let quoted = format!("\"{value}\"");
     for (offset, _) in text.match_indices(&quoted) {
         let before = text[..offset].trim_end();
         if let Some(before_colon) = before.strip_suffix(':') {
             let name = before_colon.trim_end();
             if name.ends_with(key) || name.ends_with(&format!("\"{key}\"")) {
-                return position(text, offset);
+                return Some(offset);
             }
         }
     }
-    find(text, &quoted)
+    text.find(&quoted)
 }
 
 /// Position of `key` written as a map key (`key:` or `"key":`, not part of
 /// a longer word), so an unknown key is reported where it is set, not where
 /// the same word first appears (say, in an event type); else its first
 /// occurrence.
-fn find_key(text: &str, key: &str) -> (usize, usize) {
+fn find_key(text: &str, key: &str) -> Option<usize> {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     for (offset, _) in text.match_indices(key) {
         let before = text[..offset].trim_end_matches('"');
@@ -641,10 +670,10 @@ fn find_key(text: &str, key: &str) -> (usize, usize) {
             } else {
                 offset
             };
-            return position(text, start);
+            return Some(start);
         }
     }
-    find(text, key)
+    text.find(key)
 }
 
 /// 1-based line and column of the first occurrence of `needle` (1:1 if absent).
@@ -666,6 +695,56 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_with_other_parameters_is_refused() {
+        let text = "fn journey() {\n    #{ name: \"r\", category: \"service\", triggers: [\"x.y\"],\n       steps: [ #{ id: \"a\", channel: \"push\", template: \"t\" } ] }\n}\nfn decide(event, customer) { start() }\nfn rank(customer) { 100 }\n";
+        let err = load_sources(
+            vec![(PathBuf::from("r.rhai"), text.into())],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].line, 6, "{err}");
+        assert!(
+            err.problems[0]
+                .message
+                .contains("must take (customer, vars)"),
+            "{err}"
+        );
+    }
+
+    /// Each step's problem at that step's line, though an earlier step
+    /// has the same key (and a channel named like the bad fallback).
+    #[test]
+    fn a_steps_problem_is_reported_in_that_step() {
+        let text = "fn journey() {\n    #{\n        name: \"fb\", category: \"service\", triggers: [\"x.y\"],\n        steps: [\n            #{ id: \"a\", channel: \"push\", template: \"t\", fallback: [\"email\"] },\n            #{ id: \"b\", channel: \"push\", template: \"t\", delay: \"1d\", fallback: \"email\" },\n            #{ id: \"c\", channel: \"email\", template: \"t\", delay: \"2d\", fallback: [\"email\"] },\n            #{ id: \"d\", template: \"t\", channel: \"fax\", delay: \"soon\", colour: 1 },\n        ],\n    }\n}\nfn decide(event, customer) { start() }\n";
+        let err = load_sources(
+            vec![(PathBuf::from("fb.rhai"), text.into())],
+            &Limits::default(),
+        )
+        .unwrap_err();
+        let mut at: Vec<(usize, String)> = err
+            .problems
+            .iter()
+            .map(|p| (p.line, p.message.split(':').next().unwrap().to_string()))
+            .collect();
+        at.sort();
+        assert_eq!(
+            at,
+            vec![
+                (6, "step `b`".to_string()),
+                (7, "step `c`".to_string()),
+                (8, "step `d`".to_string()),
+                (
+                    8,
+                    "unknown channel `fax` (expected push, email or call_task)".to_string()
+                ),
+                (8, "unknown step field `colour`".to_string()),
+            ],
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_bad_value_is_reported_where_its_key_is_not_where_the_word_first_appears() {
