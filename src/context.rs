@@ -132,9 +132,9 @@ impl CustomerContext {
                 if let Some(v) = data.get("region") {
                     let region = opt_string(v, "region")?;
                     if let Some(r) = &region {
-                        if !is_subdivision(r) {
+                        if !is_region(r) {
                             return Err(ContextError(format!(
-                                "region `{r}` is not an ISO 3166-2 code like AU-VIC"
+                                "region `{r}` is not an ISO 3166-2 code like AU-VIC (or a country like AU)"
                             )));
                         }
                     }
@@ -203,10 +203,9 @@ pub fn is_context_event(event_type: &str) -> bool {
 }
 
 /// `CC-SUB`: a two-letter country, a dash, one to three letters or digits.
-fn is_subdivision(code: &str) -> bool {
-    let Some((country, sub)) = code.split_once('-') else {
-        return false;
-    };
+/// An ISO 3166-2 subdivision (`AU-VIC`) or a country alone (`AU`), in any case.
+pub fn is_region(code: &str) -> bool {
+    let (country, sub) = code.split_once('-').unwrap_or((code, "X"));
     country.len() == 2
         && country.chars().all(|c| c.is_ascii_alphabetic())
         && (1..=3).contains(&sub.len())
@@ -276,6 +275,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.region.as_deref(), Some("AU-VIC"));
+        // A country alone: its national holidays apply.
+        c.apply_update(&event(CONTACT_UPDATED, serde_json::json!({"region":"au"})))
+            .unwrap();
+        assert_eq!(c.region.as_deref(), Some("AU"));
         assert!(c
             .apply_update(&event(
                 CONTACT_UPDATED,

@@ -50,7 +50,7 @@ impl Holidays {
                 toml::Value::Table(t) => t,
                 _ => return Err(format!("`{region}`: expected a table of date = name")),
             };
-            if !region.starts_with(|c: char| c.is_ascii_uppercase()) {
+            if !crate::context::is_region(&region) {
                 return Err(format!("`{region}`: not a region like AU or AU-VIC"));
             }
             let mut days = BTreeMap::new();
@@ -116,5 +116,11 @@ mod tests {
         assert!(Holidays::parse("[AU]\n\"2026-13-01\" = \"x\"\n")
             .unwrap_err()
             .contains("AU.2026-13-01"));
+        // Regions as customers' `region` is read: any case, not a name.
+        let lower = Holidays::parse("[au-vic]\n\"2026-11-03\" = \"Cup\"\n").unwrap();
+        assert_eq!(lower.on("AU-VIC", cup), Some(("Cup", "AU-VIC")));
+        assert!(Holidays::parse("[VICTORIA]\n\"2026-11-03\" = \"Cup\"\n")
+            .unwrap_err()
+            .contains("not a region like AU or AU-VIC"));
     }
 }
