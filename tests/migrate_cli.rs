@@ -60,6 +60,26 @@ fn migrate_creates_the_schema_then_finds_it_up_to_date_and_refuses_a_newer_one()
         "{err}"
     );
 
+    // Refused while a daemon owns the file (its lock held, as `nudge run`
+    // holds it), whatever name the file is given.
+    let lock = std::fs::File::create(dir.path().join("nudge.db.lock")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(dir.path().join("nudge.db.lock"), "4242\n").unwrap();
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    let linked = dir.path().join("linked.toml");
+    std::fs::write(
+        &linked,
+        format!("[store]\npath = {:?}\n", link.to_str().unwrap()),
+    )
+    .unwrap();
+    for config in [&config, &linked] {
+        let (code, out, err) = nudge(&["migrate", "--config", config.to_str().unwrap()], &[]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("in use") && err.contains("4242"), "{err}");
+    }
+    drop(lock);
+
     // The environment names the store as it does for `nudge run`.
     let other = dir.path().join("other.db");
     let (code, out, err) = nudge(&args, &[("NUDGE_STORE__PATH", other.to_str().unwrap())]);

@@ -49,8 +49,60 @@ impl OwnerLock {
     }
 }
 
+/// `<file>.lock` beside the file itself: the path resolved (symbolic links,
+/// `..`), so that two names of one file take one lock.
 fn lock_path(store: &Path) -> PathBuf {
-    let mut name = store.as_os_str().to_owned();
+    let mut name = resolved(store).into_os_string();
     name.push(".lock");
     PathBuf::from(name)
+}
+
+/// The file's real path; for a file not created yet, its directory's real
+/// path and its name; as given when neither resolves (the open then fails
+/// with its own error).
+fn resolved(store: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(store) {
+        return real;
+    }
+    let dir = match store.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), store.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => store.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second owner through a symbolic link, or a path with `..`, to the
+    /// same file is refused like one through the same path.
+    #[test]
+    fn one_file_one_owner_whatever_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nudge.db");
+        std::fs::write(&db, b"").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let dotted = dir.path().join("sub").join("..").join("nudge.db");
+        let _owner = OwnerLock::acquire(&db).unwrap();
+        for other in [&db, &link, &dotted] {
+            match OwnerLock::acquire(other) {
+                Err(StoreError::Locked { holder, .. }) => {
+                    assert_eq!(holder, Some(std::process::id()), "{}", other.display())
+                }
+                Err(e) => panic!("{}: {e}", other.display()),
+                Ok(_) => panic!("{}: a second owner", other.display()),
+            }
+        }
+        // A file not created yet, named through its directory's link.
+        let dir_link = dir.path().join("dirlink");
+        std::os::unix::fs::symlink(dir.path(), &dir_link).unwrap();
+        let _new = OwnerLock::acquire(&dir.path().join("new.db")).unwrap();
+        assert!(OwnerLock::acquire(&dir_link.join("new.db")).is_err());
+    }
 }

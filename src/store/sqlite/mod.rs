@@ -61,8 +61,10 @@ impl SqliteStore {
     }
 
     /// The schema version of the file at `path`, migrating it first (the
-    /// `nudge migrate` command): (version found, version now).
+    /// `nudge migrate` command): (version found, version now). Refused
+    /// while a daemon owns the file: its schema must not change under it.
     pub fn migrate(path: &Path) -> Result<(u32, u32), StoreError> {
+        let _owner = lock::OwnerLock::acquire(path)?;
         let before = match path.exists() {
             true => schema::version(&Connection::open(path)?)?,
             false => 0,
