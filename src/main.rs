@@ -264,10 +264,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nudge: {e:#}");
+            eprintln!("nudge: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each cause left out when the text before it
+/// already says it (library errors often print their source themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(part.trim()) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -433,6 +449,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Probe { address, path } => {
+            // `healthz` as well as `/healthz`.
+            let path = match path.starts_with('/') {
+                true => path,
+                false => format!("/{path}"),
+            };
             let status = probe(&address, &path)
                 .with_context(|| format!("probing http://{address}{path}"))?;
             println!("{status}");

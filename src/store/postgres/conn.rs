@@ -32,6 +32,13 @@ fn tls(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeTlsConnector, StoreE
     let tls_error = |e: openssl::error::ErrorStack| StoreError::Config(format!("store TLS: {e}"));
     let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(tls_error)?;
     if let Some(path) = ca_file {
+        // OpenSSL's own error for a missing file is a stack of BIO lines.
+        std::fs::metadata(path).map_err(|e| {
+            StoreError::Config(format!(
+                "store.ca_file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
         builder.set_ca_file(path).map_err(|e| {
             StoreError::Config(format!(
                 "store.ca_file: cannot load {}: {e}",

@@ -37,6 +37,18 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
 /// Brings the schema (the first on `search_path`) to [`VERSION`]; returns
 /// how many migrations ran.
 pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
+    let row = client.query_one(
+        "SELECT current_schema(), current_setting('search_path')",
+        &[],
+    )?;
+    if row.get::<_, Option<String>>(0).is_none() {
+        let path: String = row.get(1);
+        return Err(StoreError::Config(format!(
+            "no schema to hold nudge's tables: none on search_path `{path}` exists; create it \
+             (CREATE SCHEMA nudge) or name one in store.url, e.g. \
+             postgres://nudge@db:5432/nudge?options=-csearch_path%3Dnudge"
+        )));
+    }
     let mut applied = 0;
     loop {
         let mut tx = client.transaction()?;
