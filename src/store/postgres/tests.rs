@@ -65,6 +65,21 @@ fn a_new_schema_is_migrated_once_and_a_newer_one_refused() {
     }
 }
 
+/// A search_path naming no schema that exists: refused saying so, with
+/// how to name one, not PostgreSQL's "no schema has been selected".
+#[test]
+fn a_search_path_without_a_schema_is_refused_naming_it() {
+    let (schema, options) = fresh_schema();
+    drop_schema(&schema);
+    let err = PostgresStore::migrate(&options).err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("search_path `{schema}`")) && text.contains("CREATE SCHEMA"),
+        "{text}"
+    );
+    assert!(!err.is_transient());
+}
+
 fn drop_schema(schema: &str) {
     let (config, _) = parse_url(&super::testing::base_url()).unwrap();
     let mut client = config.connect(postgres::NoTls).unwrap();
