@@ -709,9 +709,33 @@ pub struct AuditConfig {
 }
 
 impl Config {
-    /// Loads the file (if given) and `NUDGE_SECTION__KEY` overrides, then validates.
+    /// Loads the file (if given) and `NUDGE_SECTION__KEY` overrides, then
+    /// validates; a deprecated form that still loads is named on stderr.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with_env(file, std::env::vars())
+        let config = Self::load_with_env(file, std::env::vars())?;
+        for warning in config.deprecations() {
+            eprintln!("nudge: config: {warning}");
+        }
+        Ok(config)
+    }
+
+    /// Deprecated forms in use, each with what replaces it.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if self.policy.max_per_customer.is_some() {
+            found.push(
+                "policy.max_per_customer is deprecated: write policy.caps = [{ max = N, per = \"1d\" }]"
+                    .to_string(),
+            );
+        }
+        if self.policy.quiet_hours.legacy.is_some() {
+            found.push(
+                "policy.quiet_hours.start/end/channels are deprecated: write a table per channel, \
+                 [policy.quiet_hours.push] start = \"21:00\" end = \"08:00\""
+                    .to_string(),
+            );
+        }
+        found
     }
 
     pub fn load_with_env(
@@ -1087,6 +1111,9 @@ mod tests {
             (caps[0].what(), caps[0].max, caps[0].per),
             ("messages".into(), 2, 2)
         );
+        assert_eq!(old.deprecations().len(), 1, "{:?}", old.deprecations());
+        assert!(old.deprecations()[0].contains("policy.caps"));
+        assert!(c.deprecations().is_empty());
         assert!(load("[policy]\nmax_per_customer = 0\n", &[])
             .unwrap()
             .policy

@@ -440,6 +440,8 @@ async fn open_store(
     tokio::task::spawn_blocking(move || {
         let (store, released) = crate::store::open(&store_config)
             .with_context(|| format!("store: opening {}", store_config.describe()))?;
+        // Which database, never with a password (the URL holds none).
+        tracing::info!(store = %store_config.describe(), "store opened");
         if released > 0 {
             tracing::info!(steps = released, "claims of the previous run released");
         }

@@ -775,7 +775,10 @@ impl Scheduler {
                 continue;
             }
             let fallback = self.fallback_channel(&mut step, &rules, context)?;
-            let (verdict, address) = self.verdict(&step, context, now, &mut arbiter)?;
+            let (mut verdict, address) = self.verdict(&step, context, now, &mut arbiter)?;
+            if fallback.is_none() {
+                self.name_refused_fallbacks(&step, &rules, context, &mut verdict);
+            }
             if verdict == Verdict::Send {
                 sending.push(step.row);
             }
@@ -984,6 +987,33 @@ impl Scheduler {
                 step.channel = channel;
                 reason
             }))
+    }
+
+    /// A step its channel refuses (no app, no consent), whose fallbacks
+    /// could not take it either: the reason says why each could not.
+    fn name_refused_fallbacks(
+        &self,
+        step: &DueStep,
+        rules: &crate::rules::RuleSet,
+        context: &BatchContext,
+        verdict: &mut Verdict,
+    ) {
+        let Verdict::Suppress(reason) = verdict else {
+            return;
+        };
+        if !(reason.starts_with("unreachable on ") || reason.contains(" consent for ")) {
+            return;
+        }
+        let (Some(list), Some(customer)) = (
+            fallback_of(rules, step),
+            context.customers.get(&step.customer),
+        ) else {
+            return;
+        };
+        let customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = self.policy.fallbacks_refused(step, list, &customer) {
+            reason.push_str(&why);
+        }
     }
 
     /// What the verdict comes to: the send and its result, or why nothing

@@ -103,13 +103,19 @@ fn of<'a>(got: &'a [(String, Outcome, String)], journey: &str) -> &'a (String, O
 #[tokio::test]
 async fn conversions_after_sends_change_which_journey_rank_sends_first() {
     // Nothing learned: alpha's head start wins (15 vs 5); beta's push, due
-    // in the same batch, then meets the cap.
+    // in the same batch and decided after alpha went, is told it lost and
+    // waits for the cap.
     let fresh = sim();
     let got = contest(&fresh, t0()).await;
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(of(&got, "alpha").1, Outcome::Sent, "{got:?}");
-    assert_eq!(of(&got, "beta").1, Outcome::Suppressed, "{got:?}");
-    assert!(of(&got, "beta").2.starts_with("frequency cap"), "{got:?}");
+    assert_eq!(of(&got, "beta").1, Outcome::Deferred, "{got:?}");
+    assert!(
+        of(&got, "beta")
+            .2
+            .starts_with("frequency cap: 1 message within 1 calendar day; arbitration: lost to alpha/push (score 15 vs 5)"),
+        "{got:?}"
+    );
 
     // Five customers accept beta after its push, five ignore alpha's.
     let sim = sim();

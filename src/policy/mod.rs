@@ -277,6 +277,33 @@ impl Policy {
         Some((to, format!("fallback from {}: {why}", step.channel)))
     }
 
+    /// Why none of `fallback` could take a step its own channel refuses:
+    /// `; no fallback could take it: email (no email address)`. `None` when
+    /// the step's channel does not refuse it or it has no fallback.
+    pub fn fallbacks_refused(
+        &self,
+        step: &DueStep,
+        fallback: &[ChannelKind],
+        customer: &CustomerContext,
+    ) -> Option<String> {
+        if fallback.is_empty() {
+            return None;
+        }
+        Self::channel_refusal(step.channel, step.category, customer)?;
+        let each: Vec<String> = fallback
+            .iter()
+            .map(|&c| {
+                let why = match Self::channel_refusal(c, step.category, customer) {
+                    _ if self.config.disabled_channels.contains(&c) => "disabled".to_string(),
+                    Some(why) => why.to_string(),
+                    None => "available".to_string(),
+                };
+                format!("{c} ({why})")
+            })
+            .collect();
+        Some(format!("; no fallback could take it: {}", each.join(", ")))
+    }
+
     /// Whether a step could go now but for the caps: what arbitration
     /// weighs a due step against. Conditions and quiet hours are asked
     /// when the step itself is due.

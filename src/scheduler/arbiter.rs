@@ -584,6 +584,9 @@ mod tests {
         tx.commit().unwrap();
         let records = w.scheduler.run_due().await.unwrap();
         assert_eq!(records[0].outcome, Outcome::Suppressed);
-        assert_eq!(records[0].reason, "unreachable on push: no app installed");
+        assert_eq!(
+            records[0].reason,
+            "unreachable on push: no app installed; no fallback could take it: email (no email address)"
+        );
     }
 }

@@ -663,7 +663,7 @@ impl DaemonConfig {
             scheduler: String::new(),
             kafka: String::new(),
             consumer: String::new(),
-            policy: "max_per_customer = 0".into(),
+            policy: "caps = []".into(),
             push: String::new(),
             extra: String::new(),
         }
@@ -702,7 +702,7 @@ format = "json"
 level = "{level}"
 [policy]
 {policy}
-[policy.quiet_hours]
+[policy.quiet_hours.push]
 start = ""
 end = ""
 [channels.push]

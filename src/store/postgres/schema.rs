@@ -57,6 +57,8 @@ pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
             "SELECT pg_advisory_xact_lock(hashtext('nudge-migrate:' || current_schema()))",
             &[],
         )?;
+        // `IF NOT EXISTS` would say NOTICE on every start.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")?;
         tx.batch_execute(VERSION_TABLE)?;
         let current = read_version(&mut tx)?;
         if current > VERSION {
