@@ -71,7 +71,7 @@ fn a_new_schema_is_migrated_once_and_a_newer_one_refused() {
 fn a_search_path_without_a_schema_is_refused_naming_it() {
     let (schema, options) = fresh_schema();
     drop_schema(&schema);
-    let err = PostgresStore::migrate(&options).err().expect("refused");
+    let err = PostgresStore::migrate(&options).expect_err("refused");
     let text = err.to_string();
     assert!(
         text.contains(&format!("search_path `{schema}`")) && text.contains("CREATE SCHEMA"),
