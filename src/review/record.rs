@@ -49,6 +49,9 @@ pub const NOT_RECORDED: [&str; 2] = [
 
 /// Control changes shown in one record at most (the newest, when more).
 const CONTROL_LIMIT: usize = 1_000;
+/// The latest control changes read before a customer's first entry, for
+/// those in force then.
+const CONTROL_BEFORE_LIMIT: usize = 1_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord {
@@ -372,7 +375,9 @@ pub fn decision_record(
 
 /// The control changes that could have affected what `entries` show: to a
 /// journey they name or a channel their steps used, from the first entry
-/// to the last (a query-time join of the control log).
+/// to the last, and for each of those the last change before the first
+/// entry (the setting in force then, say the pilot that excluded the
+/// customer's first event): a query-time join of the control log.
 fn control_entries(store: &dyn ReviewRead, entries: &[Entry]) -> Result<Vec<Entry>, StoreError> {
     let (Some(first), Some(last)) = (
         entries.iter().map(|e| e.time).min(),
@@ -388,15 +393,23 @@ fn control_entries(store: &dyn ReviewRead, entries: &[Entry]) -> Result<Vec<Entr
         .iter()
         .filter_map(|e| e.channel.as_deref())
         .collect();
+    let named = |c: &ControlEntry| match c.kind.as_str() {
+        crate::control::JOURNEY => journeys.contains(c.target.as_str()),
+        crate::control::CHANNEL => channels.contains(c.target.as_str()),
+        _ => false,
+    };
+    // The latest before, oldest first: the last of each target wins.
+    let mut in_force: BTreeMap<(String, String), ControlEntry> = BTreeMap::new();
+    for c in store.control_changes(None, Some(first), CONTROL_BEFORE_LIMIT)? {
+        if named(&c) {
+            in_force.insert((c.kind.clone(), c.target.clone()), c);
+        }
+    }
     let until = last + chrono::Duration::milliseconds(1);
     let changes = store.control_changes(Some(first), Some(until), CONTROL_LIMIT)?;
-    Ok(changes
-        .into_iter()
-        .filter(|c| match c.kind.as_str() {
-            crate::control::JOURNEY => journeys.contains(c.target.as_str()),
-            crate::control::CHANNEL => channels.contains(c.target.as_str()),
-            _ => false,
-        })
+    Ok(in_force
+        .into_values()
+        .chain(changes.into_iter().filter(|c| named(c)))
         .map(|c| {
             let mut e = Entry::new(
                 c.time,

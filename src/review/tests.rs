@@ -665,6 +665,48 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
     // A customer the store never saw has an empty record, not an error.
     let nobody = decision_record(r, "nobody", false).unwrap();
     assert!(nobody.entries.is_empty() && nobody.contact.is_none());
+
+    // Control changes to one of the customer's journeys before its first
+    // entry: the last of them (the setting in force then) is shown, the one
+    // it replaced is not; one to another journey neither.
+    let first = record.entries.first().unwrap().time;
+    let other = ["fee", "loan", "rebate"]
+        .into_iter()
+        .find(|j| mine.iter().all(|x| x.journey != *j))
+        .expect("a journey the customer never had");
+    for (journey, minutes, pilot) in [
+        (mine[0].journey, 120, 50),
+        (mine[0].journey, 60, 0),
+        (other, 30, 10),
+    ] {
+        let edit = move |_: &Map<String, serde_json::Value>| crate::store::control::ControlEdit {
+            settings: Map::from_iter([("pilot_percent".to_string(), json!(pilot))]),
+            before: json!({"pilot_percent": 100}),
+            after: json!({"pilot_percent": pilot}),
+        };
+        w.change_control(&crate::store::control::ControlChange {
+            kind: crate::control::JOURNEY,
+            target: journey,
+            who: "admin",
+            at: first - Duration::minutes(minutes),
+            edit: &edit,
+        })
+        .unwrap();
+    }
+    let with_control = decision_record(r, c, false).unwrap();
+    let shown: Vec<(Option<String>, serde_json::Value)> = with_control
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::Control)
+        .map(|e| (e.journey.clone(), e.control.as_ref().unwrap().after.clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![(
+            Some(mine[0].journey.to_string()),
+            json!({"pilot_percent": 0})
+        )]
+    );
 }
 
 /// The counts the store keeps, sorted, and the same counted from the rows
