@@ -195,14 +195,10 @@ impl<'a> Arbiter<'a> {
         }
         let key = (step.instance_id.clone(), step.step.clone());
         let lost = self.scheduler.losses.take(&key, now)?;
-        let on_lose = self
-            .rules
-            .journey(&step.journey)
-            .map_or(OnLose::default_for(step.category), |j| j.on_lose);
-        let latest = step.planned_at + span(self.scheduler.lateness(step.channel));
         let frees_at = Some(hit.frees_at.max(now));
         Some(
-            match arbitration::loser_outcome(&lost, on_lose, frees_at, latest) {
+            match arbitration::loser_outcome(&lost, self.on_lose(step), frees_at, self.latest(step))
+            {
                 arbitration::Outcome::Win => return None,
                 arbitration::Outcome::Defer { until, reason } => Verdict::Wait {
                     until,
@@ -216,17 +212,27 @@ impl<'a> Arbiter<'a> {
     }
 
     fn candidate(&mut self, step: &DueStep, customer: &CustomerContext) -> Candidate {
-        let journey = self.rules.journey(&step.journey);
-        let category = step.category;
         Candidate {
             label: format!("{}/{}", step.journey, step.step),
             score: self.score(step, customer),
             due: step.due_at,
             channel: step.channel,
-            category,
-            on_lose: journey.map_or(OnLose::default_for(category), |j| j.on_lose),
-            latest: step.planned_at + span(self.scheduler.lateness(step.channel)),
+            category: step.category,
+            on_lose: self.on_lose(step),
+            latest: self.latest(step),
         }
+    }
+
+    /// The journey's `on_lose`, or its category's default.
+    fn on_lose(&self, step: &DueStep) -> OnLose {
+        self.rules
+            .journey(&step.journey)
+            .map_or(OnLose::default_for(step.category), |j| j.on_lose)
+    }
+
+    /// The last moment the step may still go: planned time + lateness bound.
+    fn latest(&self, step: &DueStep) -> DateTime<Utc> {
+        step.planned_at + span(self.scheduler.lateness(step.channel))
     }
 
     /// The journey's `rank(customer, vars)`, or its `priority` when it has
