@@ -141,7 +141,7 @@ fn claim_times(store: &SqliteStore, rounds: usize) -> (Duration, Duration) {
         claim.push(t.elapsed());
         assert_eq!(batch.len(), 256);
         for s in &batch {
-            store.release_claim(&s.instance_id, &s.step).unwrap();
+            store.release_claim(&s.instance_id, &s.step, None).unwrap();
         }
     }
     next.sort();

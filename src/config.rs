@@ -559,6 +559,11 @@ pub struct KafkaConfig {
     /// Time allowed to drain in-flight work on shutdown or revoke.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// At start, how long sending waits for the records that arrived while
+    /// the daemon was down (an exit among them withdraws a step that fell
+    /// due meanwhile); it starts sooner once they are read.
+    #[serde(deserialize_with = "duration")]
+    pub catch_up_timeout: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -576,6 +581,7 @@ impl Default for KafkaConfig {
             secret_properties_file: BTreeMap::new(),
             batch_size: 1000,
             drain_timeout: Duration::from_secs(20),
+            catch_up_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -248,7 +248,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let readiness = ingest.readiness();
-    tasks.spawn("scheduler", scheduler.clone().run(stop_rx.clone()));
+    tasks.spawn(
+        "scheduler",
+        send_once_caught_up(
+            scheduler.clone(),
+            readiness.caught_up(),
+            config.kafka.catch_up_timeout,
+            stop_rx.clone(),
+        ),
+    );
     tasks.spawn("dead-letter publisher", dlq.run(stop_rx.clone()));
     if let Some(audit) = audit {
         tasks.spawn("audit publisher", audit.run(stop_rx.clone()));
@@ -575,4 +583,27 @@ pub fn reload(
             false
         }
     }
+}
+
+/// Runs the scheduler once the consumer has read the records that arrived
+/// while the daemon was down, or after `limit`: a customer who acted
+/// meanwhile (an exit waiting in Kafka) is not sent the step that fell due
+/// in the gap before their exit is read.
+async fn send_once_caught_up(
+    scheduler: Arc<Scheduler>,
+    mut caught_up: watch::Receiver<bool>,
+    limit: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let waited = std::time::Instant::now();
+    tokio::select! {
+        _ = tokio::time::timeout(limit, caught_up.wait_for(|c| *c)) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    tracing::info!(
+        waited_ms = waited.elapsed().as_millis() as u64,
+        caught_up = *caught_up.borrow(),
+        "sending begins"
+    );
+    scheduler.run(stop).await;
 }

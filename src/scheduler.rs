@@ -32,7 +32,7 @@ use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
     StepDecided, StepDispatched, StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
-use arbiter::{fallback_of, Arbiter};
+use arbiter::{fallback_of, planned_channel, Arbiter};
 use unrecorded::Unrecorded;
 
 /// Records finished steps and, on the committing thread right after the
@@ -227,7 +227,7 @@ pub struct Scheduler {
 const FINISH_BATCH: usize = 128;
 /// How long the daemon lets finished steps gather before writing them.
 const FINISH_LINGER: Duration = Duration::from_millis(5);
-/// Upper bound on a sleep, so expired leases of dead workers are noticed.
+/// Upper bound on a sleep, so that a look for due steps is never far off.
 const MAX_IDLE: chrono::Duration = chrono::Duration::seconds(30);
 
 impl Scheduler {
@@ -683,13 +683,16 @@ impl Scheduler {
         }
     }
 
-    /// When the channel's loop looks again: at its next due step, but at
-    /// least every `MAX_IDLE` (so expired leases of dead workers are
-    /// noticed), and after 1 s when the store cannot say.
+    /// When the channel's loop looks again: at its next due step (or when
+    /// another replica's claim runs out), but at least every `MAX_IDLE` or
+    /// lease, whichever is shorter (a claim another replica makes while this
+    /// one sleeps is seen before its lease can end), and after 1 s when the
+    /// store cannot say.
     async fn next_wake(&self, channel: ChannelKind, now: DateTime<Utc>) -> DateTime<Utc> {
+        let idle = MAX_IDLE.min(span(self.config.lease));
         match self.store.call(move |s| s.next_due(Some(channel))).await {
-            Ok(Some(t)) => t.min(now + MAX_IDLE),
-            Ok(None) => now + MAX_IDLE,
+            Ok(Some(t)) => t.min(now + idle),
+            Ok(None) => now + idle,
             Err(e) => {
                 NextDueUnreadable {
                     channel: channel.as_str(),
@@ -826,8 +829,10 @@ impl Scheduler {
         let halted = stop.is_some_and(|s| *s.borrow()) || self.channel_stopped(step.channel);
         if halted && verdict == Verdict::Send {
             let (instance, name) = (step.instance_id.clone(), step.step.clone());
+            // Bound for a fallback: it waits with that channel's steps.
+            let to = fallback.is_some().then_some(step.channel);
             self.store
-                .call(move |s| s.release_claim(&instance, &name))
+                .call(move |s| s.release_claim(&instance, &name, to))
                 .await?;
             self.forget_unsent(&step.customer, step.row);
             return Ok(None);
@@ -976,6 +981,14 @@ impl Scheduler {
         let Some(list) = fallback_of(rules, step) else {
             return Ok(None);
         };
+        // Handed back to a fallback that was stopped at run time: decided
+        // again from the channel it was planned on (the customer may be
+        // reachable there by now).
+        if let Some(planned) = planned_channel(rules, step) {
+            if planned != step.channel && list.contains(&step.channel) {
+                step.channel = planned;
+            }
+        }
         let Some(customer) = context.customers.get(&step.customer) else {
             return Ok(None); // reported by `verdict`
         };
@@ -1134,6 +1147,9 @@ impl Scheduler {
             return Decision::new(Outcome::Failed, reason);
         }
         let lateness = self.lateness(step.channel);
+        // A withdrawal is never stale: the task it takes back stays open
+        // until it goes, so only `max_attempts` ends its retries.
+        let withdrawal = crate::model::withdrawn_step(&step.step).is_some();
         let deadline = step.planned_at + span(lateness);
         let bound = || {
             format!(
@@ -1143,19 +1159,22 @@ impl Scheduler {
             )
         };
         let asked = e.retry_after().map(|d| d.min(self.config.retry_max));
-        if let Some(asked) = asked {
+        if let Some(asked) = asked.filter(|_| !withdrawal) {
             if done + span(asked) > deadline {
                 let after = crate::humanize::duration(asked);
                 let reason = format!("{e}; a retry after {after} would pass {}", bound());
                 return Decision::new(Outcome::Expired, reason);
             }
         }
-        if done >= deadline {
+        if done >= deadline && !withdrawal {
             let reason = format!("{e}; {} is reached: not tried again", bound());
             return Decision::new(Outcome::Expired, reason);
         }
         let wait = self.backoff(step.attempt).max(asked.unwrap_or_default());
-        let again = (done + span(wait)).min(deadline);
+        let again = match withdrawal {
+            true => done + span(wait),
+            false => (done + span(wait)).min(deadline),
+        };
         let next_in = crate::humanize::duration((again - done).to_std().unwrap_or_default());
         let reason = format!("{e}; attempt {} of {max}, next in {next_in}", step.attempt);
         Decision {

@@ -636,3 +636,76 @@ fn a_store_that_refuses_writes_makes_the_daemon_not_ready_until_it_returns() {
     daemon.terminate();
     assert_exactly_once(&recv, &cfg.store, loans, &logs);
 }
+
+/// A customer completes a loan and signs it while the daemon is down, with
+/// many other records between the two: at start the daemon reads them all
+/// before it sends, so the reminder push that fell due in the gap is not
+/// sent (the journey converted), while the other customers' pushes go.
+#[test]
+fn a_customer_who_acted_while_the_daemon_was_down_is_not_sent_the_step_due_meanwhile() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 1);
+    let loan = |c: &str, id: &str| {
+        event(
+            id,
+            "loan_application.completed",
+            c,
+            json!({"application_id": "A1", "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"}),
+        )
+    };
+    let mut records = vec![
+        event(
+            "ctx-signer",
+            "customer.contact_updated",
+            "signer",
+            json!({"app_installed": true}),
+        ),
+        loan("signer", "loan-signer"),
+    ];
+    let (filler, loans) = workload(20_000, 2_000);
+    records.extend(filler);
+    records.push(event(
+        "signed-signer",
+        "loan_application.signed",
+        "signer",
+        json!({"application_id": "A1"}),
+    ));
+    produce(&cfg.topic, &records);
+
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "every record decided", || {
+        store_reader(&cfg.store).is_some_and(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(next_offset), 0) FROM kafka_offsets",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+                == records.len() as i64
+        })
+    });
+    daemon.wait_until(LONG, "the other customers' pushes", || {
+        recv.by_key().len() >= loans
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    let to_signer = recv
+        .requests()
+        .into_iter()
+        .filter(|r| r.body["customer"] == "signer")
+        .count();
+    assert_eq!(to_signer, 0, "the signer was sent a reminder\n{logs}");
+    let conn = store_reader(&cfg.store).unwrap();
+    let outcome: String = conn
+        .query_row(
+            "SELECT outcome FROM dispatch_log WHERE customer = 'signer' AND step = 'push'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "converted", "{logs}");
+    assert!(logs.contains("sending begins"), "{logs}");
+}

@@ -298,6 +298,81 @@ fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
     other.terminate();
 }
 
+/// A replica SIGKILLed while it holds claimed pushes: the other replica,
+/// idle since before those claims were made, takes them over when their
+/// lease (2 s here) ends, not at its next idle look (up to 30 s later).
+#[test]
+fn a_killed_replicas_claims_go_out_from_another_when_the_lease_ends() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let recv = Receiver::holding(&rt, gate.clone());
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    cfg.push = "concurrency = 1".into();
+    create_topic(&rt, &cfg.topic, 1);
+    let a = Daemon::start(&cfg, "a");
+    let b = Daemon::start(&cfg, "b");
+    a.wait_until(LONG, "one replica to own the partition", || {
+        matches!(
+            (a.partitions(), b.partitions()),
+            (Some(1), Some(0)) | (Some(0), Some(1))
+        )
+    });
+    let (owner, other) = if a.partitions() == Some(1) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    owner.wait_ready(LONG);
+    let loans = 20;
+    let mut records = Vec::new();
+    for c in 0..loans {
+        let cust = format!("c{c}");
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &cust,
+            json!({"app_installed": true}),
+        ));
+        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+            json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+    }
+    produce(&cfg.topic, &records);
+    let mut db = schema.client();
+    let holder = format!("/{}/", owner.pid());
+    let mut held = 0;
+    owner.wait_until(
+        LONG,
+        "every push stored, the owner's first send at the endpoint and more of its claims waiting",
+        || {
+            let row = db
+                .query_one(
+                    "SELECT COUNT(*),
+                         COUNT(*) FILTER (WHERE status = 'claimed' AND strpos(holder, $1) > 0)
+                     FROM steps WHERE channel = 'push'",
+                    &[&holder],
+                )
+                .unwrap();
+            held = row.get::<_, i64>(1);
+            row.get::<_, i64>(0) == loans && held >= 2 && recv.waiting() == 1
+        },
+    );
+    owner.kill();
+    let killed = Instant::now();
+    gate.add_permits(10_000);
+    other.wait_until(LONG, "every push", || recv.by_key().len() == loans as usize);
+    let took = killed.elapsed();
+    eprintln!("{held} claimed by the killed replica; all sent {took:?} after the kill");
+    assert!(
+        took < Duration::from_secs(8),
+        "the killed replica's claims (lease 2 s) waited {took:?} for the other\n{}",
+        other.log_tail()
+    );
+    other.terminate();
+}
+
 /// PostgreSQL cannot store a NUL character in `jsonb`: a loan whose product
 /// name holds one is refused for good, whatever is retried. Its batch is
 /// stored record by record; that record goes to the dead-letter topic with

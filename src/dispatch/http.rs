@@ -160,17 +160,72 @@ fn http_date(text: &str) -> Option<DateTime<Utc>> {
 
 /// The start of a refusal's body, for the dispatch log's reason: at most 200
 /// bytes, cut on a character boundary, control characters (a NUL, which
-/// PostgreSQL cannot store in text, or line breaks) as spaces. The body is
-/// the endpoint's to choose; a log record must never fail because of it.
+/// PostgreSQL cannot store in text, or line breaks) as spaces, and contact
+/// details masked (a receiver's error often quotes the address it refused,
+/// and the log is read by marketing; customer data there is kept to ids).
+/// The body is the endpoint's to choose; a log record must never fail
+/// because of it.
 fn excerpt(body: &str) -> String {
-    let mut out = String::with_capacity(body.len().min(200));
-    for c in body.chars() {
+    let head: String = body.chars().take(400).collect();
+    let masked = mask_contacts(&head);
+    let mut out = String::with_capacity(masked.len().min(200));
+    for c in masked.chars() {
         if out.len() + c.len_utf8() > 200 {
             break;
         }
         out.push(if c.is_control() { ' ' } else { c });
     }
     out
+}
+
+/// E-mail addresses as `a***@example.com`; runs of digits that could be a
+/// phone number (seven or more, with `+ ()-` and spaces between) with all
+/// but their last two digits as `*`.
+fn mask_contacts(text: &str) -> String {
+    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(separator).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        match word.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+                out.extend(local.chars().take(1));
+                out.push_str("***@");
+                out.push_str(domain);
+            }
+            _ => out.push_str(word),
+        }
+        let sep_len = tail.chars().next().map_or(0, char::len_utf8);
+        out.push_str(&tail[..sep_len]);
+        rest = &tail[sep_len..];
+    }
+    let mut chars: Vec<char> = out.chars().collect();
+    let phoneish = |c: char| c.is_ascii_digit() || "+ ()-".contains(c);
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() && chars[i] != '+' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && phoneish(chars[i]) {
+            i += 1;
+        }
+        let digits: Vec<usize> = (start..i).filter(|&k| chars[k].is_ascii_digit()).collect();
+        let run: String = chars[start..i].iter().collect();
+        let date = run.len() >= 10
+            && run
+                .char_indices()
+                .take(10)
+                .all(|(k, c)| matches!(k, 4 | 7) == (c == '-') && (c == '-' || c.is_ascii_digit()));
+        if digits.len() >= 7 && !date {
+            for &k in &digits[..digits.len() - 2] {
+                chars[k] = '*';
+            }
+        }
+    }
+    chars.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -191,6 +246,19 @@ mod tests {
         assert_eq!(excerpt(&format!("{}é", "x".repeat(197))).len(), 199);
         assert_eq!(excerpt("bad\r\nrequest"), "bad  request");
         assert_eq!(excerpt(""), "");
+        // Contact details a receiver quotes back are masked.
+        assert_eq!(
+            excerpt(r#"{"error": "mailbox h14.secret@example.com does not exist"}"#),
+            r#"{"error": "mailbox h***@example.com does not exist"}"#
+        );
+        assert_eq!(
+            excerpt("no such number: +61 400 123 456 (code 404)"),
+            "no such number: +** *** *** *56 (code 404)"
+        );
+        assert_eq!(
+            excerpt("unknown template t_42 at 2026-12-05T12:30:00Z"),
+            "unknown template t_42 at 2026-12-05T12:30:00Z"
+        );
     }
 
     /// A real endpoint on 127.0.0.1 answering `status`, recording what it got.

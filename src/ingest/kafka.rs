@@ -49,15 +49,39 @@ pub struct Readiness {
     /// Assigned partitions and the next offset the store holds for each.
     resume: Mutex<HashMap<Partition, i64>>,
     assigned: AtomicUsize,
+    /// Assignments received (an empty one too: a replica without a partition).
+    assignments: AtomicUsize,
+    /// True once the consumer, assigned, found nothing more to read: the
+    /// records that arrived while the daemon was down are decided.
+    caught_up: CaughtUp,
     /// Why the last batch could not be stored, while it is being retried
     /// (consuming has stopped meanwhile).
     store_problem: Mutex<Option<String>>,
     halted: Mutex<Option<String>>,
 }
 
+/// [`Readiness::caught_up`]'s signal.
+pub struct CaughtUp(watch::Sender<bool>);
+
+impl Default for CaughtUp {
+    fn default() -> Self {
+        Self(watch::channel(false).0)
+    }
+}
+
+/// How long the consumer, once assigned, waits for a record before it
+/// counts as caught up with its backlog.
+const CAUGHT_UP_IDLE: Duration = Duration::from_secs(1);
+
 impl Readiness {
     pub fn assigned_partitions(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Turns true once the consumer has read what was waiting for it at
+    /// start (see [`KafkaIngest::run`]).
+    pub fn caught_up(&self) -> watch::Receiver<bool> {
+        self.caught_up.0.subscribe()
     }
 
     /// Marks the daemon as stopping for good (a task failed): never ready again.
@@ -187,6 +211,7 @@ impl ConsumerContext for IngestContext {
                 self.readiness
                     .assigned
                     .store(resume.len(), Ordering::Relaxed);
+                self.readiness.assignments.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Revoke(_) => {}
@@ -413,9 +438,20 @@ impl KafkaIngest {
     /// committed before returning.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let linger = Duration::from_millis(5);
+        let caught_up = &self.readiness.caught_up.0;
         loop {
+            // Until caught up: a wait without a record, once assigned, means
+            // the backlog is read (sending waits for that, see `daemon`).
+            let idle = !*caught_up.borrow();
             let first = tokio::select! {
                 m = self.consumer.recv() => m,
+                _ = tokio::time::sleep(CAUGHT_UP_IDLE), if idle => {
+                    if self.readiness.assignments.load(Ordering::Relaxed) > 0 {
+                        caught_up.send_replace(true);
+                        tracing::info!("caught up with the records waiting at start");
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => break,
             };
             // One rule set for the whole batch decides which records are read.

@@ -2,7 +2,11 @@
 //! calendar day: a cap `per = "7d"` counts today and the six local days
 //! before it, from local midnight, whatever the hour now (not a rolling
 //! window). A cap counts the sends it matches, and holds only the steps it
-//! matches: a marketing cap neither counts nor holds service messages.
+//! matches: a marketing cap neither counts nor holds service messages. A
+//! service step never counts marketing sends, whatever the cap, so that
+//! marketing cannot use up the room of a message the customer needs (the
+//! design's promise); marketing steps count service sends under a cap that
+//! covers both.
 //!
 //! [`Policy::caps_room`] is the whole check, so that arbitration can ask
 //! whether a step still fits before choosing among several.
@@ -66,7 +70,12 @@ pub fn caps_room(
         };
         let mut counted: Vec<DateTime<Utc>> = sends
             .iter()
-            .filter(|s| s.at >= since && s.at <= now && cap.counts(s.channel, s.category))
+            .filter(|s| {
+                s.at >= since
+                    && s.at <= now
+                    && cap.counts(s.channel, s.category)
+                    && !(category == Category::Service && s.category == Category::Marketing)
+            })
             .map(|s| s.at)
             .collect();
         if counted.len() < cap.max as usize {
@@ -278,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cap_on_everything_counts_every_category_and_channel() {
+    fn a_cap_on_everything_counts_every_send_toward_marketing() {
         let all = [Cap {
             category: None,
             channel: None,
@@ -289,26 +298,47 @@ mod tests {
             send("2026-01-10T09:00:00+11:00", Push, S),
             send("2026-01-10T10:00:00+11:00", Call, M),
         ];
-        let got = caps_room(
-            &all,
-            &sends,
-            Email,
-            S,
-            Australia::Sydney,
-            at("2026-01-10T11:00:00+11:00"),
-        );
+        let room = |sends: &[RecentSend], category| {
+            caps_room(
+                &all,
+                sends,
+                Email,
+                category,
+                Australia::Sydney,
+                at("2026-01-10T11:00:00+11:00"),
+            )
+        };
         assert_eq!(
-            got.unwrap_err().reason,
+            room(&sends, M).unwrap_err().reason,
             "frequency cap: 2 messages within 1 calendar day"
         );
-        assert!(caps_room(
-            &all,
-            &sends[..1],
-            Email,
-            S,
-            Australia::Sydney,
-            at("2026-01-10T11:00:00+11:00")
-        )
-        .is_ok());
+        assert!(room(&sends[..1], M).is_ok());
+        // Two service sends fill it for a service step too.
+        let services = [sends[0].clone(), send("2026-01-10T10:00:00+11:00", Call, S)];
+        assert!(room(&services, S).is_err());
+    }
+
+    /// The design's promise: a service message is never starved by marketing.
+    #[test]
+    fn marketing_sends_never_use_up_a_service_steps_room() {
+        let one_a_day = [Cap {
+            category: None,
+            channel: None,
+            max: 1,
+            per: 1,
+        }];
+        let marketing = [send("2026-01-10T09:00:00+11:00", Push, M)];
+        let room = |category| {
+            caps_room(
+                &one_a_day,
+                &marketing,
+                Email,
+                category,
+                Australia::Sydney,
+                at("2026-01-10T11:00:00+11:00"),
+            )
+        };
+        assert!(room(S).is_ok());
+        assert!(room(M).is_err());
     }
 }

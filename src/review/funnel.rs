@@ -190,15 +190,17 @@ pub fn funnels(store: &dyn ReviewRead, journey: Option<&str>) -> Result<FunnelRe
         let held = arm(&arms, Mode::HeldOut);
         let started = live.as_ref().map_or(0, |a| a.instances);
         let converted = live.as_ref().map_or(0, |a| a.converted_instances);
-        // Steps in plan order, then any the plan no longer has.
+        // Steps in plan order, then any the plan no longer has. A
+        // withdrawal (`<step>:withdraw`, planned at an exit) is no step of
+        // the funnel: it is not a send.
         let mut order: Vec<String> = store
             .planned_steps(name)?
             .into_iter()
             .map(|s| s.step)
+            .filter(|s| crate::model::withdrawn_step(s).is_none())
             .collect();
         let logged: BTreeSet<&str> = counts
             .iter()
-            // A withdrawal (`<step>:withdraw`) is no step of the funnel.
             .filter(|c| {
                 c.journey == name
                     && c.step != "-"

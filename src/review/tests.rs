@@ -608,6 +608,74 @@ pub fn funnel_and_uplift_match_the_generated_counts(w: &dyn Store, r: &dyn Revie
     assert_eq!(loan.journeys[0].started, all_loan.started);
     assert_eq!(loan.journeys[0].uplift, all_loan.uplift);
     assert!(funnels(r, Some("nope")).unwrap().journeys.is_empty());
+
+    // A withdrawal planned at an exit is no step of the funnel, though the
+    // funnel's plan is read from the latest instance's steps.
+    let latest = g.instances.iter().map(|x| x.started_at).max().unwrap() + Duration::days(1);
+    let mut tx = w.begin().unwrap();
+    tx.start_instance(
+        &crate::store::NewInstance {
+            id: "latest-loan".into(),
+            customer: "c-latest".into(),
+            journey: "loan".into(),
+            key: "k".into(),
+            mode: Mode::Live,
+            category: crate::model::Category::Service,
+            started_at: latest,
+            rule_hash: "hash-b".into(),
+            trigger_event: "e-latest".into(),
+            vars: Default::default(),
+            decision_inputs: serde_json::json!({}),
+        },
+        &steps_of("loan")
+            .iter()
+            .enumerate()
+            .map(|(seq, (step, channel))| crate::store::NewStep {
+                step: step.to_string(),
+                seq: seq as u32,
+                channel: *channel,
+                template: "t".into(),
+                condition: None,
+                due_at: latest,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let claimed = w
+        .claim_due(
+            ChannelKind::Push,
+            latest,
+            100_000,
+            latest + Duration::minutes(5),
+        )
+        .unwrap();
+    let push = claimed
+        .iter()
+        .find(|d| d.instance_id == "latest-loan")
+        .unwrap();
+    let mut record = LogRecord::about(push.subject(), latest, Outcome::Sent, "sent");
+    record.attempt = 1;
+    w.finish_step(&crate::store::StepResult {
+        record,
+        again_at: None,
+        replan: false,
+        claimed_row: Some(push.row),
+    })
+    .unwrap();
+    let mut tx = w.begin().unwrap();
+    let withdrawn = tx
+        .plan_withdrawals("latest-loan", &[ChannelKind::Push], latest)
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(withdrawn, ["push"]);
+    let steps: Vec<String> = funnels(r, Some("loan")).unwrap().journeys[0]
+        .steps
+        .iter()
+        .map(|s| s.step.clone())
+        .collect();
+    let plan: Vec<&str> = steps_of("loan").iter().map(|s| s.0).collect();
+    assert_eq!(steps, plan);
 }
 
 pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn ReviewRead) {

@@ -280,6 +280,10 @@ fn compile_one(
         }
     }
 
+    for (key, problem) in wrong_types(&meta, JOURNEY_TEXT, JOURNEY_LISTS) {
+        at(&format!("@{key}:"), problem, type_hint(&key));
+    }
+
     let name = string_field(&meta, "name").unwrap_or_default();
     if name.is_empty()
         || !name
@@ -324,7 +328,8 @@ fn compile_one(
     }
 
     let triggers = string_list(&meta, "triggers");
-    if triggers.as_ref().is_none_or(|t| t.is_empty()) {
+    // (A `triggers` that is no list is reported as such above.)
+    if triggers.as_ref().is_none_or(|t| t.is_empty()) && !wrong_list(&meta, "triggers") {
         at("", "journey has no triggers".into(), Some("triggers: [\"loan_application.completed\"] lists the event types that may start it"));
     }
     let mut exits = Vec::new();
@@ -395,6 +400,19 @@ fn compile_one(
                             Some(&format!("step fields are {}", STEP_FIELDS.join(", "))),
                         );
                     }
+                }
+                let wrong = wrong_types(&step, STEP_TEXT, STEP_LISTS);
+                let which =
+                    string_field(&step, "id").map_or("step".into(), |id| format!("step `{id}`"));
+                for (key, problem) in &wrong {
+                    at(
+                        &format!("@{key}:"),
+                        format!("{which}: {problem}"),
+                        type_hint(key),
+                    );
+                }
+                if !wrong.is_empty() {
+                    continue;
                 }
                 let id = string_field(&step, "id").unwrap_or_default();
                 if id.is_empty() {
@@ -606,6 +624,9 @@ fn fatigue_field(map: &rhai::Map) -> Result<Option<Fatigue>, String> {
         Some(Ok(n)) if (0..=1000).contains(&n) => n as u32,
         _ => return Err("after must be a whole number of sends, 0..=1000".into()),
     };
+    if let Some((_, problem)) = wrong_types(&table, &["pause"], &[]).into_iter().next() {
+        return Err(problem);
+    }
     let pause = match string_field(&table, "pause") {
         Some(t) => parse_delay(&t).map_err(|e| format!("pause: {e}"))?,
         None if after == 0 => Duration::ZERO,
@@ -615,6 +636,97 @@ fn fatigue_field(map: &rhai::Map) -> Result<Option<Fatigue>, String> {
         return Err("pause must be longer than 0s".into());
     }
     Ok(Some(Fatigue { after, pause }))
+}
+
+/// Journey keys whose value is text, and those that are lists of text.
+const JOURNEY_TEXT: &[&str] = &[
+    "name",
+    "description",
+    "category",
+    "key",
+    "cooldown",
+    "on_lose",
+];
+const JOURNEY_LISTS: &[&str] = &["triggers"];
+const STEP_TEXT: &[&str] = &["id", "channel", "template", "delay", "when"];
+const STEP_LISTS: &[&str] = &["fallback"];
+
+/// Each key of `text` or `lists` present in `map` with a value of another
+/// type, and what is wrong with it: read as text, a number would be ignored
+/// (a `delay: 2` would be no delay at all, a `key: 7` one instance per
+/// customer), so it is refused instead.
+fn wrong_types(map: &rhai::Map, text: &[&str], lists: &[&str]) -> Vec<(String, String)> {
+    let mut wrong = Vec::new();
+    for (key, value) in map.iter() {
+        let key = key.as_str();
+        if text.contains(&key) && !value.is_string() {
+            wrong.push((
+                key.to_string(),
+                format!("`{key}` must be a string, not {}", type_words(value)),
+            ));
+        } else if lists.contains(&key) {
+            let all_text = value
+                .read_lock::<rhai::Array>()
+                .map(|a| a.iter().all(rhai::Dynamic::is_string));
+            match all_text {
+                Some(true) => {}
+                Some(false) => wrong.push((
+                    key.to_string(),
+                    format!("`{key}` must be a list of strings: it holds something else"),
+                )),
+                None => wrong.push((
+                    key.to_string(),
+                    format!(
+                        "`{key}` must be a list of strings, not {}",
+                        type_words(value)
+                    ),
+                )),
+            }
+        }
+    }
+    wrong.sort();
+    wrong
+}
+
+/// Whether `key` is present but not a list.
+fn wrong_list(map: &rhai::Map, key: &str) -> bool {
+    map.get(key).is_some_and(|v| !v.is_array())
+}
+
+/// A value's type as a designer would say it.
+fn type_words(value: &rhai::Dynamic) -> String {
+    if value.is_int() || value.is_float() {
+        format!("the number {value}")
+    } else if value.is_bool() {
+        format!("{value}")
+    } else if value.is_string() {
+        format!("the string \"{value}\"")
+    } else if value.is_array() {
+        "a list".into()
+    } else if value.is_map() {
+        "a map".into()
+    } else if value.is_unit() {
+        "() (nothing)".into()
+    } else {
+        format!("a {}", value.type_name())
+    }
+}
+
+/// How to write a key whose value has the wrong type.
+fn type_hint(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "delay" => "delays are strings with a unit: \"0s\", \"90m\", \"1d\", \"3d 12h\"",
+        "cooldown" => "e.g. cooldown: \"30d\"",
+        "pause" => "e.g. pause: \"30d\"",
+        "key" => "key names the event field that tells instances apart: key: \"application_id\"",
+        "triggers" => {
+            "triggers: [\"loan_application.completed\"] lists the event types that may start it"
+        }
+        "fallback" => "e.g. fallback: [\"email\"]",
+        "on_lose" => "on_lose: \"defer\" or \"drop\"",
+        "category" => "category: \"service\" or \"marketing\"",
+        _ => return None,
+    })
 }
 
 fn string_field(map: &rhai::Map, key: &str) -> Option<String> {
@@ -712,6 +824,59 @@ mod tests {
                 .contains("must take (customer, vars)"),
             "{err}"
         );
+    }
+
+    /// A value of the wrong type is refused at its line, not read as absent:
+    /// `delay: 2` would have been no delay at all, `cooldown: 90` no
+    /// cooldown, `key: 7` one instance per customer.
+    #[test]
+    fn values_of_the_wrong_type_are_refused_at_their_line() {
+        let cases = [
+            (
+                "delay: 2",
+                "step `a`: `delay` must be a string, not the number 2",
+            ),
+            (
+                "delay: 2.5",
+                "step `a`: `delay` must be a string, not the number 2.5",
+            ),
+            ("when: true", "step `a`: `when` must be a string, not true"),
+            (
+                "fallback: [1]",
+                "step `a`: `fallback` must be a list of strings: it holds something else",
+            ),
+            (
+                "cooldown: 90",
+                "`cooldown` must be a string, not the number 90",
+            ),
+            ("key: 7", "`key` must be a string, not the number 7"),
+            (
+                "on_lose: ()",
+                "`on_lose` must be a string, not () (nothing)",
+            ),
+            (
+                "fatigue: #{ after: 3, pause: 30 }",
+                "fatigue: `pause` must be a string, not the number 30",
+            ),
+        ];
+        for (field, expected) in cases {
+            let (journey_field, step_field) = match field.starts_with("delay")
+                || field.starts_with("when")
+                || field.starts_with("fallback")
+            {
+                true => (String::new(), format!(", {field}")),
+                false => (format!(",\n       {field}"), String::new()),
+            };
+            let text = format!(
+                "fn journey() {{\n    #{{ name: \"r\", category: \"service\", triggers: [\"x.y\"]{journey_field},\n       steps: [ #{{ id: \"a\", channel: \"push\", template: \"t\"{step_field} }} ] }}\n}}\nfn decide(event, customer) {{ start() }}\nfn c(customer, vars) {{ true }}\n"
+            );
+            let err = load_sources(vec![(PathBuf::from("r.rhai"), text)], &Limits::default())
+                .unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{field}: {err}");
+            let p = &err.problems[0];
+            assert_eq!(p.message, expected, "{field}");
+            assert_eq!(p.line, 3, "{field}: {err}");
+        }
     }
 
     /// Each step's problem at that step's line, though an earlier step

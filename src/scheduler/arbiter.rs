@@ -30,6 +30,17 @@ pub(super) fn fallback_of<'r>(rules: &'r RuleSet, step: &DueStep) -> Option<&'r 
     (!plan.fallback.is_empty()).then_some(plan.fallback.as_slice())
 }
 
+/// The channel a step was planned on, when the journey names one (not
+/// `preferred`, whose channel is chosen per customer when planned).
+pub(super) fn planned_channel(rules: &RuleSet, step: &DueStep) -> Option<ChannelKind> {
+    let plan = rules
+        .journey(&step.journey)?
+        .steps
+        .iter()
+        .find(|p| p.id == step.step)?;
+    (!plan.preferred).then_some(plan.channel)
+}
+
 /// Steps that lost an arbitration while another of their customer's steps
 /// went first, by (instance, step): why they lost and when. A loser decided
 /// after its winner (later in the batch, or due later) meets a cap the
@@ -551,6 +562,152 @@ mod tests {
                 "loan decided first: {loan_first}"
             );
         }
+    }
+
+    /// The design's promise, at one message a day: a marketing invite sent
+    /// in the morning leaves the afternoon's service alert its room, while a
+    /// service alert sent first holds the marketing invite back.
+    #[tokio::test]
+    async fn marketing_never_starves_a_service_message() {
+        for marketing_first in [true, false] {
+            let (w, store) = world(1, Duration::from_secs(6 * 3600), None);
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            customer.consents.insert(
+                ChannelKind::Push,
+                [(Category::Marketing, true)].into_iter().collect(),
+            );
+            let later = t0() + chrono::Duration::hours(3);
+            let (invite_due, alert_due) = match marketing_first {
+                true => (t0(), later),
+                false => (later, t0()),
+            };
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            let invite = NewInstance {
+                category: Category::Marketing,
+                ..instance("energy_rebate", invite_due)
+            };
+            tx.start_instance(&invite, &[push("invite", invite_due)])
+                .unwrap();
+            tx.start_instance(
+                &instance("fee_increase", alert_due),
+                &[push("alert", alert_due)],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            let mut records = w.scheduler.run_due().await.unwrap();
+            w.clock.advance(chrono::Duration::hours(3));
+            records.extend(w.scheduler.run_due().await.unwrap());
+            let outcome = |j: &str| {
+                let r = records.iter().find(|r| r.journey == j).unwrap();
+                (r.outcome, r.reason.clone())
+            };
+            assert_eq!(
+                outcome("fee_increase").0,
+                Outcome::Sent,
+                "marketing first: {marketing_first}: {records:?}"
+            );
+            let invite = outcome("energy_rebate");
+            if marketing_first {
+                assert_eq!(invite.0, Outcome::Sent, "{records:?}");
+            } else {
+                assert_eq!(
+                    invite,
+                    (
+                        Outcome::Suppressed,
+                        "frequency cap: 1 message within 1 calendar day".into()
+                    ),
+                    "{records:?}"
+                );
+            }
+        }
+    }
+
+    /// A step whose fallback channel is stopped waits in the store, pending
+    /// and unsent (not claimed for its lease), and goes by the fallback once
+    /// that channel is resumed.
+    #[tokio::test]
+    async fn a_step_whose_fallback_is_stopped_waits_pending_until_resumed() {
+        let (w, store) = world(0, Duration::from_secs(3600), None);
+        let mut customer = CustomerContext::new("c1");
+        customer.email = Some("c1@example.com".into());
+        let mut tx = store.begin().unwrap();
+        tx.save_customer(&customer, t0()).unwrap();
+        tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+            .unwrap();
+        tx.commit().unwrap();
+        let stop = |stopped: bool| {
+            let controls = w.scheduler.policy.controls();
+            let mut o = (*controls.current()).clone();
+            o.channels.insert(ChannelKind::Email, !stopped);
+            controls.replace(o);
+        };
+        stop(true);
+        let records = w.scheduler.run_due().await.unwrap();
+        assert!(records.is_empty(), "{records:?}");
+        assert!(w.channel.messages().is_empty());
+        assert_eq!(
+            store.step_counts().unwrap(),
+            [("pending".to_string(), 1)],
+            "handed back, not held for its lease"
+        );
+        assert_eq!(
+            (
+                store.next_due(Some(ChannelKind::Push)).unwrap(),
+                store.next_due(Some(ChannelKind::Email)).unwrap()
+            ),
+            (None, Some(t0())),
+            "waiting with the stopped channel's steps, not claimed again and again by its own"
+        );
+        stop(false);
+        let records = w.scheduler.run_due().await.unwrap();
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| (r.outcome, r.channel.as_str(), r.attempt))
+                .collect::<Vec<_>>(),
+            [(Outcome::Sent, "email", 1)],
+            "{records:?}"
+        );
+    }
+
+    /// A failing send is not retried past its channel's lateness bound, but
+    /// a failing withdrawal is: the task it takes back stays open until it
+    /// goes, so only `max_attempts` ends it.
+    #[tokio::test]
+    async fn a_withdrawal_is_retried_past_the_lateness_bound() {
+        let (w, store) = world(0, Duration::from_secs(3600), None);
+        let mut tx = store.begin().unwrap();
+        tx.start_instance(
+            &instance("fee_increase", t0()),
+            &[push("alert", t0()), push("alert:withdraw", t0())],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let late = t0() + chrono::Duration::hours(2);
+        let claimed = store
+            .claim_due(
+                ChannelKind::Push,
+                late,
+                10,
+                late + chrono::Duration::minutes(5),
+            )
+            .unwrap();
+        let failing = crate::dispatch::DispatchError::Unavailable {
+            status: 503,
+            retry_after: None,
+        };
+        let outcome = |step: &str| {
+            let d = claimed.iter().find(|d| d.step == step).unwrap();
+            let decision = w.scheduler.send_failed(d, failing.clone(), late);
+            (
+                decision.outcome,
+                decision.again_at.is_some_and(|t| t > late),
+            )
+        };
+        assert_eq!(outcome("alert"), (Outcome::Expired, false));
+        assert_eq!(outcome("alert:withdraw"), (Outcome::Retrying, true));
     }
 
     /// The fee alert of a customer without the app goes by email (the

@@ -484,7 +484,7 @@ pub fn purge_keeps_what_is_live(store: &dyn Store) {
         .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(1))
         .unwrap();
     assert_eq!(claimed.len(), 1);
-    store.release_claim("live", "push").unwrap();
+    store.release_claim("live", "push", None).unwrap();
     let again = store
         .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(1))
         .unwrap();
@@ -824,6 +824,36 @@ pub fn processed_event_ids_dedup(store: &dyn Store) {
     assert!(!tx.already_processed("e1").unwrap());
 }
 
+/// A claim handed back to another channel (a fallback stopped at run time)
+/// is that channel's to claim, unsent and with no attempt counted.
+pub fn a_claim_handed_back_to_another_channel_waits_there(store: &dyn Store) {
+    start(store, &[("i1", "c1", "a1")], &steps()[..1]);
+    let lease = t0() + Duration::minutes(5);
+    let held = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(held.len(), 1);
+    store
+        .release_claim("i1", "push", Some(ChannelKind::Email))
+        .unwrap();
+    assert!(store
+        .claim_due(ChannelKind::Push, t0(), 10, lease)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.next_due(Some(ChannelKind::Email)).unwrap(),
+        Some(t0())
+    );
+    let again = store
+        .claim_due(ChannelKind::Email, t0(), 10, lease)
+        .unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (d.step.as_str(), d.channel, d.attempt))
+            .collect::<Vec<_>>(),
+        [("push", ChannelKind::Email, 1)]
+    );
+}
+
 /// An exit cancels the pending steps only: a step being sent stays claimed
 /// and, handed back, is claimed again with the instance's new status, so
 /// that the scheduler settles it unsent.
@@ -845,7 +875,7 @@ pub fn exit_cancels_pending_steps_but_not_a_claimed_one(store: &dyn Store) {
     let counts = status_counts(store);
     assert_eq!(counts.get("cancelled"), Some(&2));
     assert_eq!(counts.get("claimed"), Some(&1));
-    store.release_claim("i1", "push").unwrap();
+    store.release_claim("i1", "push", None).unwrap();
     let again = store
         .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
         .unwrap();
@@ -1090,7 +1120,7 @@ pub fn sends_begun_count_until_settled(store: &dyn Store) {
     assert_eq!(third.len(), 1);
     store.mark_sending(&[third[0].row], later).unwrap();
     store
-        .release_claim(&third[0].instance_id, &third[0].step)
+        .release_claim(&third[0].instance_id, &third[0].step, None)
         .unwrap();
     assert_eq!(read(t0())[1], []);
 }
@@ -1352,7 +1382,7 @@ pub fn abandoned_claims_are_taken_over_after_the_lease(a: &dyn Store, b: &dyn St
         0,
         "no longer a's"
     );
-    a.release_claim(&held[0].instance_id, &held[0].step)
+    a.release_claim(&held[0].instance_id, &held[0].step, None)
         .unwrap();
     assert_eq!(a.release_all_leases().unwrap(), 0);
     assert!(
@@ -1367,6 +1397,29 @@ pub fn abandoned_claims_are_taken_over_after_the_lease(a: &dyn Store, b: &dyn St
         .collect();
     b.finish_steps(results).unwrap();
     assert_eq!(status_counts(a).get("sent"), Some(&2));
+}
+
+/// An idle replica is told when another's claim runs out, so that it wakes
+/// then to take the step over, not at its idle bound; its own claims (which
+/// it renews) do not wake it.
+pub fn a_claim_running_out_wakes_the_other_replicas(a: &dyn Store, b: &dyn Store) {
+    start(a, &[("i1", "c1", "a1")], &steps()[..1]);
+    let lease = t0() + Duration::minutes(5);
+    let held = a.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
+    assert_eq!(held.len(), 1);
+    let wake = b.next_due(Some(ChannelKind::Push)).unwrap();
+    assert!(
+        wake.is_some_and(|t| t >= lease && t <= lease + Duration::seconds(1)),
+        "b wakes when a's lease ends: {wake:?}"
+    );
+    assert_eq!(a.next_due(Some(ChannelKind::Push)).unwrap(), None);
+    assert_eq!(b.next_due(Some(ChannelKind::Email)).unwrap(), None);
+    let results = held
+        .iter()
+        .map(|d| settle(d, t0(), Outcome::Sent))
+        .collect();
+    a.finish_steps(results).unwrap();
+    assert_eq!(b.next_due(Some(ChannelKind::Push)).unwrap(), None);
 }
 
 /// With a cap of one send per customer, replicas sending at once send one
@@ -1545,6 +1598,36 @@ pub fn exits_plan_withdrawals_of_delivered_steps(store: &dyn Store) {
         .claim_due(ChannelKind::CallTask, exit, 10, lease(exit))
         .unwrap()
         .is_empty());
+
+    // A push delivered by its fallback, email, is withdrawn on email.
+    start(store, &[("i2", "c2", "a2")], &steps()[..1]);
+    let claimed = store
+        .claim_due(ChannelKind::Push, exit, 10, lease(exit))
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let mut by_email = settle(&claimed[0], exit, Outcome::Sent);
+    by_email.record.channel = "email".into();
+    store.finish_step(&by_email).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i2", InstanceStatus::Converted, exit)
+        .unwrap();
+    assert!(tx
+        .plan_withdrawals("i2", &[ChannelKind::Push], exit)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        tx.plan_withdrawals("i2", &[ChannelKind::Email], exit)
+            .unwrap(),
+        ["push"]
+    );
+    tx.commit().unwrap();
+    let claimed = store
+        .claim_due(ChannelKind::Email, exit, 10, lease(exit))
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|d| d.step.as_str()).collect::<Vec<_>>(),
+        ["push:withdraw"]
+    );
 }
 
 // Audit stream (`store::audit`).
@@ -2075,6 +2158,7 @@ macro_rules! store_conformance {
             offsets_are_per_partition_and_only_move_forward,
             processed_event_ids_dedup,
             exit_cancels_pending_steps_but_not_a_claimed_one,
+            a_claim_handed_back_to_another_channel_waits_there,
             log_pages_in_order_and_rules_record_once,
             next_due_counts_and_dead_letter_batches,
             leases_are_released_at_start_and_renewed_by_heartbeat,
@@ -2094,6 +2178,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@pairs $pair;
             a_customer_is_with_one_replica_at_a_time,
             abandoned_claims_are_taken_over_after_the_lease,
+            a_claim_running_out_wakes_the_other_replicas,
             caps_hold_across_replicas,
             concurrent_replicas_never_share_a_step_or_a_customer,
             a_dead_letter_is_published_by_one_replica,

@@ -300,7 +300,8 @@ pub trait Store: Send + Sync {
     /// Earliest time a pending step of `channel` (any channel if None) is due.
     /// With a channel, on a store that replicas share: the earliest time this
     /// replica can claim one (a customer another replica holds waits for
-    /// the end of its lease at the latest).
+    /// the end of its lease at the latest), or take over a step another
+    /// replica claimed and did not renew (when its lease ends).
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// Returns the claimed steps this store holds to pending: on SQLite (one
@@ -398,8 +399,16 @@ pub trait Store: Send + Sync {
     /// try or a retry) and failed (given up).
     fn dead_letter_backlog(&self) -> Result<DeadLetterBacklog, StoreError>;
 
-    /// Puts a claimed step back as it was, unsent (shutting down before sending it).
-    fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError>;
+    /// Puts a claimed step back as it was, unsent (shutting down before
+    /// sending it); on channel `to` when given: a step bound for a fallback
+    /// that runtime control stopped waits with that channel's steps, not
+    /// with its own channel's (which would claim it again at once).
+    fn release_claim(
+        &self,
+        instance_id: &str,
+        step: &str,
+        to: Option<ChannelKind>,
+    ) -> Result<(), StoreError>;
 
     /// Calls `heard` with a channel whenever another process sharing the
     /// store hands claimed steps of that channel back unsent (a replica
@@ -585,8 +594,8 @@ pub trait Tx {
     // Withdrawal (issue 13, item 9).
 
     /// Plans the withdrawal of each step of `instance_id` delivered (`sent`)
-    /// on one of `channels`: a pending step `<step>:withdraw` on the same
-    /// channel, due at `at`, that the scheduler sends and retries like any
+    /// on one of `channels`: a pending step `<step>:withdraw` on the channel
+    /// it went out on (a fallback's, as the dispatch log says), due at `at`, that the scheduler sends and retries like any
     /// step. Planned once (a second call adds nothing). Returns the steps
     /// withdrawn, in plan order.
     fn plan_withdrawals(

@@ -781,7 +781,7 @@ pub struct ControlChanged<'a> {
 impl ControlChanged<'_> {
     pub fn emit(self) {
         let e = self.entry;
-        tracing::info!(target: CONTROL, seq = e.seq, who = %e.who, kind = %e.kind, target = %e.target, before = %e.before, after = %e.after, "runtime control changed");
+        tracing::info!(target: CONTROL, seq = e.seq, who = %e.who, kind = %e.kind, name = %e.target, before = %e.before, after = %e.after, "runtime control changed");
         metrics::counter!(CONTROL_CHANGES.name, "kind" => e.kind.clone()).increment(1);
     }
 }

@@ -324,6 +324,18 @@ mod tests {
         );
     }
 
+    /// A JSON log line carries the event's `target` (its module), so a
+    /// field of that name would repeat the key, and log shippers keep one.
+    #[test]
+    fn no_event_has_a_field_named_target() {
+        let events = include_str!("events.rs");
+        let offenders: Vec<&str> = events
+            .lines()
+            .filter(|l| l.contains("!(target:") && l.contains(", target ="))
+            .collect();
+        assert!(offenders.is_empty(), "{offenders:#?}");
+    }
+
     fn visit(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

@@ -300,7 +300,11 @@ fn insert_logs(c: &mut PgConn, records: &[&LogRecord]) -> Result<Vec<i64>, Store
 /// customer another holds, its due time or the hold's end if later (the
 /// holder claims the step itself meanwhile). So a replica sleeps through
 /// another's hold instead of claiming nothing in a busy loop, and a dead
-/// replica's hold is taken over when it runs out.
+/// replica's hold is taken over when it runs out. The second column is the
+/// earliest end of a claim another replica holds (live ones renew theirs):
+/// an idle replica wakes then to take a dead one's steps over, not only at
+/// its idle bound (walks the claimed steps' small index, as
+/// [`REQUEUE_EXPIRED`] does).
 const NEXT_DUE: &str = "SELECT LEAST(
          (SELECT s.due_at FROM steps AS s
           WHERE s.status = 'pending' AND s.channel = $1
@@ -310,7 +314,9 @@ const NEXT_DUE: &str = "SELECT LEAST(
           FROM customer_claims AS c
           JOIN instances AS i ON i.customer = c.customer
           JOIN steps AS s ON s.instance_id = i.id
-          WHERE c.holder <> $2 AND s.status = 'pending' AND s.channel = $1))";
+          WHERE c.holder <> $2 AND s.status = 'pending' AND s.channel = $1)),
+       (SELECT MIN(lease_until) FROM steps
+        WHERE status = 'claimed' AND channel = $1 AND holder <> $2)";
 
 /// Marks the claimed steps `$1` of holder `$3` as being sent since `$2`.
 /// The claim's test is a `CASE`, so that the rows are found by key (not by
@@ -576,7 +582,16 @@ impl Store for PostgresStore {
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut c = self.conn()?;
         let row = match channel {
-            Some(channel) => c.query_one(NEXT_DUE, &[&channel.as_str(), &self.holder])?,
+            Some(channel) => {
+                let row = c.query_one(NEXT_DUE, &[&channel.as_str(), &self.holder])?;
+                let due: Option<DateTime<Utc>> = row.try_get(0)?;
+                // A claim that ran out goes back to pending at a claimer's
+                // next look for expired claims, at most `REQUEUE_EVERY`
+                // later: waking before that would find nothing to claim.
+                let lease_ends: Option<DateTime<Utc>> = row.try_get(1)?;
+                let take_over = lease_ends.map(|t| t + REQUEUE_EVERY);
+                return Ok(due.into_iter().chain(take_over).min());
+            }
             // Per channel, so that each is one descent of the pending index.
             None => c.query_one(
                 "SELECT MIN(n.due_at) FROM unnest(ARRAY['push', 'email', 'call_task']) AS k(channel)
@@ -764,14 +779,21 @@ impl Store for PostgresStore {
         })
     }
 
-    fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {
+    fn release_claim(
+        &self,
+        instance_id: &str,
+        step: &str,
+        to: Option<ChannelKind>,
+    ) -> Result<(), StoreError> {
+        let to = to.map(|c| c.as_str());
         let mut tx = self.transaction()?;
         tx.run(|c| {
             let released = c.query(
-                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, sending_at = NULL, attempt = attempt - 1
+                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, sending_at = NULL, attempt = attempt - 1,
+                     channel = COALESCE($4, channel)
                  WHERE instance_id = $1 AND step = $2 AND status = 'claimed' AND holder = $3
                  RETURNING customer, channel",
-                &[&instance_id, &step, &self.holder],
+                &[&instance_id, &step, &self.holder, &to],
             )?;
             let customers: Vec<String> = released
                 .iter()

@@ -591,7 +591,7 @@ fn replicas_hear_steps_handed_back() {
         )
         .unwrap();
     assert_eq!(claimed.len(), 1);
-    elsewhere.release_claim("i1", "email").unwrap();
+    elsewhere.release_claim("i1", "email", None).unwrap();
     let claim_push = |store: &PostgresStore| {
         store
             .claim_due(
@@ -603,7 +603,7 @@ fn replicas_hear_steps_handed_back() {
             .unwrap()
     };
     assert_eq!(claim_push(&a).len(), 1);
-    a.release_claim("i1", "push").unwrap();
+    a.release_claim("i1", "push", None).unwrap();
     assert_eq!(
         heard.recv_timeout(StdDuration::from_secs(30)),
         Ok(ChannelKind::Push)

@@ -702,13 +702,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn release_claim(&self, instance_id: &str, step: &str) -> Result<(), StoreError> {
+    fn release_claim(
+        &self,
+        instance_id: &str,
+        step: &str,
+        to: Option<ChannelKind>,
+    ) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached(
-                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, attempt = attempt - 1
+                "UPDATE steps SET status = 'pending', lease_until = NULL, sending_at = NULL, attempt = attempt - 1,
+                     channel = coalesce(?3, channel)
                  WHERE instance_id = ?1 AND step = ?2 AND status = 'claimed'",
             )?
-            .execute(params![instance_id, step])?;
+            .execute(params![instance_id, step, to.map(|c| c.as_str())])?;
         Ok(())
     }
 

@@ -205,9 +205,11 @@ impl Tx for SqliteTx<'_> {
             .conn
             .prepare_cached(
                 "INSERT INTO steps (instance_id, step, seq, channel, template, planned_at, due_at, status)
-                 SELECT instance_id, step || ?4, seq, channel, template, ?3, ?3, 'pending' FROM steps
-                 WHERE instance_id = ?1 AND status = 'sent'
-                   AND instr(',' || ?2 || ',', ',' || channel || ',') > 0
+                 SELECT s.instance_id, s.step || ?4, s.seq, d.channel, s.template, ?3, ?3, 'pending'
+                 FROM steps AS s
+                 JOIN dispatch_log AS d ON d.instance = s.instance_id AND d.step = s.step AND d.outcome = 'sent'
+                 WHERE s.instance_id = ?1 AND s.status = 'sent' AND d.instance = ?1
+                   AND instr(',' || ?2 || ',', ',' || d.channel || ',') > 0
                  ON CONFLICT (instance_id, step) DO NOTHING
                  RETURNING seq, step",
             )?
