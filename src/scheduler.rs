@@ -221,6 +221,9 @@ pub struct Scheduler {
     wake: HashMap<ChannelKind, Arc<Notify>>,
     /// Steps that lost an arbitration before they were due ([`arbiter::Losses`]).
     losses: arbiter::Losses,
+    /// Failed `rank` and step-condition evaluations since start (`nudge
+    /// simulate` counts them among its rule failures).
+    script_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Most step outcomes written in one store transaction.
@@ -256,6 +259,7 @@ impl Scheduler {
             unrecorded: Arc::default(),
             losses: arbiter::Losses::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
+            script_failures: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -276,6 +280,17 @@ impl Scheduler {
         for n in self.wake.values() {
             n.notify_one();
         }
+    }
+
+    /// Failed `rank` and step-condition evaluations since start.
+    pub fn script_failures(&self) -> u64 {
+        self.script_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_script_failure(&self) {
+        self.script_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Tells one channel's loop to look for due steps now (steps another
@@ -1268,6 +1283,7 @@ impl Scheduler {
                     error: &e,
                 }
                 .emit();
+                self.count_script_failure();
                 Some(format!("condition {function} failed: {}", e.message))
             }
         }

@@ -266,6 +266,7 @@ pub fn read_events(path: &Path) -> std::io::Result<EventsFile> {
 pub struct Summary {
     pub events: usize,
     pub skipped_lines: usize,
+    /// `decide` failures, and failed `rank` and step conditions.
     pub rule_failures: usize,
     pub records: usize,
 }
@@ -322,6 +323,7 @@ pub async fn simulate(
         emit(r)?;
     }
     summary.records += records.len();
+    summary.rule_failures += sim.scheduler.script_failures() as usize;
     Ok(summary)
 }
 

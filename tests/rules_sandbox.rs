@@ -80,6 +80,7 @@ fn a_slow_script_is_stopped_at_rules_timeout_and_holds_up_nothing_else() {
     create_topic(&rt, &cfg.dlq, 1);
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
+    daemon.wait_sending(LONG);
 
     // `/readyz` asked every 20 ms from before the slow event until the end.
     let polling = Arc::new(AtomicBool::new(true));

@@ -27,6 +27,9 @@ pub struct Candidate {
     pub label: String,
     /// `rank(customer, vars)` or the journey's `priority`.
     pub score: f64,
+    /// The journey has a `rank` that failed here: `score` is its priority,
+    /// and reasons say so.
+    pub rank_failed: bool,
     pub due: DateTime<Utc>,
     pub channel: ChannelKind,
     pub category: Category,
@@ -99,12 +102,26 @@ pub fn decide_with_losses(
             .find(|w| w.score >= loser.score)
             .or(chosen.first());
         let lost = match lost_to {
-            Some(w) => format!(
-                "arbitration: lost to {} (score {} vs {})",
-                w.label,
-                score_text(w.score),
-                score_text(loser.score)
-            ),
+            Some(w) => {
+                let failed: Vec<&str> = [*w, loser]
+                    .iter()
+                    .filter(|c| c.rank_failed)
+                    .map(|c| c.label.as_str())
+                    .collect();
+                let note = match failed.as_slice() {
+                    [] => String::new(),
+                    labels => format!(
+                        "; the priority of {}: its rank failed",
+                        labels.join(" and ")
+                    ),
+                };
+                format!(
+                    "arbitration: lost to {} (score {} vs {}{note})",
+                    w.label,
+                    score_text(w.score),
+                    score_text(loser.score)
+                )
+            }
             None => "arbitration: no room under the caps".to_string(),
         };
         let frees_at = match loser.on_lose {
@@ -219,6 +236,7 @@ mod tests {
     fn candidate(label: &str, score: f64, due: &str, category: Category) -> Candidate {
         let due = at(due);
         Candidate {
+            rank_failed: false,
             label: label.into(),
             score,
             due,

@@ -95,6 +95,8 @@ pub(super) struct Arbiter<'a> {
     pub decided: HashSet<i64>,
     /// Scores by (instance, step): a rank runs once per step and batch.
     scores: HashMap<(String, String), f64>,
+    /// The steps whose rank failed (scored by their journey's priority).
+    rank_failed: HashSet<(String, String)>,
 }
 
 impl<'a> Arbiter<'a> {
@@ -120,6 +122,7 @@ impl<'a> Arbiter<'a> {
             claimed: by_customer,
             decided: HashSet::new(),
             scores: HashMap::new(),
+            rank_failed: HashSet::new(),
         }
     }
 
@@ -223,9 +226,13 @@ impl<'a> Arbiter<'a> {
     }
 
     fn candidate(&mut self, step: &DueStep, customer: &CustomerContext) -> Candidate {
+        let score = self.score(step, customer);
         Candidate {
+            rank_failed: self
+                .rank_failed
+                .contains(&(step.instance_id.clone(), step.step.clone())),
             label: format!("{}/{}", step.journey, step.step),
-            score: self.score(step, customer),
+            score,
             due: step.due_at,
             channel: step.channel,
             category: step.category,
@@ -281,6 +288,8 @@ impl<'a> Arbiter<'a> {
                     error: &e,
                 }
                 .emit();
+                self.rank_failed.insert(key.clone());
+                self.scheduler.count_script_failure();
                 journey.priority as f64
             }
         };
@@ -515,7 +524,13 @@ mod tests {
                 );
             } else {
                 assert_eq!(fee.outcome, Outcome::Suppressed, "{fee:?}");
-                assert!(fee.reason.contains("(score 80 vs 50)"), "{fee:?}");
+                assert!(
+                    fee.reason.contains(
+                        "(score 80 vs 50; the priority of fee_increase/alert: its rank failed)"
+                    ),
+                    "{fee:?}"
+                );
+                assert_eq!(w.scheduler.script_failures(), 1);
             }
         }
     }

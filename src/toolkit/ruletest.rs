@@ -86,7 +86,8 @@ struct Expect {
     at: String,
     journey: Option<String>,
     step: String,
-    outcome: String,
+    /// Read as an outcome, so that a typo is refused with its line.
+    outcome: crate::model::Outcome,
     customer: Option<String>,
     /// Text the record's reason must contain.
     reason: Option<String>,
@@ -174,6 +175,19 @@ async fn run_case(
         .start
         .or(file.start)
         .unwrap_or_else(|| DEFAULT_START.parse().expect("valid default"));
+    // An expectation about a journey that is not loaded (a typo) could
+    // only fail as a diff that never says why.
+    for x in &case.expect {
+        if let Some(journey) = x.journey.as_deref().or(file.journey.as_deref()) {
+            if rules.journey(journey).is_none() {
+                let loaded: Vec<&str> = rules.journeys().iter().map(|j| j.name.as_str()).collect();
+                anyhow::bail!(
+                    "an expectation names journey `{journey}`, which is not loaded (journeys: {})",
+                    loaded.join(", ")
+                );
+            }
+        }
+    }
     let sim = Simulation::new(rules, start, policy.clone())?;
     let mut records: Vec<LogRecord> = Vec::new();
     let mut rule_errors = Vec::new();
@@ -208,7 +222,7 @@ async fn run_case(
         .iter()
         .map(|x| -> anyhow::Result<String> {
             let journey = x.journey.as_deref().or(default_journey).ok_or_else(|| anyhow::anyhow!("expectation for step {} names no journey (set `journey` at the top of the file)", x.step))?;
-            Ok(line(&offset_text(offset(&x.at)?), x.customer.as_deref().unwrap_or(&file.customer), journey, &x.step, &x.outcome))
+            Ok(line(&offset_text(offset(&x.at)?), x.customer.as_deref().unwrap_or(&file.customer), journey, &x.step, x.outcome.as_str()))
         })
         .collect::<anyhow::Result<_>>()?;
     let actual: Vec<String> = records

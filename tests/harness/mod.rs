@@ -841,6 +841,16 @@ impl Daemon {
         assert!(status.success(), "kill -{sig} {}", self.name);
     }
 
+    /// Waits until the daemon has begun sending: ready, and caught up with
+    /// the records that waited at start (`kafka.catch_up_timeout`).
+    pub fn wait_sending(&self, limit: Duration) {
+        self.wait_until(limit, "sending to begin", || {
+            std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains("sending begins")
+        });
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
