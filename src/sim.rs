@@ -295,7 +295,19 @@ pub async fn simulate(
         .map(|(_, e)| e.time)
         .unwrap_or_else(Utc::now);
     let sim = Simulation::with_settings(rules, start, policy, settings)?;
+    let mut latest: Option<(usize, DateTime<Utc>)> = None;
     for (line, event) in file.events {
+        // The virtual clock only goes forward: an event dated before one
+        // above it is decided late, its steps past their lateness bound.
+        match latest {
+            Some((above, at)) if event.time < at => warn(format!(
+                "{shown}:{line}: event {} is dated {}, before line {above} ({}): the clock does not go back, so its steps may be logged expired; sort the file by time",
+                event.id,
+                event.time.to_rfc3339(),
+                at.to_rfc3339()
+            )),
+            _ => latest = Some((line, event.time)),
+        }
         while let Some((bad_line, _)) = bad.peek() {
             if *bad_line > line {
                 break;

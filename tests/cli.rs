@@ -124,6 +124,35 @@ fn simulate_skips_a_malformed_line_with_its_position_and_prints_the_rest() {
     assert_eq!(out, clean, "the other lines simulate exactly as before");
 }
 
+/// An event dated before the line above it is named on stderr (the
+/// virtual clock does not go back); the shipped examples, in time order,
+/// draw no such warning.
+#[test]
+fn simulate_warns_of_an_event_dated_before_the_line_above() {
+    let events = repo().join("examples/events.jsonl");
+    let (_, _, clean) = simulate(&events, "jsonl");
+    assert!(!clean.contains("the clock does not go back"), "{clean}");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("events.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    let last = lines.pop().unwrap();
+    lines.insert(0, last);
+    std::fs::write(&copy, lines.join("\n")).unwrap();
+    let (code, _, err) = simulate(&copy, "jsonl");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{}:2: event ", copy.display()))
+            && err.contains("before line 1")
+            && err.contains("sort the file by time"),
+        "{err}"
+    );
+}
+
 #[test]
 fn simulate_table_has_a_header_and_one_row_per_record() {
     let events = repo().join("examples/events.jsonl");
