@@ -228,9 +228,10 @@ impl<'a> Arbiter<'a> {
     fn candidate(&mut self, step: &DueStep, customer: &CustomerContext) -> Candidate {
         let score = self.score(step, customer);
         Candidate {
-            rank_failed: self
-                .rank_failed
-                .contains(&(step.instance_id.clone(), step.step.clone())),
+            rank_failed: !self.rank_failed.is_empty()
+                && self
+                    .rank_failed
+                    .contains(&(step.instance_id.clone(), step.step.clone())),
             label: format!("{}/{}", step.journey, step.step),
             score,
             due: step.due_at,
