@@ -195,81 +195,120 @@ fn three_replicas_send_each_step_once_through_a_kill_and_a_restart_within_the_ca
     assert_eq!(pending, 2 * doubled.len() as i64 + deferred, "{logs}");
 }
 
+/// Two replicas on one single-partition topic: the partition's owner has
+/// decided `LOANS` loan pushes and holds at least two of them claimed, its
+/// first send held at the endpoint's gate (one send at a time). `scheduler`
+/// is the `[scheduler]` section (its lease sets how often the other,
+/// partitionless replica looks for due steps; `other_may_send` when that
+/// is often enough for it to hold sends of its own).
+struct OwnerHolding {
+    owner: Daemon,
+    other: Daemon,
+    recv: Receiver,
+    gate: Arc<tokio::sync::Semaphore>,
+    schema: Schema,
+    /// Claims the owner held.
+    held: i64,
+    _dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+const LOANS: i64 = 20;
+
+impl OwnerHolding {
+    fn start(scheduler: &str, other_may_send: bool) -> Self {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let recv = Receiver::holding(&rt, gate.clone());
+        let schema = Schema::new();
+        let mut cfg = DaemonConfig::new(dir.path(), &recv);
+        cfg.store_url = Some(schema.url.clone());
+        cfg.scheduler = scheduler.into();
+        // One send at a time: the owner's other claims wait, unstarted.
+        cfg.push = "concurrency = 1".into();
+        // One partition: only its owner decides the loans, and only its
+        // scheduler is woken to send them.
+        create_topic(&rt, &cfg.topic, 1);
+        let a = Daemon::start(&cfg, "a");
+        let b = Daemon::start(&cfg, "b");
+        // The replica without a partition is not ready (it consumes nothing)
+        // but sends all the same.
+        a.wait_until(LONG, "one replica to own the partition", || {
+            matches!(
+                (a.partitions(), b.partitions()),
+                (Some(1), Some(0)) | (Some(0), Some(1))
+            )
+        });
+        let (owner, other) = if a.partitions() == Some(1) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        owner.wait_ready(LONG);
+        // Both send once caught up with what waited at start (nothing here):
+        // from then on the owner claims what it decides, as it decides it.
+        for d in [&owner, &other] {
+            d.wait_sending(LONG);
+        }
+        let mut records = Vec::new();
+        for c in 0..LOANS {
+            let cust = format!("c{c}");
+            records.push(event(
+                &format!("ctx-{c}"),
+                "customer.contact_updated",
+                &cust,
+                json!({"app_installed": true}),
+            ));
+            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
+                json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+        }
+        produce(&cfg.topic, &records);
+        let mut db = schema.client();
+        let holder = format!("/{}/", owner.pid());
+        let mut held = 0;
+        owner.wait_until(
+            LONG,
+            "every push stored, the owner's first send at the endpoint and more of its claims waiting",
+            || {
+                let row = db
+                    .query_one(
+                        "SELECT COUNT(*),
+                             COUNT(*) FILTER (WHERE status = 'claimed' AND strpos(holder, $1) > 0)
+                         FROM steps WHERE channel = 'push'",
+                        &[&holder],
+                    )
+                    .unwrap();
+                held = row.get::<_, i64>(1);
+                let waiting = recv.waiting();
+                row.get::<_, i64>(0) == LOANS
+                    && held >= 2
+                    && (waiting == 1 || other_may_send && waiting >= 1)
+            },
+        );
+        Self {
+            owner,
+            other,
+            recv,
+            gate,
+            schema,
+            held,
+            _dir: dir,
+            _rt: rt,
+        }
+    }
+}
+
 /// A replica stopped (SIGTERM) while it holds claimed pushes hands back
 /// those not yet started, and the other replica, idle until then, sends
 /// them at once: it hears of the release (PostgreSQL `NOTIFY`) instead of
 /// finding them at its next idle look, up to 30 s after its last.
 #[test]
 fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let recv = Receiver::holding(&rt, gate.clone());
-    let schema = Schema::new();
-    let mut cfg = DaemonConfig::new(dir.path(), &recv);
-    cfg.store_url = Some(schema.url.clone());
     // A lease long enough that the other replica's idle look (at most
     // every lease, 30 s at most) does not find the steps first.
-    cfg.scheduler = "lease = \"60s\"\nretry_base = \"100ms\"".into();
-    // One send at a time: the owner's other claims wait, unstarted.
-    cfg.push = "concurrency = 1".into();
-    // One partition: only its owner decides the loans, and only its
-    // scheduler is woken to send them; the other replica idles.
-    create_topic(&rt, &cfg.topic, 1);
-    let a = Daemon::start(&cfg, "a");
-    let b = Daemon::start(&cfg, "b");
-    // The replica without a partition is not ready (it consumes nothing)
-    // but sends all the same.
-    a.wait_until(LONG, "one replica to own the partition", || {
-        matches!(
-            (a.partitions(), b.partitions()),
-            (Some(1), Some(0)) | (Some(0), Some(1))
-        )
-    });
-    let (owner, other) = if a.partitions() == Some(1) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    owner.wait_ready(LONG);
-    // Both send once caught up with what waited at start (nothing here):
-    // from then on the owner claims what it decides, as it decides it.
-    for d in [&owner, &other] {
-        d.wait_sending(LONG);
-    }
-    let loans = 20;
-    let mut records = Vec::new();
-    for c in 0..loans {
-        let cust = format!("c{c}");
-        records.push(event(
-            &format!("ctx-{c}"),
-            "customer.contact_updated",
-            &cust,
-            json!({"app_installed": true}),
-        ));
-        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-            json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
-    }
-    produce(&cfg.topic, &records);
-    let mut db = schema.client();
-    let holder = format!("/{}/", owner.pid());
-    let mut held = 0;
-    owner.wait_until(
-        LONG,
-        "every push stored, the owner's first send at the endpoint and more of its claims waiting",
-        || {
-            let row = db
-                .query_one(
-                    "SELECT COUNT(*),
-                         COUNT(*) FILTER (WHERE status = 'claimed' AND strpos(holder, $1) > 0)
-                     FROM steps WHERE channel = 'push'",
-                    &[&holder],
-                )
-                .unwrap();
-            held = row.get::<_, i64>(1);
-            row.get::<_, i64>(0) == loans && held >= 2 && recv.waiting() == 1
-        },
-    );
+    let w = OwnerHolding::start("lease = \"60s\"\nretry_base = \"100ms\"", false);
+    let (owner, other, recv) = (w.owner, w.other, &w.recv);
     // The owner drains: its send under way finishes, the rest go back.
     owner.signal("TERM");
     wait_for_or(
@@ -278,7 +317,7 @@ fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
         || owner.log_tail().contains("stopping: no new records"),
         || owner.log_tail(),
     );
-    gate.add_permits(10_000);
+    w.gate.add_permits(10_000);
     let opened = Instant::now();
     wait_for_or(
         LONG,
@@ -287,98 +326,47 @@ fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
         || owner.log_tail(),
     );
     assert!(owner.exited().unwrap().success(), "{}", owner.log_tail());
-    other.wait_until(LONG, "every push", || recv.by_key().len() == loans as usize);
+    other.wait_until(LONG, "every push", || recv.by_key().len() == LOANS as usize);
     let took = opened.elapsed();
-    eprintln!("{held} claimed by the owner; all sent {took:?} after its drain began");
+    eprintln!(
+        "{} claimed by the owner; all sent {took:?} after its drain began",
+        w.held
+    );
     assert!(
         took < Duration::from_secs(5),
         "the steps handed back waited {took:?} for the other replica\n{}",
         other.log_tail()
     );
-    let sent: i64 = db
+    let sent: i64 = w
+        .schema
+        .client()
         .query_one(
             "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent' AND channel = 'push'",
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(sent, loans, "each push sent once");
+    assert_eq!(sent, LOANS, "each push sent once");
     other.terminate();
 }
 
-/// A replica SIGKILLed while it holds claimed pushes: the other replica,
+/// A replica SIGKILLed while it holds claimed pushes: the other replica
 /// takes them over when their lease (2 s here) ends, not at its next idle
 /// look (up to 30 s later). It may hold sends of its own meanwhile: with a
 /// lease this short it looks for due steps every 2 s.
 #[test]
 fn a_killed_replicas_claims_go_out_from_another_when_the_lease_ends() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let recv = Receiver::holding(&rt, gate.clone());
-    let schema = Schema::new();
-    let mut cfg = DaemonConfig::new(dir.path(), &recv);
-    cfg.store_url = Some(schema.url.clone());
-    cfg.push = "concurrency = 1".into();
-    create_topic(&rt, &cfg.topic, 1);
-    let a = Daemon::start(&cfg, "a");
-    let b = Daemon::start(&cfg, "b");
-    a.wait_until(LONG, "one replica to own the partition", || {
-        matches!(
-            (a.partitions(), b.partitions()),
-            (Some(1), Some(0)) | (Some(0), Some(1))
-        )
-    });
-    let (owner, other) = if a.partitions() == Some(1) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    owner.wait_ready(LONG);
-    // Both send once caught up with what waited at start (nothing here):
-    // from then on the owner claims what it decides, as it decides it.
-    for d in [&owner, &other] {
-        d.wait_sending(LONG);
-    }
-    let loans = 20;
-    let mut records = Vec::new();
-    for c in 0..loans {
-        let cust = format!("c{c}");
-        records.push(event(
-            &format!("ctx-{c}"),
-            "customer.contact_updated",
-            &cust,
-            json!({"app_installed": true}),
-        ));
-        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-            json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
-    }
-    produce(&cfg.topic, &records);
-    let mut db = schema.client();
-    let holder = format!("/{}/", owner.pid());
-    let mut held = 0;
-    owner.wait_until(
-        LONG,
-        "every push stored, the owner's first send at the endpoint and more of its claims waiting",
-        || {
-            let row = db
-                .query_one(
-                    "SELECT COUNT(*),
-                         COUNT(*) FILTER (WHERE status = 'claimed' AND strpos(holder, $1) > 0)
-                     FROM steps WHERE channel = 'push'",
-                    &[&holder],
-                )
-                .unwrap();
-            held = row.get::<_, i64>(1);
-            row.get::<_, i64>(0) == loans && held >= 2 && recv.waiting() >= 1
-        },
-    );
+    let w = OwnerHolding::start("lease = \"2s\"\nretry_base = \"100ms\"", true);
+    let (owner, other, recv) = (w.owner, w.other, &w.recv);
     owner.kill();
     let killed = Instant::now();
-    gate.add_permits(10_000);
-    other.wait_until(LONG, "every push", || recv.by_key().len() == loans as usize);
+    w.gate.add_permits(10_000);
+    other.wait_until(LONG, "every push", || recv.by_key().len() == LOANS as usize);
     let took = killed.elapsed();
-    eprintln!("{held} claimed by the killed replica; all sent {took:?} after the kill");
+    eprintln!(
+        "{} claimed by the killed replica; all sent {took:?} after the kill",
+        w.held
+    );
     assert!(
         took < Duration::from_secs(8),
         "the killed replica's claims (lease 2 s) waited {took:?} for the other\n{}",
