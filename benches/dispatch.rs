@@ -336,6 +336,7 @@ fn store_only(store: &dyn Store, n: u64) {
                 again_at: None,
                 replan: false,
                 claimed_row: Some(s.row),
+                withdraw_if_ended: false,
             })
             .collect();
         let group = arg("finish-group", 128);

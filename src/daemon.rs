@@ -153,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.scheduler.clone(),
             lateness,
         )
+        .with_withdrawals(crate::config::withdraw_channels(&config.channels))
         .with_controls(controls.clone()),
     );
     {

@@ -125,6 +125,7 @@ fn settle_if_ended(step: &DueStep, now: DateTime<Utc>) -> Option<StepResult> {
         again_at: None,
         replan: false,
         claimed_row: Some(step.row),
+        withdraw_if_ended: false,
     })
 }
 
@@ -224,6 +225,9 @@ pub struct Scheduler {
     /// Failed `rank` and step-condition evaluations since start (`nudge
     /// simulate` counts them among its rule failures).
     script_failures: std::sync::atomic::AtomicU64,
+    /// `channels.<kind>.withdraw`: a delivery on these that lands after an
+    /// exit ended its journey is taken back ([`StepResult::withdraw_if_ended`]).
+    withdraw: Vec<ChannelKind>,
 }
 
 /// Most step outcomes written in one store transaction.
@@ -260,7 +264,15 @@ impl Scheduler {
             losses: arbiter::Losses::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
             script_failures: std::sync::atomic::AtomicU64::new(0),
+            withdraw: vec![ChannelKind::CallTask],
         }
+    }
+
+    /// The channels whose deliveries an exit takes back (default: call
+    /// tasks only), as given to the pipeline.
+    pub fn with_withdrawals(mut self, channels: Vec<ChannelKind>) -> Self {
+        self.withdraw = channels;
+        self
     }
 
     /// Checks and holds steps under these runtime-control overrides too.
@@ -1222,6 +1234,8 @@ impl Scheduler {
             again_at: decision.again_at,
             replan: decision.replan,
             claimed_row: Some(step.row),
+            withdraw_if_ended: decision.outcome == Outcome::Sent
+                && self.withdraw.contains(&step.channel),
         }
     }
 

@@ -159,7 +159,7 @@ impl Simulation {
             clock_dyn.clone(),
             policy.clone(),
         )
-        .with_withdrawals(settings.withdraw)
+        .with_withdrawals(settings.withdraw.clone())
         .with_controls(controls.clone());
         let scheduler = Scheduler::new(
             store_dyn,
@@ -170,6 +170,7 @@ impl Simulation {
             SchedulerConfig::default(),
             settings.lateness,
         )
+        .with_withdrawals(settings.withdraw)
         .with_controls(controls.clone());
         Ok(Self {
             clock,

@@ -114,3 +114,59 @@ async fn nothing_is_withdrawn_that_was_not_delivered() {
         .iter()
         .any(|r| r.step == "call" && r.outcome == Outcome::Converted));
 }
+
+/// The call task is still being sent (its endpoint holds the answer) when
+/// the customer signs: the exit finds it claimed, not delivered, so it
+/// withdraws nothing then. The delivery lands after the exit and is taken
+/// back at once, so no agent calls a customer who signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_task_delivered_after_the_customer_signed_is_withdrawn() {
+    let h = Harness::new(inline_rules(&[("callback", CALLBACK)]), t0()).await;
+    let gate = Sink::start().await;
+    h.sinks.call.answer_after(&gate);
+    h.feed(contact("c-1", t0())).await;
+    let applied = h.feed(event("e1", "test.applied", "c-1", t0(), json!({})));
+    let signed_meanwhile = async {
+        h.sinks.call.wait_for_requests(1).await;
+        let (_, records) = h
+            .feed(event("e2", "test.signed", "c-1", t0(), json!({})))
+            .await;
+        // The exit is recorded while the call task's answer is held.
+        assert!(
+            records.iter().any(|r| r.outcome == Outcome::Converted),
+            "{records:#?}"
+        );
+        assert_eq!(h.sinks.call.count(), 1, "no withdrawal yet");
+        reqwest::Client::new()
+            .post(&gate.url)
+            .send()
+            .await
+            .expect("gate");
+    };
+    tokio::join!(applied, signed_meanwhile);
+    h.finish().await;
+
+    let calls = h.sinks.call.requests();
+    assert_eq!(calls.len(), 2, "the task, then its withdrawal: {calls:#?}");
+    let instance = calls[0].str("/instance").to_string();
+    assert_eq!(calls[0].status, 200);
+    assert_eq!(
+        calls[1].body,
+        json!({
+            "action": "withdraw",
+            "idempotency_key": format!("{instance}:call"),
+            "reason": "converted"
+        })
+    );
+    assert_eq!(
+        calls[1].key(),
+        Some(format!("{instance}:call:withdraw").as_str())
+    );
+    let log = h.log();
+    let call: Vec<Outcome> = log
+        .iter()
+        .filter(|r| r.step.starts_with("call"))
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(call, [Outcome::Sent, Outcome::Withdrawn], "{log:#?}");
+}

@@ -339,6 +339,7 @@ pub(crate) fn generate(store: &dyn Store) -> Generated {
                 again_at: None,
                 replan: false,
                 claimed_row: None,
+                withdraw_if_ended: false,
             })
             .collect();
         store.settle_steps(&results).unwrap();
@@ -661,6 +662,7 @@ pub fn funnel_and_uplift_match_the_generated_counts(w: &dyn Store, r: &dyn Revie
         again_at: None,
         replan: false,
         claimed_row: Some(push.row),
+        withdraw_if_ended: false,
     })
     .unwrap();
     let mut tx = w.begin().unwrap();
@@ -940,6 +942,7 @@ pub fn counts_follow_starts_conversions_and_retention(w: &dyn Store, r: &dyn Rev
             again_at: None,
             replan: false,
             claimed_row: None,
+            withdraw_if_ended: false,
         })
         .collect();
     assert_eq!(late.len(), 50);

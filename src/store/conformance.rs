@@ -146,6 +146,7 @@ pub fn claims_are_exclusive_and_leases_expire(store: &dyn Store) {
             again_at: None,
             replan: false,
             claimed_row: Some(again[0].row),
+            withdraw_if_ended: false,
         })
         .unwrap();
     assert!(written.seq > 0);
@@ -212,6 +213,7 @@ pub fn exit_after_last_step_converts_within_window(store: &dyn Store) {
             again_at: None,
             replan: false,
             claimed_row: Some(claimed[0].row),
+            withdraw_if_ended: false,
         })
         .unwrap();
     let mut tx = store.begin().unwrap();
@@ -544,6 +546,7 @@ pub fn retry_reschedules_and_customer_round_trips(store: &dyn Store) {
             replan: false,
             // By key: a result need not carry the claim's row.
             claimed_row: None,
+            withdraw_if_ended: false,
         })
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -577,6 +580,7 @@ fn settle(step: &DueStep, time: DateTime<Utc>, outcome: Outcome) -> StepResult {
         again_at: None,
         replan: false,
         claimed_row: Some(step.row),
+        withdraw_if_ended: false,
     }
 }
 
@@ -1630,6 +1634,71 @@ pub fn exits_plan_withdrawals_of_delivered_steps(store: &dyn Store) {
     );
 }
 
+/// A call task still being sent when the customer signs: the exit sees it
+/// claimed, not sent, so plans nothing; the delivery lands after it and
+/// its settle plans the withdrawal, in its own transaction. A delivery of
+/// an open journey, or one not asking for it, plans none.
+pub fn a_delivery_landing_after_its_exit_is_withdrawn(store: &dyn Store) {
+    start(
+        store,
+        &[("i1", "c1", "a1"), ("i2", "c2", "a2"), ("i3", "c3", "a3")],
+        &steps(),
+    );
+    let at = t0() + Duration::days(3);
+    let lease = at + Duration::minutes(5);
+    let mut claimed = store
+        .claim_due(ChannelKind::CallTask, at, 10, lease)
+        .unwrap();
+    claimed.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    assert_eq!(claimed.len(), 3);
+    let exit = at + Duration::seconds(1);
+    let mut tx = store.begin().unwrap();
+    for (id, status) in [
+        ("i1", InstanceStatus::Converted),
+        ("i3", InstanceStatus::Cancelled),
+    ] {
+        tx.close_instance(id, status, exit).unwrap();
+        assert!(
+            tx.plan_withdrawals(id, &[ChannelKind::CallTask], exit)
+                .unwrap()
+                .is_empty(),
+            "{id}: nothing delivered yet"
+        );
+    }
+    tx.commit().unwrap();
+    let landed = exit + Duration::seconds(2);
+    let results: Vec<StepResult> = claimed
+        .iter()
+        .map(|d| StepResult {
+            withdraw_if_ended: d.instance_id != "i3",
+            ..settle(d, landed, Outcome::Sent)
+        })
+        .collect();
+    store.settle_steps(&results).unwrap();
+    assert_eq!(
+        store.next_due(Some(ChannelKind::CallTask)).unwrap(),
+        Some(landed)
+    );
+    let again = store
+        .claim_due(
+            ChannelKind::CallTask,
+            landed,
+            10,
+            landed + Duration::minutes(5),
+        )
+        .unwrap();
+    let planned: Vec<_> = again
+        .iter()
+        .map(|d| (d.instance_id.as_str(), d.step.as_str(), d.instance_status))
+        .collect();
+    assert_eq!(
+        planned,
+        [("i1", "call:withdraw", InstanceStatus::Converted)]
+    );
+    assert_eq!(again[0].planned_at, landed);
+    assert_eq!(again[0].template, "t_call");
+}
+
 // Audit stream (`store::audit`).
 
 /// Log records written while the outbox is on (by the scheduler's batch and
@@ -2166,6 +2235,7 @@ macro_rules! store_conformance {
             prefetched_reads_follow_the_transactions_writes,
             concurrent_claimers_never_share_a_step,
             exits_plan_withdrawals_of_delivered_steps,
+            a_delivery_landing_after_its_exit_is_withdrawn,
             audit_outbox_follows_the_log_in_its_transaction,
             upcoming_steps_are_the_customers_pending_steps_due_soon,
             control_overrides_and_log_round_trip,

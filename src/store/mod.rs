@@ -240,6 +240,11 @@ pub struct StepResult {
     pub replan: bool,
     /// [`DueStep::row`] of the step settled, when known.
     pub claimed_row: Option<i64>,
+    /// The step was delivered on a channel that takes back its deliveries
+    /// (`channels.<kind>.withdraw`): if an exit ended its journey while it
+    /// was being sent, a withdrawal is planned in the settle's transaction,
+    /// as the exit plans one for what was delivered before it.
+    pub withdraw_if_ended: bool,
 }
 
 pub trait Store: Send + Sync {

@@ -285,6 +285,16 @@ impl Sink {
         *self.state.gate.lock().unwrap() = Some(other.state.arrivals.subscribe());
     }
 
+    /// Waits until `n` requests have arrived (bounded, so that a broken
+    /// engine fails the test instead of hanging it).
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut arrivals = self.state.arrivals.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), arrivals.wait_for(|c| *c >= n))
+            .await
+            .expect("requests arrived in time")
+            .expect("endpoint alive");
+    }
+
     pub fn requests(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }

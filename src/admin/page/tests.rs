@@ -103,6 +103,7 @@ fn seeded(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
                 again_at: None,
                 replan: false,
                 claimed_row: None,
+                withdraw_if_ended: false,
             })
             .collect();
         store.settle_steps(&results).unwrap();

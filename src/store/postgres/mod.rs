@@ -41,7 +41,7 @@ pub use conn::{parse_url, PgOptions, SslMode};
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::CustomerContext;
-use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Variables};
+use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Variables, WITHDRAW_SUFFIX};
 use conn::{PgConn, Pool};
 use tx::{Begun, PgTx};
 
@@ -205,6 +205,17 @@ const SETTLE: &str = "/* plan: generic */ WITH u AS (
          ON CONFLICT (journey, step, channel)
          DO UPDATE SET sends = propensity_counts.sends + EXCLUDED.sends)
      SELECT seq FROM logged";
+
+/// Withdrawals of steps just delivered (`$1`/`$2`, on `$3` at `$4`) whose
+/// journey an exit ended while they were being sent (the exit's own
+/// `PLAN_WITHDRAWALS` saw them claimed, not sent).
+const PLAN_LATE_WITHDRAWALS: &str = "/* plan: generic */ INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
+     SELECT s.instance_id, s.customer, s.step || $5, s.seq, u.channel, s.template, u.at, u.at, 'pending'
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS u(instance_id, step, channel, at)
+     JOIN steps AS s ON s.instance_id = u.instance_id AND s.step = u.step
+     JOIN instances AS i ON i.id = u.instance_id
+     WHERE i.status IN ('converted', 'cancelled')
+     ON CONFLICT (instance_id, step) DO NOTHING";
 
 /// Log records in one statement; their seqs, in the order given, come back
 /// as the sorted RETURNING values (the identity is drawn in insertion order).
@@ -547,9 +558,33 @@ impl Store for PostgresStore {
         if results.is_empty() {
             return Ok(Vec::new());
         }
-        // One statement: atomic on its own, no transaction to open.
-        let mut c = self.conn()?;
-        finish(&mut c, &self.holder, results)
+        let late: Vec<&StepResult> = results
+            .iter()
+            .filter(|r| r.withdraw_if_ended && r.again_at.is_none())
+            .collect();
+        if late.is_empty() {
+            // One statement: atomic on its own, no transaction to open.
+            let mut c = self.conn()?;
+            return finish(&mut c, &self.holder, results);
+        }
+        // Deliveries on a withdrawing channel (call tasks): their journey
+        // may have ended while they were sent, so the settle and their
+        // withdrawals are one transaction.
+        let instances: Vec<&str> = late.iter().map(|r| r.record.instance.as_str()).collect();
+        let steps: Vec<&str> = late.iter().map(|r| r.record.step.as_str()).collect();
+        let channels: Vec<&str> = late.iter().map(|r| r.record.channel.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = late.iter().map(|r| r.record.time).collect();
+        let mut tx = self.transaction()?;
+        let seqs = tx.run(|c| {
+            let seqs = finish(c, &self.holder, results)?;
+            c.execute(
+                PLAN_LATE_WITHDRAWALS,
+                &[&instances, &steps, &channels, &times, &WITHDRAW_SUFFIX],
+            )?;
+            Ok(seqs)
+        })?;
+        tx.commit()?;
+        Ok(seqs)
     }
 
     fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {

@@ -22,7 +22,9 @@ mod upcoming;
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::{CustomerContext, JourneySummary};
-use crate::model::{ChannelKind, DueStep, HistoryEntry, LogRecord, Outcome, Variables};
+use crate::model::{
+    ChannelKind, DueStep, HistoryEntry, LogRecord, Outcome, Variables, WITHDRAW_SUFFIX,
+};
 use batch::{text_array, CLAIMED_INSTANCES};
 use tx::SqliteTx;
 
@@ -30,6 +32,16 @@ use tx::SqliteTx;
 const COMPLETE_INSTANCE: &str = "UPDATE instances SET status = 'completed', ended_at = ?2
      WHERE id = ?1 AND status = 'open'
        AND NOT EXISTS (SELECT 1 FROM steps WHERE instance_id = ?1 AND status IN ('pending', 'claimed'))";
+
+/// A withdrawal of the step `?1`/`?2`, just delivered on `?3` at `?4`,
+/// when an exit ended its journey while it was being sent (the exit's own
+/// `plan_withdrawals` saw it claimed, not sent).
+const PLAN_LATE_WITHDRAWAL: &str =
+    "INSERT INTO steps (instance_id, step, seq, channel, template, planned_at, due_at, status)
+     SELECT s.instance_id, s.step || ?5, s.seq, ?3, s.template, ?4, ?4, 'pending'
+     FROM steps AS s JOIN instances AS i ON i.id = s.instance_id
+     WHERE s.instance_id = ?1 AND s.step = ?2 AND i.status IN ('converted', 'cancelled')
+     ON CONFLICT (instance_id, step) DO NOTHING";
 
 pub struct SqliteStore {
     /// Held for the store's lifetime when opened by the daemon ([`SqliteStore::open_exclusive`]).
@@ -428,6 +440,15 @@ impl Store for SqliteStore {
                         settle.execute(params![r.instance, r.step, r.outcome.as_str(), row])?;
                         // The last step settled: the journey is complete.
                         complete.execute(params![r.instance, ms(r.time)])?;
+                        if result.withdraw_if_ended {
+                            tx.prepare_cached(PLAN_LATE_WITHDRAWAL)?.execute(params![
+                                r.instance,
+                                r.step,
+                                r.channel,
+                                ms(r.time),
+                                WITHDRAW_SUFFIX
+                            ])?;
+                        }
                     }
                 }
                 insert_log_with(&mut log, r)?;
