@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 /// A validated customer event.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Dedup key: an id seen before changes nothing.
+    /// With `source`, the dedup key ([`Event::dedup_key`]).
     pub id: String,
     pub event_type: String,
     pub source: String,
@@ -347,6 +347,13 @@ fn binary_attributes<'a>(r: &Record<'a>) -> Result<BinaryAttributes<'a>, EventEr
 }
 
 impl Event {
+    /// What identifies the event for dedup: CloudEvents makes `source` +
+    /// `id` unique, so two producers may reuse each other's ids (a retry
+    /// keeps both). Length-prefixed, so no source and id run together.
+    pub fn dedup_key(&self) -> String {
+        format!("{}:{}{}", self.source.len(), self.source, self.id)
+    }
+
     /// [`peek_record`](Self::peek_record) of a structured-mode event with its own `time`.
     pub fn peek(bytes: &[u8]) -> Option<EventHead<'_>> {
         Self::peek_record(&Record::structured(bytes))

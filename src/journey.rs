@@ -213,9 +213,11 @@ impl Pipeline {
             return Ok(run.out);
         }
         let mut tx = self.store.begin()?;
+        let keys: Vec<String> = relevant.iter().map(|&i| events[i].dedup_key()).collect();
         let wanted: Vec<(&str, &str)> = relevant
             .iter()
-            .map(|&i| (events[i].id.as_str(), events[i].customer.as_str()))
+            .zip(&keys)
+            .map(|(&i, key)| (key.as_str(), events[i].customer.as_str()))
             .collect();
         if !wanted.is_empty() {
             tx.prefetch(&wanted, run.sends_since)?;
@@ -223,8 +225,8 @@ impl Pipeline {
         for letter in rejects {
             tx.add_dead_letter(letter, now)?;
         }
-        for index in relevant {
-            run.event(&mut *tx, index, &events[index])?;
+        for (index, key) in relevant.into_iter().zip(&keys) {
+            run.event(&mut *tx, index, &events[index], key)?;
         }
         for f in &run.out.failures {
             if let Some(origin) = origins.get(f.index) {
@@ -272,8 +274,9 @@ impl BatchRun<'_> {
         tx: &mut dyn Tx,
         index: usize,
         event: &Arc<Event>,
+        dedup_key: &str,
     ) -> Result<(), StoreError> {
-        if tx.already_processed(&event.id)? {
+        if tx.already_processed(dedup_key)? {
             self.out.duplicates += 1;
             return Ok(());
         }
@@ -306,7 +309,7 @@ impl BatchRun<'_> {
             }
         }
         if changed {
-            tx.mark_processed(&event.id, self.now)?;
+            tx.mark_processed(dedup_key, self.now)?;
         }
         tx.record_event(&ReceivedEvent {
             event_id: event.id.clone(),

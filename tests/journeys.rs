@@ -207,6 +207,26 @@ async fn a_duplicate_event_id_changes_nothing() {
     assert_eq!(log.iter().filter(|r| r.outcome == Outcome::Sent).count(), 3);
 }
 
+/// CloudEvents makes `source` and `id` unique together: another producer's
+/// event under an id already seen is its own event, not a retry.
+#[tokio::test]
+async fn an_id_reused_by_another_source_is_not_a_duplicate() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    h.feed(contact("c-1", t0() - Duration::hours(1))).await;
+    h.feed(contact("c-2", t0() - Duration::hours(1))).await;
+    let (first, _) = h.feed(loan_completed("1001", "c-1", "A-1", t0())).await;
+    assert_eq!(first.started.len(), 1);
+    let mut other = loan_completed("1001", "c-2", "A-2", t0());
+    other.source = "cards".into();
+    let (other, _) = h.feed(other).await;
+    assert_eq!((other.duplicates, other.started.len()), (0, 1));
+    // A retry from the second producer is still a duplicate.
+    let mut retry = loan_completed("1001", "c-2", "A-2", t0());
+    retry.source = "cards".into();
+    let (retry, _) = h.feed(retry).await;
+    assert_eq!((retry.duplicates, retry.started.len()), (1, 0));
+}
+
 #[tokio::test]
 async fn two_applications_of_one_customer_run_independently() {
     let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;

@@ -529,7 +529,7 @@ pub trait Store: Send + Sync {
 /// method fails the transaction is lost: drop it (PostgreSQL rolls it back
 /// whole, and `commit` then fails with [`StoreError::Aborted`]).
 pub trait Tx {
-    /// Reads at once what deciding a batch of events (id, customer) will
+    /// Reads at once what deciding a batch of events (dedup key, customer) will
     /// ask for, where each read is a round trip (PostgreSQL); the reads
     /// that follow answer from it, kept true to the transaction's own
     /// writes. `window_start` as in [`customer`](Self::customer).
@@ -541,7 +541,8 @@ pub trait Tx {
         let _ = (events, window_start);
         Ok(())
     }
-    /// Whether this event id was processed before (the dedup window).
+    /// Whether this event ([`Event::dedup_key`](crate::event::Event::dedup_key):
+    /// source and id) was processed before (the dedup window).
     fn already_processed(&mut self, event_id: &str) -> Result<bool, StoreError>;
     fn mark_processed(&mut self, event_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
     fn customer(
