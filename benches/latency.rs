@@ -267,8 +267,8 @@ fn run_on(
         let conn = rusqlite::Connection::open(&store).unwrap();
         let mut stmt = conn
             .prepare(
-                "SELECT p.at - i.started_at, l.time - p.at
-                 FROM instances i JOIN processed_events p ON p.id = i.trigger_event
+                "SELECT p.received_at - i.started_at, l.time - p.received_at
+                 FROM instances i JOIN received_events p ON p.event_id = i.trigger_event
                  JOIN dispatch_log l ON l.instance = i.id AND l.outcome = 'sent'",
             )
             .unwrap();
