@@ -113,7 +113,9 @@ impl CustomerContext {
                     let tz = opt_string(tz, "timezone")?;
                     if let Some(name) = &tz {
                         name.parse::<chrono_tz::Tz>().map_err(|_| {
-                            ContextError(format!("timezone `{name}` is not an IANA zone"))
+                            ContextError(
+                                "timezone is not an IANA zone (like Australia/Sydney)".into(),
+                            )
                         })?;
                     }
                     self.timezone = tz;
@@ -133,9 +135,10 @@ impl CustomerContext {
                     let region = opt_string(v, "region")?;
                     if let Some(r) = &region {
                         if !is_region(r) {
-                            return Err(ContextError(format!(
-                                "region `{r}` is not an ISO 3166-2 code like AU-VIC (or a country like AU)"
-                            )));
+                            return Err(ContextError(
+                                "region is not an ISO 3166-2 code like AU-VIC (or a country like AU)"
+                                    .into(),
+                            ));
                         }
                     }
                     self.region = region.map(|r| r.to_ascii_uppercase());
@@ -143,7 +146,12 @@ impl CustomerContext {
                 if let Some(v) = data.get("preferred_channel") {
                     self.preferred_channel = match opt_string(v, "preferred_channel")? {
                         None => None,
-                        Some(c) => Some(c.parse().map_err(ContextError)?),
+                        Some(c) => Some(c.parse().map_err(|_| {
+                            ContextError(
+                                "preferred_channel is not a channel (push, email, call_task)"
+                                    .into(),
+                            )
+                        })?),
                     };
                 }
                 Ok(true)
@@ -159,14 +167,22 @@ impl CustomerContext {
                             )
                         })?;
                 for (channel, categories) in consents {
-                    let channel: ChannelKind = channel.parse().map_err(ContextError)?;
+                    let channel: ChannelKind = channel.parse().map_err(|_| {
+                        ContextError(
+                            "data.consents: a key is not a channel (push, email, call_task)".into(),
+                        )
+                    })?;
                     let categories = categories.as_object().ok_or_else(|| {
                         ContextError(format!(
                             "consents.{channel} must be an object of category: bool"
                         ))
                     })?;
                     for (category, granted) in categories {
-                        let category: Category = category.parse().map_err(ContextError)?;
+                        let category: Category = category.parse().map_err(|_| {
+                            ContextError(format!(
+                                "consents.{channel}: a key is not a category (service, marketing)"
+                            ))
+                        })?;
                         let granted = granted.as_bool().ok_or_else(|| {
                             ContextError(format!("consents.{channel}.{category} must be a boolean"))
                         })?;
@@ -221,6 +237,9 @@ fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Says what was expected, never the value given: the reason reaches the
+/// log and the dead letter's headers, and the value may be contact data
+/// sent in the wrong field (the dead letter keeps the original).
 #[error("invalid customer update: {0}")]
 pub struct ContextError(pub String);
 

@@ -40,6 +40,12 @@ pub struct Event {
 pub enum EventError {
     #[error("not valid JSON: {0}")]
     Json(String),
+    /// Valid JSON whose attributes have the wrong types (`"id": 12345`).
+    #[error("not a CloudEvent: an attribute has the wrong type: {0}")]
+    AttributeType(String),
+    /// A record without a value: a tombstone (null) or empty bytes.
+    #[error("the record has no value (a tombstone or empty record), not a CloudEvent")]
+    Empty,
     /// A required attribute absent or empty (structured content mode).
     #[error("not a CloudEvent: missing `{0}`")]
     Missing(&'static str),
@@ -478,7 +484,13 @@ fn decode_structured(record: &Record<'_>) -> Result<Event, EventError> {
     // through in attributes it skips (found by fuzzing), which `peek` refuses.
     let text = std::str::from_utf8(record.value)
         .map_err(|e| EventError::Json(format!("not UTF-8: {e}")))?;
-    let wire: Wire = serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
+    if text.trim().is_empty() {
+        return Err(EventError::Empty);
+    }
+    let wire: Wire = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => EventError::AttributeType(e.to_string()),
+        _ => EventError::Json(e.to_string()),
+    })?;
     match wire.specversion {
         Some(v) if v == "1.0" => {}
         None => return Err(EventError::Missing("specversion")),
@@ -704,6 +716,14 @@ mod tests {
     #[test]
     fn names_what_is_wrong() {
         assert!(matches!(Event::parse(b"{nope"), Err(EventError::Json(_))));
+        // Valid JSON with a wrong-typed attribute is not "not valid JSON".
+        let typed = Event::parse(
+            br#"{"specversion":"1.0","id":12345,"type":"t","source":"s","subject":"c"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(typed, EventError::AttributeType(_)), "{typed}");
+        assert!(typed.to_string().contains("integer `12345`"), "{typed}");
+        assert_eq!(Event::parse(b"").unwrap_err(), EventError::Empty);
         assert_eq!(
             Event::parse(br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","time":"2026-01-01T00:00:00Z"}"#)
                 .unwrap_err(),

@@ -300,7 +300,7 @@ impl BatchRun<'_> {
                 return Ok(());
             }
         };
-        changed |= self.exit_instances(tx, event, &mut customer)?;
+        changed |= self.exit_instances(tx, index, event, &mut customer)?;
         let mut triggered = self.rules.triggered_by(&event.event_type).peekable();
         if triggered.peek().is_some() {
             let customer = Arc::new(customer);
@@ -338,14 +338,22 @@ impl BatchRun<'_> {
     fn exit_instances(
         &mut self,
         tx: &mut dyn Tx,
+        index: usize,
         event: &Event,
         customer: &mut CustomerContext,
     ) -> Result<bool, StoreError> {
         let mut ended_any = false;
         for (journey, exit) in self.rules.exited_by(&event.event_type) {
-            // An exit without the instance key ends nothing.
-            let Ok(key) = instance_key(journey, event) else {
-                continue;
+            // An exit without the instance key cannot say which instance
+            // it ends: dead-lettered with the journey, so that a customer
+            // who signed is not left to be reminded without a trace.
+            let key = match instance_key(journey, event) {
+                Ok(key) => key,
+                Err(mut e) => {
+                    e.message = format!("{}: nothing ended", e.message);
+                    self.out.failures.push(rule_failure(index, event, e));
+                    continue;
+                }
             };
             let Some(instance) =
                 tx.exitable_instance(&event.customer, &journey.name, &key, self.completed_since)?

@@ -161,6 +161,36 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         "c-5",
         json!({"application_id": "A-9", "product": "Car loan", "amount": 100, "signed": false, "resume_url": "u"}),
     );
+    // An exit whose instance key is misnamed cannot say what it ends.
+    let exit_without_key = event(
+        "e7",
+        "loan_application.signed",
+        "c-5",
+        json!({"applicationId": "A-9"}),
+    );
+    // Contact data in the wrong field: refused, and not repeated in the log.
+    let leaky = event(
+        "e8",
+        "customer.contact_updated",
+        "c-6",
+        json!({"timezone": "+61 400 111 222"}),
+    );
+    // Keyed by something else, and without a key (empty here): counted as
+    // key mismatches.
+    let mut other_key = event(
+        "e9",
+        "customer.contact_updated",
+        "c-7",
+        json!({"app_installed": true}),
+    );
+    other_key.0 = "c-someone-else".into();
+    let mut no_key = event(
+        "e10",
+        "customer.contact_updated",
+        "c-8",
+        json!({"app_installed": true}),
+    );
+    no_key.0 = String::new();
     produce(
         &cfg.topic,
         &[
@@ -170,13 +200,17 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
             throws.clone(),
             contact,
             good,
+            exit_without_key.clone(),
+            leaky,
+            other_key,
+            no_key,
         ],
     );
 
     daemon.wait_until(LONG, "the good event's push", || {
         recv.on("/push").len() == 1
     });
-    let letters = read_topic(&cfg.dlq, 3);
+    let letters = read_topic(&cfg.dlq, 5);
     let reasons: Vec<&str> = letters
         .iter()
         .map(|l| l.headers["nudge.reason"].as_str())
@@ -209,6 +243,24 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         by_payload[throws.1.as_slice()].headers["nudge.journey"],
         "explode"
     );
+    let unkeyed_exit = &by_payload[exit_without_key.1.as_slice()].headers;
+    assert_eq!(unkeyed_exit["nudge.journey"], "unsigned_loan");
+    assert!(
+        unkeyed_exit["nudge.reason"].contains("has no data.application_id")
+            && unkeyed_exit["nudge.reason"].contains("nothing ended"),
+        "{unkeyed_exit:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("timezone is not an IANA zone")),
+        "{reasons:?}"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        !log.contains("400 111 222"),
+        "contact data in the log: {log}"
+    );
 
     let (_, metrics) = daemon.get("/metrics").unwrap();
     assert!(
@@ -216,8 +268,16 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("nudge_dead_letters_total{kind=\"rule\"} 1"),
+        metrics.contains("nudge_dead_letters_total{kind=\"rule\"} 2"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_dead_letters_total{kind=\"context\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nudge_key_mismatch_total 2"),
+        "a record keyed by another id and one without a key: {metrics}"
     );
     assert!(
         metrics.contains("nudge_rule_errors_total{journey=\"explode\"} 1"),

@@ -293,7 +293,10 @@ impl Gathered {
                     .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
             ),
         };
-        let key_differs = |customer: &str| m.key().is_some_and(|k| k != customer.as_bytes());
+        // A record without a key goes to any partition, as one keyed by
+        // something else: either way the customer's events may be decided
+        // out of order.
+        let key_differs = |customer: &str| m.key() != Some(customer.as_bytes());
         if let Some(head) = Event::peek_record(&record) {
             let t = head.event_type.as_ref();
             if !(context::is_context_event(t) || rules.interested_in(t)) {

@@ -115,8 +115,7 @@ impl fmt::Debug for Journey {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{file}:{line}:{column}: journey `{journey}`: {message}")]
+#[derive(Debug, Clone)]
 pub struct RuleError {
     pub journey: String,
     pub file: String,
@@ -126,6 +125,20 @@ pub struct RuleError {
     /// The evaluation ran longer than `rules.timeout` (counted apart, as
     /// `nudge_rule_timeouts_total`).
     pub timed_out: bool,
+}
+
+impl std::error::Error for RuleError {}
+
+/// `file:line:column: journey …: message`, without a position when the
+/// error is about the event rather than a place in the script (line 0).
+impl std::fmt::Display for RuleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        write!(f, ": journey `{}`: {}", self.journey, self.message)
+    }
 }
 
 /// All journeys of one `rules/` directory, with their trigger index.

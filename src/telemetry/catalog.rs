@@ -73,7 +73,7 @@ pub const KEY_MISMATCH: Metric = Metric {
     name: "nudge_key_mismatch_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "records whose Kafka key is not their customer id: that customer's events may be decided out of order",
+    help: "records whose Kafka key is not their customer id, or that have no key: that customer's events may be decided out of order",
 };
 pub const INGEST_BATCH_SECONDS: Metric = Metric {
     name: "nudge_ingest_batch_seconds",
