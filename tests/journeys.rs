@@ -543,6 +543,26 @@ async fn a_fee_increase_alerts_once_naming_merchant_and_amounts_and_a_decrease_s
         assert!(outcome.started.is_empty() && outcome.failures.is_empty());
         assert!(records.is_empty(), "{records:?}");
     }
+    // Amounts as text compare as text ("9.99" > "10.99"): refused with a
+    // reason (a dead letter in the daemon), never a rise silently skipped.
+    let as_text = event(
+        "fee-4",
+        "recurring_payment.amount_changed",
+        "c-3",
+        t0(),
+        json!({"payment_id": "P-79", "merchant": "Stream", "previous_amount": "9.99",
+               "new_amount": "10.99", "currency": "AUD"}),
+    );
+    let (outcome, records) = h.feed(as_text).await;
+    assert!(outcome.started.is_empty() && records.is_empty(), "{records:?}");
+    assert_eq!(outcome.failures.len(), 1, "{:?}", outcome.failures);
+    let failure = &outcome.failures[0];
+    assert_eq!(failure.journey.as_deref(), Some("fee_increase"));
+    assert!(
+        failure.reason.contains("must be numbers, not text"),
+        "{}",
+        failure.reason
+    );
     h.finish().await;
 
     let got = h.sinks.push.requests();
