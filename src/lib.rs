@@ -21,6 +21,7 @@ pub mod event;
 pub mod humanize;
 pub mod ingest;
 pub mod journey;
+pub mod mask;
 pub mod model;
 pub mod policy;
 pub mod propensity;

@@ -554,7 +554,10 @@ async fn a_fee_increase_alerts_once_naming_merchant_and_amounts_and_a_decrease_s
                "new_amount": "10.99", "currency": "AUD"}),
     );
     let (outcome, records) = h.feed(as_text).await;
-    assert!(outcome.started.is_empty() && records.is_empty(), "{records:?}");
+    assert!(
+        outcome.started.is_empty() && records.is_empty(),
+        "{records:?}"
+    );
     assert_eq!(outcome.failures.len(), 1, "{:?}", outcome.failures);
     let failure = &outcome.failures[0];
     assert_eq!(failure.journey.as_deref(), Some("fee_increase"));

@@ -167,7 +167,7 @@ fn http_date(text: &str) -> Option<DateTime<Utc>> {
 /// because of it.
 fn excerpt(body: &str) -> String {
     let head: String = body.chars().take(400).collect();
-    let masked = mask_contacts(&head);
+    let masked = crate::mask::mask_contacts(&head);
     let mut out = String::with_capacity(masked.len().min(200));
     for c in masked.chars() {
         if out.len() + c.len_utf8() > 200 {
@@ -176,56 +176,6 @@ fn excerpt(body: &str) -> String {
         out.push(if c.is_control() { ' ' } else { c });
     }
     out
-}
-
-/// E-mail addresses as `a***@example.com`; runs of digits that could be a
-/// phone number (seven or more, with `+ ()-` and spaces between) with all
-/// but their last two digits as `*`.
-fn mask_contacts(text: &str) -> String {
-    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=".contains(c);
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while !rest.is_empty() {
-        let end = rest.find(separator).unwrap_or(rest.len());
-        let (word, tail) = rest.split_at(end);
-        match word.split_once('@') {
-            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
-                out.extend(local.chars().take(1));
-                out.push_str("***@");
-                out.push_str(domain);
-            }
-            _ => out.push_str(word),
-        }
-        let sep_len = tail.chars().next().map_or(0, char::len_utf8);
-        out.push_str(&tail[..sep_len]);
-        rest = &tail[sep_len..];
-    }
-    let mut chars: Vec<char> = out.chars().collect();
-    let phoneish = |c: char| c.is_ascii_digit() || "+ ()-".contains(c);
-    let mut i = 0;
-    while i < chars.len() {
-        if !chars[i].is_ascii_digit() && chars[i] != '+' {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < chars.len() && phoneish(chars[i]) {
-            i += 1;
-        }
-        let digits: Vec<usize> = (start..i).filter(|&k| chars[k].is_ascii_digit()).collect();
-        let run: String = chars[start..i].iter().collect();
-        let date = run.len() >= 10
-            && run
-                .char_indices()
-                .take(10)
-                .all(|(k, c)| matches!(k, 4 | 7) == (c == '-') && (c == '-' || c.is_ascii_digit()));
-        if digits.len() >= 7 && !date {
-            for &k in &digits[..digits.len() - 2] {
-                chars[k] = '*';
-            }
-        }
-    }
-    chars.into_iter().collect()
 }
 
 #[cfg(test)]

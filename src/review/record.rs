@@ -37,6 +37,7 @@ use serde_json::Value;
 
 use super::log::LogStream;
 use super::{LogFilter, ReviewRead};
+use crate::mask::{mask_contacts, mask_email, mask_phone};
 use crate::model::{InstanceStatus, LogRecord, Outcome};
 use crate::store::control::ControlEntry;
 use crate::store::{NotStartedWhy, StoreError};
@@ -548,47 +549,6 @@ pub fn to_text(record: &DecisionRecord) -> String {
     out
 }
 
-/// `alice@example.com` → `a***@example.com`.
-pub fn mask_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            let first: String = local.chars().take(1).collect();
-            format!("{first}***@{domain}")
-        }
-        None => "***".into(),
-    }
-}
-
-/// `+61400000001` → `+*********01`: the last two digits stay.
-pub fn mask_phone(phone: &str) -> String {
-    let digits = phone.chars().filter(char::is_ascii_digit).count();
-    let mut seen = 0;
-    phone
-        .chars()
-        .map(|c| {
-            if c.is_ascii_digit() {
-                seen += 1;
-                if seen + 2 > digits {
-                    c
-                } else {
-                    '*'
-                }
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-fn looks_like_email(s: &str) -> bool {
-    match s.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty() && domain.contains('.') && !s.contains(char::is_whitespace)
-        }
-        None => false,
-    }
-}
-
 fn looks_like_phone(s: &str) -> bool {
     let digits = s.chars().filter(char::is_ascii_digit).count();
     digits >= 7
@@ -596,12 +556,13 @@ fn looks_like_phone(s: &str) -> bool {
         && (s.starts_with('+') || !s.contains('-'))
 }
 
-/// Masks every e-mail address and phone number among the strings of `v`
-/// (and any string under a key naming one).
+/// Masks every e-mail address and phone number among the strings of `v`,
+/// also inside text (a note, a URL's query), and any string under a key
+/// naming one.
 pub fn mask_value(v: Value) -> Value {
     match v {
-        Value::String(s) if looks_like_email(&s) => Value::String(mask_email(&s)),
         Value::String(s) if looks_like_phone(&s) => Value::String(mask_phone(&s)),
+        Value::String(s) => Value::String(mask_contacts(&s)),
         Value::Array(a) => Value::Array(a.into_iter().map(mask_value).collect()),
         Value::Object(o) => Value::Object(
             o.into_iter()
@@ -631,7 +592,8 @@ mod tests {
         assert_eq!(mask_phone("0400 000 123"), "**** *** *23");
         let v = json!({
             "email": "bob@example.com",
-            "note": "call +61 400 000 002",
+            "note": "call +61 400 000 002 or dave@example.com",
+            "resume_url": "https://bank.example/sign?app=A-52&email=erin@example.com",
             "contact": ["carol@example.org", "+61400000003"],
             "amount": "1234567",
             "date": "2026-03-02",
@@ -642,7 +604,8 @@ mod tests {
             mask_value(v),
             json!({
                 "email": "b***@example.com",
-                "note": "call +61 400 000 002",
+                "note": "call +** *** *** *02 or d***@example.com",
+                "resume_url": "https://bank.example/sign?app=A-52&email=e***@example.com",
                 "contact": ["c***@example.org", "+*********03"],
                 "amount": "*****67",
                 "date": "2026-03-02",

@@ -1,0 +1,85 @@
+//! Contact details masked wherever nudge shows text it was given (an
+//! event's variables, a receiver's refusal): e-mail addresses keep their
+//! first letter and domain, phone numbers their last two digits.
+
+/// `alice@example.com` → `a***@example.com`.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".into(),
+    }
+}
+
+/// `+61400000001` → `+*********01`: the last two digits stay.
+pub fn mask_phone(phone: &str) -> String {
+    let digits = phone.chars().filter(char::is_ascii_digit).count();
+    let mut seen = 0;
+    phone
+        .chars()
+        .map(|c| {
+            if c.is_ascii_digit() {
+                seen += 1;
+                if seen + 2 > digits {
+                    c
+                } else {
+                    '*'
+                }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// E-mail addresses as `a***@example.com`; runs of digits that could be a
+/// phone number (seven or more, with `+ ()-` and spaces between) with all
+/// but their last two digits as `*`.
+pub fn mask_contacts(text: &str) -> String {
+    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(separator).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        match word.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+                out.extend(local.chars().take(1));
+                out.push_str("***@");
+                out.push_str(domain);
+            }
+            _ => out.push_str(word),
+        }
+        let sep_len = tail.chars().next().map_or(0, char::len_utf8);
+        out.push_str(&tail[..sep_len]);
+        rest = &tail[sep_len..];
+    }
+    let mut chars: Vec<char> = out.chars().collect();
+    let phoneish = |c: char| c.is_ascii_digit() || "+ ()-".contains(c);
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() && chars[i] != '+' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && phoneish(chars[i]) {
+            i += 1;
+        }
+        let digits: Vec<usize> = (start..i).filter(|&k| chars[k].is_ascii_digit()).collect();
+        let run: String = chars[start..i].iter().collect();
+        let date = run.len() >= 10
+            && run
+                .char_indices()
+                .take(10)
+                .all(|(k, c)| matches!(k, 4 | 7) == (c == '-') && (c == '-' || c.is_ascii_digit()));
+        if digits.len() >= 7 && !date {
+            for &k in &digits[..digits.len() - 2] {
+                chars[k] = '*';
+            }
+        }
+    }
+    chars.into_iter().collect()
+}
