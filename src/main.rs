@@ -259,15 +259,42 @@ enum TableFormat {
     Json,
 }
 
+/// `print!` that returns the error instead of panicking: a reader that
+/// goes away (`| head`) ends the command quietly (see `main`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).context("writing stdout")?
+    }};
+}
+
+/// `println!` that returns the error instead of panicking (see [`out!`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing stdout")?
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // The reader of the output went away (`| head`): nothing to say.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nudge: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The error and its causes, each cause left out when the text before it
@@ -290,14 +317,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { dir } => match rules::load_dir(&dir, &Limits::default()) {
             Ok(set) => {
-                println!(
+                outln!(
                     "ok: {} journeys in {} (rule set {})",
                     set.journeys().len(),
                     dir.display(),
                     set.version
                 );
                 for j in set.journeys() {
-                    println!(
+                    outln!(
                         "  {} ({}, {} steps, triggers: {}) {}",
                         j.name,
                         j.category,
@@ -371,7 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let (before, after) = nudge::store::migrate(&config.store)
                 .with_context(|| format!("{key}: migrating {store}"))?;
-            println!(
+            outln!(
                 "{store}: schema version {after}{}",
                 if before == after {
                     " (up to date)".to_string()
@@ -399,11 +426,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &policy,
             ))?;
             for f in &report.failures {
-                println!("FAIL {f}");
+                outln!("FAIL {f}");
             }
-            println!(
+            outln!(
                 "nudge test: {} cases passed, {} failed",
-                report.passed, report.failed
+                report.passed,
+                report.failed
             );
             Ok(if report.failed == 0 {
                 ExitCode::SUCCESS
@@ -438,8 +466,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &nudge::sim::ChannelSettings::of(&config),
             ))?;
             match format.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&report)?),
-                "text" => print!("{}", report.to_text()),
+                "json" => outln!("{}", serde_json::to_string_pretty(&report)?),
+                "text" => out!("{}", report.to_text()),
                 other => anyhow::bail!("--format: `{other}` is not text or json"),
             }
             Ok(if fail_on_change && report.changed() {
@@ -456,7 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let status = probe(&address, &path)
                 .with_context(|| format!("probing http://{address}{path}"))?;
-            println!("{status}");
+            outln!("{status}");
             Ok(if (200..300).contains(&status) {
                 ExitCode::SUCCESS
             } else {
@@ -531,8 +559,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = open_review(config)?;
             let record = nudge::review::record::decision_record(&*store, &customer, unmask)?;
             match format {
-                TextFormat::Text => print!("{}", nudge::review::record::to_text(&record)),
-                TextFormat::Json => println!("{}", serde_json::to_string_pretty(&record)?),
+                TextFormat::Text => out!("{}", nudge::review::record::to_text(&record)),
+                TextFormat::Json => outln!("{}", serde_json::to_string_pretty(&record)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -544,8 +572,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = open_review(config)?;
             let report = nudge::review::funnel::funnels(&*store, journey.as_deref())?;
             match format {
-                TableFormat::Table => print!("{}", nudge::review::funnel::to_text(&report)),
-                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                TableFormat::Table => out!("{}", nudge::review::funnel::to_text(&report)),
+                TableFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -563,8 +591,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 loaded.policy.attribution_window,
             )?;
             match format {
-                TableFormat::Table => print!("{}", nudge::review::stats::to_text(&stats)),
-                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+                TableFormat::Table => out!("{}", nudge::review::stats::to_text(&stats)),
+                TableFormat::Json => outln!("{}", serde_json::to_string_pretty(&stats)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -586,13 +614,14 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     // "journey x: shadow: false → true (by admin, control log #3)"
-    let changed = |what: String, answer: &Value| {
-        println!(
+    let changed = |what: String, answer: &Value| -> anyhow::Result<()> {
+        outln!(
             "{what}: {} (by {}, control log #{})",
             describe_change(&answer["before"], &answer["after"]),
             answer["who"].as_str().unwrap_or("?"),
             answer["seq"]
         );
+        Ok(())
     };
     match command {
         ControlCommand::Journey {
@@ -624,7 +653,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
                 let s = runtime.block_on(endpoint.get(&path))?;
                 let field =
                     |f: &str| format!("{f} {} ({})", s[f], s["sources"][f].as_str().unwrap_or("?"));
-                println!(
+                outln!(
                     "journey {name}: {}",
                     nudge::control::JOURNEY_FIELDS
                         .iter()
@@ -634,7 +663,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 let answer = runtime.block_on(endpoint.put(&path, &Value::Object(patch)))?;
-                changed(format!("journey {name}"), &answer);
+                changed(format!("journey {name}"), &answer)?;
             }
         }
         ControlCommand::Channel {
@@ -650,7 +679,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
                 let body = json!({ "enabled": resume });
                 let answer =
                     runtime.block_on(endpoint.put(&format!("/admin/channels/{kind}"), &body))?;
-                changed(format!("channel {kind}"), &answer);
+                changed(format!("channel {kind}"), &answer)?;
             } else {
                 let all = runtime.block_on(endpoint.get("/admin/channels"))?;
                 let c = all["channels"]
@@ -660,7 +689,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
                     .find(|c| c["channel"] == json!(kind))
                     .cloned()
                     .unwrap_or_default();
-                println!(
+                outln!(
                     "channel {kind}: enabled {} ({})",
                     c["enabled"],
                     c["source"].as_str().unwrap_or("?")
@@ -684,8 +713,8 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             let store = open_review(config)?;
             let entries = store.control_changes(since, until, limit)?;
             match format {
-                TableFormat::Table => print!("{}", log_table(&entries)),
-                TableFormat::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+                TableFormat::Table => out!("{}", log_table(&entries)),
+                TableFormat::Json => outln!("{}", serde_json::to_string_pretty(&entries)?),
             }
         }
     }

@@ -463,6 +463,44 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     assert_eq!(cells[3], sends.to_string(), "{table}");
     assert_eq!(cells[4], conversions.to_string(), "{table}");
     assert!(!table.contains("fee_increase"), "{table}");
+
+    // A reader that goes away (`| head`) ends each command quietly: no
+    // panic, no error, exit 0.
+    let customer = stored[0].1.clone();
+    for args in [
+        vec!["explain", customer.as_str(), "--config", config],
+        vec![
+            "explain",
+            customer.as_str(),
+            "--config",
+            config,
+            "--format",
+            "json",
+        ],
+        vec!["funnel", "--config", config],
+        vec!["stats", "--config", config],
+        vec!["log", "--config", config],
+        vec!["control", "log", "--config", config, "--format", "json"],
+    ] {
+        let (code, err) = with_stdout_closed(&args);
+        assert_eq!((code, err.as_str()), (0, ""), "nudge {args:?}");
+    }
+}
+
+/// Runs nudge with its stdout a pipe whose reading end is already closed.
+fn with_stdout_closed(args: &[&str]) -> (i32, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// Received events of `customer` the daemon stored.
