@@ -137,6 +137,21 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order a reviewer's filter lists them.
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Sent,
+        Outcome::Failed,
+        Outcome::Retrying,
+        Outcome::Suppressed,
+        Outcome::Deferred,
+        Outcome::Cancelled,
+        Outcome::Expired,
+        Outcome::HeldOut,
+        Outcome::Shadow,
+        Outcome::Converted,
+        Outcome::Withdrawn,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Sent => "sent",
@@ -547,6 +562,34 @@ impl std::str::FromStr for OnLose {
             other => Err(format!(
                 "unknown on_lose `{other}` (expected \"defer\" or \"drop\")"
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Outcome::ALL` holds every outcome once, in order: a new variant
+    /// does not compile here until it has its place there.
+    #[test]
+    fn every_outcome_is_listed_once() {
+        let place = |o: Outcome| match o {
+            Outcome::Sent => 0,
+            Outcome::Failed => 1,
+            Outcome::Retrying => 2,
+            Outcome::Suppressed => 3,
+            Outcome::Deferred => 4,
+            Outcome::Cancelled => 5,
+            Outcome::Expired => 6,
+            Outcome::HeldOut => 7,
+            Outcome::Shadow => 8,
+            Outcome::Converted => 9,
+            Outcome::Withdrawn => 10,
+        };
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(place(o), i);
+            assert_eq!(o.as_str().parse::<Outcome>(), Ok(o));
         }
     }
 }

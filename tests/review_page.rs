@@ -195,6 +195,19 @@ fn a_reviewer_reads_the_page_in_chromium() {
         )
         .await;
         assert_eq!(styled, json!("solid"));
+        // The outcome filter offers every outcome the log can hold.
+        let offered = js(
+            &c,
+            "return Array.from(document.querySelectorAll('select[name=outcome] option')).map(o => o.value)",
+        )
+        .await;
+        let mut every = vec![json!("")];
+        every.extend(
+            nudge::model::Outcome::ALL
+                .iter()
+                .map(|o| json!(o.as_str())),
+        );
+        assert_eq!(offered, Value::Array(every));
 
         // Filter by journey through the form.
         let journey = c

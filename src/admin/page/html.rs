@@ -61,20 +61,6 @@ fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// The outcomes a reviewer can filter by, in the order the form lists them.
-const OUTCOMES: [&str; 10] = [
-    "sent",
-    "failed",
-    "retrying",
-    "suppressed",
-    "deferred",
-    "cancelled",
-    "expired",
-    "held_out",
-    "shadow",
-    "converted",
-];
-
 /// How far back the log reaches, on every page (retention deletes older records).
 pub struct Reach {
     pub oldest: Option<DateTime<Utc>>,
@@ -181,12 +167,13 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
         query.channel.as_deref(),
         &channels,
     );
+    let outcomes = crate::model::Outcome::ALL.map(crate::model::Outcome::as_str);
     select(
         &mut out,
         "outcome",
         "Outcome",
         query.outcome.as_deref(),
-        &OUTCOMES,
+        &outcomes,
     );
     text_input(
         &mut out,
