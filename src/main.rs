@@ -525,18 +525,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since: time("since", since)?,
                 until: time("until", until)?,
             };
-            let store = open_review(config)?;
+            let store = open_review_of(config, filter.journey.as_deref())?;
             let stdout = std::io::stdout();
             let mut writer = nudge::review::log::LogWriter::new(stdout.lock(), format);
             let limit = (limit > 0).then_some(limit);
-            for record in nudge::review::log::LogStream::new(&*store, filter, limit) {
-                writer.write(&record?).context("writing stdout")?;
+            // One record past the limit tells whether the limit cut anything.
+            let mut cut = false;
+            for (i, record) in
+                nudge::review::log::LogStream::new(&*store, filter, limit.map(|l| l + 1))
+                    .enumerate()
+            {
+                let record = record?;
+                if limit == Some(i) {
+                    cut = true;
+                    break;
+                }
+                writer.write(&record).context("writing stdout")?;
             }
             let written = writer.finish().context("writing stdout")?;
-            if limit == Some(written) {
+            if cut {
                 eprintln!(
                     "nudge log: the newest {written} records shown; --limit N (0: all) for more"
                 );
+            } else if written == 0 && format == nudge::review::log::LogFormat::Table {
+                eprintln!("nudge log: no record matches");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -569,7 +581,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             journey,
             format,
         } => {
-            let store = open_review(config)?;
+            let store = open_review_of(config, journey.as_deref())?;
             let report = nudge::review::funnel::funnels(&*store, journey.as_deref())?;
             match format {
                 TableFormat::Table => out!("{}", nudge::review::funnel::to_text(&report)),
@@ -583,7 +595,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let loaded = Config::load(config.as_deref())?;
-            let store = open_review(config)?;
+            let store = open_review_of(config, journey.as_deref())?;
             let stats = nudge::review::stats::stats(
                 &*store,
                 journey.as_deref(),
@@ -747,7 +759,40 @@ fn control_endpoint(api: ApiArgs) -> anyhow::Result<nudge::control::client::Endp
 
 /// The store of the daemon's config, opened to read beside it.
 fn open_review(config: Option<PathBuf>) -> anyhow::Result<Box<dyn nudge::review::ReviewRead>> {
+    open_review_of(config, None)
+}
+
+/// [`open_review`] for the records of `journey`: a name that neither the
+/// store nor the config's rules know is an error naming the known ones,
+/// not an empty answer (a mistyped `--journey` looks like "nothing yet").
+fn open_review_of(
+    config: Option<PathBuf>,
+    journey: Option<&str>,
+) -> anyhow::Result<Box<dyn nudge::review::ReviewRead>> {
     let config = Config::load(config.as_deref())?;
+    let store = open_reader(&config)?;
+    if let Some(journey) = journey {
+        let mut known: std::collections::BTreeSet<String> = store
+            .arms(None, false)?
+            .into_iter()
+            .map(|a| a.journey)
+            .collect();
+        // Rules that do not load here leave the store's names to go by.
+        if let Ok(set) = rules::load_dir(&config.rules.dir, &Limits::default()) {
+            known.extend(set.journeys().iter().map(|j| j.name.clone()));
+        }
+        if !known.contains(journey) {
+            anyhow::bail!(
+                "--journey {journey}: no such journey in the store or in {} (known: {})",
+                config.rules.dir.display(),
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(store)
+}
+
+fn open_reader(config: &Config) -> anyhow::Result<Box<dyn nudge::review::ReviewRead>> {
     let key = match config.store.url {
         Some(_) => "store.url",
         None => "store.path",

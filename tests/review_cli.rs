@@ -192,6 +192,24 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
     }
     assert_eq!(lines.count(), 3);
     assert!(err.contains("newest 3 records"), "{err}");
+    // A limit that cuts nothing says nothing.
+    let every = stored.len().to_string();
+    let (code, table, err) = nudge(&["log", "--config", config, "--limit", &every]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(table.lines().count(), stored.len() + 1);
+    assert!(!err.contains("newest"), "{err}");
+
+    // A journey nobody knows is an error naming the known ones, not an
+    // empty answer that reads like "nothing yet".
+    for command in ["log", "funnel", "stats"] {
+        let (code, out, err) = nudge(&[command, "--config", config, "--journey", "unsigned_loans"]);
+        assert_eq!(code, 2, "{command}: {out}");
+        assert!(
+            err.contains("--journey unsigned_loans: no such journey")
+                && err.contains("unsigned_loan"),
+            "{command}: {err}"
+        );
+    }
 
     // Bad input is an error naming the flag.
     let (code, _, err) = nudge(&["log", "--config", config, "--channel", "fax"]);
@@ -288,7 +306,7 @@ fn log_explain_and_funnel_read_what_a_daemon_wrote() {
         (Some("wrong"), "not the admin token"),
     ] {
         let (code, out, err) = explain_unmasked(&unmask, env);
-        assert_ne!(code, 0, "{out}");
+        assert_eq!(code, 2, "{out}");
         assert!(out.is_empty(), "{out}");
         assert!(err.contains(why), "{err}");
         assert!(!err.contains(ADMIN_TOKEN), "{err}");

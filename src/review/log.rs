@@ -122,7 +122,7 @@ pub enum LogFormat {
 }
 
 /// The columns of the CSV, in order.
-pub const CSV_COLUMNS: [&str; 14] = [
+pub const CSV_COLUMNS: [&str; 16] = [
     "seq",
     "time",
     "customer",
@@ -137,6 +137,8 @@ pub const CSV_COLUMNS: [&str; 14] = [
     "attempt",
     "latency_ms",
     "event_id",
+    "http_status",
+    "response_ms",
 ];
 
 /// Writes records as they come; [`finish`](Self::finish) closes the output.
@@ -166,7 +168,9 @@ impl<W: Write> LogWriter<W> {
                         "reason",
                     )?;
                 }
-                let latency = r.latency_ms.map_or_else(String::new, |l| format!("{l}ms"));
+                let latency = r.latency_ms.map_or_else(String::new, |l| {
+                    crate::humanize::duration(std::time::Duration::from_millis(l))
+                });
                 self.table_row(
                     &r.time.to_rfc3339_opts(SecondsFormat::Secs, true),
                     &r.customer,
@@ -198,6 +202,8 @@ impl<W: Write> LogWriter<W> {
                     r.attempt.to_string(),
                     r.latency_ms.map(|l| l.to_string()).unwrap_or_default(),
                     r.event_id.clone().unwrap_or_default(),
+                    r.http_status.map(|s| s.to_string()).unwrap_or_default(),
+                    r.response_ms.map(|l| l.to_string()).unwrap_or_default(),
                 ];
                 let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
                 writeln!(self.out, "{}", line.join(","))
@@ -223,9 +229,10 @@ impl<W: Write> LogWriter<W> {
         latency: &str,
         reason: &str,
     ) -> std::io::Result<()> {
+        let [customer, journey, step, reason] = [customer, journey, step, reason].map(printable);
         writeln!(
             self.out,
-            "{time:<20}  {customer:<10}  {journey:<14}  {step:<6}  {channel:<9}  {outcome:<10}  {attempt:>3}  {latency:>7}  {reason}"
+            "{time:<20}  {customer:<10}  {journey:<14}  {step:<13}  {channel:<9}  {outcome:<10}  {attempt:>3}  {latency:>10}  {reason}"
         )
     }
 
@@ -244,13 +251,36 @@ impl<W: Write> LogWriter<W> {
     }
 }
 
-/// A record in JSON with its seq always present (the store's position).
+/// `text` for a terminal: control characters (an escape sequence or a line
+/// break an event put in a customer id) shown escaped, never acted on.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| match c.is_control() {
+                true => c.escape_default().to_string(),
+                false => c.to_string(),
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
+/// A record in JSON with every field present (`null` when it has no
+/// value), so that each object has the same keys, and its seq (the
+/// store's position).
 struct JsonRecord<'a>(&'a LogRecord);
 
 impl serde::Serialize for JsonRecord<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut v = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
         v["seq"] = self.0.seq.into();
+        for optional in ["latency_ms", "event_id", "http_status", "response_ms"] {
+            if v.get(optional).is_none() {
+                v[optional] = serde_json::Value::Null;
+            }
+        }
         v.serialize(s)
     }
 }
@@ -287,5 +317,86 @@ mod tests {
         assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
         assert_eq!(csv_field("-"), "-");
         assert_eq!(csv_field("-1+2"), "'-1+2");
+    }
+
+    fn record(customer: &str) -> LogRecord {
+        let subject = crate::model::StepRef {
+            customer,
+            journey: "j",
+            instance: "i",
+            step: "call:withdraw",
+            channel: "call_task",
+            template: "t",
+            rule_hash: "h",
+        };
+        LogRecord::about(
+            subject,
+            chrono::DateTime::UNIX_EPOCH,
+            crate::model::Outcome::Withdrawn,
+            "r",
+        )
+    }
+
+    fn written(format: LogFormat, records: &[LogRecord]) -> String {
+        let mut out = Vec::new();
+        let mut w = LogWriter::new(&mut out, format);
+        for r in records {
+            w.write(r).unwrap();
+        }
+        w.finish().unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// What an event put in a customer id (an escape sequence, a line
+    /// break) is shown, not acted on: one line per record, no ESC.
+    #[test]
+    fn the_table_shows_control_characters_escaped_and_lateness_for_people() {
+        let mut late = record("c-1");
+        late.latency_ms = Some(20_676_588);
+        let table = written(
+            LogFormat::Table,
+            &[record("c-\u{1b}[2J\nforged  sent"), late],
+        );
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(!table.contains('\u{1b}'), "{table:?}");
+        assert!(table.contains("c-\\u{1b}[2J\\nforged"), "{table}");
+        assert!(table.contains(" 5h 44m 36s  r"), "{table}");
+        // A step as long as `call:withdraw` and a lateness of hours keep
+        // the columns under their headers.
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0].find("channel"),
+            lines[2].find("call_task"),
+            "{table}"
+        );
+        assert_eq!(
+            lines[0].find("reason"),
+            lines[2].find(" r").map(|i| i + 1),
+            "{table}"
+        );
+    }
+
+    /// Every JSON record has the same keys, absent values as null; the CSV
+    /// has the HTTP status and response time too.
+    #[test]
+    fn json_records_have_the_same_keys_and_csv_the_answer() {
+        let mut answered = record("c-2");
+        answered.http_status = Some(503);
+        answered.response_ms = Some(12);
+        answered.latency_ms = Some(5);
+        answered.event_id = Some("e".into());
+        let json: Vec<serde_json::Value> = serde_json::from_str(&written(
+            LogFormat::Json,
+            &[record("c-1"), answered.clone()],
+        ))
+        .unwrap();
+        let keys =
+            |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&json[0]), keys(&json[1]));
+        assert!(json[0]["http_status"].is_null() && json[1]["http_status"] == 503);
+        let csv = written(LogFormat::Csv, &[answered]);
+        let mut lines = csv.lines();
+        assert!(lines.next().unwrap().ends_with(",http_status,response_ms"));
+        assert!(lines.next().unwrap().ends_with(",5,e,503,12"), "{csv}");
     }
 }
