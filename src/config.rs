@@ -581,8 +581,30 @@ impl Default for KafkaConfig {
             secret_properties_file: BTreeMap::new(),
             batch_size: 1000,
             drain_timeout: Duration::from_secs(20),
-            catch_up_timeout: Duration::from_secs(30),
+            catch_up_timeout: DEFAULT_CATCH_UP,
         }
+    }
+}
+
+/// `kafka.catch_up_timeout` by default: after a crash the partitions come
+/// back once the group drops the dead member, after its session timeout
+/// (librdkafka's default 45 s) and a rebalance, so 30 s was too short.
+pub const DEFAULT_CATCH_UP: Duration = Duration::from_secs(120);
+
+impl KafkaConfig {
+    /// The consumer's `session.timeout.ms` (librdkafka's default when unset).
+    pub fn session_timeout(&self) -> Duration {
+        self.consumer_properties
+            .get("session.timeout.ms")
+            .or_else(|| self.properties.get("session.timeout.ms"))
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(45), Duration::from_millis)
+    }
+
+    /// Whether sending may begin, after a crash, before the partitions are
+    /// back: a catch-up bound (not `0s`) shorter than the session timeout.
+    pub fn catch_up_shorter_than_session(&self) -> bool {
+        !self.catch_up_timeout.is_zero() && self.catch_up_timeout < self.session_timeout()
     }
 }
 
@@ -1074,6 +1096,24 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    /// The catch-up bound outlasts the consumer's session by default, so a
+    /// restart after a crash reads what waited before sending; a bound set
+    /// shorter than the session is what the daemon warns about.
+    #[test]
+    fn the_catch_up_bound_is_compared_with_the_session_timeout() {
+        let kafka = |toml: &str| load(toml, &[]).unwrap().kafka;
+        let default = kafka("");
+        assert_eq!(default.session_timeout(), Duration::from_secs(45));
+        assert!(!default.catch_up_shorter_than_session());
+        assert!(kafka("[kafka]\ncatch_up_timeout = \"30s\"\n").catch_up_shorter_than_session());
+        let quick = kafka(
+            "[kafka]\ncatch_up_timeout = \"30s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"10000\"\n",
+        );
+        assert_eq!(quick.session_timeout(), Duration::from_secs(10));
+        assert!(!quick.catch_up_shorter_than_session());
+        assert!(!kafka("[kafka]\ncatch_up_timeout = \"0s\"\n").catch_up_shorter_than_session());
     }
 
     #[test]

@@ -248,6 +248,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    if config.kafka.catch_up_shorter_than_session() {
+        crate::telemetry::events::CatchUpShorterThanSession {
+            catch_up: config.kafka.catch_up_timeout,
+            session: config.kafka.session_timeout(),
+        }
+        .emit();
+    }
     let readiness = ingest.readiness();
     tasks.spawn(
         "scheduler",
@@ -601,10 +608,10 @@ async fn send_once_caught_up(
         _ = tokio::time::timeout(limit, caught_up.wait_for(|c| *c)) => {}
         _ = stop.wait_for(|s| *s) => {}
     }
-    tracing::info!(
-        waited_ms = waited.elapsed().as_millis() as u64,
-        caught_up = *caught_up.borrow(),
-        "sending begins"
-    );
+    crate::telemetry::events::SendingBegins {
+        waited: waited.elapsed(),
+        caught_up: *caught_up.borrow(),
+    }
+    .emit();
     scheduler.run(stop).await;
 }

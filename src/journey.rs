@@ -388,6 +388,21 @@ impl BatchRun<'_> {
                 rule_hash: &instance.rule_hash,
             };
             let reason = format!("{} ended the journey", event.event_type);
+            // A control-group or shadow instance's steps were never to be
+            // sent: they stay in their arm, not losses of the journey.
+            let (step_outcome, step_reason) = match cancelled.is_empty() {
+                true => (outcome, String::new()),
+                false => match tx.instance_mode(&instance.id)? {
+                    Some(Mode::HeldOut) => (
+                        Outcome::HeldOut,
+                        format!("control group: not sent; {reason}"),
+                    ),
+                    Some(Mode::Shadow) => {
+                        (Outcome::Shadow, format!("shadow mode: not sent; {reason}"))
+                    }
+                    _ => (outcome, format!("{reason}; step not sent")),
+                },
+            };
             let mut records: Vec<LogRecord> = cancelled
                 .iter()
                 .map(|s| {
@@ -397,12 +412,7 @@ impl BatchRun<'_> {
                         template: &s.template,
                         ..whole
                     };
-                    LogRecord::about(
-                        subject,
-                        self.now,
-                        outcome,
-                        format!("{reason}; step not sent"),
-                    )
+                    LogRecord::about(subject, self.now, step_outcome, step_reason.clone())
                 })
                 .collect();
             if records.is_empty() {

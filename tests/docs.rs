@@ -13,7 +13,7 @@ use harness::repo;
 use nudge::config::PolicyConfig;
 use nudge::context::CustomerContext;
 use nudge::event::Event;
-use nudge::model::Decision;
+use nudge::model::{Decision, Outcome};
 use nudge::rules::{host_api_reference, load_sources, Limits, RuleSet};
 use nudge::sim::Simulation;
 use nudge::store::Store;
@@ -195,12 +195,20 @@ async fn instance_statuses_and_modes_in_the_reference_are_the_ones_scripts_see()
         .collect();
     for o in [
         "held/held_out",
-        "held/converted",
         "shadowed/shadow",
         "live/sent",
+        "live/converted",
     ] {
         assert!(outcomes.contains(o), "{o} not in {outcomes:?}");
     }
+    // A control-group instance's steps stay in its arm when an exit ends
+    // it (the funnel's arms, not losses); its status records the conversion.
+    assert!(
+        log.iter().any(|r| r.journey == "held"
+            && r.outcome == Outcome::HeldOut
+            && r.reason.contains("held.won ended the journey")),
+        "{log:#?}"
+    );
 
     // What a script sees in `customer.journeys`.
     let customer = sim.store.customer("c-1", sim.now()).unwrap();

@@ -170,3 +170,46 @@ async fn a_call_task_delivered_after_the_customer_signed_is_withdrawn() {
         .collect();
     assert_eq!(call, [Outcome::Sent, Outcome::Withdrawn], "{log:#?}");
 }
+
+/// A control-group instance that converts before its call task is due:
+/// the task is logged in its arm (`held_out`, naming the exit), so the
+/// funnel does not list it among the journey's losses, and nothing is
+/// sent or withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_group_exit_stays_in_its_arm_not_among_the_losses() {
+    let held = CALLBACK
+        .replace(
+            r#"template: "callback_call", delay: "0s""#,
+            r#"template: "callback_call", delay: "1d""#,
+        )
+        .replace(
+            r#"category: "service","#,
+            r#"category: "service", holdout: 100,"#,
+        );
+    let h = Harness::new(inline_rules(&[("callback", &held)]), t0()).await;
+    h.feed(contact("c-1", t0())).await;
+    h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
+        .await;
+    h.feed(event(
+        "e2",
+        "test.signed",
+        "c-1",
+        t0() + Duration::hours(2),
+        json!({}),
+    ))
+    .await;
+    h.finish().await;
+    assert_eq!(h.sinks.total(), 0, "a control group is never sent");
+    let log = h.log();
+    let call = only(&log, "c-1", "call");
+    assert_eq!(call.outcome, Outcome::HeldOut, "{log:#?}");
+    assert!(
+        call.reason.contains("test.signed ended the journey"),
+        "{call:?}"
+    );
+    let report = nudge::review::funnel::funnels(h.sim.store.as_ref(), Some("callback")).unwrap();
+    let funnel = &report.journeys[0];
+    for step in &funnel.steps {
+        assert!(step.not_sent.is_empty(), "{:?}", step);
+    }
+}

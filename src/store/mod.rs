@@ -72,17 +72,25 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the same work may succeed when tried again later: the
-    /// database busy, unreachable or restarting, or a concurrent writer
+    /// database busy, unreachable or restarting, a concurrent writer
     /// (serialization failure, deadlock, a unique key another replica wrote
-    /// first). The caller retries with backoff and reports not ready
-    /// meanwhile. Anything else (corrupt rows, a schema newer than the
-    /// binary, bad settings, constraint violations of the engine's own
-    /// making) will fail again the same way.
+    /// first), or the machine short of something ops can give back (a full
+    /// disk, an I/O error, a file made read-only). The caller retries with
+    /// backoff and reports not ready meanwhile: the events wait in Kafka
+    /// rather than being dead-lettered. Anything else (corrupt rows, a
+    /// schema newer than the binary, bad settings, constraint violations
+    /// of the engine's own making) will fail again the same way.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
                 e.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::OutOfMemory
             ),
             StoreError::Postgres(e) => match e.as_db_error() {
                 Some(db) => transient_sqlstate(db.code()),
@@ -108,8 +116,11 @@ impl StoreError {
 /// PostgreSQL error codes that a retry can get past.
 fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
     use ::postgres::error::SqlState;
-    // Class 08: connection exceptions.
-    code.code().starts_with("08")
+    // Class 08: connection exceptions; 53: insufficient resources (disk
+    // full, out of memory, too many connections); 58: system (I/O) errors.
+    ["08", "53", "58"]
+        .iter()
+        .any(|class| code.code().starts_with(class))
         || [
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
@@ -120,8 +131,6 @@ fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
             SqlState::ADMIN_SHUTDOWN,
             SqlState::CRASH_SHUTDOWN,
             SqlState::CANNOT_CONNECT_NOW,
-            SqlState::TOO_MANY_CONNECTIONS,
-            SqlState::OUT_OF_MEMORY,
             // Connected to a standby during a failover.
             SqlState::READ_ONLY_SQL_TRANSACTION,
         ]
@@ -571,6 +580,8 @@ pub trait Tx {
         key: &str,
         completed_since: DateTime<Utc>,
     ) -> Result<Option<InstanceRef>, StoreError>;
+    /// The instance's arm (live, control group, shadow); `None` if unknown.
+    fn instance_mode(&mut self, instance_id: &str) -> Result<Option<Mode>, StoreError>;
     /// A second open instance for one key is refused, here or (where the
     /// backend holds writes to batch them) at the next read or the commit.
     fn start_instance(
@@ -649,6 +660,9 @@ mod tests {
             SqlState::CANNOT_CONNECT_NOW,
             SqlState::TOO_MANY_CONNECTIONS,
             SqlState::READ_ONLY_SQL_TRANSACTION,
+            // Ops can give these back: the events wait in Kafka meanwhile.
+            SqlState::DISK_FULL,
+            SqlState::IO_ERROR,
         ] {
             assert!(transient_sqlstate(&code), "{code:?}");
         }
@@ -658,7 +672,6 @@ mod tests {
             SqlState::CHECK_VIOLATION,
             SqlState::NOT_NULL_VIOLATION,
             SqlState::INVALID_PASSWORD,
-            SqlState::DISK_FULL,
         ] {
             assert!(!transient_sqlstate(&code), "{code:?}");
         }
@@ -670,6 +683,9 @@ mod tests {
         };
         assert!(sqlite(rusqlite::ffi::SQLITE_BUSY).is_transient());
         assert!(sqlite(rusqlite::ffi::SQLITE_LOCKED).is_transient());
+        assert!(sqlite(rusqlite::ffi::SQLITE_FULL).is_transient());
+        assert!(sqlite(rusqlite::ffi::SQLITE_IOERR).is_transient());
+        assert!(sqlite(rusqlite::ffi::SQLITE_READONLY).is_transient());
         assert!(!sqlite(rusqlite::ffi::SQLITE_CONSTRAINT).is_transient());
         assert!(!sqlite(rusqlite::ffi::SQLITE_CORRUPT).is_transient());
         for permanent in [

@@ -67,7 +67,7 @@ pub const EVENTS_DUPLICATE: Metric = Metric {
     name: "nudge_events_duplicate_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "events skipped because their id was already processed (producer retries, replays)",
+    help: "events skipped because their id (from the same `source`) was already processed (producer retries, replays)",
 };
 pub const KEY_MISMATCH: Metric = Metric {
     name: "nudge_key_mismatch_total",

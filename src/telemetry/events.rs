@@ -658,6 +658,46 @@ impl TaskStopped<'_> {
     }
 }
 
+/// Logged only, once at start: a setting to change, not a rate to watch.
+pub struct CatchUpShorterThanSession {
+    pub catch_up: Duration,
+    pub session: Duration,
+}
+
+impl CatchUpShorterThanSession {
+    pub fn emit(self) {
+        tracing::warn!(
+            target: DAEMON,
+            catch_up_timeout = %crate::humanize::duration(self.catch_up),
+            session_timeout = %crate::humanize::duration(self.session),
+            "kafka.catch_up_timeout is shorter than the consumer's session.timeout.ms: after a crash, sending may begin before the records that waited are read"
+        );
+    }
+}
+
+/// Sending starts: once the records that waited at start were read, or at
+/// `kafka.catch_up_timeout` without them (a warning: an exit among them may
+/// come after a step that fell due meanwhile is sent).
+pub struct SendingBegins {
+    pub waited: Duration,
+    pub caught_up: bool,
+}
+
+impl SendingBegins {
+    pub fn emit(self) {
+        let waited_ms = self.waited.as_millis() as u64;
+        match self.caught_up {
+            true => tracing::info!(target: DAEMON, waited_ms, caught_up = true, "sending begins"),
+            false => tracing::warn!(
+                target: DAEMON,
+                waited_ms,
+                caught_up = false,
+                "sending begins before the records that waited were read (kafka.catch_up_timeout)"
+            ),
+        }
+    }
+}
+
 /// Logged only: the process exits right after, before any scrape.
 pub struct DrainDeadlinePassed {
     pub deadline: Duration,

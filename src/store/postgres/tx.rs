@@ -16,7 +16,7 @@ use super::conn::Manager;
 use super::pending::Pending;
 use super::read;
 use crate::context::CustomerContext;
-use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, WITHDRAW_SUFFIX};
+use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, Mode, WITHDRAW_SUFFIX};
 use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
 
 /// A transaction on a pooled connection, rolled back when dropped open.
@@ -266,6 +266,22 @@ impl Tx for PgTx {
         self.flush()?;
         self.tx
             .run(|c| instance_ref(c.query_opt(OPEN_INSTANCE, &[&customer, &journey, &key])?))
+    }
+
+    fn instance_mode(&mut self, instance_id: &str) -> Result<Option<Mode>, StoreError> {
+        self.flush()?;
+        self.tx.run(|c| {
+            c.query_opt(
+                "/* plan: generic */ SELECT mode FROM instances WHERE id = $1",
+                &[&instance_id],
+            )?
+            .map(|r| {
+                r.try_get::<_, &str>(0)?
+                    .parse()
+                    .map_err(StoreError::Corrupt)
+            })
+            .transpose()
+        })
     }
 
     fn exitable_instance(

@@ -838,6 +838,48 @@ mod tests {
 
     crate::store_conformance!(Box::new(temp_store()));
 
+    /// A full disk (here the database at its `max_page_count`, which SQLite
+    /// reports as it does a full disk) is a wait, not a refusal: the write
+    /// fails as transient (the ingest retries, the events stay in Kafka)
+    /// and the same write goes through once there is room.
+    #[test]
+    fn a_full_disk_is_transient_and_the_write_goes_through_after() {
+        let store = temp_store();
+        let pages: i64 = store
+            .conn()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        let limit = |pages: i64| {
+            store
+                .conn()
+                .execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+                .unwrap()
+        };
+        limit(pages);
+        let letter = crate::store::DeadLetter {
+            topic: "events".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+            payload: vec![b'x'; 256 * 1024],
+            reason: "r".into(),
+            journey: None,
+            event_id: None,
+            headers: Vec::new(),
+        };
+        let write = || -> Result<(), StoreError> {
+            let mut tx = store.begin()?;
+            tx.add_dead_letter(&letter, chrono::Utc::now())?;
+            tx.commit()
+        };
+        let full = write().unwrap_err();
+        assert!(full.to_string().contains("full"), "{full}");
+        assert!(full.is_transient(), "{full}");
+        limit(1_000_000);
+        write().unwrap();
+        assert_eq!(store.unpublished_dead_letters(10).unwrap().len(), 1);
+    }
+
     #[test]
     fn propensity_counts_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();

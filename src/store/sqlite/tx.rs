@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{insert_log, load_customer, ms};
 use crate::context::CustomerContext;
-use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, WITHDRAW_SUFFIX};
+use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, Mode, WITHDRAW_SUFFIX};
 use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
 
 pub(super) struct SqliteTx<'a> {
@@ -82,6 +82,16 @@ impl Tx for SqliteTx<'_> {
                 })
             })
             .optional()?)
+    }
+
+    fn instance_mode(&mut self, instance_id: &str) -> Result<Option<Mode>, StoreError> {
+        let mode: Option<String> = self
+            .conn
+            .prepare_cached("SELECT mode FROM instances WHERE id = ?1")?
+            .query_row([instance_id], |r| r.get(0))
+            .optional()?;
+        mode.map(|m| m.parse().map_err(StoreError::Corrupt))
+            .transpose()
     }
 
     fn exitable_instance(
