@@ -155,6 +155,13 @@ pub struct Entry {
     /// processed before the store kept it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_updated: Option<bool>,
+    /// Events: when nudge read it (its entry stands at the event's own
+    /// time; what it caused, at this one).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_rfc3339"
+    )]
+    pub received_at: Option<DateTime<Utc>>,
     /// Decisions not to start: `skip`, `already_open`, `pilot`, `rule_error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_started: Option<NotStartedWhy>,
@@ -174,6 +181,13 @@ pub struct Entry {
 
 fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn opt_rfc3339<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Entry {
@@ -196,6 +210,7 @@ impl Entry {
             event_id: None,
             event_type: None,
             context_updated: None,
+            received_at: None,
             not_started: None,
             control: None,
             inputs: None,
@@ -218,7 +233,13 @@ impl Entry {
 }
 
 /// An event as far as the record knows it: (time, type, context updated).
-type KnownEvent = (DateTime<Utc>, Option<String>, Option<bool>);
+/// An event's time, type, whether it updated the context, when it was read.
+type KnownEvent = (
+    DateTime<Utc>,
+    Option<String>,
+    Option<bool>,
+    Option<DateTime<Utc>>,
+);
 
 /// Reads the decision record of `customer`; contact details masked unless `unmask`.
 pub fn decision_record(
@@ -248,6 +269,7 @@ pub fn decision_record(
             time,
             Some(r.event_type.clone()),
             Some(r.context_updated),
+            Some(r.received_at),
         ));
         for n in &r.not_started {
             let why = match n.why {
@@ -283,7 +305,7 @@ pub fn decision_record(
         let kind = event["type"].as_str().map(String::from);
         events
             .entry(i.trigger_event.clone())
-            .or_insert((time, kind, None));
+            .or_insert((time, kind, None, None));
         let mut e = Entry::new(
             i.started_at,
             Kind::Decision,
@@ -334,26 +356,45 @@ pub fn decision_record(
                 .reason
                 .split_once(" ended the journey")
                 .map(|(t, _)| t.to_string());
-            let known = events.entry(id.clone()).or_insert((r.time, None, None));
+            let known = events
+                .entry(id.clone())
+                .or_insert((r.time, None, None, None));
             if known.1.is_none() {
                 known.1 = kind;
             }
         }
         entries.push(log_entry(r, keys.get(r.instance.as_str()).copied()));
     }
-    for (id, (time, kind, context_updated)) in events {
+    for (id, (time, kind, context_updated, received_at)) in events {
         let effect = match context_updated {
             Some(true) => ", updated the context",
             _ => "",
         };
+        // Read a second or more after its time: said, so that a decision
+        // listed between the two is not read as made after the event.
+        let late = received_at
+            .filter(|r| *r - time >= chrono::Duration::seconds(1))
+            .map(|r| {
+                let after = (r - time).to_std().unwrap_or_default();
+                format!(
+                    "; read by nudge at {}, {} after its time",
+                    r.to_rfc3339_opts(SecondsFormat::Millis, true),
+                    crate::humanize::duration(after)
+                )
+            })
+            .unwrap_or_default();
         let mut e = Entry::new(
             time,
             Kind::Event,
-            format!("{} (id {id}){effect}", kind.as_deref().unwrap_or("event")),
+            format!(
+                "{} (id {id}){effect}{late}",
+                kind.as_deref().unwrap_or("event")
+            ),
         );
         e.event_id = Some(id);
         e.event_type = kind;
         e.context_updated = context_updated;
+        e.received_at = received_at;
         entries.push(e);
     }
     entries.extend(control_entries(store, &entries)?);

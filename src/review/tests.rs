@@ -777,6 +777,34 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
             json!({"pilot_percent": 0})
         )]
     );
+
+    // An event read well after its own time says when it was read: what it
+    // caused is listed then, not at the event's time.
+    let time = first - Duration::hours(3);
+    let mut tx = w.begin().unwrap();
+    tx.record_event(&crate::store::ReceivedEvent {
+        event_id: "late-1".into(),
+        customer: "late-reader".into(),
+        event_type: "loan_application.signed".into(),
+        event_time: time,
+        received_at: time + Duration::milliseconds(17_400),
+        context_updated: false,
+        not_started: Vec::new(),
+    })
+    .unwrap();
+    tx.commit().unwrap();
+    let late = decision_record(r, "late-reader", false).unwrap();
+    let event = &late.entries[0];
+    assert_eq!((event.kind, event.time), (Kind::Event, time));
+    assert_eq!(
+        event.received_at,
+        Some(time + Duration::milliseconds(17_400))
+    );
+    assert!(
+        event.text.contains("read by nudge at") && event.text.contains("17.4s after its time"),
+        "{}",
+        event.text
+    );
 }
 
 /// The counts the store keeps, sorted, and the same counted from the rows
