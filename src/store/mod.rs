@@ -102,11 +102,13 @@ impl StoreError {
                 }
             },
             StoreError::Pool(_) => true,
+            // The database file removed or replaced under the daemon: ops
+            // restore it or restart; meanwhile the events wait in Kafka.
+            StoreError::Io { .. } => true,
             StoreError::Sqlite(_)
             | StoreError::Corrupt(_)
             | StoreError::SchemaTooNew { .. }
             | StoreError::Locked { .. }
-            | StoreError::Io { .. }
             | StoreError::Config(_)
             | StoreError::Aborted => false,
         }

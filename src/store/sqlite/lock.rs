@@ -13,6 +13,15 @@ use crate::store::StoreError;
 
 pub(super) struct OwnerLock {
     _file: File,
+    /// The database file as opened: its path and (device, inode), so that
+    /// a file removed or replaced under the running daemon is noticed.
+    store: Option<(PathBuf, (u64, u64))>,
+}
+
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl OwnerLock {
@@ -45,7 +54,44 @@ impl OwnerLock {
         file.rewind().map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
         file.flush().map_err(io)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            _file: file,
+            store: None,
+        })
+    }
+
+    /// Remembers which file the store opened at `path`.
+    pub(super) fn watch(&mut self, path: &Path) -> Result<(), StoreError> {
+        let id = identity(path).map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.store = Some((path.to_path_buf(), id));
+        Ok(())
+    }
+
+    /// Fails while the file at the store's path is not the one opened (it
+    /// was deleted or replaced): writes would go to a file nothing will
+    /// read again, so the daemon must stop consuming and say why. Transient
+    /// (an I/O error): it holds until ops restore the file or restart.
+    pub(super) fn file_in_place(&self) -> Result<(), StoreError> {
+        let Some((path, opened)) = &self.store else {
+            return Ok(());
+        };
+        let gone = |why: &str| {
+            StoreError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the database file was {why} while the daemon had it open: restore it, or restart the daemon"),
+            ),
+        }
+        };
+        match identity(path) {
+            Ok(now) if now == *opened => Ok(()),
+            Ok(_) => Err(gone("replaced")),
+            Err(_) => Err(gone("removed")),
+        }
     }
 }
 

@@ -65,8 +65,9 @@ impl SqliteStore {
     /// a dead predecessor are released at once, since no live worker can
     /// hold them, so their steps go out now rather than when their lease ends.
     pub fn open_exclusive(path: &Path, cache_mb: u32) -> Result<(Self, usize), StoreError> {
-        let owner = lock::OwnerLock::acquire(path)?;
+        let mut owner = lock::OwnerLock::acquire(path)?;
         let mut store = Self::open_with_cache(path, cache_mb)?;
+        owner.watch(path)?;
         store._owner = Some(owner);
         let released = store.release_all_leases()?;
         Ok((store, released))
@@ -132,6 +133,13 @@ impl SqliteStore {
         rusqlite::vtab::array::load_module(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
+    }
+
+    /// [`lock::OwnerLock::file_in_place`], for the daemon's store.
+    fn file_in_place(&self) -> Result<(), StoreError> {
+        self._owner
+            .as_ref()
+            .map_or(Ok(()), lock::OwnerLock::file_in_place)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -308,6 +316,7 @@ macro_rules! step_by_row {
 
 impl Store for SqliteStore {
     fn begin(&self) -> Result<Box<dyn Tx + '_>, StoreError> {
+        self.file_in_place()?;
         let conn = self.conn();
         conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(Box::new(SqliteTx { conn, open: true }))
@@ -320,6 +329,7 @@ impl Store for SqliteStore {
         limit: usize,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<DueStep>, StoreError> {
+        self.file_in_place()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.prepare_cached(
@@ -400,6 +410,7 @@ impl Store for SqliteStore {
     }
 
     fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
+        self.file_in_place()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(results.len());
@@ -503,6 +514,8 @@ impl Store for SqliteStore {
     }
 
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
+        // Also the readiness probe's question: a file gone is said there.
+        self.file_in_place()?;
         let conn = self.conn();
         let v: Option<i64> = match channel {
             Some(c) => conn
@@ -837,6 +850,38 @@ mod tests {
     }
 
     crate::store_conformance!(Box::new(temp_store()));
+
+    /// The daemon's database file deleted (or replaced) under it: every
+    /// write and the readiness probe fail, transient and naming the file,
+    /// so the ingest stops consuming (the events wait in Kafka) instead of
+    /// writing to a file nothing will read again.
+    #[test]
+    fn a_database_file_removed_under_the_daemon_stops_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nudge.db");
+        let (store, _) = SqliteStore::open_exclusive(&path, 2).unwrap();
+        assert!(store.begin().is_ok());
+        std::fs::rename(&path, dir.path().join("moved.db")).unwrap();
+        for failed in [
+            store.begin().map(|_| ()).unwrap_err(),
+            store.next_due(None).map(|_| ()).unwrap_err(),
+            store
+                .claim_due(ChannelKind::Push, chrono::Utc::now(), 1, chrono::Utc::now())
+                .map(|_| ())
+                .unwrap_err(),
+        ] {
+            assert!(failed.is_transient(), "{failed}");
+            let text = failed.to_string();
+            assert!(
+                text.contains("nudge.db") && text.contains("removed"),
+                "{text}"
+            );
+        }
+        // Put back, the same file: writes go on.
+        std::fs::rename(dir.path().join("moved.db"), &path).unwrap();
+        assert!(store.begin().is_ok());
+        assert!(store.next_due(None).is_ok());
+    }
 
     /// A full disk (here the database at its `max_page_count`, which SQLite
     /// reports as it does a full disk) is a wait, not a refusal: the write
