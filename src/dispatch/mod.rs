@@ -42,7 +42,7 @@ pub struct Message {
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum DispatchError {
     /// The receiver refused the message; sending it again will not help.
-    #[error("rejected with HTTP {status}: {body}")]
+    #[error("rejected with HTTP {status}{}", body_hint(body))]
     Rejected { status: u16, body: String },
     /// The receiver is overloaded or failing; try again later, not before
     /// `retry_after` when it said when (`Retry-After` on a 429 or 503).
@@ -57,6 +57,14 @@ pub enum DispatchError {
     Transport(String),
     #[error("no adapter configured for channel {0}")]
     NotConfigured(ChannelKind),
+}
+
+/// `: <the receiver's body>`, or nothing when it sent none.
+fn body_hint(body: &str) -> String {
+    match body.trim() {
+        "" => String::new(),
+        body => format!(": {body}"),
+    }
 }
 
 fn retry_hint(retry_after: &Option<Duration>) -> String {
@@ -261,6 +269,22 @@ pub(crate) mod conformance {
         assert!(Variables::from_json("[1]".into()).is_err());
         assert!(Variables::from_json("{\"a\":".into()).is_err());
         assert_eq!(Variables::default().as_json(), "{}");
+    }
+
+    #[test]
+    fn a_refusal_quotes_the_receivers_body_only_when_there_is_one() {
+        let refused = |body: &str| {
+            DispatchError::Rejected {
+                status: 400,
+                body: body.into(),
+            }
+            .to_string()
+        };
+        assert_eq!(refused(""), "rejected with HTTP 400");
+        assert_eq!(
+            refused("no such user"),
+            "rejected with HTTP 400: no such user"
+        );
     }
 
     #[test]

@@ -160,13 +160,42 @@ pub fn difference_ci(treated: (u64, u64), control: (u64, u64)) -> Option<(f64, f
 /// first `; ` (the time a deferral lasts until, a retry's attempt, "step
 /// not sent") and an expiry's lateness ("due 3h ago, past the push lateness
 /// bound of 1h" → "past the push lateness bound of 1h"), so that records
-/// not sent for one reason are counted together.
+/// not sent for one reason are counted together. A receiver's refusal
+/// quoting the (masked) address counts as one reason whoever it was about:
+/// `invalid recipient +*********05` → `invalid recipient …`.
 pub fn reason_group(reason: &str) -> String {
     let head = reason.split("; ").next().unwrap_or(reason);
-    match head.split_once(", past the ") {
+    let head = match head.split_once(", past the ") {
         Some((due, bound)) if due.starts_with("due ") => format!("past the {bound}"),
         _ => head.to_string(),
+    };
+    if !head.contains('*') {
+        return head;
     }
+    let mut words: Vec<String> = Vec::new();
+    for word in head.split(' ') {
+        let masked = match (word.contains('*'), word.split_once('@')) {
+            (false, _) => word.to_string(),
+            (true, Some((_, domain))) => format!("…@{domain}"),
+            (true, None) => {
+                // A phone's masked digits, with what closes the quote.
+                let tail: String = word
+                    .chars()
+                    .rev()
+                    .take_while(|c| !c.is_ascii_alphanumeric() && *c != '*')
+                    .collect();
+                format!("…{}", tail.chars().rev().collect::<String>())
+            }
+        };
+        // A phone spread over several words is one `…`.
+        match words.last_mut() {
+            Some(last) if last == "…" && masked.starts_with('…') && !masked.contains('@') => {
+                *last = masked
+            }
+            _ => words.push(masked),
+        }
+    }
+    words.join(" ")
 }
 
 /// The funnels of every journey in the store, or of `journey`.
@@ -459,6 +488,31 @@ mod tests {
         assert_eq!(
             reason_group("no marketing consent for email"),
             "no marketing consent for email"
+        );
+        // Refusals quoting a masked address: one reason for everyone.
+        for (one, other) in [
+            (
+                r#"rejected with HTTP 400: {"error": "invalid recipient +*********05"}"#,
+                r#"rejected with HTTP 400: {"error": "invalid recipient +*********07"}"#,
+            ),
+            (
+                "rejected with HTTP 400: no mailbox v***@fail.example here",
+                "rejected with HTTP 400: no mailbox q***@fail.example here",
+            ),
+            (
+                "rejected with HTTP 400: call +** *** *** *02 failed",
+                "rejected with HTTP 400: call +** *** *** *17 failed",
+            ),
+        ] {
+            assert_eq!(reason_group(one), reason_group(other));
+        }
+        assert_eq!(
+            reason_group(r#"rejected with HTTP 400: {"error": "invalid recipient +*********05"}"#),
+            r#"rejected with HTTP 400: {"error": "invalid recipient …"}"#
+        );
+        assert_eq!(
+            reason_group("rejected with HTTP 400: call +** *** *** *02 failed"),
+            "rejected with HTTP 400: call … failed"
         );
     }
 }
