@@ -83,15 +83,19 @@ async fn a_delivered_call_task_is_withdrawn_when_the_customer_signs() {
     assert_eq!(sends, 2, "a withdrawal is not a send: {log:#?}");
 }
 
-/// A journey that ends before its call task was delivered withdraws
-/// nothing: the step is cancelled unsent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_withdrawn_that_was_not_delivered() {
-    let later = CALLBACK.replace(
+/// CALLBACK with its call task a day after the push: not yet due when the
+/// customer signs, two hours in.
+fn call_a_day_later() -> String {
+    CALLBACK.replace(
         r#"template: "callback_call", delay: "0s""#,
         r#"template: "callback_call", delay: "1d""#,
-    );
-    let h = Harness::new(inline_rules(&[("callback", &later)]), t0()).await;
+    )
+}
+
+/// `script` as the journey `callback`: c-1 applies at t0 and signs two
+/// hours later; then the schedule runs out.
+async fn applied_then_signed(script: &str) -> Harness {
+    let h = Harness::new(inline_rules(&[("callback", script)]), t0()).await;
     h.feed(contact("c-1", t0())).await;
     h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
         .await;
@@ -104,6 +108,14 @@ async fn nothing_is_withdrawn_that_was_not_delivered() {
     ))
     .await;
     h.finish().await;
+    h
+}
+
+/// A journey that ends before its call task was delivered withdraws
+/// nothing: the step is cancelled unsent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_withdrawn_that_was_not_delivered() {
+    let h = applied_then_signed(&call_a_day_later()).await;
     assert_eq!(h.sinks.call.count(), 0);
     let log = h.log();
     assert!(
@@ -177,28 +189,11 @@ async fn a_call_task_delivered_after_the_customer_signed_is_withdrawn() {
 /// sent or withdrawn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_group_exit_stays_in_its_arm_not_among_the_losses() {
-    let held = CALLBACK
-        .replace(
-            r#"template: "callback_call", delay: "0s""#,
-            r#"template: "callback_call", delay: "1d""#,
-        )
-        .replace(
-            r#"category: "service","#,
-            r#"category: "service", holdout: 100,"#,
-        );
-    let h = Harness::new(inline_rules(&[("callback", &held)]), t0()).await;
-    h.feed(contact("c-1", t0())).await;
-    h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
-        .await;
-    h.feed(event(
-        "e2",
-        "test.signed",
-        "c-1",
-        t0() + Duration::hours(2),
-        json!({}),
-    ))
-    .await;
-    h.finish().await;
+    let held = call_a_day_later().replace(
+        r#"category: "service","#,
+        r#"category: "service", holdout: 100,"#,
+    );
+    let h = applied_then_signed(&held).await;
     assert_eq!(h.sinks.total(), 0, "a control group is never sent");
     let log = h.log();
     let call = only(&log, "c-1", "call");
