@@ -41,8 +41,11 @@ pub enum EventError {
     #[error("not valid JSON: {0}")]
     Json(String),
     /// Valid JSON whose attributes have the wrong types (`"id": 12345`).
-    #[error("not a CloudEvent: an attribute has the wrong type: {0}")]
-    AttributeType(String),
+    #[error("not a CloudEvent: an attribute has the wrong type (at line {line}, column {column})")]
+    AttributeType { line: usize, column: usize },
+    /// Valid JSON that is not an object (a string, a number, an array).
+    #[error("not a CloudEvent: the value is JSON but not an object")]
+    NotAnObject,
     /// A record without a value: a tombstone (null) or empty bytes.
     #[error("the record has no value (a tombstone or empty record), not a CloudEvent")]
     Empty,
@@ -486,11 +489,25 @@ fn decode_structured(record: &Record<'_>) -> Result<Event, EventError> {
     // through in attributes it skips (found by fuzzing), which `peek` refuses.
     let text = std::str::from_utf8(record.value)
         .map_err(|e| EventError::Json(format!("not UTF-8: {e}")))?;
-    if text.trim().is_empty() {
+    let start = text.trim_start();
+    if start.is_empty() {
         return Err(EventError::Empty);
     }
+    // Only an object is a structured event (serde would also take an array
+    // of the attributes in order).
+    if !start.starts_with('{') {
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => EventError::NotAnObject,
+            Err(e) => EventError::Json(e.to_string()),
+        });
+    }
     let wire: Wire = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => EventError::AttributeType(e.to_string()),
+        // serde's text quotes the value (it may be contact data, and it
+        // reaches the log): where it is says enough, with the record kept.
+        serde_json::error::Category::Data => EventError::AttributeType {
+            line: e.line(),
+            column: e.column(),
+        },
         _ => EventError::Json(e.to_string()),
     })?;
     match wire.specversion {
@@ -723,8 +740,20 @@ mod tests {
             br#"{"specversion":"1.0","id":12345,"type":"t","source":"s","subject":"c"}"#,
         )
         .unwrap_err();
-        assert!(matches!(typed, EventError::AttributeType(_)), "{typed}");
-        assert!(typed.to_string().contains("integer `12345`"), "{typed}");
+        assert!(matches!(typed, EventError::AttributeType { .. }), "{typed}");
+        assert!(typed.to_string().contains("column 31"), "{typed}");
+        // Not an object: refused as such (an array of the attributes in
+        // order would otherwise pass), and the value never quoted.
+        for value in [
+            &br#""jane.doe@example.com""#[..],
+            br#"["1.0","e1","customer.contact_updated","s","c-1",null,{},null]"#,
+            b"42",
+        ] {
+            let refused = Event::parse(value).unwrap_err();
+            assert_eq!(refused, EventError::NotAnObject);
+            assert!(Event::peek(value).is_none(), "peek agrees");
+            assert!(!refused.to_string().contains("jane"), "{refused}");
+        }
         assert_eq!(Event::parse(b"").unwrap_err(), EventError::Empty);
         assert_eq!(
             Event::parse(br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","time":"2026-01-01T00:00:00Z"}"#)

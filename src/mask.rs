@@ -38,17 +38,23 @@ pub fn mask_phone(phone: &str) -> String {
 /// phone number (seven or more, with `+ ()-` and spaces between) with all
 /// but their last two digits as `*`.
 pub fn mask_contacts(text: &str) -> String {
-    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=".contains(c);
+    // A link's parts too (`/users/jane@example.org/profile`, `?e=…&x=1`).
+    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=/?&#".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while !rest.is_empty() {
         let end = rest.find(separator).unwrap_or(rest.len());
         let (word, tail) = rest.split_at(end);
-        match word.split_once('@') {
-            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
-                out.extend(local.chars().take(1));
-                out.push_str("***@");
-                out.push_str(domain);
+        // `@`, or `%40` in a link's query.
+        let at = word
+            .find('@')
+            .map(|i| (i, 1))
+            .or_else(|| word.to_ascii_lowercase().find("%40").map(|i| (i, 3)));
+        match at {
+            Some((i, len)) if i > 0 && word[i + len..].contains('.') => {
+                out.extend(word[..i].chars().take(1));
+                out.push_str("***");
+                out.push_str(&word[i..]);
             }
             _ => out.push_str(word),
         }

@@ -86,8 +86,8 @@ impl Decision {
         self
     }
 
-    fn sent(step: &DueStep, done: DateTime<Utc>) -> Self {
-        let late = (done - step.due_at).num_milliseconds().max(0) as u64;
+    fn sent(step: &DueStep, went_out: DateTime<Utc>) -> Self {
+        let late = (went_out - step.due_at).num_milliseconds().max(0) as u64;
         Self {
             latency_ms: Some(late),
             ..Self::new(
@@ -1093,6 +1093,8 @@ impl Scheduler {
         context: &BatchContext,
     ) -> Decision {
         let started = Instant::now();
+        // Lateness is when it went out, not when the receiver answered.
+        let went_out = self.clock.now();
         let history = context
             .histories
             .get(&step.instance_id)
@@ -1109,7 +1111,7 @@ impl Scheduler {
         .emit();
         let done = self.clock.now();
         match result {
-            Ok(status) => Decision::sent(step, done).answered(status, took),
+            Ok(status) => Decision::sent(step, went_out).answered(status, took),
             Err(DispatchError::NotConfigured(kind)) => {
                 self.send_failed(step, DispatchError::NotConfigured(kind), done)
             }

@@ -754,3 +754,24 @@ async fn a_runaway_script_fails_only_its_own_journey() {
     assert_eq!(sent, vec![("steady_hello", "c-1"), ("steady_hello", "c-2")]);
     assert!(h.log().iter().all(|r| r.journey == "steady"));
 }
+
+/// Lateness is how long after its due time a step went out, not how long
+/// the receiver took to answer: an endpoint that answers 8 s later (on the
+/// virtual clock) adds to the response time only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_is_not_counted_as_lateness() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    h.feed(contact("c-3", t0() - Duration::hours(1))).await;
+    let clock = h.sim.clock.clone();
+    h.sinks.push.answer_with(std::sync::Arc::new(move || {
+        clock.advance(Duration::seconds(8));
+        None
+    }));
+    let (_, records) = h
+        .feed(fee_change("fee-1", "P-77", "Netflix", 15.99, 18.5))
+        .await;
+    let alert = only(&records, "c-3", "alert");
+    assert_eq!(alert.outcome, Outcome::Sent, "{alert:?}");
+    assert_eq!(alert.latency_ms, Some(0), "{alert:?}");
+    assert_eq!(alert.time, t0() + Duration::seconds(8), "{alert:?}");
+}

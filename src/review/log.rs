@@ -229,7 +229,8 @@ impl<W: Write> LogWriter<W> {
         latency: &str,
         reason: &str,
     ) -> std::io::Result<()> {
-        let [customer, journey, step, reason] = [customer, journey, step, reason].map(printable);
+        let [customer, journey, step, reason] =
+            [customer, journey, step, reason].map(super::printable);
         writeln!(
             self.out,
             "{time:<20}  {customer:<10}  {journey:<14}  {step:<13}  {channel:<9}  {outcome:<10}  {attempt:>3}  {latency:>10}  {reason}"
@@ -248,22 +249,6 @@ impl<W: Write> LogWriter<W> {
         }
         self.out.flush()?;
         Ok(self.written)
-    }
-}
-
-/// `text` for a terminal: control characters (an escape sequence or a line
-/// break an event put in a customer id) shown escaped, never acted on.
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .map(|c| match c.is_control() {
-                true => c.escape_default().to_string(),
-                false => c.to_string(),
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
     }
 }
 

@@ -55,3 +55,19 @@ pub(crate) fn rate(part: u64, whole: u64) -> Option<f64> {
 pub(crate) fn percent(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
 }
+
+/// `text` for a terminal: control characters (an escape sequence or a line
+/// break an event put in a customer id) shown escaped, never acted on.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| match c.is_control() {
+                true => c.escape_default().to_string(),
+                false => c.to_string(),
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}

@@ -587,7 +587,14 @@ pub fn to_text(record: &DecisionRecord) -> String {
     for n in &record.not_recorded {
         let _ = writeln!(out, "  - {n}");
     }
-    out
+    // Ids and keys come from events: what they hold is shown, not acted
+    // on by the terminal.
+    let mut shown = String::with_capacity(out.len());
+    for line in out.lines() {
+        shown.push_str(&super::printable(line));
+        shown.push('\n');
+    }
+    shown
 }
 
 fn looks_like_phone(s: &str) -> bool {
@@ -635,6 +642,8 @@ mod tests {
             "email": "bob@example.com",
             "note": "call +61 400 000 002 or dave@example.com",
             "resume_url": "https://bank.example/sign?app=A-52&email=erin@example.com",
+            "profile_url": "https://crm.example/users/jane.smith@example.org/profile",
+            "encoded": "https://crm.example/c?e=jane%40example.org&x=1",
             "contact": ["carol@example.org", "+61400000003"],
             "amount": "1234567",
             "date": "2026-03-02",
@@ -647,6 +656,8 @@ mod tests {
                 "email": "b***@example.com",
                 "note": "call +** *** *** *02 or d***@example.com",
                 "resume_url": "https://bank.example/sign?app=A-52&email=e***@example.com",
+                "profile_url": "https://crm.example/users/j***@example.org/profile",
+                "encoded": "https://crm.example/c?e=j***%40example.org&x=1",
                 "contact": ["c***@example.org", "+*********03"],
                 "amount": "*****67",
                 "date": "2026-03-02",

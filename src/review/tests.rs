@@ -783,7 +783,7 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
     let time = first - Duration::hours(3);
     let mut tx = w.begin().unwrap();
     tx.record_event(&crate::store::ReceivedEvent {
-        event_id: "late-1".into(),
+        event_id: "late-\u{1b}[2J1".into(),
         customer: "late-reader".into(),
         event_type: "loan_application.signed".into(),
         event_time: time,
@@ -805,6 +805,10 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
         "{}",
         event.text
     );
+    // An id holding an escape sequence is shown escaped in the text.
+    let text = super::record::to_text(&late);
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains("late-\\u{1b}[2J1"), "{text}");
 }
 
 /// The counts the store keeps, sorted, and the same counted from the rows
