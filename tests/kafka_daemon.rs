@@ -314,8 +314,7 @@ fn workload(total: usize, customers: usize) -> (Vec<(String, Vec<u8>)>, usize) {
         ));
         if c % 5 == 0 {
             loans += 1;
-            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-                json!({"application_id": format!("A{c}"), "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+            records.push(unsigned_loan(c, "Personal loan"));
         }
     }
     let mut i = 0;

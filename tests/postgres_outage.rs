@@ -53,8 +53,7 @@ fn loans(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
             &cust,
             json!({"app_installed": true}),
         ));
-        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-            json!({"application_id": format!("A{c}"), "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+        records.push(unsigned_loan(c, "Personal loan"));
     }
     records
 }

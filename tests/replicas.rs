@@ -34,8 +34,7 @@ fn workload(total: usize, customers: usize) -> (Vec<(String, Vec<u8>)>, Vec<Stri
         ));
         if c % 5 == 0 {
             doubled.push(cust.clone());
-            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-                json!({"application_id": format!("A{c}"), "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+            records.push(unsigned_loan(c, "Personal loan"));
             records.push(event(&format!("fee-{c}"), "recurring_payment.amount_changed", &cust,
                 json!({"payment_id": format!("P{c}"), "merchant": "Gym", "previous_amount": 50, "new_amount": 55})));
         }
@@ -260,8 +259,7 @@ impl OwnerHolding {
                 &cust,
                 json!({"app_installed": true}),
             ));
-            records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-                json!({"application_id": format!("A{c}"), "product": "Car loan", "amount": 1000, "signed": false, "resume_url": "u"})));
+            records.push(unsigned_loan(c as usize, "Car loan"));
         }
         produce(&cfg.topic, &records);
         let mut db = schema.client();
@@ -399,8 +397,7 @@ fn a_record_the_database_refuses_for_good_is_dead_lettered_and_the_rest_go_on() 
             &cust,
             json!({"app_installed": true}),
         ));
-        records.push(event(&format!("loan-{c}"), "loan_application.completed", &cust,
-            json!({"application_id": format!("A{c}"), "product": product, "amount": 1000, "signed": false, "resume_url": "u"})));
+        records.push(unsigned_loan(c, product));
     }
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);

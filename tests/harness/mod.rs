@@ -252,6 +252,18 @@ pub fn event(
     (customer.to_string(), serde_json::to_vec(&e).unwrap())
 }
 
+/// Customer `c{c}` completed loan application `A{c}` and has not signed:
+/// the trigger of `unsigned_loan`, as (key, bytes).
+pub fn unsigned_loan(c: usize, product: &str) -> (String, Vec<u8>) {
+    event(
+        &format!("loan-{c}"),
+        "loan_application.completed",
+        &format!("c{c}"),
+        serde_json::json!({"application_id": format!("A{c}"), "product": product,
+            "amount": 1000, "signed": false, "resume_url": "u"}),
+    )
+}
+
 // ---------------------------------------------------------------- a broker behind a proxy
 
 /// A tansu broker of its own on a free port that advertises the address of
