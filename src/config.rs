@@ -510,26 +510,11 @@ pub fn withdraw_channels(channels: &BTreeMap<ChannelKind, ChannelConfig>) -> Vec
 impl ChannelConfig {
     /// Reads the bearer token from the environment or file the config names.
     pub fn token(&self, kind: ChannelKind) -> Result<Option<String>, ConfigError> {
-        let key = format!("channels.{kind}");
-        if let Some(var) = &self.token_env {
-            return std::env::var(var)
-                .map(Some)
-                .map_err(|e| ConfigError::Secret {
-                    key: format!("{key}.token_env"),
-                    source_name: format!("environment variable {var}"),
-                    reason: e.to_string(),
-                });
-        }
-        if let Some(path) = &self.token_file {
-            return std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_string()))
-                .map_err(|e| ConfigError::Secret {
-                    key: format!("{key}.token_file"),
-                    source_name: path.display().to_string(),
-                    reason: e.to_string(),
-                });
-        }
-        Ok(None)
+        read_secret(
+            &format!("channels.{kind}.token"),
+            self.token_env.as_deref(),
+            self.token_file.as_deref(),
+        )
     }
 }
 
@@ -669,8 +654,9 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A secret from `<key>_env` or `<key>_file`. An empty secret is refused:
-/// it would let anyone in who sends an empty password.
+/// A token from `<key>_env` or `<key>_file`, trimmed. An empty token is
+/// refused: it would let anyone in who sends an empty password, or send an
+/// empty credential to a channel.
 fn read_secret(
     key: &str,
     env: Option<&str>,
@@ -698,11 +684,20 @@ fn read_secret(
         return Ok(None);
     };
     let value = value.trim().to_string();
-    if value.is_empty() {
+    let refused = if value.is_empty() {
+        Some("the token is empty")
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        // A bearer token travels in an HTTP header: a space or a non-ASCII
+        // letter would make a token no client can present.
+        Some("the token holds a character other than visible ASCII")
+    } else {
+        None
+    };
+    if let Some(reason) = refused {
         return Err(ConfigError::Secret {
             key,
             source_name,
-            reason: "the token is empty".into(),
+            reason: reason.into(),
         });
     }
     Ok(Some(value))
@@ -1096,6 +1091,37 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    /// A channel's token is read like the admin's: trimmed, and refused when
+    /// empty or when it could not travel in a header, naming the key.
+    #[test]
+    fn a_channel_token_that_is_empty_or_not_visible_ascii_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = |text: &str| {
+            let path = dir.path().join("token");
+            std::fs::write(&path, text).unwrap();
+            let config = load(
+                &format!(
+                    "[channels.email]\nurl = \"http://127.0.0.1:1/e\"\ntoken_file = {:?}\n",
+                    path
+                ),
+                &[],
+            )
+            .unwrap();
+            config.channels[&ChannelKind::Email]
+                .token(ChannelKind::Email)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(token("s3cret\n"), Ok(Some("s3cret".into())));
+        let empty = token("\n").unwrap_err();
+        assert!(
+            empty.contains("channels.email.token_file") && empty.contains("the token is empty"),
+            "{empty}"
+        );
+        let accented = token("pässwörd").unwrap_err();
+        assert!(accented.contains("other than visible ASCII"), "{accented}");
+        assert!(!accented.contains("pässwörd"), "{accented}");
     }
 
     /// The catch-up bound outlasts the consumer's session by default, so a

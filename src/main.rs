@@ -224,7 +224,7 @@ enum ControlCommand {
         /// Changes before: RFC 3339, a date (UTC) or a duration ago.
         #[arg(long)]
         until: Option<String>,
-        /// At most the newest this many.
+        /// At most the newest this many (0: all), as `nudge log`.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
@@ -646,6 +646,8 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             holdout_percent,
             api,
         } => {
+            let path =
+                nudge::control::client::journey_path(&name).map_err(|e| anyhow::anyhow!(e))?;
             let endpoint = control_endpoint(api)?;
             let mut patch = Map::new();
             if disable || enable {
@@ -660,7 +662,6 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             if let Some(p) = holdout_percent {
                 patch.insert("holdout_percent".into(), json!(p));
             }
-            let path = format!("/admin/journeys/{name}");
             if patch.is_empty() {
                 let s = runtime.block_on(endpoint.get(&path))?;
                 let field =
@@ -723,6 +724,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             };
             let (since, until) = (time("since", since)?, time("until", until)?);
             let store = open_review(config)?;
+            let limit = if limit == 0 { usize::MAX } else { limit };
             let entries = store.control_changes(since, until, limit)?;
             match format {
                 TableFormat::Table => out!("{}", log_table(&entries)),

@@ -236,6 +236,8 @@ const FINISH_BATCH: usize = 128;
 const FINISH_LINGER: Duration = Duration::from_millis(5);
 /// Upper bound on a sleep, so that a look for due steps is never far off.
 const MAX_IDLE: chrono::Duration = chrono::Duration::seconds(30);
+/// How often a channel looks for due steps while sends are under way.
+const LOOK_WHILE_SENDING: chrono::Duration = chrono::Duration::seconds(1);
 
 impl Scheduler {
     pub fn new(
@@ -406,7 +408,13 @@ impl Scheduler {
                     .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
-                    break;
+                    match stop {
+                        Some(stop) if self.sends_under_way(in_flight) => {
+                            self.await_more_due(channel, stop).await;
+                            continue;
+                        }
+                        _ => break,
+                    }
                 }
                 if !in_flight
                     .lock()
@@ -468,6 +476,36 @@ impl Scheduler {
         sent?;
         claimed?;
         Ok(records)
+    }
+
+    /// Whether steps this loop claimed are still being decided or sent.
+    fn sends_under_way(&self, in_flight: &Mutex<InFlight>) -> bool {
+        !in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .held
+            .is_empty()
+    }
+
+    /// While a round's slowest sends are still under way (a receiver that
+    /// hangs until the channel timeout), the claimer keeps looking for steps
+    /// falling due, so that one slow receiver never holds up the rest of the
+    /// channel: at the next due step, a wake-up from the pipeline, or within
+    /// `LOOK_WHILE_SENDING`.
+    async fn await_more_due(&self, channel: ChannelKind, stop: &watch::Receiver<bool>) {
+        let now = self.clock.now();
+        let next = self
+            .next_wake(channel, now)
+            .await
+            .min(now + LOOK_WHILE_SENDING);
+        let mut stop = stop.clone();
+        let mut controls = self.policy.controls().subscribe();
+        tokio::select! {
+            _ = self.clock.sleep_until(next) => {}
+            _ = self.wake[&channel].notified() => {}
+            _ = controls.changed() => {}
+            _ = stop.changed() => {}
+        }
     }
 
     /// Renews the leases of the claimed steps still being decided or sent,
@@ -1724,6 +1762,106 @@ mod tests {
         assert_eq!(gate.sent.lock().unwrap().len(), 1);
         stop_tx.send(true).unwrap();
         daemon.await.unwrap();
+    }
+
+    /// Holds the sends to one customer until released; lets the rest through.
+    struct HoldOne {
+        held: &'static str,
+        release: tokio::sync::Semaphore,
+        holding: AtomicUsize,
+        sent: Mutex<Vec<String>>,
+    }
+
+    impl Channel for HoldOne {
+        fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
+            Box::pin(async move {
+                if message.customer == self.held {
+                    self.holding.fetch_add(1, Ordering::SeqCst);
+                    self.release.acquire().await.unwrap().forget();
+                }
+                self.sent.lock().unwrap().push(message.customer.clone());
+                Ok(())
+            })
+        }
+    }
+
+    /// The daemon loop on a virtual clock: a receiver hangs on c1's push;
+    /// c2's push, falling due a minute later while it hangs, goes at once
+    /// rather than when c1's ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_send_does_not_hold_up_steps_falling_due_meanwhile() {
+        let t0 = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        for (customer, id, due) in [
+            ("c1", "a", t0),
+            ("c2", "b", t0 + chrono::Duration::minutes(1)),
+        ] {
+            let mut tx = store.begin().unwrap();
+            let mut c = CustomerContext::new(customer);
+            c.app_installed = true;
+            tx.save_customer(&c, t0).unwrap();
+            let instance = NewInstance {
+                customer: customer.into(),
+                ..instance(id, t0)
+            };
+            tx.start_instance(&instance, &[step(ChannelKind::Push, due)])
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let channel = Arc::new(HoldOne {
+            held: "c1",
+            release: tokio::sync::Semaphore::new(0),
+            holding: AtomicUsize::new(0),
+            sent: Mutex::default(),
+        });
+        let clock = crate::clock::VirtualClock::new(t0);
+        let no_quiet_hours = PolicyConfig {
+            quiet_hours: crate::config::QuietHours {
+                channels: Default::default(),
+                legacy: None,
+            },
+            ..PolicyConfig::default()
+        };
+        let scheduler = Arc::new(Scheduler::new(
+            store.clone(),
+            RulesHandle::new(
+                crate::rules::load_dir(
+                    &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+                    &crate::rules::Limits::default(),
+                )
+                .unwrap(),
+            ),
+            Channels::all(channel.clone()),
+            Arc::new(clock.clone()),
+            Policy::new(no_quiet_hours),
+            SchedulerConfig::default(),
+            HashMap::new(),
+        ));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::yield_now();
+            }
+        };
+        wait("c1's push starts", &|| {
+            channel.holding.load(Ordering::SeqCst) == 1
+        });
+        clock.advance_to(t0 + chrono::Duration::minutes(1));
+        wait("c2's push goes while c1's hangs", &|| {
+            channel.sent.lock().unwrap().contains(&"c2".to_string())
+        });
+        assert!(!channel.sent.lock().unwrap().contains(&"c1".to_string()));
+        channel.release.add_permits(1);
+        wait("c1's push ends", &|| {
+            channel.sent.lock().unwrap().len() == 2
+        });
+        stop_tx.send(true).unwrap();
+        daemon.await.unwrap();
+        assert_eq!(*channel.sent.lock().unwrap(), ["c2", "c1"]);
     }
 
     /// Fatigue through the dispatch path: two earlier sends of journey `f`

@@ -307,6 +307,35 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("no nudge daemon answers"), "{err}");
+    // A name that would change the path the request goes to is refused
+    // before anything is sent (the channel below stays as it is).
+    let (code, _, err) = nudge(&[
+        "control",
+        "journey",
+        "../channels/push",
+        "--disable",
+        "--config",
+        &b,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is not a journey name"), "{err}");
+    // A wrong base path is told apart from a daemon whose API is off.
+    let admin_url = format!("http://{admin}/admin");
+    let (code, _, err) = nudge(&[
+        "control",
+        "journey",
+        "fee_increase",
+        "--disable",
+        "--config",
+        &b,
+        "--url",
+        &admin_url,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is --url the daemon's admin address") && !err.contains("API is off"),
+        "{err}"
+    );
 
     // The control log lists every change: who, what, before, after.
     let entries: Vec<Value> =
@@ -356,6 +385,11 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
         table.contains("journey fee_increase\tshadow: false → true"),
         "{table}"
     );
+    // `--limit 0` is every change, as for `nudge log`.
+    let all = ok(&["control", "log", "--config", &b, "--limit", "0"]);
+    assert_eq!(all.lines().count(), 1 + entries.len(), "{all}");
+    let newest = ok(&["control", "log", "--config", &b, "--limit", "1"]);
+    assert_eq!(newest.lines().count(), 2, "{newest}");
     daemon.terminate();
     std::mem::forget(recv);
     std::mem::forget(rt);

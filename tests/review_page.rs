@@ -162,6 +162,18 @@ fn a_reviewer_reads_the_page_in_chromium() {
         assert!(!c.source().await.unwrap().contains("data-seq"));
         // And a wrong token is refused the same way.
         assert_eq!(http_get(&admin, "/").unwrap().0, 401);
+        // No admin token is configured: `nudge control` says the API is off.
+        let (code, _, err) = harness::nudge(&[
+            "control",
+            "journey",
+            "fee_increase",
+            "--url",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("the control API is off (404)"), "{err}");
 
         // With the reviewer token as the basic-auth password (any user name).
         let authed = format!("http://reviewer:{TOKEN}@{admin}/");

@@ -41,6 +41,8 @@ pub enum ClientError {
     Off,
     #[error("{0} (404)")]
     NotFound(String),
+    #[error("nothing answers at {base}{path} (404), and {base}/healthz is not nudge's: is --url the daemon's admin address, without a path?")]
+    NotNudge { base: String, path: String },
     #[error("refused (400): {0}")]
     BadRequest(String),
     #[error("the daemon answered {status}: {body}")]
@@ -114,7 +116,16 @@ impl Endpoint {
             }),
             401 => Err(ClientError::Unauthorized),
             403 => Err(ClientError::Forbidden),
-            404 => Err(error().map_or(ClientError::Off, ClientError::NotFound)),
+            404 => match error() {
+                Some(message) => Err(ClientError::NotFound(message)),
+                // The daemon answers a bare 404 when its control API is off;
+                // so does any server at a wrong address.
+                None if self.is_nudge(&client).await => Err(ClientError::Off),
+                None => Err(ClientError::NotNudge {
+                    base: self.base.clone(),
+                    path: path.to_string(),
+                }),
+            },
             400 => Err(ClientError::BadRequest(
                 error().unwrap_or_else(|| text.trim().to_string()),
             )),
@@ -123,6 +134,34 @@ impl Endpoint {
                 body: text.trim().to_string(),
             }),
         }
+    }
+}
+
+impl Endpoint {
+    /// Whether a nudge admin server answers at the base: its liveness probe.
+    async fn is_nudge(&self, client: &reqwest::Client) -> bool {
+        let probe = client.get(format!("{}/healthz", self.base)).send().await;
+        match probe {
+            Ok(r) if r.status().is_success() => r.text().await.is_ok_and(|t| t.trim() == "ok"),
+            _ => false,
+        }
+    }
+}
+
+/// A journey name as the API takes it in a path: snake_case, as the rules
+/// require, so that nothing in it can change the path it is put in.
+pub fn journey_path(name: &str) -> Result<String, String> {
+    let snake = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if snake {
+        Ok(format!("/admin/journeys/{name}"))
+    } else {
+        Err(format!(
+            "`{}` is not a journey name: journey names are snake_case (nudge check lists them)",
+            name.escape_debug()
+        ))
     }
 }
 

@@ -28,8 +28,12 @@ impl HttpChannel {
     ) -> Result<Self, DispatchError> {
         let url = reqwest::Url::parse(url)
             .map_err(|e| DispatchError::Transport(format!("bad url {url}: {e}")))?;
+        // A redirect is not followed: a 303 would turn the POST into a GET
+        // without the message, and a 307 would hand the message and its
+        // token to whatever the Location names. The 3xx is a final failure.
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64);
         if let Some(pem) = extra_ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
@@ -99,11 +103,11 @@ impl HttpChannel {
             if let Some(token) = &self.token {
                 request = request.bearer_auth(token);
             }
-            let response = request.send().await.map_err(|e| {
+            let mut response = request.send().await.map_err(|e| {
                 if e.is_timeout() {
                     DispatchError::Timeout
                 } else {
-                    DispatchError::Transport(e.to_string())
+                    DispatchError::Transport(with_causes(&e))
                 }
             })?;
             let status = response.status();
@@ -118,13 +122,50 @@ impl HttpChannel {
                     retry_after: retry_after(response.headers()),
                 });
             }
-            let body = response.text().await.unwrap_or_default();
+            if status.is_redirection() {
+                return Err(DispatchError::Rejected {
+                    status: code,
+                    body:
+                        "a redirect, not followed: the endpoint's url should name where it answers"
+                            .into(),
+                });
+            }
+            // Only the start of the body is read: the excerpt keeps 200 bytes,
+            // and a receiver's error page may be any size.
+            let mut head = Vec::new();
+            while head.len() < REFUSAL_READ {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            head.truncate(REFUSAL_READ);
             Err(DispatchError::Rejected {
                 status: code,
-                body: excerpt(&body),
+                body: excerpt(&String::from_utf8_lossy(&head)),
             })
         }
     }
+}
+
+/// How much of a refusal's body is read for its excerpt.
+const REFUSAL_READ: usize = 2048;
+
+/// The error with what caused it (a refused certificate, a closed
+/// connection, a name that does not resolve): reqwest's own message names
+/// only the request.
+fn with_causes(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// `Retry-After` as a wait: delay-seconds, or an HTTP-date. A date is
@@ -436,6 +477,64 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(ch.send(&sample_message()).await.unwrap_err().retryable());
+        let err = ch.send(&sample_message()).await.unwrap_err();
+        assert!(err.retryable());
+        // The cause is named, not only the request.
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+
+    /// A redirect is a final failure: neither a 303 (the message would be
+    /// lost to a GET) nor a 307 (the message and its token would go where
+    /// the Location says) is followed.
+    #[tokio::test]
+    async fn a_redirect_is_refused_not_followed() {
+        let (elsewhere, got_elsewhere) = endpoint(StatusCode::OK).await;
+        for status in [
+            StatusCode::FOUND,
+            StatusCode::SEE_OTHER,
+            StatusCode::TEMPORARY_REDIRECT,
+        ] {
+            let (url, got) = endpoint_with(status, &[("location", &elsewhere)]).await;
+            let ch = HttpChannel::new(&url, Duration::from_secs(5), Some("t0ken".into())).unwrap();
+            let err = ch.send(&sample_message()).await.unwrap_err();
+            assert!(!err.retryable(), "{status}: {err}");
+            assert!(
+                err.to_string().contains(&status.as_u16().to_string()),
+                "{err}"
+            );
+            assert!(err.to_string().contains("redirect, not followed"), "{err}");
+            assert_eq!(got.lock().unwrap().len(), 1);
+        }
+        assert!(got_elsewhere.lock().unwrap().is_empty());
+    }
+
+    /// A refusal's body is read only as far as its excerpt needs: an error
+    /// page of any size, even one that never ends, costs a few kilobytes.
+    #[tokio::test]
+    async fn only_the_start_of_a_refusals_body_is_read() {
+        let app = axum::Router::new().fallback(|| async {
+            use futures::StreamExt;
+            let head = futures::stream::iter([Ok::<_, std::io::Error>(
+                axum::body::Bytes::from_static(b"{\"error\": \"bad template\"}"),
+            )]);
+            let endless =
+                futures::stream::repeat_with(|| Ok(axum::body::Bytes::from(vec![b' '; 64 << 10])));
+            (
+                StatusCode::BAD_REQUEST,
+                axum::body::Body::from_stream(head.chain(endless)),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/push", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let ch = HttpChannel::new(&url, Duration::from_secs(5), None).unwrap();
+        let err = ch.send(&sample_message()).await.unwrap_err();
+        assert_eq!(
+            err,
+            DispatchError::Rejected {
+                status: 400,
+                body: format!("{{\"error\": \"bad template\"}}{}", " ".repeat(200 - 25)),
+            }
+        );
     }
 }

@@ -62,6 +62,10 @@ impl std::fmt::Display for ChannelRefusal {
     }
 }
 
+/// How long after its due time a retry's claim may take and still be
+/// measured at its due time against the lateness bound.
+const RETRY_CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Policy {
     config: PolicyConfig,
     default_tz: Tz,
@@ -142,7 +146,15 @@ impl Policy {
                 reference = open;
             }
         }
-        let late_by = now - reference;
+        // A retry the scheduler placed at the bound is the step's last try;
+        // the moment its claim takes does not expire it. Claimed much later
+        // (the daemon was down), it is as late as it is.
+        let measured_at = if step.attempt > 1 && now - step.due_at <= span(RETRY_CLAIM_GRACE) {
+            now.min(step.due_at)
+        } else {
+            now
+        };
+        let late_by = measured_at - reference;
         if late_by > span(lateness) {
             return Verdict::Expire(format!(
                 "due {} ago, past the {} lateness bound of {}",
@@ -465,6 +477,36 @@ mod tests {
             now - Duration::hours(2),
         );
         assert!(matches!(p.check(&old, &c, HOUR, now), Verdict::Expire(_)));
+    }
+
+    /// The last try placed at the bound goes though its claim comes a
+    /// moment after; a first try, or a retry claimed long after its time,
+    /// is past the bound.
+    #[test]
+    fn a_retry_at_the_bound_is_tried_though_claimed_a_moment_late() {
+        let p = Policy::new(PolicyConfig::default());
+        let planned = at("2026-01-10T01:00:00Z"); // 12:00 in Sydney
+        let bound = planned + Duration::hours(1);
+        let last_try = DueStep {
+            due_at: bound,
+            attempt: 4,
+            ..step(ChannelKind::Push, Category::Service, planned)
+        };
+        let moment = bound + Duration::milliseconds(40);
+        assert_eq!(
+            p.check(&last_try, &reachable(), HOUR, moment),
+            Verdict::Send
+        );
+        let much_later = bound + Duration::minutes(5);
+        assert!(matches!(
+            p.check(&last_try, &reachable(), HOUR, much_later),
+            Verdict::Expire(_)
+        ));
+        let first_try = step(ChannelKind::Push, Category::Service, planned);
+        assert!(matches!(
+            p.check(&first_try, &reachable(), HOUR, moment),
+            Verdict::Expire(_)
+        ));
     }
 
     #[test]
