@@ -25,10 +25,10 @@ use crate::scheduler::Scheduler;
 use crate::store::Store;
 use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
-    AdminServerFailed, DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded,
-    JourneyStarted, ReleasedStepsUnheard, RetentionPurgeFailed, RetentionPurgePanicked,
-    ReviewFoldFailed, RuleEvaluated, RuleTimedOut, RulesReloadRefused, RulesReloaded,
-    RulesVersionNotRecorded, TaskStopped,
+    DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded, JourneyStarted,
+    ReleasedStepsUnheard, RetentionPurgeFailed, RetentionPurgePanicked, ReviewFoldFailed,
+    RuleEvaluated, RuleTimedOut, RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded,
+    TaskStopped,
 };
 
 pub fn init_logging(format: &str, level: &str) {
@@ -215,10 +215,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let page = crate::admin::page::PageState {
-        review: open_review(&config, &tokens).await?,
-        retention: config.store.retention,
-    };
+    let page = crate::admin::page::PageState::new(
+        open_review(&config, &tokens).await?,
+        config.store.retention,
+    );
     let admin = crate::admin::router(crate::admin::AdminState {
         metrics,
         readiness: ingest.readiness(),
@@ -235,18 +235,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("admin.listen: binding {}", config.admin.listen))?;
     tracing::info!(address = %config.admin.listen, "admin server listening");
-    let mut admin_stop = stop_rx.clone();
     let mut tasks = Tasks::default();
-    tasks.spawn("admin server", async move {
-        let served = axum::serve(listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = served {
-            AdminServerFailed { error: &e }.emit();
-        }
-    });
+    tasks.spawn(
+        "admin server",
+        crate::admin::serve::serve(listener, admin, stop_rx.clone()),
+    );
 
     if config.kafka.catch_up_shorter_than_session() {
         crate::telemetry::events::CatchUpShorterThanSession {

@@ -6,6 +6,7 @@
 pub mod auth;
 mod control;
 pub mod page;
+pub mod serve;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -621,14 +621,15 @@ impl RetentionPurgePanicked<'_> {
 }
 
 /// Logged only: the admin server is what serves `/metrics`, so a counter of
-/// its own failure could never be scraped.
+/// its own failure could never be scraped. Accepting a connection failed
+/// (out of file descriptors, say); the server goes on after a pause.
 pub struct AdminServerFailed<'a> {
     pub error: &'a dyn Display,
 }
 
 impl AdminServerFailed<'_> {
     pub fn emit(self) {
-        tracing::error!(target: DAEMON, error = %self.error, "admin server failed");
+        tracing::error!(target: DAEMON, error = %self.error, "admin server could not accept a connection");
     }
 }
 

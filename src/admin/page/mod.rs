@@ -50,6 +50,8 @@ pub const MAX_LIMIT: usize = 1_000;
 const CSV_CHUNK: usize = 64 * 1024;
 /// Chunks in flight between the store reader and the response.
 const CSV_CHUNKS_IN_FLIGHT: usize = 4;
+/// CSV downloads served at once; one more is answered 503.
+pub const CSV_DOWNLOADS: usize = 4;
 
 /// What the page reads: the store (`None` when the page is off) and the
 /// retention it reports.
@@ -57,6 +59,19 @@ const CSV_CHUNKS_IN_FLIGHT: usize = 4;
 pub struct PageState {
     pub review: Option<Arc<dyn ReviewRead>>,
     pub retention: Duration,
+    /// CSV downloads under way: each holds a blocking thread and a store
+    /// reader for as long as its client takes to read it.
+    downloads: Arc<tokio::sync::Semaphore>,
+}
+
+impl PageState {
+    pub fn new(review: Option<Arc<dyn ReviewRead>>, retention: Duration) -> Self {
+        Self {
+            review,
+            retention,
+            downloads: Arc::new(tokio::sync::Semaphore::new(CSV_DOWNLOADS)),
+        }
+    }
 }
 
 /// The page's routes, for a router whose state holds a [`PageState`]; the
@@ -301,6 +316,8 @@ async fn css() -> impl IntoResponse {
 struct ChunkSender {
     buffer: Vec<u8>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// Released before the body ends (`tx` closes with the other sender).
+    _download: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ChunkSender {
@@ -340,6 +357,17 @@ async fn log_csv(State(state): State<PageState>, Query(query): Query<LogQuery>) 
         Ok(f) => f,
         Err(e) => return bad_request(e),
     };
+    let Ok(download) = state.downloads.clone().try_acquire_owned() else {
+        let message = format!(
+            "{CSV_DOWNLOADS} CSV downloads are under way, the most served at once: try again in a minute"
+        );
+        let mut response =
+            html_response(StatusCode::SERVICE_UNAVAILABLE, html::error_page(&message));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+        return response;
+    };
     let (tx, mut rx) = mpsc::channel(CSV_CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         let errors = tx.clone();
@@ -347,6 +375,7 @@ async fn log_csv(State(state): State<PageState>, Query(query): Query<LogQuery>) 
             ChunkSender {
                 buffer: Vec::with_capacity(CSV_CHUNK),
                 tx,
+                _download: download,
             },
             LogFormat::Csv,
         );

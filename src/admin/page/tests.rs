@@ -117,10 +117,10 @@ fn reader(path: &std::path::Path) -> Arc<SqliteStore> {
 
 /// Serves the admin server's reviewer routes on 127.0.0.1; returns the base URL.
 async fn serve(tokens: Tokens, review: Arc<dyn ReviewRead>) -> String {
-    let app = crate::admin::reviewer_routes(Arc::new(tokens)).with_state(PageState {
-        review: Some(review),
-        retention: Duration::from_secs(180 * 24 * 3600),
-    });
+    let app = crate::admin::reviewer_routes(Arc::new(tokens)).with_state(PageState::new(
+        Some(review),
+        Duration::from_secs(180 * 24 * 3600),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -371,6 +371,8 @@ struct Gated {
     calls: AtomicUsize,
     largest_read: AtomicUsize,
     gate: usize,
+    /// Every read from the gate on waits (until `release` is dropped).
+    hold_all: bool,
     release: Mutex<std::sync::mpsc::Receiver<()>>,
     reached: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -404,11 +406,12 @@ impl ReviewRead for Gated {
         limit: usize,
     ) -> Result<Vec<LogRecord>, StoreError> {
         self.largest_read.fetch_max(limit, Ordering::SeqCst);
-        if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.gate {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if call == self.gate || (self.hold_all && call > self.gate) {
             if let Some(tx) = self.reached.lock().unwrap().take() {
                 let _ = tx.send(());
             }
-            self.release.lock().unwrap().recv().unwrap();
+            let _ = self.release.lock().unwrap().recv();
         }
         self.inner.log_page(filter, after, limit)
     }
@@ -462,6 +465,7 @@ async fn the_csv_streams_a_page_at_a_time() {
         calls: AtomicUsize::new(0),
         largest_read: AtomicUsize::new(0),
         gate: 8,
+        hold_all: false,
         release: Mutex::new(gate_rx),
         reached: Mutex::new(Some(reached_tx)),
     });
@@ -491,6 +495,55 @@ async fn the_csv_streams_a_page_at_a_time() {
     );
     assert_eq!(gated.largest_read.load(Ordering::SeqCst), STREAM_PAGE);
     assert!(gated.calls.load(Ordering::SeqCst) > records / STREAM_PAGE);
+}
+
+/// Each CSV download holds a blocking thread and a store reader while its
+/// client reads: past `CSV_DOWNLOADS` at once, one more is answered 503
+/// (with `Retry-After`) until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_downloads_past_the_limit_wait_their_turn() {
+    let (_dir, path) = seeded(10);
+    let (release, gate_rx) = std::sync::mpsc::channel::<()>();
+    let (reached_tx, _reached) = tokio::sync::oneshot::channel();
+    let gated = Arc::new(Gated {
+        inner: reader(&path),
+        calls: AtomicUsize::new(0),
+        largest_read: AtomicUsize::new(0),
+        gate: 1,
+        hold_all: true,
+        release: Mutex::new(gate_rx),
+        reached: Mutex::new(Some(reached_tx)),
+    });
+    let base = serve(Tokens::new(None, Some(REVIEWER.into())), gated.clone()).await;
+    let csv = || {
+        client()
+            .get(format!("{base}/log.csv"))
+            .header("authorization", format!("Bearer {REVIEWER}"))
+            .send()
+    };
+    let mut held = Vec::new();
+    for _ in 0..super::CSV_DOWNLOADS {
+        let response = csv().await.unwrap();
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    let refused = csv().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "30");
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("CSV downloads are under way"));
+    // The reads go on; the downloads end, and their places are free again.
+    drop(release);
+    for response in held {
+        let body = response.text().await.unwrap();
+        assert!(body.starts_with("seq,time,customer"), "{body}");
+    }
+    let again = csv().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.text().await.unwrap().starts_with("seq,time,customer"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
