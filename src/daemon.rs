@@ -19,6 +19,7 @@ use crate::dispatch::{Channels, HttpChannel};
 use crate::ingest::dlq::DeadLetterPublisher;
 use crate::ingest::KafkaIngest;
 use crate::journey::{record_rules_version, Pipeline};
+use crate::model::ChannelKind;
 use crate::policy::Policy;
 use crate::rules::{self, Limits, RulesHandle};
 use crate::scheduler::Scheduler;
@@ -60,22 +61,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.rules.dir.display()
         )
     })?;
-    let mut missing = Vec::new();
-    for j in rule_set.journeys() {
-        for s in &j.steps {
-            if !config.channels.contains_key(&s.channel) && !missing.contains(&s.channel) {
-                missing.push(s.channel);
-            }
-        }
-    }
-    if !missing.is_empty() {
-        let keys: Vec<String> = missing
-            .iter()
-            .map(|c| format!("channels.{c}.url"))
-            .collect();
+    let served: Vec<ChannelKind> = config.channels.keys().copied().collect();
+    let unserved = rules::unserved_channels(&rule_set, &served);
+    if !unserved.is_empty() {
+        let problems: Vec<String> = unserved.iter().map(|p| p.to_string()).collect();
         bail!(
-            "config: journeys send on channels with no endpoint: set {}",
-            keys.join(", ")
+            "config: journeys send on channels with no endpoint; not starting:\n{}",
+            problems.join("\n")
         );
     }
 
@@ -277,6 +269,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     spawn_reloader(
         config.rules.dir.clone(),
         limits,
+        served,
         rules.clone(),
         store.clone(),
         clock.clone(),
@@ -496,6 +489,7 @@ async fn refresh_propensity(
 fn spawn_reloader(
     dir: std::path::PathBuf,
     limits: Limits,
+    served: Vec<ChannelKind>,
     rules: RulesHandle,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -534,11 +528,16 @@ fn spawn_reloader(
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
             // Compiling and recording a version block: off the async workers.
-            let (dir, limits, rules, store) =
-                (dir.clone(), limits.clone(), rules.clone(), store.clone());
+            let (dir, limits, served, rules, store) = (
+                dir.clone(),
+                limits.clone(),
+                served.clone(),
+                rules.clone(),
+                store.clone(),
+            );
             let now = clock.now();
             let _ = tokio::task::spawn_blocking(move || {
-                reload(&dir, &limits, &rules, store.as_ref(), now, why)
+                reload(&dir, &limits, &served, &rules, store.as_ref(), now, why)
             })
             .await;
         }
@@ -546,16 +545,26 @@ fn spawn_reloader(
     Ok(())
 }
 
-/// Compiles the whole directory; swaps it in only if all of it compiled.
+/// Compiles the whole directory; swaps it in only if all of it compiled and
+/// every channel it sends on has an endpoint (`served`), as at start: rules
+/// a restart would refuse never go live.
 pub fn reload(
     dir: &Path,
     limits: &Limits,
+    served: &[ChannelKind],
     rules: &RulesHandle,
     store: &dyn Store,
     now: chrono::DateTime<chrono::Utc>,
     why: &str,
 ) -> bool {
-    match rules::load_dir(dir, limits) {
+    let loaded = rules::load_dir(dir, limits).and_then(|set| {
+        let problems = rules::unserved_channels(&set, served);
+        match problems.is_empty() {
+            true => Ok(set),
+            false => Err(rules::LoadError { problems }),
+        }
+    });
+    match loaded {
         Ok(set) => {
             if set.version == rules.current().version {
                 tracing::info!(trigger = why, version = %set.version, "rules unchanged");

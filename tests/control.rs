@@ -320,7 +320,7 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not a journey name"), "{err}");
     // A wrong base path is told apart from a daemon whose API is off.
-    let admin_url = format!("http://{admin}/admin");
+    let admin_url = format!("http://{}/admin", daemon.admin);
     let (code, _, err) = nudge(&[
         "control",
         "journey",

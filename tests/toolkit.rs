@@ -9,6 +9,7 @@ use nudge::clock::{Clock, VirtualClock};
 use nudge::config::PolicyConfig;
 use nudge::event::Event;
 use nudge::journey::Pipeline;
+use nudge::model::ChannelKind;
 use nudge::rules::{load_dir, Limits, RulesHandle};
 use nudge::store::{SqliteStore, Store};
 
@@ -290,6 +291,7 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
     assert!(!nudge::daemon::reload(
         &rules_dir,
         &limits,
+        &ChannelKind::ALL,
         &handle,
         store.as_ref(),
         clock.now(),
@@ -304,6 +306,7 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
     assert!(nudge::daemon::reload(
         &rules_dir,
         &limits,
+        &ChannelKind::ALL,
         &handle,
         store.as_ref(),
         clock.now(),
@@ -317,6 +320,43 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
         .clone();
     assert_ne!(new_hash, old_hash);
     pipeline.process(&[fee_event("e2", "c2")], &[]).unwrap();
+
+    // Rules that send on a channel this daemon has no endpoint for are
+    // refused, as a restart would refuse them: the set in force stays.
+    let swapped = handle.current().version.clone();
+    assert!(!nudge::daemon::reload(
+        &rules_dir,
+        &limits,
+        &[ChannelKind::Push, ChannelKind::Email],
+        &handle,
+        store.as_ref(),
+        clock.now(),
+        "test"
+    ));
+    assert_eq!(handle.current().version, swapped);
+    let set = load_dir(&rules_dir, &limits).unwrap();
+    let problems = nudge::rules::unserved_channels(&set, &[ChannelKind::Push, ChannelKind::Email]);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let unsigned = std::fs::read_to_string(rules_dir.join("unsigned_loan.rhai")).unwrap();
+    let line = unsigned
+        .lines()
+        .position(|l| l.contains("\"call_task\""))
+        .unwrap()
+        + 1;
+    assert_eq!(
+        (
+            problems[0].file.ends_with("unsigned_loan.rhai"),
+            problems[0].line
+        ),
+        (true, line),
+        "{problems:?}"
+    );
+    assert!(
+        problems[0]
+            .message
+            .contains("sends on call_task, which has no endpoint"),
+        "{problems:?}"
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

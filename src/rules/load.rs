@@ -788,6 +788,40 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
     text.find(key)
 }
 
+/// Steps (or their fallbacks) on channels the daemon has no endpoint for,
+/// one problem per journey and channel, placed where the script names the
+/// channel: the daemon refuses such rules at start and on reload alike.
+pub fn unserved_channels(set: &RuleSet, served: &[ChannelKind]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for journey in set.journeys() {
+        let mut missing: Vec<ChannelKind> = Vec::new();
+        for step in &journey.steps {
+            for channel in std::iter::once(step.channel).chain(step.fallback.iter().copied()) {
+                if !served.contains(&channel) && !missing.contains(&channel) {
+                    missing.push(channel);
+                }
+            }
+        }
+        let text = std::fs::read_to_string(&journey.file).unwrap_or_default();
+        for channel in missing {
+            let (line, column) = find(&text, &format!("\"{channel}\""));
+            problems.push(Problem {
+                file: journey.file.display().to_string(),
+                line,
+                column,
+                message: format!(
+                    "journey `{}` sends on {channel}, which has no endpoint in the daemon's config",
+                    journey.name
+                ),
+                hint: Some(format!(
+                    "set channels.{channel}.url in the config and restart, or send on a configured channel"
+                )),
+            });
+        }
+    }
+    problems
+}
+
 /// 1-based line and column of the first occurrence of `needle` (1:1 if absent).
 fn find(text: &str, needle: &str) -> (usize, usize) {
     match text.find(needle) {

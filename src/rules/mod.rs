@@ -29,7 +29,9 @@ use crate::model::{Category, ChannelKind, Decision, ExitOutcome};
 use crate::propensity::Propensities;
 
 pub use api::{build_engine, host_api_reference, Limits};
-pub use load::{load_dir, load_dirs, load_sources, parse_delay, LoadError, Problem};
+pub use load::{
+    load_dir, load_dirs, load_sources, parse_delay, unserved_channels, LoadError, Problem,
+};
 
 /// One planned message of a journey, as declared in the script.
 #[derive(Debug, Clone, PartialEq, Serialize)]
