@@ -2,7 +2,8 @@
 """A stand-in channel gateway for trying nudge locally (standard library only).
 
 Accepts the JSON POST nudge sends for each step on any path (/push, /email,
-/call-task in deploy/nudge.local.toml), prints one line per message, and answers
+/call-task in deploy/nudge.local.toml), and each withdrawal (`WITHDRAW` and the
+step's key), prints one line per message, and answers
 with --status (default 200; try 503 to watch retries, 400 for a final failure).
 Not for production: it delivers nothing.
 
@@ -25,17 +26,25 @@ def main() -> None:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            key = self.headers.get("Idempotency-Key")
+            auth = "yes" if self.headers.get("Authorization") else "no"
             try:
                 m = json.loads(body)
+            except ValueError:
+                m = None
+            if not isinstance(m, dict):
+                line = f"{self.path} (not a JSON object: {body[:80]!r})"
+            elif m.get("action") == "withdraw":
+                line = (
+                    f"{self.path} WITHDRAW {m.get('idempotency_key')} "
+                    f"reason={m.get('reason')} key={key} auth={auth}"
+                )
+            else:
                 line = (
                     f"{self.path} {m.get('customer')} {m.get('journey')}/{m.get('step')} "
                     f"template={m.get('template')} attempt={m.get('attempt')} "
-                    f"history={len(m.get('history', []))} "
-                    f"key={self.headers.get('Idempotency-Key')} "
-                    f"auth={'yes' if self.headers.get('Authorization') else 'no'}"
+                    f"history={len(m.get('history', []))} key={key} auth={auth}"
                 )
-            except ValueError:
-                line = f"{self.path} (not JSON: {body[:80]!r})"
             print(f"{args.status} {line}", flush=True)
             self.send_response(args.status)
             self.send_header("Content-Length", "0")

@@ -58,6 +58,12 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     done
     pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL not ready on 127.0.0.1:5432 after 10 s"
 fi
+# The tests' database (NUDGE_TEST_POSTGRES_URL's default), made if missing.
+if [[ -z ${NUDGE_TEST_POSTGRES_URL:-} ]]; then
+    psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null | grep -q 1 \
+        || quiet psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" \
+        || die "cannot reach database test on 127.0.0.1:5432 as postgres without a password (trust auth), nor create it; set NUDGE_TEST_POSTGRES_URL"
+fi
 
 # Kafka-compatible broker (prints KAFKA_BROKERS=... only on failure to stay quiet)
 quiet scripts/kafka-broker.sh start
