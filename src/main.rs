@@ -332,6 +332,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         j.triggers.join(", "),
                         j.hash,
                     );
+                    if !j.description.is_empty() {
+                        outln!("    {}", j.description);
+                    }
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -27,6 +27,7 @@ fn shipped_hashes() -> BTreeMap<String, String> {
     assert_eq!(code, 0, "{out}{err}");
     out.lines()
         .skip(1)
+        .filter(|l| !l.starts_with("    ")) // a journey's description
         .map(|l| {
             let name = l.split_whitespace().next().unwrap().to_string();
             let hash = l.split_whitespace().last().unwrap().to_string();
@@ -287,7 +288,7 @@ fn replay_takes_each_channels_lateness_from_the_config() {
 }
 
 /// (file, script, the text the error must point at)
-const BROKEN: [(&str, &str, &str); 7] = [
+const BROKEN: [(&str, &str, &str); 9] = [
     (
         "syntax.rhai",
         r#"// a syntax error in decide
@@ -377,6 +378,28 @@ fn decide(event, customer) { start() }
 "#,
         "\"delays\"",
     ),
+    (
+        "empty_exit.rhai",
+        r#"fn journey() {
+    #{ name: "empty_exit", category: "service", triggers: ["a.b"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }],
+       exits: #{ "": "converted" } }
+}
+fn decide(event, customer) { start() }
+"#,
+        "exits:",
+    ),
+    (
+        "exit_is_trigger.rhai",
+        r#"fn journey() {
+    #{ name: "exit_is_trigger", category: "service", triggers: ["card.expiring"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }],
+       exits: #{ "card.expiring": "converted" } }
+}
+fn decide(event, customer) { start() }
+"#,
+        "\"card.expiring\": ",
+    ),
 ];
 
 /// 1-based line and column of the first occurrence of `needle`.
@@ -393,6 +416,15 @@ fn check_reports_file_line_and_column_of_every_broken_script() {
     for (file, text, _) in BROKEN {
         std::fs::write(dir.path().join(file), text).unwrap();
     }
+    // Two good files with one name: the second names the first.
+    let dup = r#"fn journey() {
+    #{ name: "dup", category: "service", triggers: ["a.b"],
+       steps: [#{ id: "p", channel: "push", template: "t", delay: "0s" }] }
+}
+fn decide(event, customer) { start() }
+"#;
+    std::fs::write(dir.path().join("dup_a.rhai"), dup).unwrap();
+    std::fs::write(dir.path().join("dup_b.rhai"), dup).unwrap();
     let (code, out, err) = nudge(&["check", dir.path().to_str().unwrap()]);
     assert_ne!(code, 0, "{out}");
     for (file, text, needle) in BROKEN {
@@ -400,13 +432,31 @@ fn check_reports_file_line_and_column_of_every_broken_script() {
         let at = format!("{}:{line}:{col}: error:", dir.path().join(file).display());
         assert!(err.contains(&at), "expected {at} in:\n{err}");
     }
-    assert!(err.contains("7 problem(s)"), "{err}");
+    assert!(err.contains("10 problem(s)"), "{err}");
     assert!(err.contains("unknown journey field `exit`"), "{err}");
     assert!(err.contains("unknown step field `delays`"), "{err}");
+    assert!(err.contains("an exit needs an event type"), "{err}");
+    assert!(err.contains("is both a trigger and an exit"), "{err}");
+    let (line, col) = position(dup, "\"dup\"");
+    assert!(
+        err.contains(&format!(
+            "{}:{line}:{col}: error: journey name `dup` is already used by {}",
+            dir.path().join("dup_b.rhai").display(),
+            dir.path().join("dup_a.rhai").display()
+        )),
+        "{err}"
+    );
     // The shipped rules are fine.
     let (code, out, err) = nudge(&["check", repo().join("rules").to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok: "), "{out}");
+    // Each journey's description is shown under it.
+    assert!(
+        out.contains("\n  unsigned_loan (service, 3 steps, triggers: loan_application.completed) ")
+            && out
+                .contains("\n    Loan application completed but not signed: push, email next day"),
+        "{out}"
+    );
 }
 
 #[test]

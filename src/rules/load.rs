@@ -148,11 +148,18 @@ pub fn load_sources(
             Ok(journey) => {
                 if !names.insert(journey.name.clone()) {
                     let (line, column) = find(&text, &format!("\"{}\"", journey.name));
+                    let first = journeys
+                        .iter()
+                        .find(|j| j.name == journey.name)
+                        .map_or_else(String::new, |j| j.file.display().to_string());
                     problems.push(Problem {
                         file: path.display().to_string(),
                         line,
                         column,
-                        message: format!("journey name `{}` is used by another file", journey.name),
+                        message: format!(
+                            "journey name `{}` is already used by {first}",
+                            journey.name
+                        ),
                         hint: Some("every journey needs its own name".into()),
                     });
                 } else {
@@ -359,6 +366,21 @@ fn compile_one(
                 "exits must be a map of event type to \"converted\" or \"cancelled\"".into(),
                 None,
             ),
+        }
+    }
+    for (event_type, _) in &exits {
+        if event_type.trim().is_empty() {
+            at(
+                "@exits:",
+                "an exit needs an event type: an empty one can never match".into(),
+                Some("exits: #{ \"loan_application.signed\": \"converted\" }"),
+            );
+        } else if triggers.as_ref().is_some_and(|t| t.contains(event_type)) {
+            at(
+                &format!("@{event_type}:"),
+                format!("`{event_type}` is both a trigger and an exit: each such event would end the journey, count as its outcome, and start it again"),
+                Some("an exit is what the customer does in answer (signing, enrolling); a repeated trigger is kept apart by `key` and `cooldown`"),
+            );
         }
     }
     let key_field = string_field(&meta, "key");

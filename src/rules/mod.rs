@@ -149,7 +149,7 @@ pub struct RuleSet {
     by_name: HashMap<String, usize>,
     by_trigger: Index<Vec<usize>>,
     by_exit: Index<Vec<(usize, ExitOutcome)>>,
-    /// Hash over every file's hash: names this version of the rule set.
+    /// Hash over every file's name and hash: names this version of the rule set.
     pub version: String,
     engine: rhai::Engine,
     /// `rules.timeout`: wall clock per evaluation.
@@ -184,10 +184,15 @@ impl RuleSet {
                 by_exit.entry(e.clone()).or_default().push((i, *outcome));
             }
         }
+        // The file names count too: a renamed file is a new version, so a
+        // reload takes it and errors name the file as it is now.
         let mut hasher = sha2::Sha256::default();
         for j in &journeys {
             sha2::Digest::update(&mut hasher, j.name.as_bytes());
             sha2::Digest::update(&mut hasher, j.hash.as_bytes());
+            let file = j.file.file_name().unwrap_or_default();
+            sha2::Digest::update(&mut hasher, file.as_encoded_bytes());
+            sha2::Digest::update(&mut hasher, [0]);
         }
         let version = hex::encode(&sha2::Digest::finalize(hasher)[..6]);
         Self {
@@ -354,6 +359,23 @@ mod tests {
             &limits,
         )
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A renamed file is a new version of the rule set (a reload takes it,
+    /// and errors name the file as it is now); the same files are the same.
+    #[test]
+    fn a_renamed_file_is_a_new_version() {
+        let text = format!("{HEAD}fn ok_to_send(customer, vars) {{ true }}\nfn decide(event, customer) {{ start() }}\n");
+        let version = |file: &str| {
+            load_sources(
+                vec![(PathBuf::from(file), text.clone())],
+                &Limits::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .version
+        };
+        assert_eq!(version("j.rhai"), version("j.rhai"));
+        assert_ne!(version("j.rhai"), version("carte_expirée.rhai"));
     }
 
     /// `channel: "preferred"` plans the step on the customer's preferred
