@@ -222,12 +222,53 @@ impl Simulation {
 
     /// Moves time to the event, processes it, and sends what is due at once.
     pub async fn feed(&self, event: Event) -> Result<(BatchOutcome, Vec<LogRecord>), StoreError> {
-        let mut records = self.run_until(event.time).await?;
+        self.feed_batch(vec![event]).await
+    }
+
+    /// Events of one moment, decided as one batch (as the daemon decides the
+    /// records it reads together) before anything they plan is sent, so that
+    /// arbitration sees every step they make due at once. Time moves to the
+    /// first event's.
+    pub async fn feed_batch(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<(BatchOutcome, Vec<LogRecord>), StoreError> {
+        let Some(at) = events.first().map(|e| e.time) else {
+            return Ok((BatchOutcome::default(), Vec::new()));
+        };
+        let mut records = self.run_until(at).await?;
         self.refresh_propensity()?;
-        let outcome = self.pipeline.process(&[Arc::new(event)], &[])?;
+        let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
+        let outcome = self.pipeline.process(&events, &[])?;
         records.extend(outcome.records.iter().cloned());
         records.extend(self.run_due().await?);
         Ok((outcome, records))
+    }
+
+    /// Feeds events in order, those of one moment (consecutive, same time)
+    /// as one batch; their failures (with the index among `events`) and the
+    /// records made on the way.
+    pub async fn feed_in_moments(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<(Vec<crate::journey::EventFailure>, Vec<LogRecord>), StoreError> {
+        let mut failures = Vec::new();
+        let mut records = Vec::new();
+        let mut events = events.into_iter().enumerate().peekable();
+        while let Some((first_index, first)) = events.next() {
+            let at = first.time;
+            let mut moment = vec![first];
+            while let Some((_, next)) = events.next_if(|(_, e)| e.time == at) {
+                moment.push(next);
+            }
+            let (outcome, made) = self.feed_batch(moment).await?;
+            failures.extend(outcome.failures.into_iter().map(|mut f| {
+                f.index += first_index;
+                f
+            }));
+            records.extend(made);
+        }
+        Ok((failures, records))
     }
 
     /// Follows the schedule until nothing is pending (bounded by a horizon).
@@ -297,30 +338,41 @@ pub async fn simulate(
         .unwrap_or_else(Utc::now);
     let sim = Simulation::with_settings(rules, start, policy, settings)?;
     let mut latest: Option<(usize, DateTime<Utc>)> = None;
-    for (line, event) in file.events {
-        // The virtual clock only goes forward: an event dated before one
-        // above it is decided late, its steps past their lateness bound.
-        match latest {
-            Some((above, at)) if event.time < at => warn(format!(
-                "{shown}:{line}: event {} is dated {}, before line {above} ({}): the clock does not go back, so its steps may be logged expired; sort the file by time",
-                event.id,
-                event.time.to_rfc3339(),
-                at.to_rfc3339()
-            )),
-            _ => latest = Some((line, event.time)),
+    let mut events = file.events.into_iter().peekable();
+    while let Some(first) = events.next() {
+        // Consecutive events of one moment are one batch.
+        let mut moment = vec![first];
+        while let Some(next) = events.next_if(|(_, e)| e.time == moment[0].1.time) {
+            moment.push(next);
         }
-        while let Some((bad_line, _)) = bad.peek() {
-            if *bad_line > line {
-                break;
+        for (line, event) in &moment {
+            // The virtual clock only goes forward: an event dated before one
+            // above it is decided late, its steps past their lateness bound.
+            match latest {
+                Some((above, at)) if event.time < at => warn(format!(
+                    "{shown}:{line}: event {} is dated {}, before line {above} ({}): the clock does not go back, so its steps may be logged expired; sort the file by time",
+                    event.id,
+                    event.time.to_rfc3339(),
+                    at.to_rfc3339()
+                )),
+                _ => latest = Some((*line, event.time)),
             }
-            let (bad_line, reason) = bad.next().expect("peeked");
-            warn(format!("{shown}:{bad_line}: skipped: {reason}"));
+            while let Some((bad_line, _)) = bad.peek() {
+                if *bad_line > *line {
+                    break;
+                }
+                let (bad_line, reason) = bad.next().expect("peeked");
+                warn(format!("{shown}:{bad_line}: skipped: {reason}"));
+            }
         }
-        summary.events += 1;
-        let id = event.id.clone();
-        let (outcome, records) = sim.feed(event).await?;
+        summary.events += moment.len();
+        let lines: Vec<(usize, String)> = moment.iter().map(|(l, e)| (*l, e.id.clone())).collect();
+        let (outcome, records) = sim
+            .feed_batch(moment.into_iter().map(|(_, e)| e).collect())
+            .await?;
         for f in &outcome.failures {
             summary.rule_failures += 1;
+            let (line, id) = &lines[f.index];
             warn(format!("{shown}:{line}: event {id}: {}", f.reason));
         }
         for r in &records {

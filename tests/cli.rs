@@ -610,3 +610,58 @@ fn simulate_takes_each_channels_rate_from_the_config() {
     );
     assert_eq!(records[2]["time"], "2026-03-02T01:01:00.000Z", "{out}");
 }
+
+/// Events of one moment are decided together, as the daemon decides the
+/// records it reads in one batch: with a cap of one a day, the loan push
+/// (priority 80) wins arbitration over the fee alert (priority 50) whatever
+/// the order of the lines, and the fee alert, a service message, is
+/// deferred, not suppressed.
+#[test]
+fn simulate_decides_events_of_one_moment_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = "2026-03-02T01:00:00Z";
+    let events = [
+        format!(
+            r#"{{"specversion": "1.0", "id": "ctx", "type": "customer.contact_updated", "source": "t", "subject": "c-1", "time": "{at}", "data": {{"timezone": "Australia/Sydney", "app_installed": true, "email": "c@example.com"}}}}"#
+        ),
+        format!(
+            r#"{{"specversion": "1.0", "id": "fee", "type": "recurring_payment.amount_changed", "source": "t", "subject": "c-1", "time": "{at}", "data": {{"payment_id": "P-1", "merchant": "Netflix", "previous_amount": 15.99, "new_amount": 18.99, "currency": "AUD"}}}}"#
+        ),
+        format!(
+            r#"{{"specversion": "1.0", "id": "loan", "type": "loan_application.completed", "source": "t", "subject": "c-1", "time": "{at}", "data": {{"application_id": "A-1", "product": "Personal loan", "amount": 15000, "signed": false, "resume_url": "https://bank.example/loans/A-1/sign"}}}}"#
+        ),
+    ];
+    let path = dir.path().join("moment.jsonl");
+    std::fs::write(&path, events.join("\n")).unwrap();
+    let (code, out, err) = nudge(&[
+        "simulate",
+        "--rules",
+        repo().join("rules").to_str().unwrap(),
+        "--events",
+        path.to_str().unwrap(),
+        "--config",
+        repo().join("examples/policy.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = |journey: &str| {
+        records
+            .iter()
+            .find(|r| r["journey"] == journey && r["channel"] == "push")
+            .unwrap_or_else(|| panic!("no {journey} push in {out}"))
+            .clone()
+    };
+    assert_eq!(first("unsigned_loan")["outcome"], "sent", "{out}");
+    let fee = first("fee_increase");
+    assert_eq!(fee["outcome"], "deferred", "{out}");
+    assert!(
+        fee["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lost to unsigned_loan/push"),
+        "{fee}"
+    );
+}

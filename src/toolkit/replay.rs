@@ -207,10 +207,8 @@ async fn run(
 ) -> anyhow::Result<Vec<LogRecord>> {
     let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
     let sim = Simulation::with_settings(rules, start, policy.clone(), channels.clone())?;
-    let mut records = Vec::new();
-    for (_, e) in events {
-        records.extend(sim.feed(e.clone()).await?.1);
-    }
+    let events: Vec<crate::event::Event> = events.iter().map(|(_, e)| e.clone()).collect();
+    let (_, mut records) = sim.feed_in_moments(events).await?;
     records.extend(sim.finish().await?);
     Ok(records)
 }

@@ -190,7 +190,7 @@ async fn run_case(
     }
     let sim = Simulation::new(rules, start, policy.clone())?;
     let mut records: Vec<LogRecord> = Vec::new();
-    let mut rule_errors = Vec::new();
+    let mut events = Vec::with_capacity(case.events.len());
     for (i, e) in case.events.iter().enumerate() {
         let at = start + offset(&e.at)?;
         let json = serde_json::json!({
@@ -204,10 +204,12 @@ async fn run_case(
         });
         let event = Event::parse(json.to_string().as_bytes())
             .map_err(|err| anyhow::anyhow!("event {} ({}): {err}", i + 1, e.event_type))?;
-        let (outcome, recs) = sim.feed(event).await?;
-        rule_errors.extend(outcome.failures.into_iter().map(|f| f.reason));
-        records.extend(recs);
+        events.push(event);
     }
+    // Events at one offset are decided together, as the daemon decides a batch.
+    let (failures, recs) = sim.feed_in_moments(events).await?;
+    let rule_errors: Vec<String> = failures.into_iter().map(|f| f.reason).collect();
+    records.extend(recs);
     records.extend(sim.finish().await?);
     if !rule_errors.is_empty() {
         return Ok(Some(format!(
