@@ -208,3 +208,49 @@ async fn a_control_group_exit_stays_in_its_arm_not_among_the_losses() {
         assert!(step.not_sent.is_empty(), "{:?}", step);
     }
 }
+
+/// The call-task endpoint takes the task but answers after nudge's
+/// timeout: the attempt is logged as timed out, to be retried. The customer
+/// signs before the retry. The task may be open in the agents' queue, so it
+/// is withdrawn all the same (the endpoint's copy is taken back by key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_task_whose_answer_timed_out_is_withdrawn_when_the_customer_signs() {
+    let h = Harness::with_timeout(
+        inline_rules(&[("callback", CALLBACK)]),
+        t0(),
+        std::time::Duration::from_millis(300),
+    )
+    .await;
+    h.sinks.call.slow(std::time::Duration::from_secs(1));
+    h.feed(contact("c-1", t0())).await;
+    h.feed(event("e1", "test.applied", "c-1", t0(), json!({})))
+        .await;
+    assert_eq!(h.sinks.call.count(), 1, "the task reached the endpoint");
+    let instance = h.sinks.call.requests()[0].str("/instance").to_string();
+    h.sinks.call.slow(std::time::Duration::ZERO);
+    let signed = t0() + Duration::milliseconds(1);
+    h.feed(event("e2", "test.signed", "c-1", signed, json!({})))
+        .await;
+    h.finish().await;
+
+    let log = h.log();
+    let call: Vec<_> = log.iter().filter(|r| r.step == "call").collect();
+    assert_eq!(
+        outcomes(&call),
+        [Outcome::Retrying, Outcome::Converted],
+        "timed out, then ended unsent: {log:#?}"
+    );
+    assert!(call[0].reason.starts_with("timed out"), "{log:#?}");
+    let calls = h.sinks.call.requests();
+    assert_eq!(calls.len(), 2, "the task, then its withdrawal");
+    assert_eq!(
+        calls[1].body,
+        json!({
+            "action": "withdraw",
+            "idempotency_key": format!("{instance}:call"),
+            "reason": "converted"
+        })
+    );
+    let withdrawn = only(&log, "c-1", "call:withdraw");
+    assert_eq!(withdrawn.outcome, Outcome::Withdrawn, "{log:#?}");
+}

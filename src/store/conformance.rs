@@ -1634,6 +1634,63 @@ pub fn exits_plan_withdrawals_of_delivered_steps(store: &dyn Store) {
     );
 }
 
+/// A call task whose attempt timed out may have reached the agents' queue
+/// though its answer did not come back: when the customer signs before the
+/// retry goes, it is withdrawn all the same, once. One whose attempt was
+/// refused (a 503: nothing was taken) is not.
+pub fn an_attempt_that_timed_out_is_withdrawn_at_the_exit(store: &dyn Store) {
+    let call = &steps()[2..];
+    start(store, &[("i5", "c5", "a5"), ("i6", "c6", "a6")], call);
+    let due = t0() + Duration::days(3);
+    let claimed = store
+        .claim_due(ChannelKind::CallTask, due, 10, due + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    for step in &claimed {
+        let reason = match step.instance_id.as_str() {
+            "i5" => "timed out; attempt 1 of 8, next in 2s",
+            _ => "unavailable: HTTP 503; attempt 1 of 8, next in 2s",
+        };
+        let mut retry = settle(step, due, Outcome::Retrying);
+        retry.record.reason = reason.into();
+        retry.again_at = Some(due + Duration::seconds(2));
+        store.finish_step(&retry).unwrap();
+    }
+    let exit = due + Duration::seconds(1);
+    let mut tx = store.begin().unwrap();
+    for id in ["i5", "i6"] {
+        tx.close_instance(id, InstanceStatus::Converted, exit)
+            .unwrap();
+    }
+    assert_eq!(
+        tx.plan_withdrawals("i5", &[ChannelKind::CallTask], exit)
+            .unwrap(),
+        ["call"],
+        "the timed-out attempt may have landed"
+    );
+    assert!(tx
+        .plan_withdrawals("i5", &[ChannelKind::CallTask], exit)
+        .unwrap()
+        .is_empty());
+    assert!(
+        tx.plan_withdrawals("i6", &[ChannelKind::CallTask], exit)
+            .unwrap()
+            .is_empty(),
+        "a refused attempt left nothing to take back"
+    );
+    tx.commit().unwrap();
+    let claimed = store
+        .claim_due(ChannelKind::CallTask, exit, 10, exit + Duration::minutes(5))
+        .unwrap();
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|d| (d.instance_id.as_str(), d.step.as_str()))
+            .collect::<Vec<_>>(),
+        [("i5", "call:withdraw")]
+    );
+}
+
 /// A call task still being sent when the customer signs: the exit sees it
 /// claimed, not sent, so plans nothing; the delivery lands after it and
 /// its settle plans the withdrawal, in its own transaction. A delivery of
@@ -2235,6 +2292,7 @@ macro_rules! store_conformance {
             prefetched_reads_follow_the_transactions_writes,
             concurrent_claimers_never_share_a_step,
             exits_plan_withdrawals_of_delivered_steps,
+            an_attempt_that_timed_out_is_withdrawn_at_the_exit,
             a_delivery_landing_after_its_exit_is_withdrawn,
             audit_outbox_follows_the_log_in_its_transaction,
             upcoming_steps_are_the_customers_pending_steps_due_soon,

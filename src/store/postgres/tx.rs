@@ -134,10 +134,20 @@ pub(super) const CANCEL_STEPS: &str =
 /// A withdrawal step (`$4` the suffix) due at `$3` for each step of
 /// instance `$1` sent on a channel of `$2`.
 pub(super) const PLAN_WITHDRAWALS: &str = "/* plan: generic */ INSERT INTO steps (instance_id, customer, step, seq, channel, template, planned_at, due_at, status)
-     SELECT s.instance_id, s.customer, s.step || $4, s.seq, d.channel, s.template, $3, $3, 'pending'
+     SELECT s.instance_id, s.customer, s.step || $4::text, s.seq, d.channel, s.template, $3::timestamptz, $3::timestamptz, 'pending'
      FROM steps AS s
      JOIN dispatch_log AS d ON d.instance = s.instance_id AND d.step = s.step AND d.outcome = 'sent'
      WHERE s.instance_id = $1 AND s.status = 'sent' AND d.instance = $1 AND d.channel = ANY($2)
+     UNION ALL
+     -- An attempt that timed out may have landed: found through the
+     -- customer's records (the instance index holds sends only).
+     SELECT s.instance_id, s.customer, s.step || $4::text, s.seq, d.channel, s.template, $3::timestamptz, $3::timestamptz, 'pending'
+     FROM steps AS s
+     JOIN dispatch_log AS d
+       ON d.customer = (SELECT i.customer FROM instances AS i WHERE i.id = $1)
+      AND d.instance = $1 AND d.step = s.step
+     WHERE s.instance_id = $1 AND s.status <> 'sent' AND s.step NOT LIKE '%' || $4::text
+       AND d.outcome IN ('retrying', 'failed') AND d.reason LIKE 'timed out%' AND d.channel = ANY($2)
      ON CONFLICT (instance_id, step) DO NOTHING
      RETURNING seq, step";
 

@@ -220,6 +220,17 @@ impl Tx for SqliteTx<'_> {
                  JOIN dispatch_log AS d ON d.instance = s.instance_id AND d.step = s.step AND d.outcome = 'sent'
                  WHERE s.instance_id = ?1 AND s.status = 'sent' AND d.instance = ?1
                    AND instr(',' || ?2 || ',', ',' || d.channel || ',') > 0
+                 UNION ALL
+                 -- An attempt that timed out may have landed: found through
+                 -- the customer's records (the instance index holds sends only).
+                 SELECT s.instance_id, s.step || ?4, s.seq, d.channel, s.template, ?3, ?3, 'pending'
+                 FROM steps AS s
+                 JOIN instances AS i ON i.id = s.instance_id
+                 JOIN dispatch_log AS d INDEXED BY dispatch_log_customer
+                   ON d.customer = i.customer AND d.instance = s.instance_id AND d.step = s.step
+                 WHERE s.instance_id = ?1 AND s.status <> 'sent' AND s.step NOT LIKE '%' || ?4
+                   AND d.outcome IN ('retrying', 'failed') AND d.reason LIKE 'timed out%'
+                   AND instr(',' || ?2 || ',', ',' || d.channel || ',') > 0
                  ON CONFLICT (instance_id, step) DO NOTHING
                  RETURNING seq, step",
             )?
