@@ -371,9 +371,16 @@ impl Scheduler {
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
                 let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                for row in results.iter().filter_map(|r| r.claimed_row) {
+                for result in &results {
+                    let Some(row) = result.claimed_row else {
+                        continue;
+                    };
                     rows.held.remove(&row);
-                    rows.settled.insert(row);
+                    // A retry or a deferral is pending again: once due, a
+                    // claim of it in this round is its next try, not a copy.
+                    if result.again_at.is_none() {
+                        rows.settled.insert(row);
+                    }
                 }
                 drop(rows);
                 if keep {
