@@ -1492,28 +1492,7 @@ mod tests {
         tx.commit().unwrap();
 
         let gate = closed_gate();
-        let rules = crate::rules::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
-            &crate::rules::Limits::default(),
-        )
-        .unwrap();
-        let policy = PolicyConfig {
-            max_per_customer: Some(1),
-            quiet_hours: crate::config::QuietHours {
-                channels: Default::default(),
-                legacy: None,
-            },
-            ..PolicyConfig::default()
-        };
-        let scheduler = Arc::new(Scheduler::new(
-            store.clone(),
-            RulesHandle::new(rules),
-            Channels::all(gate.clone()),
-            Arc::new(SystemClock),
-            Policy::new(policy),
-            SchedulerConfig::default(),
-            HashMap::new(),
-        ));
+        let scheduler = Arc::new(scheduler(&store, gate.clone(), 1));
         let run = tokio::spawn({
             let s = scheduler.clone();
             async move { s.run_due().await }
@@ -1630,12 +1609,7 @@ mod tests {
     /// A scheduler over `store` sending through `channel` with a cap of
     /// `cap` a day and no quiet hours.
     fn scheduler(store: &Arc<dyn Store>, channel: Arc<dyn Channel>, cap: u32) -> Scheduler {
-        let rules = crate::rules::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
-            &crate::rules::Limits::default(),
-        )
-        .unwrap();
-        scheduler_with(store, channel, cap, rules)
+        scheduler_with(store, channel, cap, shipped_rules())
     }
 
     fn scheduler_with(
@@ -1644,23 +1618,56 @@ mod tests {
         cap: u32,
         rules: crate::rules::RuleSet,
     ) -> Scheduler {
-        let policy = PolicyConfig {
-            max_per_customer: Some(cap),
-            quiet_hours: crate::config::QuietHours {
-                channels: Default::default(),
-                legacy: None,
-            },
-            ..PolicyConfig::default()
-        };
         Scheduler::new(
             store.clone(),
             RulesHandle::new(rules),
             Channels::all(channel),
             Arc::new(SystemClock),
-            Policy::new(policy),
+            Policy::new(without_quiet_hours(Some(cap))),
             SchedulerConfig::default(),
             HashMap::new(),
         )
+    }
+
+    /// The journeys nudge ships in `rules/`.
+    fn shipped_rules() -> crate::rules::RuleSet {
+        crate::rules::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+            &crate::rules::Limits::default(),
+        )
+        .unwrap()
+    }
+
+    /// The default policy with the cap given and no quiet hours, so that a
+    /// test's steps go whatever hour it runs at.
+    fn without_quiet_hours(max_per_customer: Option<u32>) -> PolicyConfig {
+        PolicyConfig {
+            max_per_customer,
+            quiet_hours: crate::config::QuietHours {
+                channels: Default::default(),
+                legacy: None,
+            },
+            ..PolicyConfig::default()
+        }
+    }
+
+    /// The daemon's scheduler over the shipped rules on a virtual clock.
+    fn on_virtual_clock(
+        store: &Arc<dyn Store>,
+        channels: Channels,
+        clock: &crate::clock::VirtualClock,
+        policy: PolicyConfig,
+        lateness: HashMap<ChannelKind, Duration>,
+    ) -> Arc<Scheduler> {
+        Arc::new(Scheduler::new(
+            store.clone(),
+            RulesHandle::new(shipped_rules()),
+            channels,
+            Arc::new(clock.clone()),
+            Policy::new(policy),
+            SchedulerConfig::default(),
+            lateness,
+        ))
     }
 
     /// Customer c1 (app and email) with a push (instance `a`) and an email
@@ -1721,21 +1728,13 @@ mod tests {
 
         let clock = crate::clock::VirtualClock::new(saturday);
         let gate = open_gate();
-        let scheduler = Arc::new(Scheduler::new(
-            store.clone(),
-            RulesHandle::new(
-                crate::rules::load_dir(
-                    &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
-                    &crate::rules::Limits::default(),
-                )
-                .unwrap(),
-            ),
+        let scheduler = on_virtual_clock(
+            &store,
             Channels::all(gate.clone()),
-            Arc::new(clock.clone()),
-            Policy::new(PolicyConfig::default()),
-            SchedulerConfig::default(),
+            &clock,
+            PolicyConfig::default(),
             HashMap::from([(ChannelKind::CallTask, Duration::from_secs(3600))]),
-        ));
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1823,28 +1822,13 @@ mod tests {
             sent: Mutex::default(),
         });
         let clock = crate::clock::VirtualClock::new(t0);
-        let no_quiet_hours = PolicyConfig {
-            quiet_hours: crate::config::QuietHours {
-                channels: Default::default(),
-                legacy: None,
-            },
-            ..PolicyConfig::default()
-        };
-        let scheduler = Arc::new(Scheduler::new(
-            store.clone(),
-            RulesHandle::new(
-                crate::rules::load_dir(
-                    &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
-                    &crate::rules::Limits::default(),
-                )
-                .unwrap(),
-            ),
+        let scheduler = on_virtual_clock(
+            &store,
             Channels::all(channel.clone()),
-            Arc::new(clock.clone()),
-            Policy::new(no_quiet_hours),
-            SchedulerConfig::default(),
+            &clock,
+            without_quiet_hours(PolicyConfig::default().max_per_customer),
             HashMap::new(),
-        ));
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
         let wait = |what: &str, done: &dyn Fn() -> bool| {
@@ -2146,29 +2130,14 @@ fn slow_check(customer, vars) {
                 .unwrap();
         }
         tx.commit().unwrap();
-        let rules = crate::rules::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
-            &crate::rules::Limits::default(),
-        )
-        .unwrap();
-        let policy = PolicyConfig {
-            max_per_customer: Some(0),
-            quiet_hours: crate::config::QuietHours {
-                channels: Default::default(),
-                legacy: None,
-            },
-            ..PolicyConfig::default()
-        };
         let gate = open_gate();
         let channels =
             Channels::all(gate.clone()).with_rate(ChannelKind::Push, "2/s".parse().unwrap());
-        let scheduler = Scheduler::new(
-            store.clone(),
-            RulesHandle::new(rules),
+        let scheduler = on_virtual_clock(
+            &store,
             channels,
-            clock.clone(),
-            Policy::new(policy),
-            SchedulerConfig::default(),
+            &clock,
+            without_quiet_hours(Some(0)),
             HashMap::from([(ChannelKind::Push, Duration::from_millis(1500))]),
         );
         let mut records = Vec::new();
