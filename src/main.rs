@@ -728,10 +728,22 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             let (since, until) = (time("since", since)?, time("until", until)?);
             let store = open_review(config)?;
             let limit = if limit == 0 { usize::MAX } else { limit };
-            let entries = store.control_changes(since, until, limit)?;
+            // One change past the limit tells whether the limit cut anything.
+            let mut entries = store.control_changes(since, until, limit.saturating_add(1))?;
+            let cut = entries.len() > limit;
+            if cut {
+                // Oldest first: the one past the limit is the oldest.
+                entries.remove(0);
+            }
             match format {
                 TableFormat::Table => out!("{}", log_table(&entries)),
                 TableFormat::Json => outln!("{}", serde_json::to_string_pretty(&entries)?),
+            }
+            if cut {
+                eprintln!(
+                    "nudge control log: the newest {} changes shown; --limit N (0: all) for more",
+                    entries.len()
+                );
             }
         }
     }

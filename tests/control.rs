@@ -239,7 +239,10 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
         &cfg_path(dir.path(), "a"),
     ]);
     assert!(out.contains("enabled: false → true"), "{out}");
-    daemon.wait_until(LONG, "the held push to go", || recv.on("/push").len() == 1);
+    // Received first, logged once the endpoint's answer is back.
+    daemon.wait_until(LONG, "the held push to go and be logged", || {
+        recv.on("/push").len() == 1 && !outcomes(&db, "c-1", "unsigned_loan").is_empty()
+    });
     assert_eq!(
         outcomes(&db, "c-1", "unsigned_loan")
             .iter()
@@ -388,8 +391,19 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
     // `--limit 0` is every change, as for `nudge log`.
     let all = ok(&["control", "log", "--config", &b, "--limit", "0"]);
     assert_eq!(all.lines().count(), 1 + entries.len(), "{all}");
-    let newest = ok(&["control", "log", "--config", &b, "--limit", "1"]);
+    let (code, newest, note) = nudge(&["control", "log", "--config", &b, "--limit", "1"]);
+    assert_eq!(code, 0, "{note}");
     assert_eq!(newest.lines().count(), 2, "{newest}");
+    assert!(
+        newest.contains("journey fee_increase\tshadow: true → false"),
+        "the newest change: {newest}"
+    );
+    assert_eq!(
+        note.trim(),
+        "nudge control log: the newest 1 changes shown; --limit N (0: all) for more"
+    );
+    let (_, _, uncut) = nudge(&["control", "log", "--config", &b, "--limit", "4"]);
+    assert_eq!(uncut, "", "four changes, none cut");
     daemon.terminate();
     std::mem::forget(recv);
     std::mem::forget(rt);

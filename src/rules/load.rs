@@ -49,11 +49,16 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: error: {}",
-            self.file, self.line, self.column, self.message
-        )?;
+        // Line 0: the problem is the file (or directory) as a whole.
+        if self.line == 0 {
+            write!(f, "{}: error: {}", self.file, self.message)?;
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: error: {}",
+                self.file, self.line, self.column, self.message
+            )?;
+        }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
         }
@@ -863,6 +868,22 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A problem with no place in a file (a missing directory) names the
+    /// path alone, not a made-up `:0:0`.
+    #[test]
+    fn a_missing_rules_directory_is_named_without_a_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-rules");
+        let err = load_dir(&missing, &Limits::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: error: cannot read rules directory: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+    }
 
     #[test]
     fn a_rank_with_other_parameters_is_refused() {
