@@ -32,6 +32,9 @@ pub struct SourceOffset {
     pub partition: i32,
     /// The next offset to read after this batch.
     pub next_offset: i64,
+    /// Below the store's offset: the log restarted beneath it, and this
+    /// replaces the old log's position (see [`crate::store::Tx::rewind_offset`]).
+    pub rewind: bool,
 }
 
 /// Where a record came from, so a failure can be dead-lettered with its
@@ -239,7 +242,11 @@ impl Pipeline {
             }
         }
         for o in offsets {
-            tx.set_offset(&o.topic, o.partition, o.next_offset)?;
+            if o.rewind {
+                tx.rewind_offset(&o.topic, o.partition, o.next_offset)?;
+            } else {
+                tx.set_offset(&o.topic, o.partition, o.next_offset)?;
+            }
         }
         tx.commit()?;
         Ok(run.out)

@@ -768,3 +768,89 @@ fn a_customer_who_acted_while_the_daemon_was_down_is_not_sent_the_step_due_meanw
     assert_eq!(outcome, "converted", "{logs}");
     assert!(logs.contains("sending begins"), "{logs}");
 }
+
+/// The instance of `customer`'s unsigned loan as the store at `path` holds it.
+fn loan_status(path: &std::path::Path, customer: &str) -> Option<String> {
+    store_reader(path)?
+        .query_row(
+            "SELECT status FROM instances WHERE customer = ?1 AND journey = 'unsigned_loan'",
+            [customer],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+/// The store restored from a backup taken before the customer signed, as
+/// deploy/README's rollback says: the daemon reads again from the store's
+/// offset (behind the group's committed one), so the signature is decided
+/// again and the reminders stay cancelled; nothing after the backup is lost.
+#[test]
+fn a_store_restored_from_a_backup_reads_again_what_came_after_it() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 1);
+    produce(
+        &cfg.topic,
+        &[
+            event(
+                "ctx-c1",
+                "customer.contact_updated",
+                "c1",
+                json!({"app_installed": true, "email": "c1@example.com"}),
+            ),
+            event(
+                "loan-c1",
+                "loan_application.completed",
+                "c1",
+                json!({"application_id": "A1", "product": "Personal loan", "amount": 5000, "signed": false, "resume_url": "u"}),
+            ),
+        ],
+    );
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "the loan push", || recv.on("/push").len() == 1);
+    daemon.wait_until(LONG, "both records stored", || {
+        stored_offsets_total(&cfg.store, &cfg.topic) == 2
+    });
+    daemon.terminate();
+    let backup = dir.path().join("backup.db");
+    rusqlite::Connection::open(&cfg.store)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+
+    produce(
+        &cfg.topic,
+        &[event(
+            "signed-c1",
+            "loan_application.signed",
+            "c1",
+            json!({"application_id": "A1"}),
+        )],
+    );
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "the signature decided", || {
+        loan_status(&cfg.store, "c1").as_deref() == Some("converted")
+    });
+    daemon.terminate();
+
+    // The rollback: the backup replaces the store (its -wal and -shm with it).
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", cfg.store.display()));
+    }
+    std::fs::copy(&backup, &cfg.store).unwrap();
+    assert_eq!(loan_status(&cfg.store, "c1").as_deref(), Some("open"));
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_ready(LONG);
+    daemon.wait_until(
+        Duration::from_secs(30),
+        "the signature decided again",
+        || loan_status(&cfg.store, "c1").as_deref() == Some("converted"),
+    );
+    assert_eq!(stored_offsets_total(&cfg.store, &cfg.topic), 3);
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    assert_eq!(recv.on("/push").len(), 1, "{logs}");
+    assert!(recv.on("/email").is_empty(), "{logs}");
+}

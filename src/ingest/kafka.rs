@@ -9,9 +9,11 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -25,7 +27,7 @@ use crate::store::{DeadLetter, RecordHeader, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
     EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
-    OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoreRefusedRecord,
+    LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoreRefusedRecord,
     StoredOffsetsUnreadable,
 };
 
@@ -120,7 +122,10 @@ impl Readiness {
         let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
         for o in offsets {
             if let Some(next) = resume.get_mut(&(o.topic.clone(), o.partition)) {
-                *next = (*next).max(o.next_offset);
+                *next = match o.rewind {
+                    true => o.next_offset,
+                    false => (*next).max(o.next_offset),
+                };
             }
         }
     }
@@ -166,57 +171,112 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let mut resume = self
-                .readiness
-                .resume
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for e in tpl.elements() {
-                resume.remove(&(e.topic().to_string(), e.partition()));
+    /// librdkafka's default handling, except that an assigned partition
+    /// starts at the offset the store holds, not the group's committed one:
+    /// the store's offsets commit with the effects, so they are the truth.
+    /// They differ after a crash between the two commits (the store is
+    /// ahead: nothing is read twice) and after a store restored from a
+    /// backup (the store is behind: what came after the backup is read
+    /// again, or it would be lost).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.resume_at_stored_offsets(tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
             }
-            self.readiness
-                .assigned
-                .store(resume.len(), Ordering::Relaxed);
-            tracing::info!(partitions = tpl.count(), "partitions revoked");
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoked(tpl);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => Err(KafkaError::Rebalance(other.into())),
+        };
+        if let Err(e) = done {
+            RebalanceFailed { error: &e }.emit();
         }
     }
+}
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let mut stored: HashMap<String, HashMap<i32, i64>> = HashMap::new();
-                let mut resume = self
-                    .readiness
-                    .resume
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for e in tpl.elements() {
-                    let topic = e.topic().to_string();
-                    if !stored.contains_key(&topic) {
-                        let offsets = stored_offsets(&self.store, &topic).unwrap_or_else(|err| {
-                            StoredOffsetsUnreadable {
-                                topic: &topic,
-                                error: &err,
-                            }
-                            .emit();
-                            Vec::new()
-                        });
-                        stored.insert(topic.clone(), offsets.into_iter().collect());
-                    }
-                    let next = stored[&topic].get(&e.partition()).copied().unwrap_or(0);
-                    resume.insert((topic, e.partition()), next);
-                }
-                self.readiness
-                    .assigned
-                    .store(resume.len(), Ordering::Relaxed);
-                self.readiness.assignments.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-            }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => RebalanceFailed { error: e }.emit(),
+impl IngestContext {
+    fn revoked(&self, tpl: &TopicPartitionList) {
+        let mut resume = self
+            .readiness
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for e in tpl.elements() {
+            resume.remove(&(e.topic().to_string(), e.partition()));
         }
+        self.readiness
+            .assigned
+            .store(resume.len(), Ordering::Relaxed);
+        tracing::info!(partitions = tpl.count(), "partitions revoked");
+    }
+
+    /// Sets each assigned partition's start to the store's next offset for
+    /// it (a partition the store has never seen starts where the group
+    /// committed, or at the earliest record).
+    fn resume_at_stored_offsets(&self, tpl: &mut TopicPartitionList) {
+        let mut stored: HashMap<String, HashMap<i32, i64>> = HashMap::new();
+        let mut resume = self
+            .readiness
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut from_store = 0;
+        for (topic, partition) in tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect::<Vec<_>>()
+        {
+            if !stored.contains_key(&topic) {
+                let offsets = stored_offsets(&self.store, &topic).unwrap_or_else(|err| {
+                    StoredOffsetsUnreadable {
+                        topic: &topic,
+                        error: &err,
+                    }
+                    .emit();
+                    Vec::new()
+                });
+                stored.insert(topic.clone(), offsets.into_iter().collect());
+            }
+            let next = stored[&topic].get(&partition).copied();
+            if let Some(next) = next {
+                if tpl
+                    .set_partition_offset(&topic, partition, Offset::Offset(next))
+                    .is_ok()
+                {
+                    from_store += 1;
+                }
+            }
+            resume.insert((topic, partition), next.unwrap_or(0));
+        }
+        self.readiness
+            .assigned
+            .store(resume.len(), Ordering::Relaxed);
+        self.readiness.assignments.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            partitions = tpl.count(),
+            at_stored_offsets = from_store,
+            "partitions assigned"
+        );
     }
 }
 
@@ -520,11 +580,20 @@ impl KafkaIngest {
         let mut origins = Vec::new();
         let mut rejects = Vec::new();
         let mut ignored = 0;
+        // Per partition: the first record below the store's offset, and how many.
+        let mut behind: Vec<Option<(i64, u64)>> = vec![None; batch.partitions.len()];
         for r in batch.records {
             match from[r.part] {
                 Some(f) if r.offset >= f => {}
-                // revoked while the batch was gathered, or already durable
-                _ => continue,
+                // Each partition starts at the store's offset, so a record
+                // below it means the log restarted there (see LogBehindStore).
+                Some(_) => {
+                    let (first, n) = behind[r.part].get_or_insert((r.offset, 0));
+                    *first = (*first).min(r.offset);
+                    *n += 1;
+                }
+                // revoked while the batch was gathered
+                None => continue,
             }
             consumed[r.part] += 1;
             next[r.part] = Some(next[r.part].map_or(r.offset + 1, |n| n.max(r.offset + 1)));
@@ -554,6 +623,16 @@ impl KafkaIngest {
         }
         let mut offsets = Vec::new();
         for (i, (topic, partition)) in batch.partitions.into_iter().enumerate() {
+            if let (Some((first, records)), Some(stored)) = (behind[i], from[i]) {
+                LogBehindStore {
+                    topic: &topic,
+                    partition,
+                    stored,
+                    first,
+                    records,
+                }
+                .emit();
+            }
             if consumed[i] > 0 {
                 EventsConsumed {
                     topic: &topic,
@@ -564,6 +643,7 @@ impl KafkaIngest {
             }
             if let Some(next_offset) = next[i] {
                 offsets.push(SourceOffset {
+                    rewind: from[i].is_some_and(|stored| next_offset < stored),
                     topic,
                     partition,
                     next_offset,
@@ -773,6 +853,88 @@ impl KafkaIngest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The broker's log restarted beneath the store's offset (a re-created
+    /// topic): the consumer, started at the store's offset 100, is told it
+    /// is out of range and reads the new log from its start. Its records
+    /// are decided, not skipped as already durable, and the store's offset
+    /// moves back to the new log's. (librdkafka's mock broker: tansu does
+    /// not answer out-of-range fetches.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_restarted_beneath_the_stores_offset_is_read_from_its_start() {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        mock.create_topic("events", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let mut tx = store.begin().unwrap();
+        tx.set_offset("events", 0, 100).unwrap();
+        tx.commit().unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .create()
+            .unwrap();
+        let now = chrono::Utc::now().to_rfc3339();
+        for (id, kind, data) in [
+            (
+                "ctx-c1",
+                "customer.contact_updated",
+                r#"{"app_installed":true}"#,
+            ),
+            (
+                "loan-c1",
+                "loan_application.completed",
+                r#"{"application_id":"A1","product":"Personal loan","amount":5000,"signed":false,"resume_url":"u"}"#,
+            ),
+        ] {
+            let value = format!(
+                r#"{{"specversion":"1.0","id":"{id}","source":"test","type":"{kind}","subject":"c1","time":"{now}","data":{data}}}"#
+            );
+            producer
+                .send(BaseRecord::to("events").key("c1").payload(&value))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let mut config = KafkaConfig::default();
+        config.brokers = mock.bootstrap_servers();
+        config.topics = vec!["events".into()];
+        config.group_id = "g".into();
+        let rules = crate::rules::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+            &crate::rules::Limits::default(),
+        )
+        .unwrap();
+        let pipeline = Arc::new(Pipeline::new(
+            store.clone(),
+            crate::rules::RulesHandle::new(rules),
+            Arc::new(crate::clock::SystemClock),
+            crate::config::PolicyConfig::default(),
+        ));
+        let ingest =
+            KafkaIngest::new(&config, pipeline, store.clone(), Box::new(|_, _| {})).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let run = tokio::spawn(ingest.run(stop_rx));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.offsets("events").unwrap() != [(0, 2)] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                store.offsets("events")
+            );
+            tokio::task::yield_now().await;
+        }
+        stop_tx.send(true).unwrap();
+        run.await.unwrap().unwrap();
+        let counts = store.step_counts().unwrap();
+        assert!(
+            counts
+                .iter()
+                .any(|(status, n)| status == "pending" && *n > 0),
+            "the loan's steps were planned: {counts:?}"
+        );
+    }
 
     /// librdkafka refuses unsupported security settings when the client is
     /// created, so creating one proves the build carries TLS and SASL/SCRAM

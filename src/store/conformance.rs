@@ -805,6 +805,26 @@ pub fn offsets_are_per_partition_and_only_move_forward(store: &dyn Store) {
     assert!(store.offsets("unknown").unwrap().is_empty());
 }
 
+/// A rewind sets the offset below the stored one (the log restarted
+/// beneath it); later batches move it forward again as usual.
+pub fn an_offset_rewinds_only_when_asked(store: &dyn Store) {
+    let mut tx = store.begin().unwrap();
+    tx.set_offset("events", 0, 100).unwrap();
+    tx.set_offset("events", 1, 100).unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.rewind_offset("events", 0, 3).unwrap();
+    tx.set_offset("events", 1, 3).unwrap();
+    tx.rewind_offset("new", 0, 2).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(store.offsets("events").unwrap(), [(0, 3), (1, 100)]);
+    assert_eq!(store.offsets("new").unwrap(), [(0, 2)]);
+    let mut tx = store.begin().unwrap();
+    tx.set_offset("events", 0, 5).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(store.offsets("events").unwrap(), [(0, 5), (1, 100)]);
+}
+
 /// Event ids are remembered with the transaction that processed them.
 pub fn processed_event_ids_dedup(store: &dyn Store) {
     let mut tx = store.begin().unwrap();
@@ -2282,6 +2302,7 @@ macro_rules! store_conformance {
             finish_steps_writes_a_batch_in_order,
             customers_and_histories_come_back_in_the_order_asked,
             offsets_are_per_partition_and_only_move_forward,
+            an_offset_rewinds_only_when_asked,
             processed_event_ids_dedup,
             exit_cancels_pending_steps_but_not_a_claimed_one,
             a_claim_handed_back_to_another_channel_waits_there,

@@ -606,6 +606,15 @@ pub trait Tx {
         partition: i32,
         next_offset: i64,
     ) -> Result<(), StoreError>;
+    /// Sets the offset even below the one stored: for a partition whose
+    /// log restarted beneath the store's offset (a re-created topic), where
+    /// [`set_offset`](Tx::set_offset) would keep the old log's position.
+    fn rewind_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError>;
     fn add_dead_letter(&mut self, letter: &DeadLetter, at: DateTime<Utc>)
         -> Result<(), StoreError>;
     fn commit(self: Box<Self>) -> Result<(), StoreError>;

@@ -134,6 +134,32 @@ impl StoredOffsetsUnreadable<'_> {
     }
 }
 
+/// Records below the store's offset reached the consumer, which starts each
+/// partition at that offset: the broker's log restarted beneath it (the
+/// topic was re-created, or the broker lost its data). They are decided,
+/// not skipped; an event already decided is still caught by its id.
+pub struct LogBehindStore<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub stored: i64,
+    pub first: i64,
+    pub records: u64,
+}
+
+impl LogBehindStore<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            target: INGEST,
+            topic = %self.topic,
+            partition = self.partition,
+            stored_offset = self.stored,
+            first_offset = self.first,
+            records = self.records,
+            "the broker's log is behind the store's offset (topic re-created or broker data lost?); deciding these records, not skipping them"
+        );
+    }
+}
+
 /// An offset librdkafka would not put in the commit list.
 pub struct InvalidOffset<'a> {
     pub topic: &'a str,

@@ -25,6 +25,8 @@ pub(super) struct Pending {
     steps: Vec<StepRow>,
     log: Vec<LogRecord>,
     offsets: BTreeMap<(String, i32), i64>,
+    /// Offsets set even below the stored ones ([`Tx::rewind_offset`](crate::store::Tx::rewind_offset)).
+    rewinds: BTreeMap<(String, i32), i64>,
     /// Received events of the decision record: nothing in the transaction
     /// reads them, so they wait for the commit ([`Pending::flush_received`])
     /// and never make a read flush.
@@ -57,6 +59,7 @@ impl Pending {
             && self.instances.is_empty()
             && self.log.is_empty()
             && self.offsets.is_empty()
+            && self.rewinds.is_empty()
     }
 
     pub(super) fn save_customer(
@@ -108,6 +111,12 @@ impl Pending {
             .entry((topic.to_owned(), partition))
             .or_insert(next_offset);
         *offset = (*offset).max(next_offset);
+    }
+
+    pub(super) fn rewind_offset(&mut self, topic: &str, partition: i32, next_offset: i64) {
+        let key = (topic.to_owned(), partition);
+        self.offsets.remove(&key);
+        self.rewinds.insert(key, next_offset);
     }
 
     pub(super) fn record_event(&mut self, event: &ReceivedEvent) {
@@ -200,6 +209,13 @@ impl Pending {
                  ON CONFLICT (topic, partition) DO UPDATE
                  SET next_offset = GREATEST(kafka_offsets.next_offset, excluded.next_offset)",
                 &[&topics, &partitions, &next],
+            )?;
+        }
+        for ((topic, partition), next) in std::mem::take(&mut self.rewinds) {
+            c.execute(
+                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                &[&topic, &partition, &next],
             )?;
         }
         Ok(())

@@ -425,6 +425,16 @@ impl Tx for PgTx {
         Ok(())
     }
 
+    fn rewind_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        self.pending.rewind_offset(topic, partition, next_offset);
+        Ok(())
+    }
+
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.tx.run(|c| {
             c.execute(

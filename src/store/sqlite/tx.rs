@@ -265,6 +265,21 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn rewind_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            )?
+            .execute(params![topic, partition, next_offset])?;
+        Ok(())
+    }
+
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
