@@ -897,10 +897,12 @@ mod tests {
         }
         producer.flush(Duration::from_secs(10)).unwrap();
 
-        let mut config = KafkaConfig::default();
-        config.brokers = mock.bootstrap_servers();
-        config.topics = vec!["events".into()];
-        config.group_id = "g".into();
+        let config = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            topics: vec!["events".into()],
+            group_id: "g".into(),
+            ..KafkaConfig::default()
+        };
         let rules = crate::rules::load_dir(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
             &crate::rules::Limits::default(),
