@@ -965,7 +965,10 @@ impl Scheduler {
                 .sort_unstable_by_key(|s| std::cmp::Reverse(s.at));
             std::borrow::Cow::Owned(seen)
         };
-        let mut verdict = self.policy.check(step, &seen, lateness, now);
+        let mut verdict = match self.unloaded_journey(step) {
+            Some(reason) => Verdict::Suppress(reason),
+            None => self.policy.check(step, &seen, lateness, now),
+        };
         if let Verdict::Suppress(reason) = &verdict {
             if let Some(lost) = arbiter.lost_earlier(step, &seen, reason, now) {
                 verdict = lost;
@@ -1322,10 +1325,24 @@ impl Scheduler {
         })
     }
 
+    /// A step whose journey the loaded rules no longer hold (its file was
+    /// removed or renamed) is not sent: neither its exits nor its
+    /// conditions can be checked any more, so a customer who acted would
+    /// still be reminded.
+    fn unloaded_journey(&self, step: &DueStep) -> Option<String> {
+        match self.rules.current().journey(&step.journey) {
+            Some(_) => None,
+            None => Some(format!(
+                "journey {} is not in the rules loaded (removed or renamed): its exits and conditions cannot be checked",
+                step.journey
+            )),
+        }
+    }
+
     fn condition_refusal(&self, step: &DueStep, customer: &CustomerContext) -> Option<String> {
         let function = step.condition.as_deref()?;
         let rules = self.rules.current();
-        let journey = rules.journey(&step.journey)?; // journey removed: keep the planned step
+        let journey = rules.journey(&step.journey)?; // not loaded: refused before
         let customer = Arc::new(customer.clone());
         match rules.condition(journey, function, &customer, &step.vars.to_map()) {
             Ok(true) => None,
@@ -1444,11 +1461,13 @@ mod tests {
         }
     }
 
+    /// Instance `id` of the shipped fee alert journey (a step of a
+    /// journey not loaded is not sent).
     fn instance(id: &str, now: DateTime<Utc>) -> NewInstance {
         NewInstance {
             id: id.into(),
             customer: "c1".into(),
-            journey: id.into(),
+            journey: "fee_increase".into(),
             key: id.into(),
             mode: Mode::Live,
             category: Category::Service,
@@ -1905,7 +1924,11 @@ mod tests {
                 ))
                 .unwrap();
             }
-            tx.start_instance(&instance(journey, now), &[step(ChannelKind::Push, now)])
+            let instance = NewInstance {
+                journey: journey.into(),
+                ..instance(journey, now)
+            };
+            tx.start_instance(&instance, &[step(ChannelKind::Push, now)])
                 .unwrap();
         }
         tx.commit().unwrap();
@@ -1923,6 +1946,46 @@ mod tests {
             "{records:?}"
         );
         assert_eq!(gate.sent.lock().unwrap().len(), 1);
+    }
+
+    /// A journey removed from the rules (or renamed) while its instance
+    /// waits: its exits no longer end it and its conditions cannot run, so
+    /// its step is suppressed with that reason, never sent; a loaded
+    /// journey's step due beside it goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_of_a_journey_no_longer_loaded_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        let retired = NewInstance {
+            journey: "retired_offer".into(),
+            ..instance("a", now)
+        };
+        tx.start_instance(&retired, &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.start_instance(&instance("b", now), &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.commit().unwrap();
+        let gate = open_gate();
+        let records = scheduler(&store, gate.clone(), 0).run_due().await.unwrap();
+        let by_instance: HashMap<&str, &LogRecord> =
+            records.iter().map(|r| (r.instance.as_str(), r)).collect();
+        assert_eq!(by_instance["b"].outcome, Outcome::Sent, "{records:?}");
+        assert_eq!(
+            (by_instance["a"].outcome, by_instance["a"].reason.as_str()),
+            (
+                Outcome::Suppressed,
+                "journey retired_offer is not in the rules loaded (removed or renamed): its exits and conditions cannot be checked"
+            ),
+            "{records:?}"
+        );
+        let sent = gate.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].journey, "fee_increase");
     }
 
     /// A worker claimed the push, began sending it and died before
@@ -2056,7 +2119,11 @@ fn slow_check(customer, vars) {
         tx.save_customer(&customer, now).unwrap();
         let mut push = step(ChannelKind::Push, now);
         push.condition = Some("slow_check".into());
-        tx.start_instance(&instance("slow", now), &[push]).unwrap();
+        let slow = NewInstance {
+            journey: "slow".into(),
+            ..instance("slow", now)
+        };
+        tx.start_instance(&slow, &[push]).unwrap();
         tx.commit().unwrap();
 
         let gate = open_gate();
