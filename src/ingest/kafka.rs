@@ -433,14 +433,25 @@ pub fn client_config(config: &KafkaConfig) -> anyhow::Result<ClientConfig> {
         ),
         (None, None) => None,
     };
+    // Each secret with the key it came from, to name that key in errors
+    // and keep the value out of them.
+    let mut secrets: Vec<(String, &str, String)> = Vec::new();
     if let Some(p) = password {
-        cc.set("sasl.password", p);
+        let source = match &config.sasl_password_env {
+            Some(var) => format!("kafka.sasl_password_env (environment variable {var})"),
+            None => "kafka.sasl_password_file".to_string(),
+        };
+        secrets.push((source, "sasl.password", p));
     }
     for (property, var) in &config.secret_properties_env {
         let value = std::env::var(var).with_context(|| {
             format!("kafka.secret_properties_env.{property}: environment variable {var}")
         })?;
-        cc.set(property, value);
+        secrets.push((
+            format!("kafka.secret_properties_env.{property} (environment variable {var})"),
+            property,
+            value,
+        ));
     }
     for (property, path) in &config.secret_properties_file {
         let value = std::fs::read_to_string(path).with_context(|| {
@@ -449,7 +460,33 @@ pub fn client_config(config: &KafkaConfig) -> anyhow::Result<ClientConfig> {
                 path.display()
             )
         })?;
-        cc.set(property, value.trim());
+        secrets.push((
+            format!("kafka.secret_properties_file.{property}"),
+            property,
+            value.trim().to_string(),
+        ));
+    }
+    for (source, property, value) in &secrets {
+        if value.is_empty() {
+            anyhow::bail!("{source}: the secret is empty");
+        }
+        cc.set(*property, value);
+    }
+    // librdkafka's own check, now rather than when a client is created: its
+    // message quotes the value, which for a secret must not reach the log.
+    if let Err(e) = cc.create_native_config() {
+        let KafkaError::ClientConfig(_, mut description, key, _) = e else {
+            return Err(e).context("kafka settings");
+        };
+        for (_, _, value) in &secrets {
+            description = description.replace(value.as_str(), "***");
+        }
+        match secrets.iter().find(|(_, property, _)| *property == key) {
+            Some((source, ..)) => {
+                anyhow::bail!("{source}: librdkafka refused {key}: {description}")
+            }
+            None => anyhow::bail!("kafka.properties.{key}: {description}"),
+        }
     }
     Ok(cc)
 }
@@ -963,5 +1000,46 @@ mod tests {
         config.sasl_password_env = Some("NUDGE_TEST_UNSET_PASSWORD".into());
         let err = client_config(&config).unwrap_err().to_string();
         assert!(err.contains("kafka.sasl_password_env"), "{err}");
+    }
+
+    /// A misspelt secret property is refused naming the key it came from,
+    /// without its value (librdkafka's own message quotes the value); an
+    /// empty secret is refused as empty, not as a missing SASL password.
+    #[test]
+    fn a_refused_or_empty_secret_is_named_without_its_value() {
+        let var = "NUDGE_TEST_KEY_PASSWORD";
+        std::env::set_var(var, "TopSecretEnv99");
+        let mut config = KafkaConfig::default();
+        config
+            .secret_properties_env
+            .insert("ssl.key.pasword".into(), var.into());
+        let err = format!("{:#}", client_config(&config).unwrap_err());
+        assert!(
+            err.starts_with(
+                "kafka.secret_properties_env.ssl.key.pasword (environment variable NUDGE_TEST_KEY_PASSWORD): librdkafka refused ssl.key.pasword"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("TopSecretEnv99"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("password");
+        std::fs::write(&empty, "\n").unwrap();
+        let config = KafkaConfig {
+            sasl_password_file: Some(empty),
+            ..KafkaConfig::default()
+        };
+        let err = format!("{:#}", client_config(&config).unwrap_err());
+        assert_eq!(err, "kafka.sasl_password_file: the secret is empty");
+
+        let mut config = KafkaConfig::default();
+        config
+            .properties
+            .insert("security.protocol".into(), "SSLL".into());
+        let err = format!("{:#}", client_config(&config).unwrap_err());
+        assert!(
+            err.starts_with("kafka.properties.security.protocol: "),
+            "{err}"
+        );
     }
 }
