@@ -440,12 +440,30 @@ impl Scheduler {
                     .unwrap_or_else(|e| e.into_inner())
                     .held
                     .extend(claimed.iter().map(|s| s.row));
-                let (context, read) = self.batch_context(&claimed, now - window, now).await?;
-                let context = Arc::new(context);
-                // Each batch is decided whole, and its sends marked in the
-                // store in one write, before the first of them starts.
-                let planned = self.decide_batch(claimed, &context).await?;
-                drop(read);
+                // If deciding fails (the store went away), the claims are
+                // handed back, not left to run out their lease while this
+                // replica lives.
+                let keys: Vec<(i64, String, String)> = claimed
+                    .iter()
+                    .map(|s| (s.row, s.instance_id.clone(), s.step.clone()))
+                    .collect();
+                let decided = async {
+                    let (context, read) = self.batch_context(&claimed, now - window, now).await?;
+                    let context = Arc::new(context);
+                    // Each batch is decided whole, and its sends marked in the
+                    // store in one write, before the first of them starts.
+                    let planned = self.decide_batch(claimed, &context).await?;
+                    drop(read);
+                    Ok::<_, StoreError>((planned, context))
+                }
+                .await;
+                let (planned, context) = match decided {
+                    Ok(decided) => decided,
+                    Err(e) => {
+                        self.hand_back(keys, in_flight).await;
+                        return Err(e);
+                    }
+                };
                 if batch_tx.send((planned, context)).await.is_err() {
                     break; // the sender failed; its error is returned below
                 }
@@ -483,6 +501,26 @@ impl Scheduler {
         sent?;
         claimed?;
         Ok(records)
+    }
+
+    /// Puts claimed steps back unsent, after a round failed before sending
+    /// them; stops at the first refusal (the store is still away: the
+    /// leases free the rest).
+    async fn hand_back(&self, keys: Vec<(i64, String, String)>, in_flight: &Mutex<InFlight>) {
+        for (row, instance, step) in keys {
+            let released = self
+                .store
+                .call(move |s| s.release_claim(&instance, &step, None))
+                .await;
+            if released.is_err() {
+                return;
+            }
+            in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .held
+                .remove(&row);
+        }
     }
 
     /// Whether steps this loop claimed are still being decided or sent.
@@ -1986,6 +2024,45 @@ mod tests {
         let sent = gate.sent.lock().unwrap();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].journey, "fee_increase");
+    }
+
+    /// The store fails between the claim and the send (a table unreadable
+    /// for a moment): the round fails, and its claims are handed back at
+    /// once rather than held for the lease by a replica that is alive; the
+    /// next round sends the push as its first attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_of_a_round_that_failed_before_sending_are_handed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        let mut customer = CustomerContext::new("c1");
+        customer.app_installed = true;
+        tx.save_customer(&customer, now).unwrap();
+        tx.start_instance(&instance("a", now), &[step(ChannelKind::Push, now)])
+            .unwrap();
+        tx.commit().unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch("ALTER TABLE customers RENAME TO customers_away")
+            .unwrap();
+        let gate = open_gate();
+        let scheduler = scheduler(&store, gate.clone(), 0);
+        assert!(scheduler.run_due().await.is_err());
+        raw.execute_batch("ALTER TABLE customers_away RENAME TO customers")
+            .unwrap();
+        let counts = store.step_counts().unwrap();
+        assert_eq!(counts, [("pending".to_string(), 1)], "{counts:?}");
+        let records = scheduler.run_due().await.unwrap();
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| (r.outcome, r.attempt))
+                .collect::<Vec<_>>(),
+            [(Outcome::Sent, 1)],
+            "{records:?}"
+        );
+        assert_eq!(gate.sent.lock().unwrap().len(), 1);
     }
 
     /// A worker claimed the push, began sending it and died before
