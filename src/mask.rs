@@ -39,7 +39,8 @@ pub fn mask_phone(phone: &str) -> String {
 /// but their last two digits as `*`.
 pub fn mask_contacts(text: &str) -> String {
     // A link's parts too (`/users/jane@example.org/profile`, `?e=…&x=1`).
-    let separator = |c: char| c.is_whitespace() || "\"'<>()[]{},;:=/?&#".contains(c);
+    // Not `'`: it may stand in an address (`john.o'brien@example.com`).
+    let separator = |c: char| c.is_whitespace() || "\"<>()[]{},;:=/?&#".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while !rest.is_empty() {
@@ -71,8 +72,22 @@ pub fn mask_contacts(text: &str) -> String {
             continue;
         }
         let start = i;
-        while i < chars.len() && phoneish(chars[i]) {
-            i += 1;
+        let scan = |dots: bool| {
+            let mut end = start;
+            while end < chars.len() && (phoneish(chars[end]) || (dots && chars[end] == '.')) {
+                end += 1;
+            }
+            while end > start + 1 && chars[end - 1] == '.' {
+                end -= 1;
+            }
+            end
+        };
+        // Dots between groups (`0400.123.456`) make one number; a single
+        // dot is a decimal point, which ends it.
+        i = scan(true);
+        let dots = chars[start..i].iter().filter(|&&c| c == '.').count();
+        if dots == 1 {
+            i = scan(false);
         }
         let digits: Vec<usize> = (start..i).filter(|&k| chars[k].is_ascii_digit()).collect();
         let run: String = chars[start..i].iter().collect();
@@ -81,7 +96,11 @@ pub fn mask_contacts(text: &str) -> String {
                 .char_indices()
                 .take(10)
                 .all(|(k, c)| matches!(k, 4 | 7) == (c == '-') && (c == '-' || c.is_ascii_digit()));
-        if digits.len() >= 7 && !date {
+        let enough = match dots {
+            0 | 1 => 7,
+            _ => 9,
+        };
+        if digits.len() >= enough && !date {
             for &k in &digits[..digits.len() - 2] {
                 chars[k] = '*';
             }

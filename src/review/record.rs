@@ -641,6 +641,9 @@ mod tests {
         let v = json!({
             "email": "bob@example.com",
             "note": "call +61 400 000 002 or dave@example.com",
+            "irish": "write to john.o'brien@example.com",
+            "dotted": "0400.123.456, or 02.9876.5432.",
+            "not_phones": ["25000.00", "1.234.567", "2026.03.02", "1234567.89"],
             "resume_url": "https://bank.example/sign?app=A-52&email=erin@example.com",
             "profile_url": "https://crm.example/users/jane.smith@example.org/profile",
             "encoded": "https://crm.example/c?e=jane%40example.org&x=1",
@@ -655,6 +658,9 @@ mod tests {
             json!({
                 "email": "b***@example.com",
                 "note": "call +** *** *** *02 or d***@example.com",
+                "irish": "write to j***@example.com",
+                "dotted": "****.***.*56, or **.****.**32.",
+                "not_phones": ["25000.00", "1.234.567", "2026.03.02", "*****67.89"],
                 "resume_url": "https://bank.example/sign?app=A-52&email=e***@example.com",
                 "profile_url": "https://crm.example/users/j***@example.org/profile",
                 "encoded": "https://crm.example/c?e=j***%40example.org&x=1",
