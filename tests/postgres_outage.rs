@@ -74,10 +74,15 @@ fn the_database_going_away_makes_the_daemon_not_ready_and_it_resumes_without_los
 
     let _restart = RestartOnDrop;
     pg_ctl("stop");
-    daemon.wait_until(LONG, "/readyz to say the store is unreachable", || {
-        daemon
-            .readyz()
-            .is_some_and(|r| !r.ready() && r.body["store"] != "ok")
+    // Not ready, and saying why: the server's refusal, not only that no
+    // answer came within the probe's second.
+    daemon.wait_until(LONG, "/readyz to say why the store is unreachable", || {
+        daemon.readyz().is_some_and(|r| {
+            !r.ready()
+                && r.body["store"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("refused"))
+        })
     });
     // Records keep arriving while the database is down.
     produce(&cfg.topic, &loans(200, 200));

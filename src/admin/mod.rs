@@ -158,6 +158,11 @@ impl StoreProbe {
         let _ = tokio::time::timeout(PROBE_WAIT, done.changed()).await;
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match (&state.last, state.running_since) {
+            // A probe of a store that is down may wait out the pool's
+            // connection timeout: meanwhile the last answer says why.
+            (Some(Err(e)), Some(since)) if since.elapsed() > STORE_PROBE_TIMEOUT => {
+                Err(format!("unreachable: {e}"))
+            }
             (_, Some(since)) if since.elapsed() > STORE_PROBE_TIMEOUT => Err(format!(
                 "no answer within {}",
                 crate::humanize::duration(STORE_PROBE_TIMEOUT)
@@ -174,6 +179,9 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
     let store_state = match (probe.check(&s.store).await, s.readiness.store_problem()) {
         (Ok(()), None) => "ok".to_string(),
         (Ok(()), Some(problem)) => problem,
+        // Ingest's own failed write names the cause; the probe may only
+        // know that no answer came.
+        (Err(e), Some(problem)) if e.starts_with("no answer") => problem,
         (Err(e), _) => e,
     };
     let store_ok = store_state == "ok";

@@ -45,7 +45,7 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_reason(.0))]
     Postgres(#[from] ::postgres::Error),
     /// No connection within the pool's timeout (the database is down,
     /// unreachable, or every connection is busy).
@@ -68,6 +68,19 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// The server's own message and SQLSTATE, or the cause of a connection
+/// failure: the client's display of either is a bare "db error". The
+/// server's detail line is left out (it may quote a row's values).
+fn postgres_reason(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 impl StoreError {

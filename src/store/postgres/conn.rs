@@ -211,9 +211,12 @@ impl Manager {
 
 impl r2d2::ManageConnection for Manager {
     type Connection = PgConn;
-    type Error = postgres::Error;
+    /// The store's error, so that the pool's "timed out waiting for
+    /// connection" and its log lines carry the server's reason, not the
+    /// client's bare "db error".
+    type Error = StoreError;
 
-    fn connect(&self) -> Result<PgConn, postgres::Error> {
+    fn connect(&self) -> Result<PgConn, StoreError> {
         let mut client = self.config.connect(self.tls.clone())?;
         // Statements are prepared once per connection; after five runs
         // PostgreSQL may switch a prepared statement to a generic plan made
@@ -233,8 +236,8 @@ impl r2d2::ManageConnection for Manager {
         })
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(|_| ())
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), StoreError> {
+        Ok(conn.client.simple_query("").map(|_| ())?)
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {

@@ -146,6 +146,11 @@ fn errors_are_classified_and_a_failed_transaction_commits_nothing() {
         .unwrap_err()
         .into();
     assert!(!err.is_transient(), "{err}");
+    // Named by the server's message and code, not the client's "db error".
+    assert_eq!(
+        err.to_string(),
+        "postgres: syntax error at or near \"SELEC\" (42601)"
+    );
     // No server at all: transient.
     let (mut config, _) = parse_url("postgres://postgres@127.0.0.1:1/test").unwrap();
     config.connect_timeout(std::time::Duration::from_secs(1));
@@ -155,6 +160,7 @@ fn errors_are_classified_and_a_failed_transaction_commits_nothing() {
         .expect("nothing listens on port 1")
         .into();
     assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
 }
 
 /// A claim's statements find their rows through indexes.
