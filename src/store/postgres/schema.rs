@@ -71,6 +71,10 @@ pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
             tx.commit()?;
             return Ok(applied);
         }
+        if applied == 0 {
+            // Nothing else is said until it ends, and a large store takes minutes.
+            tracing::info!(from = current, to = VERSION, "migrating the store's schema");
+        }
         tx.batch_execute(MIGRATIONS[current as usize])?;
         tx.execute(
             "INSERT INTO schema_version (version, binary_version) VALUES ($1, $2)",

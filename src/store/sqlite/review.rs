@@ -60,10 +60,19 @@ fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         });
     }
     if found == 0 {
-        return Err(StoreError::Config(format!(
-            "{}: not a nudge store (no schema)",
-            path.display()
-        )));
+        // Stores from before schema versions hold the tables at version 0.
+        let unversioned: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances')",
+            [],
+            |r| r.get(0),
+        )?;
+        return Err(StoreError::Config(match unversioned {
+            true => format!(
+                "{}: a store from before schema versions: run `nudge migrate` (or the daemon) first",
+                path.display()
+            ),
+            false => format!("{}: not a nudge store (no schema)", path.display()),
+        }));
     }
     if found < schema::VERSION {
         return Err(StoreError::Config(format!(
@@ -389,6 +398,21 @@ mod tests {
             .unwrap();
         let err = SqliteStore::open_reader(&old, 2).err().expect("old schema");
         assert!(err.to_string().contains("nudge migrate"), "{err}");
+        // From before schema versions: the tables at version 0.
+        let unversioned = dir.path().join("unversioned.db");
+        Connection::open(&unversioned)
+            .unwrap()
+            .execute_batch(schema::V1_TABLES)
+            .unwrap();
+        let err = SqliteStore::open_reader(&unversioned, 2)
+            .err()
+            .expect("unversioned");
+        assert!(
+            err.to_string().ends_with(
+                "a store from before schema versions: run `nudge migrate` (or the daemon) first"
+            ),
+            "{err}"
+        );
     }
 
     /// Every page of the log, with any one filter and at any depth, walks an

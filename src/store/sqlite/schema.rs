@@ -43,6 +43,10 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, StoreError> {
         if current == VERSION {
             return Ok(applied);
         }
+        if applied == 0 {
+            // Nothing else is said until it ends, and a large store takes minutes.
+            tracing::info!(from = current, to = VERSION, "migrating the store's schema");
+        }
         tx.execute_batch(MIGRATIONS[current as usize])?;
         tx.pragma_update(None, "user_version", current + 1)?;
         tx.commit()?;
