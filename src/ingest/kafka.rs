@@ -26,9 +26,9 @@ use crate::rules::RuleSet;
 use crate::store::{DeadLetter, RecordHeader, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
-    EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaReceiveFailed, KeyMismatches,
-    LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered, StoreRefusedRecord,
-    StoredOffsetsUnreadable,
+    EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaClientError, KafkaReceiveFailed,
+    KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered,
+    StoreRefusedRecord, StoredOffsetsUnreadable,
 };
 
 type Partition = (String, i32);
@@ -152,6 +152,15 @@ struct IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// Through the throttled event: librdkafka's default logs each one.
+    fn error(&self, error: KafkaError, reason: &str) {
+        KafkaClientError {
+            error: &error,
+            reason,
+        }
+        .emit();
+    }
+
     /// librdkafka's own view of lag (high watermark minus position), every
     /// `statistics.interval.ms`. On tansu the watermark is wrong, so is this.
     fn stats(&self, statistics: rdkafka::Statistics) {

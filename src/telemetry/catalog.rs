@@ -91,7 +91,7 @@ pub const KAFKA_ERRORS: Metric = Metric {
     name: "nudge_kafka_errors_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "errors receiving from Kafka; the consumer keeps polling",
+    help: "errors receiving from Kafka or reported by its client (all brokers down, a failed TLS handshake); the consumer keeps polling, and the log gives each distinct error once per 10 s with how many repeats it left out",
 };
 pub const KAFKA_REBALANCE_ERRORS: Metric = Metric {
     name: "nudge_kafka_rebalance_errors_total",

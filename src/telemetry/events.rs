@@ -104,8 +104,69 @@ pub struct KafkaReceiveFailed<'a> {
 
 impl KafkaReceiveFailed<'_> {
     pub fn emit(self) {
-        tracing::warn!(target: INGEST, error = %self.error, "kafka receive error");
         metrics::counter!(KAFKA_ERRORS.name).increment(1);
+        let error = self.error.to_string();
+        if let Some(repeats) = KAFKA_ERROR_LINES.admit(&error, std::time::Instant::now()) {
+            tracing::warn!(target: INGEST, error = %error, repeats_not_logged = repeats, "kafka receive error");
+        }
+    }
+}
+
+/// An error librdkafka reports about the client as a whole (all brokers
+/// down, a failed TLS handshake), in place of its own unthrottled line.
+pub struct KafkaClientError<'a> {
+    pub error: &'a dyn Display,
+    pub reason: &'a str,
+}
+
+impl KafkaClientError<'_> {
+    pub fn emit(self) {
+        metrics::counter!(KAFKA_ERRORS.name).increment(1);
+        let error = format!("{}: {}", self.error, self.reason);
+        if let Some(repeats) = KAFKA_ERROR_LINES.admit(&error, std::time::Instant::now()) {
+            tracing::warn!(target: INGEST, error = %error, repeats_not_logged = repeats, "kafka client error");
+        }
+    }
+}
+
+/// A broker that cannot be reached (or a wrong CA) fails every fetch and
+/// every reconnect, tens of times a second: one line per distinct error
+/// every `REPEAT_QUIET`, with how many repeats were left out, keeps the log
+/// readable (the metric counts every one).
+static KAFKA_ERROR_LINES: Throttle = Throttle::new(Duration::from_secs(10));
+
+pub struct Throttle {
+    quiet: Duration,
+    /// The last error logged, when, and its repeats not logged since.
+    last: std::sync::Mutex<Option<(String, std::time::Instant, u64)>>,
+}
+
+impl Throttle {
+    pub const fn new(quiet: Duration) -> Self {
+        Self {
+            quiet,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Some(repeats left out before it)` when `text` is to be logged now.
+    pub fn admit(&self, text: &str, now: std::time::Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *last {
+            Some((seen, at, repeats)) if seen == text && now < *at + self.quiet => {
+                *repeats += 1;
+                None
+            }
+            Some((seen, at, repeats)) if seen == text => {
+                let left_out = std::mem::take(repeats);
+                *at = now;
+                Some(left_out)
+            }
+            _ => {
+                *last = Some((text.to_string(), now, 0));
+                Some(0)
+            }
+        }
     }
 }
 
@@ -887,5 +948,24 @@ impl ChannelStopped<'_> {
     pub fn emit(self) {
         metrics::gauge!(CHANNEL_STOPPED.name, "channel" => self.channel.to_string())
             .set(if self.stopped { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_error_is_logged_once_per_quiet_period_with_its_repeats() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(throttle.admit("all brokers down", at(0)), Some(0));
+        assert_eq!(throttle.admit("all brokers down", at(50)), None);
+        assert_eq!(throttle.admit("all brokers down", at(9_999)), None);
+        assert_eq!(throttle.admit("all brokers down", at(10_000)), Some(2));
+        assert_eq!(throttle.admit("all brokers down", at(10_001)), None);
+        // Another error is news: logged at once.
+        assert_eq!(throttle.admit("handshake failed", at(10_002)), Some(0));
     }
 }
