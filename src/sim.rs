@@ -201,6 +201,11 @@ impl Simulation {
         self.scheduler.run_due().await
     }
 
+    /// Every message sent so far, in order.
+    pub fn messages(&self) -> Vec<crate::dispatch::Message> {
+        self.channel.messages()
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }

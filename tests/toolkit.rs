@@ -248,6 +248,50 @@ fn replay_reports_a_changed_delay_and_a_changed_condition() {
     );
 }
 
+/// A change to what a message says, not to whether or when it goes: a
+/// review pipeline's `--fail-on-change` must catch it too.
+#[test]
+fn replay_reports_a_message_that_says_something_else() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, from, to, expect) in [
+        (
+            "template",
+            r#"template: "fee_increase_alert""#,
+            r#"template: "fee_increase_alert_v2""#,
+            "says something else: template fee_increase_alert -> fee_increase_alert_v2",
+        ),
+        (
+            "variables",
+            "new_amount: current,",
+            "new_amount: money(d.new_amount * 10),",
+            "says something else: variables new_amount differ",
+        ),
+    ] {
+        let candidate = dir.path().join(name);
+        copy_rules(&candidate);
+        let fee = candidate.join("fee_increase.rhai");
+        let text = std::fs::read_to_string(&fee).unwrap();
+        assert!(text.contains(from));
+        std::fs::write(&fee, text.replace(from, to)).unwrap();
+        let (code, out, err) = nudge(&[
+            "replay",
+            "--rules",
+            candidate.to_str().unwrap(),
+            "--baseline",
+            repo().join("rules").to_str().unwrap(),
+            "--events",
+            repo().join("examples/events.jsonl").to_str().unwrap(),
+            "--fail-on-change",
+        ]);
+        assert_eq!(code, 1, "{name}: {out}{err}");
+        assert!(out.contains(expect), "{name}: {out}");
+        assert!(
+            !out.contains("no customer would get a different message"),
+            "{out}"
+        );
+    }
+}
+
 fn t0() -> DateTime<Utc> {
     "2026-01-05T01:00:00Z".parse().unwrap()
 }

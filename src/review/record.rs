@@ -471,6 +471,18 @@ fn control_entries(store: &dyn ReviewRead, entries: &[Entry]) -> Result<Vec<Entr
         .collect())
 }
 
+/// Lateness as the log gives it (`540 ms`), and for a long one also in
+/// days and hours, which a count of milliseconds hides.
+fn late(ms: u64) -> String {
+    match ms < 60_000 {
+        true => format!("{ms} ms"),
+        false => format!(
+            "{ms} ms ({})",
+            crate::humanize::duration(std::time::Duration::from_millis(ms))
+        ),
+    }
+}
+
 fn log_entry(r: &LogRecord, key: Option<&str>) -> Entry {
     let kind = Kind::of(r.outcome);
     let key = key.map(|k| format!(" (key {k})")).unwrap_or_default();
@@ -480,13 +492,18 @@ fn log_entry(r: &LogRecord, key: Option<&str>) -> Entry {
     };
     let text = match r.outcome {
         Outcome::Sent => format!(
-            "{subject}: sent, template {}, attempt {}{}{}",
+            "{subject}: sent, template {}, attempt {}{}{}{}",
             r.template,
             r.attempt,
             r.latency_ms
-                .map(|l| format!(", {l} ms after due"))
+                .map(|l| format!(", {} after due", late(l)))
                 .unwrap_or_default(),
-            answer(r)
+            answer(r),
+            // Sent on another channel than planned, and why.
+            match r.reason.starts_with("fallback from ") {
+                true => format!("; {}", r.reason),
+                false => String::new(),
+            }
         ),
         Outcome::Failed | Outcome::Retrying => format!(
             "{subject}: {}, attempt {}{}: {}",
@@ -632,6 +649,34 @@ pub fn mask_value(v: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A send on a fallback channel says so and why; a long lateness is
+    /// also given in hours.
+    #[test]
+    fn a_sent_entry_names_its_fallback_and_a_long_lateness_in_hours() {
+        let subject = crate::model::StepRef {
+            customer: "c1",
+            journey: "fee_increase",
+            instance: "i1",
+            step: "alert",
+            channel: "email",
+            template: "fee_alert",
+            rule_hash: "h",
+        };
+        let mut record = LogRecord::about(
+            subject,
+            chrono::Utc::now(),
+            Outcome::Sent,
+            "fallback from push: no app installed",
+        );
+        record.attempt = 2;
+        record.latency_ms = Some(43_170_125);
+        let text = log_entry(&record, None).text;
+        assert_eq!(
+            text,
+            "fee_increase/alert via email: sent, template fee_alert, attempt 2, 43170125 ms (11h 59m 30s) after due; fallback from push: no app installed"
+        );
+    }
 
     #[test]
     fn contact_details_are_masked_wherever_they_appear() {

@@ -37,6 +37,8 @@ pub struct Row {
     pub customers_fewer: usize,
     /// Messages both send, at a different time.
     pub retimed: usize,
+    /// Messages both send, with another template or other variables.
+    pub reworded: usize,
     pub examples: Vec<String>,
 }
 
@@ -44,7 +46,7 @@ impl ReplayReport {
     pub fn changed(&self) -> bool {
         self.rows
             .iter()
-            .any(|r| r.customers_more + r.customers_fewer + r.retimed > 0)
+            .any(|r| r.customers_more + r.customers_fewer + r.retimed + r.reworded > 0)
     }
 
     pub fn to_text(&self) -> String {
@@ -56,14 +58,22 @@ impl ReplayReport {
         );
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:>8} {:>9} {:>6} {:>5} {:>6} {:>7}",
-            "journey", "channel", "baseline", "candidate", "change", "more", "fewer", "retimed"
+            "{:<16} {:<10} {:>8} {:>9} {:>6} {:>5} {:>6} {:>7} {:>8}",
+            "journey",
+            "channel",
+            "baseline",
+            "candidate",
+            "change",
+            "more",
+            "fewer",
+            "retimed",
+            "reworded"
         );
         for r in &self.rows {
             let change = r.candidate_sent as i64 - r.baseline_sent as i64;
             let _ = writeln!(
                 out,
-                "{:<16} {:<10} {:>8} {:>9} {:>+6} {:>5} {:>6} {:>7}",
+                "{:<16} {:<10} {:>8} {:>9} {:>+6} {:>5} {:>6} {:>7} {:>8}",
                 r.journey,
                 r.channel,
                 r.baseline_sent,
@@ -71,7 +81,8 @@ impl ReplayReport {
                 change,
                 r.customers_more,
                 r.customers_fewer,
-                r.retimed
+                r.retimed,
+                r.reworded
             );
         }
         let examples: Vec<&String> = self.rows.iter().flat_map(|r| &r.examples).collect();
@@ -104,8 +115,8 @@ pub async fn replay(
         candidate_version: candidate.version.clone(),
         ..ReplayReport::default()
     };
-    let base = run(&file.events, baseline, policy, channels).await?;
-    let cand = run(&file.events, candidate, policy, channels).await?;
+    let (base, base_said) = run(&file.events, baseline, policy, channels).await?;
+    let (cand, cand_said) = run(&file.events, candidate, policy, channels).await?;
 
     // (journey, channel) → customer → sends.
     let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
@@ -180,6 +191,20 @@ pub async fn replay(
             let cand_times: HashMap<&String, &DateTime<Utc>> =
                 cs.iter().map(|(k, t)| (k, t)).collect();
             for (key, t) in bs {
+                if let (true, Some(was), Some(is)) = (
+                    cand_times.contains_key(key),
+                    base_said.get(key),
+                    cand_said.get(key),
+                ) {
+                    if let Some(change) = content_change(was, is) {
+                        row.reworded += 1;
+                        if row.examples.len() < EXAMPLES {
+                            row.examples.push(format!(
+                                "{journey}/{channel}: {customer} {key} says something else: {change}"
+                            ));
+                        }
+                    }
+                }
                 if let Some(ct) = cand_times.get(key) {
                     if *ct != t {
                         row.retimed += 1;
@@ -199,18 +224,54 @@ pub async fn replay(
     Ok(report)
 }
 
+/// What a message says: its template and variables (by `instance:step`).
+type Said = HashMap<String, (String, crate::model::Variables)>;
+
+/// How two messages of one step differ in what they say, if they do:
+/// the template, or the names of the variables that differ (not their
+/// values, which may be a customer's).
+fn content_change(
+    (was_template, was): &(String, crate::model::Variables),
+    (is_template, is): &(String, crate::model::Variables),
+) -> Option<String> {
+    if was_template != is_template {
+        return Some(format!("template {was_template} -> {is_template}"));
+    }
+    if was == is {
+        return None;
+    }
+    let (was, is) = (was.to_map(), is.to_map());
+    let names: BTreeSet<&String> = was
+        .keys()
+        .chain(is.keys())
+        .filter(|k| was.get(*k) != is.get(*k))
+        .collect();
+    let names: Vec<&str> = names.into_iter().map(String::as_str).collect();
+    Some(format!("variables {} differ", names.join(", ")))
+}
+
 async fn run(
     events: &[(usize, crate::event::Event)],
     rules: RuleSet,
     policy: &PolicyConfig,
     channels: &ChannelSettings,
-) -> anyhow::Result<Vec<LogRecord>> {
+) -> anyhow::Result<(Vec<LogRecord>, Said)> {
     let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
     let sim = Simulation::with_settings(rules, start, policy.clone(), channels.clone())?;
     let events: Vec<crate::event::Event> = events.iter().map(|(_, e)| e.clone()).collect();
     let (_, mut records) = sim.feed_in_moments(events).await?;
     records.extend(sim.finish().await?);
-    Ok(records)
+    let said = sim
+        .messages()
+        .into_iter()
+        .map(|m| {
+            (
+                format!("{}:{}", m.instance, m.step),
+                (m.template, m.variables),
+            )
+        })
+        .collect();
+    Ok((records, said))
 }
 
 #[cfg(test)]
@@ -240,7 +301,7 @@ mod tests {
                 .count()
         };
         let policy = PolicyConfig::default();
-        let free = run(&events, rules(), &policy, &ChannelSettings::default())
+        let (free, _) = run(&events, rules(), &policy, &ChannelSettings::default())
             .await
             .unwrap();
         assert_eq!(waits(&free), 0);
@@ -253,7 +314,7 @@ mod tests {
                 per: Duration::from_secs(7200),
             },
         );
-        let slowed = run(&events, rules(), &policy, &limited).await.unwrap();
+        let (slowed, _) = run(&events, rules(), &policy, &limited).await.unwrap();
         assert!(waits(&slowed) > 0, "{slowed:#?}");
     }
 }
