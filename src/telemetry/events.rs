@@ -137,36 +137,41 @@ static KAFKA_ERROR_LINES: Throttle = Throttle::new(Duration::from_secs(10));
 
 pub struct Throttle {
     quiet: Duration,
-    /// The last error logged, when, and its repeats not logged since.
-    last: std::sync::Mutex<Option<(String, std::time::Instant, u64)>>,
+    /// Errors logged lately, when, and their repeats not logged since (a
+    /// few: a failing broker gives two or three messages that take turns).
+    recent: std::sync::Mutex<Vec<(String, std::time::Instant, u64)>>,
 }
+
+/// Distinct errors a [`Throttle`] remembers; the one logged longest ago
+/// makes room for a new one.
+const THROTTLE_SLOTS: usize = 16;
 
 impl Throttle {
     pub const fn new(quiet: Duration) -> Self {
         Self {
             quiet,
-            last: std::sync::Mutex::new(None),
+            recent: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     /// `Some(repeats left out before it)` when `text` is to be logged now.
     pub fn admit(&self, text: &str, now: std::time::Instant) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match &mut *last {
-            Some((seen, at, repeats)) if seen == text && now < *at + self.quiet => {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, at, repeats)) = recent.iter_mut().find(|(seen, ..)| seen == text) {
+            if now < *at + self.quiet {
                 *repeats += 1;
-                None
+                return None;
             }
-            Some((seen, at, repeats)) if seen == text => {
-                let left_out = std::mem::take(repeats);
-                *at = now;
-                Some(left_out)
-            }
-            _ => {
-                *last = Some((text.to_string(), now, 0));
-                Some(0)
+            *at = now;
+            return Some(std::mem::take(repeats));
+        }
+        if recent.len() >= THROTTLE_SLOTS {
+            if let Some(oldest) = (0..recent.len()).min_by_key(|&i| recent[i].1) {
+                recent.swap_remove(oldest);
             }
         }
+        recent.push((text.to_string(), now, 0));
+        Some(0)
     }
 }
 
@@ -967,5 +972,13 @@ mod tests {
         assert_eq!(throttle.admit("all brokers down", at(10_001)), None);
         // Another error is news: logged at once.
         assert_eq!(throttle.admit("handshake failed", at(10_002)), Some(0));
+        // Two errors taking turns (a broker down: the client's and each
+        // receive's) are each held back, not logged on every turn.
+        for ms in (10_003..19_000).step_by(50) {
+            assert_eq!(throttle.admit("all brokers down", at(ms)), None);
+            assert_eq!(throttle.admit("handshake failed", at(ms + 1)), None);
+        }
+        // The one at 10_001 and the 180 of the loop.
+        assert_eq!(throttle.admit("all brokers down", at(20_000)), Some(181));
     }
 }
