@@ -401,9 +401,12 @@ fn sigkill_at_several_points_loses_nothing_and_sends_each_step_once() {
     daemon.wait_until(LONG, "the last daemon to own every partition", || {
         daemon.partitions() == Some(6)
     });
-    daemon.wait_until(LONG * 2, "every push and every offset", || {
+    // Recorded, not only received: a push delivered before a kill but not
+    // recorded goes again (same key) once the final daemon gets to it.
+    daemon.wait_until(LONG * 2, "every push recorded and every offset", || {
         recv.by_key().len() >= loans
             && stored_offsets_total(&cfg.store, &cfg.topic) == records.len() as i64
+            && sent_steps(&cfg.store).len() >= loans
     });
     // Leased steps of killed runs were re-sent only if their send was not recorded.
     daemon.wait_until(LONG, "no claimed step left", || {
