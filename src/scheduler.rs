@@ -29,8 +29,9 @@ mod arbiter;
 mod unrecorded;
 
 use crate::telemetry::events::{
-    LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepConditionFailed,
-    StepDecided, StepDispatched, StepRateLimited, StepResultRefused, StepResultsUnstored,
+    LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepClaimLost,
+    StepConditionFailed, StepDecided, StepDispatched, StepRateLimited, StepResultRefused,
+    StepResultsUnstored,
 };
 use arbiter::{fallback_of, planned_channel, Arbiter};
 use unrecorded::Unrecorded;
@@ -41,7 +42,7 @@ fn settle_recorded(
     store: &dyn Store,
     unrecorded: &Unrecorded,
     results: &[StepResult],
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Vec<Option<i64>>, StoreError> {
     let seqs = store.settle_steps(results)?;
     unrecorded.recorded(results.iter().filter_map(|r| {
         r.claimed_row
@@ -371,25 +372,33 @@ impl Scheduler {
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
                 let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                for result in &results {
+                for (result, seq) in results.iter().zip(&seqs) {
                     let Some(row) = result.claimed_row else {
                         continue;
                     };
                     rows.held.remove(&row);
-                    // A retry or a deferral is pending again: once due, a
-                    // claim of it in this round is its next try, not a copy.
-                    if result.again_at.is_none() {
+                    if seq.is_none() {
+                        StepClaimLost {
+                            channel: channel.as_str(),
+                            instance: &result.record.instance,
+                            step: &result.record.step,
+                            outcome: result.record.outcome.as_str(),
+                        }
+                        .emit();
+                    } else if result.again_at.is_none() {
+                        // A retry or a deferral is pending again: once due, a
+                        // claim of it in this round is its next try, not a copy.
                         rows.settled.insert(row);
                     }
                 }
                 drop(rows);
                 if keep {
-                    records.extend(
-                        results
-                            .into_iter()
-                            .zip(seqs)
-                            .map(|(r, seq)| LogRecord { seq, ..r.record }),
-                    );
+                    records.extend(results.into_iter().zip(seqs).filter_map(|(r, seq)| {
+                        Some(LogRecord {
+                            seq: seq?,
+                            ..r.record
+                        })
+                    }));
                 }
             }
             Ok::<_, StoreError>(records)
@@ -595,7 +604,7 @@ impl Scheduler {
         channel: ChannelKind,
         results: Vec<StepResult>,
         stop: Option<&watch::Receiver<bool>>,
-    ) -> Result<(Vec<StepResult>, Vec<i64>), StoreError> {
+    ) -> Result<(Vec<StepResult>, Vec<Option<i64>>), StoreError> {
         let mut wait = Duration::from_millis(100);
         let mut results = results;
         loop {
@@ -636,7 +645,7 @@ impl Scheduler {
         &self,
         channel: ChannelKind,
         results: Vec<StepResult>,
-    ) -> Result<(Vec<StepResult>, Vec<i64>), StoreError> {
+    ) -> Result<(Vec<StepResult>, Vec<Option<i64>>), StoreError> {
         let mut settled = Vec::with_capacity(results.len());
         let mut seqs = Vec::with_capacity(results.len());
         for result in results {

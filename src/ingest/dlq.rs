@@ -75,7 +75,12 @@ impl DeadLetterStatus {
 }
 
 pub struct DeadLetterPublisher {
-    producer: FutureProducer,
+    /// Replaced after a pass in which a send failed for the topic's sake: an
+    /// idempotent producer that met a fatal error (a broker that lost its
+    /// producer ids, a fence) fails every later send, so the letters would
+    /// wait until a restart.
+    producer: std::sync::Mutex<FutureProducer>,
+    client: rdkafka::ClientConfig,
     topic: String,
     store: AsyncStore,
     clock: Arc<dyn Clock>,
@@ -133,7 +138,8 @@ impl DeadLetterPublisher {
         };
         let producer: FutureProducer = cc.create()?;
         Ok(Self {
-            producer,
+            producer: std::sync::Mutex::new(producer),
+            client: cc,
             topic: config.dead_letter_topic.clone(),
             store: AsyncStore::new(store),
             clock,
@@ -188,12 +194,29 @@ impl DeadLetterPublisher {
                 return 0;
             }
         };
-        let results = futures::future::join_all(pending.iter().map(|c| self.send(c))).await;
+        let producer = self
+            .producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let results =
+            futures::future::join_all(pending.iter().map(|c| self.send(&producer, c))).await;
         let mut done = Vec::with_capacity(pending.len());
+        let mut topic_failed = false;
         for (claimed, result) in pending.iter().zip(results) {
             match result {
                 Ok(()) => done.push(claimed.id),
-                Err(e) => self.failed(claimed, e).await,
+                Err(e) => {
+                    topic_failed |= !e.refused;
+                    self.failed(claimed, e).await
+                }
+            }
+        }
+        if topic_failed {
+            // A fresh producer for the next pass (a letter sent twice after a
+            // lost acknowledgement is known by its `nudge.source.*` headers).
+            if let Ok(fresh) = self.client.create::<FutureProducer>() {
+                *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
             }
         }
         if !done.is_empty() {
@@ -278,7 +301,11 @@ impl DeadLetterPublisher {
 
     /// Sends one letter: whole if it fits the producer's limit, else its
     /// first bytes, and with no value if the broker refuses even that.
-    async fn send(&self, c: &ClaimedDeadLetter) -> Result<(), SendError> {
+    async fn send(
+        &self,
+        producer: &FutureProducer,
+        c: &ClaimedDeadLetter,
+    ) -> Result<(), SendError> {
         let l = &c.letter;
         let partition = l.partition.to_string();
         let offset = l.offset.to_string();
@@ -344,7 +371,7 @@ impl DeadLetterPublisher {
             if let Some(k) = &l.key {
                 record = record.key(&k[..]);
             }
-            let error = match self.producer.send(record, Duration::from_secs(10)).await {
+            let error = match producer.send(record, Duration::from_secs(10)).await {
                 Ok(_) => return Ok(()),
                 Err((e, _)) => e,
             };
@@ -372,6 +399,79 @@ impl DeadLetterPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idempotent producer that met a fatal error fails every later
+    /// send; the next pass has a fresh one (a tansu restart left the letters
+    /// `waiting` with `UnknownProducerId` until nudge restarted).
+    #[tokio::test]
+    async fn a_producer_broken_for_good_is_replaced_and_the_letters_go() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        mock.create_topic("dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let clock = Arc::new(crate::clock::VirtualClock::new(Utc::now()));
+        let mut tx = store.begin().unwrap();
+        tx.add_dead_letter(
+            &crate::store::DeadLetter {
+                topic: "events".into(),
+                partition: 0,
+                offset: 7,
+                key: Some(b"c1".to_vec()),
+                payload: b"{not json".to_vec(),
+                reason: "malformed".into(),
+                journey: None,
+                event_id: None,
+                headers: Vec::new(),
+            },
+            clock.now(),
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let config = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            dead_letter_topic: "dlq".into(),
+            ..KafkaConfig::default()
+        };
+        let publisher = DeadLetterPublisher::new(&config, store.clone(), clock.clone()).unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        );
+        assert_eq!(
+            publisher.publish_pending().await,
+            0,
+            "the broker and the producer disagree"
+        );
+        let mut published = 0;
+        for _ in 0..3 {
+            clock.advance(chrono::Duration::seconds(61));
+            published += publisher.publish_pending().await;
+        }
+        assert_eq!(published, 1, "{}", publisher.status().report());
+        assert_eq!(store.dead_letter_backlog().unwrap().waiting, 0);
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "check")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&["dlq"]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no letter on the topic"
+            );
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.unwrap();
+                assert_eq!(rdkafka::Message::payload(&m), Some(&b"{not json"[..]));
+                break;
+            }
+        }
+    }
 
     #[test]
     fn retries_back_off_to_a_minute() {

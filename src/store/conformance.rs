@@ -148,8 +148,23 @@ pub fn claims_are_exclusive_and_leases_expire(store: &dyn Store) {
             claimed_row: Some(again[0].row),
             withdraw_if_ended: false,
         })
-        .unwrap();
+        .unwrap()
+        .expect("the holder's result is recorded");
     assert!(written.seq > 0);
+    // The first worker comes back from a stall past its lease: its result
+    // for the step the second one settled is fenced off, not logged again.
+    let mut late = push_record(later, "c1", "i1", "t_push", Outcome::Sent, "ok");
+    late.attempt = 1;
+    let fenced = store
+        .settle_steps(&[StepResult {
+            record: late,
+            again_at: None,
+            replan: false,
+            claimed_row: Some(claimed[0].row),
+            withdraw_if_ended: false,
+        }])
+        .unwrap();
+    assert_eq!(fenced, [None], "a step settled is not settled again");
     assert!(store
         .claim_due(
             ChannelKind::Push,
@@ -1415,12 +1430,42 @@ pub fn abandoned_claims_are_taken_over_after_the_lease(a: &dyn Store, b: &dyn St
             .is_empty(),
         "still b's"
     );
+    // a was only stalled: its send went out, and it settles it late. b
+    // holds the step now and records it; a's result is fenced off.
+    let stale = a
+        .settle_steps(&[settle(&held[0], after, Outcome::Sent)])
+        .unwrap();
+    assert_eq!(
+        stale,
+        [None],
+        "settled by a replica that no longer holds it"
+    );
+    assert_eq!(a.log_after(0, 10).unwrap().len(), 0);
     let results = taken
         .iter()
         .map(|d| settle(d, after, Outcome::Sent))
         .collect();
-    b.finish_steps(results).unwrap();
+    assert_eq!(b.finish_steps(results).unwrap().len(), 2);
     assert_eq!(status_counts(a).get("sent"), Some(&2));
+    // Late again, after b settled it: still fenced off.
+    let stale = a
+        .settle_steps(&[settle(&held[0], after, Outcome::Failed)])
+        .unwrap();
+    assert_eq!(stale, [None]);
+    let sent: Vec<_> = b
+        .log_after(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.instance, r.outcome))
+        .collect();
+    assert_eq!(sent.len(), 2, "one record a step: {sent:?}");
+    assert!(sent.iter().all(|(_, o)| *o == Outcome::Sent), "{sent:?}");
+    let counted = b.propensity_counts(None).unwrap();
+    assert_eq!(
+        counted.iter().map(|c| c.sends).sum::<u64>(),
+        2,
+        "each send counted once"
+    );
 }
 
 /// An idle replica is told when another's claim runs out, so that it wakes

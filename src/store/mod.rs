@@ -286,29 +286,44 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<DueStep>, StoreError>;
 
     /// Settles (or reschedules) claimed steps and appends their log
-    /// records, in one transaction (all of them or none); returns the
-    /// records' positions in the log, in order. By reference, so that a
+    /// records, in one transaction (all of them or none); returns each
+    /// record's position in the log, in order. By reference, so that a
     /// caller meeting a transient error tries the same results again
     /// without copying them first.
-    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError>;
+    ///
+    /// A result with a [`StepResult::claimed_row`] is fenced: it is
+    /// recorded only while its step is still this worker's claim (or back
+    /// to pending after its lease ran out, unclaimed since). A worker that
+    /// stalled past its lease while another took the step over (or
+    /// settled it) gets `None` for it and writes nothing: the holder
+    /// records that step, so one send is never logged (and counted against
+    /// caps) twice.
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<Option<i64>>, StoreError>;
 
-    /// [`settle_steps`](Self::settle_steps), returning the records as written.
+    /// [`settle_steps`](Self::settle_steps), returning the records written
+    /// (a result fenced off is left out).
     fn finish_steps(&self, results: Vec<StepResult>) -> Result<Vec<LogRecord>, StoreError> {
         let seqs = self.settle_steps(&results)?;
         Ok(results
             .into_iter()
             .zip(seqs)
-            .map(|(r, seq)| LogRecord { seq, ..r.record })
+            .filter_map(|(r, seq)| {
+                Some(LogRecord {
+                    seq: seq?,
+                    ..r.record
+                })
+            })
             .collect())
     }
 
-    /// [`finish_steps`](Self::finish_steps) for one step.
-    fn finish_step(&self, result: &StepResult) -> Result<LogRecord, StoreError> {
+    /// [`finish_steps`](Self::finish_steps) for one step: `None` when it
+    /// was fenced off.
+    fn finish_step(&self, result: &StepResult) -> Result<Option<LogRecord>, StoreError> {
         let seq = self.settle_steps(std::slice::from_ref(result))?;
-        Ok(LogRecord {
-            seq: seq[0],
+        Ok(seq[0].map(|seq| LogRecord {
+            seq,
             ..result.record.clone()
-        })
+        }))
     }
 
     /// Extends the leases of claimed steps ([`DueStep::row`]) that this

@@ -195,6 +195,12 @@ pub const STEP_RESULTS_REFUSED: Metric = Metric {
     labels: &["channel"],
     help: "step results the store refused for good (permanent error): each is recorded as failed with the store's reason instead, so it is never retried forever",
 };
+pub const CLAIMS_LOST: Metric = Metric {
+    name: "nudge_step_claims_lost_total",
+    kind: Kind::Counter,
+    labels: &["channel"],
+    help: "step results not recorded because another replica took the step over after this one's lease ran out (a stall, a partition): the holder records it, under the same idempotency key; a steady rate means the lease is too short",
+};
 pub const LEASE_RENEWAL_ERRORS: Metric = Metric {
     name: "nudge_lease_renewal_errors_total",
     kind: Kind::Counter,
@@ -330,6 +336,7 @@ pub const ALL: &[&Metric] = &[
     &SCHEDULER_ERRORS,
     &STEP_RESULTS_UNSTORED,
     &STEP_RESULTS_REFUSED,
+    &CLAIMS_LOST,
     &LEASE_RENEWAL_ERRORS,
     &RATE_LIMITED,
     &RATE_WAIT_SECONDS,

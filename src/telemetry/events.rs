@@ -540,6 +540,21 @@ impl StepResultRefused<'_> {
     }
 }
 
+/// A result fenced off by the store ([`crate::store::Store::settle_steps`]).
+pub struct StepClaimLost<'a> {
+    pub channel: &'static str,
+    pub instance: &'a str,
+    pub step: &'a str,
+    pub outcome: &'a str,
+}
+
+impl StepClaimLost<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, channel = %self.channel, instance = %self.instance, step = %self.step, outcome = %self.outcome, "step taken over by another worker after this one's lease ran out; its result here is not recorded (the holder records the step, under the same idempotency key)");
+        metrics::counter!(CLAIMS_LOST.name, "channel" => self.channel).increment(1);
+    }
+}
+
 pub struct LeaseRenewalFailed<'a> {
     pub channel: &'static str,
     pub error: &'a dyn Display,

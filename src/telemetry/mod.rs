@@ -149,6 +149,13 @@ mod tests {
             error,
         }
         .emit();
+        StepClaimLost {
+            channel: "push",
+            instance: "i1",
+            step: "s1",
+            outcome: "sent",
+        }
+        .emit();
         AdminAuthRefused {
             path: "/",
             reason: "wrong token",

@@ -134,12 +134,16 @@ const CLAIM: &str = "/* plan: generic */ WITH candidates AS MATERIALIZED (
 /// set) claimed steps `$1`-`$5`, by key; completes the instances `$6` (at
 /// `$7`) left with no step to send; writes the log records `$8`-`$22`; and
 /// ends holder `$24`'s leases on the customers `$23` left with no step
-/// claimed by it; counts the sends among the records per journey, step and
-/// channel (`propensity_counts`, rows taken in key order): one statement, one round trip, atomic without a
-/// transaction around it. Its parts share one snapshot, from before the
+/// claimed by it; counts the sends among the records written per journey,
+/// step and channel (`propensity_counts`, rows taken in key order): one
+/// statement, one round trip, atomic without a transaction around it.
+/// A step fenced (`$25`: its claim is known) is settled only while it is
+/// still `$24`'s claim or pending (its lease ran out and nobody took it
+/// since), and a fenced record (`$26`) is written only if its step was
+/// ([`Store::settle_steps`]). Its parts share one snapshot, from before the
 /// settle, so the completion and the release look at each step as the
-/// settle leaves it: the status in `$3` for a step settled here, the stored
-/// one for any other (`IN (SELECT … FROM u)`: one hash of the settled keys,
+/// settle leaves it: the status settled for a step settled here, the stored
+/// one for any other (`IN (SELECT … FROM settled)`: one hash of the settled keys,
 /// probed per step; the completion's probe is by `i.id`, so that it runs
 /// for the instances named only). The steps updated are also named by
 /// `id = ANY` (their ids looked up by key, one probe each), and the
@@ -154,21 +158,20 @@ const CLAIM: &str = "/* plan: generic */ WITH candidates AS MATERIALIZED (
 /// never analyzed were estimated at 64 % of it (0.5 % an id) and the
 /// instances scanned whole below about 40 k narrow rows (in `psql`, 2.5 of
 /// a 7.6 ms settle on 20 k; the bench's wider rows kept the index).
-const SETTLE: &str = "/* plan: generic */ WITH u AS (
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
-             AS u(instance_id, step, status, again_at, replan)),
-     settled AS (
+const SETTLE: &str = "/* plan: generic */ WITH settled AS (
          UPDATE steps AS s SET status = u.status, lease_until = NULL, holder = NULL, sending_at = NULL,
              due_at = COALESCE(u.again_at, s.due_at),
              planned_at = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN u.again_at ELSE s.planned_at END,
              attempt = CASE WHEN u.replan AND u.again_at IS NOT NULL THEN GREATEST(s.attempt - 1, 0) ELSE s.attempt END
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[])
-             AS u(instance_id, step, status, again_at, replan)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bool[], $25::bool[])
+             AS u(instance_id, step, status, again_at, replan, fenced)
          WHERE s.instance_id = u.instance_id AND s.step = u.step
+           AND (NOT u.fenced OR CASE s.status WHEN 'pending' THEN true WHEN 'claimed' THEN s.holder = $24 ELSE false END)
            AND s.id = ANY (ARRAY(
                SELECT k.id FROM unnest($1::text[], $2::text[]) AS n(instance_id, step)
                CROSS JOIN LATERAL (
-                   SELECT id FROM steps WHERE instance_id = n.instance_id AND step = n.step OFFSET 0) AS k))),
+                   SELECT id FROM steps WHERE instance_id = n.instance_id AND step = n.step OFFSET 0) AS k))
+         RETURNING s.instance_id, s.step, s.status),
      completed AS (
          UPDATE instances AS i SET status = 'completed',
              ended_at = ($7::timestamptz[])[array_position($6::text[], i.id)]
@@ -176,8 +179,8 @@ const SETTLE: &str = "/* plan: generic */ WITH u AS (
            AND NOT EXISTS (
                SELECT 1 FROM steps AS s
                WHERE s.instance_id = i.id
-                 AND CASE WHEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u)
-                     THEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM u WHERE status = 'pending')
+                 AND CASE WHEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM settled)
+                     THEN (s.instance_id, s.step) IN (SELECT instance_id, step FROM settled WHERE status = 'pending')
                      ELSE s.status IN ('pending', 'claimed') END
                OFFSET 0)),
      released AS (
@@ -186,25 +189,26 @@ const SETTLE: &str = "/* plan: generic */ WITH u AS (
            AND NOT EXISTS (
                SELECT 1 FROM steps AS s
                WHERE s.customer = c.customer AND s.status = 'claimed' AND s.holder = $24
-                 AND (s.instance_id, s.step) NOT IN (SELECT instance_id, step FROM u)
+                 AND (s.instance_id, s.step) NOT IN (SELECT instance_id, step FROM settled)
                OFFSET 0)),
      logged AS (
          INSERT INTO dispatch_log (time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms)
          SELECT time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms
          FROM unnest($8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
-                     $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[], $21::int4[], $22::int8[])
-             WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms, ord)
+                     $15::text[], $16::text[], $17::text[], $18::int4[], $19::int8[], $20::text[], $21::int4[], $22::int8[], $26::bool[])
+             WITH ORDINALITY AS l(time, customer, journey, instance, step, channel, template, outcome, reason, rule_hash, attempt, latency_ms, event_id, http_status, response_ms, fenced, ord)
+         WHERE NOT l.fenced OR (l.instance, l.step) IN (SELECT instance_id, step FROM settled)
          ORDER BY ord
-         RETURNING seq),
+         RETURNING seq, journey, instance, step, channel, outcome),
      counted AS (
          INSERT INTO propensity_counts (journey, step, channel, sends, conversions)
          SELECT journey, step, channel, count(*), 0
-         FROM unnest($10::text[], $12::text[], $13::text[], $15::text[]) AS p(journey, step, channel, outcome)
+         FROM logged
          WHERE outcome = 'sent'
          GROUP BY journey, step, channel ORDER BY journey, step, channel
          ON CONFLICT (journey, step, channel)
          DO UPDATE SET sends = propensity_counts.sends + EXCLUDED.sends)
-     SELECT seq FROM logged";
+     SELECT seq, instance, step FROM logged ORDER BY seq";
 
 /// Withdrawals of steps just delivered (`$1`/`$2`, on `$3` at `$4`) whose
 /// journey an exit ended while they were being sent (the exit's own
@@ -466,7 +470,11 @@ fn dead_letter(r: &postgres::Row) -> Result<(i64, DeadLetter), StoreError> {
 }
 
 /// `finish_steps`' writes, in one statement (`SETTLE`).
-fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
+fn finish(
+    c: &mut PgConn,
+    holder: &str,
+    results: &[StepResult],
+) -> Result<Vec<Option<i64>>, StoreError> {
     // A step named twice (it cannot be, short of a bug) ends as the last says.
     let mut last = std::collections::HashMap::with_capacity(results.len());
     for (i, r) in results.iter().enumerate() {
@@ -516,12 +524,29 @@ fn finish(c: &mut PgConn, holder: &str, results: &[StepResult]) -> Result<Vec<i6
     params.extend(log.params());
     params.push(&customers);
     params.push(&holder);
-    let mut seqs = c
-        .query(SETTLE, &params)?
-        .iter()
-        .map(|r| r.try_get(0).map_err(StoreError::from))
-        .collect::<Result<Vec<i64>, _>>()?;
-    seqs.sort_unstable();
+    let fenced_settles: Vec<bool> = settles.iter().map(|r| r.claimed_row.is_some()).collect();
+    let fenced_records: Vec<bool> = results.iter().map(|r| r.claimed_row.is_some()).collect();
+    params.push(&fenced_settles);
+    params.push(&fenced_records);
+    let written = c.query(SETTLE, &params)?;
+    // The records written come back in the order given (their seqs are
+    // drawn in insertion order), those fenced off left out.
+    let mut written = written.iter().peekable();
+    let mut seqs = Vec::with_capacity(results.len());
+    for r in results {
+        let seq = match written.peek() {
+            Some(row)
+                if row.try_get::<_, &str>(1)? == r.record.instance
+                    && row.try_get::<_, &str>(2)? == r.record.step =>
+            {
+                let seq = row.try_get(0)?;
+                written.next();
+                Some(seq)
+            }
+            _ => None,
+        };
+        seqs.push(seq);
+    }
     Ok(seqs)
 }
 
@@ -554,7 +579,7 @@ impl Store for PostgresStore {
         rows.iter().map(|r| due_step(channel, r)).collect()
     }
 
-    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<Option<i64>>, StoreError> {
         if results.is_empty() {
             return Ok(Vec::new());
         }

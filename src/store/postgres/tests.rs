@@ -187,7 +187,7 @@ fn claims_and_settles_use_indexes() {
 const SETTLE_PARAMS: &str = "(ARRAY['i1'], ARRAY['push'], ARRAY['sent'], ARRAY[NULL::timestamptz], ARRAY[false],
     ARRAY['i1'], ARRAY[now()], ARRAY[now()], ARRAY['c1'], ARRAY['j'], ARRAY['i1'], ARRAY['push'], ARRAY['push'],
     ARRAY['t'], ARRAY['sent'], ARRAY['r'], ARRAY['h'], ARRAY[1], ARRAY[NULL::int8], ARRAY[NULL::text],
-    ARRAY[200], ARRAY[12::int8], ARRAY['c1'], 'me')";
+    ARRAY[200], ARRAY[12::int8], ARRAY['c1'], 'me', ARRAY[true], ARRAY[true])";
 
 /// A `NOT EXISTS` looking up a customer's lease or claimed steps is a probe
 /// by that customer per row, whatever the statistics say: planned as a
@@ -331,9 +331,10 @@ fn many_ids_are_probed_by_key_on_a_new_store() {
     let customers = list(&|i| format!("'c{i}'"));
     let text = |v: &str| list(&|_| format!("'{v}'"));
     let times = list(&|_| "now()".into());
+    let fenced = list(&|_| "true".into());
     let settle = format!(
         "({ids}, {}, {}, {}, {}, {ids}, {times}, {times}, {customers}, {}, {ids}, {}, {}, {},
-          {}, {}, {}, {}, {}, {}, {}, {}, {customers}, 'me')",
+          {}, {}, {}, {}, {}, {}, {}, {}, {customers}, 'me', {fenced}, {fenced})",
         text("push"),
         text("sent"),
         list(&|_| "NULL::timestamptz".into()),

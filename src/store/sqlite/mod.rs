@@ -307,10 +307,14 @@ fn insert_log_with(stmt: &mut rusqlite::Statement<'_>, r: &LogRecord) -> Result<
 /// The WHERE clause that finds a claimed step (`?1` instance, `?2` step) by
 /// its rowid (`?4`) when the claim handed it over, saving a key lookup
 /// per settled step, and by its key otherwise.
+/// The step `?1`/`?2` (row `?4` when known). A claimed row is fenced
+/// ([`Store::settle_steps`]): on one node only a step already settled (by
+/// this process, after taking it again past its lease) is left alone.
 macro_rules! step_by_row {
     () => {
         " WHERE rowid = coalesce(?4, (SELECT rowid FROM steps WHERE instance_id = ?1 AND step = ?2))
-           AND instance_id = ?1 AND step = ?2"
+           AND instance_id = ?1 AND step = ?2
+           AND (?4 IS NULL OR status IN ('claimed', 'pending'))"
     };
 }
 
@@ -409,7 +413,7 @@ impl Store for SqliteStore {
         Ok(due)
     }
 
-    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<i64>, StoreError> {
+    fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<Option<i64>>, StoreError> {
         self.file_in_place()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -427,7 +431,7 @@ impl Store for SqliteStore {
             for result in results {
                 let r = &result.record;
                 let row = result.claimed_row;
-                match result.again_at {
+                let changed = match result.again_at {
                     Some(at) => {
                         let sql = if result.replan {
                             concat!(
@@ -440,34 +444,38 @@ impl Store for SqliteStore {
                                 step_by_row!()
                             )
                         };
-                        tx.prepare_cached(sql)?.execute(params![
-                            r.instance,
-                            r.step,
-                            ms(at),
-                            row
-                        ])?;
+                        tx.prepare_cached(sql)?
+                            .execute(params![r.instance, r.step, ms(at), row])?
                     }
                     None => {
-                        settle.execute(params![r.instance, r.step, r.outcome.as_str(), row])?;
-                        // The last step settled: the journey is complete.
-                        complete.execute(params![r.instance, ms(r.time)])?;
-                        if result.withdraw_if_ended {
-                            tx.prepare_cached(PLAN_LATE_WITHDRAWAL)?.execute(params![
-                                r.instance,
-                                r.step,
-                                r.channel,
-                                ms(r.time),
-                                WITHDRAW_SUFFIX
-                            ])?;
+                        let changed =
+                            settle.execute(params![r.instance, r.step, r.outcome.as_str(), row])?;
+                        if changed > 0 {
+                            // The last step settled: the journey is complete.
+                            complete.execute(params![r.instance, ms(r.time)])?;
+                            if result.withdraw_if_ended {
+                                tx.prepare_cached(PLAN_LATE_WITHDRAWAL)?.execute(params![
+                                    r.instance,
+                                    r.step,
+                                    r.channel,
+                                    ms(r.time),
+                                    WITHDRAW_SUFFIX
+                                ])?;
+                            }
                         }
+                        changed
                     }
+                };
+                if changed == 0 && row.is_some() {
+                    out.push(None);
+                    continue;
                 }
                 insert_log_with(&mut log, r)?;
                 let seq = tx.last_insert_rowid();
                 if audit {
                     outbox.execute(params![seq, r.customer])?;
                 }
-                out.push(seq);
+                out.push(Some(seq));
                 if r.outcome == Outcome::Sent {
                     sends.add(&r.journey, &r.step, &r.channel);
                 }
