@@ -327,6 +327,9 @@ pub async fn simulate(
     mut emit: impl FnMut(&LogRecord) -> std::io::Result<()>,
     mut warn: impl FnMut(String),
 ) -> anyhow::Result<Summary> {
+    // Ids and reasons come from the file: a line break or an escape
+    // sequence in them is shown, never acted on (a forged line).
+    let mut warn = |line: String| warn(crate::review::printable(&line).into_owned());
     use anyhow::Context;
     let file =
         read_events(events_path).with_context(|| format!("reading {}", events_path.display()))?;

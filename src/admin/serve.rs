@@ -28,7 +28,8 @@ use tower::ServiceExt;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
-/// hyper's read buffer, which bounds a request head (a longer one gets 431).
+/// hyper's read buffer, which bounds a request head (a longer one gets 431;
+/// hyper reads ahead, so the bound seen is up to about twice this).
 pub const MAX_HEAD: usize = 64 * 1024;
 
 /// Serves `app` on `listener` until `stop` turns true; connections under

@@ -340,9 +340,14 @@ mod tests {
         late.latency_ms = Some(20_676_588);
         let table = written(
             LogFormat::Table,
-            &[record("c-\u{1b}[2J\nforged  sent"), late],
+            &[
+                record("c-\u{1b}[2J\nforged  sent"),
+                late,
+                record("c-1\u{200b}\u{202e}"),
+            ],
         );
-        assert_eq!(table.lines().count(), 3, "{table}");
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(table.contains("c-1\\u{200b}\\u{202e}"), "{table}");
         assert!(!table.contains('\u{1b}'), "{table:?}");
         assert!(table.contains("c-\\u{1b}[2J\\nforged"), "{table}");
         assert!(table.contains(" 5h 44m 36s  r"), "{table}");

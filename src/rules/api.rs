@@ -95,7 +95,12 @@ pub fn build_engine(limits: &Limits) -> Engine {
         .set_max_string_size(64 * 1024)
         .set_max_array_size(10_000)
         .set_max_map_size(10_000)
-        .disable_symbol("eval");
+        .disable_symbol("eval")
+        // A module from outside the rules directory would change what a
+        // journey does without changing its recorded version, and escape
+        // `rules.watch` and `nudge check`: one file is one journey.
+        .disable_symbol("import")
+        .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     // The wall-clock limit (see `with_deadline`); also stops a runaway
     // `journey()` at load time.
     engine.on_progress(|operations| {
@@ -592,6 +597,7 @@ Strict variables (an undeclared name is a load error), at most `rules.max_operat
 operations per evaluation (default 100,000: an endless loop is stopped and only that
 journey's evaluation fails) and at most `rules.timeout` of wall-clock time (default
 100ms: an operation such as `index_of` on a long array can take long), call depth 32,
-expression depth 64, strings 64 KiB, arrays and maps 10,000 items, no `eval`.
+expression depth 64, strings 64 KiB, arrays and maps 10,000 items, no `eval` and
+no `import` (a journey is its one file: what it runs is what its version records).
 "#
 }

@@ -411,6 +411,24 @@ fn decide(event, customer) { start() }
         );
     }
 
+    /// A module read from elsewhere would change a journey without
+    /// changing its recorded version.
+    #[test]
+    fn a_script_cannot_import_a_module() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.rhai"), "export const secret = 1;\n").unwrap();
+        let text = format!(
+            "fn journey() {{ #{{ name: \"i\", category: \"service\", triggers: [\"t\"],\n  steps: [#{{ id: \"a\", channel: \"push\", template: \"t\", delay: \"0s\" }}] }} }}\nimport \"{}\" as m;\nfn decide(event, customer) {{ start(#{{ v: m::secret }}) }}\n",
+            dir.path().join("m").display()
+        );
+        let err = load_sources(vec![(PathBuf::from("i.rhai"), text)], &Limits::default())
+            .err()
+            .expect("an import is refused");
+        let err = err.to_string();
+        assert!(err.contains("i.rhai:3:1"), "{err}");
+        assert!(err.contains("import"), "{err}");
+    }
+
     fn decide(rules: &RuleSet) -> Result<Decision, RuleError> {
         let event = Event::parse(
             br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c-1","time":"2026-01-01T00:00:00Z","data":{"amount":3}}"#,

@@ -220,13 +220,24 @@ fn load_customer_parts(
         customer.journeys = load_journeys(conn, id)?;
     }
     if let Some(window_start) = sends_since {
-        let mut stmt = conn.prepare_cached(batch::RECENT_SENDS_OF)?;
-        let mut rows = stmt.query(params![id, ms(window_start)])?;
-        while let Some(r) = rows.next()? {
-            customer.recent_sends.push(batch::recent_send(r, 0)?);
-        }
+        customer.recent_sends = recent_sends_of(conn, id, window_start)?;
     }
     Ok(customer)
+}
+
+/// The customer's sends since `window_start`, newest first.
+fn recent_sends_of(
+    conn: &Connection,
+    id: &str,
+    window_start: DateTime<Utc>,
+) -> Result<Vec<crate::context::RecentSend>, StoreError> {
+    let mut stmt = conn.prepare_cached(batch::RECENT_SENDS_OF)?;
+    let mut rows = stmt.query(params![id, ms(window_start)])?;
+    let mut sends = Vec::new();
+    while let Some(r) = rows.next()? {
+        sends.push(batch::recent_send(r, 0)?);
+    }
+    Ok(sends)
 }
 
 /// The customer's latest journeys, newest first.
@@ -323,7 +334,11 @@ impl Store for SqliteStore {
         self.file_in_place()?;
         let conn = self.conn();
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        Ok(Box::new(SqliteTx { conn, open: true }))
+        Ok(Box::new(SqliteTx {
+            conn,
+            open: true,
+            sends: Default::default(),
+        }))
     }
 
     fn claim_due(

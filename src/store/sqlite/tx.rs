@@ -7,14 +7,19 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::{insert_log, load_customer, ms};
-use crate::context::CustomerContext;
+use super::{insert_log, load_customer_parts, ms, recent_sends_of};
+use crate::context::{CustomerContext, RecentSend};
 use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, Mode, WITHDRAW_SUFFIX};
 use crate::store::{ClosedStep, DeadLetter, InstanceRef, NewInstance, NewStep, StoreError, Tx};
 
 pub(super) struct SqliteTx<'a> {
     pub(super) conn: MutexGuard<'a, Connection>,
     pub(super) open: bool,
+    /// Each customer's sends in the policy window, read once a batch: the
+    /// decide stage writes none, and a batch of many events for a customer
+    /// with many sends read them all again per event (sends × events: a
+    /// flood for one such customer stalled every other customer's ingest).
+    pub(super) sends: std::collections::HashMap<String, (DateTime<Utc>, Vec<RecentSend>)>,
 }
 
 impl Drop for SqliteTx<'_> {
@@ -45,7 +50,18 @@ impl Tx for SqliteTx<'_> {
         id: &str,
         window_start: DateTime<Utc>,
     ) -> Result<CustomerContext, StoreError> {
-        load_customer(&self.conn, id, window_start)
+        let mut customer = load_customer_parts(&self.conn, id, None, true)?;
+        match self.sends.get(id) {
+            Some((since, sends)) if *since == window_start => {
+                customer.recent_sends.clone_from(sends)
+            }
+            _ => {
+                customer.recent_sends = recent_sends_of(&self.conn, id, window_start)?;
+                self.sends
+                    .insert(id.to_owned(), (window_start, customer.recent_sends.clone()));
+            }
+        }
+        Ok(customer)
     }
 
     fn save_customer(
@@ -247,6 +263,9 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError> {
+        if record.outcome == crate::model::Outcome::Sent {
+            self.sends.remove(&record.customer);
+        }
         insert_log(&self.conn, record).map(|_| ())
     }
 
