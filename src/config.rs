@@ -37,8 +37,43 @@ pub enum ConfigError {
 
 impl From<config::ConfigError> for ConfigError {
     fn from(e: config::ConfigError) -> Self {
-        ConfigError::Load(dotted_keys(&e.to_string()))
+        ConfigError::Load(values_hidden(&dotted_keys(&e.to_string())))
     }
+}
+
+/// The loader quotes the value it could not use (`invalid type: string
+/// "sasl.password=…"`); under `kafka.properties`, or for a key that names a
+/// secret, that value may be one, so it is not shown.
+fn values_hidden(message: &str) -> String {
+    let lower = message.to_ascii_lowercase();
+    let secret = ["kafka.properties", "password", "secret", "token", "key"]
+        .iter()
+        .any(|word| lower.contains(word));
+    if !secret {
+        return message.to_string();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string (not shown: it may be a secret)");
+        let value = &rest[at + "string \"".len()..];
+        let mut end = value.len();
+        let mut escaped = false;
+        for (i, c) in value.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = i + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &value[end.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The loader writes a key inside a list as `policy.caps[0]per`; people
@@ -1091,6 +1126,21 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    /// An override of the wrong shape is refused without quoting its value,
+    /// which may be a secret.
+    #[test]
+    fn a_malformed_kafka_property_override_is_not_echoed() {
+        let err = load(
+            "",
+            &[("NUDGE_KAFKA__PROPERTIES", "sasl.password=EnvKafkaPw")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("EnvKafkaPw"), "{err}");
+        assert!(err.contains("kafka.properties"), "{err}");
+        assert!(err.contains("not shown"), "{err}");
     }
 
     /// A channel's token is read like the admin's: trimmed, and refused when
