@@ -421,9 +421,10 @@ fn decide(event, customer) { start() }
             "fn journey() {{ #{{ name: \"i\", category: \"service\", triggers: [\"t\"],\n  steps: [#{{ id: \"a\", channel: \"push\", template: \"t\", delay: \"0s\" }}] }} }}\nimport \"{}\" as m;\nfn decide(event, customer) {{ start(#{{ v: m::secret }}) }}\n",
             dir.path().join("m").display()
         );
-        let err = load_sources(vec![(PathBuf::from("i.rhai"), text)], &Limits::default())
-            .err()
-            .expect("an import is refused");
+        let Err(err) = load_sources(vec![(PathBuf::from("i.rhai"), text)], &Limits::default())
+        else {
+            panic!("an import is refused")
+        };
         let err = err.to_string();
         assert!(err.contains("i.rhai:3:1"), "{err}");
         assert!(err.contains("import"), "{err}");
