@@ -6,6 +6,8 @@ use std::io::Write;
 
 use chrono::SecondsFormat;
 
+use crate::humanize::printable;
+
 use crate::model::LogRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,12 +53,12 @@ impl<W: Write> LogWriter<W> {
                     self.out,
                     "{:<24} {:<10} {:<15} {:<13} {:<10} {:<10} {}",
                     record.time.to_rfc3339_opts(SecondsFormat::Secs, true),
-                    record.customer,
-                    record.journey,
-                    record.step,
+                    printable(&record.customer),
+                    printable(&record.journey),
+                    printable(&record.step),
                     record.channel,
                     record.outcome.as_str(),
-                    record.reason
+                    printable(&record.reason)
                 )
             }
         }

@@ -48,14 +48,10 @@ pub fn init_logging(format: &str, level: &str) {
     };
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    // Listening before anything else: a SIGTERM during start-up (rules
-    // compiling, the broker not yet reached) then stops the daemon cleanly
-    // once it is up, instead of killing it with the signal's default action.
-    let mut stop_signals = StopSignals::listen()?;
-    let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
-    let limits = Limits::from_config(&config.rules);
-    let rule_set = rules::load_dir(&config.rules.dir, &limits).map_err(|e| {
+/// The journeys of `rules.dir`, refused when they do not compile or send on
+/// a channel with no endpoint.
+fn load_rules(config: &Config, limits: &Limits) -> anyhow::Result<rules::RuleSet> {
+    let rule_set = rules::load_dir(&config.rules.dir, limits).map_err(|e| {
         anyhow::anyhow!(
             "rules in {} do not compile; not starting:\n{e}",
             config.rules.dir.display()
@@ -70,13 +66,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             problems.join("\n")
         );
     }
+    Ok(rule_set)
+}
 
-    let metrics = crate::admin::install_metrics()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let rules = RulesHandle::new(rule_set);
-    let store = open_store(&config, &rules, clock.now()).await?;
-    tracing::info!(version = %rules.current().version, journeys = rules.current().journeys().len(), "rules loaded");
-
+/// The channel adapters (tokens read, CA files parsed) and their lateness bounds.
+fn build_channels(config: &Config) -> anyhow::Result<(Channels, HashMap<ChannelKind, Duration>)> {
     let mut channels = Channels::default();
     let mut lateness = HashMap::new();
     for (kind, ch) in &config.channels {
@@ -96,6 +90,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         lateness.insert(*kind, ch.lateness);
     }
+    Ok((channels, lateness))
+}
+
+/// What the daemon checks at start-up before it contacts anything (`nudge
+/// check --config`): the admin tokens, the rules against the channels, each
+/// channel's token and CA, and the Kafka settings with their secrets (the
+/// broker and the database are not contacted). Returns the rule set.
+pub fn preflight(config: &Config) -> anyhow::Result<rules::RuleSet> {
+    crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
+    let rule_set = load_rules(config, &Limits::from_config(&config.rules))?;
+    build_channels(config)?;
+    crate::ingest::kafka::client_config(&config.kafka)?;
+    Ok(rule_set)
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Listening before anything else: a SIGTERM during start-up (rules
+    // compiling, the broker not yet reached) then stops the daemon cleanly
+    // once it is up, instead of killing it with the signal's default action.
+    let mut stop_signals = StopSignals::listen()?;
+    let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
+    let limits = Limits::from_config(&config.rules);
+    let rule_set = load_rules(&config, &limits)?;
+    let served: Vec<ChannelKind> = config.channels.keys().copied().collect();
+    // Secrets, CA files and Kafka settings are refused before the store is
+    // opened (and perhaps migrated), not after.
+    let (channels, lateness) = build_channels(&config)?;
+    crate::ingest::kafka::client_config(&config.kafka)?;
+
+    let metrics = crate::admin::install_metrics()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let rules = RulesHandle::new(rule_set);
+    let store = open_store(&config, &rules, clock.now()).await?;
+    tracing::info!(version = %rules.current().version, journeys = rules.current().journeys().len(), "rules loaded");
 
     // Runtime control: the overrides stored before this start are in
     // force from the first event and the first step.

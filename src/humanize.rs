@@ -1,7 +1,8 @@
 //! Durations written for people, in log reasons and messages: `90d`, `1d 2h`,
 //! `12h 30s`, `30m`, `1.5s`, `250ms`. Days are the largest unit: humantime's
 //! month is 30.44 days and its year 365.25, so it prints a 90-day cooldown as
-//! "2months 29days 2h 52m 48s".
+//! "2months 29days 2h 52m 48s". Also text from events shown to people
+//! ([`printable`]).
 
 use std::time::Duration;
 
@@ -42,6 +43,31 @@ pub fn duration(d: Duration) -> String {
         out.push_str(&format!("{n}{unit}"));
     }
     out
+}
+
+/// Characters a reader would not see as written: controls, zero-width and
+/// bidirectional formatting characters, the soft hyphen and the BOM.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{00AD}' | '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// `text` for a terminal: control characters (an escape sequence or a line
+/// break an event put in a customer id) shown escaped, never acted on; so
+/// are invisible and direction-changing characters (`c-1001\u{200b}` is not
+/// `c-1001`, and U+202E would show an id reversed).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(hidden) {
+        text.chars()
+            .map(|c| match hidden(c) {
+                true => c.escape_default().to_string(),
+                false => c.to_string(),
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 #[cfg(test)]

@@ -25,10 +25,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compile every journey script; print file:line:column for each error.
+    /// With --config, also check the config as the daemon does at start-up
+    /// (keys and values, secrets readable, channels and their CA files,
+    /// Kafka settings, the rules of `rules.dir` against the channels),
+    /// without contacting the broker or the database.
     Check {
-        /// Directory of *.rhai journeys.
-        #[arg(default_value = "rules")]
-        dir: PathBuf,
+        /// Directory of *.rhai journeys [default: rules, or `rules.dir`
+        /// with --config].
+        dir: Option<PathBuf>,
+        /// The daemon's config file to check.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run CloudEvents JSON lines through the journeys on a virtual clock and
     /// print the dispatch log.
@@ -315,35 +322,63 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { dir } => match rules::load_dir(&dir, &Limits::default()) {
-            Ok(set) => {
-                outln!(
-                    "ok: {} journeys in {} (rule set {})",
-                    set.journeys().len(),
-                    dir.display(),
-                    set.version
-                );
-                for j in set.journeys() {
+        Command::Check {
+            dir,
+            config: Some(path),
+        } => {
+            let mut config = Config::load(Some(&path))?;
+            if let Some(dir) = dir {
+                config.rules.dir = dir;
+            }
+            let set = nudge::daemon::preflight(&config)
+                .with_context(|| format!("{} is not ready to run", path.display()))?;
+            outln!(
+                "ok: config {}: {} journeys in {} (rule set {}), channels {}, Kafka settings accepted (broker and store not contacted)",
+                path.display(),
+                set.journeys().len(),
+                config.rules.dir.display(),
+                set.version,
+                config
+                    .channels
+                    .keys()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { dir, config: None } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("rules"));
+            match rules::load_dir(&dir, &Limits::default()) {
+                Ok(set) => {
                     outln!(
-                        "  {} ({}, {} steps, triggers: {}) {}",
-                        j.name,
-                        j.category,
-                        j.steps.len(),
-                        j.triggers.join(", "),
-                        j.hash,
+                        "ok: {} journeys in {} (rule set {})",
+                        set.journeys().len(),
+                        dir.display(),
+                        set.version
                     );
-                    if !j.description.is_empty() {
-                        outln!("    {}", j.description);
+                    for j in set.journeys() {
+                        outln!(
+                            "  {} ({}, {} steps, triggers: {}) {}",
+                            j.name,
+                            j.category,
+                            j.steps.len(),
+                            j.triggers.join(", "),
+                            j.hash,
+                        );
+                        if !j.description.is_empty() {
+                            outln!("    {}", j.description);
+                        }
                     }
+                    Ok(ExitCode::SUCCESS)
                 }
-                Ok(ExitCode::SUCCESS)
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("{} problem(s); nothing loaded", e.problems.len());
+                    Ok(ExitCode::FAILURE)
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                eprintln!("{} problem(s); nothing loaded", e.problems.len());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        }
         Command::Simulate {
             rules: dir,
             events,

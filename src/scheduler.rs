@@ -30,8 +30,8 @@ mod unrecorded;
 
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepClaimLost,
-    StepConditionFailed, StepDecided, StepDispatched, StepRateLimited, StepResultRefused,
-    StepResultsUnstored,
+    StepConditionFailed, StepDecided, StepDispatched, StepLeaseRanOut, StepRateLimited,
+    StepResultRefused, StepResultsUnstored,
 };
 use arbiter::{fallback_of, planned_channel, Arbiter};
 use unrecorded::Unrecorded;
@@ -172,6 +172,17 @@ enum Planned {
     },
 }
 
+impl Planned {
+    /// The step this would send, if it sends one.
+    fn to_send(&self) -> Option<&DueStep> {
+        match self {
+            Planned::Withdraw(step) => Some(step),
+            Planned::Decided { step, verdict, .. } if *verdict == Verdict::Send => Some(step),
+            _ => None,
+        }
+    }
+}
+
 /// What deciding and sending a claimed batch needs from the store.
 struct BatchContext {
     /// Tells this batch's sends from other batches' in [`Unrecorded`].
@@ -184,6 +195,9 @@ struct BatchContext {
     /// Arbitration's look-ahead: each customer's pending steps due within
     /// `policy.arbitration.window` (read only when a cap is set).
     upcoming: HashMap<String, Vec<DueStep>>,
+    /// The lease taken with the claim; the heartbeat extends it
+    /// ([`InFlight::renewed_until`]).
+    lease_until: DateTime<Utc>,
 }
 
 /// The claimed rows of one channel loop that are being decided or sent
@@ -199,6 +213,8 @@ struct BatchContext {
 struct InFlight {
     held: std::collections::HashSet<i64>,
     settled: std::collections::HashSet<i64>,
+    /// Until when the last heartbeat renewed every row held.
+    renewed_until: Option<DateTime<Utc>>,
 }
 
 impl InFlight {
@@ -488,7 +504,14 @@ impl Scheduler {
             });
             // Stopping, steps claimed but not yet started are handed back by `handle`.
             let handled = steps
-                .map(|(planned, context)| async move { self.handle(planned, &context, stop).await })
+                .map(|(planned, context)| async move {
+                    if let Some(step) = planned.to_send() {
+                        if self.lease_ran_out(step, &context, in_flight) {
+                            return Ok(None);
+                        }
+                    }
+                    self.handle(planned, &context, stop).await
+                })
                 .buffer_unordered(self.channels.concurrency(channel));
             let mut handled = std::pin::pin!(handled);
             while let Some(result) = handled.next().await {
@@ -585,12 +608,20 @@ impl Scheduler {
                 continue;
             }
             let until = self.clock.now() + span(self.config.lease);
-            if let Err(e) = self.store.call(move |s| s.renew_claims(&rows, until)).await {
-                LeaseRenewalFailed {
+            let asked = rows.len();
+            match self.store.call(move |s| s.renew_claims(&rows, until)).await {
+                // Some rows may be settled since; if one was taken over
+                // instead, which is unknown, so nothing is extended.
+                Ok(renewed) if renewed == asked => {
+                    let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    rows.renewed_until = rows.renewed_until.max(Some(until));
+                }
+                Ok(_) => {}
+                Err(e) => LeaseRenewalFailed {
                     channel: channel.as_str(),
                     error: &e,
                 }
-                .emit();
+                .emit(),
             }
         }
     }
@@ -744,6 +775,7 @@ impl Scheduler {
             customers,
             histories,
             upcoming,
+            lease_until: now + span(self.config.lease),
         };
         Ok((context, read))
     }
@@ -964,6 +996,35 @@ impl Scheduler {
     }
 
     /// A send decided but handed back unsent no longer counts from [`Unrecorded`].
+    /// A step about to be sent whose lease ran out (this process stalled
+    /// past it: a pause, a partition from the store) may be another
+    /// replica's now, and sent by it: it is let go unsent, its row no longer
+    /// renewed, for whoever claims it next (this replica, if nobody did).
+    fn lease_ran_out(
+        &self,
+        step: &DueStep,
+        context: &BatchContext,
+        in_flight: &Mutex<InFlight>,
+    ) -> bool {
+        let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let until = rows
+            .renewed_until
+            .map_or(context.lease_until, |r| r.max(context.lease_until));
+        if self.clock.now() < until {
+            return false;
+        }
+        rows.held.remove(&step.row);
+        drop(rows);
+        self.forget_unsent(&step.customer, step.row);
+        StepLeaseRanOut {
+            channel: step.channel.as_str(),
+            instance: &step.instance_id,
+            step: &step.step,
+        }
+        .emit();
+        true
+    }
+
     fn forget_unsent(&self, customer: &str, row: i64) {
         self.unrecorded.forget_unsent(customer, row);
     }
@@ -1919,6 +1980,88 @@ mod tests {
         stop_tx.send(true).unwrap();
         daemon.await.unwrap();
         assert_eq!(*channel.sent.lock().unwrap(), ["c2", "c1"]);
+    }
+
+    /// A process that stalls past its lease mid-batch (here: a send hangs
+    /// while the clock passes the lease) does not send the batch's other
+    /// steps when it resumes: another replica may have taken them over and
+    /// sent them. They are let go and claimed again (attempt 2), once each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn steps_whose_lease_ran_out_before_their_send_are_let_go_unsent() {
+        let t0 = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        for (customer, id, due) in [
+            ("c1", "a", t0),
+            ("c2", "b", t0 + chrono::Duration::milliseconds(1)),
+        ] {
+            let mut tx = store.begin().unwrap();
+            let mut c = CustomerContext::new(customer);
+            c.app_installed = true;
+            tx.save_customer(&c, t0).unwrap();
+            let instance = NewInstance {
+                customer: customer.into(),
+                ..instance(id, t0)
+            };
+            tx.start_instance(&instance, &[step(ChannelKind::Push, due)])
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let channel = Arc::new(HoldOne {
+            held: "c1",
+            release: tokio::sync::Semaphore::new(0),
+            holding: AtomicUsize::new(0),
+            sent: Mutex::default(),
+        });
+        let clock = crate::clock::VirtualClock::new(t0 + chrono::Duration::seconds(1));
+        // One send at a time: c2's waits behind c1's.
+        let scheduler = on_virtual_clock(
+            &store,
+            Channels::default().with(ChannelKind::Push, channel.clone(), 1),
+            &clock,
+            without_quiet_hours(PolicyConfig::default().max_per_customer),
+            HashMap::new(),
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::yield_now();
+            }
+        };
+        wait("c1's push starts", &|| {
+            channel.holding.load(Ordering::SeqCst) == 1
+        });
+        // The stall: past the lease (5m) with no heartbeat.
+        let lease = span(SchedulerConfig::default().lease);
+        clock.advance(lease + chrono::Duration::minutes(1));
+        channel.release.add_permits(1);
+        wait("c1's push ends", &|| {
+            !channel.sent.lock().unwrap().is_empty()
+        });
+        let sent_log = || -> Vec<(String, u32)> {
+            store
+                .log_after(0, 10)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.outcome == Outcome::Sent)
+                .map(|r| (r.customer, r.attempt))
+                .collect()
+        };
+        wait("c1 recorded", &|| !sent_log().is_empty());
+        // The claimer's next look finds c2's claim run out and takes it again.
+        clock.advance(chrono::Duration::minutes(1));
+        wait("c2 sent", &|| sent_log().len() == 2);
+        stop_tx.send(true).unwrap();
+        daemon.await.unwrap();
+        assert_eq!(*channel.sent.lock().unwrap(), ["c1", "c2"]);
+        assert_eq!(
+            sent_log(),
+            [("c1".to_string(), 1), ("c2".to_string(), 2)],
+            "c2 was let go unsent at attempt 1"
+        );
     }
 
     /// Fatigue through the dispatch path: two earlier sends of journey `f`

@@ -665,3 +665,34 @@ fn simulate_decides_events_of_one_moment_together() {
         "{fee}"
     );
 }
+
+/// `nudge check --config` checks what the daemon checks before contacting
+/// anything: a misspelt secret Kafka property is refused by its nudge key,
+/// its value never shown, and a good config is reported ready.
+#[test]
+fn check_with_a_config_checks_the_daemons_settings_without_showing_secrets() {
+    let local = repo().join("deploy/nudge.local.toml");
+    let (code, out, err) = nudge(&["check", "--config", local.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ok: config "), "{out}");
+    assert!(out.contains("3 journeys"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("key-password");
+    std::fs::write(&secret, "TopSecret99\n").unwrap();
+    let config = dir.path().join("nudge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[kafka.secret_properties_file]\n\"ssl.key.pasword\" = {:?}\n",
+            std::fs::read_to_string(&local).unwrap(),
+            secret
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = nudge(&["check", "--config", config.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("ssl.key.pasword"), "{err}");
+    assert!(!err.contains("TopSecret99"), "{err}");
+    assert!(!out.contains("ok:"), "{out}");
+}

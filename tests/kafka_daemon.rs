@@ -857,3 +857,76 @@ fn a_store_restored_from_a_backup_reads_again_what_came_after_it() {
     assert_eq!(recv.on("/push").len(), 1, "{logs}");
     assert!(recv.on("/email").is_empty(), "{logs}");
 }
+
+/// Under steady traffic the consumer is never idle for a second, so being
+/// caught up with what waited at start is when every partition reaches
+/// records produced after the assignment: sending begins then, not after
+/// `kafka.catch_up_timeout` (every start held all sending for it).
+#[test]
+fn under_steady_traffic_sending_begins_once_what_waited_is_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.kafka.push_str("\ncatch_up_timeout = \"5m\"");
+    create_topic(&rt, &cfg.topic, 2);
+    // What waited at start: one customer's loan, a push to send.
+    produce(
+        &cfg.topic,
+        &[
+            event(
+                "ctx-w",
+                "customer.contact_updated",
+                "c1",
+                json!({"app_installed": true}),
+            ),
+            unsigned_loan(1, "Personal loan"),
+        ],
+    );
+    // Then steady traffic, from before the daemon starts until it sends.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, topic) = (stop.clone(), cfg.topic.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<_> = (0..10)
+                    .map(|i| {
+                        n += 1;
+                        event(
+                            &format!("ctx-{n}"),
+                            "customer.contact_updated",
+                            &format!("c-busy-{i}"),
+                            json!({"timezone": "Australia/Sydney"}),
+                        )
+                    })
+                    .collect();
+                produce(&topic, &batch);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_until(LONG, "sending to begin", || {
+        std::fs::read_to_string(&daemon.log)
+            .unwrap_or_default()
+            .contains("sending begins")
+    });
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        !log.contains("sending begins before the records that waited were read"),
+        "{}",
+        daemon.log_tail()
+    );
+    assert!(
+        log.contains("each partition reached records produced after it was assigned"),
+        "{}",
+        daemon.log_tail()
+    );
+    daemon.wait_until(LONG, "the waiting loan's push", || {
+        !recv.on("/push").is_empty()
+    });
+}

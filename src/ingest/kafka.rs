@@ -53,6 +53,8 @@ pub struct Readiness {
     assigned: AtomicUsize,
     /// Assignments received (an empty one too: a replica without a partition).
     assignments: AtomicUsize,
+    /// When partitions were first assigned, in ms since the epoch (0: not yet).
+    first_assigned_ms: std::sync::atomic::AtomicI64,
     /// True once the consumer, assigned, found nothing more to read: the
     /// records that arrived while the daemon was down are decided.
     caught_up: CaughtUp,
@@ -74,6 +76,56 @@ impl Default for CaughtUp {
 /// How long the consumer, once assigned, waits for a record before it
 /// counts as caught up with its backlog.
 const CAUGHT_UP_IDLE: Duration = Duration::from_secs(1);
+
+/// A record stamped no earlier than this before the first assignment was
+/// produced after the consumer joined (give or take the producers' clocks):
+/// everything before it in its partition is read.
+const LIVE_SLACK_MS: i64 = 1_000;
+
+/// Whether each partition that delivered records at start has reached
+/// records produced after the assignment. Under steady traffic the consumer
+/// is never idle for [`CAUGHT_UP_IDLE`], so without this a start held all
+/// sending for `kafka.catch_up_timeout` although nothing had waited. (The
+/// broker's high watermark would say it directly, but tansu's is wrong.)
+#[derive(Default)]
+struct CatchUp {
+    /// The first assignment, in ms since the epoch.
+    assigned_at: Option<i64>,
+    /// Per partition that delivered: whether its latest record was live.
+    partitions: HashMap<(String, i32), bool>,
+}
+
+impl CatchUp {
+    fn saw(&mut self, m: &BorrowedMessage<'_>, first_assigned_ms: i64) {
+        self.record(
+            m.topic(),
+            m.partition(),
+            m.timestamp().to_millis(),
+            first_assigned_ms,
+        );
+    }
+
+    fn record(&mut self, topic: &str, partition: i32, stamp: Option<i64>, first_assigned_ms: i64) {
+        if self.assigned_at.is_none() && first_assigned_ms > 0 {
+            self.assigned_at = Some(first_assigned_ms);
+        }
+        let Some(assigned_at) = self.assigned_at else {
+            return;
+        };
+        let live = stamp.is_some_and(|t| t >= assigned_at - LIVE_SLACK_MS);
+        self.partitions.insert((topic.to_owned(), partition), live);
+    }
+
+    /// Every partition that delivered is live, and a partition with a
+    /// backlog had the time to deliver (its records come in the first fetch).
+    fn done(&self, now_ms: i64) -> bool {
+        self.assigned_at.is_some_and(|at| {
+            now_ms - at >= CAUGHT_UP_IDLE.as_millis() as i64
+                && !self.partitions.is_empty()
+                && self.partitions.values().all(|live| *live)
+        })
+    }
+}
 
 impl Readiness {
     pub fn assigned_partitions(&self) -> usize {
@@ -281,6 +333,12 @@ impl IngestContext {
             .assigned
             .store(resume.len(), Ordering::Relaxed);
         self.readiness.assignments.fetch_add(1, Ordering::Relaxed);
+        let _ = self.readiness.first_assigned_ms.compare_exchange(
+            0,
+            chrono::Utc::now().timestamp_millis(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         tracing::info!(
             partitions = tpl.count(),
             at_stored_offsets = from_store,
@@ -548,7 +606,21 @@ impl KafkaIngest {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let linger = Duration::from_millis(5);
         let caught_up = &self.readiness.caught_up.0;
+        let mut catch_up = CatchUp::default();
+        let now_ms = || chrono::Utc::now().timestamp_millis();
         loop {
+            if !*caught_up.borrow() {
+                if catch_up.assigned_at.is_none() {
+                    let at = self.readiness.first_assigned_ms.load(Ordering::Relaxed);
+                    catch_up.assigned_at = (at > 0).then_some(at);
+                }
+                if catch_up.done(now_ms()) {
+                    caught_up.send_replace(true);
+                    tracing::info!(
+                        "caught up with the records waiting at start: each partition reached records produced after it was assigned"
+                    );
+                }
+            }
             // Until caught up: a wait without a record, once assigned, means
             // the backlog is read (sending waits for that, see `daemon`).
             let idle = !*caught_up.borrow();
@@ -566,8 +638,14 @@ impl KafkaIngest {
             // One rule set for the whole batch decides which records are read.
             let rules = self.pipeline.rules().current();
             let mut batch = Gathered::with_capacity(self.config.batch_size);
+            let watching = !*caught_up.borrow();
             match first {
-                Ok(m) => batch.add(&m, &rules),
+                Ok(m) => {
+                    if watching {
+                        catch_up.saw(&m, self.readiness.first_assigned_ms.load(Ordering::Relaxed));
+                    }
+                    batch.add(&m, &rules)
+                }
                 Err(e) => {
                     KafkaReceiveFailed { error: &e }.emit();
                     continue;
@@ -585,7 +663,13 @@ impl KafkaIngest {
                     },
                 };
                 match next {
-                    Ok(m) => batch.add(&m, &rules),
+                    Ok(m) => {
+                        if watching {
+                            catch_up
+                                .saw(&m, self.readiness.first_assigned_ms.load(Ordering::Relaxed));
+                        }
+                        batch.add(&m, &rules)
+                    }
                     Err(e) => {
                         KafkaReceiveFailed { error: &e }.emit();
                         break;
@@ -906,6 +990,29 @@ mod tests {
     /// are decided, not skipped as already durable, and the store's offset
     /// moves back to the new log's. (librdkafka's mock broker: tansu does
     /// not answer out-of-range fetches.)
+    #[test]
+    fn caught_up_once_every_partition_delivering_reads_records_from_after_the_assignment() {
+        let at = 1_000_000;
+        let mut c = CatchUp::default();
+        assert!(!c.done(at + 5_000), "not assigned yet");
+        // A backlog in partition 0 (records from an hour before), live records in 1.
+        c.record("t", 0, Some(at - 3_600_000), at);
+        c.record("t", 1, Some(at + 10), at);
+        assert!(!c.done(at + 5_000), "partition 0 still reads its backlog");
+        c.record("t", 0, Some(at - 500), at);
+        assert!(
+            !c.done(at + 500),
+            "a partition with a backlog has had no time to deliver"
+        );
+        assert!(
+            c.done(at + 1_000),
+            "both reached records from around the assignment"
+        );
+        // A record with no timestamp is never taken for live.
+        c.record("t", 2, None, at);
+        assert!(!c.done(at + 5_000));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_log_restarted_beneath_the_stores_offset_is_read_from_its_start() {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};

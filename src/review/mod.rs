@@ -56,27 +56,4 @@ pub(crate) fn percent(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
 }
 
-/// `text` for a terminal: control characters (an escape sequence or a line
-/// break an event put in a customer id) shown escaped, never acted on; so
-/// are invisible and direction-changing characters (`c-1001\u{200b}` is not
-/// `c-1001`, and U+202E would show an id reversed).
-/// Characters a reader would not see as written: controls, zero-width and
-/// bidirectional formatting characters, the soft hyphen and the BOM.
-fn hidden(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{00AD}' | '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-}
-
-pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(hidden) {
-        text.chars()
-            .map(|c| match hidden(c) {
-                true => c.escape_default().to_string(),
-                false => c.to_string(),
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
-    }
-}
+pub(crate) use crate::humanize::printable;

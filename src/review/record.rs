@@ -553,17 +553,17 @@ pub fn to_text(record: &DecisionRecord) -> String {
     let _ = writeln!(
         out,
         "decision record of customer {} (times UTC, oldest first)",
-        record.customer
+        super::printable(&record.customer)
     );
     match &record.contact {
         Some(c) => {
             let _ = writeln!(
                 out,
                 "contact now: timezone {}, app {}, email {}, phone {}",
-                c.timezone.as_deref().unwrap_or("-"),
+                super::printable(c.timezone.as_deref().unwrap_or("-")),
                 if c.app_installed { "yes" } else { "no" },
-                c.email.as_deref().unwrap_or("-"),
-                c.phone.as_deref().unwrap_or("-"),
+                super::printable(c.email.as_deref().unwrap_or("-")),
+                super::printable(c.phone.as_deref().unwrap_or("-")),
             );
             let _ = writeln!(out, "consents now: {}", c.consents);
         }
@@ -586,7 +586,7 @@ pub fn to_text(record: &DecisionRecord) -> String {
             "{}  {:<8}  {}",
             e.time.to_rfc3339_opts(SecondsFormat::Millis, true),
             e.kind.as_str(),
-            e.text
+            super::printable(&e.text)
         );
         let indent = " ".repeat(36);
         if let Some(inputs) = &e.inputs {
@@ -676,6 +676,32 @@ mod tests {
             text,
             "fee_increase/alert via email: sent, template fee_alert, attempt 2, 43170125 ms (11h 59m 30s) after due; fallback from push: no app installed"
         );
+    }
+
+    /// What an event put in an id (a line break, an escape) is shown, not
+    /// acted on: no line an operator reads is forged.
+    #[test]
+    fn the_text_shows_line_breaks_from_events_escaped() {
+        let subject = crate::model::StepRef {
+            customer: "c-a\nFORGED2 \u{1b}[31m",
+            journey: "unsigned_loan",
+            instance: "i1\nFORGED3",
+            step: "push",
+            channel: "push",
+            template: "t",
+            rule_hash: "h",
+        };
+        let record = LogRecord::about(subject, chrono::Utc::now(), Outcome::Sent, "ok");
+        let text = to_text(&DecisionRecord {
+            customer: subject.customer.into(),
+            contact: None,
+            entries: vec![log_entry(&record, None)],
+            not_recorded: Vec::new(),
+            log_reaches_back_to: None,
+        });
+        assert!(!text.lines().any(|l| l.starts_with("FORGED")), "{text}");
+        assert!(text.contains("c-a\\nFORGED2 \\u{1b}[31m"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
     }
 
     #[test]

@@ -199,7 +199,7 @@ pub const CLAIMS_LOST: Metric = Metric {
     name: "nudge_step_claims_lost_total",
     kind: Kind::Counter,
     labels: &["channel"],
-    help: "step results not recorded because another replica took the step over after this one's lease ran out (a stall, a partition): the holder records it, under the same idempotency key; a steady rate means the lease is too short",
+    help: "claimed steps this replica let go because its lease on them ran out (a stall, a partition): not sent if their send had not begun, not recorded if another replica took them over meanwhile; whoever holds the step sends and records it, under the same idempotency key; a steady rate means the lease is too short",
 };
 pub const LEASE_RENEWAL_ERRORS: Metric = Metric {
     name: "nudge_lease_renewal_errors_total",

@@ -555,6 +555,20 @@ impl StepClaimLost<'_> {
     }
 }
 
+/// A claimed step let go unsent: its lease ran out before its send began.
+pub struct StepLeaseRanOut<'a> {
+    pub channel: &'static str,
+    pub instance: &'a str,
+    pub step: &'a str,
+}
+
+impl StepLeaseRanOut<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: SCHEDULER, channel = %self.channel, instance = %self.instance, step = %self.step, "lease on a claimed step ran out before its send began (this process stalled); not sent here: whoever claims it next sends it");
+        metrics::counter!(CLAIMS_LOST.name, "channel" => self.channel).increment(1);
+    }
+}
+
 pub struct LeaseRenewalFailed<'a> {
     pub channel: &'static str,
     pub error: &'a dyn Display,
