@@ -57,7 +57,7 @@ pub enum EventError {
     MissingHeader(&'static str),
     #[error("not a CloudEvent: header `ce_{0}` is not UTF-8")]
     HeaderNotUtf8(&'static str),
-    #[error("not a CloudEvent: unsupported specversion `{0}` (expected 1.0)")]
+    #[error("not a CloudEvent: unsupported specversion {} (expected 1.0)", shown_version(.0))]
     SpecVersion(String),
     #[error("not a CloudEvent: `time` is not RFC 3339: {0}")]
     Time(String),
@@ -80,6 +80,19 @@ pub enum EventError {
 }
 
 /// The attributes nudge reads, in [`CeHeaders`] order.
+/// A version number is shown; anything else (a producer's field mix-up can
+/// put customer data there) only by its length, since reasons are logged.
+fn shown_version(v: &str) -> String {
+    if !v.is_empty() && v.len() <= 8 && v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        format!("`{v}`")
+    } else {
+        format!(
+            "(not a version number: {} characters, not shown)",
+            v.chars().count()
+        )
+    }
+}
+
 const ATTRIBUTES: [&str; 6] = ["specversion", "id", "type", "source", "subject", "time"];
 const SPECVERSION: usize = 0;
 const ID: usize = 1;
@@ -547,6 +560,24 @@ fn required(value: Option<String>, field: &'static str) -> Result<String, EventE
 
 #[cfg(test)]
 mod tests {
+    /// A specversion that is not a version may be customer data put in the
+    /// wrong field: the reason (which is logged) gives its length only.
+    #[test]
+    fn a_specversion_that_is_not_a_version_is_not_echoed() {
+        let e = |v: &str| {
+            Event::parse(
+                format!(r#"{{"specversion":"{v}","id":"e","type":"t","source":"s","subject":"c","time":"2026-01-01T00:00:00Z","data":{{}}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let leaked = e("zoe.private@example.com");
+        assert!(!leaked.contains("zoe"), "{leaked}");
+        assert!(leaked.contains("23 characters"), "{leaked}");
+        assert!(e("0.3").contains("`0.3`"));
+    }
+
     use super::*;
 
     #[test]

@@ -72,10 +72,27 @@ pub struct RecordDeadLettered<'a> {
 
 impl RecordDeadLettered<'_> {
     pub fn emit(self) {
-        tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, offset = self.offset, reason = %self.reason, "record dead-lettered");
         metrics::counter!(DEAD_LETTERS.name, "kind" => "invalid").increment(1);
+        // A bad producer sends thousands of one kind a second: each kind is
+        // logged once per quiet period (the letters themselves are all kept).
+        let reason = self.reason.to_string();
+        if let Some(repeats) = DEAD_LETTER_LINES.admit(kind_of(&reason), std::time::Instant::now())
+        {
+            tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, offset = self.offset, reason = %reason, similar_not_logged = repeats, "record dead-lettered");
+        }
     }
 }
+
+/// Dead-letter reasons of one kind: the text before where they differ
+/// (a position, a value), so that one bad producer is one kind.
+fn kind_of(reason: &str) -> &str {
+    let end = reason
+        .find(|c: char| c.is_ascii_digit() || c == '`' || c == '"')
+        .unwrap_or(reason.len());
+    &reason[..end]
+}
+
+static DEAD_LETTER_LINES: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// An event a journey (or the customer context) failed on, put in the
 /// dead-letter outbox. The failed `decide` is counted by [`RuleEvaluated`].
@@ -988,6 +1005,18 @@ impl ChannelStopped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letters_of_one_kind_share_a_throttle_key() {
+        assert_eq!(
+            kind_of("not valid JSON: expected value at line 1 column 7"),
+            kind_of("not valid JSON: expected value at line 1 column 90")
+        );
+        assert_ne!(
+            kind_of("not valid JSON: expected value at line 1 column 7"),
+            kind_of("not a CloudEvent: missing `id`")
+        );
+    }
 
     #[test]
     fn a_repeated_error_is_logged_once_per_quiet_period_with_its_repeats() {
