@@ -1942,6 +1942,15 @@ mod tests {
         store
     }
 
+    /// Polls `done` (yielding, no sleep) until it holds; fails after 30 s.
+    fn wait_until(what: &str, done: &dyn Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
     /// A channel that holds c1's sends until released.
     fn holding_c1() -> Arc<HoldOne> {
         Arc::new(HoldOne {
@@ -1971,23 +1980,16 @@ mod tests {
         );
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
-        let wait = |what: &str, done: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !done() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::yield_now();
-            }
-        };
-        wait("c1's push starts", &|| {
+        wait_until("c1's push starts", &|| {
             channel.holding.load(Ordering::SeqCst) == 1
         });
         clock.advance_to(t0 + chrono::Duration::minutes(1));
-        wait("c2's push goes while c1's hangs", &|| {
+        wait_until("c2's push goes while c1's hangs", &|| {
             channel.sent.lock().unwrap().contains(&"c2".to_string())
         });
         assert!(!channel.sent.lock().unwrap().contains(&"c1".to_string()));
         channel.release.add_permits(1);
-        wait("c1's push ends", &|| {
+        wait_until("c1's push ends", &|| {
             channel.sent.lock().unwrap().len() == 2
         });
         stop_tx.send(true).unwrap();
@@ -2016,21 +2018,14 @@ mod tests {
         );
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
-        let wait = |what: &str, done: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !done() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::yield_now();
-            }
-        };
-        wait("c1's push starts", &|| {
+        wait_until("c1's push starts", &|| {
             channel.holding.load(Ordering::SeqCst) == 1
         });
         // The stall: past the lease (5m) with no heartbeat.
         let lease = span(SchedulerConfig::default().lease);
         clock.advance(lease + chrono::Duration::minutes(1));
         channel.release.add_permits(1);
-        wait("c1's push ends", &|| {
+        wait_until("c1's push ends", &|| {
             !channel.sent.lock().unwrap().is_empty()
         });
         let sent_log = || -> Vec<(String, u32)> {
@@ -2042,12 +2037,12 @@ mod tests {
                 .map(|r| (r.customer, r.attempt))
                 .collect()
         };
-        wait("c1 recorded", &|| !sent_log().is_empty());
+        wait_until("c1 recorded", &|| !sent_log().is_empty());
         // A later look of the claimer finds c2's claim run out (its own
         // claim of the stall's end, if it made one, too) and takes it again.
         // The clock moves on a second per poll: whenever the claimer sleeps
         // on it, it wakes.
-        wait("c2 sent", &|| {
+        wait_until("c2 sent", &|| {
             clock.advance(chrono::Duration::seconds(1));
             std::thread::sleep(Duration::from_millis(5));
             sent_log().len() == 2
