@@ -689,6 +689,17 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `name` is an environment variable's name as POSIX shells take
+/// it. A secret pasted where its variable's name belongs
+/// is not one, and must not be echoed in "variable not found".
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// A token from `<key>_env` or `<key>_file`, trimmed. An empty token is
 /// refused: it would let anyone in who sends an empty password, or send an
 /// empty credential to a channel.
@@ -827,6 +838,39 @@ impl Config {
         Ok(config)
     }
 
+    /// Every key that names an environment variable holding a secret, with
+    /// the name it holds.
+    fn secret_variables(&self) -> Vec<(String, &str)> {
+        let mut found: Vec<(String, Option<&String>)> = vec![
+            (
+                "store.password_env".into(),
+                self.store.password_env.as_ref(),
+            ),
+            (
+                "kafka.sasl_password_env".into(),
+                self.kafka.sasl_password_env.as_ref(),
+            ),
+            (
+                "admin.auth.admin_token_env".into(),
+                self.admin.auth.admin_token_env.as_ref(),
+            ),
+            (
+                "admin.auth.reviewer_token_env".into(),
+                self.admin.auth.reviewer_token_env.as_ref(),
+            ),
+        ];
+        for (kind, ch) in &self.channels {
+            found.push((format!("channels.{kind}.token_env"), ch.token_env.as_ref()));
+        }
+        for (property, var) in &self.kafka.secret_properties_env {
+            found.push((format!("kafka.secret_properties_env.{property}"), Some(var)));
+        }
+        found
+            .into_iter()
+            .filter_map(|(key, var)| Some((key, var?.as_str())))
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         self.policy.calendar_problems(&mut problems);
@@ -854,8 +898,43 @@ impl Config {
                     .into(),
             );
         }
+        if self.rules.max_operations == 0 {
+            problems.push(
+                "rules.max_operations: must be at least 1 (the sandbox reads 0 as no limit)".into(),
+            );
+        }
         if self.kafka.batch_size == 0 {
             problems.push("kafka.batch_size: must be at least 1".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            problems.push(format!(
+                "log.level: `{}` is not a filter like `info` or `info,nudge=debug`: {e}",
+                self.log.level
+            ));
+        }
+        if !crate::context::is_region(&self.policy.default_region) {
+            problems.push(format!(
+                "policy.default_region: `{}` is not a region like AU or AU-VIC (ISO 3166)",
+                self.policy.default_region
+            ));
+        }
+        for (role, env, file) in [
+            (
+                "admin_token",
+                &self.admin.auth.admin_token_env,
+                &self.admin.auth.admin_token_file,
+            ),
+            (
+                "reviewer_token",
+                &self.admin.auth.reviewer_token_env,
+                &self.admin.auth.reviewer_token_file,
+            ),
+        ] {
+            if env.is_some() && file.is_some() {
+                problems.push(format!(
+                    "admin.auth.{role}_env: set {role}_env or {role}_file, not both"
+                ));
+            }
         }
         for (kind, ch) in &self.channels {
             match reqwest::Url::parse(&ch.url) {
@@ -918,6 +997,13 @@ impl Config {
         }
         if self.kafka.topics.is_empty() {
             problems.push("kafka.topics: name at least one topic".into());
+        }
+        for (key, var) in self.secret_variables() {
+            if !is_variable_name(var) {
+                problems.push(format!(
+                    "{key}: must name an environment variable (letters, digits and `_`, not starting with a digit); what is there is not a name and is not shown: if it is the secret itself, put it in the environment and its name here"
+                ));
+            }
         }
         if !["auto", "json", "text"].contains(&self.log.format.as_str()) {
             problems.push(format!(
@@ -1126,6 +1212,83 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    /// A secret pasted where the name of its variable belongs is refused
+    /// at start without being echoed (it was printed as a variable "not
+    /// found"); a real variable's name is accepted.
+    #[test]
+    fn a_secret_in_place_of_its_variable_name_is_refused_unshown() {
+        for (toml, key) in [
+            (
+                "[channels.email]\nurl = \"http://127.0.0.1:1/e\"\ntoken_env = \"9f8e/Zq+tok=\"\n",
+                "channels.email.token_env",
+            ),
+            (
+                "[admin.auth]\nadmin_token_env = \"hunter2 hunter2\"\n",
+                "admin.auth.admin_token_env",
+            ),
+            (
+                "[store]\nurl = \"postgres://nudge@db/nudge\"\npassword_env = \"pa$$word\"\n",
+                "store.password_env",
+            ),
+            (
+                "[kafka.secret_properties_env]\n\"ssl.key.password\" = \"0secret\"\n",
+                "kafka.secret_properties_env.ssl.key.password",
+            ),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(err.contains("must name an environment variable"), "{err}");
+            for secret in ["9f8e", "hunter2", "pa$$", "0secret"] {
+                assert!(!err.contains(secret), "{err}");
+            }
+        }
+        let config = load(
+            "[channels.email]\nurl = \"http://127.0.0.1:1/e\"\ntoken_env = \"EMAIL_TOKEN_2\"\n",
+            &[],
+        );
+        assert!(config.is_ok(), "{config:?}");
+    }
+
+    /// Values that used to be taken and then misread are refused at load,
+    /// naming the key: 0 operations (no limit at all), a log filter with
+    /// bad directives (dropped with a warning), a default region that is
+    /// no region, an admin token in two places (the file was ignored).
+    #[test]
+    fn values_that_were_misread_are_refused_naming_the_key() {
+        for (toml, key) in [
+            (
+                "[rules]\nmax_operations = 0\n",
+                "rules.max_operations: must be at least 1",
+            ),
+            (
+                "[log]\nlevel = \"info,,==\"\n",
+                "log.level: `info,,==` is not a filter",
+            ),
+            (
+                "[policy]\ndefault_region = \"Narnia!\"\n",
+                "policy.default_region: `Narnia!`",
+            ),
+            (
+                "[admin.auth]\nadmin_token_env = \"T\"\nadmin_token_file = \"/t\"\n",
+                "admin.auth.admin_token_env: set admin_token_env or admin_token_file, not both",
+            ),
+            (
+                "[admin.auth]\nreviewer_token_env = \"T\"\nreviewer_token_file = \"/t\"\n",
+                "admin.auth.reviewer_token_env: set reviewer_token_env",
+            ),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{key} in {err}");
+        }
+        for toml in [
+            "[log]\nlevel = \"info,nudge=debug\"\n",
+            "[policy]\ndefault_region = \"AU-VIC\"\n",
+            "[rules]\nmax_operations = 1\n",
+        ] {
+            assert!(load(toml, &[]).is_ok(), "{toml}");
+        }
     }
 
     /// An override of the wrong shape is refused without quoting its value,

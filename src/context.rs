@@ -32,6 +32,15 @@ pub struct CustomerContext {
     /// messages allowed, marketing not (opt-in).
     pub consents: BTreeMap<ChannelKind, BTreeMap<Category, bool>>,
     pub profile: Map<String, Value>,
+    /// Exit events read lately, newest last: an exit read before its
+    /// trigger (another partition, a producer that sent them out of order)
+    /// still ends the journey, at its start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<ExitRead>,
+    /// When each field was last set (the setting event's time): an update
+    /// older than the value held does not overwrite it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_times: BTreeMap<String, DateTime<Utc>>,
     /// Not persisted with the profile: filled from the store on load.
     #[serde(skip)]
     pub journeys: Vec<JourneySummary>,
@@ -68,7 +77,59 @@ pub struct JourneySummary {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
+/// An exit event, remembered for the journey and instance key it ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExitRead {
+    pub journey: String,
+    pub key: String,
+    pub event_type: String,
+    pub event_id: String,
+    /// The event's own time (not when it was read).
+    pub time: DateTime<Utc>,
+}
+
+/// Exits remembered per customer: the newest, for this long after their time.
+const EXITS_KEPT: usize = 16;
+const EXITS_KEPT_FOR: chrono::TimeDelta = chrono::TimeDelta::days(30);
+
+/// How far an exit's time may precede its trigger's and still end it: the
+/// producers' clocks differ (a signature stamped a little before the
+/// application it signs).
+pub const EXIT_CLOCK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 impl CustomerContext {
+    /// Remembers an exit event (once per event and journey), forgetting
+    /// the oldest beyond [`EXITS_KEPT`] and those older than 30 days.
+    pub fn remember_exit(&mut self, exit: ExitRead, now: DateTime<Utc>) {
+        self.exits.retain(|x| x.time >= now - EXITS_KEPT_FOR);
+        if self
+            .exits
+            .iter()
+            .any(|x| x.event_id == exit.event_id && x.journey == exit.journey)
+        {
+            return;
+        }
+        self.exits.push(exit);
+        if self.exits.len() > EXITS_KEPT {
+            let extra = self.exits.len() - EXITS_KEPT;
+            self.exits.drain(..extra);
+        }
+    }
+
+    /// An exit remembered for `journey` and `key` that happened at or after
+    /// `trigger_time` (give or take [`EXIT_CLOCK_SLACK`]): the customer had
+    /// already done what the journey would ask of them.
+    pub fn exit_since(
+        &self,
+        journey: &str,
+        key: &str,
+        trigger_time: DateTime<Utc>,
+    ) -> Option<&ExitRead> {
+        self.exits.iter().rev().find(|x| {
+            x.journey == journey && x.key == key && x.time >= trigger_time - EXIT_CLOCK_SLACK
+        })
+    }
+
     pub fn new(id: &str) -> Self {
         Self {
             id: id.to_string(),
@@ -104,8 +165,79 @@ impl CustomerContext {
             .any(|j| j.journey == journey && j.status == status)
     }
 
-    /// Applies a `customer.*` event. Returns whether it was one.
+    /// Applies a `customer.*` event read at its own time (see
+    /// [`Self::apply_update_at`]).
     pub fn apply_update(&mut self, event: &Event) -> Result<bool, ContextError> {
+        self.apply_update_at(event, event.time)
+    }
+
+    /// Applies a `customer.*` event read at `now`, field by field: a field
+    /// an update of a later time has set keeps that value, so updates read
+    /// out of order (another partition, a replayed backlog) never bring
+    /// back an old address. A time ahead of `now` counts as `now` (a
+    /// producer's clock running fast must not pin a field). The whole event
+    /// is checked first: one bad field refuses all of it. Returns whether
+    /// it changed anything.
+    pub fn apply_update_at(
+        &mut self,
+        event: &Event,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ContextError> {
+        if !is_context_event(&event.event_type) {
+            return Ok(false);
+        }
+        let mut next = self.clone();
+        next.apply_all(event)?;
+        let time = event.time.min(now);
+        let before = self.clone();
+        for field in fields_of(event) {
+            if self.field_times.get(&field).is_some_and(|set| *set > time) {
+                continue;
+            }
+            self.take_field(&next, &field);
+            self.field_times.insert(field, time);
+        }
+        Ok(*self != before)
+    }
+
+    /// Copies one field, named as [`fields_of`] names it, from `next`.
+    fn take_field(&mut self, next: &CustomerContext, field: &str) {
+        match field {
+            "timezone" => self.timezone.clone_from(&next.timezone),
+            "email" => self.email.clone_from(&next.email),
+            "phone" => self.phone.clone_from(&next.phone),
+            "app_installed" => self.app_installed = next.app_installed,
+            "region" => self.region.clone_from(&next.region),
+            "preferred_channel" => self.preferred_channel = next.preferred_channel,
+            _ => {
+                if let Some(key) = field.strip_prefix("profile.") {
+                    if let Some(v) = next.profile.get(key) {
+                        self.profile.insert(key.to_string(), v.clone());
+                    }
+                } else if let Some((channel, category)) = field
+                    .strip_prefix("consents.")
+                    .and_then(|rest| rest.split_once('.'))
+                {
+                    let (Ok(channel), Ok(category)) =
+                        (channel.parse::<ChannelKind>(), category.parse::<Category>())
+                    else {
+                        return;
+                    };
+                    if let Some(granted) =
+                        next.consents.get(&channel).and_then(|c| c.get(&category))
+                    {
+                        self.consents
+                            .entry(channel)
+                            .or_default()
+                            .insert(category, *granted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies every field of a `customer.*` event, checking each.
+    fn apply_all(&mut self, event: &Event) -> Result<bool, ContextError> {
         let data = &event.data;
         match event.event_type.as_str() {
             CONTACT_UPDATED => {
@@ -208,6 +340,47 @@ impl CustomerContext {
             }
             _ => Ok(false),
         }
+    }
+}
+
+/// The context fields a (valid) `customer.*` event sets: `email`,
+/// `consents.push.marketing`, `profile.segment` …
+fn fields_of(event: &Event) -> Vec<String> {
+    let data = &event.data;
+    match event.event_type.as_str() {
+        CONTACT_UPDATED => [
+            "timezone",
+            "email",
+            "phone",
+            "app_installed",
+            "region",
+            "preferred_channel",
+        ]
+        .into_iter()
+        .filter(|f| data.get(*f).is_some())
+        .map(String::from)
+        .collect(),
+        CONSENT_UPDATED => data
+            .get("consents")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .flat_map(|(channel, categories)| {
+                categories
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(move |(category, _)| format!("consents.{channel}.{category}"))
+            })
+            .collect(),
+        PROFILE_UPDATED => data
+            .get("profile")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| format!("profile.{k}"))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -316,5 +489,132 @@ mod tests {
                 serde_json::json!({"consents":{"fax":{"service":true}}})
             ))
             .is_err());
+    }
+
+    /// Updates read out of order: each field keeps the value of the latest
+    /// update that set it, whatever the order they are read in; a field
+    /// only the older update carries is taken; a time ahead of the reader's
+    /// clock counts as now; a bad field still refuses the whole event.
+    #[test]
+    fn updates_apply_field_by_field_by_their_time_not_the_order_read() {
+        let at = |time: &str, t: &str, data: Value| {
+            Event::parse(
+                serde_json::json!({"specversion":"1.0","id":time,"type":t,"source":"s","subject":"c1","time":time,"data":data})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let now: DateTime<Utc> = "2026-06-01T12:00:00Z".parse().unwrap();
+        let mut c = CustomerContext::new("c1");
+        let newer = at(
+            "2026-06-01T11:59:00Z",
+            CONTACT_UPDATED,
+            serde_json::json!({"app_installed": true, "email": "new@example.com"}),
+        );
+        let older = at(
+            "2026-06-01T07:00:00Z",
+            CONTACT_UPDATED,
+            serde_json::json!({"app_installed": false, "email": "old@example.com", "phone": "+61400000000"}),
+        );
+        assert!(c.apply_update_at(&newer, now).unwrap());
+        assert!(c.apply_update_at(&older, now).unwrap(), "the phone is new");
+        assert_eq!(c.email.as_deref(), Some("new@example.com"));
+        assert!(c.app_installed);
+        assert_eq!(c.phone.as_deref(), Some("+61400000000"));
+        assert!(
+            !c.apply_update_at(&older, now).unwrap(),
+            "nothing left to take"
+        );
+
+        let consent = |time: &str, granted: bool| {
+            at(
+                time,
+                CONSENT_UPDATED,
+                serde_json::json!({"consents": {"email": {"marketing": granted}}}),
+            )
+        };
+        c.apply_update_at(&consent("2026-06-01T11:00:00Z", false), now)
+            .unwrap();
+        c.apply_update_at(&consent("2026-06-01T10:00:00Z", true), now)
+            .unwrap();
+        assert!(!c.consented(ChannelKind::Email, Category::Marketing));
+
+        // A producer's clock a year ahead does not pin the address.
+        let future = at(
+            "2027-06-01T00:00:00Z",
+            CONTACT_UPDATED,
+            serde_json::json!({"email": "future@example.com"}),
+        );
+        c.apply_update_at(&future, now).unwrap();
+        let fixed = at(
+            "2026-06-01T12:30:00Z",
+            CONTACT_UPDATED,
+            serde_json::json!({"email": "fixed@example.com"}),
+        );
+        c.apply_update_at(&fixed, now + chrono::TimeDelta::hours(1))
+            .unwrap();
+        assert_eq!(c.email.as_deref(), Some("fixed@example.com"));
+
+        let bad = at(
+            "2026-06-01T12:40:00Z",
+            CONTACT_UPDATED,
+            serde_json::json!({"email": "bad@example.com", "timezone": "AEST"}),
+        );
+        assert!(c.apply_update_at(&bad, now).is_err());
+        assert_eq!(c.email.as_deref(), Some("fixed@example.com"));
+    }
+
+    /// An exit ends a trigger of its journey and key that it does not
+    /// precede by more than the clock slack; the memory is bounded by count
+    /// and age, and one event is remembered once.
+    #[test]
+    fn exits_are_remembered_by_journey_and_key_and_bounded() {
+        let t = |m: i64| {
+            chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc)
+                + chrono::TimeDelta::minutes(m)
+        };
+        let exit = |id: &str, key: &str, m: i64| ExitRead {
+            journey: "loan".into(),
+            key: key.into(),
+            event_type: "signed".into(),
+            event_id: id.into(),
+            time: t(m),
+        };
+        let mut c = CustomerContext::new("c");
+        c.remember_exit(exit("s1", "A-1", 0), t(0));
+        c.remember_exit(exit("s1", "A-1", 0), t(0));
+        assert_eq!(c.exits.len(), 1);
+        assert!(c.exit_since("loan", "A-1", t(-60)).is_some());
+        assert!(
+            c.exit_since("loan", "A-1", t(5)).is_some(),
+            "within the slack"
+        );
+        assert!(
+            c.exit_since("loan", "A-1", t(6)).is_none(),
+            "a later trigger"
+        );
+        assert!(c.exit_since("loan", "A-2", t(-60)).is_none(), "another key");
+        assert!(
+            c.exit_since("card", "A-1", t(-60)).is_none(),
+            "another journey"
+        );
+
+        for i in 0..20 {
+            c.remember_exit(exit(&format!("n{i}"), &format!("B-{i}"), i), t(i));
+        }
+        assert_eq!(c.exits.len(), EXITS_KEPT);
+        assert!(c.exit_since("loan", "B-19", t(0)).is_some());
+        assert!(
+            c.exit_since("loan", "A-1", t(-60)).is_none(),
+            "the oldest went"
+        );
+        c.remember_exit(exit("late", "C-1", 31 * 24 * 60), t(31 * 24 * 60));
+        assert_eq!(c.exits.len(), 1, "a month later only the new one is kept");
+
+        let text = serde_json::to_string(&CustomerContext::new("d")).unwrap();
+        assert!(!text.contains("exits"), "{text}");
     }
 }

@@ -66,6 +66,30 @@ fn load_rules(config: &Config, limits: &Limits) -> anyhow::Result<rules::RuleSet
             problems.join("\n")
         );
     }
+    // A misspelt kill switch would leave the journey sending.
+    for (key, names) in [
+        ("policy.disabled_journeys", &config.policy.disabled_journeys),
+        ("policy.shadow_journeys", &config.policy.shadow_journeys),
+    ] {
+        let unknown: Vec<&str> = names
+            .iter()
+            .filter(|name| rule_set.journey(name).is_none())
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            let known: Vec<&str> = rule_set
+                .journeys()
+                .iter()
+                .map(|j| j.name.as_str())
+                .collect();
+            bail!(
+                "{key}: no journey named {} in {} (journeys: {}); not starting",
+                unknown.join(", "),
+                config.rules.dir.display(),
+                known.join(", ")
+            );
+        }
+    }
     Ok(rule_set)
 }
 
@@ -97,12 +121,31 @@ fn build_channels(config: &Config) -> anyhow::Result<(Channels, HashMap<ChannelK
 /// check --config`): the admin tokens, the rules against the channels, each
 /// channel's token and CA, and the Kafka settings with their secrets (the
 /// broker and the database are not contacted). Returns the rule set.
+///
+/// Every problem is reported at once (three channels' missing tokens are
+/// one round of fixing, not three).
 pub fn preflight(config: &Config) -> anyhow::Result<rules::RuleSet> {
-    crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
-    let rule_set = load_rules(config, &Limits::from_config(&config.rules))?;
+    let mut problems = Vec::new();
+    if let Err(e) = crate::admin::auth::Tokens::from_config(&config.admin.auth) {
+        problems.push(format!("{e:#}"));
+    }
+    for (kind, ch) in &config.channels {
+        if let Err(e) = ch.token(*kind) {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    if let Err(e) = crate::ingest::kafka::consumer_config(&config.kafka) {
+        problems.push(format!("{e:#}"));
+    }
+    let rule_set = load_rules(config, &Limits::from_config(&config.rules));
+    if let Err(e) = &rule_set {
+        problems.push(format!("{e:#}"));
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
     build_channels(config)?;
-    crate::ingest::kafka::client_config(&config.kafka)?;
-    Ok(rule_set)
+    rule_set
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -110,16 +153,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // compiling, the broker not yet reached) then stops the daemon cleanly
     // once it is up, instead of killing it with the signal's default action.
     let mut stop_signals = StopSignals::listen()?;
+    let rule_set = preflight(&config)?;
     let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
     let limits = Limits::from_config(&config.rules);
-    let rule_set = load_rules(&config, &limits)?;
     let served: Vec<ChannelKind> = config.channels.keys().copied().collect();
-    // Secrets, CA files and Kafka settings are refused before the store is
-    // opened (and perhaps migrated), not after.
+    // Secrets, CA files and Kafka settings were refused by `preflight`,
+    // before the store is opened (and perhaps migrated), not after.
     let (channels, lateness) = build_channels(&config)?;
-    crate::ingest::kafka::client_config(&config.kafka)?;
 
     let metrics = crate::admin::install_metrics()?;
+    {
+        let channels: Vec<&str> = served.iter().map(|c| c.as_str()).collect();
+        let journeys: Vec<&str> = rule_set
+            .journeys()
+            .iter()
+            .map(|j| j.name.as_str())
+            .collect();
+        crate::telemetry::export_known_series(&channels, &journeys);
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let rules = RulesHandle::new(rule_set);
     let store = open_store(&config, &rules, clock.now()).await?;

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::clock::{span, Clock};
 use crate::config::PolicyConfig;
-use crate::context::{self, CustomerContext};
+use crate::context::{self, CustomerContext, ExitRead};
 use crate::control::{Controls, JourneySettings, Overrides};
 use crate::event::Event;
 use crate::model::{
@@ -289,7 +289,7 @@ impl BatchRun<'_> {
         }
         let mut customer = tx.customer(&event.customer, self.sends_since)?;
         let mut context_updated = false;
-        let mut changed = match customer.apply_update(event) {
+        let mut changed = match customer.apply_update_at(event, self.now) {
             Ok(true) => {
                 tx.save_customer(&customer, self.now)?;
                 self.out.context_updates += 1;
@@ -341,7 +341,8 @@ impl BatchRun<'_> {
     }
 
     /// Ends every instance the event exits, logging its unsent steps (or the
-    /// conversion itself when all were sent). Returns whether any ended.
+    /// conversion itself when all were sent), and remembers the exit in the
+    /// customer's context. Returns whether anything changed.
     fn exit_instances(
         &mut self,
         tx: &mut dyn Tx,
@@ -350,6 +351,7 @@ impl BatchRun<'_> {
         customer: &mut CustomerContext,
     ) -> Result<bool, StoreError> {
         let mut ended_any = false;
+        let mut remembered = false;
         for (journey, exit) in self.rules.exited_by(&event.event_type) {
             // An exit without the instance key cannot say which instance
             // it ends: dead-lettered with the journey, so that a customer
@@ -362,6 +364,20 @@ impl BatchRun<'_> {
                     continue;
                 }
             };
+            // Remembered whether or not an instance is open: a trigger read
+            // after it (from another partition, or sent out of order) must
+            // not start what the customer has already done.
+            customer.remember_exit(
+                ExitRead {
+                    journey: journey.name.clone(),
+                    key: key.clone(),
+                    event_type: event.event_type.clone(),
+                    event_id: event.id.clone(),
+                    time: event.time,
+                },
+                self.now,
+            );
+            remembered = true;
             let Some(instance) =
                 tx.exitable_instance(&event.customer, &journey.name, &key, self.completed_since)?
             else {
@@ -373,7 +389,12 @@ impl BatchRun<'_> {
             // The customer acted: each step sent within the attribution
             // window before it counts as converted (`crate::propensity`).
             if status == InstanceStatus::Converted {
-                tx.credit_conversion(&instance.id, self.completed_since, self.now)?;
+                // Sends after the customer acted (the exit's own time, when
+                // it was read late) did not bring the conversion about; the
+                // slack allows for the producer's clock running behind ours.
+                let acted = (event.time + context::EXIT_CLOCK_SLACK).min(self.now);
+                let window = self.now - self.completed_since;
+                tx.credit_conversion(&instance.id, acted - window, acted)?;
             }
             // What was delivered and is no longer wanted is taken back:
             // planned in this transaction, sent by the scheduler.
@@ -444,7 +465,10 @@ impl BatchRun<'_> {
             self.out.ended.push((journey.name.clone(), outcome));
             ended_any = true;
         }
-        Ok(ended_any)
+        if remembered {
+            tx.save_customer(customer, self.now)?;
+        }
+        Ok(ended_any || remembered)
     }
 
     /// Asks one triggered journey whether to start, and starts it. Returns
@@ -491,6 +515,16 @@ impl BatchRun<'_> {
                 return Ok(false);
             }
         };
+        if let Some(exit) = customer.exit_since(&journey.name, &key, event.time) {
+            let reason = format!(
+                "{} (event {}, at {}) ended key {key} before this trigger was read: the customer had already acted",
+                exit.event_type,
+                exit.event_id,
+                exit.time.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+            self.not_started(journey, NotStartedWhy::AlreadyEnded, reason);
+            return Ok(false);
+        }
         if let Some(open) = tx.open_instance(&event.customer, &journey.name, &key)? {
             // Already running: starting again is a no-op.
             let reason = format!("instance {} is open for key {key}", open.id);

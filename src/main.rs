@@ -49,8 +49,9 @@ enum Command {
         events: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
-        /// Take the contact policy, the channels' lateness bounds and
-        /// rules.max_operations from this config file (defaults otherwise).
+        /// Take the contact policy, each channel's lateness, rate and
+        /// withdraw, and rules.max_operations from this config file
+        /// (defaults otherwise).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -88,8 +89,9 @@ enum Command {
         /// Exit 1 when any customer would get a different message.
         #[arg(long)]
         fail_on_change: bool,
-        /// Take the contact policy, the channels' lateness bounds and
-        /// rules.max_operations from this config file (defaults otherwise).
+        /// Take the contact policy, each channel's lateness, rate and
+        /// withdraw, and rules.max_operations from this config file
+        /// (defaults otherwise).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -116,7 +118,7 @@ enum Command {
         #[arg(long)]
         channel: Option<String>,
         /// sent, failed, retrying, suppressed, deferred, cancelled, expired,
-        /// held_out, shadow or converted.
+        /// held_out, shadow, converted or withdrawn.
         #[arg(long)]
         outcome: Option<String>,
         /// Records at or after: RFC 3339, a date (UTC) or a duration ago (7d, 12h).
@@ -332,6 +334,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let set = nudge::daemon::preflight(&config)
                 .with_context(|| format!("{} is not ready to run", path.display()))?;
+            let holidays = match &config.policy.holidays {
+                Some(file) => nudge::config::holidays::Holidays::load(file)?,
+                None => nudge::config::holidays::Holidays::shipped(),
+            };
+            if let Some(note) = holidays.ending_note(chrono::Utc::now().date_naive()) {
+                outln!("note: {note}");
+            }
             outln!(
                 "ok: config {}: {} journeys in {} (rule set {}), channels {}, Kafka settings accepted (broker and store not contacted)",
                 path.display(),

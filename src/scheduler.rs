@@ -30,8 +30,8 @@ mod unrecorded;
 
 use crate::telemetry::events::{
     LeaseRenewalFailed, NextDueUnreadable, RuleTimedOut, SchedulerRoundFailed, StepClaimLost,
-    StepConditionFailed, StepDecided, StepDispatched, StepLeaseRanOut, StepRateLimited,
-    StepResultRefused, StepResultsUnstored,
+    StepConditionFailed, StepDecided, StepDispatched, StepGivenUp, StepLeaseRanOut,
+    StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
 use arbiter::{fallback_of, planned_channel, Arbiter};
 use unrecorded::Unrecorded;
@@ -1314,7 +1314,7 @@ impl Scheduler {
     }
 
     /// A failed send is tried again, with backoff, while the error may pass
-    /// and attempts remain; otherwise it is final.
+    /// and attempts remain; otherwise it is final, and logged.
     ///
     /// A receiver's `Retry-After` is honoured: the retry comes no earlier
     /// than it asked (bounded by `retry_max`, so one answer cannot park a
@@ -1323,6 +1323,24 @@ impl Scheduler {
     /// short to give it a last try by then, and a `Retry-After` beyond the
     /// bound expires it at once.
     fn send_failed(&self, step: &DueStep, e: DispatchError, done: DateTime<Utc>) -> Decision {
+        let decision = self.retry_or_give_up(step, &e, done);
+        if matches!(decision.outcome, Outcome::Failed | Outcome::Expired) {
+            StepGivenUp {
+                channel: step.channel.as_str(),
+                journey: &step.journey,
+                instance: &step.instance_id,
+                step: &step.step,
+                outcome: decision.outcome.as_str(),
+                cause: e.kind(),
+                http_status: e.http_status(),
+                attempts: step.attempt,
+            }
+            .emit();
+        }
+        decision
+    }
+
+    fn retry_or_give_up(&self, step: &DueStep, e: &DispatchError, done: DateTime<Utc>) -> Decision {
         if !e.retryable() {
             return Decision::new(Outcome::Failed, e.to_string());
         }

@@ -86,13 +86,17 @@ fn a_broker_unreachable_for_60s_loses_nothing_and_doubles_nothing() {
     assert!(cut_at.elapsed() < CUT / 2, "produced during the cut");
     // `/readyz` once a second until the link comes back.
     let mut readiness = Vec::new();
+    let mut reasons = Vec::new();
     daemon.poll_until(
         CUT + Duration::from_secs(10),
         Duration::from_secs(1),
         "the end of the cut",
         || {
             let probe = daemon.readyz();
-            readiness.push((cut_at.elapsed().as_secs(), probe.map(|r| r.status)));
+            let status = probe.as_ref().map(|r| r.status);
+            let reason = probe.map(|r| r.body["reason"].as_str().unwrap_or("").to_string());
+            readiness.push((cut_at.elapsed().as_secs(), status));
+            reasons.push((cut_at.elapsed().as_secs(), reason));
             cut_at.elapsed() >= CUT
         },
         String::new,
@@ -119,6 +123,16 @@ fn a_broker_unreachable_for_60s_loses_nothing_and_doubles_nothing() {
         after_session.iter().all(|(_, status)| *status == Some(503)),
         "/readyz during the cut: {readiness:?}"
     );
+    // And says why: librdkafka's statistics (every 5 s) show no broker up.
+    let explained = reasons
+        .iter()
+        .filter(|(at, _)| *at >= 16)
+        .all(|(_, reason)| {
+            reason.as_deref().is_some_and(|r| {
+                r.starts_with("no partitions assigned; kafka: no broker reachable")
+            })
+        });
+    assert!(explained, "/readyz reasons during the cut: {reasons:?}");
     broker.proxy.restore();
     let restored_at = Instant::now();
 
@@ -130,6 +144,11 @@ fn a_broker_unreachable_for_60s_loses_nothing_and_doubles_nothing() {
         stored_offsets_total(&cfg.store, &cfg.topic) == (before.len() + during.len()) as i64
     });
     let ready_again = daemon.wait_ready(LONG);
+    daemon.wait_until(LONG, "`/readyz` to see the broker again", || {
+        daemon
+            .readyz()
+            .is_some_and(|r| r.body["kafka"] == "ok" && r.body["reason"].is_null())
+    });
     let by_key = recv.by_key();
     assert_eq!(by_key.len(), expected.len(), "one key per push");
     assert_eq!(

@@ -695,4 +695,53 @@ fn check_with_a_config_checks_the_daemons_settings_without_showing_secrets() {
     assert!(err.contains("ssl.key.pasword"), "{err}");
     assert!(!err.contains("TopSecret99"), "{err}");
     assert!(!out.contains("ok:"), "{out}");
+
+    // What only the daemon refused before, after opening its store: a
+    // misspelt kill switch (the journey went on sending) and a SASL
+    // mechanism this build has no provider for.
+    let text = std::fs::read_to_string(&local).unwrap();
+    for (changed, key) in [
+        (
+            text.replace(
+                "[policy.quiet_hours.push]",
+                "[policy]\ndisabled_journeys = [\"unsigned_loan\", \"fee_increse\"]\n\n[policy.quiet_hours.push]",
+            ),
+            "policy.disabled_journeys: no journey named fee_increse",
+        ),
+        (
+            format!("{text}\n[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"GSSAPI\"\n"),
+            "kafka.properties.sasl.mechanism: `GSSAPI` is not supported",
+        ),
+    ] {
+        assert_ne!(changed, text);
+        std::fs::write(&config, changed).unwrap();
+        let (code, out, err) = nudge(&["check", "--config", config.to_str().unwrap()]);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains(key), "{key} in {err}");
+    }
+}
+
+/// `nudge check --config` on the annotated example, without the token
+/// variables it names: every missing secret is reported at once, not one
+/// per run.
+#[test]
+fn check_reports_every_missing_secret_at_once() {
+    let example = repo().join("deploy/nudge.example.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["check", "--config", example.to_str().unwrap()])
+        .current_dir(repo())
+        .env_remove("NUDGE_PUSH_TOKEN")
+        .env_remove("NUDGE_EMAIL_TOKEN")
+        .env_remove("NUDGE_CALL_TASK_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for var in [
+        "NUDGE_PUSH_TOKEN",
+        "NUDGE_EMAIL_TOKEN",
+        "NUDGE_CALL_TASK_TOKEN",
+    ] {
+        assert!(err.contains(var), "{var} in {err}");
+    }
 }

@@ -162,6 +162,45 @@ async fn signing_converts_and_withdrawing_cancels_the_steps_not_yet_sent() {
     assert_eq!(h.sinks.call.count(), 0, "no call after the exit");
 }
 
+/// A signature read a day late (its time 12 h after the push, read after
+/// the email went): the journey converts, and the conversion is credited to
+/// the push sent before the customer acted, not to the email sent after.
+#[tokio::test]
+async fn a_late_exit_credits_only_the_sends_before_the_customer_acted() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    h.feed(contact("c-late", t0() - Duration::hours(1))).await;
+    h.feed(loan_completed("loan-l", "c-late", "A-1", t0()))
+        .await;
+    h.run_until(t0() + Duration::days(1) + Duration::hours(1))
+        .await;
+    assert_eq!((h.sinks.push.count(), h.sinks.email.count()), (1, 1));
+    let (signed, _) = h
+        .feed(event(
+            "signed-l",
+            "loan_application.signed",
+            "c-late",
+            t0() + Duration::hours(12),
+            json!({"application_id": "A-1"}),
+        ))
+        .await;
+    assert_eq!(
+        signed.ended,
+        vec![("unsigned_loan".to_string(), Outcome::Converted)]
+    );
+    let credited: Vec<(String, u64, u64)> = h
+        .sim
+        .store
+        .propensity_counts(None)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.step, c.sends, c.conversions))
+        .collect();
+    assert_eq!(
+        credited,
+        [("email".to_string(), 1, 0), ("push".to_string(), 1, 1)]
+    );
+}
+
 #[tokio::test]
 async fn a_duplicate_event_id_changes_nothing() {
     let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
@@ -523,6 +562,45 @@ fn fee_change(id: &str, payment: &str, merchant: &str, from: f64, to: f64) -> nu
         json!({"payment_id": payment, "merchant": merchant,
                "previous_amount": from, "new_amount": to, "currency": "AUD"}),
     )
+}
+
+/// Contact updates read out of order (an old one from a replayed backlog
+/// after the current one): the alert goes where the latest update says, by
+/// push, not by email to the old address.
+#[tokio::test]
+async fn an_older_contact_update_read_later_does_not_bring_back_old_details() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::minutes(1)).await;
+    let update = |id: &str, time, app: bool, email: &str| {
+        event(
+            id,
+            "customer.contact_updated",
+            "c-3",
+            time,
+            json!({"app_installed": app, "email": email, "timezone": "Australia/Sydney"}),
+        )
+    };
+    h.feed(update(
+        "new",
+        t0() - Duration::minutes(1),
+        true,
+        "new@example.com",
+    ))
+    .await;
+    let (older, _) = h
+        .feed(update(
+            "old",
+            t0() - Duration::hours(5),
+            false,
+            "old@example.com",
+        ))
+        .await;
+    assert_eq!(older.context_updates, 0, "{older:?}");
+    let (up, _) = h
+        .feed(fee_change("fee-1", "P-77", "Netflix", 15.99, 18.5))
+        .await;
+    assert_eq!(up.started.len(), 1);
+    h.finish().await;
+    assert_eq!((h.sinks.push.count(), h.sinks.email.count()), (1, 0));
 }
 
 #[tokio::test]

@@ -930,3 +930,153 @@ fn under_steady_traffic_sending_begins_once_what_waited_is_read() {
         !recv.on("/push").is_empty()
     });
 }
+
+/// A receiver that cannot be reached: each step is tried `max_attempts`
+/// times, recorded `failed`, and the log says so, once per channel and
+/// cause, with ids and the error's kind (a receiver's answer may quote the
+/// customer, so it stays in the dispatch log).
+#[test]
+fn steps_given_up_on_an_unreachable_receiver_are_logged_once_per_cause() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.receiver = format!("http://127.0.0.1:{}", free_port());
+    cfg.scheduler = "lease = \"2s\"\nretry_base = \"50ms\"\nmax_attempts = 2".into();
+    create_topic(&rt, &cfg.topic, 1);
+    let mut records = Vec::new();
+    for c in 0..3 {
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &format!("c{c}"),
+            json!({"app_installed": true}),
+        ));
+        records.push(unsigned_loan(c, "Personal loan"));
+    }
+    produce(&cfg.topic, &records);
+
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "three pushes failed", || {
+        store_reader(&cfg.store).is_some_and(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'failed' AND channel = 'push'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+                == 3
+        })
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("step given up"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the three pushes:\n{logs}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    for (field, value) in [
+        ("channel", json!("push")),
+        ("journey", json!("unsigned_loan")),
+        ("outcome", json!("failed")),
+        ("cause", json!("transport")),
+        ("attempts", json!(2)),
+    ] {
+        assert_eq!(line[field], value, "{field} in {line}");
+    }
+    assert!(line["instance"].is_string(), "{line}");
+    assert!(!lines[0].contains("Personal loan"), "{}", lines[0]);
+}
+
+/// A signature read before the application it signs (one partition, sent
+/// out of order; or the signature keyed to another partition and read
+/// first): the journey does not start, nothing is sent, and `nudge explain`
+/// says why. A signature of another application changes nothing. On both
+/// stores: the exit is remembered in the customer's context.
+#[test]
+fn an_exit_read_before_its_trigger_ends_the_journey_before_it_starts() {
+    let rt = runtime();
+    for backend in ["sqlite", "postgres"] {
+        let dir = tempfile::tempdir().unwrap();
+        let recv = Receiver::start(&rt);
+        let schema = Schema::new();
+        let mut cfg = DaemonConfig::new(dir.path(), &recv);
+        if backend == "postgres" {
+            cfg.store_url = Some(schema.url.clone());
+        }
+        create_topic(&rt, &cfg.topic, 1);
+        let now = chrono::Utc::now();
+        let at = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        let record = |id: &str, kind: &str, customer: &str, time: &str, app: &str| {
+            let e = json!({"specversion": "1.0", "id": id, "type": kind, "source": "core-banking",
+                "subject": customer, "time": time, "data": {"application_id": app,
+                "product": "Personal loan", "amount": 1000, "signed": false, "resume_url": "u"}});
+            (customer.to_string(), serde_json::to_vec(&e).unwrap())
+        };
+        let (completed, signed) = (at(now - chrono::Duration::minutes(2)), at(now));
+        let mut records = Vec::new();
+        for c in ["early", "other"] {
+            records.push(event(
+                &format!("ctx-{c}"),
+                "customer.contact_updated",
+                c,
+                json!({"app_installed": true}),
+            ));
+        }
+        records.extend([
+            record(
+                "s-early",
+                "loan_application.signed",
+                "early",
+                &signed,
+                "A-1",
+            ),
+            record(
+                "s-other",
+                "loan_application.signed",
+                "other",
+                &signed,
+                "A-9",
+            ),
+            record(
+                "c-early",
+                "loan_application.completed",
+                "early",
+                &completed,
+                "A-1",
+            ),
+            record(
+                "c-other",
+                "loan_application.completed",
+                "other",
+                &completed,
+                "A-1",
+            ),
+        ]);
+        produce(&cfg.topic, &records);
+
+        let daemon = Daemon::start(&cfg, backend);
+        daemon.wait_until(LONG, "the other customer's push", || {
+            !recv.on("/push").is_empty()
+        });
+        let logs = daemon.log_tail();
+        daemon.terminate();
+        let customers: Vec<String> = recv
+            .requests()
+            .iter()
+            .map(|r| r.body["customer"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(customers, ["other"], "{backend}\n{logs}");
+
+        let (config, _) = cfg.write("review");
+        let (code, out, err) = nudge(&["explain", "early", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{backend}: {err}");
+        assert!(
+            out.contains("unsigned_loan not started by event c-early (already ended by an exit read before it): loan_application.signed (event s-early"),
+            "{backend}: {out}"
+        );
+    }
+}

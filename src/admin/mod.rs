@@ -187,10 +187,27 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
     let store_ok = store_state == "ok";
     let rules = s.rules.current();
     let halted = s.readiness.halted();
-    let ready = partitions > 0 && store_ok && !rules.journeys().is_empty() && halted.is_none();
+    let kafka = s.readiness.kafka_state();
+    let reason = if let Some(why) = &halted {
+        Some(format!("halted: {why}"))
+    } else if !store_ok {
+        Some(format!("store: {store_state}"))
+    } else if partitions == 0 {
+        Some(match kafka.as_str() {
+            "ok" => "no partitions assigned (yet, or the group gave this replica none)".to_string(),
+            _ => format!("no partitions assigned; kafka: {kafka}"),
+        })
+    } else if rules.journeys().is_empty() {
+        Some("no journeys loaded".to_string())
+    } else {
+        None
+    };
+    let ready = reason.is_none();
     let body = json!({
         "ready": ready,
+        "reason": reason,
         "halted": halted,
+        "kafka": kafka,
         "assigned_partitions": partitions,
         "store": store_state,
         "rules_version": rules.version,

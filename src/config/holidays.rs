@@ -76,7 +76,28 @@ impl Holidays {
             .filter_map(|r| self.by_region.get_key_value(r))
             .find_map(|(r, days)| days.get(&date).map(|n| (n.as_str(), r.as_str())))
     }
+
+    /// What an operator must hear about a calendar that runs out within
+    /// [`ENDING_WARNING`] of `today`: after its last date no day is a
+    /// holiday, and call tasks would go on Christmas Day without a word.
+    pub fn ending_note(&self, today: NaiveDate) -> Option<String> {
+        let last = self
+            .by_region
+            .values()
+            .filter_map(|d| d.keys().next_back())
+            .max();
+        match last {
+            Some(last) if *last < today + ENDING_WARNING => Some(format!(
+                "policy.holidays: the calendar's last holiday is {last}; after it no day is a public holiday (call tasks and marketing are not held): add the coming year's dates"
+            )),
+            None => Some("policy.holidays: the calendar has no holidays".into()),
+            _ => None,
+        }
+    }
 }
+
+/// How long before a calendar's last date its end is reported.
+pub const ENDING_WARNING: chrono::TimeDelta = chrono::TimeDelta::days(90);
 
 #[cfg(test)]
 mod tests {
@@ -84,6 +105,17 @@ mod tests {
 
     fn day(s: &str) -> NaiveDate {
         s.parse().unwrap()
+    }
+
+    /// The shipped calendar (to 2027) is reported from October 2027 on,
+    /// not before; an empty one always.
+    #[test]
+    fn a_calendar_running_out_is_reported() {
+        let h = Holidays::shipped();
+        assert_eq!(h.ending_note(day("2026-12-06")), None);
+        let note = h.ending_note(day("2027-10-15")).unwrap();
+        assert!(note.contains("last holiday is 2027-12-2"), "{note}");
+        assert!(Holidays::default().ending_note(day("2026-12-06")).is_some());
     }
 
     #[test]

@@ -83,6 +83,17 @@ impl DispatchError {
         }
     }
 
+    /// The kind of error, for logs and metrics (no receiver's text).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DispatchError::Rejected { .. } => "rejected",
+            DispatchError::Unavailable { .. } => "unavailable",
+            DispatchError::Timeout => "timeout",
+            DispatchError::Transport(_) => "transport",
+            DispatchError::NotConfigured(_) => "not_configured",
+        }
+    }
+
     /// The receiver's HTTP status, when it answered.
     pub fn http_status(&self) -> Option<u16> {
         match self {

@@ -62,6 +62,17 @@ pub struct Readiness {
     /// (consuming has stopped meanwhile).
     store_problem: Mutex<Option<String>>,
     halted: Mutex<Option<String>>,
+    /// What librdkafka last said about its brokers, for `/readyz`: an
+    /// unreachable broker otherwise shows only as no partitions assigned.
+    kafka: Mutex<KafkaLink>,
+}
+
+#[derive(Default)]
+struct KafkaLink {
+    /// Brokers connected at the last statistics (`None`: none came yet).
+    brokers_up: Option<usize>,
+    /// The client's last error since a broker was last seen connected.
+    last_error: Option<String>,
 }
 
 /// [`Readiness::caught_up`]'s signal.
@@ -159,6 +170,37 @@ impl Readiness {
             .clone()
     }
 
+    /// `ok` while a broker is connected; otherwise what is wrong, with the
+    /// client's last error (all brokers down, a failed TLS handshake …).
+    pub fn kafka_state(&self) -> String {
+        let link = self.kafka.lock().unwrap_or_else(|e| e.into_inner());
+        let error = link
+            .last_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        match link.brokers_up {
+            Some(0) => format!("no broker reachable{error}"),
+            Some(_) => "ok".into(),
+            None => format!("connecting{error}"),
+        }
+    }
+
+    fn kafka_error(&self, error: String) {
+        self.kafka
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_error = Some(error);
+    }
+
+    fn kafka_brokers_up(&self, up: usize) {
+        let mut link = self.kafka.lock().unwrap_or_else(|e| e.into_inner());
+        link.brokers_up = Some(up);
+        if up > 0 {
+            link.last_error = None;
+        }
+    }
+
     fn set_store_problem(&self, problem: Option<String>) {
         *self.store_problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
     }
@@ -206,6 +248,7 @@ struct IngestContext {
 impl ClientContext for IngestContext {
     /// Through the throttled event: librdkafka's default logs each one.
     fn error(&self, error: KafkaError, reason: &str) {
+        self.readiness.kafka_error(format!("{error}: {reason}"));
         KafkaClientError {
             error: &error,
             reason,
@@ -214,8 +257,15 @@ impl ClientContext for IngestContext {
     }
 
     /// librdkafka's own view of lag (high watermark minus position), every
-    /// `statistics.interval.ms`. On tansu the watermark is wrong, so is this.
+    /// `statistics.interval.ms`, and whether any broker is connected. On
+    /// tansu the watermark is wrong, so is the lag.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .filter(|b| b.source != "internal" && b.state == "UP")
+            .count();
+        self.readiness.kafka_brokers_up(up);
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.consumer_lag >= 0 {
@@ -555,6 +605,53 @@ pub fn client_config(config: &KafkaConfig) -> anyhow::Result<ClientConfig> {
             None => anyhow::bail!("kafka.properties.{key}: {description}"),
         }
     }
+    refuse_unsupported_mechanism(&cc, "kafka.properties")?;
+    Ok(cc)
+}
+
+/// SASL mechanisms this build's librdkafka has a provider for (no Cyrus
+/// SASL, so no GSSAPI). librdkafka itself refuses the others only when a
+/// client is created, which `nudge check` does not do.
+const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+
+fn refuse_unsupported_mechanism(cc: &ClientConfig, section: &str) -> anyhow::Result<()> {
+    for key in ["sasl.mechanism", "sasl.mechanisms"] {
+        if let Some(mechanism) = cc.get(key) {
+            if !SASL_MECHANISMS.contains(&mechanism.trim()) {
+                anyhow::bail!(
+                    "{section}.{key}: `{mechanism}` is not supported by this build (Kerberos/GSSAPI is not); use one of {}",
+                    SASL_MECHANISMS.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The consumer's settings: [`client_config`], `kafka.consumer_properties`
+/// and what nudge sets itself, checked as a whole (by `nudge check` too).
+pub fn consumer_config(config: &KafkaConfig) -> anyhow::Result<ClientConfig> {
+    let mut cc = client_config(config)?;
+    for (k, v) in &config.consumer_properties {
+        cc.set(k, v);
+    }
+    cc.set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // librdkafka's default 1 s backoff stalls a fast consumer (see KAFKA.md).
+        .set("fetch.queue.backoff.ms", "10")
+        .set("statistics.interval.ms", "5000");
+    if let Err(e) = cc.create_native_config() {
+        return match e {
+            KafkaError::ClientConfig(_, description, key, _) => Err(anyhow::anyhow!(
+                "kafka.consumer_properties.{key}: {description}"
+            )),
+            e => Err(e).context("kafka consumer settings"),
+        };
+    }
+    refuse_unsupported_mechanism(&cc, "kafka.consumer_properties")?;
     Ok(cc)
 }
 
@@ -566,18 +663,7 @@ impl KafkaIngest {
         after_batch: AfterBatch,
     ) -> anyhow::Result<Self> {
         let readiness = Arc::new(Readiness::default());
-        let mut cc = client_config(config)?;
-        for (k, v) in &config.consumer_properties {
-            cc.set(k, v);
-        }
-        cc.set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            // librdkafka's default 1 s backoff stalls a fast consumer (see KAFKA.md).
-            .set("fetch.queue.backoff.ms", "10")
-            .set("statistics.interval.ms", "5000");
+        let cc = consumer_config(config)?;
         let consumer: StreamConsumer<IngestContext> = cc
             .create_with_context(IngestContext {
                 readiness: readiness.clone(),
@@ -1157,5 +1243,43 @@ mod tests {
             err.starts_with("kafka.properties.security.protocol: "),
             "{err}"
         );
+    }
+
+    /// What librdkafka would refuse only when the consumer is created (after
+    /// the store is opened, and never under `nudge check`) is refused by
+    /// the settings' own check: a SASL mechanism without a provider in this
+    /// build, a bad consumer property. Each error names the nudge key.
+    #[test]
+    fn consumer_settings_are_checked_whole_before_any_client_exists() {
+        let mut config = KafkaConfig::default();
+        config
+            .properties
+            .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
+        config
+            .properties
+            .insert("sasl.mechanism".into(), "GSSAPI".into());
+        let err = format!("{:#}", consumer_config(&config).unwrap_err());
+        assert!(
+            err.starts_with("kafka.properties.sasl.mechanism: `GSSAPI` is not supported"),
+            "{err}"
+        );
+        // librdkafka agrees: the consumer cannot be created.
+        let mut raw = ClientConfig::new();
+        raw.set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanism", "GSSAPI")
+            .set("group.id", "g");
+        let created: Result<rdkafka::consumer::BaseConsumer, _> = raw.create();
+        assert!(created.is_err(), "this build has a GSSAPI provider now");
+
+        let mut config = KafkaConfig::default();
+        config
+            .consumer_properties
+            .insert("session.timeout.ms".into(), "soon".into());
+        let err = format!("{:#}", consumer_config(&config).unwrap_err());
+        assert!(
+            err.starts_with("kafka.consumer_properties.session.timeout.ms: "),
+            "{err}"
+        );
+        assert!(consumer_config(&KafkaConfig::default()).is_ok());
     }
 }

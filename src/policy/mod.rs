@@ -86,6 +86,9 @@ impl Policy {
                 Holidays::default()
             }),
         };
+        if let Some(note) = holidays.ending_note(chrono::Utc::now().date_naive()) {
+            crate::telemetry::events::HolidayCalendarEnding { note: &note }.emit();
+        }
         Self::with_holidays(config, holidays)
     }
 

@@ -162,7 +162,8 @@ pub struct Entry {
         serialize_with = "opt_rfc3339"
     )]
     pub received_at: Option<DateTime<Utc>>,
-    /// Decisions not to start: `skip`, `already_open`, `pilot`, `rule_error`.
+    /// Decisions not to start: `skip`, `already_open`, `pilot`, `rule_error`,
+    /// `already_ended`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_started: Option<NotStartedWhy>,
     /// Control changes: who made it, and the settings before and after.
@@ -277,6 +278,7 @@ pub fn decision_record(
                 NotStartedWhy::AlreadyOpen => "already running",
                 NotStartedWhy::Pilot => "outside the pilot",
                 NotStartedWhy::RuleError => "the script failed",
+                NotStartedWhy::AlreadyEnded => "already ended by an exit read before it",
             };
             let mut e = Entry::new(
                 time,

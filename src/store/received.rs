@@ -50,6 +50,9 @@ pub enum NotStartedWhy {
     Pilot,
     /// The script failed (the event is dead-lettered too).
     RuleError,
+    /// An exit of the journey for the key, read earlier, happened at or
+    /// after the trigger: the customer had already acted.
+    AlreadyEnded,
 }
 
 impl NotStartedWhy {
@@ -59,6 +62,7 @@ impl NotStartedWhy {
             NotStartedWhy::AlreadyOpen => "already_open",
             NotStartedWhy::Pilot => "pilot",
             NotStartedWhy::RuleError => "rule_error",
+            NotStartedWhy::AlreadyEnded => "already_ended",
         }
     }
 }

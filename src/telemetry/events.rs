@@ -572,6 +572,35 @@ impl StepClaimLost<'_> {
     }
 }
 
+/// A step nudge stopped trying: refused by its receiver, out of attempts,
+/// or past its lateness bound while the receiver failed. The dispatch log
+/// has every one; the log line says that sending is failing, once per
+/// channel and cause every quiet period (an outage fails thousands), with
+/// ids only: a receiver's answer may quote the customer.
+pub struct StepGivenUp<'a> {
+    pub channel: &'static str,
+    pub journey: &'a str,
+    pub instance: &'a str,
+    pub step: &'a str,
+    /// `failed` or `expired`.
+    pub outcome: &'static str,
+    /// The kind of error, e.g. `unavailable`, `timeout`, `rejected`.
+    pub cause: &'static str,
+    pub http_status: Option<u16>,
+    pub attempts: u32,
+}
+
+impl StepGivenUp<'_> {
+    pub fn emit(self) {
+        let key = format!("{}:{}:{}", self.channel, self.outcome, self.cause);
+        if let Some(repeats) = GIVEN_UP_LINES.admit(&key, std::time::Instant::now()) {
+            tracing::warn!(target: SCHEDULER, channel = %self.channel, journey = %self.journey, instance = %self.instance, step = %self.step, outcome = %self.outcome, cause = %self.cause, http_status = self.http_status, attempts = self.attempts, similar_not_logged = repeats, "step given up: not sent (the dispatch log has the receiver's answer: nudge log --outcome {})", self.outcome);
+        }
+    }
+}
+
+static GIVEN_UP_LINES: Throttle = Throttle::new(Duration::from_secs(10));
+
 /// A claimed step let go unsent: its lease ran out before its send began.
 pub struct StepLeaseRanOut<'a> {
     pub channel: &'static str,
@@ -944,6 +973,17 @@ pub struct HolidayCalendarUnreadable<'a> {
 impl HolidayCalendarUnreadable<'_> {
     pub fn emit(self) {
         tracing::error!(target: "nudge::policy", error = %self.error, "holiday calendar unreadable; no public holidays apply");
+    }
+}
+
+/// The holiday calendar runs out soon (or has run out).
+pub struct HolidayCalendarEnding<'a> {
+    pub note: &'a str,
+}
+
+impl HolidayCalendarEnding<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: "nudge::policy", note = %self.note, "holiday calendar ending");
     }
 }
 

@@ -21,6 +21,46 @@ pub fn prometheus() -> Result<PrometheusBuilder, BuildError> {
     Ok(builder)
 }
 
+/// Writes at zero every series whose labels are known at start (the
+/// channels served, the journeys loaded): a counter that first appears at
+/// its first increment makes `increase()` and `rate()` miss that increment,
+/// and an alert on it cannot tell "none yet" from "not exported". Call it
+/// before anything sets a gauge (runtime control's `nudge_channel_stopped`).
+pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
+    use catalog::{ALL, CHANNEL_STOPPED, DEAD_LETTERS, STEPS};
+    let counters = |labels: &[&str]| {
+        ALL.iter()
+            .filter(move |m| m.kind == Kind::Counter && m.labels == labels)
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+    };
+    for name in counters(&[]) {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in ["invalid", "rule", "context"] {
+        metrics::counter!(DEAD_LETTERS.name, "kind" => kind).increment(0);
+    }
+    for &channel in channels {
+        let channel = channel.to_string();
+        for name in counters(&["channel"]) {
+            metrics::counter!(name, "channel" => channel.clone()).increment(0);
+        }
+        for outcome in STEP_OUTCOMES_EXPORTED {
+            metrics::counter!(STEPS.name, "channel" => channel.clone(), "outcome" => *outcome)
+                .increment(0);
+        }
+        metrics::gauge!(CHANNEL_STOPPED.name, "channel" => channel).set(0.0);
+    }
+    for &journey in journeys {
+        for name in counters(&["journey"]) {
+            metrics::counter!(name, "journey" => journey.to_string()).increment(0);
+        }
+    }
+}
+
+/// The step outcomes alerts are written on, exported at zero per channel.
+const STEP_OUTCOMES_EXPORTED: &[&str] = &["sent", "failed", "expired", "suppressed"];
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -285,6 +325,37 @@ mod tests {
         for m in catalog::ALL {
             assert!(exported.contains_key(m.name), "no event writes {}", m.name);
         }
+    }
+
+    /// Before anything happens, the counters alerts are written on are
+    /// exported at 0 for the channels and journeys known at start, and no
+    /// channel shows as stopped.
+    #[test]
+    fn known_series_are_exported_at_zero_before_anything_happens() {
+        let recorder = super::prometheus().unwrap().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            super::export_known_series(&["push", "email"], &["unsigned_loan"])
+        });
+        let text = recorder.handle().render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{series} is not exported:\n{text}"))
+                .to_string()
+        };
+        for series in [
+            r#"nudge_steps_total{channel="push",outcome="failed"}"#,
+            r#"nudge_steps_total{channel="email",outcome="sent"}"#,
+            r#"nudge_step_claims_lost_total{channel="email"}"#,
+            r#"nudge_rule_errors_total{journey="unsigned_loan"}"#,
+            r#"nudge_dead_letters_total{kind="invalid"}"#,
+            "nudge_store_errors_total",
+            "nudge_kafka_errors_total",
+            r#"nudge_channel_stopped{channel="push"}"#,
+        ] {
+            assert_eq!(value(series), "0", "{series}");
+        }
+        assert!(!text.contains(r#"channel="call_task""#), "{text}");
     }
 
     #[test]
