@@ -26,12 +26,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::KafkaConfig;
+use crate::ingest::kafka::{Producer, ProducerContext};
 use crate::store::{AsyncStore, AuditRecord, Store};
 use crate::telemetry::events::{
     AuditBacklogMeasured, AuditOutboxUnreadable, AuditPublishFailed, AuditRecordsLost,
@@ -82,7 +83,7 @@ impl AuditStatus {
 pub struct AuditPublisher {
     /// Replaced after a pass with a failed delivery: an idempotent producer
     /// that the broker fenced during an outage never recovers by itself.
-    producer: std::sync::Mutex<FutureProducer>,
+    producer: std::sync::Mutex<Producer>,
     client: rdkafka::ClientConfig,
     topic: String,
     store: AsyncStore,
@@ -125,7 +126,7 @@ impl AuditPublisher {
                 "message.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),
             );
-        let producer: FutureProducer = cc.create()?;
+        let producer: Producer = cc.create_with_context(ProducerContext)?;
         store.set_audit_outbox(true)?;
         Ok(Self {
             producer: std::sync::Mutex::new(producer),
@@ -261,7 +262,10 @@ impl AuditPublisher {
         }
         if failed > 0 {
             // A fresh producer for the next pass (its records go again, in order).
-            if let Ok(fresh) = self.client.create::<FutureProducer>() {
+            if let Ok(fresh) = self
+                .client
+                .create_with_context::<_, Producer>(ProducerContext)
+            {
                 *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
             }
             let text = error.unwrap_or_else(|| "not acknowledged".into());

@@ -19,11 +19,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 use tokio::sync::{watch, Notify};
 
+use super::kafka::{Producer, ProducerContext};
 use crate::clock::Clock;
 use crate::config::KafkaConfig;
 use crate::store::{AsyncStore, ClaimedDeadLetter, Store};
@@ -79,7 +80,7 @@ pub struct DeadLetterPublisher {
     /// idempotent producer that met a fatal error (a broker that lost its
     /// producer ids, a fence) fails every later send, so the letters would
     /// wait until a restart.
-    producer: std::sync::Mutex<FutureProducer>,
+    producer: std::sync::Mutex<Producer>,
     client: rdkafka::ClientConfig,
     topic: String,
     store: AsyncStore,
@@ -136,7 +137,7 @@ impl DeadLetterPublisher {
                 )
             })?,
         };
-        let producer: FutureProducer = cc.create()?;
+        let producer: Producer = cc.create_with_context(ProducerContext)?;
         Ok(Self {
             producer: std::sync::Mutex::new(producer),
             client: cc,
@@ -215,7 +216,10 @@ impl DeadLetterPublisher {
         if topic_failed {
             // A fresh producer for the next pass (a letter sent twice after a
             // lost acknowledgement is known by its `nudge.source.*` headers).
-            if let Ok(fresh) = self.client.create::<FutureProducer>() {
+            if let Ok(fresh) = self
+                .client
+                .create_with_context::<_, Producer>(ProducerContext)
+            {
                 *self.producer.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
             }
         }
@@ -301,11 +305,7 @@ impl DeadLetterPublisher {
 
     /// Sends one letter: whole if it fits the producer's limit, else its
     /// first bytes, and with no value if the broker refuses even that.
-    async fn send(
-        &self,
-        producer: &FutureProducer,
-        c: &ClaimedDeadLetter,
-    ) -> Result<(), SendError> {
+    async fn send(&self, producer: &Producer, c: &ClaimedDeadLetter) -> Result<(), SendError> {
         let l = &c.letter;
         let partition = l.partition.to_string();
         let offset = l.offset.to_string();

@@ -238,6 +238,26 @@ fn stored_offsets(store: &Arc<dyn Store>, topic: &str) -> Result<Vec<(i32, i64)>
     })
 }
 
+/// The producers' context (dead letters, audit stream): librdkafka's
+/// client errors through the throttled event, as the consumer's, instead of
+/// rust-rdkafka's default of one error line each (several a second while a
+/// broker is down).
+#[derive(Clone, Copy, Default)]
+pub struct ProducerContext;
+
+impl ClientContext for ProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        KafkaClientError {
+            error: &error,
+            reason,
+        }
+        .emit();
+    }
+}
+
+/// A producer whose client errors are logged throttled.
+pub type Producer = rdkafka::producer::FutureProducer<ProducerContext>;
+
 /// Keeps `Readiness` in step with rebalances. Callbacks run inside `recv`, when
 /// the loop holds no unfinished batch, so revocation never strands work.
 struct IngestContext {
