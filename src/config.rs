@@ -109,6 +109,64 @@ pub struct Config {
     pub audit: AuditConfig,
 }
 
+/// The config key `words` (a variable's name after `NUDGE_`, lower case,
+/// one underscore between every word) would set, if any: each way of
+/// reading its underscores as level separators is tried against the config's
+/// own schema, so only real keys are named.
+fn override_key(words: &str, value: &str) -> Option<String> {
+    const SECTIONS: [&str; 9] = [
+        "store",
+        "rules",
+        "scheduler",
+        "policy",
+        "channels",
+        "kafka",
+        "admin",
+        "log",
+        "audit",
+    ];
+    let (section, rest) = words.split_once('_')?;
+    if !SECTIONS.contains(&section) || rest.is_empty() {
+        return None;
+    }
+    let parts: Vec<&str> = rest.split('_').collect();
+    if parts.iter().any(|p| p.is_empty()) || parts.len() > 6 {
+        return None;
+    }
+    for cuts in 0u32..(1 << (parts.len() - 1)) {
+        let mut key = format!("{section}.{}", parts[0]);
+        for (i, part) in parts.iter().enumerate().skip(1) {
+            key.push(if cuts & (1 << (i - 1)) != 0 { '.' } else { '_' });
+            key.push_str(part);
+        }
+        if is_config_key(&key, value) {
+            return Some(key);
+        }
+    }
+    None
+}
+
+/// Whether `key` is in the config's schema: setting it alone is refused, if
+/// at all, for its value or a missing sibling, never for its own name.
+fn is_config_key(key: &str, value: &str) -> bool {
+    let Ok(built) = config::Config::builder()
+        .set_override(key, value)
+        .and_then(|b| b.build())
+    else {
+        return false;
+    };
+    match built.try_deserialize::<Config>() {
+        Ok(_) => true,
+        Err(e) => {
+            // An unknown name is quoted in the error (`token`, `push_url`).
+            let text = e.to_string();
+            !key.split('.')
+                .skip(1)
+                .any(|name| name != value && text.contains(&format!("`{name}`")))
+        }
+    }
+}
+
 /// SQLite's own page cache size (`store.cache_mb`'s default). A 64 MiB cache
 /// once measured slower for sending; with the build options in
 /// `.cargo/config.toml` it is no faster (BENCHMARKS.md, 3): larger caches are
@@ -785,7 +843,41 @@ impl Config {
         for warning in config.deprecations() {
             eprintln!("nudge: config: {warning}");
         }
+        for warning in config.unread_overrides(std::env::vars()) {
+            eprintln!("nudge: config: {warning}");
+        }
         Ok(config)
+    }
+
+    /// Variables written like an override with one underscore where two
+    /// belong (`NUDGE_STORE_PATH`): only `NUDGE_SECTION__KEY` is read, so
+    /// such a setting would be ignored without a word. A variable a key of
+    /// this config names as a secret's (`token_env = "NUDGE_PUSH_TOKEN"`)
+    /// is not one of them.
+    pub fn unread_overrides(&self, env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let secrets: Vec<&str> = self
+            .secret_variables()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        let mut found = Vec::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("NUDGE_") else {
+                continue;
+            };
+            if rest.contains("__") || secrets.contains(&name.as_str()) {
+                continue;
+            }
+            if let Some(key) = override_key(&rest.to_ascii_lowercase(), &value) {
+                let suggested = format!("NUDGE_{}", key.replace('.', "__").to_ascii_uppercase());
+                found.push(format!(
+                    "{name} is not read: overrides take two underscores between levels; \
+                     for {key} write {suggested}"
+                ));
+            }
+        }
+        found.sort();
+        found
     }
 
     /// Deprecated forms in use, each with what replaces it.
@@ -1668,6 +1760,50 @@ mod tests {
         .unwrap();
         assert_eq!(c.store.path, PathBuf::from("b.db"));
         assert_eq!(c.kafka.topics, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn an_override_with_one_underscore_is_named_with_the_spelling_that_works() {
+        let c = load(
+            "[channels.push]\nurl = \"http://127.0.0.1:1/\"\ntoken_env = \"NUDGE_PUSH_TOKEN\"\n",
+            &[],
+        )
+        .unwrap();
+        let warnings = c.unread_overrides(
+            [
+                ("NUDGE_STORE_PATH", "b.db"),
+                ("NUDGE_STORE_PASSWORD_ENV", "PGPASS"),
+                ("NUDGE_CHANNELS_PUSH_URL", "http://x"),
+                ("NUDGE_LOG_FORMAT", "xml"),
+                ("NUDGE_SCHEDULER_BATCH_SIZE", "64"),
+                // Not overrides: the CLI's token, a secret this config
+                // names, a proper override, a word that is no key.
+                ("NUDGE_ADMIN_TOKEN", "t"),
+                ("NUDGE_PUSH_TOKEN", "s3cret"),
+                ("NUDGE_STORE__PATH", "c.db"),
+                ("NUDGE_STORE_COLOUR", "blue"),
+                ("HOME", "/root"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let expect = [
+            ("NUDGE_CHANNELS_PUSH_URL", "NUDGE_CHANNELS__PUSH__URL"),
+            ("NUDGE_LOG_FORMAT", "NUDGE_LOG__FORMAT"),
+            ("NUDGE_SCHEDULER_BATCH_SIZE", "NUDGE_SCHEDULER__BATCH_SIZE"),
+            ("NUDGE_STORE_PASSWORD_ENV", "NUDGE_STORE__PASSWORD_ENV"),
+            ("NUDGE_STORE_PATH", "NUDGE_STORE__PATH"),
+        ];
+        assert_eq!(warnings.len(), expect.len(), "{warnings:#?}");
+        for ((name, suggested), warning) in expect.iter().zip(&warnings) {
+            assert!(
+                warning.starts_with(name) && warning.ends_with(suggested),
+                "{warning}"
+            );
+        }
+        // The value is never shown: it may be a secret.
+        assert!(!warnings
+            .iter()
+            .any(|w| w.contains("b.db") || w.contains("http://x")));
     }
 
     #[test]

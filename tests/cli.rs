@@ -745,3 +745,26 @@ fn check_reports_every_missing_secret_at_once() {
         assert!(err.contains(var), "{var} in {err}");
     }
 }
+
+/// A setting spelt with one underscore where two belong is not read; the
+/// command says so, with the spelling that works, and never the value.
+#[test]
+fn check_names_an_override_spelt_with_one_underscore() {
+    let local = repo().join("deploy/nudge.local.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["check", "--config", local.to_str().unwrap()])
+        .current_dir(repo())
+        .env("NUDGE_STORE_PATH", "/srv/elsewhere.db")
+        .env("NUDGE_STORE__RETENTION", "30d")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("NUDGE_STORE_PATH is not read")
+            && err.contains("for store.path write NUDGE_STORE__PATH"),
+        "{err}"
+    );
+    assert!(!err.contains("NUDGE_STORE__RETENTION"), "{err}");
+    assert!(!err.contains("elsewhere"), "{err}");
+}
