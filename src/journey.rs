@@ -298,11 +298,23 @@ impl BatchRun<'_> {
             }
             Ok(false) => false,
             Err(e) => {
+                let reason = e.to_string();
+                // Dead-lettered with its reason; the decision record says so.
+                tx.record_event(&ReceivedEvent {
+                    event_id: event.id.clone(),
+                    customer: event.customer.clone(),
+                    event_type: event.event_type.clone(),
+                    event_time: event.time,
+                    received_at: self.now,
+                    context_updated: false,
+                    not_started: Vec::new(),
+                    refused: Some(reason.clone()),
+                })?;
                 self.out.failures.push(EventFailure {
                     index,
                     event_id: event.id.clone(),
                     journey: None,
-                    reason: e.to_string(),
+                    reason,
                 });
                 return Ok(());
             }
@@ -326,6 +338,7 @@ impl BatchRun<'_> {
             received_at: self.now,
             context_updated,
             not_started: std::mem::take(&mut self.not_started),
+            refused: None,
         })?;
         Ok(())
     }

@@ -993,7 +993,8 @@ fn steps_given_up_on_an_unreachable_receiver_are_logged_once_per_cause() {
 /// out of order; or the signature keyed to another partition and read
 /// first): the journey does not start, nothing is sent, and `nudge explain`
 /// says why. A signature of another application changes nothing. On both
-/// stores: the exit is remembered in the customer's context.
+/// stores: the exit is remembered in the customer's context. A contact
+/// update refused for a bad field is in the record too, with why.
 #[test]
 fn an_exit_read_before_its_trigger_ends_the_journey_before_it_starts() {
     let rt = runtime();
@@ -1026,6 +1027,12 @@ fn an_exit_read_before_its_trigger_ends_the_journey_before_it_starts() {
                 json!({"app_installed": true}),
             ));
         }
+        records.push(event(
+            "ctx-bad",
+            "customer.contact_updated",
+            "early",
+            json!({"timezone": "Mars/Olympus", "email": "early@example.com"}),
+        ));
         records.extend([
             record(
                 "s-early",
@@ -1078,5 +1085,29 @@ fn an_exit_read_before_its_trigger_ends_the_journey_before_it_starts() {
             out.contains("unsigned_loan not started by event c-early (already ended by an exit read before it): loan_application.signed (event s-early"),
             "{backend}: {out}"
         );
+        assert!(
+            out.contains("customer.contact_updated (id ctx-bad), refused and dead-lettered (nothing applied or decided): invalid customer update: timezone is not an IANA zone"),
+            "{backend}: {out}"
+        );
+        let (code, out, err) = nudge(&[
+            "explain",
+            "early",
+            "--format",
+            "json",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let refused: Vec<&serde_json::Value> = record["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["refused"].is_string())
+            .collect();
+        assert_eq!(refused.len(), 1, "{backend}: {out}");
+        assert_eq!(refused[0]["event_id"], "ctx-bad", "{backend}: {out}");
+        // The refused address was never applied, nor shown.
+        assert!(!out.contains("early@example.com"), "{backend}: {out}");
     }
 }

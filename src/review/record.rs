@@ -155,6 +155,10 @@ pub struct Entry {
     /// processed before the store kept it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_updated: Option<bool>,
+    /// Events: why its update of the context was refused (the event was
+    /// dead-lettered and decided nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Events: when nudge read it (its entry stands at the event's own
     /// time; what it caused, at this one).
     #[serde(
@@ -211,6 +215,7 @@ impl Entry {
             event_id: None,
             event_type: None,
             context_updated: None,
+            refused: None,
             received_at: None,
             not_started: None,
             control: None,
@@ -233,13 +238,14 @@ impl Entry {
     }
 }
 
-/// An event as far as the record knows it: (time, type, context updated).
-/// An event's time, type, whether it updated the context, when it was read.
+/// An event as far as the record knows it: its time, type, whether it
+/// updated the context, when it was read, why its update was refused.
 type KnownEvent = (
     DateTime<Utc>,
     Option<String>,
     Option<bool>,
     Option<DateTime<Utc>>,
+    Option<String>,
 );
 
 /// Reads the decision record of `customer`; contact details masked unless `unmask`.
@@ -271,6 +277,7 @@ pub fn decision_record(
             Some(r.event_type.clone()),
             Some(r.context_updated),
             Some(r.received_at),
+            r.refused.clone(),
         ));
         for n in &r.not_started {
             let why = match n.why {
@@ -307,7 +314,7 @@ pub fn decision_record(
         let kind = event["type"].as_str().map(String::from);
         events
             .entry(i.trigger_event.clone())
-            .or_insert((time, kind, None, None));
+            .or_insert((time, kind, None, None, None));
         let mut e = Entry::new(
             i.started_at,
             Kind::Decision,
@@ -360,17 +367,20 @@ pub fn decision_record(
                 .map(|(t, _)| t.to_string());
             let known = events
                 .entry(id.clone())
-                .or_insert((r.time, None, None, None));
+                .or_insert((r.time, None, None, None, None));
             if known.1.is_none() {
                 known.1 = kind;
             }
         }
         entries.push(log_entry(r, keys.get(r.instance.as_str()).copied()));
     }
-    for (id, (time, kind, context_updated, received_at)) in events {
-        let effect = match context_updated {
-            Some(true) => ", updated the context",
-            _ => "",
+    for (id, (time, kind, context_updated, received_at, refused)) in events {
+        let effect = match (&refused, context_updated) {
+            (Some(why), _) => {
+                format!(", refused and dead-lettered (nothing applied or decided): {why}")
+            }
+            (None, Some(true)) => ", updated the context".to_string(),
+            _ => String::new(),
         };
         // Read a second or more after its time: said, so that a decision
         // listed between the two is not read as made after the event.
@@ -396,6 +406,7 @@ pub fn decision_record(
         e.event_id = Some(id);
         e.event_type = kind;
         e.context_updated = context_updated;
+        e.refused = refused;
         e.received_at = received_at;
         entries.push(e);
     }

@@ -790,6 +790,7 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
         received_at: time + Duration::milliseconds(17_400),
         context_updated: false,
         not_started: Vec::new(),
+        refused: None,
     })
     .unwrap();
     tx.commit().unwrap();

@@ -2253,6 +2253,7 @@ pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
         received_at: at,
         context_updated: false,
         not_started: Vec::new(),
+        refused: None,
     };
     let old = t0() - Duration::days(30);
     let first = ReceivedEvent {
@@ -2277,7 +2278,11 @@ pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
         ],
         ..event("e-new", "c1", t0())
     };
-    let other = event("e-other", "c2", t0());
+    let other = ReceivedEvent {
+        event_type: "customer.contact_updated".into(),
+        refused: Some("invalid customer update: timezone is not an IANA zone".into()),
+        ..event("e-other", "c2", t0())
+    };
     let mut answered = push_record(t0(), "c1", "i1", "t_push", Outcome::Retrying, "HTTP 503");
     answered.attempt = 1;
     answered.http_status = Some(503);

@@ -25,6 +25,9 @@ pub struct ReceivedEvent {
     pub context_updated: bool,
     /// The journeys it triggered that did not start, in rule order.
     pub not_started: Vec<NotStarted>,
+    /// Why its update of the context was refused (it was dead-lettered,
+    /// and nothing else it could cause was decided).
+    pub refused: Option<String>,
 }
 
 /// A journey the event triggered that did not start.

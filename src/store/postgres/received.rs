@@ -15,15 +15,16 @@ pub(super) fn insert(c: &mut PgConn, events: &[ReceivedEvent]) -> Result<(), Sto
     let event_times: Vec<DateTime<Utc>> = events.iter().map(|e| e.event_time).collect();
     let received: Vec<DateTime<Utc>> = events.iter().map(|e| e.received_at).collect();
     let updated: Vec<bool> = events.iter().map(|e| e.context_updated).collect();
+    let refused: Vec<Option<&str>> = events.iter().map(|e| e.refused.as_deref()).collect();
     let not_started = events
         .iter()
         .map(|e| encode_not_started(&e.not_started))
         .collect::<Result<Vec<String>, _>>()?;
     c.execute(
-        "/* plan: generic */ INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started)
-         SELECT u.customer, u.event_id, u.event_type, u.event_time, u.received_at, u.updated, u.not_started::jsonb
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bool[], $7::text[])
-             AS u(customer, event_id, event_type, event_time, received_at, updated, not_started)",
+        "/* plan: generic */ INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started, refused)
+         SELECT u.customer, u.event_id, u.event_type, u.event_time, u.received_at, u.updated, u.not_started::jsonb, u.refused
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bool[], $7::text[], $8::text[])
+             AS u(customer, event_id, event_type, event_time, received_at, updated, not_started, refused)",
         &[
             &col(|e| &e.customer),
             &col(|e| &e.event_id),
@@ -32,6 +33,7 @@ pub(super) fn insert(c: &mut PgConn, events: &[ReceivedEvent]) -> Result<(), Sto
             &received,
             &updated,
             &not_started,
+            &refused,
         ],
     )?;
     Ok(())
@@ -43,7 +45,7 @@ pub(super) fn of_customer(
     customer: &str,
 ) -> Result<Vec<ReceivedEvent>, StoreError> {
     c.query(
-        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started::text
+        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started::text, refused
          FROM received_events WHERE customer = $1 ORDER BY received_at, id",
         &[&customer],
     )?
@@ -57,6 +59,7 @@ pub(super) fn of_customer(
             received_at: r.try_get(3)?,
             context_updated: r.try_get(4)?,
             not_started: decode_not_started(r.try_get::<_, &str>(5)?)?,
+            refused: r.try_get(6)?,
         })
     })
     .collect()

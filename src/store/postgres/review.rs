@@ -420,11 +420,15 @@ mod tests {
                  DROP TABLE review_outcome_counts, review_arm_counts, review_rule_arm_counts,
                      review_arm_customers, review_rule_arm_customers, review_outcome_deltas,
                      review_instance_deltas, review_fold_batch;
-                 DELETE FROM schema_version WHERE version = 11;",
+                 ALTER TABLE received_events DROP COLUMN refused;
+                 DELETE FROM schema_version WHERE version >= 11;",
             )
             .unwrap();
         drop(store);
-        assert_eq!(PostgresStore::migrate(&options).unwrap(), (10, 11));
+        assert_eq!(
+            PostgresStore::migrate(&options).unwrap(),
+            (10, schema::VERSION)
+        );
         let store = PostgresStore::open(&options).unwrap();
         assert_eq!(scans(&store), kept);
     }

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     V9_PROPENSITY_COUNTS,
     V10_DECISION_RECORD,
     V11_REVIEW_COUNTS,
+    V12_REFUSED_EVENTS,
 ];
 
 /// The schema version this binary writes.
@@ -681,3 +682,7 @@ BEGIN
 END
 $$;
 "#;
+
+/// Version 12: a received event whose context update was refused (and
+/// dead-lettered) keeps why, so the decision record shows it.
+const V12_REFUSED_EVENTS: &str = "ALTER TABLE received_events ADD COLUMN refused text;";

@@ -8,8 +8,8 @@ use crate::store::StoreError;
 
 pub(super) fn insert(conn: &Connection, e: &ReceivedEvent) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started, refused)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         e.customer,
@@ -19,6 +19,7 @@ pub(super) fn insert(conn: &Connection, e: &ReceivedEvent) -> Result<(), StoreEr
         ms(e.received_at),
         e.context_updated,
         encode_not_started(&e.not_started)?,
+        e.refused,
     ])?;
     Ok(())
 }
@@ -29,7 +30,7 @@ pub(super) fn of_customer(
     customer: &str,
 ) -> Result<Vec<ReceivedEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started
+        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started, refused
          FROM received_events WHERE customer = ?1 ORDER BY received_at, id",
     )?;
     let mut rows = stmt.query([customer])?;
@@ -43,6 +44,7 @@ pub(super) fn of_customer(
             received_at: from_ms(r.get(3)?),
             context_updated: r.get(4)?,
             not_started: decode_not_started(&r.get::<_, String>(5)?)?,
+            refused: r.get(6)?,
         });
     }
     Ok(out)

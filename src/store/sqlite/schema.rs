@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     V10_REVIEW_COUNTS,
     V11_AUDIT_OUTBOX_IN_CODE,
     V12_ONE_LOG_INDEX_BY_CUSTOMER,
+    V13_REFUSED_EVENTS,
 ];
 
 /// The schema version this binary writes.
@@ -546,3 +547,7 @@ const V11_AUDIT_OUTBOX_IN_CODE: &str = "DROP TRIGGER IF EXISTS dispatch_log_audi
 /// (the reads fetch each record's row for its journey and channel anyway, so
 /// the outcome test there costs only the customer's few other records).
 const V12_ONE_LOG_INDEX_BY_CUSTOMER: &str = "DROP INDEX IF EXISTS dispatch_log_sends;";
+
+/// Version 13: a received event whose context update was refused (and
+/// dead-lettered) keeps why, so the decision record shows it.
+const V13_REFUSED_EVENTS: &str = "ALTER TABLE received_events ADD COLUMN refused TEXT;";
