@@ -200,7 +200,7 @@ impl Pipeline {
             overrides: self.controls.current(),
             now,
             sends_since: now - self.cap_window,
-            completed_since: now - self.attribution_window,
+            attribution_window: self.attribution_window,
             withdraw: &self.withdraw,
             out: BatchOutcome::default(),
             not_started: Vec::new(),
@@ -262,8 +262,9 @@ struct BatchRun<'a> {
     now: DateTime<Utc>,
     /// Recent sends in the customer's context reach back to here (the cap window).
     sends_since: DateTime<Utc>,
-    /// An exit still converts an instance completed at or after this.
-    completed_since: DateTime<Utc>,
+    /// An exit still converts an instance completed no longer than this
+    /// before the customer acted (the exit's own time, not when it was read).
+    attribution_window: chrono::Duration,
     withdraw: &'a [ChannelKind],
     out: BatchOutcome,
     /// The journeys the current event triggered that did not start (the
@@ -391,8 +392,12 @@ impl BatchRun<'_> {
                 self.now,
             );
             remembered = true;
+            // Counted from when the customer acted: an exit read late (a
+            // backlog, an outage, a replay) converts what it would have
+            // converted when read at once.
+            let completed_since = event.time.min(self.now) - self.attribution_window;
             let Some(instance) =
-                tx.exitable_instance(&event.customer, &journey.name, &key, self.completed_since)?
+                tx.exitable_instance(&event.customer, &journey.name, &key, completed_since)?
             else {
                 continue;
             };
@@ -406,8 +411,7 @@ impl BatchRun<'_> {
                 // it was read late) did not bring the conversion about; the
                 // slack allows for the producer's clock running behind ours.
                 let acted = (event.time + context::EXIT_CLOCK_SLACK).min(self.now);
-                let window = self.now - self.completed_since;
-                tx.credit_conversion(&instance.id, acted - window, acted)?;
+                tx.credit_conversion(&instance.id, acted - self.attribution_window, acted)?;
             }
             // What was delivered and is no longer wanted is taken back:
             // planned in this transaction, sent by the scheduler.

@@ -201,6 +201,59 @@ async fn a_late_exit_credits_only_the_sends_before_the_customer_acted() {
     );
 }
 
+/// An exit is matched by when the customer acted, not by when nudge read
+/// it: a signature made within the attribution window after the journey's
+/// last step, but read after the window (a backlog, an outage), converts;
+/// one made after the window does not, however soon it is read.
+#[tokio::test]
+async fn an_exit_within_the_window_converts_however_late_it_is_read() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    let window = Duration::days(30);
+    for c in ["c-in", "c-out"] {
+        h.feed(contact(c, t0() - Duration::hours(1))).await;
+        h.feed(loan_completed(&format!("loan-{c}"), c, "A-1", t0()))
+            .await;
+    }
+    h.run_until(t0() + Duration::days(7)).await;
+    let log = h.log();
+    let ended = log
+        .iter()
+        .filter(|r| r.outcome == Outcome::Sent)
+        .map(|r| r.time)
+        .max()
+        .unwrap();
+    assert_eq!(of(&log, "c-in", "call").len(), 1, "{log:#?}");
+    // Both are read a day after the window closed.
+    h.run_until(ended + window + Duration::days(1)).await;
+    let signed = |c: &str, time| {
+        event(
+            &format!("signed-{c}"),
+            "loan_application.signed",
+            c,
+            time,
+            json!({"application_id": "A-1"}),
+        )
+    };
+    let (inside, _) = h
+        .feed(signed("c-in", ended + window - Duration::hours(1)))
+        .await;
+    assert_eq!(
+        inside.ended,
+        vec![("unsigned_loan".to_string(), Outcome::Converted)]
+    );
+    let (outside, _) = h
+        .feed(signed("c-out", ended + window + Duration::hours(1)))
+        .await;
+    assert!(outside.ended.is_empty(), "{outside:?}");
+    let converted: Vec<String> = h
+        .log()
+        .into_iter()
+        .filter(|r| r.outcome == Outcome::Converted)
+        .map(|r| r.customer)
+        .collect();
+    assert_eq!(converted, ["c-in"]);
+}
+
 #[tokio::test]
 async fn a_duplicate_event_id_changes_nothing() {
     let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;

@@ -162,13 +162,19 @@ pub fn difference_ci(treated: (u64, u64), control: (u64, u64)) -> Option<(f64, f
 /// bound of 1h" → "past the push lateness bound of 1h"), so that records
 /// not sent for one reason are counted together. A receiver's refusal
 /// quoting the (masked) address counts as one reason whoever it was about:
-/// `invalid recipient +*********05` → `invalid recipient …`.
+/// `invalid recipient +*********05` → `invalid recipient …`. Why no
+/// fallback could take the step stays: it is part of why it was not sent.
 pub fn reason_group(reason: &str) -> String {
-    let head = reason.split("; ").next().unwrap_or(reason);
-    let head = match head.split_once(", past the ") {
+    let mut parts = reason.split("; ");
+    let head = parts.next().unwrap_or(reason);
+    let mut head = match head.split_once(", past the ") {
         Some((due, bound)) if due.starts_with("due ") => format!("past the {bound}"),
         _ => head.to_string(),
     };
+    for fallback in parts.filter(|p| p.starts_with("no fallback could take it: ")) {
+        head.push_str("; ");
+        head.push_str(fallback);
+    }
     if !head.contains('*') {
         return head;
     }
@@ -489,6 +495,8 @@ mod tests {
             reason_group("no marketing consent for email"),
             "no marketing consent for email"
         );
+        let unreachable = "unreachable on push: no app installed; no fallback could take it: email (no email address)";
+        assert_eq!(reason_group(unreachable), unreachable);
         // Refusals quoting a masked address: one reason for everyone.
         for (one, other) in [
             (

@@ -576,8 +576,8 @@ pub fn host_api_reference() -> &'static str {
 
 An instance is `open` until an exit event ends it (`converted` or `cancelled`) or
 every step has been dealt with, sent or not (`completed`); an exit event within
-`policy.attribution_window` after that still turns a `completed` instance `converted`
-or `cancelled`. The mode never changes the status: held-out (control group) and
+`policy.attribution_window` after that (by the event's own `time`, however late
+nudge reads it) still turns a `completed` instance `converted` or `cancelled`. The mode never changes the status: held-out (control group) and
 shadow instances end like live ones, only their steps are logged `held_out` or
 `shadow` instead of being sent. `in_journey` and `converted` count every mode.
 
