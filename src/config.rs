@@ -158,11 +158,15 @@ fn is_config_key(key: &str, value: &str) -> bool {
     match built.try_deserialize::<Config>() {
         Ok(_) => true,
         Err(e) => {
-            // An unknown name is quoted in the error (`token`, `push_url`).
+            // An unknown name is quoted in the error (`token`, `push_url`);
+            // a table where a value was given is no key to set alone.
             let text = e.to_string();
-            !key.split('.')
-                .skip(1)
-                .any(|name| name != value && text.contains(&format!("`{name}`")))
+            let table = text.contains("expected struct") || text.contains("expected a map");
+            !table
+                && !key
+                    .split('.')
+                    .skip(1)
+                    .any(|name| name != value && text.contains(&format!("`{name}`")))
         }
     }
 }
@@ -840,12 +844,14 @@ impl Config {
     /// validates; a deprecated form that still loads is named on stderr.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let config = Self::load_with_env(file, std::env::vars())?;
-        for warning in config.deprecations() {
-            eprintln!("nudge: config: {warning}");
-        }
-        for warning in config.unread_overrides(std::env::vars()) {
-            eprintln!("nudge: config: {warning}");
-        }
+        // Once per process: a command may load its config twice.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            let unread = config.unread_overrides(std::env::vars());
+            for warning in config.deprecations().into_iter().chain(unread) {
+                eprintln!("nudge: config: {warning}");
+            }
+        });
         Ok(config)
     }
 
@@ -1776,6 +1782,7 @@ mod tests {
                 ("NUDGE_CHANNELS_PUSH_URL", "http://x"),
                 ("NUDGE_LOG_FORMAT", "xml"),
                 ("NUDGE_SCHEDULER_BATCH_SIZE", "64"),
+                ("NUDGE_POLICY_BUSINESS_HOURS_CALL_TASK_START", "08:00"),
                 // Not overrides: the CLI's token, a secret this config
                 // names, a proper override, a word that is no key.
                 ("NUDGE_ADMIN_TOKEN", "t"),
@@ -1789,6 +1796,10 @@ mod tests {
         let expect = [
             ("NUDGE_CHANNELS_PUSH_URL", "NUDGE_CHANNELS__PUSH__URL"),
             ("NUDGE_LOG_FORMAT", "NUDGE_LOG__FORMAT"),
+            (
+                "NUDGE_POLICY_BUSINESS_HOURS_CALL_TASK_START",
+                "NUDGE_POLICY__BUSINESS_HOURS__CALL_TASK__START",
+            ),
             ("NUDGE_SCHEDULER_BATCH_SIZE", "NUDGE_SCHEDULER__BATCH_SIZE"),
             ("NUDGE_STORE_PASSWORD_ENV", "NUDGE_STORE__PASSWORD_ENV"),
             ("NUDGE_STORE_PATH", "NUDGE_STORE__PATH"),

@@ -410,8 +410,9 @@ impl BatchRun<'_> {
                 // Sends after the customer acted (the exit's own time, when
                 // it was read late) did not bring the conversion about; the
                 // slack allows for the producer's clock running behind ours.
+                // The window reaches back from when the customer acted.
                 let acted = (event.time + context::EXIT_CLOCK_SLACK).min(self.now);
-                tx.credit_conversion(&instance.id, acted - self.attribution_window, acted)?;
+                tx.credit_conversion(&instance.id, completed_since, acted)?;
             }
             // What was delivered and is no longer wanted is taken back:
             // planned in this transaction, sent by the scheduler.

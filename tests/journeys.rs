@@ -203,8 +203,9 @@ async fn a_late_exit_credits_only_the_sends_before_the_customer_acted() {
 
 /// An exit is matched by when the customer acted, not by when nudge read
 /// it: a signature made within the attribution window after the journey's
-/// last step, but read after the window (a backlog, an outage), converts;
-/// one made after the window does not, however soon it is read.
+/// last step, but read after the window (a backlog, an outage), converts,
+/// and is credited to the sends within the window before it; one made after
+/// the window does not convert, however soon it is read.
 #[tokio::test]
 async fn an_exit_within_the_window_converts_however_late_it_is_read() {
     let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
@@ -235,7 +236,7 @@ async fn an_exit_within_the_window_converts_however_late_it_is_read() {
         )
     };
     let (inside, _) = h
-        .feed(signed("c-in", ended + window - Duration::hours(1)))
+        .feed(signed("c-in", ended + window - Duration::minutes(1)))
         .await;
     assert_eq!(
         inside.ended,
@@ -252,6 +253,23 @@ async fn an_exit_within_the_window_converts_however_late_it_is_read() {
         .map(|r| r.customer)
         .collect();
     assert_eq!(converted, ["c-in"]);
+    // The call went a minute inside the window: credited.
+    let credited: Vec<(String, u64, u64)> = h
+        .sim
+        .store
+        .propensity_counts(None)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.step, c.sends, c.conversions))
+        .collect();
+    assert_eq!(
+        credited,
+        [
+            ("call".to_string(), 2, 1),
+            ("email".to_string(), 2, 0),
+            ("push".to_string(), 2, 0)
+        ]
+    );
 }
 
 #[tokio::test]

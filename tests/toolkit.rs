@@ -76,6 +76,11 @@ expect = [
         out.contains("       0s  c-1      unsigned_loan.push sent"),
         "common lines stay unmarked: {out}"
     );
+    // As `diff -u` reads: what was expected, then what came instead.
+    assert!(
+        out.find("  -      2d").unwrap() < out.find("  +      1d").unwrap(),
+        "{out}"
+    );
     assert!(out.contains("cases passed, 1 failed"), "{out}");
 }
 

@@ -182,6 +182,9 @@ pub struct Entry {
     /// The log position of a log entry (orders entries of one time).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
+    /// Events of one time: the order nudge read them in.
+    #[serde(skip)]
+    read: usize,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
@@ -222,19 +225,20 @@ impl Entry {
             inputs: None,
             variables: None,
             seq: None,
+            read: usize::MAX,
         }
     }
 
     /// Events before the decisions they caused, those before the log
     /// records; log records in log order.
-    fn order(&self) -> (DateTime<Utc>, u8, i64) {
+    fn order(&self) -> (DateTime<Utc>, u8, i64, usize) {
         let rank = match self.kind {
             Kind::Event => 0,
             Kind::Decision => 1,
             Kind::End => 3,
             _ => 2,
         };
-        (self.time, rank, self.seq.unwrap_or(0))
+        (self.time, rank, self.seq.unwrap_or(0), self.read)
     }
 }
 
@@ -268,7 +272,9 @@ pub fn decision_record(
     // Events by id: (time, type, context updated) where known. The journey
     // stage's own record of an event wins over what is inferred.
     let mut events: BTreeMap<String, KnownEvent> = BTreeMap::new();
-    for r in &received {
+    let mut read_order: HashMap<&str, usize> = HashMap::new();
+    for (i, r) in received.iter().enumerate() {
+        read_order.entry(r.event_id.as_str()).or_insert(i);
         // Never after the decisions it caused (those start at the event's
         // time, or when it was processed if that is earlier).
         let time = r.event_time.min(r.received_at);
@@ -403,6 +409,7 @@ pub fn decision_record(
                 kind.as_deref().unwrap_or("event")
             ),
         );
+        e.read = read_order.get(id.as_str()).copied().unwrap_or(usize::MAX);
         e.event_id = Some(id);
         e.event_type = kind;
         e.context_updated = context_updated;

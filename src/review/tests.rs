@@ -810,6 +810,39 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
     let text = super::record::to_text(&late);
     assert!(!text.contains('\u{1b}'), "{text:?}");
     assert!(text.contains("late-\\u{1b}[2J1"), "{text}");
+
+    // Events of one time are listed in the order nudge read them, whatever
+    // their ids; a refused one says why.
+    let mut tx = w.begin().unwrap();
+    for (id, refused) in [
+        ("z-applied", None),
+        (
+            "a-refused",
+            Some("invalid customer update: app_installed must be a boolean"),
+        ),
+    ] {
+        tx.record_event(&crate::store::ReceivedEvent {
+            event_id: id.into(),
+            customer: "same-time".into(),
+            event_type: "customer.contact_updated".into(),
+            event_time: time,
+            received_at: time,
+            context_updated: refused.is_none(),
+            not_started: Vec::new(),
+            refused: refused.map(String::from),
+        })
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let same = decision_record(r, "same-time", false).unwrap();
+    let ids: Vec<&str> = same
+        .entries
+        .iter()
+        .filter_map(|e| e.event_id.as_deref())
+        .collect();
+    assert_eq!(ids, ["z-applied", "a-refused"]);
+    assert!(same.entries[1].text.contains("refused and dead-lettered"));
+    assert!(same.entries[1].refused.is_some());
 }
 
 /// The counts the store keeps, sorted, and the same counted from the rows

@@ -306,7 +306,8 @@ fn line_of(r: &LogRecord, start: DateTime<Utc>) -> String {
     .to_string()
 }
 
-/// A line diff (longest common subsequence): `-` expected only, `+` actual only.
+/// A line diff (longest common subsequence): `-` expected only, `+` actual
+/// only; where a run of lines changed, the expected ones first, as `diff -u`.
 pub fn diff(expected: &[String], actual: &[String]) -> String {
     let (n, m) = (expected.len(), actual.len());
     let mut lcs = vec![vec![0usize; m + 1]; n + 1];
@@ -326,7 +327,7 @@ pub fn diff(expected: &[String], actual: &[String]) -> String {
             let _ = writeln!(out, "    {}", expected[i]);
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+        } else if j < m && (i == n || lcs[i][j + 1] > lcs[i + 1][j]) {
             let _ = writeln!(out, "  + {}", actual[j]);
             j += 1;
         } else {
