@@ -302,14 +302,8 @@ impl BatchRun<'_> {
                 let reason = e.to_string();
                 // Dead-lettered with its reason; the decision record says so.
                 tx.record_event(&ReceivedEvent {
-                    event_id: event.id.clone(),
-                    customer: event.customer.clone(),
-                    event_type: event.event_type.clone(),
-                    event_time: event.time,
-                    received_at: self.now,
-                    context_updated: false,
-                    not_started: Vec::new(),
                     refused: Some(reason.clone()),
+                    ..self.received(event, false)
                 })?;
                 self.out.failures.push(EventFailure {
                     index,
@@ -331,7 +325,14 @@ impl BatchRun<'_> {
         if changed {
             tx.mark_processed(dedup_key, self.now)?;
         }
-        tx.record_event(&ReceivedEvent {
+        tx.record_event(&self.received(event, context_updated))?;
+        Ok(())
+    }
+
+    /// The decision record's entry of `event`, with the journeys it did not
+    /// start (taken: the next event starts its own list).
+    fn received(&mut self, event: &Event, context_updated: bool) -> ReceivedEvent {
+        ReceivedEvent {
             event_id: event.id.clone(),
             customer: event.customer.clone(),
             event_type: event.event_type.clone(),
@@ -340,8 +341,7 @@ impl BatchRun<'_> {
             context_updated,
             not_started: std::mem::take(&mut self.not_started),
             refused: None,
-        })?;
-        Ok(())
+        }
     }
 
     /// Notes, for the decision record, that `journey` did not start.

@@ -187,18 +187,22 @@ async fn a_late_exit_credits_only_the_sends_before_the_customer_acted() {
         signed.ended,
         vec![("unsigned_loan".to_string(), Outcome::Converted)]
     );
-    let credited: Vec<(String, u64, u64)> = h
-        .sim
+    let credited = credited(&h);
+    assert_eq!(
+        credited,
+        [("email".to_string(), 1, 0), ("push".to_string(), 1, 1)]
+    );
+}
+
+/// Per step: sends and the conversions credited to them.
+fn credited(h: &Harness) -> Vec<(String, u64, u64)> {
+    h.sim
         .store
         .propensity_counts(None)
         .unwrap()
         .into_iter()
         .map(|c| (c.step, c.sends, c.conversions))
-        .collect();
-    assert_eq!(
-        credited,
-        [("email".to_string(), 1, 0), ("push".to_string(), 1, 1)]
-    );
+        .collect()
 }
 
 /// An exit is matched by when the customer acted, not by when nudge read
@@ -254,14 +258,7 @@ async fn an_exit_within_the_window_converts_however_late_it_is_read() {
         .collect();
     assert_eq!(converted, ["c-in"]);
     // The call went a minute inside the window: credited.
-    let credited: Vec<(String, u64, u64)> = h
-        .sim
-        .store
-        .propensity_counts(None)
-        .unwrap()
-        .into_iter()
-        .map(|c| (c.step, c.sends, c.conversions))
-        .collect();
+    let credited = credited(&h);
     assert_eq!(
         credited,
         [
