@@ -153,6 +153,20 @@ impl CustomerContext {
         }
     }
 
+    /// The (channel, category) pairs of `channels` the customer may be
+    /// contacted on: reachable and consented.
+    pub fn contactable(
+        &self,
+        channels: &[ChannelKind],
+    ) -> std::collections::BTreeSet<(ChannelKind, Category)> {
+        channels
+            .iter()
+            .filter(|c| self.reachable(**c))
+            .flat_map(|c| [(*c, Category::Service), (*c, Category::Marketing)])
+            .filter(|(c, category)| self.consented(*c, *category))
+            .collect()
+    }
+
     pub fn in_journey(&self, journey: &str) -> bool {
         self.journeys
             .iter()
@@ -253,7 +267,15 @@ impl CustomerContext {
                     self.timezone = tz;
                 }
                 if let Some(v) = data.get("email") {
-                    self.email = opt_string(v, "email")?;
+                    // An empty address clears it, as `null` does.
+                    let email = opt_string(v, "email")?.filter(|e| !e.trim().is_empty());
+                    if email.as_deref().is_some_and(|e| !is_email_address(e)) {
+                        return Err(ContextError(
+                            "email is not an address (one @ between a name and a domain such as example.com, no spaces)"
+                                .into(),
+                        ));
+                    }
+                    self.email = email;
                 }
                 if let Some(v) = data.get("phone") {
                     self.phone = opt_string(v, "phone")?;
@@ -399,6 +421,23 @@ pub fn is_region(code: &str) -> bool {
         && country.chars().all(|c| c.is_ascii_alphabetic())
         && (1..=3).contains(&sub.len())
         && sub.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Whether `text` has an address's shape: one `@` between a local part and
+/// a dotted domain, no spaces or control characters, within the lengths
+/// mail servers accept. Deliverability is the email provider's to judge;
+/// this keeps a phone number or a name sent in the wrong field from being
+/// mailed to.
+pub fn is_email_address(text: &str) -> bool {
+    let Some((local, domain)) = text.split_once('@') else {
+        return false;
+    };
+    text.len() <= 254
+        && (1..=64).contains(&local.len())
+        && !domain.contains('@')
+        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
+        && domain.contains('.')
+        && domain.split('.').all(|label| !label.is_empty())
 }
 
 fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
@@ -563,6 +602,49 @@ mod tests {
         );
         assert!(c.apply_update_at(&bad, now).is_err());
         assert_eq!(c.email.as_deref(), Some("fixed@example.com"));
+    }
+
+    /// An email that is not address-shaped is refused without echoing it;
+    /// an empty one clears the address as `null` does.
+    #[test]
+    fn an_email_must_look_like_an_address() {
+        for good in [
+            "a@b.co",
+            "first.last+tag@mail.example.com.au",
+            "o'brien@example.ie",
+            "jürgen@bücher.de",
+        ] {
+            assert!(is_email_address(good), "{good}");
+        }
+        for bad in [
+            "0412 345 678",
+            "jane",
+            "@example.com",
+            "jane@",
+            "jane@localhost",
+            "jane@example..com",
+            "jane@.example.com",
+            "jane@example.com.",
+            "ja ne@example.com",
+            "jane@exa@mple.com",
+            "jane@example.com\n",
+            &format!("{}@example.com", "x".repeat(65)),
+        ] {
+            assert!(!is_email_address(bad), "{bad}");
+        }
+        let mut c = CustomerContext::new("c1");
+        let update = |email: Value| event(CONTACT_UPDATED, serde_json::json!({ "email": email }));
+        c.apply_update(&update("jane@example.com".into())).unwrap();
+        let err = c
+            .apply_update(&update("0412 345 678".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("email is not an address"), "{err}");
+        assert!(!err.contains("0412"), "{err}");
+        assert_eq!(c.email.as_deref(), Some("jane@example.com"));
+        c.apply_update(&update("  ".into())).unwrap();
+        assert_eq!(c.email, None);
+        assert!(!c.reachable(ChannelKind::Email));
     }
 
     /// An exit ends a trigger of its journey and key that it does not

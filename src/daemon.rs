@@ -153,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // compiling, the broker not yet reached) then stops the daemon cleanly
     // once it is up, instead of killing it with the signal's default action.
     let mut stop_signals = StopSignals::listen()?;
+    tracing::info!(version = crate::VERSION, "nudge starting");
     let rule_set = preflight(&config)?;
     let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
     let limits = Limits::from_config(&config.rules);
@@ -624,9 +625,63 @@ fn spawn_reloader(
     Ok(())
 }
 
+/// The journeys two rule sets differ by, each list by name.
+#[derive(Debug, Default, PartialEq)]
+pub struct JourneyDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same name, another script.
+    pub changed: Vec<String>,
+}
+
+impl JourneyDiff {
+    pub fn between(old: &rules::RuleSet, new: &rules::RuleSet) -> Self {
+        let hashes = |set: &rules::RuleSet| -> std::collections::BTreeMap<String, String> {
+            set.journeys()
+                .iter()
+                .map(|j| (j.name.clone(), j.hash.clone()))
+                .collect()
+        };
+        let (old, new) = (hashes(old), hashes(new));
+        let mut diff = Self::default();
+        for (name, hash) in &new {
+            match old.get(name) {
+                None => diff.added.push(name.clone()),
+                Some(before) if before != hash => diff.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        diff.removed = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        diff
+    }
+}
+
+/// Names for a log field: the first 20, then how many more.
+fn names_text(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
 /// Compiles the whole directory; swaps it in only if all of it compiled and
 /// every channel it sends on has an endpoint (`served`), as at start: rules
 /// a restart would refuse never go live.
+///
+/// The log line names the journeys added, removed and changed: a removed
+/// journey's pending steps are suppressed when due, which ops should hear
+/// of when it happens, not from the dispatch log later.
 pub fn reload(
     dir: &Path,
     limits: &Limits,
@@ -655,10 +710,18 @@ pub fn reload(
             }
             let new_version = set.version.clone();
             let old = rules.swap(set);
+            let diff = JourneyDiff::between(&old, &rules.current());
+            // A journey new to this process shows in its series at 0, so
+            // that an alert on their increase sees its first error.
+            let added: Vec<&str> = diff.added.iter().map(String::as_str).collect();
+            crate::telemetry::export_known_series(&[], &added);
             RulesReloaded {
                 trigger: why,
                 old: &old.version,
                 new: &new_version,
+                added: &names_text(&diff.added),
+                removed: &names_text(&diff.removed),
+                changed: &names_text(&diff.changed),
             }
             .emit();
             true

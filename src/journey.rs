@@ -17,12 +17,12 @@ use crate::context::{self, CustomerContext, ExitRead};
 use crate::control::{Controls, JourneySettings, Overrides};
 use crate::event::Event;
 use crate::model::{
-    instance_id, ChannelKind, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef,
+    instance_id, Category, ChannelKind, Decision, InstanceStatus, LogRecord, Mode, Outcome, StepRef,
 };
 use crate::rules::{bucket, Journey, RuleError, RuleSet, RulesHandle};
 use crate::store::{
-    DeadLetter, NewInstance, NewStep, NotStarted, NotStartedWhy, ReceivedEvent, RecordHeader,
-    Store, StoreError, Tx,
+    DeadLetter, EndedNothing, NewInstance, NewStep, NotStarted, NotStartedWhy, ReceivedEvent,
+    RecordHeader, Store, StoreError, Tx,
 };
 
 /// Where a batch of records came from, committed with its effects.
@@ -204,6 +204,7 @@ impl Pipeline {
             withdraw: &self.withdraw,
             out: BatchOutcome::default(),
             not_started: Vec::new(),
+            ended_nothing: Vec::new(),
         };
         let relevant: Vec<usize> = (0..events.len())
             .filter(|&i| {
@@ -270,6 +271,8 @@ struct BatchRun<'a> {
     /// The journeys the current event triggered that did not start (the
     /// decision record).
     not_started: Vec<NotStarted>,
+    /// The journeys the current event exits that it found nothing of.
+    ended_nothing: Vec<EndedNothing>,
 }
 
 impl BatchRun<'_> {
@@ -290,11 +293,22 @@ impl BatchRun<'_> {
         }
         let mut customer = tx.customer(&event.customer, self.sends_since)?;
         let mut context_updated = false;
+        // Only an update of the context can take a channel away.
+        let before = context::is_context_event(&event.event_type)
+            .then(|| customer.contactable(self.withdraw));
         let mut changed = match customer.apply_update_at(event, self.now) {
             Ok(true) => {
                 tx.save_customer(&customer, self.now)?;
                 self.out.context_updates += 1;
                 context_updated = true;
+                let lost: Vec<_> = before
+                    .unwrap_or_default()
+                    .difference(&customer.contactable(self.withdraw))
+                    .copied()
+                    .collect();
+                if !lost.is_empty() {
+                    self.withdraw_lost_contact(tx, &customer, &lost)?;
+                }
                 true
             }
             Ok(false) => false,
@@ -341,6 +355,7 @@ impl BatchRun<'_> {
             context_updated,
             not_started: std::mem::take(&mut self.not_started),
             refused: None,
+            ended_nothing: std::mem::take(&mut self.ended_nothing),
         }
     }
 
@@ -399,6 +414,12 @@ impl BatchRun<'_> {
             let Some(instance) =
                 tx.exitable_instance(&event.customer, &journey.name, &key, completed_since)?
             else {
+                // Kept for the decision record: why this converted nothing.
+                self.ended_nothing.push(EndedNothing {
+                    journey: journey.name.clone(),
+                    key,
+                    completed_since,
+                });
                 continue;
             };
             let status = InstanceStatus::from(exit);
@@ -487,6 +508,49 @@ impl BatchRun<'_> {
             tx.save_customer(customer, self.now)?;
         }
         Ok(ended_any || remembered)
+    }
+
+    /// The customer can no longer be contacted on a channel whose deliveries
+    /// are taken back (`channels.<kind>.withdraw`, call tasks by default):
+    /// consent withdrawn, or the address or number removed. What was
+    /// delivered on it by a journey still running (or completed within the
+    /// attribution window) is withdrawn, so an agent does not phone a
+    /// customer who has just said not to; steps still to come are held by
+    /// the policy when due.
+    fn withdraw_lost_contact(
+        &mut self,
+        tx: &mut dyn Tx,
+        customer: &CustomerContext,
+        lost: &[(ChannelKind, Category)],
+    ) -> Result<(), StoreError> {
+        let since = self.now - self.attribution_window;
+        for j in customer
+            .journeys
+            .iter()
+            .filter(|j| j.status.exitable() && j.mode == Mode::Live)
+        {
+            let category = self.rules.journey(&j.journey).map(|r| r.category);
+            let channels: Vec<ChannelKind> = lost
+                .iter()
+                .filter(|(_, c)| category.is_none_or(|category| category == *c))
+                .map(|(channel, _)| *channel)
+                .collect();
+            if channels.is_empty() {
+                continue;
+            }
+            let Some(instance) = tx.exitable_instance(&customer.id, &j.journey, &j.key, since)?
+            else {
+                continue;
+            };
+            if !tx
+                .plan_withdrawals(&instance.id, &channels, self.now)?
+                .is_empty()
+            {
+                self.out.earliest_due =
+                    Some(self.out.earliest_due.map_or(self.now, |t| t.min(self.now)));
+            }
+        }
+        Ok(())
     }
 
     /// Asks one triggered journey whether to start, and starts it. Returns

@@ -33,3 +33,13 @@ pub mod store;
 pub mod supervise;
 pub mod telemetry;
 pub mod toolkit;
+
+/// The version and the commit it was built from (`build.rs`):
+/// `0.1.0 (commit 5483b4b0c1d2)`, `-modified` when built from a changed
+/// checkout, `unknown` outside one.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NUDGE_COMMIT"),
+    ")"
+);

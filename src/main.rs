@@ -14,7 +14,7 @@ use nudge::rules::{self, Limits};
 #[derive(Parser)]
 #[command(
     name = "nudge",
-    version,
+    version = nudge::VERSION,
     about = "Next-best-action proactive messaging daemon"
 )]
 struct Cli {

@@ -963,7 +963,8 @@ impl Scheduler {
         let (mut step, verdict, address, fallback) = match planned {
             Planned::Settled(result) => return Ok(Some(result)),
             Planned::Withdraw(step) => {
-                let decision = self.withdraw(&step).await;
+                let reason = withdrawal_reason(&step, context);
+                let decision = self.withdraw(&step, reason).await;
                 return Ok(Some(self.result(step, decision)));
             }
             Planned::Decided {
@@ -1278,11 +1279,10 @@ impl Scheduler {
         }
     }
 
-    /// Takes back a delivered step on its channel, saying how its journey
-    /// ended; a failure is retried like a send's.
-    async fn withdraw(&self, step: &DueStep) -> Decision {
+    /// Takes back a delivered step on its channel, saying why
+    /// ([`withdrawal_reason`]); a failure is retried like a send's.
+    async fn withdraw(&self, step: &DueStep, reason: &str) -> Decision {
         let original = crate::model::withdrawn_step(&step.step).unwrap_or(&step.step);
-        let reason = step.instance_status.as_str();
         let Some(channel) = self.channels.get(step.channel) else {
             let now = self.clock.now();
             return self.send_failed(step, DispatchError::NotConfigured(step.channel), now);
@@ -1301,8 +1301,9 @@ impl Scheduler {
             Ok(status) => Decision::new(
                 Outcome::Withdrawn,
                 format!(
-                    "step {original} withdrawn on {}: journey {reason}",
-                    step.channel
+                    "step {original} withdrawn on {}: {}",
+                    step.channel,
+                    withdrawal_text(reason, step)
                 ),
             )
             .answered(status, took),
@@ -1551,6 +1552,43 @@ impl Scheduler {
             };
         }
         Ok(earliest)
+    }
+}
+
+/// Why a delivered step is taken back, as the receiver reads it: how its
+/// journey ended (`converted`, `cancelled`), or, while it still runs, why
+/// the customer may no longer be contacted on the channel
+/// (`consent_withdrawn`, `unreachable`; `contact_changed` when consent
+/// came back before the withdrawal went: it is sent all the same).
+fn withdrawal_reason(step: &DueStep, context: &BatchContext) -> &'static str {
+    match step.instance_status {
+        InstanceStatus::Converted | InstanceStatus::Cancelled => step.instance_status.as_str(),
+        InstanceStatus::Open | InstanceStatus::Completed => {
+            let Some(customer) = context.customers.get(&step.customer) else {
+                return "contact_changed";
+            };
+            let customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+            if !customer.consented(step.channel, step.category) {
+                "consent_withdrawn"
+            } else if !customer.reachable(step.channel) {
+                "unreachable"
+            } else {
+                "contact_changed"
+            }
+        }
+    }
+}
+
+/// The dispatch log's words for a withdrawal's reason.
+fn withdrawal_text(reason: &str, step: &DueStep) -> String {
+    match reason {
+        "consent_withdrawn" => format!(
+            "the customer withdrew consent to {} ({})",
+            step.channel, step.category
+        ),
+        "unreachable" => format!("the customer can no longer be reached on {}", step.channel),
+        "contact_changed" => "the customer's contact details changed".to_string(),
+        ended => format!("journey {ended}"),
     }
 }
 

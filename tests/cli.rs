@@ -768,3 +768,28 @@ fn check_names_an_override_spelt_with_one_underscore() {
     assert!(!err.contains("NUDGE_STORE__RETENTION"), "{err}");
     assert!(!err.contains("elsewhere"), "{err}");
 }
+
+/// `--version` names the commit the binary was built from, so ops can tell
+/// two builds of one version apart.
+#[test]
+fn version_names_the_commit() {
+    let (code, out, err) = nudge(&["--version"]);
+    assert_eq!(code, 0, "{err}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let commit = head.as_deref().unwrap_or("unknown");
+    let expected = format!("nudge {} (commit {commit}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        out.starts_with(&expected),
+        "{out:?} does not start {expected:?}"
+    );
+    assert!(
+        out.trim_end().ends_with(')') && !out.contains("(commit )"),
+        "{out:?}"
+    );
+}

@@ -12,6 +12,7 @@ use chrono::Duration;
 use serde_json::json;
 
 use nudge::model::{ChannelKind, Outcome};
+use nudge::review::record::{decision_record, Kind};
 use nudge::store::Store;
 use support::*;
 
@@ -257,6 +258,27 @@ async fn an_exit_within_the_window_converts_however_late_it_is_read() {
         .map(|r| r.customer)
         .collect();
     assert_eq!(converted, ["c-in"]);
+    // The decision record says why the one outside converted nothing, and
+    // from when the window ran; the one inside has no such entry.
+    let not_ended = |c: &str| -> Vec<String> {
+        let record = decision_record(&*h.sim.store, c, false).unwrap();
+        record
+            .entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::Decision && e.text.contains("not ended by event"))
+            .map(|e| e.text)
+            .collect()
+    };
+    let since = (ended + Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let outside = not_ended("c-out");
+    assert_eq!(outside.len(), 1, "{outside:?}");
+    assert!(
+        outside[0].starts_with(&format!(
+            "unsigned_loan (key A-1) not ended by event signed-c-out: no instance open and none completed since {since} (policy.attribution_window before the customer acted), so nothing converted; its last instance ("
+        )) && outside[0].contains(") completed at "),
+        "{outside:?}"
+    );
+    assert!(not_ended("c-in").is_empty());
     // The call went a minute inside the window: credited.
     let credited = credited(&h);
     assert_eq!(

@@ -350,8 +350,11 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
     let out = pipeline.process(&[fee_event("e1", "c1")], &[]).unwrap();
     assert_eq!(out.started.len(), 1, "the old rules still run");
 
-    // A good edit: swapped in; new decisions carry the new file hash.
+    // A good edit: swapped in; new decisions carry the new file hash. The
+    // reload names what changed: one journey edited, one removed.
+    let before = handle.current();
     std::fs::write(&fee, good.replace("priority: 50", "priority: 55")).unwrap();
+    std::fs::remove_file(rules_dir.join("energy_rebate.rhai")).unwrap();
     assert!(nudge::daemon::reload(
         &rules_dir,
         &limits,
@@ -368,6 +371,14 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
         .hash
         .clone();
     assert_ne!(new_hash, old_hash);
+    assert_eq!(
+        nudge::daemon::JourneyDiff::between(&before, &handle.current()),
+        nudge::daemon::JourneyDiff {
+            added: vec![],
+            removed: vec!["energy_rebate".into()],
+            changed: vec!["fee_increase".into()],
+        }
+    );
     pipeline.process(&[fee_event("e2", "c2")], &[]).unwrap();
 
     // Rules that send on a channel this daemon has no endpoint for are

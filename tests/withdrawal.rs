@@ -254,3 +254,113 @@ async fn a_call_task_whose_answer_timed_out_is_withdrawn_when_the_customer_signs
     let withdrawn = only(&log, "c-1", "call:withdraw");
     assert_eq!(withdrawn.outcome, Outcome::Withdrawn, "{log:#?}");
 }
+
+/// A customer who withdraws consent to calls, or removes their number,
+/// after the call task went out: the task is taken back with why, so no
+/// agent phones them; the push stays. Consent withdrawn for marketing only
+/// (this journey is service) or a new email address takes nothing back.
+/// A later exit withdraws nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_call_task_is_withdrawn_when_the_customer_can_no_longer_be_called() {
+    let h = Harness::new(inline_rules(&[("callback", CALLBACK)]), t0()).await;
+    for c in ["c-consent", "c-phone", "c-other"] {
+        h.feed(contact(c, t0())).await;
+        h.feed(event(
+            &format!("{c}-applied"),
+            "test.applied",
+            c,
+            t0(),
+            json!({}),
+        ))
+        .await;
+    }
+    assert_eq!(h.sinks.call.count(), 3, "the call tasks went out");
+    let later = t0() + Duration::hours(1);
+    let consent = |c: &str, category: &str| {
+        event(
+            &format!("{c}-{category}"),
+            "customer.consent_updated",
+            c,
+            later,
+            json!({"consents": {"call_task": {category: false}}}),
+        )
+    };
+    h.feed(consent("c-consent", "service")).await;
+    h.feed(event(
+        "c-phone-removed",
+        "customer.contact_updated",
+        "c-phone",
+        later,
+        json!({"phone": null}),
+    ))
+    .await;
+    h.feed(consent("c-other", "marketing")).await;
+    h.feed(event(
+        "c-other-email",
+        "customer.contact_updated",
+        "c-other",
+        later,
+        json!({"email": "new@example.com"}),
+    ))
+    .await;
+    h.feed(event(
+        "c-consent-signed",
+        "test.signed",
+        "c-consent",
+        later + Duration::hours(1),
+        json!({}),
+    ))
+    .await;
+    h.finish().await;
+
+    let log = h.log();
+    let customer_of = |key: &str| {
+        log.iter()
+            .find(|r| r.step == "call" && key == format!("{}:call", r.instance))
+            .map(|r| r.customer.clone())
+            .unwrap_or_else(|| panic!("{key} is no call task's key"))
+    };
+    // Sent concurrently: compared by customer.
+    let mut withdrawals: Vec<(String, String)> = h
+        .sinks
+        .call
+        .requests()
+        .iter()
+        .filter(|r| r.body["action"] == "withdraw")
+        .map(|r| {
+            (
+                customer_of(r.str("/idempotency_key")),
+                r.str("/reason").to_string(),
+            )
+        })
+        .collect();
+    withdrawals.sort();
+    assert_eq!(
+        withdrawals,
+        [
+            ("c-consent".to_string(), "consent_withdrawn".to_string()),
+            ("c-phone".to_string(), "unreachable".to_string()),
+        ]
+    );
+    assert_eq!(h.sinks.push.count(), 3, "pushes are not withdrawn");
+    let mut reasons: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|r| r.outcome == Outcome::Withdrawn)
+        .map(|r| (r.customer.as_str(), r.reason.as_str()))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "c-consent",
+                "step call withdrawn on call_task: the customer withdrew consent to call_task (service)"
+            ),
+            (
+                "c-phone",
+                "step call withdrawn on call_task: the customer can no longer be reached on call_task"
+            ),
+        ],
+        "{log:#?}"
+    );
+}

@@ -124,7 +124,9 @@ pub struct Withdrawal {
     pub action: String,
     /// The idempotency key the step was delivered with (`<instance>:<step>`).
     pub idempotency_key: String,
-    /// How the journey ended: `converted` or `cancelled`.
+    /// How the journey ended (`converted`, `cancelled`), or why the customer
+    /// may no longer be contacted on the channel (`consent_withdrawn`,
+    /// `unreachable`, `contact_changed`).
     pub reason: String,
 }
 

@@ -40,7 +40,8 @@ use super::{LogFilter, ReviewRead};
 use crate::mask::{mask_contacts, mask_email, mask_phone};
 use crate::model::{InstanceStatus, LogRecord, Outcome};
 use crate::store::control::ControlEntry;
-use crate::store::{NotStartedWhy, StoreError};
+use crate::store::review::InstanceRecord;
+use crate::store::{EndedNothing, NotStartedWhy, StoreError};
 
 /// What a decision record cannot show, because nothing stores it.
 pub const NOT_RECORDED: [&str; 2] = [
@@ -252,6 +253,40 @@ type KnownEvent = (
     Option<String>,
 );
 
+/// Why an exit ended (and converted) nothing of a journey: what the store
+/// held for its key when the exit was read.
+fn ended_nothing_reason(
+    n: &EndedNothing,
+    read_at: DateTime<Utc>,
+    instances: &[InstanceRecord],
+) -> String {
+    let since = n.completed_since.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let window = format!(
+        "no instance open and none completed since {since} (policy.attribution_window before the customer acted), so nothing converted"
+    );
+    let last = instances
+        .iter()
+        .filter(|i| i.journey == n.journey && i.key == n.key && i.started_at <= read_at)
+        .max_by_key(|i| i.started_at);
+    let Some(last) = last else {
+        return format!("{window}; no instance of it had started for this key");
+    };
+    match last.ended_at.filter(|at| *at <= read_at) {
+        Some(at) if last.status == InstanceStatus::Completed => format!(
+            "{window}; its last instance ({}) completed at {}, before that",
+            last.id,
+            at.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ),
+        Some(at) => format!(
+            "{window}; its last instance ({}) had already ended at {} ({})",
+            last.id,
+            at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            last.status.as_str()
+        ),
+        None => window,
+    }
+}
+
 /// Reads the decision record of `customer`; contact details masked unless `unmask`.
 pub fn decision_record(
     store: &dyn ReviewRead,
@@ -308,6 +343,21 @@ pub fn decision_record(
             e.not_started = Some(n.why);
             entries.push(e);
         }
+        for n in &r.ended_nothing {
+            let reason = ended_nothing_reason(n, r.received_at, &instances);
+            let mut e = Entry::new(
+                time,
+                Kind::Decision,
+                format!(
+                    "{} (key {}) not ended by event {}: {reason}",
+                    n.journey, n.key, r.event_id
+                ),
+            );
+            e.journey = Some(n.journey.clone());
+            e.reason = Some(reason);
+            e.event_id = Some(r.event_id.clone());
+            entries.push(e);
+        }
     }
     for i in &instances {
         let event = &i.decision_inputs["event"];
@@ -342,7 +392,10 @@ pub fn decision_record(
         e.instance = Some(i.id.clone());
         e.rule_hash = Some(i.rule_hash.clone());
         e.event_id = Some(i.trigger_event.clone());
-        e.inputs = Some(mask(i.decision_inputs.clone()));
+        e.inputs = Some(match unmask {
+            true => i.decision_inputs.clone(),
+            false => mask_inputs(i.decision_inputs.clone()),
+        });
         e.variables = Some(mask(i.vars.clone()));
         entries.push(e);
         if let (InstanceStatus::Completed, Some(at)) = (i.status, i.ended_at) {
@@ -644,6 +697,35 @@ fn looks_like_phone(s: &str) -> bool {
 /// Masks every e-mail address and phone number among the strings of `v`,
 /// also inside text (a note, a URL's query), and any string under a key
 /// naming one.
+/// [`mask_value`] for what a script saw, but the event's identity (its
+/// id, type and time) and the rule set's hash as they are: ids, shown in
+/// full on the event's own line, that a long run of digits in a UUID
+/// would otherwise mask as if it were a phone number.
+fn mask_inputs(v: Value) -> Value {
+    let Value::Object(o) = v else {
+        return mask_value(v);
+    };
+    o.into_iter()
+        .map(|(k, v)| {
+            let v = match (k.as_str(), v) {
+                ("rule_set", v) => v,
+                ("event", Value::Object(event)) => Value::Object(
+                    event
+                        .into_iter()
+                        .map(|(k, v)| match k.as_str() {
+                            "id" | "type" | "time" => (k, v),
+                            _ => (k, mask_value(v)),
+                        })
+                        .collect(),
+                ),
+                (_, v) => mask_value(v),
+            };
+            (k, v)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 pub fn mask_value(v: Value) -> Value {
     match v {
         Value::String(s) if looks_like_phone(&s) => Value::String(mask_phone(&s)),
@@ -669,6 +751,39 @@ pub fn mask_value(v: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An event id with a long run of digits stays whole in what the script
+    /// saw (it is shown whole on the event's line); contact data beside it
+    /// is masked as anywhere.
+    #[test]
+    fn the_event_id_in_the_inputs_is_not_masked() {
+        let inputs = json!({
+            "event": {"id": "7a193ff3-f3f9-4d8c-acae-0012345694f2ab2", "type": "t", "time": "2026-01-01T00:00:00Z",
+                      "note": "call 0412345678"},
+            "rule_set": "e61004ad82b1",
+            "customer": {"profile": {"mobile": "0412345678"}}
+        });
+        let masked = mask_inputs(inputs);
+        assert_eq!(
+            masked["event"]["id"],
+            "7a193ff3-f3f9-4d8c-acae-0012345694f2ab2"
+        );
+        assert!(
+            !masked["event"]["note"]
+                .as_str()
+                .unwrap()
+                .contains("0412345678"),
+            "{masked}"
+        );
+        assert!(
+            !masked["customer"]["profile"]["mobile"]
+                .as_str()
+                .unwrap()
+                .contains("0412345678"),
+            "{masked}"
+        );
+        assert_eq!(masked["rule_set"], "e61004ad82b1");
+    }
 
     /// A send on a fallback channel says so and why; a long lateness is
     /// also given in hours.

@@ -791,6 +791,7 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
         context_updated: false,
         not_started: Vec::new(),
         refused: None,
+        ended_nothing: Vec::new(),
     })
     .unwrap();
     tx.commit().unwrap();
@@ -830,6 +831,7 @@ pub fn a_customers_record_is_in_time_order_and_masked(w: &dyn Store, r: &dyn Rev
             context_updated: refused.is_none(),
             not_started: Vec::new(),
             refused: refused.map(String::from),
+            ended_nothing: Vec::new(),
         })
         .unwrap();
     }

@@ -113,16 +113,43 @@ pub fn load_dirs(dirs: &[PathBuf], limits: &Limits) -> Result<RuleSet, LoadError
     load_sources(sources, limits)
 }
 
-/// The `*.rhai` scripts of a directory in name order, with their text.
+/// Subdirectories deeper than this are not read (a symlink loop ends here).
+const MAX_DEPTH: usize = 8;
+
+/// The files under `dir` whose name ends with `suffix`, in subdirectories
+/// too (a team's folder each), in path order. Hidden names are skipped: an
+/// editor's lock and backup files (`.#x.rhai`), and a Kubernetes
+/// ConfigMap's `..data` copies of the files it also links at the top.
+pub fn files_under(dir: &Path, suffix: &str) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), 0)];
+    while let Some((at, depth)) = pending.pop() {
+        for entry in std::fs::read_dir(&at)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                if depth < MAX_DEPTH {
+                    pending.push((path, depth + 1));
+                }
+            } else if name.ends_with(suffix) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The `*.rhai` scripts under a directory in path order, with their text.
 fn dir_sources(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
     let shown = dir.display().to_string();
-    let entries = std::fs::read_dir(dir)
+    let paths = files_under(dir, ".rhai")
         .map_err(|e| LoadError::single(&shown, format!("cannot read rules directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
-        .collect();
-    paths.sort();
     let mut sources = Vec::with_capacity(paths.len());
     for path in paths {
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -883,6 +910,36 @@ mod tests {
                 missing.display()
             )
         );
+    }
+
+    /// A team's folder is read like the top; hidden names are not: an
+    /// editor's lock file (a dangling link), a hidden script, a ConfigMap's
+    /// `..data` copies.
+    #[test]
+    fn journeys_in_subdirectories_load_and_hidden_files_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let journey = |name: &str| {
+            format!("fn journey() {{\n    #{{ name: \"{name}\", category: \"service\", triggers: [\"x.y\"],\n       steps: [ #{{ id: \"a\", channel: \"push\", template: \"t\" }} ] }}\n}}\nfn decide(event, customer) {{ start() }}\n")
+        };
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("cards/deep")).unwrap();
+        std::fs::create_dir_all(root.join("..data")).unwrap();
+        std::fs::write(root.join("top.rhai"), journey("top")).unwrap();
+        std::fs::write(root.join("cards/deep/card.rhai"), journey("card")).unwrap();
+        std::fs::write(root.join("..data/top.rhai"), journey("top")).unwrap();
+        std::fs::write(root.join(".hidden.rhai"), "not a script").unwrap();
+        std::os::unix::fs::symlink("user@host.1234", root.join(".#top.rhai")).unwrap();
+        std::fs::write(root.join("cards/notes.txt"), "not a script").unwrap();
+        let files: Vec<String> = files_under(root, ".rhai")
+            .unwrap()
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        assert_eq!(files, ["cards/deep/card.rhai", "top.rhai"]);
+        let rules = load_dir(root, &Limits::default()).unwrap();
+        let mut names: Vec<&str> = rules.journeys().iter().map(|j| j.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["card", "top"]);
     }
 
     #[test]

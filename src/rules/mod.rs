@@ -30,7 +30,8 @@ use crate::propensity::Propensities;
 
 pub use api::{build_engine, host_api_reference, Limits};
 pub use load::{
-    load_dir, load_dirs, load_sources, parse_delay, unserved_channels, LoadError, Problem,
+    files_under, load_dir, load_dirs, load_sources, parse_delay, unserved_channels, LoadError,
+    Problem,
 };
 
 /// One planned message of a journey, as declared in the script.

@@ -2254,6 +2254,7 @@ pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
         context_updated: false,
         not_started: Vec::new(),
         refused: None,
+        ended_nothing: Vec::new(),
     };
     let old = t0() - Duration::days(30);
     let first = ReceivedEvent {
@@ -2276,6 +2277,11 @@ pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
                 reason: "customer outside the pilot (10% of customers)".into(),
             },
         ],
+        ended_nothing: vec![EndedNothing {
+            journey: "unsigned_loan".into(),
+            key: "L-1".into(),
+            completed_since: t0() - Duration::days(7),
+        }],
         ..event("e-new", "c1", t0())
     };
     let other = ReceivedEvent {

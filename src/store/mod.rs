@@ -38,7 +38,7 @@ pub use self::postgres::PostgresStore;
 pub use audit::AuditRecord;
 pub use dead_letters::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, RecordHeader};
 pub use handle::AsyncStore;
-pub use received::{NotStarted, NotStartedWhy, ReceivedEvent};
+pub use received::{EndedNothing, NotStarted, NotStartedWhy, ReceivedEvent};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

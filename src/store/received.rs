@@ -28,6 +28,20 @@ pub struct ReceivedEvent {
     /// Why its update of the context was refused (it was dead-lettered,
     /// and nothing else it could cause was decided).
     pub refused: Option<String>,
+    /// The journeys it exits that it ended nothing of: no instance for its
+    /// key was open, or had completed within the attribution window before
+    /// the customer acted.
+    pub ended_nothing: Vec<EndedNothing>,
+}
+
+/// An exit that found nothing to end (and so converted nothing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedNothing {
+    pub journey: String,
+    pub key: String,
+    /// The start of the attribution window it looked back to: an instance
+    /// completed before this was out of its reach.
+    pub completed_since: DateTime<Utc>,
 }
 
 /// A journey the event triggered that did not start.
@@ -73,6 +87,22 @@ impl NotStartedWhy {
 /// The `not_started` column: a JSON array (empty: `[]`).
 pub(crate) fn encode_not_started(n: &[NotStarted]) -> Result<String, StoreError> {
     serde_json::to_string(n).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The `ended_nothing` column: a JSON array, NULL when empty (most events).
+pub(crate) fn encode_ended_nothing(n: &[EndedNothing]) -> Result<Option<String>, StoreError> {
+    if n.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(n)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn decode_ended_nothing(text: Option<&str>) -> Result<Vec<EndedNothing>, StoreError> {
+    text.map_or(Ok(Vec::new()), |t| {
+        serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("ended_nothing: {e}")))
+    })
 }
 
 pub(crate) fn decode_not_started(text: &str) -> Result<Vec<NotStarted>, StoreError> {

@@ -303,6 +303,12 @@ pub const PROPENSITY_REFRESH_ERRORS: Metric = Metric {
     labels: &[],
     help: "reads of the propensity counts that failed; scripts keep reading the last table until the next read (`policy.propensity.refresh`)",
 };
+pub const BUILD_INFO: Metric = Metric {
+    name: "nudge_build_info",
+    kind: Kind::Gauge,
+    labels: &["version", "commit"],
+    help: "1, labelled with the running binary's version and the commit it was built from (as `nudge --version`)",
+};
 pub const CHANNEL_STOPPED: Metric = Metric {
     name: "nudge_channel_stopped",
     kind: Kind::Gauge,
@@ -354,6 +360,7 @@ pub const ALL: &[&Metric] = &[
     &CONTROL_REFRESH_ERRORS,
     &CHANNEL_STOPPED,
     &PROPENSITY_REFRESH_ERRORS,
+    &BUILD_INFO,
 ];
 
 /// The metric named `name`, if nudge exports one.

@@ -192,6 +192,25 @@ impl Throttle {
     }
 }
 
+/// The PostgreSQL pool could not open a connection in the background (the
+/// database is down or refuses): one line per distinct error every ten
+/// seconds, with how many were left out; readiness and the work's own
+/// errors say the rest.
+pub struct StorePoolConnectFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+static STORE_POOL_LINES: Throttle = Throttle::new(Duration::from_secs(10));
+
+impl StorePoolConnectFailed<'_> {
+    pub fn emit(self) {
+        let error = self.error.to_string();
+        if let Some(repeats) = STORE_POOL_LINES.admit(&error, std::time::Instant::now()) {
+            tracing::warn!(target: "nudge::store", error = %error, repeats_not_logged = repeats, "store connection failed");
+        }
+    }
+}
+
 pub struct RebalanceFailed<'a> {
     pub error: &'a dyn Display,
 }
@@ -425,11 +444,15 @@ pub struct RulesReloaded<'a> {
     pub trigger: &'a str,
     pub old: &'a str,
     pub new: &'a str,
+    /// Journey names, comma-separated (empty: none).
+    pub added: &'a str,
+    pub removed: &'a str,
+    pub changed: &'a str,
 }
 
 impl RulesReloaded<'_> {
     pub fn emit(self) {
-        tracing::info!(target: DAEMON, trigger = self.trigger, old = %self.old, new = %self.new, "rules reloaded");
+        tracing::info!(target: DAEMON, trigger = self.trigger, old = %self.old, new = %self.new, added = self.added, removed = self.removed, changed = self.changed, "rules reloaded");
         metrics::counter!(RULE_RELOADS.name, "result" => "ok").increment(1);
     }
 }
@@ -1026,6 +1049,20 @@ impl PropensityRefreshFailed<'_> {
     pub fn emit(self) {
         tracing::warn!(target: "nudge::propensity", error = %self.error, "propensity counts unreadable; scripts keep the last table");
         metrics::counter!(PROPENSITY_REFRESH_ERRORS.name).increment(1);
+    }
+}
+
+/// Which build is running, as a series to join others on.
+pub struct BuildInfo;
+
+impl BuildInfo {
+    pub fn emit(self) {
+        metrics::gauge!(
+            BUILD_INFO.name,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "commit" => env!("NUDGE_COMMIT")
+        )
+        .set(1.0);
     }
 }
 

@@ -28,6 +28,7 @@ pub fn prometheus() -> Result<PrometheusBuilder, BuildError> {
 /// before anything sets a gauge (runtime control's `nudge_channel_stopped`).
 pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
     use catalog::{ALL, CHANNEL_STOPPED, DEAD_LETTERS, STEPS};
+    events::BuildInfo.emit();
     let counters = |labels: &[&str]| {
         ALL.iter()
             .filter(move |m| m.kind == Kind::Counter && m.labels == labels)
@@ -143,6 +144,9 @@ mod tests {
             trigger: "SIGHUP",
             old: "a",
             new: "b",
+            added: "x",
+            removed: "",
+            changed: "y",
         }
         .emit();
         RulesReloadRefused {
@@ -278,6 +282,7 @@ mod tests {
             stopped: true,
         }
         .emit();
+        BuildInfo.emit();
     }
 
     /// Metric name → the label names of each of its series, read back from

@@ -19,7 +19,7 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -104,21 +104,13 @@ pub struct Report {
     pub failures: Vec<String>,
 }
 
-/// Runs every `*.test.toml` in `dir` against `rules`.
+/// Runs every `*.test.toml` under `dir` (subdirectories too) against `rules`.
 pub async fn run_dir(
     dir: &Path,
     rules_for_case: impl Fn() -> anyhow::Result<RuleSet>,
     policy: &PolicyConfig,
 ) -> anyhow::Result<Report> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".test.toml"))
-        })
-        .collect();
-    files.sort();
+    let files = crate::rules::files_under(dir, ".test.toml")?;
     let mut report = Report::default();
     for file in files {
         run_file(&file, &rules_for_case, policy, &mut report).await?;

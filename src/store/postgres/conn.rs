@@ -245,6 +245,18 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// The pool's own connection errors (it keeps `min_idle` connections open
+/// in the background): while the database is away it retries each several
+/// times a second, and r2d2's own handler logs every failure.
+#[derive(Debug)]
+struct ThrottledErrors;
+
+impl r2d2::HandleError<StoreError> for ThrottledErrors {
+    fn handle_error(&self, error: StoreError) {
+        crate::telemetry::events::StorePoolConnectFailed { error: &error }.emit();
+    }
+}
+
 /// The bounded pool. Dropped on a thread of its own when dropped inside an
 /// async runtime: the synchronous client runs a runtime of its own, which
 /// may not be shut down from an async worker.
@@ -270,6 +282,7 @@ impl Pool {
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(10))
+            .error_handler(Box::new(ThrottledErrors))
             .build_unchecked(manager.clone());
         drop(first);
         Ok(Self(Some(pool), manager))

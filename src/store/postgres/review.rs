@@ -421,6 +421,7 @@ mod tests {
                      review_arm_customers, review_rule_arm_customers, review_outcome_deltas,
                      review_instance_deltas, review_fold_batch;
                  ALTER TABLE received_events DROP COLUMN refused;
+                 ALTER TABLE received_events DROP COLUMN ended_nothing;
                  DELETE FROM schema_version WHERE version >= 11;",
             )
             .unwrap();

@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     V10_DECISION_RECORD,
     V11_REVIEW_COUNTS,
     V12_REFUSED_EVENTS,
+    V13_EXITS_THAT_ENDED_NOTHING,
 ];
 
 /// The schema version this binary writes.
@@ -686,3 +687,9 @@ $$;
 /// Version 12: a received event whose context update was refused (and
 /// dead-lettered) keeps why, so the decision record shows it.
 const V12_REFUSED_EVENTS: &str = "ALTER TABLE received_events ADD COLUMN refused text;";
+
+/// Version 13: an exit event that found no instance to end keeps which
+/// journeys and keys it looked for, and from when (the attribution window),
+/// so the decision record says why it converted nothing.
+const V13_EXITS_THAT_ENDED_NOTHING: &str =
+    "ALTER TABLE received_events ADD COLUMN ended_nothing jsonb;";

@@ -3,13 +3,16 @@
 use rusqlite::{params, Connection};
 
 use super::{from_ms, ms};
-use crate::store::received::{decode_not_started, encode_not_started, ReceivedEvent};
+use crate::store::received::{
+    decode_ended_nothing, decode_not_started, encode_ended_nothing, encode_not_started,
+    ReceivedEvent,
+};
 use crate::store::StoreError;
 
 pub(super) fn insert(conn: &Connection, e: &ReceivedEvent) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started, refused)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO received_events (customer, event_id, event_type, event_time, received_at, context_updated, not_started, refused, ended_nothing)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         e.customer,
@@ -20,6 +23,7 @@ pub(super) fn insert(conn: &Connection, e: &ReceivedEvent) -> Result<(), StoreEr
         e.context_updated,
         encode_not_started(&e.not_started)?,
         e.refused,
+        encode_ended_nothing(&e.ended_nothing)?,
     ])?;
     Ok(())
 }
@@ -30,7 +34,7 @@ pub(super) fn of_customer(
     customer: &str,
 ) -> Result<Vec<ReceivedEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started, refused
+        "SELECT event_id, event_type, event_time, received_at, context_updated, not_started, refused, ended_nothing
          FROM received_events WHERE customer = ?1 ORDER BY received_at, id",
     )?;
     let mut rows = stmt.query([customer])?;
@@ -45,6 +49,7 @@ pub(super) fn of_customer(
             context_updated: r.get(4)?,
             not_started: decode_not_started(&r.get::<_, String>(5)?)?,
             refused: r.get(6)?,
+            ended_nothing: decode_ended_nothing(r.get::<_, Option<String>>(7)?.as_deref())?,
         });
     }
     Ok(out)

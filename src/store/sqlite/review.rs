@@ -539,6 +539,7 @@ mod tests {
              DROP TABLE review_rule_arm_counts; DROP TABLE review_arm_customers;
              DROP TABLE review_rule_arm_customers;
              ALTER TABLE received_events DROP COLUMN refused;
+             ALTER TABLE received_events DROP COLUMN ended_nothing;
              PRAGMA user_version = 9;",
         )
         .unwrap();

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     V11_AUDIT_OUTBOX_IN_CODE,
     V12_ONE_LOG_INDEX_BY_CUSTOMER,
     V13_REFUSED_EVENTS,
+    V14_EXITS_THAT_ENDED_NOTHING,
 ];
 
 /// The schema version this binary writes.
@@ -551,3 +552,9 @@ const V12_ONE_LOG_INDEX_BY_CUSTOMER: &str = "DROP INDEX IF EXISTS dispatch_log_s
 /// Version 13: a received event whose context update was refused (and
 /// dead-lettered) keeps why, so the decision record shows it.
 const V13_REFUSED_EVENTS: &str = "ALTER TABLE received_events ADD COLUMN refused TEXT;";
+
+/// Version 14: an exit event that found no instance to end keeps which
+/// journeys and keys it looked for, and from when (the attribution window),
+/// so the decision record says why it converted nothing.
+const V14_EXITS_THAT_ENDED_NOTHING: &str =
+    "ALTER TABLE received_events ADD COLUMN ended_nothing TEXT;";
