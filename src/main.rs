@@ -1,7 +1,7 @@
 //! The `nudge` command line: wires the modules, nothing more.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -70,8 +70,13 @@ enum Command {
     },
     /// Run the journey tests (`*.test.toml` next to the journeys) on a virtual clock.
     Test {
+        /// A rules directory (every `*.test.toml` under it), or one test file.
         #[arg(default_value = "rules")]
-        dir: PathBuf,
+        path: PathBuf,
+        /// The journeys to run the tests against; default: PATH, or the
+        /// test file's directory.
+        #[arg(long)]
+        rules: Option<PathBuf>,
     },
     /// Run the same events through two rule sets and report what would change.
     Replay {
@@ -455,21 +460,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { dir } => {
+        Command::Test { path, rules: dir } => {
             init_logging("error");
             let limits = Limits::default();
-            // Fail early, with positions, if the journeys themselves do not compile.
-            if let Err(e) = rules::load_dir(&dir, &limits) {
-                eprintln!("{e}");
-                return Ok(ExitCode::FAILURE);
-            }
+            let (dir, files) = if path.is_file() {
+                let parent = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                (
+                    dir.unwrap_or_else(|| parent.to_path_buf()),
+                    vec![path.clone()],
+                )
+            } else {
+                let files = rules::files_under(&path, ".test.toml")
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                (dir.unwrap_or_else(|| path.clone()), files)
+            };
+            // Fail early, with positions, if the journeys themselves do not
+            // compile; compiled once, each case runs on a fresh copy.
+            let set = match rules::load_dir(&dir, &limits) {
+                Ok(set) => set,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let policy = nudge::config::PolicyConfig::default();
-            let report = runtime.block_on(nudge::toolkit::ruletest::run_dir(
-                &dir,
-                || rules::load_dir(&dir, &limits).map_err(|e| anyhow::anyhow!("{e}")),
+            let report = runtime.block_on(nudge::toolkit::ruletest::run_files(
+                &files,
+                || Ok(set.fresh_copy(&limits)),
                 &policy,
             ))?;
             for f in &report.failures {

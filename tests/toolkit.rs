@@ -84,6 +84,79 @@ expect = [
     assert!(out.contains("cases passed, 1 failed"), "{out}");
 }
 
+/// A catalogue where two journeys share a trigger: a file that expects the
+/// whole log fails on the other journey's records; `scope = "journey"`
+/// compares only its own (the other still runs, and a script error in it is
+/// not this file's). `nudge test FILE` runs that file alone, against the
+/// journeys of its directory, in a team's subdirectory too.
+#[test]
+fn nudge_test_scopes_a_file_to_its_journey_and_runs_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = dir.path().join("cards");
+    std::fs::create_dir(&team).unwrap();
+    let journey = |name: &str, decide: &str| {
+        format!(
+            "fn journey() {{ #{{ name: \"{name}\", category: \"service\", triggers: [\"card.issued\"],\n  steps: [#{{ id: \"push\", channel: \"push\", template: \"t\", delay: \"0s\" }}] }} }}\nfn decide(event, customer) {{ {decide} }}\n"
+        )
+    };
+    std::fs::write(team.join("mine.rhai"), journey("mine", "start()")).unwrap();
+    std::fs::write(team.join("theirs.rhai"), journey("theirs", "start()")).unwrap();
+    std::fs::write(
+        team.join("broken.rhai"),
+        journey("broken", "if event.data.n > 0 { 1 / 0 } start()"),
+    )
+    .unwrap();
+    let test = |scope: &str| {
+        format!(
+            "journey = \"mine\"\n{scope}\n[[case]]\nname = \"pushes\"\nevents = [\n  {{ type = \"customer.contact_updated\", data = {{ app_installed = true }} }},\n  {{ type = \"card.issued\", data = {{ n = 1 }} }},\n]\nexpect = [ {{ at = \"0s\", step = \"push\", outcome = \"sent\" }} ]\n"
+        )
+    };
+    let file = team.join("mine.test.toml");
+    std::fs::write(&file, test("")).unwrap();
+    let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "every journey's records and errors count: {out}");
+    assert!(out.contains("journey `broken`: Division by zero"), "{out}");
+    std::fs::rename(team.join("broken.rhai"), dir.path().join("broken.off")).unwrap();
+    let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("+      0s  c-1      theirs.push sent"),
+        "{out}"
+    );
+    std::fs::rename(dir.path().join("broken.off"), team.join("broken.rhai")).unwrap();
+
+    std::fs::write(&file, test("scope = \"journey\"")).unwrap();
+    let (code, out, err) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("nudge test: 1 cases passed, 0 failed"),
+        "{out}"
+    );
+
+    // One file, from anywhere; its directory's journeys, or --rules.
+    std::fs::write(dir.path().join("other.test.toml"), "nonsense = 1").unwrap();
+    let (code, out, err) = nudge(&["test", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("nudge test: 1 cases passed, 0 failed"),
+        "{out}"
+    );
+    let (code, out, err) = nudge(&[
+        "test",
+        file.to_str().unwrap(),
+        "--rules",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Scope all over the whole directory reads the stray file too.
+    let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("other.test.toml: cannot read test file"),
+        "{out}"
+    );
+}
+
 /// Script errors found by `nudge test` name the line and column where they
 /// happened (inside the script's own function), and a script stopped by
 /// `rules.timeout` says so at the function that was called.

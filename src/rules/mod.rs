@@ -146,7 +146,8 @@ impl std::fmt::Display for RuleError {
 
 /// All journeys of one `rules/` directory, with their trigger index.
 pub struct RuleSet {
-    journeys: Vec<Journey>,
+    /// Shared by [`RuleSet::fresh_copy`]s: compiled once.
+    journeys: Arc<Vec<Journey>>,
     by_name: HashMap<String, usize>,
     by_trigger: Index<Vec<usize>>,
     by_exit: Index<Vec<(usize, ExitOutcome)>>,
@@ -197,13 +198,29 @@ impl RuleSet {
         }
         let version = hex::encode(&sha2::Digest::finalize(hasher)[..6]);
         Self {
-            journeys,
+            journeys: Arc::new(journeys),
             by_name,
             by_trigger,
             by_exit,
             version,
             engine,
             timeout,
+            propensity: Propensities::default(),
+        }
+    }
+
+    /// The same journeys, compiled once, with nothing learned: a new
+    /// propensity table and an engine of its own. `nudge test` runs each
+    /// case on one, so that a catalogue is not compiled again per case.
+    pub fn fresh_copy(&self, limits: &Limits) -> RuleSet {
+        Self {
+            journeys: Arc::clone(&self.journeys),
+            by_name: self.by_name.clone(),
+            by_trigger: self.by_trigger.clone(),
+            by_exit: self.by_exit.clone(),
+            version: self.version.clone(),
+            engine: build_engine(limits),
+            timeout: self.timeout,
             propensity: Propensities::default(),
         }
     }

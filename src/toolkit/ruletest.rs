@@ -43,8 +43,24 @@ struct TestFile {
     #[serde(default = "default_customer")]
     customer: String,
     start: Option<DateTime<Utc>>,
+    /// Which records the expectations are compared with.
+    #[serde(default)]
+    scope: Scope,
     #[serde(default, rename = "case")]
     cases: Vec<Case>,
+}
+
+/// `all` (the default): the whole log of the case, every journey's.
+/// `journey`: only the records of the journeys the file names (its
+/// `journey` and any an expectation names), so that a catalogue's other
+/// journeys on the same trigger do not break the file; they still run,
+/// and still compete for the customer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Scope {
+    #[default]
+    All,
+    Journey,
 }
 
 fn default_customer() -> String {
@@ -111,9 +127,18 @@ pub async fn run_dir(
     policy: &PolicyConfig,
 ) -> anyhow::Result<Report> {
     let files = crate::rules::files_under(dir, ".test.toml")?;
+    run_files(&files, rules_for_case, policy).await
+}
+
+/// Runs the cases of each test file, in order, against `rules`.
+pub async fn run_files(
+    files: &[std::path::PathBuf],
+    rules_for_case: impl Fn() -> anyhow::Result<RuleSet>,
+    policy: &PolicyConfig,
+) -> anyhow::Result<Report> {
     let mut report = Report::default();
     for file in files {
-        run_file(&file, &rules_for_case, policy, &mut report).await?;
+        run_file(file, &rules_for_case, policy, &mut report).await?;
     }
     Ok(report)
 }
@@ -200,9 +225,25 @@ async fn run_case(
     }
     // Events at one offset are decided together, as the daemon decides a batch.
     let (failures, recs) = sim.feed_in_moments(events).await?;
-    let rule_errors: Vec<String> = failures.into_iter().map(|f| f.reason).collect();
     records.extend(recs);
     records.extend(sim.finish().await?);
+    let named: std::collections::HashSet<&str> = case
+        .expect
+        .iter()
+        .filter_map(|x| x.journey.as_deref())
+        .chain(file.journey.as_deref())
+        .collect();
+    let in_scope = |journey: Option<&str>| match file.scope {
+        Scope::All => true,
+        // An error of no journey (a bad event) is the case's own.
+        Scope::Journey => journey.is_none_or(|j| named.contains(j)),
+    };
+    let rule_errors: Vec<String> = failures
+        .into_iter()
+        .filter(|f| in_scope(f.journey.as_deref()))
+        .map(|f| f.reason)
+        .collect();
+    records.retain(|r| in_scope(Some(&r.journey)));
     if !rule_errors.is_empty() {
         return Ok(Some(format!(
             "  script errors:\n    {}",

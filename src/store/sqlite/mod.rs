@@ -142,6 +142,13 @@ impl SqliteStore {
             .map_or(Ok(()), lock::OwnerLock::file_in_place)
     }
 
+    /// A scratch store (`simulate`, `nudge test`): its file is thrown away,
+    /// so commits need not reach the disk.
+    pub fn without_sync(self) -> Result<Self, StoreError> {
+        self.conn().pragma_update(None, "synchronous", "OFF")?;
+        Ok(self)
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
