@@ -28,8 +28,8 @@ use crate::supervise::{DrainOutcome, Tasks};
 use crate::telemetry::events::{
     DrainDeadlinePassed, DuplicateEvents, EventsIgnored, JourneyEnded, JourneyStarted,
     ReleasedStepsUnheard, RetentionPurgeFailed, RetentionPurgePanicked, ReviewFoldFailed,
-    RuleEvaluated, RuleTimedOut, RulesReloadRefused, RulesReloaded, RulesVersionNotRecorded,
-    TaskStopped,
+    RuleEvaluated, RuleTimedOut, RulesReloadRefused, RulesReloaded, RulesUnchanged,
+    RulesVersionNotRecorded, TaskStopped,
 };
 
 pub fn init_logging(format: &str, level: &str) {
@@ -701,7 +701,12 @@ pub fn reload(
     match loaded {
         Ok(set) => {
             if set.version == rules.current().version {
-                tracing::info!(trigger = why, version = %set.version, "rules unchanged");
+                rules.clear_refused();
+                RulesUnchanged {
+                    trigger: why,
+                    version: &set.version,
+                }
+                .emit();
                 return true;
             }
             if let Err(e) = record_rules_version(store, &set, now) {
@@ -710,6 +715,7 @@ pub fn reload(
             }
             let new_version = set.version.clone();
             let old = rules.swap(set);
+            rules.clear_refused();
             let diff = JourneyDiff::between(&old, &rules.current());
             // A journey new to this process shows in its series at 0, so
             // that an alert on their increase sees its first error.
@@ -727,6 +733,7 @@ pub fn reload(
             true
         }
         Err(e) => {
+            rules.note_refused(&e.problems, now);
             RulesReloadRefused {
                 trigger: why,
                 problems: &e.problems,

@@ -605,12 +605,32 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
         Some(v1.clone()),
         "the old rules keep running"
     );
+    // Still ready, but /readyz and a gauge say a restart would not start.
+    let readyz = daemon.readyz().unwrap();
+    assert_eq!(readyz.status, 200, "{:?}", readyz.body);
+    let refused = &readyz.body["rules_refused"];
+    assert!(
+        refused["first"]
+            .as_str()
+            .is_some_and(|f| f.contains("fee_increase.rhai:")),
+        "{refused}"
+    );
+    assert!(refused["since"].is_string(), "{refused}");
+    let gauge = |daemon: &Daemon| {
+        let (_, text) = daemon.get("/metrics").unwrap();
+        text.lines()
+            .find(|l| l.starts_with("nudge_rules_refused "))
+            .map(String::from)
+    };
+    assert_eq!(gauge(&daemon).as_deref(), Some("nudge_rules_refused 1"));
 
     std::fs::write(&fee, good.replace("priority: 50", "priority: 51")).unwrap();
     daemon.signal("HUP");
     daemon.wait_until(LONG, "the new version", || {
         daemon.rules_version().is_some_and(|v| v != v1)
     });
+    assert!(daemon.readyz().unwrap().body["rules_refused"].is_null());
+    assert_eq!(gauge(&daemon).as_deref(), Some("nudge_rules_refused 0"));
     let versions: i64 = rusqlite::Connection::open(&cfg.store)
         .unwrap()
         .query_row("SELECT COUNT(*) FROM rule_versions", [], |r| r.get(0))

@@ -212,6 +212,9 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
         "store": store_state,
         "rules_version": rules.version,
         "journeys": rules.journeys().len(),
+        // Not a readiness condition (the rules in force run), but a restart
+        // would not start: alert on it.
+        "rules_refused": s.rules.refused(),
         "dead_letters": s.dead_letters.report(),
         "audit": s.audit.as_ref().map(|(topic, status)| status.report(topic)),
     });

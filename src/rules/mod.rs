@@ -325,15 +325,59 @@ impl RuleSet {
 /// The live rule set, swapped atomically on reload. Readers clone the `Arc`
 /// and keep a consistent version for the whole batch they work on.
 #[derive(Clone)]
-pub struct RulesHandle(Arc<RwLock<Arc<RuleSet>>>);
+pub struct RulesHandle {
+    current: Arc<RwLock<Arc<RuleSet>>>,
+    /// The rules on disk do not compile: the last reload was refused.
+    refused: Arc<std::sync::Mutex<Option<RefusedReload>>>,
+}
+
+/// A reload refused since `since` (the first refusal of the run of them):
+/// the set in force keeps running, but a restart would not start.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefusedReload {
+    pub since: chrono::DateTime<chrono::Utc>,
+    pub problems: usize,
+    /// The first problem, `file:line:column: message`.
+    pub first: String,
+}
 
 impl RulesHandle {
     pub fn new(rules: RuleSet) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(rules))))
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(rules))),
+            refused: Arc::default(),
+        }
     }
 
     pub fn current(&self) -> Arc<RuleSet> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the rules on disk were refused at the last reload, and since when.
+    pub fn refused(&self) -> Option<RefusedReload> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The reload at `at` refused the rules on disk for `problems`.
+    pub fn note_refused(&self, problems: &[Problem], at: chrono::DateTime<chrono::Utc>) {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let since = refused.as_ref().map_or(at, |r| r.since);
+        *refused = Some(RefusedReload {
+            since,
+            problems: problems.len(),
+            first: problems.first().map(|p| p.to_string()).unwrap_or_default(),
+        });
+    }
+
+    /// The rules on disk compile again (loaded, or the same as in force).
+    pub fn clear_refused(&self) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The propensity table of every rule set this handle holds (now and after reloads).
@@ -343,7 +387,7 @@ impl RulesHandle {
 
     /// Swaps in a new rule set; it reads the same propensity table as the one it replaces.
     pub fn swap(&self, mut rules: RuleSet) -> Arc<RuleSet> {
-        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
         rules.propensity = guard.propensity.clone();
         std::mem::replace(&mut *guard, Arc::new(rules))
     }

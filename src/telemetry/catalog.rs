@@ -303,6 +303,12 @@ pub const PROPENSITY_REFRESH_ERRORS: Metric = Metric {
     labels: &[],
     help: "reads of the propensity counts that failed; scripts keep reading the last table until the next read (`policy.propensity.refresh`)",
 };
+pub const RULES_REFUSED: Metric = Metric {
+    name: "nudge_rules_refused",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "1 while the rules on disk do not compile (the last reload was refused: the rules in force keep running, but a restart would not start; `/readyz` says since when and why), else 0",
+};
 pub const BUILD_INFO: Metric = Metric {
     name: "nudge_build_info",
     kind: Kind::Gauge,
@@ -360,6 +366,7 @@ pub const ALL: &[&Metric] = &[
     &CONTROL_REFRESH_ERRORS,
     &CHANNEL_STOPPED,
     &PROPENSITY_REFRESH_ERRORS,
+    &RULES_REFUSED,
     &BUILD_INFO,
 ];
 

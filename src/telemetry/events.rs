@@ -454,6 +454,20 @@ impl RulesReloaded<'_> {
     pub fn emit(self) {
         tracing::info!(target: DAEMON, trigger = self.trigger, old = %self.old, new = %self.new, added = self.added, removed = self.removed, changed = self.changed, "rules reloaded");
         metrics::counter!(RULE_RELOADS.name, "result" => "ok").increment(1);
+        metrics::gauge!(RULES_REFUSED.name).set(0.0);
+    }
+}
+
+/// A reload found the rules in force: nothing to swap, and nothing refused.
+pub struct RulesUnchanged<'a> {
+    pub trigger: &'a str,
+    pub version: &'a str,
+}
+
+impl RulesUnchanged<'_> {
+    pub fn emit(self) {
+        tracing::info!(target: DAEMON, trigger = self.trigger, version = %self.version, "rules unchanged");
+        metrics::gauge!(RULES_REFUSED.name).set(0.0);
     }
 }
 
@@ -466,6 +480,7 @@ pub struct RulesReloadRefused<'a> {
 impl RulesReloadRefused<'_> {
     pub fn emit(self) {
         metrics::counter!(RULE_RELOADS.name, "result" => "refused").increment(1);
+        metrics::gauge!(RULES_REFUSED.name).set(1.0);
         for p in self.problems {
             tracing::error!(target: DAEMON, trigger = self.trigger, file = %p.file, line = p.line, column = p.column, error = %p.message, "rules reload refused; the previous rules keep running");
         }

@@ -29,6 +29,7 @@ pub fn prometheus() -> Result<PrometheusBuilder, BuildError> {
 pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
     use catalog::{ALL, CHANNEL_STOPPED, DEAD_LETTERS, STEPS};
     events::BuildInfo.emit();
+    metrics::gauge!(catalog::RULES_REFUSED.name).set(0.0);
     let counters = |labels: &[&str]| {
         ALL.iter()
             .filter(move |m| m.kind == Kind::Counter && m.labels == labels)
