@@ -189,9 +189,10 @@ impl CustomerContext {
     /// an update of a later time has set keeps that value, so updates read
     /// out of order (another partition, a replayed backlog) never bring
     /// back an old address. A time ahead of `now` counts as `now` (a
-    /// producer's clock running fast must not pin a field). The whole event
-    /// is checked first: one bad field refuses all of it. Returns whether
-    /// it changed anything.
+    /// producer's clock running fast must not pin a field). Every field is
+    /// checked first: a bad field of a contact update is refused alone and
+    /// the others are applied (the error names both); a bad consent or
+    /// profile update is refused whole. Returns whether it changed anything.
     pub fn apply_update_at(
         &mut self,
         event: &Event,
@@ -201,15 +202,27 @@ impl CustomerContext {
             return Ok(false);
         }
         let mut next = self.clone();
-        next.apply_all(event)?;
+        let refused = next.apply_all(event)?;
         let time = event.time.min(now);
         let before = self.clone();
+        let mut applied = Vec::new();
         for field in fields_of(event) {
+            if refused.iter().any(|(name, _)| *name == field) {
+                continue;
+            }
+            applied.push(field.clone());
             if self.field_times.get(&field).is_some_and(|set| *set > time) {
                 continue;
             }
             self.take_field(&next, &field);
             self.field_times.insert(field, time);
+        }
+        if !refused.is_empty() {
+            let reasons: Vec<&str> = refused.iter().map(|(_, why)| why.as_str()).collect();
+            return Err(ContextError {
+                reason: reasons.join("; "),
+                applied,
+            });
         }
         Ok(*self != before)
     }
@@ -250,95 +263,107 @@ impl CustomerContext {
         }
     }
 
-    /// Applies every field of a `customer.*` event, checking each.
-    fn apply_all(&mut self, event: &Event) -> Result<bool, ContextError> {
+    /// Applies every field of a `customer.*` event, checking each. A
+    /// contact update's fields are independent: a bad one is refused alone
+    /// (returned, with why) and the others are applied, so that a CRM value
+    /// nudge does not know cannot cost the customer an address change. A
+    /// consent or profile update is refused as a whole.
+    fn apply_all(&mut self, event: &Event) -> Result<Vec<(&'static str, String)>, ContextError> {
         let data = &event.data;
         match event.event_type.as_str() {
             CONTACT_UPDATED => {
-                if let Some(tz) = data.get("timezone") {
-                    let tz = opt_string(tz, "timezone")?;
+                let mut refused = Vec::new();
+                let mut field =
+                    |name: &'static str, apply: &mut dyn FnMut(&Value) -> Result<(), String>| {
+                        if let Some(v) = data.get(name) {
+                            if let Err(why) = apply(v) {
+                                refused.push((name, why));
+                            }
+                        }
+                    };
+                field("timezone", &mut |v| {
+                    let tz = opt_string(v, "timezone")?;
                     if let Some(name) = &tz {
                         name.parse::<chrono_tz::Tz>().map_err(|_| {
-                            ContextError(
-                                "timezone is not an IANA zone (like Australia/Sydney)".into(),
-                            )
+                            "timezone is not an IANA zone (like Australia/Sydney)".to_string()
                         })?;
                     }
                     self.timezone = tz;
-                }
-                if let Some(v) = data.get("email") {
+                    Ok(())
+                });
+                field("email", &mut |v| {
                     // An empty address clears it, as `null` does.
                     let email = opt_string(v, "email")?.filter(|e| !e.trim().is_empty());
                     if email.as_deref().is_some_and(|e| !is_email_address(e)) {
-                        return Err(ContextError(
-                            "email is not an address (one @ between a name and a domain such as example.com, no spaces)"
-                                .into(),
-                        ));
+                        return Err("email is not an address (one @ between a name and a domain such as example.com, no spaces)".into());
                     }
                     self.email = email;
-                }
-                if let Some(v) = data.get("phone") {
+                    Ok(())
+                });
+                field("phone", &mut |v| {
                     self.phone = opt_string(v, "phone")?;
-                }
-                if let Some(v) = data.get("app_installed") {
+                    Ok(())
+                });
+                field("app_installed", &mut |v| {
                     self.app_installed = v
                         .as_bool()
-                        .ok_or_else(|| ContextError("app_installed must be a boolean".into()))?;
-                }
-                if let Some(v) = data.get("region") {
+                        .ok_or_else(|| "app_installed must be a boolean".to_string())?;
+                    Ok(())
+                });
+                field("region", &mut |v| {
                     let region = opt_string(v, "region")?;
-                    if let Some(r) = &region {
-                        if !is_region(r) {
-                            return Err(ContextError(
-                                "region is not an ISO 3166-2 code like AU-VIC (or a country like AU)"
-                                    .into(),
-                            ));
-                        }
+                    if region.as_deref().is_some_and(|r| !is_region(r)) {
+                        return Err(
+                            "region is not an ISO 3166-2 code like AU-VIC (or a country like AU)"
+                                .into(),
+                        );
                     }
                     self.region = region.map(|r| r.to_ascii_uppercase());
-                }
-                if let Some(v) = data.get("preferred_channel") {
+                    Ok(())
+                });
+                field("preferred_channel", &mut |v| {
                     self.preferred_channel = match opt_string(v, "preferred_channel")? {
                         None => None,
                         Some(c) => Some(c.parse().map_err(|_| {
-                            ContextError(
-                                "preferred_channel is not a channel (push, email, call_task)"
-                                    .into(),
-                            )
+                            "preferred_channel is not a channel (push, email, call_task)"
+                                .to_string()
                         })?),
                     };
-                }
-                Ok(true)
+                    Ok(())
+                });
+                Ok(refused)
             }
             CONSENT_UPDATED => {
                 let consents =
                     data.get("consents")
                         .and_then(Value::as_object)
                         .ok_or_else(|| {
-                            ContextError(
+                            ContextError::new(
                                 "consent_updated needs data.consents: {channel: {category: bool}}"
                                     .into(),
                             )
                         })?;
                 for (channel, categories) in consents {
                     let channel: ChannelKind = channel.parse().map_err(|_| {
-                        ContextError(
+                        ContextError::new(
                             "data.consents: a key is not a channel (push, email, call_task)".into(),
                         )
                     })?;
                     let categories = categories.as_object().ok_or_else(|| {
-                        ContextError(format!(
+                        ContextError::new(format!(
                             "consents.{channel} must be an object of category: bool"
                         ))
                     })?;
                     for (category, granted) in categories {
                         let category: Category = category.parse().map_err(|_| {
-                            ContextError(format!(
+                            ContextError::new(format!(
                                 "consents.{channel}: a key is not a category (service, marketing)"
                             ))
                         })?;
                         let granted = granted.as_bool().ok_or_else(|| {
-                            ContextError(format!("consents.{channel}.{category} must be a boolean"))
+                            ContextError::new(format!(
+                                "consents.{channel}.{category} must be a boolean"
+                            ))
                         })?;
                         self.consents
                             .entry(channel)
@@ -346,21 +371,21 @@ impl CustomerContext {
                             .insert(category, granted);
                     }
                 }
-                Ok(true)
+                Ok(Vec::new())
             }
             PROFILE_UPDATED => {
                 let profile = data
                     .get("profile")
                     .and_then(Value::as_object)
                     .ok_or_else(|| {
-                        ContextError("profile_updated needs data.profile as an object".into())
+                        ContextError::new("profile_updated needs data.profile as an object".into())
                     })?;
                 for (k, v) in profile {
                     self.profile.insert(k.clone(), v.clone());
                 }
-                Ok(true)
+                Ok(Vec::new())
             }
-            _ => Ok(false),
+            _ => Ok(Vec::new()),
         }
     }
 }
@@ -440,11 +465,11 @@ pub fn is_email_address(text: &str) -> bool {
         && domain.split('.').all(|label| !label.is_empty())
 }
 
-fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
+fn opt_string(v: &Value, field: &str) -> Result<Option<String>, String> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
-        _ => Err(ContextError(format!("{field} must be a string or null"))),
+        _ => Err(format!("{field} must be a string or null")),
     }
 }
 
@@ -452,8 +477,29 @@ fn opt_string(v: &Value, field: &str) -> Result<Option<String>, ContextError> {
 /// Says what was expected, never the value given: the reason reaches the
 /// log and the dead letter's headers, and the value may be contact data
 /// sent in the wrong field (the dead letter keeps the original).
-#[error("invalid customer update: {0}")]
-pub struct ContextError(pub String);
+#[error("invalid customer update: {reason}{}", applied_text(.applied))]
+pub struct ContextError {
+    pub reason: String,
+    /// The update's other fields, applied (a contact update's fields are
+    /// refused one by one); empty when nothing of it was.
+    pub applied: Vec<String>,
+}
+
+impl ContextError {
+    fn new(reason: String) -> Self {
+        Self {
+            reason,
+            applied: Vec::new(),
+        }
+    }
+}
+
+fn applied_text(applied: &[String]) -> String {
+    match applied.is_empty() {
+        true => String::new(),
+        false => format!("; its other fields were applied ({})", applied.join(", ")),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -598,10 +644,37 @@ mod tests {
         let bad = at(
             "2026-06-01T12:40:00Z",
             CONTACT_UPDATED,
-            serde_json::json!({"email": "bad@example.com", "timezone": "AEST"}),
+            serde_json::json!({"email": "bad@example.com", "timezone": "AEST", "phone": 61_400_000_000_u64}),
         );
-        assert!(c.apply_update_at(&bad, now).is_err());
-        assert_eq!(c.email.as_deref(), Some("fixed@example.com"));
+        // A bad field is refused alone, naming why and what was applied;
+        // never the values.
+        let err = c
+            .apply_update_at(&bad, now + chrono::TimeDelta::hours(1))
+            .unwrap_err();
+        assert_eq!(err.applied, ["email"]);
+        assert_eq!(
+            err.to_string(),
+            "invalid customer update: timezone is not an IANA zone (like Australia/Sydney); \
+             phone must be a string or null; its other fields were applied (email)"
+        );
+        assert_eq!(c.email.as_deref(), Some("bad@example.com"));
+        assert_eq!(c.timezone, None, "refused: unchanged");
+        assert_eq!(
+            c.phone.as_deref(),
+            Some("+61400000000"),
+            "refused: unchanged"
+        );
+        // A consent update with one bad category is refused whole.
+        let consent = at(
+            "2026-06-01T12:50:00Z",
+            CONSENT_UPDATED,
+            serde_json::json!({"consents": {"email": {"marketing": true, "service": "no"}}}),
+        );
+        let err = c
+            .apply_update_at(&consent, now + chrono::TimeDelta::hours(1))
+            .unwrap_err();
+        assert!(err.applied.is_empty());
+        assert!(!c.consented(ChannelKind::Email, Category::Marketing));
     }
 
     /// An email that is not address-shaped is refused without echoing it;

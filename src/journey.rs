@@ -298,26 +298,24 @@ impl BatchRun<'_> {
             .then(|| customer.contactable(self.withdraw));
         let mut changed = match customer.apply_update_at(event, self.now) {
             Ok(true) => {
-                tx.save_customer(&customer, self.now)?;
-                self.out.context_updates += 1;
+                self.context_changed(tx, &customer, before)?;
                 context_updated = true;
-                let lost: Vec<_> = before
-                    .unwrap_or_default()
-                    .difference(&customer.contactable(self.withdraw))
-                    .copied()
-                    .collect();
-                if !lost.is_empty() {
-                    self.withdraw_lost_contact(tx, &customer, &lost)?;
-                }
                 true
             }
             Ok(false) => false,
             Err(e) => {
+                // A contact update's good fields are applied beside a bad one.
+                let partly = !e.applied.is_empty();
+                if partly {
+                    self.context_changed(tx, &customer, before)?;
+                }
                 let reason = e.to_string();
-                // Dead-lettered with its reason; the decision record says so.
+                // Dead-lettered with its reason (not remembered as
+                // processed, so a corrected copy with its id applies); the
+                // decision record says so.
                 tx.record_event(&ReceivedEvent {
                     refused: Some(reason.clone()),
-                    ..self.received(event, false)
+                    ..self.received(event, partly)
                 })?;
                 self.out.failures.push(EventFailure {
                     index,
@@ -508,6 +506,28 @@ impl BatchRun<'_> {
             tx.save_customer(customer, self.now)?;
         }
         Ok(ended_any || remembered)
+    }
+
+    /// Saves an updated context, and withdraws what was delivered on a
+    /// channel the update took away (`before`: the channels it was
+    /// contactable on).
+    fn context_changed(
+        &mut self,
+        tx: &mut dyn Tx,
+        customer: &CustomerContext,
+        before: Option<std::collections::BTreeSet<(ChannelKind, Category)>>,
+    ) -> Result<(), StoreError> {
+        tx.save_customer(customer, self.now)?;
+        self.out.context_updates += 1;
+        let lost: Vec<_> = before
+            .unwrap_or_default()
+            .difference(&customer.contactable(self.withdraw))
+            .copied()
+            .collect();
+        if !lost.is_empty() {
+            self.withdraw_lost_contact(tx, customer, &lost)?;
+        }
+        Ok(())
     }
 
     /// The customer can no longer be contacted on a channel whose deliveries

@@ -435,6 +435,10 @@ pub fn decision_record(
     }
     for (id, (time, kind, context_updated, received_at, refused)) in events {
         let effect = match (&refused, context_updated) {
+            // A contact update's good fields are applied beside a bad one.
+            (Some(why), Some(true)) => {
+                format!(", partly refused and dead-lettered (nothing decided): {why}")
+            }
             (Some(why), _) => {
                 format!(", refused and dead-lettered (nothing applied or decided): {why}")
             }
