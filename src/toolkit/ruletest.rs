@@ -181,6 +181,38 @@ async fn run_file(
     Ok(())
 }
 
+/// The loaded names nearest to a misspelt one (a catalogue may hold
+/// thousands: never all of them).
+fn nearest_names<'a>(wanted: &str, loaded: impl Iterator<Item = &'a str>) -> String {
+    let mut by_distance: Vec<(usize, &str)> =
+        loaded.map(|n| (edit_distance(wanted, n), n)).collect();
+    let count = by_distance.len();
+    by_distance.sort();
+    let near: Vec<&str> = by_distance.iter().take(3).map(|(_, n)| *n).collect();
+    match near.as_slice() {
+        [] => "no journeys are loaded".to_string(),
+        _ => format!("{count} journeys loaded; nearest: {}", near.join(", ")),
+    }
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// Runs one case; `Some(diff)` when it fails.
 async fn run_case(
     file: &TestFile,
@@ -197,10 +229,9 @@ async fn run_case(
     for x in &case.expect {
         if let Some(journey) = x.journey.as_deref().or(file.journey.as_deref()) {
             if rules.journey(journey).is_none() {
-                let loaded: Vec<&str> = rules.journeys().iter().map(|j| j.name.as_str()).collect();
                 anyhow::bail!(
-                    "an expectation names journey `{journey}`, which is not loaded (journeys: {})",
-                    loaded.join(", ")
+                    "an expectation names journey `{journey}`, which is not loaded ({})",
+                    nearest_names(journey, rules.journeys().iter().map(|j| j.name.as_str()))
                 );
             }
         }
@@ -369,4 +400,31 @@ pub fn diff(expected: &[String], actual: &[String]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A misspelt journey is answered with the nearest few names and how
+    /// many are loaded, not the whole catalogue.
+    #[test]
+    fn a_misspelt_journey_gets_the_nearest_names() {
+        assert_eq!(edit_distance("unsigned_loan", "unsigned_loan"), 0);
+        assert_eq!(edit_distance("unsigend_loan", "unsigned_loan"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        let mut names: Vec<String> = (0..2000).map(|i| format!("offer_{i:04}")).collect();
+        names.push("unsigned_loan".into());
+        names.push("unsigned_card".into());
+        let text = nearest_names("unsigend_loan", names.iter().map(String::as_str));
+        assert!(
+            text.starts_with("2002 journeys loaded; nearest: unsigned_loan, unsigned_card, "),
+            "{text}"
+        );
+        assert!(text.len() < 100, "{text}");
+        assert_eq!(
+            nearest_names("x", std::iter::empty()),
+            "no journeys are loaded"
+        );
+    }
 }
