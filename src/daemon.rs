@@ -154,6 +154,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // once it is up, instead of killing it with the signal's default action.
     let mut stop_signals = StopSignals::listen()?;
     tracing::info!(version = crate::VERSION, "nudge starting");
+    crate::store::postgres::report_pool_errors_to(|error| {
+        crate::telemetry::events::StorePoolConnectFailed { error }.emit()
+    });
     let rule_set = preflight(&config)?;
     let tokens = crate::admin::auth::Tokens::from_config(&config.admin.auth)?;
     let limits = Limits::from_config(&config.rules);

@@ -145,7 +145,7 @@ impl Simulation {
         channels: Channels,
     ) -> Result<Self, StoreError> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(format!("temp dir: {e}")))?;
-        let store = Arc::new(SqliteStore::open(&dir.path().join("simulate.db"))?.without_sync()?);
+        let store = Arc::new(SqliteStore::open_scratch(&dir.path().join("simulate.db"))?);
         let clock = VirtualClock::new(start);
         let clock_dyn: Arc<dyn Clock> = Arc::new(clock.clone());
         let rules = RulesHandle::new(rules);

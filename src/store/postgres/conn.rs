@@ -247,14 +247,28 @@ impl r2d2::ManageConnection for Manager {
 
 /// The pool's own connection errors (it keeps `min_idle` connections open
 /// in the background): while the database is away it retries each several
-/// times a second, and r2d2's own handler logs every failure.
+/// times a second, and r2d2's own handler logs every failure; these go to
+/// [`report_pool_errors_to`], throttled there.
 #[derive(Debug)]
 struct ThrottledErrors;
 
 impl r2d2::HandleError<StoreError> for ThrottledErrors {
     fn handle_error(&self, error: StoreError) {
-        crate::telemetry::events::StorePoolConnectFailed { error: &error }.emit();
+        if let Some(report) = POOL_ERRORS.get() {
+            report(&error);
+        }
     }
+}
+
+/// Where the pools' background connection errors go: the daemon installs
+/// its throttled log line ([`report_pool_errors_to`]); a command that reads
+/// the store fails with the error itself instead.
+static POOL_ERRORS: std::sync::OnceLock<fn(&StoreError)> = std::sync::OnceLock::new();
+
+/// Sends every pool's background connection errors to `report` (once per
+/// process; a second call changes nothing).
+pub fn report_pool_errors_to(report: fn(&StoreError)) {
+    let _ = POOL_ERRORS.set(report);
 }
 
 /// The bounded pool. Dropped on a thread of its own when dropped inside an

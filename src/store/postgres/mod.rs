@@ -37,7 +37,7 @@ pub mod schema;
 mod tx;
 mod upcoming;
 
-pub use conn::{parse_url, PgOptions, SslMode};
+pub use conn::{parse_url, report_pool_errors_to, PgOptions, SslMode};
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::CustomerContext;

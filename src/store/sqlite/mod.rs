@@ -96,7 +96,7 @@ impl SqliteStore {
         // a second process opening the same new file at once retries here.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Self::try_open(path, cache_mb) {
+            match Self::try_open(path, cache_mb, false) {
                 Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
                     if e.code == rusqlite::ErrorCode::DatabaseBusy
                         && std::time::Instant::now() < deadline =>
@@ -108,19 +108,36 @@ impl SqliteStore {
         }
     }
 
-    fn try_open(path: &Path, cache_mb: u32) -> Result<Self, StoreError> {
+    /// A scratch store (`simulate`, `nudge test`) in a file that is thrown
+    /// away: nothing is synced to disk, from its creation on (a test run
+    /// makes one per case).
+    pub fn open_scratch(path: &Path) -> Result<Self, StoreError> {
+        Self::try_open(path, crate::config::DEFAULT_CACHE_MB, true)
+    }
+
+    fn try_open(path: &Path, cache_mb: u32, scratch: bool) -> Result<Self, StoreError> {
         let mut conn = Self::connect(path, cache_mb)?;
+        if scratch {
+            conn.pragma_update(None, "synchronous", "OFF")?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash; only an OS
         // crash or power loss may lose the last transactions.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", if scratch { "OFF" } else { "NORMAL" })?;
         schema::migrate(&mut conn)?;
         let reader = Self::connect(path, cache_mb)?;
+        let upkeep = Self::connect(path, 2)?;
+        if scratch {
+            // The last connection to close checkpoints, under its own setting.
+            for c in [&reader, &upkeep] {
+                c.pragma_update(None, "synchronous", "OFF")?;
+            }
+        }
         Ok(Self {
             _owner: None,
             conn: Mutex::new(conn),
             reader: Mutex::new(reader),
-            upkeep: Mutex::new(Self::connect(path, 2)?),
+            upkeep: Mutex::new(upkeep),
         })
     }
 
@@ -140,13 +157,6 @@ impl SqliteStore {
         self._owner
             .as_ref()
             .map_or(Ok(()), lock::OwnerLock::file_in_place)
-    }
-
-    /// A scratch store (`simulate`, `nudge test`): its file is thrown away,
-    /// so commits need not reach the disk.
-    pub fn without_sync(self) -> Result<Self, StoreError> {
-        self.conn().pragma_update(None, "synchronous", "OFF")?;
-        Ok(self)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
