@@ -704,10 +704,12 @@ pub fn reload(
     match loaded {
         Ok(set) => {
             if set.version == rules.current().version {
+                let refused_before = rules.refused().is_some();
                 rules.clear_refused();
                 RulesUnchanged {
                     trigger: why,
                     version: &set.version,
+                    refused_before,
                 }
                 .emit();
                 return true;

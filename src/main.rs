@@ -464,6 +464,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("error");
             let limits = Limits::default();
             let (dir, files) = if path.is_file() {
+                if !path.to_string_lossy().ends_with(".test.toml") {
+                    anyhow::bail!(
+                        "{} is not a test file: give a NAME.test.toml, or a directory",
+                        path.display()
+                    );
+                }
                 let parent = path
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())

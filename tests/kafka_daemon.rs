@@ -624,6 +624,17 @@ fn sighup_reloads_good_rules_and_refuses_broken_ones() {
     };
     assert_eq!(gauge(&daemon).as_deref(), Some("nudge_rules_refused 1"));
 
+    // Put back as it was: the same version as in force, and the refusal over.
+    std::fs::write(&fee, &good).unwrap();
+    daemon.signal("HUP");
+    daemon.wait_until(LONG, "the refusal's end in the log", || {
+        std::fs::read_to_string(&daemon.log)
+            .unwrap()
+            .contains("rules on disk compile again")
+    });
+    assert!(daemon.readyz().unwrap().body["rules_refused"].is_null());
+    assert_eq!(gauge(&daemon).as_deref(), Some("nudge_rules_refused 0"));
+
     std::fs::write(&fee, good.replace("priority: 50", "priority: 51")).unwrap();
     daemon.signal("HUP");
     daemon.wait_until(LONG, "the new version", || {

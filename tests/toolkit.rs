@@ -148,6 +148,9 @@ fn nudge_test_scopes_a_file_to_its_journey_and_runs_one_file() {
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = nudge(&["test", team.join("mine.rhai").to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("mine.rhai is not a test file"), "{err}");
     // Scope all over the whole directory reads the stray file too.
     let (code, out, _) = nudge(&["test", dir.path().to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");

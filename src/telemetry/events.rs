@@ -462,11 +462,20 @@ impl RulesReloaded<'_> {
 pub struct RulesUnchanged<'a> {
     pub trigger: &'a str,
     pub version: &'a str,
+    /// The last reload was refused: the files on disk compile again.
+    pub refused_before: bool,
 }
 
 impl RulesUnchanged<'_> {
     pub fn emit(self) {
-        tracing::info!(target: DAEMON, trigger = self.trigger, version = %self.version, "rules unchanged");
+        match self.refused_before {
+            true => {
+                tracing::info!(target: DAEMON, trigger = self.trigger, version = %self.version, "rules on disk compile again, the same as in force; the refusal is over")
+            }
+            false => {
+                tracing::info!(target: DAEMON, trigger = self.trigger, version = %self.version, "rules unchanged")
+            }
+        }
         metrics::gauge!(RULES_REFUSED.name).set(0.0);
     }
 }
