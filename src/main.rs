@@ -63,10 +63,18 @@ enum Command {
     },
     /// Bring the store's schema up to this binary's version and print it
     /// (the daemon does the same at start; this runs it alone, e.g. before a rollout).
+    /// With --from, move a stopped node's SQLite store into the PostgreSQL store
+    /// the config names, for running replicas.
     Migrate {
         /// TOML config file naming the store; `NUDGE_SECTION__KEY` variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A SQLite store (a path, or sqlite:///path) to copy whole into the
+        /// config's PostgreSQL store, which must be empty. The daemon on it
+        /// must be stopped; the file is then marked as moved and `nudge run`
+        /// refuses it.
+        #[arg(long, value_name = "SQLITE")]
+        from: Option<String>,
     },
     /// Run the journey tests (`*.test.toml` next to the journeys) on a virtual clock.
     Test {
@@ -441,7 +449,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate { config } => {
+        Command::Migrate {
+            config,
+            from: Some(from),
+        } => {
+            let config = Config::load(config.as_deref())?;
+            move_store(&from, &config)
+        }
+        Command::Migrate { config, from: None } => {
             let config = Config::load(config.as_deref())?;
             let store = config.store.describe();
             let key = match config.store.url {
@@ -880,6 +895,52 @@ fn open_review_of(
         }
     }
     Ok(store)
+}
+
+/// `nudge migrate --from`: a node's SQLite store into PostgreSQL.
+fn move_store(from: &str, config: &Config) -> anyhow::Result<ExitCode> {
+    let source = if from.starts_with("sqlite:") {
+        let named = nudge::config::StoreConfig {
+            url: Some(from.to_owned()),
+            ..Default::default()
+        };
+        match named.target() {
+            Ok(nudge::config::StoreUrl::Sqlite(path)) => path,
+            Ok(_) => unreachable!("a sqlite: URL names a file"),
+            Err(e) => anyhow::bail!("--from {from}: {e}"),
+        }
+    } else if from.starts_with("postgres") {
+        anyhow::bail!(
+            "--from {from}: only a SQLite store can be moved (a path, or sqlite:///path)"
+        );
+    } else {
+        PathBuf::from(from)
+    };
+    let target = config.store.describe();
+    let moved = nudge::store::move_to_postgres(&source, &config.store)
+        .with_context(|| format!("moving {} into {target}", source.display()))?;
+    outln!(
+        "moved {} into {target} (schema version {}):",
+        source.display(),
+        moved.version
+    );
+    let width = moved.rows.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
+    for (table, rows) in &moved.rows {
+        outln!("  {table:<width$}  {rows:>10}");
+    }
+    if moved.released > 0 {
+        outln!(
+            "{} steps claimed by the stopped daemon are due again (sent under the same idempotency keys)",
+            moved.released
+        );
+    }
+    outln!(
+        "{} is marked as moved: nudge run refuses it from now on. Start the replicas with \
+         store.url = \"{target}\" and the same kafka topics: each partition resumes at the offset \
+         that came across.",
+        source.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_reader(config: &Config) -> anyhow::Result<Box<dyn nudge::review::ReviewRead>> {

@@ -63,6 +63,14 @@ pub enum StoreError {
     SchemaTooNew { found: u32, supported: u32 },
     #[error("{path} is in use by another nudge process{}: one daemon per SQLite file (several replicas need a shared database)", holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default())]
     Locked { path: String, holder: Option<u32> },
+    /// The SQLite file was copied into PostgreSQL: running a daemon on it
+    /// again would send a second time what the replicas there send.
+    #[error("{path} was moved to {to} at {at} (nudge migrate --from): a daemon on this file would send again what is sent from there; run nudge with store.url = \"{to}\"")]
+    Moved {
+        path: String,
+        to: String,
+        at: DateTime<Utc>,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -122,6 +130,7 @@ impl StoreError {
             | StoreError::Corrupt(_)
             | StoreError::SchemaTooNew { .. }
             | StoreError::Locked { .. }
+            | StoreError::Moved { .. }
             | StoreError::Config(_)
             | StoreError::Aborted => false,
         }
@@ -193,6 +202,26 @@ pub fn migrate(config: &StoreConfig) -> Result<(u32, u32), StoreError> {
     match target(config)? {
         StoreUrl::Sqlite(path) => SqliteStore::migrate(&path),
         StoreUrl::Postgres(url) => PostgresStore::migrate(&pg_options(config, url)?),
+    }
+}
+
+/// Copies the SQLite store at `source` into the PostgreSQL store `config`
+/// names, which must be empty (`nudge migrate --from`; see
+/// [`postgres::import`]).
+pub fn move_to_postgres(
+    source: &std::path::Path,
+    config: &StoreConfig,
+) -> Result<postgres::import::Moved, postgres::import::MoveError> {
+    match target(config)? {
+        StoreUrl::Postgres(url) => {
+            postgres::import::from_sqlite(source, &pg_options(config, url.clone())?, &url)
+        }
+        StoreUrl::Sqlite(path) => Err(StoreError::Config(format!(
+            "the store to move into is the SQLite file {}: name the PostgreSQL store in store.url \
+             (or NUDGE_STORE__URL)",
+            path.display()
+        ))
+        .into()),
     }
 }
 
@@ -738,6 +767,11 @@ mod tests {
             StoreError::Locked {
                 path: "x".into(),
                 holder: None,
+            },
+            StoreError::Moved {
+                path: "x".into(),
+                to: "y".into(),
+                at: DateTime::UNIX_EPOCH,
             },
         ] {
             assert!(!permanent.is_transient(), "{permanent}");

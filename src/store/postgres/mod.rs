@@ -26,6 +26,7 @@ use serde_json::Value;
 mod audit;
 mod conn;
 mod control;
+pub mod import;
 mod listen;
 mod pending;
 mod propensity;

@@ -64,13 +64,63 @@ impl SqliteStore {
     /// process owns the file (the error names it and its pid). Claims left by
     /// a dead predecessor are released at once, since no live worker can
     /// hold them, so their steps go out now rather than when their lease ends.
+    /// A file moved into PostgreSQL (`nudge migrate --from`) is refused.
     pub fn open_exclusive(path: &Path, cache_mb: u32) -> Result<(Self, usize), StoreError> {
+        let (store, released) = Self::open_owned(path, cache_mb)?;
+        if let Some((to, at)) = store.moved_to()? {
+            return Err(StoreError::Moved {
+                path: path.display().to_string(),
+                to,
+                at,
+            });
+        }
+        Ok((store, released))
+    }
+
+    /// As the file's one owner, moved or not (the copy into PostgreSQL may
+    /// be run again from a moved file).
+    pub(in crate::store) fn open_owned(
+        path: &Path,
+        cache_mb: u32,
+    ) -> Result<(Self, usize), StoreError> {
         let mut owner = lock::OwnerLock::acquire(path)?;
         let mut store = Self::open_with_cache(path, cache_mb)?;
         owner.watch(path)?;
         store._owner = Some(owner);
         let released = store.release_all_leases()?;
         Ok((store, released))
+    }
+
+    /// Where the file was moved to, and when, if it was.
+    pub fn moved_to(&self) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT target, at FROM store_moved", [], |r| {
+                Ok((r.get(0)?, from_ms(r.get(1)?)))
+            })
+            .optional()?)
+    }
+
+    /// Records that the file was moved to `to` (`None`: takes that back).
+    pub(in crate::store) fn set_moved(
+        &self,
+        to: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match to {
+            Some(to) => conn.execute(
+                "INSERT OR REPLACE INTO store_moved (id, target, at) VALUES (1, ?1, ?2)",
+                params![to, ms(at)],
+            )?,
+            None => conn.execute("DELETE FROM store_moved", [])?,
+        };
+        Ok(())
+    }
+
+    /// The writer's connection, for the copy into PostgreSQL.
+    pub(in crate::store) fn writer(&self) -> MutexGuard<'_, Connection> {
+        self.conn()
     }
 
     /// The schema version of the file at `path`, migrating it first (the

@@ -540,6 +540,7 @@ mod tests {
              DROP TABLE review_rule_arm_customers;
              ALTER TABLE received_events DROP COLUMN refused;
              ALTER TABLE received_events DROP COLUMN ended_nothing;
+             DROP TABLE store_moved;
              PRAGMA user_version = 9;",
         )
         .unwrap();

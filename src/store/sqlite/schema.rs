@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     V12_ONE_LOG_INDEX_BY_CUSTOMER,
     V13_REFUSED_EVENTS,
     V14_EXITS_THAT_ENDED_NOTHING,
+    V15_STORE_MOVED,
 ];
 
 /// The schema version this binary writes.
@@ -558,3 +559,14 @@ const V13_REFUSED_EVENTS: &str = "ALTER TABLE received_events ADD COLUMN refused
 /// so the decision record says why it converted nothing.
 const V14_EXITS_THAT_ENDED_NOTHING: &str =
     "ALTER TABLE received_events ADD COLUMN ended_nothing TEXT;";
+
+/// Version 15: the file was copied into PostgreSQL (`nudge migrate --from`)
+/// and where to: a daemon must not run on it again, or it would send what
+/// the replicas there send (`SqliteStore::open_exclusive` refuses it).
+const V15_STORE_MOVED: &str = "
+CREATE TABLE store_moved (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    target TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+";
