@@ -75,6 +75,10 @@ enum Command {
         /// refuses it.
         #[arg(long, value_name = "SQLITE")]
         from: Option<String>,
+        /// With --from: move a file already moved to another store again
+        /// (that store lost, and nothing running on it).
+        #[arg(long, requires = "from")]
+        force: bool,
     },
     /// Run the journey tests (`*.test.toml` next to the journeys) on a virtual clock.
     Test {
@@ -452,11 +456,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate {
             config,
             from: Some(from),
+            force,
         } => {
             let config = Config::load(config.as_deref())?;
-            move_store(&from, &config)
+            move_store(&from, &config, force)
         }
-        Command::Migrate { config, from: None } => {
+        Command::Migrate {
+            config, from: None, ..
+        } => {
             let config = Config::load(config.as_deref())?;
             let store = config.store.describe();
             let key = match config.store.url {
@@ -473,6 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!(" (was {before})")
                 }
             );
+            note_if_moved(&config);
             Ok(ExitCode::SUCCESS)
         }
         Command::Test { path, rules: dir } => {
@@ -898,7 +906,7 @@ fn open_review_of(
 }
 
 /// `nudge migrate --from`: a node's SQLite store into PostgreSQL.
-fn move_store(from: &str, config: &Config) -> anyhow::Result<ExitCode> {
+fn move_store(from: &str, config: &Config, force: bool) -> anyhow::Result<ExitCode> {
     let source = if from.starts_with("sqlite:") {
         let named = nudge::config::StoreConfig {
             url: Some(from.to_owned()),
@@ -917,8 +925,16 @@ fn move_store(from: &str, config: &Config) -> anyhow::Result<ExitCode> {
         PathBuf::from(from)
     };
     let target = config.store.describe();
-    let moved = nudge::store::move_to_postgres(&source, &config.store)
+    let moved = nudge::store::move_to_postgres(&source, &config.store, force)
         .with_context(|| format!("moving {} into {target}", source.display()))?;
+    if let Some(at) = moved.already {
+        outln!(
+            "{} was already moved into {target} at {}: nothing to do",
+            source.display(),
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     outln!(
         "moved {} into {target} (schema version {}):",
         source.display(),
@@ -948,8 +964,23 @@ fn open_reader(config: &Config) -> anyhow::Result<Box<dyn nudge::review::ReviewR
         Some(_) => "store.url",
         None => "store.path",
     };
-    nudge::store::open_reader(&config.store)
-        .with_context(|| format!("{key}: reading {}", config.store.describe()))
+    let reader = nudge::store::open_reader(&config.store)
+        .with_context(|| format!("{key}: reading {}", config.store.describe()))?;
+    note_if_moved(config);
+    Ok(reader)
+}
+
+/// On stderr: a SQLite file moved into PostgreSQL holds its history only up
+/// to the move; the rest is in the store it went to.
+fn note_if_moved(config: &Config) {
+    if let Some((to, at)) = nudge::store::moved_to(&config.store) {
+        eprintln!(
+            "note: {} was moved to {to} at {} (nudge migrate --from): what it holds ends there; \
+             read the current history with store.url = \"{to}\"",
+            config.store.describe(),
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
 }
 
 /// A minimal HTTP/1.1 GET on loopback: the status code.

@@ -108,3 +108,45 @@ pub fn mask_contacts(text: &str) -> String {
     }
     chars.into_iter().collect()
 }
+
+/// A link's credentials as `***`: the values of query parameters whose name
+/// says they are one (`token`, `sig`, `key`, `code`, `session`, …). A signed
+/// resume link opens the customer's application to whoever holds it, so a
+/// reviewer sees where it leads, not the key to it.
+pub fn mask_link_secrets(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('=') {
+        return text.into();
+    }
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        [
+            "token", "secret", "sig", "pass", "auth", "session", "otp", "jwt", "key",
+        ]
+        .iter()
+        .any(|part| name.contains(part))
+            || ["t", "k", "s", "code", "sid", "nonce", "hash", "pwd"].contains(&name.as_str())
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // Each `?name=value` or `&name=value` (`;` too, as some servers split).
+    while let Some(at) = rest.find(['?', '&', ';']) {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let name_end = rest
+            .find(|c: char| c == '=' || "?&;#\"' <>".contains(c))
+            .unwrap_or(rest.len());
+        if !rest[name_end..].starts_with('=') || !secret(&rest[..name_end]) {
+            continue;
+        }
+        let value_end = rest[name_end + 1..]
+            .find(|c: char| "&;#\"' <>".contains(c))
+            .map_or(rest.len(), |i| name_end + 1 + i);
+        out.push_str(&rest[..=name_end]);
+        if value_end > name_end + 1 {
+            out.push_str("***");
+        }
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out.into()
+}

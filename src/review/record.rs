@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use super::log::LogStream;
 use super::{LogFilter, ReviewRead};
-use crate::mask::{mask_contacts, mask_email, mask_phone};
+use crate::mask::{mask_contacts, mask_email, mask_link_secrets, mask_phone};
 use crate::model::{InstanceStatus, LogRecord, Outcome};
 use crate::store::control::ControlEntry;
 use crate::store::review::InstanceRecord;
@@ -733,7 +733,7 @@ fn mask_inputs(v: Value) -> Value {
 pub fn mask_value(v: Value) -> Value {
     match v {
         Value::String(s) if looks_like_phone(&s) => Value::String(mask_phone(&s)),
-        Value::String(s) => Value::String(mask_contacts(&s)),
+        Value::String(s) => Value::String(mask_contacts(&mask_link_secrets(&s))),
         Value::Array(a) => Value::Array(a.into_iter().map(mask_value).collect()),
         Value::Object(o) => Value::Object(
             o.into_iter()
@@ -855,6 +855,8 @@ mod tests {
             "dotted": "0400.123.456, or 02.9876.5432.",
             "not_phones": ["25000.00", "1.234.567", "2026.03.02", "1234567.89"],
             "resume_url": "https://bank.example/sign?app=A-52&email=erin@example.com",
+            "signed_url": "https://bank.example/sign?app=A-52&token=eyJhbGci.x-y_z&SIG=9f8e#top",
+            "keys": "?apikey=k1;session_id=s2&t=&code=123456&codename=ok&q=key",
             "profile_url": "https://crm.example/users/jane.smith@example.org/profile",
             "encoded": "https://crm.example/c?e=jane%40example.org&x=1",
             "contact": ["carol@example.org", "+61400000003"],
@@ -872,6 +874,8 @@ mod tests {
                 "dotted": "****.***.*56, or **.****.**32.",
                 "not_phones": ["25000.00", "1.234.567", "2026.03.02", "*****67.89"],
                 "resume_url": "https://bank.example/sign?app=A-52&email=e***@example.com",
+                "signed_url": "https://bank.example/sign?app=A-52&token=***&SIG=***#top",
+                "keys": "?apikey=***;session_id=***&t=&code=***&codename=ok&q=key",
                 "profile_url": "https://crm.example/users/j***@example.org/profile",
                 "encoded": "https://crm.example/c?e=j***%40example.org&x=1",
                 "contact": ["c***@example.org", "+*********03"],

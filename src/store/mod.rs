@@ -211,10 +211,11 @@ pub fn migrate(config: &StoreConfig) -> Result<(u32, u32), StoreError> {
 pub fn move_to_postgres(
     source: &std::path::Path,
     config: &StoreConfig,
+    force: bool,
 ) -> Result<postgres::import::Moved, postgres::import::MoveError> {
     match target(config)? {
         StoreUrl::Postgres(url) => {
-            postgres::import::from_sqlite(source, &pg_options(config, url.clone())?, &url)
+            postgres::import::from_sqlite(source, &pg_options(config, url.clone())?, &url, force)
         }
         StoreUrl::Sqlite(path) => Err(StoreError::Config(format!(
             "the store to move into is the SQLite file {}: name the PostgreSQL store in store.url \
@@ -223,6 +224,23 @@ pub fn move_to_postgres(
         ))
         .into()),
     }
+}
+
+/// Where the SQLite store `config` names was moved to, and when
+/// (`nudge migrate --from`), for readers of its history to say so; `None`
+/// for PostgreSQL, a file never moved, or one that cannot be read.
+pub fn moved_to(config: &StoreConfig) -> Option<(String, DateTime<Utc>)> {
+    let Ok(StoreUrl::Sqlite(path)) = target(config) else {
+        return None;
+    };
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row("SELECT target, at FROM store_moved", [], |r| {
+        Ok((r.get(0)?, r.get::<_, i64>(1)?))
+    })
+    .ok()
+    .and_then(|(to, at)| Some((to, DateTime::from_timestamp_millis(at)?)))
 }
 
 fn target(config: &StoreConfig) -> Result<StoreUrl, StoreError> {

@@ -27,6 +27,18 @@ pub enum MoveError {
     Store(#[from] StoreError),
     #[error("--from {0}: no such file")]
     NoSource(String),
+    #[error("--from {0}: holds no nudge store (no schema): give the node's store.path")]
+    NotAStore(String),
+    #[error("--from {0}: the store holds none of nudge's data (no customer, journey, log record, offset or dead letter): give the node's store.path")]
+    NothingToMove(String),
+    #[error("{path} is in use by a running nudge (pid {}): stop it (SIGTERM) and run the move again", holder.map_or("unknown".to_string(), |p| p.to_string()))]
+    Running { path: String, holder: Option<u32> },
+    #[error("{path} was already moved to {to} at {at}: replicas there may be sending its steps, and a second copy would send them again; if that store is lost and nothing runs on it, move again with --force")]
+    AlreadyMoved {
+        path: String,
+        to: String,
+        at: DateTime<Utc>,
+    },
     #[error("{target} already holds nudge's data ({tables}): move into an empty store (a new database, or a schema of its own named in store.url)")]
     NotEmpty { target: String, tables: String },
     #[error("{count} steps in {source_name} belong to no journey instance (e.g. instance {example}): the file is damaged; nothing was copied")]
@@ -52,6 +64,8 @@ pub enum MoveError {
 /// were released first (their steps are due again, as at a restart).
 #[derive(Debug)]
 pub struct Moved {
+    /// Set when the file had been moved into this same store before: nothing was done.
+    pub already: Option<DateTime<Utc>>,
     pub rows: Vec<(&'static str, u64)>,
     pub released: usize,
     pub version: u32,
@@ -306,12 +320,60 @@ const BATCH: usize = 5_000;
 
 /// Copies the SQLite store at `source` into the PostgreSQL store at
 /// `options` (migrated first; `target` names it in messages and in the mark
-/// left on the file). The target must hold none of nudge's data.
-pub fn from_sqlite(source: &Path, options: &PgOptions, target: &str) -> Result<Moved, MoveError> {
+/// left on the file). The target must hold none of nudge's data. A file
+/// already moved elsewhere is refused unless `force` (its mark then names
+/// the new store); one already moved into this store is left as it is.
+pub fn from_sqlite(
+    source: &Path,
+    options: &PgOptions,
+    target: &str,
+    force: bool,
+) -> Result<Moved, MoveError> {
+    let name = source.display().to_string();
     if !source.is_file() {
-        return Err(MoveError::NoSource(source.display().to_string()));
+        return Err(MoveError::NoSource(name));
     }
-    let (sqlite, released) = SqliteStore::open_owned(source, crate::config::DEFAULT_CACHE_MB)?;
+    // Looked at before it is opened as a store, which would create the
+    // schema in a blank file given by mistake.
+    let schema =
+        rusqlite::Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, u32>(0)))
+            .map_err(StoreError::from)?;
+    if schema == 0 {
+        return Err(MoveError::NotAStore(name));
+    }
+    let (sqlite, released) = match SqliteStore::open_owned(source, crate::config::DEFAULT_CACHE_MB)
+    {
+        Err(StoreError::Locked { path, holder }) => {
+            return Err(MoveError::Running { path, holder })
+        }
+        other => other?,
+    };
+    let moved_before = sqlite.moved_to()?;
+    if let Some((to, at)) = &moved_before {
+        if to != target && !force {
+            return Err(MoveError::AlreadyMoved {
+                path: name,
+                to: to.clone(),
+                at: *at,
+            });
+        }
+    }
+    // Rule versions alone are what a daemon leaves that never read an event.
+    let any_rows: Vec<String> = TABLES
+        .iter()
+        .filter(|t| !t.may_hold_rows)
+        .map(|t| format!("EXISTS (SELECT 1 FROM {})", t.name))
+        .collect();
+    let holds_data: bool = sqlite
+        .writer()
+        .query_row(&format!("SELECT {}", any_rows.join(" OR ")), [], |r| {
+            r.get(0)
+        })
+        .map_err(StoreError::from)?;
+    if !holds_data {
+        return Err(MoveError::NothingToMove(name));
+    }
     let store = PostgresStore::open(options)?;
     let version = super::schema::VERSION;
     let mut conn = store.conn()?;
@@ -326,6 +388,18 @@ pub fn from_sqlite(source: &Path, options: &PgOptions, target: &str) -> Result<M
         })
         .filter_map(Result::transpose)
         .collect::<Result<_, _>>()?;
+    match &moved_before {
+        // Run again after it succeeded (an init step retried, say).
+        Some((to, at)) if to == target && !held.is_empty() => {
+            return Ok(Moved {
+                already: Some(*at),
+                rows: Vec::new(),
+                released,
+                version,
+            })
+        }
+        _ => {}
+    }
     if !held.is_empty() {
         return Err(MoveError::NotEmpty {
             target: target.to_owned(),
@@ -402,6 +476,7 @@ pub fn from_sqlite(source: &Path, options: &PgOptions, target: &str) -> Result<M
         .batch_execute(&format!("ANALYZE {}", names.join(", ")))
         .map_err(StoreError::from)?;
     Ok(Moved {
+        already: None,
         rows,
         released,
         version,
@@ -732,7 +807,8 @@ mod tests {
             run(&SqliteStore::open(&path).unwrap());
             let (schema, options) = fresh_schema();
             let _drop = TestStore::adopt(schema);
-            let moved = from_sqlite(&path, &options, "postgres://test").unwrap();
+            let moved = from_sqlite(&path, &options, "postgres://test", false)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(moved.rows.iter().any(|(_, n)| *n > 0), "{name}: {moved:?}");
             let sqlite = SqliteStore::open(&path).unwrap();
             let (customers, instances, topics, events) = {
@@ -757,16 +833,19 @@ mod tests {
         }
     }
 
-    /// The file is refused to a daemon once moved, the copy is refused into
-    /// a store holding data, and may be run again into an empty one.
+    /// The file is refused to a daemon once moved. Moving it again into
+    /// the same store does nothing; elsewhere it is refused unless forced,
+    /// and never into a store holding data. A running node's file, a blank
+    /// file and a store with nothing in it are refused too.
     #[test]
-    fn a_moved_file_is_refused_to_the_daemon_and_a_full_target_to_the_copy() {
+    fn a_moved_file_is_refused_to_the_daemon_and_moved_again_only_when_forced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nudge.db");
         scenario::finish_steps_writes_a_batch_in_order(&SqliteStore::open(&path).unwrap());
         let (schema, options) = fresh_schema();
         let _drop = TestStore::adopt(schema);
-        from_sqlite(&path, &options, "postgres://db/nudge").unwrap();
+        let first = from_sqlite(&path, &options, "postgres://db/nudge", false).unwrap();
+        assert!(first.already.is_none());
 
         let refused = SqliteStore::open_exclusive(&path, 2).err().expect("moved");
         let text = refused.to_string();
@@ -776,31 +855,55 @@ mod tests {
                 && text.contains("store.url"),
             "{text}"
         );
-        let again = from_sqlite(&path, &options, "postgres://db/nudge").unwrap_err();
+        let again = from_sqlite(&path, &options, "postgres://db/nudge", false).unwrap();
         assert!(
-            matches!(&again, MoveError::NotEmpty { tables, .. } if tables.contains("instances")),
-            "{again}"
+            again.already.is_some() && again.rows.is_empty(),
+            "{again:?}"
         );
-        let (other, options) = fresh_schema();
+        let (other, other_options) = fresh_schema();
         let _drop_other = TestStore::adopt(other);
-        from_sqlite(&path, &options, "postgres://db/other").unwrap();
+        let elsewhere = from_sqlite(&path, &other_options, "postgres://db/other", false);
+        assert!(
+            matches!(&elsewhere, Err(MoveError::AlreadyMoved { to, .. }) if to == "postgres://db/nudge"),
+            "{elsewhere:?}"
+        );
+        let full = from_sqlite(&path, &options, "postgres://db/renamed", true).unwrap_err();
+        assert!(
+            matches!(&full, MoveError::NotEmpty { tables, .. } if tables.contains("instances")),
+            "{full}"
+        );
+        from_sqlite(&path, &other_options, "postgres://db/other", true).unwrap();
         let refused = SqliteStore::open_exclusive(&path, 2).err().unwrap();
         assert!(
             refused.to_string().contains("postgres://db/other"),
             "{refused}"
         );
 
-        // Nothing is copied while a daemon owns the file, and a missing
-        // file is not created.
-        let (owner, _) = SqliteStore::open_owned(&path, 2).unwrap();
         let (third, options) = fresh_schema();
         let _drop_third = TestStore::adopt(third);
-        let busy = from_sqlite(&path, &options, "x").unwrap_err();
-        assert!(busy.to_string().contains("in use"), "{busy}");
+        let (owner, _) = SqliteStore::open_owned(&path, 2).unwrap();
+        let busy = from_sqlite(&path, &options, "x", true).unwrap_err();
+        assert!(
+            matches!(busy, MoveError::Running { .. }) && busy.to_string().contains("SIGTERM"),
+            "{busy}"
+        );
         drop(owner);
         let missing = dir.path().join("none.db");
-        let err = from_sqlite(&missing, &options, "x").unwrap_err();
+        let err = from_sqlite(&missing, &options, "x", false).unwrap_err();
         assert!(matches!(err, MoveError::NoSource(_)), "{err}");
         assert!(!missing.exists());
+        let blank = dir.path().join("blank.db");
+        std::fs::write(&blank, b"").unwrap();
+        let err = from_sqlite(&blank, &options, "x", false).unwrap_err();
+        assert!(matches!(err, MoveError::NotAStore(_)), "{err}");
+        assert_eq!(
+            std::fs::metadata(&blank).unwrap().len(),
+            0,
+            "left as it was"
+        );
+        let unused = dir.path().join("unused.db");
+        drop(SqliteStore::open(&unused).unwrap());
+        let err = from_sqlite(&unused, &options, "x", false).unwrap_err();
+        assert!(matches!(err, MoveError::NothingToMove(_)), "{err}");
     }
 }
