@@ -739,6 +739,9 @@ pub fn mask_value(v: Value) -> Value {
             o.into_iter()
                 .map(|(k, v)| {
                     let v = match (&v, k.as_str()) {
+                        // Ids are what a reviewer searches by, not contact
+                        // data, however many digits they have.
+                        (Value::String(_), k) if k == "id" || k.ends_with("_id") => v,
                         (Value::String(s), "email") => Value::String(mask_email(s)),
                         (Value::String(s), "phone" | "mobile") => Value::String(mask_phone(s)),
                         _ => mask_value(v),
@@ -861,6 +864,7 @@ mod tests {
             "encoded": "https://crm.example/c?e=jane%40example.org&x=1",
             "contact": ["carol@example.org", "+61400000003"],
             "amount": "1234567",
+            "application_id": "A-20261234567",
             "date": "2026-03-02",
             "product": "Car loan",
             "count": 12345678,
@@ -880,6 +884,7 @@ mod tests {
                 "encoded": "https://crm.example/c?e=j***%40example.org&x=1",
                 "contact": ["c***@example.org", "+*********03"],
                 "amount": "*****67",
+                "application_id": "A-20261234567",
                 "date": "2026-03-02",
                 "product": "Car loan",
                 "count": 12345678,
