@@ -470,11 +470,12 @@ pub fn from_sqlite(
         sqlite.set_moved(None, Utc::now())?;
         return Err(StoreError::from(e).into());
     }
-    // Statistics for the planner now, not when autovacuum gets to them.
+    // Statistics for the planner now, not when autovacuum gets to them;
+    // the move has committed, so a failure here is autovacuum's to mend.
     let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
-    conn.client
-        .batch_execute(&format!("ANALYZE {}", names.join(", ")))
-        .map_err(StoreError::from)?;
+    let _ = conn
+        .client
+        .batch_execute(&format!("ANALYZE {}", names.join(", ")));
     Ok(Moved {
         already: None,
         rows,
@@ -829,6 +830,52 @@ mod tests {
             let after = reads(&postgres, &customers, &instances, &topics, &events);
             for (b, a) in before.iter().zip(&after) {
                 assert_eq!(b, a, "{name}");
+            }
+        }
+    }
+
+    /// Every table and column of the SQLite schema is copied, or is named
+    /// here as rebuilt or not carried: a column added by a later migration
+    /// and left out of [`TABLES`] fails this, not a bank's move.
+    #[test]
+    fn the_move_covers_every_column_of_the_sqlite_schema() {
+        // Kept by PostgreSQL's own triggers and `review_fold()` from the
+        // rows copied, or state of the node itself.
+        let not_carried = [
+            "review_outcome_counts",
+            "review_arm_counts",
+            "review_rule_arm_counts",
+            "review_arm_customers",
+            "review_rule_arm_customers",
+            "review_outcome_folded",
+            "audit_stream",
+            "store_moved",
+            "sqlite_sequence",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("nudge.db")).unwrap();
+        let conn = store.writer();
+        let tables = ids(
+            &conn,
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+        );
+        for table in tables.iter().filter(|t| !not_carried.contains(&t.as_str())) {
+            let spec = TABLES
+                .iter()
+                .find(|t| t.name == table)
+                .unwrap_or_else(|| panic!("table {table} is not moved"));
+            let words: Vec<&str> = spec
+                .select
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .collect();
+            for column in ids(
+                &conn,
+                &format!("SELECT name FROM pragma_table_info('{table}')"),
+            ) {
+                assert!(
+                    words.contains(&column.as_str()),
+                    "{table}.{column} is not moved"
+                );
             }
         }
     }
