@@ -936,7 +936,7 @@ fn move_store(from: &str, config: &Config, force: bool) -> anyhow::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "moved {} into {target} (schema version {}):",
+        "moved {} into {target} (PostgreSQL schema version {}; its versions are not SQLite's):",
         source.display(),
         moved.version
     );

@@ -120,7 +120,16 @@ pub fn mask_link_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     let secret = |name: &str| {
         let name = name.to_ascii_lowercase();
         [
-            "token", "secret", "sig", "pass", "auth", "session", "otp", "jwt", "key",
+            "token",
+            "secret",
+            "sig",
+            "pass",
+            "auth",
+            "session",
+            "otp",
+            "jwt",
+            "key",
+            "credential",
         ]
         .iter()
         .any(|part| name.contains(part))
@@ -128,8 +137,9 @@ pub fn mask_link_secrets(text: &str) -> std::borrow::Cow<'_, str> {
     };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    // Each `?name=value` or `&name=value` (`;` too, as some servers split).
-    while let Some(at) = rest.find(['?', '&', ';']) {
+    // Each `?name=value` or `&name=value` (`;` too, as some servers split;
+    // `#name=value`, where sign-in links put their tokens).
+    while let Some(at) = rest.find(['?', '&', ';', '#']) {
         out.push_str(&rest[..=at]);
         rest = &rest[at + 1..];
         let name_end = rest

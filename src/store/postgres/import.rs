@@ -27,7 +27,7 @@ pub enum MoveError {
     Store(#[from] StoreError),
     #[error("--from {0}: no such file")]
     NoSource(String),
-    #[error("--from {0}: holds no nudge store (no schema): give the node's store.path")]
+    #[error("--from {0}: holds no nudge store (not a SQLite database, or no schema): give the node's store.path")]
     NotAStore(String),
     #[error("--from {0}: the store holds none of nudge's data (no customer, journey, log record, offset or dead letter): give the node's store.path")]
     NothingToMove(String),
@@ -337,11 +337,16 @@ pub fn from_sqlite(
     // schema in a blank file given by mistake.
     let schema =
         rusqlite::Connection::open_with_flags(source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, u32>(0)))
-            .map_err(StoreError::from)?;
-    if schema == 0 {
-        return Err(MoveError::NotAStore(name));
-    }
+            .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, u32>(0)));
+    match schema {
+        Ok(0) => return Err(MoveError::NotAStore(name)),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            return Err(MoveError::NotAStore(name))
+        }
+        other => other.map_err(StoreError::from)?,
+    };
     let (sqlite, released) = match SqliteStore::open_owned(source, crate::config::DEFAULT_CACHE_MB)
     {
         Err(StoreError::Locked { path, holder }) => {
@@ -467,7 +472,11 @@ pub fn from_sqlite(
     // daemon would send from beside a store that holds its journeys.
     sqlite.set_moved(Some(target), Utc::now())?;
     if let Err(e) = tx.commit() {
-        sqlite.set_moved(None, Utc::now())?;
+        // As it was: unmarked, or (a forced move) marked with where it went before.
+        match &moved_before {
+            Some((to, at)) => sqlite.set_moved(Some(to), *at)?,
+            None => sqlite.set_moved(None, Utc::now())?,
+        }
         return Err(StoreError::from(e).into());
     }
     // Statistics for the planner now, not when autovacuum gets to them;
@@ -948,6 +957,9 @@ mod tests {
             0,
             "left as it was"
         );
+        std::fs::write(&blank, b"hello\n").unwrap();
+        let err = from_sqlite(&blank, &options, "x", false).unwrap_err();
+        assert!(matches!(err, MoveError::NotAStore(_)), "{err}");
         let unused = dir.path().join("unused.db");
         drop(SqliteStore::open(&unused).unwrap());
         let err = from_sqlite(&unused, &options, "x", false).unwrap_err();
