@@ -305,6 +305,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         page,
         controls: controls.clone(),
         policy: Arc::new(config.policy.clone()),
+        sending: scheduler.health(),
     });
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await

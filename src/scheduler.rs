@@ -33,7 +33,7 @@ use crate::telemetry::events::{
     StepConditionFailed, StepDecided, StepDispatched, StepGivenUp, StepLeaseRanOut,
     StepRateLimited, StepResultRefused, StepResultsUnstored,
 };
-use arbiter::{fallback_of, planned_channel, Arbiter};
+use arbiter::{declared_preferred, fallback_of, planned_channel, Arbiter};
 use unrecorded::Unrecorded;
 
 /// Records finished steps and, on the committing thread right after the
@@ -226,8 +226,32 @@ impl InFlight {
     }
 }
 
+/// Why a channel cannot record what it sent, while the store refuses its
+/// results (they are held and written again): for `/readyz`, since the
+/// store still answers the reads its probe makes.
+#[derive(Default)]
+pub struct SendingHealth(Mutex<std::collections::BTreeMap<ChannelKind, String>>);
+
+impl SendingHealth {
+    /// The first channel's problem, `push: recording … failed: …`.
+    pub fn problem(&self) -> Option<String> {
+        let problems = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (channel, why) = problems.iter().next()?;
+        Some(format!("{channel}: {why}"))
+    }
+
+    fn set(&self, channel: ChannelKind, problem: Option<String>) {
+        let mut problems = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(why) => problems.insert(channel, why),
+            None => problems.remove(&channel),
+        };
+    }
+}
+
 pub struct Scheduler {
     store: AsyncStore,
+    health: Arc<SendingHealth>,
     unrecorded: Arc<Unrecorded>,
     next_batch: std::sync::atomic::AtomicU64,
     rules: RulesHandle,
@@ -272,6 +296,7 @@ impl Scheduler {
             .collect();
         Self {
             store: AsyncStore::new(store),
+            health: Arc::default(),
             rules,
             channels,
             clock,
@@ -285,6 +310,11 @@ impl Scheduler {
             script_failures: std::sync::atomic::AtomicU64::new(0),
             withdraw: vec![ChannelKind::CallTask],
         }
+    }
+
+    /// What `/readyz` reports of the sending side.
+    pub fn health(&self) -> Arc<SendingHealth> {
+        self.health.clone()
     }
 
     /// The channels whose deliveries an exit takes back (default: call
@@ -367,7 +397,13 @@ impl Scheduler {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<StepResult>(4 * FINISH_BATCH);
         // Claimed rows not yet settled: the heartbeat keeps their leases alive.
         let in_flight = Mutex::new(InFlight::default());
-        let writer = async {
+        let in_flight = &in_flight;
+        // Set while the store refuses results: no new send starts meanwhile,
+        // so that what a restart would send again stays few.
+        let (unstored_tx, unstored_rx) = watch::channel(false);
+        // Owns the receiving end: if it fails, the sender's reservations fail
+        // and it stops, rather than wait on a channel nobody empties.
+        let writer = async move {
             let mut records = Vec::new();
             let mut chunk = Vec::with_capacity(FINISH_BATCH);
             while done_rx.recv_many(&mut chunk, FINISH_BATCH).await > 0 {
@@ -386,7 +422,9 @@ impl Scheduler {
                     }
                 }
                 let results = std::mem::replace(&mut chunk, Vec::with_capacity(FINISH_BATCH));
-                let (results, seqs) = self.finish_with_retry(channel, results, stop).await?;
+                let (results, seqs) = self
+                    .finish_with_retry(channel, results, stop, &unstored_tx)
+                    .await?;
                 let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 for (result, seq) in results.iter().zip(&seqs) {
                     let Some(row) = result.claimed_row else {
@@ -423,7 +461,6 @@ impl Scheduler {
         // so that the channel never idles between batches.
         let (batch_tx, batch_rx) =
             tokio::sync::mpsc::channel::<(Vec<Planned>, Arc<BatchContext>)>(1);
-        let in_flight = &in_flight;
         let claimer = async move {
             let lease = span(self.config.lease);
             let window = self.policy.lookback(self.longest_fatigue_pause());
@@ -501,25 +538,40 @@ impl Scheduler {
             })
             .flat_map(|(planned, context)| {
                 futures::stream::iter(planned.into_iter().map(move |p| (p, context.clone())))
-            });
+            })
+            // A step starts only with room for its result reserved, and not
+            // while the store refuses results: the sends under way are then
+            // still driven to their answers (a send left unpolled behind a
+            // full queue would time out though delivered, and go again).
+            .then(move |step| {
+                let done_tx = done_tx.clone();
+                let mut unstored = unstored_rx.clone();
+                async move {
+                    unstored.wait_for(|refused| !refused).await.ok()?;
+                    let room = done_tx.reserve_owned().await.ok()?;
+                    Some((step, room))
+                }
+            })
+            // The writer failed: its error is returned below.
+            .take_while(|reserved| std::future::ready(reserved.is_some()))
+            .filter_map(std::future::ready);
             // Stopping, steps claimed but not yet started are handed back by `handle`.
             let handled = steps
-                .map(|(planned, context)| async move {
+                .map(|((planned, context), room)| async move {
                     if let Some(step) = planned.to_send() {
                         if self.lease_ran_out(step, &context, in_flight) {
-                            return Ok(None);
+                            return Ok(());
                         }
                     }
-                    self.handle(planned, &context, stop).await
+                    if let Some(result) = self.handle(planned, &context, stop).await? {
+                        room.send(result);
+                    }
+                    Ok::<_, StoreError>(())
                 })
                 .buffer_unordered(self.channels.concurrency(channel));
             let mut handled = std::pin::pin!(handled);
             while let Some(result) = handled.next().await {
-                if let Some(result) = result? {
-                    if done_tx.send(result).await.is_err() {
-                        break; // the writer failed; its error is returned below
-                    }
-                }
+                result?;
             }
             Ok::<_, StoreError>(())
         };
@@ -635,6 +687,7 @@ impl Scheduler {
         channel: ChannelKind,
         results: Vec<StepResult>,
         stop: Option<&watch::Receiver<bool>>,
+        unstored: &watch::Sender<bool>,
     ) -> Result<(Vec<StepResult>, Vec<Option<i64>>), StoreError> {
         let mut wait = Duration::from_millis(100);
         let mut results = results;
@@ -649,6 +702,12 @@ impl Scheduler {
                 })
                 .await?;
             results = back;
+            let refused = settled.as_ref().err().filter(|e| e.is_transient());
+            unstored.send_replace(refused.is_some());
+            self.health.set(
+                channel,
+                refused.map(|e| format!("recording sent steps failed (sending paused): {e}")),
+            );
             match settled {
                 Ok(seqs) => return Ok((results, seqs)),
                 Err(e) if e.is_transient() && !stop.is_some_and(|s| *s.borrow()) => {
@@ -807,7 +866,12 @@ impl Scheduler {
                 }
                 continue;
             }
-            if let Err(e) = self.run_channel_due(channel, Some(&shutdown), false).await {
+            let round = self.run_channel_due(channel, Some(&shutdown), false).await;
+            self.health.set(
+                channel,
+                round.as_ref().err().map(|e| format!("sending failed: {e}")),
+            );
+            if let Err(e) = round {
                 SchedulerRoundFailed {
                     channel: channel.as_str(),
                     error: &e,
@@ -928,7 +992,11 @@ impl Scheduler {
                 planned.push(Planned::Settled(settled));
                 continue;
             }
-            let fallback = self.fallback_channel(&mut step, &rules, context)?;
+            let moved = self.preferred_channel_now(&mut step, &rules, context);
+            let fallback = match moved {
+                Some(reason) => Some(reason),
+                None => self.fallback_channel(&mut step, &rules, context)?,
+            };
             let (mut verdict, address) = self.verdict(&step, context, now, &mut arbiter)?;
             if fallback.is_none() {
                 self.name_refused_fallbacks(&step, &rules, context, &mut verdict);
@@ -1151,6 +1219,30 @@ impl Scheduler {
                 crate::humanize::duration(wait)
             ),
         })
+    }
+
+    /// Moves a step declared on the customer's `preferred` channel to the one
+    /// they prefer now, if that changed since it was planned: like consent
+    /// and reachability, the preference is asked when the step is due. A
+    /// channel stopped at run time is not moved to (the step goes as
+    /// planned). Returns the reason the sent record carries.
+    fn preferred_channel_now(
+        &self,
+        step: &mut DueStep,
+        rules: &crate::rules::RuleSet,
+        context: &BatchContext,
+    ) -> Option<String> {
+        if !declared_preferred(rules, step) {
+            return None;
+        }
+        let customer = context.customers.get(&step.customer)?;
+        let customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+        let (channel, reason) = self.policy.preferred_now(step, &customer)?;
+        if self.channel_stopped(channel) {
+            return None;
+        }
+        step.channel = channel;
+        Some(reason)
     }
 
     /// Moves a step whose channel cannot reach the customer (no consent,
@@ -1604,6 +1696,7 @@ mod tests {
     use crate::config::PolicyConfig;
     use crate::dispatch::{Channel, DispatchError, Message};
     use crate::model::{Category, Mode};
+    use crate::store::postgres::testing;
     use crate::store::{NewInstance, NewStep, SqliteStore};
 
     /// Holds every send until the test opens the gate, so that two channels'
@@ -1652,6 +1745,220 @@ mod tests {
             condition: None,
             due_at: now,
         }
+    }
+
+    /// Answers each send on the poll after it starts, as a network answer
+    /// comes: a send that is never polled again is never answered.
+    #[derive(Default)]
+    struct Answering {
+        started: AtomicUsize,
+        answered: AtomicUsize,
+        keys: Mutex<std::collections::HashSet<String>>,
+    }
+
+    impl Channel for Answering {
+        fn send<'a>(&'a self, message: &'a Message) -> BoxFuture<'a, Result<(), DispatchError>> {
+            Box::pin(async move {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                let key = message.idempotency_key.clone();
+                self.keys.lock().unwrap().insert(key);
+                self.answered.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    /// A store slow to take results (the log locked by another session, as
+    /// a full disk or a failover would hold it) does not starve the sends
+    /// under way: a send starts only with room for its result, and those
+    /// started are still driven to their answers. Before, a full queue of
+    /// results held the loop that polls the sends: a push answered 200 ran
+    /// past its timeout unpolled, was logged `timed out` and went again.
+    /// `n` pushes due now, each for a customer of its own, in a PostgreSQL
+    /// store on a fresh schema (its connections given `settings`, e.g.
+    /// `-clock_timeout%3D50ms`).
+    fn pushes_due(n: usize, settings: &str) -> (String, Arc<dyn Store>) {
+        use crate::store::postgres::PostgresStore;
+        let (schema, mut options) = testing::fresh_schema();
+        options.url.push_str(settings);
+        let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&options).unwrap());
+        let now = Utc::now();
+        let mut tx = store.begin().unwrap();
+        for i in 0..n {
+            let mut customer = CustomerContext::new(&format!("c{i}"));
+            customer.app_installed = true;
+            tx.save_customer(&customer, now).unwrap();
+            let instance = NewInstance {
+                customer: customer.id.clone(),
+                ..instance(&format!("i{i}"), now)
+            };
+            tx.start_instance(&instance, &[step(ChannelKind::Push, now)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        (schema, store)
+    }
+
+    /// Another session's lock on the dispatch log: reads go on, writes wait
+    /// for its commit.
+    fn lock_the_log<'c>(
+        client: &'c mut postgres::Client,
+        schema: &str,
+    ) -> postgres::Transaction<'c> {
+        let mut lock = client.transaction().unwrap();
+        lock.batch_execute(&format!(
+            "LOCK TABLE {schema}.dispatch_log IN EXCLUSIVE MODE"
+        ))
+        .unwrap();
+        lock
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn sends_under_way_are_answered_while_the_store_holds_up_their_results() {
+        let steps = 1000;
+        let (schema, store) = pushes_due(steps, "");
+        let _drop = testing::TestStore::adopt(schema.clone());
+        // Made before the lock, so dropped after it: a failing assertion
+        // must not wait on its blocking threads while the lock holds them.
+        let runtime = runtime();
+        let mut other = postgres::Client::connect(&testing::base_url(), postgres::NoTls).unwrap();
+        let lock = lock_the_log(&mut other, &schema);
+
+        let channel = Arc::new(Answering::default());
+        let scheduler = Arc::new(scheduler(&store, channel.clone(), 0));
+        let run = runtime.spawn({
+            let s = scheduler.clone();
+            async move { s.run_due().await }
+        });
+        // The writer waits on the lock; the sends come to rest with every
+        // one started answered (before, 32 stayed unanswered for good).
+        let counts = || {
+            (
+                channel.started.load(Ordering::SeqCst),
+                channel.answered.load(Ordering::SeqCst),
+            )
+        };
+        let mut watcher = postgres::Client::connect(&testing::base_url(), postgres::NoTls).unwrap();
+        let mut writer_waits = || -> bool {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE '%WITH settled AS%'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            waiting > 0
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut last, mut unchanged) = (counts(), 0);
+        loop {
+            let now = counts();
+            unchanged = if now == last { unchanged + 1 } else { 0 };
+            last = now;
+            let (started, answered) = now;
+            if unchanged >= 25 && started >= 500 && answered == started && writer_waits() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "(started, answered) while the results wait: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            counts().0 < steps,
+            "no send starts without room for its result: {:?}",
+            counts()
+        );
+        lock.commit().unwrap();
+
+        let records = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
+            .expect("the round ends once the store takes the results")
+            .unwrap()
+            .unwrap();
+        let sent: Vec<_> = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Sent && r.attempt == 1)
+            .collect();
+        assert_eq!((sent.len(), records.len()), (steps, steps), "{records:?}");
+        assert_eq!(counts(), (steps, steps));
+        assert_eq!(channel.keys.lock().unwrap().len(), steps);
+    }
+
+    /// A store that refuses results (here: a lock timeout; a full disk
+    /// likewise) pauses sending: the sends under way finish, no new one
+    /// starts until the results are written (each would go again after a
+    /// restart), and `/readyz` says why, though the store answers its
+    /// probe's reads. All go, once each, when the store takes them again.
+    #[test]
+    fn refused_results_pause_sending_and_are_reported_until_written() {
+        let steps = 600;
+        let (schema, store) = pushes_due(steps, "%20-clock_timeout%3D50ms");
+        let _drop = testing::TestStore::adopt(schema.clone());
+        let runtime = runtime();
+        let mut other = postgres::Client::connect(&testing::base_url(), postgres::NoTls).unwrap();
+        let lock = lock_the_log(&mut other, &schema);
+        let gate = closed_gate();
+        let scheduler = Arc::new(scheduler(&store, gate.clone(), 0));
+        let health = scheduler.health();
+        let run = runtime.spawn({
+            let s = scheduler.clone();
+            async move { s.run_due().await }
+        });
+        gate.open.add_permits(40);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let problem = loop {
+            if let Some(problem) = health.problem() {
+                break problem;
+            }
+            assert!(Instant::now() < deadline, "no problem reported");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            problem.starts_with("push: recording sent steps failed (sending paused): ")
+                && problem.contains("lock"),
+            "{problem}"
+        );
+        // Every send may now be answered: only those under way are.
+        let started = gate.started.load(Ordering::SeqCst);
+        gate.open.add_permits(steps);
+        let answered = || gate.sent.lock().unwrap().len();
+        while answered() < started {
+            assert!(Instant::now() < deadline, "{} of {started}", answered());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Paused: none starts while the results are refused (a new one
+        // would start within the loop's next poll).
+        for _ in 0..25 {
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(gate.started.load(Ordering::SeqCst), started);
+        }
+        assert!(health.problem().is_some());
+        lock.commit().unwrap();
+
+        let records = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
+            .expect("the round ends once the store takes the results")
+            .unwrap()
+            .unwrap();
+        let sent = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Sent && r.attempt == 1)
+            .count();
+        assert_eq!((sent, records.len()), (steps, steps));
+        assert_eq!(answered(), steps);
+        assert_eq!(health.problem(), None);
     }
 
     /// A push and an email for one customer fall due together with a cap of

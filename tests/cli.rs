@@ -611,6 +611,89 @@ fn simulate_takes_each_channels_rate_from_the_config() {
     assert_eq!(records[2]["time"], "2026-03-02T01:01:00.000Z", "{out}");
 }
 
+/// A step on the customer's `preferred` channel, planned on push, goes by
+/// email when the customer asked for email after the journey started: the
+/// preference is read when the step is due, and the record says why.
+#[test]
+fn simulate_follows_a_preference_changed_before_the_step_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("reminder.rhai"),
+        r#"fn journey() {
+    #{ name: "reminder", category: "service", triggers: ["statement.ready"],
+       steps: [
+           #{ id: "now", channel: "preferred", template: "statement_now", delay: "0s" },
+           #{ id: "later", channel: "preferred", template: "statement_later", delay: "1d" },
+       ] }
+}
+fn decide(event, customer) { start(#{}) }
+"#,
+    )
+    .unwrap();
+    let event = |id: &str, kind: &str, time: &str, data: Value| {
+        serde_json::json!({
+            "specversion": "1.0", "id": id, "type": kind, "source": "tests",
+            "subject": "c-1", "time": time, "data": data,
+        })
+        .to_string()
+    };
+    let lines = [
+        event(
+            "ctx-1",
+            "customer.contact_updated",
+            "2026-03-02T00:00:00Z",
+            serde_json::json!({"timezone": "Australia/Sydney", "app_installed": true,
+                "email": "c1@example.com", "preferred_channel": "push"}),
+        ),
+        event(
+            "st-1",
+            "statement.ready",
+            "2026-03-02T01:00:00Z",
+            serde_json::json!({}),
+        ),
+        event(
+            "ctx-2",
+            "customer.contact_updated",
+            "2026-03-02T03:00:00Z",
+            serde_json::json!({"preferred_channel": "email"}),
+        ),
+    ];
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let (code, out, err) = nudge(&[
+        "simulate",
+        "--rules",
+        rules.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let sent: Vec<(String, String, String)> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["outcome"] == "sent")
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap().to_string();
+            (text("step"), text("channel"), text("reason"))
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("now".into(), "push".into(), "step now of reminder".into()),
+            (
+                "later".into(),
+                "email".into(),
+                "preferred channel: the customer prefers email since the step was planned on push"
+                    .into()
+            ),
+        ],
+        "{out}"
+    );
+}
+
 /// Events of one moment are decided together, as the daemon decides the
 /// records it reads in one batch: with a cap of one a day, the loan push
 /// (priority 80) wins arbitration over the fee alert (priority 50) whatever

@@ -43,6 +43,9 @@ pub struct AdminState {
     /// Runtime control: the overrides in force, and the config they override.
     pub controls: crate::control::Controls,
     pub policy: Arc<crate::config::PolicyConfig>,
+    /// The scheduler's results the store refuses, which its read probe
+    /// does not see.
+    pub sending: Arc<crate::scheduler::SendingHealth>,
 }
 
 impl FromRef<AdminState> for page::PageState {
@@ -176,7 +179,8 @@ impl StoreProbe {
 
 async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl IntoResponse {
     let partitions = s.readiness.assigned_partitions();
-    let store_state = match (probe.check(&s.store).await, s.readiness.store_problem()) {
+    let problem = s.readiness.store_problem().or_else(|| s.sending.problem());
+    let store_state = match (probe.check(&s.store).await, problem) {
         (Ok(()), None) => "ok".to_string(),
         (Ok(()), Some(problem)) => problem,
         // Ingest's own failed write names the cause; the probe may only

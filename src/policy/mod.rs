@@ -292,6 +292,28 @@ impl Policy {
         Some((to, format!("fallback from {}: {why}", step.channel)))
     }
 
+    /// The channel a step declared on the customer's `preferred` channel
+    /// goes on now, when the customer has since come to prefer another that
+    /// can carry it (consented, reachable, not disabled), with the reason the
+    /// sent record carries. `None`: the channel it was planned on.
+    pub fn preferred_now(
+        &self,
+        step: &DueStep,
+        customer: &CustomerContext,
+    ) -> Option<(ChannelKind, String)> {
+        let now = customer.preferred_channel?;
+        let can_take = now != step.channel
+            && !self.config.disabled_channels.contains(&now)
+            && Self::channel_refusal(now, step.category, customer).is_none();
+        can_take.then(|| {
+            let reason = format!(
+                "preferred channel: the customer prefers {now} since the step was planned on {}",
+                step.channel
+            );
+            (now, reason)
+        })
+    }
+
     /// Why none of `fallback` could take a step its own channel refuses:
     /// `; no fallback could take it: email (no email address)`. `None` when
     /// the step's channel does not refuse it or it has no fallback.

@@ -482,7 +482,7 @@ fn compile_one(
                 let preferred = channel_text == "preferred";
                 let channel = match channel_text.parse::<ChannelKind>() {
                     Ok(c) => c,
-                    // Resolved per customer when planned; this is the default.
+                    // Resolved per customer when planned and again when due; this is the default.
                     Err(_) if preferred => ChannelKind::Push,
                     Err(e) => {
                         at(

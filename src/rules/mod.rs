@@ -50,7 +50,8 @@ pub struct StepPlan {
     pub fallback: Vec<ChannelKind>,
     /// Declared `channel: "preferred"`: planned on the customer's
     /// `preferred_channel` when reachable, else on the first of `fallback`
-    /// (push without one); `channel` holds that default.
+    /// (push without one); `channel` holds that default. When due, it moves
+    /// to a preference changed since (`Policy::preferred_now`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub preferred: bool,
 }

@@ -31,7 +31,7 @@ pub(super) fn fallback_of<'r>(rules: &'r RuleSet, step: &DueStep) -> Option<&'r 
 }
 
 /// The channel a step was planned on, when the journey names one (not
-/// `preferred`, whose channel is chosen per customer when planned).
+/// `preferred`, whose channel is chosen per customer when planned and due).
 pub(super) fn planned_channel(rules: &RuleSet, step: &DueStep) -> Option<ChannelKind> {
     let plan = rules
         .journey(&step.journey)?
@@ -39,6 +39,15 @@ pub(super) fn planned_channel(rules: &RuleSet, step: &DueStep) -> Option<Channel
         .iter()
         .find(|p| p.id == step.step)?;
     (!plan.preferred).then_some(plan.channel)
+}
+
+/// Whether the journey declares the step on the customer's `preferred`
+/// channel.
+pub(super) fn declared_preferred(rules: &RuleSet, step: &DueStep) -> bool {
+    rules
+        .journey(&step.journey)
+        .and_then(|j| j.steps.iter().find(|p| p.id == step.step))
+        .is_some_and(|p| p.preferred)
 }
 
 /// Steps that lost an arbitration while another of their customer's steps
@@ -724,6 +733,73 @@ mod tests {
         };
         assert_eq!(outcome("alert"), (Outcome::Expired, false));
         assert_eq!(outcome("alert:withdraw"), (Outcome::Retrying, true));
+    }
+
+    /// A step declared on the customer's `preferred` channel goes on the one
+    /// they prefer when it is due, not when the journey started: planned on
+    /// push, the customer then asked for email. A preference the channel
+    /// cannot carry (no phone for a call task), or a channel stopped at run
+    /// time, leaves it on the channel planned.
+    #[tokio::test]
+    async fn a_preferred_step_follows_a_preference_changed_before_it_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("reminder.rhai"),
+            r#"fn journey() {
+    #{ name: "reminder", category: "service", triggers: ["x.y"],
+       steps: [#{ id: "remind", channel: "preferred", template: "t", delay: "1d" }] }
+}
+fn decide(event, customer) { start(#{}) }
+"#,
+        )
+        .unwrap();
+        let due = t0() + chrono::Duration::days(1);
+        let planned = "step remind of reminder";
+        for (prefers, stop_email, channel, reason) in [
+            (
+                Some(ChannelKind::Email),
+                false,
+                "email",
+                "preferred channel: the customer prefers email since the step was planned on push",
+            ),
+            (Some(ChannelKind::CallTask), false, "push", planned),
+            (Some(ChannelKind::Email), true, "push", planned),
+            (None, false, "push", planned),
+        ] {
+            let (w, store) = world(0, Duration::from_secs(3600), Some(dir.path()));
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            customer.email = Some("c1@example.com".into());
+            customer.preferred_channel = Some(ChannelKind::Push);
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            tx.start_instance(&instance("reminder", t0()), &[push("remind", due)])
+                .unwrap();
+            tx.commit().unwrap();
+            customer.preferred_channel = prefers;
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0() + chrono::Duration::hours(2))
+                .unwrap();
+            tx.commit().unwrap();
+            let controls = w.scheduler.policy.controls();
+            let mut o = (*controls.current()).clone();
+            o.channels.insert(ChannelKind::Email, !stop_email);
+            controls.replace(o);
+            w.clock.advance_to(due);
+            let records = w.scheduler.run_due().await.unwrap();
+            let case = format!("prefers {prefers:?}, email stopped {stop_email}");
+            assert_eq!(
+                records
+                    .iter()
+                    .map(|r| (r.outcome, r.channel.as_str(), r.reason.as_str()))
+                    .collect::<Vec<_>>(),
+                [(Outcome::Sent, channel, reason)],
+                "{case}"
+            );
+            let sent = w.channel.messages();
+            assert_eq!(sent.len(), 1, "{case}");
+            assert_eq!(sent[0].channel.as_str(), channel, "{case}");
+        }
     }
 
     /// The fee alert of a customer without the app goes by email (the
