@@ -1769,18 +1769,16 @@ mod tests {
         }
     }
 
-    /// A store slow to take results (the log locked by another session, as
-    /// a full disk or a failover would hold it) does not starve the sends
-    /// under way: a send starts only with room for its result, and those
-    /// started are still driven to their answers. Before, a full queue of
-    /// results held the loop that polls the sends: a push answered 200 ran
-    /// past its timeout unpolled, was logged `timed out` and went again.
     /// `n` pushes due now, each for a customer of its own, in a PostgreSQL
     /// store on a fresh schema (its connections given `settings`, e.g.
     /// `-clock_timeout%3D50ms`).
-    fn pushes_due(n: usize, settings: &str) -> (String, Arc<dyn Store>) {
+    fn pushes_due(n: usize, settings: &str) -> (Schema, Arc<dyn Store>) {
         use crate::store::postgres::PostgresStore;
-        let (schema, mut options) = testing::fresh_schema();
+        let (name, mut options) = testing::fresh_schema();
+        let schema = Schema {
+            _dropped_with: testing::TestStore::adopt(name.clone()),
+            name,
+        };
         options.url.push_str(settings);
         let store: Arc<dyn Store> = Arc::new(PostgresStore::open(&options).unwrap());
         let now = Utc::now();
@@ -1800,15 +1798,22 @@ mod tests {
         (schema, store)
     }
 
+    /// A test's schema by name, dropped with it.
+    struct Schema {
+        name: String,
+        _dropped_with: testing::TestStore,
+    }
+
     /// Another session's lock on the dispatch log: reads go on, writes wait
     /// for its commit.
     fn lock_the_log<'c>(
         client: &'c mut postgres::Client,
-        schema: &str,
+        schema: &Schema,
     ) -> postgres::Transaction<'c> {
         let mut lock = client.transaction().unwrap();
         lock.batch_execute(&format!(
-            "LOCK TABLE {schema}.dispatch_log IN EXCLUSIVE MODE"
+            "LOCK TABLE {}.dispatch_log IN EXCLUSIVE MODE",
+            schema.name
         ))
         .unwrap();
         lock
@@ -1822,11 +1827,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A store slow to take results (the log locked by another session, as
+    /// a full disk or a failover would hold it) does not starve the sends
+    /// under way: a send starts only with room for its result, and those
+    /// started are still driven to their answers. Before, a full queue of
+    /// results held the loop that polls the sends: a push answered 200 ran
+    /// past its timeout unpolled, was logged `timed out` and went again.
     #[test]
     fn sends_under_way_are_answered_while_the_store_holds_up_their_results() {
         let steps = 1000;
         let (schema, store) = pushes_due(steps, "");
-        let _drop = testing::TestStore::adopt(schema.clone());
         // Made before the lock, so dropped after it: a failing assertion
         // must not wait on its blocking threads while the lock holds them.
         let runtime = runtime();
@@ -1905,7 +1915,6 @@ mod tests {
     fn refused_results_pause_sending_and_are_reported_until_written() {
         let steps = 600;
         let (schema, store) = pushes_due(steps, "%20-clock_timeout%3D50ms");
-        let _drop = testing::TestStore::adopt(schema.clone());
         let runtime = runtime();
         let mut other = postgres::Client::connect(&testing::base_url(), postgres::NoTls).unwrap();
         let lock = lock_the_log(&mut other, &schema);
