@@ -1819,6 +1819,25 @@ mod tests {
         lock
     }
 
+    /// The round ends once the store takes the results, with each of the
+    /// `steps` sent on its first attempt.
+    fn sent_once_each(
+        runtime: &tokio::runtime::Runtime,
+        run: tokio::task::JoinHandle<Result<Vec<LogRecord>, StoreError>>,
+        steps: usize,
+    ) {
+        let records = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
+            .expect("the round ends once the store takes the results")
+            .unwrap()
+            .unwrap();
+        let sent = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Sent && r.attempt == 1)
+            .count();
+        assert_eq!((sent, records.len()), (steps, steps), "{records:?}");
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -1892,16 +1911,7 @@ mod tests {
         );
         lock.commit().unwrap();
 
-        let records = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
-            .expect("the round ends once the store takes the results")
-            .unwrap()
-            .unwrap();
-        let sent: Vec<_> = records
-            .iter()
-            .filter(|r| r.outcome == Outcome::Sent && r.attempt == 1)
-            .collect();
-        assert_eq!((sent.len(), records.len()), (steps, steps), "{records:?}");
+        sent_once_each(&runtime, run, steps);
         assert_eq!(counts(), (steps, steps));
         assert_eq!(channel.keys.lock().unwrap().len(), steps);
     }
@@ -1956,16 +1966,7 @@ mod tests {
         assert!(health.problem().is_some());
         lock.commit().unwrap();
 
-        let records = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
-            .expect("the round ends once the store takes the results")
-            .unwrap()
-            .unwrap();
-        let sent = records
-            .iter()
-            .filter(|r| r.outcome == Outcome::Sent && r.attempt == 1)
-            .count();
-        assert_eq!((sent, records.len()), (steps, steps));
+        sent_once_each(&runtime, run, steps);
         assert_eq!(answered(), steps);
         assert_eq!(health.problem(), None);
     }
