@@ -611,6 +611,7 @@ impl ChannelConfig {
             &format!("channels.{kind}.token"),
             self.token_env.as_deref(),
             self.token_file.as_deref(),
+            1,
         )
     }
 }
@@ -729,6 +730,7 @@ impl AuthConfig {
             "admin.auth.admin_token",
             self.admin_token_env.as_deref(),
             self.admin_token_file.as_deref(),
+            OWN_TOKEN_MIN_CHARS,
         )
     }
 
@@ -738,6 +740,7 @@ impl AuthConfig {
             "admin.auth.reviewer_token",
             self.reviewer_token_env.as_deref(),
             self.reviewer_token_file.as_deref(),
+            OWN_TOKEN_MIN_CHARS,
         )
     }
 }
@@ -762,13 +765,21 @@ fn is_variable_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// The shortest admin or reviewer token taken. The admin port answers
+/// every try at once and does not lock anyone out (that would let anyone
+/// lock the operators out): a token must be long enough not to be guessed
+/// at thousands of tries a second.
+pub const OWN_TOKEN_MIN_CHARS: usize = 16;
+
 /// A token from `<key>_env` or `<key>_file`, trimmed. An empty token is
 /// refused: it would let anyone in who sends an empty password, or send an
-/// empty credential to a channel.
+/// empty credential to a channel. Tokens nudge itself checks must have
+/// `min_chars`; a channel's credential is the receiver's to choose.
 fn read_secret(
     key: &str,
     env: Option<&str>,
     file: Option<&Path>,
+    min_chars: usize,
 ) -> Result<Option<String>, ConfigError> {
     let (value, key, source_name) = if let Some(var) = env {
         let value = std::env::var(var).map_err(|e| ConfigError::Secret {
@@ -793,11 +804,16 @@ fn read_secret(
     };
     let value = value.trim().to_string();
     let refused = if value.is_empty() {
-        Some("the token is empty")
+        Some("the token is empty".to_string())
     } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
         // A bearer token travels in an HTTP header: a space or a non-ASCII
         // letter would make a token no client can present.
-        Some("the token holds a character other than visible ASCII")
+        Some("the token holds a character other than visible ASCII".to_string())
+    } else if value.len() < min_chars {
+        Some(format!(
+            "the token has {} characters; it needs at least {min_chars}, e.g. `openssl rand -hex 32`",
+            value.len()
+        ))
     } else {
         None
     };
@@ -805,7 +821,7 @@ fn read_secret(
         return Err(ConfigError::Secret {
             key,
             source_name,
-            reason: reason.into(),
+            reason,
         });
     }
     Ok(Some(value))
@@ -1433,6 +1449,37 @@ mod tests {
         let accented = token("pässwörd").unwrap_err();
         assert!(accented.contains("other than visible ASCII"), "{accented}");
         assert!(!accented.contains("pässwörd"), "{accented}");
+    }
+
+    /// nudge's own tokens guard a port that answers every try at once: one
+    /// short enough to guess is refused, naming the key and not the token;
+    /// a channel's credential of any length is the receiver's choice.
+    #[test]
+    fn an_admin_or_reviewer_token_too_short_to_resist_guessing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = |role: &str, text: &str| {
+            let path = dir.path().join(role);
+            std::fs::write(&path, text).unwrap();
+            let config = load(&format!("[admin.auth]\n{role}_file = {path:?}\n"), &[]).unwrap();
+            let token = match role {
+                "admin_token" => config.admin.auth.admin_token(),
+                _ => config.admin.auth.reviewer_token(),
+            };
+            token.map_err(|e| e.to_string())
+        };
+        let short = auth("admin_token", "adm1n-s3cret\n").unwrap_err();
+        assert!(
+            short.contains("admin.auth.admin_token_file")
+                && short.contains("the token has 12 characters; it needs at least 16"),
+            "{short}"
+        );
+        assert!(!short.contains("adm1n-s3cret"), "{short}");
+        let short = auth("reviewer_token", "0123456789abcde").unwrap_err();
+        assert!(short.contains("admin.auth.reviewer_token_file"), "{short}");
+        assert_eq!(
+            auth("reviewer_token", "0123456789abcdef"),
+            Ok(Some("0123456789abcdef".into()))
+        );
     }
 
     /// The catch-up bound outlasts the consumer's session by default, so a

@@ -238,9 +238,10 @@ impl CustomerContext {
             "preferred_channel" => self.preferred_channel = next.preferred_channel,
             _ => {
                 if let Some(key) = field.strip_prefix("profile.") {
-                    if let Some(v) = next.profile.get(key) {
-                        self.profile.insert(key.to_string(), v.clone());
-                    }
+                    match next.profile.get(key) {
+                        Some(v) => self.profile.insert(key.to_string(), v.clone()),
+                        None => self.profile.remove(key),
+                    };
                 } else if let Some((channel, category)) = field
                     .strip_prefix("consents.")
                     .and_then(|rest| rest.split_once('.'))
@@ -381,13 +382,41 @@ impl CustomerContext {
                         ContextError::new("profile_updated needs data.profile as an object".into())
                     })?;
                 for (k, v) in profile {
-                    self.profile.insert(k.clone(), v.clone());
+                    if v.is_null() {
+                        self.profile.remove(k);
+                    } else {
+                        self.profile.insert(k.clone(), v.clone());
+                    }
                 }
+                check_profile_size(&self.profile)?;
                 Ok(Vec::new())
             }
             _ => Ok(Vec::new()),
         }
     }
+}
+
+/// The most fields a customer's profile may hold. Every decision reads the
+/// profile and every decision record keeps a copy of it: one customer's
+/// oversized profile would otherwise slow every batch it is in and grow the
+/// store by its size at each decision.
+pub const PROFILE_MAX_FIELDS: usize = 256;
+/// The most a customer's profile may hold, as JSON.
+pub const PROFILE_MAX_BYTES: usize = 16 * 1024;
+
+/// Refuses a profile over [`PROFILE_MAX_FIELDS`] or [`PROFILE_MAX_BYTES`].
+fn check_profile_size(profile: &Map<String, Value>) -> Result<(), ContextError> {
+    let bytes = serde_json::to_vec(profile).map_or(usize::MAX, |v| v.len());
+    if profile.len() > PROFILE_MAX_FIELDS || bytes > PROFILE_MAX_BYTES {
+        return Err(ContextError::new(format!(
+            "the profile would hold {} fields and {} bytes as JSON, over the limit of \
+             {PROFILE_MAX_FIELDS} fields and {PROFILE_MAX_BYTES} bytes: keep in it what \
+             journeys decide on (a field set to null is removed)",
+            profile.len(),
+            bytes
+        )));
+    }
+    Ok(())
 }
 
 /// The context fields a (valid) `customer.*` event sets: `email`,
@@ -512,6 +541,55 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_update_that_would_overgrow_the_profile_is_refused_whole() {
+        let mut c = CustomerContext::new("c1");
+        c.apply_update(&event(
+            PROFILE_UPDATED,
+            serde_json::json!({"profile": {"segment": "gold", "tier": 2}}),
+        ))
+        .unwrap();
+        let fields: Map<String, Value> = (0..PROFILE_MAX_FIELDS)
+            .map(|i| (format!("f{i}"), Value::from(i)))
+            .collect();
+        let e = c
+            .apply_update(&event(
+                PROFILE_UPDATED,
+                serde_json::json!({ "profile": fields }),
+            ))
+            .unwrap_err();
+        assert!(
+            e.reason.contains("would hold 258 fields")
+                && e.reason
+                    .contains("over the limit of 256 fields and 16384 bytes"),
+            "{}",
+            e.reason
+        );
+        let big = "x".repeat(PROFILE_MAX_BYTES);
+        let e = c
+            .apply_update(&event(
+                PROFILE_UPDATED,
+                serde_json::json!({"profile": {"note": big}}),
+            ))
+            .unwrap_err();
+        assert!(e.reason.contains("3 fields and 16"), "{}", e.reason);
+        // Nothing of either was applied.
+        assert_eq!(c.profile.len(), 2);
+        assert_eq!(c.profile["segment"], "gold");
+        assert!(!c.field_times.contains_key("profile.note"));
+        // A field set to null is removed, so a profile can be brought back
+        // under the bound.
+        c.apply_update(&event(
+            PROFILE_UPDATED,
+            serde_json::json!({"profile": {"tier": null, "segment": "silver"}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            Value::Object(c.profile.clone()),
+            serde_json::json!({"segment": "silver"})
+        );
     }
 
     #[test]

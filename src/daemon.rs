@@ -44,7 +44,9 @@ pub fn init_logging(format: &str, level: &str) {
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
-        builder.try_init()
+        builder
+            .fmt_fields(crate::telemetry::text_log_fields())
+            .try_init()
     };
 }
 

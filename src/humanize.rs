@@ -47,7 +47,7 @@ pub fn duration(d: Duration) -> String {
 
 /// Characters a reader would not see as written: controls, zero-width and
 /// bidirectional formatting characters, the soft hyphen and the BOM.
-fn hidden(c: char) -> bool {
+pub fn hidden(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{00AD}' | '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
@@ -57,9 +57,14 @@ fn hidden(c: char) -> bool {
 /// are invisible and direction-changing characters (`c-1001\u{200b}` is not
 /// `c-1001`, and U+202E would show an id reversed).
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(hidden) {
+    escaped_where(text, hidden)
+}
+
+/// `text` with each character `escape` picks written as its Rust escape.
+pub fn escaped_where(text: &str, escape: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(&escape) {
         text.chars()
-            .map(|c| match hidden(c) {
+            .map(|c| match escape(c) {
                 true => c.escape_default().to_string(),
                 false => c.to_string(),
             })

@@ -768,12 +768,26 @@ fn decision_inputs(event: &Event, customer: &CustomerContext, rule_set: &str) ->
             "has_phone": customer.phone.is_some(),
             "timezone": customer.timezone,
             "consents": customer.consents,
-            "profile": customer.profile,
+            "profile": profile_seen(customer),
             "open_journeys": open_journeys,
             "recent_contacts": customer.recent_sends.len(),
         },
         "rule_set": rule_set,
     })
+}
+
+/// The profile as the decision record keeps it: a profile stored before
+/// profiles were bounded, over the bound, is summarised, not copied into
+/// every record.
+fn profile_seen(customer: &CustomerContext) -> serde_json::Value {
+    let profile = &customer.profile;
+    if profile.len() <= context::PROFILE_MAX_FIELDS {
+        let bytes = serde_json::to_vec(profile).map_or(usize::MAX, |v| v.len());
+        if bytes <= context::PROFILE_MAX_BYTES {
+            return json!(profile);
+        }
+    }
+    json!({"omitted": format!("{} fields, over the bound of a profile", profile.len())})
 }
 
 fn rule_failure(index: usize, event: &Event, e: RuleError) -> EventFailure {

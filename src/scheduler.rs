@@ -213,8 +213,12 @@ struct BatchContext {
 struct InFlight {
     held: std::collections::HashSet<i64>,
     settled: std::collections::HashSet<i64>,
-    /// Until when the last heartbeat renewed every row held.
+    /// Until when the last heartbeat renewed the rows held, but for
+    /// `not_renewed`.
     renewed_until: Option<DateTime<Utc>>,
+    /// Rows the last heartbeat asked to renew and did not: settled since,
+    /// or released or taken over (then no longer this loop's to send).
+    not_renewed: std::collections::HashSet<i64>,
 }
 
 impl InFlight {
@@ -559,7 +563,7 @@ impl Scheduler {
             let handled = steps
                 .map(|((planned, context), room)| async move {
                     if let Some(step) = planned.to_send() {
-                        if self.lease_ran_out(step, &context, in_flight) {
+                        if self.lease_ran_out(step, &context, in_flight).await {
                             return Ok(());
                         }
                     }
@@ -660,15 +664,21 @@ impl Scheduler {
                 continue;
             }
             let until = self.clock.now() + span(self.config.lease);
-            let asked = rows.len();
+            let asked = rows.clone();
             match self.store.call(move |s| s.renew_claims(&rows, until)).await {
-                // Some rows may be settled since; if one was taken over
-                // instead, which is unknown, so nothing is extended.
-                Ok(renewed) if renewed == asked => {
+                // The rows not renewed keep the lease they had: settled
+                // since, they need none; taken over, they are not ours. The
+                // others' lease is extended even when some were not (one
+                // settled while the renewal ran): else the wall clock
+                // stepped forward past the claim's lease would have every
+                // waiting step let go here and held in the store for a
+                // whole lease.
+                Ok(renewed) => {
+                    let renewed: std::collections::HashSet<i64> = renewed.into_iter().collect();
                     let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    rows.not_renewed = asked.into_iter().filter(|r| !renewed.contains(r)).collect();
                     rows.renewed_until = rows.renewed_until.max(Some(until));
                 }
-                Ok(_) => {}
                 Err(e) => LeaseRenewalFailed {
                     channel: channel.as_str(),
                     error: &e,
@@ -1069,21 +1079,38 @@ impl Scheduler {
     /// past it: a pause, a partition from the store) may be another
     /// replica's now, and sent by it: it is let go unsent, its row no longer
     /// renewed, for whoever claims it next (this replica, if nobody did).
-    fn lease_ran_out(
+    /// Unless the store says the claim is still this worker's: the wall
+    /// clock stepped forward past the lease reckoned here, and the
+    /// heartbeat or this loop's own next claim has taken it again since
+    /// (letting it go would leave it claimed, unsent, for a whole lease).
+    async fn lease_ran_out(
         &self,
         step: &DueStep,
         context: &BatchContext,
         in_flight: &Mutex<InFlight>,
     ) -> bool {
-        let mut rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let until = rows
-            .renewed_until
-            .map_or(context.lease_until, |r| r.max(context.lease_until));
-        if self.clock.now() < until {
+        let reckoned_out = {
+            let rows = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let until = match rows.not_renewed.contains(&step.row) {
+                true => context.lease_until,
+                false => rows
+                    .renewed_until
+                    .map_or(context.lease_until, |r| r.max(context.lease_until)),
+            };
+            self.clock.now() >= until
+        };
+        if !reckoned_out {
             return false;
         }
-        rows.held.remove(&step.row);
-        drop(rows);
+        let (row, now) = (step.row, self.clock.now());
+        if let Ok(true) = self.store.call(move |s| s.claim_held(row, now)).await {
+            return false;
+        }
+        in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .held
+            .remove(&step.row);
         self.forget_unsent(&step.customer, step.row);
         StepLeaseRanOut {
             channel: step.channel.as_str(),
@@ -2372,10 +2399,14 @@ mod tests {
 
     /// A process that stalls past its lease mid-batch (here: a send hangs
     /// while the clock passes the lease) does not send the batch's other
-    /// steps when it resumes: another replica may have taken them over and
-    /// sent them. They are let go and claimed again (attempt 2), once each.
+    /// steps on the lease it reckoned when it resumes: another replica may
+    /// have taken them over and sent them. Such a step goes once either
+    /// way: let go and claimed again (attempt 2), or, when the store says
+    /// the claim is still this process's (its own claim took it again
+    /// meanwhile), sent on it. Taken over by another replica, it is let go
+    /// (the store conformance test `abandoned_claims_are_taken_over_after_the_lease`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn steps_whose_lease_ran_out_before_their_send_are_let_go_unsent() {
+    async fn steps_whose_lease_ran_out_before_their_send_go_once() {
         let t0 = Utc::now();
         let dir = tempfile::tempdir().unwrap();
         let store = pushes_to_c1_and_c2(dir.path(), t0, t0 + chrono::Duration::milliseconds(1));
@@ -2424,9 +2455,92 @@ mod tests {
         daemon.await.unwrap();
         assert_eq!(*channel.sent.lock().unwrap(), ["c1", "c2"]);
         let sent = sent_log();
+        assert_eq!(sent.len(), 2, "{sent:?}");
         assert_eq!(sent[0], ("c1".to_string(), 1));
         assert_eq!(sent[1].0, "c2");
-        assert!(sent[1].1 > 1, "c2 was let go unsent at attempt 1: {sent:?}");
+    }
+
+    /// The wall clock steps forward past the claim's lease (an NTP step, a
+    /// VM resumed) while a batch waits behind a hung send, and one of the
+    /// batch's rows was settled before the heartbeat renewed the others.
+    /// The renewal still counts for the rows it renewed: the waiting step
+    /// goes on its first claim once the hung send ends, instead of being
+    /// let go and held in the store for a whole lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_that_missed_a_settled_row_still_keeps_the_others() {
+        let t0 = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store = pushes_to_c1_and_c2(dir.path(), t0, t0 + chrono::Duration::milliseconds(1));
+        let mut tx = store.begin().unwrap();
+        let mut c3 = CustomerContext::new("c3");
+        c3.app_installed = true;
+        tx.save_customer(&c3, t0).unwrap();
+        let instance_c = NewInstance {
+            customer: "c3".into(),
+            ..instance("c", t0)
+        };
+        let due = t0 + chrono::Duration::milliseconds(2);
+        tx.start_instance(&instance_c, &[step(ChannelKind::Push, due)])
+            .unwrap();
+        tx.commit().unwrap();
+        let channel = holding_c1();
+        let clock = crate::clock::VirtualClock::new(t0 + chrono::Duration::seconds(1));
+        // A heartbeat every half second of real time.
+        let config = SchedulerConfig {
+            lease: Duration::from_millis(1500),
+            ..SchedulerConfig::default()
+        };
+        let scheduler = Arc::new(Scheduler::new(
+            store.clone(),
+            RulesHandle::new(shipped_rules()),
+            Channels::default().with(ChannelKind::Push, channel.clone(), 1),
+            Arc::new(clock.clone()),
+            Policy::new(without_quiet_hours(
+                PolicyConfig::default().max_per_customer,
+            )),
+            config,
+            HashMap::new(),
+        ));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
+        wait_until("c1's push starts", &|| {
+            channel.holding.load(Ordering::SeqCst) == 1
+        });
+        // c3's row settles (as by a send that just ended), then the clock
+        // jumps an hour.
+        let file = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+        file.busy_timeout(Duration::from_secs(5)).unwrap();
+        file.execute(
+            "UPDATE steps SET status = 'sent', lease_until = NULL WHERE instance_id = 'c'",
+            [],
+        )
+        .unwrap();
+        let jumped = t0 + chrono::Duration::hours(1);
+        clock.advance_to(jumped);
+        let lease_of_c2 = || -> i64 {
+            file.query_row(
+                "SELECT coalesce(lease_until, 0) FROM steps WHERE instance_id = 'b'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        wait_until("a heartbeat after the jump renews c2", &|| {
+            lease_of_c2() > jumped.timestamp_millis()
+        });
+        channel.release.add_permits(1);
+        wait_until("c2 sent", &|| channel.sent.lock().unwrap().len() == 2);
+        stop_tx.send(true).unwrap();
+        daemon.await.unwrap();
+        assert_eq!(*channel.sent.lock().unwrap(), ["c1", "c2"]);
+        let attempts: Vec<(String, u32)> = store
+            .log_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.outcome == Outcome::Sent)
+            .map(|r| (r.customer, r.attempt))
+            .collect();
+        assert_eq!(attempts, [("c1".to_string(), 1), ("c2".to_string(), 1)]);
     }
 
     /// Fatigue through the dispatch path: two earlier sends of journey `f`

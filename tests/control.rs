@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 const LONG: Duration = Duration::from_secs(90);
 const TOKEN_ENV: &str = "NUDGE_TEST_CONTROL_ADMIN_TOKEN";
 const ADMIN_TOKEN: &str = "adm1n-secret-for-the-control-test";
-const REVIEWER_TOKEN: &str = "rev1ewer-secret";
+const REVIEWER_TOKEN: &str = "rev1ewer-secret-of-the-control-test";
 
 /// An HTTP/1.1 request on loopback with an optional bearer token: (status, body).
 fn http(host: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {

@@ -191,6 +191,16 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         json!({"app_installed": true}),
     );
     no_key.0 = String::new();
+    // A profile that every later decision would read and keep a copy of.
+    let fields: serde_json::Map<String, serde_json::Value> = (0..1_000)
+        .map(|i| (format!("field_{i}"), json!("x".repeat(90))))
+        .collect();
+    let oversized = event(
+        "e11",
+        "customer.profile_updated",
+        "c-9",
+        json!({ "profile": fields }),
+    );
     produce(
         &cfg.topic,
         &[
@@ -204,13 +214,14 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
             leaky,
             other_key,
             no_key,
+            oversized.clone(),
         ],
     );
 
     daemon.wait_until(LONG, "the good event's push", || {
         recv.on("/push").len() == 1
     });
-    let letters = read_topic(&cfg.dlq, 5);
+    let letters = read_topic(&cfg.dlq, 6);
     let reasons: Vec<&str> = letters
         .iter()
         .map(|l| l.headers["nudge.reason"].as_str())
@@ -256,6 +267,12 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
             .any(|r| r.contains("timezone is not an IANA zone")),
         "{reasons:?}"
     );
+    let overgrown = &by_payload[oversized.1.as_slice()].headers["nudge.reason"];
+    assert!(
+        overgrown.contains("the profile would hold 1000 fields")
+            && overgrown.contains("over the limit of 256 fields"),
+        "{overgrown}"
+    );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(
         !log.contains("400 111 222"),
@@ -272,7 +289,7 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_daemon_keeps_going() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("nudge_dead_letters_total{kind=\"context\"} 1"),
+        metrics.contains("nudge_dead_letters_total{kind=\"context\"} 2"),
         "{metrics}"
     );
     assert!(

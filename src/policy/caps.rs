@@ -68,15 +68,17 @@ pub fn caps_room(
         let Some(since) = local_instant(tz, first_day, TimeOfDay::new(0, 0)) else {
             continue;
         };
+        // A send recorded after `now` was made before a backward step of
+        // the clock (an NTP correction): it counts as made now, not never.
         let mut counted: Vec<DateTime<Utc>> = sends
             .iter()
-            .filter(|s| {
-                s.at >= since
-                    && s.at <= now
+            .map(|s| (s, s.at.min(now)))
+            .filter(|(s, at)| {
+                *at >= since
                     && cap.counts(s.channel, s.category)
                     && !(category == Category::Service && s.category == Category::Marketing)
             })
-            .map(|s| s.at)
+            .map(|(_, at)| at)
             .collect();
         if counted.len() < cap.max as usize {
             continue;
@@ -316,6 +318,29 @@ mod tests {
         // Two service sends fill it for a service step too.
         let services = [sends[0].clone(), send("2026-01-10T10:00:00+11:00", Call, S)];
         assert!(room(&services, S).is_err());
+    }
+
+    /// The host's clock stepped back a day (an NTP correction): the sends
+    /// it recorded before the step are dated "tomorrow", and still fill
+    /// today's cap, freeing it a day after now.
+    #[test]
+    fn sends_dated_after_now_by_a_clock_stepped_back_still_count() {
+        let one_a_day = [Cap {
+            category: None,
+            channel: None,
+            max: 1,
+            per: 1,
+        }];
+        let ahead = [send("2026-01-11T10:00:00+11:00", Push, M)];
+        let got = caps_room(
+            &one_a_day,
+            &ahead,
+            Push,
+            M,
+            Australia::Sydney,
+            at("2026-01-10T10:00:00+11:00"),
+        );
+        assert_eq!(got.unwrap_err().frees_at, at("2026-01-11T00:00:00+11:00"));
     }
 
     /// The design's promise: a service message is never starved by marketing.

@@ -64,12 +64,12 @@ mod tests {
     fn only_the_configured_admin_token_unmasks() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("admin");
-        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::write(&file, "s3cret-of-16-chars\n").unwrap();
         let auth = AuthConfig {
             admin_token_file: Some(file.clone()),
             ..AuthConfig::default()
         };
-        assert!(authorize(&auth, Some("s3cret")).is_ok());
+        assert!(authorize(&auth, Some("s3cret-of-16-chars")).is_ok());
         assert!(matches!(
             authorize(&auth, Some("nope")),
             Err(UnmaskError::Wrong)
@@ -86,7 +86,7 @@ mod tests {
             presented(Some(&file), Some("other".into()))
                 .unwrap()
                 .as_deref(),
-            Some("s3cret"),
+            Some("s3cret-of-16-chars"),
             "the file wins over the environment"
         );
         assert_eq!(

@@ -377,9 +377,9 @@ pub trait Store: Send + Sync {
     /// worker still holds to `until` (a lease is never shortened): the
     /// heartbeat of a worker still sending them, so that no other replica
     /// takes them over. Renew well within the lease: a step whose lease ran
-    /// out may already be someone else's. Returns how many were renewed
-    /// (the others were settled, released or taken over).
-    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError>;
+    /// out may already be someone else's. Returns the rows renewed (the
+    /// others were settled, released or taken over).
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<Vec<i64>, StoreError>;
 
     /// Records that the claimed steps `rows` are about to be sent, before
     /// the first byte leaves: until their results are settled they count
@@ -489,6 +489,13 @@ pub trait Store: Send + Sync {
     /// How many dead letters are not published: waiting (for their first
     /// try or a retry) and failed (given up).
     fn dead_letter_backlog(&self) -> Result<DeadLetterBacklog, StoreError>;
+
+    /// Whether this worker still holds the claim of step `row` after `now`.
+    /// A worker that reckons a claim's lease ran out (it stalled, or the
+    /// wall clock stepped forward) asks before letting the step go: a claim
+    /// its heartbeat renewed, or its own later claim took again, is still
+    /// its to send; one released or taken over is not.
+    fn claim_held(&self, row: i64, now: DateTime<Utc>) -> Result<bool, StoreError>;
 
     /// Puts a claimed step back as it was, unsent (shutting down before
     /// sending it); on channel `to` when given: a step bound for a fallback

@@ -657,7 +657,7 @@ pub struct StepLeaseRanOut<'a> {
 
 impl StepLeaseRanOut<'_> {
     pub fn emit(self) {
-        tracing::warn!(target: SCHEDULER, channel = %self.channel, instance = %self.instance, step = %self.step, "lease on a claimed step ran out before its send began (this process stalled); not sent here: whoever claims it next sends it");
+        tracing::warn!(target: SCHEDULER, channel = %self.channel, instance = %self.instance, step = %self.step, "lease on a claimed step ran out before its send began (this process stalled, or the wall clock stepped forward) and it is no longer this process's; not sent here: whoever claims it next sends it");
         metrics::counter!(CLAIMS_LOST.name, "channel" => self.channel).increment(1);
     }
 }
@@ -857,10 +857,29 @@ pub struct AdminAuthRefused<'a> {
 
 impl AdminAuthRefused<'_> {
     pub fn emit(self) {
-        tracing::warn!(target: "nudge::admin", path = self.path, reason = self.reason, "admin request refused");
         metrics::counter!(ADMIN_AUTH_REFUSED.name, "reason" => self.reason).increment(1);
+        // Anyone who reaches the port can send refused requests as fast as
+        // the connection allows, with paths as long as the head: one line
+        // per reason a quiet period, the path cut short (the counter above
+        // counts them all).
+        let Some(repeats) = ADMIN_REFUSED_LINES.admit(self.reason, std::time::Instant::now())
+        else {
+            return;
+        };
+        tracing::warn!(target: "nudge::admin", path = %shown_path(self.path), reason = self.reason, similar_not_logged = repeats, "admin request refused");
     }
 }
+
+/// A request path as a log line shows it: its first 120 characters.
+pub fn shown_path(path: &str) -> String {
+    const SHOWN: usize = 120;
+    match path.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &path[..cut], path.len()),
+        None => path.to_string(),
+    }
+}
+
+static ADMIN_REFUSED_LINES: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// Logged only: the process exits right after, before any scrape.
 pub struct TaskStopped<'a> {

@@ -431,3 +431,130 @@ mod tests {
         }
     }
 }
+
+/// The text log's field formatter. Ids, types and header values come from
+/// producers: written as they are, a newline in an event id would forge a
+/// log line of its own and an escape sequence would recolour or clear the
+/// reader's terminal. Control and bidirectional-override characters are
+/// written escaped, as the JSON format already does.
+pub fn text_log_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use std::fmt::Write as _;
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let mut out = Escaped(w);
+        if field.name() == "message" {
+            write!(out, "{value:?}")
+        } else {
+            write!(out, "{field}={value:?}")
+        }
+    })
+    .delimited(" ")
+}
+
+/// Writes through to `W`, escaping what could forge or hide log text.
+pub struct Escaped<W>(pub W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaped<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(crate::humanize::hidden) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(self.0, "{}", c.escape_default())?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod text_log_tests {
+    use std::fmt::Write as _;
+
+    use super::Escaped;
+
+    /// A log destination the test reads back.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The text log as the daemon writes it: an event id carrying a newline
+    /// and an escape sequence stays on its event's line.
+    #[test]
+    fn a_forged_line_in_a_field_stays_on_its_events_line() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(super::text_log_fields())
+            .finish();
+        let id = "t-nl\n2026-12-06T00:00:00Z ERROR nudge::admin: FORGED\u{1b}[2J";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(event_id = %id, kind = ?"rule", "event {id} refused");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(
+            text.contains(r"event t-nl\n2026-12-06T00:00:00Z ERROR nudge::admin: FORGED\u{1b}[2J refused event_id=t-nl\n2026"),
+            "{text}"
+        );
+    }
+
+    /// A client hammering the admin port with refused requests and long
+    /// paths writes a line now and then, not one each.
+    #[test]
+    fn refused_admin_requests_are_logged_a_line_a_while_their_paths_cut_short() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(super::text_log_fields())
+            .finish();
+        let long = format!("/admin/journeys/{}", "A".repeat(60_000));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1_000 {
+                super::events::AdminAuthRefused {
+                    path: &long,
+                    reason: "missing token",
+                }
+                .emit();
+            }
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        // Another test of this process may have logged the reason within
+        // the quiet period: then none here.
+        assert!(text.lines().count() <= 1, "{} lines", text.lines().count());
+        assert!(text.len() < 400, "{text}");
+        assert_eq!(
+            super::events::shown_path(&long),
+            format!("/admin/journeys/{}… (60016 bytes)", "A".repeat(104))
+        );
+        assert_eq!(super::events::shown_path("/admin/x"), "/admin/x");
+    }
+
+    #[test]
+    fn control_and_bidi_characters_are_escaped_and_the_rest_kept() {
+        let mut out = String::new();
+        write!(
+            Escaped(&mut out),
+            "t-nl\n2026 ERROR forged \u{1b}[2J tab\there \u{202e}gnp.exe — ünïcode"
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "t-nl\\n2026 ERROR forged \\u{1b}[2J tab\\there \\u{202e}gnp.exe — ünïcode"
+        );
+    }
+}

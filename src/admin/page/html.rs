@@ -27,7 +27,14 @@ pub fn esc(s: &str) -> Esc<'_> {
 
 impl Display for Esc<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rest = self.0;
+        // Shown as the terminal tools show them: a reviewer sees what is
+        // stored, not text reversed or hidden by a formatting character.
+        // Line breaks and tabs stay: HTML shows them as space, and the
+        // pretty-printed JSON blocks are laid out with them.
+        let shown = crate::humanize::escaped_where(self.0, |c| {
+            crate::humanize::hidden(c) && c != '\n' && c != '\t'
+        });
+        let mut rest = shown.as_ref();
         while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
             f.write_str(&rest[..i])?;
             f.write_str(match rest.as_bytes()[i] {
@@ -514,6 +521,10 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;y&quot;"
         );
         assert_eq!(esc("plain text").to_string(), "plain text");
+        assert_eq!(
+            esc("Netflix\u{202e}gnp.exe\n<b>\u{1b}[2J\u{200b}").to_string(),
+            "Netflix\\u{202e}gnp.exe\n&lt;b&gt;\\u{1b}[2J\\u{200b}"
+        );
         assert_eq!(url("c-1/2 ?&\"<é"), "c-1%2F2%20%3F%26%22%3C%C3%A9");
     }
 }

@@ -613,22 +613,31 @@ impl Store for PostgresStore {
         Ok(seqs)
     }
 
-    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<Vec<i64>, StoreError> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let row = self.conn()?.query_one(
             "WITH renewed AS (
                  UPDATE steps SET lease_until = GREATEST(lease_until, $2)
                  WHERE id = ANY($1::int8[]) AND status = 'claimed' AND holder = $3
-                 RETURNING customer),
+                 RETURNING id, customer),
              customers AS (
                  UPDATE customer_claims SET lease_until = GREATEST(lease_until, $2)
                  WHERE holder = $3 AND customer IN (SELECT customer FROM renewed))
-             SELECT count(*) FROM renewed",
+             SELECT coalesce(array_agg(id), '{}') FROM renewed",
             &[&rows, &until, &self.holder],
         )?;
-        Ok(row.try_get::<_, i64>(0)? as usize)
+        Ok(row.try_get::<_, Vec<i64>>(0)?)
+    }
+
+    fn claim_held(&self, row: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let held = self.conn()?.query_one(
+            "SELECT EXISTS (SELECT 1 FROM steps
+                 WHERE id = $1 AND status = 'claimed' AND holder = $2 AND lease_until > $3)",
+            &[&row, &self.holder, &now],
+        )?;
+        Ok(held.try_get(0)?)
     }
 
     fn mark_sending(&self, rows: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {

@@ -568,22 +568,35 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<usize, StoreError> {
+    fn renew_claims(&self, rows: &[i64], until: DateTime<Utc>) -> Result<Vec<i64>, StoreError> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let ids: rusqlite::vtab::array::Array = std::rc::Rc::new(
             rows.iter()
                 .map(|&row| rusqlite::types::Value::Integer(row))
                 .collect(),
         );
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "UPDATE steps SET lease_until = MAX(lease_until, ?2)
+                 WHERE rowid IN rarray(?1) AND status = 'claimed'
+                 RETURNING rowid",
+        )?;
+        let renewed = stmt
+            .query_map(params![ids, ms(until)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(renewed)
+    }
+
+    fn claim_held(&self, row: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        // One process owns the file: every claim in it is this one's.
         Ok(self
             .conn()
             .prepare_cached(
-                "UPDATE steps SET lease_until = MAX(lease_until, ?2)
-                 WHERE rowid IN rarray(?1) AND status = 'claimed'",
+                "SELECT EXISTS (SELECT 1 FROM steps WHERE rowid = ?1 AND status = 'claimed' AND lease_until > ?2)",
             )?
-            .execute(params![ids, ms(until)])?)
+            .query_row(params![row, ms(now)], |r| r.get(0))?)
     }
 
     fn mark_sending(&self, rows: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
