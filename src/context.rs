@@ -302,7 +302,13 @@ impl CustomerContext {
                     Ok(())
                 });
                 field("phone", &mut |v| {
-                    self.phone = opt_string(v, "phone")?;
+                    let phone = opt_string(v, "phone")?;
+                    // E.164 has at most 15 digits; room for spaces, dashes
+                    // and an extension, not for a document.
+                    if phone.as_ref().is_some_and(|p| p.chars().count() > 64) {
+                        return Err("phone is longer than 64 characters".into());
+                    }
+                    self.phone = phone;
                     Ok(())
                 });
                 field("app_installed", &mut |v| {
@@ -579,6 +585,19 @@ mod tests {
         assert_eq!(c.profile.len(), 2);
         assert_eq!(c.profile["segment"], "gold");
         assert!(!c.field_times.contains_key("profile.note"));
+        // A phone number that is a document is refused alone.
+        let e = c
+            .apply_update(&event(
+                CONTACT_UPDATED,
+                serde_json::json!({"phone": "1".repeat(65), "app_installed": true}),
+            ))
+            .unwrap_err();
+        assert!(
+            e.reason.contains("phone is longer than 64 characters"),
+            "{}",
+            e.reason
+        );
+        assert!(c.phone.is_none() && c.app_installed);
         // A field set to null is removed, so a profile can be brought back
         // under the bound.
         c.apply_update(&event(

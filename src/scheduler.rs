@@ -1067,6 +1067,19 @@ impl Scheduler {
             self.forget_unsent(&step.customer, step.row);
             return Ok(None);
         }
+        // Decided when claimed; a send that waited since (behind the
+        // channel's concurrency, a stalled process, the clock stepped
+        // forward) past its lateness bound is not sent stale.
+        let verdict = match verdict {
+            Verdict::Send => match self.expired_since_claim(&step, context) {
+                Some(reason) => {
+                    self.forget_unsent(&step.customer, step.row);
+                    Verdict::Expire(reason)
+                }
+                None => Verdict::Send,
+            },
+            other => other,
+        };
         let mut decision = self.act(&mut step, verdict, address, context).await;
         if let (Some(reason), Outcome::Sent) = (fallback, decision.outcome) {
             decision.reason = reason;
@@ -1119,6 +1132,18 @@ impl Scheduler {
         }
         .emit();
         true
+    }
+
+    /// Why a step decided to be sent is too late to send now, if it is.
+    fn expired_since_claim(&self, step: &DueStep, context: &BatchContext) -> Option<String> {
+        let customer = context.customers.get(&step.customer)?;
+        let customer = customer.lock().unwrap_or_else(|e| e.into_inner());
+        self.policy.expiry(
+            step,
+            &customer,
+            self.lateness(step.channel),
+            self.clock.now(),
+        )
     }
 
     fn forget_unsent(&self, customer: &str, row: i64) {
@@ -2395,6 +2420,57 @@ mod tests {
         stop_tx.send(true).unwrap();
         daemon.await.unwrap();
         assert_eq!(*channel.sent.lock().unwrap(), ["c2", "c1"]);
+    }
+
+    /// A send decided when claimed but left waiting behind the channel's
+    /// concurrency (here one send at a time, and c1's hangs) past its
+    /// lateness bound is logged `expired`, not sent stale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_that_waited_past_its_lateness_is_expired_not_sent() {
+        let t0 = Utc::now();
+        let dir = tempfile::tempdir().unwrap();
+        let store = pushes_to_c1_and_c2(dir.path(), t0, t0 + chrono::Duration::milliseconds(1));
+        let channel = holding_c1();
+        let clock = crate::clock::VirtualClock::new(t0 + chrono::Duration::seconds(1));
+        let scheduler = on_virtual_clock(
+            &store,
+            Channels::default().with(ChannelKind::Push, channel.clone(), 1),
+            &clock,
+            without_quiet_hours(PolicyConfig::default().max_per_customer),
+            HashMap::from([(ChannelKind::Push, Duration::from_secs(60))]),
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
+        wait_until("c1's push starts", &|| {
+            channel.holding.load(Ordering::SeqCst) == 1
+        });
+        // Past the minute's lateness, within the claim's lease.
+        clock.advance(chrono::Duration::minutes(2));
+        channel.release.add_permits(1);
+        let outcomes = || -> Vec<(String, Outcome)> {
+            store
+                .log_after(0, 10)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.customer, r.outcome))
+                .collect()
+        };
+        wait_until("both recorded", &|| outcomes().len() == 2);
+        stop_tx.send(true).unwrap();
+        daemon.await.unwrap();
+        assert_eq!(*channel.sent.lock().unwrap(), ["c1"]);
+        assert_eq!(
+            outcomes(),
+            [
+                ("c1".to_string(), Outcome::Sent),
+                ("c2".to_string(), Outcome::Expired)
+            ]
+        );
+        let reason = &store.log_after(0, 10).unwrap()[1].reason;
+        assert!(
+            reason.contains("past the push lateness bound of 1m"),
+            "{reason}"
+        );
     }
 
     /// A process that stalls past its lease mid-batch (here: a send hangs

@@ -143,6 +143,21 @@ impl Policy {
         lateness: std::time::Duration,
         now: DateTime<Utc>,
     ) -> Verdict {
+        if let Some(reason) = self.expiry(step, customer, lateness, now) {
+            return Verdict::Expire(reason);
+        }
+        self.check_on_time(step, customer, now)
+    }
+
+    /// Why the step is too late to send at `now`, if it is: due longer ago
+    /// than `lateness`, counted from when its channel's hours opened.
+    pub fn expiry(
+        &self,
+        step: &DueStep,
+        customer: &CustomerContext,
+        lateness: std::time::Duration,
+        now: DateTime<Utc>,
+    ) -> Option<String> {
         let mut reference = step.planned_at;
         if self.config.business_hours.0.contains_key(&step.channel) {
             if let Some((open, _)) = self.hold(step.channel, step.category, customer, reference) {
@@ -158,14 +173,23 @@ impl Policy {
             now
         };
         let late_by = measured_at - reference;
-        if late_by > span(lateness) {
-            return Verdict::Expire(format!(
+        (late_by > span(lateness)).then(|| {
+            format!(
                 "due {} ago, past the {} lateness bound of {}",
                 crate::humanize::duration(late_by.to_std().unwrap_or_default()),
                 step.channel,
                 crate::humanize::duration(lateness)
-            ));
-        }
+            )
+        })
+    }
+
+    /// [`Self::check`] of a step not too late.
+    fn check_on_time(
+        &self,
+        step: &DueStep,
+        customer: &CustomerContext,
+        now: DateTime<Utc>,
+    ) -> Verdict {
         let overrides = self.controls.current();
         let over = overrides.journey(&step.journey);
         match over.and_then(|o| o.enabled) {

@@ -487,10 +487,8 @@ mod text_log_tests {
         }
     }
 
-    /// The text log as the daemon writes it: an event id carrying a newline
-    /// and an escape sequence stays on its event's line.
-    #[test]
-    fn a_forged_line_in_a_field_stays_on_its_events_line() {
+    /// What `emit` logs, in the daemon's text format.
+    fn text_log_of(emit: impl FnOnce()) -> String {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -498,11 +496,19 @@ mod text_log_tests {
             .with_ansi(false)
             .fmt_fields(super::text_log_fields())
             .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// The text log as the daemon writes it: an event id carrying a newline
+    /// and an escape sequence stays on its event's line.
+    #[test]
+    fn a_forged_line_in_a_field_stays_on_its_events_line() {
         let id = "t-nl\n2026-12-06T00:00:00Z ERROR nudge::admin: FORGED\u{1b}[2J";
-        tracing::subscriber::with_default(subscriber, || {
+        let text = text_log_of(|| {
             tracing::warn!(event_id = %id, kind = ?"rule", "event {id} refused");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!text.contains('\u{1b}'), "{text}");
         assert!(
@@ -515,15 +521,8 @@ mod text_log_tests {
     /// paths writes a line now and then, not one each.
     #[test]
     fn refused_admin_requests_are_logged_a_line_a_while_their_paths_cut_short() {
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .fmt_fields(super::text_log_fields())
-            .finish();
         let long = format!("/admin/journeys/{}", "A".repeat(60_000));
-        tracing::subscriber::with_default(subscriber, || {
+        let text = text_log_of(|| {
             for _ in 0..1_000 {
                 super::events::AdminAuthRefused {
                     path: &long,
@@ -532,7 +531,6 @@ mod text_log_tests {
                 .emit();
             }
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         // Another test of this process may have logged the reason within
         // the quiet period: then none here.
         assert!(text.lines().count() <= 1, "{} lines", text.lines().count());
