@@ -2422,14 +2422,19 @@ mod tests {
         assert_eq!(*channel.sent.lock().unwrap(), ["c2", "c1"]);
     }
 
-    /// A send decided when claimed but left waiting behind the channel's
-    /// concurrency (here one send at a time, and c1's hangs) past its
-    /// lateness bound is logged `expired`, not sent stale.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_send_that_waited_past_its_lateness_is_expired_not_sent() {
+    /// Pushes to c1 and c2 due a second ago, sent one at a time on a
+    /// virtual clock through a channel that holds c1's: c2's waits behind it.
+    fn c2_behind_hung_c1(
+        dir: &std::path::Path,
+        lateness: HashMap<ChannelKind, Duration>,
+    ) -> (
+        Arc<dyn Store>,
+        Arc<HoldOne>,
+        crate::clock::VirtualClock,
+        Arc<Scheduler>,
+    ) {
         let t0 = Utc::now();
-        let dir = tempfile::tempdir().unwrap();
-        let store = pushes_to_c1_and_c2(dir.path(), t0, t0 + chrono::Duration::milliseconds(1));
+        let store = pushes_to_c1_and_c2(dir, t0, t0 + chrono::Duration::milliseconds(1));
         let channel = holding_c1();
         let clock = crate::clock::VirtualClock::new(t0 + chrono::Duration::seconds(1));
         let scheduler = on_virtual_clock(
@@ -2437,8 +2442,19 @@ mod tests {
             Channels::default().with(ChannelKind::Push, channel.clone(), 1),
             &clock,
             without_quiet_hours(PolicyConfig::default().max_per_customer),
-            HashMap::from([(ChannelKind::Push, Duration::from_secs(60))]),
+            lateness,
         );
+        (store, channel, clock, scheduler)
+    }
+
+    /// A send decided when claimed but left waiting behind the channel's
+    /// concurrency (here one send at a time, and c1's hangs) past its
+    /// lateness bound is logged `expired`, not sent stale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_that_waited_past_its_lateness_is_expired_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let lateness = HashMap::from([(ChannelKind::Push, Duration::from_secs(60))]);
+        let (store, channel, clock, scheduler) = c2_behind_hung_c1(dir.path(), lateness);
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
         wait_until("c1's push starts", &|| {
@@ -2483,19 +2499,8 @@ mod tests {
     /// (the store conformance test `abandoned_claims_are_taken_over_after_the_lease`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn steps_whose_lease_ran_out_before_their_send_go_once() {
-        let t0 = Utc::now();
         let dir = tempfile::tempdir().unwrap();
-        let store = pushes_to_c1_and_c2(dir.path(), t0, t0 + chrono::Duration::milliseconds(1));
-        let channel = holding_c1();
-        let clock = crate::clock::VirtualClock::new(t0 + chrono::Duration::seconds(1));
-        // One send at a time: c2's waits behind c1's.
-        let scheduler = on_virtual_clock(
-            &store,
-            Channels::default().with(ChannelKind::Push, channel.clone(), 1),
-            &clock,
-            without_quiet_hours(PolicyConfig::default().max_per_customer),
-            HashMap::new(),
-        );
+        let (store, channel, clock, scheduler) = c2_behind_hung_c1(dir.path(), HashMap::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let daemon = tokio::spawn(scheduler.clone().run(stop_rx));
         wait_until("c1's push starts", &|| {
