@@ -198,6 +198,9 @@ struct BatchContext {
     /// The lease taken with the claim; the heartbeat extends it
     /// ([`InFlight::renewed_until`]).
     lease_until: DateTime<Utc>,
+    /// When the batch was claimed: a last retry's claim may take a moment
+    /// past its bound, its wait to be sent after that may not.
+    claimed_at: DateTime<Utc>,
 }
 
 /// The claimed rows of one channel loop that are being decided or sent
@@ -845,6 +848,7 @@ impl Scheduler {
             histories,
             upcoming,
             lease_until: now + span(self.config.lease),
+            claimed_at: now,
         };
         Ok((context, read))
     }
@@ -1143,6 +1147,7 @@ impl Scheduler {
             &customer,
             self.lateness(step.channel),
             self.clock.now(),
+            context.claimed_at,
         )
     }
 

@@ -259,6 +259,71 @@ fn the_cloudevents_sdk_in_both_modes_reaches_the_journey_and_a_bad_record_keeps_
     daemon.terminate();
 }
 
+/// `nudge_record_age_seconds` in a `/metrics` text.
+fn record_age(metrics: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nudge_record_age_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn records_stamped_ahead_of_the_hosts_clock_say_it_is_behind() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let (cfg, daemon) = start_daemon(&rt, dir.path(), &recv);
+    let probe = |n: &str, timestamp_ms: i64| {
+        json!({"api": "core", "mode": "binary",
+               "attributes": {"type": "test.probe", "source": "clock-test", "subject": "c-clock",
+                              "partitionkey": "c-clock"},
+               "data": {"n": n}, "timestamp_ms": timestamp_ms})
+    };
+    // A producer whose clock is two hours ahead of this host's, as this
+    // host's would look to the others had it fallen two hours behind.
+    let ahead = chrono::Utc::now().timestamp_millis() + 2 * 3_600_000;
+    python_produce(&cfg.topic, json!([probe("ahead", ahead)]));
+    daemon.wait_until(LONG, "the youngest record's age to be reported", || {
+        let (_, metrics) = daemon.get("/metrics").unwrap_or_default();
+        record_age(&metrics).is_some()
+    });
+    let (_, metrics) = daemon.get("/metrics").unwrap();
+    let age = record_age(&metrics).unwrap();
+    assert!(
+        (-7_200.5..-7_000.0).contains(&age),
+        "two hours in the future: {age}"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("ahead of this host's clock"))
+        .unwrap_or_else(|| panic!("no warning: {}", daemon.log_tail()));
+    assert!(
+        warning.contains("WARN") && warning.contains("timestamps 71"),
+        "{warning}"
+    );
+    // Still decided: a clock's disagreement is reported, not enforced.
+    assert!(
+        metrics.contains("nudge_journeys_started_total{journey=\"probe\"} 1"),
+        "{metrics}"
+    );
+
+    // The next interval with records starts afresh: a record stamped now
+    // reads as a few seconds old at most.
+    python_produce(
+        &cfg.topic,
+        json!([probe("now", chrono::Utc::now().timestamp_millis())]),
+    );
+    daemon.wait_until(LONG, "the age of a record stamped now", || {
+        let (_, metrics) = daemon.get("/metrics").unwrap_or_default();
+        record_age(&metrics).is_some_and(|age| age > -60.0)
+    });
+    let (_, metrics) = daemon.get("/metrics").unwrap();
+    let age = record_age(&metrics).unwrap();
+    assert!((-1.0..30.0).contains(&age), "stamped now: {age}");
+    daemon.terminate();
+}
+
 #[test]
 fn kcat_binary_records_with_headers_reach_the_journey_and_bad_ones_are_dead_lettered() {
     let rt = runtime();

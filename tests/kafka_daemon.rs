@@ -1164,3 +1164,79 @@ fn an_exit_read_before_its_trigger_ends_the_journey_before_it_starts() {
         assert!(!out.contains("early@example.com"), "{backend}: {out}");
     }
 }
+
+/// (outcome, reason) of each dispatch-log record of `journey`, in order.
+fn journey_log(path: &std::path::Path, journey: &str) -> Vec<(String, String)> {
+    let Some(conn) = store_reader(path) else {
+        return Vec::new();
+    };
+    let mut stmt = conn
+        .prepare("SELECT outcome, reason FROM dispatch_log WHERE journey = ?1 ORDER BY seq")
+        .unwrap();
+    stmt.query_map([journey], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn an_answer_that_came_while_the_daemon_stood_still_counts_as_sent_once() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let recv = Receiver::holding(&rt, gate.clone());
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("ping.rhai"),
+        r#"fn journey() { #{ name: "ping", category: "service", triggers: ["test.ping"],
+             steps: [#{ id: "push", channel: "push", template: "ping", delay: "0s" }] } }
+           fn decide(event, customer) { start() }"#,
+    )
+    .unwrap();
+    cfg.rules = rules;
+    cfg.push = "timeout = \"1s\"".into();
+    create_topic(&rt, &cfg.topic, 1);
+    create_topic(&rt, &cfg.dlq, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_sending(LONG);
+    produce(
+        &cfg.topic,
+        &[
+            event(
+                "contact",
+                "customer.contact_updated",
+                "c-paused",
+                json!({"app_installed": true}),
+            ),
+            event("ping", "test.ping", "c-paused", json!({})),
+        ],
+    );
+    daemon.wait_until(LONG, "the push to reach the receiver", || {
+        recv.waiting() == 1
+    });
+    // The daemon stands still (SIGSTOP, a paused VM) while the receiver
+    // answers, for longer than the push timeout and its allowance for a
+    // stall: when it runs again, the timeout and the answer are both there.
+    daemon.signal("STOP");
+    gate.add_permits(1);
+    wait_for(LONG, "the receiver to answer", || recv.waiting() == 0);
+    std::thread::sleep(Duration::from_secs(3)); // the pause itself, not a wait for a result
+    daemon.signal("CONT");
+    gate.add_permits(100); // another try, if one went, is answered at once
+    daemon.wait_until(LONG, "the push to be recorded", || {
+        !journey_log(&cfg.store, "ping").is_empty()
+    });
+    let log = journey_log(&cfg.store, "ping");
+    assert_eq!(
+        log.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>(),
+        ["sent"],
+        "{log:?}\n{}",
+        daemon.log_tail()
+    );
+    let keys = recv.by_key();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys.values().all(|&n| n == 1), "sent once: {keys:?}");
+    daemon.terminate();
+}

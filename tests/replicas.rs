@@ -429,3 +429,161 @@ fn a_record_the_database_refuses_for_good_is_dead_lettered_and_the_rest_go_on() 
     );
     daemon.terminate();
 }
+
+/// A role of its own owning a schema of its own: unlike the tests'
+/// superuser, privileges apply to it. Both dropped at the end.
+struct OwnRole {
+    role: String,
+    schema: Schema,
+}
+
+impl OwnRole {
+    fn new() -> Self {
+        let schema = Schema::new();
+        let role = schema.name.replace("nudge_daemon", "nudge_role");
+        pg_admin()
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN; ALTER SCHEMA {} OWNER TO {role}",
+                schema.name
+            ))
+            .unwrap();
+        Self { role, schema }
+    }
+
+    /// `store.url` as the role.
+    fn url(&self) -> String {
+        let base = pg_base();
+        assert!(
+            base.starts_with("postgres://postgres@"),
+            "this test logs in as a role of its own; it needs a base URL of user postgres: {base}"
+        );
+        self.schema.url.replacen(
+            "postgres://postgres@",
+            &format!("postgres://{}@", self.role),
+            1,
+        )
+    }
+}
+
+impl Drop for OwnRole {
+    fn drop(&mut self) {
+        let _ = pg_admin().batch_execute(&format!(
+            "DROP SCHEMA {} CASCADE; DROP ROLE {}",
+            self.schema.name, self.role
+        ));
+    }
+}
+
+/// A DBA takes away a privilege the engine needs (INSERT on the processed
+/// events) for a while. No record is at fault, so none is dead-lettered:
+/// the daemon waits, not ready and saying why, and once the privilege is
+/// back every event is decided and every push sent once.
+#[test]
+fn a_privilege_taken_away_for_a_while_loses_no_event() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let own = OwnRole::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(own.url());
+    create_topic(&rt, &cfg.topic, 2);
+    create_topic(&rt, &cfg.dlq, 1);
+    let loans = |from: usize, n: usize| {
+        let mut records = Vec::new();
+        for c in from..from + n {
+            records.push(event(
+                &format!("ctx-{c}"),
+                "customer.contact_updated",
+                &format!("c{c}"),
+                json!({"app_installed": true}),
+            ));
+            records.push(unsigned_loan(c, "Car loan"));
+        }
+        records
+    };
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    produce(&cfg.topic, &loans(0, 30));
+    daemon.wait_until(LONG, "the first pushes", || recv.by_key().len() == 30);
+
+    let mut admin = own.schema.client();
+    admin
+        .batch_execute(&format!(
+            "REVOKE INSERT ON processed_events FROM {}",
+            own.role
+        ))
+        .unwrap();
+    produce(&cfg.topic, &loans(30, 30));
+    daemon.wait_until(LONG, "/readyz to say the store refuses", || {
+        daemon
+            .readyz()
+            .is_some_and(|r| !r.ready() && r.body.to_string().contains("permission denied"))
+    });
+    admin
+        .batch_execute(&format!("GRANT INSERT ON processed_events TO {}", own.role))
+        .unwrap();
+    daemon.wait_until(LONG, "ready again and every push sent", || {
+        daemon.readyz().is_some_and(|r| r.ready()) && recv.by_key().len() == 60
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    let letters: i64 = admin
+        .query_one("SELECT COUNT(*) FROM dead_letters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(letters, 0, "no event dead-lettered\n{logs}");
+    let by_key = recv.by_key();
+    assert!(by_key.values().all(|&n| n == 1), "{by_key:?}");
+    let planned: i64 = admin
+        .query_one("SELECT COUNT(*) FROM steps WHERE status = 'pending'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(planned, 120, "every loan's email and call planned\n{logs}");
+}
+
+/// A DBA's transaction keeps a lock the engine needs (here on the table of
+/// processed events): the daemon does not wait silently behind it. Its
+/// statements give up after `lock_timeout`, `/readyz` names the lock
+/// timeout, and once the transaction ends every event is decided, once.
+#[test]
+fn a_lock_another_session_keeps_makes_the_daemon_not_ready_saying_so() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    let loans = |from: usize, n: usize| {
+        let mut records = Vec::new();
+        for c in from..from + n {
+            records.push(event(
+                &format!("ctx-{c}"),
+                "customer.contact_updated",
+                &format!("c{c}"),
+                json!({"app_installed": true}),
+            ));
+            records.push(unsigned_loan(c, "Car loan"));
+        }
+        records
+    };
+    let mut dba = schema.client();
+    let mut tx = dba.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE processed_events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    produce(&cfg.topic, &loans(0, 20));
+    daemon.wait_until(LONG, "/readyz to name the lock timeout", || {
+        daemon
+            .readyz()
+            .is_some_and(|r| !r.ready() && r.body.to_string().contains("lock timeout"))
+    });
+    assert!(recv.by_key().is_empty(), "nothing decided behind the lock");
+    tx.commit().unwrap();
+    daemon.wait_until(LONG, "ready again and every push sent", || {
+        daemon.readyz().is_some_and(|r| r.ready()) && recv.by_key().len() == 20
+    });
+    daemon.terminate();
+    assert!(recv.by_key().values().all(|&n| n == 1));
+}

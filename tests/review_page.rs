@@ -160,6 +160,27 @@ fn a_reviewer_reads_the_page_in_chromium() {
         .await;
         assert_eq!(status, json!([401]));
         assert!(!c.source().await.unwrap().contains("data-seq"));
+        // What a browser shows once its sign-in box is cancelled: a page
+        // a person can read, titled, in a language, saying what to do.
+        let refused = {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&admin).unwrap();
+            write!(
+                stream,
+                "GET / HTTP/1.1\r\nHost: {admin}\r\nAccept: text/html,*/*\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        assert!(
+            refused.contains("<html lang=\"en\">")
+                && refused.contains("<title>Sign-in needed · nudge review</title>")
+                && refused.contains("the token as the password"),
+            "{refused}"
+        );
         // And a wrong token is refused the same way.
         assert_eq!(http_get(&admin, "/").unwrap().0, 401);
         // No admin token is configured: `nudge control` says the API is off.
@@ -184,6 +205,45 @@ fn a_reviewer_reads_the_page_in_chromium() {
             .expect("the dispatch log");
         let all = stored_seqs(&db, None, None);
         assert!(all.len() >= 10, "{all:?}");
+        // The title says what the view holds (a screen reader announces it).
+        assert_eq!(
+            c.title().await.unwrap(),
+            format!("Dispatch log: {} records, newest first · nudge review", all.len())
+        );
+        // How late a step went, as a duration, not milliseconds.
+        let late = js(
+            &c,
+            "return Array.from(document.querySelectorAll('#log tbody td[data-label=Late]')).map(td => td.textContent)",
+        )
+        .await;
+        assert!(
+            late.as_array()
+                .unwrap()
+                .iter()
+                .all(|l| !l.as_str().unwrap().ends_with(" ms")),
+            "{late}"
+        );
+        // A filter that cannot be read keeps the form as sent, with the
+        // problem said beside it.
+        c.goto(&format!("{authed}?since=last+week&journey=fee_increase"))
+            .await
+            .unwrap();
+        let error = c.find(Locator::Id("error")).await.unwrap();
+        assert_eq!(error.attr("role").await.unwrap().as_deref(), Some("alert"));
+        assert!(error.text().await.unwrap().contains("since"));
+        assert!(c.title().await.unwrap().starts_with("Error: "));
+        let kept = js(
+            &c,
+            "return [document.querySelector('#filters input[name=since]').value, \
+             document.querySelector('#filters input[name=journey]').value]",
+        )
+        .await;
+        assert_eq!(kept, json!(["last week", "fee_increase"]));
+        c.goto(&authed).await.unwrap();
+        c.wait()
+            .for_element(Locator::Css("#log"))
+            .await
+            .expect("the dispatch log");
         assert_eq!(
             shown_seqs(&c).await,
             all,
@@ -289,6 +349,18 @@ fn a_reviewer_reads_the_page_in_chromium() {
             .await
             .unwrap();
         assert_eq!(h1, format!("Customer {customer}"));
+        // At 320 CSS px (a phone, or 400 % zoom), with every fold open,
+        // nothing widens the page (WCAG 1.4.10).
+        c.set_window_size(320, 800).await.unwrap();
+        let widths = js(
+            &c,
+            "document.querySelectorAll('details').forEach(d => d.open = true); \
+             return [document.documentElement.scrollWidth, document.documentElement.clientWidth]",
+        )
+        .await;
+        let (scroll, client) = (widths[0].as_i64().unwrap(), widths[1].as_i64().unwrap());
+        assert!(scroll <= client, "the record is {scroll} px wide in {client}");
+        c.set_window_size(1280, 900).await.unwrap();
         let mut logged = Vec::new();
         for row in c
             .find_all(Locator::Css("#record tbody tr[data-seq]"))

@@ -202,11 +202,47 @@ async fn require(tokens: &Tokens, needed: Role, mut request: Request, next: Next
                 }
                 .emit();
             }
-            let mut response = refusal.response();
+            let browser = request
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("text/html"));
+            let mut response = match refusal {
+                Refusal::Missing | Refusal::Wrong if browser => refusal_page(refusal),
+                _ => refusal.response(),
+            };
             protect(response.headers_mut());
             response
         }
     }
+}
+
+/// A 401 a person reads in a browser (after cancelling its sign-in box, or
+/// with a wrong token): what is needed and where to get it.
+fn refusal_page(refusal: Refusal) -> Response {
+    let tried = if refusal == Refusal::Wrong {
+        "<p>The token given was not accepted.</p>"
+    } else {
+        ""
+    };
+    let body = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Sign-in needed · nudge review</title></head><body><main>\
+         <h1>Sign-in needed</h1>{tried}<p>These pages show what was sent to customers, so \
+         they need the reviewer token. When your browser asks, enter any user name and the \
+         token as the password. Whoever runs nudge gives out the token.</p>\
+         <p><a href=\"/\">Try again</a></p></main></body></html>\n"
+    );
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            r#"Basic realm="nudge", charset="UTF-8""#,
+        )],
+        axum::response::Html(body),
+    )
+        .into_response()
 }
 
 /// Headers on every authenticated answer: nothing cached (customer data),

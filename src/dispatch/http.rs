@@ -12,6 +12,8 @@ pub struct HttpChannel {
     client: reqwest::Client,
     url: reqwest::Url,
     token: Option<String>,
+    /// A request's whole time, answer included (see [`answered_within`]).
+    timeout: Duration,
 }
 
 impl HttpChannel {
@@ -32,7 +34,6 @@ impl HttpChannel {
         // without the message, and a 307 would hand the message and its
         // token to whatever the Location names. The 3xx is a final failure.
         let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64);
         if let Some(pem) = extra_ca_pem {
@@ -50,7 +51,12 @@ impl HttpChannel {
         let client = builder
             .build()
             .map_err(|e| DispatchError::Transport(e.to_string()))?;
-        Ok(Self { client, url, token })
+        Ok(Self {
+            client,
+            url,
+            token,
+            timeout,
+        })
     }
 }
 
@@ -88,8 +94,18 @@ impl Channel for HttpChannel {
 
 impl HttpChannel {
     /// POSTs `body` as JSON with `key` as its `Idempotency-Key`; the
-    /// receiver's (successful) HTTP status.
+    /// receiver's (successful) HTTP status, within the channel's timeout.
     async fn post<T: serde::Serialize + ?Sized>(
+        &self,
+        key: &str,
+        body: &T,
+    ) -> Result<u16, DispatchError> {
+        answered_within(self.timeout, self.exchange(key, body))
+            .await
+            .unwrap_or(Err(DispatchError::Timeout))
+    }
+
+    async fn exchange<T: serde::Serialize + ?Sized>(
         &self,
         key: &str,
         body: &T,
@@ -150,6 +166,36 @@ impl HttpChannel {
 
 /// How much of a refusal's body is read for its excerpt.
 const REFUSAL_READ: usize = 2048;
+
+/// How far past its deadline a timeout may fire before this process is
+/// taken to have stood still (SIGSTOP, a paused VM, starved of CPU) rather
+/// than the receiver to have been slow.
+const STALL: Duration = Duration::from_secs(1);
+
+/// After such a stall, how long an answer that may already have arrived
+/// gets to be read.
+const AFTER_STALL: Duration = Duration::from_millis(500);
+
+/// `exchange`'s result if it completes within `timeout`. A deadline noticed
+/// only well after it passed means this process stood still meanwhile, and
+/// the receiver's answer may be waiting unread in the socket: it gets a
+/// moment to be read, so that a delivered message is recorded as sent, not
+/// as timed out and sent again. (reqwest's own timeout is checked before
+/// the response, so it would discard that answer.)
+async fn answered_within<F: std::future::Future>(
+    timeout: Duration,
+    exchange: F,
+) -> Option<F::Output> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut exchange = std::pin::pin!(exchange);
+    if let Ok(done) = tokio::time::timeout_at(deadline, &mut exchange).await {
+        return Some(done);
+    }
+    if tokio::time::Instant::now() - deadline < STALL {
+        return None;
+    }
+    tokio::time::timeout(AFTER_STALL, exchange).await.ok()
+}
 
 /// The error with what caused it (a refused certificate, a closed
 /// connection, a name that does not resolve): reqwest's own message names
@@ -227,6 +273,29 @@ mod tests {
 
     use super::*;
     use crate::dispatch::conformance::{delivers, sample_message};
+
+    /// The runtime's clock jumps past a send's deadline, as after SIGSTOP:
+    /// the timeout is noticed first, the answer only just after.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_came_while_the_process_stood_still_is_read_not_timed_out() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u16>();
+        let send = tokio::spawn(answered_within(Duration::from_secs(5), rx));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            tx.send(200).unwrap();
+        });
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert_eq!(send.await.unwrap(), Some(Ok(200)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_that_never_answers_times_out_at_the_timeout() {
+        let (_tx, rx) = tokio::sync::oneshot::channel::<u16>();
+        let started = tokio::time::Instant::now();
+        assert_eq!(answered_within(Duration::from_secs(5), rx).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
 
     #[test]
     fn a_refusal_body_is_cut_on_a_character_boundary_without_control_characters() {

@@ -51,7 +51,8 @@ pub enum DispatchError {
         status: u16,
         retry_after: Option<Duration>,
     },
-    #[error("timed out")]
+    /// The request may have reached the receiver: delivery is unknown.
+    #[error("timed out (the receiver may have it)")]
     Timeout,
     #[error("transport error: {0}")]
     Transport(String),

@@ -27,8 +27,8 @@ use crate::store::{DeadLetter, RecordHeader, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
     EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaClientError, KafkaReceiveFailed,
-    KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordDeadLettered,
-    StoreRefusedRecord, StoredOffsetsUnreadable,
+    KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordAge,
+    RecordDeadLettered, StoreRefusedRecord, StoredOffsetsUnreadable,
 };
 
 type Partition = (String, i32);
@@ -263,6 +263,30 @@ pub type Producer = rdkafka::producer::FutureProducer<ProducerContext>;
 struct IngestContext {
     readiness: Arc<Readiness>,
     store: Arc<dyn Store>,
+    youngest: YoungestRecord,
+}
+
+/// The least age, by this host's clock, of the records consumed since the
+/// last statistics: how this clock compares with the producers' (or the
+/// broker's), give or take the consumer's delay.
+struct YoungestRecord(std::sync::atomic::AtomicI64);
+
+impl YoungestRecord {
+    const NONE: i64 = i64::MAX;
+
+    fn new() -> Self {
+        Self(std::sync::atomic::AtomicI64::new(Self::NONE))
+    }
+
+    fn saw(&self, age_ms: i64) {
+        self.0.fetch_min(age_ms, Ordering::Relaxed);
+    }
+
+    /// The interval's age, and a new interval begun.
+    fn take(&self) -> Option<chrono::Duration> {
+        let ms = self.0.swap(Self::NONE, Ordering::Relaxed);
+        (ms != Self::NONE).then(|| chrono::Duration::milliseconds(ms))
+    }
 }
 
 impl ClientContext for IngestContext {
@@ -286,6 +310,9 @@ impl ClientContext for IngestContext {
             .filter(|b| b.source != "internal" && b.state == "UP")
             .count();
         self.readiness.kafka_brokers_up(up);
+        if let Some(youngest) = self.youngest.take() {
+            RecordAge { youngest }.emit();
+        }
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.consumer_lag >= 0 {
@@ -427,6 +454,8 @@ struct Gathered {
     /// Records that are more than an offset to store (events, invalid records).
     relevant: usize,
     key_mismatches: u64,
+    /// The latest Kafka timestamp among the records (ms since the epoch).
+    newest_ms: Option<i64>,
 }
 
 /// Records no journey reads cost the store nothing but their offset, so a
@@ -453,6 +482,7 @@ impl Gathered {
             records: Vec::with_capacity(n),
             relevant: 0,
             key_mismatches: 0,
+            newest_ms: None,
         }
     }
 
@@ -480,15 +510,13 @@ impl Gathered {
             any_header = true;
             headers.add(key, value);
         });
+        let stamped = m.timestamp().to_millis();
+        self.newest_ms = self.newest_ms.max(stamped);
         let record = event::Record {
             value: m.payload().unwrap_or_default(),
             headers,
             // CreateTime or LogAppendTime; else when it was read.
-            default_time_ms: Some(
-                m.timestamp()
-                    .to_millis()
-                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
-            ),
+            default_time_ms: Some(stamped.unwrap_or_else(|| chrono::Utc::now().timestamp_millis())),
         };
         // A record without a key goes to any partition, as one keyed by
         // something else: either way the customer's events may be decided
@@ -688,6 +716,7 @@ impl KafkaIngest {
             .create_with_context(IngestContext {
                 readiness: readiness.clone(),
                 store,
+                youngest: YoungestRecord::new(),
             })
             .context("creating the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -850,6 +879,10 @@ impl KafkaIngest {
                     rejects.push(origin.dead_letter(error.to_string(), None, None));
                 }
             }
+        }
+        if let Some(newest) = batch.newest_ms {
+            let age = chrono::Utc::now().timestamp_millis() - newest;
+            self.consumer.context().youngest.saw(age);
         }
         if batch.key_mismatches > 0 {
             KeyMismatches {

@@ -143,7 +143,7 @@ impl Policy {
         lateness: std::time::Duration,
         now: DateTime<Utc>,
     ) -> Verdict {
-        if let Some(reason) = self.expiry(step, customer, lateness, now) {
+        if let Some(reason) = self.expiry(step, customer, lateness, now, now) {
             return Verdict::Expire(reason);
         }
         self.check_on_time(step, customer, now)
@@ -151,12 +151,14 @@ impl Policy {
 
     /// Why the step is too late to send at `now`, if it is: due longer ago
     /// than `lateness`, counted from when its channel's hours opened.
+    /// `claimed_at`: when the step was claimed (`now` at the claim).
     pub fn expiry(
         &self,
         step: &DueStep,
         customer: &CustomerContext,
         lateness: std::time::Duration,
         now: DateTime<Utc>,
+        claimed_at: DateTime<Utc>,
     ) -> Option<String> {
         let mut reference = step.planned_at;
         if self.config.business_hours.0.contains_key(&step.channel) {
@@ -165,10 +167,14 @@ impl Policy {
             }
         }
         // A retry the scheduler placed at the bound is the step's last try;
-        // the moment its claim takes does not expire it. Claimed much later
-        // (the daemon was down), it is as late as it is.
-        let measured_at = if step.attempt > 1 && now - step.due_at <= span(RETRY_CLAIM_GRACE) {
-            now.min(step.due_at)
+        // the moment its claim takes does not expire it, but any wait after
+        // the claim (behind the channel's concurrency) counts. Claimed much
+        // later (the daemon was down), it is as late as it is. Earlier
+        // retries have no allowance: they are due within the bound.
+        let last_try = step.attempt > 1 && step.due_at >= step.planned_at + span(lateness);
+        let claim_took = claimed_at - step.due_at;
+        let measured_at = if last_try && claim_took <= span(RETRY_CLAIM_GRACE) {
+            now - claim_took.max(chrono::Duration::zero())
         } else {
             now
         };
@@ -556,6 +562,42 @@ mod tests {
             p.check(&first_try, &reachable(), HOUR, moment),
             Verdict::Expire(_)
         ));
+    }
+
+    /// The allowance is for the last try's claim only: a wait after the
+    /// claim (behind the channel's concurrency) counts, and a retry due
+    /// before the bound has none.
+    #[test]
+    fn a_retry_has_no_allowance_for_waiting_after_its_claim() {
+        let p = Policy::new(PolicyConfig::default());
+        let planned = at("2026-01-10T01:00:00Z");
+        let bound = planned + Duration::hours(1);
+        let c = reachable();
+        let last_try = DueStep {
+            due_at: bound,
+            attempt: 4,
+            ..step(ChannelKind::Push, Category::Service, planned)
+        };
+        let claimed = bound + Duration::seconds(2);
+        assert_eq!(p.expiry(&last_try, &c, HOUR, claimed, claimed), None);
+        let sent = claimed + Duration::milliseconds(500);
+        assert!(
+            p.expiry(&last_try, &c, HOUR, sent, claimed)
+                .is_some_and(|r| r.contains("due 1h ago")),
+            "half a second of waiting past the bound after the claim"
+        );
+        let earlier_retry = DueStep {
+            due_at: bound - Duration::seconds(3),
+            attempt: 2,
+            ..step(ChannelKind::Push, Category::Service, planned)
+        };
+        let claimed = bound - Duration::seconds(3);
+        assert_eq!(p.expiry(&earlier_retry, &c, HOUR, claimed, claimed), None);
+        let sent = bound + Duration::seconds(4);
+        assert!(
+            p.expiry(&earlier_retry, &c, HOUR, sent, claimed).is_some(),
+            "sent 4 s past the bound after waiting behind others"
+        );
     }
 
     #[test]

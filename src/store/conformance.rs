@@ -1731,7 +1731,7 @@ pub fn an_attempt_that_timed_out_is_withdrawn_at_the_exit(store: &dyn Store) {
     assert_eq!(claimed.len(), 2);
     for step in &claimed {
         let reason = match step.instance_id.as_str() {
-            "i5" => "timed out; attempt 1 of 8, next in 2s",
+            "i5" => "timed out (the receiver may have it); attempt 1 of 8, next in 2s",
             _ => "unavailable: HTTP 503; attempt 1 of 8, next in 2s",
         };
         let mut retry = settle(step, due, Outcome::Retrying);

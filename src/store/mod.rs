@@ -98,9 +98,11 @@ impl StoreError {
     /// first), or the machine short of something ops can give back (a full
     /// disk, an I/O error, a file made read-only). The caller retries with
     /// backoff and reports not ready meanwhile: the events wait in Kafka
-    /// rather than being dead-lettered. Anything else (corrupt rows, a
-    /// schema newer than the binary, bad settings, constraint violations
-    /// of the engine's own making) will fail again the same way.
+    /// rather than being dead-lettered. So is a privilege or object the
+    /// engine's statements need taken away under it: no record is at fault.
+    /// Anything else (corrupt rows, a schema newer than the binary, bad
+    /// settings, a value the database refuses, constraint violations of the
+    /// engine's own making) will fail again the same way.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
@@ -140,9 +142,18 @@ impl StoreError {
 /// PostgreSQL error codes that a retry can get past.
 fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
     use ::postgres::error::SqlState;
-    // Class 08: connection exceptions; 53: insufficient resources (disk
-    // full, out of memory, too many connections); 58: system (I/O) errors.
-    ["08", "53", "58"]
+    // Class 08: connection exceptions; 25: a transaction state the server
+    // imposed (read-only after a failover, idle-session timeouts); 3F and
+    // the undefined objects and privilege of 42 below: a schema, table,
+    // function or privilege the engine's own statements need is gone (a
+    // DBA's REVOKE, a changed search_path), which no record causes:
+    // dead-lettering would throw away every event of the moment, waiting
+    // loses none (a syntax error, also 42, stays permanent); 53:
+    // insufficient resources (disk full,
+    // out of memory, too many connections); 55: a lock or object another
+    // session holds; 57: operator intervention (cancelled, shut down);
+    // 58: system (I/O) errors.
+    ["08", "25", "3F", "53", "55", "57", "58"]
         .iter()
         .any(|class| code.code().starts_with(class))
         || [
@@ -157,6 +168,12 @@ fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
             SqlState::CANNOT_CONNECT_NOW,
             // Connected to a standby during a failover.
             SqlState::READ_ONLY_SQL_TRANSACTION,
+            // Taken away under the engine (its schema was migrated at start).
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::UNDEFINED_COLUMN,
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::UNDEFINED_OBJECT,
         ]
         .contains(code)
 }
@@ -756,13 +773,18 @@ mod tests {
             // Ops can give these back: the events wait in Kafka meanwhile.
             SqlState::DISK_FULL,
             SqlState::IO_ERROR,
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_SCHEMA_NAME,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
         ] {
             assert!(transient_sqlstate(&code), "{code:?}");
         }
         for code in [
             SqlState::SYNTAX_ERROR,
-            SqlState::UNDEFINED_TABLE,
             SqlState::CHECK_VIOLATION,
+            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
             SqlState::NOT_NULL_VIOLATION,
             SqlState::INVALID_PASSWORD,
         ] {

@@ -57,6 +57,12 @@ pub const CONSUMER_LAG: Metric = Metric {
     labels: &["topic", "partition"],
     help: "librdkafka's lag (high watermark minus position), from its statistics every 5 s",
 };
+pub const RECORD_AGE: Metric = Metric {
+    name: "nudge_record_age_seconds",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "age of the youngest record consumed in the last 5 s that brought records, by this host's clock against the record's Kafka timestamp: about the pipeline's delay when caught up and the clocks agree; negative: this host's clock is behind the producers' (or the broker's); large while nudge_consumer_lag is 0: this host's clock is ahead, and messages may expire",
+};
 pub const EVENTS_IGNORED: Metric = Metric {
     name: "nudge_events_ignored_total",
     kind: Kind::Counter,
@@ -326,6 +332,7 @@ pub const CHANNEL_STOPPED: Metric = Metric {
 pub const ALL: &[&Metric] = &[
     &EVENTS_CONSUMED,
     &CONSUMER_LAG,
+    &RECORD_AGE,
     &EVENTS_IGNORED,
     &EVENTS_DUPLICATE,
     &KEY_MISMATCH,

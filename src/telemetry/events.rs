@@ -50,6 +50,33 @@ impl ConsumerLag<'_> {
     }
 }
 
+/// The youngest record of a statistics interval, aged by this host's clock:
+/// the one signal nudge has of a host clock that disagrees with the rest
+/// (its delays, caps and lateness all read that clock).
+pub struct RecordAge {
+    pub youngest: chrono::Duration,
+}
+
+impl RecordAge {
+    /// A record stamped further ahead than this says the clocks disagree:
+    /// producers and brokers do not stamp records in the future.
+    pub const BEHIND_WARNING: chrono::Duration = chrono::Duration::seconds(60);
+
+    pub fn emit(self) {
+        metrics::gauge!(RECORD_AGE.name).set(self.youngest.num_milliseconds() as f64 / 1000.0);
+        if self.youngest > -Self::BEHIND_WARNING {
+            return;
+        }
+        let Some(repeats) = CLOCK_BEHIND_LINES.admit("behind", std::time::Instant::now()) else {
+            return;
+        };
+        let behind_s = -self.youngest.num_seconds();
+        tracing::warn!(target: INGEST, behind_s, similar_not_logged = repeats, "records carry Kafka timestamps {behind_s} s ahead of this host's clock: this host's clock is behind the producers' or the broker's (or a producer's is ahead); delays, caps and lateness are reckoned by this host's clock, check its time synchronisation");
+    }
+}
+
+static CLOCK_BEHIND_LINES: Throttle = Throttle::new(Duration::from_secs(60));
+
 /// Records of a batch keyed by something other than their customer id.
 /// Counted, not logged: a misconfigured producer would log on every record.
 pub struct KeyMismatches {
@@ -641,7 +668,12 @@ impl StepGivenUp<'_> {
     pub fn emit(self) {
         let key = format!("{}:{}:{}", self.channel, self.outcome, self.cause);
         if let Some(repeats) = GIVEN_UP_LINES.admit(&key, std::time::Instant::now()) {
-            tracing::warn!(target: SCHEDULER, channel = %self.channel, journey = %self.journey, instance = %self.instance, step = %self.step, outcome = %self.outcome, cause = %self.cause, http_status = self.http_status, attempts = self.attempts, similar_not_logged = repeats, "step given up: not sent (the dispatch log has the receiver's answer: nudge log --outcome {})", self.outcome);
+            if self.cause == "timeout" {
+                // The request went; its answer did not come in time.
+                tracing::warn!(target: SCHEDULER, channel = %self.channel, journey = %self.journey, instance = %self.instance, step = %self.step, outcome = %self.outcome, cause = %self.cause, attempts = self.attempts, similar_not_logged = repeats, "step given up: its last try timed out, so the receiver may have it (nudge log --outcome {})", self.outcome);
+            } else {
+                tracing::warn!(target: SCHEDULER, channel = %self.channel, journey = %self.journey, instance = %self.instance, step = %self.step, outcome = %self.outcome, cause = %self.cause, http_status = self.http_status, attempts = self.attempts, similar_not_logged = repeats, "step given up: not sent (the dispatch log has the receiver's answer: nudge log --outcome {})", self.outcome);
+            }
         }
     }
 }

@@ -89,6 +89,10 @@ mod tests {
         }
         .emit();
         KeyMismatches { count: 1 }.emit();
+        RecordAge {
+            youngest: chrono::Duration::milliseconds(40),
+        }
+        .emit();
         RecordDeadLettered {
             topic: "t",
             partition: 0,

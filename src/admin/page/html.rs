@@ -94,18 +94,30 @@ impl Display for Reach {
 
 /// The frame of every page.
 pub fn layout(title: &str, active: &str, reach: Option<&Reach>, body: &str) -> String {
+    layout_titled(title, title, active, reach, body)
+}
+
+/// [`layout`] with a document title of its own (what a screen reader
+/// announces and a tab shows: the view with its filter and count).
+fn layout_titled(
+    title: &str,
+    heading: &str,
+    active: &str,
+    reach: Option<&Reach>,
+    body: &str,
+) -> String {
     let mut out = String::with_capacity(body.len() + 1024);
     let _ = write!(
         out,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{} · nudge review</title><link rel=\"stylesheet\" href=\"/assets/app.css\"></head>\
-         <body><header><nav><span class=\"brand\">nudge review</span>",
+         <body><header><nav aria-label=\"Main\"><span class=\"brand\">nudge review</span>",
         esc(title)
     );
     for (href, label) in [("/", "Dispatch log"), ("/funnel", "Funnels")] {
         let class = if label == active {
-            " class=\"active\""
+            " class=\"active\" aria-current=\"page\""
         } else {
             ""
         };
@@ -118,7 +130,7 @@ pub fn layout(title: &str, active: &str, reach: Option<&Reach>, body: &str) -> S
     let _ = writeln!(
         out,
         "</header><main><h1>{}</h1>{body}</main></body></html>",
-        esc(title)
+        esc(heading)
     );
     out
 }
@@ -132,10 +144,13 @@ pub fn error_page(message: &str) -> String {
     )
 }
 
+/// The example stays visible under the field (a placeholder vanishes
+/// once typed in, and reads as a value already set).
 fn text_input(out: &mut String, name: &str, label: &str, value: Option<&str>, hint: &str) {
     let _ = write!(
         out,
-        "<label>{label}<input type=\"text\" name=\"{name}\" value=\"{}\" placeholder=\"{}\"></label>",
+        "<label>{label}<input type=\"text\" name=\"{name}\" value=\"{}\" aria-describedby=\"{name}-hint\">\
+         <small class=\"hint\" id=\"{name}-hint\">e.g. {}</small></label>",
         esc(value.unwrap_or("")),
         esc(hint)
     );
@@ -157,18 +172,102 @@ fn select(out: &mut String, name: &str, label: &str, value: Option<&str>, option
 /// first, and links to the next (older) page and to the CSV of the filter.
 pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
     let mut out = String::new();
+    log_form(&mut out, query);
+    let filters = query.filters_query();
+    let _ = write!(
+        out,
+        "<p class=\"actions\"><a id=\"csv\" href=\"/log.csv{}\" download>Download CSV of this filter</a> \
+         (every record it selects, not just this page)</p>",
+        if filters.is_empty() { String::new() } else { format!("?{filters}") }
+    );
+    let shown = match (page.records.len(), query.after.is_some()) {
+        (1, false) => "1 record".to_string(),
+        (n, false) => format!("{n} records, newest first"),
+        (n, true) => format!("{n} older records"),
+    };
+    let filtered = filters_summary(query);
+    if page.records.is_empty() {
+        let text = if filters.is_empty() && query.after.is_none() {
+            "The dispatch log is empty: nothing has been decided yet (or retention removed it)."
+        } else {
+            "No record passes this filter."
+        };
+        let _ = write!(out, "<p id=\"empty\" role=\"status\">{text}</p>");
+    } else {
+        let _ = write!(
+            out,
+            "<p id=\"shown\" role=\"status\">{shown}{}</p>",
+            if filtered.is_empty() {
+                String::new()
+            } else {
+                format!(" where {}", esc(&filtered))
+            }
+        );
+        log_table(&mut out, &page.records);
+    }
+    pager(&mut out, query, page, &filters);
+    let title = if filtered.is_empty() {
+        format!("Dispatch log: {shown}")
+    } else {
+        format!("Dispatch log: {filtered}: {shown}")
+    };
+    layout_titled(&title, "Dispatch log", "Dispatch log", Some(reach), &out)
+}
+
+/// The log page for a filter that cannot be read: the form as it was sent,
+/// and what is wrong with it.
+pub fn log_refused(query: &LogQuery, message: &str) -> String {
+    let mut out = String::new();
+    log_form(&mut out, query);
+    let _ = write!(
+        out,
+        "<p class=\"error\" id=\"error\" role=\"alert\">{}</p>",
+        esc(message)
+    );
+    layout_titled(
+        "Error: Dispatch log",
+        "Dispatch log",
+        "Dispatch log",
+        None,
+        &out,
+    )
+}
+
+/// The filters in force, as words (`journey unsigned_loan, outcome sent`).
+fn filters_summary(query: &LogQuery) -> String {
+    [
+        ("journey", &query.journey),
+        ("step", &query.step),
+        ("channel", &query.channel),
+        ("outcome", &query.outcome),
+        ("since", &query.since),
+        ("until", &query.until),
+        ("customer", &query.customer),
+    ]
+    .iter()
+    .filter_map(|(name, value)| {
+        value
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .map(|v| format!("{name} {v}"))
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+fn log_form(out: &mut String, query: &LogQuery) {
     out.push_str("<form method=\"get\" action=\"/\" class=\"filters\" id=\"filters\">");
     text_input(
-        &mut out,
+        out,
         "journey",
         "Journey",
         query.journey.as_deref(),
         "unsigned_loan",
     );
-    text_input(&mut out, "step", "Step", query.step.as_deref(), "push");
+    text_input(out, "step", "Step", query.step.as_deref(), "push");
     let channels: Vec<&str> = ChannelKind::ALL.iter().map(|c| c.as_str()).collect();
     select(
-        &mut out,
+        out,
         "channel",
         "Channel",
         query.channel.as_deref(),
@@ -176,28 +275,28 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
     );
     let outcomes = crate::model::Outcome::ALL.map(crate::model::Outcome::as_str);
     select(
-        &mut out,
+        out,
         "outcome",
         "Outcome",
         query.outcome.as_deref(),
         &outcomes,
     );
     text_input(
-        &mut out,
+        out,
         "since",
         "Since",
         query.since.as_deref(),
         "7d, 2026-03-02 or RFC 3339",
     );
     text_input(
-        &mut out,
+        out,
         "until",
         "Until",
         query.until.as_deref(),
         "2026-03-09T00:00:00Z",
     );
     text_input(
-        &mut out,
+        out,
         "customer",
         "Customer id",
         query.customer.as_deref(),
@@ -207,19 +306,15 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
         "<div class=\"buttons\"><button type=\"submit\" id=\"apply\">Filter</button>\
          <a href=\"/\">Clear</a></div></form>",
     );
-    let filters = query.filters_query();
-    let _ = write!(
-        out,
-        "<p class=\"actions\"><a id=\"csv\" href=\"/log.csv{}\" download>Download CSV of this filter</a> \
-         (every record it selects, not just this page)</p>",
-        if filters.is_empty() { String::new() } else { format!("?{filters}") }
-    );
-    if page.records.is_empty() {
-        out.push_str("<p id=\"empty\">No record passes this filter.</p>");
-    } else {
-        log_table(&mut out, &page.records);
+}
+
+/// Links to the newest page and the next older one; nothing when there is
+/// only one page.
+fn pager(out: &mut String, query: &LogQuery, page: &LogPage, filters: &str) {
+    if query.after.is_none() && page.next.is_none() {
+        return;
     }
-    out.push_str("<nav class=\"pager\">");
+    out.push_str("<nav class=\"pager\" aria-label=\"Pages\">");
     if query.after.is_some() {
         let _ = write!(
             out,
@@ -246,7 +341,6 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
         );
     }
     out.push_str("</nav>");
-    layout("Dispatch log", "Dispatch log", Some(reach), &out)
 }
 
 fn log_table(out: &mut String, records: &[LogRecord]) {
@@ -275,7 +369,10 @@ fn log_table(out: &mut String, records: &[LogRecord]) {
             channel = esc(&r.channel),
             outcome = r.outcome.as_str(),
             attempt = r.attempt,
-            late = r.latency_ms.map(|l| format!("{l} ms")).unwrap_or_default(),
+            late = r
+                .latency_ms
+                .map(|l| crate::humanize::duration(std::time::Duration::from_millis(l)))
+                .unwrap_or_default(),
             reason = esc(&r.reason),
             hash = esc(&r.rule_hash),
             short = esc(r.rule_hash.get(..8).unwrap_or(&r.rule_hash)),
@@ -396,14 +493,14 @@ fn funnel_section(out: &mut String, f: &Funnel) {
     }
     out.push_str(
         "<h3>Per rule version</h3><table class=\"records versions\"><thead><tr><th>Script hash</th>\
-         <th>Instances started</th><th>Started</th><th>Converted</th><th>Treated</th><th>Held out</th>\
+         <th>First – last start</th><th>Started</th><th>Converted</th><th>Treated</th><th>Held out</th>\
          <th>Difference</th></tr></thead><tbody>",
     );
     for v in &f.by_rule_version {
         let _ = write!(
             out,
             "<tr><td data-label=\"Script hash\"><code title=\"{hash}\">{short}</code></td>\
-             <td data-label=\"Instances started\">{} – {}</td><td data-label=\"Started\">{}</td>\
+             <td data-label=\"First – last start\">{} – {}</td><td data-label=\"Started\">{}</td>\
              <td data-label=\"Converted\">{}</td>\
              <td data-label=\"Treated\">{} of {}</td><td data-label=\"Held out\">{} of {}</td>\
              <td data-label=\"Difference\">{}</td></tr>",

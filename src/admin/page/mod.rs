@@ -246,7 +246,9 @@ async fn log_page(State(state): State<PageState>, Query(query): Query<LogQuery>)
     let query = query.tidy();
     let (filter, after, limit) = match (query.filter(Utc::now()), query.cursor(), query.limit()) {
         (Ok(f), Ok(a), Ok(l)) => (f, a, l),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad_request(e),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return html_response(StatusCode::BAD_REQUEST, html::log_refused(&query, &e))
+        }
     };
     let result = read(review, "log page", move |r| {
         let page = crate::review::log::page(r, &filter, after, limit)?;

@@ -80,6 +80,9 @@ pub const GENERIC_PLAN: &str = "/* plan: generic */";
 pub const GENERIC_SESSION: &str =
     "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
 /// The session for every other statement: planned for each run's values.
+/// How long one of the engine's statements waits for a lock.
+const LOCK_TIMEOUT: &str = "SET lock_timeout = '10s'";
+
 pub const CUSTOM_SESSION: &str = "SET plan_cache_mode = force_custom_plan; SET enable_seqscan = on";
 
 /// How the session plans prepared statements (`plan_cache_mode`).
@@ -229,6 +232,11 @@ impl r2d2::ManageConnection for Manager {
         // marked [`GENERIC_PLAN`], written to be found by key whatever the
         // statistics, keep one plan.
         client.batch_execute(PlanMode::Custom.set())?;
+        // A lock another session keeps (a DBA's forgotten transaction, a
+        // migration's table lock) fails the statement after a while instead
+        // of holding it silently: the work is retried with backoff, and
+        // `/readyz` says which lock timed out meanwhile.
+        client.batch_execute(LOCK_TIMEOUT)?;
         Ok(PgConn {
             client,
             statements: HashMap::new(),
