@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::*;
-use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -41,21 +40,6 @@ impl Drop for RestartOnDrop {
             .args(["-c", "pg_isready -q -h 127.0.0.1 || pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"])
             .status();
     }
-}
-
-fn loans(from: usize, n: usize) -> Vec<(String, Vec<u8>)> {
-    let mut records = Vec::new();
-    for c in from..from + n {
-        let cust = format!("c{c}");
-        records.push(event(
-            &format!("ctx-{c}"),
-            "customer.contact_updated",
-            &cust,
-            json!({"app_installed": true}),
-        ));
-        records.push(unsigned_loan(c, "Personal loan"));
-    }
-    records
 }
 
 #[test]

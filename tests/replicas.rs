@@ -488,19 +488,6 @@ fn a_privilege_taken_away_for_a_while_loses_no_event() {
     cfg.store_url = Some(own.url());
     create_topic(&rt, &cfg.topic, 2);
     create_topic(&rt, &cfg.dlq, 1);
-    let loans = |from: usize, n: usize| {
-        let mut records = Vec::new();
-        for c in from..from + n {
-            records.push(event(
-                &format!("ctx-{c}"),
-                "customer.contact_updated",
-                &format!("c{c}"),
-                json!({"app_installed": true}),
-            ));
-            records.push(unsigned_loan(c, "Car loan"));
-        }
-        records
-    };
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
     produce(&cfg.topic, &loans(0, 30));
@@ -556,19 +543,6 @@ fn a_lock_another_session_keeps_makes_the_daemon_not_ready_saying_so() {
     create_topic(&rt, &cfg.topic, 1);
     let daemon = Daemon::start(&cfg, "a");
     daemon.wait_ready(LONG);
-    let loans = |from: usize, n: usize| {
-        let mut records = Vec::new();
-        for c in from..from + n {
-            records.push(event(
-                &format!("ctx-{c}"),
-                "customer.contact_updated",
-                &format!("c{c}"),
-                json!({"app_installed": true}),
-            ));
-            records.push(unsigned_loan(c, "Car loan"));
-        }
-        records
-    };
     let mut dba = schema.client();
     let mut tx = dba.transaction().unwrap();
     tx.batch_execute("LOCK TABLE processed_events IN ACCESS EXCLUSIVE MODE")

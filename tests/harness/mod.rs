@@ -264,6 +264,22 @@ pub fn unsigned_loan(c: usize, product: &str) -> (String, Vec<u8>) {
     )
 }
 
+/// Customers `c{from}`… each with the app (a contact update) and an
+/// unsigned loan: one push due at once each, an email and a call planned.
+pub fn loans(from: usize, n: usize) -> Records {
+    let mut records = Vec::new();
+    for c in from..from + n {
+        records.push(event(
+            &format!("ctx-{c}"),
+            "customer.contact_updated",
+            &format!("c{c}"),
+            serde_json::json!({"app_installed": true}),
+        ));
+        records.push(unsigned_loan(c, "Personal loan"));
+    }
+    records
+}
+
 // ---------------------------------------------------------------- a broker behind a proxy
 
 /// A tansu broker of its own on a free port that advertises the address of
