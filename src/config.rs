@@ -1305,9 +1305,6 @@ pub fn parse_postgres_url(url: &str) -> Result<(postgres::Config, SslMode), Stri
         SslMode::Prefer => postgres::config::SslMode::Prefer,
         _ => postgres::config::SslMode::Require,
     });
-    if config.get_application_name().is_none() {
-        config.application_name("nudge");
-    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }

@@ -139,6 +139,9 @@ pub fn preflight(config: &Config) -> anyhow::Result<rules::RuleSet> {
     if let Err(e) = crate::ingest::kafka::consumer_config(&config.kafka) {
         problems.push(format!("{e:#}"));
     }
+    if let Err(e) = crate::store::check_settings(&config.store) {
+        problems.push(format!("{e:#}"));
+    }
     let rule_set = load_rules(config, &Limits::from_config(&config.rules));
     if let Err(e) = &rule_set {
         problems.push(format!("{e:#}"));

@@ -30,11 +30,12 @@ use crate::store::{
 pub struct SourceOffset {
     pub topic: String,
     pub partition: i32,
-    /// The next offset to read after this batch.
+    /// The offset the store held when the batch was read (0: none), which
+    /// the batch moves from ([`crate::store::Tx::set_offset`]).
+    pub expected: i64,
+    /// The next offset to read after this batch (below `expected` when the
+    /// log restarted beneath the store's offset).
     pub next_offset: i64,
-    /// Below the store's offset: the log restarted beneath it, and this
-    /// replaces the old log's position (see [`crate::store::Tx::rewind_offset`]).
-    pub rewind: bool,
 }
 
 /// Where a record came from, so a failure can be dead-lettered with its
@@ -243,11 +244,7 @@ impl Pipeline {
             }
         }
         for o in offsets {
-            if o.rewind {
-                tx.rewind_offset(&o.topic, o.partition, o.next_offset)?;
-            } else {
-                tx.set_offset(&o.topic, o.partition, o.next_offset)?;
-            }
+            tx.set_offset(&o.topic, o.partition, o.expected, o.next_offset)?;
         }
         tx.commit()?;
         Ok(run.out)

@@ -795,6 +795,21 @@ fn check_with_a_config_checks_the_daemons_settings_without_showing_secrets() {
             format!("{text}\n[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"GSSAPI\"\n"),
             "kafka.properties.sasl.mechanism: `GSSAPI` is not supported",
         ),
+        // The store's secret and CA file, which only connecting used to read.
+        (
+            text.replace(
+                "path = \"nudge-local.db\"",
+                "url = \"postgres://nudge@db:5432/nudge\"\npassword_file = \"/nonexistent/pg-password\"",
+            ),
+            "store.password_file",
+        ),
+        (
+            text.replace(
+                "path = \"nudge-local.db\"",
+                "url = \"postgres://nudge@db:5432/nudge?sslmode=verify-full\"\nca_file = \"/nonexistent/ca.crt\"",
+            ),
+            "store.ca_file: cannot read /nonexistent/ca.crt",
+        ),
     ] {
         assert_ne!(changed, text);
         std::fs::write(&config, changed).unwrap();

@@ -450,6 +450,30 @@ impl OwnRole {
         Self { role, schema }
     }
 
+    /// A role granted the data of a schema the tests' superuser owns and
+    /// has migrated, and nothing else (README's grants): it may not
+    /// change the schema.
+    fn data_only() -> Self {
+        let schema = Schema::new();
+        let role = schema.name.replace("nudge_daemon", "nudge_app");
+        let mut admin = schema.client();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("owner.toml");
+        std::fs::write(&config, format!("[store]\nurl = {:?}\n", schema.url)).unwrap();
+        let (code, out, err) = nudge(&["migrate", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        let name = &schema.name;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN;
+                 GRANT USAGE ON SCHEMA {name} TO {role};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {name} TO {role};
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA {name} TO {role};"
+            ))
+            .unwrap();
+        Self { role, schema }
+    }
+
     /// `store.url` as the role.
     fn url(&self) -> String {
         let base = pg_base();
@@ -468,10 +492,32 @@ impl OwnRole {
 impl Drop for OwnRole {
     fn drop(&mut self) {
         let _ = pg_admin().batch_execute(&format!(
-            "DROP SCHEMA {} CASCADE; DROP ROLE {}",
-            self.schema.name, self.role
+            "DROP SCHEMA {} CASCADE; DROP OWNED BY {role}; DROP ROLE {role}",
+            self.schema.name,
+            role = self.role
         ));
     }
+}
+
+/// Replicas run as a role that may read and write nudge's tables but not
+/// change the schema (least privilege): at the binary's version the schema
+/// is only read at start, so the daemon starts, decides and sends.
+#[test]
+fn a_replica_runs_as_a_role_granted_only_the_data() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let app = OwnRole::data_only();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(app.url());
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    produce(&cfg.topic, &loans(0, 10));
+    daemon.wait_until(LONG, "every push sent", || recv.by_key().len() == 10);
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    assert!(!logs.contains("permission denied"), "{logs}");
 }
 
 /// A DBA takes away a privilege the engine needs (INSERT on the processed
@@ -560,4 +606,157 @@ fn a_lock_another_session_keeps_makes_the_daemon_not_ready_saying_so() {
     });
     daemon.terminate();
     assert!(recv.by_key().values().all(|&n| n == 1));
+}
+
+/// The schema's tables as they are now, copied into a schema beside it:
+/// what a standby that stops receiving here would be promoted with.
+fn standby_copy(schema: &Schema) -> String {
+    let copy = format!("{}_standby", schema.name);
+    let mut admin = pg_admin();
+    let tables = tables_of(&mut admin, &schema.name);
+    // One snapshot of every table, as one point of the primary's history.
+    let mut tx = admin
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    tx.batch_execute(&format!("CREATE SCHEMA {copy}")).unwrap();
+    for table in tables {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {copy}.{table} AS SELECT * FROM {}.{table}",
+            schema.name
+        ))
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    copy
+}
+
+fn tables_of(admin: &mut postgres::Client, schema: &str) -> Vec<String> {
+    admin
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+             WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1",
+            &[&schema],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Puts the copy's rows back in one transaction, as a failover to that
+/// standby would: every transaction committed since the copy is lost
+/// (triggers off, as in a standby's replay).
+fn fail_over_to(schema: &Schema, copy: &str) {
+    let mut admin = pg_admin();
+    let tables = tables_of(&mut admin, &schema.name);
+    let all: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{}.{t}", schema.name))
+        .collect();
+    // The daemon's transactions take the same tables' locks in another
+    // order: a deadlock ends one side, and the restore is tried again.
+    let restore = |admin: &mut postgres::Client| -> Result<(), postgres::Error> {
+        let mut tx = admin.transaction()?;
+        tx.batch_execute("SET LOCAL session_replication_role = replica")?;
+        tx.batch_execute(&format!("TRUNCATE {}", all.join(", ")))?;
+        for table in &tables {
+            tx.batch_execute(&format!(
+                "INSERT INTO {}.{table} OVERRIDING SYSTEM VALUE SELECT * FROM {copy}.{table}",
+                schema.name
+            ))?;
+        }
+        tx.commit()
+    };
+    let mut tries = 0;
+    while let Err(e) = restore(&mut admin) {
+        tries += 1;
+        assert!(
+            tries < 20 && e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED),
+            "{e:?}"
+        );
+    }
+    admin
+        .batch_execute(&format!("DROP SCHEMA {copy} CASCADE"))
+        .unwrap();
+}
+
+/// A failover to a standby that had not received the last transactions:
+/// the store's offsets go back under the running consumer, and with them
+/// the loans decided and the signatures that ended them. Kafka still holds
+/// those records: the daemon notices (here with no new record coming, so
+/// by its periodic check), reads each partition again from the store's
+/// offset and decides them again. Every loan has its instance, the signed
+/// ones stay converted with nothing left to send, and a push the lost
+/// transactions had recorded as sent goes again under the same key.
+#[test]
+fn a_failover_to_a_standby_that_missed_transactions_decides_them_again() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let schema = Schema::new();
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(schema.url.clone());
+    create_topic(&rt, &cfg.topic, 2);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    produce(&cfg.topic, &loans(0, 30));
+    daemon.wait_until(LONG, "the first pushes", || recv.by_key().len() == 30);
+    let standby = standby_copy(&schema);
+
+    let mut db = schema.client();
+    let count =
+        |db: &mut postgres::Client, sql: &str| -> i64 { db.query_one(sql, &[]).unwrap().get(0) };
+    let mut later = loans(30, 30);
+    for c in 0..10 {
+        later.push(event(
+            &format!("signed-{c}"),
+            "loan_application.signed",
+            &format!("c{c}"),
+            json!({"application_id": format!("A{c}")}),
+        ));
+    }
+    produce(&cfg.topic, &later);
+    let converted = "SELECT COUNT(*) FROM instances WHERE status = 'converted'";
+    daemon.wait_until(
+        LONG,
+        "the later loans sent and the signed converted",
+        || recv.by_key().len() == 60 && count(&mut db, converted) == 10,
+    );
+    let before = count(&mut db, "SELECT COUNT(*) FROM instances");
+
+    fail_over_to(&schema, &standby);
+    assert_eq!(count(&mut db, "SELECT COUNT(*) FROM instances"), 30);
+    assert_eq!(
+        count(&mut db, converted),
+        0,
+        "the signatures are lost with it"
+    );
+    daemon.wait_until(LONG, "the lost decisions made again", || {
+        count(&mut db, "SELECT COUNT(*) FROM instances") == before
+            && count(&mut db, converted) == 10
+            && count(
+                &mut db,
+                "SELECT COUNT(*) FROM steps WHERE step = 'push' AND status <> 'sent'",
+            ) == 0
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    assert!(
+        logs.contains("the store's offset is not this consumer's"),
+        "the failover is said\n{logs}"
+    );
+    let signed_pending = count(
+        &mut db,
+        "SELECT COUNT(*) FROM steps s JOIN instances i ON i.id = s.instance_id
+         WHERE i.status = 'converted' AND s.status = 'pending'",
+    );
+    assert_eq!(
+        signed_pending, 0,
+        "no reminder left for a signed loan\n{logs}"
+    );
+    let by_key = recv.by_key();
+    assert_eq!(by_key.len(), 60, "{by_key:?}");
+    assert!(by_key.values().all(|&n| n <= 2), "{by_key:?}");
 }

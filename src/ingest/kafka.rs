@@ -28,7 +28,7 @@ use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
     EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaClientError, KafkaReceiveFailed,
     KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordAge,
-    RecordDeadLettered, StoreRefusedRecord, StoredOffsetsUnreadable,
+    RecordDeadLettered, SeekFailed, StoreOffsetMoved, StoreRefusedRecord, StoredOffsetsUnreadable,
 };
 
 type Partition = (String, i32);
@@ -41,6 +41,23 @@ struct BatchPart {
     rejects: Vec<DeadLetter>,
     offsets: Vec<SourceOffset>,
 }
+
+/// Why a part of a batch was not stored.
+enum NotStored {
+    /// The store refused it for good, saying why.
+    Refused(String),
+    /// The store holds another offset than the consumer's
+    /// ([`StoreError::OffsetMoved`]): read again from there.
+    OffsetMoved,
+}
+
+/// A batch was rolled back because the store holds another offset than the
+/// consumer's for one of its partitions ([`StoreError::OffsetMoved`]).
+struct OffsetMoved;
+
+/// How often the consumer's offsets are compared with the store's when no
+/// batch did so (see [`KafkaIngest::check_stored_offsets`]).
+const OFFSET_CHECK: Duration = Duration::from_secs(5);
 
 /// Called after each committed batch with whether it produced dead letters.
 pub type AfterBatch = Box<dyn Fn(&BatchOutcome, bool) + Send + Sync>;
@@ -216,10 +233,7 @@ impl Readiness {
         let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
         for o in offsets {
             if let Some(next) = resume.get_mut(&(o.topic.clone(), o.partition)) {
-                *next = match o.rewind {
-                    true => o.next_offset,
-                    false => (*next).max(o.next_offset),
-                };
+                *next = o.next_offset;
             }
         }
     }
@@ -743,6 +757,8 @@ impl KafkaIngest {
         let caught_up = &self.readiness.caught_up.0;
         let mut catch_up = CatchUp::default();
         let now_ms = || chrono::Utc::now().timestamp_millis();
+        let mut offset_check = tokio::time::interval(OFFSET_CHECK);
+        offset_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if !*caught_up.borrow() {
                 if catch_up.assigned_at.is_none() {
@@ -766,6 +782,10 @@ impl KafkaIngest {
                         caught_up.send_replace(true);
                         tracing::info!("caught up with the records waiting at start");
                     }
+                    continue;
+                }
+                _ = offset_check.tick() => {
+                    self.check_stored_offsets().await?;
                     continue;
                 }
                 _ = shutdown.changed() => break,
@@ -811,7 +831,7 @@ impl KafkaIngest {
                     }
                 }
             }
-            self.process(batch, &shutdown).await;
+            self.process(batch, &shutdown).await?;
         }
         // Everything processed is in the store; tell Kafka too before leaving.
         let mut tpl = TopicPartitionList::new();
@@ -829,7 +849,11 @@ impl KafkaIngest {
         Ok(())
     }
 
-    async fn process(&self, batch: Gathered, shutdown: &watch::Receiver<bool>) {
+    async fn process(
+        &self,
+        batch: Gathered,
+        shutdown: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         // Assignment may have changed while the batch was gathered (callbacks
         // run inside `recv`): keep only records of partitions still assigned
         // and not yet durable in the store.
@@ -912,20 +936,30 @@ impl KafkaIngest {
             }
             if let Some(next_offset) = next[i] {
                 offsets.push(SourceOffset {
-                    rewind: from[i].is_some_and(|stored| next_offset < stored),
                     topic,
                     partition,
+                    expected: from[i].unwrap_or(0),
                     next_offset,
                 });
             }
         }
         if offsets.is_empty() {
-            return;
+            return Ok(());
         }
         let outcome = self
             .store_with_retry(events, origins, rejects.clone(), offsets.clone(), shutdown)
             .await;
-        let Some(mut outcome) = outcome else { return };
+        let mut outcome = match outcome {
+            None => return Ok(()),
+            Some(Ok(outcome)) => outcome,
+            Some(Err(OffsetMoved)) => {
+                let at: Vec<(String, i32, i64)> = offsets
+                    .into_iter()
+                    .map(|o| (o.topic, o.partition, o.expected))
+                    .collect();
+                return self.read_again_from_store(at).await;
+            }
+        };
         // Records the batch did not even decode count as ignored too.
         outcome.ignored += ignored;
         for f in &outcome.failures {
@@ -942,6 +976,134 @@ impl KafkaIngest {
             &outcome,
             !rejects.is_empty() || !outcome.failures.is_empty(),
         );
+        Ok(())
+    }
+
+    /// The store holds another offset than this consumer's for a partition:
+    /// the batch was rolled back, and every partition it held is
+    /// read again from the offset the store holds, the one that moved and
+    /// the others, whose records were rolled back with it. Kafka keeps the
+    /// records, so the decisions a failover to a lagging standby lost are
+    /// made again, and a batch written over another consumer's is not.
+    /// `partitions`: topic, partition and the offset this consumer expected.
+    async fn read_again_from_store(
+        &self,
+        partitions: Vec<(String, i32, i64)>,
+    ) -> anyhow::Result<()> {
+        let mut stored: HashMap<String, Option<HashMap<i32, i64>>> = HashMap::new();
+        for (topic, _, _) in &partitions {
+            if !stored.contains_key(topic) {
+                let store = self.consumer.context().store.clone();
+                let t = topic.clone();
+                let read = tokio::task::spawn_blocking(move || store.offsets(&t)).await;
+                let offsets = match read {
+                    Ok(Ok(offsets)) => Some(offsets.into_iter().collect()),
+                    // Unreadable for now: the batch is read again from
+                    // where it started, and checked again when stored.
+                    Ok(Err(e)) => {
+                        StoredOffsetsUnreadable { topic, error: &e }.emit();
+                        None
+                    }
+                    Err(e) => {
+                        StoredOffsetsUnreadable { topic, error: &e }.emit();
+                        None
+                    }
+                };
+                stored.insert(topic.clone(), offsets);
+            }
+        }
+        for (topic, partition, expected) in partitions {
+            let found = match &stored[&topic] {
+                Some(offsets) => offsets.get(&partition).copied(),
+                None => Some(expected),
+            };
+            let at = found.unwrap_or(0);
+            if at != expected {
+                StoreOffsetMoved {
+                    topic: &topic,
+                    partition,
+                    expected,
+                    found,
+                }
+                .emit();
+            }
+            let offset = match found {
+                Some(at) => Offset::Offset(at),
+                None => Offset::Beginning,
+            };
+            self.seek(&topic, partition, offset).await?;
+            let mut resume = self
+                .readiness
+                .resume
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(next) = resume.get_mut(&(topic, partition)) {
+                *next = at;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the consumer's position in an assigned partition. If it
+    /// cannot, records already passed over would never be decided by this
+    /// process: it stops, and the next start reads from the store's offsets.
+    async fn seek(&self, topic: &str, partition: i32, offset: Offset) -> anyhow::Result<()> {
+        let mut tries = 0;
+        loop {
+            match self
+                .consumer
+                .seek(topic, partition, offset, Duration::from_secs(5))
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    SeekFailed {
+                        topic,
+                        partition,
+                        error: &e,
+                    }
+                    .emit();
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("reading {topic}/{partition} again from the store's offset {offset:?}: restart to read from the store's offsets")
+                    })
+                }
+            }
+        }
+    }
+
+    /// Compares the store's offsets with this consumer's, for partitions
+    /// that may see no record for a while: a failover that lost the last
+    /// transactions is noticed within [`OFFSET_CHECK`], not at the next
+    /// record. A store that cannot be read is checked again next time.
+    async fn check_stored_offsets(&self) -> anyhow::Result<()> {
+        let mine = self.readiness.snapshot();
+        let mut topics: Vec<&String> = mine.keys().map(|(t, _)| t).collect();
+        topics.sort();
+        topics.dedup();
+        let mut moved = Vec::new();
+        for topic in topics {
+            let store = self.consumer.context().store.clone();
+            let t = topic.clone();
+            let Ok(Ok(offsets)) = tokio::task::spawn_blocking(move || store.offsets(&t)).await
+            else {
+                continue;
+            };
+            let offsets: HashMap<i32, i64> = offsets.into_iter().collect();
+            for ((t, partition), expected) in &mine {
+                let found = offsets.get(partition).copied();
+                if t == topic && found.unwrap_or(0) != *expected {
+                    moved.push((t.clone(), *partition, *expected, found));
+                }
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let partitions = moved.into_iter().map(|(t, p, e, _)| (t, p, e)).collect();
+        self.read_again_from_store(partitions).await
     }
 
     /// The store is the source of truth: a batch that cannot be stored for
@@ -957,7 +1119,7 @@ impl KafkaIngest {
         rejects: Vec<DeadLetter>,
         offsets: Vec<SourceOffset>,
         shutdown: &watch::Receiver<bool>,
-    ) -> Option<BatchOutcome> {
+    ) -> Option<Result<BatchOutcome, OffsetMoved>> {
         let started = std::time::Instant::now();
         let batch = Arc::new(BatchPart {
             events,
@@ -967,7 +1129,13 @@ impl KafkaIngest {
         });
         let outcome = match self.store_part(batch.clone(), shutdown).await? {
             Ok(outcome) => outcome,
-            Err(refusal) => self.isolate(&batch, refusal, shutdown).await?,
+            Err(NotStored::OffsetMoved) => return Some(Err(OffsetMoved)),
+            Err(NotStored::Refused(refusal)) => {
+                match self.isolate(&batch, refusal, shutdown).await? {
+                    Ok(outcome) => outcome,
+                    Err(moved) => return Some(Err(moved)),
+                }
+            }
         };
         // Decide + store time of a batch: with the broker's own latency,
         // what an event waits before it is durable.
@@ -975,17 +1143,17 @@ impl KafkaIngest {
             elapsed: started.elapsed(),
         }
         .emit();
-        Some(outcome)
+        Some(Ok(outcome))
     }
 
     /// Stores one part of a batch (events, their origins, rejects, offsets),
-    /// retrying transient failures. `Some(Err(reason))` when the store
-    /// refuses it for good; `None` on shutdown.
+    /// retrying transient failures. `Some(Err(_))` when the store refuses
+    /// it for good or holds another offset; `None` on shutdown.
     async fn store_part(
         &self,
         part: Arc<BatchPart>,
         shutdown: &watch::Receiver<bool>,
-    ) -> Option<Result<BatchOutcome, String>> {
+    ) -> Option<Result<BatchOutcome, NotStored>> {
         let mut wait = Duration::from_millis(100);
         loop {
             let pipeline = self.pipeline.clone();
@@ -1004,13 +1172,17 @@ impl KafkaIngest {
                     self.readiness
                         .set_store_problem(Some(format!("storing a batch failed: {e}")));
                 }
+                Ok(Err(StoreError::OffsetMoved { .. })) => {
+                    self.readiness.set_store_problem(None);
+                    return Some(Err(NotStored::OffsetMoved));
+                }
                 Ok(Err(e)) => {
                     BatchStoreFailed { error: &e }.emit();
-                    return Some(Err(e.to_string()));
+                    return Some(Err(NotStored::Refused(e.to_string())));
                 }
                 Err(e) => {
                     BatchPanicked { error: &e }.emit();
-                    return Some(Err(format!("processing panicked: {e}")));
+                    return Some(Err(NotStored::Refused(format!("processing panicked: {e}"))));
                 }
             }
             if *shutdown.borrow() {
@@ -1032,7 +1204,7 @@ impl KafkaIngest {
         batch: &Arc<BatchPart>,
         refusal: String,
         shutdown: &watch::Receiver<bool>,
-    ) -> Option<BatchOutcome> {
+    ) -> Option<Result<BatchOutcome, OffsetMoved>> {
         let BatchPart {
             events,
             origins,
@@ -1056,7 +1228,8 @@ impl KafkaIngest {
             });
             match self.store_part(one, shutdown).await? {
                 Ok(part) => outcome.absorb(part, i),
-                Err(reason) => {
+                Err(NotStored::OffsetMoved) => return Some(Err(OffsetMoved)),
+                Err(NotStored::Refused(reason)) => {
                     let reason = format!("the store refused this record: {reason}");
                     StoreRefusedRecord {
                         event_id: &event.id,
@@ -1079,11 +1252,12 @@ impl KafkaIngest {
             match self.store_part(rest.clone(), shutdown).await? {
                 Ok(part) => {
                     outcome.absorb(part, events.len());
-                    return Some(outcome);
+                    return Some(Ok(outcome));
                 }
+                Err(NotStored::OffsetMoved) => return Some(Err(OffsetMoved)),
                 // Only dead letters and offsets: a store that refuses those is
                 // broken, not the data. Keep trying, and say so.
-                Err(reason) => {
+                Err(NotStored::Refused(reason)) => {
                     self.readiness.set_store_problem(Some(format!(
                         "storing offsets and dead letters failed: {reason}"
                     )));
@@ -1161,7 +1335,7 @@ mod tests {
         let store: Arc<dyn Store> =
             Arc::new(crate::store::SqliteStore::open(&dir.path().join("s.db")).unwrap());
         let mut tx = store.begin().unwrap();
-        tx.set_offset("events", 0, 100).unwrap();
+        tx.set_offset("events", 0, 0, 100).unwrap();
         tx.commit().unwrap();
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", mock.bootstrap_servers())

@@ -92,7 +92,7 @@ pub fn transaction_is_atomic(store: &dyn Store) {
     tx.start_instance(&instance("i1", "c1", "a1"), &steps())
         .unwrap();
     tx.mark_processed("e1", t0()).unwrap();
-    tx.set_offset("events", 3, 42).unwrap();
+    tx.set_offset("events", 3, 0, 42).unwrap();
     tx.commit().unwrap();
     let mut tx = store.begin().unwrap();
     assert!(tx.already_processed("e1").unwrap());
@@ -798,46 +798,81 @@ pub fn customers_and_histories_come_back_in_the_order_asked(store: &dyn Store) {
     assert_eq!(store.history("i1").unwrap(), histories[0]);
 }
 
-/// Offsets are kept per topic and partition and never move back (a late
-/// commit of an earlier batch, e.g. from the replica that lost the
-/// partition, cannot rewind it); a rolled-back transaction moves nothing.
-pub fn offsets_are_per_partition_and_only_move_forward(store: &dyn Store) {
+/// Offsets are kept per topic and partition and move from the offset the
+/// consumer expects, forward or back (a log restarted beneath the store's
+/// offset); a rolled-back transaction moves nothing.
+pub fn offsets_are_per_partition_and_move_from_the_one_expected(store: &dyn Store) {
     let mut tx = store.begin().unwrap();
-    tx.set_offset("events", 2, 100).unwrap();
-    tx.set_offset("events", 0, 7).unwrap();
-    tx.set_offset("other", 0, 1).unwrap();
+    tx.set_offset("events", 2, 0, 100).unwrap();
+    tx.set_offset("events", 0, 0, 7).unwrap();
+    tx.set_offset("other", 0, 0, 1).unwrap();
     tx.commit().unwrap();
     let mut tx = store.begin().unwrap();
-    tx.set_offset("events", 2, 50).unwrap();
-    tx.set_offset("events", 0, 9).unwrap();
+    tx.set_offset("events", 2, 100, 50).unwrap();
+    tx.set_offset("events", 0, 7, 9).unwrap();
     tx.commit().unwrap();
     {
         let mut tx = store.begin().unwrap();
-        tx.set_offset("events", 0, 1000).unwrap();
+        tx.set_offset("events", 0, 9, 1000).unwrap();
     }
-    assert_eq!(store.offsets("events").unwrap(), [(0, 9), (2, 100)]);
+    assert_eq!(store.offsets("events").unwrap(), [(0, 9), (2, 50)]);
     assert_eq!(store.offsets("other").unwrap(), [(0, 1)]);
     assert!(store.offsets("unknown").unwrap().is_empty());
+    // Twice in one transaction: the second move starts where the first left it.
+    let mut tx = store.begin().unwrap();
+    tx.set_offset("events", 0, 9, 10).unwrap();
+    tx.set_offset("events", 0, 10, 12).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(store.offsets("events").unwrap(), [(0, 12), (2, 50)]);
 }
 
-/// A rewind sets the offset below the stored one (the log restarted
-/// beneath it); later batches move it forward again as usual.
-pub fn an_offset_rewinds_only_when_asked(store: &dyn Store) {
+/// Tries to move `partition` of "events" from `expected` to `next` with an
+/// event marked processed, as a decide batch would; the error, if any.
+fn move_offset_with_an_event(
+    store: &dyn Store,
+    partition: i32,
+    expected: i64,
+    next: i64,
+) -> Option<StoreError> {
     let mut tx = store.begin().unwrap();
-    tx.set_offset("events", 0, 100).unwrap();
-    tx.set_offset("events", 1, 100).unwrap();
-    tx.commit().unwrap();
+    tx.mark_processed("moved-e1", t0()).unwrap();
+    tx.set_offset("events", partition, expected, next)
+        .and_then(|()| tx.commit())
+        .err()
+}
+
+/// The store holding another offset than the one expected (it went back
+/// under the consumer in a failover, or another consumer moved it): the
+/// transaction fails whole, saying which partition and both offsets, and
+/// is not worth retrying as it is.
+pub fn an_offset_moved_under_the_consumer_fails_the_transaction(store: &dyn Store) {
     let mut tx = store.begin().unwrap();
-    tx.rewind_offset("events", 0, 3).unwrap();
-    tx.set_offset("events", 1, 3).unwrap();
-    tx.rewind_offset("new", 0, 2).unwrap();
+    tx.set_offset("events", 0, 0, 700).unwrap();
     tx.commit().unwrap();
-    assert_eq!(store.offsets("events").unwrap(), [(0, 3), (1, 100)]);
-    assert_eq!(store.offsets("new").unwrap(), [(0, 2)]);
-    let mut tx = store.begin().unwrap();
-    tx.set_offset("events", 0, 5).unwrap();
-    tx.commit().unwrap();
-    assert_eq!(store.offsets("events").unwrap(), [(0, 5), (1, 100)]);
+    for (partition, expected, found) in [(0, 1000, Some(700)), (0, 0, Some(700)), (5, 3, None)] {
+        let err =
+            move_offset_with_an_event(store, partition, expected, expected + 50).expect("refused");
+        assert!(
+            matches!(&err, StoreError::OffsetMoved { topic, partition: p, expected: e, found: f }
+                if topic == "events" && *p == partition && *e == expected && *f == found),
+            "{err:?}"
+        );
+        assert!(!err.is_transient());
+        assert!(
+            err.to_string()
+                .contains(&format!("events/{partition}, not {expected}")),
+            "{err}"
+        );
+        let mut tx = store.begin().unwrap();
+        assert!(
+            !tx.already_processed("moved-e1").unwrap(),
+            "the batch's effects were rolled back with it"
+        );
+    }
+    assert_eq!(store.offsets("events").unwrap(), [(0, 700)]);
+    // From the offset the store holds, the batch goes in.
+    assert!(move_offset_with_an_event(store, 0, 700, 750).is_none());
+    assert_eq!(store.offsets("events").unwrap(), [(0, 750)]);
 }
 
 /// Event ids are remembered with the transaction that processed them.
@@ -1507,6 +1542,50 @@ pub fn a_claim_running_out_wakes_the_other_replicas(a: &dyn Store, b: &dyn Store
         .collect();
     a.finish_steps(results).unwrap();
     assert_eq!(b.next_due(Some(ChannelKind::Push)).unwrap(), None);
+}
+
+/// Two consumers moving one partition from the same offset at once (a
+/// replica that lost the partition without knowing it yet, and its new
+/// owner): one commits, the other is told the offset moved, whether the
+/// store held none yet or one both expected.
+pub fn two_consumers_cannot_both_move_a_partition_from_one_offset(a: &dyn Store, b: &dyn Store) {
+    let mut expected = 0;
+    for round in 0..10 {
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<(i64, Result<(), StoreError>)> = std::thread::scope(|scope| {
+            let runs: Vec<_> = [(a, 1), (b, 2)]
+                .into_iter()
+                .map(|(store, step)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        let next = expected + 10 * step;
+                        let mut tx = store.begin().unwrap();
+                        tx.mark_processed(&format!("race-{round}-{step}"), t0())
+                            .unwrap();
+                        barrier.wait();
+                        let result = tx
+                            .set_offset("events", 0, expected, next)
+                            .and_then(|()| tx.commit());
+                        (next, result)
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let won: Vec<i64> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(next, _)| *next)
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        let lost = results.iter().find(|(_, r)| r.is_err()).unwrap();
+        assert!(
+            matches!(&lost.1, Err(StoreError::OffsetMoved { expected: e, .. }) if *e == expected),
+            "round {round}: {results:?}"
+        );
+        assert_eq!(a.offsets("events").unwrap(), [(0, won[0])]);
+        expected = won[0];
+    }
 }
 
 /// With a cap of one send per customer, replicas sending at once send one
@@ -2375,8 +2454,8 @@ macro_rules! store_conformance {
             retry_reschedules_and_customer_round_trips,
             finish_steps_writes_a_batch_in_order,
             customers_and_histories_come_back_in_the_order_asked,
-            offsets_are_per_partition_and_only_move_forward,
-            an_offset_rewinds_only_when_asked,
+            offsets_are_per_partition_and_move_from_the_one_expected,
+            an_offset_moved_under_the_consumer_fails_the_transaction,
             processed_event_ids_dedup,
             exit_cancels_pending_steps_but_not_a_claimed_one,
             a_claim_handed_back_to_another_channel_waits_there,
@@ -2403,6 +2482,7 @@ macro_rules! store_conformance {
             abandoned_claims_are_taken_over_after_the_lease,
             a_claim_running_out_wakes_the_other_replicas,
             caps_hold_across_replicas,
+            two_consumers_cannot_both_move_a_partition_from_one_offset,
             concurrent_replicas_never_share_a_step_or_a_customer,
             a_dead_letter_is_published_by_one_replica,
             audit_outbox_is_published_by_one_replica_at_a_time

@@ -71,6 +71,16 @@ pub enum StoreError {
         to: String,
         at: DateTime<Utc>,
     },
+    /// [`Tx::set_offset`] found the store at another offset than the
+    /// consumer's: the transaction is rolled back and the consumer must
+    /// read again from the store's offset.
+    #[error("the store holds offset {} for {topic}/{partition}, not {expected} as this consumer last stored: the store went back (a failover to a standby that missed the last transactions, a restored backup) or another consumer moved it", found.map_or("none".to_string(), |o| o.to_string()))]
+    OffsetMoved {
+        topic: String,
+        partition: i32,
+        expected: i64,
+        found: Option<i64>,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -135,6 +145,9 @@ impl StoreError {
             | StoreError::Moved { .. }
             | StoreError::Config(_)
             | StoreError::Aborted => false,
+            // Retrying the same batch fails the same way: the consumer
+            // reads again from the store's offset instead.
+            StoreError::OffsetMoved { .. } => false,
         }
     }
 }
@@ -194,6 +207,16 @@ pub fn open(config: &StoreConfig) -> Result<(Arc<dyn Store>, usize), StoreError>
             Ok((Arc::new(store), 0))
         }
     }
+}
+
+/// Refuses what opening the store `config` names would refuse before
+/// connecting: the URL, the password's source, the TLS settings and CA
+/// file (`nudge check`, and the daemon before it opens anything).
+pub fn check_settings(config: &StoreConfig) -> Result<(), StoreError> {
+    if let StoreUrl::Postgres(url) = target(config)? {
+        postgres::check_options(&pg_options(config, url)?)?;
+    }
+    Ok(())
 }
 
 /// Opens the store `config` names to review it ([`review::ReviewRead`]):
@@ -699,19 +722,20 @@ pub trait Tx {
         at: DateTime<Utc>,
     ) -> Result<Vec<ClosedStep>, StoreError>;
     fn append_log(&mut self, record: &LogRecord) -> Result<(), StoreError>;
+    /// Moves a partition's offset from `expected`, the offset this consumer
+    /// last stored or found at assignment (0: none stored), to
+    /// `next_offset`, forward or back (a log restarted beneath the store's
+    /// offset, a re-created topic, is read again from its start). Fails with
+    /// [`StoreError::OffsetMoved`], here or at the commit, when the store
+    /// holds another offset: it went back under the consumer (a failover to
+    /// a standby that missed the last transactions, a restored backup) or
+    /// another consumer moved it, and either way the batch's effects would
+    /// be written over a position that is not theirs.
     fn set_offset(
         &mut self,
         topic: &str,
         partition: i32,
-        next_offset: i64,
-    ) -> Result<(), StoreError>;
-    /// Sets the offset even below the one stored: for a partition whose
-    /// log restarted beneath the store's offset (a re-created topic), where
-    /// [`set_offset`](Tx::set_offset) would keep the old log's position.
-    fn rewind_offset(
-        &mut self,
-        topic: &str,
-        partition: i32,
+        expected: i64,
         next_offset: i64,
     ) -> Result<(), StoreError>;
     fn add_dead_letter(&mut self, letter: &DeadLetter, at: DateTime<Utc>)

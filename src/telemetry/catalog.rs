@@ -111,6 +111,12 @@ pub const OFFSET_RESUME_ERRORS: Metric = Metric {
     labels: &[],
     help: "assigned topics whose stored offsets could not be read; records read again are skipped by event id instead",
 };
+pub const STORE_OFFSET_MOVED: Metric = Metric {
+    name: "nudge_store_offset_moved_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "partitions read again because the store held another offset than the consumer's (a failover to a standby that missed transactions, a restored backup, another consumer)",
+};
 pub const OFFSET_COMMIT_ERRORS: Metric = Metric {
     name: "nudge_offset_commit_errors_total",
     kind: Kind::Counter,
@@ -341,6 +347,7 @@ pub const ALL: &[&Metric] = &[
     &KAFKA_ERRORS,
     &KAFKA_REBALANCE_ERRORS,
     &OFFSET_RESUME_ERRORS,
+    &STORE_OFFSET_MOVED,
     &OFFSET_COMMIT_ERRORS,
     &STORE_ERRORS,
     &RULE_EVALUATIONS,

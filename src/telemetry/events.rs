@@ -289,6 +289,54 @@ impl LogBehindStore<'_> {
     }
 }
 
+/// The store held another offset for a partition than the consumer's: the
+/// batch was rolled back and the partition is read again from the store's
+/// offset, so decisions a lagging standby lost are made again.
+pub struct StoreOffsetMoved<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub expected: i64,
+    /// `None`: the store holds no offset for the partition.
+    pub found: Option<i64>,
+}
+
+impl StoreOffsetMoved<'_> {
+    pub fn emit(self) {
+        const WHY: &str = "the store's offset is not this consumer's (a failover to a standby that missed transactions, a restored backup, or another consumer moved it); reading the partition again from the store's offset";
+        match self.found {
+            Some(stored) => tracing::warn!(
+                target: INGEST,
+                topic = %self.topic,
+                partition = self.partition,
+                expected_offset = self.expected,
+                stored_offset = stored,
+                "{WHY}"
+            ),
+            None => tracing::warn!(
+                target: INGEST,
+                topic = %self.topic,
+                partition = self.partition,
+                expected_offset = self.expected,
+                "{WHY} (none stored: from the log's start)"
+            ),
+        }
+        metrics::counter!(STORE_OFFSET_MOVED.name).increment(1);
+    }
+}
+
+/// Moving the consumer to the store's offset failed; it is tried again.
+pub struct SeekFailed<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub error: &'a dyn Display,
+}
+
+impl SeekFailed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, error = %self.error, "could not move the consumer to the store's offset; trying again");
+    }
+}
+
 /// An offset librdkafka would not put in the commit list.
 pub struct InvalidOffset<'a> {
     pub topic: &'a str,

@@ -89,6 +89,13 @@ mod tests {
         }
         .emit();
         KeyMismatches { count: 1 }.emit();
+        StoreOffsetMoved {
+            topic: "t",
+            partition: 0,
+            expected: 9,
+            found: Some(4),
+        }
+        .emit();
         RecordAge {
             youngest: chrono::Duration::milliseconds(40),
         }

@@ -27,6 +27,14 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// Refuses what [`Pool::open`] would refuse before connecting: the URL and
+/// the TLS settings with their CA file (`nudge check`, the daemon's preflight).
+pub fn check_options(options: &PgOptions) -> Result<(), StoreError> {
+    let (_, mode) =
+        parse_url(&options.url).map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
+    tls(mode, options.ca_file.as_deref()).map(drop)
+}
+
 /// The TLS connector for `mode`: OpenSSL (already linked for Kafka).
 fn tls(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeTlsConnector, StoreError> {
     let tls_error = |e: openssl::error::ErrorStack| StoreError::Config(format!("store TLS: {e}"));
@@ -279,6 +287,32 @@ pub fn report_pool_errors_to(report: fn(&StoreError)) {
     let _ = POOL_ERRORS.set(report);
 }
 
+/// `nudge/<host>/<pid>` (the start of the replica's claims' holder): which
+/// replica a session in `pg_stat_activity` is, for a DBA about to end it.
+pub fn replica_name() -> String {
+    format!("nudge/{}/{}", host_tail(), std::process::id())
+}
+
+/// The host's name, cut from the left to fit PostgreSQL's 63 bytes of
+/// `application_name` beside the pid: a pod's name ends in what tells it
+/// apart from its siblings (`…-7c9d8f6b5d-x2k4z`), and in a container
+/// every replica may be pid 1.
+pub fn host_tail() -> String {
+    let host = host_name();
+    let chars: Vec<char> = host.chars().collect();
+    chars[chars.len().saturating_sub(40)..].iter().collect()
+}
+
+/// The host's name (a pod's name under Kubernetes), or "nudge".
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nudge".into())
+}
+
 /// The bounded pool. Dropped on a thread of its own when dropped inside an
 /// async runtime: the synchronous client runs a runtime of its own, which
 /// may not be shut down from an async worker.
@@ -291,6 +325,9 @@ impl Pool {
             parse_url(&options.url).map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
         if let Some(password) = &options.password {
             config.password(password);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(&replica_name());
         }
         let manager = Manager {
             config,
@@ -347,7 +384,7 @@ mod tests {
         assert_eq!(config.get_user(), Some("nudge"));
         assert_eq!(config.get_dbname(), Some("nudge"));
         assert_eq!(config.get_options(), Some("-csearch_path=x"));
-        assert_eq!(config.get_application_name(), Some("nudge"));
+        assert_eq!(config.get_application_name(), None, "set by the pool");
         let (_, mode) = parse_url("postgresql://nudge@db/nudge").unwrap();
         assert_eq!(mode, SslMode::Prefer);
         assert!(parse_url("postgres://nudge@db/nudge?sslmode=allow")

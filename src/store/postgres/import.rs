@@ -738,7 +738,7 @@ mod tests {
         for id in ["e1", "e2"] {
             tx.mark_processed(id, scenario::t0()).unwrap();
         }
-        tx.set_offset("events", 0, 2).unwrap();
+        tx.set_offset("events", 0, 0, 2).unwrap();
         tx.commit().unwrap();
     }
 
@@ -797,7 +797,7 @@ mod tests {
             ),
             (
                 "offsets",
-                scenario::offsets_are_per_partition_and_only_move_forward,
+                scenario::offsets_are_per_partition_and_move_from_the_one_expected,
             ),
             ("dedup", processed_and_not),
             ("rules", scenario::log_pages_in_order_and_rules_record_once),

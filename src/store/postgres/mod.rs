@@ -38,7 +38,7 @@ pub mod schema;
 mod tx;
 mod upcoming;
 
-pub use conn::{parse_url, report_pool_errors_to, PgOptions, SslMode};
+pub use conn::{check_options, parse_url, report_pool_errors_to, PgOptions, SslMode};
 
 use super::{ClaimedDeadLetter, DeadLetter, DeadLetterBacklog, StepResult, Store, StoreError, Tx};
 use crate::context::CustomerContext;
@@ -355,7 +355,10 @@ impl PostgresStore {
     /// replica's run out within their lease.
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
         let pool = Pool::open(options)?;
-        schema::migrate(&mut pool.get()?.client)?;
+        let mut first = pool.get()?;
+        schema::migrate(&mut first.client)?;
+        schema::check_privileges(&mut first.client)?;
+        drop(first);
         Ok(Self {
             pool,
             holder: holder_name(),
@@ -406,12 +409,7 @@ impl PostgresStore {
 }
 
 fn holder_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "nudge".into());
+    let host = conn::host_tail();
     format!(
         "{host}/{}/{:08x}",
         std::process::id(),
@@ -977,7 +975,7 @@ impl Store for PostgresStore {
     /// Folds the writers' count deltas (`review_fold()`, schema v11), so
     /// that they never pile up between reviews; the number is not counted.
     fn fold_review_counts(&self) -> Result<u64, StoreError> {
-        self.conn()?.client.execute(review::FOLD, &[])?;
+        review::fold(&mut self.conn()?.client)?;
         Ok(0)
     }
 }

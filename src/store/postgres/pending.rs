@@ -24,9 +24,8 @@ pub(super) struct Pending {
     instances: Vec<InstanceRow>,
     steps: Vec<StepRow>,
     log: Vec<LogRecord>,
-    offsets: BTreeMap<(String, i32), i64>,
-    /// Offsets set even below the stored ones ([`Tx::rewind_offset`](crate::store::Tx::rewind_offset)).
-    rewinds: BTreeMap<(String, i32), i64>,
+    /// Per partition: the offset expected in the store, and the next one.
+    offsets: BTreeMap<(String, i32), (i64, i64)>,
     /// Received events of the decision record: nothing in the transaction
     /// reads them, so they wait for the commit ([`Pending::flush_received`])
     /// and never make a read flush.
@@ -59,7 +58,6 @@ impl Pending {
             && self.instances.is_empty()
             && self.log.is_empty()
             && self.offsets.is_empty()
-            && self.rewinds.is_empty()
     }
 
     pub(super) fn save_customer(
@@ -105,18 +103,31 @@ impl Pending {
         self.log.push(record.clone());
     }
 
-    pub(super) fn set_offset(&mut self, topic: &str, partition: i32, next_offset: i64) {
-        let offset = self
-            .offsets
-            .entry((topic.to_owned(), partition))
-            .or_insert(next_offset);
-        *offset = (*offset).max(next_offset);
-    }
-
-    pub(super) fn rewind_offset(&mut self, topic: &str, partition: i32, next_offset: i64) {
-        let key = (topic.to_owned(), partition);
-        self.offsets.remove(&key);
-        self.rewinds.insert(key, next_offset);
+    /// A second move of one partition in the transaction starts where the
+    /// first left it.
+    pub(super) fn set_offset(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        expected: i64,
+        next_offset: i64,
+    ) -> Result<(), StoreError> {
+        match self.offsets.get_mut(&(topic.to_owned(), partition)) {
+            Some((_, next)) if *next == expected => *next = next_offset,
+            Some((_, next)) => {
+                return Err(StoreError::OffsetMoved {
+                    topic: topic.to_owned(),
+                    partition,
+                    expected,
+                    found: Some(*next),
+                })
+            }
+            None => {
+                self.offsets
+                    .insert((topic.to_owned(), partition), (expected, next_offset));
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn record_event(&mut self, event: &ReceivedEvent) {
@@ -200,24 +211,66 @@ impl Pending {
         }
         if !self.offsets.is_empty() {
             let offsets = std::mem::take(&mut self.offsets);
-            let topics: Vec<&str> = offsets.keys().map(|(t, _)| t.as_str()).collect();
-            let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
-            let next: Vec<i64> = offsets.values().copied().collect();
-            c.execute(
-                "/* plan: generic */ INSERT INTO kafka_offsets (topic, partition, next_offset)
-                 SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
-                 ON CONFLICT (topic, partition) DO UPDATE
-                 SET next_offset = GREATEST(kafka_offsets.next_offset, excluded.next_offset)",
-                &[&topics, &partitions, &next],
-            )?;
-        }
-        for ((topic, partition), next) in std::mem::take(&mut self.rewinds) {
-            c.execute(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
-                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                &[&topic, &partition, &next],
-            )?;
+            move_offsets(c, &offsets)?;
         }
         Ok(())
     }
+}
+
+/// Moves each partition's offset from the one expected to the next, in one
+/// statement: an update where the store holds the expected offset, an
+/// insert where none is stored and none was expected (0). A partition
+/// neither touched holds another offset: [`StoreError::OffsetMoved`].
+/// Under READ COMMITTED a concurrent mover's update is waited for and the
+/// condition checked again on its result, so two consumers cannot both move
+/// one partition from the same offset.
+fn move_offsets(
+    c: &mut PgConn,
+    offsets: &BTreeMap<(String, i32), (i64, i64)>,
+) -> Result<(), StoreError> {
+    let topics: Vec<&str> = offsets.keys().map(|(t, _)| t.as_str()).collect();
+    let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
+    let expected: Vec<i64> = offsets.values().map(|(e, _)| *e).collect();
+    let next: Vec<i64> = offsets.values().map(|(_, n)| *n).collect();
+    let rows = c.query(
+        "/* plan: generic */ WITH wanted AS (
+             SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[])
+                 AS w(topic, partition, expected, next_offset)),
+         moved AS (
+             UPDATE kafka_offsets k SET next_offset = w.next_offset FROM wanted w
+             WHERE k.topic = w.topic AND k.partition = w.partition AND k.next_offset = w.expected
+             RETURNING k.topic, k.partition),
+         fresh AS (
+             INSERT INTO kafka_offsets (topic, partition, next_offset)
+             SELECT topic, partition, next_offset FROM wanted WHERE expected = 0
+             ON CONFLICT (topic, partition) DO NOTHING
+             RETURNING topic, partition)
+         SELECT topic, partition FROM moved UNION ALL SELECT topic, partition FROM fresh",
+        &[&topics, &partitions, &expected, &next],
+    )?;
+    if rows.len() == offsets.len() {
+        return Ok(());
+    }
+    let mut done = std::collections::BTreeSet::new();
+    for r in rows {
+        done.insert((r.try_get::<_, String>(0)?, r.try_get::<_, i32>(1)?));
+    }
+    let Some(((topic, partition), (expected, _))) =
+        offsets.iter().find(|(key, _)| !done.contains(*key))
+    else {
+        return Ok(());
+    };
+    let found = c
+        .query_opt(
+            "SELECT next_offset FROM kafka_offsets WHERE topic = $1 AND partition = $2",
+            &[topic, partition],
+        )?
+        .map(|r| r.try_get::<_, i64>(0))
+        .transpose()?;
+    Err(StoreError::OffsetMoved {
+        topic: topic.clone(),
+        partition: *partition,
+        expected: *expected,
+        found,
+    })
 }

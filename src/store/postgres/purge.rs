@@ -63,7 +63,7 @@ pub(super) fn purge(store: &PostgresStore, before: DateTime<Utc>) -> Result<u64,
     }
     // What the purge took off the review's counts, with what was written
     // since the last fold (schema v11), so deltas do not pile up.
-    c.execute(super::review::FOLD, &[])?;
+    super::review::fold(&mut c.client)?;
     // Customer leases of replicas that died long ago (housekeeping, not counted).
     c.execute(
         "DELETE FROM customer_claims WHERE lease_until < $1",

@@ -46,7 +46,18 @@ impl PostgresStore {
 }
 
 /// Folds the count deltas the writers appended into the counts (schema v11).
+#[cfg(test)]
 pub(super) const FOLD: &str = "SELECT review_fold()";
+
+/// Runs `review_fold()` with a `statement_timeout` of its own: its work grows with
+/// the deltas written since the last fold, so under a DBA's short timeout a
+/// fold that once fails would fail for good as they pile up, and the funnel
+/// with it. Ten minutes still bounds it. (`SET LOCAL` holds for the one
+/// implicit transaction of this query string, which a failure rolls back.)
+pub(super) fn fold(client: &mut postgres::Client) -> Result<(), StoreError> {
+    client.batch_execute("SET LOCAL statement_timeout = '10min'; SELECT review_fold()")?;
+    Ok(())
+}
 
 fn placeholder(n: usize) -> String {
     format!("${n}")
@@ -85,7 +96,7 @@ impl ReviewRead for PostgresStore {
         let sql = outcome_count_rows_sql(journey.is_some(), "$1");
         let mut c = self.conn()?;
         // The deltas written since the last fold first (schema v11).
-        c.client.execute(FOLD, &[])?;
+        fold(&mut c.client)?;
         let rows = match journey {
             Some(j) => c.custom_plans()?.query(&sql, &[&j])?,
             None => c.custom_plans()?.query(&sql, &[])?,
@@ -111,7 +122,7 @@ impl ReviewRead for PostgresStore {
         let sql =
             arm_counts_sql(journey.is_some(), by_rule, "$1").replace(", NULL,", ", NULL::text,");
         let mut c = self.conn()?;
-        c.client.execute(FOLD, &[])?;
+        fold(&mut c.client)?;
         let rows = match journey {
             Some(j) => c.custom_plans()?.query(&sql, &[&j])?,
             None => c.custom_plans()?.query(&sql, &[])?,
@@ -388,6 +399,39 @@ mod tests {
                 outcome_count_rows_sql(false, "$1"),
             ),
         ]
+    }
+
+    /// A DBA's short `statement_timeout` on nudge's role: a backlog of
+    /// deltas longer to fold than it still folds (the fold has a timeout of
+    /// its own), and the funnel reads the counts.
+    #[test]
+    fn a_backlog_of_deltas_folds_under_a_short_statement_timeout() {
+        let (schema, mut options) = crate::store::postgres::testing::fresh_schema();
+        let _drop = crate::store::postgres::testing::TestStore::adopt(schema);
+        options.url.push_str("%20-cstatement_timeout%3D20");
+        let store = PostgresStore::open(&options).unwrap();
+        let mut c = store.conn().unwrap();
+        let timeout: String = c
+            .client
+            .query_one("SHOW statement_timeout", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, "20ms");
+        c.client
+            .batch_execute(
+                "SET statement_timeout = 0;
+                 INSERT INTO review_outcome_deltas
+                 SELECT 'j' || (i % 50), 'push', 'sent', '', 1 FROM generate_series(1, 400000) i;
+                 SET statement_timeout = '20ms';",
+            )
+            .unwrap();
+        drop(c);
+        let counts = store.outcome_counts(None).unwrap();
+        assert_eq!(counts.iter().map(|c| c.count).sum::<u64>(), 400_000);
+        assert_eq!(
+            rows(&store, "SELECT count(*) FROM review_outcome_deltas"),
+            vec!["(0)"]
+        );
     }
 
     /// The counts the fold keeps are what the full-scan queries count, and

@@ -6,6 +6,7 @@
 //! or not at all. A database newer than this binary is refused, never
 //! written to. A shipped migration is never edited: add the next one.
 
+use postgres::error::SqlState;
 use postgres::Client;
 
 use crate::store::StoreError;
@@ -46,11 +47,72 @@ pub fn migrate(client: &mut Client) -> Result<u32, StoreError> {
     if row.get::<_, Option<String>>(0).is_none() {
         let path: String = row.get(1);
         return Err(StoreError::Config(format!(
-            "no schema to hold nudge's tables: none on search_path `{path}` exists; create it \
-             (CREATE SCHEMA nudge) or name one in store.url, e.g. \
+            "no schema to hold nudge's tables: none on search_path `{path}` exists or may be \
+             used by this role; create it (CREATE SCHEMA nudge), grant its use (GRANT USAGE ON \
+             SCHEMA nudge TO …) or name one in store.url, e.g. \
              postgres://nudge@db:5432/nudge?options=-csearch_path%3Dnudge"
         )));
     }
+    // A current schema is only read: a runtime role granted no more than
+    // its tables (no CREATE on the schema) starts, and replicas starting
+    // together do not queue on the lock.
+    let found = match version(client)? {
+        current if current > VERSION => {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                supported: VERSION,
+            })
+        }
+        VERSION => return Ok(0),
+        older => older,
+    };
+    apply(client).map_err(|e| match &e {
+        StoreError::Postgres(pg) if pg.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            StoreError::Config(format!(
+                "the schema is version {found}, this binary's {VERSION}, and this role may not \
+                 change it ({e}): run `nudge migrate --config FILE` as the schema's owner first"
+            ))
+        }
+        _ => e,
+    })
+}
+
+/// Refuses a role that lacks what the engine does with the schema's
+/// tables and functions, naming each: granted at the first migration, a
+/// grant forgotten for a table a later one added would otherwise surface
+/// only as the review page or the admin API failing, with `/readyz` green.
+pub fn check_privileges(client: &mut Client) -> Result<(), StoreError> {
+    let missing: Vec<String> = client
+        .query(
+            "SELECT c.relname || ': ' || array_to_string(ARRAY(
+                 SELECT p FROM unnest(CASE WHEN c.relname = 'schema_version' THEN ARRAY['SELECT']
+                     ELSE ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'] END) p
+                 WHERE NOT has_table_privilege(c.oid, p)), ', ')
+             FROM pg_class c
+             WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+             UNION ALL
+             SELECT p.proname || '(): EXECUTE' FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace
+                 AND NOT has_function_privilege(p.oid, 'EXECUTE')
+             ORDER BY 1",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|m| !m.ends_with(": "))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Config(format!(
+        "this role lacks privileges nudge uses in its schema: {}; grant them (README, \
+         \"Several replicas on PostgreSQL\")",
+        missing.join("; ")
+    )))
+}
+
+/// Applies the migrations the schema lacks, one transaction each.
+fn apply(client: &mut Client) -> Result<u32, StoreError> {
     let mut applied = 0;
     loop {
         let mut tx = client.transaction()?;

@@ -13,7 +13,7 @@ pub fn base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn admin() -> postgres::Client {
+pub fn admin() -> postgres::Client {
     let (config, _) = parse_url(&base_url()).expect("NUDGE_TEST_POSTGRES_URL");
     config.connect(postgres::NoTls).unwrap_or_else(|e| {
         panic!(

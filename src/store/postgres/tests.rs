@@ -619,3 +619,84 @@ fn replicas_hear_steps_handed_back() {
     // And `b` takes the step at once.
     assert_eq!(claim_push(&b).len(), 1);
 }
+
+/// A DBA looking at `pg_stat_activity` tells the replicas apart: each
+/// session is named after its replica, as its claims' holder is.
+#[test]
+fn sessions_are_named_after_their_replica() {
+    let store = temp_store();
+    let name: String = store
+        .conn()
+        .unwrap()
+        .client
+        .query_one("SELECT current_setting('application_name')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(name, super::conn::replica_name());
+    assert_eq!(
+        name,
+        format!("nudge/{}", store.holder().rsplit_once('/').unwrap().0),
+        "the claims' holder without its random part"
+    );
+}
+
+/// A role of its own for a test, dropped with its privileges at the end.
+struct Role(String);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = super::testing::admin()
+            .batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE {0}", self.0));
+    }
+}
+
+/// A runtime role that may not change the schema (least privilege) is told
+/// what is missing at start, in the terms a DBA acts on: the schema's use,
+/// a migration to run as the owner, each table or function not granted.
+#[test]
+fn a_role_short_of_privileges_is_told_what_to_grant() {
+    let (schema, options) = fresh_schema();
+    let _cleanup = super::testing::TestStore::adopt(schema.clone());
+    let role = Role(format!("{schema}_app"));
+    let mut admin = super::testing::admin();
+    admin
+        .batch_execute(&format!("CREATE ROLE {} LOGIN", role.0))
+        .unwrap();
+    let as_role = PgOptions {
+        url: options
+            .url
+            .replacen("://postgres@", &format!("://{}@", role.0), 1),
+        ..options.clone()
+    };
+    assert!(as_role.url.contains(&role.0), "{}", as_role.url);
+    let refused = |why: &str| {
+        let err = PostgresStore::open(&as_role).err().expect("refused");
+        assert!(err.to_string().contains(why), "{err}");
+    };
+    refused("grant its use (GRANT USAGE ON SCHEMA");
+    admin
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA {schema} TO {}", role.0))
+        .unwrap();
+    refused("the schema is version 0, this binary's");
+    refused("run `nudge migrate --config FILE` as the schema's owner first");
+
+    PostgresStore::migrate(&options).unwrap();
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {r};
+             REVOKE UPDATE, DELETE ON {schema}.control_log FROM {r};
+             REVOKE EXECUTE ON FUNCTION {schema}.review_fold() FROM PUBLIC;",
+            r = role.0
+        ))
+        .unwrap();
+    refused("control_log: UPDATE, DELETE; review_fold(): EXECUTE");
+    admin
+        .batch_execute(&format!(
+            "GRANT UPDATE, DELETE ON {schema}.control_log TO {r};
+             GRANT EXECUTE ON FUNCTION {schema}.review_fold() TO {r};",
+            r = role.0
+        ))
+        .unwrap();
+    let store = PostgresStore::open(&as_role).unwrap();
+    assert!(store.offsets("events").unwrap().is_empty());
+}

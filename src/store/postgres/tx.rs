@@ -419,20 +419,12 @@ impl Tx for PgTx {
         &mut self,
         topic: &str,
         partition: i32,
+        expected: i64,
         next_offset: i64,
     ) -> Result<(), StoreError> {
-        self.pending.set_offset(topic, partition, next_offset);
-        Ok(())
-    }
-
-    fn rewind_offset(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        next_offset: i64,
-    ) -> Result<(), StoreError> {
-        self.pending.rewind_offset(topic, partition, next_offset);
-        Ok(())
+        let pending = &mut self.pending;
+        self.tx
+            .run(|_| pending.set_offset(topic, partition, expected, next_offset))
     }
 
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {

@@ -273,30 +273,42 @@ impl Tx for SqliteTx<'_> {
         &mut self,
         topic: &str,
         partition: i32,
+        expected: i64,
         next_offset: i64,
     ) -> Result<(), StoreError> {
-        self.conn
+        let moved = self
+            .conn
             .prepare_cached(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+                "UPDATE kafka_offsets SET next_offset = ?4
+                 WHERE topic = ?1 AND partition = ?2 AND next_offset = ?3",
             )?
-            .execute(params![topic, partition, next_offset])?;
-        Ok(())
-    }
-
-    fn rewind_offset(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        next_offset: i64,
-    ) -> Result<(), StoreError> {
-        self.conn
+            .execute(params![topic, partition, expected, next_offset])?;
+        let inserted = if moved == 0 && expected == 0 {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (topic, partition) DO NOTHING",
+                )?
+                .execute(params![topic, partition, next_offset])?
+        } else {
+            0
+        };
+        if moved + inserted == 1 {
+            return Ok(());
+        }
+        let found = self
+            .conn
             .prepare_cached(
-                "INSERT INTO kafka_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                "SELECT next_offset FROM kafka_offsets WHERE topic = ?1 AND partition = ?2",
             )?
-            .execute(params![topic, partition, next_offset])?;
-        Ok(())
+            .query_row(params![topic, partition], |r| r.get(0))
+            .optional()?;
+        Err(StoreError::OffsetMoved {
+            topic: topic.to_owned(),
+            partition,
+            expected,
+            found,
+        })
     }
 
     fn add_dead_letter(&mut self, l: &DeadLetter, at: DateTime<Utc>) -> Result<(), StoreError> {
