@@ -45,8 +45,10 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Not the error's `source`: its text already holds the server's
+    /// message, which a chain of causes would print twice.
     #[error("postgres: {}", postgres_reason(.0))]
-    Postgres(#[from] ::postgres::Error),
+    Postgres(::postgres::Error),
     /// No connection within the pool's timeout (the database is down,
     /// unreachable, or every connection is busy).
     #[error("no database connection: {0}")]
@@ -86,6 +88,12 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
 }
 
 /// The server's own message and SQLSTATE, or the cause of a connection

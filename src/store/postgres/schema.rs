@@ -123,6 +123,9 @@ fn apply(client: &mut Client) -> Result<u32, StoreError> {
         )?;
         // `IF NOT EXISTS` would say NOTICE on every start.
         tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+        // A DBA's statement_timeout is for the engine's queries: a migration
+        // cut short would fail at every start as the tables grow.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")?;
         tx.batch_execute(VERSION_TABLE)?;
         let current = read_version(&mut tx)?;
         if current > VERSION {

@@ -700,3 +700,40 @@ fn a_role_short_of_privileges_is_told_what_to_grant() {
     let store = PostgresStore::open(&as_role).unwrap();
     assert!(store.offsets("events").unwrap().is_empty());
 }
+
+/// The server's message is said once, with its code, also where the error
+/// is shown with its chain of causes (`nudge funnel`, start-up errors).
+#[test]
+fn a_server_error_is_said_once_with_its_code() {
+    let store = temp_store();
+    let err: StoreError = store
+        .conn()
+        .unwrap()
+        .client
+        .query_one("SELECT 1 / (SELECT 0)", &[])
+        .unwrap_err()
+        .into();
+    let shown = format!("{:#}", anyhow::Error::new(err));
+    assert_eq!(shown.matches("division by zero").count(), 1, "{shown}");
+    assert!(shown.contains("(22012)"), "{shown}");
+}
+
+/// A DBA's short `statement_timeout` on nudge's role does not cut a
+/// migration short: it would fail at every start as the tables grow.
+#[test]
+fn migrations_run_under_a_short_statement_timeout() {
+    let (schema, mut options) = fresh_schema();
+    let _cleanup = super::testing::TestStore::adopt(schema);
+    options.url.push_str("%20-cstatement_timeout%3D5");
+    let mut c = parse_url(&options.url)
+        .unwrap()
+        .0
+        .connect(postgres::NoTls)
+        .unwrap();
+    let timeout: String = c.query_one("SHOW statement_timeout", &[]).unwrap().get(0);
+    assert_eq!(timeout, "5ms");
+    assert_eq!(
+        PostgresStore::migrate(&options).unwrap(),
+        (0, schema::VERSION)
+    );
+}
