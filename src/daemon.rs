@@ -298,7 +298,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let page = crate::admin::page::PageState::new(
         open_review(&config, &tokens).await?,
         config.store.retention,
-    );
+    )
+    .with_rules(rules.clone());
     let admin = crate::admin::router(crate::admin::AdminState {
         metrics,
         readiness: ingest.readiness(),

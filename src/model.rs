@@ -168,6 +168,24 @@ impl Outcome {
         }
     }
 
+    /// What the outcome means, for the people who read the log (the
+    /// review page's glossary).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Outcome::Sent => "delivered: the channel's receiver accepted it (2xx)",
+            Outcome::Failed => "not delivered, for good: the receiver refused it (4xx) or every try failed",
+            Outcome::Retrying => "a try failed (5xx, timeout, no answer); it is tried again later",
+            Outcome::Suppressed => "not sent, by the contact policy: consent, reachability, a frequency cap, a kill switch, a condition, cooldown or fatigue",
+            Outcome::Deferred => "waiting: quiet hours, business hours, a public holiday or the channel's send rate; it goes out later",
+            Outcome::Cancelled => "not sent: the journey ended (an exit event, a withdrawn application) before the step was due",
+            Outcome::Expired => "not sent: it could no longer go out within its lateness bound",
+            Outcome::HeldOut => "control group: not sent, to measure the journey's effect",
+            Outcome::Shadow => "shadow mode: decided but not sent, to try a journey on live traffic",
+            Outcome::Converted => "not sent: the customer did what the journey asked first (its exit event converted it)",
+            Outcome::Withdrawn => "a delivered step taken back after the customer acted or withdrew consent; not a send",
+        }
+    }
+
     /// Whether the step is settled by this outcome (otherwise it is tried again).
     pub fn is_final(self) -> bool {
         !matches!(self, Outcome::Retrying | Outcome::Deferred)

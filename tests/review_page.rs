@@ -281,6 +281,47 @@ fn a_reviewer_reads_the_page_in_chromium() {
         );
         assert_eq!(offered, Value::Array(every));
 
+        // The journey and step filters offer the names of the rules in
+        // force as one types (retired names can still be typed).
+        let suggested = js(
+            &c,
+            "return [document.querySelector('#filters input[name=journey]').getAttribute('list'), \
+             Array.from(document.querySelectorAll('#journey-suggestions option')).map(o => o.value), \
+             Array.from(document.querySelectorAll('#step-suggestions option')).map(o => o.value)]",
+        )
+        .await;
+        assert_eq!(suggested[0], json!("journey-suggestions"));
+        assert_eq!(
+            suggested[1],
+            json!(["energy_rebate", "fee_increase", "unsigned_loan"])
+        );
+        let steps = suggested[2].as_array().unwrap();
+        for step in ["push", "email", "call"] {
+            assert!(steps.contains(&json!(step)), "{step} in {steps:?}");
+        }
+
+        // Under the table, what each outcome means: folded until asked for.
+        let glossary = "return [document.querySelector('#outcomes').open, \
+             Array.from(document.querySelectorAll('#outcomes dt')).map(d => d.textContent), \
+             document.querySelector('#outcomes dd').checkVisibility()]";
+        let closed = js(&c, glossary).await;
+        assert_eq!(closed[0], json!(false));
+        assert_eq!(closed[2], json!(false), "folded away");
+        c.find(Locator::Css("#outcomes summary"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let open = js(&c, glossary).await;
+        assert_eq!(open[0], json!(true));
+        let named: Vec<Value> = nudge::model::Outcome::ALL
+            .iter()
+            .map(|o| json!(o.as_str()))
+            .collect();
+        assert_eq!(open[1], Value::Array(named));
+        assert_eq!(open[2], json!(true), "shown once opened");
+
         // Filter by journey through the form.
         let journey = c
             .find(Locator::Css("#filters input[name=journey]"))

@@ -147,13 +147,50 @@ pub fn error_page(message: &str) -> String {
 /// The example stays visible under the field (a placeholder vanishes
 /// once typed in, and reads as a value already set).
 fn text_input(out: &mut String, name: &str, label: &str, value: Option<&str>, hint: &str) {
+    suggesting_input(out, name, label, value, hint, &[]);
+}
+
+/// A text input that offers `suggestions` as the reviewer types (a
+/// datalist): the journeys and steps of the rules in force, while a name
+/// no longer in them (a retired journey still in the log) can be typed.
+fn suggesting_input(
+    out: &mut String,
+    name: &str,
+    label: &str,
+    value: Option<&str>,
+    hint: &str,
+    suggestions: &[String],
+) {
+    let list = if suggestions.is_empty() {
+        String::new()
+    } else {
+        format!(" list=\"{name}-suggestions\" autocomplete=\"off\"")
+    };
     let _ = write!(
         out,
-        "<label>{label}<input type=\"text\" name=\"{name}\" value=\"{}\" aria-describedby=\"{name}-hint\">\
+        "<label>{label}<input type=\"text\" name=\"{name}\" value=\"{}\"{list} aria-describedby=\"{name}-hint\">\
          <small class=\"hint\" id=\"{name}-hint\">e.g. {}</small></label>",
         esc(value.unwrap_or("")),
         esc(hint)
     );
+    if !suggestions.is_empty() {
+        let _ = write!(out, "<datalist id=\"{name}-suggestions\">");
+        for s in suggestions {
+            let _ = write!(out, "<option value=\"{}\">", esc(s));
+        }
+        out.push_str("</datalist>");
+    }
+}
+
+/// What each outcome means, folded away under the table.
+fn outcome_glossary(out: &mut String) {
+    out.push_str(
+        "<details id=\"outcomes\" class=\"glossary\"><summary>What each outcome means</summary><dl>",
+    );
+    for o in crate::model::Outcome::ALL {
+        let _ = write!(out, "<dt>{}</dt><dd>{}</dd>", o.as_str(), esc(o.meaning()));
+    }
+    out.push_str("</dl></details>");
 }
 
 fn select(out: &mut String, name: &str, label: &str, value: Option<&str>, options: &[&str]) {
@@ -170,9 +207,9 @@ fn select(out: &mut String, name: &str, label: &str, value: Option<&str>, option
 
 /// The dispatch log page: the filter form, one page of records newest
 /// first, and links to the next (older) page and to the CSV of the filter.
-pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
+pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach, known: &Known) -> String {
     let mut out = String::new();
-    log_form(&mut out, query);
+    log_form(&mut out, query, known);
     let filters = query.filters_query();
     let _ = write!(
         out,
@@ -206,6 +243,7 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
         log_table(&mut out, &page.records);
     }
     pager(&mut out, query, page, &filters);
+    outcome_glossary(&mut out);
     let title = if filtered.is_empty() {
         format!("Dispatch log: {shown}")
     } else {
@@ -216,9 +254,9 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach) -> String {
 
 /// The log page for a filter that cannot be read: the form as it was sent,
 /// and what is wrong with it.
-pub fn log_refused(query: &LogQuery, message: &str) -> String {
+pub fn log_refused(query: &LogQuery, message: &str, known: &Known) -> String {
     let mut out = String::new();
-    log_form(&mut out, query);
+    log_form(&mut out, query, known);
     let _ = write!(
         out,
         "<p class=\"error\" id=\"error\" role=\"alert\">{}</p>",
@@ -255,16 +293,31 @@ fn filters_summary(query: &LogQuery) -> String {
     .join(", ")
 }
 
-fn log_form(out: &mut String, query: &LogQuery) {
+/// The journeys and steps of the rules in force, offered in the filters.
+#[derive(Debug, Default, Clone)]
+pub struct Known {
+    pub journeys: Vec<String>,
+    pub steps: Vec<String>,
+}
+
+fn log_form(out: &mut String, query: &LogQuery, known: &Known) {
     out.push_str("<form method=\"get\" action=\"/\" class=\"filters\" id=\"filters\">");
-    text_input(
+    suggesting_input(
         out,
         "journey",
         "Journey",
         query.journey.as_deref(),
         "unsigned_loan",
+        &known.journeys,
     );
-    text_input(out, "step", "Step", query.step.as_deref(), "push");
+    suggesting_input(
+        out,
+        "step",
+        "Step",
+        query.step.as_deref(),
+        "push",
+        &known.steps,
+    );
     let channels: Vec<&str> = ChannelKind::ALL.iter().map(|c| c.as_str()).collect();
     select(
         out,

@@ -59,6 +59,8 @@ pub const CSV_DOWNLOADS: usize = 4;
 pub struct PageState {
     pub review: Option<Arc<dyn ReviewRead>>,
     pub retention: Duration,
+    /// The rules in force, whose journeys and steps the filters offer.
+    rules: Option<crate::rules::RulesHandle>,
     /// CSV downloads under way: each holds a blocking thread and a store
     /// reader for as long as its client takes to read it.
     downloads: Arc<tokio::sync::Semaphore>,
@@ -69,8 +71,32 @@ impl PageState {
         Self {
             review,
             retention,
+            rules: None,
             downloads: Arc::new(tokio::sync::Semaphore::new(CSV_DOWNLOADS)),
         }
+    }
+
+    pub fn with_rules(mut self, rules: crate::rules::RulesHandle) -> Self {
+        self.rules = Some(rules);
+        self
+    }
+
+    /// The journeys and steps of the rules in force, sorted, each once.
+    fn known(&self) -> html::Known {
+        let Some(rules) = &self.rules else {
+            return html::Known::default();
+        };
+        let set = rules.current();
+        let mut journeys: Vec<String> = set.journeys().iter().map(|j| j.name.clone()).collect();
+        let mut steps: Vec<String> = set
+            .journeys()
+            .iter()
+            .flat_map(|j| j.steps.iter().map(|s| s.id.clone()))
+            .collect();
+        journeys.sort();
+        steps.sort();
+        steps.dedup();
+        html::Known { journeys, steps }
     }
 }
 
@@ -240,6 +266,7 @@ async fn read<T: Send + 'static>(
 }
 
 async fn log_page(State(state): State<PageState>, Query(query): Query<LogQuery>) -> Response {
+    let known = state.known();
     let Some(review) = state.review else {
         return off();
     };
@@ -247,7 +274,10 @@ async fn log_page(State(state): State<PageState>, Query(query): Query<LogQuery>)
     let (filter, after, limit) = match (query.filter(Utc::now()), query.cursor(), query.limit()) {
         (Ok(f), Ok(a), Ok(l)) => (f, a, l),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            return html_response(StatusCode::BAD_REQUEST, html::log_refused(&query, &e))
+            return html_response(
+                StatusCode::BAD_REQUEST,
+                html::log_refused(&query, &e, &known),
+            )
         }
     };
     let result = read(review, "log page", move |r| {
@@ -261,7 +291,7 @@ async fn log_page(State(state): State<PageState>, Query(query): Query<LogQuery>)
                 oldest,
                 retention: state.retention,
             };
-            Html(html::log_page(&query, &page, &reach)).into_response()
+            Html(html::log_page(&query, &page, &reach, &known)).into_response()
         }
         Err(response) => response,
     }
