@@ -504,19 +504,13 @@ impl Drop for OwnRole {
 /// is only read at start, so the daemon starts, decides and sends.
 #[test]
 fn a_replica_runs_as_a_role_granted_only_the_data() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let recv = Receiver::start(&rt);
     let app = OwnRole::data_only();
-    let mut cfg = DaemonConfig::new(dir.path(), &recv);
-    cfg.store_url = Some(app.url());
-    create_topic(&rt, &cfg.topic, 1);
-    let daemon = Daemon::start(&cfg, "a");
-    daemon.wait_ready(LONG);
-    produce(&cfg.topic, &loans(0, 10));
-    daemon.wait_until(LONG, "every push sent", || recv.by_key().len() == 10);
-    let logs = daemon.log_tail();
-    daemon.terminate();
+    let d = pg_daemon(&app.url(), 1);
+    produce(&d.cfg.topic, &loans(0, 10));
+    d.daemon
+        .wait_until(LONG, "every push sent", || d.recv.by_key().len() == 10);
+    let logs = d.daemon.log_tail();
+    d.daemon.terminate();
     assert!(!logs.contains("permission denied"), "{logs}");
 }
 
@@ -574,21 +568,45 @@ fn a_privilege_taken_away_for_a_while_loses_no_event() {
     assert_eq!(planned, 120, "every loan's email and call planned\n{logs}");
 }
 
+/// One daemon on the PostgreSQL store `url`, ready, reading a topic of
+/// `partitions` of its own and sending to a receiver of its own. Its
+/// parts are used in place (`d.daemon`, `d.recv`): the runtime and the
+/// directory live as long as it.
+struct PgDaemon {
+    daemon: Daemon,
+    cfg: DaemonConfig,
+    recv: Receiver,
+    _dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn pg_daemon(url: &str, partitions: i32) -> PgDaemon {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    cfg.store_url = Some(url.to_string());
+    create_topic(&rt, &cfg.topic, partitions);
+    let daemon = Daemon::start(&cfg, "a");
+    daemon.wait_ready(LONG);
+    PgDaemon {
+        daemon,
+        cfg,
+        recv,
+        _dir: dir,
+        _rt: rt,
+    }
+}
+
 /// A DBA's transaction keeps a lock the engine needs (here on the table of
 /// processed events): the daemon does not wait silently behind it. Its
 /// statements give up after `lock_timeout`, `/readyz` names the lock
 /// timeout, and once the transaction ends every event is decided, once.
 #[test]
 fn a_lock_another_session_keeps_makes_the_daemon_not_ready_saying_so() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let recv = Receiver::start(&rt);
     let schema = Schema::new();
-    let mut cfg = DaemonConfig::new(dir.path(), &recv);
-    cfg.store_url = Some(schema.url.clone());
-    create_topic(&rt, &cfg.topic, 1);
-    let daemon = Daemon::start(&cfg, "a");
-    daemon.wait_ready(LONG);
+    let d = pg_daemon(&schema.url, 1);
+    let (daemon, cfg, recv) = (&d.daemon, &d.cfg, &d.recv);
     let mut dba = schema.client();
     let mut tx = dba.transaction().unwrap();
     tx.batch_execute("LOCK TABLE processed_events IN ACCESS EXCLUSIVE MODE")
@@ -604,8 +622,8 @@ fn a_lock_another_session_keeps_makes_the_daemon_not_ready_saying_so() {
     daemon.wait_until(LONG, "ready again and every push sent", || {
         daemon.readyz().is_some_and(|r| r.ready()) && recv.by_key().len() == 20
     });
-    daemon.terminate();
-    assert!(recv.by_key().values().all(|&n| n == 1));
+    d.daemon.terminate();
+    assert!(d.recv.by_key().values().all(|&n| n == 1));
 }
 
 /// The schema's tables as they are now, copied into a schema beside it:
@@ -692,15 +710,9 @@ fn fail_over_to(schema: &Schema, copy: &str) {
 /// transactions had recorded as sent goes again under the same key.
 #[test]
 fn a_failover_to_a_standby_that_missed_transactions_decides_them_again() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let recv = Receiver::start(&rt);
     let schema = Schema::new();
-    let mut cfg = DaemonConfig::new(dir.path(), &recv);
-    cfg.store_url = Some(schema.url.clone());
-    create_topic(&rt, &cfg.topic, 2);
-    let daemon = Daemon::start(&cfg, "a");
-    daemon.wait_ready(LONG);
+    let d = pg_daemon(&schema.url, 2);
+    let (daemon, cfg, recv) = (&d.daemon, &d.cfg, &d.recv);
     produce(&cfg.topic, &loans(0, 30));
     daemon.wait_until(LONG, "the first pushes", || recv.by_key().len() == 30);
     let standby = standby_copy(&schema);
@@ -742,7 +754,7 @@ fn a_failover_to_a_standby_that_missed_transactions_decides_them_again() {
             ) == 0
     });
     let logs = daemon.log_tail();
-    daemon.terminate();
+    d.daemon.terminate();
     assert!(
         logs.contains("the store's offset is not this consumer's"),
         "the failover is said\n{logs}"
@@ -756,7 +768,7 @@ fn a_failover_to_a_standby_that_missed_transactions_decides_them_again() {
         signed_pending, 0,
         "no reminder left for a signed loan\n{logs}"
     );
-    let by_key = recv.by_key();
+    let by_key = d.recv.by_key();
     assert_eq!(by_key.len(), 60, "{by_key:?}");
     assert!(by_key.values().all(|&n| n <= 2), "{by_key:?}");
 }
