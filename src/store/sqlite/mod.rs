@@ -618,8 +618,10 @@ impl Store for SqliteStore {
 
     fn next_due(&self, channel: Option<ChannelKind>) -> Result<Option<DateTime<Utc>>, StoreError> {
         // Also the readiness probe's question: a file gone is said there.
+        // On the reader: a decide batch holding the writer (a script
+        // running up to rules.timeout) must not make the store look away.
         self.file_in_place()?;
-        let conn = self.conn();
+        let conn = self.reader();
         let v: Option<i64> = match channel {
             Some(c) => conn
                 .prepare_cached(
@@ -708,7 +710,8 @@ impl Store for SqliteStore {
     }
 
     fn offsets(&self, topic: &str) -> Result<Vec<(i32, i64)>, StoreError> {
-        let conn = self.conn();
+        // What is committed; not held up by a batch being decided.
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT partition, next_offset FROM kafka_offsets WHERE topic = ?1 ORDER BY partition",
         )?;
