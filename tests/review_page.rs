@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use harness::*;
 use serde_json::{json, Value};
@@ -321,6 +322,85 @@ fn a_reviewer_reads_the_page_in_chromium() {
             .collect();
         assert_eq!(open[1], Value::Array(named));
         assert_eq!(open[2], json!(true), "shown once opened");
+        // Its fold is a target 24 px high at least (WCAG 2.5.8).
+        let height = js(
+            &c,
+            "return document.querySelector('#outcomes summary').getBoundingClientRect().height",
+        )
+        .await;
+        assert!(height.as_f64().unwrap() >= 24.0, "{height}");
+
+        // A customer id hundreds of characters long breaks inside its
+        // cell: the page does not grow sideways on a desktop.
+        let widths = js(
+            &c,
+            "document.querySelector('#log tbody a.customer bdi').textContent = 'c'.repeat(400); \
+             return [document.documentElement.scrollWidth, document.documentElement.clientWidth]",
+        )
+        .await;
+        let (scroll, client) = (widths[0].as_i64().unwrap(), widths[1].as_i64().unwrap());
+        assert!(scroll <= client, "the log is {scroll} px wide in {client}");
+
+        // By keyboard: skip links past the header, past the filters, and
+        // past the rows to the page links, each shown when focused.
+        c.goto(&format!("{authed}?limit=3")).await.unwrap();
+        c.wait().for_element(Locator::Id("older")).await.unwrap();
+        let focused = "const a = document.activeElement; \
+             return [a.id || a.textContent, a.getBoundingClientRect().left >= 0]";
+        let body = c.find(Locator::Css("body")).await.unwrap();
+        body.send_keys(&Key::Tab.to_string()).await.unwrap();
+        assert_eq!(js(&c, focused).await, json!(["Skip to content", true]));
+        let mut stops = Vec::new();
+        for _ in 0..4 {
+            c.active_element()
+                .await
+                .unwrap()
+                .send_keys(&Key::Tab.to_string())
+                .await
+                .unwrap();
+            stops.push(js(&c, focused).await[0].clone());
+        }
+        assert_eq!(
+            stops,
+            json!(["Dispatch log", "Funnels", "Skip to the results", "Skip to the page links"])
+                .as_array()
+                .unwrap()
+                .clone()
+        );
+        assert_eq!(js(&c, focused).await[1], json!(true), "shown when focused");
+        c.active_element()
+            .await
+            .unwrap()
+            .send_keys(&Key::Enter.to_string())
+            .await
+            .unwrap();
+        c.active_element()
+            .await
+            .unwrap()
+            .send_keys(&Key::Tab.to_string())
+            .await
+            .unwrap();
+        assert_eq!(js(&c, focused).await[0], json!("older"));
+
+        // A mistyped address: a page saying so, with the way back, not the
+        // browser's blank error.
+        c.goto(&format!("{authed}customers/")).await.unwrap();
+        let status = js(
+            &c,
+            "return performance.getEntriesByType('navigation').map(e => e.responseStatus)",
+        )
+        .await;
+        assert_eq!(status, json!([404]));
+        assert_eq!(c.title().await.unwrap(), "Not found · nudge review");
+        c.find(Locator::Css("main a[href='/']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait().for_element(Locator::Css("#log")).await.unwrap();
+        c.goto(&authed).await.unwrap();
+        c.wait().for_element(Locator::Css("#log")).await.unwrap();
 
         // Filter by journey through the form.
         let journey = c
@@ -374,7 +454,10 @@ fn a_reviewer_reads_the_page_in_chromium() {
             "unsigned_loan",
         ]);
         assert_eq!(code, 0, "{err}");
-        assert_eq!(csv, expected);
+        // The page's link asks for a byte-order mark, for spreadsheets;
+        // after it, the bytes the CLI writes (RFC 4180: CRLF).
+        assert_eq!(csv.strip_prefix('\u{feff}'), Some(expected.as_str()));
+        assert_eq!(expected.matches("\r\n").count(), loan.len() + 1);
         assert_eq!(csv.lines().count(), loan.len() + 1);
 
         // One customer's decision record, from the first row's link.

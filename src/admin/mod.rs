@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -86,7 +86,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .merge(reviewer)
         .merge(admin)
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// A page a person can read, with the way back (a browser shows its own
+/// blank error for an empty 404); it names nothing of the store.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::response::Html(page::html::not_found_page(uri.path())),
+    )
+        .into_response()
 }
 
 /// Routes any reviewer (or the admin) may read: the review page and

@@ -185,7 +185,7 @@ impl<W: Write> LogWriter<W> {
             }
             LogFormat::Csv => {
                 if first {
-                    writeln!(self.out, "{}", CSV_COLUMNS.join(","))?;
+                    write!(self.out, "{}\r\n", CSV_COLUMNS.join(","))?;
                 }
                 let fields = [
                     r.seq.to_string(),
@@ -206,7 +206,8 @@ impl<W: Write> LogWriter<W> {
                     r.response_ms.map(|l| l.to_string()).unwrap_or_default(),
                 ];
                 let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-                writeln!(self.out, "{}", line.join(","))
+                // RFC 4180 ends every record, the last one too, with CRLF.
+                write!(self.out, "{}\r\n", line.join(","))
             }
             LogFormat::Json => {
                 self.out.write_all(if first { b"[\n" } else { b",\n" })?;
@@ -244,7 +245,9 @@ impl<W: Write> LogWriter<W> {
         match self.format {
             LogFormat::Json if self.written == 0 => self.out.write_all(b"[]\n")?,
             LogFormat::Json => self.out.write_all(b"\n]\n")?,
-            LogFormat::Csv if self.written == 0 => writeln!(self.out, "{}", CSV_COLUMNS.join(","))?,
+            LogFormat::Csv if self.written == 0 => {
+                write!(self.out, "{}\r\n", CSV_COLUMNS.join(","))?
+            }
             _ => {}
         }
         self.out.flush()?;

@@ -41,7 +41,7 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
             .and_then(|d| now.checked_sub_signed(d))
             .ok_or_else(|| format!("`{text}` reaches before any representable time")),
         Err(_) => Err(format!(
-            "`{text}` is not a time: give RFC 3339 (2026-03-02T09:00:00Z), a date (2026-03-02) or a duration before now (7d, 12h, 30m)"
+            "`{text}` is not a time: give RFC 3339 (2026-03-02T09:00:00Z, or with the offset of your zone: 2026-03-02T09:00:00+11:00), a date (2026-03-02, midnight UTC) or a duration before now (7d, 12h, 30m)"
         )),
     }
 }

@@ -68,6 +68,15 @@ fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// The link to a customer's page. A browser resolves an id of `.` or
+/// `..` in a path (encoded or not) to another page, so those go by query.
+pub fn customer_href(id: &str) -> String {
+    match id {
+        "." | ".." => format!("/customer?id={}", url(id)),
+        _ => format!("/customers/{}", url(id)),
+    }
+}
+
 /// How far back the log reaches, on every page (retention deletes older records).
 pub struct Reach {
     pub oldest: Option<DateTime<Utc>>,
@@ -112,7 +121,8 @@ fn layout_titled(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{} · nudge review</title><link rel=\"stylesheet\" href=\"/assets/app.css\"></head>\
-         <body><header><nav aria-label=\"Main\"><span class=\"brand\">nudge review</span>",
+         <body><a class=\"skip\" href=\"#main\">Skip to content</a>\
+         <header><nav aria-label=\"Main\"><span class=\"brand\">nudge review</span>",
         esc(title)
     );
     for (href, label) in [("/", "Dispatch log"), ("/funnel", "Funnels")] {
@@ -129,7 +139,7 @@ fn layout_titled(
     }
     let _ = writeln!(
         out,
-        "</header><main><h1>{}</h1>{body}</main></body></html>",
+        "</header><main id=\"main\" tabindex=\"-1\"><h1>{}</h1>{body}</main></body></html>",
         esc(heading)
     );
     out
@@ -141,6 +151,19 @@ pub fn error_page(message: &str) -> String {
         "",
         None,
         &format!("<p class=\"error\" id=\"error\">{}</p>", esc(message)),
+    )
+}
+
+pub fn not_found_page(path: &str) -> String {
+    layout(
+        "Not found",
+        "",
+        None,
+        &format!(
+            "<p class=\"error\" id=\"error\">Nothing is at <code>{}</code>.</p>\
+             <p><a href=\"/\">The dispatch log</a> · <a href=\"/funnel\">Funnels</a></p>",
+            esc(path)
+        ),
     )
 }
 
@@ -209,31 +232,53 @@ fn select(out: &mut String, name: &str, label: &str, value: Option<&str>, option
 /// first, and links to the next (older) page and to the CSV of the filter.
 pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach, known: &Known) -> String {
     let mut out = String::new();
+    let paged = query.after.is_some() || page.next.is_some();
+    // A keyboard user reaches the results past seven fields, and the
+    // page links past a hundred rows, in one key press each.
+    out.push_str("<nav class=\"skips\" aria-label=\"Skip\"><a class=\"skip\" href=\"#results\">Skip to the results</a>");
+    if paged {
+        out.push_str("<a class=\"skip\" href=\"#pages\">Skip to the page links</a>");
+    }
+    out.push_str("</nav>");
     log_form(&mut out, query, known);
     let filters = query.filters_query();
     let _ = write!(
         out,
-        "<p class=\"actions\"><a id=\"csv\" href=\"/log.csv{}\" download>Download CSV of this filter</a> \
-         (every record it selects, not just this page)</p>",
-        if filters.is_empty() { String::new() } else { format!("?{filters}") }
+        "<p class=\"actions\"><a id=\"csv\" href=\"/log.csv?{}bom=1\" download>Download CSV of this filter</a> \
+         (every record it selects, not just this page; UTF-8 with a byte-order mark, which spreadsheets need)</p>",
+        if filters.is_empty() { String::new() } else { format!("{}&amp;", filters.replace('&', "&amp;")) }
     );
-    let shown = match (page.records.len(), query.after.is_some()) {
-        (1, false) => "1 record".to_string(),
-        (n, false) => format!("{n} records, newest first"),
-        (n, true) => format!("{n} older records"),
+    // The count is of this page: a total would cost a scan of every
+    // matching record, so the words say when more are on other pages.
+    let shown = match (
+        page.records.len(),
+        query.after.is_some(),
+        page.next.is_some(),
+    ) {
+        (1, false, false) => "1 record".to_string(),
+        (n, false, false) => format!("{n} records, newest first"),
+        (n, false, true) => format!("the newest {n} records (older ones on the next pages)"),
+        (n, true, false) => format!("{n} older records, the oldest there are"),
+        (n, true, true) => format!("{n} older records (more on the next pages)"),
     };
     let filtered = filters_summary(query);
+    out.push_str("<div id=\"results\" tabindex=\"-1\">");
     if page.records.is_empty() {
         let text = if filters.is_empty() && query.after.is_none() {
             "The dispatch log is empty: nothing has been decided yet (or retention removed it)."
+                .to_string()
         } else {
-            "No record passes this filter."
+            format!(
+                "No record passes this filter.{}",
+                unknown_names(query, known)
+            )
         };
-        let _ = write!(out, "<p id=\"empty\" role=\"status\">{text}</p>");
+        let _ = write!(out, "<p id=\"empty\" role=\"status\">{}</p>", text);
     } else {
         let _ = write!(
             out,
-            "<p id=\"shown\" role=\"status\">{shown}{}</p>",
+            "<p id=\"shown\" role=\"status\">{}{}</p>",
+            capitalised(&shown),
             if filtered.is_empty() {
                 String::new()
             } else {
@@ -242,6 +287,7 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach, known: &Known) 
         );
         log_table(&mut out, &page.records);
     }
+    out.push_str("</div>");
     pager(&mut out, query, page, &filters);
     outcome_glossary(&mut out);
     let title = if filtered.is_empty() {
@@ -269,6 +315,62 @@ pub fn log_refused(query: &LogQuery, message: &str, known: &Known) -> String {
         None,
         &out,
     )
+}
+
+/// "Sentence case" for a status line built from a lower-case phrase.
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// Why a filter may have found nothing: a journey or step named in it
+/// that the rules in force do not have (case and typos included), with
+/// the names they do have. Empty when the names are known or no rules are.
+fn unknown_names(query: &LogQuery, known: &Known) -> String {
+    let mut out = String::new();
+    for (field, value, names) in [
+        ("journey", &query.journey, &known.journeys),
+        ("step", &query.step, &known.steps),
+    ] {
+        let Some(value) = value.as_deref() else {
+            continue;
+        };
+        if names.is_empty() || names.iter().any(|n| n == value) {
+            continue;
+        }
+        let _ = write!(
+            out,
+            " The rules in force have no {field} named <code>{}</code> (they have {}); \
+             a retired {field} keeps its records under its old name.",
+            esc(value),
+            names
+                .iter()
+                .map(|n| format!("<code>{}</code>", esc(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // A pasted id often brings a space with it. Not trimmed away: an
+    // event may carry an id that has one, and its records stay reachable.
+    if let Some(customer) = query
+        .customer
+        .as_deref()
+        .filter(|c| c.trim() != *c && !c.trim().is_empty())
+    {
+        let mut trimmed = query.clone();
+        trimmed.customer = Some(customer.trim().to_string());
+        let _ = write!(
+            out,
+            " The customer id starts or ends with a space: \
+             <a id=\"trimmed\" href=\"/?{}\">look for <code>{}</code></a>?",
+            trimmed.filters_query().replace('&', "&amp;"),
+            esc(customer.trim())
+        );
+    }
+    out
 }
 
 /// The filters in force, as words (`journey unsigned_loan, outcome sent`).
@@ -339,14 +441,14 @@ fn log_form(out: &mut String, query: &LogQuery, known: &Known) {
         "since",
         "Since",
         query.since.as_deref(),
-        "7d, 2026-03-02 or RFC 3339",
+        "7d, 2026-03-02 (midnight UTC) or 2026-03-02T00:00:00+11:00",
     );
     text_input(
         out,
         "until",
         "Until",
         query.until.as_deref(),
-        "2026-03-09T00:00:00Z",
+        "2026-03-09 (UTC) or 2026-03-09T00:00:00+11:00",
     );
     text_input(
         out,
@@ -367,25 +469,29 @@ fn pager(out: &mut String, query: &LogQuery, page: &LogPage, filters: &str) {
     if query.after.is_none() && page.next.is_none() {
         return;
     }
-    out.push_str("<nav class=\"pager\" aria-label=\"Pages\">");
+    out.push_str("<nav class=\"pager\" id=\"pages\" tabindex=\"-1\" aria-label=\"Pages\">");
+    let limit = query.limit.as_deref().map(|l| format!("limit={}", url(l)));
     if query.after.is_some() {
+        let kept: Vec<String> = [
+            Some(filters.replace('&', "&amp;")).filter(|f| !f.is_empty()),
+            limit.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let _ = write!(
             out,
             "<a id=\"newest\" href=\"/{}\">Newest</a>",
-            if filters.is_empty() {
+            if kept.is_empty() {
                 String::new()
             } else {
-                format!("?{filters}")
+                format!("?{}", kept.join("&amp;"))
             }
         );
     }
     if let Some(next) = page.next {
         let sep = if filters.is_empty() { "" } else { "&amp;" };
-        let limit = query
-            .limit
-            .as_deref()
-            .map(|l| format!("&amp;limit={}", url(l)))
-            .unwrap_or_default();
+        let limit = limit.map(|l| format!("&amp;{l}")).unwrap_or_default();
         let _ = write!(
             out,
             "<a id=\"older\" rel=\"next\" href=\"/?{}{sep}after={}{limit}\">Older</a>",
@@ -405,8 +511,8 @@ fn log_table(out: &mut String, records: &[LogRecord]) {
     for r in records {
         let _ = write!(
             out,
-            "<tr data-seq=\"{seq}\"><td data-label=\"Time\"><time>{time}</time></td>\
-             <td data-label=\"Customer\"><a class=\"customer\" href=\"/customers/{cid}\">{customer}</a></td>\
+            "<tr data-seq=\"{seq}\"><td data-label=\"Time (UTC)\"><time>{time}</time></td>\
+             <td data-label=\"Customer\"><a class=\"customer\" href=\"{href}\"><bdi>{customer}</bdi></a></td>\
              <td data-label=\"Journey\" class=\"journey\">{journey}</td>\
              <td data-label=\"Step\">{step}</td><td data-label=\"Channel\">{channel}</td>\
              <td data-label=\"Outcome\"><span class=\"outcome {outcome}\">{outcome}</span></td>\
@@ -415,7 +521,7 @@ fn log_table(out: &mut String, records: &[LogRecord]) {
              <td data-label=\"Script\"><code title=\"{hash}\">{short}</code></td></tr>",
             seq = r.seq,
             time = time(r.time),
-            cid = url(&r.customer),
+            href = customer_href(&r.customer),
             customer = esc(&r.customer),
             journey = esc(&r.journey),
             step = esc(&r.step),
@@ -452,15 +558,41 @@ fn ci(u: &Uplift) -> String {
 }
 
 /// Funnels and uplift per journey (all of them, or the one asked for).
-pub fn funnel_page(report: &FunnelReport, journey: Option<&str>, reach: &Reach) -> String {
+pub fn funnel_page(
+    report: &FunnelReport,
+    journey: Option<&str>,
+    reach: &Reach,
+    known: &Known,
+) -> String {
     let mut out = String::new();
     out.push_str("<form method=\"get\" action=\"/funnel\" class=\"filters\">");
-    text_input(&mut out, "journey", "Journey", journey, "all journeys");
+    suggesting_input(
+        &mut out,
+        "journey",
+        "Journey",
+        journey,
+        "unsigned_loan; empty for all",
+        &known.journeys,
+    );
     out.push_str(
         "<div class=\"buttons\"><button type=\"submit\">Show</button><a href=\"/funnel\">All</a></div></form>",
     );
     if report.journeys.is_empty() {
-        out.push_str("<p id=\"empty\">No instance of any journey in the store.</p>");
+        match journey {
+            None => out.push_str("<p id=\"empty\">No instance of any journey in the store.</p>"),
+            Some(j) => {
+                let asked = LogQuery {
+                    journey: Some(j.to_string()),
+                    ..LogQuery::default()
+                };
+                let _ = write!(
+                    out,
+                    "<p id=\"empty\">No instance of journey <code>{}</code> in the store.{}</p>",
+                    esc(j),
+                    unknown_names(&asked, known)
+                );
+            }
+        }
     }
     for f in &report.journeys {
         funnel_section(&mut out, f);
@@ -616,7 +748,7 @@ pub fn customer_page(record: &DecisionRecord, retention: Duration) -> String {
                 .unwrap_or_default();
             let _ = write!(
                 out,
-                "<tr class=\"{kind}\"{seq}><td data-label=\"Time\"><time>{}</time></td>\
+                "<tr class=\"{kind}\"{seq}><td data-label=\"Time (UTC)\"><time>{}</time></td>\
                  <td data-label=\"Kind\">{kind}</td><td data-label=\"What\">{}",
                 e.time.to_rfc3339_opts(SecondsFormat::Millis, true),
                 esc(&e.text),

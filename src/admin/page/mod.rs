@@ -112,6 +112,7 @@ where
         .route("/funnel", get(funnel_page))
         .route("/log.csv", get(log_csv))
         .route("/customers/{id}", get(customer_page))
+        .route("/customer", get(customer_by_query))
         .route("/assets/app.css", get(css))
 }
 
@@ -128,6 +129,10 @@ pub struct LogQuery {
     pub customer: Option<String>,
     pub after: Option<String>,
     pub limit: Option<String>,
+    /// `/log.csv` only: `1` starts the file with a UTF-8 byte-order mark,
+    /// without which Excel reads it as the system's code page (the page's
+    /// download link asks for it; scripts get plain UTF-8).
+    pub bom: Option<String>,
 }
 
 impl LogQuery {
@@ -303,10 +308,14 @@ struct FunnelQuery {
 }
 
 async fn funnel_page(State(state): State<PageState>, Query(query): Query<FunnelQuery>) -> Response {
+    let known = state.known();
     let Some(review) = state.review else {
         return off();
     };
-    let journey = query.journey.filter(|j| !j.trim().is_empty());
+    let journey = query
+        .journey
+        .map(|j| j.trim().to_string())
+        .filter(|j| !j.is_empty());
     let asked = journey.clone();
     match read(review, "funnel", move |r| {
         crate::review::funnel::funnels(r, asked.as_deref())
@@ -318,7 +327,13 @@ async fn funnel_page(State(state): State<PageState>, Query(query): Query<FunnelQ
                 oldest: report.log_reaches_back_to,
                 retention: state.retention,
             };
-            Html(html::funnel_page(&report, journey.as_deref(), &reach)).into_response()
+            Html(html::funnel_page(
+                &report,
+                journey.as_deref(),
+                &reach,
+                &known,
+            ))
+            .into_response()
         }
         Err(response) => response,
     }
@@ -337,6 +352,19 @@ async fn customer_page(State(state): State<PageState>, Path(id): Path<String>) -
         Ok(record) => Html(html::customer_page(&record, state.retention)).into_response(),
         Err(response) => response,
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct CustomerQuery {
+    id: String,
+}
+
+/// `/customer?id=`: the same page, for ids a path cannot carry (`..`).
+async fn customer_by_query(
+    state: State<PageState>,
+    Query(query): Query<CustomerQuery>,
+) -> Response {
+    customer_page(state, Path(query.id)).await
 }
 
 async fn css() -> impl IntoResponse {
@@ -385,10 +413,17 @@ async fn log_csv(State(state): State<PageState>, Query(query): Query<LogQuery>) 
     let Some(review) = state.review else {
         return off();
     };
-    let filter = match query.tidy().filter(Utc::now()) {
+    let query = query.tidy();
+    let filter = match query.filter(Utc::now()) {
         Ok(f) => f,
         Err(e) => return bad_request(e),
     };
+    let mut start = Vec::with_capacity(CSV_CHUNK);
+    match query.bom.as_deref() {
+        None | Some("0") => {}
+        Some("1") => start.extend_from_slice("\u{feff}".as_bytes()),
+        Some(other) => return bad_request(format!("bom: give 1 or 0, not `{other}`")),
+    }
     let Ok(download) = state.downloads.clone().try_acquire_owned() else {
         let message = format!(
             "{CSV_DOWNLOADS} CSV downloads are under way, the most served at once: try again in a minute"
@@ -405,7 +440,7 @@ async fn log_csv(State(state): State<PageState>, Query(query): Query<LogQuery>) 
         let errors = tx.clone();
         let mut writer = LogWriter::new(
             ChunkSender {
-                buffer: Vec::with_capacity(CSV_CHUNK),
+                buffer: start,
                 tx,
                 _download: download,
             },

@@ -13,7 +13,7 @@ use serde_json::{json, Map};
 use super::*;
 use crate::admin::auth::Tokens;
 use crate::model::{Category, ChannelKind, LogRecord, Mode, Outcome};
-use crate::review::log::STREAM_PAGE;
+use crate::review::log::{LogPage, STREAM_PAGE};
 use crate::store::{NewInstance, NewStep, SqliteStore, StepResult, Store};
 
 const REVIEWER: &str = "rev-token-1";
@@ -596,4 +596,173 @@ fn cursors_round_trip_exactly() {
     assert_eq!(parse_cursor(&cursor_text(c)), Some(c));
     assert_eq!(parse_cursor("12"), None);
     assert_eq!(parse_cursor("x.1"), None);
+}
+
+async fn get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
+    let r = client()
+        .get(format!("{base}{path}"))
+        .header("authorization", format!("Bearer {REVIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_words_and_links_around_the_table_lead_the_reviewer_on() {
+    let (_dir, path) = seeded(300);
+    let store = SqliteStore::open(&path).unwrap();
+    let dots = LogRecord {
+        seq: 0,
+        time: t0(),
+        customer: "..".into(),
+        journey: "unsigned_loan".into(),
+        instance: "i-dots".into(),
+        step: "push".into(),
+        channel: "push".into(),
+        template: "t".into(),
+        outcome: Outcome::Sent,
+        reason: String::new(),
+        rule_hash: "abcdef0123456789".into(),
+        attempt: 1,
+        latency_ms: None,
+        event_id: None,
+        http_status: Some(200),
+        response_ms: Some(3),
+    };
+    store
+        .settle_steps(&[StepResult {
+            record: dots,
+            again_at: None,
+            replan: false,
+            claimed_row: None,
+            withdraw_if_ended: false,
+        }])
+        .unwrap();
+    let base = serve(Tokens::new(None, Some(REVIEWER.into())), reader(&path)).await;
+
+    // A page of several says it is one, and offers a way past its rows.
+    let (_, _, first) = get(&base, "/?journey=unsigned_loan&limit=20").await;
+    assert!(
+        first.contains(
+            "The newest 20 records (older ones on the next pages) where journey unsigned_loan"
+        ),
+        "{first}"
+    );
+    assert!(first.contains("href=\"#results\"") && first.contains("href=\"#pages\""));
+    assert!(first.contains("id=\"pages\""));
+    let after = older(&first).unwrap();
+    let (_, _, second) = get(
+        &base,
+        &format!("/?journey=unsigned_loan&limit=20&after={after}"),
+    )
+    .await;
+    assert!(
+        second.contains("20 older records (more on the next pages)"),
+        "{second}"
+    );
+    // "Newest" keeps the filter and the page size.
+    assert!(
+        second.contains("id=\"newest\" href=\"/?journey=unsigned_loan&amp;limit=20\""),
+        "{second}"
+    );
+    // One page: no page links to skip to.
+    let (_, _, single) = get(&base, "/?customer=c-5").await;
+    assert!(!seqs(&single).is_empty());
+    assert!(!single.contains("href=\"#pages\""), "{single}");
+    assert!(single.contains("href=\"#results\""));
+
+    // A pasted id with a space finds nothing, and the page offers the id without it.
+    let (_, _, spaced) = get(&base, "/?customer=%20c-5%20").await;
+    assert!(spaced.contains("No record passes this filter."), "{spaced}");
+    assert!(
+        spaced.contains("id=\"trimmed\" href=\"/?customer=c-5\""),
+        "{spaced}"
+    );
+
+    // An id a browser would resolve as a path step is linked by query.
+    let (_, _, log) = get(&base, "/?customer=..").await;
+    assert_eq!(seqs(&log).len(), 1, "{log}");
+    assert!(log.contains("href=\"/customer?id=..\""), "{log}");
+    let (status, _, record) = get(&base, "/customer?id=..").await;
+    assert_eq!(status, 200);
+    assert!(record.contains("<h1>Customer ..</h1>"), "{record}");
+    assert!(
+        !record.contains("Nothing recorded for this customer"),
+        "{record}"
+    );
+
+    // The page's download starts with a byte-order mark, for spreadsheets;
+    // the plain URL, for scripts, does not; both end records with CRLF.
+    assert!(
+        log.contains("href=\"/log.csv?customer=..&amp;bom=1\""),
+        "{log}"
+    );
+    let (status, with_bom) = get_bytes(&base, "/log.csv?customer=..&bom=1").await;
+    assert_eq!(status, 200);
+    let (_, plain) = get_bytes(&base, "/log.csv?customer=..").await;
+    assert_eq!(&with_bom[..3], "\u{feff}".as_bytes());
+    assert_eq!(&with_bom[3..], &plain[..]);
+    let plain = String::from_utf8(plain).unwrap();
+    assert!(plain.starts_with("seq,"), "{plain}");
+    assert_eq!(plain.matches("\r\n").count(), 2, "{plain:?}");
+    let (status, _, refused) = get(&base, "/log.csv?bom=yes").await;
+    assert_eq!(status, 400);
+    assert!(refused.contains("bom: give 1 or 0"), "{refused}");
+}
+
+#[test]
+fn a_filter_naming_what_the_rules_do_not_have_says_what_they_have() {
+    let known = html::Known {
+        journeys: vec!["fee_increase".into(), "unsigned_loan".into()],
+        steps: vec!["email".into(), "push".into()],
+    };
+    let reach = html::Reach {
+        oldest: None,
+        retention: Duration::ZERO,
+    };
+    let empty = LogPage {
+        records: Vec::new(),
+        next: None,
+    };
+    let query = |journey: &str| LogQuery {
+        journey: Some(journey.into()),
+        ..LogQuery::default()
+    };
+    let page = html::log_page(&query("UNSIGNED_LOAN"), &empty, &reach, &known);
+    assert!(
+        page.contains(
+            "The rules in force have no journey named <code>UNSIGNED_LOAN</code> \
+             (they have <code>fee_increase</code>, <code>unsigned_loan</code>)"
+        ),
+        "{page}"
+    );
+    // A known name, or no rules to compare with: no hint.
+    let page = html::log_page(&query("unsigned_loan"), &empty, &reach, &known);
+    assert!(!page.contains("have no journey"), "{page}");
+    let page = html::log_page(&query("x"), &empty, &reach, &html::Known::default());
+    assert!(!page.contains("have no journey"), "{page}");
+
+    let report = crate::review::funnel::FunnelReport {
+        log_reaches_back_to: None,
+        journeys: Vec::new(),
+    };
+    let funnel = html::funnel_page(&report, Some("nope"), &reach, &known);
+    assert!(
+        funnel.contains("No instance of journey <code>nope</code> in the store."),
+        "{funnel}"
+    );
+    assert!(
+        funnel.contains("have no journey named <code>nope</code>"),
+        "{funnel}"
+    );
+    assert!(
+        funnel.contains("<datalist id=\"journey-suggestions\">"),
+        "{funnel}"
+    );
+    let all = html::funnel_page(&report, None, &reach, &known);
+    assert!(
+        all.contains("No instance of any journey in the store."),
+        "{all}"
+    );
 }
