@@ -1,6 +1,8 @@
 //! Names the commit a binary was built from (`nudge --version`, the
 //! `nudge_build_info` metric), so ops can tell two builds of one version
-//! apart. Outside a git checkout (a source tarball) it says `unknown`.
+//! apart. `NUDGE_COMMIT` in the build's environment names it where there
+//! is no git checkout (an image build: `.git` is not in its context);
+//! without either it says `unknown`.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +19,11 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
+    println!("cargo:rerun-if-env-changed=NUDGE_COMMIT");
+    let given = std::env::var("NUDGE_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let commit = match given.or_else(|| git(&["rev-parse", "--short=12", "HEAD"])) {
         Some(hash) if !hash.is_empty() => {
             // Tracked files changed since the commit: said, since the
             // binary is then not what the commit holds.
