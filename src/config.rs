@@ -35,6 +35,21 @@ pub enum ConfigError {
     },
 }
 
+/// A key an empty override unset that cannot be unset: said with the
+/// variable that emptied it, not as the loader's "unit value".
+fn emptied_needs_a_value(error: config::ConfigError, emptied: &[(String, String)]) -> ConfigError {
+    let text = error.to_string();
+    for (key, var) in emptied {
+        if text.contains(&format!("`{key}`")) || text.contains(&format!("key `{key}.")) {
+            return ConfigError::Load(format!(
+                "{key}: {var} is empty, and this key needs a value: give one, or remove \
+                 the variable to keep the file's value or the default"
+            ));
+        }
+    }
+    error.into()
+}
+
 impl From<config::ConfigError> for ConfigError {
     fn from(e: config::ConfigError) -> Self {
         ConfigError::Load(values_hidden(&dotted_keys(&e.to_string())))
@@ -627,15 +642,19 @@ pub struct KafkaConfig {
     /// librdkafka properties for every client, consumer and dead-letter
     /// producer (e.g. `security.protocol`, `sasl.mechanism`, `sasl.username`,
     /// `ssl.ca.location`). Secrets: `sasl_password_env` / `sasl_password_file`.
+    #[serde(deserialize_with = "dotted_names")]
     pub properties: BTreeMap<String, String>,
     /// librdkafka properties for the consumer only (e.g. `session.timeout.ms`).
+    #[serde(deserialize_with = "dotted_names")]
     pub consumer_properties: BTreeMap<String, String>,
     pub sasl_password_env: Option<String>,
     pub sasl_password_file: Option<PathBuf>,
     /// Other secret librdkafka properties, by where their value is: property
     /// name → environment variable (e.g. `"ssl.key.password" = "KAFKA_KEY_PASSWORD"`).
+    #[serde(deserialize_with = "dotted_names")]
     pub secret_properties_env: BTreeMap<String, String>,
     /// Property name → file holding the value.
+    #[serde(deserialize_with = "dotted_names")]
     pub secret_properties_file: BTreeMap<String, PathBuf>,
     /// Records processed per store transaction.
     pub batch_size: usize,
@@ -931,9 +950,23 @@ impl Config {
         }
         // Only `NUDGE_SECTION__KEY` are overrides, so secret variables such as
         // NUDGE_PUSH_TOKEN are never mistaken for (unknown) config keys.
-        let overrides: config::Map<String, String> = env
+        let (overrides, emptied): (config::Map<String, String>, config::Map<String, String>) = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("NUDGE_") && k.contains("__"))
+            .partition(|(_, v)| !v.trim().is_empty());
+        // An empty override unsets the key, the file's value too: an
+        // optional key is then unset (so that `token_env` in the file can
+        // give way to `token_file` from the environment), and a key that
+        // needs a value is refused, naming the variable, rather than read
+        // as an empty name, path or list.
+        let emptied: Vec<(String, String)> = emptied
+            .into_keys()
+            .map(|var| {
+                let key = var["NUDGE_".len()..]
+                    .to_ascii_lowercase()
+                    .replace("__", ".");
+                (key, var)
+            })
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("NUDGE")
@@ -947,7 +980,13 @@ impl Config {
                 .with_list_parse_key("policy.shadow_journeys")
                 .source(Some(overrides)),
         );
-        let config: Config = builder.build()?.try_deserialize()?;
+        for (key, _) in &emptied {
+            builder = builder.set_override(key.as_str(), config::Value::new(None, config::ValueKind::Nil))?;
+        }
+        let config: Config = builder
+            .build()?
+            .try_deserialize()
+            .map_err(|e| emptied_needs_a_value(e, &emptied))?;
         config.validate()?;
         Ok(config)
     }
@@ -1193,6 +1232,53 @@ fn timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Tz, D::Error> {
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Durations as text: "30s", "5m", "1d", "1h 30m"; at most 100 years.
+/// A librdkafka property's value as a file or an override may write it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Text(String),
+    Whole(i64),
+    Number(f64),
+    Flag(bool),
+    /// Dots in a name nest: TOML reads `security.protocol = "SSL"` (unquoted)
+    /// as a table, and so does an override
+    /// `NUDGE_KAFKA__PROPERTIES__security.protocol`.
+    Nested(BTreeMap<String, PropertyValue>),
+}
+
+impl PropertyValue {
+    fn flatten_into<T: From<String>>(self, name: String, out: &mut BTreeMap<String, T>) {
+        let text = match self {
+            PropertyValue::Text(t) => t,
+            PropertyValue::Whole(n) => n.to_string(),
+            PropertyValue::Number(n) => n.to_string(),
+            PropertyValue::Flag(b) => b.to_string(),
+            PropertyValue::Nested(inner) => {
+                for (part, value) in inner {
+                    value.flatten_into(format!("{name}.{part}"), out);
+                }
+                return;
+            }
+        };
+        out.insert(name, T::from(text));
+    }
+}
+
+/// A map of librdkafka property names, however their dots were written:
+/// quoted (`"security.protocol"`), nested, or from the environment.
+fn dotted_names<'de, D, T>(d: D) -> Result<BTreeMap<String, T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: From<String>,
+{
+    let nested = BTreeMap::<String, PropertyValue>::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    for (name, value) in nested {
+        value.flatten_into(name, &mut out);
+    }
+    Ok(out)
+}
+
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
@@ -1810,6 +1896,75 @@ mod tests {
         .unwrap();
         assert_eq!(c.store.path, PathBuf::from("b.db"));
         assert_eq!(c.kafka.topics, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    /// An empty variable unsets its key, the file's value too: an
+    /// optional key gives way (a token file from the environment replaces
+    /// the file's token variable), a key that needs a value is refused
+    /// naming the variable (it was read as an empty broker list, path or
+    /// topic and failed later, or never).
+    #[test]
+    fn an_empty_override_unsets_its_key_or_is_refused_naming_it() {
+        let file = "[channels.push]\nurl = \"http://127.0.0.1:1/push\"\ntoken_env = \"X_TOKEN\"\n\
+                    [store]\nurl = \"postgres://db/nudge\"\n";
+        let c = load(
+            file,
+            &[
+                ("NUDGE_CHANNELS__PUSH__TOKEN_ENV", ""),
+                ("NUDGE_CHANNELS__PUSH__TOKEN_FILE", "/run/secrets/push"),
+                ("NUDGE_STORE__URL", " "),
+            ],
+        )
+        .unwrap();
+        let push = &c.channels[&ChannelKind::Push];
+        assert_eq!(push.token_env, None);
+        assert_eq!(push.token_file, Some(PathBuf::from("/run/secrets/push")));
+        assert_eq!(c.store.url, None, "the file's URL unset");
+        for (var, key) in [
+            ("NUDGE_KAFKA__BROKERS", "kafka.brokers"),
+            ("NUDGE_KAFKA__TOPICS", "kafka.topics"),
+            ("NUDGE_KAFKA__GROUP_ID", "kafka.group_id"),
+            ("NUDGE_KAFKA__DEAD_LETTER_TOPIC", "kafka.dead_letter_topic"),
+            ("NUDGE_STORE__PATH", "store.path"),
+            ("NUDGE_RULES__DIR", "rules.dir"),
+            ("NUDGE_CHANNELS__PUSH__URL", "channels.push.url"),
+        ] {
+            let err = load(file, &[(var, "")]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{key}: {var} is empty, and this key needs a value")),
+                "{var}: {err}"
+            );
+        }
+    }
+
+    /// librdkafka's names hold dots: quoted, unquoted (TOML nests them) or
+    /// from the environment, they reach librdkafka as written.
+    #[test]
+    fn kafka_property_names_keep_their_dots_however_written() {
+        let c = load(
+            "[kafka.properties]\n\"socket.timeout.ms\" = 10000\nsecurity.protocol = \"SSL\"\n\
+             [kafka.consumer_properties]\nsession.timeout.ms = 6000\n",
+            &[("NUDGE_KAFKA__PROPERTIES__ssl.ca.location", "/etc/ca.pem")],
+        )
+        .unwrap();
+        let names: Vec<(&str, &str)> = c
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("security.protocol", "SSL"),
+                ("socket.timeout.ms", "10000"),
+                ("ssl.ca.location", "/etc/ca.pem"),
+            ]
+        );
+        assert_eq!(
+            c.kafka.consumer_properties.get("session.timeout.ms").map(String::as_str),
+            Some("6000")
+        );
     }
 
     #[test]
