@@ -981,7 +981,10 @@ impl Config {
                 .source(Some(overrides)),
         );
         for (key, _) in &emptied {
-            builder = builder.set_override(key.as_str(), config::Value::new(None, config::ValueKind::Nil))?;
+            builder = builder.set_override(
+                key.as_str(),
+                config::Value::new(None, config::ValueKind::Nil),
+            )?;
         }
         let config: Config = builder
             .build()?
@@ -1931,7 +1934,9 @@ mod tests {
         ] {
             let err = load(file, &[(var, "")]).unwrap_err().to_string();
             assert!(
-                err.contains(&format!("{key}: {var} is empty, and this key needs a value")),
+                err.contains(&format!(
+                    "{key}: {var} is empty, and this key needs a value"
+                )),
                 "{var}: {err}"
             );
         }
@@ -1962,7 +1967,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            c.kafka.consumer_properties.get("session.timeout.ms").map(String::as_str),
+            c.kafka
+                .consumer_properties
+                .get("session.timeout.ms")
+                .map(String::as_str),
             Some("6000")
         );
     }

@@ -202,7 +202,7 @@ fn nudge_test_shows_script_errors_at_their_line_and_column() {
         )
     };
     assert!(
-        out.contains(&format!("{}Function not found: *", at("broken", 5, 11))),
+        out.contains(&format!("{}no operator `*` for (", at("broken", 5, 11))),
         "{out}"
     );
     assert!(
@@ -327,6 +327,65 @@ fn replay_reports_a_changed_delay_and_a_changed_condition() {
         out.contains("no customer would get a different message"),
         "{out}"
     );
+}
+
+/// A candidate whose script fails sends nothing: the replay says it
+/// failed, and why, rather than only that customers get fewer messages.
+#[test]
+fn replay_says_when_the_candidates_script_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("candidate");
+    copy_rules(&candidate);
+    let path = candidate.join("fee_increase.rhai");
+    let script = std::fs::read_to_string(&path).unwrap().replacen(
+        "    let d = event.data;",
+        "    let d = event.data;\n    let masked = mask(d.merchant);",
+        1,
+    );
+    std::fs::write(&path, script).unwrap();
+    let (code, out, err) = nudge(&[
+        "replay",
+        "--rules",
+        candidate.to_str().unwrap(),
+        "--baseline",
+        repo().join("rules").to_str().unwrap(),
+        "--events",
+        repo().join("examples/events.jsonl").to_str().unwrap(),
+        "--fail-on-change",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("candidate rules failed on 2 events (fee_increase 2), each dead-lettered by the daemon:"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "no function `mask` taking (string): neither this script nor nudge defines one"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("baseline rules failed"), "{out}");
+    assert!(
+        out.contains(
+            "fee_increase/push: c-1003 gets 0 instead of 1 (candidate: script failed on event"
+        ),
+        "{out}"
+    );
+    // JSON carries both sides' counts.
+    let (_, json, _) = nudge(&[
+        "replay",
+        "--rules",
+        candidate.to_str().unwrap(),
+        "--baseline",
+        repo().join("rules").to_str().unwrap(),
+        "--events",
+        repo().join("examples/events.jsonl").to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["candidate_failures"]["count"], 2, "{json}");
+    assert_eq!(report["baseline_failures"]["count"], 0, "{json}");
 }
 
 /// A change to what a message says, not to whether or when it goes: a

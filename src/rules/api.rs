@@ -455,6 +455,11 @@ pub(super) fn innermost(err: &EvalAltResult) -> Inner {
             pos: *pos,
             timed_out: true,
         },
+        EvalAltResult::ErrorFunctionNotFound(signature, pos) => Inner {
+            message: function_not_found(signature),
+            pos: *pos,
+            timed_out: false,
+        },
         other => {
             // Display includes " (line x, position y)"; the position is reported separately.
             let text = other.to_string();
@@ -469,6 +474,48 @@ pub(super) fn innermost(err: &EvalAltResult) -> Inner {
             }
         }
     }
+}
+
+/// rhai's "Function not found: mask (&str | ImmutableString | String)" in
+/// a designer's words: the name, the kinds of value it was given, and
+/// where to look.
+fn function_not_found(signature: &str) -> String {
+    let (name, given) = match signature.split_once(" (") {
+        Some((name, rest)) => (name, rest.trim_end_matches(')')),
+        None => (signature, ""),
+    };
+    let kind = |alternatives: &str| -> String {
+        let t = alternatives.trim();
+        if t.contains("String") || t.contains("&str") {
+            "string".into()
+        } else if t == "i64" || t == "i32" {
+            "integer".into()
+        } else if t == "f64" || t == "f32" {
+            "number".into()
+        } else if t == "()" {
+            "()".into()
+        } else if t.ends_with("Map") {
+            "map".into()
+        } else if t.ends_with("Array") || t.starts_with("Vec<") {
+            "array".into()
+        } else {
+            t.rsplit("::").next().unwrap_or(t).to_string()
+        }
+    };
+    let given: Vec<String> = if given.is_empty() {
+        Vec::new()
+    } else {
+        given.split(", ").map(kind).collect()
+    };
+    let given = given.join(", ");
+    if !name.starts_with(|c: char| c.is_alphabetic() || c == '_') {
+        return format!("no operator `{name}` for ({given}): convert one side first (e.g. `to_string`, `parse_int`, `parse_float`)");
+    }
+    format!(
+        "no function `{name}` taking ({given}): neither this script nor nudge defines one \
+         (a misspelt name or another number of arguments gives this too; \
+         rules/README.md lists what scripts can call)"
+    )
 }
 
 pub fn json_to_dynamic(v: &Value) -> Dynamic {
@@ -593,7 +640,10 @@ shadow instances end like live ones, only their steps are logged `held_out` or
 `decide` may also return `()` or `false` (skip), `true` (start without variables) or a map (start with it as variables).
 
 ### Sandbox
-Strict variables (an undeclared name is a load error), at most `rules.max_operations`
+Strict variables (an undeclared name is a load error; a call of a function
+that neither the script nor nudge defines is found only when the line runs,
+so let `nudge test` or `nudge simulate` run every branch before it goes
+live), at most `rules.max_operations`
 operations per evaluation (default 100,000: an endless loop is stopped and only that
 journey's evaluation fails) and at most `rules.timeout` of wall-clock time (default
 100ms: an operation such as `index_of` on a long array can take long), call depth 32,

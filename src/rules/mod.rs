@@ -517,7 +517,7 @@ fn decide(event, customer) { start() }
         assert_eq!((err.line, err.column), (6, 16), "{err}");
         assert!(
             err.to_string()
-                .starts_with("j.rhai:6:16: journey `j`: Function not found: *"),
+                .starts_with("j.rhai:6:16: journey `j`: no operator `*` for (string, integer)"),
             "{err}"
         );
         assert!(!err.timed_out);

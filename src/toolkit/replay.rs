@@ -24,6 +24,58 @@ pub struct ReplayReport {
     pub baseline_version: String,
     pub candidate_version: String,
     pub rows: Vec<Row>,
+    /// Events a script failed on (dead-lettered by the daemon), per side:
+    /// a broken candidate sends nothing, which reads as "fewer" otherwise.
+    pub baseline_failures: Failures,
+    pub candidate_failures: Failures,
+}
+
+/// Rule failures of one side of a replay.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Failures {
+    pub count: usize,
+    /// Per journey (`-` when no journey is named: a context update).
+    pub by_journey: BTreeMap<String, usize>,
+    /// The first few, with the event and the reason.
+    pub examples: Vec<String>,
+}
+
+impl Failures {
+    fn of(failures: &[crate::journey::EventFailure]) -> Self {
+        let mut out = Failures {
+            count: failures.len(),
+            ..Failures::default()
+        };
+        for f in failures {
+            let journey = f.journey.clone().unwrap_or_else(|| "-".into());
+            *out.by_journey.entry(journey).or_default() += 1;
+            if out.examples.len() < EXAMPLES {
+                out.examples
+                    .push(format!("event {}: {}", f.event_id, f.reason));
+            }
+        }
+        out
+    }
+
+    fn to_text(&self, side: &str, out: &mut String) {
+        if self.count == 0 {
+            return;
+        }
+        let per: Vec<String> = self
+            .by_journey
+            .iter()
+            .map(|(j, n)| format!("{j} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{side} rules failed on {} events ({}), each dead-lettered by the daemon:",
+            self.count,
+            per.join(", ")
+        );
+        for e in &self.examples {
+            let _ = writeln!(out, "  {e}");
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -43,10 +95,13 @@ pub struct Row {
 }
 
 impl ReplayReport {
+    /// Whether a customer would be treated otherwise, or a script fails
+    /// where it did not.
     pub fn changed(&self) -> bool {
         self.rows
             .iter()
             .any(|r| r.customers_more + r.customers_fewer + r.retimed + r.reworded > 0)
+            || self.candidate_failures.by_journey != self.baseline_failures.by_journey
     }
 
     pub fn to_text(&self) -> String {
@@ -85,6 +140,8 @@ impl ReplayReport {
                 r.reworded
             );
         }
+        self.baseline_failures.to_text("baseline", &mut out);
+        self.candidate_failures.to_text("candidate", &mut out);
         let examples: Vec<&String> = self.rows.iter().flat_map(|r| &r.examples).collect();
         if examples.is_empty() {
             let _ = writeln!(out, "no customer would get a different message");
@@ -115,8 +172,23 @@ pub async fn replay(
         candidate_version: candidate.version.clone(),
         ..ReplayReport::default()
     };
-    let (base, base_said) = run(&file.events, baseline, policy, channels).await?;
-    let (cand, cand_said) = run(&file.events, candidate, policy, channels).await?;
+    let (base, base_said, base_failed) = run(&file.events, baseline, policy, channels).await?;
+    let (cand, cand_said, cand_failed) = run(&file.events, candidate, policy, channels).await?;
+    report.baseline_failures = Failures::of(&base_failed);
+    report.candidate_failures = Failures::of(&cand_failed);
+    // A customer's events a script failed on, per journey: why nothing
+    // started for them, when nothing did.
+    let failed_for = |failed: &[crate::journey::EventFailure]| {
+        let mut m: HashMap<(String, String), String> = HashMap::new();
+        for f in failed {
+            let customer = file.events[f.index].1.customer.clone();
+            let journey = f.journey.clone().unwrap_or_default();
+            m.entry((journey, customer))
+                .or_insert_with(|| format!("script failed on event {}: {}", f.event_id, f.reason));
+        }
+        m
+    };
+    let (base_failed, cand_failed) = (failed_for(&base_failed), failed_for(&cand_failed));
 
     // (journey, channel) → customer → sends.
     let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
@@ -148,7 +220,13 @@ pub async fn replay(
         row.baseline_sent = b.values().map(Vec::len).sum();
         row.candidate_sent = c.values().map(Vec::len).sum();
         let customers: BTreeSet<&String> = b.keys().chain(c.keys()).collect();
-        let why_not = |records: &[LogRecord], customer: &str| -> String {
+        let why_not = |records: &[LogRecord],
+                       failed: &HashMap<(String, String), String>,
+                       customer: &str|
+         -> String {
+            if let Some(failure) = failed.get(&(journey.clone(), customer.to_string())) {
+                return failure.clone();
+            }
             records
                 .iter()
                 .rev()
@@ -174,7 +252,7 @@ pub async fn replay(
                         "{journey}/{channel}: {customer} gets {} instead of {} (baseline: {})",
                         cs.len(),
                         bs.len(),
-                        why_not(&base, customer)
+                        why_not(&base, &base_failed, customer)
                     ));
                 }
             } else if cs.len() < bs.len() {
@@ -184,7 +262,7 @@ pub async fn replay(
                         "{journey}/{channel}: {customer} gets {} instead of {} (candidate: {})",
                         cs.len(),
                         bs.len(),
-                        why_not(&cand, customer)
+                        why_not(&cand, &cand_failed, customer)
                     ));
                 }
             }
@@ -255,11 +333,11 @@ async fn run(
     rules: RuleSet,
     policy: &PolicyConfig,
     channels: &ChannelSettings,
-) -> anyhow::Result<(Vec<LogRecord>, Said)> {
+) -> anyhow::Result<(Vec<LogRecord>, Said, Vec<crate::journey::EventFailure>)> {
     let start = events.first().map(|(_, e)| e.time).unwrap_or_else(Utc::now);
     let sim = Simulation::with_settings(rules, start, policy.clone(), channels.clone())?;
     let events: Vec<crate::event::Event> = events.iter().map(|(_, e)| e.clone()).collect();
-    let (_, mut records) = sim.feed_in_moments(events).await?;
+    let (failures, mut records) = sim.feed_in_moments(events).await?;
     records.extend(sim.finish().await?);
     let said = sim
         .messages()
@@ -271,7 +349,7 @@ async fn run(
             )
         })
         .collect();
-    Ok((records, said))
+    Ok((records, said, failures))
 }
 
 #[cfg(test)]
@@ -301,7 +379,7 @@ mod tests {
                 .count()
         };
         let policy = PolicyConfig::default();
-        let (free, _) = run(&events, rules(), &policy, &ChannelSettings::default())
+        let (free, _, _) = run(&events, rules(), &policy, &ChannelSettings::default())
             .await
             .unwrap();
         assert_eq!(waits(&free), 0);
@@ -314,7 +392,7 @@ mod tests {
                 per: Duration::from_secs(7200),
             },
         );
-        let (slowed, _) = run(&events, rules(), &policy, &limited).await.unwrap();
+        let (slowed, _, _) = run(&events, rules(), &policy, &limited).await.unwrap();
         assert!(waits(&slowed) > 0, "{slowed:#?}");
     }
 }
