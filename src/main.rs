@@ -581,9 +581,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 true => path,
                 false => format!("/{path}"),
             };
-            let status = probe(&address, &path)
+            let (status, body) = probe(&address, &path)
                 .with_context(|| format!("probing http://{address}{path}"))?;
             outln!("{status}");
+            // Why not ready, on stderr: stdout stays the status for scripts.
+            if !(200..300).contains(&status) && !body.is_empty() {
+                eprintln!("{}", body.chars().take(4000).collect::<String>());
+            }
             Ok(if (200..300).contains(&status) {
                 ExitCode::SUCCESS
             } else {
@@ -984,7 +988,8 @@ fn note_if_moved(config: &Config) {
 }
 
 /// A minimal HTTP/1.1 GET on loopback: the status code.
-fn probe(address: &str, path: &str) -> anyhow::Result<u16> {
+/// The status of a GET, and its body (where `/readyz` says why).
+fn probe(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(address)?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
@@ -994,11 +999,16 @@ fn probe(address: &str, path: &str) -> anyhow::Result<u16> {
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    response
+    let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Readable logs for the tools (the daemon chooses JSON or text from config).

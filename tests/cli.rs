@@ -891,3 +891,57 @@ fn version_names_the_commit() {
         "{out:?}"
     );
 }
+
+/// Serves one fixed HTTP answer on 127.0.0.1 to every connection; returns
+/// the address.
+fn answering(status: &str, body: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let status = status.to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            // The whole request, whatever the writes it came in.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    address
+}
+
+/// `nudge probe`: the exit code for a health check, the status on stdout,
+/// and why an endpoint is not ready on stderr (it said only `503`).
+#[test]
+fn probe_exits_by_status_and_says_why_not_ready() {
+    let not_ready = answering(
+        "503 Service Unavailable",
+        r#"{"ready":false,"reason":"kafka: no broker reachable"}"#,
+    );
+    let (code, out, err) = nudge(&["probe", "--address", &not_ready]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out.trim(), "503");
+    assert!(err.contains("kafka: no broker reachable"), "{err}");
+    let ready = answering("200 OK", r#"{"ready":true}"#);
+    let (code, out, err) = nudge(&["probe", "--address", &ready, "healthz"]);
+    assert_eq!((code, out.trim()), (0, "200"), "{err}");
+    assert!(err.is_empty(), "{err}");
+    // Nothing listening: 2.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (code, _, err) = nudge(&["probe", "--address", &gone]);
+    assert_eq!(code, 2, "{err}");
+}
