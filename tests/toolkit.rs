@@ -68,9 +68,16 @@ expect = [
         out.contains("  +      1d  c-1      unsigned_loan.email sent"),
         "the actual line is marked extra: {out}"
     );
+    // What was not sent says why, in the diff itself.
     assert!(
-        out.contains("  +      3d  c-1      unsigned_loan.call suppressed"),
+        out.contains(
+            "  +      3d  c-1      unsigned_loan.call suppressed  (unreachable on call_task: no phone number)"
+        ),
         "{out}"
+    );
+    assert!(
+        out.contains("  +      1d  c-1      unsigned_loan.email sent\n"),
+        "a sent line needs no reason: {out}"
     );
     assert!(
         out.contains("       0s  c-1      unsigned_loan.push sent"),

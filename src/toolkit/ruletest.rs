@@ -304,7 +304,16 @@ async fn run_case(
         })
         .collect();
     if expected != actual {
-        return Ok(Some(diff(&expected, &actual)));
+        // An unexpected record says why it is what it is (which rule
+        // deferred or suppressed it), so that the diff alone explains it.
+        let reasons: Vec<String> = records
+            .iter()
+            .map(|r| match r.outcome {
+                crate::model::Outcome::Sent => String::new(),
+                _ => crate::humanize::printable(&r.reason).into_owned(),
+            })
+            .collect();
+        return Ok(Some(diff(&expected, &actual, &reasons)));
     }
     // Same sequence: now the finer checks on each record.
     let messages = sim.channel.messages();
@@ -371,8 +380,10 @@ fn line_of(r: &LogRecord, start: DateTime<Utc>) -> String {
 }
 
 /// A line diff (longest common subsequence): `-` expected only, `+` actual
-/// only; where a run of lines changed, the expected ones first, as `diff -u`.
-pub fn diff(expected: &[String], actual: &[String]) -> String {
+/// only, each `+` line followed by its reason (`reasons[j]` for
+/// `actual[j]`) when it has one; where a run of lines changed, the
+/// expected ones first, as `diff -u`.
+pub fn diff(expected: &[String], actual: &[String], reasons: &[String]) -> String {
     let (n, m) = (expected.len(), actual.len());
     let mut lcs = vec![vec![0usize; m + 1]; n + 1];
     for i in (0..n).rev() {
@@ -392,7 +403,14 @@ pub fn diff(expected: &[String], actual: &[String]) -> String {
             i += 1;
             j += 1;
         } else if j < m && (i == n || lcs[i][j + 1] > lcs[i + 1][j]) {
-            let _ = writeln!(out, "  + {}", actual[j]);
+            match reasons.get(j).filter(|r| !r.is_empty()) {
+                Some(reason) => {
+                    let _ = writeln!(out, "  + {}  ({reason})", actual[j]);
+                }
+                None => {
+                    let _ = writeln!(out, "  + {}", actual[j]);
+                }
+            }
             j += 1;
         } else {
             let _ = writeln!(out, "  - {}", expected[i]);
