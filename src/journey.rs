@@ -384,6 +384,14 @@ impl BatchRun<'_> {
                 Ok(key) => key,
                 Err(mut e) => {
                     e.message = format!("{}: nothing ended", e.message);
+                    // Said in the decision record too: a customer who acted
+                    // and is still reminded is what someone looks up there.
+                    self.ended_nothing.push(EndedNothing {
+                        journey: journey.name.clone(),
+                        key: String::new(),
+                        completed_since: self.now,
+                        refused: Some(e.message.clone()),
+                    });
                     self.out.failures.push(rule_failure(index, event, e));
                     continue;
                 }
@@ -414,6 +422,7 @@ impl BatchRun<'_> {
                     journey: journey.name.clone(),
                     key,
                     completed_since,
+                    refused: None,
                 });
                 continue;
             };

@@ -291,6 +291,42 @@ async fn an_exit_within_the_window_converts_however_late_it_is_read() {
     );
 }
 
+/// An exit without the data that names its instance ends nothing and is
+/// dead-lettered; the customer's decision record says so beside the event
+/// (it showed only the event, though this is what someone looks up when
+/// a customer who acted is still reminded).
+#[tokio::test]
+async fn an_exit_that_names_no_instance_is_in_the_decision_record() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    h.feed(contact("c-1", t0() - Duration::hours(1))).await;
+    h.feed(loan_completed("loan-1", "c-1", "A-1", t0())).await;
+    let (outcome, _) = h
+        .feed(event(
+            "signed-no-id",
+            "loan_application.signed",
+            "c-1",
+            t0() + Duration::hours(2),
+            json!({}),
+        ))
+        .await;
+    assert!(outcome.ended.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.failures.len(), 1, "dead-lettered: {outcome:?}");
+    let record = decision_record(&*h.sim.store, "c-1", false).unwrap();
+    let said: Vec<String> = record
+        .entries
+        .into_iter()
+        .filter(|e| e.kind == Kind::Decision && e.text.contains("not ended by event"))
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].starts_with(
+            "unsigned_loan not ended by event signed-no-id: it names no instance, so it was dead-lettered: "
+        ) && said[0].contains("has no data.application_id"),
+        "{said:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_duplicate_event_id_changes_nothing() {
     let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;

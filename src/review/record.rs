@@ -344,15 +344,24 @@ pub fn decision_record(
             entries.push(e);
         }
         for n in &r.ended_nothing {
-            let reason = ended_nothing_reason(n, r.received_at, &instances);
-            let mut e = Entry::new(
-                time,
-                Kind::Decision,
-                format!(
-                    "{} (key {}) not ended by event {}: {reason}",
-                    n.journey, n.key, r.event_id
+            let (reason, text) = match &n.refused {
+                Some(why) => (
+                    why.clone(),
+                    format!(
+                        "{} not ended by event {}: it names no instance, so it was dead-lettered: {why}",
+                        n.journey, r.event_id
+                    ),
                 ),
-            );
+                None => {
+                    let reason = ended_nothing_reason(n, r.received_at, &instances);
+                    let text = format!(
+                        "{} (key {}) not ended by event {}: {reason}",
+                        n.journey, n.key, r.event_id
+                    );
+                    (reason, text)
+                }
+            };
+            let mut e = Entry::new(time, Kind::Decision, text);
             e.journey = Some(n.journey.clone());
             e.reason = Some(reason);
             e.event_id = Some(r.event_id.clone());

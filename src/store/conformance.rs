@@ -2374,11 +2374,20 @@ pub fn received_events_and_attempt_answers_round_trip(store: &dyn Store) {
                 reason: "customer outside the pilot (10% of customers)".into(),
             },
         ],
-        ended_nothing: vec![EndedNothing {
-            journey: "unsigned_loan".into(),
-            key: "L-1".into(),
-            completed_since: t0() - Duration::days(7),
-        }],
+        ended_nothing: vec![
+            EndedNothing {
+                refused: None,
+                journey: "unsigned_loan".into(),
+                key: "L-1".into(),
+                completed_since: t0() - Duration::days(7),
+            },
+            EndedNothing {
+                refused: Some("event e-new has no data.application_id: nothing ended".into()),
+                journey: "unsigned_loan".into(),
+                key: String::new(),
+                completed_since: t0(),
+            },
+        ],
         ..event("e-new", "c1", t0())
     };
     let other = ReceivedEvent {

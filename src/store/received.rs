@@ -42,6 +42,10 @@ pub struct EndedNothing {
     /// The start of the attribution window it looked back to: an instance
     /// completed before this was out of its reach.
     pub completed_since: DateTime<Utc>,
+    /// Why the exit could not say which instance it ends (no key in its
+    /// data): it was dead-lettered, and `key` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A journey the event triggered that did not start.
