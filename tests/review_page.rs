@@ -240,6 +240,15 @@ fn a_reviewer_reads_the_page_in_chromium() {
         )
         .await;
         assert_eq!(kept, json!(["last week", "fee_increase"]));
+        // The field in error is marked so and points at the message.
+        let marked = js(
+            &c,
+            "const i = document.querySelector('#filters input[name=since]'); \
+             return [i.getAttribute('aria-invalid'), i.getAttribute('aria-errormessage'), \
+             document.querySelector('#filters input[name=journey]').getAttribute('aria-invalid')]",
+        )
+        .await;
+        assert_eq!(marked, json!(["true", "error", null]));
         c.goto(&authed).await.unwrap();
         c.wait()
             .for_element(Locator::Css("#log"))

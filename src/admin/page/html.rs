@@ -303,6 +303,18 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach, known: &Known) 
 pub fn log_refused(query: &LogQuery, message: &str, known: &Known) -> String {
     let mut out = String::new();
     log_form(&mut out, query, known);
+    // The field the message names (`since: …`) is marked invalid and
+    // pointed at the message, so a screen reader says both together.
+    if let Some((field, _)) = message.split_once(':') {
+        let control = format!("name=\"{field}\"");
+        if field.chars().all(|c| c.is_ascii_lowercase()) && out.contains(&control) {
+            out = out.replacen(
+                &control,
+                &format!("{control} aria-invalid=\"true\" aria-errormessage=\"error\""),
+                1,
+            );
+        }
+    }
     let _ = write!(
         out,
         "<p class=\"error\" id=\"error\" role=\"alert\">{}</p>",
