@@ -121,6 +121,16 @@ fn stored_seqs(db: &Path, journey: Option<&str>, customer: Option<&str>) -> Vec<
         .unwrap()
 }
 
+/// The HTTP status of the page the browser shows (a blank 401 or 404 looks
+/// like any other blank page).
+async fn navigation_status(c: &Client) -> Value {
+    js(
+        c,
+        "return performance.getEntriesByType('navigation').map(e => e.responseStatus)",
+    )
+    .await
+}
+
 async fn js(c: &Client, script: &str) -> Value {
     c.execute(script, vec![]).await.unwrap()
 }
@@ -154,11 +164,7 @@ fn a_reviewer_reads_the_page_in_chromium() {
 
         // Without credentials: 401, and nothing of the log reaches the page.
         c.goto(&format!("{base}/")).await.unwrap();
-        let status = js(
-            &c,
-            "return performance.getEntriesByType('navigation').map(e => e.responseStatus)",
-        )
-        .await;
+        let status = navigation_status(&c).await;
         assert_eq!(status, json!([401]));
         assert!(!c.source().await.unwrap().contains("data-seq"));
         // What a browser shows once its sign-in box is cancelled: a page
@@ -394,11 +400,7 @@ fn a_reviewer_reads_the_page_in_chromium() {
         // A mistyped address: a page saying so, with the way back, not the
         // browser's blank error.
         c.goto(&format!("{authed}customers/")).await.unwrap();
-        let status = js(
-            &c,
-            "return performance.getEntriesByType('navigation').map(e => e.responseStatus)",
-        )
-        .await;
+        let status = navigation_status(&c).await;
         assert_eq!(status, json!([404]));
         assert_eq!(c.title().await.unwrap(), "Not found · nudge review");
         c.find(Locator::Css("main a[href='/']"))

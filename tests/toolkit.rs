@@ -304,16 +304,7 @@ fn replay_reports_a_changed_delay_and_a_changed_condition() {
     assert!(report.changed());
 
     // The same through the command line, with --fail-on-change for CI.
-    let (code, out, _) = nudge(&[
-        "replay",
-        "--rules",
-        candidate.to_str().unwrap(),
-        "--baseline",
-        repo().join("rules").to_str().unwrap(),
-        "--events",
-        repo().join("examples/events.jsonl").to_str().unwrap(),
-        "--fail-on-change",
-    ]);
+    let (code, out, _) = replay_against_shipped(&candidate, &["--fail-on-change"]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("fee_increase/push: c-1003 gets 0 instead of 1"),
@@ -336,6 +327,23 @@ fn replay_reports_a_changed_delay_and_a_changed_condition() {
     );
 }
 
+/// `nudge replay` of `candidate` against the shipped rules over the
+/// example events.
+fn replay_against_shipped(candidate: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let (rules, events) = (repo().join("rules"), repo().join("examples/events.jsonl"));
+    let mut args = vec![
+        "replay",
+        "--rules",
+        candidate.to_str().unwrap(),
+        "--baseline",
+        rules.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    nudge(&args)
+}
+
 /// A candidate whose script fails sends nothing: the replay says it
 /// failed, and why, rather than only that customers get fewer messages.
 #[test]
@@ -350,16 +358,7 @@ fn replay_says_when_the_candidates_script_fails() {
         1,
     );
     std::fs::write(&path, script).unwrap();
-    let (code, out, err) = nudge(&[
-        "replay",
-        "--rules",
-        candidate.to_str().unwrap(),
-        "--baseline",
-        repo().join("rules").to_str().unwrap(),
-        "--events",
-        repo().join("examples/events.jsonl").to_str().unwrap(),
-        "--fail-on-change",
-    ]);
+    let (code, out, err) = replay_against_shipped(&candidate, &["--fail-on-change"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         out.contains("candidate rules failed on 2 events (fee_increase 2), each dead-lettered by the daemon:"),
@@ -379,17 +378,7 @@ fn replay_says_when_the_candidates_script_fails() {
         "{out}"
     );
     // JSON carries both sides' counts.
-    let (_, json, _) = nudge(&[
-        "replay",
-        "--rules",
-        candidate.to_str().unwrap(),
-        "--baseline",
-        repo().join("rules").to_str().unwrap(),
-        "--events",
-        repo().join("examples/events.jsonl").to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
+    let (_, json, _) = replay_against_shipped(&candidate, &["--format", "json"]);
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(report["candidate_failures"]["count"], 2, "{json}");
     assert_eq!(report["baseline_failures"]["count"], 0, "{json}");

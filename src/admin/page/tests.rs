@@ -139,14 +139,18 @@ fn basic(user: &str, token: &str) -> String {
 }
 
 async fn get(base: &str, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
-    let r = client()
+    let r = reviewer_get(base, path).await;
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.text().await.unwrap())
+}
+
+async fn reviewer_get(base: &str, path: &str) -> reqwest::Response {
+    client()
         .get(format!("{base}{path}"))
         .header("authorization", format!("Bearer {REVIEWER}"))
         .send()
         .await
-        .unwrap();
-    let (status, headers) = (r.status().as_u16(), r.headers().clone());
-    (status, headers, r.text().await.unwrap())
+        .unwrap()
 }
 
 /// The `data-seq` of each log row of a page, in order.
@@ -598,13 +602,9 @@ fn cursors_round_trip_exactly() {
     assert_eq!(parse_cursor("x.1"), None);
 }
 
+/// The body as sent (`text()` would drop a byte-order mark).
 async fn get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
-    let r = client()
-        .get(format!("{base}{path}"))
-        .header("authorization", format!("Bearer {REVIEWER}"))
-        .send()
-        .await
-        .unwrap();
+    let r = reviewer_get(base, path).await;
     (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
 }
 
