@@ -121,6 +121,16 @@ fn stored_seqs(db: &Path, journey: Option<&str>, customer: Option<&str>) -> Vec<
         .unwrap()
 }
 
+/// A key pressed where the focus is, as a keyboard user would.
+async fn press(c: &Client, key: Key) {
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(&key.to_string())
+        .await
+        .unwrap();
+}
+
 /// The HTTP status of the page the browser shows (a blank 401 or 404 looks
 /// like any other blank page).
 async fn navigation_status(c: &Client) -> Value {
@@ -367,12 +377,7 @@ fn a_reviewer_reads_the_page_in_chromium() {
         assert_eq!(js(&c, focused).await, json!(["Skip to content", true]));
         let mut stops = Vec::new();
         for _ in 0..4 {
-            c.active_element()
-                .await
-                .unwrap()
-                .send_keys(&Key::Tab.to_string())
-                .await
-                .unwrap();
+            press(&c, Key::Tab).await;
             stops.push(js(&c, focused).await[0].clone());
         }
         assert_eq!(
@@ -383,18 +388,8 @@ fn a_reviewer_reads_the_page_in_chromium() {
                 .clone()
         );
         assert_eq!(js(&c, focused).await[1], json!(true), "shown when focused");
-        c.active_element()
-            .await
-            .unwrap()
-            .send_keys(&Key::Enter.to_string())
-            .await
-            .unwrap();
-        c.active_element()
-            .await
-            .unwrap()
-            .send_keys(&Key::Tab.to_string())
-            .await
-            .unwrap();
+        press(&c, Key::Enter).await;
+        press(&c, Key::Tab).await;
         assert_eq!(js(&c, focused).await[0], json!("older"));
 
         // A mistyped address: a page saying so, with the way back, not the
