@@ -528,6 +528,10 @@ pub struct DueStep {
     /// The instance's status as the step was claimed (read just after): a step claimed by a
     /// worker that died is not sent once its journey has ended meanwhile.
     pub instance_status: InstanceStatus,
+    /// A send of this step began under an earlier claim that was never
+    /// settled (its holder died or stalled past its lease): the receiver
+    /// may have it.
+    pub begun_before: bool,
 }
 
 impl DueStep {

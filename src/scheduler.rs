@@ -110,23 +110,37 @@ impl Decision {
 }
 
 /// Only a claim that outlived its worker can belong to an ended instance
-/// (closing cancels pending steps): it is settled, never sent.
-fn settle_if_ended(step: &DueStep, now: DateTime<Utc>) -> Option<StepResult> {
+/// (closing cancels pending steps): it is settled, never sent. If that
+/// worker had begun the send, the receiver may have it: on a channel that
+/// takes back its deliveries it is withdrawn, as a delivery landing after
+/// the exit is, so that no agent calls a customer who already signed.
+fn settle_if_ended(
+    step: &DueStep,
+    now: DateTime<Utc>,
+    withdraw: &[ChannelKind],
+) -> Option<StepResult> {
     let outcome = match step.instance_status {
         InstanceStatus::Converted => Outcome::Converted,
         InstanceStatus::Cancelled => Outcome::Cancelled,
         InstanceStatus::Open | InstanceStatus::Completed => return None,
     };
-    let reason = format!(
-        "journey {} while the step was claimed; step not sent",
-        step.instance_status
-    );
+    let ended = step.instance_status;
+    let withdrawn = step.begun_before && withdraw.contains(&step.channel);
+    let reason = match (step.begun_before, withdrawn) {
+        (false, _) => format!("journey {ended} while the step was claimed; step not sent"),
+        (true, true) => format!(
+            "journey {ended} while the step was claimed; not sent again: a send had begun under an earlier claim, so the receiver may have it, and it is withdrawn"
+        ),
+        (true, false) => format!(
+            "journey {ended} while the step was claimed; not sent again: a send had begun under an earlier claim, so the receiver may have it"
+        ),
+    };
     Some(StepResult {
         record: log_record(step, now, outcome, reason),
         again_at: None,
         replan: false,
         claimed_row: Some(step.row),
-        withdraw_if_ended: false,
+        withdraw_if_ended: withdrawn,
     })
 }
 
@@ -1002,7 +1016,7 @@ impl Scheduler {
                 planned.push(Planned::Withdraw(step));
                 continue;
             }
-            if let Some(settled) = settle_if_ended(&step, now) {
+            if let Some(settled) = settle_if_ended(&step, now, &self.withdraw) {
                 planned.push(Planned::Settled(settled));
                 continue;
             }
@@ -1744,6 +1758,35 @@ fn withdrawal_text(reason: &str, step: &DueStep) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A claim taken over from a dead worker, whose journey ended meanwhile,
+    /// is never sent again; if that worker had begun its send, the record
+    /// says the receiver may have it, and on a withdrawing channel the
+    /// settle plans a withdrawal.
+    #[test]
+    fn an_ended_journeys_step_begun_by_a_dead_worker_is_withdrawn() {
+        let now = Utc::now();
+        let withdraw = [ChannelKind::CallTask];
+        let mut step = crate::policy::tests::step(ChannelKind::CallTask, Category::Service, now);
+        assert!(settle_if_ended(&step, now, &withdraw).is_none(), "open");
+        step.instance_status = InstanceStatus::Converted;
+        let never_begun = settle_if_ended(&step, now, &withdraw).unwrap();
+        assert_eq!(never_begun.record.outcome, Outcome::Converted);
+        assert!(!never_begun.withdraw_if_ended);
+        assert!(never_begun.record.reason.ends_with("step not sent"));
+        step.begun_before = true;
+        let begun = settle_if_ended(&step, now, &withdraw).unwrap();
+        assert_eq!(begun.record.outcome, Outcome::Converted);
+        assert!(begun.withdraw_if_ended);
+        assert!(begun
+            .record
+            .reason
+            .contains("the receiver may have it, and it is withdrawn"));
+        step.channel = ChannelKind::Email;
+        let email = settle_if_ended(&step, now, &withdraw).unwrap();
+        assert!(!email.withdraw_if_ended, "email does not withdraw");
+        assert!(email.record.reason.ends_with("so the receiver may have it"));
+    }
 
     use futures::future::BoxFuture;
     use serde_json::json;

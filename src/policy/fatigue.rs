@@ -92,6 +92,7 @@ mod tests {
             rule_hash: "h".into(),
             vars: Default::default(),
             instance_status: InstanceStatus::Open,
+            begun_before: false,
         }
     }
 

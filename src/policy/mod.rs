@@ -421,13 +421,13 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Category, InstanceStatus};
     use chrono::Duration;
 
     /// A live, open step due when planned (shared by the policy's tests).
-    pub(super) fn step(
+    pub(crate) fn step(
         channel: ChannelKind,
         category: Category,
         planned: DateTime<Utc>,
@@ -449,6 +449,7 @@ mod tests {
             rule_hash: "h".into(),
             vars: Default::default(),
             instance_status: InstanceStatus::Open,
+            begun_before: false,
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::context::RecentSend;
-use crate::model::{Outcome, StepRef};
+use crate::model::{Outcome, StepRef, WITHDRAW_SUFFIX};
 use chrono::Duration;
 
 /// A log record about the push step of an `unsigned_loan` instance.
@@ -131,7 +131,9 @@ pub fn claims_are_exclusive_and_leases_expire(store: &dyn Store) {
             .is_empty(),
         "not yet due"
     );
-    // The worker died: once the lease runs out the step is claimed again.
+    // The worker began its send and died: once the lease runs out the step
+    // is claimed again, as a second attempt (the first may have gone out).
+    store.mark_sending(&[claimed[0].row], t0()).unwrap();
     let later = lease + Duration::seconds(1);
     let again = store
         .claim_due(ChannelKind::Push, later, 10, later + Duration::minutes(5))
@@ -1077,7 +1079,12 @@ pub fn leases_are_released_at_start_and_renewed_by_heartbeat(store: &dyn Store) 
     assert_eq!(store.release_all_leases().unwrap(), 2);
     let claimed = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
     assert_eq!(claimed.len(), 2);
+    assert!(
+        claimed.iter().all(|d| d.attempt == 1),
+        "handed back before its send began: no attempt"
+    );
     let rows: Vec<i64> = claimed.iter().map(|d| d.row).collect();
+    store.mark_sending(&rows[1..], t0()).unwrap();
     let renewed_until = lease + Duration::minutes(10);
     let sorted = |mut v: Vec<i64>| {
         v.sort_unstable();
@@ -1123,9 +1130,10 @@ pub fn leases_are_released_at_start_and_renewed_by_heartbeat(store: &dyn Store) 
         .unwrap();
     assert_eq!(taken.len(), 1, "the renewed lease ran out");
     assert_eq!(taken[0].row, claimed[1].row);
-    // Claimed, handed back at start (it may have gone out: the attempt
-    // counts), claimed again, and now taken over.
-    assert_eq!(taken[0].attempt, 3);
+    // Claimed and handed back at start before its send began (no attempt),
+    // claimed again and its send begun (it may have gone out: the attempt
+    // counts), and now taken over.
+    assert_eq!(taken[0].attempt, 2);
 }
 
 /// A send that began is counted as possibly delivered until its result is
@@ -1191,9 +1199,11 @@ pub fn sends_begun_count_until_settled(store: &dyn Store) {
         .unwrap();
     assert_eq!(store.release_all_leases().unwrap(), 1);
     assert_eq!(read(t0()), [vec![], vec![(c2.row, began)], vec![]]);
-    // Taken again, it still counts; its own result clears it.
+    // Taken again, it still counts, as an attempt too; its own result
+    // clears it.
     let again = store.claim_due(ChannelKind::Push, t0(), 10, lease).unwrap();
     assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2, "its first send began");
     assert_eq!(read(t0())[1], [(c2.row, began)]);
     let mut retry = settle(&again[0], began, Outcome::Retrying);
     retry.again_at = Some(began + Duration::minutes(1));
@@ -1462,7 +1472,7 @@ pub fn abandoned_claims_are_taken_over_after_the_lease(a: &dyn Store, b: &dyn St
         "the abandoned step and the customer's other one"
     );
     let retaken = taken.iter().find(|d| d.row == held[0].row).unwrap();
-    assert_eq!(retaken.attempt, 2);
+    assert_eq!(retaken.attempt, 1, "a's send never began: no attempt");
     assert_eq!(
         a.renew_claims(&[held[0].row], after + Duration::hours(1))
             .unwrap(),
@@ -1850,6 +1860,119 @@ pub fn an_attempt_that_timed_out_is_withdrawn_at_the_exit(store: &dyn Store) {
             .map(|d| (d.instance_id.as_str(), d.step.as_str()))
             .collect::<Vec<_>>(),
         [("i5", "call:withdraw")]
+    );
+}
+
+/// A send begun by a worker that died may have landed: when an exit ends
+/// its journey, it is withdrawn, whether the exit finds its claim handed
+/// back (and cancels it) or still held (the claim is taken over after the
+/// lease, told that a send had begun, and settled with a withdrawal). A
+/// claim whose send never began is taken over as never begun.
+pub fn a_send_begun_by_a_dead_worker_is_withdrawn_at_the_exit(store: &dyn Store) {
+    let call = &steps()[2..];
+    let due = t0() + Duration::days(3);
+    let lease = due + Duration::minutes(5);
+    // The steps due now, claimed and settled as sent.
+    let withdrawals = |at: DateTime<Utc>| -> Vec<(String, String)> {
+        let due = store
+            .claim_due(ChannelKind::CallTask, at, 10, at + Duration::minutes(5))
+            .unwrap();
+        let results = due
+            .iter()
+            .map(|d| settle(d, at, Outcome::Withdrawn))
+            .collect();
+        store.finish_steps(results).unwrap();
+        due.into_iter().map(|d| (d.instance_id, d.step)).collect()
+    };
+    // The exit comes while the dead worker's claims are held: i8's send had
+    // begun, i9's had not.
+    start(store, &[("i8", "c8", "a8"), ("i9", "c9", "a9")], call);
+    let claimed = store
+        .claim_due(ChannelKind::CallTask, due, 10, lease)
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|d| !d.begun_before));
+    let i8 = claimed.iter().find(|d| d.instance_id == "i8").unwrap();
+    store.mark_sending(&[i8.row], due).unwrap();
+    let exit = due + Duration::seconds(1);
+    let mut tx = store.begin().unwrap();
+    for id in ["i8", "i9"] {
+        tx.close_instance(id, InstanceStatus::Converted, exit)
+            .unwrap();
+        assert!(
+            tx.plan_withdrawals(id, &[ChannelKind::CallTask], exit)
+                .unwrap()
+                .is_empty(),
+            "still claimed: its worker may yet say how it went"
+        );
+    }
+    tx.commit().unwrap();
+    let after = lease + Duration::seconds(1);
+    let taken = store
+        .claim_due(
+            ChannelKind::CallTask,
+            after,
+            10,
+            after + Duration::minutes(5),
+        )
+        .unwrap();
+    let begun: Vec<(&str, bool, InstanceStatus)> = taken
+        .iter()
+        .map(|d| (d.instance_id.as_str(), d.begun_before, d.instance_status))
+        .collect();
+    assert_eq!(
+        begun,
+        [
+            ("i8", true, InstanceStatus::Converted),
+            ("i9", false, InstanceStatus::Converted)
+        ]
+    );
+    let results = taken
+        .iter()
+        .map(|d| StepResult {
+            withdraw_if_ended: d.begun_before,
+            ..settle(d, after, Outcome::Converted)
+        })
+        .collect();
+    assert_eq!(store.finish_steps(results).unwrap().len(), 2);
+    assert_eq!(
+        withdrawals(after),
+        [("i8".to_string(), format!("call{WITHDRAW_SUFFIX}"))]
+    );
+    // The worker died and its claim was handed back at start; the exit
+    // then cancels the step, and withdraws it, as the send had begun.
+    start(store, &[("i7", "c7", "a7")], call);
+    let claimed = store
+        .claim_due(
+            ChannelKind::CallTask,
+            after,
+            10,
+            after + Duration::minutes(5),
+        )
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    store.mark_sending(&[claimed[0].row], after).unwrap();
+    assert_eq!(store.release_all_leases().unwrap(), 1);
+    let exit = after + Duration::seconds(1);
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i7", InstanceStatus::Converted, exit)
+        .unwrap();
+    assert_eq!(
+        tx.plan_withdrawals("i7", &[ChannelKind::CallTask], exit)
+            .unwrap(),
+        ["call"],
+        "its send had begun: the receiver may have it"
+    );
+    assert!(
+        tx.plan_withdrawals("i7", &[ChannelKind::Email], exit)
+            .unwrap()
+            .is_empty(),
+        "only on the channels that withdraw"
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        withdrawals(exit),
+        [("i7".to_string(), format!("call{WITHDRAW_SUFFIX}"))]
     );
 }
 
@@ -2476,6 +2599,7 @@ macro_rules! store_conformance {
             concurrent_claimers_never_share_a_step,
             exits_plan_withdrawals_of_delivered_steps,
             an_attempt_that_timed_out_is_withdrawn_at_the_exit,
+            a_send_begun_by_a_dead_worker_is_withdrawn_at_the_exit,
             a_delivery_landing_after_its_exit_is_withdrawn,
             audit_outbox_follows_the_log_in_its_transaction,
             upcoming_steps_are_the_customers_pending_steps_due_soon,

@@ -60,6 +60,16 @@ pub struct PostgresStore {
     alive: std::sync::Arc<()>,
 }
 
+/// A claim handed back (its replica died or restarted) whose send never
+/// began was no attempt: uncounted, so that a crash loop does not spend
+/// `max_attempts` on a step it never tried. One whose send began counts,
+/// since it may have gone out.
+macro_rules! uncount_unbegun_attempt {
+    () => {
+        "attempt = CASE WHEN sending_at IS NULL THEN greatest(attempt - 1, 0) ELSE attempt END"
+    };
+}
+
 /// How often a claimer looks for a dead replica's claims: the look walks
 /// the claimed steps' index, dead entries and all, so once per claim would
 /// cost more than the claim; a dead replica's steps wait this much longer.
@@ -67,13 +77,16 @@ const REQUEUE_EVERY: chrono::Duration = chrono::Duration::milliseconds(250);
 
 /// Steps of a dead replica (lease run out) back to pending, skipping rows
 /// another claimer is re-queuing at this moment.
-const REQUEUE_EXPIRED: &str =
-    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
+const REQUEUE_EXPIRED: &str = concat!(
+    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, ",
+    uncount_unbegun_attempt!(),
+    "
      WHERE id IN (
          SELECT id FROM steps
          WHERE status = 'claimed' AND channel = $1 AND lease_until < $2
          FOR UPDATE SKIP LOCKED)
-       AND status = 'claimed' AND lease_until < $2";
+       AND status = 'claimed' AND lease_until < $2"
+);
 
 // `OFFSET 0` in a `NOT EXISTS` below keeps it a probe of the looked-up
 // table's index per row: pulled up into an anti-join, it was planned from
@@ -123,9 +136,10 @@ const CLAIM: &str = "/* plan: generic */ WITH candidates AS MATERIALIZED (
          WHERE s.id = ANY (ARRAY(
              SELECT k.id FROM candidates AS k
              WHERE CASE WHEN k.customer IN (SELECT customer FROM held) THEN true END))
-         RETURNING s.id, s.instance_id, s.step, s.template, s.condition, s.planned_at, s.due_at, s.attempt)
+         RETURNING s.id, s.instance_id, s.step, s.template, s.condition, s.planned_at, s.due_at, s.attempt,
+             s.sending_at IS NOT NULL AS begun_before)
      SELECT c.id, c.instance_id, c.step, c.template, c.condition, c.planned_at, c.due_at, c.attempt,
-            i.customer, i.journey, i.mode, i.category, i.rule_hash, i.vars::text, i.status
+            i.customer, i.journey, i.mode, i.category, i.rule_hash, i.vars::text, i.status, c.begun_before
      FROM claimed AS c LEFT JOIN LATERAL (
          SELECT customer, journey, mode, category, rule_hash, vars, status
          FROM instances WHERE id = c.instance_id OFFSET 0) AS i ON true
@@ -442,6 +456,8 @@ fn due_step(channel: ChannelKind, r: &postgres::Row) -> Result<DueStep, StoreErr
         vars: Variables::from_json(r.try_get(13)?)
             .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
         instance_status: parse(14)?.parse().map_err(StoreError::Corrupt)?,
+        // Set by the claim (column 15); the look-ahead reads pending steps.
+        begun_before: false,
         instance_id,
         step,
     })
@@ -575,7 +591,13 @@ impl Store for PostgresStore {
             CLAIM,
             &[&name, &now, &(limit as i64), &self.holder, &lease_until],
         )?;
-        rows.iter().map(|r| due_step(channel, r)).collect()
+        rows.iter()
+            .map(|r| {
+                let mut step = due_step(channel, r)?;
+                step.begun_before = r.try_get(15)?;
+                Ok(step)
+            })
+            .collect()
     }
 
     fn settle_steps(&self, results: &[StepResult]) -> Result<Vec<Option<i64>>, StoreError> {
@@ -676,8 +698,11 @@ impl Store for PostgresStore {
         let mut tx = self.transaction()?;
         let released = tx.run(|c| {
             let n = c.execute(
-                "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL
-                 WHERE status = 'claimed' AND holder = $1",
+                concat!(
+                    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, ",
+                    uncount_unbegun_attempt!(),
+                    " WHERE status = 'claimed' AND holder = $1"
+                ),
                 &[&self.holder],
             )?;
             c.execute(

@@ -148,6 +148,13 @@ pub(super) const PLAN_WITHDRAWALS: &str = "/* plan: generic */ INSERT INTO steps
       AND d.instance = $1 AND d.step = s.step
      WHERE s.instance_id = $1 AND s.status <> 'sent' AND s.step NOT LIKE '%' || $4::text
        AND d.outcome IN ('retrying', 'failed') AND d.reason LIKE 'timed out%' AND d.channel = ANY($2)
+     UNION ALL
+     -- A send begun by a replica that died (its claim handed back, then
+     -- cancelled by this exit) may have landed.
+     SELECT s.instance_id, s.customer, s.step || $4::text, s.seq, s.channel, s.template, $3::timestamptz, $3::timestamptz, 'pending'
+     FROM steps AS s
+     WHERE s.instance_id = $1 AND s.status = 'cancelled' AND s.sending_at IS NOT NULL
+       AND s.step NOT LIKE '%' || $4::text AND s.channel = ANY($2)
      ON CONFLICT (instance_id, step) DO NOTHING
      RETURNING seq, step";
 

@@ -4,6 +4,12 @@
 //! send the same step twice. The owner holds an OS lock on `<file>.lock`
 //! (released by the kernel when the process dies, so a SIGKILL leaves
 //! nothing to clean up) with its pid written inside for the error message.
+//! A file reached through a second name that resolving cannot see (a hard
+//! link) would take a lock file of its own, so the owner also holds a
+//! `flock` on the database file itself: one per inode, whatever its name.
+//! It does not meet SQLite's own locks, which are `fcntl` byte ranges, on a
+//! local file system (on NFS, where SQLite's locking is unreliable anyway,
+//! Linux turns `flock` into `fcntl` and the two would meet).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -13,6 +19,11 @@ use crate::store::StoreError;
 
 pub(super) struct OwnerLock {
     _file: File,
+    /// The `flock` on the database file, once it exists. Kept open until the
+    /// store is dropped: closing any descriptor of the file drops every
+    /// `fcntl` lock the process holds on it, SQLite's among them, so the
+    /// store drops this after its connections.
+    _store_file: Option<File>,
     /// The database file as opened: its path and (device, inode), so that
     /// a file removed or replaced under the running daemon is noticed.
     store: Option<(PathBuf, (u64, u64))>,
@@ -54,14 +65,46 @@ impl OwnerLock {
         file.rewind().map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
         file.flush().map_err(io)?;
-        Ok(Self {
+        let mut owner = Self {
             _file: file,
+            _store_file: None,
             store: None,
-        })
+        };
+        // Before SQLite opens it: a second owner must not even migrate it.
+        if store.exists() {
+            owner.lock_store_file(store)?;
+        }
+        Ok(owner)
     }
 
-    /// Remembers which file the store opened at `path`.
+    /// Takes the `flock` on the database file itself (see the module's doc).
+    fn lock_store_file(&mut self, store: &Path) -> Result<(), StoreError> {
+        if self._store_file.is_some() {
+            return Ok(());
+        }
+        let io = |source| StoreError::Io {
+            path: store.display().to_string(),
+            source,
+        };
+        let file = File::open(store).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: store.display().to_string(),
+                    holder: identity(store).ok().and_then(flock_holder),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        self._store_file = Some(file);
+        Ok(())
+    }
+
+    /// Remembers which file the store opened at `path`, and locks it if
+    /// the store created it.
     pub(super) fn watch(&mut self, path: &Path) -> Result<(), StoreError> {
+        self.lock_store_file(path)?;
         let id = identity(path).map_err(|source| StoreError::Io {
             path: path.display().to_string(),
             source,
@@ -93,6 +136,24 @@ impl OwnerLock {
             Err(_) => Err(gone("removed")),
         }
     }
+}
+
+/// The pid holding a `flock` on the file `(device, inode)`, from
+/// `/proc/locks` (Linux), for the error message; `None` where it cannot tell.
+fn flock_holder((dev, ino): (u64, u64)) -> Option<u32> {
+    // The kernel prints the device as `major:minor` in hex (glibc's split).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let wanted = format!("{major:02x}:{minor:02x}:{ino}");
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`
+        match fields.as_slice() {
+            [_, "FLOCK", _, "WRITE", pid, file, ..] if *file == wanted => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 /// `<file>.lock` beside the file itself: the path resolved (symbolic links,
@@ -150,5 +211,31 @@ mod tests {
         std::os::unix::fs::symlink(dir.path(), &dir_link).unwrap();
         let _new = OwnerLock::acquire(&dir.path().join("new.db")).unwrap();
         assert!(OwnerLock::acquire(&dir_link.join("new.db")).is_err());
+    }
+
+    /// A hard link is a second name that no resolving reveals: the lock on
+    /// the file itself refuses it, naming the holder, before SQLite opens it.
+    #[test]
+    fn a_hard_link_to_an_owned_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nudge.db");
+        let (owner, _) = crate::store::sqlite::SqliteStore::open_exclusive(&db, 2).unwrap();
+        let hard = dir.path().join("hard.db");
+        std::fs::hard_link(&db, &hard).unwrap();
+        match crate::store::sqlite::SqliteStore::open_exclusive(&hard, 2) {
+            Err(e @ StoreError::Locked { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("hard.db")
+                        && text.contains(&format!("pid {}", std::process::id())),
+                    "{text}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a second owner through a hard link"),
+        }
+        // Once the owner has gone, the file opens through either name.
+        drop(owner);
+        crate::store::sqlite::SqliteStore::open_exclusive(&hard, 2).unwrap();
     }
 }

@@ -43,9 +43,17 @@ const PLAN_LATE_WITHDRAWAL: &str =
      WHERE s.instance_id = ?1 AND s.step = ?2 AND i.status IN ('converted', 'cancelled')
      ON CONFLICT (instance_id, step) DO NOTHING";
 
+/// A claim handed back (its holder died or its lease ran out) whose send
+/// never began was no attempt: uncounted, so that a crash loop does not
+/// spend `max_attempts` on a step it never tried. One whose send began
+/// counts, since it may have gone out.
+macro_rules! uncount_unbegun_attempt {
+    () => {
+        "attempt = CASE WHEN sending_at IS NULL THEN max(attempt - 1, 0) ELSE attempt END"
+    };
+}
+
 pub struct SqliteStore {
-    /// Held for the store's lifetime when opened by the daemon ([`SqliteStore::open_exclusive`]).
-    _owner: Option<lock::OwnerLock>,
     conn: Mutex<Connection>,
     /// A second connection for the dispatch path's batch reads, so that they
     /// run beside the writer's transactions (WAL: readers never wait for
@@ -57,6 +65,10 @@ pub struct SqliteStore {
     /// path's batch reads. Its lock also keeps retention's purge and a fold
     /// from running at once.
     upkeep: Mutex<Connection>,
+    /// Held for the store's lifetime when opened by the daemon
+    /// ([`SqliteStore::open_exclusive`]). Last, so dropped after the
+    /// connections (see [`lock::OwnerLock`]).
+    _owner: Option<lock::OwnerLock>,
 }
 
 impl SqliteStore {
@@ -418,13 +430,25 @@ impl Store for SqliteStore {
         self.file_in_place()?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.prepare_cached(
-            "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed' AND channel = ?1 AND lease_until < ?2",
-        )?
+        tx.prepare_cached(concat!(
+            "UPDATE steps SET status = 'pending', lease_until = NULL, ",
+            uncount_unbegun_attempt!(),
+            " WHERE status = 'claimed' AND channel = ?1 AND lease_until < ?2"
+        ))?
         .execute(params![channel.as_str(), ms(now)])?;
         // The claimed steps' own columns come back from the UPDATE; their
         // instances' from one batch read.
-        type Claimed = (i64, String, String, String, Option<String>, i64, i64, u32);
+        type Claimed = (
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            i64,
+            i64,
+            u32,
+            bool,
+        );
         let claimed: Vec<Claimed> = tx
             .prepare_cached(
                 "UPDATE steps SET status = 'claimed', lease_until = ?1, attempt = attempt + 1
@@ -432,7 +456,8 @@ impl Store for SqliteStore {
                      SELECT rowid FROM steps
                      WHERE status = 'pending' AND channel = ?2 AND due_at <= ?3
                      ORDER BY due_at LIMIT ?4)
-                 RETURNING rowid, instance_id, step, template, condition, planned_at, due_at, attempt",
+                 RETURNING rowid, instance_id, step, template, condition, planned_at, due_at, attempt,
+                     sending_at IS NOT NULL",
             )?
             .query_map(
                 params![ms(lease_until), channel.as_str(), ms(now), limit as i64],
@@ -446,6 +471,7 @@ impl Store for SqliteStore {
                         r.get(5)?,
                         r.get(6)?,
                         r.get(7)?,
+                        r.get(8)?,
                     ))
                 },
             )?
@@ -460,8 +486,17 @@ impl Store for SqliteStore {
             let ids = text_array(claimed.iter().map(|c| c.1.as_str()));
             let mut stmt = reader.prepare_cached(CLAIMED_INSTANCES)?;
             let mut rows = stmt.query([ids])?;
-            for (row, instance_id, step, template, condition, planned_at, due_at, attempt) in
-                claimed
+            for (
+                row,
+                instance_id,
+                step,
+                template,
+                condition,
+                planned_at,
+                due_at,
+                attempt,
+                begun_before,
+            ) in claimed
             {
                 let r = rows.next()?.ok_or_else(|| {
                     StoreError::Corrupt("claimed steps outnumber their instances".into())
@@ -487,6 +522,7 @@ impl Store for SqliteStore {
                     vars: Variables::from_json(r.get(5)?)
                         .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
                     instance_status: text(r, 6)?.parse().map_err(StoreError::Corrupt)?,
+                    begun_before,
                     instance_id,
                     step,
                 });
@@ -654,7 +690,11 @@ impl Store for SqliteStore {
 
     fn release_all_leases(&self) -> Result<usize, StoreError> {
         Ok(self.conn().execute(
-            "UPDATE steps SET status = 'pending', lease_until = NULL WHERE status = 'claimed'",
+            concat!(
+                "UPDATE steps SET status = 'pending', lease_until = NULL, ",
+                uncount_unbegun_attempt!(),
+                " WHERE status = 'claimed'"
+            ),
             [],
         )?)
     }

@@ -247,6 +247,14 @@ impl Tx for SqliteTx<'_> {
                  WHERE s.instance_id = ?1 AND s.status <> 'sent' AND s.step NOT LIKE '%' || ?4
                    AND d.outcome IN ('retrying', 'failed') AND d.reason LIKE 'timed out%'
                    AND instr(',' || ?2 || ',', ',' || d.channel || ',') > 0
+                 UNION ALL
+                 -- A send begun by a worker that died (its claim handed
+                 -- back, then cancelled by this exit) may have landed.
+                 SELECT s.instance_id, s.step || ?4, s.seq, s.channel, s.template, ?3, ?3, 'pending'
+                 FROM steps AS s
+                 WHERE s.instance_id = ?1 AND s.status = 'cancelled' AND s.sending_at IS NOT NULL
+                   AND s.step NOT LIKE '%' || ?4
+                   AND instr(',' || ?2 || ',', ',' || s.channel || ',') > 0
                  ON CONFLICT (instance_id, step) DO NOTHING
                  RETURNING seq, step",
             )?

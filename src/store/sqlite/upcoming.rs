@@ -50,6 +50,8 @@ pub(super) fn upcoming_steps(
                 .map_err(|e| StoreError::Corrupt(format!("instance vars: {e}")))?,
             instance_status: text(r, 14)?.parse().map_err(StoreError::Corrupt)?,
             channel: text(r, 15)?.parse().map_err(StoreError::Corrupt)?,
+            // Only pending steps are looked ahead at.
+            begun_before: false,
         });
     }
     Ok(out)
