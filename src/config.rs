@@ -668,6 +668,36 @@ pub struct KafkaConfig {
     pub catch_up_timeout: Duration,
 }
 
+impl KafkaConfig {
+    /// A SASL password under a `security.protocol` without SASL: librdkafka
+    /// would connect without authenticating, ignore the password, and the
+    /// broker's refusal would read as an outage.
+    fn sasl_password_unused(&self) -> Option<String> {
+        let key = match (&self.sasl_password_env, &self.sasl_password_file) {
+            (Some(_), _) => "kafka.sasl_password_env",
+            (None, Some(_)) => "kafka.sasl_password_file",
+            (None, None) => return None,
+        };
+        let (at, protocol) = [
+            ("kafka.consumer_properties", &self.consumer_properties),
+            ("kafka.properties", &self.properties),
+        ]
+        .into_iter()
+        .find_map(|(at, map)| map.get("security.protocol").map(|p| (at, p.as_str())))
+        .unwrap_or(("", ""));
+        if protocol.to_ascii_uppercase().starts_with("SASL_") {
+            return None;
+        }
+        let set = match protocol {
+            "" => "security.protocol is not set (plaintext)".to_string(),
+            p => format!("{at}.security.protocol is \"{p}\""),
+        };
+        Some(format!(
+            "{key}: a SASL password is set but {set}, so it would never be sent; set kafka.properties.\"security.protocol\" = \"SASL_SSL\" (or SASL_PLAINTEXT), or remove the password"
+        ))
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
@@ -1146,6 +1176,9 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(problem) = self.kafka.sasl_password_unused() {
+            problems.push(problem);
+        }
         for key in self.kafka.secret_properties_env.keys() {
             if self.kafka.secret_properties_file.contains_key(key) {
                 problems.push(format!("kafka.secret_properties_env.{key}: also in kafka.secret_properties_file; set one"));
@@ -1289,8 +1322,12 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 /// A config duration (`30s`, `5m`, `1d`), the error quoting the text as written.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let value = humantime::parse_duration(text)
-        .map_err(|e| format!("`{text}` is not a duration like 30s, 5m or 1d: {e}"))?;
+    let value = humantime::parse_duration(text).map_err(|e| {
+        format!(
+            "`{text}` is not a duration: {}",
+            crate::humanize::span_error(&e)
+        )
+    })?;
     if value > MAX_DURATION {
         return Err(format!("`{text}` is longer than 100 years"));
     }
@@ -2140,5 +2177,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sasl.password"), "{err}");
+    }
+
+    /// A SASL password under a protocol without SASL would never be sent:
+    /// refused at `nudge check`, naming the key and the protocol in force.
+    #[test]
+    fn a_sasl_password_needs_a_sasl_protocol() {
+        let password = "[kafka]\nsasl_password_file = \"/run/secrets/pw\"\n";
+        let err = load(password, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.sasl_password_file: a SASL password is set but security.protocol is not set (plaintext)"),
+            "{err}"
+        );
+        let ssl = format!("{password}[kafka.properties]\n\"security.protocol\" = \"SSL\"\n");
+        let err = load(&ssl, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.properties.security.protocol is \"SSL\""),
+            "{err}"
+        );
+        for protocol in ["SASL_SSL", "sasl_plaintext"] {
+            let toml =
+                format!("{password}[kafka.properties]\n\"security.protocol\" = \"{protocol}\"\n");
+            load(&toml, &[]).unwrap();
+        }
+        // The consumer's own protocol is the one its password goes with.
+        let consumer = format!(
+            "{password}[kafka.consumer_properties]\n\"security.protocol\" = \"SASL_SSL\"\n"
+        );
+        load(&consumer, &[]).unwrap();
+        load(
+            "[kafka]\nsasl_password_env = \"PW\"\n",
+            &[("NUDGE_KAFKA__PROPERTIES__security.protocol", "SASL_SSL")],
+        )
+        .unwrap();
     }
 }

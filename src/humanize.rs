@@ -75,12 +75,62 @@ pub fn escaped_where(text: &str, escape: impl Fn(char) -> bool) -> std::borrow::
     }
 }
 
+/// `n` and its noun, singular for one: "1 journey", "3 journeys".
+pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    match n.into() {
+        1 => format!("1 {one}"),
+        n => format!("{n} {many}"),
+    }
+}
+
+/// Why a duration (`90m`, `3d 12h`) did not parse, in a designer's words:
+/// humantime says "expected number at 0" for `tomorrow`.
+pub fn span_error(e: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    let like = "write a number and a unit, like \"90m\", \"1d\" or \"3d 12h\"";
+    match e {
+        E::Empty => format!("it is empty: {like} (\"0s\" for at once)"),
+        E::UnknownUnit { unit, value, .. } if unit.is_empty() => {
+            format!("{value} has no unit: write \"{value}m\", \"{value}h\" or \"{value}d\"")
+        }
+        E::UnknownUnit { unit, .. } => {
+            format!(
+                "`{unit}` is not a unit: use s, m, h, d or w (or their names: minutes, days, ...)"
+            )
+        }
+        E::NumberOverflow => "it is too long".into(),
+        E::InvalidCharacter(_) | E::NumberExpected(_) => like.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn d(text: &str) -> Duration {
         humantime::parse_duration(text).unwrap()
+    }
+
+    #[test]
+    fn one_is_singular() {
+        assert_eq!(count(1u64, "journey", "journeys"), "1 journey");
+        assert_eq!(count(0u64, "journey", "journeys"), "0 journeys");
+        assert_eq!(
+            count(2u32, "rule failure", "rule failures"),
+            "2 rule failures"
+        );
+    }
+
+    #[test]
+    fn a_bad_span_is_explained_in_words() {
+        let why = |t: &str| span_error(&humantime::parse_duration(t).unwrap_err());
+        assert_eq!(
+            why("tomorrow"),
+            "write a number and a unit, like \"90m\", \"1d\" or \"3d 12h\""
+        );
+        assert_eq!(why("5"), "5 has no unit: write \"5m\", \"5h\" or \"5d\"");
+        assert!(why("2 fortnights").starts_with("`fortnights` is not a unit"));
+        assert!(why("").starts_with("it is empty"));
     }
 
     #[test]

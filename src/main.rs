@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use nudge::audit::{Format, LogWriter};
 use nudge::config::Config;
+use nudge::humanize;
 use nudge::rules::{self, Limits};
 
 #[derive(Parser)]
@@ -208,6 +209,7 @@ enum ControlCommand {
         /// Suppress its steps due from now on (kill switch).
         #[arg(long, conflicts_with = "enable")]
         disable: bool,
+        /// Send its steps again (lifts a --disable).
         #[arg(long)]
         enable: bool,
         /// Log its steps as `shadow` instead of sending them.
@@ -222,6 +224,10 @@ enum ControlCommand {
         /// Keep this percentage of customers as a control group, new decisions.
         #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
         holdout_percent: Option<u8>,
+        /// Clear every override of the journey: its script's settings, and
+        /// the config's `policy.disabled_journeys`, apply again.
+        #[arg(long, conflicts_with_all = ["disable", "enable", "shadow", "live", "pilot_percent", "holdout_percent"])]
+        clear: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -229,10 +235,16 @@ enum ControlCommand {
     Channel {
         /// push, email or call_task.
         kind: String,
+        /// Hold its steps in the store (kill switch).
         #[arg(long, conflicts_with = "resume")]
         stop: bool,
+        /// Send its held and later steps.
         #[arg(long)]
         resume: bool,
+        /// Clear the override: the config's `policy.disabled_channels`
+        /// applies again.
+        #[arg(long, conflicts_with_all = ["stop", "resume"])]
+        clear: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -359,9 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("note: {note}");
             }
             outln!(
-                "ok: config {}: {} journeys in {} (rule set {}), channels {}, Kafka settings accepted (broker and store not contacted)",
+                "ok: config {}: {} in {} (rule set {}), channels {}, Kafka settings accepted (broker and store not contacted)",
                 path.display(),
-                set.journeys().len(),
+                humanize::count(set.journeys().len() as u64, "journey", "journeys"),
                 config.rules.dir.display(),
                 set.version,
                 config
@@ -378,17 +390,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match rules::load_dir(&dir, &Limits::default()) {
                 Ok(set) => {
                     outln!(
-                        "ok: {} journeys in {} (rule set {})",
-                        set.journeys().len(),
+                        "ok: {} in {} (rule set {})",
+                        humanize::count(set.journeys().len() as u64, "journey", "journeys"),
                         dir.display(),
                         set.version
                     );
                     for j in set.journeys() {
                         outln!(
-                            "  {} ({}, {} steps, triggers: {}) {}",
+                            "  {} ({}, {}, triggers: {}) {}",
                             j.name,
                             j.category,
-                            j.steps.len(),
+                            humanize::count(j.steps.len() as u64, "step", "steps"),
                             j.triggers.join(", "),
                             j.hash,
                         );
@@ -434,8 +446,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             writer.flush().context("writing stdout")?;
             eprintln!(
-                "simulated {} events: {} log records, {} skipped lines, {} rule failures",
-                summary.events, summary.records, summary.skipped_lines, summary.rule_failures
+                "simulated {}: {}, {}, {}",
+                humanize::count(summary.events as u64, "event", "events"),
+                humanize::count(summary.records as u64, "log record", "log records"),
+                humanize::count(
+                    summary.skipped_lines as u64,
+                    "skipped line",
+                    "skipped lines"
+                ),
+                humanize::count(
+                    summary.rule_failures as u64,
+                    "rule failure",
+                    "rule failures"
+                ),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -528,8 +551,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("FAIL {f}");
             }
             outln!(
-                "nudge test: {} cases passed, {} failed",
-                report.passed,
+                "nudge test: {} passed, {} failed",
+                humanize::count(report.passed as u64, "case", "cases"),
                 report.failed
             );
             Ok(if report.failed == 0 {
@@ -648,7 +671,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let written = writer.finish().context("writing stdout")?;
             if cut {
                 eprintln!(
-                    "nudge log: the newest {written} records shown; --limit N (0: all) for more"
+                    "nudge log: the newest {} shown; --limit N (0: all) for more",
+                    humanize::count(written as u64, "record", "records")
                 );
             } else if written == 0 && format == nudge::review::log::LogFormat::Table {
                 eprintln!("nudge log: no record matches");
@@ -747,6 +771,7 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             live,
             pilot_percent,
             holdout_percent,
+            clear,
             api,
         } => {
             let path =
@@ -765,34 +790,48 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             if let Some(p) = holdout_percent {
                 patch.insert("holdout_percent".into(), json!(p));
             }
+            if clear {
+                for field in nudge::control::JOURNEY_FIELDS {
+                    patch.insert(field.to_string(), Value::Null);
+                }
+            }
+            // "pilot_percent 100 (script), …": each setting and where it comes from.
+            let settings = |s: &Value| {
+                nudge::control::JOURNEY_FIELDS
+                    .iter()
+                    .map(|f| format!("{f} {} ({})", s[f], s["sources"][f].as_str().unwrap_or("?")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             if patch.is_empty() {
                 let s = runtime.block_on(endpoint.get(&path))?;
-                let field =
-                    |f: &str| format!("{f} {} ({})", s[f], s["sources"][f].as_str().unwrap_or("?"));
-                outln!(
-                    "journey {name}: {}",
-                    nudge::control::JOURNEY_FIELDS
-                        .iter()
-                        .map(|f| field(f))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                outln!("journey {name}: {}", settings(&s));
             } else {
                 let answer = runtime.block_on(endpoint.put(&path, &Value::Object(patch)))?;
                 changed(format!("journey {name}"), &answer)?;
+                if clear {
+                    outln!(
+                        "journey {name}: overrides cleared; now {}",
+                        settings(&answer["settings"])
+                    );
+                }
             }
         }
         ControlCommand::Channel {
             kind,
             stop,
             resume,
+            clear,
             api,
         } => {
             kind.parse::<nudge::model::ChannelKind>()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let endpoint = control_endpoint(api)?;
-            if stop || resume {
-                let body = json!({ "enabled": resume });
+            if stop || resume || clear {
+                let body = match clear {
+                    true => json!({ "enabled": null }),
+                    false => json!({ "enabled": resume }),
+                };
                 let answer =
                     runtime.block_on(endpoint.put(&format!("/admin/channels/{kind}"), &body))?;
                 changed(format!("channel {kind}"), &answer)?;
@@ -806,8 +845,12 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
                     .cloned()
                     .unwrap_or_default();
                 outln!(
-                    "channel {kind}: enabled {} ({})",
-                    c["enabled"],
+                    "channel {kind}: {} ({})",
+                    match c["enabled"].as_bool() {
+                        Some(true) => "running, enabled true",
+                        Some(false) => "stopped, enabled false",
+                        None => "unknown",
+                    },
                     c["source"].as_str().unwrap_or("?")
                 );
             }
@@ -841,8 +884,8 @@ fn control(command: ControlCommand) -> anyhow::Result<ExitCode> {
             }
             if cut {
                 eprintln!(
-                    "nudge control log: the newest {} changes shown; --limit N (0: all) for more",
-                    entries.len()
+                    "nudge control log: the newest {} shown; --limit N (0: all) for more",
+                    humanize::count(entries.len() as u64, "change", "changes")
                 );
             }
         }
@@ -950,8 +993,9 @@ fn move_store(from: &str, config: &Config, force: bool) -> anyhow::Result<ExitCo
     }
     if moved.released > 0 {
         outln!(
-            "{} steps claimed by the stopped daemon are due again (sent under the same idempotency keys)",
-            moved.released
+            "{} claimed by the stopped daemon {} due again (sent under the same idempotency keys)",
+            humanize::count(moved.released as u64, "step", "steps"),
+            if moved.released == 1 { "is" } else { "are" }
         );
     }
     outln!(
@@ -987,28 +1031,54 @@ fn note_if_moved(config: &Config) {
     }
 }
 
-/// A minimal HTTP/1.1 GET on loopback: the status code.
-/// The status of a GET, and its body (where `/readyz` says why).
+/// The status of a GET, and its body (where `/readyz` says why): a minimal
+/// HTTP/1.1 client for health checks in images without curl. Anything short
+/// of a whole answer (no status line, headers cut short, a connection
+/// closed or reset before it answered) is an error, never a pass: a health
+/// check must not read a server that stopped answering as healthy. The
+/// socket's errors are wrapped so that the command-line rule for a closed
+/// stdout (exit 0 in silence) does not take them for one.
 fn probe(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let no_answer = |e: std::io::Error| anyhow::anyhow!("no answer: {e}");
+    let mut stream = std::net::TcpStream::connect(address).map_err(no_answer)?;
+    let wait = Some(std::time::Duration::from_secs(5));
+    stream.set_read_timeout(wait).map_err(no_answer)?;
+    stream.set_write_timeout(wait).map_err(no_answer)?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.trim().to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    )
+    .map_err(no_answer)?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).map_err(no_answer)?;
+    parse_probe_answer(&String::from_utf8_lossy(&bytes))
+}
+
+fn parse_probe_answer(response: &str) -> anyhow::Result<(u16, String)> {
+    if response.is_empty() {
+        anyhow::bail!("no answer: the connection was closed before a response");
+    }
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        anyhow::bail!("an incomplete HTTP response (its headers were cut short)");
+    };
+    let mut status_line = head.lines().next().unwrap_or_default().split_whitespace();
+    let status = match (status_line.next(), status_line.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => code.parse().ok(),
+        _ => None,
+    }
+    .filter(|code| (100..600).contains(code))
+    .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))?;
+    let length = head.lines().skip(1).find_map(|h| {
+        let (name, value) = h.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    if length.is_some_and(|n| body.len() < n) {
+        anyhow::bail!("an incomplete HTTP response (its body was cut short)");
+    }
+    Ok((status, body.trim().to_string()))
 }
 
 /// Readable logs for the tools (the daemon chooses JSON or text from config).

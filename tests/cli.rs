@@ -944,4 +944,41 @@ fn probe_exits_by_status_and_says_why_not_ready() {
     };
     let (code, _, err) = nudge(&["probe", "--address", &gone]);
     assert_eq!(code, 2, "{err}");
+    // A server that takes the connection and closes it without answering
+    // (saturated, or stopped inside): never a pass, however the close lands
+    // (the request's write refused with EPIPE passed as a closed stdout,
+    // exit 0 in silence, about half the time).
+    let closer = answering_raw(None);
+    for _ in 0..20 {
+        let (code, out, err) = nudge(&["probe", "--address", &closer]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("no answer"), "{err}");
+    }
+    // An answer cut short is no answer either.
+    for cut in [
+        "HTTP/1.1 200 OK\r\nContent-Le",
+        "HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n{\"ready\"",
+        "SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    ] {
+        let server = answering_raw(Some(cut));
+        let (code, out, err) = nudge(&["probe", "--address", &server]);
+        assert_eq!((code, out.as_str()), (2, ""), "{cut:?}: {err}");
+        assert!(err.starts_with("nudge: probing http://"), "{err}");
+    }
+}
+
+/// A server that reads nothing and writes `raw` (or nothing) before it closes.
+fn answering_raw(raw: Option<&'static str>) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            if let Some(raw) = raw {
+                let _ = stream.write_all(raw.as_bytes());
+            }
+        }
+    });
+    address
 }

@@ -400,10 +400,38 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
     );
     assert_eq!(
         note.trim(),
-        "nudge control log: the newest 1 changes shown; --limit N (0: all) for more"
+        "nudge control log: the newest 1 change shown; --limit N (0: all) for more"
     );
     let (_, _, uncut) = nudge(&["control", "log", "--config", &b, "--limit", "4"]);
     assert_eq!(uncut, "", "four changes, none cut");
+
+    // An override, even one that changed nothing, outlives the config's own
+    // switches until it is cleared; cleared, the settings come from the
+    // script and the config again.
+    let show = ok(&["control", "journey", "fee_increase", "--config", &b]);
+    assert!(show.contains("shadow false (override)"), "{show}");
+    let out = ok(&[
+        "control",
+        "journey",
+        "fee_increase",
+        "--clear",
+        "--config",
+        &b,
+    ]);
+    assert!(
+        out.contains("overrides cleared; now enabled true ("),
+        "{out}"
+    );
+    assert!(!out.contains("(override)"), "{out}");
+    let show = ok(&["control", "channel", "push", "--config", &b]);
+    assert!(
+        show.contains("push: running, enabled true (override)"),
+        "{show}"
+    );
+    ok(&["control", "channel", "push", "--clear", "--config", &b]);
+    let show = ok(&["control", "channel", "push", "--config", &b]);
+    assert!(show.contains("push: running, enabled true ("), "{show}");
+    assert!(!show.contains("(override)"), "{show}");
     daemon.terminate();
     std::mem::forget(recv);
     std::mem::forget(rt);

@@ -135,19 +135,13 @@ fn nudge_test_scopes_a_file_to_its_journey_and_runs_one_file() {
     std::fs::write(&file, test("scope = \"journey\"")).unwrap();
     let (code, out, err) = nudge(&["test", dir.path().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("nudge test: 1 cases passed, 0 failed"),
-        "{out}"
-    );
+    assert!(out.contains("nudge test: 1 case passed, 0 failed"), "{out}");
 
     // One file, from anywhere; its directory's journeys, or --rules.
     std::fs::write(dir.path().join("other.test.toml"), "nonsense = 1").unwrap();
     let (code, out, err) = nudge(&["test", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("nudge test: 1 cases passed, 0 failed"),
-        "{out}"
-    );
+    assert!(out.contains("nudge test: 1 case passed, 0 failed"), "{out}");
     let (code, out, err) = nudge(&[
         "test",
         file.to_str().unwrap(),
@@ -155,6 +149,19 @@ fn nudge_test_scopes_a_file_to_its_journey_and_runs_one_file() {
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    // A misspelt step is named, with the nearest of the journey's steps.
+    std::fs::write(
+        dir.path().join("typo.test.toml"),
+        test("").replace("step = \"push\"", "step = \"psuh\""),
+    )
+    .unwrap();
+    let (code, out, _) = nudge(&["test", dir.path().join("typo.test.toml").to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("an expectation names step `psuh` of journey `mine`, which has no such step (did you mean `push`? its steps: push)"),
+        "{out}"
+    );
+    std::fs::remove_file(dir.path().join("typo.test.toml")).unwrap();
     let (code, _, err) = nudge(&["test", team.join("mine.rhai").to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("mine.rhai is not a test file"), "{err}");

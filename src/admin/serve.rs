@@ -6,10 +6,14 @@
 //! kept-alive connection), a connection whose reads and writes make no
 //! progress for [`STALL_TIMEOUT`] is closed, request heads are held to
 //! [`MAX_HEAD`], and at most [`MAX_CONNECTIONS`] are served at once (one
-//! more is closed as soon as it is accepted).
+//! more is closed as soon as it is accepted), at most [`MAX_PER_PEER`] of
+//! them from one address, so that one host holding connections open cannot
+//! lock the probes, Prometheus and the operators' control calls out.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +32,7 @@ use tower::ServiceExt;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
+pub const MAX_PER_PEER: usize = MAX_CONNECTIONS / 4;
 /// hyper's read buffer, which bounds a request head (a longer one gets 431;
 /// hyper reads ahead, so the bound seen is up to about twice this).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -43,6 +48,7 @@ struct Limits {
     head: Duration,
     stall: Duration,
     connections: usize,
+    per_peer: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +57,7 @@ impl Default for Limits {
             head: HEAD_TIMEOUT,
             stall: STALL_TIMEOUT,
             connections: MAX_CONNECTIONS,
+            per_peer: MAX_PER_PEER,
         }
     }
 }
@@ -62,19 +69,24 @@ async fn serve_with(
     limits: Limits,
 ) {
     let slots = Arc::new(Semaphore::new(limits.connections));
+    let peers = Arc::new(std::sync::Mutex::new(HashMap::new()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok((tcp, peer)) => (tcp, peer.ip()),
             Err(e) => {
                 // Out of file descriptors or the like: let it ease rather than spin.
                 crate::telemetry::events::AdminServerFailed { error: &e }.emit();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+        };
+        let Some(peer_slot) = PeerSlot::take(&peers, peer, limits.per_peer) else {
+            drop(tcp);
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(tcp);
@@ -106,7 +118,45 @@ async fn serve_with(
                 }
             }
             drop(slot);
+            drop(peer_slot);
         });
+    }
+}
+
+/// One of a peer address's connections, counted while it lives.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        peer: IpAddr,
+        limit: usize,
+    ) -> Option<Self> {
+        let mut counts = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(peer).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            peers: peers.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -290,6 +340,63 @@ mod tests {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             loop {
                 let mut again = std::net::TcpStream::connect(&address).unwrap();
+                again
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut answer = String::new();
+                let _ = again.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "no slot came free");
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// One address holding its share of connections open is refused more,
+    /// while another address is still served: a flood from one host does
+    /// not lock the probes and the operators out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_address_cannot_take_every_connection() {
+        let limits = Limits {
+            connections: 8,
+            per_peer: 3,
+            ..Limits::default()
+        };
+        let (address, _stop) = start(limits, hello()).await;
+        let server: std::net::SocketAddr = address.parse().unwrap();
+        // Linux routes all of 127/8 to the loopback: a second host, locally.
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            async move { socket.connect(server).await.unwrap().into_std().unwrap() }
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(from("127.0.0.1").await);
+        }
+        let mut fourth = from("127.0.0.1").await;
+        let mut other = from("127.0.0.2").await;
+        tokio::task::spawn_blocking(move || {
+            fourth.set_nonblocking(false).unwrap();
+            other.set_nonblocking(false).unwrap();
+            assert!(
+                closed_within(&mut fourth, Duration::from_secs(5)),
+                "a fourth from one address"
+            );
+            other
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            other.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            // Its slots come back as its connections close.
+            drop(held);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut again = std::net::TcpStream::connect(server).unwrap();
                 again
                     .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     .unwrap();

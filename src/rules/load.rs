@@ -239,17 +239,38 @@ fn compile_one(
         ast.iter_functions()
             .any(|f| f.name == name && f.params.len() == params)
     };
+    // A function of the right name with other parameters is never called:
+    // rhai tells functions apart by name and parameter count.
+    let wrong_params = |name: &str, wanted: &str| {
+        ast.iter_functions().find(|f| f.name == name).map(|f| {
+            let (l, c) = fn_line(name);
+            let takes = match f.params.len() {
+                0 => "none".to_string(),
+                _ => format!("({})", f.params.join(", ")),
+            };
+            problem(
+                l,
+                c,
+                format!("`fn {name}` must take {wanted}; this one takes {takes}, so nudge would never call it"),
+                None,
+            )
+        })
+    };
     if !has_fn("journey", 0) {
-        return Err(vec![problem(1, 1, "missing `fn journey()` returning the journey's definition".into(),
-            Some("see rules/README.md: fn journey() { #{ name: ..., triggers: [...], steps: [...] } }"))]);
+        return Err(vec![wrong_params("journey", "no parameters").unwrap_or_else(|| {
+            problem(1, 1, "missing `fn journey()` returning the journey's definition".into(),
+                Some("see rules/README.md: fn journey() { #{ name: ..., triggers: [...], steps: [...] } }"))
+        })]);
     }
     if !has_fn("decide", 2) {
-        return Err(vec![problem(
-            1,
-            1,
-            "missing `fn decide(event, customer)`".into(),
-            Some("decide returns start(vars) to start the journey, or skip(reason)"),
-        )]);
+        let hint = Some("decide returns start(vars) to start the journey, or skip(reason)");
+        return Err(vec![match wrong_params("decide", "(event, customer)") {
+            Some(mut p) => {
+                p.hint = hint.map(str::to_string);
+                p
+            }
+            None => problem(1, 1, "missing `fn decide(event, customer)`".into(), hint),
+        }]);
     }
 
     let mut scope = Scope::new();
@@ -358,13 +379,17 @@ fn compile_one(
             Category::Service
         }
     };
-    let priority = meta
-        .get("priority")
-        .map(|v| v.as_int().unwrap_or(i64::MIN))
-        .unwrap_or(0);
-    if priority == i64::MIN {
-        at("priority", "priority must be an integer".into(), None);
-    }
+    let priority = match meta.get("priority") {
+        None => 0,
+        Some(v) => v.as_int().unwrap_or_else(|_| {
+            at(
+                "priority",
+                format!("priority must be a whole number, not {}", type_words(v)),
+                Some("priority: 80 (higher goes first when caps leave room for fewer)"),
+            );
+            0
+        }),
+    };
 
     let triggers = string_list(&meta, "triggers");
     // (A `triggers` that is no list is reported as such above.)
@@ -585,17 +610,22 @@ fn compile_one(
         },
     };
     let mut percent = |key: &str, default: i64| -> u8 {
-        match meta.get(key).map(|v| v.as_int()) {
+        match meta.get(key) {
             None => default as u8,
-            Some(Ok(p)) if (0..=100).contains(&p) => p as u8,
-            _ => {
-                at(
-                    key,
-                    format!("{key} must be a whole percentage 0..=100"),
-                    None,
-                );
-                default as u8
-            }
+            Some(v) => match v.as_int() {
+                Ok(p) if (0..=100).contains(&p) => p as u8,
+                _ => {
+                    at(
+                        key,
+                        format!(
+                            "{key} must be a whole percentage 0..=100, not {}",
+                            type_words(v)
+                        ),
+                        Some("e.g. holdout: 10 keeps 10 % of customers out as a control group"),
+                    );
+                    default as u8
+                }
+            },
         }
     };
     let holdout_percent = percent("holdout", 0);
@@ -604,7 +634,12 @@ fn compile_one(
         None => false,
         Some(Ok(b)) => b,
         Some(Err(_)) => {
-            at("shadow", "shadow must be true or false".into(), None);
+            let value = type_words(&meta["shadow"]);
+            at(
+                "shadow",
+                format!("shadow must be true or false, not {value}"),
+                None,
+            );
             false
         }
     };
@@ -798,7 +833,12 @@ fn string_list(map: &rhai::Map, key: &str) -> Option<Vec<String>> {
 
 /// "0s", "90m", "1d", "3d 12h"; a bare number is refused (unit ambiguity).
 pub fn parse_delay(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}` is not a delay ({e})"))
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!(
+            "`{text}` is not a delay: {}",
+            crate::humanize::span_error(&e)
+        )
+    })
 }
 
 /// Position of `"value"` written as the value of `key` (`key: "value"` or
@@ -958,6 +998,51 @@ mod tests {
                 .contains("must take (customer, vars)"),
             "{err}"
         );
+    }
+
+    /// A `decide` or `journey` with other parameters is named as such at its
+    /// line (it read "missing `fn decide`", though the designer wrote one).
+    #[test]
+    fn a_decide_or_journey_with_other_parameters_is_named_at_its_line() {
+        let journey = "fn journey() {\n    #{ name: \"r\", category: \"service\", triggers: [\"x.y\"],\n       steps: [ #{ id: \"a\", channel: \"push\", template: \"t\" } ] }\n}\n";
+        for (text, line, wanted) in [
+            (
+                format!("{journey}fn decide(event) {{ start() }}\n"),
+                5,
+                "`fn decide` must take (event, customer); this one takes (event), so nudge would never call it",
+            ),
+            (
+                format!("{}fn decide(event, customer) {{ start() }}\n", journey.replace("fn journey()", "fn journey(x)")),
+                1,
+                "`fn journey` must take no parameters; this one takes (x), so nudge would never call it",
+            ),
+        ] {
+            let err = load_sources(vec![(PathBuf::from("r.rhai"), text)], &Limits::default())
+                .unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert_eq!(err.problems[0].line, line, "{err}");
+            assert_eq!(err.problems[0].message, wanted, "{err}");
+        }
+    }
+
+    /// A value a designer got wrong is echoed in the error, so the line can
+    /// be found and the mistake seen at once.
+    #[test]
+    fn wrong_values_are_echoed() {
+        for (field, wanted) in [
+            ("priority: \"high\"", "priority must be a whole number, not the string \"high\""),
+            ("holdout: \"10%\"", "holdout must be a whole percentage 0..=100, not the string \"10%\""),
+            ("pilot: 150", "pilot must be a whole percentage 0..=100, not the number 150"),
+            ("shadow: \"yes\"", "shadow must be true or false, not the string \"yes\""),
+            ("cooldown: \"tomorrow\"", "cooldown: `tomorrow` is not a delay: write a number and a unit, like \"90m\", \"1d\" or \"3d 12h\""),
+        ] {
+            let text = format!("fn journey() {{\n    #{{ name: \"r\", category: \"service\", triggers: [\"x.y\"],\n       {field},\n       steps: [ #{{ id: \"a\", channel: \"push\", template: \"t\" }} ] }}\n}}\nfn decide(event, customer) {{ start() }}\n");
+            let err = load_sources(vec![(PathBuf::from("r.rhai"), text)], &Limits::default())
+                .unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{field}: {err}");
+            assert_eq!(err.problems[0].message, wanted, "{err}");
+            assert_eq!(err.problems[0].line, 3, "{field}: {err}");
+        }
     }
 
     /// A value of the wrong type is refused at its line, not read as absent:

@@ -68,8 +68,8 @@ impl Failures {
             .collect();
         let _ = writeln!(
             out,
-            "{side} rules failed on {} events ({}), each dead-lettered by the daemon:",
-            self.count,
+            "{side} rules failed on {} ({}), each dead-lettered by the daemon:",
+            crate::humanize::count(self.count as u64, "event", "events"),
             per.join(", ")
         );
         for e in &self.examples {
@@ -108,8 +108,10 @@ impl ReplayReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "replayed {} events: baseline rules {} vs candidate rules {}",
-            self.events, self.baseline_version, self.candidate_version
+            "replayed {}: baseline rules {} vs candidate rules {}",
+            crate::humanize::count(self.events as u64, "event", "events"),
+            self.baseline_version,
+            self.candidate_version
         );
         let _ = writeln!(
             out,

@@ -191,7 +191,11 @@ fn nearest_names<'a>(wanted: &str, loaded: impl Iterator<Item = &'a str>) -> Str
     let near: Vec<&str> = by_distance.iter().take(3).map(|(_, n)| *n).collect();
     match near.as_slice() {
         [] => "no journeys are loaded".to_string(),
-        _ => format!("{count} journeys loaded; nearest: {}", near.join(", ")),
+        _ => format!(
+            "{} loaded; nearest: {}",
+            crate::humanize::count(count as u64, "journey", "journeys"),
+            near.join(", ")
+        ),
     }
 }
 
@@ -228,10 +232,29 @@ async fn run_case(
     // only fail as a diff that never says why.
     for x in &case.expect {
         if let Some(journey) = x.journey.as_deref().or(file.journey.as_deref()) {
-            if rules.journey(journey).is_none() {
+            let Some(loaded) = rules.journey(journey) else {
                 anyhow::bail!(
                     "an expectation names journey `{journey}`, which is not loaded ({})",
                     nearest_names(journey, rules.journeys().iter().map(|j| j.name.as_str()))
+                );
+            };
+            // A withdrawal is logged under its step's id and a suffix.
+            let step = crate::model::withdrawn_step(&x.step).unwrap_or(&x.step);
+            // `-`: a record about the instance as a whole (an exit's).
+            if step != "-" && !loaded.steps.iter().any(|s| s.id == step) {
+                let ids = loaded.steps.iter().map(|s| s.id.as_str());
+                let nearest = ids
+                    .clone()
+                    .min_by_key(|id| edit_distance(step, id))
+                    .filter(|id| edit_distance(step, id) <= 2.max(step.len() / 3));
+                anyhow::bail!(
+                    "an expectation names step `{}` of journey `{journey}`, which has no such step ({}{})",
+                    x.step,
+                    match nearest {
+                        Some(n) => format!("did you mean `{n}`? "),
+                        None => String::new(),
+                    },
+                    format_args!("its steps: {}", ids.collect::<Vec<_>>().join(", "))
                 );
             }
         }

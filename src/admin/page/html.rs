@@ -258,6 +258,7 @@ pub fn log_page(query: &LogQuery, page: &LogPage, reach: &Reach, known: &Known) 
         (1, false, false) => "1 record".to_string(),
         (n, false, false) => format!("{n} records, newest first"),
         (n, false, true) => format!("the newest {n} records (older ones on the next pages)"),
+        (1, true, false) => "1 older record, the oldest there is".to_string(),
         (n, true, false) => format!("{n} older records, the oldest there are"),
         (n, true, true) => format!("{n} older records (more on the next pages)"),
     };
