@@ -311,6 +311,24 @@ mod tests {
         .unwrap();
     }
 
+    /// Waits until a slot is free again (the server notices closes
+    /// promptly, but not at once): a request is served within 5 s.
+    fn served_again(address: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut again = std::net::TcpStream::connect(address).unwrap();
+            again
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            let _ = again.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no slot came free");
+        }
+    }
+
     /// Connections past the limit are closed at once; the slot of one that
     /// ends is free again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,19 +355,7 @@ mod tests {
             second.read_to_string(&mut answer).unwrap();
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
             // Both slots are free again (the server notices the closes promptly).
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                let mut again = std::net::TcpStream::connect(&address).unwrap();
-                again
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .unwrap();
-                let mut answer = String::new();
-                let _ = again.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.1 200") {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "no slot came free");
-            }
+            served_again(&address);
         })
         .await
         .unwrap();
@@ -394,19 +400,7 @@ mod tests {
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
             // Its slots come back as its connections close.
             drop(held);
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            loop {
-                let mut again = std::net::TcpStream::connect(server).unwrap();
-                again
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .unwrap();
-                let mut answer = String::new();
-                let _ = again.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.1 200") {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "no slot came free");
-            }
+            served_again(&server.to_string());
         })
         .await
         .unwrap();
