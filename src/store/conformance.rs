@@ -2435,6 +2435,51 @@ pub fn propensity_counts_sends_and_conversions_within_the_window(store: &dyn Sto
     assert_eq!(counts_of(store, None), all);
 }
 
+/// Replicas: an exit's transaction that credits a conversion holds no
+/// counter while it goes on, so a replica settling a send of the same
+/// journey, step and channel (which counts it) is not left waiting for it
+/// while holding the instance the exit then ends. Before, PostgreSQL broke
+/// the cycle by failing one of them (deadlock, 40P01). `waiting_on_a_lock`
+/// tells whether a session of the store waits on another's lock.
+pub fn a_conversion_holds_no_counter_a_settle_needs(
+    store: &dyn Store,
+    waiting_on_a_lock: &dyn Fn() -> bool,
+) {
+    start(
+        store,
+        &[("i1", "c1", "a1"), ("i2", "c2", "a1")],
+        &steps()[..1],
+    );
+    let claimed = store
+        .claim_due(ChannelKind::Push, t0(), 10, t0() + Duration::minutes(5))
+        .unwrap();
+    let of = |id: &str| claimed.iter().find(|s| s.instance_id == id).unwrap();
+    store
+        .finish_step(&settle(of("i1"), t0(), Outcome::Sent))
+        .unwrap();
+    let exit = t0() + Duration::hours(1);
+    let mut tx = store.begin().unwrap();
+    tx.close_instance("i1", InstanceStatus::Converted, exit)
+        .unwrap();
+    assert_eq!(
+        tx.credit_conversion("i1", exit - Duration::days(7), exit)
+            .unwrap(),
+        1
+    );
+    std::thread::scope(|s| {
+        let settling = s.spawn(|| store.finish_step(&settle(of("i2"), t0(), Outcome::Sent)));
+        while !settling.is_finished() && !waiting_on_a_lock() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let closed = tx.close_instance("i2", InstanceStatus::Converted, exit);
+        let settled = settling.join().unwrap();
+        assert!(settled.is_ok(), "the settle: {settled:?}");
+        assert!(closed.is_ok(), "the exit: {:?}", closed.err());
+    });
+    tx.commit().unwrap();
+    assert_eq!(counts_of(store, None), [count("push", "push", 2, 1)]);
+}
+
 /// The counts are in the store, not in the process: a store opened again
 /// (a restart, or another replica) reads what the first one counted.
 /// `open` opens the same database each time.

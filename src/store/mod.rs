@@ -52,7 +52,7 @@ pub enum StoreError {
     /// No connection within the pool's timeout (the database is down,
     /// unreachable, or every connection is busy).
     #[error("no database connection: {0}")]
-    Pool(#[from] r2d2::Error),
+    Pool(String),
     /// The store's settings cannot work (URL, password, TLS files).
     #[error("{0}")]
     Config(String),
@@ -201,7 +201,8 @@ fn transient_sqlstate(code: &::postgres::error::SqlState) -> bool {
 
 /// Opens the store `config` names, as the daemon does: SQLite as the file's
 /// one owner (claims left by a dead predecessor released at once), or a
-/// pool on PostgreSQL. Either way the schema is migrated first. Returns the
+/// pool on PostgreSQL (claims of a predecessor that is gone from the same
+/// host and pid released at once). Either way the schema is migrated first. Returns the
 /// store and the number of claims released. Call it from a blocking
 /// context (not an async worker): the PostgreSQL client blocks.
 pub fn open(config: &StoreConfig) -> Result<(Arc<dyn Store>, usize), StoreError> {
@@ -212,7 +213,8 @@ pub fn open(config: &StoreConfig) -> Result<(Arc<dyn Store>, usize), StoreError>
         }
         StoreUrl::Postgres(url) => {
             let store = PostgresStore::open(&pg_options(config, url)?)?;
-            Ok((Arc::new(store), 0))
+            let released = store.release_dead_predecessors()?;
+            Ok((Arc::new(store), released))
         }
     }
 }

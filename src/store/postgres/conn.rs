@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
@@ -211,6 +212,11 @@ impl PgConn {
 pub struct Manager {
     config: postgres::Config,
     tls: MakeTlsConnector,
+    /// Why the last connection attempt failed, until one succeeds: r2d2
+    /// hands its own copy to the first waiter that times out only, so
+    /// every other waiter (`/readyz`'s probe among them) would be told
+    /// "timed out waiting for connection" without the server's reason.
+    last_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Manager {
@@ -228,6 +234,23 @@ impl r2d2::ManageConnection for Manager {
     type Error = StoreError;
 
     fn connect(&self) -> Result<PgConn, StoreError> {
+        let connected = self.open_session();
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            connected.as_ref().err().map(ToString::to_string);
+        connected
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), StoreError> {
+        Ok(conn.client.simple_query("").map(|_| ())?)
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+impl Manager {
+    fn open_session(&self) -> Result<PgConn, StoreError> {
         let mut client = self.config.connect(self.tls.clone())?;
         // Statements are prepared once per connection; after five runs
         // PostgreSQL may switch a prepared statement to a generic plan made
@@ -252,12 +275,15 @@ impl r2d2::ManageConnection for Manager {
         })
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), StoreError> {
-        Ok(conn.client.simple_query("").map(|_| ())?)
-    }
-
-    fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed()
+    /// The pool's error with the reason the database gave last, if r2d2
+    /// handed that to another waiter.
+    fn explain(&self, timeout: r2d2::Error) -> StoreError {
+        let text = timeout.to_string();
+        let last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_deref() {
+            Some(reason) if !text.contains(reason) => StoreError::Pool(format!("{text}: {reason}")),
+            _ => StoreError::Pool(text),
+        }
     }
 }
 
@@ -287,8 +313,10 @@ pub fn report_pool_errors_to(report: fn(&StoreError)) {
     let _ = POOL_ERRORS.set(report);
 }
 
-/// `nudge/<host>/<pid>` (the start of the replica's claims' holder): which
-/// replica a session in `pg_stat_activity` is, for a DBA about to end it.
+/// `nudge/<host>/<pid>`: which process a session in `pg_stat_activity`
+/// is, for a DBA about to end it. A replica's store names its sessions
+/// `nudge/<holder>` instead (its claims' holder, which begins the same),
+/// so that its successor on the host can tell it is gone.
 pub fn replica_name() -> String {
     format!("nudge/{}/{}", host_tail(), std::process::id())
 }
@@ -317,21 +345,33 @@ pub fn host_name() -> String {
 /// async runtime: the synchronous client runs a runtime of its own, which
 /// may not be shut down from an async worker.
 /// The manager beside it: r2d2 does not lend its own.
-pub struct Pool(Option<r2d2::Pool<Manager>>, Manager);
+pub struct Pool(Option<r2d2::Pool<Manager>>, Manager, bool);
 
 impl Pool {
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
+        Self::open_named(options, &replica_name())
+    }
+
+    /// Sessions named `name` in `pg_stat_activity`, unless the URL names them.
+    pub fn open_named(options: &PgOptions, name: &str) -> Result<Self, StoreError> {
+        Self::open_waiting(options, name, Duration::from_secs(10))
+    }
+
+    /// A pool whose `get` gives up after `wait`.
+    fn open_waiting(options: &PgOptions, name: &str, wait: Duration) -> Result<Self, StoreError> {
         let (mut config, mode) =
             parse_url(&options.url).map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
         if let Some(password) = &options.password {
             config.password(password);
         }
-        if config.get_application_name().is_none() {
-            config.application_name(&replica_name());
+        let named = config.get_application_name().is_none();
+        if named {
+            config.application_name(name);
         }
         let manager = Manager {
             config,
             tls: tls(mode, options.ca_file.as_deref())?,
+            last_failure: Arc::default(),
         };
         // One connection first, so that a start fails at once with the
         // client's own error (refused, TLS, authentication) rather than
@@ -340,11 +380,17 @@ impl Pool {
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
+            .connection_timeout(wait)
             .error_handler(Box::new(ThrottledErrors))
             .build_unchecked(manager.clone());
         drop(first);
-        Ok(Self(Some(pool), manager))
+        Ok(Self(Some(pool), manager, named))
+    }
+
+    /// Whether the sessions carry the name given at open (the URL did not
+    /// name them otherwise).
+    pub fn names_sessions(&self) -> bool {
+        self.2
     }
 
     /// How the pool connects, for a connection of one's own (`LISTEN`).
@@ -353,11 +399,11 @@ impl Pool {
     }
 
     pub fn get(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
-        Ok(self
-            .0
+        self.0
             .as_ref()
             .expect("the pool lives until dropped")
-            .get()?)
+            .get()
+            .map_err(|e| self.1.explain(e))
     }
 }
 
@@ -390,6 +436,48 @@ mod tests {
         assert!(parse_url("postgres://nudge@db/nudge?sslmode=allow")
             .unwrap_err()
             .contains("allow"));
+    }
+
+    /// The stranger's case: `ALTER DATABASE … ALLOW_CONNECTIONS false`
+    /// under a running daemon, whose `/readyz` said only "timed out
+    /// waiting for connection" while its log had the server's refusal.
+    #[test]
+    fn every_waiter_for_a_connection_is_told_why_the_database_refused_it() {
+        use crate::store::postgres::testing::{admin, base_url};
+        let db = format!("nudge_refusing_{:08x}", rand::random::<u32>());
+        admin()
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .unwrap();
+        let url = base_url().replace("/test", &format!("/{db}"));
+        assert!(url.contains(&db), "the test database is named test: {url}");
+        let options = PgOptions {
+            url,
+            password: None,
+            pool_size: 2,
+            ca_file: None,
+        };
+        let pool = Pool::open_waiting(&options, "nudge/test", Duration::from_millis(1500)).unwrap();
+        let mut admin = admin();
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+            ))
+            .unwrap();
+        let errors: Vec<Option<String>> = std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| pool.get().err().map(|e| e.to_string())))
+                .collect();
+            waiters.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        drop(pool);
+        let _ = admin.batch_execute(&format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS true; DROP DATABASE {db} WITH (FORCE)"
+        ));
+        for error in errors {
+            let error = error.expect("no connection while the database refuses them");
+            assert!(error.contains("55000"), "{error}");
+        }
     }
 
     #[test]

@@ -366,16 +366,18 @@ const RELEASE_CUSTOMERS: &str = "/* plan: generic */ DELETE FROM customer_claims
 impl PostgresStore {
     /// Connects (a bounded pool; TLS as the URL's `sslmode` says) and
     /// migrates the schema. Claims of other replicas are left alone: a dead
-    /// replica's run out within their lease.
+    /// replica's run out within their lease (but see
+    /// [`release_dead_predecessors`](Self::release_dead_predecessors)).
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
-        let pool = Pool::open(options)?;
+        let holder = holder_name();
+        let pool = Pool::open_named(options, &format!("nudge/{holder}"))?;
         let mut first = pool.get()?;
         schema::migrate(&mut first.client)?;
         schema::check_privileges(&mut first.client)?;
         drop(first);
         Ok(Self {
             pool,
-            holder: holder_name(),
+            holder,
             requeued: Default::default(),
             alive: Default::default(),
         })
@@ -406,6 +408,47 @@ impl PostgresStore {
                 true
             }
         }
+    }
+
+    /// Returns to pending the claims of the replicas that ran before this
+    /// one in the same place (host and pid: a container restarted in its
+    /// pod, where every replica may be pid 1) and are gone (no session
+    /// named after them), so their steps go out now rather than when their
+    /// lease runs out. A sibling that shares the host's name and pid in
+    /// another container is alive, so its sessions are there and its
+    /// claims are kept; with the sessions named in the URL (no way to
+    /// tell) nothing is released. Returns the steps released.
+    pub fn release_dead_predecessors(&self) -> Result<usize, StoreError> {
+        if !self.pool.names_sessions() {
+            return Ok(0);
+        }
+        let Some((place, _)) = self.holder.rsplit_once('/') else {
+            return Ok(0);
+        };
+        let place = format!("{place}/");
+        let mut tx = self.transaction()?;
+        let released = tx.run(|c| {
+            let n = c.execute(
+                concat!(
+                    "UPDATE steps SET status = 'pending', lease_until = NULL, holder = NULL, ",
+                    uncount_unbegun_attempt!(),
+                    " WHERE status = 'claimed' AND starts_with(holder, $1) AND holder <> $2
+                      AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a
+                                      WHERE a.application_name = 'nudge/' || steps.holder)"
+                ),
+                &[&place, &self.holder],
+            )?;
+            c.execute(
+                "DELETE FROM customer_claims AS c
+                 WHERE starts_with(c.holder, $1) AND c.holder <> $2
+                   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a
+                                   WHERE a.application_name = 'nudge/' || c.holder)",
+                &[&place, &self.holder],
+            )?;
+            Ok(n as usize)
+        })?;
+        tx.commit()?;
+        Ok(released)
     }
 
     /// The name this replica's claims carry.
@@ -572,6 +615,7 @@ impl Store for PostgresStore {
             cache: None,
             processed_now: Vec::new(),
             pending: Default::default(),
+            credits: Vec::new(),
         }))
     }
 

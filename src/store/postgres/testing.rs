@@ -89,6 +89,12 @@ pub fn temp_store() -> TestStore {
 
 /// Two replicas on one schema (the first drops it).
 pub fn replicas() -> (TestStore, TestStore) {
+    let (first, second, _) = replicas_with_options();
+    (first, second)
+}
+
+/// [`replicas`], and the options that open another on their schema.
+pub fn replicas_with_options() -> (TestStore, TestStore, PgOptions) {
     let (schema, options) = fresh_schema();
     let first = TestStore {
         store: Some(PostgresStore::open(&options).unwrap()),
@@ -99,5 +105,5 @@ pub fn replicas() -> (TestStore, TestStore) {
         schema: None,
     };
     assert_ne!(first.holder(), second.holder());
-    (first, second)
+    (first, second, options)
 }

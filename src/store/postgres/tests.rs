@@ -17,6 +17,22 @@ fn propensity_counts_survive_a_restart() {
 }
 
 #[test]
+fn a_conversion_holds_no_counter_a_settle_needs() {
+    let store = temp_store();
+    crate::store::conformance::a_conversion_holds_no_counter_a_settle_needs(&*store, &|| {
+        super::testing::admin()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    });
+}
+
+#[test]
 fn a_new_schema_is_migrated_once_and_a_newer_one_refused() {
     let (schema, options) = fresh_schema();
     assert_eq!(
@@ -632,12 +648,58 @@ fn sessions_are_named_after_their_replica() {
         .query_one("SELECT current_setting('application_name')", &[])
         .unwrap()
         .get(0);
-    assert_eq!(name, super::conn::replica_name());
-    assert_eq!(
-        name,
-        format!("nudge/{}", store.holder().rsplit_once('/').unwrap().0),
-        "the claims' holder without its random part"
+    assert_eq!(name, format!("nudge/{}", store.holder()));
+    assert!(
+        name.starts_with(&super::conn::replica_name()),
+        "the process's name, then the claims' random part"
     );
+    assert!(name.len() <= 63, "within PostgreSQL's NAMEDATALEN: {name}");
+}
+
+/// A container restarted in its pod (same host name, same pid) takes its
+/// predecessor's claims back at once instead of waiting out their lease;
+/// a live replica that happens to share host and pid keeps its own.
+#[test]
+fn a_replica_gone_from_the_same_place_has_its_claims_released() {
+    let (alive, gone, options) = super::testing::replicas_with_options();
+    let mut tx = alive.begin().unwrap();
+    for (id, customer) in [("i1", "c1"), ("i2", "c2")] {
+        tx.start_instance(&instance(id, customer, "a1"), &steps()[..1])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let lease = t0() + chrono::Duration::minutes(5);
+    let kept = alive.claim_due(ChannelKind::Push, t0(), 1, lease).unwrap();
+    let lost = gone.claim_due(ChannelKind::Push, t0(), 1, lease).unwrap();
+    assert_eq!((kept.len(), lost.len()), (1, 1));
+    let name = format!("nudge/{}", gone.holder());
+    drop(gone);
+    // The server ends a session a moment after its client closed it.
+    let mut admin = super::testing::admin();
+    while admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    let successor = PostgresStore::open(&options).unwrap();
+    assert_eq!(successor.release_dead_predecessors().unwrap(), 1);
+    let again = successor
+        .claim_due(ChannelKind::Push, t0(), 10, lease)
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|s| &s.instance_id).collect::<Vec<_>>(),
+        [&lost[0].instance_id],
+        "the gone replica's step at once, the live one's kept"
+    );
+    assert_eq!(again[0].attempt, 1, "its send had not begun: no attempt");
+    assert_eq!(successor.release_dead_predecessors().unwrap(), 0);
 }
 
 /// A role of its own for a test, dropped with its privileges at the end.

@@ -14,6 +14,7 @@ use r2d2::PooledConnection;
 
 use super::conn::Manager;
 use super::pending::Pending;
+use super::propensity;
 use super::read;
 use crate::context::CustomerContext;
 use crate::model::{withdrawn_step, ChannelKind, InstanceStatus, LogRecord, Mode, WITHDRAW_SUFFIX};
@@ -90,6 +91,8 @@ pub(super) struct PgTx {
     pub(super) processed_now: Vec<(String, DateTime<Utc>)>,
     /// Writes held until the next read or the commit.
     pub(super) pending: Pending,
+    /// Conversions credited, written at commit ([`propensity::credit_all`]).
+    pub(super) credits: Vec<propensity::Credit>,
 }
 
 /// A batch's reads, made in one round trip per kind instead of several per
@@ -467,6 +470,10 @@ impl Tx for PgTx {
             let pending = &mut self.pending;
             self.tx.run(|c| pending.flush_received(c))?;
         }
+        if !self.credits.is_empty() && !self.tx.failed() {
+            let credits = std::mem::take(&mut self.credits);
+            self.tx.run(|c| propensity::credit_all(c, &credits))?;
+        }
         if !self.processed_now.is_empty() && !self.tx.failed() {
             let ids: Vec<&str> = self
                 .processed_now
@@ -494,8 +501,17 @@ impl Tx for PgTx {
         at: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
         self.flush()?;
-        self.tx
-            .run(|c| super::propensity::credit(c, instance_id, sent_since, at))
+        let credited = self
+            .tx
+            .run(|c| propensity::creditable(c, instance_id, sent_since, at))?;
+        if credited > 0 {
+            self.credits.push(propensity::Credit {
+                instance_id: instance_id.to_string(),
+                sent_since,
+                at,
+            });
+        }
+        Ok(credited)
     }
 }
 
