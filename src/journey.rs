@@ -288,6 +288,20 @@ impl BatchRun<'_> {
             self.out.duplicates += 1;
             return Ok(());
         }
+        // A time ahead of the clock counts as now (a producer's clock
+        // running fast), for the scripts as for what is remembered: an exit
+        // stamped years ahead would otherwise refuse every later trigger of
+        // its key for as long as it is kept.
+        let clamped;
+        let event = if event.time > self.now {
+            clamped = Arc::new(Event {
+                time: self.now,
+                ..Event::clone(event)
+            });
+            &clamped
+        } else {
+            event
+        };
         let mut customer = tx.customer(&event.customer, self.sends_since)?;
         let mut context_updated = false;
         // Only an update of the context can take a channel away.

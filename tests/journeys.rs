@@ -195,6 +195,35 @@ async fn a_late_exit_credits_only_the_sends_before_the_customer_acted() {
     );
 }
 
+/// An exit stamped years ahead (a producer's clock gone wrong) counts as
+/// read now, as the README says: the customer acted then, and a trigger of
+/// the same key later than that starts the journey again.
+#[tokio::test]
+async fn an_exit_stamped_ahead_of_the_clock_counts_as_read_now() {
+    let h = Harness::new(shipped_rules(), t0() - Duration::hours(1)).await;
+    let signed = event(
+        "signed-future",
+        "loan_application.signed",
+        "c-future",
+        t0() + Duration::days(365 * 70),
+        json!({"application_id": "A-1"}),
+    );
+    h.sim
+        .feed_batch(vec![contact("c-future", t0()), signed])
+        .await
+        .unwrap();
+    let (later, _) = h
+        .feed(loan_completed(
+            "loan-f",
+            "c-future",
+            "A-1",
+            t0() + Duration::minutes(10),
+        ))
+        .await;
+    assert_eq!(later.started.len(), 1, "{later:?}");
+    assert_eq!(h.sinks.push.count(), 1);
+}
+
 /// Per step: sends and the conversions credited to them.
 fn credited(h: &Harness) -> Vec<(String, u64, u64)> {
     h.sim

@@ -1240,3 +1240,42 @@ fn an_answer_that_came_while_the_daemon_stood_still_counts_as_sent_once() {
     assert!(keys.values().all(|&n| n == 1), "sent once: {keys:?}");
     daemon.terminate();
 }
+
+/// A misspelt topic among several: the others are read, but `/readyz`
+/// says not ready and names it, and the log says so, until it exists.
+#[test]
+fn a_topic_missing_from_the_broker_is_named_until_it_exists() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let mut cfg = DaemonConfig::new(dir.path(), &recv);
+    let missing = format!("{}-misspelt", cfg.topic);
+    cfg.also_topics = vec![missing.clone()];
+    create_topic(&rt, &cfg.topic, 1);
+    let daemon = Daemon::start(&cfg, "topics");
+    daemon.wait_until(LONG, "/readyz to name the missing topic", || {
+        daemon.readyz().is_some_and(|r| {
+            !r.ready()
+                && r.body["reason"]
+                    .as_str()
+                    .is_some_and(|s| s == format!("kafka.topics: `{missing}` not on the broker"))
+        })
+    });
+    assert!(
+        daemon.log_tail().contains(&format!(
+            "kafka.topics names topics the broker does not have ({missing})"
+        )),
+        "{}",
+        daemon.log_tail()
+    );
+    // The topic that exists is read meanwhile.
+    produce(&cfg.topic, &loans(0, 1));
+    daemon.wait_until(LONG, "the push of the topic that exists", || {
+        recv.by_key().len() == 1
+    });
+    create_topic(&rt, &missing, 1);
+    daemon.wait_until(LONG, "ready once the topic exists", || {
+        daemon.readyz().is_some_and(|r| r.ready())
+    });
+    daemon.terminate();
+}

@@ -203,10 +203,20 @@ async fn ready(State(s): State<AdminState>, probe: Arc<StoreProbe>) -> impl Into
     let rules = s.rules.current();
     let halted = s.readiness.halted();
     let kafka = s.readiness.kafka_state();
+    let missing_topics = s.readiness.missing_topics();
     let reason = if let Some(why) = &halted {
         Some(format!("halted: {why}"))
     } else if !store_ok {
         Some(format!("store: {store_state}"))
+    } else if !missing_topics.is_empty() {
+        Some(format!(
+            "kafka.topics: {} not on the broker",
+            missing_topics
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
     } else if partitions == 0 {
         Some(match kafka.as_str() {
             "ok" => "no partitions assigned (yet, or the group gave this replica none)".to_string(),

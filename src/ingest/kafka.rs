@@ -27,8 +27,9 @@ use crate::store::{DeadLetter, RecordHeader, Store, StoreError};
 use crate::telemetry::events::{
     BatchPanicked, BatchRefused, BatchStoreFailed, BatchStored, ConsumerLag, EventDeadLettered,
     EventsConsumed, FinalOffsetCommitFailed, InvalidOffset, KafkaClientError, KafkaReceiveFailed,
-    KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed, RecordAge,
-    RecordDeadLettered, SeekFailed, StoreOffsetMoved, StoreRefusedRecord, StoredOffsetsUnreadable,
+    KafkaTopicsMissing, KeyMismatches, LogBehindStore, OffsetCommitDeferred, RebalanceFailed,
+    RecordAge, RecordDeadLettered, SeekFailed, StoreOffsetMoved, StoreRefusedRecord,
+    StoredOffsetsUnreadable,
 };
 
 type Partition = (String, i32);
@@ -59,6 +60,10 @@ struct OffsetMoved;
 /// batch did so (see [`KafkaIngest::check_stored_offsets`]).
 const OFFSET_CHECK: Duration = Duration::from_secs(5);
 
+/// How often the subscribed topics are looked up in the broker's metadata
+/// (the first look at start).
+const TOPIC_CHECK: Duration = Duration::from_secs(15);
+
 /// Called after each committed batch with whether it produced dead letters.
 pub type AfterBatch = Box<dyn Fn(&BatchOutcome, bool) + Send + Sync>;
 
@@ -82,6 +87,12 @@ pub struct Readiness {
     /// What librdkafka last said about its brokers, for `/readyz`: an
     /// unreachable broker otherwise shows only as no partitions assigned.
     kafka: Mutex<KafkaLink>,
+    /// Subscribed topics the broker's metadata lacks at the last look: a
+    /// misspelt one among several otherwise shows nowhere but one line of
+    /// librdkafka's, while its producer's stream goes unread.
+    missing_topics: Mutex<Vec<String>>,
+    /// A metadata request is under way.
+    topic_check_running: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -215,6 +226,26 @@ impl Readiness {
         link.brokers_up = Some(up);
         if up > 0 {
             link.last_error = None;
+        }
+    }
+
+    /// Subscribed topics not on the broker at the last look, in the order
+    /// `kafka.topics` lists them.
+    pub fn missing_topics(&self) -> Vec<String> {
+        self.missing_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_missing_topics(&self, missing: Vec<String>) {
+        let mut known = self
+            .missing_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *known != missing {
+            KafkaTopicsMissing { topics: &missing }.emit();
+            *known = missing;
         }
     }
 
@@ -584,7 +615,9 @@ impl Gathered {
 }
 
 pub struct KafkaIngest {
-    consumer: StreamConsumer<IngestContext>,
+    /// Shared with the topic check, which asks for metadata on a thread
+    /// of its own (a blocking call).
+    consumer: Arc<StreamConsumer<IngestContext>>,
     pipeline: Arc<Pipeline>,
     readiness: Arc<Readiness>,
     config: KafkaConfig,
@@ -738,7 +771,7 @@ impl KafkaIngest {
             .subscribe(&topics)
             .context("subscribing to kafka.topics")?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             pipeline,
             readiness,
             config: config.clone(),
@@ -750,6 +783,41 @@ impl KafkaIngest {
         self.readiness.clone()
     }
 
+    /// Looks the subscribed topics up in the broker's metadata (all topics:
+    /// asking for one by name may create it where the broker creates topics
+    /// on demand), off the loop. An unanswered request changes nothing.
+    fn check_topics(&self) {
+        if self
+            .readiness
+            .topic_check_running
+            .swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let consumer = self.consumer.clone();
+        let readiness = self.readiness.clone();
+        let topics = self.config.topics.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+                let on_broker: std::collections::HashSet<&str> = metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                    .map(|t| t.name())
+                    .collect();
+                // A pattern (`^…`) matches whatever exists.
+                let missing = topics
+                    .into_iter()
+                    .filter(|t| !t.starts_with('^') && !on_broker.contains(t.as_str()))
+                    .collect();
+                readiness.set_missing_topics(missing);
+            }
+            readiness
+                .topic_check_running
+                .store(false, Ordering::Release);
+        });
+    }
+
     /// Consumes until `shutdown` turns true; the batch in hand is finished and
     /// committed before returning.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -759,6 +827,8 @@ impl KafkaIngest {
         let now_ms = || chrono::Utc::now().timestamp_millis();
         let mut offset_check = tokio::time::interval(OFFSET_CHECK);
         offset_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut topic_check = tokio::time::interval(TOPIC_CHECK);
+        topic_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if !*caught_up.borrow() {
                 if catch_up.assigned_at.is_none() {
@@ -786,6 +856,10 @@ impl KafkaIngest {
                 }
                 _ = offset_check.tick() => {
                     self.check_stored_offsets().await?;
+                    continue;
+                }
+                _ = topic_check.tick() => {
+                    self.check_topics();
                     continue;
                 }
                 _ = shutdown.changed() => break,

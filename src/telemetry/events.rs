@@ -156,6 +156,23 @@ impl KafkaReceiveFailed<'_> {
     }
 }
 
+/// Subscribed topics the broker does not have (logged when the set
+/// changes): nothing of theirs is read, and `/readyz` says not ready.
+pub struct KafkaTopicsMissing<'a> {
+    pub topics: &'a [String],
+}
+
+impl KafkaTopicsMissing<'_> {
+    pub fn emit(self) {
+        if self.topics.is_empty() {
+            tracing::info!(target: INGEST, "every topic of kafka.topics is on the broker");
+        } else {
+            let topics = self.topics.join(", ");
+            tracing::warn!(target: INGEST, topics = %topics, "kafka.topics names topics the broker does not have ({topics}): nothing is read from them until they are created; check the names");
+        }
+    }
+}
+
 /// An error librdkafka reports about the client as a whole (all brokers
 /// down, a failed TLS handshake), in place of its own unthrottled line.
 pub struct KafkaClientError<'a> {

@@ -662,6 +662,8 @@ pub struct DaemonConfig {
     pub push: String,
     /// Whole sections appended at the end.
     pub extra: String,
+    /// Topics subscribed besides `topic` (not created).
+    pub also_topics: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -698,6 +700,7 @@ impl DaemonConfig {
             policy: "caps = []".into(),
             push: String::new(),
             extra: String::new(),
+            also_topics: Vec::new(),
         }
     }
 
@@ -719,7 +722,7 @@ dir = "{rules}"
 watch = {watch}
 {scheduler}[kafka]
 brokers = "{brokers}"
-topics = ["{topic}"]
+topics = ["{topic}"{also}]
 group_id = "{group}"
 dead_letter_topic = "{dlq}"
 {kafka}
@@ -763,6 +766,11 @@ url = "{recv}/call"
             policy = self.policy,
             push = self.push,
             extra = self.extra,
+            also = self
+                .also_topics
+                .iter()
+                .map(|t| format!(", {t:?}"))
+                .collect::<String>(),
         );
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
