@@ -1322,12 +1322,8 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 /// A config duration (`30s`, `5m`, `1d`), the error quoting the text as written.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let value = humantime::parse_duration(text).map_err(|e| {
-        format!(
-            "`{text}` is not a duration: {}",
-            crate::humanize::span_error(&e)
-        )
-    })?;
+    let value = crate::humanize::parse_span(text)
+        .map_err(|e| format!("`{text}` is not a duration: {e}"))?;
     if value > MAX_DURATION {
         return Err(format!("`{text}` is longer than 100 years"));
     }

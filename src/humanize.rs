@@ -83,6 +83,24 @@ pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
     }
 }
 
+/// A span (`90m`, `3d 12h`) as humantime reads it, less the units whose
+/// length varies or whose letter is a trap: to humantime `1M` is a month
+/// (30.44 days) and `1m` a minute, and a year is 365.25 days. The reason,
+/// if refused, in a designer's words.
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let units = text
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|u| !u.is_empty());
+    for unit in units {
+        if matches!(unit, "M" | "month" | "months" | "y" | "year" | "years") {
+            return Err(format!(
+                "`{unit}` is not a unit nudge takes (months and years vary in length): write days or weeks, like \"30d\" or \"52w\" (\"m\" is minutes)"
+            ));
+        }
+    }
+    humantime::parse_duration(text).map_err(|e| span_error(&e))
+}
+
 /// Why a duration (`90m`, `3d 12h`) did not parse, in a designer's words:
 /// humantime says "expected number at 0" for `tomorrow`.
 pub fn span_error(e: &humantime::DurationError) -> String {
@@ -109,6 +127,17 @@ mod tests {
 
     fn d(text: &str) -> Duration {
         humantime::parse_duration(text).unwrap()
+    }
+
+    #[test]
+    fn months_and_years_are_refused_and_minutes_kept() {
+        assert_eq!(parse_span("90m"), Ok(Duration::from_secs(90 * 60)));
+        assert_eq!(parse_span("3d 12h"), Ok(d("84h")));
+        for text in ["1M", "1 month", "2months", "1y", "1 year", "1d 1M"] {
+            let why = parse_span(text).unwrap_err();
+            assert!(why.contains("is not a unit nudge takes"), "{text}: {why}");
+            assert!(why.contains("\"m\" is minutes"), "{text}: {why}");
+        }
     }
 
     #[test]

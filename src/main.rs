@@ -412,7 +412,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => {
                     eprintln!("{e}");
-                    eprintln!("{} problem(s); nothing loaded", e.problems.len());
+                    eprintln!(
+                        "{}; nothing loaded",
+                        nudge::humanize::count(e.problems.len() as u64, "problem", "problems")
+                    );
                     Ok(ExitCode::FAILURE)
                 }
             }

@@ -432,7 +432,7 @@ fn decide(event, customer) { start() }
         let at = format!("{}:{line}:{col}: error:", dir.path().join(file).display());
         assert!(err.contains(&at), "expected {at} in:\n{err}");
     }
-    assert!(err.contains("10 problem(s)"), "{err}");
+    assert!(err.contains("10 problems; nothing loaded"), "{err}");
     assert!(err.contains("unknown journey field `exit`"), "{err}");
     assert!(err.contains("unknown step field `delays`"), "{err}");
     assert!(err.contains("an exit needs an event type"), "{err}");

@@ -571,6 +571,42 @@ fn a_reviewer_reads_the_page_in_chromium() {
             let png = c.screenshot().await.unwrap();
             std::fs::write(Path::new(&dir).join("review-funnel.png"), png).unwrap();
         }
+
+        // A producer's very long customer id keeps to a column of its own
+        // width: the other columns are not squeezed into breaking words.
+        let long = format!("c-{}", "long".repeat(80));
+        let pushes = recv.on("/push").len();
+        produce(
+            &cfg.topic,
+            &[
+                harness::event("ctx-long", "customer.contact_updated", &long, json!({"app_installed": true})),
+                harness::event(
+                    "loan-long",
+                    "loan_application.completed",
+                    &long,
+                    json!({"application_id": "A-long", "product": "Personal loan",
+                        "amount": 1000, "signed": false, "resume_url": "u"}),
+                ),
+            ],
+        );
+        wait_for(LONG, "the long customer's push", || {
+            recv.on("/push").len() > pushes
+        });
+        c.goto(&format!("{base}/")).await.unwrap();
+        c.wait().for_element(Locator::Css("#log")).await.unwrap();
+        let widths = js(
+            &c,
+            "const a = document.querySelector('#log tbody a.customer'); \
+             return [a.textContent.length, a.getBoundingClientRect().width, \
+                     document.querySelector('#log').getBoundingClientRect().width]",
+        )
+        .await;
+        assert_eq!(widths[0], json!(long.len()), "the newest row is the long id's");
+        let (cell, table) = (widths[1].as_f64().unwrap(), widths[2].as_f64().unwrap());
+        assert!(
+            cell <= 0.25 * table,
+            "the customer id is {cell} px of a {table} px table"
+        );
         c.close().await.unwrap();
     });
     daemon.terminate();

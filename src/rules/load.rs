@@ -833,12 +833,7 @@ fn string_list(map: &rhai::Map, key: &str) -> Option<Vec<String>> {
 
 /// "0s", "90m", "1d", "3d 12h"; a bare number is refused (unit ambiguity).
 pub fn parse_delay(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        format!(
-            "`{text}` is not a delay: {}",
-            crate::humanize::span_error(&e)
-        )
-    })
+    crate::humanize::parse_span(text.trim()).map_err(|e| format!("`{text}` is not a delay: {e}"))
 }
 
 /// Position of `"value"` written as the value of `key` (`key: "value"` or
