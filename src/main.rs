@@ -90,6 +90,11 @@ enum Command {
         /// test file's directory.
         #[arg(long)]
         rules: Option<PathBuf>,
+        /// Take the contact policy (caps, arbitration, quiet hours) and
+        /// rules.max_operations from this config file (defaults otherwise),
+        /// to test how journeys compete under it.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the same events through two rule sets and report what would change.
     Replay {
@@ -509,9 +514,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             note_if_moved(&config);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { path, rules: dir } => {
+        Command::Test {
+            path,
+            rules: dir,
+            config,
+        } => {
             init_logging("error");
-            let limits = Limits::default();
+            let (limits, policy) = match config {
+                Some(file) => {
+                    let config = Config::load(Some(&file))?;
+                    (Limits::from_config(&config.rules), config.policy)
+                }
+                None => (Limits::default(), nudge::config::PolicyConfig::default()),
+            };
             let (dir, files) = if path.is_file() {
                 if !path.to_string_lossy().ends_with(".test.toml") {
                     anyhow::bail!(
@@ -544,7 +559,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let policy = nudge::config::PolicyConfig::default();
             let report = runtime.block_on(nudge::toolkit::ruletest::run_files(
                 &files,
                 || Ok(set.fresh_copy(&limits)),

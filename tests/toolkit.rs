@@ -585,3 +585,58 @@ fn reload_swaps_only_a_rule_set_that_compiles_and_decisions_carry_the_new_hash()
     );
     assert_eq!(hash_of("c2"), new_hash);
 }
+
+/// `nudge test --config` runs the cases under that file's contact policy:
+/// two loans at once both push under the default caps, and not under
+/// examples/policy.toml's one message a day.
+#[test]
+fn test_takes_the_contact_policy_of_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("rules/unsigned_loan.rhai"),
+        dir.path().join("unsigned_loan.rhai"),
+    )
+    .unwrap();
+    let both = r#"
+journey = "unsigned_loan"
+[[case]]
+name = "two loans, two pushes"
+events = [
+  { type = "customer.contact_updated", data = { app_installed = true } },
+  { type = "loan_application.completed", data = { application_id = "A-1", product = "Car loan", amount = 900, signed = false, resume_url = "u" } },
+  { type = "loan_application.completed", data = { application_id = "A-2", product = "Car loan", amount = 900, signed = false, resume_url = "u" } },
+]
+expect = [
+  { at = "0s", step = "push", outcome = "sent" },
+  { at = "0s", step = "push", outcome = "sent" },
+  { at = "1d", step = "email", outcome = "suppressed" },
+  { at = "1d", step = "email", outcome = "suppressed" },
+  { at = "3d", step = "call", outcome = "suppressed" },
+  { at = "3d", step = "call", outcome = "suppressed" },
+]
+"#;
+    let file = dir.path().join("both.test.toml");
+    std::fs::write(&file, both).unwrap();
+    let (code, out, err) = nudge(&["test", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let policy = repo().join("examples/policy.toml");
+    let (code, out, err) = nudge(&[
+        "test",
+        file.to_str().unwrap(),
+        "--config",
+        policy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("FAIL") && out.contains("two loans, two pushes"),
+        "{out}"
+    );
+    let (code, _, err) = nudge(&[
+        "test",
+        file.to_str().unwrap(),
+        "--config",
+        "/nonexistent.toml",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+}

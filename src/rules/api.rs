@@ -455,6 +455,20 @@ pub(super) fn innermost(err: &EvalAltResult) -> Inner {
             pos: *pos,
             timed_out: true,
         },
+        // rhai's "Length of string too large" names neither the limit nor
+        // where such a value can come from: `event.data` is handed over
+        // whole, so one field over the limit fails a script that never
+        // reads it.
+        EvalAltResult::ErrorDataTooLarge(what, pos) => Inner {
+            message: format!(
+                "{what} over the scripts' limits (strings 64 KiB, arrays and maps 10,000 items), \
+                 in a value the script built or in the event's data, which the script is given \
+                 whole even where it reads one field: producers send a reference (a URL, an id) \
+                 rather than a document"
+            ),
+            pos: *pos,
+            timed_out: false,
+        },
         EvalAltResult::ErrorFunctionNotFound(signature, pos) => Inner {
             message: function_not_found(signature),
             pos: *pos,

@@ -552,6 +552,28 @@ fn decide(event, customer) { start() }
         assert!(!err.timed_out);
     }
 
+    /// A field the script never reads, over the string limit, still fails
+    /// it (the data is handed over whole): the reason says so.
+    #[test]
+    fn data_over_the_limits_is_explained() {
+        let set = rules(
+            &format!("{OK}fn decide(event, customer) {{\n  let amount = event.data.amount;\n  start()\n}}\n"),
+            Duration::from_millis(500),
+        );
+        let text = format!(
+            r#"{{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c-1","time":"2026-01-01T00:00:00Z","data":{{"amount":3,"pdf":"{}"}}}}"#,
+            "A".repeat(70_000)
+        );
+        let event = Event::parse(text.as_bytes()).unwrap();
+        let customer = Arc::new(CustomerContext::new("c-1"));
+        let err = set
+            .decide(set.journey("j").unwrap(), &Arc::new(event), &customer)
+            .unwrap_err();
+        assert!(err.message.contains("strings 64 KiB"), "{err}");
+        assert!(err.message.contains("given whole"), "{err}");
+        assert_eq!(err.line, 4, "the function called (rhai gives no position)");
+    }
+
     /// Under the operation limit (each `index_of` is one operation) but
     /// seconds long without the clock.
     const SLOW: &str = "fn decide(event, customer) {\n  let a = [];\n  for i in 0..10000 { a.push(i); }\n  let n = 0;\n  for i in 0..10000 { n += a.index_of(9999); }\n  start()\n}\n";
