@@ -335,16 +335,19 @@ fn steps_a_draining_replica_hands_back_go_out_from_another_at_once() {
         "the steps handed back waited {took:?} for the other replica\n{}",
         other.log_tail()
     );
-    let sent: i64 = w
-        .schema
-        .client()
-        .query_one(
-            "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent' AND channel = 'push'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(sent, LOANS, "each push sent once");
+    // The receiver has the last push a moment before its record commits.
+    let sent = || -> i64 {
+        w.schema
+            .client()
+            .query_one(
+                "SELECT COUNT(*) FROM dispatch_log WHERE outcome = 'sent' AND channel = 'push'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    other.wait_until(LONG, "every push recorded", || sent() >= LOANS);
+    assert_eq!(sent(), LOANS, "each push sent once");
     other.terminate();
 }
 
