@@ -57,6 +57,10 @@ pub enum EventError {
     MissingHeader(&'static str),
     #[error("not a CloudEvent: header `ce_{0}` is not UTF-8")]
     HeaderNotUtf8(&'static str),
+    /// An identifying attribute longer than [`MAX_ATTRIBUTE_BYTES`]: ids
+    /// are stored, indexed and shown on every record of the customer.
+    #[error("not a CloudEvent nudge accepts: `{field}` is {bytes} bytes, over the {MAX_ATTRIBUTE_BYTES} an id may have")]
+    TooLong { field: &'static str, bytes: usize },
     #[error("not a CloudEvent: unsupported specversion {} (expected 1.0)", shown_version(.0))]
     SpecVersion(String),
     #[error("not a CloudEvent: `time` is not RFC 3339: {0}")]
@@ -90,6 +94,20 @@ fn shown_version(v: &str) -> String {
             "(not a version number: {} characters, not shown)",
             v.chars().count()
         )
+    }
+}
+
+/// The longest `id`, `type`, `source` or `subject` nudge takes. They are
+/// keys (dedup, the customer's row, every dispatch-log record and the
+/// review's indexes), so a producer's mistake such as a document in
+/// `subject` must not become one; bank ids and URIs are far shorter.
+pub const MAX_ATTRIBUTE_BYTES: usize = 1024;
+
+/// `Err` for an attribute over [`MAX_ATTRIBUTE_BYTES`].
+fn bounded<'s>(value: &'s str, field: &'static str) -> Result<&'s str, EventError> {
+    match value.len() {
+        bytes if bytes > MAX_ATTRIBUTE_BYTES => Err(EventError::TooLong { field, bytes }),
+        _ => Ok(value),
     }
 }
 
@@ -163,8 +181,10 @@ impl<'a> CeHeaders<'a> {
     }
 
     fn required(&self, i: usize) -> Result<&'a str, EventError> {
-        self.text(i)?
-            .ok_or(EventError::MissingHeader(ATTRIBUTES[i]))
+        let value = self
+            .text(i)?
+            .ok_or(EventError::MissingHeader(ATTRIBUTES[i]))?;
+        bounded(value, ATTRIBUTES[i])
     }
 }
 
@@ -471,14 +491,15 @@ fn peek_structured<'a>(record: &Record<'a>) -> Option<EventHead<'a>> {
     if wire.specversion.as_deref() != Some("1.0") {
         return None;
     }
-    let present = |v: &Option<Cow<'_, str>>| v.as_ref().is_some_and(|s| !s.is_empty());
+    let fits = |s: &str| !s.is_empty() && s.len() <= MAX_ATTRIBUTE_BYTES;
+    let present = |v: &Option<Cow<'_, str>>| v.as_deref().is_some_and(fits);
     if !(present(&wire.id) && present(&wire.source)) {
         return None;
     }
     let (Some(event_type), Some(customer)) = (wire.event_type, wire.subject) else {
         return None;
     };
-    if event_type.is_empty() || customer.is_empty() {
+    if !(fits(&event_type) && fits(&customer)) {
         return None;
     }
     record.time(wire.time.as_deref()).ok()?;
@@ -553,7 +574,10 @@ fn decode_structured(record: &Record<'_>) -> Result<Event, EventError> {
 
 fn required(value: Option<String>, field: &'static str) -> Result<String, EventError> {
     match value {
-        Some(v) if !v.is_empty() => Ok(v),
+        Some(v) if !v.is_empty() => {
+            bounded(&v, field)?;
+            Ok(v)
+        }
         _ => Err(EventError::Missing(field)),
     }
 }
@@ -636,11 +660,23 @@ mod tests {
             format!(r#"{{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c","time":"2026-01-01T00:00:00Z","data_base64":"{A1_BASE64}"}}"#)
                 .into_bytes(),
         );
+        // Identifying attributes at the limit, and one byte over it.
+        for field in ["id", "type", "source", "subject"] {
+            for len in [MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTE_BYTES + 1] {
+                let mut event = serde_json::json!({"specversion": "1.0", "id": "e1", "type": "t",
+                    "source": "s", "subject": "c", "time": "2026-01-01T00:00:00Z"});
+                event[field] = Value::String("é".repeat(len / 2) + "x".repeat(len % 2).as_str());
+                cases.push(event.to_string().into_bytes());
+            }
+        }
         cases.push(b"{\"specversion\":\"1.0\",\"id\":\"e\xff\",\"type\":\"t\",\"source\":\"s\",\"subject\":\"c\"}".to_vec());
         cases
     }
 
     type Headers = Vec<(&'static str, Option<&'static [u8]>)>;
+
+    static LONGEST: [u8; MAX_ATTRIBUTE_BYTES] = [b'x'; MAX_ATTRIBUTE_BYTES];
+    static TOO_LONG: [u8; MAX_ATTRIBUTE_BYTES + 1] = [b'x'; MAX_ATTRIBUTE_BYTES + 1];
 
     /// Binary-mode records as (headers, value).
     fn binary_cases() -> Vec<(Headers, &'static [u8])> {
@@ -700,6 +736,9 @@ mod tests {
             ),
             (with("CE_Type", Some(b"upper")), br#"{"a":1}"#),
             (vec![("ce_traceparent", Some(&b"00-x"[..]))], br#"{"a":1}"#),
+            (with("ce_subject", Some(&LONGEST)), br#"{"a":1}"#),
+            (with("ce_subject", Some(&TOO_LONG)), br#"{"a":1}"#),
+            (with("ce_id", Some(&TOO_LONG)), br#"{"a":1}"#),
         ]
     }
 
@@ -786,6 +825,17 @@ mod tests {
             assert!(!refused.to_string().contains("jane"), "{refused}");
         }
         assert_eq!(Event::parse(b"").unwrap_err(), EventError::Empty);
+        // A document in `subject` is refused by its size, and not echoed.
+        let document = format!(
+            r#"{{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"{}","time":"2026-01-01T00:00:00Z"}}"#,
+            "jane.doe@example.com ".repeat(15_000)
+        );
+        let long = Event::parse(document.as_bytes()).unwrap_err();
+        assert_eq!(
+            long.to_string(),
+            "not a CloudEvent nudge accepts: `subject` is 315000 bytes, over the 1024 an id may have"
+        );
+        assert!(Event::peek(document.as_bytes()).is_none(), "peek agrees");
         assert_eq!(
             Event::parse(br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","time":"2026-01-01T00:00:00Z"}"#)
                 .unwrap_err(),
@@ -867,6 +917,11 @@ mod tests {
         assert!(reason(19, None).contains("missing `specversion`"));
         // An extension header alone still means binary mode.
         assert!(reason(23, None).contains("ce_specversion"));
+        // Ids up to the limit pass; over it, refused naming the attribute.
+        let (h, v) = &cases[24];
+        assert_eq!(Event::decode(&record(h, v, None)).unwrap().customer.len(), 1024);
+        assert!(reason(25, None).contains("`subject` is 1025 bytes, over the 1024"));
+        assert!(reason(26, None).contains("`id` is 1025 bytes"));
 
         // No `time`: the record's timestamp; without one, refused.
         let (h, v) = &cases[14];

@@ -202,6 +202,9 @@ async fn answered_within<F: std::future::Future>(
 /// only the request.
 fn with_causes(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), &shown_url(url));
+    }
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         let part = c.to_string();
@@ -212,6 +215,22 @@ fn with_causes(e: &reqwest::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// The endpoint as failures name it: no credentials and no query, since
+/// the reason is recorded in the dispatch log that reviewers read and the
+/// audit topic carries (a receiver may take its key as `?api_key=`).
+fn shown_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_fragment(None);
+    let query = shown.query().is_some();
+    shown.set_query(None);
+    match query {
+        true => format!("{shown}?…"),
+        false => shown.to_string(),
+    }
 }
 
 /// `Retry-After` as a wait: delay-seconds, or an HTTP-date. A date is
@@ -541,7 +560,7 @@ mod tests {
             .unwrap()
             .port();
         let ch = HttpChannel::new(
-            &format!("http://127.0.0.1:{port}/"),
+            &format!("http://user:URLPASS@127.0.0.1:{port}/push?api_key=QUERYKEY#f"),
             Duration::from_secs(1),
             None,
         )
@@ -550,6 +569,16 @@ mod tests {
         assert!(err.retryable());
         // The cause is named, not only the request.
         assert!(err.to_string().contains("Connection refused"), "{err}");
+        // The endpoint is named without what could be its key (the reason
+        // reaches the review page and the audit topic).
+        assert!(
+            err.to_string()
+                .contains(&format!("(http://127.0.0.1:{port}/push?…)")),
+            "{err}"
+        );
+        for secret in ["URLPASS", "QUERYKEY", "user"] {
+            assert!(!err.to_string().contains(secret), "{err}");
+        }
     }
 
     /// A redirect is a final failure: neither a 303 (the message would be

@@ -234,7 +234,11 @@ pub fn build_engine(limits: &Limits) -> Engine {
                 })
             },
         )
-        .register_fn("skip", |reason: &str| Decision::Skip(reason.to_string()));
+        // A reason may be built from the event (`"for " + event.data.email`)
+        // and is shown wherever decisions are: logs, the review page.
+        .register_fn("skip", |reason: &str| {
+            Decision::Skip(crate::mask::mask_contacts(reason))
+        });
 
     engine
         .register_fn("money", |x: f64| format!("{x:.2}"))
@@ -421,7 +425,10 @@ pub(super) fn runtime_error(journey: &Journey, function: &str, err: &EvalAltResu
         file: journey.file.display().to_string(),
         line: pos.line().unwrap_or(0),
         column: pos.position().unwrap_or(0),
-        message: inner.message,
+        // rhai quotes values it failed on (`parse_int("carol@…")`, a
+        // `throw` of event data); the message reaches logs, dead letters
+        // and the review page, which keep contact details masked.
+        message: crate::mask::mask_contacts(&inner.message),
         timed_out: inner.timed_out,
     }
 }

@@ -574,6 +574,32 @@ fn decide(event, customer) { start() }
         assert_eq!(err.line, 4, "the function called (rhai gives no position)");
     }
 
+    #[test]
+    fn contact_details_in_a_failure_or_a_skip_reason_are_masked() {
+        let event = Arc::new(
+            Event::parse(br#"{"specversion":"1.0","id":"e1","type":"t","source":"s","subject":"c-1","time":"2026-01-01T00:00:00Z","data":{"email":"carol.secret@example.com","phone":"+61 400 999 888"}}"#)
+                .unwrap(),
+        );
+        let customer = Arc::new(CustomerContext::new("c-1"));
+        let run = |body: &str| {
+            let set = rules(&format!("{OK}{body}"), Duration::from_millis(500));
+            set.decide(set.journey("j").unwrap(), &event, &customer)
+        };
+        let failed = run("fn decide(event, customer) {\n  parse_int(event.data.email)\n}\n").unwrap_err();
+        assert!(failed.message.contains("***@example.com"), "{failed}");
+        assert!(!failed.to_string().contains("carol"), "{failed}");
+        let thrown = run("fn decide(event, customer) {\n  throw event.data.phone\n}\n").unwrap_err();
+        assert!(thrown.message.contains("+** *** *** *88"), "{thrown}");
+        let skipped = run(
+            "fn decide(event, customer) {\n  skip(\"for \" + event.data.email + \" at \" + event.data.phone)\n}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            skipped,
+            Decision::Skip("for c***@example.com at +** *** *** *88".into())
+        );
+    }
+
     /// Under the operation limit (each `index_of` is one operation) but
     /// seconds long without the clock.
     const SLOW: &str = "fn decide(event, customer) {\n  let a = [];\n  for i in 0..10000 { a.push(i); }\n  let n = 0;\n  for i in 0..10000 { n += a.index_of(9999); }\n  start()\n}\n";
