@@ -1020,6 +1020,9 @@ impl Config {
             .build()?
             .try_deserialize()
             .map_err(|e| emptied_needs_a_value(e, &emptied))?;
+        if let Some(path) = file {
+            file_types(path)?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -1300,6 +1303,32 @@ impl PropertyValue {
     }
 }
 
+/// The file's values with the types they were written in. The loader
+/// converts a value to its key's type where it can (`"2"` to a number,
+/// `10.7` to a whole one, `"yes"` to a flag), which overrides need, being
+/// text, but which in a file hides a mistake: there a value of the wrong
+/// type is refused, naming its line.
+fn file_types(path: &Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        // The loader read it a moment ago; it says why when it cannot.
+        return Ok(());
+    };
+    let Err(e) = toml::from_str::<Config>(&text) else {
+        return Ok(());
+    };
+    let at = e.span().map(|span| {
+        let line = text[..span.start].matches('\n').count() + 1;
+        let written = text.lines().nth(line - 1).unwrap_or_default().trim();
+        format!(" line {line}, `{written}`:")
+    });
+    Err(ConfigError::Load(format!(
+        "{}:{} {}",
+        path.display(),
+        at.unwrap_or_default(),
+        e.message().trim_end()
+    )))
+}
+
 /// A map of librdkafka property names, however their dots were written:
 /// quoted (`"security.protocol"`), nested, or from the environment.
 fn dotted_names<'de, D, T>(d: D) -> Result<BTreeMap<String, T>, D::Error>
@@ -1445,6 +1474,29 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    /// The loader would read `"2"` as 2, `10.7` as 10 and `"no"` as false;
+    /// in a file each is a mistake, refused with its line. Overrides are
+    /// text and keep being converted.
+    #[test]
+    fn a_value_of_the_wrong_type_in_the_file_is_refused_naming_its_line() {
+        for (toml, says) in [
+            ("[store]\ncache_mb = \"2\"\n", "line 2, `cache_mb = \"2\"`: invalid type: string \"2\", expected u32"),
+            ("[kafka]\nbatch_size = 10.7\n", "line 2, `batch_size = 10.7`: invalid type: floating point `10.7`"),
+            ("[kafka]\ntopics = [\"a\", 5]\n", "line 2, `topics = [\"a\", 5]`: invalid type: integer `5`"),
+            ("# rules\n[rules]\nwatch = \"yes\"\n", "line 3, `watch = \"yes\"`: invalid type: string \"yes\", expected a boolean"),
+        ] {
+            let err = load(toml, &[]).unwrap_err().to_string();
+            assert!(err.contains("nudge.toml: ") && err.contains(says), "{toml}: {err}");
+        }
+        let c = load(
+            "[store]\ncache_mb = 4\n[kafka.properties]\n\"session.timeout.ms\" = 10000\n",
+            &[("NUDGE_SCHEDULER__MAX_ATTEMPTS", "3"), ("NUDGE_RULES__WATCH", "false")],
+        )
+        .unwrap();
+        assert_eq!((c.store.cache_mb, c.scheduler.max_attempts, c.rules.watch), (4, 3, false));
+        assert_eq!(c.kafka.properties["session.timeout.ms"], "10000");
     }
 
     /// A secret pasted where the name of its variable belongs is refused
