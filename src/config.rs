@@ -1148,7 +1148,7 @@ impl Config {
             .keys()
             .chain(self.kafka.consumer_properties.keys())
         {
-            if key.contains("password") || key.contains("secret") {
+            if is_secret_property(key) {
                 problems.push(format!(
                     "kafka properties `{key}`: secrets must not be in the config file; use kafka.sasl_password_env/_file or kafka.secret_properties_env/_file"
                 ));
@@ -1301,6 +1301,15 @@ impl PropertyValue {
         };
         out.insert(name, T::from(text));
     }
+}
+
+/// librdkafka properties that hold a credential: any `*password*` or
+/// `*secret*`, a private key given inline, and the OAUTHBEARER config
+/// (`clientSecret=…`). Read from `kafka.secret_properties_env`/`_file`.
+fn is_secret_property(name: &str) -> bool {
+    name.contains("password")
+        || name.contains("secret")
+        || ["ssl.key.pem", "ssl_key", "sasl.oauthbearer.config"].contains(&name)
 }
 
 /// The file's values with the types they were written in. The loader
@@ -2225,6 +2234,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sasl.password"), "{err}");
+        // A private key inline, or an OAUTHBEARER client secret.
+        for name in ["ssl.key.pem", "sasl.oauthbearer.config"] {
+            let err = load(&format!("[kafka.properties]\n\"{name}\" = \"x\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{name}`: secrets must not be in the config file")), "{err}");
+        }
     }
 
     /// A SASL password under a protocol without SASL would never be sent:

@@ -1431,6 +1431,9 @@ impl Scheduler {
         .emit();
         let done = self.clock.now();
         match result {
+            // A channel without HTTP (`nudge simulate`'s recorder) has
+            // nothing to time: its record says nothing of a response.
+            Ok(None) => Decision::sent(step, went_out),
             Ok(status) => Decision::sent(step, went_out).answered(status, took),
             Err(DispatchError::NotConfigured(kind)) => {
                 self.send_failed(step, DispatchError::NotConfigured(kind), done)
@@ -1461,15 +1464,20 @@ impl Scheduler {
         .emit();
         let done = self.clock.now();
         match result {
-            Ok(status) => Decision::new(
-                Outcome::Withdrawn,
-                format!(
-                    "step {original} withdrawn on {}: {}",
-                    step.channel,
-                    withdrawal_text(reason, step)
-                ),
-            )
-            .answered(status, took),
+            Ok(status) => {
+                let withdrawn = Decision::new(
+                    Outcome::Withdrawn,
+                    format!(
+                        "step {original} withdrawn on {}: {}",
+                        step.channel,
+                        withdrawal_text(reason, step)
+                    ),
+                );
+                match status {
+                    Some(_) => withdrawn.answered(status, took),
+                    None => withdrawn,
+                }
+            }
             Err(e) => {
                 let status = e.http_status();
                 self.send_failed(step, e, done).answered(status, took)

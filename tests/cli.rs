@@ -72,6 +72,11 @@ fn simulate_prints_one_json_record_per_decision() {
             assert!(r[f].is_string(), "{f} missing in {r}");
         }
         chrono::DateTime::parse_from_rfc3339(r["time"].as_str().unwrap()).unwrap();
+        // The recorder answers without HTTP: no status, nothing timed (a
+        // wall-clock time would also make two runs differ).
+        for f in ["http_status", "response_ms"] {
+            assert!(r.get(f).is_none(), "{f} in {r}");
+        }
         assert!(r["outcome"]
             .as_str()
             .unwrap()

@@ -42,6 +42,11 @@ pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
     for kind in ["invalid", "rule", "context"] {
         metrics::counter!(DEAD_LETTERS.name, "kind" => kind).increment(0);
     }
+    for (metric, label, values) in FIXED_LABELS {
+        for &value in *values {
+            metrics::counter!(metric.name, *label => value).increment(0);
+        }
+    }
     for &channel in channels {
         let channel = channel.to_string();
         for name in counters(&["channel"]) {
@@ -59,6 +64,21 @@ pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
         }
     }
 }
+
+/// Counters of failures whose one label takes a few fixed values, exported
+/// at zero so that an alert on them sees the series before the first.
+const FIXED_LABELS: &[(&catalog::Metric, &str, &[&str])] = &[
+    (&catalog::OFFSET_COMMIT_ERRORS, "commit", &["batch", "final"]),
+    (&catalog::RULE_RELOADS, "result", &["ok", "refused", "failed"]),
+    (&catalog::DEAD_LETTER_PUBLISH_ERRORS, "stage", &["read", "publish", "mark"]),
+    (&catalog::AUDIT_PUBLISH_ERRORS, "stage", &["read", "produce"]),
+    (
+        &catalog::ADMIN_AUTH_REFUSED,
+        "reason",
+        &["missing token", "wrong token", "reviewer token on an admin endpoint"],
+    ),
+    (&catalog::CONTROL_CHANGES, "kind", &["journey", "channel"]),
+];
 
 /// The step outcomes alerts are written on, exported at zero per channel.
 const STEP_OUTCOMES_EXPORTED: &[&str] = &["sent", "failed", "expired", "suppressed"];
@@ -369,10 +389,45 @@ mod tests {
             "nudge_store_errors_total",
             "nudge_kafka_errors_total",
             r#"nudge_channel_stopped{channel="push"}"#,
+            r#"nudge_offset_commit_errors_total{commit="final"}"#,
+            r#"nudge_rule_reloads_total{result="refused"}"#,
+            r#"nudge_dead_letter_publish_errors_total{stage="publish"}"#,
+            r#"nudge_audit_publish_errors_total{stage="produce"}"#,
+            r#"nudge_admin_auth_refused_total{reason="wrong token"}"#,
+            r#"nudge_control_changes_total{kind="channel"}"#,
         ] {
             assert_eq!(value(series), "0", "{series}");
         }
         assert!(!text.contains(r#"channel="call_task""#), "{text}");
+    }
+
+    /// The fixed label values are the catalog's label and what the events write.
+    #[test]
+    fn fixed_label_values_name_the_catalogs_label() {
+        let mut code = String::new();
+        let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("telemetry/mod.rs")
+                {
+                    code.push_str(&std::fs::read_to_string(path).unwrap());
+                }
+            }
+        }
+        for (metric, label, values) in super::FIXED_LABELS {
+            assert_eq!(metric.labels, [*label], "{}", metric.name);
+            for value in *values {
+                assert!(
+                    code.contains(&format!("\"{value}\"")),
+                    "{} {label}={value} is written nowhere",
+                    metric.name
+                );
+            }
+        }
     }
 
     #[test]
