@@ -1491,20 +1491,41 @@ mod tests {
     #[test]
     fn a_value_of_the_wrong_type_in_the_file_is_refused_naming_its_line() {
         for (toml, says) in [
-            ("[store]\ncache_mb = \"2\"\n", "line 2, `cache_mb = \"2\"`: invalid type: string \"2\", expected u32"),
-            ("[kafka]\nbatch_size = 10.7\n", "line 2, `batch_size = 10.7`: invalid type: floating point `10.7`"),
-            ("[kafka]\ntopics = [\"a\", 5]\n", "line 2, `topics = [\"a\", 5]`: invalid type: integer `5`"),
-            ("# rules\n[rules]\nwatch = \"yes\"\n", "line 3, `watch = \"yes\"`: invalid type: string \"yes\", expected a boolean"),
+            (
+                "[store]\ncache_mb = \"2\"\n",
+                "line 2, `cache_mb = \"2\"`: invalid type: string \"2\", expected u32",
+            ),
+            (
+                "[kafka]\nbatch_size = 10.7\n",
+                "line 2, `batch_size = 10.7`: invalid type: floating point `10.7`",
+            ),
+            (
+                "[kafka]\ntopics = [\"a\", 5]\n",
+                "line 2, `topics = [\"a\", 5]`: invalid type: integer `5`",
+            ),
+            (
+                "# rules\n[rules]\nwatch = \"yes\"\n",
+                "line 3, `watch = \"yes\"`: invalid type: string \"yes\", expected a boolean",
+            ),
         ] {
             let err = load(toml, &[]).unwrap_err().to_string();
-            assert!(err.contains("nudge.toml: ") && err.contains(says), "{toml}: {err}");
+            assert!(
+                err.contains("nudge.toml: ") && err.contains(says),
+                "{toml}: {err}"
+            );
         }
         let c = load(
             "[store]\ncache_mb = 4\n[kafka.properties]\n\"session.timeout.ms\" = 10000\n",
-            &[("NUDGE_SCHEDULER__MAX_ATTEMPTS", "3"), ("NUDGE_RULES__WATCH", "false")],
+            &[
+                ("NUDGE_SCHEDULER__MAX_ATTEMPTS", "3"),
+                ("NUDGE_RULES__WATCH", "false"),
+            ],
         )
         .unwrap();
-        assert_eq!((c.store.cache_mb, c.scheduler.max_attempts, c.rules.watch), (4, 3, false));
+        assert_eq!(
+            (c.store.cache_mb, c.scheduler.max_attempts, c.rules.watch),
+            (4, 3, false)
+        );
         assert_eq!(c.kafka.properties["session.timeout.ms"], "10000");
     }
 
@@ -2239,7 +2260,10 @@ mod tests {
             let err = load(&format!("[kafka.properties]\n\"{name}\" = \"x\"\n"), &[])
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(&format!("`{name}`: secrets must not be in the config file")), "{err}");
+            assert!(
+                err.contains(&format!("`{name}`: secrets must not be in the config file")),
+                "{err}"
+            );
         }
     }
 

@@ -919,7 +919,10 @@ mod tests {
         assert!(reason(23, None).contains("ce_specversion"));
         // Ids up to the limit pass; over it, refused naming the attribute.
         let (h, v) = &cases[24];
-        assert_eq!(Event::decode(&record(h, v, None)).unwrap().customer.len(), 1024);
+        assert_eq!(
+            Event::decode(&record(h, v, None)).unwrap().customer.len(),
+            1024
+        );
         assert!(reason(25, None).contains("`subject` is 1025 bytes, over the 1024"));
         assert!(reason(26, None).contains("`id` is 1025 bytes"));
 

@@ -972,6 +972,63 @@ fn probe_exits_by_status_and_says_why_not_ready() {
     }
 }
 
+/// `nudge control` tells a change made from an answer that only looks
+/// like success: a 200 that is not a control log entry, or a redirect.
+#[test]
+fn control_reports_a_change_only_when_the_daemon_records_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-long-enough-admin-token-1234").unwrap();
+    let token = token.to_str().unwrap();
+    let not_nudge = answering("200 OK", r#"{"error":"<x>"}"#);
+    let url = format!("http://{not_nudge}");
+    let (code, out, err) = nudge(&[
+        "control",
+        "channel",
+        "push",
+        "--stop",
+        "--url",
+        &url,
+        "--token-file",
+        token,
+    ]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(
+        err.contains("is not a nudge control change (no control log entry), so the change may not have been made: {\"error\":\"<x>\"}"),
+        "{err}"
+    );
+    let moved = answering("307 Temporary Redirect", "");
+    let (code, out, err) = nudge(&[
+        "control",
+        "journey",
+        "fee_increase",
+        "--disable",
+        "--url",
+        &format!("http://{moved}"),
+        "--token-file",
+        token,
+    ]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.contains("answered 307"), "{err}");
+    // The daemon's answer is a log entry: reported as the change.
+    let daemon = answering(
+        "200 OK",
+        r#"{"seq":7,"who":"admin","kind":"channel","target":"push","before":{"enabled":null},"after":{"enabled":false}}"#,
+    );
+    let (code, out, err) = nudge(&[
+        "control",
+        "channel",
+        "push",
+        "--stop",
+        "--url",
+        &format!("http://{daemon}"),
+        "--token-file",
+        token,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(by admin, control log #7)"), "{out}");
+}
+
 /// A server that reads nothing and writes `raw` (or nothing) before it closes.
 fn answering_raw(raw: Option<&'static str>) -> String {
     use std::io::Write;

@@ -48,10 +48,21 @@ impl std::fmt::Debug for Tokens {
 
 impl Tokens {
     pub fn from_config(config: &AuthConfig) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let tokens = Self {
             admin: config.admin_token()?,
             reviewer: config.reviewer_token()?,
-        })
+        };
+        match (&tokens.admin, &tokens.reviewer) {
+            // The admin token is tried first: the reviewer would be an admin.
+            (Some(admin), Some(reviewer)) if constant_time_eq(admin, reviewer) => {
+                Err(ConfigError::Invalid(vec![
+                    "admin.auth.reviewer_token: the same token as the admin's, which would give \
+                     reviewers the admin's rights: give each role a token of its own"
+                        .into(),
+                ]))
+            }
+            _ => Ok(tokens),
+        }
     }
 
     pub fn new(admin: Option<String>, reviewer: Option<String>) -> Self {
@@ -320,6 +331,32 @@ mod tests {
             tokens.authorize(&headers("Digest adm1n"), Role::Admin),
             Err(Refusal::Missing)
         );
+    }
+
+    #[test]
+    fn one_token_for_both_roles_is_refused_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "the-same-long-token-for-both-roles\n").unwrap();
+        let auth: AuthConfig = toml::from_str(&format!(
+            "admin_token_file = {:?}\nreviewer_token_file = {:?}\n",
+            file, file
+        ))
+        .unwrap();
+        let err = Tokens::from_config(&auth).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.auth.reviewer_token: the same token as the admin's"),
+            "{err}"
+        );
+        assert!(!err.contains("the-same-long"), "{err}");
+        let other = dir.path().join("other");
+        std::fs::write(&other, "another-long-token-for-reviewers").unwrap();
+        let auth: AuthConfig = toml::from_str(&format!(
+            "admin_token_file = {:?}\nreviewer_token_file = {:?}\n",
+            file, other
+        ))
+        .unwrap();
+        assert!(Tokens::from_config(&auth).unwrap().enabled(Role::Admin));
     }
 
     #[test]

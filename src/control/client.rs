@@ -49,6 +49,10 @@ pub enum ClientError {
     Other { status: u16, body: String },
     #[error("{0}")]
     Http(#[from] reqwest::Error),
+    /// A 2xx whose body is not the change the API records: another server,
+    /// or a proxy's page. The change may not have been made.
+    #[error("the answer from {base} is not a nudge control change (no control log entry), so the change may not have been made: {body}")]
+    NotAChange { base: String, body: String },
 }
 
 /// The base URL for an `admin.listen` address: a wildcard address is
@@ -72,9 +76,27 @@ impl Endpoint {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    /// PUT `body` to `path`: the JSON answer.
+    /// PUT `body` to `path`: the control log entry the daemon answers with.
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.call(reqwest::Method::PUT, path, Some(body)).await
+        let answer = self.call(reqwest::Method::PUT, path, Some(body)).await?;
+        let entry = answer["seq"].is_u64()
+            && answer["who"].is_string()
+            && answer.get("before").is_some()
+            && answer.get("after").is_some();
+        match entry {
+            true => Ok(answer),
+            false => {
+                let mut body = answer.to_string();
+                if body.len() > 200 {
+                    body.truncate(body.floor_char_boundary(200));
+                    body.push('…');
+                }
+                Err(ClientError::NotAChange {
+                    base: self.base.clone(),
+                    body,
+                })
+            }
+        }
     }
 
     async fn call(
@@ -83,8 +105,11 @@ impl Endpoint {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
+        // A redirect is answered as the failure it is (it would take the
+        // change elsewhere), not followed.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let mut request = client
             .request(method, format!("{}{path}", self.base))

@@ -585,10 +585,12 @@ fn decide(event, customer) { start() }
             let set = rules(&format!("{OK}{body}"), Duration::from_millis(500));
             set.decide(set.journey("j").unwrap(), &event, &customer)
         };
-        let failed = run("fn decide(event, customer) {\n  parse_int(event.data.email)\n}\n").unwrap_err();
+        let failed =
+            run("fn decide(event, customer) {\n  parse_int(event.data.email)\n}\n").unwrap_err();
         assert!(failed.message.contains("***@example.com"), "{failed}");
         assert!(!failed.to_string().contains("carol"), "{failed}");
-        let thrown = run("fn decide(event, customer) {\n  throw event.data.phone\n}\n").unwrap_err();
+        let thrown =
+            run("fn decide(event, customer) {\n  throw event.data.phone\n}\n").unwrap_err();
         assert!(thrown.message.contains("+** *** *** *88"), "{thrown}");
         let skipped = run(
             "fn decide(event, customer) {\n  skip(\"for \" + event.data.email + \" at \" + event.data.phone)\n}\n",

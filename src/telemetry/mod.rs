@@ -68,14 +68,34 @@ pub fn export_known_series(channels: &[&str], journeys: &[&str]) {
 /// Counters of failures whose one label takes a few fixed values, exported
 /// at zero so that an alert on them sees the series before the first.
 const FIXED_LABELS: &[(&catalog::Metric, &str, &[&str])] = &[
-    (&catalog::OFFSET_COMMIT_ERRORS, "commit", &["batch", "final"]),
-    (&catalog::RULE_RELOADS, "result", &["ok", "refused", "failed"]),
-    (&catalog::DEAD_LETTER_PUBLISH_ERRORS, "stage", &["read", "publish", "mark"]),
-    (&catalog::AUDIT_PUBLISH_ERRORS, "stage", &["read", "produce"]),
+    (
+        &catalog::OFFSET_COMMIT_ERRORS,
+        "commit",
+        &["batch", "final"],
+    ),
+    (
+        &catalog::RULE_RELOADS,
+        "result",
+        &["ok", "refused", "failed"],
+    ),
+    (
+        &catalog::DEAD_LETTER_PUBLISH_ERRORS,
+        "stage",
+        &["read", "publish", "mark"],
+    ),
+    (
+        &catalog::AUDIT_PUBLISH_ERRORS,
+        "stage",
+        &["read", "produce"],
+    ),
     (
         &catalog::ADMIN_AUTH_REFUSED,
         "reason",
-        &["missing token", "wrong token", "reviewer token on an admin endpoint"],
+        &[
+            "missing token",
+            "wrong token",
+            "reviewer token on an admin endpoint",
+        ],
     ),
     (&catalog::CONTROL_CHANGES, "kind", &["journey", "channel"]),
 ];
