@@ -814,6 +814,26 @@ fn is_variable_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// The fewest different characters a token nudge checks may have: a
+/// long run of one key (`aaaa…`) is long but not hard to guess.
+const MIN_DISTINCT_CHARS: usize = 6;
+
+fn distinct_chars(text: &str) -> usize {
+    text.chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// A variable's name that reads like a token (`deadbeefcafe01234567`):
+/// long, letters and digits mixed, no `_` between words. Not echoed when
+/// missing, since it is most likely the secret pasted in place of its name.
+fn looks_like_a_secret(name: &str) -> bool {
+    name.len() >= 16
+        && !name.contains('_')
+        && name.chars().any(|c| c.is_ascii_digit())
+        && name.chars().any(|c| c.is_ascii_alphabetic())
+}
+
 /// The shortest admin or reviewer token taken. The admin port answers
 /// every try at once and does not lock anyone out (that would let anyone
 /// lock the operators out): a token must be long enough not to be guessed
@@ -833,7 +853,13 @@ fn read_secret(
     let (value, key, source_name) = if let Some(var) = env {
         let value = std::env::var(var).map_err(|e| ConfigError::Secret {
             key: format!("{key}_env"),
-            source_name: format!("environment variable {var}"),
+            source_name: match looks_like_a_secret(var) {
+                true => format!(
+                    "the environment variable it names ({} characters, not shown: it looks like a secret rather than a variable's name)",
+                    var.len()
+                ),
+                false => format!("environment variable {var}"),
+            },
             reason: e.to_string(),
         })?;
         (
@@ -862,6 +888,11 @@ fn read_secret(
         Some(format!(
             "the token has {} characters; it needs at least {min_chars}, e.g. `openssl rand -hex 32`",
             value.len()
+        ))
+    } else if min_chars > 0 && distinct_chars(&value) < MIN_DISTINCT_CHARS {
+        Some(format!(
+            "the token repeats too few characters ({} different) to be hard to guess; make one with `openssl rand -hex 32`",
+            distinct_chars(&value)
         ))
     } else {
         None
@@ -1529,6 +1560,30 @@ mod tests {
         assert_eq!(c.kafka.properties["session.timeout.ms"], "10000");
     }
 
+    /// A pasted secret that happens to be a valid name is not echoed as
+    /// the variable "not found"; a conventional name is.
+    #[test]
+    fn a_missing_variable_that_looks_like_a_secret_is_not_echoed() {
+        let c = load(
+            "[admin.auth]\nadmin_token_env = \"deadbeefcafe0123456789ab\"\n",
+            &[],
+        )
+        .unwrap();
+        let err = c.admin.auth.admin_token().unwrap_err().to_string();
+        assert!(err.contains("24 characters, not shown"), "{err}");
+        assert!(!err.contains("deadbeef"), "{err}");
+        let c = load(
+            "[admin.auth]\nadmin_token_env = \"NUDGE_TEST_ABSENT_TOKEN\"\n",
+            &[],
+        )
+        .unwrap();
+        let err = c.admin.auth.admin_token().unwrap_err().to_string();
+        assert!(
+            err.contains("environment variable NUDGE_TEST_ABSENT_TOKEN"),
+            "{err}"
+        );
+    }
+
     /// A secret pasted where the name of its variable belongs is refused
     /// at start without being echoed (it was printed as a variable "not
     /// found"); a real variable's name is accepted.
@@ -1681,6 +1736,13 @@ mod tests {
             auth("reviewer_token", "0123456789abcdef"),
             Ok(Some("0123456789abcdef".into()))
         );
+        // Long, but one key held down.
+        let repeated = auth("admin_token", &"a".repeat(20)).unwrap_err();
+        assert!(
+            repeated.contains("repeats too few characters (1 different)"),
+            "{repeated}"
+        );
+        assert!(auth("admin_token", &"ab12cd".repeat(3)).is_ok());
     }
 
     /// The catch-up bound outlasts the consumer's session by default, so a

@@ -980,34 +980,23 @@ fn control_reports_a_change_only_when_the_daemon_records_one() {
     let token = dir.path().join("token");
     std::fs::write(&token, "a-long-enough-admin-token-1234").unwrap();
     let token = token.to_str().unwrap();
+    let control = |server: &str, what: &[&str]| {
+        let url = format!("http://{server}");
+        let mut args = vec!["control"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["--url", &url, "--token-file", token]);
+        nudge(&args)
+    };
+    let stop_push = ["channel", "push", "--stop"];
     let not_nudge = answering("200 OK", r#"{"error":"<x>"}"#);
-    let url = format!("http://{not_nudge}");
-    let (code, out, err) = nudge(&[
-        "control",
-        "channel",
-        "push",
-        "--stop",
-        "--url",
-        &url,
-        "--token-file",
-        token,
-    ]);
+    let (code, out, err) = control(&not_nudge, &stop_push);
     assert_eq!((code, out.as_str()), (2, ""), "{err}");
     assert!(
         err.contains("is not a nudge control change (no control log entry), so the change may not have been made: {\"error\":\"<x>\"}"),
         "{err}"
     );
     let moved = answering("307 Temporary Redirect", "");
-    let (code, out, err) = nudge(&[
-        "control",
-        "journey",
-        "fee_increase",
-        "--disable",
-        "--url",
-        &format!("http://{moved}"),
-        "--token-file",
-        token,
-    ]);
+    let (code, out, err) = control(&moved, &["journey", "fee_increase", "--disable"]);
     assert_eq!((code, out.as_str()), (2, ""), "{err}");
     assert!(err.contains("answered 307"), "{err}");
     // The daemon's answer is a log entry: reported as the change.
@@ -1015,16 +1004,7 @@ fn control_reports_a_change_only_when_the_daemon_records_one() {
         "200 OK",
         r#"{"seq":7,"who":"admin","kind":"channel","target":"push","before":{"enabled":null},"after":{"enabled":false}}"#,
     );
-    let (code, out, err) = nudge(&[
-        "control",
-        "channel",
-        "push",
-        "--stop",
-        "--url",
-        &format!("http://{daemon}"),
-        "--token-file",
-        token,
-    ]);
+    let (code, out, err) = control(&daemon, &stop_push);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(by admin, control log #7)"), "{out}");
 }

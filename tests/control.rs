@@ -175,7 +175,12 @@ fn journeys_and_channels_change_at_run_time_with_the_admin_token_and_stay_change
     let (_, body) = http(&admin, "GET", path, Some(ADMIN_TOKEN), "");
     assert_eq!(json_of(&body)["shadow"], json!(false));
     let log = std::fs::read_to_string(&daemon.log).unwrap();
-    assert!(log.contains("admin request refused"), "{log}");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("admin request refused"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // Where the attempt came from, for whoever investigates it.
+    assert!(refused.contains("127.0.0.1"), "{refused}");
     assert!(!log.contains("not-the-token") && !log.contains(ADMIN_TOKEN));
 
     // With the token: in force when the answer comes.

@@ -210,6 +210,10 @@ async fn require(tokens: &Tokens, needed: Role, mut request: Request, next: Next
                 AdminAuthRefused {
                     path: request.uri().path(),
                     reason: refusal.reason(),
+                    client: request
+                        .extensions()
+                        .get::<crate::admin::serve::ClientAddr>()
+                        .map(|c| c.0),
                 }
                 .emit();
             }
@@ -336,27 +340,28 @@ mod tests {
     #[test]
     fn one_token_for_both_roles_is_refused_without_showing_it() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("token");
-        std::fs::write(&file, "the-same-long-token-for-both-roles\n").unwrap();
-        let auth: AuthConfig = toml::from_str(&format!(
-            "admin_token_file = {:?}\nreviewer_token_file = {:?}\n",
-            file, file
-        ))
-        .unwrap();
-        let err = Tokens::from_config(&auth).unwrap_err().to_string();
+        let file = |name: &str, token: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, token).unwrap();
+            path
+        };
+        let admin = file("admin", "the-same-long-token-for-both-roles\n");
+        let auth = |reviewer: &std::path::Path| -> AuthConfig {
+            toml::from_str(&format!(
+                "admin_token_file = {admin:?}\nreviewer_token_file = {reviewer:?}\n"
+            ))
+            .unwrap()
+        };
+        let err = Tokens::from_config(&auth(&admin)).unwrap_err().to_string();
         assert!(
             err.contains("admin.auth.reviewer_token: the same token as the admin's"),
             "{err}"
         );
         assert!(!err.contains("the-same-long"), "{err}");
-        let other = dir.path().join("other");
-        std::fs::write(&other, "another-long-token-for-reviewers").unwrap();
-        let auth: AuthConfig = toml::from_str(&format!(
-            "admin_token_file = {:?}\nreviewer_token_file = {:?}\n",
-            file, other
-        ))
-        .unwrap();
-        assert!(Tokens::from_config(&auth).unwrap().enabled(Role::Admin));
+        let other = file("other", "another-long-token-for-reviewers");
+        assert!(Tokens::from_config(&auth(&other))
+            .unwrap()
+            .enabled(Role::Admin));
     }
 
     #[test]

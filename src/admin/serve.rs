@@ -93,10 +93,13 @@ async fn serve_with(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let service =
-            TowerToHyperService::new(app.clone().map_request(
-                |request: hyper::Request<Incoming>| request.map(axum::body::Body::new),
-            ));
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |request: hyper::Request<Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ClientAddr(peer));
+                request
+            },
+        ));
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let io = TokioIo::new(Stalling::new(tcp, limits.stall));
@@ -122,6 +125,10 @@ async fn serve_with(
         });
     }
 }
+
+/// The address a request came from, for log lines about refused callers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
 
 /// One of a peer address's connections, counted while it lives.
 struct PeerSlot {

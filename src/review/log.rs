@@ -277,7 +277,14 @@ impl serde::Serialize for JsonRecord<'_> {
 /// break. A text starting like a spreadsheet formula (`=`, `+`, `@`, `-`
 /// followed by more) gets a leading `'`, so opening the file cannot run
 /// anything an event put in a customer id or a reason (CSV injection).
+///
+/// Other control characters, and invisible or direction-changing ones, are
+/// written escaped (`\u{1b}`), as in the table: the file is read on
+/// terminals too, where an escape sequence in a customer id would act.
 pub fn csv_field(value: &str) -> String {
+    let value = crate::humanize::escaped_where(value, |c| {
+        crate::humanize::hidden(c) && !matches!(c, '\n' | '\r' | '\t')
+    });
     let risky = matches!(value.chars().next(), Some('=' | '+' | '@' | '\t' | '\r'))
         || (value.starts_with('-') && value.len() > 1);
     let value = if risky {
@@ -305,6 +312,11 @@ mod tests {
         assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
         assert_eq!(csv_field("-"), "-");
         assert_eq!(csv_field("-1+2"), "'-1+2");
+        assert_eq!(
+            csv_field("c-1\u{1b}[2J\u{202e}x"),
+            "c-1\\u{1b}[2J\\u{202e}x",
+            "acts on no terminal"
+        );
     }
 
     fn record(customer: &str) -> LogRecord {

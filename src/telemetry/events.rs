@@ -950,6 +950,8 @@ pub struct AdminAuthRefused<'a> {
     pub path: &'a str,
     /// `missing token`, `wrong token` or `reviewer token on an admin endpoint`.
     pub reason: &'static str,
+    /// The address the request came from (an operator's, not a customer's).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl AdminAuthRefused<'_> {
@@ -963,7 +965,8 @@ impl AdminAuthRefused<'_> {
         else {
             return;
         };
-        tracing::warn!(target: "nudge::admin", path = %shown_path(self.path), reason = self.reason, similar_not_logged = repeats, "admin request refused");
+        let client = self.client.map(|ip| ip.to_string()).unwrap_or_default();
+        tracing::warn!(target: "nudge::admin", path = %shown_path(self.path), reason = self.reason, client = %client, similar_not_logged = repeats, "admin request refused");
     }
 }
 

@@ -255,6 +255,7 @@ mod tests {
         AdminAuthRefused {
             path: "/",
             reason: "wrong token",
+            client: None,
         }
         .emit();
         AuditRecordsPublished { count: 1 }.emit();
@@ -315,6 +316,7 @@ mod tests {
         AdminAuthRefused {
             path: "/admin/journeys/j",
             reason: "wrong token",
+            client: None,
         }
         .emit();
         let entry = crate::store::control::ControlEntry {
@@ -613,6 +615,7 @@ mod text_log_tests {
                 super::events::AdminAuthRefused {
                     path: &long,
                     reason: "missing token",
+                    client: None,
                 }
                 .emit();
             }
