@@ -1435,7 +1435,53 @@ pub fn shown_url(url: &str) -> String {
         rest = end;
     }
     out.push_str(&shown[rest..]);
-    out
+    hide_encoded_password_pairs(&out)
+}
+
+/// A query pair whose key spells `password` with escapes (`%70assword=…`):
+/// the client decodes the key, so the value is a password too.
+fn hide_encoded_password_pairs(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _))
+                if percent_decoded(key)
+                    .to_ascii_lowercase()
+                    .contains("password") =>
+            {
+                format!("{key}=***")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
+/// `%XX` escapes decoded (a malformed one kept as written).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How far the server's certificate is checked (libpq's `sslmode`).
@@ -1490,6 +1536,9 @@ pub fn parse_postgres_url(url: &str) -> Result<(postgres::Config, SslMode), Stri
         return Err(
             "has a password: put it in the environment variable named by store.password_env or the file named by store.password_file".into(),
         );
+    }
+    if config.get_hosts().is_empty() {
+        return Err("names no host: postgres://USER@HOST:PORT/DATABASE".into());
     }
     config.ssl_mode(match mode {
         SslMode::Disable => postgres::config::SslMode::Disable,
@@ -2280,6 +2329,13 @@ mod tests {
                 "store.url",
                 Some("Sekrit99"),
             ),
+            // A key spelt with escapes is a password key to the client too.
+            (
+                "[store]\nurl = \"postgres://u@db/nudge?%70assword=Sekrit99\"\n",
+                "store.url",
+                Some("Sekrit99"),
+            ),
+            ("[store]\nurl = \"postgres://\"\n", "names no host", None),
             // A slash short: a host, not a file.
             ("[store]\nurl = \"sqlite://relative/x.db\"\n", "three slashes", None),
             (

@@ -33,8 +33,13 @@ use crate::telemetry::events::{
 };
 
 pub fn init_logging(format: &str, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // An empty `RUST_LOG=` (a template's unset value) would filter out
+    // every line, errors too: it counts as not set.
+    let from_env = std::env::var("RUST_LOG")
+        .is_ok_and(|v| !v.trim().is_empty())
+        .then(tracing_subscriber::EnvFilter::try_from_default_env)
+        .and_then(Result::ok);
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     let json = format == "json" || (format == "auto" && !std::io::stderr().is_terminal());
     // Colour codes only for a terminal, never into files or journald.
     let builder = tracing_subscriber::fmt()

@@ -520,12 +520,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
         } => {
             init_logging("error");
-            let (limits, policy) = match config {
+            let (limits, under) = match config {
                 Some(file) => {
                     let config = Config::load(Some(&file))?;
-                    (Limits::from_config(&config.rules), config.policy)
+                    let under = nudge::toolkit::ruletest::Under {
+                        channels: nudge::sim::ChannelSettings::of(&config),
+                        policy: config.policy,
+                    };
+                    (Limits::from_config(&config.rules), under)
                 }
-                None => (Limits::default(), nudge::config::PolicyConfig::default()),
+                None => (Limits::default(), Default::default()),
             };
             let (dir, files) = if path.is_file() {
                 if !path.to_string_lossy().ends_with(".test.toml") {
@@ -562,7 +566,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = runtime.block_on(nudge::toolkit::ruletest::run_files(
                 &files,
                 || Ok(set.fresh_copy(&limits)),
-                &policy,
+                &under,
             ))?;
             for f in &report.failures {
                 outln!("FAIL {f}");

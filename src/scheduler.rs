@@ -274,6 +274,15 @@ pub struct Scheduler {
     store: AsyncStore,
     health: Arc<SendingHealth>,
     unrecorded: Arc<Unrecorded>,
+    /// Held from a claim until its batch is decided, when a cap is set:
+    /// one customer's steps due together on different channels are claimed
+    /// by different channel loops, and each loop's look-ahead sees only the
+    /// steps still pending. Decided one batch at a time, a step decided
+    /// second sees the first as a competitor (pending when the first was
+    /// decided) or as a send (in [`Unrecorded`]), never as neither, so the
+    /// higher score wins whichever loop woke first and the cap holds.
+    /// Sends are not held by it.
+    deciding: tokio::sync::Mutex<()>,
     next_batch: std::sync::atomic::AtomicU64,
     rules: RulesHandle,
     channels: Channels,
@@ -326,6 +335,7 @@ impl Scheduler {
             lateness,
             wake,
             unrecorded: Arc::default(),
+            deciding: tokio::sync::Mutex::new(()),
             losses: arbiter::Losses::default(),
             next_batch: std::sync::atomic::AtomicU64::new(0),
             script_failures: std::sync::atomic::AtomicU64::new(0),
@@ -487,6 +497,10 @@ impl Scheduler {
             let window = self.policy.lookback(self.longest_fatigue_pause());
             let limit = self.config.batch_size;
             while !stop.is_some_and(|s| *s.borrow()) && !self.channel_stopped(channel) {
+                let deciding = match self.policy.caps().is_empty() {
+                    true => None,
+                    false => Some(self.deciding.lock().await),
+                };
                 let now = self.clock.now();
                 in_flight
                     .lock()
@@ -498,6 +512,7 @@ impl Scheduler {
                     .call(move |store| store.claim_due(channel, now, limit, now + lease))
                     .await?;
                 if claimed.is_empty() {
+                    drop(deciding);
                     match stop {
                         Some(stop) if self.sends_under_way(in_flight) => {
                             self.await_more_due(channel, stop).await;
@@ -540,6 +555,7 @@ impl Scheduler {
                     Ok::<_, StoreError>((planned, context))
                 }
                 .await;
+                drop(deciding);
                 let (planned, context) = match decided {
                     Ok(decided) => decided,
                     Err(e) => {

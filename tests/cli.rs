@@ -1024,3 +1024,37 @@ fn answering_raw(raw: Option<&'static str>) -> String {
     });
     address
 }
+
+/// `RUST_LOG=` (set but empty, as a template leaves it) is as if unset:
+/// the daemon logs at `log.level`, errors included, instead of nothing.
+#[test]
+fn an_empty_rust_log_does_not_silence_the_daemon() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(["run", "--config", "deploy/nudge.local.toml"])
+        .current_dir(repo())
+        .env("RUST_LOG", "")
+        .env("NUDGE_STORE__PATH", dir.path().join("s.db"))
+        .env("NUDGE_KAFKA__BROKERS", "127.0.0.1:1")
+        .env("NUDGE_ADMIN__LISTEN", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first line comes at once; the wait only bounds a daemon that says nothing.
+    let first = rx.recv_timeout(std::time::Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    let first = first.expect("the daemon logged nothing with RUST_LOG empty");
+    assert!(first.contains("nudge starting"), "{first}");
+}

@@ -906,6 +906,65 @@ fn a_store_restored_from_a_backup_reads_again_what_came_after_it() {
     assert!(recv.on("/email").is_empty(), "{logs}");
 }
 
+/// The partition's log restarted beneath the store's offset (a topic
+/// re-created while the daemon was down): the daemon starts the partition
+/// at the log's beginning, decides its records and says so, though the
+/// broker (tansu) answers the store's offset with an empty fetch rather
+/// than as out of range. (It waited there for an offset the new log would
+/// reach only after as many records, reporting ready.)
+#[test]
+fn a_log_that_restarted_beneath_the_stores_offset_is_read_from_its_start() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let recv = Receiver::start(&rt);
+    let cfg = DaemonConfig::new(dir.path(), &recv);
+    create_topic(&rt, &cfg.topic, 1);
+    produce(
+        &cfg.topic,
+        &[event(
+            "ctx-c1",
+            "customer.contact_updated",
+            "c1",
+            json!({"app_installed": true, "email": "c1@example.com"}),
+        )],
+    );
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "the contact stored", || {
+        stored_offsets_total(&cfg.store, &cfg.topic) == 1
+    });
+    daemon.terminate();
+    // As after the topic was re-created: the store is 100 records ahead of
+    // a log that holds two.
+    let moved = rusqlite::Connection::open(&cfg.store)
+        .unwrap()
+        .execute(
+            "UPDATE kafka_offsets SET next_offset = 100 WHERE topic = ?1",
+            [&cfg.topic],
+        )
+        .unwrap();
+    assert_eq!(moved, 1);
+    produce(
+        &cfg.topic,
+        &[event(
+            "loan-c1",
+            "loan_application.completed",
+            "c1",
+            json!({"application_id": "A1", "product": "Personal loan", "amount": 5000, "signed": false, "resume_url": "u"}),
+        )],
+    );
+    let daemon = Daemon::start(&cfg, "d");
+    daemon.wait_until(LONG, "the loan push", || recv.on("/push").len() == 1);
+    daemon.wait_until(LONG, "the store's offset back on the log", || {
+        stored_offsets_total(&cfg.store, &cfg.topic) == 2
+    });
+    let logs = daemon.log_tail();
+    daemon.terminate();
+    assert!(
+        logs.contains("the broker's log is behind the store's offset"),
+        "{logs}"
+    );
+}
+
 /// Under steady traffic the consumer is never idle for a second, so being
 /// caught up with what waited at start is when every partition reaches
 /// records produced after the assignment: sending begins then, not after

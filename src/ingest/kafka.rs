@@ -373,6 +373,10 @@ impl ClientContext for IngestContext {
     }
 }
 
+/// How long an assignment waits for a partition's log end before starting
+/// at the store's offset unchecked.
+const LOG_END_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl ConsumerContext for IngestContext {
     /// librdkafka's default handling, except that an assigned partition
     /// starts at the offset the store holds, not the group's committed one:
@@ -393,7 +397,7 @@ impl ConsumerContext for IngestContext {
         );
         let done = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.resume_at_stored_offsets(tpl);
+                self.resume_at_stored_offsets(consumer, tpl);
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -435,7 +439,18 @@ impl IngestContext {
     /// Sets each assigned partition's start to the store's next offset for
     /// it (a partition the store has never seen starts where the group
     /// committed, or at the earliest record).
-    fn resume_at_stored_offsets(&self, tpl: &mut TopicPartitionList) {
+    ///
+    /// A store's offset past the end of the partition's log means the log
+    /// restarted beneath it (the topic re-created, a broker that lost its
+    /// data): the partition starts at the log's beginning instead, and its
+    /// records are decided ([`LogBehindStore`]). Apache Kafka would answer
+    /// the store's offset as out of range, but not every broker does (tansu
+    /// answers an empty fetch), and then the new log would never be read.
+    fn resume_at_stored_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) {
         let mut stored: HashMap<String, HashMap<i32, i64>> = HashMap::new();
         let mut resume = self
             .readiness
@@ -462,10 +477,16 @@ impl IngestContext {
             }
             let next = stored[&topic].get(&partition).copied();
             if let Some(next) = next {
-                if tpl
-                    .set_partition_offset(&topic, partition, Offset::Offset(next))
-                    .is_ok()
-                {
+                // Unanswered (a slow broker): the store's offset, as before.
+                let log_end = consumer
+                    .fetch_watermarks(&topic, partition, LOG_END_TIMEOUT)
+                    .ok()
+                    .map(|(_, high)| high);
+                let start = match log_end {
+                    Some(end) if next > end => Offset::Beginning,
+                    _ => Offset::Offset(next),
+                };
+                if tpl.set_partition_offset(&topic, partition, start).is_ok() {
                     from_store += 1;
                 }
             }

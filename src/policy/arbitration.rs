@@ -73,10 +73,14 @@ pub fn decide_with_losses(
     room: &dyn Room,
 ) -> (Vec<Outcome>, Vec<Option<String>>) {
     let mut order: Vec<usize> = (0..candidates.len()).collect();
+    // Service before marketing, whatever the scores: a service step is
+    // never held by marketing sends, so a marketing step chosen ahead of
+    // one would not take its room, only add a message past the cap.
     order.sort_by(|&a, &b| {
         let (a, b) = (&candidates[a], &candidates[b]);
-        b.score
-            .total_cmp(&a.score)
+        (a.category == Category::Marketing)
+            .cmp(&(b.category == Category::Marketing))
+            .then(b.score.total_cmp(&a.score))
             .then(a.due.cmp(&b.due))
             .then(a.label.cmp(&b.label))
     });
@@ -94,12 +98,24 @@ pub fn decide_with_losses(
     }
     for i in losers {
         let loser = &candidates[i];
-        // The winner it lost to: the lowest-scored one that took the room
-        // ahead of it (with one slot left, the one winner).
-        let lost_to = chosen
-            .iter()
-            .rev()
-            .find(|w| w.score >= loser.score)
+        // The winner it lost to: the lowest-scored one without which it
+        // would fit (the one holding the room it wanted, not a winner due
+        // another day); else the lowest-scored that took room ahead of it.
+        let precedes = |w: &Candidate| {
+            w.score >= loser.score
+                || (w.category == Category::Service && loser.category == Category::Marketing)
+        };
+        let ahead = || chosen.iter().rev().filter(|w| precedes(w));
+        let lost_to = ahead()
+            .find(|w| {
+                let others: Vec<&Candidate> = chosen
+                    .iter()
+                    .filter(|c| !std::ptr::eq(**c, **w))
+                    .copied()
+                    .collect();
+                room.fits(&others, loser)
+            })
+            .or_else(|| ahead().next())
             .or(chosen.first());
         let lost = match lost_to {
             Some(w) => {
@@ -108,13 +124,16 @@ pub fn decide_with_losses(
                     .filter(|c| c.rank_failed)
                     .map(|c| c.label.as_str())
                     .collect();
-                let note = match failed.as_slice() {
+                let mut note = match failed.as_slice() {
                     [] => String::new(),
                     labels => format!(
                         "; the priority of {}: its rank failed",
                         labels.join(" and ")
                     ),
                 };
+                if w.score < loser.score {
+                    note.push_str("; service goes before marketing");
+                }
                 format!(
                     "arbitration: lost to {} (score {} vs {}{note})",
                     w.label,
@@ -179,48 +198,84 @@ pub struct CapsRoom {
 }
 
 impl CapsRoom {
-    /// The sends counted once `chosen` went, and the instant to count at:
-    /// the latest of them and `at` (within the arbitration window the
-    /// chosen are all counted).
-    fn with_chosen(
+    /// With `next` going at `at` and each of `chosen` at its due time: the
+    /// first of those sends, from `next` on in time order, that the caps
+    /// would not allow, and when they would free for it. Each send is
+    /// counted where it falls, so `next` neither counts against a chosen
+    /// step due before it nor may take the room of one due after it (a
+    /// loser deferred to tomorrow must not fill tomorrow's cap ahead of its
+    /// winner's next step).
+    fn conflict(
         &self,
         chosen: &[&Candidate],
+        next: &Candidate,
         at: DateTime<Utc>,
-    ) -> (Vec<RecentSend>, DateTime<Utc>) {
+    ) -> Option<DateTime<Utc>> {
+        // Chosen steps due at the same moment as `next` go before it: they won.
+        let mut order: Vec<(DateTime<Utc>, bool, ChannelKind, Category)> = chosen
+            .iter()
+            .map(|c| (c.due, false, c.channel, c.category))
+            .chain(std::iter::once((at, true, next.channel, next.category)))
+            .collect();
+        order.sort_by_key(|&(due, is_next, ..)| (due, is_next));
         let mut sends = self.sent.clone();
-        let mut when = at;
-        for c in chosen {
-            when = when.max(c.due);
+        let mut next_placed = false;
+        for (due, is_next, channel, category) in order {
+            next_placed |= is_next;
+            if next_placed {
+                // A service step goes whatever marketing sent before it, so
+                // a marketing step counts the chosen service steps due
+                // after it too: it may not take room they will need.
+                let mut counted = sends.clone();
+                if category == Category::Marketing {
+                    counted.extend(
+                        chosen
+                            .iter()
+                            .filter(|c| c.category == Category::Service && c.due > due)
+                            .map(|c| RecentSend {
+                                at: c.due,
+                                journey: String::new(),
+                                channel: c.channel,
+                                category: c.category,
+                            }),
+                    );
+                }
+                if let Err(hit) = caps_room(&self.caps, &counted, channel, category, self.tz, due) {
+                    return Some(hit.frees_at);
+                }
+            }
             sends.push(RecentSend {
-                at: c.due,
+                at: due,
                 journey: String::new(),
-                channel: c.channel,
-                category: c.category,
+                channel,
+                category,
             });
         }
-        (sends, when)
+        None
     }
 }
 
+/// How many times [`CapsRoom::frees_at`] moves a loser on before it gives
+/// up (each move passes one cap period that a chosen step or a recorded
+/// send fills).
+const MOST_MOVES: usize = 32;
+
 impl Room for CapsRoom {
     fn fits(&self, chosen: &[&Candidate], next: &Candidate) -> bool {
-        let (sends, at) = self.with_chosen(chosen, next.due);
-        caps_room(&self.caps, &sends, next.channel, next.category, self.tz, at).is_ok()
+        self.conflict(chosen, next, next.due).is_none()
     }
 
     fn frees_at(&self, chosen: &[&Candidate], loser: &Candidate) -> Option<DateTime<Utc>> {
-        let (sends, at) = self.with_chosen(chosen, loser.due);
-        match caps_room(
-            &self.caps,
-            &sends,
-            loser.channel,
-            loser.category,
-            self.tz,
-            at,
-        ) {
-            Ok(()) => Some(at),
-            Err(hit) => Some(hit.frees_at.max(loser.due)),
+        let mut at = loser.due;
+        for _ in 0..MOST_MOVES {
+            match self.conflict(chosen, loser, at) {
+                None => return Some(at),
+                // A local midnight that does not exist is answered with the
+                // instant asked about: move on by a minute, not forever.
+                Some(free) => at = free.max(at + chrono::Duration::minutes(1)),
+            }
         }
+        None
     }
 }
 
@@ -353,6 +408,25 @@ mod tests {
                     Outcome::Win,
                 ],
             },
+            Row {
+                name: "marketing scored above service: service still goes first",
+                candidates: vec![
+                    Candidate {
+                        score: 2000.0,
+                        ..promo()
+                    },
+                    fee(),
+                ],
+                cap: cap(1),
+                expect: vec![
+                    Outcome::Drop(
+                        "arbitration: lost to fee_increase/alert (score 50 vs 2000; service goes \
+                         before marketing); on_lose = \"drop\""
+                            .into(),
+                    ),
+                    Outcome::Win,
+                ],
+            },
         ];
         for row in rows {
             assert_eq!(
@@ -426,6 +500,76 @@ mod tests {
             matches!(&out[0], Outcome::Defer { until, .. } if *until == at("2026-03-03T00:00:00Z")),
             "{out:?}"
         );
+    }
+
+    /// A loser deferred past its winner's day must not land on the day its
+    /// winner's next step needs: with the window reaching that step, it
+    /// waits for the first day neither holds, and names the winner that
+    /// holds the room it wanted (the push today, not the email tomorrow).
+    #[test]
+    fn a_loser_is_deferred_past_the_days_its_winners_hold() {
+        let fee = candidate(
+            "fee_increase/alert",
+            50.0,
+            "2026-03-02T01:00:00Z",
+            Category::Service,
+        );
+        let push = candidate(
+            "unsigned_loan/push",
+            80.0,
+            "2026-03-02T01:00:00Z",
+            Category::Service,
+        );
+        let email = candidate(
+            "unsigned_loan/email",
+            80.0,
+            "2026-03-03T01:00:00Z",
+            Category::Service,
+        );
+        let out = decide(&[fee.clone(), push.clone(), email.clone()], &cap(1));
+        assert_eq!(&out[1..], &[Outcome::Win, Outcome::Win]);
+        assert_eq!(
+            out[0],
+            Outcome::Defer {
+                until: at("2026-03-04T00:00:00Z"),
+                reason: "arbitration: lost to unsigned_loan/push (score 80 vs 50); \
+                         deferred until the caps free"
+                    .into()
+            }
+        );
+        // Its lateness bound ends before the first free day: dropped.
+        let hurried = Candidate {
+            latest: at("2026-03-03T12:00:00Z"),
+            ..fee.clone()
+        };
+        assert!(
+            matches!(&decide(&[hurried, push.clone(), email.clone()], &cap(1))[0],
+                Outcome::Drop(r) if r.contains("past its lateness bound")),
+        );
+        // A week's cap: the loser goes only once the email's week is over.
+        let weekly = CapsRoom {
+            caps: vec![crate::config::Cap {
+                category: None,
+                channel: None,
+                max: 1,
+                per: 7,
+            }],
+            ..cap(0)
+        };
+        let late = Candidate {
+            latest: at("2026-03-20T00:00:00Z"),
+            ..fee
+        };
+        let chosen = [&email];
+        assert_eq!(
+            weekly.frees_at(&chosen, &late),
+            Some(at("2026-03-10T00:00:00Z"))
+        );
+        assert!(
+            !weekly.fits(&chosen, &late),
+            "it would take the email's week"
+        );
+        assert!(weekly.fits(&[], &late));
     }
 
     #[test]

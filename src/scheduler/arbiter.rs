@@ -649,6 +649,50 @@ mod tests {
         }
     }
 
+    /// Two steps of one customer due at the same moment on different
+    /// channels are claimed by different channel loops. Whichever loop
+    /// wakes first, the higher score goes and the other loses with the
+    /// arbitration's reason; the cap of one is never passed. (Decided
+    /// concurrently, the loops each missed the other's claimed step: about
+    /// half the runs sent both, or suppressed the loser with a plain cap.)
+    #[tokio::test]
+    async fn steps_due_together_on_different_channels_are_arbitrated_whichever_loop_wakes_first() {
+        for round in 0..24 {
+            let (w, store) = world(1, Duration::from_secs(3600), None);
+            let mut customer = CustomerContext::new("c1");
+            customer.app_installed = true;
+            customer.email = Some("c1@example.com".into());
+            let mut tx = store.begin().unwrap();
+            tx.save_customer(&customer, t0()).unwrap();
+            tx.start_instance(&instance("fee_increase", t0()), &[push("alert", t0())])
+                .unwrap();
+            let email = NewStep {
+                channel: ChannelKind::Email,
+                ..push("email", t0())
+            };
+            tx.start_instance(&instance("unsigned_loan", t0()), &[email])
+                .unwrap();
+            tx.commit().unwrap();
+            let records = w.scheduler.run_due().await.unwrap();
+            let outcome = |journey: &str| {
+                let r = records.iter().find(|r| r.journey == journey).unwrap();
+                (r.outcome, r.reason.clone())
+            };
+            assert_eq!(
+                outcome("unsigned_loan").0,
+                Outcome::Sent,
+                "round {round}: {records:?}"
+            );
+            let (fee, reason) = outcome("fee_increase");
+            assert!(
+                fee != Outcome::Sent
+                    && reason.contains("arbitration: lost to unsigned_loan/email (score 80 vs 50)"),
+                "round {round}: {fee:?} {reason}"
+            );
+            assert_eq!(w.channel.messages().len(), 1, "round {round}");
+        }
+    }
+
     /// A step whose fallback channel is stopped waits in the store, pending
     /// and unsent (not claimed for its lease), and goes by the fallback once
     /// that channel is resumed.

@@ -29,7 +29,7 @@ use crate::config::PolicyConfig;
 use crate::event::Event;
 use crate::model::LogRecord;
 use crate::rules::{parse_delay, RuleSet};
-use crate::sim::Simulation;
+use crate::sim::{ChannelSettings, Simulation};
 
 /// Noon in Sydney on a Monday: clear of quiet hours unless a case moves it.
 const DEFAULT_START: &str = "2026-01-05T01:00:00Z";
@@ -120,25 +120,34 @@ pub struct Report {
     pub failures: Vec<String>,
 }
 
+/// What the cases run under, as `nudge simulate` and the daemon would:
+/// the contact policy and each channel's lateness, rate and withdrawal of
+/// `--config` (the defaults without one).
+#[derive(Debug, Clone, Default)]
+pub struct Under {
+    pub policy: PolicyConfig,
+    pub channels: ChannelSettings,
+}
+
 /// Runs every `*.test.toml` under `dir` (subdirectories too) against `rules`.
 pub async fn run_dir(
     dir: &Path,
     rules_for_case: impl Fn() -> anyhow::Result<RuleSet>,
-    policy: &PolicyConfig,
+    under: &Under,
 ) -> anyhow::Result<Report> {
     let files = crate::rules::files_under(dir, ".test.toml")?;
-    run_files(&files, rules_for_case, policy).await
+    run_files(&files, rules_for_case, under).await
 }
 
 /// Runs the cases of each test file, in order, against `rules`.
 pub async fn run_files(
     files: &[std::path::PathBuf],
     rules_for_case: impl Fn() -> anyhow::Result<RuleSet>,
-    policy: &PolicyConfig,
+    under: &Under,
 ) -> anyhow::Result<Report> {
     let mut report = Report::default();
     for file in files {
-        run_file(file, &rules_for_case, policy, &mut report).await?;
+        run_file(file, &rules_for_case, under, &mut report).await?;
     }
     Ok(report)
 }
@@ -146,7 +155,7 @@ pub async fn run_files(
 async fn run_file(
     path: &Path,
     rules_for_case: &impl Fn() -> anyhow::Result<RuleSet>,
-    policy: &PolicyConfig,
+    under: &Under,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let shown = path.display().to_string();
@@ -162,7 +171,7 @@ async fn run_file(
         }
     };
     for case in &file.cases {
-        match run_case(&file, case, rules_for_case()?, policy).await {
+        match run_case(&file, case, rules_for_case()?, under).await {
             Ok(None) => report.passed += 1,
             Ok(Some(diff)) => {
                 report.failed += 1;
@@ -222,7 +231,7 @@ async fn run_case(
     file: &TestFile,
     case: &Case,
     rules: RuleSet,
-    policy: &PolicyConfig,
+    under: &Under,
 ) -> anyhow::Result<Option<String>> {
     let start = case
         .start
@@ -259,7 +268,8 @@ async fn run_case(
             }
         }
     }
-    let sim = Simulation::new(rules, start, policy.clone())?;
+    let sim =
+        Simulation::with_settings(rules, start, under.policy.clone(), under.channels.clone())?;
     let mut records: Vec<LogRecord> = Vec::new();
     let mut events = Vec::with_capacity(case.events.len());
     for (i, e) in case.events.iter().enumerate() {
