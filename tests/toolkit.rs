@@ -631,6 +631,37 @@ expect = [
         out.contains("FAIL") && out.contains("two loans, two pushes"),
         "{out}"
     );
+    // The config's push lateness (1d) too: the losing push waits for the
+    // cap to free (at the default 12h it would be past its bound, dropped).
+    let deferred = r#"
+journey = "unsigned_loan"
+[[case]]
+name = "the losing push waits for the cap"
+events = [
+  { type = "customer.contact_updated", data = { app_installed = true } },
+  { type = "loan_application.completed", data = { application_id = "A-1", product = "Car loan", amount = 900, signed = false, resume_url = "u" } },
+  { type = "loan_application.completed", data = { application_id = "A-2", product = "Car loan", amount = 900, signed = false, resume_url = "u" } },
+]
+expect = [
+  { at = "0s", step = "push", outcome = "sent" },
+  { at = "0s", step = "push", outcome = "deferred" },
+  { at = "12h", step = "push", outcome = "deferred" },
+  { at = "20h", step = "push", outcome = "sent" },
+  { at = "1d", step = "email", outcome = "suppressed" },
+  { at = "1d", step = "email", outcome = "suppressed" },
+  { at = "3d", step = "call", outcome = "suppressed" },
+  { at = "3d", step = "call", outcome = "suppressed" },
+]
+"#;
+    let lateness = dir.path().join("lateness.test.toml");
+    std::fs::write(&lateness, deferred).unwrap();
+    let (code, out, err) = nudge(&[
+        "test",
+        lateness.to_str().unwrap(),
+        "--config",
+        policy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
     let (code, _, err) = nudge(&[
         "test",
         file.to_str().unwrap(),

@@ -502,7 +502,8 @@ pub(super) fn innermost(err: &EvalAltResult) -> Inner {
 /// where to look.
 fn function_not_found(signature: &str) -> String {
     let (name, given) = match signature.split_once(" (") {
-        Some((name, rest)) => (name, rest.trim_end_matches(')')),
+        // One closing bracket: the last kind may be `()` (a missing field).
+        Some((name, rest)) => (name, rest.strip_suffix(')').unwrap_or(rest)),
         None => (signature, ""),
     };
     let kind = |alternatives: &str| -> String {
@@ -514,7 +515,7 @@ fn function_not_found(signature: &str) -> String {
         } else if t == "f64" || t == "f32" {
             "number".into()
         } else if t == "()" {
-            "()".into()
+            "() (nothing: a missing field?)".into()
         } else if t.ends_with("Map") {
             "map".into()
         } else if t.ends_with("Array") || t.starts_with("Vec<") {

@@ -621,7 +621,10 @@ fn compile_one(
                             "{key} must be a whole percentage 0..=100, not {}",
                             type_words(v)
                         ),
-                        Some("e.g. holdout: 10 keeps 10 % of customers out as a control group"),
+                        Some(match key {
+                            "pilot" => "e.g. pilot: 10 starts the journey for 10 % of customers",
+                            _ => "e.g. holdout: 10 keeps 10 % of customers out as a control group",
+                        }),
                     );
                     default as u8
                 }
@@ -1037,6 +1040,10 @@ mod tests {
             assert_eq!(err.problems.len(), 1, "{field}: {err}");
             assert_eq!(err.problems[0].message, wanted, "{err}");
             assert_eq!(err.problems[0].line, 3, "{field}: {err}");
+            if let Some(key @ ("pilot" | "holdout")) = field.split(':').next() {
+                let hint = err.problems[0].hint.as_deref().unwrap_or_default();
+                assert!(hint.starts_with(&format!("e.g. {key}: 10")), "{hint}");
+            }
         }
     }
 

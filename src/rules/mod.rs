@@ -522,6 +522,17 @@ fn decide(event, customer) { start() }
         );
         assert!(!err.timed_out);
 
+        // A missing field is `()`, named whole, brackets balanced.
+        let set = rules(
+            &format!("{OK}fn decide(event, customer) {{\n  let x = 2.5 * event.data.nope;\n  start()\n}}\n"),
+            Duration::from_millis(100),
+        );
+        let err = decide(&set).unwrap_err().to_string();
+        assert!(
+            err.contains("no operator `*` for (number, () (nothing: a missing field?)): convert"),
+            "{err}"
+        );
+
         let set = rules(
             &format!("{OK}fn decide(event, customer) {{\n  if event.data.amount > 2 {{\n    throw \"too big\";\n  }}\n  start()\n}}\n"),
             Duration::from_millis(100),
