@@ -464,6 +464,24 @@ mod tests {
                  SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
             ))
             .unwrap();
+        // pg_terminate_backend only signals: until the pool's sessions have
+        // ended, a waiter may still be handed one of them (seen under load).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                &[&db],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sessions of {db} did not end"
+            );
+            std::thread::yield_now();
+        }
         let errors: Vec<Option<String>> = std::thread::scope(|s| {
             let waiters: Vec<_> = (0..3)
                 .map(|_| s.spawn(|| pool.get().err().map(|e| e.to_string())))
